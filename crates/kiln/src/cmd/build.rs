@@ -1,14 +1,154 @@
-//! `kiln build`.
+//! `kiln build`: both buildctl's and docker-buildx's flags parse into one
+//! [`kiln_graph::BuildOptions`]; subrequests (`--call`, `--check`) and `--dry-run` are answered
+//! by the frontend without running anything.
 
 use std::process::ExitCode;
+
+use kiln_graph::{BuildOptions, RawBuildFlags};
 
 use crate::Globals;
 
 /// Arguments of `kiln build`.
-#[derive(clap::Args)]
-pub struct BuildArgs {}
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    kiln build . --target test -t reg.local:5000/app:test --push\n  \
+    kiln build --frontend dockerfile.v0 --local context=. --local dockerfile=. --opt target=test\n  \
+    kiln build . --call targets\n  \
+    kiln build . --dry-run=json")]
+pub struct BuildArgs {
+    /// Build context directory (docker-buildx spelling)
+    #[arg(value_name = "CONTEXT")]
+    context: Option<String>,
+
+    /// Frontend to use; only `dockerfile.v0` (buildctl spelling)
+    #[arg(long, value_name = "NAME", help_heading = "buildctl")]
+    frontend: Option<String>,
+    /// Local directory by name: `context=DIR`, `dockerfile=DIR`, or any name for named contexts
+    #[arg(long = "local", value_name = "NAME=DIR", help_heading = "buildctl")]
+    locals: Vec<String>,
+    /// Frontend option: target=, filename=, platform=, no-cache=, build-arg:K=V, label:K=V, context:NAME=V
+    #[arg(long = "opt", value_name = "KEY=VALUE", help_heading = "buildctl")]
+    opts: Vec<String>,
+    /// Export the build cache: type=registry|local|inline,ref=..,mode=min|max,...
+    #[arg(long = "export-cache", value_name = "SPEC", help_heading = "buildctl")]
+    export_cache: Vec<String>,
+    /// Import a build cache: type=registry|local,ref=..|src=..
+    #[arg(long = "import-cache", value_name = "SPEC", help_heading = "buildctl")]
+    import_cache: Vec<String>,
+
+    /// Dockerfile path (default: CONTEXT/Dockerfile)
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    file: Option<String>,
+    /// Stage to build (default: the last one)
+    #[arg(long, value_name = "STAGE")]
+    target: Option<String>,
+    /// Build-time variable; a bare NAME takes its value from the environment
+    #[arg(long = "build-arg", value_name = "NAME[=VALUE]")]
+    build_args: Vec<String>,
+    /// Image name for the result (repeatable)
+    #[arg(short = 't', long = "tag", value_name = "REF")]
+    tags: Vec<String>,
+    /// Push the image to its registry (shorthand for --output type=registry)
+    #[arg(long)]
+    push: bool,
+    /// Output: type=image|registry|oci|docker|local|tar,k=v,... or a directory, or `-`
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    outputs: Vec<String>,
+    /// Import a build cache (same as --import-cache)
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    cache_from: Vec<String>,
+    /// Export the build cache (same as --export-cache)
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    cache_to: Vec<String>,
+    /// Do not use the cache for any step
+    #[arg(long = "no-cache")]
+    no_cache: bool,
+    /// Do not use the cache for the steps of these stages
+    #[arg(long = "no-cache-filter", value_name = "STAGE")]
+    no_cache_filter: Vec<String>,
+    /// Extra named context: NAME=DIR, NAME=docker-image://REF, NAME=oci-layout://PATH[:TAG|@DIGEST]
+    #[arg(long = "build-context", value_name = "NAME=VALUE")]
+    build_contexts: Vec<String>,
+    /// Secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR
+    #[arg(long = "secret", value_name = "SPEC")]
+    secrets: Vec<String>,
+    /// Answer a subrequest instead of building: targets, outline, check (add ,format=json)
+    #[arg(long, value_name = "REQUEST")]
+    call: Option<String>,
+    /// Lint the Dockerfile (same as --call check)
+    #[arg(long)]
+    check: bool,
+    /// Target platform(s), e.g. linux/amd64
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    platforms: Vec<String>,
+    /// Print the steps the target needs, without running them (`--dry-run=json` for JSON)
+    #[arg(long = "dry-run", value_name = "FORMAT", num_args = 0..=1, require_equals = true, default_missing_value = "text")]
+    dry_run: Option<String>,
+
+    /// Progress display: auto, tty, plain, rawjson, quiet
+    #[arg(long, value_name = "MODE")]
+    progress: Option<String>,
+    /// Write build result metadata (image digest, ...) as JSON to FILE
+    #[arg(long = "metadata-file", value_name = "FILE")]
+    metadata_file: Option<String>,
+    /// Run at most N steps at once (default: number of CPUs)
+    #[arg(long = "max-parallelism", value_name = "N")]
+    max_parallelism: Option<String>,
+}
+
+impl BuildArgs {
+    /// Validates the flags into the one options struct.
+    pub fn to_options(&self) -> Result<BuildOptions, kiln_graph::OptionError> {
+        let build_args = self
+            .build_args
+            .iter()
+            .filter_map(|b| {
+                if b.contains('=') {
+                    return Some(b.clone());
+                }
+                // docker-buildx: `--build-arg NAME` passes NAME from the environment, if set.
+                std::env::var(b).ok().map(|v| format!("{b}={v}"))
+            })
+            .collect();
+        let raw = RawBuildFlags {
+            context: self.context.clone(),
+            frontend: self.frontend.clone(),
+            locals: self.locals.clone(),
+            opts: self.opts.clone(),
+            file: self.file.clone(),
+            target: self.target.clone(),
+            build_args,
+            tags: self.tags.clone(),
+            push: self.push,
+            outputs: self.outputs.clone(),
+            cache_to: tagged("--export-cache", &self.export_cache)
+                .chain(tagged("--cache-to", &self.cache_to))
+                .collect(),
+            cache_from: tagged("--import-cache", &self.import_cache)
+                .chain(tagged("--cache-from", &self.cache_from))
+                .collect(),
+            no_cache: self.no_cache,
+            no_cache_filter: self.no_cache_filter.clone(),
+            build_contexts: self.build_contexts.clone(),
+            secrets: self.secrets.clone(),
+            call: self.call.clone(),
+            check: self.check,
+            platforms: self.platforms.clone(),
+            dry_run: self.dry_run.clone(),
+            progress: self.progress.clone(),
+            metadata_file: self.metadata_file.clone(),
+            max_parallelism: self.max_parallelism.clone(),
+        };
+        BuildOptions::from_flags(&raw)
+    }
+}
+
+fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (String, String)> + 'a {
+    v.iter().map(move |s| (flag.to_string(), s.clone()))
+}
 
 /// Runs `kiln build`.
-pub fn run(_args: BuildArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`kiln build` is not implemented yet")
+pub fn run(args: BuildArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
+    let _opts = args.to_options()?;
+    anyhow::bail!("`kiln build` cannot execute builds yet: use --call or --dry-run")
 }

@@ -1,0 +1,1313 @@
+//! Build options: the one struct both command-line spellings (buildctl's and docker-buildx's)
+//! parse into, plus the parsers for each flag value. Pure data: no filesystem access.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::platform::Platform;
+
+/// A flag value that could not be parsed; names the flag and the bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid value {value:?} for {flag}: {reason}")]
+pub struct OptionError {
+    /// The flag as the user spelled it, e.g. `--output` or `--opt`.
+    pub flag: String,
+    /// The offending value (or the offending part of it).
+    pub value: String,
+    /// What is wrong and what is accepted instead.
+    pub reason: String,
+}
+
+impl OptionError {
+    fn new(flag: &str, value: &str, reason: impl Into<String>) -> Self {
+        Self {
+            flag: flag.to_string(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything `kiln build` was asked to do, whichever spelling was used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildOptions {
+    /// The main build context directory.
+    pub context: PathBuf,
+    /// Path of the Dockerfile to read.
+    pub dockerfile: PathBuf,
+    /// The stage to build; `None` means the last stage.
+    pub target: Option<String>,
+    /// `--build-arg` / `--opt build-arg:` values, by name.
+    pub build_args: BTreeMap<String, String>,
+    /// `--opt label:K=V` labels added to the final image.
+    pub labels: BTreeMap<String, String>,
+    /// Target platforms; empty means the host platform.
+    pub platforms: Vec<Platform>,
+    /// Named build contexts (`--build-context`, `--opt context:NAME=`).
+    pub named_contexts: BTreeMap<String, NamedContext>,
+    /// Extra local directories by name (`--local NAME=DIR` other than context/dockerfile).
+    pub locals: BTreeMap<String, PathBuf>,
+    /// Where the result goes. Empty: build only (cache is still filled).
+    pub outputs: Vec<OutputSpec>,
+    /// Caches to export to.
+    pub cache_exports: Vec<CacheExportSpec>,
+    /// Caches to import from.
+    pub cache_imports: Vec<CacheImportSpec>,
+    /// Which steps must ignore the cache.
+    pub no_cache: NoCache,
+    /// Secrets the build may mount.
+    pub secrets: Vec<SecretSpec>,
+    /// A subrequest (`--call`, `--check`) instead of a build.
+    pub call: Option<CallRequest>,
+    /// `--dry-run`: print the planned steps instead of running them.
+    pub dry_run: Option<OutputFormat>,
+    /// Progress display.
+    pub progress: ProgressMode,
+    /// File to write build metadata (image digest etc.) to.
+    pub metadata_file: Option<PathBuf>,
+    /// Upper bound on steps running at once; `None` = number of CPUs.
+    pub max_parallelism: Option<usize>,
+}
+
+impl BuildOptions {
+    /// Options for building `context` with `context/Dockerfile` and nothing else set.
+    pub fn for_context(context: impl Into<PathBuf>) -> Self {
+        let context = context.into();
+        Self {
+            dockerfile: context.join("Dockerfile"),
+            context,
+            target: None,
+            build_args: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            platforms: Vec::new(),
+            named_contexts: BTreeMap::new(),
+            locals: BTreeMap::new(),
+            outputs: Vec::new(),
+            cache_exports: Vec::new(),
+            cache_imports: Vec::new(),
+            no_cache: NoCache::None,
+            secrets: Vec::new(),
+            call: None,
+            dry_run: None,
+            progress: ProgressMode::Auto,
+            metadata_file: None,
+            max_parallelism: None,
+        }
+    }
+}
+
+/// Raw flag values as the command line gave them; [`BuildOptions::from_flags`] validates them.
+/// Repeatable flags are vectors in command-line order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawBuildFlags {
+    /// buildx positional `CONTEXT`.
+    pub context: Option<String>,
+    /// buildctl `--frontend`.
+    pub frontend: Option<String>,
+    /// buildctl `--local NAME=DIR`.
+    pub locals: Vec<String>,
+    /// buildctl `--opt K=V`.
+    pub opts: Vec<String>,
+    /// buildx `-f/--file`.
+    pub file: Option<String>,
+    /// buildx `--target`.
+    pub target: Option<String>,
+    /// buildx `--build-arg K=V`.
+    pub build_args: Vec<String>,
+    /// buildx `-t/--tag`.
+    pub tags: Vec<String>,
+    /// buildx `--push`.
+    pub push: bool,
+    /// `--output` / `-o`.
+    pub outputs: Vec<String>,
+    /// buildctl `--export-cache`, buildx `--cache-to`.
+    pub cache_to: Vec<(String, String)>,
+    /// buildctl `--import-cache`, buildx `--cache-from`.
+    pub cache_from: Vec<(String, String)>,
+    /// `--no-cache`.
+    pub no_cache: bool,
+    /// buildx `--no-cache-filter STAGE` (repeatable, comma lists allowed).
+    pub no_cache_filter: Vec<String>,
+    /// buildx `--build-context NAME=VALUE`.
+    pub build_contexts: Vec<String>,
+    /// buildx `--secret`.
+    pub secrets: Vec<String>,
+    /// buildx `--call`.
+    pub call: Option<String>,
+    /// buildx `--check`.
+    pub check: bool,
+    /// `--platform` (repeatable, comma lists allowed).
+    pub platforms: Vec<String>,
+    /// `--dry-run[=json]`: `Some("")` or `Some("text")` for text.
+    pub dry_run: Option<String>,
+    /// `--progress`.
+    pub progress: Option<String>,
+    /// `--metadata-file`.
+    pub metadata_file: Option<String>,
+    /// `--max-parallelism`.
+    pub max_parallelism: Option<String>,
+}
+
+impl BuildOptions {
+    /// Validates raw flags into options. Every error names the flag and the bad value.
+    pub fn from_flags(raw: &RawBuildFlags) -> Result<Self, OptionError> {
+        if let Some(f) = &raw.frontend {
+            if f != "dockerfile.v0" {
+                return Err(OptionError::new(
+                    "--frontend",
+                    f,
+                    "only the Dockerfile frontend is supported; use `dockerfile.v0`",
+                ));
+            }
+        }
+        let mut context: Option<PathBuf> = raw.context.as_deref().map(PathBuf::from);
+        let mut dockerfile_dir: Option<PathBuf> = None;
+        let mut locals = BTreeMap::new();
+        for l in &raw.locals {
+            let (name, dir) = split_kv("--local", l)?;
+            if dir.is_empty() {
+                return Err(OptionError::new(
+                    "--local",
+                    l,
+                    "expected NAME=DIR with a directory",
+                ));
+            }
+            match name {
+                "context" => {
+                    if context
+                        .as_deref()
+                        .is_some_and(|c| c != std::path::Path::new(dir))
+                    {
+                        return Err(OptionError::new(
+                            "--local",
+                            l,
+                            "the build context is given twice (positional CONTEXT and --local context=)",
+                        ));
+                    }
+                    context = Some(PathBuf::from(dir));
+                }
+                "dockerfile" => dockerfile_dir = Some(PathBuf::from(dir)),
+                _ => {
+                    locals.insert(name.to_string(), PathBuf::from(dir));
+                }
+            }
+        }
+        let context = context.ok_or_else(|| {
+            OptionError::new(
+                "CONTEXT",
+                "",
+                "no build context: pass a CONTEXT directory or --local context=DIR",
+            )
+        })?;
+        let mut opts = Self::for_context(context.clone());
+        opts.locals = locals;
+
+        let mut filename: Option<String> = None;
+        let mut target = raw.target.clone();
+        let mut platforms_raw: Vec<(&str, String)> = raw
+            .platforms
+            .iter()
+            .map(|p| ("--platform", p.clone()))
+            .collect();
+        for o in &raw.opts {
+            let (key, value) = split_kv("--opt", o)?;
+            if let Some(name) = key.strip_prefix("build-arg:") {
+                check_name("--opt", o, name)?;
+                opts.build_args.insert(name.to_string(), value.to_string());
+            } else if let Some(name) = key.strip_prefix("label:") {
+                check_name("--opt", o, name)?;
+                opts.labels.insert(name.to_string(), value.to_string());
+            } else if let Some(name) = key.strip_prefix("context:") {
+                check_name("--opt", o, name)?;
+                let ctx = parse_named_context_value("--opt", o, value, &opts.locals)?;
+                opts.named_contexts.insert(name.to_string(), ctx);
+            } else {
+                match key {
+                    "target" => target = Some(value.to_string()),
+                    "filename" => filename = Some(value.to_string()),
+                    "platform" => platforms_raw.push(("--opt", value.to_string())),
+                    "no-cache" => match value {
+                        "" | "true" => opts.no_cache = NoCache::All,
+                        "false" => {}
+                        stages => {
+                            opts.no_cache = merge_no_cache(
+                                std::mem::replace(&mut opts.no_cache, NoCache::None),
+                                split_list(stages),
+                            )
+                        }
+                    },
+                    _ => return Err(OptionError::new(
+                        "--opt",
+                        o,
+                        format!(
+                            "unknown frontend option `{key}`; known: target, filename, platform, \
+                                 no-cache, build-arg:NAME, label:NAME, context:NAME"
+                        ),
+                    )),
+                }
+            }
+        }
+        if let Some(t) = &target {
+            if t.is_empty() {
+                return Err(OptionError::new(
+                    "--target",
+                    t,
+                    "the target stage name is empty",
+                ));
+            }
+        }
+        opts.target = target;
+
+        opts.dockerfile = match (&raw.file, dockerfile_dir, filename) {
+            (Some(_), Some(_), _) => {
+                return Err(OptionError::new(
+                    "--file",
+                    raw.file.as_deref().unwrap_or_default(),
+                    "give the Dockerfile either with -f/--file or with --local dockerfile=DIR, not both",
+                ))
+            }
+            (Some(f), None, _) if f.is_empty() => {
+                return Err(OptionError::new("--file", f, "the Dockerfile path is empty"))
+            }
+            (Some(f), None, _) => PathBuf::from(f),
+            (None, dir, name) => {
+                dir.unwrap_or(context).join(name.unwrap_or_else(|| "Dockerfile".to_string()))
+            }
+        };
+
+        for b in &raw.build_args {
+            let (k, v) = match b.split_once('=') {
+                Some((k, v)) => (k, v.to_string()),
+                // buildx: `--build-arg NAME` takes the value from the environment; the CLI
+                // resolves it before calling us, so a bare name here means "unset".
+                None => (b.as_str(), String::new()),
+            };
+            check_name("--build-arg", b, k)?;
+            opts.build_args.insert(k.to_string(), v);
+        }
+
+        for (flag, p) in platforms_raw {
+            for one in split_list(&p) {
+                let plat =
+                    Platform::parse(&one).map_err(|reason| OptionError::new(flag, &one, reason))?;
+                if !opts.platforms.contains(&plat) {
+                    opts.platforms.push(plat);
+                }
+            }
+        }
+
+        for bc in &raw.build_contexts {
+            let (name, value) = split_kv("--build-context", bc)?;
+            check_name("--build-context", bc, name)?;
+            let ctx = parse_named_context_value("--build-context", bc, value, &opts.locals)?;
+            opts.named_contexts.insert(name.to_string(), ctx);
+        }
+
+        for o in &raw.outputs {
+            opts.outputs.push(OutputSpec::parse("--output", o)?);
+        }
+        apply_tags_and_push(&mut opts.outputs, &raw.tags, raw.push)?;
+
+        for (flag, c) in &raw.cache_to {
+            opts.cache_exports.push(CacheExportSpec::parse(flag, c)?);
+        }
+        for (flag, c) in &raw.cache_from {
+            opts.cache_imports.push(CacheImportSpec::parse(flag, c)?);
+        }
+
+        if raw.no_cache {
+            opts.no_cache = NoCache::All;
+        }
+        let mut filter = Vec::new();
+        for f in &raw.no_cache_filter {
+            let parts = split_list(f);
+            if parts.is_empty() {
+                return Err(OptionError::new(
+                    "--no-cache-filter",
+                    f,
+                    "expected a stage name",
+                ));
+            }
+            filter.extend(parts);
+        }
+        if !filter.is_empty() {
+            opts.no_cache =
+                merge_no_cache(std::mem::replace(&mut opts.no_cache, NoCache::None), filter);
+        }
+
+        for s in &raw.secrets {
+            opts.secrets.push(SecretSpec::parse("--secret", s)?);
+        }
+
+        opts.call = match (&raw.call, raw.check) {
+            (Some(c), true) if CallRequest::parse("--call", c)?.kind != CallKind::Check => {
+                return Err(OptionError::new(
+                    "--check",
+                    c,
+                    "--check conflicts with --call",
+                ));
+            }
+            (Some(c), _) => Some(CallRequest::parse("--call", c)?),
+            (None, true) => Some(CallRequest {
+                kind: CallKind::Check,
+                format: OutputFormat::Text,
+            }),
+            (None, false) => None,
+        };
+        if matches!(
+            opts.call,
+            Some(CallRequest {
+                kind: CallKind::Build,
+                ..
+            })
+        ) {
+            opts.call = None;
+        }
+
+        if let Some(d) = &raw.dry_run {
+            opts.dry_run = Some(match d.as_str() {
+                "" | "text" | "true" => OutputFormat::Text,
+                "json" => OutputFormat::Json,
+                _ => {
+                    return Err(OptionError::new(
+                        "--dry-run",
+                        d,
+                        "expected `--dry-run` or `--dry-run=json`",
+                    ))
+                }
+            });
+        }
+
+        if let Some(p) = &raw.progress {
+            opts.progress = ProgressMode::parse(p).ok_or_else(|| {
+                OptionError::new(
+                    "--progress",
+                    p,
+                    "expected auto, tty, plain, rawjson or quiet",
+                )
+            })?;
+        }
+        if let Some(m) = &raw.metadata_file {
+            if m.is_empty() {
+                return Err(OptionError::new(
+                    "--metadata-file",
+                    m,
+                    "the file path is empty",
+                ));
+            }
+            opts.metadata_file = Some(PathBuf::from(m));
+        }
+        if let Some(n) = &raw.max_parallelism {
+            let v: usize = n.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                OptionError::new("--max-parallelism", n, "expected a positive whole number")
+            })?;
+            opts.max_parallelism = Some(v);
+        }
+        Ok(opts)
+    }
+}
+
+/// Which steps must run even when cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "stages")]
+pub enum NoCache {
+    /// Use the cache everywhere.
+    None,
+    /// Ignore the cache for every step.
+    All,
+    /// Ignore the cache for the steps of these stages (names or indexes).
+    Stages(Vec<String>),
+}
+
+fn merge_no_cache(current: NoCache, stages: Vec<String>) -> NoCache {
+    match current {
+        NoCache::All => NoCache::All,
+        NoCache::None => NoCache::Stages(stages),
+        NoCache::Stages(mut s) => {
+            for x in stages {
+                if !s.contains(&x) {
+                    s.push(x);
+                }
+            }
+            NoCache::Stages(s)
+        }
+    }
+}
+
+/// A named build context's source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum NamedContext {
+    /// A local directory.
+    Local {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// An image from a registry (`docker-image://REF`).
+    Image {
+        /// The image reference.
+        reference: String,
+    },
+    /// An image in an OCI layout directory (`oci-layout://PATH[:TAG|@DIGEST]`).
+    OciLayout {
+        /// The layout directory.
+        path: PathBuf,
+        /// Tag or digest inside the layout (`latest` when absent).
+        reference: String,
+    },
+    /// A remote URL (git repository or tarball).
+    Url {
+        /// The URL.
+        url: String,
+    },
+}
+
+fn parse_named_context_value(
+    flag: &str,
+    whole: &str,
+    value: &str,
+    locals: &BTreeMap<String, PathBuf>,
+) -> Result<NamedContext, OptionError> {
+    if value.is_empty() {
+        return Err(OptionError::new(
+            flag,
+            whole,
+            "expected NAME=VALUE with a non-empty value",
+        ));
+    }
+    if let Some(r) = value.strip_prefix("docker-image://") {
+        if r.is_empty() || r.contains(char::is_whitespace) {
+            return Err(OptionError::new(
+                flag,
+                whole,
+                "docker-image:// needs an image reference",
+            ));
+        }
+        return Ok(NamedContext::Image {
+            reference: r.to_string(),
+        });
+    }
+    if let Some(rest) = value.strip_prefix("oci-layout://") {
+        let (path, reference) = if let Some((p, d)) = rest.rsplit_once('@') {
+            if !d.starts_with("sha256:") || d.len() != 71 {
+                return Err(OptionError::new(
+                    flag,
+                    whole,
+                    "oci-layout:// digest must be sha256:<64 hex>",
+                ));
+            }
+            (p, d.to_string())
+        } else {
+            // A `:tag` suffix only counts after the last path separator.
+            let last = rest.rsplit('/').next().unwrap_or(rest);
+            match last.rsplit_once(':') {
+                Some((_, tag)) if !tag.is_empty() => {
+                    (&rest[..rest.len() - tag.len() - 1], tag.to_string())
+                }
+                _ => (rest, "latest".to_string()),
+            }
+        };
+        if path.is_empty() {
+            return Err(OptionError::new(
+                flag,
+                whole,
+                "oci-layout:// needs a directory path",
+            ));
+        }
+        return Ok(NamedContext::OciLayout {
+            path: PathBuf::from(path),
+            reference,
+        });
+    }
+    if let Some(name) = value.strip_prefix("local:") {
+        return match locals.get(name) {
+            Some(p) => Ok(NamedContext::Local { path: p.clone() }),
+            None => Err(OptionError::new(
+                flag,
+                whole,
+                format!("no --local {name}=DIR was given"),
+            )),
+        };
+    }
+    if value.starts_with("https://") || value.starts_with("http://") || value.starts_with("git@") {
+        return Ok(NamedContext::Url {
+            url: value.to_string(),
+        });
+    }
+    if let Some((scheme, _)) = value.split_once("://") {
+        return Err(OptionError::new(
+            flag,
+            whole,
+            format!("unsupported source `{scheme}://`; use a directory, docker-image://, oci-layout:// or a URL"),
+        ));
+    }
+    Ok(NamedContext::Local {
+        path: PathBuf::from(value),
+    })
+}
+
+/// Exporter kinds for `--output type=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputKind {
+    /// Image in kiln's store, optionally pushed.
+    Image,
+    /// Image pushed to a registry (`image` with `push=true`).
+    Registry,
+    /// OCI image-layout tarball.
+    Oci,
+    /// Docker image tarball (`docker load` format).
+    Docker,
+    /// The root filesystem copied to a local directory.
+    Local,
+    /// The root filesystem as a tarball.
+    Tar,
+    /// Nothing exported; the cache is still filled.
+    Cacheonly,
+}
+
+impl OutputKind {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "image" => Self::Image,
+            "registry" => Self::Registry,
+            "oci" => Self::Oci,
+            "docker" => Self::Docker,
+            "local" => Self::Local,
+            "tar" => Self::Tar,
+            "cacheonly" => Self::Cacheonly,
+            _ => return None,
+        })
+    }
+
+    fn allowed_keys(self) -> &'static [&'static str] {
+        const IMAGE: &[&str] = &[
+            "name",
+            "push",
+            "push-by-digest",
+            "insecure",
+            "registry.insecure",
+            "oci-mediatypes",
+            "compression",
+            "compression-level",
+            "force-compression",
+            "unpack",
+            "store",
+            "dangling-name-prefix",
+            "name-canonical",
+            "rewrite-timestamp",
+            "oci-artifact",
+        ];
+        const TARBALL: &[&str] = &[
+            "dest",
+            "tar",
+            "name",
+            "oci-mediatypes",
+            "compression",
+            "compression-level",
+            "force-compression",
+            "rewrite-timestamp",
+            "dangling-name-prefix",
+        ];
+        match self {
+            Self::Image | Self::Registry => IMAGE,
+            Self::Oci | Self::Docker => TARBALL,
+            Self::Local | Self::Tar => &["dest", "platform-split"],
+            Self::Cacheonly => &[],
+        }
+    }
+}
+
+/// Layer compression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// gzip (the default).
+    Gzip,
+    /// zstd.
+    Zstd,
+    /// No compression.
+    Uncompressed,
+}
+
+fn parse_compression(flag: &str, whole: &str, v: &str) -> Result<Compression, OptionError> {
+    match v {
+        "gzip" => Ok(Compression::Gzip),
+        "zstd" => Ok(Compression::Zstd),
+        "uncompressed" => Ok(Compression::Uncompressed),
+        _ => Err(OptionError::new(
+            flag,
+            whole,
+            format!("compression `{v}`: expected gzip, zstd or uncompressed"),
+        )),
+    }
+}
+
+fn parse_level(flag: &str, whole: &str, v: &str) -> Result<u32, OptionError> {
+    v.parse::<u32>().ok().filter(|l| *l <= 22).ok_or_else(|| {
+        OptionError::new(
+            flag,
+            whole,
+            format!("compression-level `{v}`: expected 0..=22"),
+        )
+    })
+}
+
+fn parse_bool(flag: &str, whole: &str, key: &str, v: &str) -> Result<bool, OptionError> {
+    match v {
+        "" | "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(OptionError::new(
+            flag,
+            whole,
+            format!("{key}=`{v}`: expected true or false"),
+        )),
+    }
+}
+
+/// One `--output` destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputSpec {
+    /// Exporter kind.
+    pub kind: OutputKind,
+    /// Image names (`name=a,b` or `-t` tags).
+    pub names: Vec<String>,
+    /// Push the image to its registry.
+    pub push: bool,
+    /// Destination path (`dest=`); `-` means standard output.
+    pub dest: Option<PathBuf>,
+    /// Use OCI media types (default true for image/oci, false for docker).
+    pub oci_mediatypes: Option<bool>,
+    /// Layer compression.
+    pub compression: Option<Compression>,
+    /// Compression level.
+    pub compression_level: Option<u32>,
+    /// Recompress layers that exist with another compression.
+    pub force_compression: bool,
+    /// Talk plain HTTP / skip TLS verification to the registry.
+    pub registry_insecure: bool,
+    /// Every key=value as given, for exporter options not modelled above.
+    pub attrs: BTreeMap<String, String>,
+}
+
+impl OutputSpec {
+    /// Parses a `--output` value: `type=KIND,k=v,...`, or buildx's shorthands `DIR` (local)
+    /// and `-` (tar to stdout).
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        if value.is_empty() {
+            return Err(OptionError::new(
+                flag,
+                value,
+                "expected type=KIND,key=value,...",
+            ));
+        }
+        let fields = split_csv(flag, value)?;
+        let has_kv = fields.iter().any(|f| f.contains('='));
+        let attrs: BTreeMap<String, String> = if !has_kv {
+            if value == "-" {
+                BTreeMap::from([("type".into(), "tar".into()), ("dest".into(), "-".into())])
+            } else {
+                BTreeMap::from([
+                    ("type".into(), "local".into()),
+                    ("dest".into(), value.into()),
+                ])
+            }
+        } else {
+            let mut m = BTreeMap::new();
+            for f in &fields {
+                let (k, v) = f.split_once('=').ok_or_else(|| {
+                    OptionError::new(flag, value, format!("`{f}` is not key=value"))
+                })?;
+                m.insert(k.trim().to_string(), v.to_string());
+            }
+            m
+        };
+        let kind_s = attrs.get("type").map(String::as_str).unwrap_or("local");
+        let kind = OutputKind::parse(kind_s).ok_or_else(|| {
+            OptionError::new(flag, value, format!("unknown output type `{kind_s}`; expected image, registry, oci, docker, local, tar or cacheonly"))
+        })?;
+        let mut spec = OutputSpec {
+            kind,
+            names: Vec::new(),
+            push: kind == OutputKind::Registry,
+            dest: None,
+            oci_mediatypes: None,
+            compression: None,
+            compression_level: None,
+            force_compression: false,
+            registry_insecure: false,
+            attrs: BTreeMap::new(),
+        };
+        for (k, v) in &attrs {
+            if k == "type" {
+                continue;
+            }
+            let allowed = kind.allowed_keys().contains(&k.as_str())
+                || (k.starts_with("annotation")
+                    && kind != OutputKind::Local
+                    && kind != OutputKind::Tar);
+            if !allowed {
+                return Err(OptionError::new(
+                    flag,
+                    value,
+                    format!(
+                        "unknown key `{k}` for type={kind_s}; known: {}",
+                        kind.allowed_keys().join(", ")
+                    ),
+                ));
+            }
+            match k.as_str() {
+                "name" => spec.names = split_list(v),
+                "push" => spec.push = parse_bool(flag, value, k, v)?,
+                "dest" => {
+                    if v.is_empty() {
+                        return Err(OptionError::new(flag, value, "dest= is empty"));
+                    }
+                    spec.dest = Some(PathBuf::from(v))
+                }
+                "oci-mediatypes" => spec.oci_mediatypes = Some(parse_bool(flag, value, k, v)?),
+                "compression" => spec.compression = Some(parse_compression(flag, value, v)?),
+                "compression-level" => spec.compression_level = Some(parse_level(flag, value, v)?),
+                "force-compression" => spec.force_compression = parse_bool(flag, value, k, v)?,
+                "registry.insecure" | "insecure" => {
+                    spec.registry_insecure = parse_bool(flag, value, k, v)?
+                }
+                "push-by-digest" | "unpack" | "store" | "name-canonical" | "rewrite-timestamp"
+                | "oci-artifact" | "tar" | "platform-split" => {
+                    parse_bool(flag, value, k, v)?;
+                }
+                _ => {}
+            }
+            spec.attrs.insert(k.clone(), v.clone());
+        }
+        if matches!(
+            kind,
+            OutputKind::Oci | OutputKind::Docker | OutputKind::Local | OutputKind::Tar
+        ) && spec.dest.is_none()
+        {
+            return Err(OptionError::new(
+                flag,
+                value,
+                format!("type={kind_s} needs dest=PATH"),
+            ));
+        }
+        if spec.push
+            && spec.names.is_empty()
+            && kind != OutputKind::Image
+            && kind != OutputKind::Registry
+        {
+            return Err(OptionError::new(
+                flag,
+                value,
+                "push=true needs an image name",
+            ));
+        }
+        Ok(spec)
+    }
+}
+
+fn apply_tags_and_push(
+    outputs: &mut Vec<OutputSpec>,
+    tags: &[String],
+    push: bool,
+) -> Result<(), OptionError> {
+    for t in tags {
+        if t.is_empty() || t.contains(char::is_whitespace) || t.contains(',') {
+            return Err(OptionError::new(
+                "--tag",
+                t,
+                "expected an image reference like reg.example/app:tag",
+            ));
+        }
+    }
+    if outputs.is_empty() && (!tags.is_empty() || push) {
+        outputs.push(OutputSpec {
+            kind: if push {
+                OutputKind::Registry
+            } else {
+                OutputKind::Image
+            },
+            names: Vec::new(),
+            push,
+            dest: None,
+            oci_mediatypes: None,
+            compression: None,
+            compression_level: None,
+            force_compression: false,
+            registry_insecure: false,
+            attrs: BTreeMap::new(),
+        });
+    }
+    for o in outputs.iter_mut() {
+        if matches!(o.kind, OutputKind::Image | OutputKind::Registry) {
+            if o.names.is_empty() {
+                o.names = tags.to_vec();
+            }
+            if push {
+                o.push = true;
+            }
+        }
+    }
+    if push && outputs.iter().any(|o| o.push && o.names.is_empty()) {
+        return Err(OptionError::new(
+            "--push",
+            "",
+            "nothing to push: give an image name with -t/--tag",
+        ));
+    }
+    Ok(())
+}
+
+/// Remote cache backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheKind {
+    /// A manifest under a registry ref.
+    Registry,
+    /// An OCI layout directory.
+    Local,
+    /// Cache metadata embedded in the exported image config.
+    Inline,
+}
+
+/// Which results a cache export holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheMode {
+    /// Only the exported image's layers.
+    #[default]
+    Min,
+    /// Every step of every stage built.
+    Max,
+}
+
+/// One `--export-cache` / `--cache-to` destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheExportSpec {
+    /// Backend.
+    pub kind: CacheKind,
+    /// Registry ref (`ref=`), for `registry`.
+    pub reference: Option<String>,
+    /// Directory (`dest=`), for `local`.
+    pub dest: Option<PathBuf>,
+    /// min or max.
+    pub mode: CacheMode,
+    /// Layer compression.
+    pub compression: Option<Compression>,
+    /// Compression level.
+    pub compression_level: Option<u32>,
+    /// Recompress layers stored with another compression.
+    pub force_compression: bool,
+    /// Failure to export is a warning, not an error.
+    pub ignore_error: bool,
+    /// OCI media types (default true).
+    pub oci_mediatypes: bool,
+    /// Store the cache as an image manifest (default true in kiln).
+    pub image_manifest: bool,
+    /// Also export `RUN --mount=type=cache` contents.
+    pub cache_mounts: bool,
+    /// Every key=value as given.
+    pub attrs: BTreeMap<String, String>,
+}
+
+/// One `--import-cache` / `--cache-from` source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheImportSpec {
+    /// Backend.
+    pub kind: CacheKind,
+    /// Registry ref (`ref=`), for `registry`.
+    pub reference: Option<String>,
+    /// Directory (`src=`), for `local`.
+    pub src: Option<PathBuf>,
+    /// Missing or unreadable cache is a warning, not an error (default true for imports).
+    pub ignore_error: bool,
+    /// Every key=value as given.
+    pub attrs: BTreeMap<String, String>,
+}
+
+fn parse_cache_attrs(
+    flag: &str,
+    value: &str,
+) -> Result<(CacheKind, BTreeMap<String, String>), OptionError> {
+    if value.is_empty() {
+        return Err(OptionError::new(
+            flag,
+            value,
+            "expected type=registry,ref=REF or a registry ref",
+        ));
+    }
+    let fields = split_csv(flag, value)?;
+    let mut attrs = BTreeMap::new();
+    if fields.len() == 1 && !fields[0].contains('=') {
+        // buildx shorthand: a bare ref means a registry cache.
+        attrs.insert("type".to_string(), "registry".to_string());
+        attrs.insert("ref".to_string(), fields[0].clone());
+    } else {
+        for f in &fields {
+            let (k, v) = f
+                .split_once('=')
+                .ok_or_else(|| OptionError::new(flag, value, format!("`{f}` is not key=value")))?;
+            attrs.insert(k.trim().to_string(), v.to_string());
+        }
+    }
+    let t = attrs.get("type").map(String::as_str).unwrap_or("registry");
+    let kind = match t {
+        "registry" => CacheKind::Registry,
+        "local" => CacheKind::Local,
+        "inline" => CacheKind::Inline,
+        _ => {
+            return Err(OptionError::new(
+                flag,
+                value,
+                format!("unsupported cache type `{t}`; expected registry, local or inline"),
+            ))
+        }
+    };
+    Ok((kind, attrs))
+}
+
+impl CacheExportSpec {
+    /// Parses `type=registry|local|inline,k=v,...` (or a bare registry ref).
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        let (kind, attrs) = parse_cache_attrs(flag, value)?;
+        let mut spec = CacheExportSpec {
+            kind,
+            reference: None,
+            dest: None,
+            mode: CacheMode::Min,
+            compression: None,
+            compression_level: None,
+            force_compression: false,
+            ignore_error: false,
+            oci_mediatypes: true,
+            image_manifest: true,
+            cache_mounts: false,
+            attrs: attrs.clone(),
+        };
+        for (k, v) in &attrs {
+            match k.as_str() {
+                "type" => {}
+                "ref" if kind == CacheKind::Registry => spec.reference = Some(v.clone()),
+                "dest" if kind == CacheKind::Local => spec.dest = Some(PathBuf::from(v)),
+                "mode" => {
+                    spec.mode = match v.as_str() {
+                        "min" => CacheMode::Min,
+                        "max" => CacheMode::Max,
+                        _ => {
+                            return Err(OptionError::new(
+                                flag,
+                                value,
+                                format!("mode=`{v}`: expected min or max"),
+                            ))
+                        }
+                    }
+                }
+                "compression" => spec.compression = Some(parse_compression(flag, value, v)?),
+                "compression-level" => spec.compression_level = Some(parse_level(flag, value, v)?),
+                "force-compression" => spec.force_compression = parse_bool(flag, value, k, v)?,
+                "ignore-error" => spec.ignore_error = parse_bool(flag, value, k, v)?,
+                "oci-mediatypes" => spec.oci_mediatypes = parse_bool(flag, value, k, v)?,
+                "image-manifest" => spec.image_manifest = parse_bool(flag, value, k, v)?,
+                "cache-mounts" => spec.cache_mounts = parse_bool(flag, value, k, v)?,
+                "registry.insecure" | "insecure" => {
+                    parse_bool(flag, value, k, v)?;
+                }
+                _ => {
+                    return Err(OptionError::new(
+                        flag,
+                        value,
+                        format!("unknown key `{k}` for a {} cache export", attrs["type"]),
+                    ))
+                }
+            }
+        }
+        match kind {
+            CacheKind::Registry if spec.reference.as_deref().is_none_or(str::is_empty) => {
+                Err(OptionError::new(flag, value, "type=registry needs ref=REF"))
+            }
+            CacheKind::Local if spec.dest.is_none() => {
+                Err(OptionError::new(flag, value, "type=local needs dest=DIR"))
+            }
+            _ => Ok(spec),
+        }
+    }
+}
+
+impl CacheImportSpec {
+    /// Parses `type=registry|local,k=v,...` (or a bare registry ref).
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        let (kind, attrs) = parse_cache_attrs(flag, value)?;
+        let mut spec = CacheImportSpec {
+            kind,
+            reference: None,
+            src: None,
+            ignore_error: true,
+            attrs: attrs.clone(),
+        };
+        for (k, v) in &attrs {
+            match k.as_str() {
+                "type" => {}
+                "ref" if kind == CacheKind::Registry => spec.reference = Some(v.clone()),
+                "src" if kind == CacheKind::Local => spec.src = Some(PathBuf::from(v)),
+                "ignore-error" => spec.ignore_error = parse_bool(flag, value, k, v)?,
+                "digest" | "tag" if kind == CacheKind::Local => {}
+                "registry.insecure" | "insecure" => {
+                    parse_bool(flag, value, k, v)?;
+                }
+                _ => {
+                    return Err(OptionError::new(
+                        flag,
+                        value,
+                        format!("unknown key `{k}` for a {} cache import", attrs["type"]),
+                    ))
+                }
+            }
+        }
+        match kind {
+            CacheKind::Registry if spec.reference.as_deref().is_none_or(str::is_empty) => {
+                Err(OptionError::new(flag, value, "type=registry needs ref=REF"))
+            }
+            CacheKind::Local if spec.src.is_none() => {
+                Err(OptionError::new(flag, value, "type=local needs src=DIR"))
+            }
+            CacheKind::Inline => Err(OptionError::new(
+                flag,
+                value,
+                "type=inline is export-only; import the image ref as type=registry",
+            )),
+            _ => Ok(spec),
+        }
+    }
+}
+
+/// Where a secret's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "value")]
+pub enum SecretSource {
+    /// A file on the build host.
+    File(PathBuf),
+    /// An environment variable of the `kiln` process.
+    Env(String),
+}
+
+/// One `--secret`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSpec {
+    /// The id `RUN --mount=type=secret,id=` refers to.
+    pub id: String,
+    /// Where its value comes from.
+    pub source: SecretSource,
+}
+
+impl SecretSpec {
+    /// Parses `id=ID[,type=file|env][,src=PATH|,env=VAR]`.
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        let mut id = None;
+        let mut typ = None;
+        let mut src = None;
+        let mut env = None;
+        for f in split_csv(flag, value)? {
+            let (k, v) = f
+                .split_once('=')
+                .ok_or_else(|| OptionError::new(flag, value, format!("`{f}` is not key=value")))?;
+            match k {
+                "id" => id = Some(v.to_string()),
+                "type" => typ = Some(v.to_string()),
+                "src" | "source" => src = Some(v.to_string()),
+                "env" => env = Some(v.to_string()),
+                _ => {
+                    return Err(OptionError::new(
+                        flag,
+                        value,
+                        format!("unknown key `{k}`; expected id, type, src, env"),
+                    ))
+                }
+            }
+        }
+        let id = id
+            .filter(|i| !i.is_empty())
+            .ok_or_else(|| OptionError::new(flag, value, "missing id="))?;
+        let source = match (typ.as_deref(), src, env) {
+            (_, Some(_), Some(_)) => {
+                return Err(OptionError::new(
+                    flag,
+                    value,
+                    "give either src= or env=, not both",
+                ))
+            }
+            (None | Some("file"), Some(s), None) => SecretSource::File(PathBuf::from(s)),
+            (None | Some("env"), None, Some(e)) => SecretSource::Env(e),
+            (Some("env"), Some(s), None) => SecretSource::Env(s),
+            (Some("file"), None, None) => SecretSource::File(PathBuf::from(&id)),
+            (None | Some("env"), None, None) => SecretSource::Env(id.clone()),
+            (Some(t), _, _) => {
+                return Err(OptionError::new(
+                    flag,
+                    value,
+                    format!("type=`{t}`: expected file or env"),
+                ))
+            }
+        };
+        Ok(SecretSpec { id, source })
+    }
+}
+
+/// Text or JSON output of a subrequest or dry run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// Which subrequest `--call` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallKind {
+    /// A normal build.
+    Build,
+    /// List the stages.
+    Targets,
+    /// Build args and secrets the target uses.
+    Outline,
+    /// Lint the Dockerfile.
+    Check,
+}
+
+/// A parsed `--call` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRequest {
+    /// What to compute.
+    pub kind: CallKind,
+    /// How to print it.
+    pub format: OutputFormat,
+}
+
+impl CallRequest {
+    /// Parses `targets|outline|check|build[,format=json|text]`.
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        let mut parts = value.split(',');
+        let name = parts.next().unwrap_or_default();
+        let kind =
+            match name {
+                "build" => CallKind::Build,
+                "targets" => CallKind::Targets,
+                "outline" => CallKind::Outline,
+                "check" | "lint" => CallKind::Check,
+                _ => return Err(OptionError::new(
+                    flag,
+                    value,
+                    format!(
+                        "unknown subrequest `{name}`; expected build, targets, outline or check"
+                    ),
+                )),
+            };
+        let mut format = OutputFormat::Text;
+        for p in parts {
+            match p.split_once('=') {
+                Some(("format", "json")) => format = OutputFormat::Json,
+                Some(("format", "text")) => format = OutputFormat::Text,
+                _ => {
+                    return Err(OptionError::new(
+                        flag,
+                        value,
+                        format!("`{p}`: expected format=json or format=text"),
+                    ))
+                }
+            }
+        }
+        Ok(CallRequest { kind, format })
+    }
+}
+
+/// `--progress` display modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProgressMode {
+    /// tty when stderr is a terminal, plain otherwise.
+    #[default]
+    Auto,
+    /// Live-updating terminal display.
+    Tty,
+    /// One line per event.
+    Plain,
+    /// JSON events, one per line.
+    Rawjson,
+    /// Nothing but errors.
+    Quiet,
+}
+
+impl ProgressMode {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => Self::Auto,
+            "tty" => Self::Tty,
+            "plain" => Self::Plain,
+            "rawjson" => Self::Rawjson,
+            "quiet" => Self::Quiet,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ProgressMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tty => "tty",
+            Self::Plain => "plain",
+            Self::Rawjson => "rawjson",
+            Self::Quiet => "quiet",
+        })
+    }
+}
+
+fn split_kv<'a>(flag: &str, s: &'a str) -> Result<(&'a str, &'a str), OptionError> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k, v)),
+        _ => Err(OptionError::new(flag, s, "expected KEY=VALUE")),
+    }
+}
+
+fn check_name(flag: &str, whole: &str, name: &str) -> Result<(), OptionError> {
+    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c == '=') {
+        return Err(OptionError::new(
+            flag,
+            whole,
+            format!("`{name}` is not a valid name"),
+        ));
+    }
+    Ok(())
+}
+
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Splits a CSV field list as buildx does: commas separate fields, double quotes protect them.
+fn split_csv(flag: &str, s: &str) -> Result<Vec<String>, OptionError> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for c in s.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => out.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    if quoted {
+        return Err(OptionError::new(flag, s, "unterminated double quote"));
+    }
+    out.push(cur);
+    Ok(out.into_iter().filter(|f| !f.is_empty()).collect())
+}
