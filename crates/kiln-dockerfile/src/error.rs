@@ -1,0 +1,69 @@
+//! Errors with a source position, rendered as `file:line:col: message` plus the line and a caret.
+
+use crate::ast::Span;
+
+/// What kind of problem a [`ParseError`] is, for callers that branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ErrorKind {
+    /// The file has no instruction at all.
+    Empty,
+    /// A bad or repeated parser directive.
+    Directive,
+    /// The source could not be split into instructions (line too long, heredoc unterminated,
+    /// bad JSON array, `ENV` without a value ...).
+    Syntax,
+    /// An instruction word BuildKit does not know.
+    UnknownInstruction,
+    /// An unknown flag, a flag given twice, or a flag with a bad value.
+    Flag,
+    /// A bad argument (missing, too many, malformed value).
+    Argument,
+    /// Variable expansion failed (`${V:?msg}`, bad substitution).
+    Expansion,
+}
+
+/// A Dockerfile error with the span it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("{}:{}: {message}", span.start.line, span.start.column)]
+pub struct ParseError {
+    /// Category of the problem.
+    pub kind: ErrorKind,
+    /// One sentence saying what is wrong (BuildKit's wording where BuildKit has one).
+    pub message: String,
+    /// Where in the source.
+    pub span: Span,
+}
+
+impl ParseError {
+    /// A new error.
+    pub fn new(kind: ErrorKind, message: impl Into<String>, span: Span) -> Self {
+        ParseError {
+            kind,
+            message: message.into(),
+            span,
+        }
+    }
+
+    /// `file:line:col: message`, then the offending source line and a caret under the column.
+    pub fn render(&self, file: &str, source: &str) -> String {
+        let line_no = self.span.start.line.max(1);
+        let column = self.span.start.column.max(1);
+        let mut out = format!("{file}:{line_no}:{column}: {}", self.message);
+        if let Some(line) = source.split('\n').nth(line_no - 1) {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            let line = line.strip_prefix('\u{feff}').unwrap_or(line);
+            out.push('\n');
+            out.push_str(line);
+            out.push('\n');
+            // Tabs are kept so the caret lines up in a terminal that expands them.
+            let pad: String = line
+                .chars()
+                .take(column - 1)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            out.push_str(&pad);
+            out.push('^');
+        }
+        out
+    }
+}

@@ -1,0 +1,836 @@
+//! BuildKit's shell lexer: quote and escape removal, variable expansion and word splitting
+//! for instruction arguments (`ProcessWord` / `ProcessWords`).
+//!
+//! Semantics follow BuildKit's `frontend/dockerfile/shell` package:
+//! - `'...'` is literal; in `"..."` only `$` expands and the escape character escapes
+//!   `"`, `$` and itself (any other escape is kept as written);
+//! - outside quotes the escape character escapes any character (a trailing one is dropped);
+//! - `$V`, `${V}`, `${V:-w}`, `${V-w}`, `${V:+w}`, `${V+w}`, `${V:?msg}`, `${V?msg}`,
+//!   `${V#p}`, `${V##p}`, `${V%p}`, `${V%%p}`, `${V/p/r}`, `${V//p/r}`; patterns know `*` and
+//!   `?` (no bracket expressions, like BuildKit);
+//! - `$` followed by no name stays `$`; `$1`, `$@`, `$*`, `$#`, `$?`, `$-`, `$$`, `$!`, `$0`
+//!   are names (normally unset);
+//! - word splitting (ProcessWords) happens on unquoted whitespace, including whitespace that
+//!   came from an expanded variable.
+//!
+//! Instructions whose arguments BuildKit expands (its `replaceEnvAllowed` list): ADD, COPY,
+//! ENV, EXPOSE, FROM, LABEL, STOPSIGNAL, USER, VOLUME, WORKDIR, ONBUILD (no: ONBUILD is kept
+//! verbatim), ARG (names and defaults), plus flag values of ADD/COPY (`--chown`, `--chmod`,
+//! `--from`, ...) and RUN `--mount` / `--network` / `--security`. RUN, CMD, ENTRYPOINT,
+//! SHELL and HEALTHCHECK are NOT expanded by the builder (the shell in the container does it).
+//! See [`EXPANDING_INSTRUCTIONS`] and [`expands_words`].
+
+use std::collections::BTreeSet;
+
+use crate::ast::Keyword;
+
+/// Instructions whose arguments the builder expands before use (BuildKit's list).
+pub const EXPANDING_INSTRUCTIONS: [Keyword; 11] = [
+    Keyword::Add,
+    Keyword::Copy,
+    Keyword::Env,
+    Keyword::Expose,
+    Keyword::From,
+    Keyword::Label,
+    Keyword::Stopsignal,
+    Keyword::User,
+    Keyword::Volume,
+    Keyword::Workdir,
+    Keyword::Arg,
+];
+
+/// Whether the builder expands variables in this instruction's arguments, and whether it
+/// uses word splitting (`ProcessWords`) rather than one word per argument (`ProcessWord`).
+/// Returns `None` when the instruction is not expanded at all.
+pub fn expands_words(keyword: Keyword) -> Option<bool> {
+    match keyword {
+        // BuildKit expands each argument word by word, splitting on whitespace.
+        Keyword::Add | Keyword::Copy | Keyword::Volume | Keyword::Expose => Some(true),
+        Keyword::Env
+        | Keyword::Label
+        | Keyword::Arg
+        | Keyword::From
+        | Keyword::Stopsignal
+        | Keyword::User
+        | Keyword::Workdir => Some(false),
+        _ => None,
+    }
+}
+
+/// A failure to expand a word, e.g. `${V:?must be set}` with V unset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to process {}: {reason}", go_quote(word))]
+pub struct ExpandError {
+    /// The word being processed.
+    pub word: String,
+    /// BuildKit's message, e.g. `syntax error: missing '}'`.
+    pub reason: String,
+}
+
+/// The result of processing a word.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Expansion {
+    /// The word with quotes and escapes removed and variables expanded (`ProcessWord`).
+    pub value: String,
+    /// The same, split into words (`ProcessWords`).
+    pub words: Vec<String>,
+    /// Variable names that were referenced and found by the lookup.
+    pub used: BTreeSet<String>,
+    /// Variable names that were referenced but not set.
+    pub unset: BTreeSet<String>,
+}
+
+/// The shell lexer, configured like BuildKit's `shell.Lex`.
+#[derive(Debug, Clone, Copy)]
+pub struct Lexer {
+    escape: char,
+    /// Keep quote characters in the output.
+    pub raw_quotes: bool,
+    /// Keep escape characters in the output.
+    pub raw_escapes: bool,
+    /// Treat quotes as ordinary characters.
+    pub skip_process_quotes: bool,
+    /// Leave references to unset variables as written instead of expanding to "".
+    pub skip_unset_env: bool,
+}
+
+impl Lexer {
+    /// A lexer for the given escape character (`\` or `` ` ``).
+    pub fn new(escape: char) -> Self {
+        Lexer {
+            escape,
+            raw_quotes: false,
+            raw_escapes: false,
+            skip_process_quotes: false,
+            skip_unset_env: false,
+        }
+    }
+
+    /// Processes `word`, looking variables up with `lookup`.
+    pub fn expand(
+        &self,
+        word: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Expansion, ExpandError> {
+        let mut chars: Vec<char> = word.chars().collect();
+        // Go's text/scanner skips a byte-order mark at the very start.
+        if chars.first() == Some(&'\u{feff}') {
+            chars.remove(0);
+        }
+        let mut sw = ShellWord {
+            chars,
+            pos: 0,
+            lex: *self,
+            raw_escapes: self.raw_escapes,
+            lookup,
+            used: BTreeSet::new(),
+            unset: BTreeSet::new(),
+            depth: 0,
+        };
+        let raw = sw.raw_escapes;
+        match sw.process_stop_on(None, raw) {
+            Ok((value, words)) => Ok(Expansion {
+                value,
+                words,
+                used: sw.used,
+                unset: sw.unset,
+            }),
+            Err(reason) => Err(ExpandError {
+                word: word.to_string(),
+                reason,
+            }),
+        }
+    }
+
+    /// `ProcessWord`: one string, whitespace kept.
+    pub fn process_word(
+        &self,
+        word: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<String, ExpandError> {
+        self.expand(word, lookup).map(|e| e.value)
+    }
+
+    /// `ProcessWords`: split into words on unquoted whitespace.
+    pub fn process_words(
+        &self,
+        word: &str,
+        lookup: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<String>, ExpandError> {
+        self.expand(word, lookup).map(|e| e.words)
+    }
+}
+
+/// Nesting limit for `${a:-${b:-${c...}}}` so hostile input cannot exhaust the stack.
+const MAX_NESTING: usize = 200;
+
+struct ShellWord<'a> {
+    chars: Vec<char>,
+    pos: usize,
+    lex: Lexer,
+    raw_escapes: bool,
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+    used: BTreeSet<String>,
+    unset: BTreeSet<String>,
+    depth: usize,
+}
+
+#[derive(Default)]
+struct Words {
+    word: String,
+    words: Vec<String>,
+    in_word: bool,
+}
+
+impl Words {
+    fn add_char(&mut self, ch: char) {
+        if ch.is_whitespace() && self.in_word {
+            if !self.word.is_empty() {
+                self.words.push(std::mem::take(&mut self.word));
+                self.in_word = false;
+            }
+        } else if !ch.is_whitespace() {
+            self.add_raw_char(ch);
+        }
+    }
+    fn add_raw_char(&mut self, ch: char) {
+        self.word.push(ch);
+        self.in_word = true;
+    }
+    fn add_string(&mut self, s: &str) {
+        for ch in s.chars() {
+            self.add_char(ch);
+        }
+    }
+    fn add_raw_string(&mut self, s: &str) {
+        self.word.push_str(s);
+        self.in_word = true;
+    }
+    fn finish(mut self) -> Vec<String> {
+        if !self.word.is_empty() {
+            self.words.push(std::mem::take(&mut self.word));
+        }
+        self.words
+    }
+}
+
+type R<T> = Result<T, String>;
+
+impl ShellWord<'_> {
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+    fn next(&mut self) -> Option<char> {
+        let c = self.chars.get(self.pos).copied();
+        if c.is_some() {
+            self.pos += 1;
+        }
+        c
+    }
+
+    fn get_env(&mut self, name: &str) -> Option<String> {
+        let v = (self.lookup)(name);
+        if v.is_some() {
+            self.used.insert(name.to_string());
+        } else {
+            self.unset.insert(name.to_string());
+        }
+        v
+    }
+
+    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> R<(String, Vec<String>)> {
+        self.depth += 1;
+        if self.depth > MAX_NESTING {
+            return Err("too deeply nested substitution".to_string());
+        }
+        let saved = self.raw_escapes;
+        self.raw_escapes = raw_escapes;
+        let r = self.process_stop_on_inner(stop);
+        self.raw_escapes = saved;
+        self.depth -= 1;
+        r
+    }
+
+    fn process_stop_on_inner(&mut self, stop: Option<char>) -> R<(String, Vec<String>)> {
+        let mut result = String::new();
+        let mut words = Words::default();
+        while let Some(ch) = self.peek() {
+            if Some(ch) == stop {
+                self.next();
+                return Ok((result, words.finish()));
+            }
+            let special = match ch {
+                '$' => Some(0),
+                '<' => Some(1),
+                '\'' if !self.lex.skip_process_quotes => Some(2),
+                '"' if !self.lex.skip_process_quotes => Some(3),
+                _ => None,
+            };
+            if let Some(kind) = special {
+                let tmp = match kind {
+                    0 => self.process_dollar()?,
+                    1 => self.process_possible_heredoc(),
+                    2 => self.process_single_quote()?,
+                    _ => self.process_double_quote()?,
+                };
+                result.push_str(&tmp);
+                if ch == '$' {
+                    words.add_string(&tmp);
+                } else {
+                    words.add_raw_string(&tmp);
+                }
+                continue;
+            }
+            let mut ch = self.next().unwrap_or_default();
+            if ch == self.lex.escape {
+                if self.raw_escapes {
+                    words.add_raw_char(ch);
+                    result.push(ch);
+                }
+                match self.next() {
+                    None => break,
+                    Some(c) => ch = c,
+                }
+                words.add_raw_char(ch);
+            } else {
+                words.add_char(ch);
+            }
+            result.push(ch);
+        }
+        if let Some(stop) = stop {
+            return Err(format!(
+                "unexpected end of statement while looking for matching {stop}"
+            ));
+        }
+        Ok((result, words.finish()))
+    }
+
+    fn process_single_quote(&mut self) -> R<String> {
+        let mut result = String::new();
+        let open = self.next().unwrap_or('\'');
+        if self.lex.raw_quotes {
+            result.push(open);
+        }
+        loop {
+            match self.next() {
+                None => {
+                    return Err(
+                        "unexpected end of statement while looking for matching single-quote"
+                            .to_string(),
+                    )
+                }
+                Some('\'') => {
+                    if self.lex.raw_quotes {
+                        result.push('\'');
+                    }
+                    return Ok(result);
+                }
+                Some(c) => result.push(c),
+            }
+        }
+    }
+
+    fn process_double_quote(&mut self) -> R<String> {
+        let mut result = String::new();
+        let open = self.next().unwrap_or('"');
+        if self.lex.raw_quotes {
+            result.push(open);
+        }
+        loop {
+            match self.peek() {
+                None => {
+                    return Err(
+                        "unexpected end of statement while looking for matching double-quote"
+                            .to_string(),
+                    )
+                }
+                Some('"') => {
+                    self.next();
+                    if self.lex.raw_quotes {
+                        result.push('"');
+                    }
+                    return Ok(result);
+                }
+                Some('$') => {
+                    let v = self.process_dollar()?;
+                    result.push_str(&v);
+                }
+                Some(_) => {
+                    let mut ch = self.next().unwrap_or_default();
+                    if ch == self.lex.escape {
+                        if self.raw_escapes {
+                            result.push(ch);
+                        }
+                        match self.peek() {
+                            None => continue,
+                            Some(c) if c == '"' || c == '$' || c == self.lex.escape => {
+                                ch = c;
+                                self.next();
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    result.push(ch);
+                }
+            }
+        }
+    }
+
+    fn process_dollar(&mut self) -> R<String> {
+        self.next(); // '$'
+        if self.peek() != Some('{') {
+            let name = self.process_name();
+            if name.is_empty() {
+                return Ok("$".to_string());
+            }
+            let value = self.get_env(&name);
+            return Ok(match value {
+                None if self.lex.skip_unset_env => format!("${name}"),
+                v => v.unwrap_or_default(),
+            });
+        }
+        self.next(); // '{'
+        match self.peek() {
+            None => return Err("syntax error: missing '}'".to_string()),
+            Some('{' | '}' | ':') => return Err("syntax error: bad substitution".to_string()),
+            _ => {}
+        }
+        let name = self.process_name();
+        let Some(mut ch) = self.next() else {
+            // Go's scanner returns EOF (-1), which falls to "unsupported modifier".
+            return Err("syntax error: missing '}'".to_string());
+        };
+        let mut chs = ch.to_string();
+        let mut null_is_unset = false;
+        match ch {
+            '}' => {
+                let value = self.get_env(&name);
+                return Ok(match value {
+                    None if self.lex.skip_unset_env => format!("${{{name}}}"),
+                    v => v.unwrap_or_default(),
+                });
+            }
+            '/' => return self.process_dollar_replace(&name),
+            ':' | '+' | '-' | '?' | '#' | '%' => {
+                if ch == ':' {
+                    null_is_unset = true;
+                    match self.next() {
+                        Some(c) => {
+                            ch = c;
+                            chs.push(c);
+                        }
+                        None => {
+                            // Go appends the EOF rune (U+FFFD when printed) and fails later.
+                            return Err("syntax error: missing '}'".to_string());
+                        }
+                    }
+                }
+                let raw = ch == '#' || ch == '%';
+                if null_is_unset && raw {
+                    return Err(format!("unsupported modifier ({chs}) in substitution"));
+                }
+                let word = match self.process_stop_on(Some('}'), raw) {
+                    Ok((w, _)) => w,
+                    Err(e) => {
+                        if self.peek().is_none() && !e.starts_with("too deeply") {
+                            return Err("syntax error: missing '}'".to_string());
+                        }
+                        return Err(e);
+                    }
+                };
+                let found = self.get_env(&name);
+                if found.is_none() && self.lex.skip_unset_env {
+                    return Ok(format!("${{{name}{chs}{word}}}"));
+                }
+                let set = found.is_some();
+                let value = found.unwrap_or_default();
+                let empty_unset = !set || (null_is_unset && value.is_empty());
+                match ch {
+                    '-' => Ok(if empty_unset { word } else { value }),
+                    '+' => Ok(if empty_unset { String::new() } else { word }),
+                    '?' => {
+                        if !set {
+                            let m = if word.is_empty() {
+                                "is not allowed to be unset".to_string()
+                            } else {
+                                word
+                            };
+                            return Err(format!("{name}: {m}"));
+                        }
+                        if null_is_unset && value.is_empty() {
+                            let m = if word.is_empty() {
+                                "is not allowed to be empty".to_string()
+                            } else {
+                                word
+                            };
+                            return Err(format!("{name}: {m}"));
+                        }
+                        Ok(value)
+                    }
+                    '#' | '%' => {
+                        let (greedy, pattern) = match word.strip_prefix(ch) {
+                            Some(p) => (true, p.to_string()),
+                            None => (false, word),
+                        };
+                        if ch == '%' {
+                            trim_suffix(&pattern, &value, greedy)
+                        } else {
+                            trim_prefix(&pattern, &value, greedy)
+                        }
+                    }
+                    _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+                }
+            }
+            _ => Err(format!("unsupported modifier ({chs}) in substitution")),
+        }
+    }
+
+    fn process_dollar_replace(&mut self, name: &str) -> R<String> {
+        let all = self.peek() == Some('/');
+        if all {
+            self.next();
+        }
+        let pattern = match self.process_stop_on(Some('/'), true) {
+            Ok((p, _)) => p,
+            Err(e) => {
+                if self.peek().is_none() && !e.starts_with("too deeply") {
+                    return Err("syntax error: missing '/' in ${}".to_string());
+                }
+                return Err(e);
+            }
+        };
+        let replacement = match self.process_stop_on(Some('}'), true) {
+            Ok((p, _)) => p,
+            Err(e) => {
+                if self.peek().is_none() && !e.starts_with("too deeply") {
+                    return Err("syntax error: missing '}'".to_string());
+                }
+                return Err(e);
+            }
+        };
+        let value = match self.get_env(name) {
+            Some(v) => v,
+            None if self.lex.skip_unset_env => {
+                return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
+            }
+            None => String::new(),
+        };
+        let pat = compile_pattern(&pattern)
+            .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
+        Ok(replace(&pat, &value, &replacement, all))
+    }
+
+    fn process_name(&mut self) -> String {
+        let mut name = String::new();
+        while let Some(ch) = self.peek() {
+            if name.is_empty() && is_digit(ch) {
+                while let Some(d) = self.peek() {
+                    if !is_digit(d) {
+                        break;
+                    }
+                    name.push(d);
+                    self.next();
+                }
+                return name;
+            }
+            if name.is_empty() && matches!(ch, '@' | '*' | '#' | '?' | '-' | '$' | '!' | '0') {
+                self.next();
+                return ch.to_string();
+            }
+            if !is_letter(ch) && !is_digit(ch) && ch != '_' {
+                break;
+            }
+            name.push(ch);
+            self.next();
+        }
+        name
+    }
+
+    fn process_possible_heredoc(&mut self) -> String {
+        self.next(); // '<'
+        if self.peek() != Some('<') {
+            return "<".to_string();
+        }
+        self.next();
+        let mut out = "<<".to_string();
+        while let Some(c @ ('\t' | '\r' | ' ')) = self.peek() {
+            out.push(c);
+            self.next();
+        }
+        out
+    }
+}
+
+/// Go's `unicode.IsDigit` (decimal digits).
+fn is_digit(c: char) -> bool {
+    c.is_ascii_digit() || is_unicode_decimal(c)
+}
+
+/// Approximation of Unicode category Nd for non-ASCII characters: Rust's std has no
+/// category tables, so only the common decimal-digit blocks are recognised.
+fn is_unicode_decimal(c: char) -> bool {
+    const BLOCKS: [u32; 12] = [
+        0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6, 0xFF10,
+    ];
+    let u = c as u32;
+    BLOCKS.iter().any(|&b| (b..b + 10).contains(&u))
+}
+
+/// Go's `unicode.IsLetter`.
+fn is_letter(c: char) -> bool {
+    c.is_alphabetic() && !c.is_numeric()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    Star,
+    Any,
+    Lit(char),
+}
+
+/// Compiles a `${V#pattern}` pattern: `*`, `?`, `\*`, `\?`, `\\`; `\}` and `\/` are literal.
+fn compile_pattern(pattern: &str) -> Result<Vec<Tok>, String> {
+    let chars: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        i += 1;
+        match c {
+            '*' => out.push(Tok::Star),
+            '?' => out.push(Tok::Any),
+            '\\' => {
+                match chars.get(i) {
+                    Some('}') | Some('/') => continue,
+                    Some(&n @ ('*' | '?' | '\\')) => {
+                        out.push(Tok::Lit(n));
+                        i += 1;
+                    }
+                    Some(&n) => return Err(format!("invalid escape '\\{n}'")),
+                    None => return Err("invalid escape '\\%!c(int32=-1)'".to_string()),
+                }
+            }
+            c => out.push(Tok::Lit(c)),
+        }
+    }
+    Ok(out)
+}
+
+/// The end of the match of `pat` anchored at `start` of `s`, with regex priority semantics
+/// (stars greedy or lazy), computed by dynamic programming (no exponential backtracking).
+fn match_at(pat: &[Tok], s: &[char], start: usize, greedy: bool) -> Option<usize> {
+    let n = s.len();
+    // next[j]: result of matching pat[k+1..] at position j.
+    let mut next: Vec<Option<usize>> = (0..=n).map(Some).collect();
+    for tok in pat.iter().rev() {
+        let mut cur: Vec<Option<usize>> = vec![None; n + 1];
+        match tok {
+            Tok::Lit(c) => {
+                for j in start..n {
+                    if s[j] == *c {
+                        cur[j] = next[j + 1];
+                    }
+                }
+            }
+            Tok::Any => {
+                for j in start..n {
+                    if s[j] != '\n' {
+                        cur[j] = next[j + 1];
+                    }
+                }
+            }
+            Tok::Star => {
+                // `.` does not match a newline in Go regexps.
+                let mut acc: Option<usize> = None;
+                if greedy {
+                    // Longest first: the best is from the furthest reachable position.
+                    for j in (start..=n).rev() {
+                        if j < n && s[j] == '\n' {
+                            acc = None;
+                        }
+                        if acc.is_none() {
+                            acc = next[j];
+                        }
+                        cur[j] = acc;
+                    }
+                } else {
+                    for j in (start..=n).rev() {
+                        if j < n && s[j] == '\n' {
+                            acc = None;
+                        }
+                        acc = next[j].or(acc);
+                        cur[j] = acc;
+                    }
+                }
+            }
+        }
+        next = cur;
+    }
+    next.get(start).copied().flatten()
+}
+
+fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> R<String> {
+    let pat = compile_pattern(pattern)
+        .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
+    let s: Vec<char> = value.chars().collect();
+    Ok(match match_at(&pat, &s, 0, greedy) {
+        Some(end) => s[end..].iter().collect(),
+        None => value.to_string(),
+    })
+}
+
+/// Reverses a pattern keeping `\x` escapes in front of their character.
+fn reverse_pattern(pattern: &str) -> String {
+    let p: Vec<char> = pattern.chars().collect();
+    let mut out = vec!['\0'; p.len()];
+    let last = p.len().saturating_sub(1);
+    let mut i = 0;
+    while i < p.len() {
+        let t = p[i];
+        let o = last - i;
+        if t == '\\' && i != last {
+            out[o - 1] = t;
+            out[o] = p[i + 1];
+            i += 2;
+        } else {
+            out[o] = t;
+            i += 1;
+        }
+    }
+    out.into_iter().collect()
+}
+
+fn trim_suffix(pattern: &str, value: &str, greedy: bool) -> R<String> {
+    let rp = reverse_pattern(pattern);
+    let rv: String = value.chars().rev().collect();
+    let r = trim_prefix(&rp, &rv, greedy)?;
+    Ok(r.chars().rev().collect())
+}
+
+/// Go's `Regexp.ReplaceAllString` / first-match replacement with a literal replacement.
+fn replace(pat: &[Tok], value: &str, replacement: &str, all: bool) -> String {
+    let s: Vec<char> = value.chars().collect();
+    let find = |from: usize| -> Option<(usize, usize)> {
+        (from..=s.len()).find_map(|st| match_at(pat, &s, st, true).map(|e| (st, e)))
+    };
+    if !all {
+        return match find(0) {
+            Some((a, b)) => {
+                let mut out: String = s[..a].iter().collect();
+                out.push_str(replacement);
+                out.extend(&s[b..]);
+                out
+            }
+            None => value.to_string(),
+        };
+    }
+    let mut out = String::new();
+    let mut last_end = 0;
+    let mut search = 0;
+    while search <= s.len() {
+        let Some((a, b)) = find(search) else { break };
+        out.extend(&s[last_end..a]);
+        if b > last_end || a == 0 {
+            out.push_str(replacement);
+        }
+        last_end = b;
+        if search + 1 > b {
+            search += 1;
+        } else {
+            search = b;
+        }
+    }
+    if last_end <= s.len() {
+        out.extend(&s[last_end..]);
+    }
+    out
+}
+
+/// Go's `%q` / `strconv.Quote`, used in BuildKit messages.
+pub(crate) fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{b}' => out.push_str("\\v"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if c.is_control() || c == '\u{feff}' => {
+                if (c as u32) < 0x10000 {
+                    out.push_str(&format!("\\u{:04x}", c as u32));
+                } else {
+                    out.push_str(&format!("\\U{:08x}", c as u32));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
+        move |n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn expands_all_modifiers_like_buildkit() {
+        let e = env(&[("A", "hello.tar.gz"), ("E", ""), ("P", "/usr/local/bin")]);
+        let l = Lexer::new('\\');
+        let w = |s: &str| l.process_word(s, &e).unwrap();
+        assert_eq!(w("$A"), "hello.tar.gz");
+        assert_eq!(w("${A}x"), "hello.tar.gzx");
+        assert_eq!(w("${U:-def}"), "def");
+        assert_eq!(w("${E:-def}"), "def");
+        assert_eq!(w("${E-def}"), "");
+        assert_eq!(w("${A:+alt}"), "alt");
+        assert_eq!(w("${E+alt}"), "alt");
+        assert_eq!(w("${E:+alt}"), "");
+        assert_eq!(w("${A#*.}"), "tar.gz");
+        assert_eq!(w("${A##*.}"), "gz");
+        assert_eq!(w("${A%.*}"), "hello.tar");
+        assert_eq!(w("${A%%.*}"), "hello");
+        assert_eq!(w("${P/local/opt}"), "/usr/opt/bin");
+        assert_eq!(w("${P//\\//:}"), ":usr:local:bin");
+        assert_eq!(w("'$A'"), "$A");
+        assert_eq!(w("\"$A\""), "hello.tar.gz");
+        assert_eq!(w("\\$A"), "$A");
+        assert!(l.process_word("${U:?need U}", &e).is_err());
+        assert_eq!(
+            l.process_word("${U?}", &e).unwrap_err().to_string(),
+            "failed to process \"${U?}\": U: is not allowed to be unset"
+        );
+    }
+
+    #[test]
+    fn words_split_on_whitespace_from_variables_but_not_in_quotes() {
+        let e = env(&[("X", "a b")]);
+        let l = Lexer::new('\\');
+        assert_eq!(l.process_words("$X \"c d\"", &e).unwrap(), vec!["a", "b", "c d"]);
+    }
+
+    #[test]
+    fn reports_used_and_unset_variables() {
+        let e = env(&[("X", "1")]);
+        let r = Lexer::new('\\').expand("$X ${Y:-2}", &e).unwrap();
+        assert!(r.used.contains("X"));
+        assert!(r.unset.contains("Y"));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let s = "${a:-".repeat(100_000);
+        assert!(Lexer::new('\\').process_word(&s, &|_| None).is_err());
+    }
+}
