@@ -1,0 +1,3 @@
+export function greet() {
+  document.querySelector('#greeting').textContent = 'kiln example app OK';
+}
