@@ -1,0 +1,815 @@
+//! kiln's own executor: `clone(2)` into new namespaces, mounts, `pivot_root`, then a tiny init
+//! (pid 1) that forks the step's process, confines it and waits for it.
+//!
+//! The calling process is multi-threaded, so after `clone` the child may only make
+//! async-signal-safe calls: no allocation, no locks, no glibc wrappers that consult
+//! per-thread state (credentials are changed with raw syscalls). Everything the child needs —
+//! C strings, the mount list, the seccomp BPF — is built before cloning; the child only walks it.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use seccompiler::BpfProgram;
+
+use crate::output::{cloexec_pipe, supervise};
+use crate::prepare::{prepare, Prepared, ScratchDir};
+use crate::security::{default_cap_mask, default_seccomp_programs, last_cap};
+use crate::spec::{
+    CancelToken, ExecError, ExecSpec, ExitStatus, Executor, MountKind, Network, OutputSink,
+    Security,
+};
+
+/// Docker's default masked paths: hidden behind `/dev/null` (files) or an empty read-only
+/// tmpfs (directories).
+pub(crate) const MASKED_PATHS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/sys/devices/virtual/powercap",
+    "/sys/firmware",
+];
+
+/// Docker's default read-only paths.
+pub(crate) const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Host devices bind-mounted into the container's `/dev`.
+pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// `/dev` symlinks: (link name, target).
+pub(crate) const DEV_SYMLINKS: &[(&str, &str)] = &[
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+    ("ptmx", "pts/ptmx"),
+];
+
+/// Runs steps with kiln's own namespace code (the default backend).
+#[derive(Debug, Default, Clone)]
+pub struct NamespaceExecutor {
+    _private: (),
+}
+
+impl NamespaceExecutor {
+    /// A new executor; it keeps no state between runs.
+    pub fn new() -> Self {
+        NamespaceExecutor { _private: () }
+    }
+}
+
+/// One setup action done by the container's init before `pivot_root` (host paths).
+enum Op {
+    Mount {
+        src: Option<CString>,
+        target: CString,
+        fstype: Option<CString>,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+        what: &'static str,
+    },
+    Remount {
+        target: CString,
+        flags: libc::c_ulong,
+    },
+    Mkdir {
+        path: CString,
+        mode: libc::mode_t,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
+    WriteFile {
+        path: CString,
+        data: Vec<u8>,
+        mode: libc::mode_t,
+        uid: u32,
+        gid: u32,
+    },
+    Mask {
+        path: CString,
+        devnull: CString,
+    },
+    ReadonlyPath {
+        path: CString,
+    },
+    BindDevice {
+        src: CString,
+        target: CString,
+    },
+    Sysfs {
+        target: CString,
+        flags: libc::c_ulong,
+    },
+}
+
+impl Op {
+    fn describe(&self) -> (&'static str, String) {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::Mount { target, what, .. } => (what, s(target)),
+            Op::Remount { target, .. } => ("remounting read-only", s(target)),
+            Op::Mkdir { path, .. } => ("mkdir", s(path)),
+            Op::Symlink { link, .. } => ("symlink", s(link)),
+            // Never name the file's content; the path is fine.
+            Op::WriteFile { path, .. } => ("writing file", s(path)),
+            Op::Mask { path, .. } => ("masking", s(path)),
+            Op::ReadonlyPath { path } => ("making read-only", s(path)),
+            Op::BindDevice { target, .. } => ("binding device", s(target)),
+            Op::Sysfs { target, .. } => ("mounting sysfs", s(target)),
+        }
+    }
+}
+
+/// Named steps of the child, reported by index.
+const STEPS: &[&str] = &[
+    "duplicating stdio",           // 0
+    "making mounts private",       // 1
+    "pivot_root",                  // 2
+    "unmounting the old root",     // 3
+    "sethostname",                 // 4
+    "bringing up lo",              // 5
+    "chdir to the working dir",    // 6
+    "forking the step's process",  // 7
+    "setrlimit",                   // 8
+    "dropping bounding caps",      // 9
+    "capset",                      // 10
+    "setting no_new_privs",        // 11
+    "installing seccomp filter",   // 12
+    "setgroups",                   // 13
+    "setgid",                      // 14
+    "setuid",                      // 15
+    "execve",                      // 16
+    "chdir to the new root",       // 17
+];
+
+const REPORT_OP: u32 = 1;
+const REPORT_STEP: u32 = 2;
+const REPORT_EXIT: u32 = 3;
+const REPORT_SIGNAL: u32 = 4;
+
+struct Plan {
+    ops: Vec<Op>,
+    root: CString,
+    hostname: CString,
+    lo_up: bool,
+    cwd: CString,
+    exe: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    uid: u32,
+    gid: u32,
+    groups: Vec<libc::gid_t>,
+    sandbox: bool,
+    cap_keep: u64,
+    last_cap: u32,
+    seccomp: Vec<BpfProgram>,
+    rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// Highest fd to close when `close_range` is missing.
+    max_fd: i32,
+}
+
+fn cstr(s: &str) -> Result<CString, ExecError> {
+    CString::new(s).map_err(|_| ExecError::InvalidSpec(format!("NUL byte in {s:?}")))
+}
+
+fn cpath(p: &Path) -> Result<CString, ExecError> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| ExecError::InvalidSpec(format!("NUL byte in path {}", p.display())))
+}
+
+/// Escapes a path for an overlay `lowerdir=`/`upperdir=` option.
+pub(crate) fn overlay_escape(p: &Path) -> String {
+    let mut out = String::new();
+    for c in p.to_string_lossy().chars() {
+        if matches!(c, ',' | ':' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The capabilities (permitted set) this process has.
+fn current_permitted() -> u64 {
+    let mut hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: valid header and two data structs, as capget v3 expects.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    if r != 0 {
+        return u64::MAX;
+    }
+    u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, ExecError> {
+    let sandbox = spec.security == Security::Sandbox;
+    let root = &prep.root;
+    let mut ops = Vec::new();
+    let p = |path: &Path| cpath(path);
+    let sub = |base: &Path, rel: &str| cpath(&base.join(rel));
+    let mount = |src: Option<CString>, target: CString, fstype: Option<&str>, flags, data: Option<String>, what| {
+        Ok::<Op, ExecError>(Op::Mount {
+            src,
+            target,
+            fstype: fstype.map(cstr).transpose()?,
+            flags,
+            data: data.as_deref().map(cstr).transpose()?,
+            what,
+        })
+    };
+    // The run's private tmpfs: host files' copies, secrets, rw-bind overlay dirs.
+    ops.push(mount(Some(cstr("tmpfs")?), p(scratch)?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755".into()), "mounting the scratch tmpfs")?);
+    // The rootfs becomes its own mount so pivot_root can move onto it.
+    ops.push(mount(Some(p(root)?), p(root)?, None, libc::MS_BIND | libc::MS_REC, None, "bind-mounting the rootfs onto itself")?);
+
+    ops.push(mount(Some(cstr("proc")?), p(&prep.proc_dir)?, Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None, "mounting /proc")?);
+
+    let dev = &prep.dev_dir;
+    ops.push(mount(Some(cstr("tmpfs")?), p(dev)?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_STRICTATIME, Some("mode=755,size=65536k".into()), "mounting /dev")?);
+    for d in DEVICES {
+        ops.push(Op::BindDevice { src: cstr(&format!("/dev/{d}"))?, target: sub(dev, d)? });
+    }
+    for d in ["pts", "shm", "mqueue"] {
+        ops.push(Op::Mkdir { path: sub(dev, d)?, mode: 0o755 });
+    }
+    ops.push(mount(Some(cstr("devpts")?), sub(dev, "pts")?, Some("devpts"), libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620".into()), "mounting /dev/pts")?);
+    ops.push(mount(Some(cstr("shm")?), sub(dev, "shm")?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, Some("mode=1777,size=65536k".into()), "mounting /dev/shm")?);
+    ops.push(mount(Some(cstr("mqueue")?), sub(dev, "mqueue")?, Some("mqueue"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None, "mounting /dev/mqueue")?);
+    for (name, target) in DEV_SYMLINKS {
+        ops.push(Op::Symlink { target: cstr(target)?, link: sub(dev, name)? });
+    }
+    let sys_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | if sandbox { libc::MS_RDONLY } else { 0 };
+    ops.push(Op::Sysfs { target: p(&prep.sys_dir)?, flags: sys_flags });
+
+    if sandbox {
+        let devnull = cstr("/dev/null")?;
+        for m in MASKED_PATHS {
+            let host = container_to_host(prep, m);
+            ops.push(Op::Mask { path: p(&host)?, devnull: devnull.clone() });
+        }
+        for r in READONLY_PATHS {
+            ops.push(Op::ReadonlyPath { path: p(&container_to_host(prep, r))? });
+        }
+    }
+
+    for hf in &prep.host_files {
+        // A private copy: the step may edit it, the host's file stays untouched.
+        let copy = scratch.join(hf.name);
+        ops.push(Op::WriteFile { path: p(&copy)?, data: hf.content.clone(), mode: 0o644, uid: 0, gid: 0 });
+        ops.push(mount(Some(p(&copy)?), p(&hf.target)?, None, libc::MS_BIND, None, "binding host file")?);
+    }
+
+    for (i, (m, target)) in spec.mounts.iter().zip(&prep.mount_targets).enumerate() {
+        let t = p(target)?;
+        match &m.kind {
+            MountKind::Bind { source, readwrite: false } => {
+                ops.push(mount(Some(p(source)?), t.clone(), None, libc::MS_BIND | libc::MS_REC, None, "bind mount")?);
+                ops.push(Op::Remount { target: t, flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY });
+            }
+            MountKind::Bind { source, readwrite: true } if source.is_dir() => {
+                // Writes land in a throwaway upper dir on the scratch tmpfs, never in source.
+                let upper = scratch.join(format!("bind{i}-upper"));
+                let work = scratch.join(format!("bind{i}-work"));
+                ops.push(Op::Mkdir { path: p(&upper)?, mode: 0o755 });
+                ops.push(Op::Mkdir { path: p(&work)?, mode: 0o755 });
+                let data = format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    overlay_escape(source),
+                    overlay_escape(&upper),
+                    overlay_escape(&work)
+                );
+                ops.push(mount(Some(cstr("overlay")?), t, Some("overlay"), 0, Some(data), "overlay for rw bind mount")?);
+            }
+            MountKind::Bind { source, readwrite: true } => {
+                let content = std::fs::read(source).map_err(|e| ExecError::Prepare {
+                    what: "reading bind mount source",
+                    path: source.clone(),
+                    source: e,
+                })?;
+                let meta = std::fs::metadata(source).map_err(|e| ExecError::Prepare {
+                    what: "reading bind mount source",
+                    path: source.clone(),
+                    source: e,
+                })?;
+                use std::os::unix::fs::MetadataExt;
+                let copy = scratch.join(format!("bind{i}-file"));
+                ops.push(Op::WriteFile { path: p(&copy)?, data: content, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid() });
+                ops.push(mount(Some(p(&copy)?), t, None, libc::MS_BIND, None, "bind mount")?);
+            }
+            MountKind::Cache { source } => {
+                ops.push(mount(Some(p(source)?), t, None, libc::MS_BIND | libc::MS_REC, None, "cache mount")?);
+            }
+            MountKind::Tmpfs { size } => {
+                let data = match size {
+                    Some(s) => format!("mode=1777,size={s}"),
+                    None => "mode=1777".to_string(),
+                };
+                ops.push(mount(Some(cstr("tmpfs")?), t, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some(data), "tmpfs mount")?);
+            }
+            MountKind::Secret { data, mode, uid, gid } => {
+                let file = scratch.join(format!("secret{i}"));
+                ops.push(Op::WriteFile { path: p(&file)?, data: data.expose().to_vec(), mode: *mode & 0o7777, uid: *uid, gid: *gid });
+                ops.push(mount(Some(p(&file)?), t.clone(), None, libc::MS_BIND, None, "secret mount")?);
+                ops.push(Op::Remount { target: t, flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC });
+            }
+            MountKind::Ssh => return Err(ExecError::Unsupported("RUN --mount=type=ssh")),
+        }
+    }
+
+    let argv: Vec<CString> = spec.args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let envp: Vec<CString> = prep.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+
+    let mut rlimits = Vec::new();
+    for rl in &spec.rlimits {
+        let res = rl.resource.raw();
+        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: valid out-pointer.
+        if unsafe { libc::getrlimit(res, &mut cur) } != 0 {
+            continue;
+        }
+        let hard = rl.hard.min(cur.rlim_max);
+        let soft = rl.soft.min(hard);
+        rlimits.push((res, libc::rlimit { rlim_cur: soft, rlim_max: hard }));
+    }
+    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
+
+    Ok(Plan {
+        ops,
+        root: p(root)?,
+        hostname: cstr(&spec.hostname)?,
+        lo_up: spec.network == Network::None,
+        cwd: cstr(&spec.cwd)?,
+        exe: cstr(&prep.exe)?,
+        _argv: argv,
+        argv_ptrs,
+        _envp: envp,
+        envp_ptrs,
+        uid: prep.user.uid,
+        gid: prep.user.gid,
+        groups: prep.user.groups.clone(),
+        sandbox,
+        cap_keep: default_cap_mask() & current_permitted(),
+        last_cap: last_cap(),
+        seccomp: if sandbox { default_seccomp_programs()? } else { Vec::new() },
+        rlimits,
+        max_fd: nofile.rlim_cur.min(1 << 20) as i32,
+    })
+}
+
+fn container_to_host(prep: &Prepared, path: &str) -> std::path::PathBuf {
+    // /proc and /sys were resolved (and created) as mount points; masked paths live below them.
+    if let Some(rest) = path.strip_prefix("/proc/") {
+        prep.proc_dir.join(rest)
+    } else if let Some(rest) = path.strip_prefix("/sys/") {
+        prep.sys_dir.join(rest)
+    } else {
+        prep.root.join(path.trim_start_matches('/'))
+    }
+}
+
+// ---- code that runs in the cloned child: async-signal-safe only ----
+
+fn errno() -> i32 {
+    // SAFETY: reading the thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+unsafe fn report(kind: u32, index: u32, err: i32, value: i32) {
+    let msg: [i32; 4] = [kind as i32, index as i32, err, value];
+    libc::write(3, msg.as_ptr().cast(), std::mem::size_of_val(&msg));
+}
+
+unsafe fn fail_step(step: u32) -> ! {
+    report(REPORT_STEP, step, errno(), 0);
+    libc::_exit(1)
+}
+
+fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
+    c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+unsafe fn run_op(op: &Op) -> Result<(), i32> {
+    let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(errno()) };
+    match op {
+        Op::Mount { src, target, fstype, flags, data, .. } => check(libc::mount(
+            opt_ptr(src),
+            target.as_ptr(),
+            opt_ptr(fstype),
+            *flags,
+            opt_ptr(data).cast(),
+        )),
+        Op::Remount { target, flags } => {
+            check(libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()))
+        }
+        Op::Mkdir { path, mode } => {
+            if libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST {
+                Ok(())
+            } else {
+                Err(errno())
+            }
+        }
+        Op::Symlink { target, link } => check(libc::symlink(target.as_ptr(), link.as_ptr())),
+        Op::WriteFile { path, data, mode, uid, gid } => {
+            let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o600);
+            if fd < 0 {
+                return Err(errno());
+            }
+            let mut off = 0;
+            while off < data.len() {
+                let n = libc::write(fd, data[off..].as_ptr().cast(), data.len() - off);
+                if n < 0 {
+                    if errno() == libc::EINTR {
+                        continue;
+                    }
+                    let e = errno();
+                    libc::close(fd);
+                    return Err(e);
+                }
+                off += n as usize;
+            }
+            let r = if libc::fchown(fd, *uid, *gid) != 0 || libc::fchmod(fd, *mode) != 0 { Err(errno()) } else { Ok(()) };
+            libc::close(fd);
+            r
+        }
+        Op::Mask { path, devnull } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::stat(path.as_ptr(), &mut st) != 0 {
+                return if errno() == libc::ENOENT { Ok(()) } else { Err(errno()) };
+            }
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                check(libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), libc::MS_RDONLY, std::ptr::null()))
+            } else {
+                check(libc::mount(devnull.as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
+            }
+        }
+        Op::ReadonlyPath { path } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::stat(path.as_ptr(), &mut st) != 0 {
+                return if errno() == libc::ENOENT { Ok(()) } else { Err(errno()) };
+            }
+            check(libc::mount(path.as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+            check(libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ))
+        }
+        Op::BindDevice { src, target } => {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::stat(src.as_ptr(), &mut st) != 0 {
+                // The host lacks it (e.g. no /dev/tty): leave it out, as a minimal /dev may.
+                return Ok(());
+            }
+            let fd = libc::open(target.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
+            if fd < 0 {
+                return Err(errno());
+            }
+            libc::close(fd);
+            check(libc::mount(src.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
+        }
+        Op::Sysfs { target, flags } => {
+            if libc::mount(c"sysfs".as_ptr(), target.as_ptr(), c"sysfs".as_ptr(), *flags, std::ptr::null()) == 0 {
+                return Ok(());
+            }
+            // Without rights over the network namespace a new sysfs is refused: bind the host's.
+            check(libc::mount(c"/sys".as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+            if *flags & libc::MS_RDONLY != 0 {
+                check(libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null()))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+unsafe fn bring_up_lo() -> Result<(), i32> {
+    let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+    if s < 0 {
+        return Err(errno());
+    }
+    let mut ifr: libc::ifreq = std::mem::zeroed();
+    ifr.ifr_name[0] = b'l' as libc::c_char;
+    ifr.ifr_name[1] = b'o' as libc::c_char;
+    if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) != 0 {
+        let e = errno();
+        libc::close(s);
+        return Err(e);
+    }
+    ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+    let r = libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr);
+    let e = errno();
+    libc::close(s);
+    if r != 0 {
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The container's pid 1. Never returns.
+unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! {
+    // Die with the thread that started us (the run() call blocks it until we are gone).
+    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    // Move our four fds to 0..=3, everything else closed: another thread's pipes must not be
+    // held open by us.
+    let mut high = [0; 4];
+    for (i, fd) in [stdio[0], stdio[1], stdio[2], report_fd].into_iter().enumerate() {
+        high[i] = libc::fcntl(fd, libc::F_DUPFD, 10);
+        if high[i] < 0 {
+            libc::_exit(2);
+        }
+    }
+    for (i, fd) in high.iter().enumerate() {
+        if libc::dup2(*fd, i as i32) < 0 {
+            libc::_exit(2);
+        }
+    }
+    libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
+    if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
+        for fd in 4..plan.max_fd.max(4) {
+            libc::close(fd);
+        }
+    }
+
+    if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+        fail_step(1);
+    }
+    for (i, op) in plan.ops.iter().enumerate() {
+        if let Err(e) = run_op(op) {
+            report(REPORT_OP, i as u32, e, 0);
+            libc::_exit(1);
+        }
+    }
+    // pivot_root(".", ".") stacks the old root on top of the new one; unmounting "." then
+    // drops it, with no put_old directory needed inside the rootfs.
+    if libc::chdir(plan.root.as_ptr()) != 0 {
+        fail_step(17);
+    }
+    if libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0 {
+        fail_step(2);
+    }
+    if libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0 {
+        fail_step(3);
+    }
+    libc::chdir(c"/".as_ptr());
+    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
+        fail_step(4);
+    }
+    if plan.lo_up {
+        if let Err(e) = bring_up_lo() {
+            report(REPORT_STEP, 5, e, 0);
+            libc::_exit(1);
+        }
+    }
+    if libc::chdir(plan.cwd.as_ptr()) != 0 {
+        fail_step(6);
+    }
+
+    // A raw clone, not fork(): glibc's fork runs atfork handlers and takes locks that another
+    // thread of the original process may have held when we were cloned.
+    let pid = libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_long, 0, 0, 0, 0);
+    if pid < 0 {
+        fail_step(7);
+    }
+    if pid == 0 {
+        step_process(plan);
+    }
+    libc::close(0);
+    libc::close(1);
+    libc::close(2);
+    // Reap everything (orphans are re-parented to us) until the step's process is gone; when
+    // we exit the kernel kills whatever is left in the pid namespace.
+    loop {
+        let mut st = 0;
+        let r = libc::waitpid(-1, &mut st, 0);
+        if r == pid as libc::pid_t {
+            if libc::WIFEXITED(st) {
+                report(REPORT_EXIT, 0, 0, libc::WEXITSTATUS(st));
+            } else if libc::WIFSIGNALED(st) {
+                report(REPORT_SIGNAL, 0, 0, libc::WTERMSIG(st));
+            }
+            libc::_exit(0);
+        }
+        if r < 0 && errno() != libc::EINTR {
+            libc::_exit(3);
+        }
+    }
+}
+
+/// The step's process, forked by init: confine it, then exec.
+unsafe fn step_process(plan: &Plan) -> ! {
+    // Rust ignores SIGPIPE in its programs; the step must get default dispositions.
+    for sig in 1..libc::SIGRTMIN() {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    let mut empty: libc::sigset_t = std::mem::zeroed();
+    libc::sigemptyset(&mut empty);
+    libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+    libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+
+    for (res, lim) in &plan.rlimits {
+        if libc::setrlimit(*res, lim) != 0 {
+            fail_step(8);
+        }
+    }
+    if plan.sandbox {
+        for cap in 0..=plan.last_cap {
+            if plan.cap_keep & (1u64 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                && errno() != libc::EINVAL
+            {
+                fail_step(9);
+            }
+        }
+        let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+        let data = [
+            CapData { effective: plan.cap_keep as u32, permitted: plan.cap_keep as u32, inheritable: 0 },
+            CapData {
+                effective: (plan.cap_keep >> 32) as u32,
+                permitted: (plan.cap_keep >> 32) as u32,
+                inheritable: 0,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
+            fail_step(10);
+        }
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail_step(11);
+        }
+        for prog in &plan.seccomp {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as libc::c_ushort,
+                filter: prog.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog) != 0 {
+                fail_step(12);
+            }
+        }
+    }
+    // User and groups last, with raw syscalls (glibc's wrappers would try to sync threads that
+    // only existed in the process we were cloned from). Leaving uid 0 without KEEPCAPS clears
+    // the permitted and effective sets, as Docker does for non-root users.
+    if libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0 {
+        fail_step(13);
+    }
+    if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {
+        fail_step(14);
+    }
+    if libc::syscall(libc::SYS_setuid, plan.uid) != 0 {
+        fail_step(15);
+    }
+    libc::execve(plan.exe.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+    report(REPORT_STEP, 16, errno(), 0);
+    libc::_exit(127)
+}
+
+// ---- parent side ----
+
+fn open_devnull() -> Result<OwnedFd, ExecError> {
+    std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| ExecError::Spawn {
+        what: "opening /dev/null",
+        source: e,
+    })
+}
+
+impl Executor for NamespaceExecutor {
+    fn run(
+        &self,
+        spec: &ExecSpec,
+        sink: &mut dyn OutputSink,
+        cancel: &CancelToken,
+    ) -> Result<ExitStatus, ExecError> {
+        if cancel.is_cancelled() {
+            return Err(ExecError::Cancelled);
+        }
+        let mut prep = prepare(spec)?;
+        let result = (|| {
+            let scratch = ScratchDir::new(&std::env::temp_dir())?;
+            let plan = build_plan(spec, &prep, &scratch.path)?;
+            run_plan(&plan, &prep, sink, cancel)
+        })();
+        let cleaned = prep.stubs.remove().map_err(|e| ExecError::Prepare {
+            what: "removing mount points from the rootfs",
+            path: prep.root.clone(),
+            source: e,
+        });
+        let status = result?;
+        cleaned?;
+        Ok(status)
+    }
+}
+
+fn run_plan(
+    plan: &Plan,
+    prep: &Prepared,
+    sink: &mut dyn OutputSink,
+    cancel: &CancelToken,
+) -> Result<ExitStatus, ExecError> {
+    let (out_r, out_w) = cloexec_pipe()?;
+    let (err_r, err_w) = cloexec_pipe()?;
+    let (rep_r, rep_w) = cloexec_pipe()?;
+    let devnull = open_devnull()?;
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    if plan.lo_up {
+        flags |= libc::CLONE_NEWNET;
+    }
+    let stdio = [devnull.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let rep_fd = rep_w.as_raw_fd();
+    // SAFETY: the child only runs async-signal-safe code over data prepared above and
+    // never returns (container_init ends in _exit or exec).
+    let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_long, 0, 0, 0, 0) };
+    if pid == 0 {
+        unsafe { container_init(plan, stdio, rep_fd) };
+    }
+    if pid < 0 {
+        return Err(ExecError::Spawn {
+            what: "cloning into new namespaces",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let pid = pid as libc::pid_t;
+    drop((out_w, err_w, rep_w, devnull));
+    let mut kill = || {
+        // Killing the namespace's pid 1 makes the kernel kill every process in it.
+        // SAFETY: pid is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    };
+    let sup = supervise(pid, out_r, err_r, sink, cancel, &prep.secret_values, &mut kill)?;
+    let mut report_bytes = Vec::new();
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::from(rep_r);
+        let _ = f.read_to_end(&mut report_bytes);
+    }
+    let mut status = None;
+    for msg in report_bytes.chunks_exact(16) {
+        let v = |i: usize| i32::from_ne_bytes([msg[i * 4], msg[i * 4 + 1], msg[i * 4 + 2], msg[i * 4 + 3]]);
+        let (kind, index, err, value) = (v(0) as u32, v(1) as usize, v(2), v(3));
+        match kind {
+            REPORT_OP => {
+                let (step, path) = plan.ops.get(index).map_or(("setup", String::new()), Op::describe);
+                return Err(ExecError::Setup { step, path, source: std::io::Error::from_raw_os_error(err) });
+            }
+            REPORT_STEP => {
+                let step = STEPS.get(index).copied().unwrap_or("setup");
+                let path = match index {
+                    6 => plan.cwd.to_string_lossy().into_owned(),
+                    16 => plan.exe.to_string_lossy().into_owned(),
+                    _ => String::new(),
+                };
+                return Err(ExecError::Setup { step, path, source: std::io::Error::from_raw_os_error(err) });
+            }
+            REPORT_EXIT => status = Some(ExitStatus::Code(value)),
+            REPORT_SIGNAL => status = Some(ExitStatus::Signal(value)),
+            _ => {}
+        }
+    }
+    if sup.cancelled {
+        return Err(ExecError::Cancelled);
+    }
+    status.ok_or_else(|| ExecError::Spawn {
+        what: "container init ended without reporting the step's status",
+        source: std::io::Error::other(format!("init wait status {:#x}", sup.wait_status)),
+    })
+}

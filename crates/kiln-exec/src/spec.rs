@@ -1,0 +1,441 @@
+//! The public description of one container run and its outcome.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// `PATH` given to the process when the caller's env has none (BuildKit's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// One process to run in a container on a prepared rootfs.
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    /// The prepared rootfs (usually an overlay mount whose upper dir becomes the layer).
+    pub rootfs: PathBuf,
+    /// Exec-form argv; `args[0]` is looked up in the container's `PATH` when it has no `/`.
+    /// Shell form is the caller's job (`["/bin/sh", "-c", line]`).
+    pub args: Vec<String>,
+    /// Environment as `(name, value)`; `PATH` defaults to [`DEFAULT_PATH`].
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the container; created (owned by the user) when missing.
+    pub cwd: String,
+    /// Dockerfile `USER`: `name|uid[:group|gid]`, resolved in the rootfs; `None` is root.
+    pub user: Option<String>,
+    /// Hostname inside the container's UTS namespace.
+    pub hostname: String,
+    /// Host network or an isolated namespace with only `lo`.
+    pub network: Network,
+    /// `RUN --mount` entries, mounted in order.
+    pub mounts: Vec<MountSpec>,
+    /// Secrets exposed as environment variables (`--mount=type=secret,env=NAME`).
+    pub secret_env: Vec<(String, Secret)>,
+    /// Sandboxed (Docker's defaults) or `--security=insecure`.
+    pub security: Security,
+    /// Resource limits; each is clamped to the executor's own hard limit, never raised above it.
+    pub rlimits: Vec<Rlimit>,
+}
+
+impl ExecSpec {
+    /// A spec with Docker's defaults: root user, cwd `/`, host network, sandboxed, no mounts.
+    pub fn new(rootfs: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        ExecSpec {
+            rootfs: rootfs.into(),
+            args,
+            env: Vec::new(),
+            cwd: "/".to_string(),
+            user: None,
+            hostname: "kiln".to_string(),
+            network: Network::Host,
+            mounts: Vec::new(),
+            secret_env: Vec::new(),
+            security: Security::Sandbox,
+            rlimits: vec![Rlimit {
+                resource: RlimitResource::Nofile,
+                soft: 1024,
+                hard: 1_048_576,
+            }],
+        }
+    }
+}
+
+/// Network mode of a step (`RUN --network=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Network {
+    /// The host's network namespace (BuildKit's default for the host worker).
+    Host,
+    /// A fresh network namespace with only the loopback interface, brought up.
+    None,
+}
+
+/// Security mode of a step (`RUN --security=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Docker's default capability set, seccomp profile, masked and read-only paths.
+    Sandbox,
+    /// All capabilities, no seccomp, no masked paths (`--security=insecure`).
+    Insecure,
+}
+
+/// A resource limit applied to the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    /// Which limit.
+    pub resource: RlimitResource,
+    /// Soft limit wanted (clamped to the hard limit).
+    pub soft: u64,
+    /// Hard limit wanted (clamped to the executor's own hard limit).
+    pub hard: u64,
+}
+
+/// The limits kiln lets a step set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlimitResource {
+    /// Open files (`RLIMIT_NOFILE`).
+    Nofile,
+    /// Processes (`RLIMIT_NPROC`).
+    Nproc,
+    /// Core file size (`RLIMIT_CORE`).
+    Core,
+    /// Stack size (`RLIMIT_STACK`).
+    Stack,
+}
+
+impl RlimitResource {
+    pub(crate) fn raw(self) -> libc::__rlimit_resource_t {
+        match self {
+            RlimitResource::Nofile => libc::RLIMIT_NOFILE,
+            RlimitResource::Nproc => libc::RLIMIT_NPROC,
+            RlimitResource::Core => libc::RLIMIT_CORE,
+            RlimitResource::Stack => libc::RLIMIT_STACK,
+        }
+    }
+
+    pub(crate) fn oci_name(self) -> &'static str {
+        match self {
+            RlimitResource::Nofile => "RLIMIT_NOFILE",
+            RlimitResource::Nproc => "RLIMIT_NPROC",
+            RlimitResource::Core => "RLIMIT_CORE",
+            RlimitResource::Stack => "RLIMIT_STACK",
+        }
+    }
+}
+
+/// One `RUN --mount` entry.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    /// Absolute path inside the container.
+    pub target: String,
+    /// What is mounted there.
+    pub kind: MountKind,
+}
+
+impl MountSpec {
+    /// A secret file at `target`, or `/run/secrets/<id>` when `target` is `None`, mode 0400, root-owned.
+    pub fn secret(id: &str, target: Option<&str>, data: Secret) -> Self {
+        MountSpec {
+            target: target.map_or_else(|| format!("/run/secrets/{id}"), str::to_string),
+            kind: MountKind::Secret {
+                data,
+                mode: 0o400,
+                uid: 0,
+                gid: 0,
+            },
+        }
+    }
+}
+
+/// The kinds of `RUN --mount`.
+#[derive(Debug, Clone)]
+pub enum MountKind {
+    /// A host directory (a stage's or the context's snapshot). Read-only unless `readwrite`;
+    /// writes to a read-write bind land on a throwaway overlay, never in `source`.
+    Bind {
+        /// Host directory or file.
+        source: PathBuf,
+        /// `rw`: writable, but the writes are discarded after the step.
+        readwrite: bool,
+    },
+    /// A cache directory handed out by [`crate::CacheMounts`]; writes persist.
+    Cache {
+        /// The host path from [`crate::CacheMount::path`].
+        source: PathBuf,
+    },
+    /// A fresh tmpfs.
+    Tmpfs {
+        /// Size limit in bytes (`None`: the kernel's default, half of RAM).
+        size: Option<u64>,
+    },
+    /// Secret bytes in a file on a private tmpfs.
+    Secret {
+        /// The secret.
+        data: Secret,
+        /// File mode (default 0400).
+        mode: u32,
+        /// File owner.
+        uid: u32,
+        /// File group.
+        gid: u32,
+    },
+    /// `type=ssh`: not supported; running a spec with it fails with [`ExecError::Unsupported`].
+    Ssh,
+}
+
+/// Secret bytes. `Debug` never shows them; they are zeroed on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// Wraps secret bytes.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        Secret(bytes.into())
+    }
+
+    /// The secret bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // Volatile so the zeroing is not optimised away.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// True for exit code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// Which output stream a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    /// The process's stdout.
+    Stdout,
+    /// The process's stderr.
+    Stderr,
+}
+
+/// One line of process output (without its `\n`; lines over 64 KiB are split).
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLine<'a> {
+    /// The stream.
+    pub stream: OutputStream,
+    /// The line's bytes, with any secret value replaced by `****`.
+    pub bytes: &'a [u8],
+    /// When kiln read it.
+    pub at: SystemTime,
+    /// True when the process printed a secret value and kiln replaced it.
+    pub secret_redacted: bool,
+}
+
+/// Receives the process's output line by line, in order per stream.
+pub trait OutputSink {
+    /// Called for each line.
+    fn line(&mut self, line: OutputLine<'_>);
+}
+
+/// A sink that keeps everything in memory: handy for tests and short steps.
+#[derive(Debug, Default, Clone)]
+pub struct CollectedOutput {
+    /// Stdout lines.
+    pub stdout: Vec<Vec<u8>>,
+    /// Stderr lines.
+    pub stderr: Vec<Vec<u8>>,
+    /// True when any line had a secret replaced.
+    pub secret_redacted: bool,
+}
+
+impl CollectedOutput {
+    /// Stdout as text, lines joined with `\n`.
+    pub fn stdout_text(&self) -> String {
+        join_lines(&self.stdout)
+    }
+
+    /// Stderr as text, lines joined with `\n`.
+    pub fn stderr_text(&self) -> String {
+        join_lines(&self.stderr)
+    }
+}
+
+fn join_lines(lines: &[Vec<u8>]) -> String {
+    let joined: Vec<u8> = lines.join(&b'\n');
+    String::from_utf8_lossy(&joined).into_owned()
+}
+
+impl OutputSink for CollectedOutput {
+    fn line(&mut self, line: OutputLine<'_>) {
+        self.secret_redacted |= line.secret_redacted;
+        match line.stream {
+            OutputStream::Stdout => self.stdout.push(line.bytes.to_vec()),
+            OutputStream::Stderr => self.stderr.push(line.bytes.to_vec()),
+        }
+    }
+}
+
+/// Cancels runs: every run given this token (or a clone) kills its whole process tree.
+#[derive(Debug, Clone)]
+pub struct CancelToken {
+    inner: Arc<CancelInner>,
+}
+
+#[derive(Debug)]
+struct CancelInner {
+    cancelled: AtomicBool,
+    /// Becomes (and stays) readable on cancel so a run's poll loop wakes at once.
+    eventfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Default for CancelToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CancelToken {
+    /// A token that is not cancelled.
+    pub fn new() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd returns a fresh fd or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        let eventfd = (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        CancelToken {
+            inner: Arc::new(CancelInner {
+                cancelled: AtomicBool::new(false),
+                eventfd,
+            }),
+        }
+    }
+
+    /// Cancels every run using this token.
+    pub fn cancel(&self) {
+        self.inner.cancelled.store(true, Ordering::SeqCst);
+        if let Some(fd) = &self.inner.eventfd {
+            use std::os::fd::AsRawFd;
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// True once [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.inner.eventfd.as_ref().map(|f| f.as_raw_fd())
+    }
+}
+
+/// Why a run failed to produce an exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// The spec itself is wrong (empty argv, relative target, bad env name...).
+    #[error("invalid exec spec: {0}")]
+    InvalidSpec(String),
+    /// `USER` could not be resolved in the rootfs.
+    #[error("cannot resolve USER {user:?} in {rootfs}: {reason}")]
+    User {
+        /// The `USER` value.
+        user: String,
+        /// The rootfs searched.
+        rootfs: PathBuf,
+        /// What was missing.
+        reason: String,
+    },
+    /// The command was not found in the container's `PATH`.
+    #[error("exec: {command:?}: executable file not found in $PATH ({path}) of rootfs {rootfs}")]
+    CommandNotFound {
+        /// `args[0]`.
+        command: String,
+        /// The `PATH` searched.
+        path: String,
+        /// The rootfs searched.
+        rootfs: PathBuf,
+    },
+    /// A feature kiln does not implement.
+    #[error("{0} is not supported by kiln")]
+    Unsupported(&'static str),
+    /// Preparing the rootfs or mounts on the host failed.
+    #[error("{what} {path}: {source}")]
+    Prepare {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A container setup step failed inside the new namespaces.
+    #[error("container setup failed: {step} {path}: {source}")]
+    Setup {
+        /// The step (e.g. "mount proc").
+        step: &'static str,
+        /// Its path argument, if any.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Starting or supervising the container failed.
+    #[error("{what}: {source}")]
+    Spawn {
+        /// What failed.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `runc` failed before running the process.
+    #[error("runc failed: {0}")]
+    Runc(String),
+    /// The run was cancelled; the whole process tree was killed.
+    #[error("cancelled: the step's processes were killed")]
+    Cancelled,
+}
+
+/// Runs one [`ExecSpec`] to completion. Blocking: from async code call it in `spawn_blocking`.
+/// Implementations are safe to call from many threads at once.
+pub trait Executor: Send + Sync {
+    /// Runs the process, streaming its output to `sink`; returns how it ended.
+    fn run(
+        &self,
+        spec: &ExecSpec,
+        sink: &mut dyn OutputSink,
+        cancel: &CancelToken,
+    ) -> Result<ExitStatus, ExecError>;
+}
