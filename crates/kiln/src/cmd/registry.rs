@@ -1,14 +1,200 @@
-//! `kiln registry`.
+//! `kiln registry`: serve kiln's OCI registry, collect its garbage, issue tokens.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use kiln_registry::{Config, GcOptions};
 
 use crate::Globals;
 
 /// Arguments of `kiln registry`.
 #[derive(clap::Args)]
-pub struct RegistryArgs {}
+pub struct RegistryArgs {
+    #[command(subcommand)]
+    command: RegistryCommand,
+}
 
-/// Runs `kiln registry`.
-pub fn run(_args: RegistryArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`kiln registry` is not implemented yet")
+#[derive(clap::Subcommand)]
+enum RegistryCommand {
+    /// Serve an OCI distribution v1.1 registry
+    Serve(ServeArgs),
+    /// Delete blobs and manifests no tag reaches
+    Gc(GcArgs),
+    /// Print a bearer token signed with the registry's token key
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Listen address
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: Option<String>,
+    /// JSON configuration file with the same settings as the flags (flags win)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// PEM certificate chain for HTTPS
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require basic auth against this htpasswd file (bcrypt entries, `htpasswd -B`)
+    #[arg(long, value_name = "FILE")]
+    htpasswd: Option<PathBuf>,
+    /// Token auth: realm URL clients fetch tokens from (this server's `/token` works)
+    #[arg(long, value_name = "URL", requires = "token_key")]
+    token_realm: Option<String>,
+    /// Token auth: service name
+    #[arg(long, value_name = "NAME")]
+    token_service: Option<String>,
+    /// Token auth: file with the shared HS256 signing key (at least 16 bytes)
+    #[arg(long, value_name = "FILE", requires = "token_realm")]
+    token_key: Option<PathBuf>,
+    /// Refuse all writes
+    #[arg(long)]
+    read_only: bool,
+    /// Run garbage collection periodically, e.g. `1h`
+    #[arg(long, value_name = "DURATION", value_parser = humantime_secs)]
+    gc_interval: Option<u64>,
+    /// Grace period for content not yet referenced, e.g. `1h`
+    #[arg(long, value_name = "DURATION", value_parser = humantime_secs)]
+    gc_grace: Option<u64>,
+    /// Periodic GC also deletes untagged manifests
+    #[arg(long)]
+    gc_delete_untagged: bool,
+    /// Skip fsync (faster; still safe against process crashes, not against power loss)
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    /// Also delete manifests that no tag reaches
+    #[arg(long)]
+    delete_untagged: bool,
+    /// Print what would be deleted, delete nothing
+    #[arg(long)]
+    dry_run: bool,
+    /// Keep content younger than this, e.g. `1h`, `0s`
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime_secs)]
+    grace: u64,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// File with the shared signing key (the server's --token-key)
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Service name (the server's --token-service)
+    #[arg(long, default_value = "kiln-registry")]
+    service: String,
+    /// Subject (user name) recorded in the token
+    #[arg(long, default_value = "kiln")]
+    subject: String,
+    /// Granted scope, e.g. `repository:app:pull,push` (repeatable)
+    #[arg(long = "scope", value_name = "SCOPE", required = true)]
+    scopes: Vec<String>,
+    /// Lifetime, e.g. `1h`
+    #[arg(long, default_value = "1h", value_parser = humantime_secs)]
+    ttl: u64,
+}
+
+fn humantime_secs(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 10m, 1h"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(n * mult)
+}
+
+/// Runs `kiln registry`. The registry's storage is `<root>/registry`, where `<root>` is the
+/// global `--root` (or a config file's `root`).
+pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let default_root = globals.root.join("registry");
+    match args.command {
+        RegistryCommand::Serve(a) => serve(a, default_root),
+        RegistryCommand::Gc(a) => {
+            let root = default_root;
+            let opts = GcOptions {
+                delete_untagged: a.delete_untagged,
+                dry_run: a.dry_run,
+                grace: Duration::from_secs(a.grace),
+            };
+            let r = kiln_registry::collect_garbage(&root, &opts)
+                .with_context(|| format!("garbage collection of {}", root.display()))?;
+            let verb = if a.dry_run { "would delete" } else { "deleted" };
+            for (repo, d) in &r.manifests_deleted {
+                println!("{verb} manifest {repo}@{d}");
+            }
+            for d in &r.blobs_deleted {
+                println!("{verb} blob {d}");
+            }
+            println!(
+                "{verb} {} blobs ({} bytes) and {} manifests; kept {} blobs",
+                r.blobs_deleted.len(),
+                r.bytes_freed,
+                r.manifests_deleted.len(),
+                r.blobs_kept
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        RegistryCommand::Token(a) => {
+            let key = std::fs::read(&a.key)
+                .with_context(|| format!("reading token key {}", a.key.display()))?;
+            let mut access = Vec::new();
+            for s in &a.scopes {
+                access.push(kiln_registry::parse_scope(s).with_context(|| {
+                    format!("scope {s:?} is not TYPE:NAME:ACTIONS, e.g. repository:app:pull,push")
+                })?);
+            }
+            println!("{}", kiln_registry::issue_token(&key, &a.service, &a.subject, access, a.ttl));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn serve(a: ServeArgs, default_root: PathBuf) -> anyhow::Result<ExitCode> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::from_file(p)?,
+        None => Config { root: default_root, ..Config::default() },
+    };
+    if let Some(x) = a.addr {
+        cfg.addr = x;
+    }
+    if a.tls_cert.is_some() {
+        cfg.tls_cert = a.tls_cert;
+        cfg.tls_key = a.tls_key;
+    }
+    if a.htpasswd.is_some() {
+        cfg.htpasswd = a.htpasswd;
+    }
+    if a.token_realm.is_some() {
+        cfg.token_realm = a.token_realm;
+        cfg.token_key = a.token_key;
+    }
+    if a.token_service.is_some() {
+        cfg.token_service = a.token_service;
+    }
+    cfg.read_only |= a.read_only;
+    if let Some(x) = a.gc_interval {
+        cfg.gc_interval_secs = x;
+    }
+    if let Some(x) = a.gc_grace {
+        cfg.gc_grace_secs = x;
+    }
+    cfg.gc_delete_untagged |= a.gc_delete_untagged;
+    if a.no_fsync {
+        cfg.fsync = false;
+    }
+    kiln_registry::init_logging();
+    kiln_registry::serve_blocking(cfg, |url| eprintln!("kiln registry listening on {url}"))?;
+    Ok(ExitCode::SUCCESS)
 }

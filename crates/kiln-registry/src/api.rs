@@ -1,0 +1,1063 @@
+//! The HTTP API of the OCI distribution spec v1.1: routing and one handler per endpoint.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Seek, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Body as _, Frame, Incoming};
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Request, Response, StatusCode};
+use kiln_oci::{Algorithm, Digest, Hasher};
+
+use crate::auth::{Auth, Scope};
+use crate::error::{ApiError, Code};
+use crate::manifest;
+use crate::metrics::Metrics;
+use crate::names::{is_valid_repository, is_valid_tag};
+use crate::storage::Storage;
+
+/// Response body: small buffers or a streamed file.
+pub(crate) type Body = BoxBody<Bytes, io::Error>;
+type Resp = Result<Response<Body>, ApiError>;
+
+/// Writes are batched to this size before a blocking write + hash.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// Shared state of one running registry.
+pub(crate) struct App {
+    pub(crate) store: Storage,
+    pub(crate) read_only: bool,
+    pub(crate) max_manifest_bytes: usize,
+    pub(crate) auth: Auth,
+    pub(crate) metrics: Metrics,
+    /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
+    /// restart; the staged file is then re-hashed.
+    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>>>,
+}
+
+impl App {
+    pub(crate) fn new(
+        store: Storage,
+        read_only: bool,
+        max_manifest_bytes: usize,
+        auth: Auth,
+    ) -> App {
+        App {
+            store,
+            read_only,
+            max_manifest_bytes,
+            auth,
+            metrics: Metrics::default(),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn session(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>> {
+        let mut m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() > 10_000 {
+            // Abandoned sessions: dropping hash state only costs a re-hash later.
+            m.clear();
+        }
+        m.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn forget_session(&self, id: &str) {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn builder(status: StatusCode) -> hyper::http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header("Docker-Distribution-API-Version", "registry/2.0")
+}
+
+fn finish(b: hyper::http::response::Builder, body: Body) -> Resp {
+    b.body(body).map_err(|e| ApiError::internal("building response", e))
+}
+
+pub(crate) fn error_response(e: &ApiError, head: bool) -> Response<Body> {
+    let body = e.body();
+    let mut b = builder(e.status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let Some(c) = &e.challenge {
+        b = b.header(header::WWW_AUTHENTICATE, c);
+    }
+    b.body(if head { empty() } else { full(body) }).unwrap_or_else(|_| Response::new(empty()))
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(ApiError::internal(what, e)),
+        Err(e) => Err(ApiError::internal(what, e)),
+    }
+}
+
+// ------------------------------------------------------------------------------- routing
+
+enum Route {
+    Base,
+    Catalog,
+    Tags(String),
+    Manifest(String, String),
+    Blob(String, String),
+    UploadStart(String),
+    Upload(String, String),
+    Referrers(String, String),
+    Token,
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn query<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+fn parse_route(path: &str) -> Result<Route, ApiError> {
+    if path == "/token" || path == "/v2/token" {
+        return Ok(Route::Token);
+    }
+    let rest = match path.strip_prefix("/v2") {
+        Some("") | Some("/") => return Ok(Route::Base),
+        Some(r) => r.strip_prefix('/').ok_or_else(not_found)?,
+        None => return Err(not_found()),
+    };
+    if rest == "_catalog" {
+        return Ok(Route::Catalog);
+    }
+    let segs: Vec<String> = rest.split('/').map(percent_decode).collect();
+    let n = segs.len();
+    let name = |k: usize| -> Result<String, ApiError> {
+        let name = segs[..k].join("/");
+        if is_valid_repository(&name) {
+            Ok(name)
+        } else {
+            Err(ApiError::new(Code::NameInvalid, "invalid repository name")
+                .with_detail(serde_json::json!({ "name": name })))
+        }
+    };
+    let at = |i: usize, s: &str| segs.get(i).is_some_and(|x| x == s);
+    if n >= 3 && at(n - 2, "tags") && at(n - 1, "list") {
+        return Ok(Route::Tags(name(n - 2)?));
+    }
+    if n >= 2 && at(n - 2, "manifests") {
+        return Ok(Route::Manifest(name(n - 2)?, segs[n - 1].clone()));
+    }
+    if n >= 4 && at(n - 3, "blobs") && at(n - 2, "uploads") {
+        let id = segs[n - 1].clone();
+        return Ok(if id.is_empty() {
+            Route::UploadStart(name(n - 3)?)
+        } else {
+            Route::Upload(name(n - 3)?, id)
+        });
+    }
+    if n >= 3 && at(n - 2, "blobs") && at(n - 1, "uploads") {
+        return Ok(Route::UploadStart(name(n - 2)?));
+    }
+    if n >= 2 && at(n - 2, "blobs") {
+        return Ok(Route::Blob(name(n - 2)?, segs[n - 1].clone()));
+    }
+    if n >= 2 && at(n - 2, "referrers") {
+        return Ok(Route::Referrers(name(n - 2)?, segs[n - 1].clone()));
+    }
+    Err(not_found())
+}
+
+fn not_found() -> ApiError {
+    ApiError::new(Code::Unsupported, "unknown endpoint").with_status(StatusCode::NOT_FOUND)
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(Code::Unsupported, "method not allowed on this endpoint")
+}
+
+/// Handles one request; never fails (errors become spec error bodies).
+pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let bytes_in = req.body().size_hint().exact().unwrap_or(0);
+    let head = method == Method::HEAD;
+    let resp = match dispatch(&app, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e, head),
+    };
+    let status = resp.status().as_u16();
+    let bytes_out = resp.body().size_hint().exact().unwrap_or_else(|| {
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0)
+    });
+    let elapsed = start.elapsed();
+    app.metrics.observe(method.as_str(), status, bytes_in, bytes_out, elapsed);
+    tracing::info!(
+        target: "kiln_registry::access",
+        "{method} {path} {status} in={bytes_in} out={bytes_out} {:.3}ms",
+        elapsed.as_secs_f64() * 1000.0
+    );
+    resp
+}
+
+async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_owned();
+    if path == "/metrics" {
+        return metrics(app).await;
+    }
+    let route = parse_route(&path)?;
+    let method = req.method().clone();
+    let writes = !matches!(method, Method::GET | Method::HEAD);
+    let scope = match &route {
+        Route::Base | Route::Token => Scope::Base,
+        Route::Catalog => Scope::Catalog,
+        Route::Tags(n) | Route::Manifest(n, _) | Route::Blob(n, _) | Route::UploadStart(n)
+        | Route::Upload(n, _) | Route::Referrers(n, _) => Scope::Repository {
+            name: n.clone(),
+            action: match method {
+                Method::DELETE => "delete",
+                Method::GET | Method::HEAD => "pull",
+                _ => "push",
+            },
+        },
+    };
+    if let Route::Token = route {
+        return token(app, &req).await;
+    }
+    app.auth.check(req.headers(), &scope).await?;
+    if writes && app.read_only {
+        return Err(ApiError::new(Code::Unsupported, "the registry is in read-only mode")
+            .with_status(StatusCode::METHOD_NOT_ALLOWED));
+    }
+    let q = query_pairs(req.uri().query());
+    match (route, method) {
+        (Route::Base, Method::GET | Method::HEAD) => {
+            finish(builder(StatusCode::OK).header(header::CONTENT_TYPE, "application/json"), full("{}"))
+        }
+        (Route::Catalog, Method::GET) => catalog(app, &q).await,
+        (Route::Tags(n), Method::GET) => tags_list(app, n, &q).await,
+        (Route::Manifest(n, r), Method::GET) => get_manifest(app, n, r, false).await,
+        (Route::Manifest(n, r), Method::HEAD) => get_manifest(app, n, r, true).await,
+        (Route::Manifest(n, r), Method::PUT) => put_manifest(app, n, r, req).await,
+        (Route::Manifest(n, r), Method::DELETE) => delete_manifest(app, n, r).await,
+        (Route::Blob(n, d), Method::GET) => get_blob(app, n, d, req.headers(), false).await,
+        (Route::Blob(n, d), Method::HEAD) => get_blob(app, n, d, req.headers(), true).await,
+        (Route::Blob(n, d), Method::DELETE) => delete_blob(app, n, d).await,
+        (Route::UploadStart(n), Method::POST) => start_upload(app, n, &q, req).await,
+        (Route::Upload(n, id), Method::GET) => upload_status(app, n, id).await,
+        (Route::Upload(n, id), Method::PATCH) => patch_upload(app, n, id, req).await,
+        (Route::Upload(n, id), Method::PUT) => put_upload(app, n, id, &q, req).await,
+        (Route::Upload(n, id), Method::DELETE) => cancel_upload(app, n, id).await,
+        (Route::Referrers(n, d), Method::GET) => referrers(app, n, d, &q).await,
+        _ => Err(method_not_allowed()),
+    }
+}
+
+// ------------------------------------------------------------------------------- blobs
+
+fn parse_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse::<Digest>().map_err(|e| {
+        ApiError::new(Code::DigestInvalid, e.to_string())
+            .with_detail(serde_json::json!({ "digest": s }))
+    })
+}
+
+/// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n` against `size`; `None` when unsatisfiable.
+fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = v.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return None;
+        }
+        (size.saturating_sub(n), size.checked_sub(1)?)
+    } else {
+        let s: u64 = a.parse().ok()?;
+        let e: u64 = if b.is_empty() { size.checked_sub(1)? } else { b.parse().ok()? };
+        (s, e.min(size.checked_sub(1)?))
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+async fn get_blob(app: &Arc<App>, name: String, d: String, h: &HeaderMap, head: bool) -> Resp {
+    let d = parse_digest(&d)?;
+    let store = app.store.clone();
+    let (dd, n2) = (d.clone(), name.clone());
+    let size = blocking("reading blob", move || {
+        let s = store.blob_size(&n2, &dd)?;
+        if head && s.is_some() {
+            store.touch_blob(&dd);
+        }
+        Ok(s)
+    })
+    .await?
+    .ok_or_else(|| {
+        ApiError::new(Code::BlobUnknown, "blob unknown to registry")
+            .with_detail(serde_json::json!({ "digest": d.to_string() }))
+    })?;
+    let range = match h.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(r) => match parse_range(r, size) {
+            Some(x) => Some(x),
+            None => {
+                return finish(
+                    builder(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                        .header(header::CONTENT_LENGTH, 0),
+                    empty(),
+                )
+            }
+        },
+        None => None,
+    };
+    let (status, start, len) = match range {
+        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    let mut b = builder(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{d}\""))
+        .header("Docker-Content-Digest", d.to_string());
+    if let Some((s, e)) = range {
+        b = b.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{size}"));
+    }
+    if head || len == 0 {
+        return finish(b, empty());
+    }
+    let path = app.store.blob_path(&d);
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("opening blob", e))?;
+    if start > 0 {
+        use tokio::io::AsyncSeekExt;
+        file.seek(io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal("seeking blob", e))?;
+    }
+    use tokio::io::AsyncReadExt;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024);
+    let body = StreamBody::new(futures::StreamExt::map(stream, |r| r.map(Frame::data)));
+    finish(b, BodyExt::boxed(body))
+}
+
+async fn delete_blob(app: &Arc<App>, name: String, d: String) -> Resp {
+    let d = parse_digest(&d)?;
+    let store = app.store.clone();
+    let dd = d.clone();
+    if !blocking("deleting blob", move || store.unlink_blob(&name, &dd)).await? {
+        return Err(ApiError::new(Code::BlobUnknown, "blob unknown to registry")
+            .with_detail(serde_json::json!({ "digest": d.to_string() })));
+    }
+    finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
+}
+
+/// A staged file being appended to, with the running hash and byte count.
+struct Sink {
+    file: File,
+    hasher: Hasher,
+    written: u64,
+}
+
+/// Appends the request body to `sink`, hashing as it goes, in batches on blocking threads.
+/// On a body error (truncated upload, client gone) the sink holds what was written so far.
+async fn append_body(
+    mut sink: Sink,
+    mut body: Incoming,
+    app: &App,
+) -> (Sink, Result<(), String>) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut result = Ok(());
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                result = Err(format!("reading request body: {e}"));
+                break;
+            }
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    app.metrics.add_bytes_in(data.len() as u64);
+                    buf.extend_from_slice(&data);
+                    if buf.len() >= WRITE_BATCH {
+                        let chunk = std::mem::take(&mut buf);
+                        match write_chunk(sink, chunk).await {
+                            (s, Ok(())) => sink = s,
+                            (s, Err(e)) => return (s, Err(e)),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if result.is_ok() && !buf.is_empty() {
+        let (s, r) = write_chunk(sink, buf).await;
+        return (s, r);
+    }
+    (sink, result)
+}
+
+async fn write_chunk(sink: Sink, chunk: Vec<u8>) -> (Sink, Result<(), String>) {
+    // The sink moves into the blocking task and back; if the task is lost the file is only
+    // staged data, never visible.
+    let h = tokio::task::spawn_blocking(move || {
+        let mut sink = sink;
+        let r = sink.file.write_all(&chunk);
+        if r.is_ok() {
+            sink.hasher.update(&chunk);
+            sink.written += chunk.len() as u64;
+        }
+        (sink, r.map_err(|e| format!("writing upload: {e}")))
+    });
+    match h.await {
+        Ok(x) => x,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+fn upload_location(name: &str, id: &str) -> String {
+    format!("/v2/{name}/blobs/uploads/{id}")
+}
+
+fn range_header(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+fn upload_unknown(id: &str) -> ApiError {
+    ApiError::new(Code::BlobUploadUnknown, "blob upload unknown to registry")
+        .with_detail(serde_json::json!({ "uuid": id }))
+}
+
+fn blob_created(name: &str, d: &Digest) -> Resp {
+    finish(
+        builder(StatusCode::CREATED)
+            .header(header::LOCATION, format!("/v2/{name}/blobs/{d}"))
+            .header("Docker-Content-Digest", d.to_string())
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+async fn start_upload(
+    app: &Arc<App>,
+    name: String,
+    q: &[(String, String)],
+    req: Request<Incoming>,
+) -> Resp {
+    if let (Some(mount), Some(from)) = (query(q, "mount"), query(q, "from")) {
+        let d = parse_digest(mount)?;
+        // The source must be readable by this client too.
+        let from_ok = is_valid_repository(from)
+            && app
+                .auth
+                .check(req.headers(), &Scope::Repository { name: from.to_owned(), action: "pull" })
+                .await
+                .is_ok();
+        if from_ok {
+            let (store, from, to, dd) = (app.store.clone(), from.to_owned(), name.clone(), d.clone());
+            if blocking("mounting blob", move || store.mount_blob(&from, &to, &dd)).await? {
+                return blob_created(&name, &d);
+            }
+        }
+    } else if let Some(digest) = query(q, "digest") {
+        let d = parse_digest(digest)?;
+        return monolithic_upload(app, name, d, req.into_body()).await;
+    }
+    let store = app.store.clone();
+    let n2 = name.clone();
+    let id = blocking("creating upload", move || store.create_upload(&n2)).await?;
+    finish(
+        builder(StatusCode::ACCEPTED)
+            .header(header::LOCATION, upload_location(&name, &id))
+            .header(header::RANGE, "0-0")
+            .header("Docker-Upload-UUID", &id)
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+async fn monolithic_upload(app: &Arc<App>, name: String, d: Digest, body: Incoming) -> Resp {
+    let store = app.store.clone();
+    let n2 = name.clone();
+    let (id, file) = blocking("creating upload", move || store.create_temp_upload(&n2)).await?;
+    let sink = Sink { file, hasher: Hasher::new(d.algorithm()), written: 0 };
+    let (sink, r) = append_body(sink, body, app).await;
+    let store = app.store.clone();
+    let remove = {
+        let (store, name, id) = (store.clone(), name.clone(), id.clone());
+        move || {
+            store.delete_upload(&name, &id)?;
+            Ok(())
+        }
+    };
+    if let Err(e) = r {
+        blocking("discarding upload", remove).await?;
+        return Err(ApiError::new(Code::BlobUploadInvalid, e));
+    }
+    let got = sink.hasher.finish();
+    if got != d {
+        blocking("discarding upload", remove).await?;
+        return Err(ApiError::new(Code::DigestInvalid, "provided digest did not match uploaded content")
+            .with_detail(serde_json::json!({ "expected": d.to_string(), "actual": got.to_string() })));
+    }
+    let (n2, dd) = (name.clone(), d.clone());
+    let file = sink.file;
+    blocking("committing blob", move || store.commit_upload(&n2, &id, file, &dd)).await?;
+    blob_created(&name, &d)
+}
+
+async fn upload_status(app: &Arc<App>, name: String, id: String) -> Resp {
+    let store = app.store.clone();
+    let (n2, i2) = (name.clone(), id.clone());
+    let size = blocking("reading upload", move || store.upload_size(&n2, &i2))
+        .await?
+        .ok_or_else(|| upload_unknown(&id))?;
+    finish(
+        builder(StatusCode::NO_CONTENT)
+            .header(header::LOCATION, upload_location(&name, &id))
+            .header(header::RANGE, range_header(size))
+            .header("Docker-Upload-UUID", &id)
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+/// Parses a `Content-Range` of an upload chunk: `<start>-<end>` (optionally `bytes `-prefixed).
+fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+    let v = v.trim();
+    let v = v.strip_prefix("bytes=").or_else(|| v.strip_prefix("bytes ")).unwrap_or(v);
+    let v = v.split('/').next()?;
+    let (a, b) = v.split_once('-')?;
+    let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
+/// Opens an upload, checks a chunk's `Content-Range` against its size, and returns a sink
+/// positioned at the end with the sha256 state (re-hashed if the server lost it).
+async fn open_sink(
+    app: &Arc<App>,
+    name: &str,
+    id: &str,
+    state: &mut Option<(u64, Hasher)>,
+    headers: &HeaderMap,
+) -> Result<Sink, ApiError> {
+    let store = app.store.clone();
+    let (n2, i2) = (name.to_owned(), id.to_owned());
+    let (mut file, size) = blocking("opening upload", move || store.open_upload(&n2, &i2))
+        .await?
+        .ok_or_else(|| upload_unknown(id))?;
+    if let Some(cr) = headers.get(header::CONTENT_RANGE) {
+        let cr = cr.to_str().ok().and_then(parse_content_range);
+        let len: Option<u64> =
+            headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        let ok = match cr {
+            Some((s, e)) => s == size && len.is_none_or(|l| l == e - s + 1),
+            None => false,
+        };
+        if !ok {
+            return Err(ApiError::new(
+                Code::BlobUploadInvalid,
+                format!("chunk out of order: the upload has {size} bytes; the next chunk must start there"),
+            )
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .with_detail(serde_json::json!({ "size": size })));
+        }
+    }
+    let hasher = match state.take() {
+        Some((off, h)) if off == size => h,
+        _ => {
+            let (f, h) = blocking("hashing upload", move || {
+                let mut h = Hasher::new(Algorithm::Sha256);
+                file.seek(io::SeekFrom::Start(0))?;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = io::Read::read(&mut file, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+                Ok((file, h))
+            })
+            .await?;
+            file = f;
+            h
+        }
+    };
+    Ok(Sink { file, hasher, written: size })
+}
+
+/// Appends the body; on failure cuts the staged file back to where the chunk started so a
+/// truncated chunk leaves the upload resumable from its last good size.
+async fn append_or_rollback(
+    app: &Arc<App>,
+    sink: Sink,
+    body: Incoming,
+) -> Result<Sink, ApiError> {
+    let start = sink.written;
+    let saved = sink.hasher.clone();
+    let (mut sink, r) = append_body(sink, body, app).await;
+    if let Err(e) = r {
+        let file = sink.file;
+        let _ = blocking("rolling back chunk", move || file.set_len(start)).await;
+        drop(saved);
+        return Err(ApiError::new(Code::BlobUploadInvalid, e));
+    }
+    sink.written = sink.file.metadata().map(|m| m.len()).unwrap_or(sink.written);
+    Ok(sink)
+}
+
+async fn patch_upload(app: &Arc<App>, name: String, id: String, req: Request<Incoming>) -> Resp {
+    let session = app.session(&id);
+    let mut state = session.lock().await;
+    let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
+    let sink = append_or_rollback(app, sink, req.into_body()).await?;
+    let size = sink.written;
+    *state = Some((size, sink.hasher));
+    finish(
+        builder(StatusCode::ACCEPTED)
+            .header(header::LOCATION, upload_location(&name, &id))
+            .header(header::RANGE, range_header(size))
+            .header("Docker-Upload-UUID", &id)
+            .header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
+}
+
+async fn put_upload(
+    app: &Arc<App>,
+    name: String,
+    id: String,
+    q: &[(String, String)],
+    req: Request<Incoming>,
+) -> Resp {
+    let session = app.session(&id);
+    let mut state = session.lock().await;
+    let d = parse_digest(query(q, "digest").unwrap_or(""))?;
+    let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
+    let sink = append_or_rollback(app, sink, req.into_body()).await?;
+    let Sink { mut file, hasher, written } = sink;
+    let got = if d.algorithm() == Algorithm::Sha256 {
+        hasher.finish()
+    } else {
+        let alg = d.algorithm();
+        let (f, got) = blocking("hashing upload", move || {
+            let got = Storage::hash_file(&mut file, alg)?;
+            Ok((file, got))
+        })
+        .await?;
+        file = f;
+        got
+    };
+    let store = app.store.clone();
+    if got != d {
+        // The upload stays open at its current size so the client may retry the PUT.
+        *state = None;
+        return Err(ApiError::new(Code::DigestInvalid, "provided digest did not match uploaded content")
+            .with_detail(serde_json::json!({
+                "expected": d.to_string(), "actual": got.to_string(), "size": written
+            })));
+    }
+    let (n2, i2, dd) = (name.clone(), id.clone(), d.clone());
+    blocking("committing blob", move || store.commit_upload(&n2, &i2, file, &dd)).await?;
+    drop(state);
+    app.forget_session(&id);
+    blob_created(&name, &d)
+}
+
+async fn cancel_upload(app: &Arc<App>, name: String, id: String) -> Resp {
+    let session = app.session(&id);
+    let _state = session.lock().await;
+    let store = app.store.clone();
+    let i2 = id.clone();
+    let found = blocking("cancelling upload", move || store.delete_upload(&name, &i2)).await?;
+    app.forget_session(&id);
+    if !found {
+        return Err(upload_unknown(&id));
+    }
+    finish(builder(StatusCode::NO_CONTENT).header(header::CONTENT_LENGTH, 0), empty())
+}
+
+// ------------------------------------------------------------------------------- manifests
+
+fn manifest_unknown(reference: &str) -> ApiError {
+    ApiError::new(Code::ManifestUnknown, "manifest unknown to registry")
+        .with_detail(serde_json::json!({ "reference": reference }))
+}
+
+fn check_reference(reference: &str) -> Result<(), ApiError> {
+    if reference.contains(':') {
+        parse_digest(reference).map(|_| ())
+    } else if is_valid_tag(reference) {
+        Ok(())
+    } else {
+        Err(ApiError::new(Code::TagInvalid, "invalid tag")
+            .with_detail(serde_json::json!({ "tag": reference })))
+    }
+}
+
+async fn get_manifest(app: &Arc<App>, name: String, reference: String, head: bool) -> Resp {
+    check_reference(&reference).map_err(|e| {
+        if head { manifest_unknown(&reference) } else { e }
+    })?;
+    let store = app.store.clone();
+    let r2 = reference.clone();
+    let m = if head {
+        blocking("reading manifest", move || {
+            let Some(d) = store.resolve(&name, &r2)? else { return Ok(None) };
+            let Some(mt) = store.manifest_media_type(&name, &d)? else { return Ok(None) };
+            match std::fs::metadata(store.blob_path(&d)) {
+                Ok(md) => Ok(Some((d, mt, md.len(), None))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        })
+        .await?
+    } else {
+        blocking("reading manifest", move || {
+            Ok(store
+                .read_manifest(&name, &r2)?
+                .map(|m| (m.digest, m.media_type, m.bytes.len() as u64, Some(m.bytes))))
+        })
+        .await?
+    };
+    let (d, mt, len, bytes) = m.ok_or_else(|| manifest_unknown(&reference))?;
+    let b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, mt)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ETAG, format!("\"{d}\""))
+        .header("Docker-Content-Digest", d.to_string());
+    match bytes {
+        Some(b2) => finish(b, full(b2)),
+        None => finish(b, empty()),
+    }
+}
+
+async fn read_limited(body: Incoming, limit: usize, app: &App) -> Result<Vec<u8>, ApiError> {
+    let too_big = || {
+        ApiError::new(Code::SizeInvalid, format!("manifest exceeds the {limit} byte limit"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_big());
+    }
+    let mut body = body;
+    let mut out = Vec::new();
+    while let Some(f) = body.frame().await {
+        let f = f.map_err(|e| ApiError::new(Code::ManifestInvalid, format!("reading body: {e}")))?;
+        if let Ok(d) = f.into_data() {
+            app.metrics.add_bytes_in(d.len() as u64);
+            if out.len() + d.len() > limit {
+                return Err(too_big());
+            }
+            out.extend_from_slice(&d);
+        }
+    }
+    Ok(out)
+}
+
+async fn put_manifest(app: &Arc<App>, name: String, reference: String, req: Request<Incoming>) -> Resp {
+    check_reference(&reference)?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
+        .filter(|s| !s.is_empty());
+    let bytes = read_limited(req.into_body(), app.max_manifest_bytes, app).await?;
+    let refs = manifest::parse(&bytes).map_err(|reason| {
+        ApiError::new(Code::ManifestInvalid, "manifest invalid")
+            .with_detail(serde_json::json!({ "reason": reason }))
+    })?;
+    let media_type = match (&content_type, &refs.media_type) {
+        (Some(ct), Some(mt)) if ct != mt => {
+            return Err(ApiError::new(Code::ManifestInvalid, "manifest invalid").with_detail(
+                serde_json::json!({ "reason": format!("Content-Type {ct} differs from the manifest's mediaType {mt}") }),
+            ))
+        }
+        (Some(ct), _) => ct.clone(),
+        (None, Some(mt)) => mt.clone(),
+        (None, None) => {
+            if refs.manifests.is_empty() {
+                manifest::OCI_MANIFEST.to_owned()
+            } else {
+                manifest::OCI_INDEX.to_owned()
+            }
+        }
+    };
+    let (digest, tag) = if reference.contains(':') {
+        let want = parse_digest(&reference)?;
+        let got = Digest::of(want.algorithm(), &bytes);
+        if got != want {
+            return Err(ApiError::new(Code::DigestInvalid, "manifest digest did not match the reference")
+                .with_detail(serde_json::json!({ "expected": want.to_string(), "actual": got.to_string() })));
+        }
+        (want, None)
+    } else {
+        (Digest::sha256_of(&bytes), Some(reference.clone()))
+    };
+    let referrer = refs.subject.as_ref().map(|s| {
+        let mut desc = serde_json::json!({
+            "mediaType": media_type, "digest": digest.to_string(), "size": bytes.len(),
+        });
+        if let Some(at) = &refs.artifact_type {
+            desc["artifactType"] = serde_json::Value::String(at.clone());
+        }
+        if let Some(a) = &refs.annotations {
+            desc["annotations"] = a.clone();
+        }
+        (s.clone(), serde_json::to_vec(&desc).unwrap_or_default())
+    });
+    let store = app.store.clone();
+    let (n2, d2, mt2) = (name.clone(), digest.clone(), media_type.clone());
+    let subject = refs.subject.clone();
+    let missing = blocking("storing manifest", move || {
+        let _lock = store.gc_lock(false)?;
+        for b in &refs.blobs {
+            if store.blob_size(&n2, b)?.is_none() {
+                return Ok(Some(b.clone()));
+            }
+        }
+        for m in &refs.manifests {
+            if !store.has_manifest(&n2, m)? {
+                return Ok(Some(m.clone()));
+            }
+        }
+        let r = referrer.as_ref().map(|(s, d)| (s, d.as_slice()));
+        store.put_manifest(&n2, &d2, &mt2, &bytes, tag.as_deref(), r)?;
+        Ok(None)
+    })
+    .await?;
+    if let Some(m) = missing {
+        return Err(ApiError::new(Code::ManifestBlobUnknown, "manifest references a blob unknown to the repository")
+            .with_detail(serde_json::json!({ "digest": m.to_string() })));
+    }
+    let mut b = builder(StatusCode::CREATED)
+        .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
+        .header("Docker-Content-Digest", digest.to_string())
+        .header(header::CONTENT_LENGTH, 0);
+    if let Some(s) = subject {
+        b = b.header("OCI-Subject", s.to_string());
+    }
+    finish(b, empty())
+}
+
+async fn delete_manifest(app: &Arc<App>, name: String, reference: String) -> Resp {
+    check_reference(&reference)?;
+    let store = app.store.clone();
+    let r2 = reference.clone();
+    let found = blocking("deleting manifest", move || {
+        if r2.contains(':') {
+            let d: Digest = r2.parse().map_err(io::Error::other)?;
+            store.delete_manifest(&name, &d)
+        } else {
+            store.delete_tag(&name, &r2)
+        }
+    })
+    .await?;
+    if !found {
+        return Err(manifest_unknown(&reference));
+    }
+    finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
+}
+
+// ------------------------------------------------------------------------------- discovery
+
+/// Applies `n`/`last` to a sorted list; returns the page and whether more follow.
+fn paginate(all: Vec<String>, q: &[(String, String)]) -> Result<(Vec<String>, Option<usize>, bool), ApiError> {
+    let n = match query(q, "n") {
+        None | Some("") => None,
+        Some(v) => Some(v.parse::<usize>().map_err(|_| {
+            ApiError::new(Code::Unsupported, "n must be a non-negative integer")
+                .with_status(StatusCode::BAD_REQUEST)
+        })?),
+    };
+    let mut items: Vec<String> = match query(q, "last").filter(|l| !l.is_empty()) {
+        Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),
+        None => all,
+    };
+    let more = n.is_some_and(|n| items.len() > n);
+    if let Some(n) = n {
+        items.truncate(n);
+    }
+    Ok((items, n, more))
+}
+
+fn link_header(path: &str, n: Option<usize>, last: Option<&String>) -> Option<String> {
+    let (n, last) = (n?, last?);
+    Some(format!("<{path}?n={n}&last={last}>; rel=\"next\""))
+}
+
+async fn tags_list(app: &Arc<App>, name: String, q: &[(String, String)]) -> Resp {
+    let store = app.store.clone();
+    let n2 = name.clone();
+    let tags = blocking("listing tags", move || store.tags(&n2)).await?.ok_or_else(|| {
+        ApiError::new(Code::NameUnknown, "repository name not known to registry")
+            .with_detail(serde_json::json!({ "name": name }))
+    })?;
+    let (page, n, more) = paginate(tags, q)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": page }))
+        .map_err(|e| ApiError::internal("encoding tags", e))?;
+    let mut b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if more {
+        if let Some(l) = link_header(&format!("/v2/{name}/tags/list"), n, page.last()) {
+            b = b.header(header::LINK, l);
+        }
+    }
+    finish(b, full(body))
+}
+
+async fn catalog(app: &Arc<App>, q: &[(String, String)]) -> Resp {
+    let store = app.store.clone();
+    let repos = blocking("listing repositories", move || store.repositories()).await?;
+    let (page, n, more) = paginate(repos, q)?;
+    let body = serde_json::to_vec(&serde_json::json!({ "repositories": page }))
+        .map_err(|e| ApiError::internal("encoding catalog", e))?;
+    let mut b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if more {
+        if let Some(l) = link_header("/v2/_catalog", n, page.last()) {
+            b = b.header(header::LINK, l);
+        }
+    }
+    finish(b, full(body))
+}
+
+async fn referrers(app: &Arc<App>, name: String, d: String, q: &[(String, String)]) -> Resp {
+    let d = parse_digest(&d)?;
+    let filter = query(q, "artifactType").filter(|s| !s.is_empty()).map(str::to_owned);
+    let store = app.store.clone();
+    let entries = blocking("listing referrers", move || store.referrers(&name, &d)).await?;
+    let mut manifests = Vec::new();
+    for e in entries {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e) else { continue };
+        if let Some(f) = &filter {
+            if v.get("artifactType").and_then(|a| a.as_str()) != Some(f.as_str()) {
+                continue;
+            }
+        }
+        manifests.push(v);
+    }
+    let body = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": manifest::OCI_INDEX, "manifests": manifests
+    }))
+    .map_err(|e| ApiError::internal("encoding referrers", e))?;
+    let mut b = builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, manifest::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, body.len());
+    if filter.is_some() {
+        b = b.header("OCI-Filters-Applied", "artifactType");
+    }
+    finish(b, full(body))
+}
+
+// ------------------------------------------------------------------------------- extras
+
+async fn metrics(app: &Arc<App>) -> Resp {
+    let store = app.store.clone();
+    let size = blocking("measuring storage", move || Ok(store.blob_store_size())).await?;
+    let text = app.metrics.render(size);
+    finish(
+        builder(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .header(header::CONTENT_LENGTH, text.len()),
+        full(text),
+    )
+}
+
+async fn token(app: &Arc<App>, req: &Request<Incoming>) -> Resp {
+    let q = query_pairs(req.uri().query());
+    let scopes: Vec<&str> = q.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
+    let token = app.auth.issue_for_request(req.headers(), &scopes).await?;
+    let body = serde_json::to_vec(&serde_json::json!({ "token": token, "access_token": token, "expires_in": 3600 }))
+        .map_err(|e| ApiError::internal("encoding token", e))?;
+    finish(
+        builder(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, body.len()),
+        full(body),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_follow_rfc9110() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=9-1", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+
+    #[test]
+    fn routes_split_nested_names_from_the_endpoint() {
+        assert!(matches!(parse_route("/v2/").unwrap(), Route::Base));
+        match parse_route("/v2/a/blobs/b/manifests/latest").unwrap() {
+            Route::Manifest(n, r) => assert_eq!((n.as_str(), r.as_str()), ("a/blobs/b", "latest")),
+            _ => panic!("wrong route"),
+        }
+        match parse_route("/v2/x/y/blobs/uploads/").unwrap() {
+            Route::UploadStart(n) => assert_eq!(n, "x/y"),
+            _ => panic!("wrong route"),
+        }
+        assert!(parse_route("/v2/../etc/manifests/x").is_err());
+        assert!(parse_route("/v2/a/%2e%2e/manifests/x").is_err());
+    }
+}
