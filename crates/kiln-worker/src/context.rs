@@ -1,0 +1,380 @@
+//! The local build context: a walk of the directory honouring `.dockerignore`, with every
+//! regular file's sha256 — hashed in parallel, and skipped when a stat cache says the file
+//! has not changed since the last build (same inode, size, mtime and ctime).
+//!
+//! Keys derived from the context use file content, mode and ownership, never mtimes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use kiln_oci::{Algorithm, Digest, Hasher};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Why the context could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("cannot read build context {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("build context {0} is not a directory")]
+    NotADirectory(PathBuf),
+}
+
+/// What kind of entry a context path is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum EntryKind {
+    Dir,
+    File { size: u64, digest: Digest },
+    Symlink { target: String },
+}
+
+/// One path of the context, relative to its root, with `/` separators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextEntry {
+    pub kind: EntryKind,
+    /// Permission bits and setuid/setgid/sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A hashed build context: every path that survived `.dockerignore`, in sorted order.
+#[derive(Debug, Clone)]
+pub struct ContextIndex {
+    root: PathBuf,
+    entries: BTreeMap<String, ContextEntry>,
+    /// Files hashed this time (not found unchanged in the stat cache).
+    pub hashed_files: usize,
+}
+
+/// The stat fields that must all match for a cached file digest to be reused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatStamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl StatStamp {
+    fn of(m: &fs::Metadata) -> Self {
+        StatStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct StatCache {
+    files: BTreeMap<String, (StatStamp, Digest)>,
+}
+
+impl ContextIndex {
+    /// Walks and hashes `root`. `excluded(path, is_dir)` says whether a relative path is
+    /// left out (`.dockerignore`); an excluded directory is still entered when
+    /// `may_reinclude` says an exception pattern could bring back something below it.
+    /// `stat_cache` is a file where digests of unchanged files are remembered between builds.
+    pub fn scan(
+        root: &Path,
+        excluded: &(dyn Fn(&str, bool) -> bool + Sync),
+        may_reinclude: &(dyn Fn(&str) -> bool + Sync),
+        stat_cache: Option<&Path>,
+    ) -> Result<Self, ContextError> {
+        let io_err = |path: &Path, source| ContextError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = fs::metadata(root).map_err(|e| io_err(root, e))?;
+        if !meta.is_dir() {
+            return Err(ContextError::NotADirectory(root.to_owned()));
+        }
+        let cache: StatCache = stat_cache
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+
+        // Walk first (cheap, sequential), then hash the files that need it in parallel.
+        let mut listed: Vec<(String, fs::Metadata, PathBuf)> = Vec::new();
+        let mut walker = walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .sort_by_file_name()
+            .into_iter();
+        while let Some(item) = walker.next() {
+            let item = item.map_err(|e| {
+                let path = e.path().unwrap_or(root).to_owned();
+                ContextError::Io {
+                    path,
+                    source: e.into(),
+                }
+            })?;
+            if item.depth() == 0 {
+                continue;
+            }
+            let rel = relative(root, item.path());
+            let is_dir = item.file_type().is_dir();
+            if excluded(&rel, is_dir) {
+                if is_dir && !may_reinclude(&rel) {
+                    walker.skip_current_dir();
+                }
+                continue;
+            }
+            let m = item.metadata().map_err(|e| io_err(item.path(), e.into()))?;
+            listed.push((rel, m, item.path().to_owned()));
+        }
+
+        let hashed: Vec<
+            Result<(String, ContextEntry, Option<(StatStamp, Digest)>, bool), ContextError>,
+        > = listed
+            .into_par_iter()
+            .map(|(rel, m, path)| {
+                let ft = m.file_type();
+                let (kind, stamp, fresh) = if ft.is_dir() {
+                    (EntryKind::Dir, None, false)
+                } else if ft.is_symlink() {
+                    let target = fs::read_link(&path).map_err(|e| io_err(&path, e))?;
+                    (
+                        EntryKind::Symlink {
+                            target: target.to_string_lossy().into_owned(),
+                        },
+                        None,
+                        false,
+                    )
+                } else if ft.is_file() {
+                    let stamp = StatStamp::of(&m);
+                    let (digest, fresh) = match cache.files.get(&rel) {
+                        Some((s, d)) if *s == stamp => (d.clone(), false),
+                        _ => (hash_file(&path).map_err(|e| io_err(&path, e))?, true),
+                    };
+                    let kind = EntryKind::File {
+                        size: m.size(),
+                        digest: digest.clone(),
+                    };
+                    (kind, Some((stamp, digest)), fresh)
+                } else {
+                    // Sockets, fifos and devices are not sent as part of a context.
+                    return Ok((
+                        rel,
+                        ContextEntry {
+                            kind: EntryKind::Dir,
+                            mode: u32::MAX,
+                            uid: 0,
+                            gid: 0,
+                        },
+                        None,
+                        false,
+                    ));
+                };
+                let entry = ContextEntry {
+                    kind,
+                    mode: m.mode() & 0o7777,
+                    uid: m.uid(),
+                    gid: m.gid(),
+                };
+                Ok((rel, entry, stamp, fresh))
+            })
+            .collect();
+
+        let mut entries = BTreeMap::new();
+        let mut new_cache = StatCache::default();
+        let mut hashed_files = 0;
+        for r in hashed {
+            let (rel, entry, stamp, fresh) = r?;
+            if entry.mode == u32::MAX {
+                continue;
+            }
+            hashed_files += fresh as usize;
+            if let Some(s) = stamp {
+                new_cache.files.insert(rel.clone(), s);
+            }
+            entries.insert(rel, entry);
+        }
+        if let Some(p) = stat_cache {
+            // Best effort: a lost stat cache only costs re-hashing next time.
+            if hashed_files > 0 || cache.files.len() != new_cache.files.len() {
+                let _ = write_atomic(p, &serde_json::to_vec(&new_cache).unwrap_or_default());
+            }
+        }
+        Ok(ContextIndex {
+            root: root.to_owned(),
+            entries,
+            hashed_files,
+        })
+    }
+
+    /// The directory on the host.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// All entries, sorted by path.
+    pub fn entries(&self) -> &BTreeMap<String, ContextEntry> {
+        &self.entries
+    }
+
+    /// The entry at a relative path.
+    pub fn get(&self, rel: &str) -> Option<&ContextEntry> {
+        self.entries.get(rel)
+    }
+
+    /// Digest of the entries whose paths satisfy `selected`, with their content, kind, mode
+    /// and ownership (never mtimes). Equal selections of equal files give equal digests.
+    pub fn digest_of(&self, selected: impl Fn(&str) -> bool) -> Digest {
+        let mut h = Hasher::new(Algorithm::Sha256);
+        for (path, e) in self.entries.iter().filter(|(p, _)| selected(p)) {
+            let line = serde_json::to_vec(&(path, e)).unwrap_or_default();
+            h.update(&(line.len() as u64).to_le_bytes());
+            h.update(&line);
+        }
+        h.finish()
+    }
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Hasher::new(Algorithm::Sha256);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Writes `data` to `path` through a temp file and a rename, so readers see old or new.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    fs::write(&tmp, data)?;
+    fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn none(_: &str, _: bool) -> bool {
+        false
+    }
+    fn never(_: &str) -> bool {
+        false
+    }
+
+    fn tree() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("src/lib")).unwrap();
+        fs::write(d.path().join("composer.lock"), "lock v1").unwrap();
+        fs::write(d.path().join("src/lib/a.php"), "<?php a").unwrap();
+        fs::write(d.path().join("src/b.php"), "<?php b").unwrap();
+        std::os::unix::fs::symlink("lib/a.php", d.path().join("src/link.php")).unwrap();
+        d
+    }
+
+    #[test]
+    fn scan_lists_files_dirs_and_symlinks_in_order() {
+        let d = tree();
+        let idx = ContextIndex::scan(d.path(), &none, &never, None).unwrap();
+        let paths: Vec<_> = idx.entries().keys().cloned().collect();
+        assert_eq!(
+            paths,
+            [
+                "composer.lock",
+                "src",
+                "src/b.php",
+                "src/lib",
+                "src/lib/a.php",
+                "src/link.php"
+            ]
+        );
+        assert_eq!(
+            idx.get("src/link.php").unwrap().kind,
+            EntryKind::Symlink {
+                target: "lib/a.php".into()
+            }
+        );
+        assert_eq!(idx.hashed_files, 3);
+    }
+
+    #[test]
+    fn excluded_directories_are_not_entered() {
+        let d = tree();
+        let excl = |p: &str, _dir: bool| p == "src";
+        let idx = ContextIndex::scan(d.path(), &excl, &never, None).unwrap();
+        assert_eq!(idx.entries().keys().collect::<Vec<_>>(), ["composer.lock"]);
+    }
+
+    #[test]
+    fn selection_digest_ignores_unselected_changes_and_mtimes() {
+        let d = tree();
+        let lock_only = |p: &str| p == "composer.lock";
+        let before = ContextIndex::scan(d.path(), &none, &never, None)
+            .unwrap()
+            .digest_of(lock_only);
+        fs::write(d.path().join("src/b.php"), "<?php changed").unwrap();
+        filetime::set_file_mtime(
+            d.path().join("composer.lock"),
+            filetime::FileTime::from_unix_time(7, 0),
+        )
+        .unwrap();
+        let after = ContextIndex::scan(d.path(), &none, &never, None).unwrap();
+        assert_eq!(after.digest_of(lock_only), before);
+        fs::write(d.path().join("composer.lock"), "lock v2").unwrap();
+        let changed = ContextIndex::scan(d.path(), &none, &never, None).unwrap();
+        assert_ne!(changed.digest_of(lock_only), before);
+    }
+
+    #[test]
+    fn mode_change_changes_the_digest() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tree();
+        let all = |_: &str| true;
+        let before = ContextIndex::scan(d.path(), &none, &never, None)
+            .unwrap()
+            .digest_of(all);
+        fs::set_permissions(
+            d.path().join("src/b.php"),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let after = ContextIndex::scan(d.path(), &none, &never, None)
+            .unwrap()
+            .digest_of(all);
+        assert_ne!(before, after);
+    }
+
+    #[test]
+    fn stat_cache_skips_unchanged_files_and_catches_edits() {
+        let d = tree();
+        let state = tempfile::tempdir().unwrap();
+        let cache = state.path().join("ctx.json");
+        let first = ContextIndex::scan(d.path(), &none, &never, Some(&cache)).unwrap();
+        assert_eq!(first.hashed_files, 3);
+        let second = ContextIndex::scan(d.path(), &none, &never, Some(&cache)).unwrap();
+        assert_eq!(second.hashed_files, 0);
+        assert_eq!(second.digest_of(|_| true), first.digest_of(|_| true));
+        // Same size, rewritten: the mtime/ctime stamp differs, so it is hashed again.
+        fs::write(d.path().join("src/b.php"), "<?php B").unwrap();
+        let third = ContextIndex::scan(d.path(), &none, &never, Some(&cache)).unwrap();
+        assert_eq!(third.hashed_files, 1);
+        assert_ne!(third.digest_of(|_| true), first.digest_of(|_| true));
+    }
+}

@@ -1,0 +1,523 @@
+//! File operations on a root filesystem, with Docker's semantics: `COPY`/`ADD` (globs,
+//! directory-contents copies, trailing-slash rules, `--parents`, `--exclude`, `--chown`,
+//! `--chmod`), heredoc files and `WORKDIR` creation.
+//!
+//! Every path is resolved *inside* its root the way a chroot would resolve it: `..` stops at
+//! the root and symlinks (absolute or relative) are followed relative to the root, so neither
+//! a source tree nor a destination rootfs can send a write outside itself.
+
+use std::fs;
+use std::io;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Why a file operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileOpError {
+    #[error("{pattern}: no such file or directory in the {source_name}")]
+    NotFound {
+        pattern: String,
+        source_name: String,
+    },
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("{path}: too many levels of symbolic links")]
+    SymlinkLoop { path: String },
+    #[error("--chmod={0}: only octal modes (e.g. 0755) are supported")]
+    BadChmod(String),
+    #[error("user {0:?} not found in the image's /etc/passwd")]
+    UnknownUser(String),
+    #[error("group {0:?} not found in the image's /etc/group")]
+    UnknownGroup(String),
+}
+
+fn io_at(path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> FileOpError {
+    let path = path.as_ref().display().to_string();
+    move |source| FileOpError::Io { path, source }
+}
+
+/// Splits a path into its normal components, dropping `.`, the root and leading `..`s.
+fn clean_components(path: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for c in Path::new(path).components() {
+        match c {
+            Component::Normal(s) => out.push(s.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+/// Resolves `path` inside `root` as if `root` were `/`: symlinks are followed relative to
+/// the root (the last component only when `follow_last`), `..` never climbs above it.
+/// The result may not exist yet.
+pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<PathBuf, FileOpError> {
+    let mut pending: Vec<String> = clean_components(path);
+    pending.reverse();
+    let mut resolved: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while let Some(name) = pending.pop() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&name);
+        let is_last = pending.is_empty();
+        match fs::symlink_metadata(&candidate) {
+            Ok(m) if m.file_type().is_symlink() && (!is_last || follow_last) => {
+                hops += 1;
+                if hops > 40 {
+                    return Err(FileOpError::SymlinkLoop {
+                        path: path.to_owned(),
+                    });
+                }
+                let target = fs::read_link(&candidate).map_err(io_at(&candidate))?;
+                let target = target.to_string_lossy().into_owned();
+                if target.starts_with('/') {
+                    resolved.clear();
+                }
+                let mut parts: Vec<String> = Path::new(&target)
+                    .components()
+                    .filter_map(|c| match c {
+                        Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+                        Component::ParentDir => Some("..".to_owned()),
+                        _ => None,
+                    })
+                    .collect();
+                parts.reverse();
+                pending.extend(parts);
+            }
+            _ => resolved.push(name),
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&resolved);
+    Ok(out)
+}
+
+/// Ownership to give copied or created entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Keep the source's uid/gid (`COPY --from` a stage or image).
+    Preserve,
+    /// Set these ids (`--chown`, or 0:0 for files from a local context).
+    Ids(u32, u32),
+}
+
+/// Creates `path` and its missing parents inside `root` (mode `mode`, owned by `owner` for
+/// the directories it creates). Returns the host path.
+pub fn mkdir_all(root: &Path, path: &str, mode: u32, owner: Owner) -> Result<PathBuf, FileOpError> {
+    let mut so_far = String::new();
+    let mut host = root.to_path_buf();
+    for part in clean_components(path) {
+        so_far.push('/');
+        so_far.push_str(&part);
+        host = resolve_in_root(root, &so_far, true)?;
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.is_dir() => continue,
+            Ok(_) => {
+                return Err(FileOpError::Io {
+                    path: so_far,
+                    source: io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        "exists and is not a directory",
+                    ),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Resolution replaced every symlink, so the existing part of `host` is real
+                // directories inside the root; create whatever is missing below them.
+                fs::create_dir_all(&host).map_err(io_at(&so_far))?;
+                fs::set_permissions(&host, fs::Permissions::from_mode(mode))
+                    .map_err(io_at(&so_far))?;
+                if let Owner::Ids(u, g) = owner {
+                    std::os::unix::fs::lchown(&host, Some(u), Some(g)).map_err(io_at(&so_far))?;
+                }
+            }
+            Err(e) => return Err(io_at(&so_far)(e)),
+        }
+    }
+    Ok(host)
+}
+
+/// Options of one copy.
+#[derive(Debug, Clone)]
+pub struct CopyOptions {
+    /// The destination names a directory (`dest/` or several sources).
+    pub dest_is_dir: bool,
+    /// Keep each source's path relative to the source root (`--parents`).
+    pub parents: bool,
+    /// Paths (relative to the source root) to leave out (`--exclude`).
+    pub exclude: Vec<String>,
+    /// Ownership of copied entries.
+    pub owner: Owner,
+    /// Permission bits for copied entries (`--chmod`).
+    pub chmod: Option<u32>,
+    /// Name of the source for error messages ("build context", "stage app").
+    pub source_name: String,
+}
+
+/// Parses `--chmod` (octal only).
+pub fn parse_chmod(s: &str) -> Result<u32, FileOpError> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| FileOpError::BadChmod(s.to_owned()))
+}
+
+/// Does a glob pattern (Go `filepath.Match` syntax: `*`, `?`, `[...]`, `\` escapes) match
+/// `name`, one path segment at a time?
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let n: Vec<&str> = name.split('/').filter(|s| !s.is_empty()).collect();
+    p.len() == n.len()
+        && p.iter()
+            .zip(&n)
+            .all(|(p, n)| segment_match(p.as_bytes(), n.as_bytes()))
+}
+
+fn segment_match(p: &[u8], n: &[u8]) -> bool {
+    match p.first() {
+        None => n.is_empty(),
+        Some(b'*') => (0..=n.len()).any(|i| segment_match(&p[1..], &n[i..])),
+        Some(b'?') => !n.is_empty() && segment_match(&p[1..], &n[1..]),
+        Some(b'[') => {
+            let Some(close) = p.iter().skip(1).position(|&c| c == b']').map(|i| i + 1) else {
+                return false;
+            };
+            let Some(&c) = n.first() else { return false };
+            let class = &p[1..close];
+            let (negate, class) = match class.first() {
+                Some(b'^') | Some(b'!') => (true, &class[1..]),
+                _ => (false, class),
+            };
+            let mut hit = false;
+            let mut i = 0;
+            while i < class.len() {
+                if i + 2 < class.len() && class[i + 1] == b'-' {
+                    hit |= class[i] <= c && c <= class[i + 2];
+                    i += 3;
+                } else {
+                    hit |= class[i] == c;
+                    i += 1;
+                }
+            }
+            hit != negate && segment_match(&p[close + 1..], &n[1..])
+        }
+        Some(b'\\') if p.len() > 1 => n.first() == Some(&p[1]) && segment_match(&p[2..], &n[1..]),
+        Some(&c) => n.first() == Some(&c) && segment_match(&p[1..], &n[1..]),
+    }
+}
+
+fn has_glob(s: &str) -> bool {
+    s.bytes().any(|b| matches!(b, b'*' | b'?' | b'['))
+}
+
+/// Expands one source pattern against `src_root`: relative paths of what it names.
+pub fn expand_source(src_root: &Path, pattern: &str) -> Result<Vec<String>, FileOpError> {
+    let parts = clean_components(pattern);
+    if !parts.iter().any(|p| has_glob(p)) {
+        let host = resolve_in_root(src_root, pattern, true)?;
+        if fs::symlink_metadata(&host).is_ok() {
+            return Ok(vec![parts.join("/")]);
+        }
+        return Ok(vec![]);
+    }
+    let mut found = vec![String::new()];
+    for part in &parts {
+        let mut next = Vec::new();
+        for base in &found {
+            let dir = resolve_in_root(src_root, base, true)?;
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            let mut names: Vec<String> = rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for name in names {
+                if segment_match(part.as_bytes(), name.as_bytes()) {
+                    next.push(if base.is_empty() {
+                        name
+                    } else {
+                        format!("{base}/{name}")
+                    });
+                }
+            }
+        }
+        found = next;
+    }
+    Ok(found)
+}
+
+fn excluded(rel: &str, exclude: &[String]) -> bool {
+    exclude.iter().any(|p| {
+        let p = p.trim_start_matches('/').trim_end_matches('/');
+        glob_match(p, rel) || {
+            // A match on a parent directory excludes everything below it.
+            let mut prefix = rel;
+            while let Some((parent, _)) = prefix.rsplit_once('/') {
+                if glob_match(p, parent) {
+                    return true;
+                }
+                prefix = parent;
+            }
+            false
+        }
+    })
+}
+
+/// Counts of what a copy wrote.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+}
+
+/// Copies `srcs` (patterns relative to `src_root`) to `dest` inside `dest_root`, as Docker's
+/// `COPY` does: a directory's contents (not the directory itself) go into the destination; a
+/// file goes to `dest` itself unless `dest` is (or names) a directory.
+pub fn copy(
+    src_root: &Path,
+    srcs: &[String],
+    dest_root: &Path,
+    dest: &str,
+    opts: &CopyOptions,
+) -> Result<CopyStats, FileOpError> {
+    let mut matched = Vec::new();
+    for pattern in srcs {
+        let found: Vec<String> = expand_source(src_root, pattern)?
+            .into_iter()
+            .filter(|rel| rel.is_empty() || !excluded(rel, &opts.exclude))
+            .collect();
+        if found.is_empty() {
+            return Err(FileOpError::NotFound {
+                pattern: pattern.clone(),
+                source_name: opts.source_name.clone(),
+            });
+        }
+        matched.extend(found);
+    }
+    let dest_dir_named = opts.dest_is_dir || dest.ends_with('/') || matched.len() > 1;
+    let mut stats = CopyStats::default();
+    for rel in &matched {
+        let src = resolve_in_root(src_root, rel, true)?;
+        let meta = fs::metadata(&src).map_err(io_at(&src))?;
+        let base_name = Path::new(rel)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let target = if opts.parents {
+            let parent = Path::new(rel)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if meta.is_dir() {
+                format!("{dest}/{rel}")
+            } else {
+                format!("{dest}/{parent}/{base_name}")
+            }
+        } else if meta.is_dir() {
+            dest.to_owned()
+        } else if dest_dir_named
+            || resolve_in_root(dest_root, dest, true)
+                .map(|p| p.is_dir())
+                .unwrap_or(false)
+        {
+            format!("{dest}/{base_name}")
+        } else {
+            dest.to_owned()
+        };
+        if meta.is_dir() {
+            let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
+            apply_meta(&dir, &meta, opts)?;
+            copy_tree(&src, dest_root, &target, rel, opts, &mut stats)?;
+        } else {
+            let parent = Path::new(&target)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            mkdir_all(dest_root, &parent, 0o755, Owner::Ids(0, 0))?;
+            copy_entry(&src, &meta, dest_root, &target, opts, &mut stats)?;
+        }
+    }
+    Ok(stats)
+}
+
+fn copy_tree(
+    src_dir: &Path,
+    dest_root: &Path,
+    dest_dir: &str,
+    rel_dir: &str,
+    opts: &CopyOptions,
+    stats: &mut CopyStats,
+) -> Result<(), FileOpError> {
+    let mut names: Vec<_> = fs::read_dir(src_dir)
+        .map_err(io_at(src_dir))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    for name in names {
+        let name = name.to_string_lossy().into_owned();
+        let rel = if rel_dir.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel_dir}/{name}")
+        };
+        if excluded(&rel, &opts.exclude) {
+            continue;
+        }
+        let src = src_dir.join(&name);
+        let meta = fs::symlink_metadata(&src).map_err(io_at(&src))?;
+        let target = format!("{dest_dir}/{name}");
+        if meta.is_dir() {
+            let host = resolve_in_root(dest_root, &target, false)?;
+            if fs::symlink_metadata(&host)
+                .map(|m| !m.is_dir())
+                .unwrap_or(false)
+            {
+                fs::remove_file(&host).map_err(io_at(&host))?;
+            }
+            let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
+            apply_meta(&dir, &meta, opts)?;
+            stats.dirs += 1;
+            copy_tree(&src, dest_root, &target, &rel, opts, stats)?;
+        } else {
+            copy_entry(&src, &meta, dest_root, &target, opts, stats)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_entry(
+    src: &Path,
+    meta: &fs::Metadata,
+    dest_root: &Path,
+    target: &str,
+    opts: &CopyOptions,
+    stats: &mut CopyStats,
+) -> Result<(), FileOpError> {
+    // The parent is resolved inside the root; the last component is replaced, never followed.
+    let host = resolve_in_root(dest_root, target, false)?;
+    if let Ok(existing) = fs::symlink_metadata(&host) {
+        if existing.is_dir() && !meta.is_dir() {
+            fs::remove_dir_all(&host).map_err(io_at(&host))?;
+        } else if !existing.is_dir() {
+            fs::remove_file(&host).map_err(io_at(&host))?;
+        }
+    }
+    let ft = meta.file_type();
+    if ft.is_symlink() {
+        let link = fs::read_link(src).map_err(io_at(src))?;
+        std::os::unix::fs::symlink(&link, &host).map_err(io_at(&host))?;
+        stats.symlinks += 1;
+    } else if ft.is_file() {
+        fs::copy(src, &host).map_err(io_at(&host))?;
+        stats.files += 1;
+        stats.bytes += meta.len();
+    } else {
+        // Devices, fifos and sockets are not copied.
+        return Ok(());
+    }
+    apply_meta(&host, meta, opts)
+}
+
+fn apply_meta(host: &Path, meta: &fs::Metadata, opts: &CopyOptions) -> Result<(), FileOpError> {
+    let (uid, gid) = match opts.owner {
+        Owner::Preserve => (meta.uid(), meta.gid()),
+        Owner::Ids(u, g) => (u, g),
+    };
+    std::os::unix::fs::lchown(host, Some(uid), Some(gid)).map_err(io_at(host))?;
+    if !meta.file_type().is_symlink() {
+        let mode = opts.chmod.unwrap_or(meta.mode() & 0o7777);
+        fs::set_permissions(host, fs::Permissions::from_mode(mode)).map_err(io_at(host))?;
+        let mtime = filetime::FileTime::from_last_modification_time(meta);
+        filetime::set_file_mtime(host, mtime).map_err(io_at(host))?;
+    }
+    Ok(())
+}
+
+/// Writes an inline (heredoc) file to `dest` inside `root` — into `dest` when it names a
+/// directory.
+pub fn write_inline(
+    root: &Path,
+    name: &str,
+    content: &str,
+    dest: &str,
+    dest_is_dir: bool,
+    owner: Owner,
+    chmod: Option<u32>,
+) -> Result<(), FileOpError> {
+    let into_dir =
+        dest_is_dir || dest.ends_with('/') || resolve_in_root(root, dest, true)?.is_dir();
+    let target = if into_dir {
+        format!("{dest}/{name}")
+    } else {
+        dest.to_owned()
+    };
+    let parent = Path::new(&target)
+        .parent()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    mkdir_all(root, &parent, 0o755, Owner::Ids(0, 0))?;
+    let host = resolve_in_root(root, &target, false)?;
+    if fs::symlink_metadata(&host).is_ok() {
+        fs::remove_file(&host).map_err(io_at(&host))?;
+    }
+    fs::write(&host, content).map_err(io_at(&host))?;
+    fs::set_permissions(&host, fs::Permissions::from_mode(chmod.unwrap_or(0o644)))
+        .map_err(io_at(&host))?;
+    if let Owner::Ids(u, g) = owner {
+        std::os::unix::fs::lchown(&host, Some(u), Some(g)).map_err(io_at(&host))?;
+    }
+    Ok(())
+}
+
+/// Resolves `user[:group]` (names or ids) against the rootfs's `/etc/passwd` and
+/// `/etc/group`, as `--chown` and `WORKDIR` ownership need.
+pub fn resolve_owner(
+    root: &Path,
+    user: &str,
+    group: Option<&str>,
+) -> Result<(u32, u32), FileOpError> {
+    let read = |file: &str| fs::read(resolve_in_root(root, file, true).ok()?).ok();
+    let lookup =
+        |db: &Option<Vec<u8>>, name: &str, id_field: usize| -> Option<(u32, Option<u32>)> {
+            let db = db.as_ref()?;
+            db.split(|&b| b == b'\n').find_map(|line| {
+                let f: Vec<&[u8]> = line.split(|&b| b == b':').collect();
+                (f.len() > id_field && f[0] == name.as_bytes()).then(|| {
+                    let id = std::str::from_utf8(f[id_field]).ok()?.parse().ok()?;
+                    let gid = f
+                        .get(3)
+                        .and_then(|g| std::str::from_utf8(g).ok()?.parse().ok());
+                    Some((id, gid))
+                })?
+            })
+        };
+    let passwd = read("/etc/passwd");
+    let (uid, primary_gid) = match user.parse::<u32>() {
+        Ok(id) => (id, None),
+        Err(_) => lookup(&passwd, user, 2)
+            .map(|(u, g)| (u, g))
+            .ok_or_else(|| FileOpError::UnknownUser(user.to_owned()))?,
+    };
+    let gid = match group {
+        None => primary_gid.unwrap_or(uid),
+        Some(g) => match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => lookup(&read("/etc/group"), g, 2)
+                .map(|(g, _)| g)
+                .ok_or_else(|| FileOpError::UnknownGroup(g.to_owned()))?,
+        },
+    };
+    Ok((uid, gid))
+}

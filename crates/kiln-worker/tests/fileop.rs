@@ -1,0 +1,318 @@
+//! COPY/ADD/WORKDIR file semantics as Docker users know them, and containment: no source or
+//! destination trick writes outside the destination root.
+
+use std::fs;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use kiln_worker::fileop::{self, CopyOptions, FileOpError, Owner};
+
+fn opts() -> CopyOptions {
+    CopyOptions {
+        dest_is_dir: false,
+        parents: false,
+        exclude: vec![],
+        owner: Owner::Ids(0, 0),
+        chmod: None,
+        source_name: "build context".into(),
+    }
+}
+
+fn context() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    fs::create_dir_all(p.join("src/lib")).unwrap();
+    fs::write(p.join("composer.json"), "{}").unwrap();
+    fs::write(p.join("composer.lock"), "lock").unwrap();
+    fs::write(p.join("src/index.php"), "index").unwrap();
+    fs::write(p.join("src/lib/util.php"), "util").unwrap();
+    fs::write(p.join("src/lib/util_test.php"), "test").unwrap();
+    d
+}
+
+fn list(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn copying_a_directory_copies_its_contents_not_the_directory() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy(ctx.path(), &["src".into()], dest.path(), "/app", &opts()).unwrap();
+    assert_eq!(
+        list(dest.path()),
+        [
+            "app",
+            "app/index.php",
+            "app/lib",
+            "app/lib/util.php",
+            "app/lib/util_test.php"
+        ]
+    );
+}
+
+#[test]
+fn a_file_goes_into_a_destination_with_trailing_slash_and_is_renamed_without() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.json".into()],
+        dest.path(),
+        "/app/",
+        &opts(),
+    )
+    .unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.lock".into()],
+        dest.path(),
+        "/app/renamed.lock",
+        &opts(),
+    )
+    .unwrap();
+    assert_eq!(
+        list(dest.path()),
+        ["app", "app/composer.json", "app/renamed.lock"]
+    );
+    assert_eq!(
+        fs::read_to_string(dest.path().join("app/renamed.lock")).unwrap(),
+        "lock"
+    );
+}
+
+#[test]
+fn globs_select_matching_files_and_several_sources_fill_a_directory() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.*".into()],
+        dest.path(),
+        "/deps",
+        &opts(),
+    )
+    .unwrap();
+    assert_eq!(
+        list(dest.path()),
+        ["deps", "deps/composer.json", "deps/composer.lock"]
+    );
+}
+
+#[test]
+fn exclude_leaves_out_matching_paths() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    let o = CopyOptions {
+        exclude: vec!["src/lib/*_test.php".into()],
+        ..opts()
+    };
+    fileop::copy(ctx.path(), &["src".into()], dest.path(), "/app", &o).unwrap();
+    assert!(dest.path().join("app/lib/util.php").exists());
+    assert!(!dest.path().join("app/lib/util_test.php").exists());
+}
+
+#[test]
+fn parents_keeps_the_source_directories() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    let o = CopyOptions {
+        parents: true,
+        ..opts()
+    };
+    fileop::copy(
+        ctx.path(),
+        &["src/lib/util.php".into(), "composer.json".into()],
+        dest.path(),
+        "/app",
+        &o,
+    )
+    .unwrap();
+    assert!(dest.path().join("app/src/lib/util.php").is_file());
+    assert!(dest.path().join("app/composer.json").is_file());
+}
+
+#[test]
+fn missing_source_is_an_error_naming_the_pattern() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    let err = fileop::copy(
+        ctx.path(),
+        &["nope/*.php".into()],
+        dest.path(),
+        "/app",
+        &opts(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "nope/*.php: no such file or directory in the build context"
+    );
+}
+
+#[test]
+fn chmod_and_chown_apply_to_copied_files() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    let o = CopyOptions {
+        chmod: Some(fileop::parse_chmod("0750").unwrap()),
+        owner: Owner::Ids(1000, 1001),
+        ..opts()
+    };
+    fileop::copy(
+        ctx.path(),
+        &["composer.json".into()],
+        dest.path(),
+        "/c.json",
+        &o,
+    )
+    .unwrap();
+    let m = fs::metadata(dest.path().join("c.json")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o7777, 0o750);
+    if nix_root() {
+        assert_eq!((m.uid(), m.gid()), (1000, 1001));
+    }
+    assert!(matches!(
+        fileop::parse_chmod("u+x"),
+        Err(FileOpError::BadChmod(_))
+    ));
+}
+
+#[test]
+fn destination_symlink_to_host_path_stays_inside_the_root() {
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    // The image has /app -> <a real host directory> (absolute), and ../../ tricks.
+    symlink(outside.path(), dest.path().join("app")).unwrap();
+    symlink("../../../../..", dest.path().join("up")).unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.json".into()],
+        dest.path(),
+        "/app/",
+        &opts(),
+    )
+    .unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.lock".into()],
+        dest.path(),
+        "/up/escaped.lock",
+        &opts(),
+    )
+    .unwrap();
+    assert!(
+        list(outside.path()).is_empty(),
+        "wrote outside: {:?}",
+        list(outside.path())
+    );
+    let inside = dest
+        .path()
+        .join(outside.path().strip_prefix("/").unwrap())
+        .join("composer.json");
+    assert!(
+        inside.is_file(),
+        "absolute link target must be taken inside the root"
+    );
+    assert!(dest.path().join("escaped.lock").is_file());
+}
+
+#[test]
+fn source_symlink_pointing_out_of_the_context_cannot_read_host_files() {
+    let ctx = context();
+    let secret_dir = tempfile::tempdir().unwrap();
+    fs::write(secret_dir.path().join("shadow"), "host secret").unwrap();
+    symlink(secret_dir.path().join("shadow"), ctx.path().join("evil")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let err = fileop::copy(ctx.path(), &["evil".into()], dest.path(), "/x", &opts());
+    // The link is resolved inside the context, where its target does not exist.
+    assert!(err.is_err());
+    assert!(!dest.path().join("x").exists());
+}
+
+#[test]
+fn workdir_creation_makes_parents_with_owner() {
+    let root = tempfile::tempdir().unwrap();
+    let host =
+        fileop::mkdir_all(root.path(), "/srv/app/../www/html", 0o755, Owner::Ids(0, 0)).unwrap();
+    assert_eq!(host, root.path().join("srv/www/html"));
+    assert!(host.is_dir());
+}
+
+#[test]
+fn heredoc_file_is_written_with_mode() {
+    let root = tempfile::tempdir().unwrap();
+    fileop::write_inline(
+        root.path(),
+        "run.sh",
+        "#!/bin/sh\necho hi\n",
+        "/usr/local/bin/",
+        false,
+        Owner::Ids(0, 0),
+        Some(0o755),
+    )
+    .unwrap();
+    let p = root.path().join("usr/local/bin/run.sh");
+    assert_eq!(fs::read_to_string(&p).unwrap(), "#!/bin/sh\necho hi\n");
+    assert_eq!(
+        fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+}
+
+#[test]
+fn chown_names_resolve_from_the_image_passwd_and_group() {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir_all(root.path().join("etc")).unwrap();
+    fs::write(
+        root.path().join("etc/passwd"),
+        "root:x:0:0::/root:/bin/sh\nwww-data:x:33:34::/var/www:/bin/false\n",
+    )
+    .unwrap();
+    fs::write(root.path().join("etc/group"), "root:x:0:\nstaff:x:50:\n").unwrap();
+    assert_eq!(
+        fileop::resolve_owner(root.path(), "www-data", None).unwrap(),
+        (33, 34)
+    );
+    assert_eq!(
+        fileop::resolve_owner(root.path(), "www-data", Some("staff")).unwrap(),
+        (33, 50)
+    );
+    assert_eq!(
+        fileop::resolve_owner(root.path(), "1000", Some("1000")).unwrap(),
+        (1000, 1000)
+    );
+    assert!(matches!(
+        fileop::resolve_owner(root.path(), "nobody", None),
+        Err(FileOpError::UnknownUser(_))
+    ));
+}
+
+#[test]
+fn glob_matching_follows_go_filepath_match() {
+    assert!(fileop::glob_match("*.php", "index.php"));
+    assert!(!fileop::glob_match("*.php", "src/index.php"));
+    assert!(fileop::glob_match("src/*/util?.php", "src/lib/util1.php"));
+    assert!(fileop::glob_match("[a-c]*", "b.txt"));
+    assert!(!fileop::glob_match("[^a-c]*", "b.txt"));
+    assert!(fileop::glob_match("\\*", "*"));
+}
+
+fn nix_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
