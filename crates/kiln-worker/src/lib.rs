@@ -4,3 +4,4 @@
 
 pub mod context;
 pub mod fileop;
+pub mod image;
