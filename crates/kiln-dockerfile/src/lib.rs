@@ -6,6 +6,7 @@
 
 pub mod ast;
 pub mod error;
+pub mod instructions;
 mod json;
 mod parser;
 pub mod shell;

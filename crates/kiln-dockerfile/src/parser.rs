@@ -83,7 +83,11 @@ impl<'a> Parser<'a> {
         let mut lines = Vec::new();
         let mut too_long = None;
         for (i, l) in source.split_inclusive('\n').enumerate() {
-            let limit = if l.ends_with('\n') { MAX_LINE } else { MAX_LINE - 1 };
+            let limit = if l.ends_with('\n') {
+                MAX_LINE
+            } else {
+                MAX_LINE - 1
+            };
             // The BOM counts towards the first line's length, as in Go's scanner.
             let extra = if i == 0 && had_bom { 3 } else { 0 };
             if l.len() + extra > limit {
@@ -139,7 +143,12 @@ impl<'a> Parser<'a> {
 
     /// BuildKit's directive regex `^#\s*([a-zA-Z][a-zA-Z0-9]*)\s*=\s*(.+?)\s*$`, applied while
     /// no other line has been seen.
-    fn possible_directive(&mut self, line: &str, line_no: usize, lead: usize) -> Result<(), ParseError> {
+    fn possible_directive(
+        &mut self,
+        line: &str,
+        line_no: usize,
+        lead: usize,
+    ) -> Result<(), ParseError> {
         if self.directives_done {
             return Ok(());
         }
@@ -275,9 +284,8 @@ impl<'a> Parser<'a> {
             ) && !matches!(heredoc_target.args, Args::Json(_));
             if can_heredoc && joined.contains("<<") {
                 let err_span = Span::new(start_pos, self.line_end(last_line));
-                let docs = heredocs_from_line(&joined).map_err(|m| {
-                    ParseError::new(ErrorKind::Syntax, m, err_span)
-                })?;
+                let docs = heredocs_from_line(&joined)
+                    .map_err(|m| ParseError::new(ErrorKind::Syntax, m, err_span))?;
                 for mut doc in docs {
                     let body_start = idx;
                     let mut terminated = false;
@@ -320,10 +328,16 @@ impl<'a> Parser<'a> {
             ));
         }
         if let Some(line) = self.too_long {
-            let p = Position { line: line + 1, column: 1 };
+            let p = Position {
+                line: line + 1,
+                column: 1,
+            };
             return Err(ParseError::new(
                 ErrorKind::Syntax,
-                format!("dockerfile line greater than max allowed size of {}", MAX_LINE - 1),
+                format!(
+                    "dockerfile line greater than max allowed size of {}",
+                    MAX_LINE - 1
+                ),
                 Span::new(p, p),
             ));
         }
@@ -393,22 +407,18 @@ impl<'a> Parser<'a> {
                     Args::Text(word(args_text, args_off))
                 }
             }
-            Some(Keyword::Expose | Keyword::From) => {
-                ws_delimited(args_text, args_off, &word)
-            }
+            Some(Keyword::Expose | Keyword::From) => ws_delimited(args_text, args_off, &word),
             Some(Keyword::Cmd | Keyword::Entrypoint | Keyword::Run | Keyword::Shell) => {
                 self.maybe_json(args_text, args_off, map, &word, &mk_err)?
             }
-            Some(Keyword::Add | Keyword::Copy | Keyword::Volume) => {
-                match decode_array(args_text) {
-                    JsonArray::Strings(values) => Args::Json(JsonArgs {
-                        values,
-                        span: self.span(map, args_off, args_off + args_text.len()),
-                    }),
-                    JsonArray::NotStrings => return Err(mk_err(ErrorKind::Syntax, NOT_STRINGS.into())),
-                    JsonArray::Invalid => ws_delimited(args_text, args_off, &word),
-                }
-            }
+            Some(Keyword::Add | Keyword::Copy | Keyword::Volume) => match decode_array(args_text) {
+                JsonArray::Strings(values) => Args::Json(JsonArgs {
+                    values,
+                    span: self.span(map, args_off, args_off + args_text.len()),
+                }),
+                JsonArray::NotStrings => return Err(mk_err(ErrorKind::Syntax, NOT_STRINGS.into())),
+                JsonArray::Invalid => ws_delimited(args_text, args_off, &word),
+            },
             Some(Keyword::Arg) => {
                 let ws = parse_words(args_text, self.escape);
                 if ws.is_empty() {
@@ -443,8 +453,13 @@ impl<'a> Parser<'a> {
                     let sep_c = floor_boundary(args_text, sep);
                     let next_c = ceil_boundary(args_text, next).max(sep_c);
                     let kind = word(&args_text[..sep_c], args_off);
-                    let command =
-                        self.maybe_json(&args_text[next_c..], args_off + next_c, map, &word, &mk_err)?;
+                    let command = self.maybe_json(
+                        &args_text[next_c..],
+                        args_off + next_c,
+                        map,
+                        &word,
+                        &mk_err,
+                    )?;
                     Args::Healthcheck {
                         kind,
                         command: Box::new(command),
@@ -810,6 +825,7 @@ fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
     let mut lex = Lexer::new('\\');
     lex.raw_quotes = true;
     lex.raw_escapes = true;
+    lex.skip_unset_env = true;
     let Ok(words) = lex.process_words(line, &|_| None) else {
         return Ok(Vec::new());
     };
@@ -842,12 +858,16 @@ pub(crate) fn parse_heredoc(word: &str) -> Result<Option<Heredoc>, String> {
     }
     let mut lex = Lexer::new('\\');
     lex.skip_unset_env = true;
-    let words = lex.process_words(rest, &|_| None).map_err(|e| e.to_string())?;
+    let words = lex
+        .process_words(rest, &|_| None)
+        .map_err(|e| e.to_string())?;
     if words.len() != 1 {
         return Ok(None);
     }
     lex.raw_quotes = true;
-    let raw = lex.process_words(rest, &|_| None).map_err(|e| e.to_string())?;
+    let raw = lex
+        .process_words(rest, &|_| None)
+        .map_err(|e| e.to_string())?;
     if raw.len() != words.len() {
         return Err(format!(
             "internal lexing of heredoc produced inconsistent results: {rest}"

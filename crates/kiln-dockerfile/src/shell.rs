@@ -238,7 +238,11 @@ impl ShellWord<'_> {
         v
     }
 
-    fn process_stop_on(&mut self, stop: Option<char>, raw_escapes: bool) -> R<(String, Vec<String>)> {
+    fn process_stop_on(
+        &mut self,
+        stop: Option<char>,
+        raw_escapes: bool,
+    ) -> R<(String, Vec<String>)> {
         self.depth += 1;
         if self.depth > MAX_NESTING {
             return Err("too deeply nested substitution".to_string());
@@ -570,7 +574,8 @@ fn is_digit(c: char) -> bool {
 /// category tables, so only the common decimal-digit blocks are recognised.
 fn is_unicode_decimal(c: char) -> bool {
     const BLOCKS: [u32; 12] = [
-        0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6, 0xFF10,
+        0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6,
+        0xFF10,
     ];
     let u = c as u32;
     BLOCKS.iter().any(|&b| (b..b + 10).contains(&u))
@@ -599,17 +604,15 @@ fn compile_pattern(pattern: &str) -> Result<Vec<Tok>, String> {
         match c {
             '*' => out.push(Tok::Star),
             '?' => out.push(Tok::Any),
-            '\\' => {
-                match chars.get(i) {
-                    Some('}') | Some('/') => continue,
-                    Some(&n @ ('*' | '?' | '\\')) => {
-                        out.push(Tok::Lit(n));
-                        i += 1;
-                    }
-                    Some(&n) => return Err(format!("invalid escape '\\{n}'")),
-                    None => return Err("invalid escape '\\%!c(int32=-1)'".to_string()),
+            '\\' => match chars.get(i) {
+                Some('}') | Some('/') => continue,
+                Some(&n @ ('*' | '?' | '\\')) => {
+                    out.push(Tok::Lit(n));
+                    i += 1;
                 }
-            }
+                Some(&n) => return Err(format!("invalid escape '\\{n}'")),
+                None => return Err("invalid escape '\\%!c(int32=-1)'".to_string()),
+            },
             c => out.push(Tok::Lit(c)),
         }
     }
@@ -761,7 +764,9 @@ pub(crate) fn go_quote(s: &str) -> String {
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
             '\u{b}' => out.push_str("\\v"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
             c if c.is_control() || c == '\u{feff}' => {
                 if (c as u32) < 0x10000 {
                     out.push_str(&format!("\\u{:04x}", c as u32));
@@ -780,8 +785,12 @@ pub(crate) fn go_quote(s: &str) -> String {
 mod tests {
     use super::*;
 
-    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + '_ {
-        move |n| vars.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string())
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -817,7 +826,10 @@ mod tests {
     fn words_split_on_whitespace_from_variables_but_not_in_quotes() {
         let e = env(&[("X", "a b")]);
         let l = Lexer::new('\\');
-        assert_eq!(l.process_words("$X \"c d\"", &e).unwrap(), vec!["a", "b", "c d"]);
+        assert_eq!(
+            l.process_words("$X \"c d\"", &e).unwrap(),
+            vec!["a", "b", "c d"]
+        );
     }
 
     #[test]
