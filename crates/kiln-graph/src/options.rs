@@ -239,14 +239,16 @@ impl BuildOptions {
                             )
                         }
                     },
-                    _ => return Err(OptionError::new(
-                        "--opt",
-                        o,
-                        format!(
+                    _ => {
+                        return Err(OptionError::new(
+                            "--opt",
+                            o,
+                            format!(
                             "unknown frontend option `{key}`; known: target, filename, platform, \
                                  no-cache, build-arg:NAME, label:NAME, context:NAME"
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
         }
@@ -1193,20 +1195,21 @@ impl CallRequest {
     pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
         let mut parts = value.split(',');
         let name = parts.next().unwrap_or_default();
-        let kind =
-            match name {
-                "build" => CallKind::Build,
-                "targets" => CallKind::Targets,
-                "outline" => CallKind::Outline,
-                "check" | "lint" => CallKind::Check,
-                _ => return Err(OptionError::new(
+        let kind = match name {
+            "build" => CallKind::Build,
+            "targets" => CallKind::Targets,
+            "outline" => CallKind::Outline,
+            "check" | "lint" => CallKind::Check,
+            _ => {
+                return Err(OptionError::new(
                     flag,
                     value,
                     format!(
                         "unknown subrequest `{name}`; expected build, targets, outline or check"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let mut format = OutputFormat::Text;
         for p in parts {
             match p.split_once('=') {

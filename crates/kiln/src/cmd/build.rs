@@ -4,7 +4,8 @@
 
 use std::process::ExitCode;
 
-use kiln_graph::{BuildOptions, RawBuildFlags};
+use kiln_graph::options::{CallKind, OutputFormat};
+use kiln_graph::{BuildOptions, OfflineResolver, RawBuildFlags};
 
 use crate::Globals;
 
@@ -149,6 +150,201 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 
 /// Runs `kiln build`.
 pub fn run(args: BuildArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
-    let _opts = args.to_options()?;
-    anyhow::bail!("`kiln build` cannot execute builds yet: use --call or --dry-run")
+    let opts = args.to_options()?;
+    let file_label = opts.dockerfile.display().to_string();
+    let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
+        anyhow::anyhow!("cannot read the Dockerfile {file_label}: {e} (use -f/--file or --local dockerfile=DIR)")
+    })?;
+    let df = match kiln_dockerfile::parse(&source) {
+        Ok(df) => df,
+        Err(e) => {
+            eprintln!("{}", e.render(&file_label, &source));
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let dockerignore = read_dockerignore(&opts)?;
+    let frontend_err = |e: kiln_graph::FrontendError| -> anyhow::Result<ExitCode> {
+        eprintln!("{}", e.render(&file_label, &source));
+        Ok(ExitCode::from(1))
+    };
+
+    if let Some(call) = opts.call {
+        let json = call.format == OutputFormat::Json;
+        return match call.kind {
+            CallKind::Targets => match kiln_graph::targets(&df) {
+                Ok(t) => {
+                    print_targets(&t, json)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => frontend_err(e),
+            },
+            CallKind::Outline => {
+                match kiln_graph::lower_with_outline(&df, &opts, &dockerignore, &OfflineResolver) {
+                    Ok((_, outline)) => {
+                        print_outline(&outline, json)?;
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    Err(e) => frontend_err(e),
+                }
+            }
+            CallKind::Check => run_check(&df, &source, &file_label, &opts, &dockerignore, json),
+            CallKind::Build => unreachable_build(),
+        };
+    }
+
+    let graph = match kiln_graph::lower(&df, &opts, &dockerignore, &OfflineResolver) {
+        Ok(g) => g,
+        Err(e) => return frontend_err(e),
+    };
+    if let Some(format) = opts.dry_run {
+        let plan = kiln_graph::plan(&graph);
+        match format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+            OutputFormat::Text => print!("{}", plan.to_text()),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    anyhow::bail!(
+        "executing builds is not wired into `kiln build` yet; the graph for target {:?} has {} steps \
+         (see them with --dry-run)",
+        kiln_graph::plan(&graph).target,
+        graph.vertices.len()
+    )
+}
+
+fn unreachable_build() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("--call build is a normal build; run without --call")
+}
+
+/// `.dockerignore` patterns: `<Dockerfile>.dockerignore` beside the Dockerfile wins over the
+/// context's `.dockerignore`, as in BuildKit. Comments and blank lines are dropped.
+fn read_dockerignore(opts: &BuildOptions) -> anyhow::Result<Vec<String>> {
+    let beside = {
+        let mut p = opts.dockerfile.clone().into_os_string();
+        p.push(".dockerignore");
+        std::path::PathBuf::from(p)
+    };
+    for p in [beside, opts.context.join(".dockerignore")] {
+        match std::fs::read_to_string(&p) {
+            Ok(text) => {
+                return Ok(text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from)
+                    .collect())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => anyhow::bail!("cannot read {}: {e}", p.display()),
+        }
+    }
+    Ok(Vec::new())
+}
+
+fn print_targets(t: &[kiln_graph::TargetInfo], json: bool) -> anyhow::Result<()> {
+    let default = t.iter().find(|x| x.default);
+    let default_name = default.map(|d| {
+        d.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", d.index))
+    });
+    let shown: Vec<&kiln_graph::TargetInfo> =
+        t.iter().filter(|x| x.name.is_some() || x.default).collect();
+    if json {
+        let v = serde_json::json!({
+            "target": default_name,
+            "targets": shown.iter().map(|x| serde_json::json!({
+                "name": x.name.clone().unwrap_or_else(|| format!("stage-{}", x.index)),
+                "description": x.description,
+                "default": x.default,
+                "base": x.base,
+                "platform": x.platform,
+                "line": x.line,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let rows: Vec<(String, String)> = shown
+        .iter()
+        .map(|x| {
+            let mut n = x
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("stage-{}", x.index));
+            if x.default {
+                n.push_str(" (default)");
+            }
+            (n, x.description.clone())
+        })
+        .collect();
+    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
+    println!("{:w$}  DESCRIPTION", "TARGET");
+    for (n, d) in rows {
+        println!("{n:w$}  {d}");
+    }
+    Ok(())
+}
+
+fn print_outline(o: &kiln_graph::Outline, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(o)?);
+        return Ok(());
+    }
+    println!("TARGET:      {}", o.target);
+    if !o.description.is_empty() {
+        println!("DESCRIPTION: {}", o.description);
+    }
+    println!();
+    if !o.args.is_empty() {
+        let w = o
+            .args
+            .iter()
+            .map(|a| a.name.len())
+            .max()
+            .unwrap_or(8)
+            .max(8);
+        let vw = o
+            .args
+            .iter()
+            .map(|a| a.value.as_deref().unwrap_or("").len())
+            .max()
+            .unwrap_or(5)
+            .max(5);
+        println!("{:w$}  {:vw$}  DESCRIPTION", "BUILD ARG", "VALUE");
+        for a in &o.args {
+            println!(
+                "{:w$}  {:vw$}  {}",
+                a.name,
+                a.value.as_deref().unwrap_or(""),
+                a.description
+            );
+        }
+        println!();
+    }
+    if !o.secrets.is_empty() {
+        println!("SECRET{}", " ".repeat(10) + "REQUIRED");
+        for s in &o.secrets {
+            println!("{:16}{}", s.id, if s.required { "true" } else { "" });
+        }
+        println!();
+    }
+    if !o.ssh.is_empty() {
+        println!("SSH{}", " ".repeat(13) + "REQUIRED");
+        for s in &o.ssh {
+            println!("{:16}{}", s.id, if s.required { "true" } else { "" });
+        }
+    }
+    Ok(())
+}
+
+fn run_check(
+    _df: &kiln_dockerfile::Dockerfile,
+    _source: &str,
+    _file: &str,
+    _opts: &BuildOptions,
+    _dockerignore: &[String],
+    _json: bool,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("--call check is not available yet")
 }

@@ -1,0 +1,60 @@
+//! How the frontend learns about base images: the solver implements [`ImageConfigResolver`]
+//! (pulling the manifest and config), tests use fixed configs.
+
+use crate::graph::ImageConfig;
+use crate::platform::Platform;
+
+/// A base image's config and the digest it resolved to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ResolvedImage {
+    /// Manifest digest (`sha256:...`), if known; part of the image source's cache key.
+    pub digest: Option<String>,
+    /// The image's config (ENV, WORKDIR, USER, ONBUILD, SHELL, history...).
+    pub config: ImageConfig,
+}
+
+/// Why an image could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot resolve image {reference} for {platform}: {reason}")]
+pub struct ResolveError {
+    /// The normalised image reference.
+    pub reference: String,
+    /// The requested platform.
+    pub platform: Platform,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Looks up base-image configs during lowering.
+pub trait ImageConfigResolver {
+    /// Returns the config and manifest digest of `reference` (normalised, e.g.
+    /// `docker.io/library/busybox:latest`) for `platform`.
+    fn resolve_image_config(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, ResolveError>;
+}
+
+/// A resolver that knows nothing: every image has an empty config and no digest. Enough for
+/// subrequests (`--call targets`, `--dry-run`), which do not need base-image contents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OfflineResolver;
+
+impl ImageConfigResolver for OfflineResolver {
+    fn resolve_image_config(
+        &self,
+        _: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, ResolveError> {
+        Ok(ResolvedImage {
+            digest: None,
+            config: ImageConfig {
+                os: platform.os.clone(),
+                architecture: platform.architecture.clone(),
+                variant: platform.variant.clone(),
+                ..ImageConfig::default()
+            },
+        })
+    }
+}
