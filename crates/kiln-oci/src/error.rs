@@ -1,0 +1,158 @@
+//! Errors of the registry client: each names the registry, the repository and what to do.
+
+use crate::digest::Digest;
+
+/// A registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry could not be reached, or the connection broke, after all retries.
+    #[error("cannot reach registry {registry} ({what}) after {attempts} attempt(s): {source}; check the host name, the network, and whether it serves HTTPS (list it as insecure if it only speaks HTTP)")]
+    Transport {
+        /// Registry host.
+        registry: String,
+        /// The request that failed.
+        what: String,
+        /// How many times it was tried.
+        attempts: u32,
+        /// The last transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// 401: no credentials, or wrong ones.
+    #[error("registry {registry} refused the credentials for {repository} ({what}): 401 Unauthorized{detail}; run `kiln login {registry}` or check the user name and password")]
+    Unauthorized {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// The request.
+        what: String,
+        /// The registry's message, prefixed with ": ".
+        detail: String,
+    },
+    /// 403: the credentials are valid but lack access.
+    #[error("registry {registry} denied access to {repository} ({what}): 403 Forbidden{detail}; the account needs pull/push permission on this repository")]
+    Denied {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// The request.
+        what: String,
+        /// The registry's message.
+        detail: String,
+    },
+    /// 404 for a manifest or blob.
+    #[error("{what} not found in {registry}/{repository}{detail}; check the name, tag or digest (and that the image was pushed)")]
+    NotFound {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// What was asked for, e.g. `manifest latest`.
+        what: String,
+        /// The registry's message.
+        detail: String,
+    },
+    /// Content did not hash to the digest it was fetched by.
+    #[error("{what} from {registry}/{repository} does not match its digest: expected {expected} ({expected_size} bytes), got {actual} ({actual_size} bytes); the content was refused and nothing was kept — the registry or a proxy is serving corrupt data")]
+    DigestMismatch {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// What was fetched.
+        what: String,
+        /// The digest asked for.
+        expected: Digest,
+        /// The size expected, if known (0 otherwise).
+        expected_size: u64,
+        /// The digest of what arrived.
+        actual: Digest,
+        /// The byte count that arrived.
+        actual_size: u64,
+    },
+    /// Any other unexpected HTTP status (including 5xx and 429 after all retries).
+    #[error("registry {registry} answered {status} to {what} on {repository}{detail}")]
+    Status {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// The request.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The registry's message.
+        detail: String,
+    },
+    /// The registry answered something that breaks the protocol.
+    #[error("registry {registry} sent an invalid response to {what}: {detail}")]
+    Protocol {
+        /// Registry host.
+        registry: String,
+        /// The request.
+        what: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The manifest could not be parsed.
+    #[error("manifest {reference}: {source}")]
+    Manifest {
+        /// The image reference.
+        reference: String,
+        /// The parse error.
+        #[source]
+        source: crate::manifest::ManifestError,
+    },
+    /// The image config could not be parsed.
+    #[error("image config {digest} of {reference} is invalid: {source}")]
+    Config {
+        /// The image reference.
+        reference: String,
+        /// Config digest.
+        digest: Digest,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An index has no manifest for the wanted platform.
+    #[error("{reference} has no image for platform {platform} (it has: {available}); pick one with --platform")]
+    NoMatchingPlatform {
+        /// The image reference.
+        reference: String,
+        /// The platform wanted.
+        platform: String,
+        /// Platforms in the index.
+        available: String,
+    },
+    /// Reading a local blob or writing a pulled one failed.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The file (or sink) involved.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Credentials could not be read.
+    #[error(transparent)]
+    Credentials(#[from] crate::auth::AuthError),
+    /// The HTTP client could not be built.
+    #[error("cannot set up the HTTP client: {0}")]
+    Client(String),
+}
+
+impl RegistryError {
+    /// Whether trying the whole operation again may succeed (transport errors, 5xx, 429).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RegistryError::Transport { .. } => true,
+            RegistryError::Status { status, .. } => *status == 429 || *status >= 500,
+            RegistryError::Io { .. } => false,
+            _ => false,
+        }
+    }
+}
