@@ -5,8 +5,10 @@
 //! - [`shell::Lexer`] is BuildKit's shell lexer (quotes, escapes, `${V:-w}` expansion).
 
 pub mod ast;
+pub mod dockerignore;
 pub mod error;
 pub mod instructions;
+pub mod lint;
 mod json;
 mod parser;
 pub mod shell;

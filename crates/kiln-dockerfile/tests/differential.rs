@@ -102,3 +102,118 @@ fn parser_matches_buildkit_and_e2b_on_corpus_and_10000_generated_files() {
         show(&e2b_diffs)
     );
 }
+
+const WORD_PIECES: &[&str] = &[
+    "$A", "${A}", "${U}", "$E", "${A:-w}", "${U:-w}", "${E:-w}", "${U-w}", "${E-w}", "${A:+x}",
+    "${U:+x}", "${E+x}", "${A#*.}", "${A##*.}", "${A%.*}", "${A%%.*}", "${A/l/L}", "${A//l/L}",
+    "${P//\\//:}", "${A:?no}", "${U?}", "${E:?}", "'$A'", "\"$A\"", "\"a b\"", "'c d'", "\\$A",
+    "\\\\", "\\\"", " ", "  ", "\t", "x", "y=z", "$", "${", "${A", "${}", "${A:}", "${A:=x}",
+    "\"${A} and $E\"", "'", "\"", "${S}", "$S", "\"$S\"", "${A#h*}", "${A%?z}", "${A/*/X}", "<<",
+    "${U:-$A}", "${U:-\"q w\"}", "\\ ", "`", "${A#\\*}", "$1", "$@", "${A%%\\}}", "é",
+];
+
+#[test]
+fn expansion_matches_e2b_shell_lexer() {
+    let env: Vec<(&str, &str)> = vec![
+        ("A", "hello.tar.gz"),
+        ("E", ""),
+        ("P", "/usr/local/bin"),
+        ("S", "two words"),
+    ];
+    let mut r = Rng::new(7);
+    let mut reqs = Vec::new();
+    for _ in 0..4000 {
+        let mut w = String::new();
+        for _ in 0..r.below(4) + 1 {
+            w.push_str(r.pick(WORD_PIECES));
+        }
+        let escape = if r.one_in(5) { "`" } else { "\\" };
+        reqs.push((w, escape));
+    }
+    let env_map: serde_json::Map<String, serde_json::Value> =
+        env.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let body: Vec<_> = reqs
+        .iter()
+        .map(|(w, e)| json!({"word": w, "escape": e, "env": env_map}))
+        .collect();
+    let Some(answer) = run_oracle(&json!({ "words": body })) else {
+        return;
+    };
+    let lookup = |n: &str| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+    let mut diffs = Vec::new();
+    let mut compared = 0;
+    for ((w, e), a) in reqs.iter().zip(answer["words"].as_array().expect("words")) {
+        let lex = kiln_dockerfile::shell::Lexer::new(e.chars().next().unwrap_or('\\'));
+        let ours = lex.expand(w, &lookup);
+        match (&ours, a.get("error")) {
+            (Ok(x), None) => {
+                compared += 1;
+                if json!(x.value) != a["value"] || json!(x.words) != a["words"] {
+                    diffs.push(format!(
+                        "{w:?} (escape {e}): ours {:?} {:?}, e2b {} {}",
+                        x.value, x.words, a["value"], a["words"]
+                    ));
+                }
+            }
+            (Err(_), Some(_)) => compared += 1,
+            (Ok(x), Some(err)) => diffs.push(format!("{w:?}: ours ok {:?}, e2b error {err}", x.value)),
+            (Err(x), None) => diffs.push(format!("{w:?}: ours error {x}, e2b {}", a["value"])),
+        }
+    }
+    eprintln!("compared {compared} expansions");
+    assert!(
+        diffs.is_empty(),
+        "{} expansion differences:\n{}",
+        diffs.len(),
+        diffs.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
+
+const IGNORE_PATTERNS: &[&str] = &[
+    "a", "a/b", "*.log", "!keep.log", "**/tmp", "b/**", "/c", "./d/../e", "!a/b/c", "**", "*",
+    "?", "f?o", "[a-c]x", "!**/*.md", "docs/**/*.md", "# c", "", "  g  ", "a/*/c", "!a/*", "x\\*y",
+    "**/", "node_modules", "!node_modules/keep",
+];
+const IGNORE_PATHS: &[&str] = &[
+    "a", "a/b", "a/b/c", "a/x", "keep.log", "x.log", "d/x.log", "tmp", "q/tmp", "q/tmp/r", "b",
+    "b/x", "b/x/y", "c", "c/d", "e", "d", "foo", "fo", "bx", "dx", "docs/a.md", "docs/x/y/z.md",
+    "README.md", "g", "a/q/c", "x*y", "xay", "node_modules/keep", "node_modules/other/f",
+];
+
+#[test]
+fn dockerignore_matches_e2b_matcher() {
+    let mut r = Rng::new(11);
+    let mut cases = Vec::new();
+    for _ in 0..1500 {
+        let pats: Vec<&str> = (0..r.below(5) + 1).map(|_| r.pick(IGNORE_PATTERNS)).collect();
+        cases.push(pats);
+    }
+    let body: Vec<_> = cases
+        .iter()
+        .map(|p| json!({"patterns": p, "paths": IGNORE_PATHS}))
+        .collect();
+    let Some(answer) = run_oracle(&json!({ "ignores": body })) else {
+        return;
+    };
+    let mut diffs = Vec::new();
+    for (pats, a) in cases.iter().zip(answer["ignores"].as_array().expect("ignores")) {
+        let ours = kiln_dockerfile::dockerignore::IgnoreMatcher::from_patterns(pats);
+        match (ours, a.get("error")) {
+            (Ok(m), None) => {
+                let got: Vec<bool> = IGNORE_PATHS.iter().map(|p| m.matches(p)).collect();
+                if json!(got) != a["matches"] {
+                    diffs.push(format!("{pats:?}: ours {got:?} e2b {}", a["matches"]));
+                }
+            }
+            (Err(_), Some(_)) => {}
+            (Ok(_), Some(e)) => diffs.push(format!("{pats:?}: e2b error {e}, ours ok")),
+            (Err(e), None) => diffs.push(format!("{pats:?}: ours error {e}, e2b ok")),
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} .dockerignore differences:\n{}",
+        diffs.len(),
+        diffs.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+    );
+}
