@@ -66,7 +66,10 @@ impl App {
     }
 
     fn forget_session(&self, id: &str) {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 }
 
@@ -85,7 +88,8 @@ fn builder(status: StatusCode) -> hyper::http::response::Builder {
 }
 
 fn finish(b: hyper::http::response::Builder, body: Body) -> Resp {
-    b.body(body).map_err(|e| ApiError::internal("building response", e))
+    b.body(body)
+        .map_err(|e| ApiError::internal("building response", e))
 }
 
 pub(crate) fn error_response(e: &ApiError, head: bool) -> Response<Body> {
@@ -96,7 +100,8 @@ pub(crate) fn error_response(e: &ApiError, head: bool) -> Response<Body> {
     if let Some(c) = &e.challenge {
         b = b.header(header::WWW_AUTHENTICATE, c);
     }
-    b.body(if head { empty() } else { full(body) }).unwrap_or_else(|_| Response::new(empty()))
+    b.body(if head { empty() } else { full(body) })
+        .unwrap_or_else(|_| Response::new(empty()))
 }
 
 async fn blocking<T: Send + 'static>(
@@ -154,7 +159,10 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
 }
 
 fn query<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    pairs
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 fn parse_route(path: &str) -> Result<Route, ApiError> {
@@ -234,7 +242,8 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Bo
             .unwrap_or(0)
     });
     let elapsed = start.elapsed();
-    app.metrics.observe(method.as_str(), status, bytes_in, bytes_out, elapsed);
+    app.metrics
+        .observe(method.as_str(), status, bytes_in, bytes_out, elapsed);
     tracing::info!(
         target: "kiln_registry::access",
         "{method} {path} {status} in={bytes_in} out={bytes_out} {:.3}ms",
@@ -254,8 +263,12 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
     let scope = match &route {
         Route::Base | Route::Token => Scope::Base,
         Route::Catalog => Scope::Catalog,
-        Route::Tags(n) | Route::Manifest(n, _) | Route::Blob(n, _) | Route::UploadStart(n)
-        | Route::Upload(n, _) | Route::Referrers(n, _) => Scope::Repository {
+        Route::Tags(n)
+        | Route::Manifest(n, _)
+        | Route::Blob(n, _)
+        | Route::UploadStart(n)
+        | Route::Upload(n, _)
+        | Route::Referrers(n, _) => Scope::Repository {
             name: n.clone(),
             action: match method {
                 Method::DELETE => "delete",
@@ -269,14 +282,17 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
     }
     app.auth.check(req.headers(), &scope).await?;
     if writes && app.read_only {
-        return Err(ApiError::new(Code::Unsupported, "the registry is in read-only mode")
-            .with_status(StatusCode::METHOD_NOT_ALLOWED));
+        return Err(
+            ApiError::new(Code::Unsupported, "the registry is in read-only mode")
+                .with_status(StatusCode::METHOD_NOT_ALLOWED),
+        );
     }
     let q = query_pairs(req.uri().query());
     match (route, method) {
-        (Route::Base, Method::GET | Method::HEAD) => {
-            finish(builder(StatusCode::OK).header(header::CONTENT_TYPE, "application/json"), full("{}"))
-        }
+        (Route::Base, Method::GET | Method::HEAD) => finish(
+            builder(StatusCode::OK).header(header::CONTENT_TYPE, "application/json"),
+            full("{}"),
+        ),
         (Route::Catalog, Method::GET) => catalog(app, &q).await,
         (Route::Tags(n), Method::GET) => tags_list(app, n, &q).await,
         (Route::Manifest(n, r), Method::GET) => get_manifest(app, n, r, false).await,
@@ -321,7 +337,11 @@ fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
         (size.saturating_sub(n), size.checked_sub(1)?)
     } else {
         let s: u64 = a.parse().ok()?;
-        let e: u64 = if b.is_empty() { size.checked_sub(1)? } else { b.parse().ok()? };
+        let e: u64 = if b.is_empty() {
+            size.checked_sub(1)?
+        } else {
+            b.parse().ok()?
+        };
         (s, e.min(size.checked_sub(1)?))
     };
     (start <= end && start < size).then_some((start, end))
@@ -397,7 +417,10 @@ async fn delete_blob(app: &Arc<App>, name: String, d: String) -> Resp {
         return Err(ApiError::new(Code::BlobUnknown, "blob unknown to registry")
             .with_detail(serde_json::json!({ "digest": d.to_string() })));
     }
-    finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
+    finish(
+        builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
 }
 
 /// A staged file being appended to, with the running hash and byte count.
@@ -409,11 +432,7 @@ struct Sink {
 
 /// Appends the request body to `sink`, hashing as it goes, in batches on blocking threads.
 /// On a body error (truncated upload, client gone) the sink holds what was written so far.
-async fn append_body(
-    mut sink: Sink,
-    mut body: Incoming,
-    app: &App,
-) -> (Sink, Result<(), String>) {
+async fn append_body(mut sink: Sink, mut body: Incoming, app: &App) -> (Sink, Result<(), String>) {
     let mut buf: Vec<u8> = Vec::new();
     let mut result = Ok(());
     loop {
@@ -498,11 +517,18 @@ async fn start_upload(
         let from_ok = is_valid_repository(from)
             && app
                 .auth
-                .check(req.headers(), &Scope::Repository { name: from.to_owned(), action: "pull" })
+                .check(
+                    req.headers(),
+                    &Scope::Repository {
+                        name: from.to_owned(),
+                        action: "pull",
+                    },
+                )
                 .await
                 .is_ok();
         if from_ok {
-            let (store, from, to, dd) = (app.store.clone(), from.to_owned(), name.clone(), d.clone());
+            let (store, from, to, dd) =
+                (app.store.clone(), from.to_owned(), name.clone(), d.clone());
             if blocking("mounting blob", move || store.mount_blob(&from, &to, &dd)).await? {
                 return blob_created(&name, &d);
             }
@@ -528,7 +554,11 @@ async fn monolithic_upload(app: &Arc<App>, name: String, d: Digest, body: Incomi
     let store = app.store.clone();
     let n2 = name.clone();
     let (id, file) = blocking("creating upload", move || store.create_temp_upload(&n2)).await?;
-    let sink = Sink { file, hasher: Hasher::new(d.algorithm()), written: 0 };
+    let sink = Sink {
+        file,
+        hasher: Hasher::new(d.algorithm()),
+        written: 0,
+    };
     let (sink, r) = append_body(sink, body, app).await;
     let store = app.store.clone();
     let remove = {
@@ -545,12 +575,18 @@ async fn monolithic_upload(app: &Arc<App>, name: String, d: Digest, body: Incomi
     let got = sink.hasher.finish();
     if got != d {
         blocking("discarding upload", remove).await?;
-        return Err(ApiError::new(Code::DigestInvalid, "provided digest did not match uploaded content")
-            .with_detail(serde_json::json!({ "expected": d.to_string(), "actual": got.to_string() })));
+        return Err(ApiError::new(
+            Code::DigestInvalid,
+            "provided digest did not match uploaded content",
+        )
+        .with_detail(serde_json::json!({ "expected": d.to_string(), "actual": got.to_string() })));
     }
     let (n2, dd) = (name.clone(), d.clone());
     let file = sink.file;
-    blocking("committing blob", move || store.commit_upload(&n2, &id, file, &dd)).await?;
+    blocking("committing blob", move || {
+        store.commit_upload(&n2, &id, file, &dd)
+    })
+    .await?;
     blob_created(&name, &d)
 }
 
@@ -573,7 +609,10 @@ async fn upload_status(app: &Arc<App>, name: String, id: String) -> Resp {
 /// Parses a `Content-Range` of an upload chunk: `<start>-<end>` (optionally `bytes `-prefixed).
 fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     let v = v.trim();
-    let v = v.strip_prefix("bytes=").or_else(|| v.strip_prefix("bytes ")).unwrap_or(v);
+    let v = v
+        .strip_prefix("bytes=")
+        .or_else(|| v.strip_prefix("bytes "))
+        .unwrap_or(v);
     let v = v.split('/').next()?;
     let (a, b) = v.split_once('-')?;
     let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
@@ -596,8 +635,9 @@ async fn open_sink(
         .ok_or_else(|| upload_unknown(id))?;
     if let Some(cr) = headers.get(header::CONTENT_RANGE) {
         let cr = cr.to_str().ok().and_then(parse_content_range);
-        let len: Option<u64> =
-            headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+        let len: Option<u64> = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let ok = match cr {
             Some((s, e)) => s == size && len.is_none_or(|l| l == e - s + 1),
             None => false,
@@ -632,16 +672,16 @@ async fn open_sink(
             h
         }
     };
-    Ok(Sink { file, hasher, written: size })
+    Ok(Sink {
+        file,
+        hasher,
+        written: size,
+    })
 }
 
 /// Appends the body; on failure cuts the staged file back to where the chunk started so a
 /// truncated chunk leaves the upload resumable from its last good size.
-async fn append_or_rollback(
-    app: &Arc<App>,
-    sink: Sink,
-    body: Incoming,
-) -> Result<Sink, ApiError> {
+async fn append_or_rollback(app: &Arc<App>, sink: Sink, body: Incoming) -> Result<Sink, ApiError> {
     let start = sink.written;
     let saved = sink.hasher.clone();
     let (mut sink, r) = append_body(sink, body, app).await;
@@ -651,7 +691,11 @@ async fn append_or_rollback(
         drop(saved);
         return Err(ApiError::new(Code::BlobUploadInvalid, e));
     }
-    sink.written = sink.file.metadata().map(|m| m.len()).unwrap_or(sink.written);
+    sink.written = sink
+        .file
+        .metadata()
+        .map(|m| m.len())
+        .unwrap_or(sink.written);
     Ok(sink)
 }
 
@@ -684,7 +728,11 @@ async fn put_upload(
     let d = parse_digest(query(q, "digest").unwrap_or(""))?;
     let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
     let sink = append_or_rollback(app, sink, req.into_body()).await?;
-    let Sink { mut file, hasher, written } = sink;
+    let Sink {
+        mut file,
+        hasher,
+        written,
+    } = sink;
     let got = if d.algorithm() == Algorithm::Sha256 {
         hasher.finish()
     } else {
@@ -701,13 +749,19 @@ async fn put_upload(
     if got != d {
         // The upload stays open at its current size so the client may retry the PUT.
         *state = None;
-        return Err(ApiError::new(Code::DigestInvalid, "provided digest did not match uploaded content")
-            .with_detail(serde_json::json!({
-                "expected": d.to_string(), "actual": got.to_string(), "size": written
-            })));
+        return Err(ApiError::new(
+            Code::DigestInvalid,
+            "provided digest did not match uploaded content",
+        )
+        .with_detail(serde_json::json!({
+            "expected": d.to_string(), "actual": got.to_string(), "size": written
+        })));
     }
     let (n2, i2, dd) = (name.clone(), id.clone(), d.clone());
-    blocking("committing blob", move || store.commit_upload(&n2, &i2, file, &dd)).await?;
+    blocking("committing blob", move || {
+        store.commit_upload(&n2, &i2, file, &dd)
+    })
+    .await?;
     drop(state);
     app.forget_session(&id);
     blob_created(&name, &d)
@@ -723,7 +777,10 @@ async fn cancel_upload(app: &Arc<App>, name: String, id: String) -> Resp {
     if !found {
         return Err(upload_unknown(&id));
     }
-    finish(builder(StatusCode::NO_CONTENT).header(header::CONTENT_LENGTH, 0), empty())
+    finish(
+        builder(StatusCode::NO_CONTENT).header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
 }
 
 // ------------------------------------------------------------------------------- manifests
@@ -746,14 +803,22 @@ fn check_reference(reference: &str) -> Result<(), ApiError> {
 
 async fn get_manifest(app: &Arc<App>, name: String, reference: String, head: bool) -> Resp {
     check_reference(&reference).map_err(|e| {
-        if head { manifest_unknown(&reference) } else { e }
+        if head {
+            manifest_unknown(&reference)
+        } else {
+            e
+        }
     })?;
     let store = app.store.clone();
     let r2 = reference.clone();
     let m = if head {
         blocking("reading manifest", move || {
-            let Some(d) = store.resolve(&name, &r2)? else { return Ok(None) };
-            let Some(mt) = store.manifest_media_type(&name, &d)? else { return Ok(None) };
+            let Some(d) = store.resolve(&name, &r2)? else {
+                return Ok(None);
+            };
+            let Some(mt) = store.manifest_media_type(&name, &d)? else {
+                return Ok(None);
+            };
             match std::fs::metadata(store.blob_path(&d)) {
                 Ok(md) => Ok(Some((d, mt, md.len(), None))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -783,8 +848,11 @@ async fn get_manifest(app: &Arc<App>, name: String, reference: String, head: boo
 
 async fn read_limited(body: Incoming, limit: usize, app: &App) -> Result<Vec<u8>, ApiError> {
     let too_big = || {
-        ApiError::new(Code::SizeInvalid, format!("manifest exceeds the {limit} byte limit"))
-            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+        ApiError::new(
+            Code::SizeInvalid,
+            format!("manifest exceeds the {limit} byte limit"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
     };
     if body.size_hint().lower() > limit as u64 {
         return Err(too_big());
@@ -792,7 +860,8 @@ async fn read_limited(body: Incoming, limit: usize, app: &App) -> Result<Vec<u8>
     let mut body = body;
     let mut out = Vec::new();
     while let Some(f) = body.frame().await {
-        let f = f.map_err(|e| ApiError::new(Code::ManifestInvalid, format!("reading body: {e}")))?;
+        let f =
+            f.map_err(|e| ApiError::new(Code::ManifestInvalid, format!("reading body: {e}")))?;
         if let Ok(d) = f.into_data() {
             app.metrics.add_bytes_in(d.len() as u64);
             if out.len() + d.len() > limit {
@@ -804,7 +873,12 @@ async fn read_limited(body: Incoming, limit: usize, app: &App) -> Result<Vec<u8>
     Ok(out)
 }
 
-async fn put_manifest(app: &Arc<App>, name: String, reference: String, req: Request<Incoming>) -> Resp {
+async fn put_manifest(
+    app: &Arc<App>,
+    name: String,
+    reference: String,
+    req: Request<Incoming>,
+) -> Resp {
     check_reference(&reference)?;
     let content_type = req
         .headers()
@@ -837,8 +911,13 @@ async fn put_manifest(app: &Arc<App>, name: String, reference: String, req: Requ
         let want = parse_digest(&reference)?;
         let got = Digest::of(want.algorithm(), &bytes);
         if got != want {
-            return Err(ApiError::new(Code::DigestInvalid, "manifest digest did not match the reference")
-                .with_detail(serde_json::json!({ "expected": want.to_string(), "actual": got.to_string() })));
+            return Err(ApiError::new(
+                Code::DigestInvalid,
+                "manifest digest did not match the reference",
+            )
+            .with_detail(
+                serde_json::json!({ "expected": want.to_string(), "actual": got.to_string() }),
+            ));
         }
         (want, None)
     } else {
@@ -877,8 +956,11 @@ async fn put_manifest(app: &Arc<App>, name: String, reference: String, req: Requ
     })
     .await?;
     if let Some(m) = missing {
-        return Err(ApiError::new(Code::ManifestBlobUnknown, "manifest references a blob unknown to the repository")
-            .with_detail(serde_json::json!({ "digest": m.to_string() })));
+        return Err(ApiError::new(
+            Code::ManifestBlobUnknown,
+            "manifest references a blob unknown to the repository",
+        )
+        .with_detail(serde_json::json!({ "digest": m.to_string() })));
     }
     let mut b = builder(StatusCode::CREATED)
         .header(header::LOCATION, format!("/v2/{name}/manifests/{digest}"))
@@ -906,13 +988,19 @@ async fn delete_manifest(app: &Arc<App>, name: String, reference: String) -> Res
     if !found {
         return Err(manifest_unknown(&reference));
     }
-    finish(builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0), empty())
+    finish(
+        builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
+        empty(),
+    )
 }
 
 // ------------------------------------------------------------------------------- discovery
 
 /// Applies `n`/`last` to a sorted list; returns the page and whether more follow.
-fn paginate(all: Vec<String>, q: &[(String, String)]) -> Result<(Vec<String>, Option<usize>, bool), ApiError> {
+fn paginate(
+    all: Vec<String>,
+    q: &[(String, String)],
+) -> Result<(Vec<String>, Option<usize>, bool), ApiError> {
     let n = match query(q, "n") {
         None | Some("") => None,
         Some(v) => Some(v.parse::<usize>().map_err(|_| {
@@ -939,10 +1027,12 @@ fn link_header(path: &str, n: Option<usize>, last: Option<&String>) -> Option<St
 async fn tags_list(app: &Arc<App>, name: String, q: &[(String, String)]) -> Resp {
     let store = app.store.clone();
     let n2 = name.clone();
-    let tags = blocking("listing tags", move || store.tags(&n2)).await?.ok_or_else(|| {
-        ApiError::new(Code::NameUnknown, "repository name not known to registry")
-            .with_detail(serde_json::json!({ "name": name }))
-    })?;
+    let tags = blocking("listing tags", move || store.tags(&n2))
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(Code::NameUnknown, "repository name not known to registry")
+                .with_detail(serde_json::json!({ "name": name }))
+        })?;
     let (page, n, more) = paginate(tags, q)?;
     let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": page }))
         .map_err(|e| ApiError::internal("encoding tags", e))?;
@@ -976,12 +1066,16 @@ async fn catalog(app: &Arc<App>, q: &[(String, String)]) -> Resp {
 
 async fn referrers(app: &Arc<App>, name: String, d: String, q: &[(String, String)]) -> Resp {
     let d = parse_digest(&d)?;
-    let filter = query(q, "artifactType").filter(|s| !s.is_empty()).map(str::to_owned);
+    let filter = query(q, "artifactType")
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned);
     let store = app.store.clone();
     let entries = blocking("listing referrers", move || store.referrers(&name, &d)).await?;
     let mut manifests = Vec::new();
     for e in entries {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e) else {
+            continue;
+        };
         if let Some(f) = &filter {
             if v.get("artifactType").and_then(|a| a.as_str()) != Some(f.as_str()) {
                 continue;
@@ -1018,10 +1112,16 @@ async fn metrics(app: &Arc<App>) -> Resp {
 
 async fn token(app: &Arc<App>, req: &Request<Incoming>) -> Resp {
     let q = query_pairs(req.uri().query());
-    let scopes: Vec<&str> = q.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).collect();
+    let scopes: Vec<&str> = q
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.as_str())
+        .collect();
     let token = app.auth.issue_for_request(req.headers(), &scopes).await?;
-    let body = serde_json::to_vec(&serde_json::json!({ "token": token, "access_token": token, "expires_in": 3600 }))
-        .map_err(|e| ApiError::internal("encoding token", e))?;
+    let body = serde_json::to_vec(
+        &serde_json::json!({ "token": token, "access_token": token, "expires_in": 3600 }),
+    )
+    .map_err(|e| ApiError::internal("encoding token", e))?;
     finish(
         builder(StatusCode::OK)
             .header(header::CONTENT_TYPE, "application/json")

@@ -88,7 +88,10 @@ pub(crate) struct Auth {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Reads an htpasswd file of `user:bcrypt-hash` lines.
@@ -101,16 +104,19 @@ pub(crate) fn load_htpasswd(path: &Path) -> Result<HashMap<String, String>, Regi
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (user, hash) = line.split_once(':').ok_or_else(|| RegistryError::Htpasswd {
-            path: path.to_owned(),
-            line: i + 1,
-            reason: "expected user:hash".into(),
-        })?;
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| RegistryError::Htpasswd {
+                path: path.to_owned(),
+                line: i + 1,
+                reason: "expected user:hash".into(),
+            })?;
         if !hash.starts_with("$2") {
             return Err(RegistryError::Htpasswd {
                 path: path.to_owned(),
                 line: i + 1,
-                reason: "only bcrypt hashes ($2y$...) are supported; create with `htpasswd -B`".into(),
+                reason: "only bcrypt hashes ($2y$...) are supported; create with `htpasswd -B`"
+                    .into(),
             });
         }
         users.insert(user.to_owned(), hash.to_owned());
@@ -143,7 +149,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Signs a token (HS256 JWT) granting `access` to `subject` for `ttl_secs`, for `service`.
-pub fn issue_token(key: &[u8], service: &str, subject: &str, access: Vec<TokenAccess>, ttl_secs: u64) -> String {
+pub fn issue_token(
+    key: &[u8],
+    service: &str,
+    subject: &str,
+    access: Vec<TokenAccess>,
+    ttl_secs: u64,
+) -> String {
     let t = now();
     let claims = Claims {
         iss: "kiln".into(),
@@ -168,17 +180,28 @@ pub fn parse_scope(scope: &str) -> Option<TokenAccess> {
     Some(TokenAccess {
         kind: kind.into(),
         name: name.into(),
-        actions: actions.split(',').filter(|a| !a.is_empty()).map(str::to_owned).collect(),
+        actions: actions
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
     })
 }
 
 impl Auth {
     pub(crate) fn new(users: Option<HashMap<String, String>>, token: Option<TokenConfig>) -> Auth {
-        Auth { users, token, verified: Mutex::new(HashMap::new()) }
+        Auth {
+            users,
+            token,
+            verified: Mutex::new(HashMap::new()),
+        }
     }
 
     fn unauthorized(&self, scope: &Scope, why: &str) -> ApiError {
-        let mut e = ApiError::new(Code::Unauthorized, format!("authentication required: {why}"));
+        let mut e = ApiError::new(
+            Code::Unauthorized,
+            format!("authentication required: {why}"),
+        );
         e.challenge = Some(match &self.token {
             Some(t) => {
                 let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", t.realm, t.service);
@@ -197,7 +220,9 @@ impl Auth {
         if self.users.is_none() && self.token.is_none() {
             return Ok(());
         }
-        let authz = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let authz = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         if let Some(t) = &self.token {
             let Some(jwt) = authz.and_then(|a| a.strip_prefix("Bearer ")) else {
                 return Err(self.unauthorized(scope, "no bearer token"));
@@ -218,12 +243,19 @@ impl Auth {
     async fn basic_user(&self, authz: Option<&str>) -> Option<String> {
         let users = self.users.as_ref()?;
         let raw = authz?.strip_prefix("Basic ")?;
-        let decoded = base64::engine::general_purpose::STANDARD.decode(raw.trim()).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(raw.trim())
+            .ok()?;
         let key: [u8; 32] = Sha256::digest(&decoded).into();
         let text = String::from_utf8(decoded).ok()?;
         let (user, pass) = text.split_once(':')?;
         let hash = users.get(user)?.clone();
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&key) {
+        if self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&key)
+        {
             return Some(user.to_owned());
         }
         let pass = pass.to_owned();
@@ -231,7 +263,10 @@ impl Auth {
             .await
             .unwrap_or(false);
         if ok {
-            self.verified.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ());
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, ());
             Some(user.to_owned())
         } else {
             None
@@ -240,12 +275,20 @@ impl Auth {
 
     /// The built-in token endpoint: checks basic credentials (when htpasswd is configured)
     /// and grants the requested scopes.
-    pub(crate) async fn issue_for_request(&self, headers: &HeaderMap, scopes: &[&str]) -> Result<String, ApiError> {
+    pub(crate) async fn issue_for_request(
+        &self,
+        headers: &HeaderMap,
+        scopes: &[&str],
+    ) -> Result<String, ApiError> {
         let Some(t) = &self.token else {
-            return Err(ApiError::new(Code::Unsupported, "token auth is not configured")
-                .with_status(hyper::StatusCode::NOT_FOUND));
+            return Err(
+                ApiError::new(Code::Unsupported, "token auth is not configured")
+                    .with_status(hyper::StatusCode::NOT_FOUND),
+            );
         };
-        let authz = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let authz = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
         let subject = if self.users.is_some() {
             match self.basic_user(authz).await {
                 Some(u) => u,
@@ -258,14 +301,20 @@ impl Auth {
         } else {
             "anonymous".into()
         };
-        let access = scopes.iter().flat_map(|s| s.split(' ')).filter_map(parse_scope).collect();
+        let access = scopes
+            .iter()
+            .flat_map(|s| s.split(' '))
+            .filter_map(parse_scope)
+            .collect();
         Ok(issue_token(&t.key, &t.service, &subject, access, 3600))
     }
 }
 
 fn verify_token(t: &TokenConfig, jwt: &str) -> Result<Claims, String> {
     let mut parts = jwt.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err("malformed token".into());
     };
     let header: serde_json::Value = b64()
@@ -329,19 +378,38 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_and_grant_only_their_scope() {
-        let cfg = TokenConfig { realm: "r".into(), service: "svc".into(), key: b"k".to_vec() };
+        let cfg = TokenConfig {
+            realm: "r".into(),
+            service: "svc".into(),
+            key: b"k".to_vec(),
+        };
         let access = vec![parse_scope("repository:a/b:pull,push").unwrap()];
         let tok = issue_token(b"k", "svc", "u", access, 60);
         let claims = verify_token(&cfg, &tok).unwrap();
-        let push = Scope::Repository { name: "a/b".into(), action: "push" };
-        let del = Scope::Repository { name: "a/b".into(), action: "delete" };
-        let other = Scope::Repository { name: "c".into(), action: "pull" };
+        let push = Scope::Repository {
+            name: "a/b".into(),
+            action: "push",
+        };
+        let del = Scope::Repository {
+            name: "a/b".into(),
+            action: "delete",
+        };
+        let other = Scope::Repository {
+            name: "c".into(),
+            action: "pull",
+        };
         assert!(grants(&claims.access, &push));
         assert!(!grants(&claims.access, &del));
         assert!(!grants(&claims.access, &other));
-        let wrong_key = TokenConfig { key: b"other".to_vec(), ..cfg.clone() };
+        let wrong_key = TokenConfig {
+            key: b"other".to_vec(),
+            ..cfg.clone()
+        };
         assert!(verify_token(&wrong_key, &tok).is_err());
-        let wrong_aud = TokenConfig { service: "x".into(), ..cfg };
+        let wrong_aud = TokenConfig {
+            service: "x".into(),
+            ..cfg
+        };
         assert!(verify_token(&wrong_aud, &tok).is_err());
     }
 }

@@ -135,10 +135,18 @@ pub enum RegistryError {
     },
     /// The TLS certificate or key could not be loaded.
     #[error("TLS setup with certificate {cert} and key {key} failed: {reason}")]
-    Tls { cert: PathBuf, key: PathBuf, reason: String },
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
     /// The htpasswd file is unreadable or has a malformed line.
     #[error("htpasswd file {path}:{line}: {reason}")]
-    Htpasswd { path: PathBuf, line: usize, reason: String },
+    Htpasswd {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
     /// The configuration is inconsistent or could not be parsed.
     #[error("registry configuration: {0}")]
     Config(String),
@@ -146,6 +154,10 @@ pub enum RegistryError {
 
 impl RegistryError {
     pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        RegistryError::Io { what, path: path.into(), source }
+        RegistryError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
     }
 }

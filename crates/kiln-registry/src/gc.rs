@@ -31,7 +31,11 @@ pub struct GcOptions {
 
 impl Default for GcOptions {
     fn default() -> Self {
-        GcOptions { delete_untagged: false, dry_run: false, grace: Duration::from_secs(3600) }
+        GcOptions {
+            delete_untagged: false,
+            dry_run: false,
+            grace: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -50,7 +54,10 @@ pub struct GcReport {
 
 fn young(path: &Path, grace: Duration) -> bool {
     match fs::metadata(path).and_then(|m| m.modified()) {
-        Ok(t) => SystemTime::now().duration_since(t).map(|age| age < grace).unwrap_or(true),
+        Ok(t) => SystemTime::now()
+            .duration_since(t)
+            .map(|age| age < grace)
+            .unwrap_or(true),
         Err(_) => false,
     }
 }
@@ -58,7 +65,9 @@ fn young(path: &Path, grace: Duration) -> bool {
 fn list_digests(dir: &Path) -> Vec<Digest> {
     let mut out = Vec::new();
     for alg in ["sha256", "sha512"] {
-        let Ok(rd) = fs::read_dir(dir.join(alg)) else { continue };
+        let Ok(rd) = fs::read_dir(dir.join(alg)) else {
+            continue;
+        };
         for e in rd.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if let Ok(d) = format!("{alg}:{n}").parse::<Digest>() {
@@ -71,18 +80,25 @@ fn list_digests(dir: &Path) -> Vec<Digest> {
 
 /// Runs one garbage collection over the registry at `root`.
 pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, RegistryError> {
-    let store = Storage::open(root, true).map_err(|e| RegistryError::io("opening registry root", root, e))?;
+    let store = Storage::open(root, true)
+        .map_err(|e| RegistryError::io("opening registry root", root, e))?;
     let io = |what: &'static str| move |e| RegistryError::io(what, root, e);
     let _lock = store.gc_lock(true).map_err(io("locking gc.lock in"))?;
     let mut report = GcReport::default();
     let mut marked: HashSet<Digest> = HashSet::new();
 
-    for repo in store.repositories().map_err(io("listing repositories in"))? {
+    for repo in store
+        .repositories()
+        .map_err(io("listing repositories in"))?
+    {
         let rev_dir = store.repo_dir(&repo).join("_manifests/revisions");
         let revisions = list_digests(&rev_dir);
         let mut kept: HashSet<Digest> = HashSet::new();
         let mut queue: Vec<Digest> = Vec::new();
-        for (_, target) in store.tags_with_targets(&repo).map_err(io("reading tags in"))? {
+        for (_, target) in store
+            .tags_with_targets(&repo)
+            .map_err(io("reading tags in"))?
+        {
             if let Ok(d) = target.parse::<Digest>() {
                 queue.push(d);
             }
@@ -120,7 +136,9 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
             if !kept.contains(&d) {
                 report.manifests_deleted.push((repo.clone(), d.clone()));
                 if !opts.dry_run {
-                    store.delete_manifest(&repo, &d).map_err(io("deleting manifest in"))?;
+                    store
+                        .delete_manifest(&repo, &d)
+                        .map_err(io("deleting manifest in"))?;
                 }
             }
         }
@@ -128,9 +146,13 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
 
     let blob_root = root.join("blobs");
     for alg in ["sha256", "sha512"] {
-        let Ok(prefixes) = fs::read_dir(blob_root.join(alg)) else { continue };
+        let Ok(prefixes) = fs::read_dir(blob_root.join(alg)) else {
+            continue;
+        };
         for p in prefixes.flatten() {
-            let Ok(files) = fs::read_dir(p.path()) else { continue };
+            let Ok(files) = fs::read_dir(p.path()) else {
+                continue;
+            };
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
                 let path = f.path();
@@ -147,7 +169,8 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
                 }
                 report.bytes_freed += f.metadata().map(|m| m.len()).unwrap_or(0);
                 if !opts.dry_run {
-                    fs::remove_file(&path).map_err(|e| RegistryError::io("deleting blob", &path, e))?;
+                    fs::remove_file(&path)
+                        .map_err(|e| RegistryError::io("deleting blob", &path, e))?;
                 }
                 report.blobs_deleted.push(d);
             }
@@ -157,7 +180,10 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
     // but wrong; storage reads already require the blob, this keeps the tree tidy.
     if !opts.dry_run {
         let deleted: HashSet<&Digest> = report.blobs_deleted.iter().collect();
-        for repo in store.repositories().map_err(io("listing repositories in"))? {
+        for repo in store
+            .repositories()
+            .map_err(io("listing repositories in"))?
+        {
             let layers = store.repo_dir(&repo).join("_layers");
             for d in list_digests(&layers) {
                 if deleted.contains(&d) {

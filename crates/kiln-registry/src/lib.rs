@@ -112,7 +112,9 @@ pub struct Registry;
 impl Registry {
     /// A builder with default settings (loopback, port 5000, fsync on).
     pub fn builder() -> RegistryBuilder {
-        RegistryBuilder { config: Config::default() }
+        RegistryBuilder {
+            config: Config::default(),
+        }
     }
 }
 
@@ -178,7 +180,11 @@ pub struct RunningRegistry {
 impl RunningRegistry {
     /// `http://ADDR` or `https://ADDR`.
     pub fn url(&self) -> String {
-        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
     }
 
     /// `ADDR` for image references (`127.0.0.1:PORT/repo:tag`).

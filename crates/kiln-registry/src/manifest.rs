@@ -37,11 +37,15 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<References, String> {
     };
     if let Some(sv) = obj.get("schemaVersion") {
         if sv.as_u64() != Some(2) {
-            return Err(format!("unsupported schemaVersion {sv} (only 2 is supported)"));
+            return Err(format!(
+                "unsupported schemaVersion {sv} (only 2 is supported)"
+            ));
         }
     }
     let descriptor = |d: &Value, field: &str| -> Result<Option<Digest>, String> {
-        let o = d.as_object().ok_or_else(|| format!("{field} is not a descriptor object"))?;
+        let o = d
+            .as_object()
+            .ok_or_else(|| format!("{field} is not a descriptor object"))?;
         let digest = o
             .get("digest")
             .and_then(Value::as_str)
@@ -54,7 +58,10 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<References, String> {
             }
         }
         // Foreign (non-distributable) layers live at their URLs, not in this registry.
-        let foreign = o.get("urls").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+        let foreign = o
+            .get("urls")
+            .and_then(Value::as_array)
+            .is_some_and(|a| !a.is_empty());
         Ok(if foreign { None } else { Some(digest) })
     };
     let mut config_type = None;
@@ -62,11 +69,16 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<References, String> {
         if let Some(d) = descriptor(c, "config")? {
             r.blobs.push(d);
         }
-        config_type = c.get("mediaType").and_then(Value::as_str).map(str::to_owned);
+        config_type = c
+            .get("mediaType")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
     }
     for field in ["layers", "blobs"] {
         if let Some(ls) = obj.get(field) {
-            let arr = ls.as_array().ok_or_else(|| format!("{field} is not an array"))?;
+            let arr = ls
+                .as_array()
+                .ok_or_else(|| format!("{field} is not an array"))?;
             for (i, l) in arr.iter().enumerate() {
                 if let Some(d) = descriptor(l, &format!("{field}[{i}]"))? {
                     r.blobs.push(d);
@@ -135,8 +147,12 @@ mod tests {
 
     #[test]
     fn malformed_manifests_are_rejected_with_a_reason() {
-        for bad in [&b"{"[..], b"[]", b"{\"schemaVersion\":2}", b"{\"layers\":[{\"digest\":\"sha256:zz\"}]}"]
-        {
+        for bad in [
+            &b"{"[..],
+            b"[]",
+            b"{\"schemaVersion\":2}",
+            b"{\"layers\":[{\"digest\":\"sha256:zz\"}]}",
+        ] {
             assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
     }

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Histogram bucket upper bounds, in seconds.
-const BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
+];
 
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -47,16 +49,41 @@ impl Metrics {
         let mut s = String::new();
         s.push_str("# HELP kiln_registry_requests_total HTTP requests by method and status.\n");
         s.push_str("# TYPE kiln_registry_requests_total counter\n");
-        for ((m, st), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(s, "kiln_registry_requests_total{{method=\"{m}\",status=\"{st}\"}} {n}");
+        for ((m, st), n) in self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "kiln_registry_requests_total{{method=\"{m}\",status=\"{st}\"}} {n}"
+            );
         }
-        let _ = writeln!(s, "# HELP kiln_registry_received_bytes_total Request body bytes received.");
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_received_bytes_total Request body bytes received."
+        );
         let _ = writeln!(s, "# TYPE kiln_registry_received_bytes_total counter");
-        let _ = writeln!(s, "kiln_registry_received_bytes_total {}", self.bytes_in.load(Relaxed));
-        let _ = writeln!(s, "# HELP kiln_registry_sent_bytes_total Response body bytes sent.");
+        let _ = writeln!(
+            s,
+            "kiln_registry_received_bytes_total {}",
+            self.bytes_in.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_sent_bytes_total Response body bytes sent."
+        );
         let _ = writeln!(s, "# TYPE kiln_registry_sent_bytes_total counter");
-        let _ = writeln!(s, "kiln_registry_sent_bytes_total {}", self.bytes_out.load(Relaxed));
-        let _ = writeln!(s, "# HELP kiln_registry_request_duration_seconds Request latency.");
+        let _ = writeln!(
+            s,
+            "kiln_registry_sent_bytes_total {}",
+            self.bytes_out.load(Relaxed)
+        );
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_request_duration_seconds Request latency."
+        );
         let _ = writeln!(s, "# TYPE kiln_registry_request_duration_seconds histogram");
         for (i, b) in BUCKETS.iter().enumerate() {
             let _ = writeln!(
@@ -66,14 +93,20 @@ impl Metrics {
             );
         }
         let count = self.count.load(Relaxed);
-        let _ = writeln!(s, "kiln_registry_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            s,
+            "kiln_registry_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             s,
             "kiln_registry_request_duration_seconds_sum {}",
             self.sum_micros.load(Relaxed) as f64 / 1e6
         );
         let _ = writeln!(s, "kiln_registry_request_duration_seconds_count {count}");
-        let _ = writeln!(s, "# HELP kiln_registry_storage_bytes Bytes in the blob store.");
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_storage_bytes Bytes in the blob store."
+        );
         let _ = writeln!(s, "# TYPE kiln_registry_storage_bytes gauge");
         let _ = writeln!(s, "kiln_registry_storage_bytes {storage_bytes}");
         s

@@ -55,7 +55,10 @@ pub(crate) fn is_valid_tag(tag: &str) -> bool {
         return false;
     }
     let first = b[0].is_ascii_alphanumeric() || b[0] == b'_';
-    first && b[1..].iter().all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
+    first
+        && b[1..]
+            .iter()
+            .all(|&x| x.is_ascii_alphanumeric() || matches!(x, b'_' | b'.' | b'-'))
 }
 
 #[cfg(test)]
@@ -64,7 +67,13 @@ mod tests {
 
     #[test]
     fn repository_grammar_accepts_nested_names_and_rejects_traversal() {
-        for ok in ["a", "library/busybox", "a.b/c__d/e-f--g", "x0/1/2/3", "ab_c"] {
+        for ok in [
+            "a",
+            "library/busybox",
+            "a.b/c__d/e-f--g",
+            "x0/1/2/3",
+            "ab_c",
+        ] {
             assert!(is_valid_repository(ok), "{ok}");
         }
         for bad in [

@@ -21,9 +21,17 @@ fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Regis
     let (cert, key) = match (&cfg.tls_cert, &cfg.tls_key) {
         (None, None) => return Ok(None),
         (Some(c), Some(k)) => (c, k),
-        _ => return Err(RegistryError::Config("--tls-cert and --tls-key go together".into())),
+        _ => {
+            return Err(RegistryError::Config(
+                "--tls-cert and --tls-key go together".into(),
+            ))
+        }
     };
-    let fail = |reason: String| RegistryError::Tls { cert: cert.clone(), key: key.clone(), reason };
+    let fail = |reason: String| RegistryError::Tls {
+        cert: cert.clone(),
+        key: key.clone(),
+        reason,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| fail(format!("reading certificate: {e}")))?
         .collect::<Result<_, _>>()
@@ -45,17 +53,27 @@ fn build_auth(cfg: &Config) -> Result<Auth, RegistryError> {
     let token = match (&cfg.token_realm, &cfg.token_key) {
         (None, None) => None,
         (Some(realm), Some(key)) => {
-            let key = std::fs::read(key).map_err(|e| RegistryError::io("reading token key", key, e))?;
+            let key =
+                std::fs::read(key).map_err(|e| RegistryError::io("reading token key", key, e))?;
             if key.len() < 16 {
-                return Err(RegistryError::Config("the token key must be at least 16 bytes".into()));
+                return Err(RegistryError::Config(
+                    "the token key must be at least 16 bytes".into(),
+                ));
             }
             Some(TokenConfig {
                 realm: realm.clone(),
-                service: cfg.token_service.clone().unwrap_or_else(|| "kiln-registry".into()),
+                service: cfg
+                    .token_service
+                    .clone()
+                    .unwrap_or_else(|| "kiln-registry".into()),
                 key,
             })
         }
-        _ => return Err(RegistryError::Config("--token-realm and --token-key go together".into())),
+        _ => {
+            return Err(RegistryError::Config(
+                "--token-realm and --token-key go together".into(),
+            ))
+        }
     };
     Ok(Auth::new(users, token))
 }
@@ -67,10 +85,14 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
     let auth = build_auth(&cfg)?;
     let listener = TcpListener::bind(&cfg.addr)
         .await
-        .map_err(|e| RegistryError::Bind { addr: cfg.addr.clone(), source: e })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| RegistryError::Bind { addr: cfg.addr.clone(), source: e })?;
+        .map_err(|e| RegistryError::Bind {
+            addr: cfg.addr.clone(),
+            source: e,
+        })?;
+    let addr = listener.local_addr().map_err(|e| RegistryError::Bind {
+        addr: cfg.addr.clone(),
+        source: e,
+    })?;
     let app = Arc::new(App::new(store, cfg.read_only, cfg.max_manifest_bytes, auth));
     let (tx, rx) = watch::channel(false);
     let is_tls = tls.is_some();
@@ -88,7 +110,12 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
         tokio::spawn(periodic_gc(cfg.root.clone(), every, opts, rx.clone()));
     }
     let task = tokio::spawn(accept_loop(listener, tls, app, rx));
-    Ok(RunningRegistry { addr, tls: is_tls, shutdown: tx, task: Some(task) })
+    Ok(RunningRegistry {
+        addr,
+        tls: is_tls,
+        shutdown: tx,
+        task: Some(task),
+    })
 }
 
 async fn periodic_gc(
@@ -140,7 +167,8 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         while conns.try_join_next().is_some() {}
-        let (app, builder, tls, mut stop) = (app.clone(), builder.clone(), tls.clone(), stop.clone());
+        let (app, builder, tls, mut stop) =
+            (app.clone(), builder.clone(), tls.clone(), stop.clone());
         conns.spawn(async move {
             let svc = service_fn(move |req| {
                 let app = app.clone();
@@ -148,7 +176,9 @@ async fn accept_loop(
             });
             match tls {
                 Some(acc) => {
-                    let Ok(s) = acc.accept(stream).await else { return };
+                    let Ok(s) = acc.accept(stream).await else {
+                        return;
+                    };
                     serve(&builder, TokioIo::new(s), svc, &mut stop).await
                 }
                 None => serve(&builder, TokioIo::new(stream), svc, &mut stop).await,
@@ -163,11 +193,17 @@ async fn accept_loop(
     .await;
 }
 
-async fn serve<I, S>(builder: &auto::Builder<TokioExecutor>, io: I, svc: S, stop: &mut watch::Receiver<bool>)
-where
+async fn serve<I, S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    svc: S,
+    stop: &mut watch::Receiver<bool>,
+) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: hyper::service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<api::Body>>
-        + Send
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<api::Body>,
+        > + Send
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,

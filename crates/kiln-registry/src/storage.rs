@@ -53,7 +53,10 @@ impl Storage {
         for d in ["blobs", "uploads", "repos"] {
             fs::create_dir_all(root.join(d))?;
         }
-        Ok(Storage { root: root.to_owned(), sync })
+        Ok(Storage {
+            root: root.to_owned(),
+            sync,
+        })
     }
 
     // ---------------------------------------------------------------- locking
@@ -65,7 +68,11 @@ impl Storage {
             .truncate(false)
             .write(true)
             .open(self.root.join("gc.lock"))?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
         loop {
             // SAFETY: flock on a descriptor we own; no memory is passed.
             let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
@@ -83,7 +90,11 @@ impl Storage {
 
     pub(crate) fn blob_path(&self, d: &Digest) -> PathBuf {
         let hex = d.hex();
-        self.root.join("blobs").join(d.algorithm().name()).join(&hex[..2]).join(hex)
+        self.root
+            .join("blobs")
+            .join(d.algorithm().name())
+            .join(&hex[..2])
+            .join(hex)
     }
 
     pub(crate) fn repo_dir(&self, name: &str) -> PathBuf {
@@ -91,7 +102,10 @@ impl Storage {
     }
 
     fn layer_link(&self, name: &str, d: &Digest) -> PathBuf {
-        self.repo_dir(name).join("_layers").join(d.algorithm().name()).join(d.hex())
+        self.repo_dir(name)
+            .join("_layers")
+            .join(d.algorithm().name())
+            .join(d.hex())
     }
 
     fn revision_link(&self, name: &str, d: &Digest) -> PathBuf {
@@ -129,7 +143,9 @@ impl Storage {
 
     /// Renames `from` to `to`, creating `to`'s parent on demand, then syncs the parent.
     fn rename_into_place(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let parent = to.parent().ok_or_else(|| io::Error::other("path without parent"))?;
+        let parent = to
+            .parent()
+            .ok_or_else(|| io::Error::other("path without parent"))?;
         match fs::rename(from, to) {
             Err(e) if e.kind() == ErrorKind::NotFound && from.exists() => {
                 fs::create_dir_all(parent)?;
@@ -142,7 +158,9 @@ impl Storage {
 
     /// Writes `data` to `path` atomically: temp file beside it, fsync, rename, fsync dir.
     fn write_atomic(&self, path: &Path, data: &[u8]) -> io::Result<()> {
-        let parent = path.parent().ok_or_else(|| io::Error::other("path without parent"))?;
+        let parent = path
+            .parent()
+            .ok_or_else(|| io::Error::other("path without parent"))?;
         let tmp = parent.join(format!(".tmp-{}", random_hex(8)));
         let mut f = match File::create(&tmp) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -151,7 +169,9 @@ impl Storage {
             }
             r => r?,
         };
-        let res = f.write_all(data).and_then(|()| if self.sync { f.sync_data() } else { Ok(()) });
+        let res = f
+            .write_all(data)
+            .and_then(|()| if self.sync { f.sync_data() } else { Ok(()) });
         drop(f);
         if let Err(e) = res.and_then(|()| self.rename_into_place(&tmp, path)) {
             let _ = fs::remove_file(&tmp);
@@ -177,9 +197,10 @@ impl Storage {
     /// Refreshes a blob's mtime so a GC running now treats it as freshly pushed; called when
     /// a pusher learns the blob exists (HEAD, mount) and may reference it next.
     pub(crate) fn touch_blob(&self, d: &Digest) {
-        let _ = File::options().append(true).open(self.blob_path(d)).and_then(|f| {
-            f.set_modified(std::time::SystemTime::now())
-        });
+        let _ = File::options()
+            .append(true)
+            .open(self.blob_path(d))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
     }
 
     /// Makes an existing blob visible in `name` (push of already-present content, mount).
@@ -188,7 +209,9 @@ impl Storage {
         if link.exists() {
             return Ok(());
         }
-        let parent = link.parent().ok_or_else(|| io::Error::other("link without parent"))?;
+        let parent = link
+            .parent()
+            .ok_or_else(|| io::Error::other("link without parent"))?;
         match File::create(&link) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 fs::create_dir_all(parent)?;
@@ -236,7 +259,11 @@ impl Storage {
         if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        match OpenOptions::new().read(true).append(true).open(self.upload_path(name, id)) {
+        match OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(self.upload_path(name, id))
+        {
             Ok(f) => {
                 let len = f.metadata()?.len();
                 Ok(Some((f, len)))
@@ -334,11 +361,23 @@ impl Storage {
         }
     }
 
-    pub(crate) fn read_manifest(&self, name: &str, reference: &str) -> io::Result<Option<StoredManifest>> {
-        let Some(digest) = self.resolve(name, reference)? else { return Ok(None) };
-        let Some(media_type) = self.manifest_media_type(name, &digest)? else { return Ok(None) };
+    pub(crate) fn read_manifest(
+        &self,
+        name: &str,
+        reference: &str,
+    ) -> io::Result<Option<StoredManifest>> {
+        let Some(digest) = self.resolve(name, reference)? else {
+            return Ok(None);
+        };
+        let Some(media_type) = self.manifest_media_type(name, &digest)? else {
+            return Ok(None);
+        };
         match fs::read(self.blob_path(&digest)) {
-            Ok(bytes) => Ok(Some(StoredManifest { digest, media_type, bytes })),
+            Ok(bytes) => Ok(Some(StoredManifest {
+                digest,
+                media_type,
+                bytes,
+            })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -363,13 +402,18 @@ impl Storage {
         }
         self.write_atomic(&self.revision_link(name, digest), media_type.as_bytes())?;
         if let Some((subject, descriptor)) = referrer {
-            let entry = self
-                .referrers_dir(name, subject)
-                .join(format!("{}-{}", digest.algorithm().name(), digest.hex()));
+            let entry = self.referrers_dir(name, subject).join(format!(
+                "{}-{}",
+                digest.algorithm().name(),
+                digest.hex()
+            ));
             self.write_atomic(&entry, descriptor)?;
         }
         if let Some(tag) = tag {
-            self.write_atomic(&self.tags_dir(name).join(tag), digest.to_string().as_bytes())?;
+            self.write_atomic(
+                &self.tags_dir(name).join(tag),
+                digest.to_string().as_bytes(),
+            )?;
         }
         Ok(())
     }
@@ -402,9 +446,11 @@ impl Storage {
         }
         if let Ok(bytes) = fs::read(self.blob_path(d)) {
             if let Some(subject) = crate::manifest::subject_of(&bytes) {
-                let entry = self
-                    .referrers_dir(name, &subject)
-                    .join(format!("{}-{}", d.algorithm().name(), d.hex()));
+                let entry = self.referrers_dir(name, &subject).join(format!(
+                    "{}-{}",
+                    d.algorithm().name(),
+                    d.hex()
+                ));
                 let _ = fs::remove_file(entry);
             }
         }
@@ -416,7 +462,8 @@ impl Storage {
     }
 
     pub(crate) fn repo_exists(&self, name: &str) -> bool {
-        self.repo_dir(name).join("_manifests").is_dir() || self.repo_dir(name).join("_layers").is_dir()
+        self.repo_dir(name).join("_manifests").is_dir()
+            || self.repo_dir(name).join("_layers").is_dir()
     }
 
     /// Tags of `name`, sorted; `None` when the repository is unknown.
@@ -469,8 +516,12 @@ impl Storage {
                 continue;
             }
             // The entry is only valid while its manifest revision exists.
-            let Some((alg, hex)) = n.split_once('-') else { continue };
-            let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+            let Some((alg, hex)) = n.split_once('-') else {
+                continue;
+            };
+            let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else {
+                continue;
+            };
             if !self.has_manifest(name, &d)? {
                 continue;
             }
@@ -499,7 +550,11 @@ impl Storage {
                 if n == "_manifests" || n == "_layers" {
                     is_repo = true;
                 } else if !n.starts_with(['_', '.']) && e.file_type()?.is_dir() {
-                    let p = if prefix.is_empty() { n.clone() } else { format!("{prefix}/{n}") };
+                    let p = if prefix.is_empty() {
+                        n.clone()
+                    } else {
+                        format!("{prefix}/{n}")
+                    };
                     stack.push((e.path(), p));
                 }
             }
