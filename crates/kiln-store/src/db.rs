@@ -1,0 +1,155 @@
+//! The metadata DB: one redb file, `<root>/db/meta.redb`, shared by every kiln process.
+//!
+//! redb holds an exclusive `flock` on its file for as long as a `Database` is open, so two
+//! processes cannot both keep it open. kiln therefore opens it for each transaction and
+//! closes it right after, serialising processes with a blocking `flock` on `db/lock` (fair,
+//! no busy polling) and threads with a mutex. Transactions are short (a few records), so the
+//! cost is the open + commit: measured in `bench/store` (see docs/store.md). A DB per process
+//! was rejected: every build must see every other build's cache records at once.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadTransaction, TableDefinition, WriteTransaction};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Result, StoreError};
+use crate::sys;
+
+/// Counters (next snapshot id).
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Snapshot id → JSON `SnapshotRecord`.
+pub(crate) const SNAPSHOTS: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshots");
+/// OCI chain id → snapshot id of the unpacked chain.
+pub(crate) const CHAINS: TableDefinition<&str, u64> = TableDefinition::new("chains");
+/// Diff id → JSON `LayerBlobs` (one blob per compression).
+pub(crate) const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
+/// Blob digest → diff id.
+pub(crate) const BLOB_LAYERS: TableDefinition<&str, &str> = TableDefinition::new("blob_layers");
+/// "snapshot-id/epoch" → diff id of that snapshot's exported layer.
+pub(crate) const SNAPSHOT_DIFFS: TableDefinition<&str, &str> =
+    TableDefinition::new("snapshot_diffs");
+/// Cache key → JSON `CacheRecord`.
+pub(crate) const CACHE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("cache");
+/// Image ref name → manifest digest.
+pub(crate) const REFS: TableDefinition<&str, &str> = TableDefinition::new("refs");
+/// Lease id → JSON `LeaseRecord`.
+pub(crate) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+
+/// How long to wait for a DB held by another process before giving up.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The shared metadata DB (see the module docs for the locking scheme).
+#[derive(Debug)]
+pub(crate) struct Db {
+    path: PathBuf,
+    lock_path: PathBuf,
+    in_process: Mutex<()>,
+}
+
+pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db { path: path.to_owned(), message: e.into().to_string() }
+}
+
+/// Shorthand used inside transactions, where the path is the DB's.
+pub(crate) fn te(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db { path: PathBuf::from("db/meta.redb"), message: e.into().to_string() }
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Db {
+        path: PathBuf::from("db/meta.redb"),
+        message: format!("encoding record: {e}"),
+    })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(table: &'static str, key: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StoreError::BadRecord {
+        table,
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+impl Db {
+    /// Opens (creating) the DB under `dir` and makes sure every table exists.
+    pub(crate) fn open(dir: &Path) -> Result<Db> {
+        fs::create_dir_all(dir).map_err(|e| StoreError::io("creating", dir, e))?;
+        let db = Db {
+            path: dir.join("meta.redb"),
+            lock_path: dir.join("lock"),
+            in_process: Mutex::new(()),
+        };
+        db.write(|tx| {
+            tx.open_table(META).map_err(te)?;
+            tx.open_table(SNAPSHOTS).map_err(te)?;
+            tx.open_table(CHAINS).map_err(te)?;
+            tx.open_table(LAYERS).map_err(te)?;
+            tx.open_table(BLOB_LAYERS).map_err(te)?;
+            tx.open_table(SNAPSHOT_DIFFS).map_err(te)?;
+            tx.open_table(CACHE).map_err(te)?;
+            tx.open_table(REFS).map_err(te)?;
+            tx.open_table(LEASES).map_err(te)?;
+            Ok(())
+        })?;
+        Ok(db)
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let _guard = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(|e| StoreError::io("opening DB lock", &self.lock_path, e))?;
+        sys::flock(&lock, libc::LOCK_EX)
+            .map_err(|e| StoreError::io("locking DB", &self.lock_path, e))?;
+        let start = Instant::now();
+        let mut delay = Duration::from_millis(1);
+        let db = loop {
+            match Database::create(&self.path) {
+                Ok(db) => break db,
+                // Only a process that ignores `db/lock` (an older kiln) can get here.
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < LOCK_TIMEOUT => {
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => return Err(db_err(&self.path, e)),
+            }
+        };
+        let out = f(&db);
+        drop(db);
+        drop::<File>(lock);
+        out
+    }
+
+    /// Runs `f` in a write transaction and commits it if `f` succeeds.
+    pub(crate) fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| db_err(&self.path, e))?;
+            let v = f(&tx)?;
+            tx.commit().map_err(|e| db_err(&self.path, e))?;
+            Ok(v)
+        })
+    }
+
+    /// Runs `f` in a read transaction.
+    pub(crate) fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| db_err(&self.path, e))?;
+            f(&tx)
+        })
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

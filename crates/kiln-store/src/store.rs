@@ -1,0 +1,939 @@
+//! [`Store`]: the one handle the solver holds. It ties the content store, the metadata DB and
+//! the snapshotter together and keeps their records consistent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, BufReader};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_oci::compression::{decompressing_reader, CompressOptions, Compression, Compressor};
+use kiln_oci::{Algorithm, Digest, DigestWriter};
+use redb::{ReadableTable, ReadableTableMetadata};
+use serde::{Deserialize, Serialize};
+
+use crate::apply::{apply_tar, ApplyOptions, ApplyTarget};
+use crate::content::ContentStore;
+use crate::db::{self, decode, encode, te, Db};
+use crate::diff::{tree_changes, upper_changes, write_changes, DiffOptions};
+use crate::error::{Result, StoreError};
+use crate::snapshot::{
+    detect, ApplyLayout, CopySnapshotter, DiffSource, Mount, OverlaySnapshotter, SnapshotUsage,
+    Snapshotter, SnapshotterKind,
+};
+use crate::tarfmt::TarWriter;
+
+/// A snapshot's number; also its directory name under `<root>/snapshots/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SnapshotId(pub u64);
+
+impl std::fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The life stage of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotState {
+    /// Writable and mounted, owned by process `pid`.
+    Active,
+    /// A read-only mount of a committed snapshot.
+    View,
+    /// Immutable; usable as a parent and exportable as a layer.
+    Committed,
+}
+
+/// What the DB knows about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Its id.
+    pub id: SnapshotId,
+    /// The snapshot it sits on.
+    pub parent: Option<SnapshotId>,
+    /// Life stage.
+    pub state: SnapshotState,
+    /// OCI chain id of its content, when it is known to equal a chain of layers.
+    pub chain_id: Option<Digest>,
+    /// Creating process (matters while Active or View).
+    pub pid: u32,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// How many ancestors it has.
+    pub depth: u32,
+}
+
+/// A writable (or view) snapshot and where its rootfs is mounted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveSnapshot {
+    /// The snapshot's id (kept after commit).
+    pub id: SnapshotId,
+    /// The mounted rootfs to run a container on or to write into.
+    pub rootfs: PathBuf,
+}
+
+/// One compressed form of a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: Digest,
+    /// Digest of the blob in the content store.
+    pub digest: Digest,
+    /// Blob size in bytes.
+    pub size: u64,
+    /// OCI media type of the blob.
+    pub media_type: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LayerBlobs {
+    /// Compression name → blob.
+    blobs: BTreeMap<String, LayerRecord>,
+}
+
+/// A cache-key record: bytes the solver defines, plus what GC and prune need.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    /// The solver's serialized result.
+    pub value: Vec<u8>,
+    /// Snapshots the result refers to (kept alive while the record exists).
+    pub snapshots: Vec<SnapshotId>,
+    /// Blobs the result refers to (kept alive while the record exists).
+    pub blobs: Vec<Digest>,
+    /// Creation time, seconds since the epoch.
+    pub created: u64,
+    /// Last lookup time, seconds since the epoch.
+    pub last_used: u64,
+    /// Bytes the result accounts for (for prune ordering).
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct LeaseRecord {
+    pub(crate) pid: u32,
+    pub(crate) created: u64,
+    pub(crate) snapshots: BTreeSet<u64>,
+    pub(crate) blobs: BTreeSet<String>,
+}
+
+/// Options for [`Store::export_layer`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExportOptions {
+    /// Bytes-changing options of the diff (mtime clamping).
+    pub diff: DiffOptions,
+}
+
+/// Options for [`Store::open_with`].
+#[derive(Debug, Clone, Default)]
+pub struct StoreOptions {
+    /// Force a snapshotter instead of probing for overlayfs.
+    pub snapshotter: Option<SnapshotterKind>,
+    /// Compression settings for exported layers.
+    pub compress: Option<CompressOptions>,
+}
+
+/// Totals for `kiln du` and `kiln prune`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Committed blobs.
+    pub blobs: u64,
+    /// Their bytes.
+    pub blob_bytes: u64,
+    /// Snapshots of every state.
+    pub snapshots: u64,
+    /// Snapshots currently Active or View.
+    pub active_snapshots: u64,
+    /// Bytes on disk of all snapshot dirs.
+    pub snapshot_bytes: u64,
+    /// Cache records.
+    pub cache_records: u64,
+    /// Sum of the cache records' declared sizes.
+    pub cache_bytes: u64,
+    /// Live leases.
+    pub leases: u64,
+}
+
+struct Inner {
+    root: PathBuf,
+    content: ContentStore,
+    db: Db,
+    snapshotter: Box<dyn Snapshotter>,
+    note: String,
+    compress: CompressOptions,
+}
+
+/// kiln's local state: blobs, snapshots and records under one root. Cheap to clone; share
+/// it between threads. Several processes may open the same root at once.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.inner.root).field("snapshotter", &self.inner.note).finish()
+    }
+}
+
+/// OCI chain id: the diff id for a base layer, else sha256("<parent chain> <diff id>").
+pub fn chain_id(parent: Option<&Digest>, diff_id: &Digest) -> Digest {
+    match parent {
+        None => diff_id.clone(),
+        Some(p) => Digest::sha256_of(format!("{p} {diff_id}").as_bytes()),
+    }
+}
+
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn snapshot_key(id: SnapshotId) -> u64 {
+    id.0
+}
+
+impl Store {
+    /// Opens (creating) the store at `root`, probing for overlayfs.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        Store::open_with(root, StoreOptions::default())
+    }
+
+    /// Opens the store with explicit options.
+    pub fn open_with(root: impl Into<PathBuf>, opts: StoreOptions) -> Result<Store> {
+        let root = root.into();
+        let snaps = root.join("snapshots");
+        fs::create_dir_all(&snaps).map_err(|e| StoreError::io("creating", &snaps, e))?;
+        let content = ContentStore::open(root.join("content"))?;
+        let db = Db::open(&root.join("db"))?;
+        let (snapshotter, note): (Box<dyn Snapshotter>, String) = match opts.snapshotter {
+            Some(SnapshotterKind::Overlay) => {
+                (Box::new(OverlaySnapshotter::new(snaps)), "overlayfs (requested)".into())
+            }
+            Some(SnapshotterKind::Copy) => (Box::new(CopySnapshotter), "copy (requested)".into()),
+            None => detect(&snaps),
+        };
+        Ok(Store {
+            inner: Arc::new(Inner {
+                root,
+                content,
+                db,
+                snapshotter,
+                note,
+                compress: opts.compress.unwrap_or_default(),
+            }),
+        })
+    }
+
+    /// The state directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// The content store (blobs by digest).
+    pub fn content(&self) -> &ContentStore {
+        &self.inner.content
+    }
+
+    /// Which snapshotter is in use.
+    pub fn snapshotter_kind(&self) -> SnapshotterKind {
+        self.inner.snapshotter.kind()
+    }
+
+    /// A sentence saying which snapshotter was chosen and why.
+    pub fn snapshotter_note(&self) -> &str {
+        &self.inner.note
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub(crate) fn snapshotter(&self) -> &dyn Snapshotter {
+        self.inner.snapshotter.as_ref()
+    }
+
+    pub(crate) fn snapshot_dir(&self, id: SnapshotId) -> PathBuf {
+        self.inner.root.join("snapshots").join(id.0.to_string())
+    }
+
+    // ---- snapshots ----
+
+    /// The record of snapshot `id`.
+    pub fn snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord> {
+        self.db().read(|tx| read_snapshot(tx, id))
+    }
+
+    /// Every snapshot record, by id.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.db().read(|tx| {
+            let t = tx.open_table(db::SNAPSHOTS).map_err(te)?;
+            let mut v = Vec::new();
+            for row in t.iter().map_err(te)? {
+                let (k, val) = row.map_err(te)?;
+                v.push(decode("snapshots", &k.value().to_string(), val.value())?);
+            }
+            Ok(v)
+        })
+    }
+
+    /// The `fs/` dirs of `id` and its ancestors, nearest first.
+    fn chain_dirs(&self, id: Option<SnapshotId>) -> Result<Vec<PathBuf>> {
+        let Some(id) = id else { return Ok(Vec::new()) };
+        let recs = self.db().read(|tx| {
+            let mut out = Vec::new();
+            let mut cur = Some(id);
+            while let Some(c) = cur {
+                let r = read_snapshot(tx, c)?;
+                cur = r.parent;
+                out.push(r);
+            }
+            Ok(out)
+        })?;
+        Ok(recs.iter().map(|r| self.snapshot_dir(r.id).join("fs")).collect())
+    }
+
+    fn allocate(&self, parent: Option<SnapshotId>, state: SnapshotState) -> Result<SnapshotRecord> {
+        self.db().write(|tx| {
+            let depth = match parent {
+                Some(p) => {
+                    let pr = read_snapshot(tx, p)?;
+                    if pr.state != SnapshotState::Committed {
+                        return Err(StoreError::SnapshotState {
+                            id: p.0,
+                            message: "is not committed, so it cannot be a parent".into(),
+                        });
+                    }
+                    pr.depth + 1
+                }
+                None => 0,
+            };
+            let mut meta = tx.open_table(db::META).map_err(te)?;
+            let next = meta.get("next_snapshot").map_err(te)?.map(|g| g.value()).unwrap_or(1);
+            meta.insert("next_snapshot", next + 1).map_err(te)?;
+            let rec = SnapshotRecord {
+                id: SnapshotId(next),
+                parent,
+                state,
+                chain_id: None,
+                pid: std::process::id(),
+                created: db::now_secs(),
+                depth,
+            };
+            write_snapshot(tx, &rec)?;
+            Ok(rec)
+        })
+    }
+
+    fn forget(&self, id: SnapshotId) {
+        let _ = self.snapshotter().remove(&self.snapshot_dir(id));
+        let _ = self.db().write(|tx| {
+            tx.open_table(db::SNAPSHOTS).map_err(te)?.remove(snapshot_key(id)).map_err(te)?;
+            Ok(())
+        });
+    }
+
+    /// Creates a writable snapshot on `parent` (a committed snapshot, or `None` for an empty
+    /// rootfs) and mounts it. Commit it with [`Store::commit`] or drop it with
+    /// [`Store::remove`]. Chains deeper than overlayfs can stack are flattened first.
+    pub fn prepare(&self, parent: Option<SnapshotId>, lease: Option<&Lease>) -> Result<ActiveSnapshot> {
+        let rec = self.allocate(parent, SnapshotState::Active)?;
+        let res = (|| {
+            let lowers = self.lowers_for_mount(parent)?;
+            self.snapshotter().prepare(&self.snapshot_dir(rec.id), &lowers)
+        })();
+        match res {
+            Ok(rootfs) => {
+                if let Some(l) = lease {
+                    l.protect_snapshot(rec.id)?;
+                }
+                Ok(ActiveSnapshot { id: rec.id, rootfs })
+            }
+            Err(e) => {
+                self.forget(rec.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Lower dirs for a mount on `parent`; when the chain is deeper than overlayfs allows,
+    /// the oldest part is replaced by one flattened copy (made once and kept beside the
+    /// snapshot that tops it, under `flat/`).
+    fn lowers_for_mount(&self, parent: Option<SnapshotId>) -> Result<Vec<PathBuf>> {
+        let mut lowers = self.chain_dirs(parent)?;
+        let max = crate::snapshot::overlay_max_lowers() - 1;
+        if self.snapshotter_kind() != SnapshotterKind::Overlay || lowers.len() <= max {
+            return Ok(lowers);
+        }
+        let keep = max - 1;
+        let tail: Vec<PathBuf> = lowers.split_off(keep);
+        // `tail[0]` is the fs dir of the newest flattened snapshot; its sibling `flat/` holds
+        // the merged tree of it and everything below.
+        let flat = tail[0].with_file_name("flat");
+        if !flat.exists() {
+            let tmp = tail[0].with_file_name(format!("flat.tmp-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&tmp);
+            crate::flatten::merge_layers(&tail, &tmp).map_err(|e| StoreError::io("flattening snapshot chain", &tmp, e))?;
+            fs::rename(&tmp, &flat).or_else(|e| if flat.exists() { let _ = fs::remove_dir_all(&tmp); Ok(()) } else { Err(e) })
+                .map_err(|e| StoreError::io("flattening snapshot chain", &flat, e))?;
+        }
+        lowers.push(flat);
+        Ok(lowers)
+    }
+
+    /// Makes a read-only mount of committed snapshot `of`. Remove it with [`Store::remove`].
+    pub fn view(&self, of: SnapshotId, lease: Option<&Lease>) -> Result<ActiveSnapshot> {
+        let rec = self.allocate(Some(of), SnapshotState::View)?;
+        let res = (|| {
+            let lowers = self.lowers_for_mount(Some(of))?;
+            self.snapshotter().view(&self.snapshot_dir(rec.id), &lowers)
+        })();
+        match res {
+            Ok(rootfs) => {
+                if let Some(l) = lease {
+                    l.protect_snapshot(rec.id)?;
+                }
+                Ok(ActiveSnapshot { id: rec.id, rootfs })
+            }
+            Err(e) => {
+                self.forget(rec.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unmounts an active snapshot and makes it immutable; its id stays the same.
+    pub fn commit(&self, active: &ActiveSnapshot) -> Result<SnapshotId> {
+        let id = active.id;
+        let rec = self.snapshot(id)?;
+        if rec.state != SnapshotState::Active {
+            return Err(StoreError::SnapshotState { id: id.0, message: "is not active".into() });
+        }
+        let dir = self.snapshot_dir(id);
+        self.snapshotter().commit(&dir)?;
+        sync_fs(&dir)?;
+        self.db().write(|tx| {
+            let mut r = read_snapshot(tx, id)?;
+            r.state = SnapshotState::Committed;
+            write_snapshot(tx, &r)
+        })?;
+        Ok(id)
+    }
+
+    /// Unmounts and deletes a snapshot. Refused while other snapshots sit on it.
+    pub fn remove(&self, id: SnapshotId) -> Result<()> {
+        let children: Vec<u64> = self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.parent == Some(id) && s.state != SnapshotState::View)
+            .map(|s| s.id.0)
+            .collect();
+        if !children.is_empty() {
+            return Err(StoreError::SnapshotState {
+                id: id.0,
+                message: format!("has child snapshots {children:?}; remove them first"),
+            });
+        }
+        self.snapshotter().remove(&self.snapshot_dir(id))?;
+        self.db().write(|tx| {
+            tx.open_table(db::SNAPSHOTS).map_err(te)?.remove(snapshot_key(id)).map_err(te)?;
+            let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
+            let stale: Vec<String> = chains
+                .iter()
+                .map_err(te)?
+                .filter_map(|r| r.ok())
+                .filter(|(_, v)| v.value() == id.0)
+                .map(|(k, _)| k.value().to_owned())
+                .collect();
+            for k in stale {
+                chains.remove(k.as_str()).map_err(te)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The mounts that make up snapshot `id`'s rootfs (for a runtime that mounts itself).
+    pub fn mounts(&self, id: SnapshotId) -> Result<Vec<Mount>> {
+        let rec = self.snapshot(id)?;
+        let writable = rec.state == SnapshotState::Active;
+        let lowers = self.chain_dirs(rec.parent)?;
+        Ok(self.snapshotter().mounts(&self.snapshot_dir(id), &lowers, writable))
+    }
+
+    /// Disk usage of snapshot `id`'s own content.
+    pub fn snapshot_usage(&self, id: SnapshotId) -> Result<SnapshotUsage> {
+        self.snapshotter().usage(&self.snapshot_dir(id))
+    }
+
+    // ---- layers ----
+
+    /// The layer of committed snapshot `id` (its changes against its parent) as a blob with
+    /// `compression`. Made once per (snapshot, mtime clamp) and compression, then remembered.
+    pub fn export_layer(&self, id: SnapshotId, compression: Compression, opts: &ExportOptions) -> Result<LayerRecord> {
+        let rec = self.snapshot(id)?;
+        if rec.state != SnapshotState::Committed {
+            return Err(StoreError::SnapshotState { id: id.0, message: "must be committed to export a layer".into() });
+        }
+        let key = format!("{}/{}", id.0, opts.diff.source_date_epoch.map_or("-".to_owned(), |e| e.to_string()));
+        let cached = self.db().read(|tx| {
+            let sd = tx.open_table(db::SNAPSHOT_DIFFS).map_err(te)?;
+            let Some(diff) = sd.get(key.as_str()).map_err(te)? else { return Ok(None) };
+            let diff = diff.value().to_owned();
+            read_layer(tx, &diff).map(|l| l.blobs.get(compression.name()).cloned())
+        })?;
+        if let Some(l) = cached {
+            if self.content().has(&l.digest) {
+                return Ok(l);
+            }
+        }
+        let dir = self.snapshot_dir(id);
+        let parents = self.chain_dirs(rec.parent)?;
+        let src = self.snapshotter().diff_source(&dir, &parents);
+        let (root, changes) = match &src {
+            DiffSource::Upper(u) => (u.clone(), upper_changes(u)),
+            DiffSource::Trees { old, new } => (new.clone(), tree_changes(old.as_deref(), new)),
+        };
+        let changes = changes.map_err(|e| StoreError::io("reading snapshot changes", &root, e))?;
+        let blob = self.content().writer()?;
+        let comp = Compressor::new(blob, compression, &self.inner.compress)
+            .map_err(|e| StoreError::io("starting compression", &root, e))?;
+        let mut tar = TarWriter::new(DigestWriter::new(comp, Algorithm::Sha256));
+        write_changes(&root, &changes, &mut tar, &opts.diff).map_err(|e| StoreError::io("writing layer from", &root, e))?;
+        let hashed = tar.finish().map_err(|e| StoreError::io("writing layer", &root, e))?;
+        let (comp, diff_id, _) = hashed.finish();
+        let blob = comp.finish().map_err(|e| StoreError::io("compressing layer", &root, e))?;
+        let info = blob.commit_computed()?;
+        let layer = LayerRecord {
+            diff_id: diff_id.clone(),
+            digest: info.digest,
+            size: info.size,
+            media_type: compression.oci_layer_media_type().to_owned(),
+        };
+        let parent_chain = match rec.parent {
+            Some(p) => self.snapshot(p)?.chain_id.map(Some),
+            None => Some(None),
+        };
+        self.db().write(|tx| {
+            tx.open_table(db::SNAPSHOT_DIFFS).map_err(te)?.insert(key.as_str(), diff_id.to_string().as_str()).map_err(te)?;
+            let rec = remember_layer(tx, &layer, compression)?;
+            // A layer exported without clamping reproduces the snapshot exactly, so the
+            // snapshot can stand for its chain id in later unpacks.
+            if opts.diff.source_date_epoch.is_none() {
+                if let Some(pc) = &parent_chain {
+                    let cid = chain_id(pc.as_ref(), &diff_id);
+                    let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
+                    if chains.get(cid.to_string().as_str()).map_err(te)?.is_none() {
+                        chains.insert(cid.to_string().as_str(), id.0).map_err(te)?;
+                    }
+                    let mut s = read_snapshot(tx, id)?;
+                    s.chain_id = Some(cid);
+                    write_snapshot(tx, &s)?;
+                }
+            }
+            Ok(rec)
+        })
+    }
+
+    /// [`Store::export_layer`] for several snapshots at once, in parallel; results in order.
+    pub fn export_layers(&self, ids: &[SnapshotId], compression: Compression, opts: &ExportOptions) -> Result<Vec<LayerRecord>> {
+        let results: Vec<Result<LayerRecord>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids.iter().map(|&id| s.spawn(move || self.export_layer(id, compression, opts))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::SnapshotState { id: 0, message: "export thread panicked".into() })))
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    /// The recorded blob of layer `diff_id` in `compression`, if one was made or pulled.
+    pub fn layer_blob(&self, diff_id: &Digest, compression: Compression) -> Result<Option<LayerRecord>> {
+        let l = self.db().read(|tx| read_layer(tx, &diff_id.to_string()))?;
+        Ok(l.blobs.get(compression.name()).cloned())
+    }
+
+    /// Records that blob `layer.digest` is layer `layer.diff_id` (e.g. from an image config),
+    /// so unpacking it can be skipped when the chain is already present.
+    pub fn register_layer(&self, layer: &LayerRecord) -> Result<()> {
+        let c = media_type_compression(&layer.media_type);
+        self.db().write(|tx| remember_layer(tx, layer, c).map(|_| ()))
+    }
+
+    /// Unpacks the layer blob `blob` (tar, tar+gzip or tar+zstd, detected by magic) on top
+    /// of `parent` into a new committed snapshot. Cached by OCI chain id: a chain already
+    /// unpacked (by any process) is returned without reading the blob.
+    pub fn unpack_layer(&self, parent: Option<SnapshotId>, blob: &Digest, opts: &ApplyOptions, lease: Option<&Lease>) -> Result<SnapshotId> {
+        let parent_chain = match parent {
+            Some(p) => {
+                let pr = self.snapshot(p)?;
+                if pr.state != SnapshotState::Committed {
+                    return Err(StoreError::SnapshotState { id: p.0, message: "is not committed".into() });
+                }
+                pr.chain_id.map(Some)
+            }
+            None => Some(None),
+        };
+        if let Some(pc) = &parent_chain {
+            let known = self.db().read(|tx| {
+                let bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
+                let Some(diff) = bl.get(blob.to_string().as_str()).map_err(te)? else { return Ok(None) };
+                let diff: Digest = decode_digest(diff.value())?;
+                let cid = chain_id(pc.as_ref(), &diff);
+                let chains = tx.open_table(db::CHAINS).map_err(te)?;
+                let Some(sid) = chains.get(cid.to_string().as_str()).map_err(te)?.map(|g| g.value()) else { return Ok(None) };
+                match read_snapshot(tx, SnapshotId(sid)) {
+                    Ok(r) if r.state == SnapshotState::Committed && r.parent == parent => Ok(Some(r.id)),
+                    _ => Ok(None),
+                }
+            })?;
+            if let Some(id) = known {
+                if let Some(l) = lease {
+                    l.protect_snapshot(id)?;
+                }
+                return Ok(id);
+            }
+        }
+        let file = self.content().open_blob(blob)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let rec = self.allocate(parent, SnapshotState::Active)?;
+        let dir = self.snapshot_dir(rec.id);
+        let res = (|| {
+            let lowers = self.chain_dirs(parent)?;
+            let (root, target) = match self.snapshotter().apply_layout() {
+                ApplyLayout::OverlayUpper => {
+                    let fsd = dir.join("fs");
+                    fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?;
+                    (fsd, ApplyTarget::OverlayUpper { lowers })
+                }
+                ApplyLayout::Merged => (self.snapshotter().prepare(&dir, &lowers)?, ApplyTarget::Merged),
+            };
+            let (kind, reader) = decompressing_reader(BufReader::with_capacity(1 << 20, file))
+                .map_err(|e| StoreError::BadArchive { layer: blob.to_string(), reason: format!("reading compression header: {e}") })?;
+            let stats = apply_tar(&root, reader, &target, opts, Some(blob))?;
+            self.snapshotter().commit(&dir)?;
+            sync_fs(&dir)?;
+            Ok((kind, stats))
+        })();
+        let (kind, stats) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget(rec.id);
+                return Err(e);
+            }
+        };
+        let layer = LayerRecord {
+            diff_id: stats.diff_id.clone(),
+            digest: blob.clone(),
+            size,
+            media_type: kind.oci_layer_media_type().to_owned(),
+        };
+        let winner = self.db().write(|tx| {
+            remember_layer(tx, &layer, kind)?;
+            let mut r = read_snapshot(tx, rec.id)?;
+            r.state = SnapshotState::Committed;
+            if let Some(pc) = &parent_chain {
+                let cid = chain_id(pc.as_ref(), &stats.diff_id);
+                let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
+                let existing = chains.get(cid.to_string().as_str()).map_err(te)?.map(|g| g.value());
+                if let Some(other) = existing {
+                    if other != rec.id.0 {
+                        if let Ok(o) = read_snapshot(tx, SnapshotId(other)) {
+                            if o.state == SnapshotState::Committed && o.parent == parent {
+                                // Another process unpacked the same chain first.
+                                return Ok(Some(o.id));
+                            }
+                        }
+                    }
+                }
+                chains.insert(cid.to_string().as_str(), rec.id.0).map_err(te)?;
+                r.chain_id = Some(cid);
+            }
+            write_snapshot(tx, &r)?;
+            Ok(None)
+        })?;
+        let id = match winner {
+            Some(other) => {
+                self.forget(rec.id);
+                other
+            }
+            None => rec.id,
+        };
+        if let Some(l) = lease {
+            l.protect_snapshot(id)?;
+        }
+        Ok(id)
+    }
+
+    /// Unpacks an uncompressed or compressed tar stream (e.g. a build context archive) into
+    /// the writable snapshot `active` with the same safety checks as layers (always merged:
+    /// whiteouts delete through the mount).
+    pub fn extract_into(&self, active: &ActiveSnapshot, input: impl io::Read, opts: &ApplyOptions) -> Result<crate::apply::ApplyStats> {
+        let (_, reader) = decompressing_reader(BufReader::new(input))
+            .map_err(|e| StoreError::BadArchive { layer: "(archive)".into(), reason: e.to_string() })?;
+        apply_tar(&active.rootfs, reader, &ApplyTarget::Merged, opts, None)
+    }
+
+    // ---- cache records ----
+
+    /// Looks up a cache record and marks it used.
+    pub fn cache_get(&self, key: &[u8]) -> Result<Option<CacheRecord>> {
+        self.db().write(|tx| {
+            let mut t = tx.open_table(db::CACHE).map_err(te)?;
+            let rec: Option<CacheRecord> = match t.get(key).map_err(te)? {
+                Some(v) => Some(decode("cache", &String::from_utf8_lossy(key), v.value())?),
+                None => None,
+            };
+            let Some(mut rec) = rec else { return Ok(None) };
+            rec.last_used = db::now_secs();
+            t.insert(key, encode(&rec)?.as_slice()).map_err(te)?;
+            Ok(Some(rec))
+        })
+    }
+
+    /// Stores (or replaces) a cache record. `snapshots` and `blobs` stay alive while it exists.
+    pub fn cache_put(&self, key: &[u8], value: &[u8], snapshots: &[SnapshotId], blobs: &[Digest], size: u64) -> Result<()> {
+        let now = db::now_secs();
+        let rec = CacheRecord { value: value.to_vec(), snapshots: snapshots.to_vec(), blobs: blobs.to_vec(), created: now, last_used: now, size };
+        self.db().write(|tx| {
+            tx.open_table(db::CACHE).map_err(te)?.insert(key, encode(&rec)?.as_slice()).map_err(te)?;
+            Ok(())
+        })
+    }
+
+    /// Deletes a cache record; returns whether it existed.
+    pub fn cache_remove(&self, key: &[u8]) -> Result<bool> {
+        self.db().write(|tx| Ok(tx.open_table(db::CACHE).map_err(te)?.remove(key).map_err(te)?.is_some()))
+    }
+
+    // ---- refs ----
+
+    /// Points image ref `name` at manifest `digest`.
+    pub fn set_ref(&self, name: &str, digest: &Digest) -> Result<()> {
+        self.db().write(|tx| {
+            tx.open_table(db::REFS).map_err(te)?.insert(name, digest.to_string().as_str()).map_err(te)?;
+            Ok(())
+        })
+    }
+
+    /// The manifest digest of image ref `name`.
+    pub fn get_ref(&self, name: &str) -> Result<Option<Digest>> {
+        self.db().read(|tx| {
+            let t = tx.open_table(db::REFS).map_err(te)?;
+            match t.get(name).map_err(te)? {
+                Some(v) => Ok(Some(decode_digest(v.value())?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    /// Deletes image ref `name`.
+    pub fn remove_ref(&self, name: &str) -> Result<bool> {
+        self.db().write(|tx| Ok(tx.open_table(db::REFS).map_err(te)?.remove(name).map_err(te)?.is_some()))
+    }
+
+    /// Every image ref and its manifest digest.
+    pub fn refs(&self) -> Result<Vec<(String, Digest)>> {
+        self.db().read(|tx| {
+            let t = tx.open_table(db::REFS).map_err(te)?;
+            let mut v = Vec::new();
+            for row in t.iter().map_err(te)? {
+                let (k, d) = row.map_err(te)?;
+                v.push((k.value().to_owned(), decode_digest(d.value())?));
+            }
+            Ok(v)
+        })
+    }
+
+    // ---- leases ----
+
+    /// Starts a lease: snapshots and blobs added to it are never collected until it is
+    /// dropped (or its process has died).
+    pub fn lease(&self) -> Result<Lease> {
+        let id = format!("{}-{}", std::process::id(), LEASE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let rec = LeaseRecord { pid: std::process::id(), created: db::now_secs(), ..Default::default() };
+        self.db().write(|tx| {
+            tx.open_table(db::LEASES).map_err(te)?.insert(id.as_str(), encode(&rec)?.as_slice()).map_err(te)?;
+            Ok(())
+        })?;
+        Ok(Lease { store: self.clone(), id })
+    }
+
+    // ---- usage ----
+
+    /// Totals for `kiln du`.
+    pub fn usage(&self) -> Result<Usage> {
+        let mut u = Usage::default();
+        for b in self.content().list()?.into_iter().flatten() {
+            u.blobs += 1;
+            u.blob_bytes += b.size;
+        }
+        for s in self.snapshots()? {
+            u.snapshots += 1;
+            if s.state != SnapshotState::Committed {
+                u.active_snapshots += 1;
+            }
+            u.snapshot_bytes += self.snapshot_usage(s.id).map(|x| x.bytes).unwrap_or(0);
+        }
+        self.db().read(|tx| {
+            let c = tx.open_table(db::CACHE).map_err(te)?;
+            for row in c.iter().map_err(te)? {
+                let (k, v) = row.map_err(te)?;
+                let r: CacheRecord = decode("cache", &String::from_utf8_lossy(k.value()), v.value())?;
+                u.cache_records += 1;
+                u.cache_bytes += r.size;
+            }
+            u.leases = tx.open_table(db::LEASES).map_err(te)?.len().map_err(te)?;
+            Ok(())
+        })?;
+        Ok(u)
+    }
+}
+
+static LEASE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Keeps snapshots and blobs from being collected while a build uses them. Released on drop.
+#[derive(Debug)]
+pub struct Lease {
+    store: Store,
+    id: String,
+}
+
+impl Lease {
+    /// The lease's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LeaseRecord)) -> Result<()> {
+        self.store.db().write(|tx| {
+            let mut t = tx.open_table(db::LEASES).map_err(te)?;
+            let mut rec: LeaseRecord = match t.get(self.id.as_str()).map_err(te)? {
+                Some(v) => decode("leases", &self.id, v.value())?,
+                None => LeaseRecord { pid: std::process::id(), created: db::now_secs(), ..Default::default() },
+            };
+            f(&mut rec);
+            t.insert(self.id.as_str(), encode(&rec)?.as_slice()).map_err(te)?;
+            Ok(())
+        })
+    }
+
+    /// Protects snapshot `id` for the lease's life.
+    pub fn protect_snapshot(&self, id: SnapshotId) -> Result<()> {
+        self.update(|r| {
+            r.snapshots.insert(id.0);
+        })
+    }
+
+    /// Protects blob `digest` for the lease's life.
+    pub fn protect_blob(&self, digest: &Digest) -> Result<()> {
+        self.update(|r| {
+            r.blobs.insert(digest.to_string());
+        })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = self.store.db().write(|tx| {
+            tx.open_table(db::LEASES).map_err(te)?.remove(self.id.as_str()).map_err(te)?;
+            Ok(())
+        });
+    }
+}
+
+pub(crate) fn read_snapshot(tx: &impl SnapshotTable, id: SnapshotId) -> Result<SnapshotRecord> {
+    tx.get_snapshot(id)
+}
+
+/// Reading a snapshot record from either transaction kind.
+pub(crate) trait SnapshotTable {
+    fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord>;
+}
+
+impl SnapshotTable for redb::ReadTransaction {
+    fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord> {
+        let t = self.open_table(db::SNAPSHOTS).map_err(te)?;
+        let v = t.get(snapshot_key(id)).map_err(te)?.ok_or(StoreError::SnapshotNotFound(id.0))?;
+        let out = decode("snapshots", &id.to_string(), v.value());
+        out
+    }
+}
+
+impl SnapshotTable for redb::WriteTransaction {
+    fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord> {
+        let t = self.open_table(db::SNAPSHOTS).map_err(te)?;
+        let v = t.get(snapshot_key(id)).map_err(te)?.ok_or(StoreError::SnapshotNotFound(id.0))?;
+        let out = decode("snapshots", &id.to_string(), v.value());
+        out
+    }
+}
+
+fn write_snapshot(tx: &redb::WriteTransaction, rec: &SnapshotRecord) -> Result<()> {
+    tx.open_table(db::SNAPSHOTS).map_err(te)?.insert(snapshot_key(rec.id), encode(rec)?.as_slice()).map_err(te)?;
+    Ok(())
+}
+
+trait LayerTable {
+    fn layer(&self, diff: &str) -> Result<LayerBlobs>;
+}
+
+impl LayerTable for redb::ReadTransaction {
+    fn layer(&self, diff: &str) -> Result<LayerBlobs> {
+        let t = self.open_table(db::LAYERS).map_err(te)?;
+        let out = match t.get(diff).map_err(te)? {
+            Some(v) => decode("layers", diff, v.value()),
+            None => Ok(LayerBlobs::default()),
+        };
+        out
+    }
+}
+
+impl LayerTable for redb::WriteTransaction {
+    fn layer(&self, diff: &str) -> Result<LayerBlobs> {
+        let t = self.open_table(db::LAYERS).map_err(te)?;
+        let out = match t.get(diff).map_err(te)? {
+            Some(v) => decode("layers", diff, v.value()),
+            None => Ok(LayerBlobs::default()),
+        };
+        out
+    }
+}
+
+fn read_layer(tx: &impl LayerTable, diff: &str) -> Result<LayerBlobs> {
+    tx.layer(diff)
+}
+
+/// Records a blob for a layer unless one for that compression exists; returns the record in
+/// force (the first one wins, so each layer is compressed once per compression).
+fn remember_layer(tx: &redb::WriteTransaction, layer: &LayerRecord, c: Compression) -> Result<LayerRecord> {
+    let diff = layer.diff_id.to_string();
+    let mut lb = read_layer(tx, &diff)?;
+    let rec = lb.blobs.entry(c.name().to_owned()).or_insert_with(|| layer.clone()).clone();
+    tx.open_table(db::LAYERS).map_err(te)?.insert(diff.as_str(), encode(&lb)?.as_slice()).map_err(te)?;
+    let mut bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
+    bl.insert(layer.digest.to_string().as_str(), diff.as_str()).map_err(te)?;
+    Ok(rec)
+}
+
+fn media_type_compression(mt: &str) -> Compression {
+    if mt.ends_with("gzip") {
+        Compression::Gzip
+    } else if mt.ends_with("zstd") {
+        Compression::Zstd
+    } else {
+        Compression::Uncompressed
+    }
+}
+
+pub(crate) fn decode_digest(s: &str) -> Result<Digest> {
+    s.parse().map_err(|e: kiln_oci::DigestError| StoreError::BadRecord { table: "digest", key: s.to_owned(), message: e.to_string() })
+}
+
+/// Flushes the filesystem holding `dir` so a snapshot is on disk before its record says so.
+fn sync_fs(dir: &Path) -> Result<()> {
+    let f = fs::File::open(dir).map_err(|e| StoreError::io("opening for sync", dir, e))?;
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } < 0 {
+        return Err(StoreError::io("syncing", dir, io::Error::last_os_error()));
+    }
+    Ok(())
+}
