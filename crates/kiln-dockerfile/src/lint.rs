@@ -314,7 +314,7 @@ impl<'a> Linter<'a> {
         let _ = globals;
         let mut args: BTreeSet<String> = BTreeSet::new();
         let mut abs_workdir = false;
-        let mut counts: BTreeMap<Keyword, Vec<Span>> = BTreeMap::new();
+        let mut counts: BTreeMap<&'static str, Vec<Span>> = BTreeMap::new();
         for inst in &s.body {
             let Some(kind) = inst.kind() else { continue };
             let defined = |n: &str, args: &BTreeSet<String>, env: &BTreeSet<String>| args.contains(n) || env.contains(n);
@@ -389,9 +389,9 @@ impl<'a> Linter<'a> {
                             inst.span,
                         );
                     }
-                    counts.entry(kind).or_default().push(inst.span);
+                    counts.entry(kind.as_str()).or_default().push(inst.span);
                 }
-                Keyword::Healthcheck => counts.entry(kind).or_default().push(inst.span),
+                Keyword::Healthcheck => counts.entry(kind.as_str()).or_default().push(inst.span),
                 Keyword::Maintainer => {
                     self.warn(MAINTAINER_DEPRECATED, "Maintainer instruction is deprecated in favor of using label".into(), inst.span)
                 }
@@ -404,7 +404,7 @@ impl<'a> Linter<'a> {
                 for sp in &spans[..spans.len() - 1] {
                     self.warn(
                         MULTIPLE_INSTRUCTIONS_DISALLOWED,
-                        format!("Multiple {} instructions should not be used in the same stage because only the last one will be used", kind.as_str()),
+                        format!("Multiple {} instructions should not be used in the same stage because only the last one will be used", kind),
                         *sp,
                     );
                 }

@@ -1,0 +1,2 @@
+FROM a
+ADD https://example.com/file.tar.gz /tmp/

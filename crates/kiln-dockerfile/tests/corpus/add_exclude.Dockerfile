@@ -1,0 +1,2 @@
+FROM a
+ADD --exclude=*.txt --exclude=docs/ . /app

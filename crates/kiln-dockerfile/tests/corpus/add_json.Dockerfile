@@ -1,0 +1,2 @@
+FROM a
+ADD ["a file.txt", "/dst/"]

@@ -1,0 +1,2 @@
+FROM a
+ARG A=1 B C="three four"

@@ -1,0 +1,7 @@
+# leading comment
+
+   # indented comment
+FROM a
+
+# between
+RUN echo ok

@@ -1,0 +1,2 @@
+FROM a
+COPY --chmod=999 a /b

@@ -1,0 +1,2 @@
+FROM a
+COPY --chmod=u+x,g-w run.sh /

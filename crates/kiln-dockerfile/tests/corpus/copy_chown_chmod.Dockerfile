@@ -1,0 +1,2 @@
+FROM a
+COPY --chown=app:app --chmod=0755 entry.sh /

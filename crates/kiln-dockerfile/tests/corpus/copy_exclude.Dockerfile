@@ -1,0 +1,2 @@
+FROM a
+COPY --exclude=node_modules --exclude=*.log . /app

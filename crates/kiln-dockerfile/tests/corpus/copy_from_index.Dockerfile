@@ -1,0 +1,3 @@
+FROM a
+FROM b
+COPY --from=0 /x /y

@@ -1,0 +1,5 @@
+FROM a
+COPY --chmod=755 <<EOF run.sh /usr/local/bin/
+#!/bin/sh
+echo run
+EOF

@@ -1,0 +1,2 @@
+FROM a
+COPY ["my file.txt", "/dst dir/"]

@@ -1,0 +1,2 @@
+FROM a
+COPY --keep-git-dir a b

@@ -1,0 +1,2 @@
+FROM a
+COPY --link --parents ./x/**/*.go /src/

@@ -1,0 +1,4 @@
+# hello
+# escape=`
+FROM a
+RUN echo `

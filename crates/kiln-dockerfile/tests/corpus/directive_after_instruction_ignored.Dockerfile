@@ -1,0 +1,3 @@
+FROM a
+# escape=`
+RUN echo `

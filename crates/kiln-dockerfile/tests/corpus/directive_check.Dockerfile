@@ -1,0 +1,3 @@
+# check=skip=JSONArgsRecommended,StageNameCasing;error=true
+FROM a
+CMD echo hi

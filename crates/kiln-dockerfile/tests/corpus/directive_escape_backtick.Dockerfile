@@ -1,0 +1,5 @@
+# escape=`
+FROM a
+RUN echo one `
+    two
+COPY C:\src C:\dst

@@ -1,0 +1,3 @@
+FROM a
+ENTRYPOINT ["/docker-entrypoint.sh"]
+CMD ["serve"]

@@ -1,0 +1,2 @@
+FROM a
+ENTRYPOINT exec nginx -g 'daemon off;'

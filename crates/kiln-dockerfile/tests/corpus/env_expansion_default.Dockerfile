@@ -1,0 +1,2 @@
+FROM a
+ENV X=${V:-fallback} Y=${UNSET:-fallback}

@@ -1,0 +1,2 @@
+FROM a
+ENV GOPATH /go

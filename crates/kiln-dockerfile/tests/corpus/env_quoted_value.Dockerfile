@@ -1,0 +1,2 @@
+FROM a
+ENV GREETING="hello world" OTHER='single $V'

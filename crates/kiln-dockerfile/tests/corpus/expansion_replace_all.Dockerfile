@@ -1,0 +1,3 @@
+FROM a
+ENV P=/usr/local/bin
+ENV Q=${P//\//:}

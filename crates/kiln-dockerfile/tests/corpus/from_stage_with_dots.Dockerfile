@@ -1,0 +1,1 @@
+FROM alpine AS my-stage.v1_x

@@ -1,0 +1,2 @@
+FROM a
+HEALTHCHECK CMD ["curl", "-f", "http://localhost/"]

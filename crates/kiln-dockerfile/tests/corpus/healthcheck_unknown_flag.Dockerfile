@@ -1,0 +1,2 @@
+FROM a
+HEALTHCHECK --period=1s CMD true

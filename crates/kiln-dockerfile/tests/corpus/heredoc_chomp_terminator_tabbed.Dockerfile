@@ -1,0 +1,4 @@
+FROM a
+COPY <<-END /x
+	line
+		END

@@ -1,0 +1,5 @@
+FROM a
+COPY <<EOF /app/config.ini
+[main]
+key=value
+EOF

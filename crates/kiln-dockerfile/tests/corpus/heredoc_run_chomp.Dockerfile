@@ -1,0 +1,5 @@
+FROM a
+RUN <<-EOF
+	echo tabbed
+		echo two tabs
+	EOF

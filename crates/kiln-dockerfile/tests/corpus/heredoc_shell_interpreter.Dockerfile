@@ -1,0 +1,5 @@
+FROM a
+RUN <<EOF bash -ex
+set -e
+echo hi
+EOF

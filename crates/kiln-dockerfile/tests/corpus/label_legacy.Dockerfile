@@ -1,0 +1,2 @@
+FROM a
+LABEL maintainer someone@example.com

@@ -1,0 +1,2 @@
+FROM a
+LABEL "com.example.vendor"="ACME Inc"

@@ -1,0 +1,2 @@
+FROM a
+MAINTAINER Jane Doe <jane@example.com>

@@ -1,0 +1,2 @@
+FROM a
+ONBUILD COPY --from=x . /app

@@ -1,0 +1,4 @@
+FROM a
+RUN apt-get update && \
+    apt-get install -y curl && \
+    rm -rf /var/lib/apt/lists/*

@@ -1,0 +1,4 @@
+FROM a
+RUN echo one \
+# a comment inside
+    two

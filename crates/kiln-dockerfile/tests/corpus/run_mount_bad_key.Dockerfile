@@ -1,0 +1,2 @@
+FROM a
+RUN --mount=type=cache,target=/a,colour=blue ls

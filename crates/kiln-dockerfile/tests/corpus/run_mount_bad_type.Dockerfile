@@ -1,0 +1,2 @@
+FROM a
+RUN --mount=type=volume,target=/a ls

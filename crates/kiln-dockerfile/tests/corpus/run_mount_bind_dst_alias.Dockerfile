@@ -1,0 +1,2 @@
+FROM a
+RUN --mount=type=bind,src=.,dst=/src ls /src

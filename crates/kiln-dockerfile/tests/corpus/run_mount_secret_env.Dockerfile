@@ -1,0 +1,2 @@
+FROM a
+RUN --mount=type=secret,id=token,env=TOKEN ./deploy.sh

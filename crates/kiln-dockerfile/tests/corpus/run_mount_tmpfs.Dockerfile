@@ -1,0 +1,2 @@
+FROM a
+RUN --mount=type=tmpfs,target=/tmp,size=64m make

@@ -1,0 +1,2 @@
+FROM a
+RUN --security=maybe ls

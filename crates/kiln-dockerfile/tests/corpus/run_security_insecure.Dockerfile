@@ -1,0 +1,2 @@
+FROM a
+RUN --security=insecure mount -t tmpfs none /mnt

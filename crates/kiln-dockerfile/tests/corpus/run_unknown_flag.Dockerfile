@@ -1,0 +1,2 @@
+FROM a
+RUN --mont=type=cache,target=/x ls

@@ -1,0 +1,2 @@
+FROM a
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]

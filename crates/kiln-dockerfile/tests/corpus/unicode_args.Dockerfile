@@ -1,0 +1,3 @@
+FROM a
+LABEL description="Ünïcödé ✓"
+RUN echo "日本語"

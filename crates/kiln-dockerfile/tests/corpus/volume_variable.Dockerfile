@@ -1,0 +1,3 @@
+FROM a
+ENV D=/data
+VOLUME $D

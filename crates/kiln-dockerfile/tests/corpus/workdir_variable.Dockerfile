@@ -1,0 +1,3 @@
+FROM a
+ENV BASE=/opt
+WORKDIR $BASE/app
