@@ -5,15 +5,19 @@
 //! and [`RuncExecutor`] (drives `runc` with a generated OCI runtime spec). Cache mounts come
 //! from [`CacheMounts`]. The design and setup order are in `docs/exec.md`.
 
+mod cache;
 mod namespace;
 mod output;
 mod prepare;
 mod rootfs;
+mod runc;
 mod security;
 mod spec;
 mod user;
 
+pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};
 pub use namespace::NamespaceExecutor;
+pub use runc::RuncExecutor;
 pub use spec::{
     CancelToken, CollectedOutput, ExecError, ExecSpec, Executor, ExitStatus, MountKind, MountSpec,
     Network, OutputLine, OutputSink, OutputStream, Rlimit, RlimitResource, Secret, Security,

@@ -17,7 +17,7 @@ use crate::output::{cloexec_pipe, supervise};
 use crate::prepare::{prepare, Prepared, ScratchDir};
 use crate::security::{default_cap_mask, default_seccomp_programs, last_cap};
 use crate::spec::{
-    CancelToken, ExecError, ExecSpec, ExitStatus, Executor, MountKind, Network, OutputSink,
+    CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
     Security,
 };
 
@@ -138,24 +138,24 @@ impl Op {
 
 /// Named steps of the child, reported by index.
 const STEPS: &[&str] = &[
-    "duplicating stdio",           // 0
-    "making mounts private",       // 1
-    "pivot_root",                  // 2
-    "unmounting the old root",     // 3
-    "sethostname",                 // 4
-    "bringing up lo",              // 5
-    "chdir to the working dir",    // 6
-    "forking the step's process",  // 7
-    "setrlimit",                   // 8
-    "dropping bounding caps",      // 9
-    "capset",                      // 10
-    "setting no_new_privs",        // 11
-    "installing seccomp filter",   // 12
-    "setgroups",                   // 13
-    "setgid",                      // 14
-    "setuid",                      // 15
-    "execve",                      // 16
-    "chdir to the new root",       // 17
+    "duplicating stdio",          // 0
+    "making mounts private",      // 1
+    "pivot_root",                 // 2
+    "unmounting the old root",    // 3
+    "sethostname",                // 4
+    "bringing up lo",             // 5
+    "chdir to the working dir",   // 6
+    "forking the step's process", // 7
+    "setrlimit",                  // 8
+    "dropping bounding caps",     // 9
+    "capset",                     // 10
+    "setting no_new_privs",       // 11
+    "installing seccomp filter",  // 12
+    "setgroups",                  // 13
+    "setgid",                     // 14
+    "setuid",                     // 15
+    "execve",                     // 16
+    "chdir to the new root",      // 17
 ];
 
 const REPORT_OP: u32 = 1;
@@ -209,7 +209,10 @@ pub(crate) fn overlay_escape(p: &Path) -> String {
 
 /// The capabilities (permitted set) this process has.
 fn current_permitted() -> u64 {
-    let mut hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+    let mut hdr = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let mut data = [CapData::default(); 2];
     // SAFETY: valid header and two data structs, as capget v3 expects.
     let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
@@ -239,7 +242,12 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
     let mut ops = Vec::new();
     let p = |path: &Path| cpath(path);
     let sub = |base: &Path, rel: &str| cpath(&base.join(rel));
-    let mount = |src: Option<CString>, target: CString, fstype: Option<&str>, flags, data: Option<String>, what| {
+    let mount = |src: Option<CString>,
+                 target: CString,
+                 fstype: Option<&str>,
+                 flags,
+                 data: Option<String>,
+                 what| {
         Ok::<Op, ExecError>(Op::Mount {
             src,
             target,
@@ -250,69 +258,183 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
         })
     };
     // The run's private tmpfs: host files' copies, secrets, rw-bind overlay dirs.
-    ops.push(mount(Some(cstr("tmpfs")?), p(scratch)?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755".into()), "mounting the scratch tmpfs")?);
+    ops.push(mount(
+        Some(cstr("tmpfs")?),
+        p(scratch)?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755".into()),
+        "mounting the scratch tmpfs",
+    )?);
     // The rootfs becomes its own mount so pivot_root can move onto it.
-    ops.push(mount(Some(p(root)?), p(root)?, None, libc::MS_BIND | libc::MS_REC, None, "bind-mounting the rootfs onto itself")?);
+    ops.push(mount(
+        Some(p(root)?),
+        p(root)?,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+        "bind-mounting the rootfs onto itself",
+    )?);
 
-    ops.push(mount(Some(cstr("proc")?), p(&prep.proc_dir)?, Some("proc"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None, "mounting /proc")?);
+    ops.push(mount(
+        Some(cstr("proc")?),
+        p(&prep.proc_dir)?,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+        "mounting /proc",
+    )?);
 
     let dev = &prep.dev_dir;
-    ops.push(mount(Some(cstr("tmpfs")?), p(dev)?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_STRICTATIME, Some("mode=755,size=65536k".into()), "mounting /dev")?);
+    ops.push(mount(
+        Some(cstr("tmpfs")?),
+        p(dev)?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        Some("mode=755,size=65536k".into()),
+        "mounting /dev",
+    )?);
     for d in DEVICES {
-        ops.push(Op::BindDevice { src: cstr(&format!("/dev/{d}"))?, target: sub(dev, d)? });
+        ops.push(Op::BindDevice {
+            src: cstr(&format!("/dev/{d}"))?,
+            target: sub(dev, d)?,
+        });
     }
     for d in ["pts", "shm", "mqueue"] {
-        ops.push(Op::Mkdir { path: sub(dev, d)?, mode: 0o755 });
+        ops.push(Op::Mkdir {
+            path: sub(dev, d)?,
+            mode: 0o755,
+        });
     }
-    ops.push(mount(Some(cstr("devpts")?), sub(dev, "pts")?, Some("devpts"), libc::MS_NOSUID | libc::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620".into()), "mounting /dev/pts")?);
-    ops.push(mount(Some(cstr("shm")?), sub(dev, "shm")?, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, Some("mode=1777,size=65536k".into()), "mounting /dev/shm")?);
-    ops.push(mount(Some(cstr("mqueue")?), sub(dev, "mqueue")?, Some("mqueue"), libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, None, "mounting /dev/mqueue")?);
+    ops.push(mount(
+        Some(cstr("devpts")?),
+        sub(dev, "pts")?,
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620".into()),
+        "mounting /dev/pts",
+    )?);
+    ops.push(mount(
+        Some(cstr("shm")?),
+        sub(dev, "shm")?,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=1777,size=65536k".into()),
+        "mounting /dev/shm",
+    )?);
+    ops.push(mount(
+        Some(cstr("mqueue")?),
+        sub(dev, "mqueue")?,
+        Some("mqueue"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+        "mounting /dev/mqueue",
+    )?);
     for (name, target) in DEV_SYMLINKS {
-        ops.push(Op::Symlink { target: cstr(target)?, link: sub(dev, name)? });
+        ops.push(Op::Symlink {
+            target: cstr(target)?,
+            link: sub(dev, name)?,
+        });
     }
-    let sys_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | if sandbox { libc::MS_RDONLY } else { 0 };
-    ops.push(Op::Sysfs { target: p(&prep.sys_dir)?, flags: sys_flags });
+    let sys_flags = libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC
+        | if sandbox { libc::MS_RDONLY } else { 0 };
+    ops.push(Op::Sysfs {
+        target: p(&prep.sys_dir)?,
+        flags: sys_flags,
+    });
 
     if sandbox {
         let devnull = cstr("/dev/null")?;
         for m in MASKED_PATHS {
             let host = container_to_host(prep, m);
-            ops.push(Op::Mask { path: p(&host)?, devnull: devnull.clone() });
+            ops.push(Op::Mask {
+                path: p(&host)?,
+                devnull: devnull.clone(),
+            });
         }
         for r in READONLY_PATHS {
-            ops.push(Op::ReadonlyPath { path: p(&container_to_host(prep, r))? });
+            ops.push(Op::ReadonlyPath {
+                path: p(&container_to_host(prep, r))?,
+            });
         }
     }
 
     for hf in &prep.host_files {
         // A private copy: the step may edit it, the host's file stays untouched.
         let copy = scratch.join(hf.name);
-        ops.push(Op::WriteFile { path: p(&copy)?, data: hf.content.clone(), mode: 0o644, uid: 0, gid: 0 });
-        ops.push(mount(Some(p(&copy)?), p(&hf.target)?, None, libc::MS_BIND, None, "binding host file")?);
+        ops.push(Op::WriteFile {
+            path: p(&copy)?,
+            data: hf.content.clone(),
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        });
+        ops.push(mount(
+            Some(p(&copy)?),
+            p(&hf.target)?,
+            None,
+            libc::MS_BIND,
+            None,
+            "binding host file",
+        )?);
     }
 
     for (i, (m, target)) in spec.mounts.iter().zip(&prep.mount_targets).enumerate() {
         let t = p(target)?;
         match &m.kind {
-            MountKind::Bind { source, readwrite: false } => {
-                ops.push(mount(Some(p(source)?), t.clone(), None, libc::MS_BIND | libc::MS_REC, None, "bind mount")?);
-                ops.push(Op::Remount { target: t, flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY });
+            MountKind::Bind {
+                source,
+                readwrite: false,
+            } => {
+                ops.push(mount(
+                    Some(p(source)?),
+                    t.clone(),
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                    "bind mount",
+                )?);
+                ops.push(Op::Remount {
+                    target: t,
+                    flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                });
             }
-            MountKind::Bind { source, readwrite: true } if source.is_dir() => {
+            MountKind::Bind {
+                source,
+                readwrite: true,
+            } if source.is_dir() => {
                 // Writes land in a throwaway upper dir on the scratch tmpfs, never in source.
                 let upper = scratch.join(format!("bind{i}-upper"));
                 let work = scratch.join(format!("bind{i}-work"));
-                ops.push(Op::Mkdir { path: p(&upper)?, mode: 0o755 });
-                ops.push(Op::Mkdir { path: p(&work)?, mode: 0o755 });
+                ops.push(Op::Mkdir {
+                    path: p(&upper)?,
+                    mode: 0o755,
+                });
+                ops.push(Op::Mkdir {
+                    path: p(&work)?,
+                    mode: 0o755,
+                });
                 let data = format!(
                     "lowerdir={},upperdir={},workdir={}",
                     overlay_escape(source),
                     overlay_escape(&upper),
                     overlay_escape(&work)
                 );
-                ops.push(mount(Some(cstr("overlay")?), t, Some("overlay"), 0, Some(data), "overlay for rw bind mount")?);
+                ops.push(mount(
+                    Some(cstr("overlay")?),
+                    t,
+                    Some("overlay"),
+                    0,
+                    Some(data),
+                    "overlay for rw bind mount",
+                )?);
             }
-            MountKind::Bind { source, readwrite: true } => {
+            MountKind::Bind {
+                source,
+                readwrite: true,
+            } => {
                 let content = std::fs::read(source).map_err(|e| ExecError::Prepare {
                     what: "reading bind mount source",
                     path: source.clone(),
@@ -325,30 +447,87 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
                 })?;
                 use std::os::unix::fs::MetadataExt;
                 let copy = scratch.join(format!("bind{i}-file"));
-                ops.push(Op::WriteFile { path: p(&copy)?, data: content, mode: meta.mode() & 0o7777, uid: meta.uid(), gid: meta.gid() });
-                ops.push(mount(Some(p(&copy)?), t, None, libc::MS_BIND, None, "bind mount")?);
+                ops.push(Op::WriteFile {
+                    path: p(&copy)?,
+                    data: content,
+                    mode: meta.mode() & 0o7777,
+                    uid: meta.uid(),
+                    gid: meta.gid(),
+                });
+                ops.push(mount(
+                    Some(p(&copy)?),
+                    t,
+                    None,
+                    libc::MS_BIND,
+                    None,
+                    "bind mount",
+                )?);
             }
             MountKind::Cache { source } => {
-                ops.push(mount(Some(p(source)?), t, None, libc::MS_BIND | libc::MS_REC, None, "cache mount")?);
+                ops.push(mount(
+                    Some(p(source)?),
+                    t,
+                    None,
+                    libc::MS_BIND | libc::MS_REC,
+                    None,
+                    "cache mount",
+                )?);
             }
             MountKind::Tmpfs { size } => {
                 let data = match size {
                     Some(s) => format!("mode=1777,size={s}"),
                     None => "mode=1777".to_string(),
                 };
-                ops.push(mount(Some(cstr("tmpfs")?), t, Some("tmpfs"), libc::MS_NOSUID | libc::MS_NODEV, Some(data), "tmpfs mount")?);
+                ops.push(mount(
+                    Some(cstr("tmpfs")?),
+                    t,
+                    Some("tmpfs"),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    Some(data),
+                    "tmpfs mount",
+                )?);
             }
-            MountKind::Secret { data, mode, uid, gid } => {
+            MountKind::Secret {
+                data,
+                mode,
+                uid,
+                gid,
+            } => {
                 let file = scratch.join(format!("secret{i}"));
-                ops.push(Op::WriteFile { path: p(&file)?, data: data.expose().to_vec(), mode: *mode & 0o7777, uid: *uid, gid: *gid });
-                ops.push(mount(Some(p(&file)?), t.clone(), None, libc::MS_BIND, None, "secret mount")?);
-                ops.push(Op::Remount { target: t, flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC });
+                ops.push(Op::WriteFile {
+                    path: p(&file)?,
+                    data: data.expose().to_vec(),
+                    mode: *mode & 0o7777,
+                    uid: *uid,
+                    gid: *gid,
+                });
+                ops.push(mount(
+                    Some(p(&file)?),
+                    t.clone(),
+                    None,
+                    libc::MS_BIND,
+                    None,
+                    "secret mount",
+                )?);
+                ops.push(Op::Remount {
+                    target: t,
+                    flags: libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                });
             }
             MountKind::Ssh => return Err(ExecError::Unsupported("RUN --mount=type=ssh")),
         }
     }
 
-    let argv: Vec<CString> = spec.args.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = spec
+        .args
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Result<_, _>>()?;
     let envp: Vec<CString> = prep.env.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
@@ -358,16 +537,28 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
     let mut rlimits = Vec::new();
     for rl in &spec.rlimits {
         let res = rl.resource.raw();
-        let mut cur = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: valid out-pointer.
         if unsafe { libc::getrlimit(res, &mut cur) } != 0 {
             continue;
         }
         let hard = rl.hard.min(cur.rlim_max);
         let soft = rl.soft.min(hard);
-        rlimits.push((res, libc::rlimit { rlim_cur: soft, rlim_max: hard }));
+        rlimits.push((
+            res,
+            libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            },
+        ));
     }
-    let mut nofile = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid out-pointer.
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) };
 
@@ -388,7 +579,11 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
         sandbox,
         cap_keep: default_cap_mask() & current_permitted(),
         last_cap: last_cap(),
-        seccomp: if sandbox { default_seccomp_programs()? } else { Vec::new() },
+        seccomp: if sandbox {
+            default_seccomp_programs()?
+        } else {
+            Vec::new()
+        },
         rlimits,
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
@@ -429,16 +624,27 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
 unsafe fn run_op(op: &Op) -> Result<(), i32> {
     let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(errno()) };
     match op {
-        Op::Mount { src, target, fstype, flags, data, .. } => check(libc::mount(
+        Op::Mount {
+            src,
+            target,
+            fstype,
+            flags,
+            data,
+            ..
+        } => check(libc::mount(
             opt_ptr(src),
             target.as_ptr(),
             opt_ptr(fstype),
             *flags,
             opt_ptr(data).cast(),
         )),
-        Op::Remount { target, flags } => {
-            check(libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), *flags, std::ptr::null()))
-        }
+        Op::Remount { target, flags } => check(libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            *flags,
+            std::ptr::null(),
+        )),
         Op::Mkdir { path, mode } => {
             if libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST {
                 Ok(())
@@ -447,8 +653,18 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
             }
         }
         Op::Symlink { target, link } => check(libc::symlink(target.as_ptr(), link.as_ptr())),
-        Op::WriteFile { path, data, mode, uid, gid } => {
-            let fd = libc::open(path.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC, 0o600);
+        Op::WriteFile {
+            path,
+            data,
+            mode,
+            uid,
+            gid,
+        } => {
+            let fd = libc::open(
+                path.as_ptr(),
+                libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o600,
+            );
             if fd < 0 {
                 return Err(errno());
             }
@@ -465,32 +681,67 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 }
                 off += n as usize;
             }
-            let r = if libc::fchown(fd, *uid, *gid) != 0 || libc::fchmod(fd, *mode) != 0 { Err(errno()) } else { Ok(()) };
+            let r = if libc::fchown(fd, *uid, *gid) != 0 || libc::fchmod(fd, *mode) != 0 {
+                Err(errno())
+            } else {
+                Ok(())
+            };
             libc::close(fd);
             r
         }
         Op::Mask { path, devnull } => {
             let mut st: libc::stat = std::mem::zeroed();
             if libc::stat(path.as_ptr(), &mut st) != 0 {
-                return if errno() == libc::ENOENT { Ok(()) } else { Err(errno()) };
+                return if errno() == libc::ENOENT {
+                    Ok(())
+                } else {
+                    Err(errno())
+                };
             }
             if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                check(libc::mount(c"tmpfs".as_ptr(), path.as_ptr(), c"tmpfs".as_ptr(), libc::MS_RDONLY, std::ptr::null()))
+                check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))
             } else {
-                check(libc::mount(devnull.as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
+                check(libc::mount(
+                    devnull.as_ptr(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ))
             }
         }
         Op::ReadonlyPath { path } => {
             let mut st: libc::stat = std::mem::zeroed();
             if libc::stat(path.as_ptr(), &mut st) != 0 {
-                return if errno() == libc::ENOENT { Ok(()) } else { Err(errno()) };
+                return if errno() == libc::ENOENT {
+                    Ok(())
+                } else {
+                    Err(errno())
+                };
             }
-            check(libc::mount(path.as_ptr(), path.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+            check(libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
             check(libc::mount(
                 std::ptr::null(),
                 path.as_ptr(),
                 std::ptr::null(),
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))
         }
@@ -500,21 +751,50 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 // The host lacks it (e.g. no /dev/tty): leave it out, as a minimal /dev may.
                 return Ok(());
             }
-            let fd = libc::open(target.as_ptr(), libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666);
+            let fd = libc::open(
+                target.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                0o666,
+            );
             if fd < 0 {
                 return Err(errno());
             }
             libc::close(fd);
-            check(libc::mount(src.as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()))
+            check(libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ))
         }
         Op::Sysfs { target, flags } => {
-            if libc::mount(c"sysfs".as_ptr(), target.as_ptr(), c"sysfs".as_ptr(), *flags, std::ptr::null()) == 0 {
+            if libc::mount(
+                c"sysfs".as_ptr(),
+                target.as_ptr(),
+                c"sysfs".as_ptr(),
+                *flags,
+                std::ptr::null(),
+            ) == 0
+            {
                 return Ok(());
             }
             // Without rights over the network namespace a new sysfs is refused: bind the host's.
-            check(libc::mount(c"/sys".as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()))?;
+            check(libc::mount(
+                c"/sys".as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
             if *flags & libc::MS_RDONLY != 0 {
-                check(libc::mount(std::ptr::null(), target.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null()))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
             }
             Ok(())
         }
@@ -551,7 +831,10 @@ unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! 
     // Move our four fds to 0..=3, everything else closed: another thread's pipes must not be
     // held open by us.
     let mut high = [0; 4];
-    for (i, fd) in [stdio[0], stdio[1], stdio[2], report_fd].into_iter().enumerate() {
+    for (i, fd) in [stdio[0], stdio[1], stdio[2], report_fd]
+        .into_iter()
+        .enumerate()
+    {
         high[i] = libc::fcntl(fd, libc::F_DUPFD, 10);
         if high[i] < 0 {
             libc::_exit(2);
@@ -569,7 +852,14 @@ unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! 
         }
     }
 
-    if libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0 {
+    if libc::mount(
+        std::ptr::null(),
+        c"/".as_ptr(),
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
         fail_step(1);
     }
     for (i, op) in plan.ops.iter().enumerate() {
@@ -661,9 +951,16 @@ unsafe fn step_process(plan: &Plan) -> ! {
                 fail_step(9);
             }
         }
-        let hdr = CapHeader { version: 0x2008_0522, pid: 0 };
+        let hdr = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
         let data = [
-            CapData { effective: plan.cap_keep as u32, permitted: plan.cap_keep as u32, inheritable: 0 },
+            CapData {
+                effective: plan.cap_keep as u32,
+                permitted: plan.cap_keep as u32,
+                inheritable: 0,
+            },
             CapData {
                 effective: (plan.cap_keep >> 32) as u32,
                 permitted: (plan.cap_keep >> 32) as u32,
@@ -673,7 +970,13 @@ unsafe fn step_process(plan: &Plan) -> ! {
         if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
             fail_step(10);
         }
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             fail_step(11);
         }
@@ -699,7 +1002,11 @@ unsafe fn step_process(plan: &Plan) -> ! {
     if libc::syscall(libc::SYS_setuid, plan.uid) != 0 {
         fail_step(15);
     }
-    libc::execve(plan.exe.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
+    libc::execve(
+        plan.exe.as_ptr(),
+        plan.argv_ptrs.as_ptr(),
+        plan.envp_ptrs.as_ptr(),
+    );
     report(REPORT_STEP, 16, errno(), 0);
     libc::_exit(127)
 }
@@ -707,10 +1014,12 @@ unsafe fn step_process(plan: &Plan) -> ! {
 // ---- parent side ----
 
 fn open_devnull() -> Result<OwnedFd, ExecError> {
-    std::fs::File::open("/dev/null").map(OwnedFd::from).map_err(|e| ExecError::Spawn {
-        what: "opening /dev/null",
-        source: e,
-    })
+    std::fs::File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|e| ExecError::Spawn {
+            what: "opening /dev/null",
+            source: e,
+        })
 }
 
 impl Executor for NamespaceExecutor {
@@ -750,7 +1059,8 @@ fn run_plan(
     let (err_r, err_w) = cloexec_pipe()?;
     let (rep_r, rep_w) = cloexec_pipe()?;
     let devnull = open_devnull()?;
-    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
+    let mut flags =
+        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if plan.lo_up {
         flags |= libc::CLONE_NEWNET;
     }
@@ -758,7 +1068,16 @@ fn run_plan(
     let rep_fd = rep_w.as_raw_fd();
     // SAFETY: the child only runs async-signal-safe code over data prepared above and
     // never returns (container_init ends in _exit or exec).
-    let pid = unsafe { libc::syscall(libc::SYS_clone, (flags | libc::SIGCHLD) as libc::c_long, 0, 0, 0, 0) };
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_long,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
     if pid == 0 {
         unsafe { container_init(plan, stdio, rep_fd) };
     }
@@ -775,7 +1094,15 @@ fn run_plan(
         // SAFETY: pid is our unreaped child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     };
-    let sup = supervise(pid, out_r, err_r, sink, cancel, &prep.secret_values, &mut kill)?;
+    let sup = supervise(
+        pid,
+        out_r,
+        err_r,
+        sink,
+        cancel,
+        &prep.secret_values,
+        &mut kill,
+    )?;
     let mut report_bytes = Vec::new();
     {
         use std::io::Read;
@@ -784,12 +1111,21 @@ fn run_plan(
     }
     let mut status = None;
     for msg in report_bytes.chunks_exact(16) {
-        let v = |i: usize| i32::from_ne_bytes([msg[i * 4], msg[i * 4 + 1], msg[i * 4 + 2], msg[i * 4 + 3]]);
+        let v = |i: usize| {
+            i32::from_ne_bytes([msg[i * 4], msg[i * 4 + 1], msg[i * 4 + 2], msg[i * 4 + 3]])
+        };
         let (kind, index, err, value) = (v(0) as u32, v(1) as usize, v(2), v(3));
         match kind {
             REPORT_OP => {
-                let (step, path) = plan.ops.get(index).map_or(("setup", String::new()), Op::describe);
-                return Err(ExecError::Setup { step, path, source: std::io::Error::from_raw_os_error(err) });
+                let (step, path) = plan
+                    .ops
+                    .get(index)
+                    .map_or(("setup", String::new()), Op::describe);
+                return Err(ExecError::Setup {
+                    step,
+                    path,
+                    source: std::io::Error::from_raw_os_error(err),
+                });
             }
             REPORT_STEP => {
                 let step = STEPS.get(index).copied().unwrap_or("setup");
@@ -798,7 +1134,11 @@ fn run_plan(
                     16 => plan.exe.to_string_lossy().into_owned(),
                     _ => String::new(),
                 };
-                return Err(ExecError::Setup { step, path, source: std::io::Error::from_raw_os_error(err) });
+                return Err(ExecError::Setup {
+                    step,
+                    path,
+                    source: std::io::Error::from_raw_os_error(err),
+                });
             }
             REPORT_EXIT => status = Some(ExitStatus::Code(value)),
             REPORT_SIGNAL => status = Some(ExitStatus::Signal(value)),

@@ -109,11 +109,21 @@ impl LineBuffer {
         self.buf.extend_from_slice(data);
         let mut start = 0;
         while let Some(pos) = self.buf[start..].iter().position(|b| *b == b'\n') {
-            emit(sink, redactor, self.stream, &self.buf[start..start + pos]);
+            let mut line = &self.buf[start..start + pos];
+            while line.len() > MAX_LINE {
+                emit(sink, redactor, self.stream, &line[..MAX_LINE]);
+                line = &line[MAX_LINE..];
+            }
+            emit(sink, redactor, self.stream, line);
             start += pos + 1;
         }
         while self.buf.len() - start > MAX_LINE {
-            emit(sink, redactor, self.stream, &self.buf[start..start + MAX_LINE]);
+            emit(
+                sink,
+                redactor,
+                self.stream,
+                &self.buf[start..start + MAX_LINE],
+            );
             start += MAX_LINE;
         }
         self.buf.drain(..start);
@@ -156,8 +166,16 @@ pub(crate) fn supervise(
     let redactor = Redactor::new(secrets);
     let pidfd = pidfd_open(pid);
     let mut bufs = [
-        LineBuffer { stream: OutputStream::Stdout, buf: Vec::new(), open: true },
-        LineBuffer { stream: OutputStream::Stderr, buf: Vec::new(), open: true },
+        LineBuffer {
+            stream: OutputStream::Stdout,
+            buf: Vec::new(),
+            open: true,
+        },
+        LineBuffer {
+            stream: OutputStream::Stderr,
+            buf: Vec::new(),
+            open: true,
+        },
     ];
     let fds = [stdout, stderr];
     let mut status: Option<i32> = None;
@@ -184,23 +202,40 @@ pub(crate) fn supervise(
         let mut roles: Vec<usize> = Vec::with_capacity(4);
         for (i, b) in bufs.iter().enumerate() {
             if b.open {
-                pfds.push(libc::pollfd { fd: fds[i].as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: fds[i].as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
                 roles.push(i);
             }
         }
         if status.is_none() {
             if let Some(p) = &pidfd {
-                pfds.push(libc::pollfd { fd: p.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: p.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
                 roles.push(2);
             }
         }
         let cancel_fd = if cancelled { None } else { cancel.wake_fd() };
         if let Some(fd) = cancel_fd {
-            pfds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
             roles.push(3);
         }
-        let need_timer = (status.is_none() && pidfd.is_none()) || (!cancelled && cancel_fd.is_none());
-        let timeout = if need_timer || exited_at.is_some() { 50 } else { -1 };
+        let need_timer =
+            (status.is_none() && pidfd.is_none()) || (!cancelled && cancel_fd.is_none());
+        let timeout = if need_timer || exited_at.is_some() {
+            50
+        } else {
+            -1
+        };
         // SAFETY: pfds is a valid array of pollfd.
         let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -208,7 +243,10 @@ pub(crate) fn supervise(
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(ExecError::Spawn { what: "polling container output", source: e });
+            return Err(ExecError::Spawn {
+                what: "polling container output",
+                source: e,
+            });
         }
         for (pfd, role) in pfds.iter().zip(roles.iter()) {
             if pfd.revents == 0 || *role > 1 {
@@ -218,7 +256,9 @@ pub(crate) fn supervise(
             let r = unsafe { libc::read(pfd.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
             if r > 0 {
                 bufs[*role].push(&chunk[..r as usize], sink, &redactor);
-            } else if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            } else if r == 0
+                || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
                 bufs[*role].finish(sink, &redactor);
             }
         }
@@ -259,7 +299,11 @@ mod tests {
         assert_eq!(r.redact(b"pw=hunter22!").unwrap(), b"pw=****!");
         assert!(r.redact(b"ab is too short to redact").is_none());
         let mut out = CollectedOutput::default();
-        let mut b = LineBuffer { stream: OutputStream::Stdout, buf: Vec::new(), open: true };
+        let mut b = LineBuffer {
+            stream: OutputStream::Stdout,
+            buf: Vec::new(),
+            open: true,
+        };
         b.push(b"one\ntwo hunter", &mut out, &r);
         b.push(b"22\npartial", &mut out, &r);
         b.finish(&mut out, &r);

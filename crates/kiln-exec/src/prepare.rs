@@ -8,10 +8,8 @@ use crate::spec::{ExecError, ExecSpec, MountKind, DEFAULT_PATH};
 use crate::user::{resolve_user, ResolvedUser};
 
 /// Host files bind-mounted (as private copies) into every container.
-pub(crate) const HOST_FILES: &[(&str, &str)] = &[
-    ("/etc/resolv.conf", "resolv.conf"),
-    ("/etc/hosts", "hosts"),
-];
+pub(crate) const HOST_FILES: &[(&str, &str)] =
+    &[("/etc/resolv.conf", "resolv.conf"), ("/etc/hosts", "hosts")];
 
 /// A host file to expose at a container path: its content and the mount point's host path.
 pub(crate) struct HostFile {
@@ -62,9 +60,15 @@ fn validate(spec: &ExecSpec) -> Result<(), ExecError> {
     }
     for m in &spec.mounts {
         if !m.target.starts_with('/') || m.target.contains('\0') {
-            return bad(format!("mount target must be an absolute path: {:?}", m.target));
+            return bad(format!(
+                "mount target must be an absolute path: {:?}",
+                m.target
+            ));
         }
-        if m.target.split('/').all(|c| c.is_empty() || c == "." || c == "..") {
+        if m.target
+            .split('/')
+            .all(|c| c.is_empty() || c == "." || c == "..")
+        {
             return bad(format!("cannot mount over the root: {:?}", m.target));
         }
         if let MountKind::Ssh = m.kind {
@@ -108,7 +112,9 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
         let v = String::from_utf8(s.expose().to_vec())
             .map_err(|_| ExecError::InvalidSpec(format!("secret env {k} is not UTF-8")))?;
         if v.contains('\0') {
-            return Err(ExecError::InvalidSpec(format!("secret env {k} contains a NUL byte")));
+            return Err(ExecError::InvalidSpec(format!(
+                "secret env {k} contains a NUL byte"
+            )));
         }
         env.push(format!("{k}={v}"));
         secret_values.push(s.expose().to_vec());
@@ -124,7 +130,11 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
     for (path, name) in HOST_FILES {
         if let Ok(content) = std::fs::read(path) {
             let target = stubs.ensure(path, StubKind::File)?;
-            host_files.push(HostFile { name, content, target });
+            host_files.push(HostFile {
+                name,
+                content,
+                target,
+            });
         }
     }
     let mut mount_targets = Vec::new();

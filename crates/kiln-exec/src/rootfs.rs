@@ -115,8 +115,7 @@ impl MountStubs {
     }
 
     fn record_touched(&mut self, dir: &Path) -> io::Result<()> {
-        if self.touched.iter().any(|t| t.host == dir)
-            || self.created.iter().any(|(p, _)| p == dir)
+        if self.touched.iter().any(|t| t.host == dir) || self.created.iter().any(|(p, _)| p == dir)
         {
             return Ok(());
         }
@@ -152,18 +151,31 @@ impl MountStubs {
 
     /// Makes sure `container_path` exists as `kind` and returns its host path (symlinks
     /// resolved inside the rootfs).
-    pub(crate) fn ensure(&mut self, container_path: &str, kind: StubKind) -> Result<PathBuf, ExecError> {
+    pub(crate) fn ensure(
+        &mut self,
+        container_path: &str,
+        kind: StubKind,
+    ) -> Result<PathBuf, ExecError> {
         let prep = |what, path: &Path, source| ExecError::Prepare {
             what,
             path: path.to_path_buf(),
             source,
         };
-        let host = resolve_in_root(&self.root, container_path)
-            .map_err(|e| prep("resolving mount point", &self.root.join(container_path.trim_start_matches('/')), e))?;
+        let host = resolve_in_root(&self.root, container_path).map_err(|e| {
+            prep(
+                "resolving mount point",
+                &self.root.join(container_path.trim_start_matches('/')),
+                e,
+            )
+        })?;
         match fs::metadata(&host) {
             Ok(m) => {
                 if (kind == StubKind::Dir) != m.is_dir() {
-                    let want = if kind == StubKind::Dir { "a directory" } else { "a file" };
+                    let want = if kind == StubKind::Dir {
+                        "a directory"
+                    } else {
+                        "a file"
+                    };
                     return Err(prep(
                         "mount point exists but is not the right type (need ",
                         &host,
@@ -187,7 +199,8 @@ impl MountStubs {
                         io::Error::from_raw_os_error(libc::ENOTDIR),
                     ));
                 }
-                self.record_touched(&a).map_err(|e| prep("reading", &a, e))?;
+                self.record_touched(&a)
+                    .map_err(|e| prep("reading", &a, e))?;
                 break;
             }
             missing.push(a.clone());
@@ -230,9 +243,7 @@ impl MountStubs {
             .touched
             .iter()
             .zip(self.after.iter())
-            .map(|(t, after)| {
-                fs::symlink_metadata(&t.host).is_ok_and(|m| times(&m).1 == *after)
-            })
+            .map(|(t, after)| fs::symlink_metadata(&t.host).is_ok_and(|m| times(&m).1 == *after))
             .collect();
         for (p, kind) in self.created.drain(..).rev() {
             let res = match kind {
@@ -261,17 +272,32 @@ impl MountStubs {
             }
         }
         if let Some(upper) = &self.upper {
+            // Judge every candidate before removing any: removing a child changes its
+            // parent's mtime in the upper dir.
+            let mut order: Vec<(usize, bool)> = self
+                .touched
+                .iter()
+                .map(|t| {
+                    (
+                        t.rel.components().count(),
+                        !t.in_upper_before && same_as_before(&upper.join(&t.rel), t),
+                    )
+                })
+                .collect();
+            let mut idx: Vec<usize> = (0..order.len()).collect();
             // Deepest first: a parent can only go once its child went.
-            let mut order: Vec<&TouchedDir> = self.touched.iter().collect();
-            order.sort_by_key(|t| std::cmp::Reverse(t.rel.components().count()));
-            for t in order {
-                if t.in_upper_before {
-                    continue;
+            idx.sort_by_key(|i| std::cmp::Reverse(order[*i].0));
+            for i in idx {
+                if order[i].1 {
+                    let u = upper.join(&self.touched[i].rel);
+                    if fs::read_dir(&u)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(false)
+                    {
+                        let _ = fs::remove_dir(&u);
+                    }
                 }
-                let u = upper.join(&t.rel);
-                if is_pure_copy_up(&u, t) {
-                    let _ = fs::remove_dir(&u);
-                }
+                order[i].1 = false;
             }
         }
         self.touched.clear();
@@ -290,18 +316,19 @@ impl Drop for MountStubs {
     }
 }
 
-fn is_pure_copy_up(u: &Path, t: &TouchedDir) -> bool {
-    let Ok(m) = fs::symlink_metadata(u) else { return false };
+/// Whether the upper dir's copy of a touched dir still matches what it was before (so it
+/// exists only because a mount point was created in it).
+fn same_as_before(u: &Path, t: &TouchedDir) -> bool {
+    let Ok(m) = fs::symlink_metadata(u) else {
+        return false;
+    };
     if !m.is_dir() || m.mode() != t.mode || m.uid() != t.uid || m.gid() != t.gid {
         return false;
     }
     if times(&m).1 != t.mtime {
         return false;
     }
-    if xattr_present(u, "trusted.overlay.opaque") || xattr_present(u, "user.overlay.opaque") {
-        return false;
-    }
-    fs::read_dir(u).map(|mut d| d.next().is_none()).unwrap_or(false)
+    !(xattr_present(u, "trusted.overlay.opaque") || xattr_present(u, "user.overlay.opaque"))
 }
 
 fn xattr_present(p: &Path, name: &str) -> bool {
@@ -321,11 +348,24 @@ fn set_times(p: &Path, atime: (i64, i64), mtime: (i64, i64)) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let cp = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let ts = [
-        libc::timespec { tv_sec: atime.0, tv_nsec: atime.1 },
-        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
     ];
     // SAFETY: valid path and two timespecs.
-    let r = unsafe { libc::utimensat(libc::AT_FDCWD, cp.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cp.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -349,9 +389,10 @@ pub(crate) fn overlay_upper_dir(root: &Path) -> Option<PathBuf> {
         let opts = post.next().unwrap_or("");
         // Later lines are mounted on top; the last one wins.
         found = if fstype == "overlay" {
-            split_mount_options(opts)
-                .into_iter()
-                .find_map(|o| o.strip_prefix("upperdir=").map(|u| PathBuf::from(unescape_mountinfo(u))))
+            split_mount_options(opts).into_iter().find_map(|o| {
+                o.strip_prefix("upperdir=")
+                    .map(|u| PathBuf::from(unescape_mountinfo(u)))
+            })
         } else {
             None
         };
@@ -369,7 +410,10 @@ fn unescape_mountinfo(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -415,7 +459,11 @@ pub(crate) fn create_workdir(root: &Path, cwd: &str, uid: u32, gid: u32) -> Resu
 }
 
 /// Finds `command` in `path_var` inside the rootfs; returns the container path to exec.
-pub(crate) fn find_command(root: &Path, command: &str, path_var: &str) -> Result<String, ExecError> {
+pub(crate) fn find_command(
+    root: &Path,
+    command: &str,
+    path_var: &str,
+) -> Result<String, ExecError> {
     if command.contains('/') {
         return Ok(command.to_string());
     }
@@ -447,7 +495,10 @@ mod tests {
         fs::create_dir_all(r.join("etc")).unwrap();
         std::os::unix::fs::symlink("/../../../etc/shadow", r.join("etc/evil")).unwrap();
         std::os::unix::fs::symlink("../run/x", r.join("etc/rel")).unwrap();
-        assert_eq!(resolve_in_root(r, "/etc/evil").unwrap(), r.join("etc/shadow"));
+        assert_eq!(
+            resolve_in_root(r, "/etc/evil").unwrap(),
+            r.join("etc/shadow")
+        );
         assert_eq!(resolve_in_root(r, "/etc/rel").unwrap(), r.join("run/x"));
         assert_eq!(resolve_in_root(r, "/../../x").unwrap(), r.join("x"));
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
@@ -474,6 +525,9 @@ mod tests {
     #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(split_mount_options("lowerdir=/a\\054b,upperdir=/u"), vec!["lowerdir=/a\\054b", "upperdir=/u"]);
+        assert_eq!(
+            split_mount_options("lowerdir=/a\\054b,upperdir=/u"),
+            vec!["lowerdir=/a\\054b", "upperdir=/u"]
+        );
     }
 }

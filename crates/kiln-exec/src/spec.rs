@@ -13,6 +13,9 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 #[derive(Debug, Clone)]
 pub struct ExecSpec {
     /// The prepared rootfs (usually an overlay mount whose upper dir becomes the layer).
+    /// One run at a time per rootfs, and commit it after the run: to keep mount points out of
+    /// the layer, kiln may remove directories from the overlay's upper dir that were copied up
+    /// only for a mount point, which leaves that overlay mount's cached view stale.
     pub rootfs: PathBuf,
     /// Exec-form argv; `args[0]` is looked up in the container's `PATH` when it has no `/`.
     /// Shell form is the caller's job (`["/bin/sh", "-c", line]`).

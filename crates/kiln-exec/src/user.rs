@@ -135,7 +135,10 @@ pub(crate) fn resolve_user(rootfs: &Path, user: Option<&str>) -> Result<Resolved
             let gid = entry.map_or(0, |e| e.gid);
             let mut all = vec![gid];
             if let Some(name) = name {
-                for g in groups.iter().filter(|g| g.members.iter().any(|m| m == name)) {
+                for g in groups
+                    .iter()
+                    .filter(|g| g.members.iter().any(|m| m == name))
+                {
                     if !all.contains(&g.gid) {
                         all.push(g.gid);
                     }
@@ -175,7 +178,10 @@ mod tests {
     fn user_name_gets_primary_and_supplementary_groups() {
         let r = rootfs();
         let u = resolve_user(r.path(), Some("alice")).unwrap();
-        assert_eq!((u.uid, u.gid, u.groups.clone()), (1000, 1000, vec![1000, 10]));
+        assert_eq!(
+            (u.uid, u.gid, u.groups.clone()),
+            (1000, 1000, vec![1000, 10])
+        );
         assert_eq!(u.home, "/home/alice");
     }
 
@@ -198,9 +204,13 @@ mod tests {
     #[test]
     fn unknown_names_are_errors_naming_the_file() {
         let r = rootfs();
-        let e = resolve_user(r.path(), Some("mallory")).unwrap_err().to_string();
+        let e = resolve_user(r.path(), Some("mallory"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mallory") && e.contains("/etc/passwd"), "{e}");
-        let e = resolve_user(r.path(), Some("alice:nogroup")).unwrap_err().to_string();
+        let e = resolve_user(r.path(), Some("alice:nogroup"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/etc/group"), "{e}");
     }
 }

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use kiln_exec::{CancelToken, CollectedOutput, ExecSpec, Executor, ExitStatus};
 
 pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice:/home/alice:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
-pub const GROUP: &str = "root:x:0:\nalice:x:1000:\nwheel:x:10:alice\nstaff:x:50:bob,alice\nnogroup:x:65534:\n";
+pub const GROUP: &str =
+    "root:x:0:\nalice:x:1000:\nwheel:x:10:alice\nstaff:x:50:bob,alice\nnogroup:x:65534:\n";
 
 /// True when running as root; otherwise prints why the test is skipped.
 pub fn is_root(test: &str) -> bool {
@@ -30,7 +31,10 @@ pub fn busybox_rootfs(dir: &Path) {
     fs::create_dir_all(dir.join("bin")).unwrap();
     fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox-static must be installed");
     fs::set_permissions(dir.join("bin/busybox"), fs::Permissions::from_mode(0o755)).unwrap();
-    let list = std::process::Command::new("/bin/busybox").arg("--list").output().unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" && !applet.is_empty() {
             let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
@@ -95,7 +99,12 @@ impl OverlayRootfs {
             )
         };
         assert_eq!(r, 0, "mount overlay: {}", std::io::Error::last_os_error());
-        OverlayRootfs { dir, lower, upper, merged }
+        OverlayRootfs {
+            dir,
+            lower,
+            upper,
+            merged,
+        }
     }
 
     /// Every entry of the upper dir: relative path → description (type, mode, size, target).
@@ -122,15 +131,20 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let p = e.path();
-        let m = fs::symlink_metadata(&p).unwrap();
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let ft = m.file_type();
         let desc = if ft.is_symlink() {
-            format!("link -> {}", fs::read_link(&p).unwrap().display())
+            format!(
+                "link -> {}",
+                fs::read_link(&p).unwrap_or_default().display()
+            )
         } else if ft.is_dir() {
             format!("dir {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid())
         } else if ft.is_file() {
-            let content = fs::read(&p).unwrap();
+            let content = fs::read(&p).unwrap_or_default();
             format!(
                 "file {:o} {}:{} {}",
                 m.mode() & 0o7777,

@@ -1,0 +1,215 @@
+//! `RUN --mount=type=cache` directories: persistent, keyed by id, shared between runs and
+//! between kiln processes on one state dir, with BuildKit's `sharing` modes.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// BuildKit's `sharing=` for cache mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheSharing {
+    /// Any number of steps use the same directory at once.
+    Shared,
+    /// A step gets a directory no other running step uses: a second instance is made when the
+    /// first is busy.
+    Private,
+    /// Steps take turns: a second step waits until the first releases the directory.
+    Locked,
+}
+
+/// What a step asks for: `id` plus the owner and mode used when the directory is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheMountRequest {
+    /// The cache id (BuildKit defaults it to the target path).
+    pub id: String,
+    /// Sharing mode.
+    pub sharing: CacheSharing,
+    /// Owner on creation.
+    pub uid: u32,
+    /// Group on creation.
+    pub gid: u32,
+    /// Mode on creation (BuildKit's default 0755).
+    pub mode: u32,
+}
+
+impl CacheMountRequest {
+    /// A request with BuildKit's defaults: shared, root-owned, 0755.
+    pub fn new(id: impl Into<String>) -> Self {
+        CacheMountRequest {
+            id: id.into(),
+            sharing: CacheSharing::Shared,
+            uid: 0,
+            gid: 0,
+            mode: 0o755,
+        }
+    }
+}
+
+/// Why a cache mount could not be acquired.
+#[derive(Debug, thiserror::Error)]
+#[error("cache mount {id:?}: {what} {path}: {source}")]
+pub struct CacheMountError {
+    /// The cache id.
+    pub id: String,
+    /// What failed.
+    pub what: &'static str,
+    /// On what.
+    pub path: PathBuf,
+    /// The OS error.
+    #[source]
+    pub source: io::Error,
+}
+
+/// The cache-mount directories under one state dir (e.g. `<state>/cache-mounts`).
+#[derive(Debug, Clone)]
+pub struct CacheMounts {
+    dir: PathBuf,
+}
+
+/// A cache directory in use by one step; the lock (if any) is released on drop.
+#[derive(Debug)]
+pub struct CacheMount {
+    path: PathBuf,
+    _lock: File,
+}
+
+impl CacheMount {
+    /// The host directory to mount ([`crate::MountKind::Cache`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// File-name-safe form of an id: `[A-Za-z0-9._-]` kept, everything else `%XX`.
+fn encode_id(id: &str) -> String {
+    let mut out = String::from("id-");
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on our own open file.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+impl CacheMounts {
+    /// Cache mounts kept under `dir` (created if missing).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        CacheMounts { dir: dir.into() }
+    }
+
+    /// Takes the cache directory for `req`, blocking for `Locked` while another step (in this
+    /// or another kiln process) holds it. Locks are `flock`s, so they die with the process.
+    pub fn acquire(&self, req: &CacheMountRequest) -> Result<CacheMount, CacheMountError> {
+        let err = |what, path: &Path, source| CacheMountError {
+            id: req.id.clone(),
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
+        let base = self.dir.join(encode_id(&req.id));
+        fs::create_dir_all(&base).map_err(|e| err("creating", &base, e))?;
+        let mut instance = 0u32;
+        loop {
+            let lock_path = base.join(format!("{instance}.lock"));
+            let lock = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(|e| err("opening lock", &lock_path, e))?;
+            let taken = match req.sharing {
+                CacheSharing::Shared => flock(&lock, libc::LOCK_SH).map(|()| true),
+                CacheSharing::Locked => flock(&lock, libc::LOCK_EX).map(|()| true),
+                CacheSharing::Private => match flock(&lock, libc::LOCK_EX | libc::LOCK_NB) {
+                    Ok(()) => Ok(true),
+                    Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+                    Err(e) => Err(e),
+                },
+            }
+            .map_err(|e| err("locking", &lock_path, e))?;
+            if !taken {
+                instance += 1;
+                continue;
+            }
+            let path = base.join(instance.to_string());
+            self.create_instance(&path, req)
+                .map_err(|e| err("creating", &path, e))?;
+            return Ok(CacheMount { path, _lock: lock });
+        }
+    }
+
+    fn create_instance(&self, path: &Path, req: &CacheMountRequest) -> io::Result<()> {
+        if path.is_dir() {
+            return Ok(());
+        }
+        // Made aside and renamed in, so a concurrent step never sees it half set up.
+        let tmp = path.with_extension(format!("new-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::DirBuilder::new().mode(0o700).create(&tmp)?;
+        std::os::unix::fs::chown(&tmp, Some(req.uid), Some(req.gid))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(req.mode & 0o7777))?;
+        match fs::rename(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(_) if path.is_dir() => fs::remove_dir_all(&tmp),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn private_sharing_hands_out_a_second_dir_while_the_first_is_busy() {
+        let d = tempfile::tempdir().unwrap();
+        let c = CacheMounts::new(d.path());
+        let mut req = CacheMountRequest::new("/root/.cache");
+        req.sharing = CacheSharing::Private;
+        let a = c.acquire(&req).unwrap();
+        let b = c.acquire(&req).unwrap();
+        assert_ne!(a.path(), b.path());
+        drop(a);
+        let again = c.acquire(&req).unwrap();
+        assert!(again.path().ends_with("0"));
+    }
+
+    #[test]
+    fn shared_sharing_hands_out_the_same_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let c = CacheMounts::new(d.path());
+        let req = CacheMountRequest::new("go-build");
+        let a = c.acquire(&req).unwrap();
+        let b = c.acquire(&req).unwrap();
+        assert_eq!(a.path(), b.path());
+    }
+
+    #[test]
+    fn new_dirs_get_the_requested_mode_and_odd_ids_stay_inside() {
+        let d = tempfile::tempdir().unwrap();
+        let c = CacheMounts::new(d.path());
+        let mut req = CacheMountRequest::new("../../etc");
+        req.mode = 0o700;
+        let a = c.acquire(&req).unwrap();
+        assert!(a.path().starts_with(d.path()));
+        assert_eq!(fs::metadata(a.path()).unwrap().mode() & 0o7777, 0o700);
+    }
+}
