@@ -1164,26 +1164,29 @@ impl<'a> Lowerer<'a> {
                         "default" => NetworkMode::Default,
                         "none" => NetworkMode::None,
                         "host" => NetworkMode::Host,
-                        _ => return Err(FrontendError::new(
-                            format!(
+                        _ => {
+                            return Err(FrontendError::new(
+                                format!(
                                 "unsupported network mode {v:?}: expected default, none or host"
                             ),
-                            f.span,
-                        )),
+                                f.span,
+                            ))
+                        }
                     }
                 }
                 "security" => {
-                    security =
-                        match v.as_str() {
-                            "sandbox" => SecurityMode::Sandbox,
-                            "insecure" => SecurityMode::Insecure,
-                            _ => return Err(FrontendError::new(
+                    security = match v.as_str() {
+                        "sandbox" => SecurityMode::Sandbox,
+                        "insecure" => SecurityMode::Insecure,
+                        _ => {
+                            return Err(FrontendError::new(
                                 format!(
                                     "unsupported security mode {v:?}: expected sandbox or insecure"
                                 ),
                                 f.span,
-                            )),
+                            ))
                         }
+                    }
                 }
                 _ => {
                     let m = self.parse_mount(st, &v, f, &mut inputs)?;
@@ -1270,56 +1273,57 @@ impl<'a> Lowerer<'a> {
                 .map(|(_, v)| v.clone().unwrap_or_default())
         };
         let typ = get(&["type"]).unwrap_or_else(|| "bind".into());
-        let known: &[&str] =
-            match typ.as_str() {
-                "bind" => &[
-                    "type",
-                    "target",
-                    "dst",
-                    "destination",
-                    "source",
-                    "src",
-                    "from",
-                    "ro",
-                    "readonly",
-                    "rw",
-                    "readwrite",
-                ],
-                "cache" => &[
-                    "type",
-                    "target",
-                    "dst",
-                    "destination",
-                    "source",
-                    "src",
-                    "from",
-                    "ro",
-                    "readonly",
-                    "rw",
-                    "readwrite",
-                    "id",
-                    "sharing",
-                    "mode",
-                    "uid",
-                    "gid",
-                ],
-                "tmpfs" => &["type", "target", "dst", "destination", "size"],
-                "secret" | "ssh" => &[
-                    "type",
-                    "target",
-                    "dst",
-                    "destination",
-                    "id",
-                    "env",
-                    "required",
-                    "mode",
-                    "uid",
-                    "gid",
-                ],
-                _ => return Err(err(format!(
+        let known: &[&str] = match typ.as_str() {
+            "bind" => &[
+                "type",
+                "target",
+                "dst",
+                "destination",
+                "source",
+                "src",
+                "from",
+                "ro",
+                "readonly",
+                "rw",
+                "readwrite",
+            ],
+            "cache" => &[
+                "type",
+                "target",
+                "dst",
+                "destination",
+                "source",
+                "src",
+                "from",
+                "ro",
+                "readonly",
+                "rw",
+                "readwrite",
+                "id",
+                "sharing",
+                "mode",
+                "uid",
+                "gid",
+            ],
+            "tmpfs" => &["type", "target", "dst", "destination", "size"],
+            "secret" | "ssh" => &[
+                "type",
+                "target",
+                "dst",
+                "destination",
+                "id",
+                "env",
+                "required",
+                "mode",
+                "uid",
+                "gid",
+            ],
+            _ => {
+                return Err(err(format!(
                     "unsupported mount type {typ:?}: expected bind, cache, tmpfs, secret or ssh"
-                ))),
-            };
+                )))
+            }
+        };
         for (k, _) in &kv {
             if !known.contains(&k.as_str()) {
                 return Err(err(format!("unexpected key {k:?} for a {typ} mount")));

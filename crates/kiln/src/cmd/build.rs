@@ -339,12 +339,74 @@ fn print_outline(o: &kiln_graph::Outline, json: bool) -> anyhow::Result<()> {
 }
 
 fn run_check(
-    _df: &kiln_dockerfile::Dockerfile,
-    _source: &str,
-    _file: &str,
-    _opts: &BuildOptions,
-    _dockerignore: &[String],
-    _json: bool,
+    df: &kiln_dockerfile::Dockerfile,
+    source: &str,
+    file: &str,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("--call check is not available yet")
+    use kiln_dockerfile::dockerignore::IgnoreMatcher;
+    use kiln_dockerfile::lint::{check, LintContext};
+    // Lowering errors (missing stage, cycle) are reported before lint results, as BuildKit does.
+    if let Err(e) = kiln_graph::lower(df, opts, dockerignore, &OfflineResolver) {
+        eprintln!("{}", e.render(file, source));
+        return Ok(ExitCode::from(1));
+    }
+    let matcher = IgnoreMatcher::from_patterns(dockerignore)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
+    let ctx = LintContext {
+        dockerignore: Some(&matcher),
+        base_env: None,
+    };
+    let report = check(df, &ctx);
+    let lines: Vec<&str> = source.lines().collect();
+    if json {
+        let warnings: Vec<serde_json::Value> = report
+            .warnings
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "ruleName": w.rule.name,
+                    "description": w.rule.description,
+                    "url": w.rule.url(),
+                    "detail": w.message,
+                    "location": {
+                        "file": file,
+                        "ranges": [{
+                            "start": {"line": w.span.start.line, "character": w.span.start.column},
+                            "end": {"line": w.span.end.line, "character": w.span.end.column},
+                        }],
+                    },
+                })
+            })
+            .collect();
+        let v = serde_json::json!({ "warnings": warnings, "error": report.fails() });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for w in &report.warnings {
+            println!("WARNING: {} - {}", w.rule.name, w.rule.url());
+            println!("{}", w.message);
+            println!("{file}:{}", w.span.start.line);
+            println!("--------------------");
+            let last = w.span.end.line.max(w.span.start.line);
+            for n in w.span.start.line..=last.min(w.span.start.line + 4) {
+                if let Some(l) = lines.get(n.wrapping_sub(1)) {
+                    println!("{n:>4} | {l}");
+                }
+            }
+            println!("--------------------");
+            println!();
+        }
+        match report.warnings.len() {
+            0 => println!("Check complete, no warnings found."),
+            1 => println!("Check complete, 1 warning has been found!"),
+            n => println!("Check complete, {n} warnings have been found!"),
+        }
+    }
+    Ok(if report.fails() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
