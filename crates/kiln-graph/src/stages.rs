@@ -185,7 +185,14 @@ pub(crate) fn description_of(inst: &Instruction) -> String {
     inst.comments
         .iter()
         .map(|c| c.trim())
-        .filter(|c| !c.is_empty())
+        .filter(|c| !c.is_empty() && !is_directive(c))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `syntax=`, `escape=`, `check=` comment lines are parser directives, not descriptions.
+fn is_directive(c: &str) -> bool {
+    c.split_once('=').is_some_and(|(k, _)| {
+        matches!(k.trim().to_ascii_lowercase().as_str(), "syntax" | "escape" | "check")
+    })
 }

@@ -1,0 +1,392 @@
+//! `kiln build` subrequests, dry runs and errors, driven through the real binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_ROOT", std::env::temp_dir().join("kiln-cli-test-root"))
+        .output()
+        .expect("run kiln")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "kiln failed: {}", stderr(o));
+    serde_json::from_str(&stdout(o)).expect("stdout is JSON")
+}
+
+fn ex() -> String {
+    examples().display().to_string()
+}
+
+#[test]
+fn call_targets_json_lists_example_stages_and_default() {
+    let v = json(&kiln(&["build", &ex(), "--call", "targets,format=json"]));
+    assert_eq!(v["target"], "test");
+    let names: Vec<&str> = v["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "composer-deps",
+            "npm-deps",
+            "php-ext",
+            "app",
+            "release",
+            "dev",
+            "test"
+        ]
+    );
+    let release = &v["targets"][4];
+    assert_eq!(
+        release["description"],
+        "release is the slim production image."
+    );
+    assert_eq!(release["default"], false);
+}
+
+#[test]
+fn call_targets_text_is_a_table_marking_the_default() {
+    let o = kiln(&["build", &ex(), "--call", "targets"]);
+    assert!(o.status.success());
+    let text = stdout(&o);
+    let first: Vec<&str> = text.lines().take(2).collect();
+    assert_eq!(first[0], "TARGET          DESCRIPTION");
+    assert!(
+        text.contains("test (default)  test runs the application's test suite."),
+        "{text}"
+    );
+}
+
+fn dry_run_stages(target: &str) -> serde_json::Value {
+    json(&kiln(&[
+        "build",
+        &ex(),
+        "--target",
+        target,
+        "--dry-run=json",
+    ]))
+}
+
+fn stage_names(v: &serde_json::Value) -> Vec<String> {
+    v["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn dry_run_json_for_release_needs_exactly_its_stages() {
+    let v = dry_run_stages("release");
+    assert_eq!(v["target"], "release");
+    assert_eq!(
+        stage_names(&v),
+        ["composer-deps", "npm-deps", "php-ext", "app", "release"]
+    );
+    let steps = v["steps"].as_array().unwrap();
+    assert!(steps
+        .iter()
+        .all(|s| s["stage"] != "test" && s["stage"] != "dev"));
+}
+
+#[test]
+fn dry_run_json_for_test_shows_dependency_stages_independent() {
+    let v = dry_run_stages("test");
+    assert_eq!(
+        stage_names(&v),
+        ["composer-deps", "npm-deps", "php-ext", "app", "dev", "test"]
+    );
+    let stages = v["stages"].as_array().unwrap();
+    for s in &stages[..3] {
+        assert_eq!(s["depends_on"], serde_json::json!([]), "{s}");
+    }
+    assert_eq!(
+        stages[3]["depends_on"],
+        serde_json::json!(["composer-deps", "npm-deps", "php-ext"])
+    );
+    // No step of one dependency stage waits on a step of another.
+    let steps = v["steps"].as_array().unwrap();
+    let stage_of = |id: u64| steps[id as usize]["stage"].as_str().map(String::from);
+    for s in steps {
+        let Some(me) = s["stage"].as_str() else {
+            continue;
+        };
+        if !["composer-deps", "npm-deps", "php-ext"].contains(&me) {
+            continue;
+        }
+        for w in s["waits_on"].as_array().unwrap() {
+            let other = stage_of(w.as_u64().unwrap());
+            assert!(
+                other.is_none() || other.as_deref() == Some(me),
+                "{me} waits on {other:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dry_run_text_prints_steps_with_their_waits() {
+    let o = kiln(&["build", &ex(), "--target", "php-ext", "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    // Snapshot with the volatile host platform removed.
+    let expected = "target: php-ext
+stages:
+  php-ext
+steps:
+  #0 [php-ext 1/4] FROM docker.io/library/busybox:latest
+  #1 [php-ext 2/4] WORKDIR /build  (waits on #0)
+  #2 [internal] load build context
+  #3 [php-ext 3/4] COPY ext/ ./ext/  (waits on #1 #2)
+";
+    assert!(text.starts_with(expected), "got:\n{text}");
+    assert!(text.contains("#4 [php-ext 4/4] RUN mkdir -p modules"));
+}
+
+#[test]
+fn buildctl_spelling_gives_the_same_plan_as_buildx_spelling() {
+    let a = json(&kiln(&[
+        "build",
+        &ex(),
+        "--target",
+        "release",
+        "--dry-run=json",
+    ]));
+    let b = json(&kiln(&[
+        "build",
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        &format!("context={}", ex()),
+        "--local",
+        &format!("dockerfile={}", ex()),
+        "--opt",
+        "target=release",
+        "--dry-run=json",
+    ]));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn call_outline_json_lists_args_and_secrets_of_target() {
+    let v = json(&kiln(&[
+        "build",
+        &ex(),
+        "--target",
+        "release",
+        "--call",
+        "outline,format=json",
+        "--build-arg",
+        "APP_VERSION=2.0",
+    ]));
+    let args: Vec<&str> = v["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        ["BASE_IMAGE", "APP_VERSION", "NODE_ENV", "PHP_VERSION"]
+    );
+    assert_eq!(v["args"][1]["value"], "2.0");
+    assert_eq!(v["args"][1]["default"], "1.0.0");
+    assert_eq!(v["secrets"][0]["id"], "composer_auth");
+    assert_eq!(v["secrets"][0]["required"], false);
+}
+
+#[test]
+fn check_on_example_is_clean_and_json_has_no_warnings() {
+    let o = kiln(&["build", &ex(), "--check"]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(stdout(&o).trim(), "Check complete, no warnings found.");
+    let v = json(&kiln(&["build", &ex(), "--call", "check,format=json"]));
+    assert_eq!(v["warnings"], serde_json::json!([]));
+}
+
+/// A throwaway context directory, removed on drop.
+struct TempProject(PathBuf);
+
+impl TempProject {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempProject {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_project(dockerfile: &str) -> TempProject {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-cli-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+    TempProject(dir)
+}
+
+#[test]
+fn check_reports_warnings_and_error_directive_fails_the_command() {
+    let d = temp_project("# check=error=true\nfrom busybox AS Base\nCMD echo hi\n");
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--call", "check"]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = stdout(&o).replace(&d.path().display().to_string(), "[CTX]");
+    assert!(text.contains("WARNING: StageNameCasing - https://docs.docker.com/go/dockerfile/rule/stage-name-casing/\nStage name 'Base' should be lowercase\n[CTX]/Dockerfile:2\n"), "{text}");
+    assert!(text.contains("WARNING: JSONArgsRecommended"));
+    assert!(text.contains("WARNING: FromAsCasing"));
+    assert!(text.contains("WARNING: ConsistentInstructionCasing"));
+    assert!(
+        text.ends_with("Check complete, 4 warnings have been found!\n"),
+        "{text}"
+    );
+    let v = json(
+        &kiln(&[
+            "build",
+            d.path().to_str().unwrap(),
+            "--call",
+            "check,format=json",
+            "--target",
+            "base",
+        ])
+        .with_success_ignored(),
+    );
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        v["warnings"][0]["location"]["ranges"][0]["start"]["line"],
+        2
+    );
+}
+
+trait IgnoreStatus {
+    fn with_success_ignored(self) -> Output;
+}
+
+impl IgnoreStatus for Output {
+    fn with_success_ignored(mut self) -> Output {
+        // `--call check` exits 1 with error=true; the JSON is still complete.
+        #[cfg(unix)]
+        {
+            use std::os::unix::process::ExitStatusExt;
+            self.status = std::process::ExitStatus::from_raw(0);
+        }
+        self
+    }
+}
+
+#[test]
+fn malformed_dockerfile_prints_file_line_col_and_caret_with_exit_1() {
+    let d = temp_project("FROM busybox\nRUN true\nCOPY onlyone\n");
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--dry-run"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o).replace(&d.path().display().to_string(), "[CTX]");
+    assert_eq!(
+        err,
+        "[CTX]/Dockerfile:3:1: COPY requires at least two arguments, but only one was provided. Destination could not be determined\nCOPY onlyone\n^\n"
+    );
+}
+
+#[test]
+fn missing_target_and_cycles_are_errors() {
+    let o = kiln(&["build", &ex(), "--target", "nope", "--dry-run"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("target stage \"nope\" could not be found"),
+        "{}",
+        stderr(&o)
+    );
+    let d = temp_project(
+        "FROM busybox AS a\nCOPY --from=b /x /x\nFROM busybox AS b\nCOPY --from=a /y /y\n",
+    );
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--dry-run"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("circular dependency detected on stage"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn bad_flag_values_name_the_flag_and_value() {
+    for (args, needle) in [
+        (
+            vec!["--output", "type=nope"],
+            "invalid value \"type=nope\" for --output",
+        ),
+        (
+            vec!["--progress", "fancy"],
+            "invalid value \"fancy\" for --progress",
+        ),
+        (
+            vec!["--call", "explode"],
+            "invalid value \"explode\" for --call",
+        ),
+        (
+            vec!["--cache-to", "type=gha"],
+            "invalid value \"type=gha\" for --cache-to",
+        ),
+        (
+            vec!["--opt", "bogus=1"],
+            "invalid value \"bogus=1\" for --opt",
+        ),
+        (vec!["--platform", "linux/amd64/v2/x"], "for --platform"),
+        (
+            vec!["--max-parallelism", "0"],
+            "invalid value \"0\" for --max-parallelism",
+        ),
+        (
+            vec!["--dry-run=yaml"],
+            "invalid value \"yaml\" for --dry-run",
+        ),
+    ] {
+        let mut a = vec!["build", "/nonexistent-context"];
+        a.extend(args);
+        let o = kiln(&a);
+        assert_eq!(o.status.code(), Some(1), "{a:?}");
+        assert!(stderr(&o).contains(needle), "{a:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn build_help_shows_both_spellings() {
+    let o = kiln(&["build", "--help"]);
+    let text = stdout(&o);
+    for flag in [
+        "--local",
+        "--opt",
+        "--export-cache",
+        "--import-cache",
+        "--build-context",
+        "--no-cache-filter",
+        "--dry-run",
+        "--call",
+    ] {
+        assert!(text.contains(flag), "missing {flag}");
+    }
+}
