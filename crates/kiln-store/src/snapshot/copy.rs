@@ -23,6 +23,7 @@ impl Snapshotter for CopySnapshotter {
 
     fn prepare(&self, dir: &Path, parents: &[PathBuf]) -> Result<PathBuf> {
         let fsd = dir.join("fs");
+        fs::create_dir_all(dir).map_err(|e| StoreError::io("creating", dir, e))?;
         match parents.first() {
             Some(p) => copy_tree(p, &fsd).map_err(|e| StoreError::io("copying parent snapshot", p, e))?,
             None => fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?,

@@ -1,0 +1,256 @@
+//! Layers from real changes (root): a busybox rootfs in an overlay snapshot, changed by a
+//! real process and by direct filesystem calls, exported, listed and applied back.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use kiln_oci::compression::Compression;
+use kiln_store::{
+    list_layer, ActiveSnapshot, ApplyOptions, EntryKind, ExportOptions, SnapshotId, SnapshotterKind, Store,
+    StoreOptions,
+};
+
+fn store_at(dir: &Path, kind: SnapshotterKind) -> Store {
+    Store::open_with(dir, StoreOptions { snapshotter: Some(kind), ..Default::default() }).unwrap()
+}
+
+/// A committed base snapshot: busybox plus files the step will change.
+fn base(store: &Store) -> SnapshotId {
+    let a = store.prepare(None, None).unwrap();
+    let r = &a.rootfs;
+    write_busybox_rootfs(r);
+    fs::write(r.join("etc/old"), "old\n").unwrap();
+    fs::write(r.join("etc/keep"), "keep\n").unwrap();
+    fs::set_permissions(r.join("etc/keep"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::create_dir_all(r.join("data/sub")).unwrap();
+    fs::write(r.join("data/a"), "a").unwrap();
+    fs::write(r.join("data/sub/b"), "b").unwrap();
+    store.commit(&a).unwrap()
+}
+
+/// A file capability blob (VFS_CAP_REVISION_2, cap_net_raw permitted + effective).
+const CAP_NET_RAW: [u8; 20] = [0x01, 0, 0, 0x02, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// The step: a real shell in a chroot writes, deletes, chmods, and replaces a dir; then
+/// direct calls add an owned file with a capability, a hardlink and a symlink.
+fn run_step(store: &Store, parent: SnapshotId) -> ActiveSnapshot {
+    let a = store.prepare(Some(parent), None).unwrap();
+    let status = Command::new("chroot")
+        .arg(&a.rootfs)
+        .args(["/bin/busybox", "sh", "-c"])
+        .arg("echo hello > /etc/new && rm /etc/old && chmod 600 /etc/keep && rm -rf /data && mkdir /data && echo fresh > /data/fresh")
+        .status()
+        .unwrap();
+    assert!(status.success(), "step failed: {status}");
+    let r = &a.rootfs;
+    fs::create_dir(r.join("opt")).unwrap();
+    fs::write(r.join("opt/cap"), "#!/bin/sh\n").unwrap();
+    std::os::unix::fs::chown(r.join("opt/cap"), Some(1000), Some(1000)).unwrap();
+    fs::set_permissions(r.join("opt/cap"), fs::Permissions::from_mode(0o4755)).unwrap();
+    set_xattr(&r.join("opt/cap"), "security.capability", &CAP_NET_RAW);
+    fs::hard_link(r.join("opt/cap"), r.join("opt/cap-link")).unwrap();
+    std::os::unix::fs::symlink("cap", r.join("opt/sym")).unwrap();
+    a
+}
+
+fn set_xattr(p: &Path, name: &str, v: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    assert_eq!(r, 0, "setxattr {name}: {}", std::io::Error::last_os_error());
+}
+
+fn listing(store: &Store, digest: &kiln_oci::Digest) -> Vec<kiln_store::TarHeader> {
+    list_layer(store.content().open_blob(digest).unwrap()).unwrap()
+}
+
+#[test]
+fn overlay_step_layer_has_exact_entries_whiteouts_and_opaque_dir_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs and chroot");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_at(tmp.path(), SnapshotterKind::Overlay);
+    let b = base(&store);
+    let step = run_step(&store, b);
+    let s = store.commit(&step).unwrap();
+    let layer = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
+    assert_eq!(layer.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+    let hs = listing(&store, &layer.digest);
+    let got: Vec<(String, EntryKind)> =
+        hs.iter().map(|h| (String::from_utf8_lossy(&h.path).into_owned(), h.kind)).collect();
+    let want: Vec<(String, EntryKind)> = [
+        ("data", EntryKind::Dir),
+        ("data/.wh..wh..opq", EntryKind::File),
+        ("data/fresh", EntryKind::File),
+        ("etc", EntryKind::Dir),
+        ("etc/keep", EntryKind::File),
+        ("etc/new", EntryKind::File),
+        ("etc/.wh.old", EntryKind::File),
+        ("opt", EntryKind::Dir),
+        ("opt/cap", EntryKind::File),
+        ("opt/cap-link", EntryKind::Hardlink),
+        ("opt/sym", EntryKind::Symlink),
+    ]
+    .iter()
+    .map(|(p, k)| (p.to_string(), *k))
+    .collect();
+    assert_eq!(got, want);
+    let by = |p: &str| hs.iter().find(|h| h.path == p.as_bytes()).unwrap();
+    assert_eq!(by("etc/keep").mode, 0o600);
+    assert_eq!(by("etc/new").size, 6);
+    let cap = by("opt/cap");
+    assert_eq!((cap.uid, cap.gid, cap.mode), (1000, 1000, 0o4755));
+    assert_eq!(cap.xattrs, vec![(b"security.capability".to_vec(), CAP_NET_RAW.to_vec())]);
+    assert_eq!(by("opt/cap-link").link, b"opt/cap");
+    assert_eq!(by("opt/sym").link, b"cap");
+    // No overlay-internal xattr leaks into the layer.
+    assert!(hs.iter().all(|h| h.xattrs.iter().all(|(k, _)| !k.starts_with(b"trusted.overlay."))));
+
+    // Exporting again is a cache hit: same blob, nothing recompressed.
+    let again = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
+    assert_eq!(again, layer);
+    // zstd is a second blob of the same diff.
+    let z = store.export_layer(s, Compression::Zstd, &ExportOptions::default()).unwrap();
+    assert_eq!(z.diff_id, layer.diff_id);
+    assert_ne!(z.digest, layer.digest);
+}
+
+#[test]
+fn base_plus_layer_unpacks_to_the_same_tree_in_overlay_and_copy_stores_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs and chroot");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = store_at(&tmp.path().join("src"), SnapshotterKind::Overlay);
+    let b = base(&src);
+    let step = run_step(&src, b);
+    let s = src.commit(&step).unwrap();
+    let opts = ExportOptions::default();
+    let lb = src.export_layer(b, Compression::Gzip, &opts).unwrap();
+    let ls = src.export_layer(s, Compression::Zstd, &opts).unwrap();
+    let want = src.view(s, None).unwrap();
+
+    for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
+        let dst = store_at(&tmp.path().join(format!("{kind:?}")), kind);
+        for l in [&lb, &ls] {
+            let bytes = fs::read(src.content().blob_path(&l.digest)).unwrap();
+            let info = dst.content().put_bytes(&bytes).unwrap();
+            assert_eq!(info.digest, l.digest);
+        }
+        let ub = dst.unpack_layer(None, &lb.digest, &ApplyOptions::default(), None).unwrap();
+        let us = dst.unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None).unwrap();
+        // Unpacking the same chain again reuses the snapshot (cached by chain id).
+        assert_eq!(dst.unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None).unwrap(), us);
+        let got = dst.view(us, None).unwrap();
+        assert_same_tree(&want.rootfs, &got.rootfs);
+        let rec = dst.snapshot(us).unwrap();
+        assert_eq!(rec.chain_id, Some(kiln_store::chain_id(Some(&lb.diff_id), &ls.diff_id)));
+        dst.remove(got.id).unwrap();
+        assert!(dst.fsck(false).unwrap().is_clean());
+    }
+    src.remove(want.id).unwrap();
+}
+
+#[test]
+fn copy_snapshotter_diff_by_tree_compare_lists_changes_and_deletions_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for chroot");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_at(tmp.path(), SnapshotterKind::Copy);
+    let b = base(&store);
+    let step = run_step(&store, b);
+    let s = store.commit(&step).unwrap();
+    let layer = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
+    let paths: Vec<String> = listing(&store, &layer.digest)
+        .iter()
+        .map(|h| String::from_utf8_lossy(&h.path).into_owned())
+        .collect();
+    for p in ["data", "data/.wh.a", "data/fresh", "data/.wh.sub", "etc/keep", "etc/new", "etc/.wh.old", "opt/cap", "opt/cap-link", "opt/sym"] {
+        assert!(paths.contains(&p.to_owned()), "{p} missing from {paths:?}");
+    }
+    assert!(!paths.iter().any(|p| p.starts_with("bin/")), "unchanged files exported: {paths:?}");
+    // And it applies back into an overlay store to the same tree.
+    let dst = store_at(&tmp.path().join("dst"), SnapshotterKind::Overlay);
+    let lb = store.export_layer(b, Compression::Gzip, &ExportOptions::default()).unwrap();
+    for l in [&lb, &layer] {
+        dst.content().put_bytes(&fs::read(store.content().blob_path(&l.digest)).unwrap()).unwrap();
+    }
+    let ub = dst.unpack_layer(None, &lb.digest, &ApplyOptions::default(), None).unwrap();
+    let us = dst.unpack_layer(Some(ub), &layer.digest, &ApplyOptions::default(), None).unwrap();
+    let v = dst.view(us, None).unwrap();
+    let original = store.view(s, None).unwrap();
+    assert_same_tree(&original.rootfs, &v.rootfs);
+    dst.remove(v.id).unwrap();
+}
+
+#[test]
+fn source_date_epoch_clamps_mtimes_and_makes_layers_reproducible_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_at(tmp.path(), SnapshotterKind::Overlay);
+    let mut digests = Vec::new();
+    for _ in 0..2 {
+        let a = store.prepare(None, None).unwrap();
+        fs::create_dir(a.rootfs.join("d")).unwrap();
+        fs::write(a.rootfs.join("d/f"), "same").unwrap();
+        let id = store.commit(&a).unwrap();
+        let opts = ExportOptions { diff: kiln_store::DiffOptions { source_date_epoch: Some(1_000) } };
+        let l = store.export_layer(id, Compression::Gzip, &opts).unwrap();
+        let hs = listing(&store, &l.digest);
+        assert!(hs.iter().all(|h| h.mtime <= 1_000));
+        digests.push(l.digest);
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    assert_eq!(digests[0], digests[1]);
+}
+
+#[test]
+fn chain_of_200_layers_mounts_and_shows_every_layer_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let store = store_at(tmp.path(), SnapshotterKind::Overlay);
+    let mut parent = None;
+    for i in 0..200 {
+        let a = store.prepare(parent, None).unwrap();
+        fs::write(a.rootfs.join(format!("layer-{i:03}")), i.to_string()).unwrap();
+        if i > 0 {
+            // Each layer also deletes the previous layer's marker file.
+            fs::remove_file(a.rootfs.join(format!("gone-{:03}", i - 1))).unwrap();
+        }
+        fs::write(a.rootfs.join(format!("gone-{i:03}")), "x").unwrap();
+        parent = Some(store.commit(&a).unwrap());
+    }
+    // 200 lowerdir paths under this root exceed one page of mount options.
+    let lowers: usize = store.mounts(parent.unwrap()).unwrap()[0].options.iter().map(|o| o.len() + 1).sum();
+    assert!(lowers > 4096, "test does not exercise the long-option path ({lowers} bytes)");
+    let top = store.prepare(parent, None).unwrap();
+    let names: Vec<String> = fs::read_dir(&top.rootfs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.iter().filter(|n| n.starts_with("layer-")).count(), 200);
+    assert_eq!(names.iter().filter(|n| n.starts_with("gone-")).collect::<Vec<_>>(), vec!["gone-199"]);
+    assert_eq!(fs::read_to_string(top.rootfs.join("layer-000")).unwrap(), "0");
+    let v = store.view(parent.unwrap(), None).unwrap();
+    assert!(v.rootfs.join("layer-199").is_file());
+    store.remove(v.id).unwrap();
+    store.remove(top.id).unwrap();
+}
