@@ -255,14 +255,19 @@ pub fn expand_source(src_root: &Path, pattern: &str) -> Result<Vec<String>, File
     Ok(found)
 }
 
-fn excluded(rel: &str, exclude: &[String]) -> bool {
-    exclude.iter().any(|p| {
-        let p = p.trim_start_matches('/').trim_end_matches('/');
-        glob_match(p, rel) || {
-            // A match on a parent directory excludes everything below it.
+/// Does any of `patterns` (COPY sources or `--exclude`s) name `rel` or a directory above it?
+/// `.` (or `/`) names everything.
+pub fn selects(patterns: &[String], rel: &str) -> bool {
+    patterns.iter().any(|p| {
+        let p = clean_components(p).join("/");
+        if p.is_empty() {
+            return true;
+        }
+        glob_match(&p, rel) || {
+            // A match on a parent directory selects everything below it.
             let mut prefix = rel;
             while let Some((parent, _)) = prefix.rsplit_once('/') {
-                if glob_match(p, parent) {
+                if glob_match(&p, parent) {
                     return true;
                 }
                 prefix = parent;
@@ -270,6 +275,10 @@ fn excluded(rel: &str, exclude: &[String]) -> bool {
             false
         }
     })
+}
+
+fn excluded(rel: &str, exclude: &[String]) -> bool {
+    !exclude.is_empty() && selects(exclude, rel)
 }
 
 /// Counts of what a copy wrote.
@@ -291,11 +300,24 @@ pub fn copy(
     dest: &str,
     opts: &CopyOptions,
 ) -> Result<CopyStats, FileOpError> {
+    copy_filtered(src_root, srcs, dest_root, dest, opts, &|_| true)
+}
+
+/// [`copy`], but only paths for which `include` holds exist in the source (a build context
+/// after `.dockerignore`).
+pub fn copy_filtered(
+    src_root: &Path,
+    srcs: &[String],
+    dest_root: &Path,
+    dest: &str,
+    opts: &CopyOptions,
+    include: &dyn Fn(&str) -> bool,
+) -> Result<CopyStats, FileOpError> {
     let mut matched = Vec::new();
     for pattern in srcs {
         let found: Vec<String> = expand_source(src_root, pattern)?
             .into_iter()
-            .filter(|rel| rel.is_empty() || !excluded(rel, &opts.exclude))
+            .filter(|rel| rel.is_empty() || (include(rel) && !excluded(rel, &opts.exclude)))
             .collect();
         if found.is_empty() {
             return Err(FileOpError::NotFound {
@@ -338,7 +360,7 @@ pub fn copy(
         if meta.is_dir() {
             let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
             apply_meta(&dir, &meta, opts)?;
-            copy_tree(&src, dest_root, &target, rel, opts, &mut stats)?;
+            copy_tree(&src, dest_root, &target, rel, opts, include, &mut stats)?;
         } else {
             let parent = Path::new(&target)
                 .parent()
@@ -357,6 +379,7 @@ fn copy_tree(
     dest_dir: &str,
     rel_dir: &str,
     opts: &CopyOptions,
+    include: &dyn Fn(&str) -> bool,
     stats: &mut CopyStats,
 ) -> Result<(), FileOpError> {
     let mut names: Vec<_> = fs::read_dir(src_dir)
@@ -372,7 +395,7 @@ fn copy_tree(
         } else {
             format!("{rel_dir}/{name}")
         };
-        if excluded(&rel, &opts.exclude) {
+        if !include(&rel) || excluded(&rel, &opts.exclude) {
             continue;
         }
         let src = src_dir.join(&name);
@@ -389,7 +412,7 @@ fn copy_tree(
             let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
             apply_meta(&dir, &meta, opts)?;
             stats.dirs += 1;
-            copy_tree(&src, dest_root, &target, &rel, opts, stats)?;
+            copy_tree(&src, dest_root, &target, &rel, opts, include, stats)?;
         } else {
             copy_entry(&src, &meta, dest_root, &target, opts, stats)?;
         }

@@ -2,6 +2,10 @@
 //! sources, local contexts, `RUN` in containers, `COPY`/`ADD`, `WORKDIR` — on the content
 //! store, snapshotter and executor, and the exporters that turn a result into an image.
 
+pub mod build;
 pub mod context;
+pub mod engine;
+pub mod export;
 pub mod fileop;
 pub mod image;
+pub mod images;

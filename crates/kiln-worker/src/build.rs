@@ -1,0 +1,237 @@
+//! One `kiln build`, as a library call: lower the Dockerfile (resolving base images once),
+//! then solve the target stage on the [`Worker`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use kiln_dockerfile::Dockerfile;
+use kiln_graph::options::{NamedContext, SecretSource};
+use kiln_graph::{
+    BuildGraph, BuildOptions, ImageConfigResolver, Platform, ResolveError, ResolvedImage,
+};
+use kiln_solver::{EventSink, Solver, SolverOptions};
+use kiln_store::Store;
+
+use crate::engine::{
+    solver_graph, BaseImage, ContextFilter, ImageProvider, RemoteCache, Rootfs, Value, Worker,
+    WorkerConfig, WorkerError,
+};
+use crate::image::frontend_config;
+
+/// Why a build failed before or while solving.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile could not be lowered (rendered with file:line:col by the caller).
+    #[error(transparent)]
+    Frontend(#[from] kiln_graph::FrontendError),
+    /// A step failed, or the build was cancelled.
+    #[error(transparent)]
+    Solve(#[from] kiln_solver::SolveError),
+    /// Setting the build up failed.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// A secret's source could not be read.
+    #[error("--secret id={id}: {message}")]
+    Secret { id: String, message: String },
+}
+
+/// Resolves each base image once per build and serves both the frontend (configs) and the
+/// engine (layers), so both see the same digest.
+pub struct ResolvedImages {
+    provider: Arc<dyn ImageProvider>,
+    memo: Mutex<HashMap<(String, String), BaseImage>>,
+}
+
+impl ResolvedImages {
+    /// Wraps `provider`.
+    pub fn new(provider: Arc<dyn ImageProvider>) -> Self {
+        ResolvedImages {
+            provider,
+            memo: Mutex::default(),
+        }
+    }
+}
+
+impl ImageProvider for ResolvedImages {
+    fn resolve(&self, reference: &str, platform: &Platform) -> Result<BaseImage, WorkerError> {
+        let key = (reference.to_owned(), platform.to_string());
+        if let Some(b) = self.memo.lock().expect("image memo").get(&key) {
+            return Ok(b.clone());
+        }
+        let b = self.provider.resolve(reference, platform)?;
+        self.memo.lock().expect("image memo").insert(key, b.clone());
+        Ok(b)
+    }
+}
+
+impl ImageConfigResolver for ResolvedImages {
+    fn resolve_image_config(
+        &self,
+        reference: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, ResolveError> {
+        match ImageProvider::resolve(self, reference, platform) {
+            Ok(b) => Ok(ResolvedImage {
+                digest: Some(b.manifest_digest.to_string()),
+                config: frontend_config(&b.config),
+            }),
+            Err(e) => Err(ResolveError {
+                reference: reference.to_owned(),
+                platform: platform.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+}
+
+/// What a build needs besides its options.
+pub struct BuildInputs<'a> {
+    /// The parsed Dockerfile.
+    pub dockerfile: &'a Dockerfile,
+    /// The main context's `.dockerignore` patterns, in file order.
+    pub dockerignore: &'a [String],
+    /// Where base images come from.
+    pub images: Arc<dyn ImageProvider>,
+    /// Imported remote caches, consulted after the local store.
+    pub remotes: Vec<Arc<dyn RemoteCache>>,
+    /// Builds `.dockerignore` filters.
+    pub context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+    /// `SOURCE_DATE_EPOCH`, for reproducible layers and timestamps.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// A lowered build, ready to solve.
+pub struct PlannedBuild {
+    /// The build graph.
+    pub graph: Arc<BuildGraph>,
+    worker: Worker,
+    images: Arc<ResolvedImages>,
+    options: SolverOptions,
+}
+
+/// The result of a solved build.
+pub struct SolvedBuild {
+    /// The build graph.
+    pub graph: Arc<BuildGraph>,
+    /// The target stage's root filesystem (`None` for an empty `FROM scratch` stage).
+    pub rootfs: Option<Arc<Rootfs>>,
+    /// The worker, for exporters that need snapshots or blobs.
+    pub worker: Worker,
+}
+
+/// Lowers the Dockerfile and sets up the worker. Blocking (base images are resolved here).
+pub fn plan_build(
+    store: Arc<Store>,
+    opts: &BuildOptions,
+    inputs: BuildInputs<'_>,
+) -> Result<PlannedBuild, BuildError> {
+    let images = Arc::new(ResolvedImages::new(inputs.images));
+    let graph = kiln_graph::lower(
+        inputs.dockerfile,
+        opts,
+        inputs.dockerignore,
+        images.as_ref(),
+    )?;
+
+    let mut locals: BTreeMap<String, PathBuf> = opts.locals.clone();
+    locals.insert("context".into(), opts.context.clone());
+    if let Some(dir) = opts.dockerfile.parent() {
+        locals.insert("dockerfile".into(), dir.to_owned());
+    }
+    for (name, c) in &opts.named_contexts {
+        if let NamedContext::Local { path } = c {
+            locals.insert(name.clone(), path.clone());
+        }
+    }
+    let mut secrets = BTreeMap::new();
+    for s in &opts.secrets {
+        let value = match &s.source {
+            SecretSource::File(p) => std::fs::read(p).map_err(|e| BuildError::Secret {
+                id: s.id.clone(),
+                message: format!("reading {}: {e}", p.display()),
+            })?,
+            SecretSource::Env(var) => std::env::var_os(var)
+                .map(|v| v.into_encoded_bytes())
+                .ok_or_else(|| BuildError::Secret {
+                    id: s.id.clone(),
+                    message: format!("environment variable {var} is not set"),
+                })?,
+        };
+        secrets.insert(s.id.clone(), value);
+    }
+    let compression = opts
+        .outputs
+        .iter()
+        .find_map(|o| o.compression)
+        .map(|c| match c {
+            kiln_graph::options::Compression::Gzip => kiln_oci::compression::Compression::Gzip,
+            kiln_graph::options::Compression::Zstd => kiln_oci::compression::Compression::Zstd,
+            kiln_graph::options::Compression::Uncompressed => {
+                kiln_oci::compression::Compression::Uncompressed
+            }
+        });
+    let config = WorkerConfig {
+        locals,
+        secrets,
+        source_date_epoch: inputs.source_date_epoch,
+        compression,
+    };
+    let executor: Arc<dyn kiln_exec::Executor> = Arc::new(kiln_exec::NamespaceExecutor::new());
+    let worker = Worker::new(
+        store,
+        executor,
+        images.clone(),
+        inputs.remotes,
+        config,
+        inputs.context_filter,
+    )?;
+    let no_cache: HashSet<usize> = graph
+        .vertices
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.meta.ignore_cache)
+        .map(|(i, _)| i)
+        .collect();
+    let options = SolverOptions {
+        max_parallelism: opts.max_parallelism,
+        no_cache,
+    };
+    Ok(PlannedBuild {
+        graph: Arc::new(graph),
+        worker,
+        images,
+        options,
+    })
+}
+
+impl PlannedBuild {
+    /// Solves the target stage, reporting progress to `events`. `on_solver` gets the solver
+    /// first (e.g. to cancel it on Ctrl-C).
+    pub async fn solve(
+        self,
+        events: Arc<dyn EventSink>,
+        on_solver: impl FnOnce(&Solver<Worker>),
+    ) -> Result<SolvedBuild, BuildError> {
+        let graph = solver_graph(&self.graph)?;
+        let solver = Solver::new(Arc::new(self.worker.clone()), graph, self.options, events);
+        on_solver(&solver);
+        let rootfs = match self.graph.target_stage().root {
+            Some(root) => match solver.solve(root.index()).await? {
+                Value::Fs(fs) => Some(fs),
+                Value::Context(_) => {
+                    return Err(
+                        WorkerError::Internal("target stage is a local context".into()).into(),
+                    )
+                }
+            },
+            None => None,
+        };
+        drop(self.images);
+        Ok(SolvedBuild {
+            graph: self.graph,
+            rootfs,
+            worker: self.worker,
+        })
+    }
+}

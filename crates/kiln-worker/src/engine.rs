@@ -1,0 +1,979 @@
+//! The [`Engine`] behind `kiln build`: how each kind of vertex runs.
+//!
+//! A filesystem result is a chain of layers ([`Rootfs`]). It becomes a local snapshot only
+//! when a step must run on top of it, and its layer blobs are fetched only then too, so a
+//! cached step costs one record lookup and nothing else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kiln_exec::{
+    CacheMountRequest, CacheMounts, CancelToken, ExecSpec, Executor, MountKind, MountSpec, Network,
+    OutputLine, OutputSink, OutputStream, Secret, Security,
+};
+use kiln_graph::graph::{self as g, CopyOp, CopySource, ExecOp, MkdirOp, Op, Vertex, VertexId};
+use kiln_oci::compression::Compression;
+use kiln_oci::{Descriptor, Digest};
+use kiln_solver::{
+    BoxFuture, CacheKey, CacheSource, Engine, EngineError, ExecContext, Hit, InputKey,
+};
+use kiln_store::{
+    ActiveSnapshot, ApplyOptions, ExportOptions, LayerRecord, Lease, SnapshotId, Store,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::context::ContextIndex;
+use crate::fileop::{self, CopyOptions, Owner};
+use crate::image::Layer;
+
+/// Why a step could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] kiln_store::StoreError),
+    #[error(transparent)]
+    Exec(#[from] kiln_exec::ExecError),
+    #[error(transparent)]
+    FileOp(#[from] fileop::FileOpError),
+    #[error(transparent)]
+    Context(#[from] crate::context::ContextError),
+    #[error("process \"{command}\" did not complete successfully: {status}")]
+    ProcessFailed {
+        command: String,
+        status: kiln_exec::ExitStatus,
+    },
+    #[error("secret {0:?} is required but was not provided (pass --secret id={0},src=FILE)")]
+    MissingSecret(String),
+    #[error("no local directory named {0:?} was given (pass --local {0}=DIR or --build-context {0}=DIR)")]
+    MissingLocal(String),
+    #[error("image {reference}: {message}")]
+    Image { reference: String, message: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Where the blobs of a layer chain can be fetched from when they are not in the local
+/// content store (a registry repository, an imported cache).
+pub trait BlobSource: Send + Sync {
+    /// Downloads `blob` into the store's content store, verifying its digest.
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError>;
+    /// A short name for progress and errors (e.g. `127.0.0.1:5000/app:cache`).
+    fn name(&self) -> String;
+}
+
+/// A base image, resolved: what `FROM` needs.
+#[derive(Clone)]
+pub struct BaseImage {
+    /// The manifest digest the reference resolved to.
+    pub manifest_digest: Digest,
+    /// The image config.
+    pub config: kiln_oci::ImageConfig,
+    /// Layers, bottom first, with their diff ids.
+    pub layers: Vec<Layer>,
+    /// Where to fetch layer blobs that are not local.
+    pub source: Option<Arc<dyn BlobSource>>,
+}
+
+/// Resolves image references (a registry, the local store, an OCI layout).
+pub trait ImageProvider: Send + Sync {
+    /// Resolves `reference` for `platform`.
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &kiln_graph::Platform,
+    ) -> Result<BaseImage, WorkerError>;
+}
+
+/// A filesystem result: a chain of layers, and the local snapshot holding it once made.
+pub struct Rootfs {
+    /// Layers, bottom first.
+    pub layers: Vec<Layer>,
+    /// The config, for image sources.
+    pub image: Option<kiln_oci::ImageConfig>,
+    snapshot: Mutex<Option<SnapshotId>>,
+    source: Option<Arc<dyn BlobSource>>,
+}
+
+impl Rootfs {
+    /// A chain that may still need its blobs fetched from `source`.
+    pub fn new(
+        layers: Vec<Layer>,
+        snapshot: Option<SnapshotId>,
+        source: Option<Arc<dyn BlobSource>>,
+    ) -> Self {
+        Rootfs {
+            layers,
+            image: None,
+            snapshot: Mutex::new(snapshot),
+            source,
+        }
+    }
+
+    /// The local snapshot, if one is known.
+    pub fn snapshot(&self) -> Option<SnapshotId> {
+        *self.snapshot.lock().expect("rootfs snapshot lock")
+    }
+}
+
+/// A vertex's result.
+#[derive(Clone)]
+pub enum Value {
+    /// A root filesystem.
+    Fs(Arc<Rootfs>),
+    /// A local directory (build context), hashed.
+    Context(Arc<ContextIndex>),
+}
+
+impl Value {
+    fn rootfs(&self) -> Result<&Arc<Rootfs>, WorkerError> {
+        match self {
+            Value::Fs(r) => Ok(r),
+            Value::Context(_) => Err(WorkerError::Internal(
+                "a local context was used as a root filesystem".into(),
+            )),
+        }
+    }
+}
+
+/// One vertex as the solver sees it.
+pub struct Step {
+    /// Its id in the build graph.
+    pub id: VertexId,
+    /// The vertex.
+    pub vertex: Vertex,
+    /// For each input: is it a local context (keyed by content)?
+    input_is_local: Vec<bool>,
+}
+
+/// Turns a build graph into solver steps; returns the graph and, per vertex, its node id
+/// (equal to the vertex index).
+pub fn solver_graph(
+    bg: &g::BuildGraph,
+) -> Result<kiln_solver::Graph<Step>, kiln_solver::SolveError> {
+    let mut graph = kiln_solver::Graph::new();
+    for (i, v) in bg.vertices.iter().enumerate() {
+        let input_is_local = v
+            .inputs
+            .iter()
+            .map(|id| matches!(bg.vertex(*id).op, Op::Local(_)))
+            .collect();
+        let inputs = v.inputs.iter().map(|id| id.index()).collect();
+        graph.add(
+            Step {
+                id: VertexId(i as u32),
+                vertex: v.clone(),
+                input_is_local,
+            },
+            inputs,
+        )?;
+    }
+    Ok(graph)
+}
+
+/// Settings of one build.
+#[derive(Clone, Default)]
+pub struct WorkerConfig {
+    /// Local directories by name (`context`, `dockerfile`, named contexts).
+    pub locals: BTreeMap<String, PathBuf>,
+    /// Secrets by id.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// Clamp layer mtimes and image timestamps (`SOURCE_DATE_EPOCH`).
+    pub source_date_epoch: Option<i64>,
+    /// Layer compression.
+    pub compression: Option<Compression>,
+}
+
+/// What a cache record holds for a filesystem result.
+#[derive(Serialize, Deserialize)]
+struct CachedRootfs {
+    layers: Vec<Layer>,
+}
+
+/// Imported remote caches consulted after the local store.
+pub trait RemoteCache: Send + Sync {
+    /// The layers recorded for `key`, if any, and where their blobs come from.
+    fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)>;
+}
+
+struct Inner {
+    store: Arc<Store>,
+    executor: Arc<dyn Executor>,
+    cache_mounts: CacheMounts,
+    images: Arc<dyn ImageProvider>,
+    remotes: Vec<Arc<dyn RemoteCache>>,
+    config: WorkerConfig,
+    lease: Lease,
+    contexts: Mutex<HashMap<String, Arc<ContextIndex>>>,
+    context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+}
+
+/// Decides which context paths are sent, from `.dockerignore`-style patterns.
+pub struct ContextFilter {
+    /// Is this relative path left out?
+    pub excluded: Box<dyn Fn(&str, bool) -> bool + Send + Sync>,
+    /// Could an exception pattern re-include something below this excluded directory?
+    pub may_reinclude: Box<dyn Fn(&str) -> bool + Send + Sync>,
+}
+
+/// kiln's engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Worker {
+    /// A worker on `store`, running containers with `executor`.
+    pub fn new(
+        store: Arc<Store>,
+        executor: Arc<dyn Executor>,
+        images: Arc<dyn ImageProvider>,
+        remotes: Vec<Arc<dyn RemoteCache>>,
+        config: WorkerConfig,
+        context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+    ) -> Result<Self, WorkerError> {
+        let lease = store.lease()?;
+        let cache_mounts = CacheMounts::new(store.root().join("cache-mounts"));
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                store,
+                executor,
+                cache_mounts,
+                images,
+                remotes,
+                config,
+                lease,
+                contexts: Mutex::default(),
+                context_filter,
+            }),
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.inner.store
+    }
+
+    /// Makes sure `fs` exists as a local snapshot (fetching and unpacking what is missing).
+    pub fn materialize(&self, fs: &Rootfs) -> Result<Option<SnapshotId>, WorkerError> {
+        self.inner.materialize(fs)
+    }
+
+    /// Makes sure every blob of `fs` is in the local content store.
+    pub fn fetch_blobs(&self, fs: &Rootfs) -> Result<(), WorkerError> {
+        for l in &fs.layers {
+            self.inner.ensure_blob(&l.blob, fs.source.as_deref())?;
+        }
+        Ok(())
+    }
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError {
+    let path = path.to_owned();
+    move |source| WorkerError::Io { what, path, source }
+}
+
+impl Inner {
+    fn ensure_blob(
+        &self,
+        blob: &Descriptor,
+        source: Option<&dyn BlobSource>,
+    ) -> Result<(), WorkerError> {
+        if self.store.content().has(&blob.digest) {
+            return Ok(());
+        }
+        match source {
+            Some(s) => s.fetch(blob, &self.store),
+            None => Err(WorkerError::Internal(format!(
+                "layer blob {} is not in the local store and has no source",
+                blob.digest
+            ))),
+        }
+    }
+
+    fn materialize(&self, fs: &Rootfs) -> Result<Option<SnapshotId>, WorkerError> {
+        if fs.layers.is_empty() {
+            return Ok(None);
+        }
+        let mut slot = fs.snapshot.lock().expect("rootfs snapshot lock");
+        if let Some(id) = *slot {
+            if self.store.snapshot(id).is_ok() {
+                self.lease.protect_snapshot(id)?;
+                return Ok(Some(id));
+            }
+        }
+        let mut parent = None;
+        for layer in &fs.layers {
+            // A chain unpacked before is found by chain id without touching the blob.
+            self.store.register_layer(&LayerRecord {
+                diff_id: layer.diff_id.clone(),
+                digest: layer.blob.digest.clone(),
+                size: layer.blob.size,
+                media_type: layer.blob.media_type.clone(),
+            })?;
+            let ok = self.store.unpack_layer(
+                parent,
+                &layer.blob.digest,
+                &ApplyOptions::default(),
+                Some(&self.lease),
+            );
+            parent = Some(match ok {
+                Ok(id) => id,
+                Err(_) if !self.store.content().has(&layer.blob.digest) => {
+                    self.ensure_blob(&layer.blob, fs.source.as_deref())?;
+                    self.store.unpack_layer(
+                        parent,
+                        &layer.blob.digest,
+                        &ApplyOptions::default(),
+                        Some(&self.lease),
+                    )?
+                }
+                Err(e) => return Err(e.into()),
+            });
+        }
+        *slot = parent;
+        Ok(parent)
+    }
+
+    fn context(&self, name: &str, exclude: &[String]) -> Result<Arc<ContextIndex>, WorkerError> {
+        let memo_key = format!("{name}\0{}", exclude.join("\0"));
+        if let Some(c) = self.contexts.lock().expect("context memo").get(&memo_key) {
+            return Ok(c.clone());
+        }
+        let dir = self
+            .config
+            .locals
+            .get(name)
+            .ok_or_else(|| WorkerError::MissingLocal(name.to_owned()))?;
+        let filter = (self.context_filter)(exclude);
+        let stat_cache = self.store.root().join("context-cache").join(format!(
+            "{}.json",
+            Digest::sha256_of(format!("{}\0{memo_key}", dir.display()).as_bytes()).hex()
+        ));
+        let idx = Arc::new(ContextIndex::scan(
+            dir,
+            &*filter.excluded,
+            &*filter.may_reinclude,
+            Some(&stat_cache),
+        )?);
+        self.contexts
+            .lock()
+            .expect("context memo")
+            .insert(memo_key, idx.clone());
+        Ok(idx)
+    }
+
+    /// Commits `active` and exports its layer; on failure the snapshot is dropped.
+    fn commit_layer(&self, active: &ActiveSnapshot, base: &[Layer]) -> Result<Rootfs, WorkerError> {
+        let id = self.store.commit(active)?;
+        let opts = ExportOptions {
+            diff: kiln_store::DiffOptions {
+                source_date_epoch: self.config.source_date_epoch,
+            },
+        };
+        let rec = self.store.export_layer(
+            id,
+            self.config.compression.unwrap_or(Compression::Gzip),
+            &opts,
+        )?;
+        self.lease.protect_blob(&rec.digest)?;
+        let mut layers = base.to_vec();
+        layers.push(Layer {
+            diff_id: rec.diff_id,
+            blob: Descriptor::new(rec.media_type, rec.digest, rec.size),
+        });
+        Ok(Rootfs::new(layers, Some(id), None))
+    }
+
+    fn prepare_on(
+        &self,
+        base: Option<&Arc<Rootfs>>,
+    ) -> Result<(ActiveSnapshot, Vec<Layer>), WorkerError> {
+        let (parent, layers) = match base {
+            Some(fs) => (self.materialize(fs)?, fs.layers.clone()),
+            None => (None, Vec::new()),
+        };
+        Ok((self.store.prepare(parent, Some(&self.lease))?, layers))
+    }
+
+    fn run_step(
+        &self,
+        ctx: &ExecContext,
+        step: &Step,
+        inputs: &[Value],
+    ) -> Result<Value, WorkerError> {
+        match &step.vertex.op {
+            Op::Image(src) => {
+                let base = self.images.resolve(&src.reference, &src.platform)?;
+                let mut fs = Rootfs::new(base.layers, None, base.source);
+                fs.image = Some(base.config);
+                Ok(Value::Fs(Arc::new(fs)))
+            }
+            Op::Local(src) => Ok(Value::Context(self.context(&src.name, &src.exclude)?)),
+            Op::Exec(op) => self.exec(ctx, op, inputs),
+            Op::Copy(op) => self.copy(op, inputs),
+            Op::Mkdir(op) => self.mkdir(op, inputs),
+            Op::Http(h) => Err(WorkerError::Unsupported(format!(
+                "ADD {}: downloading URLs is not supported yet",
+                h.url
+            ))),
+            Op::OciLayout(l) => Err(WorkerError::Unsupported(format!(
+                "oci-layout://{}: OCI layout contexts are not supported yet",
+                l.path
+            ))),
+        }
+    }
+
+    fn input_fs<'a>(
+        &self,
+        inputs: &'a [Value],
+        index: Option<u32>,
+    ) -> Result<Option<&'a Arc<Rootfs>>, WorkerError> {
+        index
+            .map(|i| {
+                inputs
+                    .get(i as usize)
+                    .ok_or_else(|| WorkerError::Internal(format!("missing input {i}")))?
+                    .rootfs()
+            })
+            .transpose()
+    }
+
+    fn exec(&self, ctx: &ExecContext, op: &ExecOp, inputs: &[Value]) -> Result<Value, WorkerError> {
+        let (active, base_layers) = self.prepare_on(self.input_fs(inputs, op.rootfs)?)?;
+        let mut views = Vec::new();
+        let result = (|| {
+            let mut spec = ExecSpec::new(active.rootfs.clone(), op.args.clone());
+            spec.env = op
+                .env
+                .iter()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, v)) => (k.to_owned(), v.to_owned()),
+                    None => (kv.clone(), String::new()),
+                })
+                .collect();
+            spec.cwd = if op.cwd.is_empty() {
+                "/".into()
+            } else {
+                op.cwd.clone()
+            };
+            spec.user = (!op.user.is_empty()).then(|| op.user.clone());
+            spec.hostname = "kiln".into();
+            spec.network = match op.network {
+                g::NetworkMode::None => Network::None,
+                g::NetworkMode::Default | g::NetworkMode::Host => Network::Host,
+            };
+            spec.security = match op.security {
+                g::SecurityMode::Sandbox => Security::Sandbox,
+                g::SecurityMode::Insecure => Security::Insecure,
+            };
+            let mut cache_guards = Vec::new();
+            for m in &op.mounts {
+                let kind = match &m.kind {
+                    g::MountKind::Bind {
+                        input,
+                        source,
+                        readonly,
+                    } => {
+                        let host = match inputs.get(*input as usize) {
+                            Some(Value::Context(c)) => {
+                                fileop::resolve_in_root(c.root(), source, true)?
+                            }
+                            Some(Value::Fs(fs)) => {
+                                let snap = self.materialize(fs)?;
+                                let view = match snap {
+                                    Some(s) => self.store.view(s, Some(&self.lease))?,
+                                    None => self.store.prepare(None, Some(&self.lease))?,
+                                };
+                                let host = fileop::resolve_in_root(&view.rootfs, source, true)?;
+                                views.push(view);
+                                host
+                            }
+                            None => {
+                                return Err(WorkerError::Internal(format!(
+                                    "mount input {input} missing"
+                                )))
+                            }
+                        };
+                        MountKind::Bind {
+                            source: host,
+                            readwrite: !readonly,
+                        }
+                    }
+                    g::MountKind::Cache {
+                        id,
+                        sharing,
+                        uid,
+                        gid,
+                        mode,
+                        ..
+                    } => {
+                        let mut req = CacheMountRequest::new(id.clone());
+                        req.sharing = match sharing {
+                            g::CacheSharing::Shared => kiln_exec::CacheSharing::Shared,
+                            g::CacheSharing::Private => kiln_exec::CacheSharing::Private,
+                            g::CacheSharing::Locked => kiln_exec::CacheSharing::Locked,
+                        };
+                        req.uid = *uid;
+                        req.gid = *gid;
+                        req.mode = *mode;
+                        let guard = self
+                            .cache_mounts
+                            .acquire(&req)
+                            .map_err(|e| WorkerError::Unsupported(e.to_string()))?;
+                        let kind = MountKind::Cache {
+                            source: guard.path().to_owned(),
+                        };
+                        cache_guards.push(guard);
+                        kind
+                    }
+                    g::MountKind::Tmpfs { size } => MountKind::Tmpfs {
+                        size: (*size > 0).then_some(*size),
+                    },
+                    g::MountKind::Secret {
+                        id,
+                        env,
+                        required,
+                        uid,
+                        gid,
+                        mode,
+                    } => {
+                        let Some(data) = self.config.secrets.get(id) else {
+                            if *required {
+                                return Err(WorkerError::MissingSecret(id.clone()));
+                            }
+                            continue;
+                        };
+                        if let Some(var) = env {
+                            spec.secret_env
+                                .push((var.clone(), Secret::new(data.clone())));
+                            if m.target.is_empty() {
+                                continue;
+                            }
+                        }
+                        MountKind::Secret {
+                            data: Secret::new(data.clone()),
+                            mode: *mode,
+                            uid: *uid,
+                            gid: *gid,
+                        }
+                    }
+                    g::MountKind::Ssh { .. } => MountKind::Ssh,
+                };
+                spec.mounts.push(MountSpec {
+                    target: m.target.clone(),
+                    kind,
+                });
+            }
+            let mut sink = LogSink { ctx };
+            let cancel = CancelToken::new();
+            let watch = ctx.cancel.clone();
+            let c2 = cancel.clone();
+            let watcher = std::thread::spawn(move || {
+                // Polls the build's cancellation; exits when the step finishes.
+                while !c2.is_cancelled() {
+                    if watch.is_cancelled() {
+                        c2.cancel();
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+            });
+            let status = self.executor.run(&spec, &mut sink, &cancel);
+            cancel.cancel();
+            let _ = watcher.join();
+            drop(cache_guards);
+            let status = status?;
+            if !status.success() {
+                return Err(WorkerError::ProcessFailed {
+                    command: op.args.join(" "),
+                    status,
+                });
+            }
+            Ok(())
+        })();
+        for v in views {
+            let _ = self.store.remove(v.id);
+        }
+        match result {
+            Ok(()) => Ok(Value::Fs(Arc::new(
+                self.commit_layer(&active, &base_layers)?,
+            ))),
+            Err(e) => {
+                let _ = self.store.remove(active.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn owner_for(
+        &self,
+        root: &Path,
+        chown: Option<&g::Chown>,
+        default: Owner,
+    ) -> Result<Owner, WorkerError> {
+        Ok(match chown {
+            Some(c) => {
+                let (u, g) = fileop::resolve_owner(root, &c.user, c.group.as_deref())?;
+                Owner::Ids(u, g)
+            }
+            None => default,
+        })
+    }
+
+    fn copy(&self, op: &CopyOp, inputs: &[Value]) -> Result<Value, WorkerError> {
+        // --link copies onto an empty snapshot: the layer does not depend on the base.
+        let dest_fs = self.input_fs(inputs, op.dest_base)?;
+        let (active, base_layers) = if op.link {
+            (
+                self.store.prepare(None, Some(&self.lease))?,
+                dest_fs.map(|f| f.layers.clone()).unwrap_or_default(),
+            )
+        } else {
+            self.prepare_on(dest_fs)?
+        };
+        let mut views = Vec::new();
+        let result = (|| {
+            let chmod = op.chmod.as_deref().map(fileop::parse_chmod).transpose()?;
+            match &op.source {
+                CopySource::Inline { files } => {
+                    let owner =
+                        self.owner_for(&active.rootfs, op.chown.as_ref(), Owner::Ids(0, 0))?;
+                    for f in files {
+                        fileop::write_inline(
+                            &active.rootfs,
+                            &f.name,
+                            &f.content,
+                            &op.dest,
+                            op.dest_is_dir,
+                            owner,
+                            chmod,
+                        )?;
+                    }
+                }
+                CopySource::Input { input } => {
+                    let (src_root, default_owner, source_name, only): (
+                        PathBuf,
+                        Owner,
+                        String,
+                        Option<Arc<ContextIndex>>,
+                    ) = match inputs.get(*input as usize) {
+                        Some(Value::Context(c)) => (
+                            c.root().to_owned(),
+                            Owner::Ids(0, 0),
+                            "build context".into(),
+                            Some(c.clone()),
+                        ),
+                        Some(Value::Fs(fs)) => {
+                            let view = match self.materialize(fs)? {
+                                Some(s) => self.store.view(s, Some(&self.lease))?,
+                                None => self.store.prepare(None, Some(&self.lease))?,
+                            };
+                            let root = view.rootfs.clone();
+                            views.push(view);
+                            (root, Owner::Preserve, "source stage or image".into(), None)
+                        }
+                        None => {
+                            return Err(WorkerError::Internal(format!(
+                                "copy input {input} missing"
+                            )))
+                        }
+                    };
+                    let owner = self.owner_for(&active.rootfs, op.chown.as_ref(), default_owner)?;
+                    let opts = CopyOptions {
+                        dest_is_dir: op.dest_is_dir,
+                        parents: op.parents,
+                        exclude: op.exclude.clone(),
+                        owner,
+                        chmod,
+                        source_name,
+                    };
+                    let include = |rel: &str| only.as_ref().is_none_or(|c| c.get(rel).is_some());
+                    fileop::copy_filtered(
+                        &src_root,
+                        &op.srcs,
+                        &active.rootfs,
+                        &op.dest,
+                        &opts,
+                        &include,
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        for v in views {
+            let _ = self.store.remove(v.id);
+        }
+        match result {
+            Ok(()) => Ok(Value::Fs(Arc::new(
+                self.commit_layer(&active, &base_layers)?,
+            ))),
+            Err(e) => {
+                let _ = self.store.remove(active.id);
+                Err(e)
+            }
+        }
+    }
+
+    fn mkdir(&self, op: &MkdirOp, inputs: &[Value]) -> Result<Value, WorkerError> {
+        let (active, base_layers) = self.prepare_on(self.input_fs(inputs, op.rootfs)?)?;
+        let result = (|| {
+            let owner = self.owner_for(&active.rootfs, op.owner.as_ref(), Owner::Ids(0, 0))?;
+            fileop::mkdir_all(&active.rootfs, &op.path, op.mode, owner)?;
+            Ok::<_, WorkerError>(())
+        })();
+        match result {
+            Ok(()) => Ok(Value::Fs(Arc::new(
+                self.commit_layer(&active, &base_layers)?,
+            ))),
+            Err(e) => {
+                let _ = self.store.remove(active.id);
+                Err(e)
+            }
+        }
+    }
+}
+
+struct LogSink<'a> {
+    ctx: &'a ExecContext,
+}
+
+impl OutputSink for LogSink<'_> {
+    fn line(&mut self, line: OutputLine<'_>) {
+        let stream = match line.stream {
+            OutputStream::Stdout => 1,
+            OutputStream::Stderr => 2,
+        };
+        self.ctx.log(stream, line.bytes.to_vec());
+    }
+}
+
+fn boxed(e: WorkerError) -> EngineError {
+    Box::new(e)
+}
+
+/// Which context paths a step reads through input `index`, for its content key.
+fn selection(op: &Op, index: usize) -> Box<dyn Fn(&str) -> bool + Send + Sync> {
+    match op {
+        Op::Copy(c) if matches!(c.source, CopySource::Input { input } if input as usize == index) =>
+        {
+            let srcs = c.srcs.clone();
+            let exclude = c.exclude.clone();
+            Box::new(move |p: &str| fileop::selects(&srcs, p) && !fileop::selects(&exclude, p))
+        }
+        Op::Exec(e) => {
+            let roots: Vec<String> = e
+                .mounts
+                .iter()
+                .filter_map(|m| match &m.kind {
+                    g::MountKind::Bind { input, source, .. } if *input as usize == index => {
+                        Some(source.clone())
+                    }
+                    g::MountKind::Cache {
+                        input: Some(input),
+                        source,
+                        ..
+                    } if *input as usize == index => Some(source.clone()),
+                    _ => None,
+                })
+                .collect();
+            Box::new(move |p: &str| {
+                roots
+                    .iter()
+                    .any(|r| fileop::selects(std::slice::from_ref(r), p))
+            })
+        }
+        _ => Box::new(|_: &str| true),
+    }
+}
+
+impl Engine for Worker {
+    type Op = Step;
+    type Output = Value;
+
+    fn definition(&self, step: &Step) -> Vec<u8> {
+        step.vertex.canonical_op()
+    }
+
+    fn input_key(&self, step: &Step, index: usize) -> InputKey {
+        if step.input_is_local.get(index).copied().unwrap_or(false) {
+            InputKey::Content
+        } else {
+            InputKey::Key
+        }
+    }
+
+    fn cacheable(&self, step: &Step) -> bool {
+        // Sources are cheap to resolve and are keyed by what they resolved to.
+        !matches!(
+            step.vertex.op,
+            Op::Local(_) | Op::Image(_) | Op::OciLayout(_)
+        )
+    }
+
+    fn content_digest<'a>(
+        &'a self,
+        step: &'a Step,
+        index: usize,
+        input: &'a Value,
+    ) -> BoxFuture<'a, Result<Digest, EngineError>> {
+        Box::pin(async move {
+            match input {
+                Value::Context(c) => {
+                    let sel = selection(&step.vertex.op, index);
+                    Ok(c.digest_of(|p| sel(p)))
+                }
+                Value::Fs(_) => Err(boxed(WorkerError::Internal(
+                    "content key asked of a filesystem input".into(),
+                ))),
+            }
+        })
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        _step: &'a Step,
+    ) -> BoxFuture<'a, Result<Option<Hit<Value>>, EngineError>> {
+        let inner = self.inner.clone();
+        let key = key.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                if let Some(rec) = inner
+                    .store
+                    .cache_get(key.to_string().as_bytes())
+                    .map_err(|e| boxed(e.into()))?
+                {
+                    if let Ok(cached) = serde_json::from_slice::<CachedRootfs>(&rec.value) {
+                        let snap = rec
+                            .snapshots
+                            .first()
+                            .copied()
+                            .filter(|s| inner.store.snapshot(*s).is_ok());
+                        let blobs_ok = cached
+                            .layers
+                            .iter()
+                            .all(|l| inner.store.content().has(&l.blob.digest));
+                        if snap.is_some() || blobs_ok {
+                            let fs = Rootfs::new(cached.layers, snap, None);
+                            return Ok(Some(Hit {
+                                output: Value::Fs(Arc::new(fs)),
+                                source: CacheSource::Local,
+                            }));
+                        }
+                    }
+                }
+                for remote in &inner.remotes {
+                    if let Some((layers, source)) = remote.lookup(&key) {
+                        let name = source.name();
+                        let fs = Rootfs::new(layers, None, Some(source));
+                        return Ok(Some(Hit {
+                            output: Value::Fs(Arc::new(fs)),
+                            source: CacheSource::Remote(name),
+                        }));
+                    }
+                }
+                Ok(None)
+            })
+            .await
+            .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        key: &'a CacheKey,
+    ) -> BoxFuture<'a, Result<Box<dyn Send + Sync>, EngineError>> {
+        let dir = self.inner.store.root().join("locks");
+        let name = key.digest().hex().to_owned();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                fs::create_dir_all(&dir)
+                    .map_err(io_err("creating", &dir))
+                    .map_err(boxed)?;
+                let path = dir.join(name);
+                let f = fs::File::options()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("opening lock", &path))
+                    .map_err(boxed)?;
+                // SAFETY: flock on a file we own; the lock dies with the file or the process.
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                    return Err(boxed(io_err("locking", &path)(
+                        std::io::Error::last_os_error(),
+                    )));
+                }
+                Ok(Box::new(f) as Box<dyn Send + Sync>)
+            })
+            .await
+            .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+        })
+    }
+
+    fn execute<'a>(
+        &'a self,
+        ctx: ExecContext,
+        step: &'a Step,
+        inputs: Vec<Value>,
+    ) -> BoxFuture<'a, Result<Value, EngineError>> {
+        let inner = self.inner.clone();
+        let node = step.id.index();
+        Box::pin(async move {
+            // The step runs on a blocking thread; it needs its op by value there.
+            let vertex = step.vertex.clone();
+            let step = Step {
+                id: VertexId(node as u32),
+                vertex,
+                input_is_local: step.input_is_local.clone(),
+            };
+            tokio::task::spawn_blocking(move || inner.run_step(&ctx, &step, &inputs).map_err(boxed))
+                .await
+                .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+        })
+    }
+
+    fn record<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        _step: &'a Step,
+        output: &'a Value,
+    ) -> BoxFuture<'a, Result<(), EngineError>> {
+        let inner = self.inner.clone();
+        let key = key.clone();
+        let output = output.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let Value::Fs(fs) = output else { return Ok(()) };
+                let value = serde_json::to_vec(&CachedRootfs {
+                    layers: fs.layers.clone(),
+                })
+                .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?;
+                let snaps: Vec<SnapshotId> = fs.snapshot().into_iter().collect();
+                let blobs: Vec<Digest> = fs.layers.iter().map(|l| l.blob.digest.clone()).collect();
+                let size = fs.layers.last().map(|l| l.blob.size).unwrap_or(0);
+                inner
+                    .store
+                    .cache_put(key.to_string().as_bytes(), &value, &snaps, &blobs, size)
+                    .map_err(|e| boxed(e.into()))
+            })
+            .await
+            .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+        })
+    }
+
+    fn describe(&self, step: &Step) -> String {
+        step.vertex.meta.description.clone()
+    }
+}
