@@ -193,6 +193,9 @@ pub(crate) fn description_of(inst: &Instruction) -> String {
 /// `syntax=`, `escape=`, `check=` comment lines are parser directives, not descriptions.
 fn is_directive(c: &str) -> bool {
     c.split_once('=').is_some_and(|(k, _)| {
-        matches!(k.trim().to_ascii_lowercase().as_str(), "syntax" | "escape" | "check")
+        matches!(
+            k.trim().to_ascii_lowercase().as_str(),
+            "syntax" | "escape" | "check"
+        )
     })
 }
