@@ -265,6 +265,9 @@ impl Extractor<'_> {
             let next = match sys::openat2(cur.as_fd(), c, flags, Resolve::Beneath) {
                 Ok(fd) => fd,
                 Err(e) if errno(&e) == libc::ENOENT => {
+                    if let Some(why) = self.lower_blocks_dir(&comps[..=i]) {
+                        return Err(self.unsafe_entry(raw, why));
+                    }
                     let name = sys::cstr(c).map_err(|e| self.resolve_error(raw, e))?;
                     sys::mkdir_at(cur.as_fd(), &name, 0o755)
                         .map_err(|e| self.entry_io(raw, "creating parent dir of", e))?;
@@ -278,6 +281,29 @@ impl Extractor<'_> {
             cur = next;
         }
         Ok(cur)
+    }
+
+    /// In an upper dir a missing parent may exist in a lower layer as a symlink or a file;
+    /// creating a dir there would silently replace it, and following it is what an escape
+    /// needs, so such an entry is refused.
+    fn lower_blocks_dir(&self, comps: &[&[u8]]) -> Option<&'static str> {
+        let key = join(comps);
+        for l in &self.lower_roots {
+            match sys::openat2(l.as_fd(), &key, libc::O_PATH | libc::O_NOFOLLOW, Resolve::NoSymlinks) {
+                Ok(fd) => {
+                    let st = sys::fstat(fd.as_fd()).ok()?;
+                    return match st.st_mode & libc::S_IFMT {
+                        libc::S_IFDIR => None,
+                        libc::S_IFLNK => Some("a parent directory is a symlink in a lower layer; layers may not write through symlinks"),
+                        libc::S_IFCHR if st.st_rdev == 0 => None, // whited out below: a fresh dir
+                        _ => Some("a parent path component is not a directory in a lower layer"),
+                    };
+                }
+                Err(e) if errno(&e) == libc::ENOENT => continue,
+                Err(_) => return Some("a parent path component cannot be resolved in a lower layer"),
+            }
+        }
+        None
     }
 
     /// A dir created only because a deeper entry needed it must not change what the lower
