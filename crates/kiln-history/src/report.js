@@ -40,7 +40,7 @@ window.addEventListener("error", function (e) {
     cached.forEach(function (b) {
       var x = b.e * scale;
       var g = groups[groups.length - 1];
-      if (g && x < g.x + g.w + 2) { g.bars.push(b); }
+      if (g && x < g.x + g.w + 2) { g.bars.push(b); g.w = Math.max(g.w, CACHED_W + 6 * String(g.bars.length).length); }
       else { groups.push({ x: x, w: CACHED_W, bars: [b] }); }
     });
     if (groups.length) rows.push({ end: Infinity, cached: true });
@@ -48,12 +48,13 @@ window.addEventListener("error", function (e) {
       var n = g.bars.length;
       var title = (n > 1 ? n + " cached steps\n" : "") + g.bars.slice(0, 40).map(function (b) { return b.t; }).join("\n\n") +
         (n > 40 ? "\n\n… and " + (n - 40) + " more" : "");
-      items.push({ row: 0, x: g.x, w: g.w, c: "cached", l: n > 1 ? "CACHED ×" + n : "CACHED", t: title, dark: true });
+      var label = n > 1 ? "CACHED ×" + n : "CACHED";
+      items.push({ row: 0, x: g.x, w: Math.max(g.w, label.length * 7.2 + 12), c: "cached", l: label, t: title, dark: true });
     });
     others.forEach(function (b) {
       var x = b.s * scale, w = Math.max((b.e - b.s) * scale, 2);
       var r = 0;
-      for (; r < rows.length; r++) if (!rows[r].cached && rows[r].end + 1 <= x) break;
+      for (; r < rows.length; r++) if (!rows[r].cached && rows[r].end <= x + 1) break;
       if (r === rows.length) rows.push({ end: 0 });
       rows[r].end = x + w;
       items.push({ row: r, x: x, w: w, c: b.c, l: b.l, t: b.t, wait: b.w == null ? null : b.w * scale });
@@ -63,8 +64,8 @@ window.addEventListener("error", function (e) {
   function render() {
     var total = DATA.total;
     var avail = Math.max(chart.clientWidth - 16, 300);
-    if (!scale) scale = avail / total;
-    var width = Math.max(Math.ceil(total * scale) + 80, avail);
+    if (!scale) scale = (avail - CACHED_W - 44) / total;
+    var width = Math.max(Math.ceil(total * scale) + CACHED_W + 40, avail);
     var laid = DATA.lanes.map(layout);
     var height = AXIS + laid.reduce(function (h, l) { return h + l.rows * ROW + 2 * PAD; }, 0);
     chart.textContent = "";
@@ -85,7 +86,7 @@ window.addEventListener("error", function (e) {
       el("line", { x1: x, x2: x, y1: AXIS - 4, y2: height, "class": "tick" }, svg);
       el("text", { x: x + 3, y: 14, "class": "tick-label" }, svg).textContent = fmt(t);
     }
-    var y = AXIS;
+    var y = AXIS, labels = [];
     DATA.lanes.forEach(function (lane, i) {
       var L = laid[i], h = L.rows * ROW + 2 * PAD;
       var g = el("g", { "class": "lane " + lane.kind + "-lane", "data-lane": lane.name }, svg);
@@ -103,15 +104,32 @@ window.addEventListener("error", function (e) {
         }
         var r = el("rect", { x: it.x, y: by, width: it.w, height: bh, "class": "bar " + it.c }, g);
         el("title", {}, r).textContent = it.t;
-        if (it.w >= it.l.length * CHAR_W + 8) {
-          el("text", { x: it.x + 4, y: by + bh - 4, "class": "label" + (it.dark ? " dark" : "") }, g).textContent = it.l;
-        } else if (it.w >= 40) {
-          var n = Math.floor((it.w - 8) / CHAR_W) - 1;
-          el("text", { x: it.x + 4, y: by + bh - 4, "class": "label" + (it.dark ? " dark" : "") }, g).textContent = it.l.slice(0, n) + "…";
+        var text = null;
+        if (it.w >= it.l.length * CHAR_W + 8) text = it.l;
+        else if (it.w >= 40) text = it.l.slice(0, Math.floor((it.w - 8) / CHAR_W) - 1) + "…";
+        if (text) {
+          var lab = el("text", { x: it.x + 4, y: by + bh - 4, "data-room": it.w - 4,
+            "class": "label" + (it.dark ? " dark" : "") }, g);
+          lab.textContent = text;
+          labels.push(lab);
         }
       });
       y += h;
     });
+    // Labels are placed by an estimate of their width; measure them, shorten the ones that do
+    // not fit their bar, drop those that cannot, then count any still wider (must stay 0).
+    var overflow = 0;
+    labels.forEach(function (t) {
+      var room = Number(t.getAttribute("data-room")), full = t.textContent;
+      for (var i = 0; i < 4 && t.getComputedTextLength() > room; i++) {
+        var n = Math.floor(full.length * room / t.getComputedTextLength()) - 2;
+        if (n < 3) { t.remove(); return; }
+        full = full.slice(0, n);
+        t.textContent = full + "…";
+      }
+      if (t.getComputedTextLength() > room + 0.5) overflow++;
+    });
+    document.body.dataset.labelOverflow = String(overflow);
   }
   function zoom(f, anchor) {
     var before = chart.scrollLeft + (anchor || 0);

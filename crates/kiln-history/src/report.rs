@@ -15,8 +15,9 @@ use crate::timeline::{critical_path, lane_of, ready_ms, stage_lanes, stage_summa
 pub fn render_report(record: &BuildRecord) -> String {
     let critical = critical_path(record);
     let data = timeline_data(record, &critical);
-    // `</` inside a <script> would end it early; `<\/` means the same to JSON.parse.
-    let data = data.to_string().replace("</", "<\\/");
+    // `</script` or `<!--` inside a <script> would change how HTML parses it; `\u003c` is the
+    // same character to JSON.parse.
+    let data = data.to_string().replace('<', "\\u003c");
     let mut html = String::with_capacity(64 * 1024);
     let title = format!("kiln build {} — {}", record.target, record.id);
     let _ = write!(
