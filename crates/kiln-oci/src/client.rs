@@ -6,6 +6,10 @@
 //! challenge once, and retries connection errors, 429 and 5xx with exponential backoff when the
 //! request may be repeated. Uploads restart (monolithic) or resume (chunked) their session.
 
+// RegistryError carries registry, repository and digests so its message says what to do; it
+// only travels on the failure path, where its size costs nothing measurable.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -1347,8 +1351,14 @@ impl RegistryClient {
                     let loc = location.clone();
                     let resp = self.send(&status_req, &|c| Ok(c.get(loc.clone()))).await?;
                     if resp.status() != StatusCode::NO_CONTENT {
-                        // The session is gone: the caller restarts the upload.
-                        return Err(self.status_error(&status_req, resp).await);
+                        // The session is gone or cannot continue (distribution refuses a
+                        // session whose stored size moved past its state token): restart.
+                        return Err(RegistryError::UploadLost {
+                            registry: ep.registry.clone(),
+                            repository: repo.to_owned(),
+                            digest: digest.clone(),
+                            detail: error_detail(resp).await,
+                        });
                     }
                     if resp.headers().contains_key(header::LOCATION) {
                         location = self.location(&status_req, &resp)?;
@@ -1720,11 +1730,13 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_is_capped() {
-        let mut cfg = ClientConfig::default();
-        cfg.retry = RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(350),
+        let cfg = ClientConfig {
+            retry: RetryPolicy {
+                max_attempts: 5,
+                initial_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_millis(350),
+            },
+            ..ClientConfig::default()
         };
         let c = RegistryClient::new(cfg).unwrap();
         assert_eq!(c.backoff(1), Duration::from_millis(100));

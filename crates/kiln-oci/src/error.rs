@@ -86,6 +86,19 @@ pub enum RegistryError {
         /// The registry's message.
         detail: String,
     },
+    /// An upload session could not be resumed after a failure (the registry dropped it or
+    /// refuses to continue it); the upload is restarted from the beginning.
+    #[error("registry {registry} lost the upload session of {digest} in {repository}{detail}")]
+    UploadLost {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// The blob being uploaded.
+        digest: String,
+        /// The registry's message.
+        detail: String,
+    },
     /// The registry answered something that breaks the protocol.
     #[error("registry {registry} sent an invalid response to {what}: {detail}")]
     Protocol {
@@ -149,7 +162,7 @@ impl RegistryError {
     /// Whether trying the whole operation again may succeed (transport errors, 5xx, 429).
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Transport { .. } => true,
+            RegistryError::Transport { .. } | RegistryError::UploadLost { .. } => true,
             RegistryError::Status { status, .. } => *status == 429 || *status >= 500,
             RegistryError::Io { .. } => false,
             _ => false,

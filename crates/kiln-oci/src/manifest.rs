@@ -131,6 +131,8 @@ impl Default for ImageIndex {
 }
 
 /// A parsed manifest of either kind.
+// Few of these exist at once (one per image resolved): boxing would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Manifest {
     /// A single-image manifest.
