@@ -1,6 +1,7 @@
 //! The `kiln` command: thin wiring from the command line to the library crates.
 
 mod cmd;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ enum Command {
     Registry(cmd::registry::RegistryArgs),
     /// Inspect and check kiln's local state
     Debug(cmd::debug::DebugArgs),
+    /// Import a root filesystem (directory or tar) as an image in the local store
+    Import(cmd::import::ImportArgs),
 }
 
 /// Options every subcommand sees.
@@ -57,11 +60,14 @@ fn nix_is_root() -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let globals = Globals { root: cli.root.unwrap_or_else(default_root) };
+    let globals = Globals {
+        root: cli.root.unwrap_or_else(default_root),
+    };
     let result = match cli.command {
         Command::Build(args) => cmd::build::run(*args, &globals),
         Command::Registry(args) => cmd::registry::run(args, &globals),
         Command::Debug(args) => cmd::debug::run(args, &globals),
+        Command::Import(args) => cmd::import::run(args, &globals),
     };
     match result {
         Ok(code) => code,

@@ -149,7 +149,7 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 }
 
 /// Runs `kiln build`.
-pub fn run(args: BuildArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
+pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let opts = args.to_options()?;
     let file_label = opts.dockerfile.display().to_string();
     let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
@@ -204,12 +204,9 @@ pub fn run(args: BuildArgs, _globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    anyhow::bail!(
-        "executing builds is not wired into `kiln build` yet; the graph for target {:?} has {} steps \
-         (see them with --dry-run)",
-        kiln_graph::plan(&graph).target,
-        graph.vertices.len()
-    )
+    super::build_exec::execute(&opts, &df, &dockerignore, globals, &|e| {
+        e.render(&file_label, &source)
+    })
 }
 
 fn unreachable_build() -> anyhow::Result<ExitCode> {

@@ -1,0 +1,44 @@
+//! `kiln import`: a root filesystem (directory or tar) as a one-layer image in the local
+//! store, like `docker import`, so builds can start `FROM` it without a registry.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use kiln_store::Store;
+
+use crate::Globals;
+
+/// Arguments of `kiln import`.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// A directory or a tar archive (plain, gzip or zstd) holding the root filesystem.
+    source: PathBuf,
+    /// Name(s) to store the image under, e.g. `busybox:latest`.
+    #[arg(short = 't', long = "tag", required = true, value_name = "NAME")]
+    tags: Vec<String>,
+    /// Platform recorded in the image config.
+    #[arg(long, value_name = "OS/ARCH")]
+    platform: Option<String>,
+}
+
+/// Runs `kiln import`.
+pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let platform = match &args.platform {
+        Some(p) => {
+            kiln_graph::Platform::parse(p).map_err(|e| anyhow::anyhow!("--platform {p}: {e}"))?
+        }
+        None => kiln_graph::Platform::host(),
+    };
+    let store = Store::open(&globals.root)
+        .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?;
+    let sde = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
+    let created = kiln_worker::image::created_timestamp(sde);
+    let image =
+        kiln_worker::images::import_rootfs(&store, &args.source, &args.tags, &platform, &created)
+            .with_context(|| format!("importing {}", args.source.display()))?;
+    println!("{}", image.manifest.digest);
+    Ok(ExitCode::SUCCESS)
+}

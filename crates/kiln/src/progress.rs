@@ -1,0 +1,228 @@
+//! Build progress for people and machines: `plain` (numbered step lines with elapsed times,
+//! fit for CI logs, as BuildKit prints them), `rawjson` (one JSON event per line), and a
+//! closing summary. Fed by the solver's event stream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kiln_graph::options::ProgressMode;
+use kiln_graph::BuildGraph;
+use kiln_solver::{CacheSource, Event, EventSink};
+use serde::Serialize;
+
+/// How one step ended, for the summary and the metadata file.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOutcome {
+    /// Step number as shown (vertex index + 1).
+    pub step: usize,
+    /// `[stage n/m] INSTRUCTION`.
+    pub name: String,
+    /// Stage name, if the step belongs to one.
+    pub stage: Option<String>,
+    /// `run`, `cached` or `failed`.
+    pub status: &'static str,
+    /// Where a cached result came from (`local`, or an imported cache ref).
+    pub cache_source: Option<String>,
+    /// Milliseconds since the build started when the step started running.
+    pub started_ms: Option<u64>,
+    /// How long it ran.
+    pub duration_ms: Option<u64>,
+}
+
+struct State {
+    started: HashMap<usize, Instant>,
+    outcomes: BTreeMap<usize, StepOutcome>,
+}
+
+/// Receives solver events and renders them.
+pub struct Progress {
+    mode: ProgressMode,
+    begun: Instant,
+    names: Vec<(String, Option<String>)>,
+    state: Mutex<State>,
+}
+
+impl Progress {
+    /// Progress for `graph` in `mode` (`auto` and `tty` print plain lines for now).
+    pub fn new(mode: ProgressMode, graph: &BuildGraph) -> Self {
+        let names = graph
+            .vertices
+            .iter()
+            .map(|v| (v.meta.description.clone(), v.meta.stage.clone()))
+            .collect();
+        Progress {
+            mode,
+            begun: Instant::now(),
+            names,
+            state: Mutex::new(State {
+                started: HashMap::new(),
+                outcomes: BTreeMap::new(),
+            }),
+        }
+    }
+
+    fn emit_plain(&self, line: String) {
+        if !matches!(self.mode, ProgressMode::Rawjson | ProgressMode::Quiet) {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{line}");
+        }
+    }
+
+    fn emit_json(&self, value: serde_json::Value) {
+        if matches!(self.mode, ProgressMode::Rawjson) {
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "{value}");
+        }
+    }
+
+    fn since_start(&self) -> u64 {
+        self.begun.elapsed().as_millis() as u64
+    }
+
+    /// Everything that happened to each step, by step number.
+    pub fn outcomes(&self) -> Vec<StepOutcome> {
+        self.state
+            .lock()
+            .expect("progress state")
+            .outcomes
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// The closing summary: total time, steps run vs cached, time per stage.
+    pub fn summary(&self, what: &str) -> String {
+        let outcomes = self.outcomes();
+        let run = outcomes.iter().filter(|o| o.status == "run").count();
+        let cached = outcomes.iter().filter(|o| o.status == "cached").count();
+        let remote = outcomes
+            .iter()
+            .filter(|o| o.status == "cached" && o.cache_source.as_deref() != Some("local"))
+            .count();
+        let mut out = format!(
+            "{what} in {:.1}s: {run} steps run, {cached} cached{}\n",
+            self.begun.elapsed().as_secs_f64(),
+            if remote > 0 {
+                format!(" ({remote} from imported caches)")
+            } else {
+                String::new()
+            }
+        );
+        let mut stages: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for o in outcomes.iter().filter(|o| o.status == "run") {
+            let (Some(s), Some(d)) = (o.started_ms, o.duration_ms) else {
+                continue;
+            };
+            let e = stages
+                .entry(o.stage.clone().unwrap_or_else(|| "(sources)".into()))
+                .or_insert((u64::MAX, 0));
+            e.0 = e.0.min(s);
+            e.1 = e.1.max(s + d);
+        }
+        for (stage, (start, end)) in stages {
+            out.push_str(&format!(
+                "  {stage:<24} {:>7.1}s\n",
+                (end - start) as f64 / 1000.0
+            ));
+        }
+        out
+    }
+
+    fn name(&self, node: usize) -> (String, Option<String>) {
+        self.names
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| (format!("step {node}"), None))
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+impl EventSink for Progress {
+    fn event(&self, event: Event) {
+        let now = self.since_start();
+        let mut st = self.state.lock().expect("progress state");
+        match event {
+            Event::Cached { node, source, .. } => {
+                let (name, stage) = self.name(node);
+                let src = match &source {
+                    CacheSource::Local => "local".to_owned(),
+                    CacheSource::Remote(r) => r.clone(),
+                };
+                self.emit_plain(format!(
+                    "#{} {name}\n#{} CACHED{}",
+                    node + 1,
+                    node + 1,
+                    if src == "local" {
+                        String::new()
+                    } else {
+                        format!(" (from {src})")
+                    }
+                ));
+                self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "cached", "step": node + 1, "name": name, "stage": stage, "source": src}));
+                st.outcomes.insert(
+                    node,
+                    StepOutcome {
+                        step: node + 1,
+                        name,
+                        stage,
+                        status: "cached",
+                        cache_source: Some(src),
+                        started_ms: None,
+                        duration_ms: None,
+                    },
+                );
+            }
+            Event::Started { node, .. } => {
+                let (name, stage) = self.name(node);
+                st.started.insert(node, Instant::now());
+                self.emit_plain(format!("#{} {name}", node + 1));
+                self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "started", "step": node + 1, "name": name, "stage": stage}));
+                st.outcomes.insert(
+                    node,
+                    StepOutcome {
+                        step: node + 1,
+                        name,
+                        stage,
+                        status: "running",
+                        cache_source: None,
+                        started_ms: Some(now),
+                        duration_ms: None,
+                    },
+                );
+            }
+            Event::Log { node, stream, line } => {
+                let t = st
+                    .started
+                    .get(&node)
+                    .map(|s| s.elapsed().as_secs_f64())
+                    .unwrap_or(0.0);
+                let text = String::from_utf8_lossy(&line);
+                self.emit_plain(format!("#{} {t:.3} {text}", node + 1));
+                self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "log", "step": node + 1, "stream": stream, "data": text}));
+            }
+            Event::Completed { node, duration, .. } => {
+                self.emit_plain(format!("#{} DONE {:.1}s", node + 1, duration.as_secs_f64()));
+                self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "completed", "step": node + 1, "duration_ms": duration.as_millis() as u64}));
+                if let Some(o) = st.outcomes.get_mut(&node) {
+                    o.status = "run";
+                    o.duration_ms = Some(duration.as_millis() as u64);
+                }
+            }
+            Event::Failed { node, message } => {
+                self.emit_plain(format!("#{} ERROR: {message}", node + 1));
+                self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "failed", "step": node + 1, "error": message}));
+                if let Some(o) = st.outcomes.get_mut(&node) {
+                    o.status = "failed";
+                }
+            }
+        }
+    }
+}
