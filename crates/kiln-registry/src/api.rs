@@ -27,6 +27,10 @@ type Resp = Result<Response<Body>, ApiError>;
 /// Writes are batched to this size before a blocking write + hash.
 const WRITE_BATCH: usize = 1 << 20;
 
+/// Streaming sha256 state of one upload: `(bytes hashed, hasher)`, behind a per-upload lock
+/// that also serialises its chunks.
+type UploadHash = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
+
 /// Shared state of one running registry.
 pub(crate) struct App {
     pub(crate) store: Storage,
@@ -36,7 +40,7 @@ pub(crate) struct App {
     pub(crate) metrics: Metrics,
     /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
     /// restart; the staged file is then re-hashed.
-    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>>>,
+    sessions: Mutex<HashMap<String, UploadHash>>,
 }
 
 impl App {
@@ -56,7 +60,7 @@ impl App {
         }
     }
 
-    fn session(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>> {
+    fn session(&self, id: &str) -> UploadHash {
         let mut m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() > 10_000 {
             // Abandoned sessions: dropping hash state only costs a re-hash later.
@@ -683,12 +687,10 @@ async fn open_sink(
 /// truncated chunk leaves the upload resumable from its last good size.
 async fn append_or_rollback(app: &Arc<App>, sink: Sink, body: Incoming) -> Result<Sink, ApiError> {
     let start = sink.written;
-    let saved = sink.hasher.clone();
     let (mut sink, r) = append_body(sink, body, app).await;
     if let Err(e) = r {
         let file = sink.file;
         let _ = blocking("rolling back chunk", move || file.set_len(start)).await;
-        drop(saved);
         return Err(ApiError::new(Code::BlobUploadInvalid, e));
     }
     sink.written = sink

@@ -57,9 +57,27 @@ impl Code {
     }
 }
 
-/// An error answered to a client as `{"errors":[{"code","message","detail"}]}`.
+/// An error answered to a client as `{"errors":[{"code","message","detail"}]}`. Boxed so
+/// `Result<_, ApiError>` stays small on the hot path.
 #[derive(Debug)]
-pub(crate) struct ApiError {
+pub(crate) struct ApiError(Box<ApiErrorBody>);
+
+impl std::ops::Deref for ApiError {
+    type Target = ApiErrorBody;
+    fn deref(&self) -> &ApiErrorBody {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ApiErrorBody {
+        &mut self.0
+    }
+}
+
+/// The parts of an [`ApiError`].
+#[derive(Debug)]
+pub(crate) struct ApiErrorBody {
     pub(crate) status: StatusCode,
     pub(crate) code: Code,
     pub(crate) message: String,
@@ -70,13 +88,13 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     pub(crate) fn new(code: Code, message: impl Into<String>) -> Self {
-        ApiError {
+        ApiError(Box::new(ApiErrorBody {
             status: code.status(),
             code,
             message: message.into(),
             detail: serde_json::Value::Null,
             challenge: None,
-        }
+        }))
     }
 
     pub(crate) fn with_status(mut self, status: StatusCode) -> Self {
@@ -93,13 +111,13 @@ impl ApiError {
     /// beyond what the operator log line already has.
     pub(crate) fn internal(what: &str, err: impl std::fmt::Display) -> Self {
         tracing::error!("{what}: {err}");
-        ApiError {
+        ApiError(Box::new(ApiErrorBody {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             code: Code::Unsupported,
             message: format!("{what}: internal storage error"),
             detail: serde_json::Value::Null,
             challenge: None,
-        }
+        }))
     }
 
     pub(crate) fn body(&self) -> Vec<u8> {

@@ -53,7 +53,7 @@ impl Drop for ChildRegistry {
 fn spawn_child(root: &Path) -> ChildRegistry {
     let addr_file = root.with_extension("addr");
     let _ = std::fs::remove_file(&addr_file);
-    let child = Command::new(std::env::current_exe().unwrap())
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "child_registry_process",
@@ -71,6 +71,8 @@ fn spawn_child(root: &Path) -> ChildRegistry {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("child registry did not start");
 }
 
