@@ -21,3 +21,19 @@ pub use recorder::{Recorder, SpanGuard, SpanId, StepInfo};
 pub use report::render_report;
 pub use store::{HistoryError, HistoryStore, DEFAULT_KEEP};
 pub use trace::chrome_trace;
+
+/// Formats milliseconds for people: `850ms`, `12.3s`, `4m05s`.
+pub fn format_ms(ms: u64) -> String {
+    compare::fmt_ms(ms)
+}
+
+/// Formats a byte count for people: `512 B`, `1.5 KiB`, `3.2 MiB`.
+pub fn format_bytes(n: u64) -> String {
+    report::fmt_bytes(n)
+}
+
+/// Formats a unix time in ms as RFC 3339 UTC, to the second: `2026-11-28T19:45:26Z`.
+pub fn format_unix_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
