@@ -1,0 +1,4 @@
+FROM busybox
+ENV BASE=/opt
+ARG DIR=$BASE/app
+WORKDIR $DIR

@@ -1,0 +1,5 @@
+# corpus-args: VERSION=2.5
+ARG VERSION=1.0
+FROM busybox
+ARG VERSION
+ENV V=$VERSION

@@ -1,0 +1,2 @@
+FROM --platform=$TARGETPLATFORM busybox
+RUN uname -m

@@ -1,0 +1,3 @@
+FROM busybox
+ENTRYPOINT ["/bin/app"]
+CMD ["--help"]

@@ -1,0 +1,4 @@
+FROM busybox AS a
+RUN a
+FROM busybox AS b
+RUN b

@@ -1,0 +1,4 @@
+FROM busybox AS base
+CMD ["base"]
+FROM base
+ENTRYPOINT ["/e"]

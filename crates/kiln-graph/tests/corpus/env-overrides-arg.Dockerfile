@@ -1,0 +1,4 @@
+FROM busybox
+ARG MODE=arg
+ENV MODE=env
+ENV SEEN=$MODE

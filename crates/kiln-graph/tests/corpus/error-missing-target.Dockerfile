@@ -1,0 +1,2 @@
+# corpus-target: nope
+FROM busybox AS a

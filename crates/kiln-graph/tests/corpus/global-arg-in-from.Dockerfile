@@ -1,0 +1,4 @@
+ARG IMAGE=busybox
+ARG TAG=1.36
+FROM ${IMAGE}:${TAG}
+RUN true

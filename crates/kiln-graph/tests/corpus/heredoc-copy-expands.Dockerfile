@@ -1,0 +1,5 @@
+FROM busybox
+ARG WHO=corpus
+COPY <<EOF /greeting
+hello $WHO
+EOF

@@ -1,0 +1,5 @@
+FROM busybox
+RUN <<EOF
+set -e
+echo one
+EOF

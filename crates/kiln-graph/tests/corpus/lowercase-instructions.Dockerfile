@@ -1,0 +1,3 @@
+from busybox as base
+run echo lower
+env A=1

@@ -1,0 +1,4 @@
+FROM busybox AS parent
+ONBUILD RUN echo triggered
+FROM parent
+RUN echo own
