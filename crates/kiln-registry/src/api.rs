@@ -301,7 +301,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
         (Route::Tags(n), Method::GET) => tags_list(app, n, &q).await,
         (Route::Manifest(n, r), Method::GET) => get_manifest(app, n, r, false).await,
         (Route::Manifest(n, r), Method::HEAD) => get_manifest(app, n, r, true).await,
-        (Route::Manifest(n, r), Method::PUT) => put_manifest(app, n, r, req).await,
+        (Route::Manifest(n, r), Method::PUT) => put_manifest(app, n, r, &q, req).await,
         (Route::Manifest(n, r), Method::DELETE) => delete_manifest(app, n, r).await,
         (Route::Blob(n, d), Method::GET) => get_blob(app, n, d, req.headers(), false).await,
         (Route::Blob(n, d), Method::HEAD) => get_blob(app, n, d, req.headers(), true).await,
@@ -536,6 +536,14 @@ async fn start_upload(
             if blocking("mounting blob", move || store.mount_blob(&from, &to, &dd)).await? {
                 return blob_created(&name, &d);
             }
+        }
+    } else if let (Some(mount), true) = (query(q, "mount"), app.auth.is_open()) {
+        // Mount without `from` (spec v1.1): only on an open registry, where every
+        // repository is readable anyway; with auth, a digest must not grant access.
+        let d = parse_digest(mount)?;
+        let (store, to, dd) = (app.store.clone(), name.clone(), d.clone());
+        if blocking("mounting blob", move || store.mount_any(&to, &dd)).await? {
+            return blob_created(&name, &d);
         }
     } else if let Some(digest) = query(q, "digest") {
         let d = parse_digest(digest)?;
@@ -879,9 +887,22 @@ async fn put_manifest(
     app: &Arc<App>,
     name: String,
     reference: String,
+    q: &[(String, String)],
     req: Request<Incoming>,
 ) -> Resp {
     check_reference(&reference)?;
+    // `?tag=` on a push by digest tags it too (distribution-spec, tag query parameter).
+    let extra_tags: Vec<String> = q
+        .iter()
+        .filter(|(k, _)| k == "tag")
+        .map(|(_, v)| v.clone())
+        .collect();
+    for t in &extra_tags {
+        if !is_valid_tag(t) {
+            return Err(ApiError::new(Code::TagInvalid, "invalid tag")
+                .with_detail(serde_json::json!({ "tag": t })));
+        }
+    }
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -909,7 +930,7 @@ async fn put_manifest(
             }
         }
     };
-    let (digest, tag) = if reference.contains(':') {
+    let (digest, mut tags) = if reference.contains(':') {
         let want = parse_digest(&reference)?;
         let got = Digest::of(want.algorithm(), &bytes);
         if got != want {
@@ -921,10 +942,12 @@ async fn put_manifest(
                 serde_json::json!({ "expected": want.to_string(), "actual": got.to_string() }),
             ));
         }
-        (want, None)
+        (want, Vec::new())
     } else {
-        (Digest::sha256_of(&bytes), Some(reference.clone()))
+        (Digest::sha256_of(&bytes), vec![reference.clone()])
     };
+    tags.extend(extra_tags);
+    let applied_tags = tags.clone();
     let referrer = refs.subject.as_ref().map(|s| {
         let mut desc = serde_json::json!({
             "mediaType": media_type, "digest": digest.to_string(), "size": bytes.len(),
@@ -953,7 +976,7 @@ async fn put_manifest(
             }
         }
         let r = referrer.as_ref().map(|(s, d)| (s, d.as_slice()));
-        store.put_manifest(&n2, &d2, &mt2, &bytes, tag.as_deref(), r)?;
+        store.put_manifest(&n2, &d2, &mt2, &bytes, &tags, r)?;
         Ok(None)
     })
     .await?;
@@ -970,6 +993,11 @@ async fn put_manifest(
         .header(header::CONTENT_LENGTH, 0);
     if let Some(s) = subject {
         b = b.header("OCI-Subject", s.to_string());
+    }
+    if reference.contains(':') {
+        for t in &applied_tags {
+            b = b.header("OCI-Tag", t);
+        }
     }
     finish(b, empty())
 }

@@ -215,6 +215,11 @@ impl Auth {
         e
     }
 
+    /// True when no authentication is configured (single-tenant registry).
+    pub(crate) fn is_open(&self) -> bool {
+        self.users.is_none() && self.token.is_none()
+    }
+
     /// Checks the request's credentials for `scope`; a 401 with a challenge otherwise.
     pub(crate) async fn check(&self, headers: &HeaderMap, scope: &Scope) -> Result<(), ApiError> {
         if self.users.is_none() && self.token.is_none() {

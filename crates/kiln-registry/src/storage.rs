@@ -197,10 +197,31 @@ impl Storage {
     /// Refreshes a blob's mtime so a GC running now treats it as freshly pushed; called when
     /// a pusher learns the blob exists (HEAD, mount) and may reference it next.
     pub(crate) fn touch_blob(&self, d: &Digest) {
+        // Only refresh stale times: a HEAD storm on a hot blob should not write metadata.
+        let fresh = fs::metadata(self.blob_path(d))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age < std::time::Duration::from_secs(60));
+        if fresh {
+            return;
+        }
         let _ = File::options()
             .append(true)
             .open(self.blob_path(d))
             .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    }
+
+    /// Links a blob present anywhere in the store into `name` (mount without `from`).
+    /// Returns false when the store does not hold it.
+    pub(crate) fn mount_any(&self, to: &str, d: &Digest) -> io::Result<bool> {
+        let _lock = self.gc_lock(false)?;
+        if !self.blob_path(d).is_file() {
+            return Ok(false);
+        }
+        self.touch_blob(d);
+        self.link_blob(to, d)?;
+        Ok(true)
     }
 
     /// Makes an existing blob visible in `name` (push of already-present content, mount).
@@ -391,7 +412,7 @@ impl Storage {
         digest: &Digest,
         media_type: &str,
         bytes: &[u8],
-        tag: Option<&str>,
+        tags: &[String],
         referrer: Option<(&Digest, &[u8])>,
     ) -> io::Result<()> {
         let blob = self.blob_path(digest);
@@ -409,7 +430,7 @@ impl Storage {
             ));
             self.write_atomic(&entry, descriptor)?;
         }
-        if let Some(tag) = tag {
+        for tag in tags {
             self.write_atomic(
                 &self.tags_dir(name).join(tag),
                 digest.to_string().as_bytes(),

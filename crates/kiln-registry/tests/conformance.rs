@@ -571,6 +571,29 @@ async fn mount_from_a_repository_without_the_blob_falls_back_to_an_upload_202() 
 }
 
 #[tokio::test]
+async fn mount_without_from_links_a_blob_the_registry_holds_else_starts_an_upload() {
+    let r = start().await;
+    let d = r.push_blob("somewhere", b"anonymous mount").await;
+    let resp =
+        r.c.post(r.u(&format!("/v2/dst/blobs/uploads/?mount={d}")))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    assert_eq!(
+        r.get(&format!("/v2/dst/blobs/{d}")).await.status(),
+        StatusCode::OK
+    );
+    let absent = Digest::sha256_of(b"not here");
+    let resp =
+        r.c.post(r.u(&format!("/v2/dst/blobs/uploads/?mount={absent}")))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
 async fn sha512_blobs_keep_their_digest() {
     let r = start().await;
     let d = Digest::of(Algorithm::Sha512, b"sha512 content");
@@ -725,6 +748,39 @@ async fn manifest_put_by_sha512_digest_keeps_that_digest() {
     assert_eq!(header(&resp, "Docker-Content-Digest"), d.to_string());
     let resp = r.get(&format!("/v2/a/manifests/{d}")).await;
     assert_eq!(header(&resp, "Docker-Content-Digest"), d.to_string());
+}
+
+#[tokio::test]
+async fn manifest_put_by_digest_with_tag_parameters_applies_each_tag() {
+    let r = start().await;
+    let c = r.push_blob("a", b"{}").await;
+    let m = image_manifest(&c, 2, &[], None);
+    let d = Digest::sha256_of(&m);
+    let resp =
+        r.c.put(r.u(&format!("/v2/a/manifests/{d}?tag=one&tag=two")))
+            .header("Content-Type", OCI_MANIFEST)
+            .body(m.clone())
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let applied: Vec<_> = resp
+        .headers()
+        .get_all("OCI-Tag")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(applied, ["one", "two"]);
+    let v: Value = r.get("/v2/a/tags/list").await.json().await.unwrap();
+    assert_eq!(v["tags"], json!(["one", "two"]));
+    let bad =
+        r.c.put(r.u(&format!("/v2/a/manifests/{d}?tag=-bad")))
+            .header("Content-Type", OCI_MANIFEST)
+            .body(m)
+            .send()
+            .await
+            .unwrap();
+    assert_error(bad, StatusCode::BAD_REQUEST, "TAG_INVALID").await;
 }
 
 #[tokio::test]
