@@ -32,6 +32,10 @@ enum Command {
     Debug(cmd::debug::DebugArgs),
     /// Import a root filesystem (directory or tar) as an image in the local store
     Import(cmd::import::ImportArgs),
+    /// Log in to a registry (stores credentials in Docker's config.json)
+    Login(cmd::login::LoginArgs),
+    /// Log out of a registry
+    Logout(cmd::login::LogoutArgs),
 }
 
 /// Options every subcommand sees.
@@ -68,6 +72,8 @@ fn main() -> ExitCode {
         Command::Registry(args) => cmd::registry::run(args, &globals),
         Command::Debug(args) => cmd::debug::run(args, &globals),
         Command::Import(args) => cmd::import::run(args, &globals),
+        Command::Login(args) => cmd::login::run_login(args, &globals),
+        Command::Logout(args) => cmd::login::run_logout(args, &globals),
     };
     match result {
         Ok(code) => code,

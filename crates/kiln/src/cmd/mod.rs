@@ -4,4 +4,5 @@ pub mod build;
 pub mod build_exec;
 pub mod debug;
 pub mod import;
+pub mod login;
 pub mod registry;
