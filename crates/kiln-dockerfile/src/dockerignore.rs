@@ -29,7 +29,10 @@ enum Tok {
     /// Trailing `**` after something else: `.*`.
     AnyRest,
     /// `[...]`.
-    Class { negated: bool, items: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        items: Vec<(char, char)>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,7 +372,10 @@ fn compile(p: &str) -> Kind {
         }
     }
     // Docker's fast paths: `**` first → suffix, `**` last only → prefix.
-    if kind_suffix && toks.iter().skip(1).all(|t| matches!(t, Tok::Lit(_))) && matches!(toks.first(), Some(Tok::AnyDirs | Tok::AnyRest)) {
+    if kind_suffix
+        && toks.iter().skip(1).all(|t| matches!(t, Tok::Lit(_)))
+        && matches!(toks.first(), Some(Tok::AnyDirs | Tok::AnyRest))
+    {
         if toks.len() > 1 || p.len() > 2 {
             return Kind::Suffix(p[2..].to_string());
         }
@@ -420,7 +426,9 @@ mod tests {
 
     #[test]
     fn parent_directory_match_excludes_children_and_exceptions_reinclude() {
-        let m = IgnoreMatcher::parse("# comment\nnode_modules\n*.log\n!keep.log\n/build/\n**/tmp\n").unwrap();
+        let m =
+            IgnoreMatcher::parse("# comment\nnode_modules\n*.log\n!keep.log\n/build/\n**/tmp\n")
+                .unwrap();
         assert!(m.matches("node_modules"));
         assert!(m.matches("node_modules/x/y.js"));
         assert!(m.matches("a.log"));

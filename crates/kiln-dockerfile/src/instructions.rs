@@ -573,7 +573,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
         Keyword::Healthcheck => lower_healthcheck(inst, &flags)?,
         Keyword::Add | Keyword::Copy => {
             let w = words(&inst.args);
-            if w.len() < 2 && !(w.len() == 1 && !inst.heredocs.is_empty()) {
+            if w.len() < 2 && (w.len() != 1 || inst.heredocs.is_empty()) {
                 return Err(arg_err(
                     inst,
                     format!(
@@ -791,9 +791,11 @@ fn split_csv(value: &str) -> Result<Vec<String>, String> {
         if at_start && c == '"' {
             loop {
                 match chars.next() {
-                    None => return Err(format!(
+                    None => {
+                        return Err(format!(
                         "parse error on line 1: extraneous or missing \" in quoted-field ({value})"
-                    )),
+                    ))
+                    }
                     Some('"') => {
                         if chars.peek() == Some(&'"') {
                             chars.next();

@@ -194,7 +194,7 @@ impl Reader<'_> {
         }
         if self.peek() == Some(b'.') {
             self.i += 1;
-            if !matches!(self.peek()?, b'0'..=b'9') {
+            if !self.peek()?.is_ascii_digit() {
                 return None;
             }
             while matches!(self.peek(), Some(b'0'..=b'9')) {
@@ -206,7 +206,7 @@ impl Reader<'_> {
             if matches!(self.peek(), Some(b'+' | b'-')) {
                 self.i += 1;
             }
-            if !matches!(self.peek()?, b'0'..=b'9') {
+            if !self.peek()?.is_ascii_digit() {
                 return None;
             }
             while matches!(self.peek(), Some(b'0'..=b'9')) {

@@ -8,8 +8,8 @@ pub mod ast;
 pub mod dockerignore;
 pub mod error;
 pub mod instructions;
-pub mod lint;
 mod json;
+pub mod lint;
 mod parser;
 pub mod shell;
 

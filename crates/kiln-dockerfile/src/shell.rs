@@ -409,12 +409,12 @@ impl ShellWord<'_> {
         match ch {
             '}' => {
                 let value = self.get_env(&name);
-                return Ok(match value {
+                Ok(match value {
                     None if self.lex.skip_unset_env => format!("${{{name}}}"),
                     v => v.unwrap_or_default(),
-                });
+                })
             }
-            '/' => return self.process_dollar_replace(&name),
+            '/' => self.process_dollar_replace(&name),
             ':' | '+' | '-' | '?' | '#' | '%' => {
                 if ch == ':' {
                     null_is_unset = true;

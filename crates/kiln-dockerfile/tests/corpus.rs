@@ -93,7 +93,9 @@ fn expansions(df: &Dockerfile) -> Vec<Value> {
             _ => {}
         }
         env.extend(new_vars);
-        out.push(json!({ "line": inst.span.start.line, "keyword": inst.keyword, "results": results }));
+        out.push(
+            json!({ "line": inst.span.start.line, "keyword": inst.keyword, "results": results }),
+        );
     }
     out
 }
@@ -156,18 +158,29 @@ fn corpus_matches_expected_results() {
         let answer = common::run_oracle(&json!({ "files": sources }))
             .expect("blessing needs the oracle (pip install dockerfile e2b-dockerfile-utils)");
         let mut bad = Vec::new();
-        for ((p, src), a) in files.iter().zip(&sources).zip(answer["files"].as_array().expect("files")) {
+        for ((p, src), a) in files
+            .iter()
+            .zip(&sources)
+            .zip(answer["files"].as_array().expect("files"))
+        {
             let d = common::diff_go(src, &parse(src), &a["go"]);
             if !d.is_empty() {
                 bad.push(format!("{}: {}", p.display(), d.join("\n")));
             }
         }
-        assert!(bad.is_empty(), "refusing to bless, kiln disagrees with BuildKit:\n{}", bad.join("\n\n"));
+        assert!(
+            bad.is_empty(),
+            "refusing to bless, kiln disagrees with BuildKit:\n{}",
+            bad.join("\n\n")
+        );
     }
     let mut failures = Vec::new();
     for path in &files {
         let src = std::fs::read_to_string(path).expect("read corpus file");
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("Dockerfile");
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("Dockerfile");
         let actual = summarize(name, &src);
         let expected_path = path.with_extension("expected.json");
         if bless {
@@ -194,6 +207,11 @@ fn corpus_matches_expected_results() {
         failures.is_empty(),
         "{} corpus files differ (KILN_BLESS=1 regenerates after an oracle check):\n{}",
         failures.len(),
-        failures.iter().take(5).cloned().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

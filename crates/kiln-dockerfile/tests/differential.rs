@@ -23,6 +23,9 @@
 //! 9. Go's JSON decoder reads one array and ignores trailing text (`RUN ["a"] tail` is exec
 //!    form in BuildKit); e2b's `json.loads` rejects trailing text and falls back to shell form.
 //! 10. e2b quotes the word in "can't find =" errors with plain quotes, BuildKit with Go's `%q`.
+//! 11. e2b accepts a file without instructions; BuildKit fails with "file with no instructions".
+//! 12. A JSON number beyond float64 range (`CMD [1e999]`) makes Go's decoder fail, so BuildKit
+//!     takes shell form; e2b decodes it and rejects the array as not all strings.
 //! 7. Whitespace between `<<` and the heredoc word (`RUN cat << EOF`) is a heredoc in current
 //!    BuildKit's lexer (and e2b); the older embedded parser does not read a body there. kiln
 //!    follows current BuildKit; such files are compared with e2b only.
@@ -104,12 +107,65 @@ fn parser_matches_buildkit_and_e2b_on_corpus_and_10000_generated_files() {
 }
 
 const WORD_PIECES: &[&str] = &[
-    "$A", "${A}", "${U}", "$E", "${A:-w}", "${U:-w}", "${E:-w}", "${U-w}", "${E-w}", "${A:+x}",
-    "${U:+x}", "${E+x}", "${A#*.}", "${A##*.}", "${A%.*}", "${A%%.*}", "${A/l/L}", "${A//l/L}",
-    "${P//\\//:}", "${A:?no}", "${U?}", "${E:?}", "'$A'", "\"$A\"", "\"a b\"", "'c d'", "\\$A",
-    "\\\\", "\\\"", " ", "  ", "\t", "x", "y=z", "$", "${", "${A", "${}", "${A:}", "${A:=x}",
-    "\"${A} and $E\"", "'", "\"", "${S}", "$S", "\"$S\"", "${A#h*}", "${A%?z}", "${A/*/X}", "<<",
-    "${U:-$A}", "${U:-\"q w\"}", "\\ ", "`", "${A#\\*}", "$1", "$@", "${A%%\\}}", "é",
+    "$A",
+    "${A}",
+    "${U}",
+    "$E",
+    "${A:-w}",
+    "${U:-w}",
+    "${E:-w}",
+    "${U-w}",
+    "${E-w}",
+    "${A:+x}",
+    "${U:+x}",
+    "${E+x}",
+    "${A#*.}",
+    "${A##*.}",
+    "${A%.*}",
+    "${A%%.*}",
+    "${A/l/L}",
+    "${A//l/L}",
+    "${P//\\//:}",
+    "${A:?no}",
+    "${U?}",
+    "${E:?}",
+    "'$A'",
+    "\"$A\"",
+    "\"a b\"",
+    "'c d'",
+    "\\$A",
+    "\\\\",
+    "\\\"",
+    " ",
+    "  ",
+    "\t",
+    "x",
+    "y=z",
+    "$",
+    "${",
+    "${A",
+    "${}",
+    "${A:}",
+    "${A:=x}",
+    "\"${A} and $E\"",
+    "'",
+    "\"",
+    "${S}",
+    "$S",
+    "\"$S\"",
+    "${A#h*}",
+    "${A%?z}",
+    "${A/*/X}",
+    "<<",
+    "${U:-$A}",
+    "${U:-\"q w\"}",
+    "\\ ",
+    "`",
+    "${A#\\*}",
+    "$1",
+    "$@",
+    "${A%%\\}}",
+    "é",
 ];
 
 #[test]
@@ -139,7 +195,11 @@ fn expansion_matches_e2b_shell_lexer() {
     let Some(answer) = run_oracle(&json!({ "words": body })) else {
         return;
     };
-    let lookup = |n: &str| env.iter().find(|(k, _)| *k == n).map(|(_, v)| v.to_string());
+    let lookup = |n: &str| {
+        env.iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.to_string())
+    };
     let mut diffs = Vec::new();
     let mut compared = 0;
     for ((w, e), a) in reqs.iter().zip(answer["words"].as_array().expect("words")) {
@@ -156,7 +216,9 @@ fn expansion_matches_e2b_shell_lexer() {
                 }
             }
             (Err(_), Some(_)) => compared += 1,
-            (Ok(x), Some(err)) => diffs.push(format!("{w:?}: ours ok {:?}, e2b error {err}", x.value)),
+            (Ok(x), Some(err)) => {
+                diffs.push(format!("{w:?}: ours ok {:?}, e2b error {err}", x.value))
+            }
             (Err(x), None) => diffs.push(format!("{w:?}: ours error {x}, e2b {}", a["value"])),
         }
     }
@@ -165,19 +227,73 @@ fn expansion_matches_e2b_shell_lexer() {
         diffs.is_empty(),
         "{} expansion differences:\n{}",
         diffs.len(),
-        diffs.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        diffs
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
 
 const IGNORE_PATTERNS: &[&str] = &[
-    "a", "a/b", "*.log", "!keep.log", "**/tmp", "b/**", "/c", "./d/../e", "!a/b/c", "**", "*",
-    "?", "f?o", "[a-c]x", "!**/*.md", "docs/**/*.md", "# c", "", "  g  ", "a/*/c", "!a/*", "x\\*y",
-    "**/", "node_modules", "!node_modules/keep",
+    "a",
+    "a/b",
+    "*.log",
+    "!keep.log",
+    "**/tmp",
+    "b/**",
+    "/c",
+    "./d/../e",
+    "!a/b/c",
+    "**",
+    "*",
+    "?",
+    "f?o",
+    "[a-c]x",
+    "!**/*.md",
+    "docs/**/*.md",
+    "# c",
+    "",
+    "  g  ",
+    "a/*/c",
+    "!a/*",
+    "x\\*y",
+    "**/",
+    "node_modules",
+    "!node_modules/keep",
 ];
 const IGNORE_PATHS: &[&str] = &[
-    "a", "a/b", "a/b/c", "a/x", "keep.log", "x.log", "d/x.log", "tmp", "q/tmp", "q/tmp/r", "b",
-    "b/x", "b/x/y", "c", "c/d", "e", "d", "foo", "fo", "bx", "dx", "docs/a.md", "docs/x/y/z.md",
-    "README.md", "g", "a/q/c", "x*y", "xay", "node_modules/keep", "node_modules/other/f",
+    "a",
+    "a/b",
+    "a/b/c",
+    "a/x",
+    "keep.log",
+    "x.log",
+    "d/x.log",
+    "tmp",
+    "q/tmp",
+    "q/tmp/r",
+    "b",
+    "b/x",
+    "b/x/y",
+    "c",
+    "c/d",
+    "e",
+    "d",
+    "foo",
+    "fo",
+    "bx",
+    "dx",
+    "docs/a.md",
+    "docs/x/y/z.md",
+    "README.md",
+    "g",
+    "a/q/c",
+    "x*y",
+    "xay",
+    "node_modules/keep",
+    "node_modules/other/f",
 ];
 
 #[test]
@@ -185,7 +301,9 @@ fn dockerignore_matches_e2b_matcher() {
     let mut r = Rng::new(11);
     let mut cases = Vec::new();
     for _ in 0..1500 {
-        let pats: Vec<&str> = (0..r.below(5) + 1).map(|_| r.pick(IGNORE_PATTERNS)).collect();
+        let pats: Vec<&str> = (0..r.below(5) + 1)
+            .map(|_| r.pick(IGNORE_PATTERNS))
+            .collect();
         cases.push(pats);
     }
     let body: Vec<_> = cases
@@ -196,7 +314,10 @@ fn dockerignore_matches_e2b_matcher() {
         return;
     };
     let mut diffs = Vec::new();
-    for (pats, a) in cases.iter().zip(answer["ignores"].as_array().expect("ignores")) {
+    for (pats, a) in cases
+        .iter()
+        .zip(answer["ignores"].as_array().expect("ignores"))
+    {
         let ours = kiln_dockerfile::dockerignore::IgnoreMatcher::from_patterns(pats);
         match (ours, a.get("error")) {
             (Ok(m), None) => {
@@ -214,6 +335,11 @@ fn dockerignore_matches_e2b_matcher() {
         diffs.is_empty(),
         "{} .dockerignore differences:\n{}",
         diffs.len(),
-        diffs.iter().take(10).cloned().collect::<Vec<_>>().join("\n")
+        diffs
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }

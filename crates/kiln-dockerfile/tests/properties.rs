@@ -24,53 +24,78 @@ fn word() -> impl Strategy<Value = String> {
 }
 
 fn keyword(k: &'static str) -> impl Strategy<Value = String> {
-    prop_oneof![Just(k.to_string()), Just(k.to_lowercase()), Just(format!("{}{}", &k[..1], k[1..].to_lowercase()))]
+    prop_oneof![
+        Just(k.to_string()),
+        Just(k.to_lowercase()),
+        Just(format!("{}{}", &k[..1], k[1..].to_lowercase()))
+    ]
 }
 
 fn flags() -> impl Strategy<Value = Vec<(String, Option<String>)>> {
-    prop::collection::vec(("[a-z][a-z-]{0,8}", prop::option::of("[a-z0-9=,/._]{0,12}")), 0..3)
+    prop::collection::vec(
+        ("[a-z][a-z-]{0,8}", prop::option::of("[a-z0-9=,/._]{0,12}")),
+        0..3,
+    )
 }
 
 fn instruction() -> impl Strategy<Value = Model> {
     prop_oneof![
         // Shell form.
-        (keyword("RUN"), flags(), prop::collection::vec(word(), 1..5)).prop_map(|(k, f, w)| Model {
-            keyword: k,
-            flags: f,
-            args: vec![w.join(" ")],
-            json: false,
-            heredocs: vec![],
+        (keyword("RUN"), flags(), prop::collection::vec(word(), 1..5)).prop_map(|(k, f, w)| {
+            Model {
+                keyword: k,
+                flags: f,
+                args: vec![w.join(" ")],
+                json: false,
+                heredocs: vec![],
+            }
         }),
         // Exec form.
-        (keyword("CMD"), prop::collection::vec("[a-z0-9 /._$-]{0,8}", 0..4)).prop_map(|(k, w)| Model {
-            keyword: k,
-            flags: vec![],
-            args: w,
-            json: true,
-            heredocs: vec![],
-        }),
+        (
+            keyword("CMD"),
+            prop::collection::vec("[a-z0-9 /._$-]{0,8}", 0..4)
+        )
+            .prop_map(|(k, w)| Model {
+                keyword: k,
+                flags: vec![],
+                args: w,
+                json: true,
+                heredocs: vec![],
+            }),
         // Whitespace-split words.
-        (keyword("EXPOSE"), prop::collection::vec("[0-9]{1,5}(/tcp|/udp)?", 1..4)).prop_map(|(k, w)| Model {
-            keyword: k,
-            flags: vec![],
-            args: w,
-            json: false,
-            heredocs: vec![],
-        }),
+        (
+            keyword("EXPOSE"),
+            prop::collection::vec("[0-9]{1,5}(/tcp|/udp)?", 1..4)
+        )
+            .prop_map(|(k, w)| Model {
+                keyword: k,
+                flags: vec![],
+                args: w,
+                json: false,
+                heredocs: vec![],
+            }),
         // ENV key=value pairs.
-        (keyword("ENV"), prop::collection::vec(("[A-Z_][A-Z0-9_]{0,6}", "[a-z0-9/._:-]{0,8}"), 1..4)).prop_map(
-            |(k, kv)| Model {
+        (
+            keyword("ENV"),
+            prop::collection::vec(("[A-Z_][A-Z0-9_]{0,6}", "[a-z0-9/._:-]{0,8}"), 1..4)
+        )
+            .prop_map(|(k, kv)| Model {
                 keyword: k,
                 flags: vec![],
                 args: kv.into_iter().flat_map(|(a, b)| [a, b]).collect(),
                 json: false,
                 heredocs: vec![],
-            }
-        ),
+            }),
         // Heredocs.
         (
             keyword("COPY"),
-            prop::collection::vec(("[A-Z]{2,5}", prop::collection::vec("[a-z0-9 =$]{0,12}", 0..4)), 1..3),
+            prop::collection::vec(
+                (
+                    "[A-Z]{2,5}",
+                    prop::collection::vec("[a-z0-9 =$]{0,12}", 0..4)
+                ),
+                1..3
+            ),
             word()
         )
             .prop_map(|(k, docs, dest)| {
@@ -113,7 +138,11 @@ fn print(models: &[Model], continuation: &[bool]) -> String {
         if m.json {
             parts.push(serde_json::to_string(&m.args).expect("json"));
         } else if m.keyword.eq_ignore_ascii_case("ENV") {
-            parts.extend(m.args.chunks(2).map(|c| format!("{}={}", c[0], c.get(1).map(String::as_str).unwrap_or(""))));
+            parts.extend(
+                m.args
+                    .chunks(2)
+                    .map(|c| format!("{}={}", c[0], c.get(1).map(String::as_str).unwrap_or(""))),
+            );
         } else {
             parts.extend(m.args.iter().cloned());
         }
