@@ -388,9 +388,12 @@ impl Inner {
         )?;
         self.lease.protect_blob(&rec.digest)?;
         let mut layers = base.to_vec();
+        let created =
+            crate::image::created_timestamp(self.config.source_date_epoch.map(|s| s.max(0) as u64));
         layers.push(Layer {
             diff_id: rec.diff_id,
             blob: Descriptor::new(rec.media_type, rec.digest, rec.size),
+            created: Some(created),
         });
         Ok(Rootfs::new(layers, Some(id), None))
     }

@@ -75,9 +75,10 @@ pub fn oci_archive(
             }
         }
         let refs = parse_names(names)?;
+        // The full name: podman and docker name the loaded image after it.
         let ref_name = refs
-            .iter()
-            .find_map(|r| r.tag().map(str::to_owned))
+            .first()
+            .map(|r| r.familiar())
             .unwrap_or_else(|| "latest".into());
         layout
             .add_manifest(image.manifest.descriptor(), &ref_name)

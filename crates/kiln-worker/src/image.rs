@@ -19,6 +19,19 @@ pub struct Layer {
     pub diff_id: Digest,
     /// The compressed blob as pushed (media type, digest, size).
     pub blob: Descriptor,
+    /// When the step that made it ran (RFC 3339); kept with cache records, so a rebuild
+    /// from cache makes the same image config, hence the same image digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+}
+
+/// The image's `created`: the newest of its layers' times, else `fallback`.
+pub fn image_created(layers: &[Layer], fallback: String) -> String {
+    layers
+        .iter()
+        .filter_map(|l| l.created.clone())
+        .max()
+        .unwrap_or(fallback)
 }
 
 /// The `created` timestamp: `SOURCE_DATE_EPOCH` when set (reproducible builds), else now.

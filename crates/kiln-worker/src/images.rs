@@ -72,6 +72,7 @@ pub fn load_local(
         .map(|(d, l)| Layer {
             diff_id: d.clone(),
             blob: l.clone(),
+            created: None,
         })
         .collect();
     Ok(BaseImage {
@@ -202,6 +203,7 @@ pub fn import_rootfs(
     let layers = vec![Layer {
         diff_id: rec.diff_id,
         blob: Descriptor::new(rec.media_type, rec.digest, rec.size),
+        created: Some(created.to_owned()),
     }];
     let cfg = kiln_graph::ImageConfig {
         os: platform.os.clone(),

@@ -9,3 +9,4 @@ pub mod export;
 pub mod fileop;
 pub mod image;
 pub mod images;
+pub mod registry;

@@ -95,7 +95,11 @@ impl Progress {
     /// The closing summary: total time, steps run vs cached, time per stage.
     pub fn summary(&self, what: &str) -> String {
         let outcomes = self.outcomes();
-        let run = outcomes.iter().filter(|o| o.status == "run").count();
+        // Reading the build context is not a build step.
+        let run = outcomes
+            .iter()
+            .filter(|o| o.status == "run" && o.stage.is_some())
+            .count();
         let cached = outcomes.iter().filter(|o| o.status == "cached").count();
         let remote = outcomes
             .iter()

@@ -13,7 +13,9 @@ use kiln_graph::BuildOptions;
 use kiln_store::Store;
 use kiln_worker::build::{plan_build, BuildError, BuildInputs, SolvedBuild};
 use kiln_worker::engine::{ContextFilter, ImageProvider};
-use kiln_worker::images::{self, LocalImages, StoredImage};
+use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
+use kiln_worker::images::{self, StoredImage};
+use kiln_worker::registry::RegistryImages;
 use serde_json::json;
 
 use crate::progress::Progress;
@@ -60,7 +62,16 @@ pub fn execute(
         Store::open(&globals.root)
             .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?,
     );
-    let images: Arc<dyn ImageProvider> = Arc::new(LocalImages::new(store.clone()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let client = registry_client(opts)?;
+    let images: Arc<dyn ImageProvider> = Arc::new(RegistryImages::new(
+        client.clone(),
+        runtime.handle().clone(),
+        store.clone(),
+    ));
     let inputs = BuildInputs {
         dockerfile,
         dockerignore,
@@ -78,10 +89,6 @@ pub fn execute(
         Err(e) => return Err(e.into()),
     };
     let progress = Arc::new(Progress::new(opts.progress, &planned.graph));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let sink = progress.clone();
     let solved = runtime.block_on(async move {
         planned
@@ -104,7 +111,7 @@ pub fn execute(
             return Ok(ExitCode::from(1));
         }
     };
-    let image = export(opts, &solved, &store, sde)?;
+    let image = export(opts, &solved, &store, sde, &runtime, &client)?;
     if let Some(path) = &opts.metadata_file {
         write_metadata(path, image.as_ref(), &progress)?;
     }
@@ -134,6 +141,8 @@ fn export(
     solved: &SolvedBuild,
     store: &Store,
     sde: Option<i64>,
+    runtime: &tokio::runtime::Runtime,
+    client: &RegistryClient,
 ) -> anyhow::Result<Option<StoredImage>> {
     let stage = solved.graph.target_stage();
     let layers = solved
@@ -141,7 +150,14 @@ fn export(
         .as_ref()
         .map(|r| r.layers.clone())
         .unwrap_or_default();
-    let created = kiln_worker::image::created_timestamp(sde.map(|s| s.max(0) as u64));
+    let base_created = solved
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.image.as_ref())
+        .and_then(|c| c.created.clone());
+    let fallback = base_created
+        .unwrap_or_else(|| kiln_worker::image::created_timestamp(sde.map(|s| s.max(0) as u64)));
+    let created = kiln_worker::image::image_created(&layers, fallback);
     let mut made: Option<StoredImage> = None;
     for o in &opts.outputs {
         let fs = solved.rootfs.as_deref();
@@ -186,7 +202,12 @@ fn export(
                         }
                     }
                     _ if o.push || o.kind == OutputKind::Registry => {
-                        anyhow::bail!("--output push=true: pushing to registries is not wired into kiln build yet")
+                        if let Some(f) = fs {
+                            solved.worker.fetch_blobs(f)?;
+                        }
+                        runtime.block_on(kiln_worker::registry::push_image(
+                            client, store, &image, &o.names,
+                        ))?;
                     }
                     _ => {}
                 }
@@ -213,4 +234,20 @@ fn write_metadata(
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, path))
         .with_context(|| format!("writing --metadata-file {}", path.display()))
+}
+
+/// A registry client; hosts of outputs with `registry.insecure=true` speak plain HTTP.
+fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
+    let mut config = ClientConfig::default();
+    for o in opts.outputs.iter().filter(|o| o.registry_insecure) {
+        for n in &o.names {
+            if let Ok(r) = n.parse::<kiln_oci::Reference>() {
+                config.hosts.insert(
+                    r.registry().to_owned(),
+                    HostConfig { insecure: true, ..HostConfig::default() },
+                );
+            }
+        }
+    }
+    RegistryClient::new(config).context("setting up the registry client")
 }

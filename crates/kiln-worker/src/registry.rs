@@ -1,0 +1,174 @@
+//! Registries as image sources and push targets, through kiln-oci's client. Blocking
+//! wrappers: the worker calls them from blocking threads, with a handle on the runtime.
+
+use std::fs;
+use std::sync::Arc;
+
+use kiln_oci::{BlobSource as PushSource, Descriptor, Reference, RegistryClient};
+use kiln_store::Store;
+use tokio::runtime::Handle;
+
+use crate::engine::{BaseImage, BlobSource, ImageProvider, WorkerError};
+use crate::image::Layer;
+use crate::images::{LocalImages, StoredImage};
+
+fn image_err(reference: &str, message: impl ToString) -> WorkerError {
+    WorkerError::Image {
+        reference: reference.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn parse_ref(reference: &str) -> Result<Reference, WorkerError> {
+    reference
+        .parse::<Reference>()
+        .map_err(|e| image_err(reference, e))
+}
+
+/// Layer blobs of one repository, fetched on demand into the content store.
+pub struct RepositoryBlobs {
+    client: RegistryClient,
+    handle: Handle,
+    reference: Reference,
+}
+
+impl RepositoryBlobs {
+    /// Blobs of `reference`'s repository.
+    pub fn new(client: RegistryClient, handle: Handle, reference: Reference) -> Self {
+        RepositoryBlobs {
+            client,
+            handle,
+            reference,
+        }
+    }
+}
+
+impl BlobSource for RepositoryBlobs {
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+        let dest = store.content().blob_path(&blob.digest);
+        if dest.is_file() {
+            return Ok(());
+        }
+        // Downloaded and verified beside the store's ingests, then renamed into place: a
+        // blob path never holds unverified bytes.
+        let ingest = store.root().join("content/ingest").join(format!(
+            "pull-{}-{}",
+            blob.digest.hex(),
+            std::process::id()
+        ));
+        self.handle
+            .block_on(
+                self.client
+                    .pull_blob_to_file(&self.reference, blob, &ingest),
+            )
+            .map_err(|e| image_err(&self.reference.to_string(), e))?;
+        fs::rename(&ingest, &dest).map_err(|e| WorkerError::Io {
+            what: "storing pulled blob",
+            path: dest,
+            source: e,
+        })
+    }
+
+    fn name(&self) -> String {
+        self.reference.to_string()
+    }
+}
+
+/// Resolves `FROM` names: images built or imported into the local store first, then the
+/// registry the name points at.
+pub struct RegistryImages {
+    client: RegistryClient,
+    handle: Handle,
+    local: LocalImages,
+}
+
+impl RegistryImages {
+    /// Local images of `store`, then registries through `client`.
+    pub fn new(client: RegistryClient, handle: Handle, store: Arc<Store>) -> Self {
+        RegistryImages {
+            client,
+            handle,
+            local: LocalImages::new(store),
+        }
+    }
+}
+
+impl ImageProvider for RegistryImages {
+    fn resolve(
+        &self,
+        reference: &str,
+        platform: &kiln_graph::Platform,
+    ) -> Result<BaseImage, WorkerError> {
+        if let Some(img) = self.local.get(reference)? {
+            return Ok(img);
+        }
+        let r = parse_ref(reference)?;
+        let p: kiln_oci::Platform = platform
+            .to_string()
+            .parse()
+            .map_err(|e: kiln_oci::PlatformError| image_err(reference, e))?;
+        let resolved = self
+            .handle
+            .block_on(self.client.resolve(&r, &p))
+            .map_err(|e| image_err(reference, e))?;
+        let layers: Vec<Descriptor> = resolved.distributable_layers().cloned().collect();
+        if resolved.config.rootfs.diff_ids.len() != resolved.image.layers.len() {
+            return Err(image_err(
+                reference,
+                "its config lists a different number of layers than its manifest",
+            ));
+        }
+        let layers = resolved
+            .config
+            .rootfs
+            .diff_ids
+            .iter()
+            .zip(&resolved.image.layers)
+            .filter(|(_, l)| layers.iter().any(|d| d.digest == l.digest))
+            .map(|(d, l)| Layer {
+                diff_id: d.clone(),
+                blob: l.clone(),
+                created: None,
+            })
+            .collect();
+        let source: Arc<dyn BlobSource> = Arc::new(RepositoryBlobs::new(
+            self.client.clone(),
+            self.handle.clone(),
+            r,
+        ));
+        Ok(BaseImage {
+            manifest_digest: resolved.manifest.digest.clone(),
+            config: resolved.config,
+            layers,
+            source: Some(source),
+        })
+    }
+}
+
+/// Pushes `image` (its blobs from the local content store) under every name in `names`.
+pub async fn push_image(
+    client: &RegistryClient,
+    store: &Store,
+    image: &StoredImage,
+    names: &[String],
+) -> Result<(), WorkerError> {
+    let targets = names
+        .iter()
+        .map(|n| parse_ref(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut blobs: Vec<(Descriptor, PushSource)> = vec![(
+        image.config.clone(),
+        PushSource::File(store.content().blob_path(&image.config.digest)),
+    )];
+    for l in &image.layers {
+        blobs.push((
+            l.blob.clone(),
+            PushSource::File(store.content().blob_path(&l.blob.digest)),
+        ));
+    }
+    client
+        .push_image(&targets, &image.manifest, &blobs, None)
+        .await
+        .map_err(|e| image_err(&names.join(","), e))?;
+    Ok(())
+}

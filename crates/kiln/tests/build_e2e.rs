@@ -1,0 +1,195 @@
+//! `kiln build` end to end on one machine (root: real containers and overlayfs), on the
+//! PHP + JS shaped example in `examples/`, FROM a busybox base made in the test.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use common::{skip_unless_root, Fixture};
+
+fn stage_of(step: &str) -> &str {
+    step.trim_start_matches('[').split(' ').next().unwrap_or("")
+}
+
+#[test]
+fn test_target_builds_and_an_unchanged_rebuild_is_all_cached_with_the_same_digest() {
+    if skip_unless_root("test_target_builds...") {
+        return;
+    }
+    let f = Fixture::new();
+    let first = f.build("test", &["--output", "type=image,name=app:test"]);
+    assert!(first.cached().is_empty(), "cold build had hits: {:?}", first.cached());
+    let stages: BTreeSet<&str> = first.ran().iter().map(|s| stage_of(s)).collect::<Vec<_>>().into_iter().collect();
+    assert_eq!(
+        stages,
+        ["app", "composer-deps", "dev", "npm-deps", "php-ext", "test"].into_iter().collect(),
+        "release is not needed by test and must not run"
+    );
+    assert!(first.ran().iter().any(|s| s.contains("RUN sh tests/run.sh")));
+
+    let second = f.build("test", &["--output", "type=image,name=app:test"]);
+    assert!(second.ran().is_empty(), "rebuild ran {:?}", second.ran());
+    // The target's last step is a hit, so nothing below it is even looked at.
+    assert_eq!(second.cached(), ["[test 2/2] RUN sh tests/run.sh"]);
+    assert_eq!(second.digest(), first.digest(), "a fully cached rebuild makes the same image");
+}
+
+#[test]
+fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
+    if skip_unless_root("editing_one_source_file...") {
+        return;
+    }
+    let f = Fixture::new();
+    f.build("test", &[]);
+    let php = f.path("app/src/lib/Greeting.php");
+    let mut text = std::fs::read_to_string(&php).unwrap();
+    text.push_str("\n// edited\n");
+    std::fs::write(&php, text).unwrap();
+    let again = f.build("test", &[]);
+    assert_eq!(
+        again.ran(),
+        [
+            "[app 6/8] COPY src/ ./src/",
+            "[app 7/8] COPY bin/ ./bin/",
+            "[app 8/8] RUN echo \"$APP_VERSION\" > VERSION && find . -type f | wc -l > FILES",
+            "[dev 2/3] RUN mkdir -p var/log && echo \"xdebug.mode=debug\" > /usr/local/lib/php/extensions/dev.ini",
+            "[dev 3/3] COPY tests/ ./tests/",
+            "[test 2/2] RUN sh tests/run.sh",
+        ]
+    );
+    // The dependency stages' work is reused: the copy from php-ext is the hit they sit under.
+    assert_eq!(again.cached(), ["[app 5/8] COPY --from=php-ext /build/modules/ /usr/local/lib/php/extensions/"]);
+
+    // A file that .dockerignore leaves out changes nothing.
+    std::fs::write(f.path("app/debug.log"), "noise").unwrap();
+    let ignored = f.build("test", &[]);
+    assert!(ignored.ran().is_empty(), "ignored file triggered {:?}", ignored.ran());
+}
+
+#[test]
+fn release_target_never_runs_dev_or_test_steps() {
+    if skip_unless_root("release_target...") {
+        return;
+    }
+    let f = Fixture::new();
+    let b = f.build("release", &[]);
+    for step in b.ran() {
+        assert!(!["dev", "test"].contains(&stage_of(&step)), "release ran {step}");
+    }
+    assert!(b.ran().iter().any(|s| s.starts_with("[app ")));
+}
+
+#[test]
+fn the_three_dependency_stages_run_at_the_same_time() {
+    if skip_unless_root("the_three_dependency_stages...") {
+        return;
+    }
+    let f = Fixture::new();
+    let b = f.build("app", &[]);
+    // Each dependency stage's install step, as [started, completed] in ms since build start.
+    let mut spans = Vec::new();
+    for stage in ["composer-deps", "npm-deps", "php-ext"] {
+        let started = b
+            .events
+            .iter()
+            .find(|e| e["event"] == "started" && e["stage"] == stage && e["name"].as_str().unwrap().contains("RUN"))
+            .unwrap_or_else(|| panic!("no RUN started in {stage}"));
+        let step = started["step"].clone();
+        let done = b.events.iter().find(|e| e["event"] == "completed" && e["step"] == step).unwrap();
+        spans.push((started["elapsed_ms"].as_u64().unwrap(), done["elapsed_ms"].as_u64().unwrap()));
+    }
+    let latest_start = spans.iter().map(|s| s.0).max().unwrap();
+    let earliest_end = spans.iter().map(|s| s.1).min().unwrap();
+    assert!(
+        latest_start <= earliest_end,
+        "dependency stages ran one after another: {spans:?}"
+    );
+}
+
+#[test]
+fn oci_tarball_passes_skopeo_and_runs_under_podman() {
+    if skip_unless_root("oci_tarball...") {
+        return;
+    }
+    let f = Fixture::new();
+    let tar = f.path("app-test.tar");
+    let out = format!("type=oci,dest={},name=kiln-e2e/app:test", tar.display());
+    let b = f.build("test", &["--output", &out]);
+    let inspect = Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", tar.display())).output().unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(v["Digest"].as_str().unwrap(), b.digest());
+    assert!(v["Layers"].as_array().unwrap().len() > 5);
+
+    let conf = common::workspace().join("../shared/podman/containers.conf");
+    if !conf.exists() {
+        eprintln!("skipping the podman half: {} is absent", conf.display());
+        return;
+    }
+    let podman = |args: &[&str]| Command::new("podman").args(args).env("CONTAINERS_CONF", &conf).output().unwrap();
+    let load = podman(&["load", "-i", tar.to_str().unwrap()]);
+    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    let run = podman(&["run", "--rm", "localhost/kiln-e2e/app:test"]);
+    let _ = podman(&["rmi", "-f", "localhost/kiln-e2e/app:test"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    // The test stage's CMD runs the app's test suite.
+    assert!(String::from_utf8_lossy(&run.stdout).contains("tests passed"), "{}", String::from_utf8_lossy(&run.stdout));
+}
+
+#[test]
+fn cold_builds_with_source_date_epoch_give_identical_digests() {
+    if skip_unless_root("cold_builds_with_source_date_epoch...") {
+        return;
+    }
+    let digest = || {
+        let f = Fixture::new();
+        let meta = f.path("meta.json");
+        let out = f.kiln_env(
+            &["build", ".", "--target", "release", "--metadata-file", meta.to_str().unwrap(), "-o", "type=image,name=app:r"],
+            &[("SOURCE_DATE_EPOCH", "1700000000")],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+        m["containerimage.digest"].as_str().unwrap().to_owned()
+    };
+    let a = digest();
+    let b = digest();
+    assert!(a.starts_with("sha256:"));
+    assert_eq!(a, b);
+}
+
+#[test]
+fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
+    if skip_unless_root("two_builds_at_once...") {
+        return;
+    }
+    let f = Fixture::new();
+    let spawn = |meta: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(f.root())
+            .args(["build", ".", "--target", "release", "--progress", "quiet", "-o", "type=image,name=app:c", "--metadata-file"])
+            .arg(f.path(meta))
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .current_dir(f.path("app"))
+            .spawn()
+            .unwrap()
+    };
+    // A third build is killed mid-way while the other two run.
+    let mut victim = spawn("victim.json");
+    let a = spawn("a.json");
+    let b = spawn("b.json");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = victim.kill();
+    let _ = victim.wait();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success());
+    let read = |m: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(f.path(m)).unwrap()).unwrap() };
+    assert_eq!(read("a.json")["containerimage.digest"], read("b.json")["containerimage.digest"]);
+    let fsck = f.kiln(&["debug", "fsck"]);
+    assert!(fsck.status.success(), "fsck: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    // And the store still builds: everything is a hit now.
+    let again = f.build("release", &[]);
+    assert!(again.ran().is_empty(), "ran {:?}", again.ran());
+}

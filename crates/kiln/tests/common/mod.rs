@@ -1,0 +1,150 @@
+//! Shared helpers for end-to-end tests that drive the `kiln` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Whether the tests can use namespaces and overlayfs (CI runs as root).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips the calling test (returns true) when not root.
+pub fn skip_unless_root(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("skipping {test}: needs root (containers, overlayfs); CI runs as root");
+        return true;
+    }
+    false
+}
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// A root filesystem with Debian's static busybox and its applets.
+pub fn busybox_rootfs(dir: &Path) {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed (.ci/install)");
+    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").unwrap();
+}
+
+/// A state dir with `busybox:latest` imported, and a copy of `examples/`.
+pub struct Fixture {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        busybox_rootfs(&tmp.path().join("busybox"));
+        let f = Fixture { tmp };
+        let out = f.kiln(&["import", f.path("busybox").to_str().unwrap(), "-t", "busybox:latest"]);
+        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+        copy_dir(&workspace().join("examples"), &f.path("app"));
+        f
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_env(args, &[])
+    }
+
+    pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        c.arg("--root").arg(self.root()).args(args).current_dir(self.path("app"));
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    /// `kiln build` of the example in buildctl's spelling, with a metadata file.
+    pub fn build(&self, target: &str, extra: &[&str]) -> Build {
+        let meta = self.path(&format!("meta-{}.json", rand_suffix()));
+        let mut args = vec![
+            "build", "--frontend", "dockerfile.v0", "--local", "context=.", "--local", "dockerfile=.",
+            "--opt",
+        ];
+        let t = format!("target={target}");
+        args.push(&t);
+        let m = meta.to_str().unwrap().to_owned();
+        args.extend(["--metadata-file", &m, "--progress", "rawjson"]);
+        args.extend(extra);
+        let out = self.kiln(&args);
+        Build::from(out, &meta)
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed) * 1000 + std::process::id() as u64 % 1000
+}
+
+/// What a build printed and recorded.
+pub struct Build {
+    pub out: Output,
+    pub meta: serde_json::Value,
+    pub events: Vec<serde_json::Value>,
+}
+
+impl Build {
+    fn from(out: Output, meta: &Path) -> Self {
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "build failed:\n{stderr}");
+        let meta = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
+        let events = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Build { out, meta, events }
+    }
+
+    /// Names of the steps that ran (not cached), sorted.
+    pub fn ran(&self) -> Vec<String> {
+        self.with_status("run")
+    }
+
+    /// Names of the steps that were cache hits, sorted.
+    pub fn cached(&self) -> Vec<String> {
+        self.with_status("cached")
+    }
+
+    fn with_status(&self, status: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.meta["kiln.steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == status && !s["stage"].is_null())
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub fn digest(&self) -> String {
+        self.meta["containerimage.digest"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
