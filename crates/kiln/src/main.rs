@@ -30,6 +30,8 @@ enum Command {
     Registry(cmd::registry::RegistryArgs),
     /// Inspect and check kiln's local state
     Debug(cmd::debug::DebugArgs),
+    /// List, inspect, compare and report recorded builds
+    History(cmd::history::HistoryArgs),
     /// Import a root filesystem (directory or tar) as an image in the local store
     Import(cmd::import::ImportArgs),
     /// Log in to a registry (stores credentials in Docker's config.json)
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Command::Build(args) => cmd::build::run(*args, &globals),
         Command::Registry(args) => cmd::registry::run(args, &globals),
         Command::Debug(args) => cmd::debug::run(args, &globals),
+        Command::History(args) => cmd::history::run(args, &globals),
         Command::Import(args) => cmd::import::run(args, &globals),
         Command::Login(args) => cmd::login::run_login(args, &globals),
         Command::Logout(args) => cmd::login::run_logout(args, &globals),

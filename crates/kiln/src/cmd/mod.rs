@@ -3,6 +3,7 @@
 pub mod build;
 pub mod build_exec;
 pub mod debug;
+pub mod history;
 pub mod import;
 pub mod login;
 pub mod registry;
