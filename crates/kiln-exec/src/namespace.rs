@@ -275,6 +275,13 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
         None,
         "bind-mounting the rootfs onto itself",
     )?);
+    // No device cgroup here: CAP_MKNOD (in Docker's set) could create a node for the host's
+    // disk. nodev on every writable mount makes such nodes unopenable; the devices kiln
+    // binds into /dev are separate mounts that keep the host's flags.
+    ops.push(Op::Remount {
+        target: p(root)?,
+        flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV,
+    });
 
     ops.push(mount(
         Some(cstr("proc")?),
@@ -290,7 +297,7 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
         Some(cstr("tmpfs")?),
         p(dev)?,
         Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_STRICTATIME,
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_STRICTATIME,
         Some("mode=755,size=65536k".into()),
         "mounting /dev",
     )?);
@@ -398,7 +405,7 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
                 )?);
                 ops.push(Op::Remount {
                     target: t,
-                    flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                    flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NODEV,
                 });
             }
             MountKind::Bind {
@@ -426,7 +433,7 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
                     Some(cstr("overlay")?),
                     t,
                     Some("overlay"),
-                    0,
+                    libc::MS_NODEV,
                     Some(data),
                     "overlay for rw bind mount",
                 )?);
@@ -464,6 +471,7 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
                 )?);
             }
             MountKind::Cache { source } => {
+                let t_nodev = t.clone();
                 ops.push(mount(
                     Some(p(source)?),
                     t,
@@ -472,6 +480,10 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
                     None,
                     "cache mount",
                 )?);
+                ops.push(Op::Remount {
+                    target: t_nodev.clone(),
+                    flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV,
+                });
             }
             MountKind::Tmpfs { size } => {
                 let data = match size {
@@ -1094,7 +1106,7 @@ fn run_plan(
         // SAFETY: pid is our unreaped child.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     };
-    let sup = supervise(
+    let sup = match supervise(
         pid,
         out_r,
         err_r,
@@ -1102,7 +1114,17 @@ fn run_plan(
         cancel,
         &prep.secret_values,
         &mut kill,
-    )?;
+    ) {
+        Ok(sup) => sup,
+        Err(e) => {
+            // Never leave the container running or unreaped behind an error.
+            kill();
+            let mut st = 0;
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            return Err(e);
+        }
+    };
     let mut report_bytes = Vec::new();
     {
         use std::io::Read;
@@ -1152,4 +1174,111 @@ fn run_plan(
         what: "container init ended without reporting the step's status",
         source: std::io::Error::other(format!("init wait status {:#x}", sup.wait_status)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{MountSpec, Secret};
+
+    fn rootfs() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("bin")).unwrap();
+        std::fs::write(d.path().join("bin/sh"), "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            d.path().join("bin/sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        d
+    }
+
+    fn steps(plan: &Plan) -> Vec<String> {
+        plan.ops
+            .iter()
+            .map(|o| {
+                let (what, path) = o.describe();
+                format!("{what} {path}")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_mounts_scratch_then_rootfs_then_proc_dev_sys_then_masks_then_user_mounts() {
+        let r = rootfs();
+        let mut spec = ExecSpec::new(r.path(), vec!["sh".into()]);
+        spec.mounts = vec![MountSpec::secret("tok", None, Secret::new("v"))];
+        let mut prep = prepare(&spec).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let s = steps(&plan);
+        let pos = |needle: &str| {
+            s.iter()
+                .position(|l| l.starts_with(needle))
+                .unwrap_or_else(|| panic!("{needle} missing in {s:#?}"))
+        };
+        assert_eq!(pos("mounting the scratch tmpfs"), 0);
+        assert_eq!(pos("bind-mounting the rootfs onto itself"), 1);
+        assert!(pos("mounting /proc") < pos("mounting /dev"));
+        assert!(pos("mounting /dev") < pos("mounting sysfs"));
+        assert!(pos("mounting sysfs") < pos("masking"));
+        assert!(pos("masking") < pos("making read-only"));
+        assert!(pos("making read-only") < pos("secret mount"));
+        assert_eq!(plan.exe.to_str().unwrap(), "/bin/sh");
+        assert!(plan.sandbox && plan.seccomp.len() == 2);
+        assert_eq!(plan.cap_keep & !0xa804_25fb, 0);
+        // The secret's bytes are in the plan only as file content, never in a description.
+        assert!(s.iter().all(|l| !l.contains("tok-value")));
+        prep.stubs.remove().unwrap();
+        assert!(!r.path().join("proc").exists() && !r.path().join("run").exists());
+    }
+
+    #[test]
+    fn insecure_plan_has_no_masks_seccomp_or_read_only_sys() {
+        let r = rootfs();
+        let mut spec = ExecSpec::new(r.path(), vec!["/bin/sh".into()]);
+        spec.security = Security::Insecure;
+        let mut prep = prepare(&spec).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let s = steps(&plan);
+        assert!(s
+            .iter()
+            .all(|l| !l.starts_with("masking") && !l.starts_with("making read-only")));
+        assert!(plan.seccomp.is_empty() && !plan.sandbox);
+        let sys_ro = plan
+            .ops
+            .iter()
+            .any(|o| matches!(o, Op::Sysfs { flags, .. } if flags & libc::MS_RDONLY != 0));
+        assert!(!sys_ro);
+        prep.stubs.remove().unwrap();
+    }
+
+    #[test]
+    fn overlay_option_paths_are_escaped() {
+        assert_eq!(overlay_escape(Path::new("/a,b:c\\d")), "/a\\,b\\:c\\\\d");
+    }
+
+    #[test]
+    fn rlimits_are_clamped_to_the_current_hard_limit() {
+        let r = rootfs();
+        let mut spec = ExecSpec::new(r.path(), vec!["sh".into()]);
+        spec.rlimits = vec![crate::spec::Rlimit {
+            resource: crate::spec::RlimitResource::Nofile,
+            soft: u64::MAX - 1,
+            hard: u64::MAX - 1,
+        }];
+        let mut prep = prepare(&spec).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
+        assert_eq!(plan.rlimits[0].1.rlim_max, cur.rlim_max);
+        assert!(plan.rlimits[0].1.rlim_cur <= cur.rlim_max);
+        prep.stubs.remove().unwrap();
+    }
 }

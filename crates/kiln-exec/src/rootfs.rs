@@ -119,9 +119,10 @@ impl MountStubs {
         {
             return Ok(());
         }
-        // The dir and its ancestors up to the root all get copied up.
+        // The dir and its ancestors up to the root all get copied up. The root itself is
+        // recorded for its times only: it is the upper dir, never removed.
         let mut cur = dir.to_path_buf();
-        while cur != self.root && cur.starts_with(&self.root) {
+        while cur.starts_with(&self.root) {
             if self.touched.iter().any(|t| t.host == cur) {
                 break;
             }
@@ -140,9 +141,9 @@ impl MountStubs {
                 mode: m.mode(),
                 uid: m.uid(),
                 gid: m.gid(),
-                in_upper_before,
+                in_upper_before: in_upper_before || cur == self.root,
             });
-            if !cur.pop() {
+            if cur == self.root || !cur.pop() {
                 break;
             }
         }

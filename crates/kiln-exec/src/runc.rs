@@ -393,7 +393,7 @@ impl RuncExecutor {
                 .args(["kill", &id, "KILL"])
                 .output();
         };
-        let sup = supervise(
+        let supervised = supervise(
             pid,
             OwnedFd::from(out),
             OwnedFd::from(err),
@@ -401,7 +401,16 @@ impl RuncExecutor {
             cancel,
             &prep.secret_values,
             &mut kill,
-        )?;
+        );
+        let sup = match supervised {
+            Ok(sup) => sup,
+            Err(e) => {
+                kill();
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         let _ = Command::new(&self.runc)
             .arg("--root")
             .arg(&state)
@@ -425,5 +434,60 @@ impl RuncExecutor {
             }
         }
         Ok(ExitStatus::Code(code))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_spec_expresses_namespaces_caps_masks_and_seccomp() {
+        let r = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(r.path().join("bin")).unwrap();
+        std::fs::write(r.path().join("bin/sh"), "").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            r.path().join("bin/sh"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let mut spec = ExecSpec::new(r.path(), vec!["sh".into(), "-c".into(), "true".into()]);
+        spec.network = Network::None;
+        spec.user = Some("1000:1000".into());
+        let mut prep = prepare(&spec).unwrap();
+        let private = tempfile::tempdir().unwrap();
+        let v = runtime_spec(&spec, &prep, private.path()).unwrap();
+        let ns: Vec<&str> = v["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(v["process"]["user"]["uid"], 1000);
+        assert_eq!(
+            v["process"]["capabilities"]["bounding"]
+                .as_array()
+                .unwrap()
+                .len(),
+            14
+        );
+        assert_eq!(
+            v["process"]["capabilities"]["effective"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            v["linux"]["maskedPaths"].as_array().unwrap().len(),
+            MASKED_PATHS.len()
+        );
+        assert_eq!(v["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO");
+        let clone = &v["linux"]["seccomp"]["syscalls"][1];
+        assert_eq!(clone["names"][0], "clone");
+        assert_eq!(clone["args"][0]["value"], CLONE_NS_FLAGS);
+        prep.stubs.remove().unwrap();
     }
 }

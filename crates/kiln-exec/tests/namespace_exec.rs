@@ -329,10 +329,32 @@ fn root_process_sees_only_its_own_processes_and_no_host_mounts() {
                   ls /dev | tr '\\n' ' '; echo
                   mount -t tmpfs none /mnt 2>&1 && echo MOUNTED
                   mount --bind / /mnt 2>&1 && echo MOUNTED
+                  mount $HOST_DISK /mnt 2>&1 && echo MOUNTED
+                  mknod /tmp/disk b $DISK_MAJOR $DISK_MINOR && head -c 512 /tmp/disk > /dev/null && echo READ-HOST-DISK
+                  mknod /dev/disk b $DISK_MAJOR $DISK_MINOR && head -c 512 /dev/disk > /dev/null && echo READ-HOST-DISK
+                  mknod /tmp/fuse c 10 229 && (exec 3<> /tmp/fuse) && echo OPENED-HOST-DEVICE
+                  mknod /dev/fuse c 10 229 && (exec 3<> /dev/fuse) && echo OPENED-HOST-DEVICE
+                  rm -f /tmp/disk /tmp/fuse
                   ls /dev/sd* /dev/vd* /dev/nvme* 2>/dev/null; true";
-    let (st, out) = run(&exec(), &sh(&fs.merged, script));
+    let (disk, major, minor) = host_root_disk();
+    let mut spec = sh(&fs.merged, script);
+    spec.env = vec![
+        ("HOST_DISK".into(), disk),
+        ("DISK_MAJOR".into(), major.to_string()),
+        ("DISK_MINOR".into(), minor.to_string()),
+    ];
+    let (st, out) = run(&exec(), &spec);
     expect_ok(st, &out);
     let stdout = out.stdout_text();
+    assert!(
+        !stdout.contains("READ-HOST-DISK"),
+        "a created device node opened the host disk:\n{stdout}"
+    );
+    // CAP_MKNOD is in Docker's set and there is no device cgroup: nodev mounts must stop it.
+    assert!(
+        !stdout.contains("OPENED-HOST-DEVICE"),
+        "a created device node opened a host device:\n{stdout}"
+    );
     let mut lines = stdout.lines();
     let pids: Vec<u32> = lines
         .next()
@@ -361,6 +383,25 @@ fn root_process_sees_only_its_own_processes_and_no_host_mounts() {
         dev_line.trim(),
         "fd full mqueue null ptmx pts random shm stderr stdin stdout tty urandom zero"
     );
+}
+
+/// The block device holding the host's `/` (path, major, minor), from mountinfo.
+fn host_root_disk() -> (String, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for line in info.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.get(4) == Some(&"/") {
+            if let Some(src) = line.split(" - ").nth(1).and_then(|r| r.split(' ').nth(1)) {
+                if let Ok(m) = std::fs::metadata(src) {
+                    let rdev = m.rdev();
+                    return (src.to_string(), libc::major(rdev), libc::minor(rdev));
+                }
+            }
+        }
+    }
+    let dev = std::fs::metadata("/").unwrap().dev();
+    ("/dev/root".to_string(), libc::major(dev), libc::minor(dev))
 }
 
 fn status_field(out: &CollectedOutput, name: &str) -> String {
