@@ -520,4 +520,61 @@ mod tests {
         let e = DockerConfig::at(&path).credential("r.example").unwrap_err();
         assert!(e.to_string().contains("invalid"), "{e}");
     }
+
+    #[test]
+    fn credential_helper_processes_store_get_and_erase() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let helper = dir.path().join("docker-credential-kilntest");
+        std::fs::write(
+            &helper,
+            "#!/bin/sh\nd=$(dirname \"$0\")\ncase \"$1\" in\n\
+             store) cat > \"$d/stored.json\" ;;\n\
+             get) read url; if [ -f \"$d/stored.json\" ]; then cat \"$d/stored.json\"; \\\n\
+             else echo 'credentials not found in native keychain'; exit 1; fi ;;\n\
+             erase) read url; rm -f \"$d/stored.json\" ;;\n\
+             esac\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![dir.path().to_path_buf()];
+        dirs.extend(std::env::split_paths(&path));
+        // Only this test in the unit-test binary spawns programs found through PATH.
+        std::env::set_var("PATH", std::env::join_paths(dirs).unwrap());
+        let cfg_path = dir.path().join("config.json");
+        std::fs::write(
+            &cfg_path,
+            r#"{"credHelpers":{"reg.example:5000":"kilntest"}}"#,
+        )
+        .unwrap();
+        let cfg = DockerConfig::at(&cfg_path);
+        assert_eq!(cfg.credential("reg.example:5000").unwrap(), None);
+        cfg.store("reg.example:5000", "dave", "t0ken").unwrap();
+        let stored = std::fs::read_to_string(dir.path().join("stored.json")).unwrap();
+        assert!(stored.contains("\"Username\":\"dave\""), "{stored}");
+        assert!(
+            !std::fs::read_to_string(&cfg_path)
+                .unwrap()
+                .contains("t0ken"),
+            "secret kept out of config.json"
+        );
+        assert_eq!(
+            cfg.credential("reg.example:5000").unwrap(),
+            Some(Credential::Basic {
+                username: "dave".into(),
+                password: "t0ken".into()
+            })
+        );
+        assert!(cfg.erase("reg.example:5000").unwrap());
+        assert_eq!(cfg.credential("reg.example:5000").unwrap(), None);
+        // A helper that does not exist is named in the error.
+        std::fs::write(&cfg_path, r#"{"credsStore":"kiln-missing-helper"}"#).unwrap();
+        let e = cfg.credential("other.example").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("docker-credential-kiln-missing-helper"),
+            "{e}"
+        );
+    }
 }
