@@ -124,11 +124,18 @@ pub fn lower_with_outline(
         results: Vec::new(),
         state: Vec::new(),
         context_vertex: None,
+        stage_index: BTreeMap::new(),
+        pending: None,
         outline_args: Vec::new(),
         secrets: Vec::new(),
         ssh: Vec::new(),
     };
     low.state = vec![Visit::New; low.stages.len()];
+    for st in low.stages.iter().rev() {
+        if let Some(n) = &st.name {
+            low.stage_index.insert(n.clone(), st.index);
+        }
+    }
     low.eval_globals(&split.globals)?;
 
     let target_idx = match &opts.target {
@@ -156,7 +163,7 @@ pub fn lower_with_outline(
             }
         }
     };
-    low.lower_stage(target_idx, None)?;
+    low.lower_target(target_idx)?;
     low.results.sort_by_key(|r| r.index);
     let target = low
         .results
@@ -207,6 +214,10 @@ struct Lowerer<'a> {
     results: Vec<StageResult>,
     state: Vec<Visit>,
     context_vertex: Option<VertexId>,
+    /// First stage index for each stage name.
+    stage_index: BTreeMap<String, usize>,
+    /// A stage a body needs before it can be lowered (see [`Lowerer::lower_target`]).
+    pending: Option<usize>,
     outline_args: Vec<ArgInfo>,
     secrets: Vec<SecretInfo>,
     ssh: Vec<SecretInfo>,
@@ -359,24 +370,55 @@ impl<'a> Lowerer<'a> {
     }
 
     /// Lowers stage `idx` (once) and returns its index in `results`.
+    /// Lowers the target and, first, every stage it needs. Iterative so that long chains of
+    /// stages cannot exhaust the stack: a stage that meets an unlowered dependency is rolled
+    /// back, the dependency is lowered, and the stage is tried again.
+    fn lower_target(&mut self, target: usize) -> Result<(), FrontendError> {
+        let mut stack = vec![target];
+        self.state[target] = Visit::InProgress;
+        while let Some(&idx) = stack.last() {
+            let checkpoint = (self.vertices.len(), self.outline_args.len(), self.secrets.len(), self.ssh.len());
+            match self.lower_stage_body(idx) {
+                Ok(result) => {
+                    self.results.push(result);
+                    self.state[idx] = Visit::Done(self.results.len() - 1);
+                    stack.pop();
+                }
+                Err(e) => {
+                    let Some(dep) = self.pending.take() else { return Err(e) };
+                    self.vertices.truncate(checkpoint.0);
+                    self.outline_args.truncate(checkpoint.1);
+                    self.secrets.truncate(checkpoint.2);
+                    self.ssh.truncate(checkpoint.3);
+                    if self.context_vertex.is_some_and(|c| c.index() >= checkpoint.0) {
+                        self.context_vertex = None;
+                    }
+                    self.state[dep] = Visit::InProgress;
+                    stack.push(dep);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The result index of stage `idx` if it is lowered. Otherwise records it as pending and
+    /// fails, so that [`Self::lower_target`] lowers it first; a stage that is already in
+    /// progress is a cycle, reported at `by` (the reference that closes it).
     fn lower_stage(&mut self, idx: usize, by: Option<Span>) -> Result<usize, FrontendError> {
         match self.state[idx] {
-            Visit::Done(r) => return Ok(r),
+            Visit::Done(r) => Ok(r),
             Visit::InProgress => {
                 let name = self.stages[idx].display_name();
-                return Err(FrontendError {
+                Err(FrontendError {
                     message: format!("circular dependency detected on stage: {name}"),
                     span: by.or(Some(self.stages[idx].from.span)),
-                });
+                })
             }
-            Visit::New => {}
+            Visit::New => {
+                self.pending = Some(idx);
+                Err(FrontendError::global(format!("stage {} is not lowered yet", self.stages[idx].display_name())))
+            }
         }
-        self.state[idx] = Visit::InProgress;
-        let result = self.lower_stage_body(idx)?;
-        self.results.push(result);
-        let r = self.results.len() - 1;
-        self.state[idx] = Visit::Done(r);
-        Ok(r)
     }
 
     fn lower_stage_body(&mut self, idx: usize) -> Result<StageResult, FrontendError> {
@@ -446,11 +488,8 @@ impl<'a> Lowerer<'a> {
             .filter(|i| counts_as_step(i))
             .count();
         let base_lower = base.to_ascii_lowercase();
-        let earlier_stage = self.stages[..idx]
-            .iter()
-            .rev()
-            .find(|s| s.name.as_deref() == Some(base_lower.as_str()))
-            .map(|s| s.index);
+        // FROM sees only earlier stages; with duplicate names the first one wins, as in BuildKit.
+        let earlier_stage = self.stage_index.get(&base_lower).copied().filter(|&i| i < idx);
         let (root, mut config) = if let Some(b) = earlier_stage {
             let r = self.lower_stage(b, Some(from_span))?;
             (self.results[r].root, self.results[r].config.clone())
@@ -667,11 +706,7 @@ impl<'a> Lowerer<'a> {
         span: Span,
     ) -> Result<Option<VertexId>, FrontendError> {
         let lower = from.to_ascii_lowercase();
-        let by_name = self
-            .stages
-            .iter()
-            .find(|s| s.name.as_deref() == Some(lower.as_str()))
-            .map(|s| s.index);
+        let by_name = self.stage_index.get(&lower).copied();
         let by_index = if by_name.is_none() {
             from.parse::<usize>().ok()
         } else {
