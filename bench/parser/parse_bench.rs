@@ -13,10 +13,17 @@ fn generate(lines: usize) -> String {
     let mut s = String::from("# syntax=docker/dockerfile:1\nARG BASE=alpine:3.20\n");
     let mut stage = 0;
     while s.lines().count() < lines {
-        s.push_str(&format!("\n# stage {stage}\nFROM ${{BASE}} AS stage{stage}\n"));
-        s.push_str("WORKDIR /app\nENV PATH=/usr/local/bin:$PATH LANG=C.UTF-8\nARG VERSION=1.0 FLAVOR\n");
+        s.push_str(&format!(
+            "\n# stage {stage}\nFROM ${{BASE}} AS stage{stage}\n"
+        ));
+        s.push_str(
+            "WORKDIR /app\nENV PATH=/usr/local/bin:$PATH LANG=C.UTF-8\nARG VERSION=1.0 FLAVOR\n",
+        );
         s.push_str("RUN --mount=type=cache,target=/var/cache/apk,sharing=locked \\\n    apk add --no-cache curl git \\\n    && rm -rf /tmp/*\n");
-        s.push_str(&format!("COPY --from=stage{} --chown=1000:1000 /app/out /app/in\n", stage.max(1) - 1));
+        s.push_str(&format!(
+            "COPY --from=stage{} --chown=1000:1000 /app/out /app/in\n",
+            stage.max(1) - 1
+        ));
         s.push_str("RUN <<EOF\nset -e\necho building $VERSION\nmake -j2\nEOF\n");
         s.push_str("LABEL org.opencontainers.image.title=\"app\" version=\"${VERSION}\"\n");
         s.push_str("CMD [\"/app/server\", \"--port\", \"8080\"]\n");
