@@ -567,3 +567,46 @@ async fn docker_media_types_and_small_in_memory_blobs_push_and_pull() {
     let head = c.head_manifest(&target).await.unwrap().unwrap();
     assert_eq!(head.digest, raw.digest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_pull_resumes_with_a_range_request_after_the_connection_drops() {
+    require!(REGISTRY_BIN);
+    let reg = Registry::start(RegistryAuth::None);
+    let img = busybox_image(4 << 20);
+    let target = reference(&format!("{}/resume/app:1", reg.host()));
+    client()
+        .push_from_layout(&img.layout, "latest", std::slice::from_ref(&target))
+        .await
+        .unwrap();
+    let big = match img.manifest.parse().unwrap() {
+        kiln_oci::Manifest::Image(m) => m.layers[1].clone(),
+        _ => unreachable!(),
+    };
+    let proxy = FaultProxy::start(reg.addr, &[]).await;
+    proxy
+        .drop_download_after
+        .store(1 << 20, std::sync::atomic::Ordering::SeqCst);
+    let c = client();
+    let via = reference(&format!("{}/resume/app:1", proxy.host()));
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("blob");
+    c.pull_blob_to_file(&via, &big, &dest).await.unwrap();
+    assert!(
+        proxy
+            .download_dropped
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "the fault fired"
+    );
+    assert_eq!(
+        read_all(&dest),
+        read_all(&img.layout.blob_path(&big.digest))
+    );
+    let st = c.stats();
+    assert!(st.retries >= 1, "{st:?}");
+    // Resumed from where it broke, not downloaded twice.
+    assert!(
+        st.bytes_received < big.size + big.size / 2,
+        "{st:?} for a {}-byte blob",
+        big.size
+    );
+}

@@ -300,6 +300,9 @@ pub struct FaultProxy {
     /// Close the first connection that sends more than this many bytes (0 = off, one shot).
     pub drop_after: Arc<AtomicU64>,
     pub dropped: Arc<AtomicBool>,
+    /// Close the first connection that receives more than this many bytes (0 = off, one shot).
+    pub drop_download_after: Arc<AtomicU64>,
+    pub download_dropped: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -311,20 +314,25 @@ impl FaultProxy {
         let fail_budget = Arc::new(AtomicU32::new(0));
         let drop_after = Arc::new(AtomicU64::new(0));
         let dropped = Arc::new(AtomicBool::new(false));
+        let drop_download_after = Arc::new(AtomicU64::new(0));
+        let download_dropped = Arc::new(AtomicBool::new(false));
         let (s, f, d, dd) = (
             sent.clone(),
             fail_budget.clone(),
             drop_after.clone(),
             dropped.clone(),
         );
+        let (dl, dld) = (drop_download_after.clone(), download_dropped.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let (s, f, d, dd) = (s.clone(), f.clone(), d.clone(), dd.clone());
+                let down_fault = (dl.clone(), dld.clone());
                 tokio::spawn(async move {
-                    let _ = proxy_conn(client, upstream, fail_methods, s, f, d, dd).await;
+                    let _ =
+                        proxy_conn(client, upstream, fail_methods, s, f, d, dd, down_fault).await;
                 });
             }
         });
@@ -334,6 +342,8 @@ impl FaultProxy {
             fail_budget,
             drop_after,
             dropped,
+            drop_download_after,
+            download_dropped,
             task,
         }
     }
@@ -349,6 +359,7 @@ impl Drop for FaultProxy {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn proxy_conn(
     mut client: TcpStream,
     upstream: SocketAddr,
@@ -357,6 +368,7 @@ async fn proxy_conn(
     fail_budget: Arc<AtomicU32>,
     drop_after: Arc<AtomicU64>,
     dropped: Arc<AtomicBool>,
+    (drop_down_after, down_dropped): (Arc<AtomicU64>, Arc<AtomicBool>),
 ) -> std::io::Result<()> {
     let mut first = vec![0u8; 64 * 1024];
     let n = client.read(&mut first).await?;
@@ -377,7 +389,22 @@ async fn proxy_conn(
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let down = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut received = 0u64;
+        loop {
+            let limit = drop_down_after.load(Ordering::SeqCst);
+            if limit > 0 && received > limit && !down_dropped.swap(true, Ordering::SeqCst) {
+                return; // drops the client's write half mid-response
+            }
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            received += n as u64;
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = cw.shutdown().await;
     });
     let mut conn_sent = n as u64;
