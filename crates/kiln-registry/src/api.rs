@@ -25,7 +25,7 @@ pub(crate) type Body = BoxBody<Bytes, io::Error>;
 type Resp = Result<Response<Body>, ApiError>;
 
 /// Writes are batched to this size before a blocking write + hash.
-const WRITE_BATCH: usize = 1 << 20;
+const WRITE_BATCH: usize = 256 << 10;
 
 /// Streaming sha256 state of one upload: `(bytes hashed, hasher)`, behind a per-upload lock
 /// that also serialises its chunks.

@@ -277,3 +277,33 @@ async fn pushes_racing_gc_lose_nothing() {
     assert!(garbage.iter().all(|g| !left.contains(g) || g == &Digest::sha256_of(br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#)),
         "old garbage collected");
 }
+
+#[tokio::test]
+async fn periodic_gc_in_the_server_removes_unreferenced_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = kiln_registry::Config {
+        addr: "127.0.0.1:0".into(),
+        root: dir.path().join("root"),
+        gc_interval_secs: 1,
+        gc_grace_secs: 0,
+        gc_delete_untagged: true,
+        fsync: false,
+        ..kiln_registry::Config::default()
+    };
+    let root = cfg.root.clone();
+    let r = start_with(|b| b.config(cfg)).await;
+    let (_, kept) = r.push_image("app", "v1", b"kept layer").await;
+    let orphan = r.push_blob("app", b"orphan").await;
+    assert!(blobs_on_disk(&root).contains(&orphan));
+    let mut gone = false;
+    for _ in 0..100 {
+        if !blobs_on_disk(&root).contains(&orphan) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "periodic GC deleted the orphan");
+    assert!(blobs_on_disk(&root).contains(&kept));
+    assert_eq!(r.get("/v2/app/manifests/v1").await.status(), StatusCode::OK);
+}
