@@ -667,7 +667,7 @@ impl RegistryClient {
         let ep = self.endpoint_for(registry);
         let req = Req {
             ep: &ep,
-            repo: "",
+            repo: "its API root",
             scopes: vec![],
             what: "GET /v2/".into(),
             retry: true,

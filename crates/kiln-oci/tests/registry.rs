@@ -610,3 +610,127 @@ async fn blob_pull_resumes_with_a_range_request_after_the_connection_drops() {
         big.size
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_go_to_a_configured_mirror_first_and_fall_back_to_the_registry() {
+    require!(REGISTRY_BIN);
+    let upstream = Registry::start(RegistryAuth::None);
+    let mirror = Registry::start(RegistryAuth::None);
+    let img = busybox_image(0);
+    // Only the mirror has the image.
+    skopeo_push(
+        img.layout.root(),
+        "latest",
+        &format!("{}/library/busybox:1", mirror.host()),
+    );
+    let r = reference(&format!("{}/library/busybox:1", upstream.host()));
+    let mirrored = client_with(|c| {
+        c.hosts.insert(
+            upstream.host(),
+            kiln_oci::HostConfig {
+                insecure: false,
+                mirrors: vec![mirror.host()],
+            },
+        );
+    });
+    let out = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(out.path()).unwrap();
+    let got = mirrored
+        .pull_to_layout(&r, &Platform::host(), &layout, "x")
+        .await
+        .unwrap();
+    assert_eq!(got.manifest.digest, img.manifest.digest);
+    assert!(
+        client().pull_manifest(&r).await.is_err(),
+        "upstream itself does not have it"
+    );
+
+    // A mirror that is down is skipped: the registry itself answers.
+    skopeo_push(
+        img.layout.root(),
+        "latest",
+        &format!("{}/library/busybox:2", upstream.host()),
+    );
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let with_dead_mirror = client_with(|c| {
+        c.retry.max_attempts = 2;
+        c.hosts.insert(
+            upstream.host(),
+            kiln_oci::HostConfig {
+                insecure: false,
+                mirrors: vec![dead.to_string()],
+            },
+        );
+    });
+    let r2 = reference(&format!("{}/library/busybox:2", upstream.host()));
+    let got = with_dead_mirror
+        .resolve(&r2, &Platform::host())
+        .await
+        .unwrap();
+    assert_eq!(got.manifest.digest, img.manifest.digest);
+}
+
+#[test]
+fn docker_and_oci_archives_are_read_by_podman_and_skopeo() {
+    let img = busybox_image(0);
+    let out = tempfile::tempdir().unwrap();
+    let oci_tar = out.path().join("image.oci.tar");
+    img.layout
+        .write_archive(std::fs::File::create(&oci_tar).unwrap())
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run(Command::new("skopeo").args([
+        "inspect",
+        &format!("oci-archive:{}:latest", oci_tar.display()),
+    ])))
+    .unwrap();
+    assert_eq!(v["Digest"], img.manifest.digest.to_string());
+
+    let docker_tar = out.path().join("image.docker.tar");
+    let tag = reference("localhost/kiln-test/archive:v1");
+    kiln_oci::write_docker_archive(
+        std::fs::File::create(&docker_tar).unwrap(),
+        &img.manifest,
+        std::slice::from_ref(&tag),
+        &|d| img.layout.blob_path(d),
+    )
+    .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&run(Command::new("skopeo").args([
+        "inspect",
+        &format!("docker-archive:{}", docker_tar.display()),
+    ])))
+    .unwrap();
+    assert_eq!(v["Layers"].as_array().map(|a| a.len()), Some(1), "{v}");
+
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/podman/containers.conf");
+    if !conf.exists() || !std::path::Path::new("/usr/bin/podman").exists() {
+        eprintln!(
+            "skipping the podman part: {} or podman is missing",
+            conf.display()
+        );
+        return;
+    }
+    let podman = |args: &[&str]| {
+        let mut cmd = Command::new("podman");
+        cmd.env("CONTAINERS_CONF", &conf).args(args);
+        cmd
+    };
+    let loaded = run(&mut podman(&["load", "-i", docker_tar.to_str().unwrap()]));
+    assert!(
+        loaded.contains("localhost/kiln-test/archive:v1"),
+        "{loaded}"
+    );
+    let out = run(&mut podman(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "localhost/kiln-test/archive:v1",
+        "echo",
+        "loaded",
+    ]));
+    let _ = podman(&["rmi", "-f", "localhost/kiln-test/archive:v1"]).output();
+    assert_eq!(out.trim(), "loaded");
+}
