@@ -153,7 +153,7 @@ fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
 }
 
 /// Streams `stdout`/`stderr` to `sink` until both close and `pid` (our child) has exited and
-/// been reaped. On cancellation calls `kill` once, then keeps reaping.
+/// been reaped. On cancellation calls `kill` (every 100 ms until the process is gone).
 pub(crate) fn supervise(
     pid: libc::pid_t,
     stdout: OwnedFd,
@@ -180,6 +180,7 @@ pub(crate) fn supervise(
     let fds = [stdout, stderr];
     let mut status: Option<i32> = None;
     let mut cancelled = false;
+    let mut last_kill: Option<Instant> = None;
     let mut exited_at: Option<Instant> = None;
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -229,8 +230,9 @@ pub(crate) fn supervise(
             });
             roles.push(3);
         }
-        let need_timer =
-            (status.is_none() && pidfd.is_none()) || (!cancelled && cancel_fd.is_none());
+        let need_timer = (status.is_none() && pidfd.is_none())
+            || (!cancelled && cancel_fd.is_none())
+            || (cancelled && status.is_none());
         let timeout = if need_timer || exited_at.is_some() {
             50
         } else {
@@ -262,8 +264,14 @@ pub(crate) fn supervise(
                 bufs[*role].finish(sink, &redactor);
             }
         }
-        if !cancelled && cancel.is_cancelled() && status.is_none() {
-            kill();
+        if cancel.is_cancelled() && status.is_none() {
+            // Repeated until the process is gone: a backend may not be able to kill yet
+            // (runc before its container exists), so `kill` must be idempotent.
+            let due = last_kill.is_none_or(|t: Instant| t.elapsed() >= Duration::from_millis(100));
+            if due {
+                kill();
+                last_kill = Some(Instant::now());
+            }
             cancelled = true;
         }
         if status.is_none() {
