@@ -165,6 +165,7 @@ pub fn import_rootfs(
     names: &[String],
     platform: &kiln_graph::Platform,
     created: &str,
+    source_date_epoch: Option<i64>,
 ) -> Result<StoredImage, WorkerError> {
     let lease = store.lease()?;
     let active = store.prepare(None, Some(&lease))?;
@@ -199,7 +200,13 @@ pub fn import_rootfs(
         return Err(e);
     }
     let id = store.commit(&active)?;
-    let rec = store.export_layer(id, Compression::Gzip, &ExportOptions::default())?;
+    let rec = store.export_layer(
+        id,
+        Compression::Gzip,
+        &ExportOptions {
+            diff: kiln_store::DiffOptions { source_date_epoch },
+        },
+    )?;
     let layers = vec![Layer {
         diff_id: rec.diff_id,
         blob: Descriptor::new(rec.media_type, rec.digest, rec.size),
@@ -211,7 +218,15 @@ pub fn import_rootfs(
         variant: platform.variant.clone(),
         env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
         history: vec![kiln_graph::graph::HistoryEntry {
-            created_by: format!("kiln import {}", source.display()),
+            // Only the last path component, so importing the same tree from another
+            // folder makes the same image.
+            created_by: format!(
+                "kiln import {}",
+                source
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            ),
             empty_layer: false,
             comment: None,
         }],

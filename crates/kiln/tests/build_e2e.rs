@@ -20,7 +20,8 @@ fn test_target_builds_and_an_unchanged_rebuild_is_all_cached_with_the_same_diges
     let f = Fixture::new();
     let first = f.build("test", &["--output", "type=image,name=app:test"]);
     assert!(first.cached().is_empty(), "cold build had hits: {:?}", first.cached());
-    let stages: BTreeSet<&str> = first.ran().iter().map(|s| stage_of(s)).collect::<Vec<_>>().into_iter().collect();
+    let ran = first.ran();
+    let stages: BTreeSet<&str> = ran.iter().map(|s| stage_of(s)).collect();
     assert_eq!(
         stages,
         ["app", "composer-deps", "dev", "npm-deps", "php-ext", "test"].into_iter().collect(),
@@ -142,21 +143,35 @@ fn cold_builds_with_source_date_epoch_give_identical_digests() {
     if skip_unless_root("cold_builds_with_source_date_epoch...") {
         return;
     }
-    let digest = || {
+    // Each build in a fresh fixture (its own state dir, busybox tree and copy of the app).
+    let build = || {
         let f = Fixture::new();
         let meta = f.path("meta.json");
-        let out = f.kiln_env(
-            &["build", ".", "--target", "release", "--metadata-file", meta.to_str().unwrap(), "-o", "type=image,name=app:r"],
+        let tar = f.path("image.tar");
+        let out = format!("type=oci,dest={},name=app:r", tar.display());
+        let run = f.kiln_env(
+            &["build", ".", "--target", "release", "--metadata-file", meta.to_str().unwrap(), "-o", &out],
             &[("SOURCE_DATE_EPOCH", "1700000000")],
         );
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
-        m["containerimage.digest"].as_str().unwrap().to_owned()
+        // The config (layers and history) explains a mismatch.
+        let x = f.path("x");
+        std::fs::create_dir_all(&x).unwrap();
+        assert!(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&x).status().unwrap().success());
+        let digest = m["containerimage.digest"].as_str().unwrap().to_owned();
+        let read = |d: &str| -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(x.join("blobs/sha256").join(&d[7..])).unwrap()).unwrap()
+        };
+        let manifest = read(&digest);
+        let config = read(manifest["config"]["digest"].as_str().unwrap());
+        (digest, config)
     };
-    let a = digest();
-    let b = digest();
+    let (a, config_a) = build();
+    let (b, config_b) = build();
     assert!(a.starts_with("sha256:"));
-    assert_eq!(a, b);
+    assert_eq!(config_a, config_b, "image configs differ");
+    assert_eq!(a, b, "same config, different manifests");
 }
 
 #[test]
@@ -187,8 +202,17 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
     assert!(a.status.success() && b.status.success());
     let read = |m: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(f.path(m)).unwrap()).unwrap() };
     assert_eq!(read("a.json")["containerimage.digest"], read("b.json")["containerimage.digest"]);
+    // The killed build leaves only its lease behind (reclaimable), never a partial blob, a
+    // corrupt blob or a dangling record.
     let fsck = f.kiln(&["debug", "fsck"]);
-    assert!(fsck.status.success(), "fsck: {}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    let report = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    for line in report.lines().filter(|l| l.starts_with("problem:")) {
+        assert!(line.contains("which is gone"), "fsck found damage: {report}");
+    }
+    let repair = f.kiln(&["debug", "fsck", "--repair"]);
+    assert!(repair.status.success() || report.contains("which is gone"), "{report}");
+    let clean = f.kiln(&["debug", "fsck"]);
+    assert!(clean.status.success(), "after repair: {}{}", String::from_utf8_lossy(&clean.stdout), String::from_utf8_lossy(&clean.stderr));
     // And the store still builds: everything is a hit now.
     let again = f.build("release", &[]);
     assert!(again.ran().is_empty(), "ran {:?}", again.ran());

@@ -37,7 +37,14 @@ pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         .and_then(|s| s.parse::<u64>().ok());
     let created = kiln_worker::image::created_timestamp(sde);
     let image =
-        kiln_worker::images::import_rootfs(&store, &args.source, &args.tags, &platform, &created)
+        kiln_worker::images::import_rootfs(
+        &store,
+        &args.source,
+        &args.tags,
+        &platform,
+        &created,
+        sde.map(|s| s as i64),
+    )
             .with_context(|| format!("importing {}", args.source.display()))?;
     println!("{}", image.manifest.digest);
     Ok(ExitCode::SUCCESS)

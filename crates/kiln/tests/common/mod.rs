@@ -51,9 +51,13 @@ impl Fixture {
         let tmp = tempfile::tempdir().unwrap();
         busybox_rootfs(&tmp.path().join("busybox"));
         let f = Fixture { tmp };
-        let out = f.kiln(&["import", f.path("busybox").to_str().unwrap(), "-t", "busybox:latest"]);
-        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
         copy_dir(&workspace().join("examples"), &f.path("app"));
+        // A fixed epoch makes the base layer the same bytes in every fixture.
+        let out = f.kiln_env(
+            &["import", f.path("busybox").to_str().unwrap(), "-t", "busybox:latest"],
+            &[("SOURCE_DATE_EPOCH", "1700000000")],
+        );
+        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
         f
     }
 
