@@ -14,7 +14,9 @@ use std::path::Path;
 use seccompiler::BpfProgram;
 
 use crate::output::{cloexec_pipe, supervise};
-use crate::prepare::{prepare, Prepared, ScratchDir};
+#[cfg(test)]
+use crate::prepare::prepare;
+use crate::prepare::{run_prepared, Prepared, ScratchDir};
 use crate::security::{default_cap_mask, default_seccomp_programs, last_cap};
 use crate::spec::{
     CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
@@ -1041,23 +1043,11 @@ impl Executor for NamespaceExecutor {
         sink: &mut dyn OutputSink,
         cancel: &CancelToken,
     ) -> Result<ExitStatus, ExecError> {
-        if cancel.is_cancelled() {
-            return Err(ExecError::Cancelled);
-        }
-        let mut prep = prepare(spec)?;
-        let result = (|| {
+        run_prepared(spec, cancel, |prep| {
             let scratch = ScratchDir::new(&std::env::temp_dir())?;
-            let plan = build_plan(spec, &prep, &scratch.path)?;
-            run_plan(&plan, &prep, sink, cancel)
-        })();
-        let cleaned = prep.stubs.remove().map_err(|e| ExecError::Prepare {
-            what: "removing mount points from the rootfs",
-            path: prep.root.clone(),
-            source: e,
-        });
-        let status = result?;
-        cleaned?;
-        Ok(status)
+            let plan = build_plan(spec, prep, &scratch.path)?;
+            run_plan(&plan, prep, sink, cancel)
+        })
     }
 }
 

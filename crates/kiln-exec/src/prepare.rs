@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::rootfs::{create_workdir, find_command, MountStubs, StubKind};
-use crate::spec::{ExecError, ExecSpec, MountKind, DEFAULT_PATH};
+use crate::spec::{CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, DEFAULT_PATH};
 use crate::user::{resolve_user, ResolvedUser};
 
 /// Host files bind-mounted (as private copies) into every container.
@@ -172,6 +172,28 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
         mount_targets,
         secret_values,
     })
+}
+
+/// The frame of every backend's run: refuse a cancelled token, prepare the rootfs, run
+/// `body`, then always take the mount points back out (a leftover would land in the layer).
+pub(crate) fn run_prepared(
+    spec: &ExecSpec,
+    cancel: &CancelToken,
+    body: impl FnOnce(&Prepared) -> Result<ExitStatus, ExecError>,
+) -> Result<ExitStatus, ExecError> {
+    if cancel.is_cancelled() {
+        return Err(ExecError::Cancelled);
+    }
+    let mut prep = prepare(spec)?;
+    let result = body(&prep);
+    let cleaned = prep.stubs.remove().map_err(|e| ExecError::Prepare {
+        what: "removing mount points from the rootfs",
+        path: prep.root.clone(),
+        source: e,
+    });
+    let status = result?;
+    cleaned?;
+    Ok(status)
 }
 
 /// A private directory for one run's scratch files (removed by `Drop`).

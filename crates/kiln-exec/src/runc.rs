@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 
 use crate::namespace::{overlay_escape, MASKED_PATHS, READONLY_PATHS};
 use crate::output::supervise;
-use crate::prepare::{prepare, Prepared, ScratchDir};
+#[cfg(test)]
+use crate::prepare::prepare;
+use crate::prepare::{run_prepared, Prepared, ScratchDir};
 use crate::security::{
     allowed_syscalls, last_cap, personalities, ALL_CAP_NAMES, CLONE_NS_FLAGS, DEFAULT_CAPS,
 };
@@ -321,24 +323,14 @@ impl Executor for RuncExecutor {
         sink: &mut dyn OutputSink,
         cancel: &CancelToken,
     ) -> Result<ExitStatus, ExecError> {
-        if cancel.is_cancelled() {
-            return Err(ExecError::Cancelled);
-        }
-        let mut prep = prepare(spec)?;
-        let result = self.run_prepared(spec, &prep, sink, cancel);
-        let cleaned = prep.stubs.remove().map_err(|e| ExecError::Prepare {
-            what: "removing mount points from the rootfs",
-            path: prep.root.clone(),
-            source: e,
-        });
-        let status = result?;
-        cleaned?;
-        Ok(status)
+        run_prepared(spec, cancel, |prep| {
+            self.run_in_bundle(spec, prep, sink, cancel)
+        })
     }
 }
 
 impl RuncExecutor {
-    fn run_prepared(
+    fn run_in_bundle(
         &self,
         spec: &ExecSpec,
         prep: &Prepared,
