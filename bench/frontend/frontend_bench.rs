@@ -10,22 +10,36 @@ use kiln_graph::{lower, BuildOptions, OfflineResolver, Platform};
 
 /// Stages that each build on an earlier one and copy from two others, like a large monorepo.
 fn generate(lines: usize) -> String {
-    let mut s = String::from("# syntax=docker/dockerfile:1\nARG BASE=busybox:1.36\nARG VERSION=1.0\n");
+    let mut s =
+        String::from("# syntax=docker/dockerfile:1\nARG BASE=busybox:1.36\nARG VERSION=1.0\n");
     let mut stage = 0usize;
     while s.lines().count() < lines {
-        let from = if stage == 0 { "${BASE}".to_string() } else { format!("s{}", stage / 2) };
-        s.push_str(&format!("\n# s{stage} builds component {stage}.\nFROM {from} AS s{stage}\n"));
+        let from = if stage == 0 {
+            "${BASE}".to_string()
+        } else {
+            format!("s{}", stage / 2)
+        };
+        s.push_str(&format!(
+            "\n# s{stage} builds component {stage}.\nFROM {from} AS s{stage}\n"
+        ));
         s.push_str("ARG VERSION\nARG TARGETARCH\nWORKDIR /src/app\n");
-        s.push_str(&format!("ENV COMPONENT=c{stage} PATH=/opt/bin:$PATH OUT=/out/${{VERSION}}\n"));
+        s.push_str(&format!(
+            "ENV COMPONENT=c{stage} PATH=/opt/bin:$PATH OUT=/out/${{VERSION}}\n"
+        ));
         s.push_str("COPY go.mod go.sum ./\n");
         s.push_str(
             "RUN --mount=type=cache,target=/root/.cache,id=build-${TARGETARCH} \\\n    --mount=type=secret,id=token \\\n    make deps \\\n    && make build OUT=$OUT\n",
         );
         if stage > 0 {
-            s.push_str(&format!("COPY --from=s{} --chown=1000:1000 /out /deps/a\n", stage - 1));
+            s.push_str(&format!(
+                "COPY --from=s{} --chown=1000:1000 /out /deps/a\n",
+                stage - 1
+            ));
         }
         s.push_str("COPY <<EOF /etc/app.conf\ncomponent=$COMPONENT\nversion=$VERSION\nEOF\n");
-        s.push_str("LABEL org.opencontainers.image.version=\"${VERSION}\" component=\"$COMPONENT\"\n");
+        s.push_str(
+            "LABEL org.opencontainers.image.version=\"${VERSION}\" component=\"$COMPONENT\"\n",
+        );
         s.push_str("EXPOSE 8080\nUSER 1000:1000\nCMD [\"/out/server\"]\n");
         stage += 1;
     }

@@ -106,6 +106,9 @@ impl CheckDirective {
     }
 }
 
+/// Returns the ENV names of an image reference (as written in FROM, expanded), if known.
+pub type BaseEnvLookup = dyn Fn(&str) -> Option<Vec<String>>;
+
 /// What the checks may know beyond the Dockerfile.
 #[derive(Default)]
 pub struct LintContext<'a> {
@@ -113,7 +116,7 @@ pub struct LintContext<'a> {
     pub dockerignore: Option<&'a IgnoreMatcher>,
     /// ENV names of an external base image (as written in FROM, expanded), when known; with
     /// `None` only `PATH` is assumed.
-    pub base_env: Option<&'a dyn Fn(&str) -> Option<Vec<String>>>,
+    pub base_env: Option<&'a BaseEnvLookup>,
 }
 
 /// The result of [`check`].
@@ -209,7 +212,7 @@ fn is_secret_name(name: &str) -> bool {
         "token",
     ];
     let lower = name.to_ascii_lowercase();
-    let tokens: Vec<&str> = lower.split(|c: char| c == '_' || c == '-').collect();
+    let tokens: Vec<&str> = lower.split(['_', '-']).collect();
     if tokens.contains(&"public") {
         return false;
     }
@@ -272,7 +275,7 @@ impl<'a> Linter<'a> {
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         let mut stage_env: Vec<BTreeSet<String>> = Vec::new();
         for (i, s) in stages.iter().enumerate() {
-            self.from_rules(s, &globals, &mut seen);
+            self.stage_header_rules(s, &globals, &mut seen);
             let base_lower = s.base.to_ascii_lowercase();
             let inherited = stages[..i].iter().position(|p| {
                 p.name.map(str::to_ascii_lowercase).as_deref() == Some(base_lower.as_str())
@@ -348,7 +351,7 @@ impl<'a> Linter<'a> {
         }
     }
 
-    fn from_rules(
+    fn stage_header_rules(
         &mut self,
         s: &Stage<'a>,
         globals: &[(&Instruction, String, Option<String>)],

@@ -116,6 +116,7 @@ pub fn lower_with_outline(
         dockerignore,
         resolver,
         lexer: Lexer::new(df.escape),
+        df_escape: df.escape,
         stages: split.stages,
         globals: Vec::new(),
         builtins,
@@ -205,6 +206,8 @@ struct Lowerer<'a> {
     dockerignore: &'a [String],
     resolver: &'a dyn ImageConfigResolver,
     lexer: Lexer,
+    /// The Dockerfile's escape character.
+    df_escape: char,
     stages: Vec<StageDecl<'a>>,
     /// Global ARGs: name, value (None = declared without value), default text, line, description.
     globals: Vec<GlobalArg>,
@@ -317,9 +320,17 @@ impl<'a> Lowerer<'a> {
         span: Span,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<String, FrontendError> {
+        if self.is_plain(word) {
+            return Ok(word.to_string());
+        }
         self.lexer
             .process_word(word, lookup)
             .map_err(|e| FrontendError::new(e.to_string(), span))
+    }
+
+    /// A word with no variable, quote or escape expands to itself (the common case).
+    fn is_plain(&self, word: &str) -> bool {
+        !word.contains(['$', '\'', '"', self.df_escape]) && !word.starts_with('\u{feff}')
     }
 
     fn expand_words(
@@ -328,6 +339,9 @@ impl<'a> Lowerer<'a> {
         span: Span,
         lookup: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<String>, FrontendError> {
+        if self.is_plain(word) {
+            return Ok(word.split_whitespace().map(String::from).collect());
+        }
         self.lexer
             .process_words(word, lookup)
             .map_err(|e| FrontendError::new(e.to_string(), span))
@@ -377,7 +391,25 @@ impl<'a> Lowerer<'a> {
         let mut stack = vec![target];
         self.state[target] = Visit::InProgress;
         while let Some(&idx) = stack.last() {
-            let checkpoint = (self.vertices.len(), self.outline_args.len(), self.secrets.len(), self.ssh.len());
+            // Lower the dependencies visible without expansion first; the rollback below
+            // only handles those that come from expanded values.
+            // The stack is always a path (each stage needs the one above it), so a stage
+            // met again while on it is a real cycle; hence one dependency at a time.
+            if let Some(d) = self
+                .literal_deps(idx)
+                .into_iter()
+                .find(|&d| self.state[d] == Visit::New)
+            {
+                self.state[d] = Visit::InProgress;
+                stack.push(d);
+                continue;
+            }
+            let checkpoint = (
+                self.vertices.len(),
+                self.outline_args.len(),
+                self.secrets.len(),
+                self.ssh.len(),
+            );
             match self.lower_stage_body(idx) {
                 Ok(result) => {
                     self.results.push(result);
@@ -385,12 +417,17 @@ impl<'a> Lowerer<'a> {
                     stack.pop();
                 }
                 Err(e) => {
-                    let Some(dep) = self.pending.take() else { return Err(e) };
+                    let Some(dep) = self.pending.take() else {
+                        return Err(e);
+                    };
                     self.vertices.truncate(checkpoint.0);
                     self.outline_args.truncate(checkpoint.1);
                     self.secrets.truncate(checkpoint.2);
                     self.ssh.truncate(checkpoint.3);
-                    if self.context_vertex.is_some_and(|c| c.index() >= checkpoint.0) {
+                    if self
+                        .context_vertex
+                        .is_some_and(|c| c.index() >= checkpoint.0)
+                    {
                         self.context_vertex = None;
                     }
                     self.state[dep] = Visit::InProgress;
@@ -399,6 +436,48 @@ impl<'a> Lowerer<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Stages that stage `idx` names literally: its FROM (after global ARG expansion),
+    /// `COPY --from=` and `RUN --mount=...from=` values without variables.
+    fn literal_deps(&self, idx: usize) -> Vec<usize> {
+        let decl = &self.stages[idx];
+        let mut deps = Vec::new();
+        let by_name = |n: &str| {
+            let lower = n.to_ascii_lowercase();
+            self.stage_index.get(&lower).copied().or_else(|| {
+                lower
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&i| i < self.stages.len())
+            })
+        };
+        if let Ok(base) = self.lexer.process_word(&decl.base, &self.global_lookup()) {
+            if let Some(b) = self
+                .stage_index
+                .get(&base.to_ascii_lowercase())
+                .copied()
+                .filter(|&b| b < idx)
+            {
+                deps.push(b);
+            }
+        }
+        for inst in &decl.instructions {
+            for f in &inst.flags {
+                let Some(v) = f.value.as_deref().filter(|v| !v.contains('$')) else {
+                    continue;
+                };
+                let from = match f.name.as_str() {
+                    "from" => Some(v),
+                    "mount" => v.split(',').find_map(|kv| kv.strip_prefix("from=")),
+                    _ => None,
+                };
+                if let Some(d) = from.and_then(by_name).filter(|&d| d != idx) {
+                    deps.push(d);
+                }
+            }
+        }
+        deps
     }
 
     /// The result index of stage `idx` if it is lowered. Otherwise records it as pending and
@@ -416,7 +495,10 @@ impl<'a> Lowerer<'a> {
             }
             Visit::New => {
                 self.pending = Some(idx);
-                Err(FrontendError::global(format!("stage {} is not lowered yet", self.stages[idx].display_name())))
+                Err(FrontendError::global(format!(
+                    "stage {} is not lowered yet",
+                    self.stages[idx].display_name()
+                )))
             }
         }
     }
@@ -489,7 +571,11 @@ impl<'a> Lowerer<'a> {
             .count();
         let base_lower = base.to_ascii_lowercase();
         // FROM sees only earlier stages; with duplicate names the first one wins, as in BuildKit.
-        let earlier_stage = self.stage_index.get(&base_lower).copied().filter(|&i| i < idx);
+        let earlier_stage = self
+            .stage_index
+            .get(&base_lower)
+            .copied()
+            .filter(|&i| i < idx);
         let (root, mut config) = if let Some(b) = earlier_stage {
             let r = self.lower_stage(b, Some(from_span))?;
             (self.results[r].root, self.results[r].config.clone())
@@ -699,7 +785,7 @@ impl<'a> Lowerer<'a> {
 
     /// Resolves `--from=` (COPY) or `from=` (RUN --mount): stage name, stage index, named
     /// context or image. Returns the vertex (None = empty filesystem).
-    fn from_source(
+    fn stage_or_image_source(
         &mut self,
         st: &StageState,
         from: &str,
@@ -1034,11 +1120,9 @@ impl<'a> Lowerer<'a> {
                 let trigger = inst
                     .original
                     .trim()
-                    .splitn(2, char::is_whitespace)
-                    .nth(1)
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                    .split_once(char::is_whitespace)
+                    .map(|(_, rest)| rest.trim().to_string())
+                    .unwrap_or_default();
                 Self::history(st, format!("ONBUILD {trigger}"), true);
                 st.config.on_build.push(trigger);
                 Ok(())
@@ -1269,8 +1353,8 @@ impl<'a> Lowerer<'a> {
         let arg_list: Vec<String> = st
             .args
             .iter()
+            .filter(|(k, _)| !PROXY_ARGS.contains(&k.as_str()))
             .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
-            .filter(|kv| !PROXY_ARGS.iter().any(|p| kv.starts_with(&format!("{p}="))))
             .collect();
         let prefix = if arg_list.is_empty() {
             String::new()
@@ -1395,7 +1479,7 @@ impl<'a> Lowerer<'a> {
         let mut from_input =
             |s: &mut Self, from: Option<String>| -> Result<Option<InputIndex>, FrontendError> {
                 let Some(from) = from else { return Ok(None) };
-                match s.from_source(st, &from, f.span)? {
+                match s.stage_or_image_source(st, &from, f.span)? {
                     Some(id) => {
                         inputs.push(id);
                         Ok(Some((inputs.len() - 1) as InputIndex))
@@ -1722,7 +1806,7 @@ impl<'a> Lowerer<'a> {
         };
         if !paths.is_empty() {
             let src_vertex = match &from {
-                Some((fr, sp)) => self.from_source(st, fr, *sp)?,
+                Some((fr, sp)) => self.stage_or_image_source(st, fr, *sp)?,
                 None => Some(self.context()),
             };
             let auto_extract = is_add && from.is_none();

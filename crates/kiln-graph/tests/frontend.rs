@@ -717,7 +717,11 @@ fn outline_lists_used_args_with_defaults_descriptions_and_secrets() {
 fn a_long_chain_of_stages_lowers_without_deep_recursion() {
     let mut src = String::from("FROM busybox AS s0\nRUN echo 0\n");
     for i in 1..1000 {
-        src.push_str(&format!("FROM s{} AS s{i}\nCOPY --from=s{} /x /x{i}\n", i - 1, i / 2));
+        src.push_str(&format!(
+            "FROM s{} AS s{i}\nCOPY --from=s{} /x /x{i}\n",
+            i - 1,
+            i / 2
+        ));
     }
     let g = graph(&src);
     assert_eq!(g.stages.len(), 1000);
