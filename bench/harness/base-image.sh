@@ -27,7 +27,7 @@ layer_size=$(stat -c %s "$OUT/layer.tar.gz")
 mv "$OUT/layer.tar.gz" "$OUT/oci/blobs/sha256/$layer"
 rm "$OUT/layer.tar"
 arch=$(case "$(uname -m)" in x86_64) echo amd64 ;; aarch64) echo arm64 ;; *) uname -m ;; esac)
-printf '{"architecture":"%s","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+printf '{"architecture":"%s","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created_by":"bench/harness/base-image.sh: busybox-static rootfs"}]}' \
   "$arch" "$diff_id" > "$OUT/config.json"
 config=$(sha256sum "$OUT/config.json" | cut -d' ' -f1)
 config_size=$(stat -c %s "$OUT/config.json")

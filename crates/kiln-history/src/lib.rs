@@ -6,6 +6,8 @@
 //! [`Recorder::finish`] yields the [`BuildRecord`] every other part consumes.
 
 mod compare;
+#[cfg(feature = "otel")]
+mod otel;
 mod record;
 mod recorder;
 mod report;
@@ -14,6 +16,8 @@ mod timeline;
 mod trace;
 
 pub use compare::{compare_records, Comparison, InputChange, StepChange};
+#[cfg(feature = "otel")]
+pub use otel::{export_otlp, otlp_configured, OtelError};
 pub use record::{
     BuildRecord, BuildStatus, CacheResult, Span, SpanKind, StepRecord, RECORD_VERSION,
 };
