@@ -121,7 +121,7 @@ pub enum Compressor<W: Write> {
     /// No compression: bytes pass through.
     Plain(W),
     /// gzip, single or multi-member.
-    Gzip(GzipWriter<W>),
+    Gzip(Box<GzipWriter<W>>),
     /// zstd.
     Zstd(zstd::stream::write::Encoder<'static, W>),
 }
@@ -131,7 +131,7 @@ impl<W: Write> Compressor<W> {
     pub fn new(out: W, compression: Compression, opts: &CompressOptions) -> io::Result<Self> {
         Ok(match compression {
             Compression::Uncompressed => Compressor::Plain(out),
-            Compression::Gzip => Compressor::Gzip(GzipWriter::new(out, opts)),
+            Compression::Gzip => Compressor::Gzip(Box::new(GzipWriter::new(out, opts))),
             Compression::Zstd => {
                 Compressor::Zstd(zstd::stream::write::Encoder::new(out, opts.zstd_level)?)
             }
@@ -142,7 +142,7 @@ impl<W: Write> Compressor<W> {
     pub fn finish(self) -> io::Result<W> {
         match self {
             Compressor::Plain(w) => Ok(w),
-            Compressor::Gzip(g) => g.finish(),
+            Compressor::Gzip(g) => (*g).finish(),
             Compressor::Zstd(z) => z.finish(),
         }
     }

@@ -130,7 +130,11 @@ pub(crate) fn apply_tar<R: Read>(
                 .push(sys::open_dir(l).map_err(|e| StoreError::io("opening lower dir", l, e))?);
         }
     }
-    let mut hr = HashingReader { inner: input, hasher: Hasher::new(Algorithm::Sha256), count: 0 };
+    let mut hr = HashingReader {
+        inner: input,
+        hasher: Hasher::new(Algorithm::Sha256),
+        count: 0,
+    };
     let mut ex = Extractor {
         root: rootfd,
         target,
@@ -224,12 +228,15 @@ impl Extractor<'_> {
 
     fn tar_error(&self, e: TarError) -> StoreError {
         match e {
-            TarError::HeaderTooLarge(n) => StoreError::LimitExceeded {
+            TarError::HeaderTooLarge => StoreError::LimitExceeded {
                 layer: self.layer.clone(),
                 what: "an extended (PAX/long name) header",
-                limit: self.opts.max_header_bytes.max(n.min(0)),
+                limit: self.opts.max_header_bytes,
             },
-            TarError::Malformed(m) => StoreError::BadArchive { layer: self.layer.clone(), reason: m },
+            TarError::Malformed(m) => StoreError::BadArchive {
+                layer: self.layer.clone(),
+                reason: m,
+            },
             TarError::Io(e) => StoreError::BadArchive {
                 layer: self.layer.clone(),
                 reason: format!("reading the archive failed (truncated or corrupt?): {e}"),
@@ -289,7 +296,12 @@ impl Extractor<'_> {
     fn lower_blocks_dir(&self, comps: &[&[u8]]) -> Option<&'static str> {
         let key = join(comps);
         for l in &self.lower_roots {
-            match sys::openat2(l.as_fd(), &key, libc::O_PATH | libc::O_NOFOLLOW, Resolve::NoSymlinks) {
+            match sys::openat2(
+                l.as_fd(),
+                &key,
+                libc::O_PATH | libc::O_NOFOLLOW,
+                Resolve::NoSymlinks,
+            ) {
                 Ok(fd) => {
                     let st = sys::fstat(fd.as_fd()).ok()?;
                     return match st.st_mode & libc::S_IFMT {
@@ -300,7 +312,9 @@ impl Extractor<'_> {
                     };
                 }
                 Err(e) if errno(&e) == libc::ENOENT => continue,
-                Err(_) => return Some("a parent path component cannot be resolved in a lower layer"),
+                Err(_) => {
+                    return Some("a parent path component cannot be resolved in a lower layer")
+                }
             }
         }
         None
@@ -311,7 +325,12 @@ impl Extractor<'_> {
     fn copy_lower_dir_metadata(&self, comps: &[&[u8]], fd: BorrowedFd<'_>) {
         let key = join(comps);
         for l in &self.lower_roots {
-            if let Ok(lfd) = sys::openat2(l.as_fd(), &key, libc::O_RDONLY | libc::O_DIRECTORY, Resolve::NoSymlinks) {
+            if let Ok(lfd) = sys::openat2(
+                l.as_fd(),
+                &key,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                Resolve::NoSymlinks,
+            ) {
                 if let Ok(st) = sys::fstat(lfd.as_fd()) {
                     let _ = sys::fchown(fd, st.st_uid, st.st_gid);
                     let _ = sys::fchmod(fd, st.st_mode & 0o7777);
@@ -364,7 +383,9 @@ impl Extractor<'_> {
         };
         let key = join(&comps);
         if !self.seen.insert(key.clone()) {
-            return Err(self.unsafe_entry(&raw, "duplicate entry: the path appears twice in the layer"));
+            return Err(
+                self.unsafe_entry(&raw, "duplicate entry: the path appears twice in the layer")
+            );
         }
         if let Some(target) = name.strip_prefix(b".wh.") {
             return self.whiteout(&raw, parents, target);
@@ -375,11 +396,13 @@ impl Extractor<'_> {
         let layer = self.layer.clone();
         // Replace whatever is there (never following it), except dir-over-dir.
         let parent = self.parent(&raw, parents)?;
-        let existing = sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, &raw, "inspecting", e))?;
+        let existing =
+            sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, &raw, "inspecting", e))?;
         if let Some(st) = existing {
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
             if !(is_dir && h.kind == EntryKind::Dir) {
-                remove_at(parent, &cname, is_dir).map_err(|e| io_err(&layer, &raw, "replacing", e))?;
+                remove_at(parent, &cname, is_dir)
+                    .map_err(|e| io_err(&layer, &raw, "replacing", e))?;
             }
         }
         match h.kind {
@@ -396,8 +419,11 @@ impl Extractor<'_> {
                 let mut buf = vec![0u8; 256 << 10];
                 let mut left = h.size;
                 while left > 0 {
-                    let n = tr.read_data(&mut buf).map_err(|e| self.tar_error(TarError::Io(e)))?;
-                    f.write_all(&buf[..n]).map_err(|e| io_err(&layer, &raw, "writing file", e))?;
+                    let n = tr
+                        .read_data(&mut buf)
+                        .map_err(|e| self.tar_error(TarError::Io(e)))?;
+                    f.write_all(&buf[..n])
+                        .map_err(|e| io_err(&layer, &raw, "writing file", e))?;
                     left -= n as u64;
                 }
                 self.stats_bytes += h.size;
@@ -423,10 +449,15 @@ impl Extractor<'_> {
                     DevicePolicy::CreateIfRoot => root_user,
                 };
                 if !allowed {
-                    self.skipped.push(String::from_utf8_lossy(&raw).into_owned());
+                    self.skipped
+                        .push(String::from_utf8_lossy(&raw).into_owned());
                     return Ok(());
                 }
-                let t = if h.kind == EntryKind::Char { libc::S_IFCHR } else { libc::S_IFBLK };
+                let t = if h.kind == EntryKind::Char {
+                    libc::S_IFCHR
+                } else {
+                    libc::S_IFBLK
+                };
                 let parent = self.parent(&raw, parents)?;
                 sys::mknod_at(parent, &cname, t | 0o600, sys::makedev(h.dev.0, h.dev.1))
                     .map_err(|e| io_err(&layer, &raw, "creating device", e))?;
@@ -441,27 +472,32 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn node_metadata(&mut self, raw: &[u8], parents: &[&[u8]], name: &CStr, h: &TarHeader) -> Result<()> {
+    fn node_metadata(
+        &mut self,
+        raw: &[u8],
+        parents: &[&[u8]],
+        name: &CStr,
+        h: &TarHeader,
+    ) -> Result<()> {
         let layer = self.layer.clone();
         let root_user = self.root_user;
         let parent = self.parent(raw, parents)?;
-        let fd = sys::open_at(parent, name, libc::O_PATH)
-            .map_err(|e| io_err(&layer, raw, "opening", e))?;
-        // fchmod/fchown do not work on O_PATH fds; go through the parent.
-        let _ = fd;
         if root_user {
-            sys::lchown_at(parent, name, h.uid, h.gid).map_err(|e| io_err(&layer, raw, "chown", e))?;
+            sys::lchown_at(parent, name, h.uid, h.gid)
+                .map_err(|e| io_err(&layer, raw, "chown", e))?;
         }
-        let c = proc_child(parent, name);
-        let cc = sys::cstr(&c).map_err(|e| io_err(&layer, raw, "naming", e))?;
-        let r = unsafe { libc::fchmodat(parent_raw(parent), name.as_ptr(), h.mode as libc::mode_t, 0) };
-        if r < 0 {
-            return Err(io_err(&layer, raw, "chmod", io::Error::last_os_error()));
+        // The node was just created by us, so the last component is not a symlink.
+        sys::chmod_at(parent, name, h.mode).map_err(|e| io_err(&layer, raw, "chmod", e))?;
+        if !h.xattrs.is_empty() {
+            let cc = sys::cstr(&proc_child(parent, name))
+                .map_err(|e| io_err(&layer, raw, "naming", e))?;
+            for (k, v) in &h.xattrs {
+                sys::lsetxattr(&cc, k, v)
+                    .map_err(|e| io_err(&layer, raw, "setting xattr on", e))?;
+            }
         }
-        for (k, v) in &h.xattrs {
-            sys::lsetxattr(&cc, k, v).map_err(|e| io_err(&layer, raw, "setting xattr on", e))?;
-        }
-        sys::set_times_at(parent, name, h.mtime, 0).map_err(|e| io_err(&layer, raw, "setting times", e))
+        sys::set_times_at(parent, name, h.mtime, 0)
+            .map_err(|e| io_err(&layer, raw, "setting times", e))
     }
 
     fn whiteout(&mut self, raw: &[u8], parents: &[&[u8]], target: &[u8]) -> Result<()> {
@@ -473,7 +509,11 @@ impl Extractor<'_> {
             let seen: Vec<Vec<u8>> = if is_overlay {
                 Vec::new()
             } else {
-                self.seen.iter().filter(|p| is_child(p, &pkey)).cloned().collect()
+                self.seen
+                    .iter()
+                    .filter(|p| is_child(p, &pkey))
+                    .cloned()
+                    .collect()
             };
             let parent = self.parent(raw, parents)?;
             if is_overlay {
@@ -488,13 +528,19 @@ impl Extractor<'_> {
                     let ent = ent.map_err(|e| io_err(&layer, raw, "listing", e))?;
                     let n = ent.file_name();
                     let child = join(&[&pkey, n.as_bytes()]);
-                    let child = if pkey.is_empty() { n.as_bytes().to_vec() } else { child };
+                    let child = if pkey.is_empty() {
+                        n.as_bytes().to_vec()
+                    } else {
+                        child
+                    };
                     if seen.contains(&child) {
                         continue;
                     }
-                    let cn = sys::cstr(n.as_bytes()).map_err(|e| io_err(&layer, raw, "naming", e))?;
+                    let cn =
+                        sys::cstr(n.as_bytes()).map_err(|e| io_err(&layer, raw, "naming", e))?;
                     let is_dir = ent.file_type().map(|t| t.is_dir()).unwrap_or(false);
-                    remove_at(parent, &cn, is_dir).map_err(|e| io_err(&layer, raw, "clearing", e))?;
+                    remove_at(parent, &cn, is_dir)
+                        .map_err(|e| io_err(&layer, raw, "clearing", e))?;
                 }
             }
             return Ok(());
@@ -511,7 +557,9 @@ impl Extractor<'_> {
         let is_overlay = matches!(self.target, ApplyTarget::OverlayUpper { .. });
         let parent = self.parent(raw, parents)?;
         let cname = sys::cstr(target).map_err(|e| io_err(&layer, raw, "naming", e))?;
-        if let Some(st) = sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, raw, "inspecting", e))? {
+        if let Some(st) =
+            sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, raw, "inspecting", e))?
+        {
             let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
             remove_at(parent, &cname, is_dir).map_err(|e| io_err(&layer, raw, "deleting", e))?;
         }
@@ -522,20 +570,38 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn hardlink(&mut self, raw: &[u8], parents: &[&[u8]], name: &CStr, h: &TarHeader) -> Result<()> {
+    fn hardlink(
+        &mut self,
+        raw: &[u8],
+        parents: &[&[u8]],
+        name: &CStr,
+        h: &TarHeader,
+    ) -> Result<()> {
         let layer = self.layer.clone();
         let tcomps = components(&h.link).map_err(|r| {
-            self.unsafe_entry(raw, format!("hardlink target {:?}: {r}", String::from_utf8_lossy(&h.link)))
+            self.unsafe_entry(
+                raw,
+                format!(
+                    "hardlink target {:?}: {r}",
+                    String::from_utf8_lossy(&h.link)
+                ),
+            )
         })?;
         let Some((&tname, tparents)) = tcomps.split_last() else {
             return Err(self.unsafe_entry(raw, "hardlink to the root directory"));
         };
-        let tparent = self.resolve_dir(raw, tparents, false).map_err(|e| match e {
-            StoreError::UnsafeEntry { .. } => e,
-            _ => self.unsafe_entry(raw, "hardlink target's directory does not exist in the rootfs"),
-        })?;
+        let tparent = self
+            .resolve_dir(raw, tparents, false)
+            .map_err(|e| match e {
+                StoreError::UnsafeEntry { .. } => e,
+                _ => self.unsafe_entry(
+                    raw,
+                    "hardlink target's directory does not exist in the rootfs",
+                ),
+            })?;
         let tc = sys::cstr(tname).map_err(|e| io_err(&layer, raw, "naming", e))?;
-        let st = sys::lstat_at(tparent.as_fd(), &tc).map_err(|e| io_err(&layer, raw, "inspecting", e))?;
+        let st = sys::lstat_at(tparent.as_fd(), &tc)
+            .map_err(|e| io_err(&layer, raw, "inspecting", e))?;
         match st {
             Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
                 return Err(self.unsafe_entry(raw, "hardlink to a directory"));
@@ -545,13 +611,17 @@ impl Extractor<'_> {
                 if !self.copy_up(&tcomps, tparent.as_fd(), &tc)? {
                     return Err(self.unsafe_entry(
                         raw,
-                        format!("hardlink target {:?} does not exist", String::from_utf8_lossy(&h.link)),
+                        format!(
+                            "hardlink target {:?} does not exist",
+                            String::from_utf8_lossy(&h.link)
+                        ),
                     ));
                 }
             }
         }
         let parent = self.parent(raw, parents)?;
-        sys::link_at(tparent.as_fd(), &tc, parent, name).map_err(|e| io_err(&layer, raw, "linking", e))
+        sys::link_at(tparent.as_fd(), &tc, parent, name)
+            .map_err(|e| io_err(&layer, raw, "linking", e))
     }
 
     /// Copies a regular file from the nearest lower layer into the upper dir so a hardlink
@@ -559,16 +629,23 @@ impl Extractor<'_> {
     fn copy_up(&self, comps: &[&[u8]], into: BorrowedFd<'_>, name: &CStr) -> Result<bool> {
         let key = join(comps);
         for l in &self.lower_roots {
-            let Ok(src) = sys::openat2(l.as_fd(), &key, libc::O_RDONLY | libc::O_NOFOLLOW, Resolve::NoSymlinks) else {
+            let Ok(src) = sys::openat2(
+                l.as_fd(),
+                &key,
+                libc::O_RDONLY | libc::O_NOFOLLOW,
+                Resolve::NoSymlinks,
+            ) else {
                 continue;
             };
-            let st = sys::fstat(src.as_fd()).map_err(|e| io_err(&self.layer, &key, "copy-up stat", e))?;
+            let st = sys::fstat(src.as_fd())
+                .map_err(|e| io_err(&self.layer, &key, "copy-up stat", e))?;
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                 return Ok(false);
             }
             let mut dst = sys::create_file_at(into, name, 0o600)
                 .map_err(|e| io_err(&self.layer, &key, "copy-up create", e))?;
-            io::copy(&mut File::from(src), &mut dst).map_err(|e| io_err(&self.layer, &key, "copy-up", e))?;
+            io::copy(&mut File::from(src), &mut dst)
+                .map_err(|e| io_err(&self.layer, &key, "copy-up", e))?;
             let mut h = TarHeader::new(key.clone(), EntryKind::File);
             h.uid = st.st_uid;
             h.gid = st.st_gid;
@@ -586,7 +663,12 @@ impl Extractor<'_> {
         self.cache = None;
         let dirs = std::mem::take(&mut self.dirs);
         for (key, h) in dirs.iter().rev() {
-            let fd = match sys::openat2(self.root.as_fd(), key, libc::O_RDONLY | libc::O_DIRECTORY, Resolve::NoSymlinks) {
+            let fd = match sys::openat2(
+                self.root.as_fd(),
+                key,
+                libc::O_RDONLY | libc::O_DIRECTORY,
+                Resolve::NoSymlinks,
+            ) {
                 Ok(fd) => fd,
                 // Replaced or whited out later in the same layer.
                 Err(_) => continue,
@@ -615,11 +697,6 @@ fn is_child(p: &[u8], dir: &[u8]) -> bool {
         && !p[dir.len() + 1..].contains(&b'/')
 }
 
-fn parent_raw(fd: BorrowedFd<'_>) -> i32 {
-    use std::os::fd::AsRawFd;
-    fd.as_raw_fd()
-}
-
 fn proc_child(parent: BorrowedFd<'_>, name: &CStr) -> Vec<u8> {
     let mut v = sys::proc_fd_path(parent).into_bytes();
     v.push(b'/');
@@ -639,7 +716,12 @@ fn set_fd_metadata(fd: BorrowedFd<'_>, h: &TarHeader, root_user: bool) -> io::Re
     sys::futimens(fd, h.mtime, 0)
 }
 
-fn set_link_metadata(parent: BorrowedFd<'_>, name: &CStr, h: &TarHeader, root_user: bool) -> io::Result<()> {
+fn set_link_metadata(
+    parent: BorrowedFd<'_>,
+    name: &CStr,
+    h: &TarHeader,
+    root_user: bool,
+) -> io::Result<()> {
     if root_user {
         sys::lchown_at(parent, name, h.uid, h.gid)?;
     }

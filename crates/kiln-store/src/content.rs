@@ -47,7 +47,10 @@ impl ContentStore {
 
     /// Where the blob with `digest` lives (whether or not it exists).
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root.join("blobs").join(digest.algorithm().name()).join(digest.hex())
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
     }
 
     pub(crate) fn ingest_dir(&self) -> PathBuf {
@@ -116,7 +119,8 @@ impl ContentStore {
     /// Stores `data` as a blob and returns its identity.
     pub fn put_bytes(&self, data: &[u8]) -> Result<BlobInfo> {
         let mut w = self.writer()?;
-        w.write_all(data).map_err(|e| StoreError::io("writing blob", w.path.clone(), e))?;
+        w.write_all(data)
+            .map_err(|e| StoreError::io("writing blob", w.path.clone(), e))?;
         w.commit_computed()
     }
 
@@ -145,11 +149,14 @@ impl ContentStore {
                 let ent = ent.map_err(|e| StoreError::io("listing blobs", &dir, e))?;
                 let name = ent.file_name();
                 let parsed = name.to_str().and_then(|n| Digest::new(alg, n).ok());
-                let meta = ent.metadata().map_err(|e| StoreError::io("stat", ent.path(), e))?;
+                let meta = ent
+                    .metadata()
+                    .map_err(|e| StoreError::io("stat", ent.path(), e))?;
                 match parsed {
-                    Some(d) if meta.is_file() => {
-                        out.push(Ok(BlobInfo { digest: d, size: meta.len() }))
-                    }
+                    Some(d) if meta.is_file() => out.push(Ok(BlobInfo {
+                        digest: d,
+                        size: meta.len(),
+                    })),
                     _ => out.push(Err(ent.path())),
                 }
             }
@@ -206,7 +213,11 @@ impl BlobWriter {
     // The only place where a blob becomes visible: verify, fsync, rename, fsync the dir.
     fn finish(mut self, expected: Option<(&Digest, u64)>) -> Result<BlobInfo> {
         let buf = self.file.take().ok_or_else(|| {
-            StoreError::io("committing blob", &self.path, io::Error::other("already committed"))
+            StoreError::io(
+                "committing blob",
+                &self.path,
+                io::Error::other("already committed"),
+            )
         })?;
         let file = buf
             .into_inner()
@@ -223,7 +234,8 @@ impl BlobWriter {
                 });
             }
         }
-        file.sync_all().map_err(|e| StoreError::io("syncing blob", &self.path, e))?;
+        file.sync_all()
+            .map_err(|e| StoreError::io("syncing blob", &self.path, e))?;
         let dest = self.store.blob_path(&actual);
         // A concurrent writer may have committed the same content; renaming over it is
         // harmless (same bytes), and readers holding it open keep their inode.
@@ -232,13 +244,19 @@ impl BlobWriter {
             sys::fsync_dir(dir).map_err(|e| StoreError::io("syncing blob dir", dir, e))?;
         }
         drop(file);
-        Ok(BlobInfo { digest: actual, size: self.written })
+        Ok(BlobInfo {
+            digest: actual,
+            size: self.written,
+        })
     }
 }
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let f = self.file.as_mut().ok_or_else(|| io::Error::other("blob already committed"))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("blob already committed"))?;
         let n = f.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.written += n as u64;

@@ -51,12 +51,18 @@ pub(crate) struct Db {
 }
 
 pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Db { path: path.to_owned(), message: e.into().to_string() }
+    StoreError::Db {
+        path: path.to_owned(),
+        message: e.into().to_string(),
+    }
 }
 
 /// Shorthand used inside transactions, where the path is the DB's.
 pub(crate) fn te(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Db { path: PathBuf::from("db/meta.redb"), message: e.into().to_string() }
+    StoreError::Db {
+        path: PathBuf::from("db/meta.redb"),
+        message: e.into().to_string(),
+    }
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>> {

@@ -125,7 +125,8 @@ fn same_metadata(a: &fs::Metadata, b: &fs::Metadata, pa: &Path, pb: &Path) -> io
         || a.uid() != b.uid()
         || a.gid() != b.gid()
         || a.rdev() != b.rdev()
-        || (!a.is_dir() && (a.size() != b.size() || a.mtime() != b.mtime() || a.mtime_nsec() != b.mtime_nsec()))
+        || (!a.is_dir()
+            && (a.size() != b.size() || a.mtime() != b.mtime() || a.mtime_nsec() != b.mtime_nsec()))
     {
         return Ok(false);
     }
@@ -147,7 +148,11 @@ fn compare(old: Option<&Path>, new: &Path, rel: &[u8], out: &mut Vec<Change>) ->
         news.iter().map(|(n, _)| n.as_slice()).collect();
     // Merge both name lists in sorted order so whiteouts sit where the names were.
     let mut names: Vec<&[u8]> = news.iter().map(|(n, _)| n.as_slice()).collect();
-    names.extend(olds.iter().map(|(n, _)| n.as_slice()).filter(|n| !new_names.contains(n)));
+    names.extend(
+        olds.iter()
+            .map(|(n, _)| n.as_slice())
+            .filter(|n| !new_names.contains(n)),
+    );
     names.sort();
     let new_map: HashMap<&[u8], &fs::Metadata> =
         news.iter().map(|(n, m)| (n.as_slice(), m)).collect();
@@ -301,13 +306,19 @@ mod tests {
         }
         let t = filetime_of(&old.path().join("keep/same"));
         set_mtime(&new.path().join("keep/same"), t);
-        set_mtime(&new.path().join("keep"), filetime_of(&old.path().join("keep")));
+        set_mtime(
+            &new.path().join("keep"),
+            filetime_of(&old.path().join("keep")),
+        );
         fs::write(old.path().join("gone"), "x").unwrap();
         fs::write(new.path().join("added"), "y").unwrap();
         let ch = tree_changes(Some(old.path()), new.path()).unwrap();
         assert_eq!(
             ch,
-            vec![Change::Entry(b"added".to_vec()), Change::Whiteout(b"gone".to_vec())]
+            vec![
+                Change::Entry(b"added".to_vec()),
+                Change::Whiteout(b"gone".to_vec())
+            ]
         );
     }
 

@@ -43,7 +43,9 @@ pub enum StoreError {
         message: String,
     },
     /// A record in the DB could not be decoded (written by an incompatible kiln?).
-    #[error("metadata DB record {table}/{key} is unreadable: {message}; run `kiln debug fsck --repair`")]
+    #[error(
+        "metadata DB record {table}/{key} is unreadable: {message}; run `kiln debug fsck --repair`"
+    )]
     BadRecord {
         /// The table.
         table: &'static str,
@@ -103,7 +105,11 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        StoreError::Io { op, path: path.into(), source }
+        StoreError::Io {
+            op,
+            path: path.into(),
+            source,
+        }
     }
 }
 

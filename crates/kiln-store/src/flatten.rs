@@ -39,8 +39,11 @@ fn overlay_onto(src: &Path, dst: &Path) -> io::Result<()> {
             continue;
         }
         if md.is_dir() {
-            let opaque = sys::lgetxattr(&sys::cpath(&s)?, b"trusted.overlay.opaque")?.as_deref() == Some(b"y");
-            let is_dir = fs::symlink_metadata(&d).map(|m| m.is_dir()).unwrap_or(false);
+            let opaque = sys::lgetxattr(&sys::cpath(&s)?, b"trusted.overlay.opaque")?.as_deref()
+                == Some(b"y");
+            let is_dir = fs::symlink_metadata(&d)
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
             if opaque || !is_dir {
                 remove_any(&d)?;
                 fs::create_dir(&d)?;

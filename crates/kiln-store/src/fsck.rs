@@ -17,13 +17,21 @@ use crate::store::{pid_alive, CacheRecord, LeaseRecord, SnapshotId, SnapshotStat
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FsckProblem {
     /// A blob's bytes do not hash to its name.
-    CorruptBlob { digest: Digest, actual: Digest, size: u64 },
+    CorruptBlob {
+        digest: Digest,
+        actual: Digest,
+        size: u64,
+    },
     /// A file in the blob dirs whose name is not a digest.
     StrayFile(PathBuf),
     /// An ingest file no live process is writing (left by a crash).
     StaleIngest(PathBuf),
     /// A layer record names a blob that is not in the content store.
-    MissingLayerBlob { diff_id: String, compression: String, digest: Digest },
+    MissingLayerBlob {
+        diff_id: String,
+        compression: String,
+        digest: Digest,
+    },
     /// A snapshot record whose directory is gone.
     MissingSnapshotDir(SnapshotId),
     /// A snapshot directory no record knows.
@@ -33,7 +41,10 @@ pub enum FsckProblem {
     /// A snapshot whose parent record is gone.
     MissingParent { id: SnapshotId, parent: SnapshotId },
     /// A chain id pointing at a missing snapshot.
-    DanglingChain { chain_id: String, snapshot: SnapshotId },
+    DanglingChain {
+        chain_id: String,
+        snapshot: SnapshotId,
+    },
     /// A lease whose process has died.
     DeadLease { id: String, pid: u32 },
     /// A cache record that refers to a missing snapshot or blob.
@@ -46,19 +57,44 @@ impl fmt::Display for FsckProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FsckProblem::*;
         match self {
-            CorruptBlob { digest, actual, size } => write!(f, "blob {digest} is corrupt: its {size} bytes hash to {actual}"),
+            CorruptBlob {
+                digest,
+                actual,
+                size,
+            } => write!(
+                f,
+                "blob {digest} is corrupt: its {size} bytes hash to {actual}"
+            ),
             StrayFile(p) => write!(f, "stray file in the blob store: {}", p.display()),
             StaleIngest(p) => write!(f, "leftover partial download/commit: {}", p.display()),
-            MissingLayerBlob { diff_id, compression, digest } => {
-                write!(f, "layer {diff_id} ({compression}) points at missing blob {digest}")
+            MissingLayerBlob {
+                diff_id,
+                compression,
+                digest,
+            } => {
+                write!(
+                    f,
+                    "layer {diff_id} ({compression}) points at missing blob {digest}"
+                )
             }
             MissingSnapshotDir(id) => write!(f, "snapshot {id} has a record but no directory"),
             UnknownSnapshotDir(p) => write!(f, "snapshot directory {} has no record", p.display()),
-            StaleActiveSnapshot { id, pid } => write!(f, "snapshot {id} is still active but its process {pid} is gone"),
-            MissingParent { id, parent } => write!(f, "snapshot {id} sits on missing snapshot {parent}"),
-            DanglingChain { chain_id, snapshot } => write!(f, "chain {chain_id} points at missing snapshot {snapshot}"),
-            DeadLease { id, pid } => write!(f, "lease {id} belongs to process {pid}, which is gone"),
-            DanglingCacheRecord { key, missing } => write!(f, "cache record {key} refers to missing {missing}"),
+            StaleActiveSnapshot { id, pid } => write!(
+                f,
+                "snapshot {id} is still active but its process {pid} is gone"
+            ),
+            MissingParent { id, parent } => {
+                write!(f, "snapshot {id} sits on missing snapshot {parent}")
+            }
+            DanglingChain { chain_id, snapshot } => {
+                write!(f, "chain {chain_id} points at missing snapshot {snapshot}")
+            }
+            DeadLease { id, pid } => {
+                write!(f, "lease {id} belongs to process {pid}, which is gone")
+            }
+            DanglingCacheRecord { key, missing } => {
+                write!(f, "cache record {key} refers to missing {missing}")
+            }
             BadRecord(m) => write!(f, "unreadable DB record: {m}"),
         }
     }
@@ -103,7 +139,11 @@ impl Store {
                             blobs.insert(info.digest.clone());
                         }
                         Ok(Some((actual, size))) => {
-                            r.problems.push(FsckProblem::CorruptBlob { digest: info.digest.clone(), actual, size });
+                            r.problems.push(FsckProblem::CorruptBlob {
+                                digest: info.digest.clone(),
+                                actual,
+                                size,
+                            });
                             if repair && self.content().delete(&info.digest)? {
                                 fixed += 1;
                             }
@@ -135,7 +175,11 @@ impl Store {
                 let lb: serde_json::Value = decode("layers", k.value(), val.value())?;
                 if let Some(m) = lb.get("blobs").and_then(|b| b.as_object()) {
                     for (c, rec) in m {
-                        if let Some(d) = rec.get("digest").and_then(|d| d.as_str()).and_then(|d| d.parse().ok()) {
+                        if let Some(d) = rec
+                            .get("digest")
+                            .and_then(|d| d.as_str())
+                            .and_then(|d| d.parse().ok())
+                        {
                             v.push((k.value().to_owned(), c.clone(), d));
                         }
                     }
@@ -145,19 +189,30 @@ impl Store {
         })?;
         for (diff, comp, d) in layers {
             if !blobs.contains(&d) && !self.content().has(&d) {
-                r.problems.push(FsckProblem::MissingLayerBlob { diff_id: diff.clone(), compression: comp.clone(), digest: d.clone() });
+                r.problems.push(FsckProblem::MissingLayerBlob {
+                    diff_id: diff.clone(),
+                    compression: comp.clone(),
+                    digest: d.clone(),
+                });
                 if repair {
                     self.db().write(|tx| {
                         let mut t = tx.open_table(db::LAYERS).map_err(te)?;
-                        let cur = t.get(diff.as_str()).map_err(te)?.map(|g| g.value().to_vec());
+                        let cur = t
+                            .get(diff.as_str())
+                            .map_err(te)?
+                            .map(|g| g.value().to_vec());
                         if let Some(bytes) = cur {
                             let mut lb: serde_json::Value = decode("layers", &diff, &bytes)?;
                             if let Some(m) = lb.get_mut("blobs").and_then(|b| b.as_object_mut()) {
                                 m.remove(&comp);
                             }
-                            t.insert(diff.as_str(), db::encode(&lb)?.as_slice()).map_err(te)?;
+                            t.insert(diff.as_str(), db::encode(&lb)?.as_slice())
+                                .map_err(te)?;
                         }
-                        tx.open_table(db::BLOB_LAYERS).map_err(te)?.remove(d.to_string().as_str()).map_err(te)?;
+                        tx.open_table(db::BLOB_LAYERS)
+                            .map_err(te)?
+                            .remove(d.to_string().as_str())
+                            .map_err(te)?;
                         Ok(())
                     })?;
                     fixed += 1;
@@ -172,11 +227,17 @@ impl Store {
             let dir = self.snapshot_dir(s.id);
             let live = s.pid == std::process::id() || pid_alive(s.pid);
             if s.state != SnapshotState::Committed && !live {
-                r.problems.push(FsckProblem::StaleActiveSnapshot { id: s.id, pid: s.pid });
+                r.problems.push(FsckProblem::StaleActiveSnapshot {
+                    id: s.id,
+                    pid: s.pid,
+                });
                 if repair {
                     self.snapshotter().remove(&dir)?;
                     self.db().write(|tx| {
-                        tx.open_table(db::SNAPSHOTS).map_err(te)?.remove(s.id.0).map_err(te)?;
+                        tx.open_table(db::SNAPSHOTS)
+                            .map_err(te)?
+                            .remove(s.id.0)
+                            .map_err(te)?;
                         Ok(())
                     })?;
                     fixed += 1;
@@ -188,7 +249,10 @@ impl Store {
             }
             if let Some(p) = s.parent {
                 if !ids.contains(&p.0) {
-                    r.problems.push(FsckProblem::MissingParent { id: s.id, parent: p });
+                    r.problems.push(FsckProblem::MissingParent {
+                        id: s.id,
+                        parent: p,
+                    });
                 }
             }
         }
@@ -232,7 +296,8 @@ impl Store {
             let mut cache = Vec::new();
             for row in tx.open_table(db::CACHE).map_err(te)?.iter().map_err(te)? {
                 let (k, v) = row.map_err(te)?;
-                match decode::<CacheRecord>("cache", &String::from_utf8_lossy(k.value()), v.value()) {
+                match decode::<CacheRecord>("cache", &String::from_utf8_lossy(k.value()), v.value())
+                {
                     Ok(c) => cache.push((k.value().to_vec(), Some(c))),
                     Err(_) => cache.push((k.value().to_vec(), None)),
                 }
@@ -241,10 +306,16 @@ impl Store {
         })?;
         for (cid, sid) in chains {
             if !ids.contains(&sid) {
-                r.problems.push(FsckProblem::DanglingChain { chain_id: cid.clone(), snapshot: SnapshotId(sid) });
+                r.problems.push(FsckProblem::DanglingChain {
+                    chain_id: cid.clone(),
+                    snapshot: SnapshotId(sid),
+                });
                 if repair {
                     self.db().write(|tx| {
-                        tx.open_table(db::CHAINS).map_err(te)?.remove(cid.as_str()).map_err(te)?;
+                        tx.open_table(db::CHAINS)
+                            .map_err(te)?
+                            .remove(cid.as_str())
+                            .map_err(te)?;
                         Ok(())
                     })?;
                     fixed += 1;
@@ -253,10 +324,16 @@ impl Store {
         }
         for (id, pid) in leases {
             if pid != std::process::id() && !pid_alive(pid) {
-                r.problems.push(FsckProblem::DeadLease { id: id.clone(), pid });
+                r.problems.push(FsckProblem::DeadLease {
+                    id: id.clone(),
+                    pid,
+                });
                 if repair {
                     self.db().write(|tx| {
-                        tx.open_table(db::LEASES).map_err(te)?.remove(id.as_str()).map_err(te)?;
+                        tx.open_table(db::LEASES)
+                            .map_err(te)?
+                            .remove(id.as_str())
+                            .map_err(te)?;
                         Ok(())
                     })?;
                     fixed += 1;
@@ -267,7 +344,8 @@ impl Store {
             let shown = String::from_utf8_lossy(&key).into_owned();
             let missing = match &rec {
                 None => {
-                    r.problems.push(FsckProblem::BadRecord(format!("cache/{shown}")));
+                    r.problems
+                        .push(FsckProblem::BadRecord(format!("cache/{shown}")));
                     Some(String::new())
                 }
                 Some(c) => c
@@ -275,15 +353,26 @@ impl Store {
                     .iter()
                     .find(|s| !ids.contains(&s.0))
                     .map(|s| format!("snapshot {s}"))
-                    .or_else(|| c.blobs.iter().find(|b| !self.content().has(b)).map(|b| format!("blob {b}"))),
+                    .or_else(|| {
+                        c.blobs
+                            .iter()
+                            .find(|b| !self.content().has(b))
+                            .map(|b| format!("blob {b}"))
+                    }),
             };
             if let Some(m) = missing {
                 if rec.is_some() {
-                    r.problems.push(FsckProblem::DanglingCacheRecord { key: shown, missing: m });
+                    r.problems.push(FsckProblem::DanglingCacheRecord {
+                        key: shown,
+                        missing: m,
+                    });
                 }
                 if repair {
                     self.db().write(|tx| {
-                        tx.open_table(db::CACHE).map_err(te)?.remove(key.as_slice()).map_err(te)?;
+                        tx.open_table(db::CACHE)
+                            .map_err(te)?
+                            .remove(key.as_slice())
+                            .map_err(te)?;
                         Ok(())
                     })?;
                     fixed += 1;

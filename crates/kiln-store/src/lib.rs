@@ -32,7 +32,10 @@ pub use tarfmt::{EntryKind, TarHeader};
 
 /// Lists the entry headers of a layer blob (any compression), for tests and debugging.
 pub fn list_layer(input: impl std::io::Read) -> Result<Vec<TarHeader>> {
-    let bad = |reason: String| StoreError::BadArchive { layer: "(listing)".into(), reason };
+    let bad = |reason: String| StoreError::BadArchive {
+        layer: "(listing)".into(),
+        reason,
+    };
     let (_, r) = kiln_oci::compression::decompressing_reader(std::io::BufReader::new(input))
         .map_err(|e| bad(e.to_string()))?;
     tarfmt::list_headers(r).map_err(|e| bad(format!("{e:?}")))

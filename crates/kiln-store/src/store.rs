@@ -131,6 +131,9 @@ pub struct StoreOptions {
     pub snapshotter: Option<SnapshotterKind>,
     /// Compression settings for exported layers.
     pub compress: Option<CompressOptions>,
+    /// How many lower dirs one overlay mount may stack before the chain is flattened
+    /// (default and maximum: overlayfs's 500). Lowered in tests to exercise flattening.
+    pub max_overlay_layers: Option<usize>,
 }
 
 /// Totals for `kiln du` and `kiln prune`.
@@ -161,6 +164,7 @@ struct Inner {
     snapshotter: Box<dyn Snapshotter>,
     note: String,
     compress: CompressOptions,
+    max_lowers: usize,
 }
 
 /// kiln's local state: blobs, snapshots and records under one root. Cheap to clone; share
@@ -172,7 +176,10 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("root", &self.inner.root).field("snapshotter", &self.inner.note).finish()
+        f.debug_struct("Store")
+            .field("root", &self.inner.root)
+            .field("snapshotter", &self.inner.note)
+            .finish()
     }
 }
 
@@ -206,9 +213,10 @@ impl Store {
         let content = ContentStore::open(root.join("content"))?;
         let db = Db::open(&root.join("db"))?;
         let (snapshotter, note): (Box<dyn Snapshotter>, String) = match opts.snapshotter {
-            Some(SnapshotterKind::Overlay) => {
-                (Box::new(OverlaySnapshotter::new(snaps)), "overlayfs (requested)".into())
-            }
+            Some(SnapshotterKind::Overlay) => (
+                Box::new(OverlaySnapshotter::new(snaps)),
+                "overlayfs (requested)".into(),
+            ),
             Some(SnapshotterKind::Copy) => (Box::new(CopySnapshotter), "copy (requested)".into()),
             None => detect(&snaps),
         };
@@ -220,6 +228,10 @@ impl Store {
                 snapshotter,
                 note,
                 compress: opts.compress.unwrap_or_default(),
+                max_lowers: opts
+                    .max_overlay_layers
+                    .unwrap_or(usize::MAX)
+                    .clamp(3, crate::snapshot::overlay_max_lowers()),
             }),
         })
     }
@@ -289,7 +301,10 @@ impl Store {
             }
             Ok(out)
         })?;
-        Ok(recs.iter().map(|r| self.snapshot_dir(r.id).join("fs")).collect())
+        Ok(recs
+            .iter()
+            .map(|r| self.snapshot_dir(r.id).join("fs"))
+            .collect())
     }
 
     fn allocate(&self, parent: Option<SnapshotId>, state: SnapshotState) -> Result<SnapshotRecord> {
@@ -308,7 +323,11 @@ impl Store {
                 None => 0,
             };
             let mut meta = tx.open_table(db::META).map_err(te)?;
-            let next = meta.get("next_snapshot").map_err(te)?.map(|g| g.value()).unwrap_or(1);
+            let next = meta
+                .get("next_snapshot")
+                .map_err(te)?
+                .map(|g| g.value())
+                .unwrap_or(1);
             meta.insert("next_snapshot", next + 1).map_err(te)?;
             let rec = SnapshotRecord {
                 id: SnapshotId(next),
@@ -327,7 +346,10 @@ impl Store {
     fn forget(&self, id: SnapshotId) {
         let _ = self.snapshotter().remove(&self.snapshot_dir(id));
         let _ = self.db().write(|tx| {
-            tx.open_table(db::SNAPSHOTS).map_err(te)?.remove(snapshot_key(id)).map_err(te)?;
+            tx.open_table(db::SNAPSHOTS)
+                .map_err(te)?
+                .remove(snapshot_key(id))
+                .map_err(te)?;
             Ok(())
         });
     }
@@ -335,11 +357,16 @@ impl Store {
     /// Creates a writable snapshot on `parent` (a committed snapshot, or `None` for an empty
     /// rootfs) and mounts it. Commit it with [`Store::commit`] or drop it with
     /// [`Store::remove`]. Chains deeper than overlayfs can stack are flattened first.
-    pub fn prepare(&self, parent: Option<SnapshotId>, lease: Option<&Lease>) -> Result<ActiveSnapshot> {
+    pub fn prepare(
+        &self,
+        parent: Option<SnapshotId>,
+        lease: Option<&Lease>,
+    ) -> Result<ActiveSnapshot> {
         let rec = self.allocate(parent, SnapshotState::Active)?;
         let res = (|| {
             let lowers = self.lowers_for_mount(parent)?;
-            self.snapshotter().prepare(&self.snapshot_dir(rec.id), &lowers)
+            self.snapshotter()
+                .prepare(&self.snapshot_dir(rec.id), &lowers)
         })();
         match res {
             Ok(rootfs) => {
@@ -360,7 +387,7 @@ impl Store {
     /// snapshot that tops it, under `flat/`).
     fn lowers_for_mount(&self, parent: Option<SnapshotId>) -> Result<Vec<PathBuf>> {
         let mut lowers = self.chain_dirs(parent)?;
-        let max = crate::snapshot::overlay_max_lowers() - 1;
+        let max = self.inner.max_lowers - 1;
         if self.snapshotter_kind() != SnapshotterKind::Overlay || lowers.len() <= max {
             return Ok(lowers);
         }
@@ -372,8 +399,17 @@ impl Store {
         if !flat.exists() {
             let tmp = tail[0].with_file_name(format!("flat.tmp-{}", std::process::id()));
             let _ = fs::remove_dir_all(&tmp);
-            crate::flatten::merge_layers(&tail, &tmp).map_err(|e| StoreError::io("flattening snapshot chain", &tmp, e))?;
-            fs::rename(&tmp, &flat).or_else(|e| if flat.exists() { let _ = fs::remove_dir_all(&tmp); Ok(()) } else { Err(e) })
+            crate::flatten::merge_layers(&tail, &tmp)
+                .map_err(|e| StoreError::io("flattening snapshot chain", &tmp, e))?;
+            fs::rename(&tmp, &flat)
+                .or_else(|e| {
+                    if flat.exists() {
+                        let _ = fs::remove_dir_all(&tmp);
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
                 .map_err(|e| StoreError::io("flattening snapshot chain", &flat, e))?;
         }
         lowers.push(flat);
@@ -406,7 +442,10 @@ impl Store {
         let id = active.id;
         let rec = self.snapshot(id)?;
         if rec.state != SnapshotState::Active {
-            return Err(StoreError::SnapshotState { id: id.0, message: "is not active".into() });
+            return Err(StoreError::SnapshotState {
+                id: id.0,
+                message: "is not active".into(),
+            });
         }
         let dir = self.snapshot_dir(id);
         self.snapshotter().commit(&dir)?;
@@ -435,7 +474,10 @@ impl Store {
         }
         self.snapshotter().remove(&self.snapshot_dir(id))?;
         self.db().write(|tx| {
-            tx.open_table(db::SNAPSHOTS).map_err(te)?.remove(snapshot_key(id)).map_err(te)?;
+            tx.open_table(db::SNAPSHOTS)
+                .map_err(te)?
+                .remove(snapshot_key(id))
+                .map_err(te)?;
             let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
             let stale: Vec<String> = chains
                 .iter()
@@ -456,7 +498,9 @@ impl Store {
         let rec = self.snapshot(id)?;
         let writable = rec.state == SnapshotState::Active;
         let lowers = self.chain_dirs(rec.parent)?;
-        Ok(self.snapshotter().mounts(&self.snapshot_dir(id), &lowers, writable))
+        Ok(self
+            .snapshotter()
+            .mounts(&self.snapshot_dir(id), &lowers, writable))
     }
 
     /// Disk usage of snapshot `id`'s own content.
@@ -468,15 +512,31 @@ impl Store {
 
     /// The layer of committed snapshot `id` (its changes against its parent) as a blob with
     /// `compression`. Made once per (snapshot, mtime clamp) and compression, then remembered.
-    pub fn export_layer(&self, id: SnapshotId, compression: Compression, opts: &ExportOptions) -> Result<LayerRecord> {
+    pub fn export_layer(
+        &self,
+        id: SnapshotId,
+        compression: Compression,
+        opts: &ExportOptions,
+    ) -> Result<LayerRecord> {
         let rec = self.snapshot(id)?;
         if rec.state != SnapshotState::Committed {
-            return Err(StoreError::SnapshotState { id: id.0, message: "must be committed to export a layer".into() });
+            return Err(StoreError::SnapshotState {
+                id: id.0,
+                message: "must be committed to export a layer".into(),
+            });
         }
-        let key = format!("{}/{}", id.0, opts.diff.source_date_epoch.map_or("-".to_owned(), |e| e.to_string()));
+        let key = format!(
+            "{}/{}",
+            id.0,
+            opts.diff
+                .source_date_epoch
+                .map_or("-".to_owned(), |e| e.to_string())
+        );
         let cached = self.db().read(|tx| {
             let sd = tx.open_table(db::SNAPSHOT_DIFFS).map_err(te)?;
-            let Some(diff) = sd.get(key.as_str()).map_err(te)? else { return Ok(None) };
+            let Some(diff) = sd.get(key.as_str()).map_err(te)? else {
+                return Ok(None);
+            };
             let diff = diff.value().to_owned();
             read_layer(tx, &diff).map(|l| l.blobs.get(compression.name()).cloned())
         })?;
@@ -497,10 +557,15 @@ impl Store {
         let comp = Compressor::new(blob, compression, &self.inner.compress)
             .map_err(|e| StoreError::io("starting compression", &root, e))?;
         let mut tar = TarWriter::new(DigestWriter::new(comp, Algorithm::Sha256));
-        write_changes(&root, &changes, &mut tar, &opts.diff).map_err(|e| StoreError::io("writing layer from", &root, e))?;
-        let hashed = tar.finish().map_err(|e| StoreError::io("writing layer", &root, e))?;
+        write_changes(&root, &changes, &mut tar, &opts.diff)
+            .map_err(|e| StoreError::io("writing layer from", &root, e))?;
+        let hashed = tar
+            .finish()
+            .map_err(|e| StoreError::io("writing layer", &root, e))?;
         let (comp, diff_id, _) = hashed.finish();
-        let blob = comp.finish().map_err(|e| StoreError::io("compressing layer", &root, e))?;
+        let blob = comp
+            .finish()
+            .map_err(|e| StoreError::io("compressing layer", &root, e))?;
         let info = blob.commit_computed()?;
         let layer = LayerRecord {
             diff_id: diff_id.clone(),
@@ -513,7 +578,10 @@ impl Store {
             None => Some(None),
         };
         self.db().write(|tx| {
-            tx.open_table(db::SNAPSHOT_DIFFS).map_err(te)?.insert(key.as_str(), diff_id.to_string().as_str()).map_err(te)?;
+            tx.open_table(db::SNAPSHOT_DIFFS)
+                .map_err(te)?
+                .insert(key.as_str(), diff_id.to_string().as_str())
+                .map_err(te)?;
             let rec = remember_layer(tx, &layer, compression)?;
             // A layer exported without clamping reproduces the snapshot exactly, so the
             // snapshot can stand for its chain id in later unpacks.
@@ -534,19 +602,38 @@ impl Store {
     }
 
     /// [`Store::export_layer`] for several snapshots at once, in parallel; results in order.
-    pub fn export_layers(&self, ids: &[SnapshotId], compression: Compression, opts: &ExportOptions) -> Result<Vec<LayerRecord>> {
+    pub fn export_layers(
+        &self,
+        ids: &[SnapshotId],
+        compression: Compression,
+        opts: &ExportOptions,
+    ) -> Result<Vec<LayerRecord>> {
         let results: Vec<Result<LayerRecord>> = std::thread::scope(|s| {
-            let handles: Vec<_> = ids.iter().map(|&id| s.spawn(move || self.export_layer(id, compression, opts))).collect();
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|&id| s.spawn(move || self.export_layer(id, compression, opts)))
+                .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(StoreError::SnapshotState { id: 0, message: "export thread panicked".into() })))
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(StoreError::SnapshotState {
+                            id: 0,
+                            message: "export thread panicked".into(),
+                        })
+                    })
+                })
                 .collect()
         });
         results.into_iter().collect()
     }
 
     /// The recorded blob of layer `diff_id` in `compression`, if one was made or pulled.
-    pub fn layer_blob(&self, diff_id: &Digest, compression: Compression) -> Result<Option<LayerRecord>> {
+    pub fn layer_blob(
+        &self,
+        diff_id: &Digest,
+        compression: Compression,
+    ) -> Result<Option<LayerRecord>> {
         let l = self.db().read(|tx| read_layer(tx, &diff_id.to_string()))?;
         Ok(l.blobs.get(compression.name()).cloned())
     }
@@ -555,18 +642,28 @@ impl Store {
     /// so unpacking it can be skipped when the chain is already present.
     pub fn register_layer(&self, layer: &LayerRecord) -> Result<()> {
         let c = media_type_compression(&layer.media_type);
-        self.db().write(|tx| remember_layer(tx, layer, c).map(|_| ()))
+        self.db()
+            .write(|tx| remember_layer(tx, layer, c).map(|_| ()))
     }
 
     /// Unpacks the layer blob `blob` (tar, tar+gzip or tar+zstd, detected by magic) on top
     /// of `parent` into a new committed snapshot. Cached by OCI chain id: a chain already
     /// unpacked (by any process) is returned without reading the blob.
-    pub fn unpack_layer(&self, parent: Option<SnapshotId>, blob: &Digest, opts: &ApplyOptions, lease: Option<&Lease>) -> Result<SnapshotId> {
+    pub fn unpack_layer(
+        &self,
+        parent: Option<SnapshotId>,
+        blob: &Digest,
+        opts: &ApplyOptions,
+        lease: Option<&Lease>,
+    ) -> Result<SnapshotId> {
         let parent_chain = match parent {
             Some(p) => {
                 let pr = self.snapshot(p)?;
                 if pr.state != SnapshotState::Committed {
-                    return Err(StoreError::SnapshotState { id: p.0, message: "is not committed".into() });
+                    return Err(StoreError::SnapshotState {
+                        id: p.0,
+                        message: "is not committed".into(),
+                    });
                 }
                 pr.chain_id.map(Some)
             }
@@ -575,13 +672,23 @@ impl Store {
         if let Some(pc) = &parent_chain {
             let known = self.db().read(|tx| {
                 let bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
-                let Some(diff) = bl.get(blob.to_string().as_str()).map_err(te)? else { return Ok(None) };
+                let Some(diff) = bl.get(blob.to_string().as_str()).map_err(te)? else {
+                    return Ok(None);
+                };
                 let diff: Digest = decode_digest(diff.value())?;
                 let cid = chain_id(pc.as_ref(), &diff);
                 let chains = tx.open_table(db::CHAINS).map_err(te)?;
-                let Some(sid) = chains.get(cid.to_string().as_str()).map_err(te)?.map(|g| g.value()) else { return Ok(None) };
+                let Some(sid) = chains
+                    .get(cid.to_string().as_str())
+                    .map_err(te)?
+                    .map(|g| g.value())
+                else {
+                    return Ok(None);
+                };
                 match read_snapshot(tx, SnapshotId(sid)) {
-                    Ok(r) if r.state == SnapshotState::Committed && r.parent == parent => Ok(Some(r.id)),
+                    Ok(r) if r.state == SnapshotState::Committed && r.parent == parent => {
+                        Ok(Some(r.id))
+                    }
                     _ => Ok(None),
                 }
             })?;
@@ -604,10 +711,16 @@ impl Store {
                     fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?;
                     (fsd, ApplyTarget::OverlayUpper { lowers })
                 }
-                ApplyLayout::Merged => (self.snapshotter().prepare(&dir, &lowers)?, ApplyTarget::Merged),
+                ApplyLayout::Merged => (
+                    self.snapshotter().prepare(&dir, &lowers)?,
+                    ApplyTarget::Merged,
+                ),
             };
             let (kind, reader) = decompressing_reader(BufReader::with_capacity(1 << 20, file))
-                .map_err(|e| StoreError::BadArchive { layer: blob.to_string(), reason: format!("reading compression header: {e}") })?;
+                .map_err(|e| StoreError::BadArchive {
+                    layer: blob.to_string(),
+                    reason: format!("reading compression header: {e}"),
+                })?;
             let stats = apply_tar(&root, reader, &target, opts, Some(blob))?;
             self.snapshotter().commit(&dir)?;
             sync_fs(&dir)?;
@@ -633,7 +746,10 @@ impl Store {
             if let Some(pc) = &parent_chain {
                 let cid = chain_id(pc.as_ref(), &stats.diff_id);
                 let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
-                let existing = chains.get(cid.to_string().as_str()).map_err(te)?.map(|g| g.value());
+                let existing = chains
+                    .get(cid.to_string().as_str())
+                    .map_err(te)?
+                    .map(|g| g.value());
                 if let Some(other) = existing {
                     if other != rec.id.0 {
                         if let Ok(o) = read_snapshot(tx, SnapshotId(other)) {
@@ -644,7 +760,9 @@ impl Store {
                         }
                     }
                 }
-                chains.insert(cid.to_string().as_str(), rec.id.0).map_err(te)?;
+                chains
+                    .insert(cid.to_string().as_str(), rec.id.0)
+                    .map_err(te)?;
                 r.chain_id = Some(cid);
             }
             write_snapshot(tx, &r)?;
@@ -666,9 +784,17 @@ impl Store {
     /// Unpacks an uncompressed or compressed tar stream (e.g. a build context archive) into
     /// the writable snapshot `active` with the same safety checks as layers (always merged:
     /// whiteouts delete through the mount).
-    pub fn extract_into(&self, active: &ActiveSnapshot, input: impl io::Read, opts: &ApplyOptions) -> Result<crate::apply::ApplyStats> {
-        let (_, reader) = decompressing_reader(BufReader::new(input))
-            .map_err(|e| StoreError::BadArchive { layer: "(archive)".into(), reason: e.to_string() })?;
+    pub fn extract_into(
+        &self,
+        active: &ActiveSnapshot,
+        input: impl io::Read,
+        opts: &ApplyOptions,
+    ) -> Result<crate::apply::ApplyStats> {
+        let (_, reader) =
+            decompressing_reader(BufReader::new(input)).map_err(|e| StoreError::BadArchive {
+                layer: "(archive)".into(),
+                reason: e.to_string(),
+            })?;
         apply_tar(&active.rootfs, reader, &ApplyTarget::Merged, opts, None)
     }
 
@@ -690,18 +816,42 @@ impl Store {
     }
 
     /// Stores (or replaces) a cache record. `snapshots` and `blobs` stay alive while it exists.
-    pub fn cache_put(&self, key: &[u8], value: &[u8], snapshots: &[SnapshotId], blobs: &[Digest], size: u64) -> Result<()> {
+    pub fn cache_put(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        snapshots: &[SnapshotId],
+        blobs: &[Digest],
+        size: u64,
+    ) -> Result<()> {
         let now = db::now_secs();
-        let rec = CacheRecord { value: value.to_vec(), snapshots: snapshots.to_vec(), blobs: blobs.to_vec(), created: now, last_used: now, size };
+        let rec = CacheRecord {
+            value: value.to_vec(),
+            snapshots: snapshots.to_vec(),
+            blobs: blobs.to_vec(),
+            created: now,
+            last_used: now,
+            size,
+        };
         self.db().write(|tx| {
-            tx.open_table(db::CACHE).map_err(te)?.insert(key, encode(&rec)?.as_slice()).map_err(te)?;
+            tx.open_table(db::CACHE)
+                .map_err(te)?
+                .insert(key, encode(&rec)?.as_slice())
+                .map_err(te)?;
             Ok(())
         })
     }
 
     /// Deletes a cache record; returns whether it existed.
     pub fn cache_remove(&self, key: &[u8]) -> Result<bool> {
-        self.db().write(|tx| Ok(tx.open_table(db::CACHE).map_err(te)?.remove(key).map_err(te)?.is_some()))
+        self.db().write(|tx| {
+            Ok(tx
+                .open_table(db::CACHE)
+                .map_err(te)?
+                .remove(key)
+                .map_err(te)?
+                .is_some())
+        })
     }
 
     // ---- refs ----
@@ -709,7 +859,10 @@ impl Store {
     /// Points image ref `name` at manifest `digest`.
     pub fn set_ref(&self, name: &str, digest: &Digest) -> Result<()> {
         self.db().write(|tx| {
-            tx.open_table(db::REFS).map_err(te)?.insert(name, digest.to_string().as_str()).map_err(te)?;
+            tx.open_table(db::REFS)
+                .map_err(te)?
+                .insert(name, digest.to_string().as_str())
+                .map_err(te)?;
             Ok(())
         })
     }
@@ -727,7 +880,14 @@ impl Store {
 
     /// Deletes image ref `name`.
     pub fn remove_ref(&self, name: &str) -> Result<bool> {
-        self.db().write(|tx| Ok(tx.open_table(db::REFS).map_err(te)?.remove(name).map_err(te)?.is_some()))
+        self.db().write(|tx| {
+            Ok(tx
+                .open_table(db::REFS)
+                .map_err(te)?
+                .remove(name)
+                .map_err(te)?
+                .is_some())
+        })
     }
 
     /// Every image ref and its manifest digest.
@@ -748,13 +908,27 @@ impl Store {
     /// Starts a lease: snapshots and blobs added to it are never collected until it is
     /// dropped (or its process has died).
     pub fn lease(&self) -> Result<Lease> {
-        let id = format!("{}-{}", std::process::id(), LEASE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let rec = LeaseRecord { pid: std::process::id(), created: db::now_secs(), ..Default::default() };
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            LEASE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let rec = LeaseRecord {
+            pid: std::process::id(),
+            created: db::now_secs(),
+            ..Default::default()
+        };
         self.db().write(|tx| {
-            tx.open_table(db::LEASES).map_err(te)?.insert(id.as_str(), encode(&rec)?.as_slice()).map_err(te)?;
+            tx.open_table(db::LEASES)
+                .map_err(te)?
+                .insert(id.as_str(), encode(&rec)?.as_slice())
+                .map_err(te)?;
             Ok(())
         })?;
-        Ok(Lease { store: self.clone(), id })
+        Ok(Lease {
+            store: self.clone(),
+            id,
+        })
     }
 
     // ---- usage ----
@@ -777,7 +951,8 @@ impl Store {
             let c = tx.open_table(db::CACHE).map_err(te)?;
             for row in c.iter().map_err(te)? {
                 let (k, v) = row.map_err(te)?;
-                let r: CacheRecord = decode("cache", &String::from_utf8_lossy(k.value()), v.value())?;
+                let r: CacheRecord =
+                    decode("cache", &String::from_utf8_lossy(k.value()), v.value())?;
                 u.cache_records += 1;
                 u.cache_bytes += r.size;
             }
@@ -808,10 +983,15 @@ impl Lease {
             let mut t = tx.open_table(db::LEASES).map_err(te)?;
             let mut rec: LeaseRecord = match t.get(self.id.as_str()).map_err(te)? {
                 Some(v) => decode("leases", &self.id, v.value())?,
-                None => LeaseRecord { pid: std::process::id(), created: db::now_secs(), ..Default::default() },
+                None => LeaseRecord {
+                    pid: std::process::id(),
+                    created: db::now_secs(),
+                    ..Default::default()
+                },
             };
             f(&mut rec);
-            t.insert(self.id.as_str(), encode(&rec)?.as_slice()).map_err(te)?;
+            t.insert(self.id.as_str(), encode(&rec)?.as_slice())
+                .map_err(te)?;
             Ok(())
         })
     }
@@ -834,7 +1014,10 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let _ = self.store.db().write(|tx| {
-            tx.open_table(db::LEASES).map_err(te)?.remove(self.id.as_str()).map_err(te)?;
+            tx.open_table(db::LEASES)
+                .map_err(te)?
+                .remove(self.id.as_str())
+                .map_err(te)?;
             Ok(())
         });
     }
@@ -852,7 +1035,10 @@ pub(crate) trait SnapshotTable {
 impl SnapshotTable for redb::ReadTransaction {
     fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord> {
         let t = self.open_table(db::SNAPSHOTS).map_err(te)?;
-        let v = t.get(snapshot_key(id)).map_err(te)?.ok_or(StoreError::SnapshotNotFound(id.0))?;
+        let v = t
+            .get(snapshot_key(id))
+            .map_err(te)?
+            .ok_or(StoreError::SnapshotNotFound(id.0))?;
         let out = decode("snapshots", &id.to_string(), v.value());
         out
     }
@@ -861,14 +1047,20 @@ impl SnapshotTable for redb::ReadTransaction {
 impl SnapshotTable for redb::WriteTransaction {
     fn get_snapshot(&self, id: SnapshotId) -> Result<SnapshotRecord> {
         let t = self.open_table(db::SNAPSHOTS).map_err(te)?;
-        let v = t.get(snapshot_key(id)).map_err(te)?.ok_or(StoreError::SnapshotNotFound(id.0))?;
+        let v = t
+            .get(snapshot_key(id))
+            .map_err(te)?
+            .ok_or(StoreError::SnapshotNotFound(id.0))?;
         let out = decode("snapshots", &id.to_string(), v.value());
         out
     }
 }
 
 fn write_snapshot(tx: &redb::WriteTransaction, rec: &SnapshotRecord) -> Result<()> {
-    tx.open_table(db::SNAPSHOTS).map_err(te)?.insert(snapshot_key(rec.id), encode(rec)?.as_slice()).map_err(te)?;
+    tx.open_table(db::SNAPSHOTS)
+        .map_err(te)?
+        .insert(snapshot_key(rec.id), encode(rec)?.as_slice())
+        .map_err(te)?;
     Ok(())
 }
 
@@ -904,13 +1096,25 @@ fn read_layer(tx: &impl LayerTable, diff: &str) -> Result<LayerBlobs> {
 
 /// Records a blob for a layer unless one for that compression exists; returns the record in
 /// force (the first one wins, so each layer is compressed once per compression).
-fn remember_layer(tx: &redb::WriteTransaction, layer: &LayerRecord, c: Compression) -> Result<LayerRecord> {
+fn remember_layer(
+    tx: &redb::WriteTransaction,
+    layer: &LayerRecord,
+    c: Compression,
+) -> Result<LayerRecord> {
     let diff = layer.diff_id.to_string();
     let mut lb = read_layer(tx, &diff)?;
-    let rec = lb.blobs.entry(c.name().to_owned()).or_insert_with(|| layer.clone()).clone();
-    tx.open_table(db::LAYERS).map_err(te)?.insert(diff.as_str(), encode(&lb)?.as_slice()).map_err(te)?;
+    let rec = lb
+        .blobs
+        .entry(c.name().to_owned())
+        .or_insert_with(|| layer.clone())
+        .clone();
+    tx.open_table(db::LAYERS)
+        .map_err(te)?
+        .insert(diff.as_str(), encode(&lb)?.as_slice())
+        .map_err(te)?;
     let mut bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
-    bl.insert(layer.digest.to_string().as_str(), diff.as_str()).map_err(te)?;
+    bl.insert(layer.digest.to_string().as_str(), diff.as_str())
+        .map_err(te)?;
     Ok(rec)
 }
 
@@ -925,7 +1129,12 @@ fn media_type_compression(mt: &str) -> Compression {
 }
 
 pub(crate) fn decode_digest(s: &str) -> Result<Digest> {
-    s.parse().map_err(|e: kiln_oci::DigestError| StoreError::BadRecord { table: "digest", key: s.to_owned(), message: e.to_string() })
+    s.parse()
+        .map_err(|e: kiln_oci::DigestError| StoreError::BadRecord {
+            table: "digest",
+            key: s.to_owned(),
+            message: e.to_string(),
+        })
 }
 
 /// Flushes the filesystem holding `dir` so a snapshot is on disk before its record says so.

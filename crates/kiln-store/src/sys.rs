@@ -89,7 +89,10 @@ pub(crate) fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let p = cpath(path)?;
     // SAFETY: valid C string.
     let fd = cvt(unsafe {
-        libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        libc::open(
+            p.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
     })?;
     // SAFETY: new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -100,7 +103,12 @@ pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<li
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointers.
     let r = unsafe {
-        libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW)
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -122,14 +130,18 @@ pub(crate) fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
 
 pub(crate) fn mkdir_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
     // SAFETY: valid C string.
-    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) })
-        .map(|_| ())
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t) }).map(|_| ())
 }
 
 pub(crate) fn mknod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32, dev: u64) -> io::Result<()> {
     // SAFETY: valid C string.
     cvt(unsafe {
-        libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode as libc::mode_t, dev as libc::dev_t)
+        libc::mknodat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            mode as libc::mode_t,
+            dev as libc::dev_t,
+        )
     })
     .map(|_| ())
 }
@@ -148,7 +160,13 @@ pub(crate) fn link_at(
 ) -> io::Result<()> {
     // SAFETY: valid C strings; flags 0 never follows a symlink target.
     cvt(unsafe {
-        libc::linkat(odir.as_raw_fd(), oname.as_ptr(), ndir.as_raw_fd(), nname.as_ptr(), 0)
+        libc::linkat(
+            odir.as_raw_fd(),
+            oname.as_ptr(),
+            ndir.as_raw_fd(),
+            nname.as_ptr(),
+            0,
+        )
     })
     .map(|_| ())
 }
@@ -178,7 +196,11 @@ pub(crate) fn create_file_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io:
 pub(crate) fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: valid C string.
     let fd = cvt(unsafe {
-        libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
     })?;
     // SAFETY: new fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -188,7 +210,27 @@ pub(crate) fn open_at(dir: BorrowedFd<'_>, name: &CStr, flags: libc::c_int) -> i
 pub(crate) fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: valid C string.
     cvt(unsafe {
-        libc::fchownat(dir.as_raw_fd(), name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW)
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(|_| ())
+}
+
+/// `fchmodat` (follows nothing: callers use it only on entries they just created).
+pub(crate) fn chmod_at(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    // SAFETY: valid C string.
+    cvt(unsafe {
+        libc::fchmodat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            (mode & 0o7777) as libc::mode_t,
+            0,
+        )
     })
     .map(|_| ())
 }
@@ -210,11 +252,19 @@ pub(crate) fn set_times_at(
     sec: i64,
     nsec: i64,
 ) -> io::Result<()> {
-    let ts = libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as _ };
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as _,
+    };
     let times = [ts, ts];
     // SAFETY: valid pointers.
     cvt(unsafe {
-        libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     })
     .map(|_| ())
 }
@@ -232,7 +282,11 @@ pub(crate) fn llistxattr(path: &CStr) -> io::Result<Vec<Vec<u8>>> {
         let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n >= 0 {
             buf.truncate(n as usize);
-            return Ok(buf.split(|&b| b == 0).filter(|s| !s.is_empty()).map(<[u8]>::to_vec).collect());
+            return Ok(buf
+                .split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect());
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
@@ -250,7 +304,12 @@ pub(crate) fn lgetxattr(path: &CStr, name: &[u8]) -> io::Result<Option<Vec<u8>>>
     loop {
         // SAFETY: buffer pointer and length match.
         let r = unsafe {
-            libc::lgetxattr(path.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            libc::lgetxattr(
+                path.as_ptr(),
+                n.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
         };
         if r >= 0 {
             buf.truncate(r as usize);
@@ -270,7 +329,13 @@ pub(crate) fn lsetxattr(path: &CStr, name: &[u8], value: &[u8]) -> io::Result<()
     let n = cstr(name)?;
     // SAFETY: pointers and lengths match.
     cvt(unsafe {
-        libc::lsetxattr(path.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::lsetxattr(
+            path.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     })
     .map(|_| ())
 }
@@ -280,14 +345,23 @@ pub(crate) fn fsetxattr(fd: BorrowedFd<'_>, name: &[u8], value: &[u8]) -> io::Re
     let n = cstr(name)?;
     // SAFETY: pointers and lengths match.
     cvt(unsafe {
-        libc::fsetxattr(fd.as_raw_fd(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     })
     .map(|_| ())
 }
 
 /// Sets atime and mtime of an open file.
 pub(crate) fn futimens(fd: BorrowedFd<'_>, sec: i64, nsec: i64) -> io::Result<()> {
-    let ts = libc::timespec { tv_sec: sec as libc::time_t, tv_nsec: nsec as _ };
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as _,
+    };
     let times = [ts, ts];
     // SAFETY: valid pointer to two timespecs.
     cvt(unsafe { libc::futimens(fd.as_raw_fd(), times.as_ptr()) }).map(|_| ())
@@ -348,7 +422,9 @@ pub(crate) fn mount_overlay_fsconfig(
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
     let name = cstr(b"overlay")?;
     // SAFETY: valid C string.
-    let fsfd = unsafe { libc::syscall(libc::SYS_fsopen, name.as_ptr(), 1u32 /* CLOEXEC */) };
+    let fsfd = unsafe {
+        libc::syscall(libc::SYS_fsopen, name.as_ptr(), 1u32 /* CLOEXEC */)
+    };
     if fsfd < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -193,9 +193,15 @@ impl<W: Write> TarWriter<W> {
         }
         if !pax.is_empty() {
             let mut pname = b"PaxHeaders/".to_vec();
-            let base = name.rsplit(|&c| c == b'/').find(|s| !s.is_empty()).unwrap_or(b"x");
+            let base = name
+                .rsplit(|&c| c == b'/')
+                .find(|s| !s.is_empty())
+                .unwrap_or(b"x");
             pname.extend_from_slice(&base[..base.len().min(80)]);
-            let ph = TarHeader { mode: 0o644, ..TarHeader::new(Vec::new(), EntryKind::File) };
+            let ph = TarHeader {
+                mode: 0o644,
+                ..TarHeader::new(Vec::new(), EntryKind::File)
+            };
             self.raw_header(&pname, b'x', &ph, pax.len() as u64, b"")?;
             self.out.write_all(&pax)?;
             self.pad(pax.len() as u64)?;
@@ -231,7 +237,7 @@ pub(crate) enum TarError {
     /// The bytes are not a valid tar (message says where).
     Malformed(String),
     /// A PAX/GNU extension header is bigger than allowed.
-    HeaderTooLarge(u64),
+    HeaderTooLarge,
     /// The underlying reader failed (includes truncated or corrupt compression).
     Io(io::Error),
 }
@@ -266,12 +272,17 @@ fn parse_num(field: &[u8]) -> Result<u64, TarError> {
         }
         return Ok(v);
     }
-    let s: Vec<u8> =
-        field.iter().copied().take_while(|&b| b != 0).filter(|&b| b != b' ').collect();
+    let s: Vec<u8> = field
+        .iter()
+        .copied()
+        .take_while(|&b| b != 0)
+        .filter(|&b| b != b' ')
+        .collect();
     if s.is_empty() {
         return Ok(0);
     }
-    let txt = std::str::from_utf8(&s).map_err(|_| TarError::Malformed("non-ASCII number".into()))?;
+    let txt =
+        std::str::from_utf8(&s).map_err(|_| TarError::Malformed("non-ASCII number".into()))?;
     u64::from_str_radix(txt, 8).map_err(|_| TarError::Malformed(format!("bad octal field {txt:?}")))
 }
 
@@ -308,12 +319,19 @@ fn parse_pax(data: &[u8], into: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), TarE
 fn pax_num(v: &[u8]) -> Result<u64, TarError> {
     let s = std::str::from_utf8(v).map_err(|_| TarError::Malformed("bad PAX number".into()))?;
     let int = s.split('.').next().unwrap_or("");
-    int.parse().map_err(|_| TarError::Malformed(format!("bad PAX number {s:?}")))
+    int.parse()
+        .map_err(|_| TarError::Malformed(format!("bad PAX number {s:?}")))
 }
 
 impl<R: Read> TarReader<R> {
     pub(crate) fn new(r: R, max_header_bytes: u64) -> Self {
-        TarReader { r, max_header_bytes, remaining: 0, padding: 0, done: false }
+        TarReader {
+            r,
+            max_header_bytes,
+            remaining: 0,
+            padding: 0,
+            done: false,
+        }
     }
 
     fn skip(&mut self, mut n: u64) -> Result<(), TarError> {
@@ -351,7 +369,7 @@ impl<R: Read> TarReader<R> {
 
     fn read_ext(&mut self, size: u64) -> Result<Vec<u8>, TarError> {
         if size > self.max_header_bytes {
-            return Err(TarError::HeaderTooLarge(size));
+            return Err(TarError::HeaderTooLarge);
         }
         let mut v = vec![0u8; size as usize];
         self.r.read_exact(&mut v)?;
@@ -384,7 +402,11 @@ impl<R: Read> TarReader<R> {
             let stored = parse_num(&b[148..156])?;
             let mut sum: u64 = 0;
             for (i, &x) in b.iter().enumerate() {
-                sum += if (148..156).contains(&i) { 32 } else { u64::from(x) };
+                sum += if (148..156).contains(&i) {
+                    32
+                } else {
+                    u64::from(x)
+                };
             }
             if sum != stored {
                 return Err(TarError::Malformed(format!(
@@ -397,7 +419,7 @@ impl<R: Read> TarReader<R> {
                 b'L' | b'K' | b'x' | b'g' => {
                     ext_total += size;
                     if ext_total > self.max_header_bytes {
-                        return Err(TarError::HeaderTooLarge(ext_total));
+                        return Err(TarError::HeaderTooLarge);
                     }
                     let data = self.read_ext(size)?;
                     match flag {
@@ -418,7 +440,11 @@ impl<R: Read> TarReader<R> {
                 b'4' => EntryKind::Block,
                 b'5' => EntryKind::Dir,
                 b'6' => EntryKind::Fifo,
-                b'S' => return Err(TarError::Malformed("GNU sparse entries are not supported".into())),
+                b'S' => {
+                    return Err(TarError::Malformed(
+                        "GNU sparse entries are not supported".into(),
+                    ))
+                }
                 other => {
                     return Err(TarError::Malformed(format!(
                         "unsupported entry type {:?}",
@@ -445,7 +471,10 @@ impl<R: Read> TarReader<R> {
                 mtime: parse_num(&b[136..148])? as i64,
                 size,
                 link: cstr_field(&b[157..257]).to_vec(),
-                dev: (parse_num(&b[329..337])? as u32, parse_num(&b[337..345])? as u32),
+                dev: (
+                    parse_num(&b[329..337])? as u32,
+                    parse_num(&b[337..345])? as u32,
+                ),
                 xattrs: Vec::new(),
             };
             if let Some(n) = long_name {
@@ -492,7 +521,10 @@ impl<R: Read> TarReader<R> {
         let n = (buf.len() as u64).min(self.remaining) as usize;
         let k = self.r.read(&mut buf[..n])?;
         if k == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "archive truncated in file data"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive truncated in file data",
+            ));
         }
         self.remaining -= k as u64;
         Ok(k)
@@ -545,6 +577,6 @@ mod tests {
         w.append(&f, None).unwrap();
         let tar = w.finish().unwrap();
         let mut r = TarReader::new(&tar[..], 1024);
-        assert!(matches!(r.next_header(), Err(TarError::HeaderTooLarge(_))));
+        assert!(matches!(r.next_header(), Err(TarError::HeaderTooLarge)));
     }
 }

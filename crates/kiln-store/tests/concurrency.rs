@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::TestDir;
 use kiln_oci::compression::Compression;
 use kiln_oci::Digest;
 use kiln_store::{ApplyOptions, ExportOptions, FsckProblem, SnapshotState, Store};
@@ -18,7 +19,12 @@ const ROOT_ENV: &str = "KILN_STORE_TEST_ROOT";
 
 fn spawn_child(mode: &str, root: &Path) -> Child {
     Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_process_entry_point", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_process_entry_point",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, mode)
         .env(ROOT_ENV, root)
         .stdout(std::process::Stdio::null())
@@ -56,24 +62,42 @@ fn layer_tar(name: &str, data: &[u8]) -> Vec<u8> {
 fn build_round(store: &Store, i: usize) {
     let lease = store.lease().unwrap();
     let shared = stream_put(store, &blob_bytes(&format!("shared-{i}"), 300_000));
-    let own = stream_put(store, &blob_bytes(&format!("own-{}-{i}", std::process::id()), 200_000));
+    let own = stream_put(
+        store,
+        &blob_bytes(&format!("own-{}-{i}", std::process::id()), 200_000),
+    );
     lease.protect_blob(&own).unwrap();
     let a = store.prepare(None, Some(&lease)).unwrap();
     std::fs::write(a.rootfs.join("f"), format!("{} {i}", std::process::id())).unwrap();
     let id = store.commit(&a).unwrap();
-    let layer = store.export_layer(id, Compression::Gzip, &ExportOptions::default()).unwrap();
+    let layer = store
+        .export_layer(id, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
     // Both processes unpack the same layer: one snapshot per chain must survive.
-    let l = store.content().put_bytes(&layer_tar(&format!("same-{i}"), &blob_bytes("x", 1000))).unwrap();
-    let u = store.unpack_layer(None, &l.digest, &ApplyOptions::default(), Some(&lease)).unwrap();
+    let l = store
+        .content()
+        .put_bytes(&layer_tar(&format!("same-{i}"), &blob_bytes("x", 1000)))
+        .unwrap();
+    let u = store
+        .unpack_layer(None, &l.digest, &ApplyOptions::default(), Some(&lease))
+        .unwrap();
     store
-        .cache_put(format!("key-{i}").as_bytes(), format!("{}", u.0).as_bytes(), &[u], &[shared, layer.digest], 1000)
+        .cache_put(
+            format!("key-{i}").as_bytes(),
+            format!("{}", u.0).as_bytes(),
+            &[u],
+            &[shared, layer.digest],
+            1000,
+        )
         .unwrap();
 }
 
 #[test]
 fn child_process_entry_point() {
     // Not a test on its own: the body of the child processes spawned below.
-    let Ok(mode) = std::env::var(CHILD_ENV) else { return };
+    let Ok(mode) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let root = PathBuf::from(std::env::var(ROOT_ENV).unwrap());
     let store = Store::open(&root).unwrap();
     match mode.as_str() {
@@ -99,7 +123,7 @@ fn child_process_entry_point() {
 
 #[test]
 fn two_processes_building_at_once_leave_a_consistent_store() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let root = tmp.path().join("state");
     Store::open(&root).unwrap();
     let mut kids = [spawn_child("rounds", &root), spawn_child("rounds", &root)];
@@ -112,20 +136,32 @@ fn two_processes_building_at_once_leave_a_consistent_store() {
     assert!(report.is_clean(), "{:#?}", report.problems);
     assert!(report.blobs_checked >= 12 * 3);
     for i in 0..12 {
-        let rec = store.cache_get(format!("key-{i}").as_bytes()).unwrap().expect("cache record");
+        let rec = store
+            .cache_get(format!("key-{i}").as_bytes())
+            .unwrap()
+            .expect("cache record");
         assert_eq!(rec.snapshots.len(), 1);
         let snap = store.snapshot(rec.snapshots[0]).unwrap();
         assert_eq!(snap.state, SnapshotState::Committed);
         // The shared layer was unpacked by both; exactly one snapshot holds its chain.
-        let holders = store.snapshots().unwrap().into_iter().filter(|s| s.chain_id == snap.chain_id).count();
+        let holders = store
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.chain_id == snap.chain_id)
+            .count();
         assert_eq!(holders, 1, "chain {:?} unpacked twice", snap.chain_id);
     }
-    assert_eq!(store.usage().unwrap().leases, 0, "leases outlived their processes");
+    assert_eq!(
+        store.usage().unwrap().leases,
+        0,
+        "leases outlived their processes"
+    );
 }
 
 #[test]
 fn sigkill_mid_commit_leaves_no_partial_blob_and_fsck_repairs_leftovers() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let root = tmp.path().join("state");
     let store = Store::open(&root).unwrap();
     for attempt in 0..4u64 {
@@ -133,7 +169,10 @@ fn sigkill_mid_commit_leaves_no_partial_blob_and_fsck_repairs_leftovers() {
         let progress = root.join(format!("progress-{}", kid.id()));
         let start = Instant::now();
         while !progress.exists() {
-            assert!(start.elapsed() < Duration::from_secs(120), "child made no progress");
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "child made no progress"
+            );
             if let Some(st) = kid.try_wait().unwrap() {
                 panic!("child exited early: {st}");
             }
@@ -148,7 +187,12 @@ fn sigkill_mid_commit_leaves_no_partial_blob_and_fsck_repairs_leftovers() {
         let report = store.fsck(false).unwrap();
         for p in &report.problems {
             assert!(
-                matches!(p, FsckProblem::StaleIngest(_) | FsckProblem::StaleActiveSnapshot { .. } | FsckProblem::DeadLease { .. }),
+                matches!(
+                    p,
+                    FsckProblem::StaleIngest(_)
+                        | FsckProblem::StaleActiveSnapshot { .. }
+                        | FsckProblem::DeadLease { .. }
+                ),
                 "attempt {attempt}: kill left a real inconsistency: {p}"
             );
         }
@@ -162,13 +206,16 @@ fn sigkill_mid_commit_leaves_no_partial_blob_and_fsck_repairs_leftovers() {
         assert_eq!(repaired.repaired, repaired.problems.len());
         let after = store.fsck(false).unwrap();
         assert!(after.is_clean(), "attempt {attempt}: {:#?}", after.problems);
-        eprintln!("attempt {attempt}: leftovers repaired: {:?}", report.problems);
+        eprintln!(
+            "attempt {attempt}: leftovers repaired: {:?}",
+            report.problems
+        );
     }
 }
 
 #[test]
 fn a_blob_with_the_wrong_digest_is_refused_and_never_visible() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = Store::open(tmp.path()).unwrap();
     let data = blob_bytes("x", 100_000);
     let wrong = Digest::sha256_of(b"something else");
@@ -183,17 +230,24 @@ fn a_blob_with_the_wrong_digest_is_refused_and_never_visible() {
     w.write_all(&data).unwrap();
     assert!(w.commit(&Digest::sha256_of(&data), 5).is_err());
     assert!(store.content().list().unwrap().is_empty());
-    assert!(store.content().stale_ingests().unwrap().is_empty(), "refused writes leave no ingest file");
+    assert!(
+        store.content().stale_ingests().unwrap().is_empty(),
+        "refused writes leave no ingest file"
+    );
 }
 
 #[test]
 fn fsck_reports_a_corrupted_blob_and_repair_removes_it() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = Store::open(tmp.path()).unwrap();
     let info = store.content().put_bytes(b"hello").unwrap();
     std::fs::write(store.content().blob_path(&info.digest), b"jello").unwrap();
     let r = store.fsck(false).unwrap();
-    assert!(matches!(&r.problems[..], [FsckProblem::CorruptBlob { digest, .. }] if *digest == info.digest), "{:?}", r.problems);
+    assert!(
+        matches!(&r.problems[..], [FsckProblem::CorruptBlob { digest, .. }] if *digest == info.digest),
+        "{:?}",
+        r.problems
+    );
     store.fsck(true).unwrap();
     assert!(!store.content().has(&info.digest));
     assert!(store.fsck(false).unwrap().is_clean());

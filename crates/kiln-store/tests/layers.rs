@@ -11,12 +11,19 @@ use std::process::Command;
 use common::*;
 use kiln_oci::compression::Compression;
 use kiln_store::{
-    list_layer, ActiveSnapshot, ApplyOptions, EntryKind, ExportOptions, SnapshotId, SnapshotterKind, Store,
-    StoreOptions,
+    list_layer, ActiveSnapshot, ApplyOptions, EntryKind, ExportOptions, SnapshotId,
+    SnapshotterKind, Store, StoreOptions,
 };
 
 fn store_at(dir: &Path, kind: SnapshotterKind) -> Store {
-    Store::open_with(dir, StoreOptions { snapshotter: Some(kind), ..Default::default() }).unwrap()
+    Store::open_with(
+        dir,
+        StoreOptions {
+            snapshotter: Some(kind),
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// A committed base snapshot: busybox plus files the step will change.
@@ -34,7 +41,9 @@ fn base(store: &Store) -> SnapshotId {
 }
 
 /// A file capability blob (VFS_CAP_REVISION_2, cap_net_raw permitted + effective).
-const CAP_NET_RAW: [u8; 20] = [0x01, 0, 0, 0x02, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const CAP_NET_RAW: [u8; 20] = [
+    0x01, 0, 0, 0x02, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
 
 /// The step: a real shell in a chroot writes, deletes, chmods, and replaces a dir; then
 /// direct calls add an owned file with a capability, a hardlink and a symlink.
@@ -77,16 +86,23 @@ fn overlay_step_layer_has_exact_entries_whiteouts_and_opaque_dir_as_root() {
         eprintln!("skipped: needs root for overlayfs and chroot");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let b = base(&store);
     let step = run_step(&store, b);
     let s = store.commit(&step).unwrap();
-    let layer = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
-    assert_eq!(layer.media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+    let layer = store
+        .export_layer(s, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
+    assert_eq!(
+        layer.media_type,
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
     let hs = listing(&store, &layer.digest);
-    let got: Vec<(String, EntryKind)> =
-        hs.iter().map(|h| (String::from_utf8_lossy(&h.path).into_owned(), h.kind)).collect();
+    let got: Vec<(String, EntryKind)> = hs
+        .iter()
+        .map(|h| (String::from_utf8_lossy(&h.path).into_owned(), h.kind))
+        .collect();
     let want: Vec<(String, EntryKind)> = [
         ("data", EntryKind::Dir),
         ("data/.wh..wh..opq", EntryKind::File),
@@ -109,17 +125,27 @@ fn overlay_step_layer_has_exact_entries_whiteouts_and_opaque_dir_as_root() {
     assert_eq!(by("etc/new").size, 6);
     let cap = by("opt/cap");
     assert_eq!((cap.uid, cap.gid, cap.mode), (1000, 1000, 0o4755));
-    assert_eq!(cap.xattrs, vec![(b"security.capability".to_vec(), CAP_NET_RAW.to_vec())]);
+    assert_eq!(
+        cap.xattrs,
+        vec![(b"security.capability".to_vec(), CAP_NET_RAW.to_vec())]
+    );
     assert_eq!(by("opt/cap-link").link, b"opt/cap");
     assert_eq!(by("opt/sym").link, b"cap");
     // No overlay-internal xattr leaks into the layer.
-    assert!(hs.iter().all(|h| h.xattrs.iter().all(|(k, _)| !k.starts_with(b"trusted.overlay."))));
+    assert!(hs.iter().all(|h| h
+        .xattrs
+        .iter()
+        .all(|(k, _)| !k.starts_with(b"trusted.overlay."))));
 
     // Exporting again is a cache hit: same blob, nothing recompressed.
-    let again = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
+    let again = store
+        .export_layer(s, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
     assert_eq!(again, layer);
     // zstd is a second blob of the same diff.
-    let z = store.export_layer(s, Compression::Zstd, &ExportOptions::default()).unwrap();
+    let z = store
+        .export_layer(s, Compression::Zstd, &ExportOptions::default())
+        .unwrap();
     assert_eq!(z.diff_id, layer.diff_id);
     assert_ne!(z.digest, layer.digest);
 }
@@ -130,7 +156,7 @@ fn base_plus_layer_unpacks_to_the_same_tree_in_overlay_and_copy_stores_as_root()
         eprintln!("skipped: needs root for overlayfs and chroot");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let src = store_at(&tmp.path().join("src"), SnapshotterKind::Overlay);
     let b = base(&src);
     let step = run_step(&src, b);
@@ -147,14 +173,25 @@ fn base_plus_layer_unpacks_to_the_same_tree_in_overlay_and_copy_stores_as_root()
             let info = dst.content().put_bytes(&bytes).unwrap();
             assert_eq!(info.digest, l.digest);
         }
-        let ub = dst.unpack_layer(None, &lb.digest, &ApplyOptions::default(), None).unwrap();
-        let us = dst.unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None).unwrap();
+        let ub = dst
+            .unpack_layer(None, &lb.digest, &ApplyOptions::default(), None)
+            .unwrap();
+        let us = dst
+            .unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None)
+            .unwrap();
         // Unpacking the same chain again reuses the snapshot (cached by chain id).
-        assert_eq!(dst.unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None).unwrap(), us);
+        assert_eq!(
+            dst.unpack_layer(Some(ub), &ls.digest, &ApplyOptions::default(), None)
+                .unwrap(),
+            us
+        );
         let got = dst.view(us, None).unwrap();
         assert_same_tree(&want.rootfs, &got.rootfs);
         let rec = dst.snapshot(us).unwrap();
-        assert_eq!(rec.chain_id, Some(kiln_store::chain_id(Some(&lb.diff_id), &ls.diff_id)));
+        assert_eq!(
+            rec.chain_id,
+            Some(kiln_store::chain_id(Some(&lb.diff_id), &ls.diff_id))
+        );
         dst.remove(got.id).unwrap();
         assert!(dst.fsck(false).unwrap().is_clean());
     }
@@ -167,28 +204,52 @@ fn copy_snapshotter_diff_by_tree_compare_lists_changes_and_deletions_as_root() {
         eprintln!("skipped: needs root for chroot");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Copy);
     let b = base(&store);
     let step = run_step(&store, b);
     let s = store.commit(&step).unwrap();
-    let layer = store.export_layer(s, Compression::Gzip, &ExportOptions::default()).unwrap();
+    let layer = store
+        .export_layer(s, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
     let paths: Vec<String> = listing(&store, &layer.digest)
         .iter()
         .map(|h| String::from_utf8_lossy(&h.path).into_owned())
         .collect();
-    for p in ["data", "data/.wh.a", "data/fresh", "data/.wh.sub", "etc/keep", "etc/new", "etc/.wh.old", "opt/cap", "opt/cap-link", "opt/sym"] {
+    for p in [
+        "data",
+        "data/.wh.a",
+        "data/fresh",
+        "data/.wh.sub",
+        "etc/keep",
+        "etc/new",
+        "etc/.wh.old",
+        "opt/cap",
+        "opt/cap-link",
+        "opt/sym",
+    ] {
         assert!(paths.contains(&p.to_owned()), "{p} missing from {paths:?}");
     }
-    assert!(!paths.iter().any(|p| p.starts_with("bin/")), "unchanged files exported: {paths:?}");
+    assert!(
+        !paths.iter().any(|p| p.starts_with("bin/")),
+        "unchanged files exported: {paths:?}"
+    );
     // And it applies back into an overlay store to the same tree.
     let dst = store_at(&tmp.path().join("dst"), SnapshotterKind::Overlay);
-    let lb = store.export_layer(b, Compression::Gzip, &ExportOptions::default()).unwrap();
+    let lb = store
+        .export_layer(b, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
     for l in [&lb, &layer] {
-        dst.content().put_bytes(&fs::read(store.content().blob_path(&l.digest)).unwrap()).unwrap();
+        dst.content()
+            .put_bytes(&fs::read(store.content().blob_path(&l.digest)).unwrap())
+            .unwrap();
     }
-    let ub = dst.unpack_layer(None, &lb.digest, &ApplyOptions::default(), None).unwrap();
-    let us = dst.unpack_layer(Some(ub), &layer.digest, &ApplyOptions::default(), None).unwrap();
+    let ub = dst
+        .unpack_layer(None, &lb.digest, &ApplyOptions::default(), None)
+        .unwrap();
+    let us = dst
+        .unpack_layer(Some(ub), &layer.digest, &ApplyOptions::default(), None)
+        .unwrap();
     let v = dst.view(us, None).unwrap();
     let original = store.view(s, None).unwrap();
     assert_same_tree(&original.rootfs, &v.rootfs);
@@ -201,7 +262,7 @@ fn source_date_epoch_clamps_mtimes_and_makes_layers_reproducible_as_root() {
         eprintln!("skipped: needs root for overlayfs");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let mut digests = Vec::new();
     for _ in 0..2 {
@@ -209,7 +270,11 @@ fn source_date_epoch_clamps_mtimes_and_makes_layers_reproducible_as_root() {
         fs::create_dir(a.rootfs.join("d")).unwrap();
         fs::write(a.rootfs.join("d/f"), "same").unwrap();
         let id = store.commit(&a).unwrap();
-        let opts = ExportOptions { diff: kiln_store::DiffOptions { source_date_epoch: Some(1_000) } };
+        let opts = ExportOptions {
+            diff: kiln_store::DiffOptions {
+                source_date_epoch: Some(1_000),
+            },
+        };
         let l = store.export_layer(id, Compression::Gzip, &opts).unwrap();
         let hs = listing(&store, &l.digest);
         assert!(hs.iter().all(|h| h.mtime <= 1_000));
@@ -225,7 +290,7 @@ fn chain_of_200_layers_mounts_and_shows_every_layer_as_root() {
         eprintln!("skipped: needs root for overlayfs");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let mut parent = None;
     for i in 0..200 {
@@ -239,18 +304,92 @@ fn chain_of_200_layers_mounts_and_shows_every_layer_as_root() {
         parent = Some(store.commit(&a).unwrap());
     }
     // 200 lowerdir paths under this root exceed one page of mount options.
-    let lowers: usize = store.mounts(parent.unwrap()).unwrap()[0].options.iter().map(|o| o.len() + 1).sum();
-    assert!(lowers > 4096, "test does not exercise the long-option path ({lowers} bytes)");
+    let lowers: usize = store.mounts(parent.unwrap()).unwrap()[0]
+        .options
+        .iter()
+        .map(|o| o.len() + 1)
+        .sum();
+    assert!(
+        lowers > 4096,
+        "test does not exercise the long-option path ({lowers} bytes)"
+    );
     let top = store.prepare(parent, None).unwrap();
     let names: Vec<String> = fs::read_dir(&top.rootfs)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.iter().filter(|n| n.starts_with("layer-")).count(), 200);
-    assert_eq!(names.iter().filter(|n| n.starts_with("gone-")).collect::<Vec<_>>(), vec!["gone-199"]);
-    assert_eq!(fs::read_to_string(top.rootfs.join("layer-000")).unwrap(), "0");
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("layer-")).count(),
+        200
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("gone-"))
+            .collect::<Vec<_>>(),
+        vec!["gone-199"]
+    );
+    assert_eq!(
+        fs::read_to_string(top.rootfs.join("layer-000")).unwrap(),
+        "0"
+    );
     let v = store.view(parent.unwrap(), None).unwrap();
     assert!(v.rootfs.join("layer-199").is_file());
     store.remove(v.id).unwrap();
+    store.remove(top.id).unwrap();
+}
+
+#[test]
+fn chains_deeper_than_overlay_can_stack_are_flattened_not_refused_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs");
+        return;
+    }
+    let tmp = TestDir::new();
+    let store = Store::open_with(
+        tmp.path(),
+        StoreOptions {
+            snapshotter: Some(SnapshotterKind::Overlay),
+            max_overlay_layers: Some(8),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut parent = None;
+    for i in 0..20 {
+        let a = store.prepare(parent, None).unwrap();
+        let r = &a.rootfs;
+        fs::write(r.join(format!("layer-{i:02}")), i.to_string()).unwrap();
+        if i > 0 {
+            fs::remove_file(r.join(format!("gone-{:02}", i - 1))).unwrap();
+        }
+        fs::write(r.join(format!("gone-{i:02}")), "x").unwrap();
+        if i == 3 {
+            fs::create_dir_all(r.join("d/old")).unwrap();
+        }
+        if i == 6 {
+            // Replace the dir: an opaque dir in the upper, which flattening must honour.
+            fs::remove_dir_all(r.join("d")).unwrap();
+            fs::create_dir(r.join("d")).unwrap();
+            fs::write(r.join("d/new"), "n").unwrap();
+        }
+        parent = Some(store.commit(&a).unwrap());
+    }
+    let top = store.prepare(parent, None).unwrap();
+    let mut names: Vec<String> = fs::read_dir(&top.rootfs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("layer-{i:02}")).collect();
+    want.push("d".into());
+    want.push("gone-19".into());
+    want.sort();
+    assert_eq!(names, want);
+    let d: Vec<String> = fs::read_dir(top.rootfs.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(d, vec!["new".to_owned()]);
     store.remove(top.id).unwrap();
 }

@@ -8,7 +8,9 @@ use std::fs;
 use std::path::Path;
 
 use common::*;
-use kiln_store::{ApplyOptions, DevicePolicy, SnapshotId, SnapshotterKind, Store, StoreError, StoreOptions};
+use kiln_store::{
+    ApplyOptions, DevicePolicy, SnapshotId, SnapshotterKind, Store, StoreError, StoreOptions,
+};
 
 struct Case {
     name: &'static str,
@@ -53,9 +55,27 @@ fn cases(canary: &Path) -> Vec<Case> {
     bad_sum[148] = b'7';
     let many: Vec<Vec<u8>> = (0..50).map(|i| file(&format!("f{i}"), b"")).collect();
     vec![
-        Case { name: "path traversal", layers: vec![tar(&[file("../escape", b"pwned")])], opts: d(), mentions: "../escape", check: unsafe_entry },
-        Case { name: "nested traversal", layers: vec![tar(&[file("a/../../escape", b"pwned")])], opts: d(), mentions: "..", check: unsafe_entry },
-        Case { name: "absolute path", layers: vec![tar(&[file(&format!("{c}/abs"), b"pwned")])], opts: d(), mentions: "absolute", check: unsafe_entry },
+        Case {
+            name: "path traversal",
+            layers: vec![tar(&[file("../escape", b"pwned")])],
+            opts: d(),
+            mentions: "../escape",
+            check: unsafe_entry,
+        },
+        Case {
+            name: "nested traversal",
+            layers: vec![tar(&[file("a/../../escape", b"pwned")])],
+            opts: d(),
+            mentions: "..",
+            check: unsafe_entry,
+        },
+        Case {
+            name: "absolute path",
+            layers: vec![tar(&[file(&format!("{c}/abs"), b"pwned")])],
+            opts: d(),
+            mentions: "absolute",
+            check: unsafe_entry,
+        },
         Case {
             name: "absolute symlink then write through it",
             layers: vec![tar(&[symlink("evil", &c), file("evil/pwned", b"pwned")])],
@@ -65,20 +85,38 @@ fn cases(canary: &Path) -> Vec<Case> {
         },
         Case {
             name: "relative symlink climbing out then write through it",
-            layers: vec![tar(&[symlink("rel", &deep_up), file("rel/pwned", b"pwned")])],
+            layers: vec![tar(&[
+                symlink("rel", &deep_up),
+                file("rel/pwned", b"pwned"),
+            ])],
             opts: d(),
             mentions: "rel/pwned",
             check: unsafe_entry,
         },
         Case {
             name: "symlink from a lower layer written through by the next layer",
-            layers: vec![tar(&[symlink("evil", &c)]), tar(&[file("evil/pwned", b"pwned")])],
+            layers: vec![
+                tar(&[symlink("evil", &c)]),
+                tar(&[file("evil/pwned", b"pwned")]),
+            ],
             opts: d(),
             mentions: "evil/pwned",
             check: unsafe_entry,
         },
-        Case { name: "hardlink escape", layers: vec![tar(&[hardlink("hl", &format!("../../..{c}/secret"))])], opts: d(), mentions: "hl", check: unsafe_entry },
-        Case { name: "hardlink to absolute path", layers: vec![tar(&[hardlink("hl", &format!("{c}/secret"))])], opts: d(), mentions: "absolute", check: unsafe_entry },
+        Case {
+            name: "hardlink escape",
+            layers: vec![tar(&[hardlink("hl", &format!("../../..{c}/secret"))])],
+            opts: d(),
+            mentions: "hl",
+            check: unsafe_entry,
+        },
+        Case {
+            name: "hardlink to absolute path",
+            layers: vec![tar(&[hardlink("hl", &format!("{c}/secret"))])],
+            opts: d(),
+            mentions: "absolute",
+            check: unsafe_entry,
+        },
         Case {
             name: "hardlink through a symlinked dir",
             layers: vec![tar(&[symlink("evil", &c), hardlink("hl", "evil/secret")])],
@@ -89,13 +127,34 @@ fn cases(canary: &Path) -> Vec<Case> {
         Case {
             name: "device node in an untrusted layer",
             layers: vec![tar(&[raw_entry(b"dev/mem-like", b'3', b"", b"")])],
-            opts: ApplyOptions { devices: DevicePolicy::Reject, ..d() },
+            opts: ApplyOptions {
+                devices: DevicePolicy::Reject,
+                ..d()
+            },
             mentions: "device",
             check: unsafe_entry,
         },
-        Case { name: "duplicate entries", layers: vec![tar(&[file("dup", b"1"), file("dup", b"2")])], opts: d(), mentions: "duplicate", check: unsafe_entry },
-        Case { name: "whiteout of ..", layers: vec![tar(&[file("sub/.wh...", b"")])], opts: d(), mentions: "..", check: unsafe_entry },
-        Case { name: "whiteout of .", layers: vec![tar(&[file(".wh..", b"")])], opts: d(), mentions: "whiteout", check: unsafe_entry },
+        Case {
+            name: "duplicate entries",
+            layers: vec![tar(&[file("dup", b"1"), file("dup", b"2")])],
+            opts: d(),
+            mentions: "duplicate",
+            check: unsafe_entry,
+        },
+        Case {
+            name: "whiteout of ..",
+            layers: vec![tar(&[file("sub/.wh...", b"")])],
+            opts: d(),
+            mentions: "..",
+            check: unsafe_entry,
+        },
+        Case {
+            name: "whiteout of .",
+            layers: vec![tar(&[file(".wh..", b"")])],
+            opts: d(),
+            mentions: "whiteout",
+            check: unsafe_entry,
+        },
         Case {
             name: "oversized PAX header",
             layers: vec![raw_entry_sized(b"PaxHeaders/x", b'x', b"", 100 << 20, b"")],
@@ -110,16 +169,40 @@ fn cases(canary: &Path) -> Vec<Case> {
             mentions: "extended",
             check: limit,
         },
-        Case { name: "truncated gzip", layers: vec![truncated], opts: d(), mentions: "truncated", check: bad_archive },
+        Case {
+            name: "truncated gzip",
+            layers: vec![truncated],
+            opts: d(),
+            mentions: "truncated",
+            check: bad_archive,
+        },
         Case {
             name: "decompression bomb over the byte limit",
             layers: vec![gzip(&tar(&[file("zeros", &vec![0u8; 3 << 20])]))],
-            opts: ApplyOptions { max_total_bytes: 1 << 20, ..d() },
+            opts: ApplyOptions {
+                max_total_bytes: 1 << 20,
+                ..d()
+            },
             mentions: "total size",
             check: limit,
         },
-        Case { name: "too many entries", layers: vec![tar(&many)], opts: ApplyOptions { max_entries: 10, ..d() }, mentions: "number of entries", check: limit },
-        Case { name: "corrupt header checksum", layers: vec![bad_sum], opts: d(), mentions: "checksum", check: bad_archive },
+        Case {
+            name: "too many entries",
+            layers: vec![tar(&many)],
+            opts: ApplyOptions {
+                max_entries: 10,
+                ..d()
+            },
+            mentions: "number of entries",
+            check: limit,
+        },
+        Case {
+            name: "corrupt header checksum",
+            layers: vec![bad_sum],
+            opts: d(),
+            mentions: "checksum",
+            check: bad_archive,
+        },
         Case {
             name: "size field larger than the data",
             layers: vec![raw_entry_sized(b"short", b'0', b"", 10_000, b"only this")],
@@ -135,20 +218,31 @@ fn canary_state(canary: &Path) -> Vec<(String, Vec<u8>)> {
         .unwrap()
         .map(|e| {
             let e = e.unwrap();
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap_or_default())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap_or_default(),
+            )
         })
         .collect();
     v.sort();
     v
 }
 
-fn apply_all(store: &Store, layers: &[Vec<u8>], opts: &ApplyOptions) -> (kiln_oci::Digest, Result<SnapshotId, StoreError>) {
+fn apply_all(
+    store: &Store,
+    layers: &[Vec<u8>],
+    opts: &ApplyOptions,
+) -> (kiln_oci::Digest, Result<SnapshotId, StoreError>) {
     let mut parent = None;
     let mut last = None;
     for (i, l) in layers.iter().enumerate() {
         let info = store.content().put_bytes(l).unwrap();
         last = Some(info.digest.clone());
-        let o = if i + 1 == layers.len() { opts.clone() } else { ApplyOptions::default() };
+        let o = if i + 1 == layers.len() {
+            opts.clone()
+        } else {
+            ApplyOptions::default()
+        };
         match store.unpack_layer(parent, &info.digest, &o, None) {
             Ok(id) => parent = Some(id),
             Err(e) => return (info.digest, Err(e)),
@@ -160,10 +254,12 @@ fn apply_all(store: &Store, layers: &[Vec<u8>], opts: &ApplyOptions) -> (kiln_oc
 #[test]
 fn crafted_layers_are_refused_and_write_nothing_outside_as_root() {
     if !is_root() {
-        eprintln!("skipped: needs root (overlay upper dirs use trusted.* xattrs and whiteout devices)");
+        eprintln!(
+            "skipped: needs root (overlay upper dirs use trusted.* xattrs and whiteout devices)"
+        );
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let canary = tmp.path().join("canary");
     fs::create_dir(&canary).unwrap();
     fs::write(canary.join("secret"), "do not touch").unwrap();
@@ -171,25 +267,58 @@ fn crafted_layers_are_refused_and_write_nothing_outside_as_root() {
     let all = cases(&canary);
     assert!(all.len() >= 12);
     for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
-        let store = Store::open_with(tmp.path().join(format!("store-{kind:?}")), StoreOptions { snapshotter: Some(kind), ..Default::default() }).unwrap();
+        let store = Store::open_with(
+            tmp.path().join(format!("store-{kind:?}")),
+            StoreOptions {
+                snapshotter: Some(kind),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for case in &all {
             let (digest, res) = apply_all(&store, &case.layers, &case.opts);
             let err = match res {
-                Ok(id) => panic!("{kind:?}: case {:?} was accepted as snapshot {id}", case.name),
+                Ok(id) => panic!(
+                    "{kind:?}: case {:?} was accepted as snapshot {id}",
+                    case.name
+                ),
                 Err(e) => e,
             };
             let msg = err.to_string();
             eprintln!("{kind:?} / {}: {msg}", case.name);
-            assert!((case.check)(&err), "{kind:?}: case {:?}: wrong error kind: {msg}", case.name);
-            assert!(msg.contains(&digest.to_string()), "{kind:?}: case {:?}: error does not name the layer: {msg}", case.name);
-            assert!(msg.contains(case.mentions), "{kind:?}: case {:?}: error does not mention {:?}: {msg}", case.name, case.mentions);
-            assert_eq!(canary_state(&canary), before, "{kind:?}: case {:?} wrote outside the rootfs", case.name);
+            assert!(
+                (case.check)(&err),
+                "{kind:?}: case {:?}: wrong error kind: {msg}",
+                case.name
+            );
+            assert!(
+                msg.contains(&digest.to_string()),
+                "{kind:?}: case {:?}: error does not name the layer: {msg}",
+                case.name
+            );
+            assert!(
+                msg.contains(case.mentions),
+                "{kind:?}: case {:?}: error does not mention {:?}: {msg}",
+                case.name,
+                case.mentions
+            );
+            assert_eq!(
+                canary_state(&canary),
+                before,
+                "{kind:?}: case {:?} wrote outside the rootfs",
+                case.name
+            );
             assert!(!tmp.path().join("escape").exists() && !tmp.path().join("pwned").exists());
         }
         // Refused layers leave no half-made snapshots behind.
         let report = store.fsck(false).unwrap();
         assert!(report.is_clean(), "{kind:?}: {:?}", report.problems);
-        let leftovers: Vec<_> = store.snapshots().unwrap().into_iter().filter(|s| s.state != kiln_store::SnapshotState::Committed).collect();
+        let leftovers: Vec<_> = store
+            .snapshots()
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.state != kiln_store::SnapshotState::Committed)
+            .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 }
@@ -200,11 +329,24 @@ fn device_nodes_are_skipped_by_default_and_reported_as_root() {
         eprintln!("skipped: needs root");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let store = Store::open_with(tmp.path(), StoreOptions { snapshotter: Some(SnapshotterKind::Copy), ..Default::default() }).unwrap();
-    let t = tar(&[raw_entry(b"dev/", b'5', b"", b""), raw_entry(b"dev/null-ish", b'3', b"", b""), file("ok", b"ok")]);
+    let tmp = TestDir::new();
+    let store = Store::open_with(
+        tmp.path(),
+        StoreOptions {
+            snapshotter: Some(SnapshotterKind::Copy),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let t = tar(&[
+        raw_entry(b"dev/", b'5', b"", b""),
+        raw_entry(b"dev/null-ish", b'3', b"", b""),
+        file("ok", b"ok"),
+    ]);
     let info = store.content().put_bytes(&t).unwrap();
-    let id = store.unpack_layer(None, &info.digest, &ApplyOptions::default(), None).unwrap();
+    let id = store
+        .unpack_layer(None, &info.digest, &ApplyOptions::default(), None)
+        .unwrap();
     let v = store.view(id, None).unwrap();
     assert!(v.rootfs.join("ok").is_file());
     assert!(fs::symlink_metadata(v.rootfs.join("dev/null-ish")).is_err());
@@ -216,12 +358,19 @@ fn a_file_replacing_an_escaping_symlink_is_written_inside_as_root() {
         eprintln!("skipped: needs root");
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = TestDir::new();
     let canary = tmp.path().join("canary");
     fs::create_dir(&canary).unwrap();
     fs::write(canary.join("secret"), "do not touch").unwrap();
     for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
-        let store = Store::open_with(tmp.path().join(format!("{kind:?}")), StoreOptions { snapshotter: Some(kind), ..Default::default() }).unwrap();
+        let store = Store::open_with(
+            tmp.path().join(format!("{kind:?}")),
+            StoreOptions {
+                snapshotter: Some(kind),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let l1 = tar(&[symlink("link", &format!("{}/secret", canary.display()))]);
         let l2 = tar(&[file("link", b"replaced")]);
         let (_, res) = apply_all(&store, &[l1, l2], &ApplyOptions::default());

@@ -25,7 +25,9 @@ impl Snapshotter for CopySnapshotter {
         let fsd = dir.join("fs");
         fs::create_dir_all(dir).map_err(|e| StoreError::io("creating", dir, e))?;
         match parents.first() {
-            Some(p) => copy_tree(p, &fsd).map_err(|e| StoreError::io("copying parent snapshot", p, e))?,
+            Some(p) => {
+                copy_tree(p, &fsd).map_err(|e| StoreError::io("copying parent snapshot", p, e))?
+            }
             None => fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?,
         }
         Ok(fsd)
@@ -50,14 +52,25 @@ impl Snapshotter for CopySnapshotter {
     }
 
     fn mounts(&self, dir: &Path, parents: &[PathBuf], writable: bool) -> Vec<Mount> {
-        let source = if writable { dir.join("fs") } else { parents.first().cloned().unwrap_or_else(|| dir.join("fs")) };
+        let source = if writable {
+            dir.join("fs")
+        } else {
+            parents.first().cloned().unwrap_or_else(|| dir.join("fs"))
+        };
         let mut options = vec!["rbind".to_owned()];
         options.push(if writable { "rw" } else { "ro" }.to_owned());
-        vec![Mount { fstype: "bind".into(), source, options }]
+        vec![Mount {
+            fstype: "bind".into(),
+            source,
+            options,
+        }]
     }
 
     fn diff_source(&self, dir: &Path, parents: &[PathBuf]) -> DiffSource {
-        DiffSource::Trees { old: parents.first().cloned(), new: dir.join("fs") }
+        DiffSource::Trees {
+            old: parents.first().cloned(),
+            new: dir.join("fs"),
+        }
     }
 
     fn apply_layout(&self) -> ApplyLayout {
@@ -100,7 +113,13 @@ fn copy_entry(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) 
     } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
         let c = sys::cpath(dst)?;
         // SAFETY: valid C string.
-        let r = unsafe { libc::mknod(c.as_ptr(), md.mode() as libc::mode_t, md.rdev() as libc::dev_t) };
+        let r = unsafe {
+            libc::mknod(
+                c.as_ptr(),
+                md.mode() as libc::mode_t,
+                md.rdev() as libc::dev_t,
+            )
+        };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -125,7 +144,10 @@ pub(crate) fn copy_metadata(src: &Path, dst: &Path, md: &fs::Metadata) -> io::Re
         }
     }
     if !md.file_type().is_symlink() {
-        fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(md.mode() & 0o7777))?;
+        fs::set_permissions(
+            dst,
+            std::os::unix::fs::PermissionsExt::from_mode(md.mode() & 0o7777),
+        )?;
     }
     sys::set_times_at(parent.as_fd(), &name, md.mtime(), md.mtime_nsec())
 }

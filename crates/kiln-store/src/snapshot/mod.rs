@@ -13,8 +13,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-pub(crate) use copy::{copy_metadata as copy_meta, copy_one};
 pub use copy::CopySnapshotter;
+pub(crate) use copy::{copy_metadata as copy_meta, copy_one};
 pub use overlay::OverlaySnapshotter;
 
 use crate::error::{Result, StoreError};
@@ -115,7 +115,11 @@ pub trait Snapshotter: Send + Sync + std::fmt::Debug {
     }
 }
 
-fn du(p: &Path, u: &mut SnapshotUsage, seen: &mut std::collections::HashSet<(u64, u64)>) -> io::Result<()> {
+fn du(
+    p: &Path,
+    u: &mut SnapshotUsage,
+    seen: &mut std::collections::HashSet<(u64, u64)>,
+) -> io::Result<()> {
     let md = match fs::symlink_metadata(p) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -20,7 +20,11 @@ pub const MAX_LOWER_LAYERS: usize = 500;
 
 // redirect_dir and metacopy must stay off: with them a renamed dir or a chmod leaves only a
 // pointer in the upper dir, and the upper dir would no longer be a complete layer diff.
-const EXTRA: &[(&str, &str)] = &[("redirect_dir", "off"), ("metacopy", "off"), ("index", "off")];
+const EXTRA: &[(&str, &str)] = &[
+    ("redirect_dir", "off"),
+    ("metacopy", "off"),
+    ("index", "off"),
+];
 
 /// overlayfs snapshots under `<root>/snapshots`.
 #[derive(Debug)]
@@ -40,8 +44,14 @@ impl OverlaySnapshotter {
         Ok(p)
     }
 
-    fn mount(&self, lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Path) -> Result<()> {
-        fs::create_dir_all(target).map_err(|e| StoreError::io("creating mount point", target, e))?;
+    fn mount(
+        &self,
+        lowers: &[PathBuf],
+        upper: Option<(&Path, &Path)>,
+        target: &Path,
+    ) -> Result<()> {
+        fs::create_dir_all(target)
+            .map_err(|e| StoreError::io("creating mount point", target, e))?;
         mount_overlay(lowers, upper, target)
     }
 }
@@ -78,7 +88,12 @@ fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Pat
     }
     let data = data_string(lowers, upper);
     // Paths containing ':' or ',' cannot be written in the legacy option string.
-    let plain = lowers.iter().all(|l| !l.as_os_str().as_bytes().iter().any(|&b| b == b':' || b == b','));
+    let plain = lowers.iter().all(|l| {
+        !l.as_os_str()
+            .as_bytes()
+            .iter()
+            .any(|&b| b == b':' || b == b',')
+    });
     let page = 4096usize;
     let mut first_err = None;
     if plain && data.len() < page {
@@ -88,7 +103,8 @@ fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Pat
         }
     }
     let refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-    match sys::mount_overlay_fsconfig(&refs, upper.map(|u| u.0), upper.map(|u| u.1), EXTRA, target) {
+    match sys::mount_overlay_fsconfig(&refs, upper.map(|u| u.0), upper.map(|u| u.1), EXTRA, target)
+    {
         Ok(()) => Ok(()),
         Err(e) => Err(StoreError::Mount {
             target: target.to_owned(),
@@ -116,7 +132,8 @@ pub(crate) fn probe(snapshots: &Path) -> std::result::Result<(), String> {
             &dir.join("merged"),
         )
         .map_err(|e| e.to_string())?;
-        let seen = fs::read(dir.join("merged/f")).map_err(|e| format!("reading through overlay: {e}"));
+        let seen =
+            fs::read(dir.join("merged/f")).map_err(|e| format!("reading through overlay: {e}"));
         let _ = sys::unmount(&dir.join("merged"));
         match seen {
             Ok(b) if b == b"x" => Ok(()),
@@ -139,7 +156,11 @@ impl Snapshotter for OverlaySnapshotter {
         for d in [&fsd, &work] {
             fs::create_dir_all(d).map_err(|e| StoreError::io("creating", d, e))?;
         }
-        let lowers = if parents.is_empty() { vec![self.empty_lower()?] } else { parents.to_vec() };
+        let lowers = if parents.is_empty() {
+            vec![self.empty_lower()?]
+        } else {
+            parents.to_vec()
+        };
         self.mount(&lowers, Some((&fsd, &work)), &rootfs)?;
         Ok(rootfs)
     }
@@ -168,8 +189,10 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     fn mounts(&self, dir: &Path, parents: &[PathBuf], writable: bool) -> Vec<Mount> {
-        let mut options: Vec<String> =
-            parents.iter().map(|p| format!("lowerdir+={}", p.display())).collect();
+        let mut options: Vec<String> = parents
+            .iter()
+            .map(|p| format!("lowerdir+={}", p.display()))
+            .collect();
         if writable {
             options.push(format!("upperdir={}", dir.join("fs").display()));
             options.push(format!("workdir={}", dir.join("work").display()));
@@ -177,7 +200,11 @@ impl Snapshotter for OverlaySnapshotter {
             options.push("ro".into());
         }
         options.extend(EXTRA.iter().map(|(k, v)| format!("{k}={v}")));
-        vec![Mount { fstype: "overlay".into(), source: PathBuf::from("overlay"), options }]
+        vec![Mount {
+            fstype: "overlay".into(),
+            source: PathBuf::from("overlay"),
+            options,
+        }]
     }
 
     fn diff_source(&self, dir: &Path, _parents: &[PathBuf]) -> DiffSource {

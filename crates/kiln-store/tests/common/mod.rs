@@ -18,9 +18,16 @@ pub fn write_busybox_rootfs(dir: &Path) {
     for d in ["bin", "etc", "tmp", "root", "dev", "proc"] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
-    fs::set_permissions(dir.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    fs::set_permissions(
+        dir.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .unwrap();
     fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
-    let out = std::process::Command::new("/bin/busybox").arg("--list").output().unwrap();
+    let out = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
     for applet in String::from_utf8_lossy(&out.stdout).lines() {
         if applet != "busybox" && !applet.is_empty() {
             let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
@@ -80,7 +87,14 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>, inodes: &mut HashMap<(u6
             format!("symlink->{}", fs::read_link(&p).unwrap().display())
         } else if ft.is_file() {
             let data = fs::read(&p).unwrap();
-            format!("file size={} sha={}", data.len(), kiln_oci::Digest::sha256_of(&data).hex().get(..16).unwrap_or(""))
+            format!(
+                "file size={} sha={}",
+                data.len(),
+                kiln_oci::Digest::sha256_of(&data)
+                    .hex()
+                    .get(..16)
+                    .unwrap_or("")
+            )
         } else if ft.is_char_device() {
             format!("char {}", md.rdev())
         } else if ft.is_block_device() {
@@ -99,7 +113,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>, inodes: &mut HashMap<(u6
                 }
             }
         }
-        let mode = if ft.is_symlink() { 0 } else { md.mode() & 0o7777 };
+        let mode = if ft.is_symlink() {
+            0
+        } else {
+            md.mode() & 0o7777
+        };
         let mtime = if ft.is_symlink() { 0 } else { md.mtime() };
         out.push(format!(
             "{rel}: {kind} mode={mode:o} uid={} gid={} mtime={mtime} xattrs={:?}{link}",
@@ -168,8 +186,50 @@ pub fn tar_end(mut v: Vec<u8>) -> Vec<u8> {
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     use std::io::Write;
-    let opts = kiln_oci::compression::CompressOptions { threads: 1, ..Default::default() };
-    let mut w = kiln_oci::compression::Compressor::new(Vec::new(), kiln_oci::compression::Compression::Gzip, &opts).unwrap();
+    let opts = kiln_oci::compression::CompressOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let mut w = kiln_oci::compression::Compressor::new(
+        Vec::new(),
+        kiln_oci::compression::Compression::Gzip,
+        &opts,
+    )
+    .unwrap();
     w.write_all(data).unwrap();
     w.finish().unwrap()
+}
+
+/// A temp dir that, when dropped (also when a test panics), first unmounts every mount
+/// left under it, so a failing test never leaves overlay mounts behind.
+pub struct TestDir(tempfile::TempDir);
+
+impl TestDir {
+    pub fn new() -> Self {
+        TestDir(tempfile::tempdir().unwrap())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let base = self.0.path().to_string_lossy().into_owned();
+        let mut points: Vec<String> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|p| p.starts_with(&base))
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let c = std::ffi::CString::new(p).unwrap();
+            // SAFETY: valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }

@@ -37,7 +37,10 @@ pub fn run(args: DebugArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
 fn fsck(args: FsckArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let root = &globals.root;
     if !root.join("db").is_dir() {
-        anyhow::bail!("{} holds no kiln state (no db/ directory); pass --root DIR", root.display());
+        anyhow::bail!(
+            "{} holds no kiln state (no db/ directory); pass --root DIR",
+            root.display()
+        );
     }
     let store = kiln_store::Store::open(root)
         .with_context(|| format!("opening the kiln state at {}", root.display()))?;
@@ -50,8 +53,16 @@ fn fsck(args: FsckArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         report.blobs_checked,
         report.snapshots_checked,
         report.problems.len(),
-        if args.repair { format!(", {} repaired", report.repaired) } else { String::new() }
+        if args.repair {
+            format!(", {} repaired", report.repaired)
+        } else {
+            String::new()
+        }
     );
     let remaining = report.problems.len().saturating_sub(report.repaired);
-    Ok(if remaining == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if remaining == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
