@@ -27,6 +27,12 @@ type Resp = Result<Response<Body>, ApiError>;
 /// Writes are batched to this size before a blocking write + hash.
 const WRITE_BATCH: usize = 256 << 10;
 
+/// Batches in flight between the receiving task and the blocking writer (or reader).
+const PIPELINE_DEPTH: usize = 4;
+
+/// Blobs up to this size are read in one blocking call and sent from memory.
+const SMALL_BLOB: u64 = 64 << 10;
+
 /// Streaming sha256 state of one upload: `(bytes hashed, hasher)`, behind a per-upload lock
 /// that also serialises its chunks.
 type UploadHash = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
@@ -398,19 +404,66 @@ async fn get_blob(app: &Arc<App>, name: String, d: String, h: &HeaderMap, head: 
         return finish(b, empty());
     }
     let path = app.store.blob_path(&d);
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::internal("opening blob", e))?;
-    if start > 0 {
-        use tokio::io::AsyncSeekExt;
-        file.seek(io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal("seeking blob", e))?;
+    let opened = blocking("reading blob", move || {
+        use std::io::Read;
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if start > 0 {
+            file.seek(io::SeekFrom::Start(start))?;
+        }
+        if len <= SMALL_BLOB {
+            let mut data = Vec::with_capacity(len as usize);
+            file.take(len).read_to_end(&mut data)?;
+            return Ok(Some((None, Some(Bytes::from(data)))));
+        }
+        Ok(Some((Some(file), None)))
+    })
+    .await?;
+    match opened {
+        // Deleted (GC) between the existence check and the open.
+        None => Err(ApiError::new(Code::BlobUnknown, "blob unknown to registry")
+            .with_detail(serde_json::json!({ "digest": d.to_string() }))),
+        Some((_, Some(data))) => finish(b, full(data)),
+        Some((Some(file), None)) => finish(b, file_body(file, len)),
+        Some((None, None)) => Err(ApiError::internal("reading blob", "nothing opened")),
     }
-    use tokio::io::AsyncReadExt;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024);
-    let body = StreamBody::new(futures::StreamExt::map(stream, |r| r.map(Frame::data)));
-    finish(b, BodyExt::boxed(body))
+}
+
+/// Streams `len` bytes of `file` from its current position: a blocking reader fills
+/// `WRITE_BATCH`-sized buffers ahead of the network (at most `PIPELINE_DEPTH` in flight).
+fn file_body(file: File, len: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(PIPELINE_DEPTH);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = file.take(len);
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(WRITE_BATCH as u64);
+            let mut buf = Vec::with_capacity(n as usize);
+            let item = match (&mut file).take(n).read_to_end(&mut buf) {
+                Ok(0) => Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob shorter than its size",
+                )),
+                Ok(got) => {
+                    left -= got as u64;
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                break; // client gone, or error already reported
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item.map(Frame::data), rx))
+    });
+    BodyExt::boxed(StreamBody::new(stream))
 }
 
 async fn delete_blob(app: &Arc<App>, name: String, d: String) -> Resp {
@@ -434,11 +487,16 @@ struct Sink {
     written: u64,
 }
 
-/// Appends the request body to `sink`, hashing as it goes, in batches on blocking threads.
-/// On a body error (truncated upload, client gone) the sink holds what was written so far.
-async fn append_body(mut sink: Sink, mut body: Incoming, app: &App) -> (Sink, Result<(), String>) {
-    let mut buf: Vec<u8> = Vec::new();
+/// Appends the request body to `sink`, hashing as it goes. A body that fits one batch is
+/// written with a single blocking call; a larger one streams through a bounded channel to a
+/// blocking writer, so receiving, hashing and writing overlap while memory per upload stays
+/// under `WRITE_BATCH * (PIPELINE_DEPTH + 2)`. On a body error (truncated upload, client
+/// gone) the sink holds what was written so far.
+async fn append_body(sink: Sink, mut body: Incoming, app: &App) -> (Sink, Result<(), String>) {
+    let mut buf = bytes::BytesMut::new();
     let mut result = Ok(());
+    let mut writer: Option<(tokio::sync::mpsc::Sender<Bytes>, WriterTask)> = None;
+    let mut sink = Some(sink);
     loop {
         match body.frame().await {
             None => break,
@@ -447,28 +505,68 @@ async fn append_body(mut sink: Sink, mut body: Incoming, app: &App) -> (Sink, Re
                 break;
             }
             Some(Ok(f)) => {
-                if let Ok(data) = f.into_data() {
-                    app.metrics.add_bytes_in(data.len() as u64);
-                    buf.extend_from_slice(&data);
-                    if buf.len() >= WRITE_BATCH {
-                        let chunk = std::mem::take(&mut buf);
-                        match write_chunk(sink, chunk).await {
-                            (s, Ok(())) => sink = s,
-                            (s, Err(e)) => return (s, Err(e)),
-                        }
-                    }
+                let Ok(data) = f.into_data() else { continue };
+                app.metrics.add_bytes_in(data.len() as u64);
+                buf.extend_from_slice(&data);
+                if buf.len() < WRITE_BATCH {
+                    continue;
+                }
+                let chunk = buf.split().freeze();
+                let (tx, _) = writer.get_or_insert_with(|| {
+                    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
+                    let sink = sink.take().expect("sink moves to the writer once");
+                    (
+                        tx,
+                        tokio::task::spawn_blocking(move || write_stream(sink, rx)),
+                    )
+                });
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; its result says why
                 }
             }
         }
     }
-    if result.is_ok() && !buf.is_empty() {
-        let (s, r) = write_chunk(sink, buf).await;
-        return (s, r);
+    match writer {
+        None => {
+            let sink = sink.expect("sink still here without a writer");
+            if result.is_ok() && !buf.is_empty() {
+                return write_chunk(sink, buf.freeze()).await;
+            }
+            (sink, result)
+        }
+        Some((tx, handle)) => {
+            if result.is_ok() && !buf.is_empty() {
+                let _ = tx.send(buf.freeze()).await;
+            }
+            drop(tx);
+            let (sink, wr) = match handle.await {
+                Ok(x) => x,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            (sink, wr.and(result))
+        }
     }
-    (sink, result)
 }
 
-async fn write_chunk(sink: Sink, chunk: Vec<u8>) -> (Sink, Result<(), String>) {
+/// The blocking writer of an upload pipeline; gives the sink back when done.
+type WriterTask = tokio::task::JoinHandle<(Sink, Result<(), String>)>;
+
+/// The blocking half of the upload pipeline: write and hash chunks until the channel closes.
+fn write_stream(
+    mut sink: Sink,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> (Sink, Result<(), String>) {
+    while let Some(chunk) = rx.blocking_recv() {
+        if let Err(e) = sink.file.write_all(&chunk) {
+            return (sink, Err(format!("writing upload: {e}")));
+        }
+        sink.hasher.update(&chunk);
+        sink.written += chunk.len() as u64;
+    }
+    (sink, Ok(()))
+}
+
+async fn write_chunk(sink: Sink, chunk: Bytes) -> (Sink, Result<(), String>) {
     // The sink moves into the blocking task and back; if the task is lost the file is only
     // staged data, never visible.
     let h = tokio::task::spawn_blocking(move || {

@@ -184,6 +184,26 @@ async fn blob_range_requests_return_206_with_content_range() {
 }
 
 #[tokio::test]
+async fn large_blobs_stream_whole_and_in_ranges() {
+    let r = start().await;
+    let data: Vec<u8> = (0..(3 << 20) + 17)
+        .map(|i: u32| (i * 31 % 251) as u8)
+        .collect();
+    let d = r.push_blob("a", &data).await;
+    let whole = r.get(&format!("/v2/a/blobs/{d}")).await;
+    assert_eq!(header(&whole, "Content-Length"), data.len().to_string());
+    assert_eq!(Digest::sha256_of(&whole.bytes().await.unwrap()), d);
+    let resp =
+        r.c.get(r.u(&format!("/v2/a/blobs/{d}")))
+            .header("Range", "bytes=100000-2999999")
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &data[100000..3000000]);
+}
+
+#[tokio::test]
 async fn unsatisfiable_blob_range_is_416() {
     let r = start().await;
     let d = r.push_blob("a", b"0123456789").await;
