@@ -26,6 +26,21 @@ pub use report::render_report;
 pub use store::{HistoryError, HistoryStore, DEFAULT_KEEP};
 pub use trace::chrome_trace;
 
+/// Writes the HTML timeline report of `record` to `path` (for `--report FILE.html`).
+pub fn write_report(record: &BuildRecord, path: &std::path::Path) -> Result<(), HistoryError> {
+    store::write_atomic(path, render_report(record).as_bytes(), "writing report")
+}
+
+/// Writes the Chrome trace-event JSON of `record` to `path` (for `--trace FILE.json`).
+pub fn write_trace(record: &BuildRecord, path: &std::path::Path) -> Result<(), HistoryError> {
+    let json =
+        serde_json::to_vec(&chrome_trace(record)).map_err(|source| HistoryError::Encode {
+            id: record.id.clone(),
+            source,
+        })?;
+    store::write_atomic(path, &json, "writing trace")
+}
+
 /// Formats milliseconds for people: `850ms`, `12.3s`, `4m05s`.
 pub fn format_ms(ms: u64) -> String {
     compare::fmt_ms(ms)

@@ -108,23 +108,7 @@ impl HistoryStore {
             source,
         })?;
         let path = self.dir.join(format!("{}.json", record.id));
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{}-{}", record.id, std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&json)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        if let Err(source) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(HistoryError::Io {
-                action: "writing build record",
-                path,
-                source,
-            });
-        }
+        write_atomic(&path, &json, "writing build record")?;
         self.prune()?;
         Ok(path)
     }
@@ -223,6 +207,37 @@ impl HistoryStore {
         }
         Ok(removed)
     }
+}
+
+/// Writes `bytes` to `path` through a temp file in the same directory and a rename.
+pub(crate) fn write_atomic(
+    path: &Path,
+    bytes: &[u8],
+    action: &'static str,
+) -> Result<(), HistoryError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|source| {
+        let _ = fs::remove_file(&tmp);
+        HistoryError::Io {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 fn parse_record(path: &Path, bytes: &[u8]) -> Result<BuildRecord, HistoryError> {

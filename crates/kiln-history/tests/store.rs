@@ -115,3 +115,23 @@ fn damaged_and_newer_records_give_clear_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn report_and_trace_files_are_written_whole_without_temp_leftovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let record = common::example_cold();
+    let (html, trace) = (dir.path().join("r.html"), dir.path().join("t.json"));
+    kiln_history::write_report(&record, &html).expect("report");
+    kiln_history::write_trace(&record, &trace).expect("trace");
+    assert_eq!(
+        std::fs::read_to_string(&html).expect("read"),
+        kiln_history::render_report(&record)
+    );
+    let parsed: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trace).expect("read")).expect("json");
+    assert_eq!(parsed, kiln_history::chrome_trace(&record));
+    assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 2);
+    let err = kiln_history::write_report(&record, &dir.path().join("missing/r.html"))
+        .expect_err("no such dir");
+    assert!(err.to_string().contains("missing/r.html"), "{err}");
+}
