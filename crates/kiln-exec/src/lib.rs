@@ -4,6 +4,33 @@
 //! Two [`Executor`]s share one [`ExecSpec`]: [`NamespaceExecutor`] (kiln's own, the default)
 //! and [`RuncExecutor`] (drives `runc` with a generated OCI runtime spec). Cache mounts come
 //! from [`CacheMounts`]. The design and setup order are in `docs/exec.md`.
+//!
+//! ```no_run
+//! use kiln_exec::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let caches = CacheMounts::new("/var/lib/kiln/cache-mounts");
+//! let mut req = CacheMountRequest::new("/root/.cache/go-build");
+//! req.sharing = CacheSharing::Locked;
+//! let cache = caches.acquire(&req)?; // held until dropped
+//!
+//! let mut spec = ExecSpec::new("/var/lib/kiln/snapshots/42/merged", vec![
+//!     "/bin/sh".into(), "-c".into(), "go build ./...".into(),
+//! ]);
+//! spec.user = Some("builder".into());
+//! spec.cwd = "/src".into();
+//! spec.mounts.push(MountSpec {
+//!     target: "/root/.cache/go-build".into(),
+//!     kind: MountKind::Cache { source: cache.path().to_path_buf() },
+//! });
+//! spec.mounts.push(MountSpec::secret("npmrc", None, Secret::new("token")));
+//!
+//! // Blocking: from tokio, run this inside `tokio::task::spawn_blocking`.
+//! let mut out = CollectedOutput::default();
+//! let status = NamespaceExecutor::new().run(&spec, &mut out, &CancelToken::new())?;
+//! assert!(status.success());
+//! # Ok(()) }
+//! ```
 
 mod cache;
 mod namespace;

@@ -17,7 +17,9 @@ use crate::output::{cloexec_pipe, supervise};
 #[cfg(test)]
 use crate::prepare::prepare;
 use crate::prepare::{run_prepared, Prepared, ScratchDir};
-use crate::security::{default_cap_mask, default_seccomp_programs, last_cap};
+use crate::security::{
+    current_permitted, default_cap_mask, default_seccomp_programs, last_cap, CapData, CapHeader,
+};
 use crate::spec::{
     CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
     Security,
@@ -207,35 +209,6 @@ pub(crate) fn overlay_escape(p: &Path) -> String {
         out.push(c);
     }
     out
-}
-
-/// The capabilities (permitted set) this process has.
-fn current_permitted() -> u64 {
-    let mut hdr = CapHeader {
-        version: 0x2008_0522,
-        pid: 0,
-    };
-    let mut data = [CapData::default(); 2];
-    // SAFETY: valid header and two data structs, as capget v3 expects.
-    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
-    if r != 0 {
-        return u64::MAX;
-    }
-    u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
 }
 
 fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, ExecError> {

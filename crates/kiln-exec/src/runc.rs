@@ -16,7 +16,8 @@ use crate::output::supervise;
 use crate::prepare::prepare;
 use crate::prepare::{run_prepared, Prepared, ScratchDir};
 use crate::security::{
-    allowed_syscalls, last_cap, personalities, ALL_CAP_NAMES, CLONE_NS_FLAGS, DEFAULT_CAPS,
+    allowed_syscalls, current_permitted, last_cap, personalities, ALL_CAP_NAMES, CLONE_NS_FLAGS,
+    DEFAULT_CAPS,
 };
 use crate::spec::{
     CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
@@ -147,10 +148,14 @@ fn runtime_spec(spec: &ExecSpec, prep: &Prepared, private: &Path) -> Result<Valu
     let caps: Vec<&str> = if sandbox {
         DEFAULT_CAPS.iter().map(|(n, _)| *n).collect()
     } else {
+        // Every capability kiln itself holds: runc cannot grant more.
+        let have = current_permitted();
         ALL_CAP_NAMES
             .iter()
+            .enumerate()
             .take(last_cap() as usize + 1)
-            .copied()
+            .filter(|(i, _)| have & (1u64 << i) != 0)
+            .map(|(_, n)| *n)
             .collect()
     };
     // As in kiln's executor: leaving uid 0 clears the effective and permitted sets.

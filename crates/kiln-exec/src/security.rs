@@ -85,6 +85,37 @@ pub(crate) fn last_cap() -> u32 {
         .unwrap_or(40)
 }
 
+/// The capabilities (permitted set) this process has.
+pub(crate) fn current_permitted() -> u64 {
+    let mut hdr = CapHeader {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: valid header and two data structs, as capget v3 expects.
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) };
+    if r != 0 {
+        return u64::MAX;
+    }
+    u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32)
+}
+
+/// `capget`/`capset` header, version 3.
+#[repr(C)]
+pub(crate) struct CapHeader {
+    pub version: u32,
+    pub pid: i32,
+}
+
+/// `capget`/`capset` data; version 3 takes two (capabilities 0–31 and 32–63).
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+pub(crate) struct CapData {
+    pub effective: u32,
+    pub permitted: u32,
+    pub inheritable: u32,
+}
+
 /// Namespace flags `clone` may not use in the default profile (Docker blocks them without
 /// CAP_SYS_ADMIN): NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
 pub(crate) const CLONE_NS_FLAGS: u64 = 0x7E02_0000;

@@ -119,6 +119,14 @@ fn root_same_user_workdir_and_network_handling_under_kiln_and_runc() {
         s.network = Network::None;
         s
     });
+    compare("security=insecure", &|root: &std::path::Path| {
+        let mut s = sh(
+            root,
+            "grep -E '^(Cap[A-Za-z]+|NoNewPrivs|Seccomp):' /proc/self/status; unshare -m true && echo unshared",
+        );
+        s.security = kiln_exec::Security::Insecure;
+        s
+    });
     compare("env", &|root: &std::path::Path| {
         let mut s = sh(root, "echo \"$FOO|$PATH|$HOME\"");
         s.env = vec![("FOO".into(), "bar baz".into())];
