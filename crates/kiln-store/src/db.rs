@@ -1,11 +1,14 @@
 //! The metadata DB: one redb file, `<root>/db/meta.redb`, shared by every kiln process.
 //!
 //! redb holds an exclusive `flock` on its file for as long as a `Database` is open, so two
-//! processes cannot both keep it open. kiln therefore opens it for each transaction and
-//! closes it right after, serialising processes with a blocking `flock` on `db/lock` (fair,
-//! no busy polling) and threads with a mutex. Transactions are short (a few records), so the
-//! cost is the open + commit: measured in `bench/store` (see docs/store.md). A DB per process
-//! was rejected: every build must see every other build's cache records at once.
+//! processes cannot both keep it open. Each process therefore opens it only while it has
+//! work: a blocking `flock` on `db/lock` orders processes (fair, no busy polling), a mutex
+//! orders threads, and the DB stays open for a burst of transactions until the process has
+//! been idle for `HOLD_IDLE` or has held it for `HOLD_MAX`, then is closed so the next
+//! process gets its turn. Opening and closing cost about three fsyncs (redb marks the file
+//! as needing recovery while open), so holding across a burst saves most of the cost of
+//! the short transactions the solver makes; measured in `bench/store` (docs/store.md). A
+//! DB per process was rejected: every build must see every other build's cache records.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -41,13 +44,41 @@ pub(crate) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("le
 
 /// How long to wait for a DB held by another process before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+/// A process keeps the DB open across a burst of transactions until it has been idle this
+/// long...
+const HOLD_IDLE: Duration = Duration::from_millis(5);
+/// ...or has held it this long, whichever comes first.
+const HOLD_MAX: Duration = Duration::from_millis(50);
 
 /// The shared metadata DB (see the module docs for the locking scheme).
 #[derive(Debug)]
 pub(crate) struct Db {
     path: PathBuf,
     lock_path: PathBuf,
-    in_process: Mutex<()>,
+    held: std::sync::Arc<Mutex<Option<Held>>>,
+    closer_started: std::sync::atomic::AtomicBool,
+}
+
+/// The open DB and the cross-process lock, while this process holds them.
+struct Held {
+    db: Database,
+    _lock: File,
+    opened: Instant,
+    last_used: Instant,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("opened", &self.opened)
+            .finish()
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 pub(crate) fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
@@ -87,7 +118,8 @@ impl Db {
         let db = Db {
             path: dir.join("meta.redb"),
             lock_path: dir.join("lock"),
-            in_process: Mutex::new(()),
+            held: std::sync::Arc::new(Mutex::new(None)),
+            closer_started: std::sync::atomic::AtomicBool::new(false),
         };
         db.write(|tx| {
             tx.open_table(META).map_err(te)?;
@@ -104,8 +136,7 @@ impl Db {
         Ok(db)
     }
 
-    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
-        let _guard = self.in_process.lock().unwrap_or_else(|p| p.into_inner());
+    fn open_held(&self) -> Result<Held> {
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -116,9 +147,16 @@ impl Db {
             .map_err(|e| StoreError::io("locking DB", &self.lock_path, e))?;
         let start = Instant::now();
         let mut delay = Duration::from_millis(1);
-        let db = loop {
+        loop {
             match Database::create(&self.path) {
-                Ok(db) => break db,
+                Ok(db) => {
+                    return Ok(Held {
+                        db,
+                        _lock: lock,
+                        opened: Instant::now(),
+                        last_used: Instant::now(),
+                    })
+                }
                 // Only a process that ignores `db/lock` (an older kiln) can get here.
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if start.elapsed() < LOCK_TIMEOUT => {
                     std::thread::sleep(delay);
@@ -126,11 +164,54 @@ impl Db {
                 }
                 Err(e) => return Err(db_err(&self.path, e)),
             }
-        };
-        let out = f(&db);
-        drop(db);
-        drop::<File>(lock);
+        }
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.is_none() {
+            *held = Some(self.open_held()?);
+            self.start_closer();
+        }
+        let h = held
+            .as_mut()
+            .ok_or_else(|| db_err(&self.path, redb::Error::DatabaseAlreadyOpen))?;
+        let out = f(&h.db);
+        h.last_used = Instant::now();
+        // Give the DB back at once after an error or once this process has held it for
+        // its share; otherwise keep it for the burst of transactions that usually follows.
+        if out.is_err() || h.opened.elapsed() >= HOLD_MAX {
+            *held = None;
+        }
         out
+    }
+
+    /// One thread per DB closes it when this process stops using it for `HOLD_IDLE`, so
+    /// other processes wait at most about `HOLD_MAX` for their turn.
+    fn start_closer(&self) {
+        if self
+            .closer_started
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let held = std::sync::Arc::downgrade(&self.held);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(HOLD_IDLE);
+            let Some(held) = held.upgrade() else { return };
+            let mut g = held.lock().unwrap_or_else(|p| p.into_inner());
+            let idle = g.as_ref().is_some_and(|h| {
+                h.last_used.elapsed() >= HOLD_IDLE || h.opened.elapsed() >= HOLD_MAX
+            });
+            if idle {
+                *g = None;
+            }
+        });
+    }
+
+    /// Closes the DB if this process holds it open (also done on drop).
+    pub(crate) fn release(&self) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Runs `f` in a write transaction and commits it if `f` succeeds.
