@@ -53,7 +53,7 @@ pub struct Outline {
     pub target: String,
     /// Its description comment.
     pub description: String,
-    /// ARGs declared by the needed stages, and global ARGs they use, in order of use.
+    /// ARGs declared by the needed stages, and global ARGs they use, in declaration order.
     pub args: Vec<ArgInfo>,
     /// Secrets mounted by RUN steps.
     pub secrets: Vec<SecretInfo>,
@@ -177,6 +177,10 @@ pub fn lower_with_outline(
     low.results.push(t);
     let target = low.results.len() - 1;
     let decl = &low.stages[target_idx];
+    // Declaration order, independent of the order stages happened to be lowered in.
+    low.outline_args.sort_by_key(|a| a.line);
+    low.secrets.sort_by_key(|s| s.line);
+    low.ssh.sort_by_key(|s| s.line);
     let outline = Outline {
         target: decl.display_name(),
         description: description_of(decl.from),
@@ -1179,7 +1183,11 @@ impl<'a> Lowerer<'a> {
                     default: default_shown,
                     value: value.clone(),
                     description,
-                    line: inst.span.start.line,
+                    // A re-declared global ARG is listed where its default lives.
+                    line: match (&default, global) {
+                        (None, Some(g)) => g.line,
+                        _ => inst.span.start.line,
+                    },
                 });
             }
             shown.push(match &default {

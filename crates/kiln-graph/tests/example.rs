@@ -91,3 +91,21 @@ fn dependency_stages_do_not_depend_on_each_other() {
     assert_eq!(t.config.env_get("APP_ENV"), Some("development"));
     assert_eq!(t.config.env_get("APP_VERSION"), Some("1.0.0"));
 }
+
+#[test]
+fn example_outline_lists_args_in_declaration_order() {
+    let mut o = BuildOptions::for_context("examples");
+    o.target = Some("release".into());
+    let (_, outline) =
+        kiln_graph::lower_with_outline(&example(), &o, &[], &OfflineResolver).unwrap();
+    let names: Vec<&str> = outline.args.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["BASE_IMAGE", "APP_VERSION", "NODE_ENV", "PHP_VERSION"]
+    );
+    assert_eq!(
+        outline.args[1].description,
+        "Version string baked into the application."
+    );
+    assert_eq!(outline.secrets.len(), 1);
+}
