@@ -21,7 +21,7 @@ use crate::security::{
     current_permitted, default_cap_mask, default_seccomp_programs, last_cap, CapData, CapHeader,
 };
 use crate::spec::{
-    CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
+    wipe, CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
     Security,
 };
 
@@ -188,6 +188,20 @@ struct Plan {
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     /// Highest fd to close when `close_range` is missing.
     max_fd: i32,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // Secret file contents and env strings were copied here for the child.
+        for op in &mut self.ops {
+            if let Op::WriteFile { data, .. } = op {
+                wipe(data);
+            }
+        }
+        for e in self._envp.drain(..) {
+            wipe(&mut e.into_bytes());
+        }
+    }
 }
 
 fn cstr(s: &str) -> Result<CString, ExecError> {

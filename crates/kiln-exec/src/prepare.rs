@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::rootfs::{create_workdir, find_command, MountStubs, StubKind};
-use crate::spec::{CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, DEFAULT_PATH};
+use crate::spec::{wipe, CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, DEFAULT_PATH};
 use crate::user::{resolve_user, ResolvedUser};
 
 /// Host files bind-mounted (as private copies) into every container.
@@ -194,6 +194,19 @@ pub(crate) fn run_prepared(
     let status = result?;
     cleaned?;
     Ok(status)
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        // Secret values (kept for output redaction) and env strings (secret env vars).
+        for v in &mut self.secret_values {
+            wipe(v);
+        }
+        for e in &mut self.env {
+            // SAFETY: zero bytes keep the String valid UTF-8.
+            wipe(unsafe { e.as_mut_vec() });
+        }
+    }
 }
 
 /// A private directory for one run's scratch files (removed by `Drop`).

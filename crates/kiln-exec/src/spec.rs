@@ -209,10 +209,15 @@ impl fmt::Debug for Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        for b in self.0.iter_mut() {
-            // Volatile so the zeroing is not optimised away.
-            unsafe { std::ptr::write_volatile(b, 0) };
-        }
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites bytes that may hold a secret before their memory is freed.
+pub(crate) fn wipe(bytes: &mut [u8]) {
+    for b in bytes.iter_mut() {
+        // SAFETY: a valid, exclusive reference; volatile so the write is not optimised away.
+        unsafe { std::ptr::write_volatile(b, 0) };
     }
 }
 
