@@ -13,6 +13,7 @@ mod diff;
 mod error;
 mod flatten;
 mod fsck;
+mod gc;
 pub mod snapshot;
 mod store;
 mod sys;
@@ -23,6 +24,7 @@ pub use content::{BlobInfo, BlobWriter, ContentStore};
 pub use diff::DiffOptions;
 pub use error::{Result, StoreError};
 pub use fsck::{FsckProblem, FsckReport};
+pub use gc::{PruneOptions, PruneReport};
 pub use snapshot::{Mount, SnapshotUsage, Snapshotter, SnapshotterKind};
 pub use store::{
     chain_id, ActiveSnapshot, CacheRecord, ExportOptions, LayerRecord, Lease, SnapshotId,

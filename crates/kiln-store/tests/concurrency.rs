@@ -252,3 +252,64 @@ fn fsck_reports_a_corrupted_blob_and_repair_removes_it() {
     assert!(!store.content().has(&info.digest));
     assert!(store.fsck(false).unwrap().is_clean());
 }
+
+#[test]
+fn prune_deletes_only_what_no_cache_record_lease_or_ref_names() {
+    let tmp = TestDir::new();
+    let store = Store::open_with(
+        tmp.path(),
+        kiln_store::StoreOptions {
+            snapshotter: Some(kiln_store::SnapshotterKind::Copy),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mk = |name: &str| {
+        let a = store.prepare(None, None).unwrap();
+        std::fs::write(a.rootfs.join(name), name).unwrap();
+        let id = store.commit(&a).unwrap();
+        let l = store
+            .export_layer(id, Compression::Gzip, &ExportOptions::default())
+            .unwrap();
+        (id, l.digest)
+    };
+    let (cached, cached_blob) = mk("cached");
+    let (leased, _) = mk("leased");
+    let (garbage, garbage_blob) = mk("garbage");
+    let lease = store.lease().unwrap();
+    lease.protect_snapshot(leased).unwrap();
+    store.cache_put(b"k", b"v", &[cached], &[], 1).unwrap();
+    let manifest = format!(r#"{{"layers":[{{"digest":"{cached_blob}"}}]}}"#);
+    let m = store.content().put_bytes(manifest.as_bytes()).unwrap();
+    store.set_ref("app:latest", &m.digest).unwrap();
+    let loose = store.content().put_bytes(b"nobody needs me").unwrap();
+
+    let opts = kiln_store::PruneOptions {
+        grace: Duration::ZERO,
+        ..Default::default()
+    };
+    let r = store.prune(&opts).unwrap();
+    assert_eq!(r.snapshots, vec![garbage]);
+    let mut gone = r.blobs.clone();
+    gone.sort();
+    let mut want = vec![garbage_blob, loose.digest];
+    want.sort();
+    assert_eq!(gone, want);
+    assert!(store.content().has(&m.digest) && store.content().has(&cached_blob));
+    assert!(store.snapshot(cached).is_ok() && store.snapshot(leased).is_ok());
+    assert!(store.fsck(false).unwrap().is_clean());
+
+    // Dropping the cache record by size frees its snapshot (the ref still keeps the blob).
+    let r = store
+        .prune(&kiln_store::PruneOptions {
+            keep_bytes: Some(0),
+            ..opts.clone()
+        })
+        .unwrap();
+    assert_eq!(r.cache_records, 1);
+    assert_eq!(r.snapshots, vec![cached]);
+    assert!(store.content().has(&cached_blob));
+    drop(lease);
+    assert_eq!(store.prune(&opts).unwrap().snapshots, vec![leased]);
+    assert!(store.fsck(false).unwrap().is_clean());
+}
