@@ -1,2 +1,13 @@
-//! Remote layer cache: the registry cache format (one OCI manifest per ref), export and
-//! import to registries and local OCI layouts.
+//! Remote layer cache: the format of a cache ref (one OCI image manifest whose config blob is
+//! the cache graph and whose layers are the blobs), and its export to and import from
+//! registries and local OCI layouts. See `docs/cache-format.md`.
+
+mod format;
+mod transfer;
+
+pub use format::{
+    CacheFormatError, CacheGraph, CacheLayer, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, FORMAT_VERSION,
+};
+pub use transfer::{
+    export_local, export_registry, import_local, import_registry, ExportReport, TransferError,
+};

@@ -118,6 +118,8 @@ pub struct SolvedBuild {
     pub rootfs: Option<Arc<Rootfs>>,
     /// The worker, for exporters that need snapshots or blobs.
     pub worker: Worker,
+    /// The solver, for cache keys of steps a hit made unnecessary (cache export).
+    pub solver: Solver<Worker>,
 }
 
 /// Lowers the Dockerfile and sets up the worker. Blocking (base images are resolved here).
@@ -232,6 +234,7 @@ impl PlannedBuild {
             graph: self.graph,
             rootfs,
             worker: self.worker,
+            solver,
         })
     }
 }

@@ -70,6 +70,11 @@ pub trait BlobSource: Send + Sync {
     fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError>;
     /// A short name for progress and errors (e.g. `127.0.0.1:5000/app:cache`).
     fn name(&self) -> String;
+    /// The registry repository holding the blobs, when there is one: a push to the same
+    /// registry mounts them from there instead of downloading and re-uploading.
+    fn repository(&self) -> Option<kiln_oci::Reference> {
+        None
+    }
 }
 
 /// A base image, resolved: what `FROM` needs.
@@ -118,6 +123,11 @@ impl Rootfs {
             snapshot: Mutex::new(snapshot),
             source,
         }
+    }
+
+    /// Where blobs that are not local come from.
+    pub fn source(&self) -> Option<&Arc<dyn BlobSource>> {
+        self.source.as_ref()
     }
 
     /// The local snapshot, if one is known.
@@ -216,6 +226,8 @@ struct Inner {
     lease: Lease,
     contexts: Mutex<HashMap<String, Arc<ContextIndex>>>,
     context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+    /// Every key this build hit or computed, with its layers (what a cache export writes).
+    seen: Mutex<HashMap<CacheKey, Vec<Layer>>>,
 }
 
 /// Decides which context paths are sent, from `.dockerignore`-style patterns.
@@ -255,6 +267,7 @@ impl Worker {
                 lease,
                 contexts: Mutex::default(),
                 context_filter,
+                seen: Mutex::default(),
             }),
         })
     }
@@ -267,6 +280,22 @@ impl Worker {
     /// Makes sure `fs` exists as a local snapshot (fetching and unpacking what is missing).
     pub fn materialize(&self, fs: &Rootfs) -> Result<Option<SnapshotId>, WorkerError> {
         self.inner.materialize(fs)
+    }
+
+    /// The layers recorded for `key`: from this build, the local store, or an imported cache.
+    pub fn record_of(&self, key: &CacheKey) -> Option<Vec<Layer>> {
+        if let Some(l) = self.inner.seen.lock().expect("seen records").get(key) {
+            return Some(l.clone());
+        }
+        if let Ok(Some(rec)) = self.inner.store.cache_get(key.to_string().as_bytes()) {
+            if let Ok(c) = serde_json::from_slice::<CachedRootfs>(&rec.value) {
+                return Some(c.layers);
+            }
+        }
+        self.inner
+            .remotes
+            .iter()
+            .find_map(|r| r.lookup(key).map(|(l, _)| l))
     }
 
     /// Makes sure every blob of `fs` is in the local content store.
@@ -868,6 +897,11 @@ impl Engine for Worker {
                             .iter()
                             .all(|l| inner.store.content().has(&l.blob.digest));
                         if snap.is_some() || blobs_ok {
+                            inner
+                                .seen
+                                .lock()
+                                .expect("seen records")
+                                .insert(key.clone(), cached.layers.clone());
                             let fs = Rootfs::new(cached.layers, snap, None);
                             return Ok(Some(Hit {
                                 output: Value::Fs(Arc::new(fs)),
@@ -878,6 +912,11 @@ impl Engine for Worker {
                 }
                 for remote in &inner.remotes {
                     if let Some((layers, source)) = remote.lookup(&key) {
+                        inner
+                            .seen
+                            .lock()
+                            .expect("seen records")
+                            .insert(key.clone(), layers.clone());
                         let name = source.name();
                         let fs = Rootfs::new(layers, None, Some(source));
                         return Ok(Some(Hit {
@@ -959,6 +998,11 @@ impl Engine for Worker {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let Value::Fs(fs) = output else { return Ok(()) };
+                inner
+                    .seen
+                    .lock()
+                    .expect("seen records")
+                    .insert(key.clone(), fs.layers.clone());
                 let value = serde_json::to_vec(&CachedRootfs {
                     layers: fs.layers.clone(),
                 })

@@ -10,20 +10,10 @@ use kiln_oci::config::{EmptyObject, RootFs};
 use kiln_oci::{
     media_type, ContainerConfig, Descriptor, Digest, HealthConfig, History, ImageManifest,
 };
-use serde::{Deserialize, Serialize};
 
-/// One layer of a root filesystem: its uncompressed digest and its stored blob.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layer {
-    /// sha256 of the uncompressed tar (what image configs list as `diff_ids`).
-    pub diff_id: Digest,
-    /// The compressed blob as pushed (media type, digest, size).
-    pub blob: Descriptor,
-    /// When the step that made it ran (RFC 3339); kept with cache records, so a rebuild
-    /// from cache makes the same image config, hence the same image digest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub created: Option<String>,
-}
+/// One layer of a root filesystem: its blob, diff id and creation time. The same type the
+/// remote cache stores, so a record moves between the local store and a cache ref unchanged.
+pub use kiln_cache::CacheLayer as Layer;
 
 /// The image's `created`: the newest of its layers' times, else `fallback`.
 pub fn image_created(layers: &[Layer], fallback: String) -> String {

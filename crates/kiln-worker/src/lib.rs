@@ -10,3 +10,4 @@ pub mod fileop;
 pub mod image;
 pub mod images;
 pub mod registry;
+pub mod remote;

@@ -72,6 +72,10 @@ impl BlobSource for RepositoryBlobs {
     fn name(&self) -> String {
         self.reference.to_string()
     }
+
+    fn repository(&self) -> Option<Reference> {
+        Some(self.reference.clone())
+    }
 }
 
 /// Resolves `FROM` names: images built or imported into the local store first, then the
@@ -151,6 +155,7 @@ pub async fn push_image(
     store: &Store,
     image: &StoredImage,
     names: &[String],
+    mount_from: Option<&Reference>,
 ) -> Result<(), WorkerError> {
     let targets = names
         .iter()
@@ -167,7 +172,7 @@ pub async fn push_image(
         ));
     }
     client
-        .push_image(&targets, &image.manifest, &blobs, None)
+        .push_image(&targets, &image.manifest, &blobs, mount_from)
         .await
         .map_err(|e| image_err(&names.join(","), e))?;
     Ok(())

@@ -8,14 +8,17 @@ use std::sync::Arc;
 use anyhow::Context;
 use kiln_dockerfile::dockerignore::IgnoreMatcher;
 use kiln_dockerfile::Dockerfile;
+use kiln_graph::options::{CacheKind, CacheMode};
 use kiln_graph::options::{OutputKind, OutputSpec};
 use kiln_graph::BuildOptions;
+use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
 use kiln_store::Store;
 use kiln_worker::build::{plan_build, BuildError, BuildInputs, SolvedBuild};
-use kiln_worker::engine::{ContextFilter, ImageProvider};
-use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
+use kiln_worker::engine::{BlobSource, ContextFilter, ImageProvider, RemoteCache, Rootfs};
 use kiln_worker::images::{self, StoredImage};
 use kiln_worker::registry::RegistryImages;
+use kiln_worker::registry::RepositoryBlobs;
+use kiln_worker::remote::{ImportedCache, LayoutBlobs};
 use serde_json::json;
 
 use crate::progress::Progress;
@@ -72,11 +75,17 @@ pub fn execute(
         runtime.handle().clone(),
         store.clone(),
     ));
+    let imported = runtime.block_on(import_caches(opts, &client, runtime.handle()))?;
+    let remotes: Vec<Arc<dyn RemoteCache>> = imported
+        .iter()
+        .map(|(_, c)| c.clone() as Arc<dyn RemoteCache>)
+        .collect();
+    let stats_before = client.stats();
     let inputs = BuildInputs {
         dockerfile,
         dockerignore,
         images,
-        remotes: Vec::new(),
+        remotes,
         context_filter: Arc::new(context_filter),
         source_date_epoch: sde,
     };
@@ -112,8 +121,14 @@ pub fn execute(
         }
     };
     let image = export(opts, &solved, &store, sde, &runtime, &client)?;
+    runtime.block_on(export_caches(opts, &solved, &store, &client, &imported))?;
+    let stats = client.stats();
+    let moved = Moved {
+        downloaded: stats.bytes_received - stats_before.bytes_received,
+        uploaded: stats.bytes_sent - stats_before.bytes_sent,
+    };
     if let Some(path) = &opts.metadata_file {
-        write_metadata(path, image.as_ref(), &progress)?;
+        write_metadata(path, image.as_ref(), &progress, &moved)?;
     }
     let target = solved
         .graph
@@ -123,6 +138,11 @@ pub fn execute(
         .unwrap_or_else(|| format!("stage-{}", solved.graph.target_stage().index));
     if !matches!(opts.progress, kiln_graph::options::ProgressMode::Quiet) {
         eprint!("{}", progress.summary(&format!("built target {target}")));
+        eprintln!(
+            "registry traffic: {} downloaded, {} uploaded",
+            human_bytes(moved.downloaded),
+            human_bytes(moved.uploaded)
+        );
         if let Some(img) = &image {
             eprintln!("image {}", img.manifest.digest);
         }
@@ -202,11 +222,16 @@ fn export(
                         }
                     }
                     _ if o.push || o.kind == OutputKind::Registry => {
-                        if let Some(f) = fs {
+                        let mount_from = mount_source(fs, &o.names);
+                        if let Some(f) = fs.filter(|_| mount_from.is_none()) {
                             solved.worker.fetch_blobs(f)?;
                         }
                         runtime.block_on(kiln_worker::registry::push_image(
-                            client, store, &image, &o.names,
+                            client,
+                            store,
+                            &image,
+                            &o.names,
+                            mount_from.as_ref(),
                         ))?;
                     }
                     _ => {}
@@ -218,12 +243,32 @@ fn export(
     Ok(made)
 }
 
+/// Registry bytes moved by this build.
+struct Moved {
+    downloaded: u64,
+    uploaded: u64,
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.2} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
 fn write_metadata(
     path: &Path,
     image: Option<&StoredImage>,
     progress: &Progress,
+    moved: &Moved,
 ) -> anyhow::Result<()> {
-    let mut v = json!({ "kiln.steps": progress.outcomes() });
+    let mut v = json!({
+        "kiln.steps": progress.outcomes(),
+        "kiln.bytes_downloaded": moved.downloaded,
+        "kiln.bytes_uploaded": moved.uploaded,
+    });
     if let Some(img) = image {
         v["containerimage.digest"] = json!(img.manifest.digest.to_string());
         v["containerimage.config.digest"] = json!(img.config.digest.to_string());
@@ -244,10 +289,180 @@ fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
             if let Ok(r) = n.parse::<kiln_oci::Reference>() {
                 config.hosts.insert(
                     r.registry().to_owned(),
-                    HostConfig { insecure: true, ..HostConfig::default() },
+                    HostConfig {
+                        insecure: true,
+                        ..HostConfig::default()
+                    },
                 );
             }
         }
     }
     RegistryClient::new(config).context("setting up the registry client")
+}
+
+/// The repository to mount `fs`'s blobs from when pushing to `names`: its source, when that
+/// is a repository of the same registry (blobs then never travel through this machine).
+fn mount_source(fs: Option<&Rootfs>, names: &[String]) -> Option<kiln_oci::Reference> {
+    let repo = fs?.source()?.repository()?;
+    let target: kiln_oci::Reference = names.first()?.parse().ok()?;
+    (repo.registry() == target.registry()).then_some(repo)
+}
+
+/// Reads every `--import-cache`, all at once. A missing ref is a warning (a first run); an
+/// unreadable one is an error unless `ignore-error` (the default for imports).
+async fn import_caches(
+    opts: &BuildOptions,
+    client: &RegistryClient,
+    handle: &tokio::runtime::Handle,
+) -> anyhow::Result<Vec<(String, Arc<ImportedCache>)>> {
+    let jobs = opts.cache_imports.iter().map(|spec| async move {
+        let loaded: anyhow::Result<Option<(String, Arc<ImportedCache>)>> = match spec.kind {
+            CacheKind::Registry => {
+                let name = spec
+                    .reference
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("--import-cache type=registry needs ref=REF"))?;
+                let r: kiln_oci::Reference = name
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("--import-cache ref={name}: {e}"))?;
+                match kiln_cache::import_registry(client, &r).await {
+                    Ok(Some(graph)) => {
+                        let source: Arc<dyn BlobSource> =
+                            Arc::new(RepositoryBlobs::new(client.clone(), handle.clone(), r));
+                        Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
+                    }
+                    Ok(None) => {
+                        eprintln!(
+                            "kiln: warning: cache {name} does not exist yet; building without it"
+                        );
+                        Ok(None)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+            CacheKind::Local => {
+                let dir = spec
+                    .src
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("--import-cache type=local needs src=DIR"))?;
+                let tag = spec
+                    .attrs
+                    .get("tag")
+                    .cloned()
+                    .unwrap_or_else(|| "latest".into());
+                match kiln_cache::import_local(&dir, &tag)? {
+                    Some((graph, _)) => {
+                        let source: Arc<dyn BlobSource> = Arc::new(LayoutBlobs::new(dir.clone()));
+                        let name = dir.display().to_string();
+                        Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
+                    }
+                    None => {
+                        eprintln!(
+                            "kiln: warning: no cache in {}; building without it",
+                            dir.display()
+                        );
+                        Ok(None)
+                    }
+                }
+            }
+            CacheKind::Inline => Ok(None),
+        };
+        match loaded {
+            Err(e) if spec.ignore_error => {
+                eprintln!("kiln: warning: cache import failed, building without it: {e:#}");
+                Ok(None)
+            }
+            other => other,
+        }
+    });
+    let mut out = Vec::new();
+    for r in futures::future::join_all(jobs).await {
+        if let Some(c) = r? {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Writes every `--export-cache`. With `ignore-error=true` a failure is a warning.
+async fn export_caches(
+    opts: &BuildOptions,
+    solved: &SolvedBuild,
+    store: &Store,
+    client: &RegistryClient,
+    imported: &[(String, Arc<ImportedCache>)],
+) -> anyhow::Result<()> {
+    for spec in &opts.cache_exports {
+        let started = std::time::Instant::now();
+        let result: anyhow::Result<String> = async {
+            let max = spec.mode == CacheMode::Max;
+            let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
+            let blob_file = |d: &kiln_oci::Digest| {
+                let p = store.content().blob_path(d);
+                p.is_file().then_some(p)
+            };
+            match spec.kind {
+                CacheKind::Registry => {
+                    let name = spec.reference.clone().ok_or_else(|| {
+                        anyhow::anyhow!("--export-cache type=registry needs ref=REF")
+                    })?;
+                    let r: kiln_oci::Reference = name
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("--export-cache ref={name}: {e}"))?;
+                    // Keep what other builds (branches, targets) recorded under the same ref.
+                    if let Some((_, c)) = imported.iter().find(|(n, _)| *n == name) {
+                        graph.merge_missing(c.graph());
+                    }
+                    let mount_from = imported
+                        .iter()
+                        .filter_map(|(_, c)| c.source().repository())
+                        .find(|m| m.registry() == r.registry());
+                    let report = kiln_cache::export_registry(
+                        client,
+                        &r,
+                        graph,
+                        &blob_file,
+                        mount_from.as_ref(),
+                    )
+                    .await?;
+                    Ok(format!(
+                        "{} records, {} blobs to {name}",
+                        report.records, report.blobs
+                    ))
+                }
+                CacheKind::Local => {
+                    let dir = spec.dest.clone().ok_or_else(|| {
+                        anyhow::anyhow!("--export-cache type=local needs dest=DIR")
+                    })?;
+                    let tag = spec
+                        .attrs
+                        .get("tag")
+                        .cloned()
+                        .unwrap_or_else(|| "latest".into());
+                    let report = kiln_cache::export_local(&dir, &tag, &graph, &blob_file)?;
+                    Ok(format!(
+                        "{} records, {} blobs to {}",
+                        report.records,
+                        report.blobs,
+                        dir.display()
+                    ))
+                }
+                CacheKind::Inline => {
+                    Ok("inline cache is not supported yet; nothing exported".to_owned())
+                }
+            }
+        }
+        .await;
+        match result {
+            Ok(what) => eprintln!(
+                "cache exported in {:.1}s: {what}",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) if spec.ignore_error => {
+                eprintln!("kiln: warning: cache export failed (ignore-error=true): {e:#}")
+            }
+            Err(e) => return Err(e.context("exporting the build cache")),
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,136 @@
+//! Imported remote caches as the engine sees them, and what a cache export holds.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiln_cache::CacheGraph;
+use kiln_graph::graph::Op;
+use kiln_oci::Descriptor;
+use kiln_solver::CacheKey;
+use kiln_store::Store;
+
+use crate::build::SolvedBuild;
+use crate::engine::{BlobSource, RemoteCache, WorkerError};
+use crate::image::Layer;
+
+/// A cache graph read from a registry ref or a local layout, with where its blobs are.
+pub struct ImportedCache {
+    graph: CacheGraph,
+    source: Arc<dyn BlobSource>,
+}
+
+impl ImportedCache {
+    /// A cache whose blobs `source` fetches.
+    pub fn new(graph: CacheGraph, source: Arc<dyn BlobSource>) -> Self {
+        ImportedCache { graph, source }
+    }
+
+    /// The graph as imported.
+    pub fn graph(&self) -> &CacheGraph {
+        &self.graph
+    }
+
+    /// Where its blobs come from.
+    pub fn source(&self) -> &Arc<dyn BlobSource> {
+        &self.source
+    }
+}
+
+impl RemoteCache for ImportedCache {
+    fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)> {
+        self.graph
+            .lookup(&key.to_string())
+            .map(|l| (l, self.source.clone()))
+    }
+}
+
+/// Blobs of a local OCI layout (`--import-cache type=local,src=DIR`).
+pub struct LayoutBlobs {
+    dir: PathBuf,
+}
+
+impl LayoutBlobs {
+    /// Blobs under `dir/blobs/<alg>/<hex>`.
+    pub fn new(dir: PathBuf) -> Self {
+        LayoutBlobs { dir }
+    }
+}
+
+impl BlobSource for LayoutBlobs {
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+        let path = self
+            .dir
+            .join("blobs")
+            .join(blob.digest.algorithm().name())
+            .join(blob.digest.hex());
+        let mut f = std::fs::File::open(&path).map_err(|e| WorkerError::Io {
+            what: "opening cache blob",
+            path: path.clone(),
+            source: e,
+        })?;
+        let mut w = store.content().writer()?;
+        io::copy(&mut f, &mut w).map_err(|e| WorkerError::Io {
+            what: "copying cache blob",
+            path: path.clone(),
+            source: e,
+        })?;
+        // The content store verifies size and digest before the blob becomes visible.
+        w.commit(&blob.digest, blob.size)?;
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        self.dir.display().to_string()
+    }
+}
+
+/// Which steps a cache export covers: `max` every step of the build, `min` only those whose
+/// layers make up the exported image.
+pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph, WorkerError> {
+    let graph = &solved.graph;
+    let mut nodes: Vec<usize> = Vec::new();
+    if max {
+        nodes.extend(
+            graph
+                .vertices
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| {
+                    !matches!(
+                        v.op,
+                        Op::Local(_) | Op::Image(_) | Op::OciLayout(_) | Op::Http(_)
+                    )
+                })
+                .map(|(i, _)| i),
+        );
+    } else {
+        // Follow the target's root filesystem down its chain of steps.
+        let mut cur = graph.target_stage().root.map(|r| r.index());
+        while let Some(n) = cur {
+            let v = &graph.vertices[n];
+            let base = match &v.op {
+                Op::Exec(e) => e.rootfs,
+                Op::Copy(c) => c.dest_base,
+                Op::Mkdir(m) => m.rootfs,
+                _ => break,
+            };
+            nodes.push(n);
+            cur = base
+                .and_then(|i| v.inputs.get(i as usize))
+                .map(|id| id.index());
+        }
+    }
+    let mut out = CacheGraph::new();
+    for n in nodes {
+        let key = solved
+            .solver
+            .key(n)
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))?;
+        if let Some(layers) = solved.worker.record_of(&key) {
+            out.add(&key.to_string(), &layers);
+        }
+    }
+    Ok(out)
+}
