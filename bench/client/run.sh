@@ -63,6 +63,7 @@ for img in big many; do
         t1=$(now)
         rm -rf "$out"
         times+=("$(echo "$t1 - $t0" | bc -l)")
+        echo "  $img $tool $op #$i: ${times[-1]} s" >&2
       done
       RESULT[$img/$tool/$op]=$(printf '%s\n' "${times[@]}" | median)
     done
