@@ -393,3 +393,47 @@ fn chains_deeper_than_overlay_can_stack_are_flattened_not_refused_as_root() {
     assert_eq!(d, vec!["new".to_owned()]);
     store.remove(top.id).unwrap();
 }
+
+#[test]
+fn several_layers_export_at_once_in_order_and_are_remembered_as_root() {
+    if !is_root() {
+        eprintln!("skipped: needs root for overlayfs");
+        return;
+    }
+    let tmp = TestDir::new();
+    let store = store_at(tmp.path(), SnapshotterKind::Overlay);
+    let mut ids = Vec::new();
+    let mut parent = None;
+    for i in 0..4 {
+        let a = store.prepare(parent, None).unwrap();
+        // Big enough to be cut into several parallel gzip members.
+        let data: Vec<u8> = (0..6_000_000u32)
+            .map(|x| (x.wrapping_mul(2654435761) >> (i + 20)) as u8)
+            .collect();
+        fs::write(a.rootfs.join(format!("f{i}")), &data).unwrap();
+        let id = store.commit(&a).unwrap();
+        ids.push(id);
+        parent = Some(id);
+    }
+    let all = store
+        .export_layers(&ids, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
+    for (id, l) in ids.iter().zip(&all) {
+        let hs = listing(&store, &l.digest);
+        assert_eq!(hs.len(), 1);
+        assert_eq!(hs[0].path, format!("f{}", id.0 - ids[0].0).into_bytes());
+        assert_eq!(
+            store
+                .export_layer(*id, Compression::Gzip, &ExportOptions::default())
+                .unwrap(),
+            *l
+        );
+        assert_eq!(
+            store
+                .layer_blob(&l.diff_id, Compression::Gzip)
+                .unwrap()
+                .as_ref(),
+            Some(l)
+        );
+    }
+}
