@@ -523,7 +523,13 @@ impl<'a> Lowerer<'a> {
         // Named context replacing the whole stage.
         if let Some(name) = &decl.name {
             if let Some(nc) = self.opts.named_contexts.get(name).cloned() {
-                let (root, config) = self.named_context_source(name, &nc, &display, from_span)?;
+                let (root, config) = self.named_context_source(
+                    name,
+                    &nc,
+                    &display,
+                    Some(display.clone()),
+                    from_span,
+                )?;
                 return Ok(StageResult {
                     index: idx,
                     name: decl.name.clone(),
@@ -592,7 +598,7 @@ impl<'a> Lowerer<'a> {
                 .map(|(_, v)| v.clone())
         }) {
             let desc = format!("[{display} 1/{total}] FROM {base}");
-            self.named_context_source(&base, &nc, &desc, from_span)?
+            self.named_context_source(&base, &nc, &desc, Some(display.clone()), from_span)?
         } else if base == "scratch" {
             (None, ImageConfig::default())
         } else {
@@ -693,6 +699,7 @@ impl<'a> Lowerer<'a> {
         name: &str,
         nc: &NamedContext,
         desc: &str,
+        stage: Option<String>,
         span: Span,
     ) -> Result<(Option<VertexId>, ImageConfig), FrontendError> {
         let platform = self.target_platform.clone();
@@ -702,7 +709,7 @@ impl<'a> Lowerer<'a> {
             } else {
                 format!("[{desc}] load build context {name}")
             },
-            stage: None,
+            stage,
             span: Some(source_span(span)),
             ignore_cache: false,
         };
@@ -821,7 +828,7 @@ impl<'a> Lowerer<'a> {
             return Ok(self.results[r].root);
         }
         if let Some(nc) = self.opts.named_contexts.get(from).cloned() {
-            let (root, _) = self.named_context_source(from, &nc, "internal", span)?;
+            let (root, _) = self.named_context_source(from, &nc, "internal", None, span)?;
             return Ok(root);
         }
         if from == "scratch" {

@@ -390,3 +390,79 @@ fn build_help_shows_both_spellings() {
         assert!(text.contains(flag), "missing {flag}");
     }
 }
+
+#[test]
+fn call_outline_text_snapshot() {
+    let o = kiln(&["build", &ex(), "--target", "release", "--call", "outline"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = "TARGET:      release
+DESCRIPTION: release is the slim production image.
+
+BUILD ARG    VALUE           DESCRIPTION
+BASE_IMAGE   busybox:latest  The base image. kiln's own tests build it from Debian's busybox-static, so every stage below uses busybox tools only.
+APP_VERSION  1.0.0           Version string baked into the application.
+NODE_ENV     production
+PHP_VERSION  8.3
+
+SECRET          REQUIRED
+composer_auth
+
+";
+    assert_eq!(stdout(&o), expected);
+}
+
+#[test]
+fn build_context_replacing_a_stage_skips_its_steps_in_the_plan() {
+    let v = json(&kiln(&[
+        "build",
+        &ex(),
+        "--target",
+        "app",
+        "--build-context",
+        "composer-deps=docker-image://busybox:1.36",
+        "--dry-run=json",
+    ]));
+    let steps = v["steps"].as_array().unwrap();
+    let composer: Vec<&str> = steps
+        .iter()
+        .filter(|s| s["stage"] == "composer-deps")
+        .map(|s| s["description"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        composer,
+        ["[composer-deps] load build context composer-deps"]
+    );
+    assert_eq!(
+        v["stages"][3]["depends_on"],
+        serde_json::json!(["composer-deps", "npm-deps", "php-ext"])
+    );
+}
+
+#[test]
+fn buildctl_filename_opt_and_build_args_reach_the_frontend() {
+    let d = temp_project("FROM busybox\n");
+    std::fs::write(
+        d.path().join("Custom.dockerfile"),
+        "ARG V=default\nFROM busybox:${V}\n",
+    )
+    .unwrap();
+    let ctx = d.path().display().to_string();
+    let v = json(&kiln(&[
+        "build",
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        &format!("context={ctx}"),
+        "--local",
+        &format!("dockerfile={ctx}"),
+        "--opt",
+        "filename=Custom.dockerfile",
+        "--opt",
+        "build-arg:V=1.36",
+        "--dry-run=json",
+    ]));
+    assert_eq!(
+        v["steps"][0]["description"],
+        "[stage-0 1/1] FROM docker.io/library/busybox:1.36"
+    );
+}

@@ -278,7 +278,7 @@ fn print_targets(t: &[kiln_graph::TargetInfo], json: bool) -> anyhow::Result<()>
     let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
     println!("{:w$}  DESCRIPTION", "TARGET");
     for (n, d) in rows {
-        println!("{n:w$}  {d}");
+        println!("{}", format!("{n:w$}  {d}").trim_end());
     }
     Ok(())
 }
@@ -310,26 +310,25 @@ fn print_outline(o: &kiln_graph::Outline, json: bool) -> anyhow::Result<()> {
             .max(5);
         println!("{:w$}  {:vw$}  DESCRIPTION", "BUILD ARG", "VALUE");
         for a in &o.args {
-            println!(
-                "{:w$}  {:vw$}  {}",
-                a.name,
-                a.value.as_deref().unwrap_or(""),
-                a.description
-            );
+            let value = a.value.as_deref().unwrap_or("");
+            let line = format!("{:w$}  {value:vw$}  {}", a.name, a.description);
+            println!("{}", line.trim_end());
         }
         println!();
     }
     if !o.secrets.is_empty() {
         println!("SECRET{}", " ".repeat(10) + "REQUIRED");
         for s in &o.secrets {
-            println!("{:16}{}", s.id, if s.required { "true" } else { "" });
+            let line = format!("{:16}{}", s.id, if s.required { "true" } else { "" });
+            println!("{}", line.trim_end());
         }
         println!();
     }
     if !o.ssh.is_empty() {
         println!("SSH{}", " ".repeat(13) + "REQUIRED");
         for s in &o.ssh {
-            println!("{:16}{}", s.id, if s.required { "true" } else { "" });
+            let line = format!("{:16}{}", s.id, if s.required { "true" } else { "" });
+            println!("{}", line.trim_end());
         }
     }
     Ok(())
