@@ -716,8 +716,8 @@ impl Store {
                     ApplyTarget::Merged,
                 ),
             };
-            let (kind, reader) = decompressing_reader(BufReader::with_capacity(1 << 20, file))
-                .map_err(|e| StoreError::BadArchive {
+            let (kind, reader) =
+                decompress_in_thread(file).map_err(|e| StoreError::BadArchive {
                     layer: blob.to_string(),
                     reason: format!("reading compression header: {e}"),
                 })?;
@@ -1145,4 +1145,84 @@ fn sync_fs(dir: &Path) -> Result<()> {
         return Err(StoreError::io("syncing", dir, io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// Reads chunks a decompressing thread sends, so decompression and extraction use two
+/// cores the way `gzip -d | tar -x` does.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.recv() {
+                Ok(Ok(chunk)) => {
+                    self.buf = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0), // sender finished: end of stream
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Detects the blob's compression and decompresses it on a helper thread.
+fn decompress_in_thread(file: fs::File) -> io::Result<(Compression, ChannelReader)> {
+    let (kind_tx, kind_rx) = std::sync::mpsc::sync_channel::<io::Result<Compression>>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(8);
+    std::thread::spawn(move || {
+        let (kind, mut r) = match decompressing_reader(BufReader::with_capacity(1 << 20, file)) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = kind_tx.send(Err(e));
+                return;
+            }
+        };
+        if kind_tx.send(Ok(kind)).is_err() {
+            return;
+        }
+        loop {
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut filled = 0;
+            // Fill whole chunks so the channel carries few, large messages.
+            while filled < chunk.len() {
+                match r.read(&mut chunk[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if filled == 0 {
+                return;
+            }
+            chunk.truncate(filled);
+            // The extractor stopped (error or done): stop decompressing.
+            if tx.send(Ok(chunk)).is_err() {
+                return;
+            }
+        }
+    });
+    let kind = kind_rx
+        .recv()
+        .map_err(|_| io::Error::other("decompression thread stopped"))??;
+    Ok((
+        kind,
+        ChannelReader {
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        },
+    ))
 }
