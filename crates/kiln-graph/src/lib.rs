@@ -2,24 +2,26 @@
 //! a graph of vertices (image source, local context, exec, file copy, image-config edits).
 //!
 //! No filesystem or network access happens here: base-image configs come through
-//! [`ImageConfigResolver`], the `.dockerignore` text and the Dockerfile text through arguments.
+//! [`ImageConfigResolver`], the `.dockerignore` patterns and the parsed Dockerfile through
+//! arguments. `docs/frontend.md` describes the types and the scoping rules.
 
-pub mod graph;
-pub mod options;
-pub mod platform;
+#![warn(missing_docs)]
 
-pub use graph::{BuildGraph, ImageConfig, Op, Vertex, VertexId};
-pub use options::{BuildOptions, OptionError, RawBuildFlags};
-pub use platform::Platform;
 pub mod error;
 pub mod frontend;
+pub mod graph;
+pub mod options;
+pub mod plan;
+pub mod platform;
 pub mod reference;
 pub mod resolver;
 mod stages;
 
 pub use error::FrontendError;
 pub use frontend::{lower, lower_with_outline, ArgInfo, Outline, SecretInfo};
+pub use graph::{BuildGraph, ImageConfig, Op, Vertex, VertexId};
+pub use options::{BuildOptions, OptionError, RawBuildFlags};
+pub use plan::{plan, Plan};
+pub use platform::Platform;
 pub use resolver::{ImageConfigResolver, OfflineResolver, ResolveError, ResolvedImage};
 pub use stages::{targets, TargetInfo};
-pub mod plan;
-pub use plan::{plan, Plan};
