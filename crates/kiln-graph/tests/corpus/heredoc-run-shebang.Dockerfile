@@ -1,0 +1,5 @@
+FROM busybox
+RUN <<SCRIPT
+#!/bin/sh
+echo from a shebang script
+SCRIPT
