@@ -368,7 +368,13 @@ impl<'a> Lowerer<'a> {
                     None => None,
                 };
                 let name = self.expand(&name, span, &self.global_lookup())?;
-                let value = self.opts.build_args.get(&name).cloned().or(default_val);
+                let value = self
+                    .opts
+                    .build_args
+                    .get(&name)
+                    .cloned()
+                    .or(default_val)
+                    .or_else(|| self.builtins.get(&name).cloned());
                 self.globals.push(GlobalArg {
                     name,
                     value,
@@ -541,14 +547,16 @@ impl<'a> Lowerer<'a> {
         }
 
         // FROM: expand base and platform with the global ARGs and built-ins.
+        // Global ARGs this FROM line really references (not built-ins) go into the outline.
+        let mut referenced = BTreeSet::new();
+        for word in std::iter::once(&decl.base).chain(decl.platform.as_ref()) {
+            if let Ok(e) = self.lexer.expand(word, &self.global_lookup()) {
+                referenced.extend(e.used);
+                referenced.extend(e.unset);
+            }
+        }
         for g in &self.globals.clone() {
-            let used = decl.base.contains(&format!("${}", g.name))
-                || decl.base.contains(&format!("${{{}", g.name))
-                || decl
-                    .platform
-                    .as_deref()
-                    .is_some_and(|p| p.contains(&g.name));
-            if used {
+            if referenced.contains(&g.name) && !self.builtins.contains_key(&g.name) {
                 self.note_arg(ArgInfo {
                     name: g.name.clone(),
                     default: g.default.clone(),

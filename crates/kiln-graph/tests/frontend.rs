@@ -729,3 +729,10 @@ fn a_long_chain_of_stages_lowers_without_deep_recursion() {
         assert!(v.inputs.iter().all(|x| x.index() < i));
     }
 }
+
+#[test]
+fn global_arg_redeclaring_a_builtin_keeps_its_value() {
+    let g = graph("ARG TARGETARCH\nFROM --platform=linux/${TARGETARCH} busybox\nARG TARGETARCH\nENV A=$TARGETARCH\n");
+    assert_eq!(g.target_stage().platform.to_string(), "linux/amd64");
+    assert_eq!(g.target_stage().config.env_get("A"), Some("amd64"));
+}
