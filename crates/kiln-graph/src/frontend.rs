@@ -245,6 +245,9 @@ struct StageState {
     index: usize,
     root: Option<VertexId>,
     config: ImageConfig,
+    /// The build state's env (expansion and RUN): starts as the image env, then ENV and ARG
+    /// values in order. Only `env` is used; an `ImageConfig` gives its set/get helpers.
+    env: ImageConfig,
     /// Declared ARGs in scope, with their values.
     args: Vec<(String, Option<String>)>,
     cmd_set: bool,
@@ -255,15 +258,9 @@ struct StageState {
 }
 
 impl StageState {
+    /// Expansion sees the build state's env: ENV and ARG values, the later one winning.
     fn lookup(&self, name: &str) -> Option<String> {
-        if let Some(v) = self.config.env_get(name) {
-            return Some(v.to_string());
-        }
-        self.args
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.clone())
+        self.env.env_get(name).map(String::from)
     }
 
     fn shell(&self) -> Vec<String> {
@@ -273,26 +270,17 @@ impl StageState {
             .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
     }
 
-    /// Environment for RUN: image env, then ARGs with a value that ENV does not shadow.
+    /// Environment for RUN: the build state's env (image env, then ENV and ARG values in
+    /// the order they were set, a later one replacing an earlier one in place), then proxy
+    /// build args not already set.
     fn run_env(&self, proxies: &[(String, String)]) -> Vec<String> {
-        let mut env = self.config.env.clone();
-        let mut seen: BTreeSet<String> = env
-            .iter()
-            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k.to_string()))
-            .collect();
-        for (k, v) in self.args.iter().rev() {
-            if let Some(v) = v {
-                if seen.insert(k.clone()) {
-                    env.push(format!("{k}={v}"));
-                }
-            }
-        }
+        let mut env = self.env.clone();
         for (k, v) in proxies {
-            if seen.insert(k.clone()) {
-                env.push(format!("{k}={v}"));
+            if env.env_get(k).is_none() {
+                env.env_set(k, v);
             }
         }
-        env
+        env.env
     }
 }
 
@@ -678,6 +666,10 @@ impl<'a> Lowerer<'a> {
             display: display.clone(),
             index: idx,
             root,
+            env: ImageConfig {
+                env: config.env.clone(),
+                ..ImageConfig::default()
+            },
             config,
             args: Vec::new(),
             cmd_set: false,
@@ -963,6 +955,7 @@ impl<'a> Lowerer<'a> {
                     .join(" ");
                 for (k, v) in set {
                     st.config.env_set(&k, &v);
+                    st.env.env_set(&k, &v);
                 }
                 Self::history(st, format!("ENV {text}"), true);
                 Ok(())
@@ -1209,6 +1202,10 @@ impl<'a> Lowerer<'a> {
                 Some(d) => format!("{name}={d}"),
                 None => name.clone(),
             });
+            // Each ARG of a line is visible to the next one, as in BuildKit.
+            if let Some(v) = &value {
+                st.env.env_set(&name, v);
+            }
             st.args.push((name, value));
         }
         let _ = span;

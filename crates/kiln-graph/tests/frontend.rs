@@ -736,3 +736,21 @@ fn global_arg_redeclaring_a_builtin_keeps_its_value() {
     assert_eq!(g.target_stage().platform.to_string(), "linux/amd64");
     assert_eq!(g.target_stage().config.env_get("A"), Some("amd64"));
 }
+
+#[test]
+fn a_later_arg_overrides_env_in_the_build_state_but_not_in_the_image() {
+    let g = graph("FROM busybox\nENV MODE=env\nARG MODE=arg\nENV SEEN=$MODE\nRUN true\n");
+    let cfg = &g.target_stage().config;
+    assert_eq!(cfg.env_get("MODE"), Some("env"));
+    assert_eq!(cfg.env_get("SEEN"), Some("arg"));
+    let e = execs(&g)[0];
+    assert_eq!(env_of(e, "MODE").as_deref(), Some("arg"));
+    // BuildKit's order: image env first, later keys appended, replaced keys keep their place.
+    assert_eq!(e.env, ["PATH=/bin", "HOME=/root", "MODE=arg", "SEEN=arg"]);
+}
+
+#[test]
+fn args_on_one_line_see_the_previous_ones() {
+    let g = graph("FROM busybox\nARG A=1 B=$A\nENV B=$B\n");
+    assert_eq!(g.target_stage().config.env_get("B"), Some("1"));
+}

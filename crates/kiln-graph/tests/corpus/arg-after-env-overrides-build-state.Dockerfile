@@ -1,0 +1,5 @@
+FROM busybox
+ENV MODE=env
+ARG MODE=arg
+ENV SEEN=$MODE
+RUN echo $MODE

@@ -1,0 +1,6 @@
+FROM busybox
+COPY <<one <<two /etc/
+first
+one
+second
+two

@@ -1,0 +1,3 @@
+FROM busybox
+ARG DIR=assets
+COPY ["$DIR/app.js", "/srv/static/"]

@@ -1,0 +1,2 @@
+FROM busybox
+COPY --parents --exclude=*.tmp --exclude=cache/ src/**/*.go /build/

@@ -1,0 +1,2 @@
+FROM busybox
+ENV MSG="hello world" SINGLE='$NOT_EXPANDED' ESC=a\ b

@@ -1,0 +1,2 @@
+FROM busybox
+ADD --checksum=sha256:abc local.txt /x

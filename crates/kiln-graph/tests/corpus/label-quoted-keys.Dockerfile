@@ -1,0 +1,3 @@
+FROM busybox
+ARG V=2
+LABEL "com.example.key"="value one" version=$V

@@ -1,0 +1,4 @@
+# corpus-args: @platform=linux/arm/v7
+FROM --platform=$BUILDPLATFORM busybox AS cross
+ARG TARGETPLATFORM TARGETVARIANT
+ENV TP=$TARGETPLATFORM TV=$TARGETVARIANT
