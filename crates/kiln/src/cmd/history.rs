@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use std::fmt::Write as _;
 
-use anyhow::Context as _;
 use kiln_history::{format_bytes, format_ms, BuildRecord, HistoryStore};
 
 use crate::Globals;
@@ -86,8 +85,7 @@ pub fn run(args: HistoryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         HistoryCommand::Report { id, output } => {
             let record = store.find(&id)?;
-            std::fs::write(&output, kiln_history::render_report(&record))
-                .with_context(|| format!("writing report {}", output.display()))?;
+            kiln_history::write_report(&record, &output)?;
             eprintln!(
                 "wrote report of build {} to {}",
                 record.id,
@@ -96,9 +94,7 @@ pub fn run(args: HistoryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         HistoryCommand::Trace { id, output } => {
             let record = store.find(&id)?;
-            let trace = serde_json::to_vec(&kiln_history::chrome_trace(&record))?;
-            std::fs::write(&output, trace)
-                .with_context(|| format!("writing trace {}", output.display()))?;
+            kiln_history::write_trace(&record, &output)?;
             eprintln!("wrote trace of build {} to {}", record.id, output.display());
         }
         HistoryCommand::Prune { keep } => {
