@@ -70,6 +70,10 @@ pub trait BlobSource: Send + Sync {
     fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError>;
     /// A short name for progress and errors (e.g. `127.0.0.1:5000/app:cache`).
     fn name(&self) -> String;
+    /// Whether the source still has `blob` (a registry may have garbage-collected it).
+    fn has(&self, _blob: &Descriptor) -> bool {
+        true
+    }
     /// The registry repository holding the blobs, when there is one: a push to the same
     /// registry mounts them from there instead of downloading and re-uploading.
     fn repository(&self) -> Option<kiln_oci::Reference> {
@@ -212,8 +216,11 @@ struct CachedRootfs {
 
 /// Imported remote caches consulted after the local store.
 pub trait RemoteCache: Send + Sync {
-    /// The layers recorded for `key`, if any, and where their blobs come from.
+    /// The layers recorded for `key`, if any and if their blobs still exist, and where the
+    /// blobs come from. May block on the network: call it from a blocking thread.
     fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)>;
+    /// The layers recorded for `key`, without checking that the blobs still exist.
+    fn layers(&self, key: &CacheKey) -> Option<Vec<Layer>>;
 }
 
 struct Inner {
@@ -283,6 +290,7 @@ impl Worker {
     }
 
     /// The layers recorded for `key`: from this build, the local store, or an imported cache.
+    /// Never blocks on the network.
     pub fn record_of(&self, key: &CacheKey) -> Option<Vec<Layer>> {
         if let Some(l) = self.inner.seen.lock().expect("seen records").get(key) {
             return Some(l.clone());
@@ -292,10 +300,7 @@ impl Worker {
                 return Some(c.layers);
             }
         }
-        self.inner
-            .remotes
-            .iter()
-            .find_map(|r| r.lookup(key).map(|(l, _)| l))
+        self.inner.remotes.iter().find_map(|r| r.layers(key))
     }
 
     /// Makes sure every blob of `fs` is in the local content store.

@@ -76,6 +76,12 @@ impl BlobSource for RepositoryBlobs {
     fn repository(&self) -> Option<Reference> {
         Some(self.reference.clone())
     }
+
+    fn has(&self, blob: &Descriptor) -> bool {
+        self.handle
+            .block_on(self.client.blob_exists(&self.reference, &blob.digest))
+            .unwrap_or(false)
+    }
 }
 
 /// Resolves `FROM` names: images built or imported into the local store first, then the

@@ -18,12 +18,18 @@ use crate::image::Layer;
 pub struct ImportedCache {
     graph: CacheGraph,
     source: Arc<dyn BlobSource>,
+    /// Blobs checked to still exist at the source (digest → present).
+    checked: std::sync::Mutex<std::collections::HashMap<kiln_oci::Digest, bool>>,
 }
 
 impl ImportedCache {
     /// A cache whose blobs `source` fetches.
     pub fn new(graph: CacheGraph, source: Arc<dyn BlobSource>) -> Self {
-        ImportedCache { graph, source }
+        ImportedCache {
+            graph,
+            source,
+            checked: Default::default(),
+        }
     }
 
     /// The graph as imported.
@@ -38,10 +44,30 @@ impl ImportedCache {
 }
 
 impl RemoteCache for ImportedCache {
+    fn layers(&self, key: &CacheKey) -> Option<Vec<Layer>> {
+        self.graph.lookup(&key.to_string())
+    }
+
     fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)> {
-        self.graph
-            .lookup(&key.to_string())
-            .map(|l| (l, self.source.clone()))
+        let layers = self.graph.lookup(&key.to_string())?;
+        // A record whose blobs are gone (registry GC) is a miss: the step reruns, nothing fails.
+        for l in &layers {
+            let present = *self
+                .checked
+                .lock()
+                .expect("blob check memo")
+                .entry(l.blob.digest.clone())
+                .or_insert_with(|| self.source.has(&l.blob));
+            if !present {
+                eprintln!(
+                    "kiln: warning: cache {} lost blob {}; the step that made it will run again",
+                    self.source.name(),
+                    l.blob.digest
+                );
+                return None;
+            }
+        }
+        Some((layers, self.source.clone()))
     }
 }
 
@@ -82,6 +108,15 @@ impl BlobSource for LayoutBlobs {
 
     fn name(&self) -> String {
         self.dir.display().to_string()
+    }
+
+    fn has(&self, blob: &Descriptor) -> bool {
+        let alg = blob.digest.algorithm().name();
+        self.dir
+            .join("blobs")
+            .join(alg)
+            .join(blob.digest.hex())
+            .is_file()
     }
 }
 

@@ -152,3 +152,132 @@ pub fn copy_dir(from: &Path, to: &Path) {
     let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
     assert!(st.success());
 }
+
+/// A registry started for one test, stopped when dropped.
+pub struct TestRegistry {
+    pub addr: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TestRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestRegistry {
+    /// `kiln registry serve` on a port it picks (it prints the address it bound).
+    pub fn kiln() -> Self {
+        use std::io::{BufRead, BufReader};
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["registry", "serve", "--addr", "127.0.0.1:0", "--no-fsync", "--root"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It says where it listens on stderr, with its access log.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("kiln registry exited before listening").unwrap();
+            if let Some(a) = line.split("listening on http://").nth(1) {
+                break a.trim().to_owned();
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        TestRegistry { addr, child, _dir: dir }
+    }
+
+    /// Debian's `docker-registry` (CNCF distribution) with filesystem storage.
+    pub fn distribution() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("/usr/bin/docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry is installed (.ci/install)");
+        let addr = format!("127.0.0.1:{port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        TestRegistry { addr, child, _dir: dir }
+    }
+}
+
+impl Fixture {
+    /// Pushes the fixture's busybox to `reg` as `base/busybox:1`; returns the reference.
+    pub fn push_base(&self, reg: &TestRegistry) -> String {
+        let ctx = self.path("base-ctx");
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(ctx.join("Dockerfile"), "FROM busybox:latest\n").unwrap();
+        let name = format!("{}/base/busybox:1", reg.addr);
+        let out = self.kiln(&[
+            "build",
+            ctx.to_str().unwrap(),
+            "--progress",
+            "quiet",
+            "-o",
+            &format!("type=image,name={name},push=true"),
+        ]);
+        assert!(out.status.success(), "pushing the base: {}", String::from_utf8_lossy(&out.stderr));
+        name
+    }
+
+    /// The CI job's build, in a state dir of its own (a new runner each time).
+    pub fn ci_build(&self, runner: &str, target: &str, base: &str, extra: &[&str]) -> Build {
+        let meta = self.path(&format!("{runner}.json"));
+        let mut args: Vec<String> = vec![
+            "--root".into(),
+            self.path(runner).display().to_string(),
+            "build".into(),
+            "--frontend".into(),
+            "dockerfile.v0".into(),
+            "--local".into(),
+            "context=.".into(),
+            "--local".into(),
+            "dockerfile=.".into(),
+            "--opt".into(),
+            format!("target={target}"),
+            "--opt".into(),
+            format!("build-arg:BASE_IMAGE={base}"),
+            "--metadata-file".into(),
+            meta.display().to_string(),
+            "--progress".into(),
+            "rawjson".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).current_dir(self.path("app")).output().unwrap();
+        Build::from(out, &meta)
+    }
+}
+
+impl Build {
+    /// Registry bytes downloaded by the build.
+    pub fn downloaded(&self) -> u64 {
+        self.meta["kiln.bytes_downloaded"].as_u64().unwrap_or(0)
+    }
+
+    /// What the build printed on stderr.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+}
