@@ -47,6 +47,9 @@ pub(crate) struct App {
     /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
     /// restart; the staged file is then re-hashed.
     sessions: Mutex<HashMap<String, UploadHash>>,
+    /// Manifest bodies are buffered whole (up to the size limit); this caps how many are in
+    /// memory at once so many concurrent pushes cannot exhaust memory.
+    manifest_buffers: tokio::sync::Semaphore,
 }
 
 impl App {
@@ -63,6 +66,7 @@ impl App {
             auth,
             metrics: Metrics::default(),
             sessions: Mutex::new(HashMap::new()),
+            manifest_buffers: tokio::sync::Semaphore::new(64),
         }
     }
 
@@ -1007,6 +1011,11 @@ async fn put_manifest(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
         .filter(|s| !s.is_empty());
+    let _buffer = app
+        .manifest_buffers
+        .acquire()
+        .await
+        .map_err(|e| ApiError::internal("waiting for a manifest buffer", e))?;
     let bytes = read_limited(req.into_body(), app.max_manifest_bytes, app).await?;
     let refs = manifest::parse(&bytes).map_err(|reason| {
         ApiError::new(Code::ManifestInvalid, "manifest invalid")

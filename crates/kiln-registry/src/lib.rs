@@ -247,7 +247,7 @@ pub fn serve_blocking(config: Config, on_ready: impl FnOnce(&str)) -> Result<(),
     })
 }
 
-#[doc(hidden)]
-pub fn _gc_interval(c: &Config) -> Option<Duration> {
+/// The periodic GC interval, if one is configured.
+pub(crate) fn gc_interval(c: &Config) -> Option<Duration> {
     (c.gc_interval_secs > 0).then(|| Duration::from_secs(c.gc_interval_secs))
 }

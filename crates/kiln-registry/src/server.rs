@@ -101,7 +101,7 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
         cfg.root.display(),
         if is_tls { "https" } else { "http" }
     );
-    if let Some(every) = crate::_gc_interval(&cfg) {
+    if let Some(every) = crate::gc_interval(&cfg) {
         let opts = gc::GcOptions {
             delete_untagged: cfg.gc_delete_untagged,
             dry_run: false,
