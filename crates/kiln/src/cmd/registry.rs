@@ -104,7 +104,9 @@ struct TokenArgs {
 fn humantime_secs(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 10m, 1h"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m, 1h"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -155,7 +157,10 @@ pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
                     format!("scope {s:?} is not TYPE:NAME:ACTIONS, e.g. repository:app:pull,push")
                 })?);
             }
-            println!("{}", kiln_registry::issue_token(&key, &a.service, &a.subject, access, a.ttl));
+            println!(
+                "{}",
+                kiln_registry::issue_token(&key, &a.service, &a.subject, access, a.ttl)
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -164,7 +169,10 @@ pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
 fn serve(a: ServeArgs, default_root: PathBuf) -> anyhow::Result<ExitCode> {
     let mut cfg = match &a.config {
         Some(p) => Config::from_file(p)?,
-        None => Config { root: default_root, ..Config::default() },
+        None => Config {
+            root: default_root,
+            ..Config::default()
+        },
     };
     if let Some(x) = a.addr {
         cfg.addr = x;
