@@ -188,13 +188,14 @@ pub fn plan_build(
         config,
         inputs.context_filter,
     )?;
-    let no_cache: HashSet<usize> = graph
-        .vertices
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.meta.ignore_cache)
-        .map(|(i, _)| i)
-        .collect();
+    // `--no-cache-filter STAGE` rebuilds the stage and everything built on it: a mark on a
+    // step spreads to every step that depends on it (inputs precede their users).
+    let mut no_cache: HashSet<usize> = HashSet::new();
+    for (i, v) in graph.vertices.iter().enumerate() {
+        if v.meta.ignore_cache || v.inputs.iter().any(|inp| no_cache.contains(&inp.index())) {
+            no_cache.insert(i);
+        }
+    }
     let options = SolverOptions {
         max_parallelism: opts.max_parallelism,
         no_cache,

@@ -289,6 +289,17 @@ impl Worker {
         self.inner.materialize(fs)
     }
 
+    /// The hashed local context `name` (with these excludes), if this build read it.
+    pub fn context_index(&self, name: &str, exclude: &[String]) -> Option<Arc<ContextIndex>> {
+        let memo_key = context_memo_key(name, exclude);
+        self.inner
+            .contexts
+            .lock()
+            .expect("context memo")
+            .get(&memo_key)
+            .cloned()
+    }
+
     /// The layers recorded for `key`: from this build, the local store, or an imported cache.
     /// Never blocks on the network.
     pub fn record_of(&self, key: &CacheKey) -> Option<Vec<Layer>> {
@@ -380,7 +391,7 @@ impl Inner {
     }
 
     fn context(&self, name: &str, exclude: &[String]) -> Result<Arc<ContextIndex>, WorkerError> {
-        let memo_key = format!("{name}\0{}", exclude.join("\0"));
+        let memo_key = context_memo_key(name, exclude);
         if let Some(c) = self.contexts.lock().expect("context memo").get(&memo_key) {
             return Ok(c.clone());
         }
@@ -793,6 +804,11 @@ impl OutputSink for LogSink<'_> {
         };
         self.ctx.log(stream, line.bytes.to_vec());
     }
+}
+
+/// The key contexts are remembered under for one build: name and exclude patterns.
+fn context_memo_key(name: &str, exclude: &[String]) -> String {
+    format!("{name}\0{}", exclude.join("\0"))
 }
 
 fn boxed(e: WorkerError) -> EngineError {

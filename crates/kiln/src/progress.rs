@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiln_graph::options::ProgressMode;
 use kiln_graph::BuildGraph;
+use kiln_history::Recorder;
 use kiln_solver::{CacheSource, Event, EventSink};
 use serde::Serialize;
 
@@ -38,6 +39,7 @@ struct State {
 
 /// Receives solver events and renders them.
 pub struct Progress {
+    recorder: Arc<Recorder>,
     mode: ProgressMode,
     begun: Instant,
     names: Vec<(String, Option<String>)>,
@@ -46,13 +48,14 @@ pub struct Progress {
 
 impl Progress {
     /// Progress for `graph` in `mode` (`auto` and `tty` print plain lines for now).
-    pub fn new(mode: ProgressMode, graph: &BuildGraph) -> Self {
+    pub fn new(mode: ProgressMode, graph: &BuildGraph, recorder: Arc<Recorder>) -> Self {
         let names = graph
             .vertices
             .iter()
             .map(|v| (v.meta.description.clone(), v.meta.stage.clone()))
             .collect();
         Progress {
+            recorder,
             mode,
             begun: Instant::now(),
             names,
@@ -151,6 +154,25 @@ fn unix_ms() -> u64 {
 
 impl EventSink for Progress {
     fn event(&self, event: Event) {
+        match &event {
+            Event::Cached { node, key, source } => {
+                let remote = match source {
+                    CacheSource::Local => None,
+                    CacheSource::Remote(r) => Some(r.as_str()),
+                };
+                self.recorder.step_cached(*node, &key.to_string(), remote);
+            }
+            Event::Started { node, key } => self.recorder.step_started(*node, &key.to_string()),
+            Event::Completed {
+                node,
+                key,
+                duration,
+            } => self
+                .recorder
+                .step_completed(*node, &key.to_string(), *duration),
+            Event::Failed { node, message } => self.recorder.step_failed(*node, message),
+            Event::Log { .. } => {}
+        }
         let now = self.since_start();
         let mut st = self.state.lock().expect("progress state");
         match event {

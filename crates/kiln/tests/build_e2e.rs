@@ -59,6 +59,17 @@ fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
             "[test 2/2] RUN sh tests/run.sh",
         ]
     );
+    // History explains it: comparing the two builds names the edited file.
+    let ls = f.kiln(&["history", "ls"]);
+    let ids: Vec<String> = String::from_utf8_lossy(&ls.stdout)
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    assert!(ids.len() >= 2, "history: {}", String::from_utf8_lossy(&ls.stdout));
+    let cmp = f.kiln(&["history", "compare", &ids[1], &ids[0]]);
+    let text = String::from_utf8_lossy(&cmp.stdout);
+    assert!(text.contains("file src/lib/Greeting.php changed"), "compare said:\n{text}");
     // The dependency stages' work is reused: the copy from php-ext is the hit they sit under.
     assert_eq!(again.cached(), ["[app 5/8] COPY --from=php-ext /build/modules/ /usr/local/lib/php/extensions/"]);
 

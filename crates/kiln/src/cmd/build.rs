@@ -95,6 +95,12 @@ pub struct BuildArgs {
     /// Run at most N steps at once (default: number of CPUs)
     #[arg(long = "max-parallelism", value_name = "N")]
     max_parallelism: Option<String>,
+    /// Write a timeline report of the build (one self-contained HTML page) to FILE
+    #[arg(long, value_name = "FILE.html")]
+    report: Option<std::path::PathBuf>,
+    /// Write the build's spans as Chrome trace-event JSON (Perfetto, chrome://tracing) to FILE
+    #[arg(long, value_name = "FILE.json")]
+    trace: Option<std::path::PathBuf>,
 }
 
 impl BuildArgs {
@@ -204,7 +210,11 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    super::build_exec::execute(&opts, &df, &dockerignore, globals, &|e| {
+    let outputs = super::build_exec::Reports {
+        report: args.report.clone(),
+        trace: args.trace.clone(),
+    };
+    super::build_exec::execute(&opts, &df, &dockerignore, globals, &outputs, &|e| {
         e.render(&file_label, &source)
     })
 }

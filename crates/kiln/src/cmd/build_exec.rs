@@ -23,6 +23,7 @@ use serde_json::json;
 
 use crate::progress::Progress;
 use crate::Globals;
+use kiln_history::{HistoryStore, Recorder, StepInfo};
 
 /// `.dockerignore` patterns as a context filter.
 fn context_filter(patterns: &[String]) -> ContextFilter {
@@ -50,12 +51,21 @@ fn source_date_epoch(opts: &BuildOptions) -> anyhow::Result<Option<i64>> {
     }
 }
 
+/// Where to write the build's timeline report and trace (besides its history record).
+pub struct Reports {
+    /// `--report FILE.html`.
+    pub report: Option<std::path::PathBuf>,
+    /// `--trace FILE.json`.
+    pub trace: Option<std::path::PathBuf>,
+}
+
 /// Runs a real build for `opts`. `render` prints a frontend error with file:line:col.
 pub fn execute(
     opts: &BuildOptions,
     dockerfile: &Dockerfile,
     dockerignore: &[String],
     globals: &Globals,
+    reports: &Reports,
     render: &dyn Fn(&kiln_graph::FrontendError) -> String,
 ) -> anyhow::Result<ExitCode> {
     IgnoreMatcher::from_patterns(dockerignore)
@@ -97,7 +107,29 @@ pub fn execute(
         }
         Err(e) => return Err(e.into()),
     };
-    let progress = Arc::new(Progress::new(opts.progress, &planned.graph));
+    let target_name = {
+        let t = planned.graph.target_stage();
+        t.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", t.index))
+    };
+    let recorder = Arc::new(Recorder::new(&target_name, std::env::args().collect()));
+    for (i, v) in planned.graph.vertices.iter().enumerate() {
+        recorder.declare_step(
+            i,
+            StepInfo {
+                description: v.meta.description.clone(),
+                stage: v.meta.stage.clone().unwrap_or_default(),
+                depends_on: v.inputs.iter().map(|x| x.index()).collect(),
+                inputs: Default::default(),
+            },
+        );
+    }
+    let progress = Arc::new(Progress::new(
+        opts.progress,
+        &planned.graph,
+        recorder.clone(),
+    ));
     let sink = progress.clone();
     let solved = runtime.block_on(async move {
         planned
@@ -117,9 +149,12 @@ pub fn execute(
         Err(e) => {
             eprintln!("kiln: error: {e}");
             eprint!("{}", progress.summary("build failed"));
+            let cancelled = matches!(e, BuildError::Solve(kiln_solver::SolveError::Cancelled));
+            save_history(globals, &recorder, Err(e.to_string()), cancelled, reports);
             return Ok(ExitCode::from(1));
         }
     };
+    record_step_inputs(&solved, &recorder);
     let image = export(opts, &solved, &store, sde, &runtime, &client)?;
     runtime.block_on(export_caches(opts, &solved, &store, &client, &imported))?;
     let stats = client.stats();
@@ -130,6 +165,12 @@ pub fn execute(
     if let Some(path) = &opts.metadata_file {
         write_metadata(path, image.as_ref(), &progress, &moved)?;
     }
+    recorder.add_bytes_downloaded(moved.downloaded);
+    recorder.add_bytes_uploaded(moved.uploaded);
+    if let Some(img) = &image {
+        recorder.set_image_digest(&img.manifest.digest.to_string());
+    }
+    save_history(globals, &recorder, Ok(()), false, reports);
     let target = solved
         .graph
         .target_stage()
@@ -465,4 +506,87 @@ async fn export_caches(
         }
     }
     Ok(())
+}
+
+/// Records the build in the state dir's history and writes `--report` / `--trace`. A history
+/// that cannot be written is a warning: it must never fail a build that succeeded.
+fn save_history(
+    globals: &Globals,
+    recorder: &Recorder,
+    result: Result<(), String>,
+    cancelled: bool,
+    reports: &Reports,
+) {
+    let record = recorder.finish(result, cancelled);
+    if let Err(e) = HistoryStore::new(&globals.root).save(&record) {
+        eprintln!("kiln: warning: could not record the build in history: {e}");
+    }
+    if let Some(p) = &reports.report {
+        match kiln_history::write_report(&record, p) {
+            Ok(()) => eprintln!("timeline report: {}", p.display()),
+            Err(e) => eprintln!(
+                "kiln: warning: could not write the report {}: {e}",
+                p.display()
+            ),
+        }
+    }
+    if let Some(p) = &reports.trace {
+        if let Err(e) = kiln_history::write_trace(&record, p) {
+            eprintln!(
+                "kiln: warning: could not write the trace {}: {e}",
+                p.display()
+            );
+        }
+    }
+}
+
+/// What each step's cache key was computed from, for `kiln history compare` to name the
+/// input that changed: files a copy took from a local context (by digest), the environment a
+/// `RUN` saw (build args included), the base image's digest.
+fn record_step_inputs(solved: &SolvedBuild, recorder: &Recorder) {
+    use kiln_graph::graph::{CopySource, Op};
+    let g = &solved.graph;
+    for (i, v) in g.vertices.iter().enumerate() {
+        let mut inputs = std::collections::BTreeMap::new();
+        match &v.op {
+            Op::Copy(c) => {
+                if let CopySource::Input { input } = c.source {
+                    let src = v.inputs.get(input as usize).map(|id| &g.vertex(*id).op);
+                    if let Some(Op::Local(l)) = src {
+                        if let Some(idx) = solved.worker.context_index(&l.name, &l.exclude) {
+                            for (path, e) in idx.entries() {
+                                let picked = kiln_worker::fileop::selects(&c.srcs, path)
+                                    && !kiln_worker::fileop::selects(&c.exclude, path);
+                                if let (
+                                    true,
+                                    kiln_worker::context::EntryKind::File { digest, .. },
+                                ) = (picked, &e.kind)
+                                {
+                                    inputs.insert(format!("file:{path}"), digest.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Exec(e) => {
+                for kv in &e.env {
+                    if let Some((k, val)) = kv.split_once('=') {
+                        inputs.insert(format!("env:{k}"), val.to_owned());
+                    }
+                }
+                inputs.insert("command".into(), e.args.join(" "));
+            }
+            Op::Image(src) => {
+                inputs.insert(
+                    "base".into(),
+                    src.digest.clone().unwrap_or_else(|| src.reference.clone()),
+                );
+            }
+            _ => {}
+        }
+        if !inputs.is_empty() {
+            recorder.set_step_inputs(i, inputs);
+        }
+    }
 }

@@ -43,7 +43,8 @@ struct ServeArgs {
     /// Require basic auth against this htpasswd file (bcrypt entries, `htpasswd -B`)
     #[arg(long, value_name = "FILE")]
     htpasswd: Option<PathBuf>,
-    /// Token auth: realm URL clients fetch tokens from (this server's `/token` works)
+    /// Token auth: realm URL clients fetch tokens from; a path such as `/token` means this
+    /// server's own token endpoint (basic auth against --htpasswd)
     #[arg(long, value_name = "URL", requires = "token_key")]
     token_realm: Option<String>,
     /// Token auth: service name
