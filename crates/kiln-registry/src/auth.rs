@@ -73,6 +73,8 @@ struct Claims {
 /// Token verification settings.
 #[derive(Clone)]
 pub(crate) struct TokenConfig {
+    /// Whether this server speaks HTTPS (for realms given as a path).
+    pub(crate) tls: bool,
     pub(crate) realm: String,
     pub(crate) service: String,
     pub(crate) key: Vec<u8>,
@@ -197,14 +199,25 @@ impl Auth {
         }
     }
 
-    fn unauthorized(&self, scope: &Scope, why: &str) -> ApiError {
+    fn unauthorized(&self, headers: &HeaderMap, scope: &Scope, why: &str) -> ApiError {
         let mut e = ApiError::new(
             Code::Unauthorized,
             format!("authentication required: {why}"),
         );
         e.challenge = Some(match &self.token {
             Some(t) => {
-                let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", t.realm, t.service);
+                // A realm given as a path ("/token") is this server's own token endpoint,
+                // addressed the way the client reached us.
+                let realm = match (t.realm.starts_with('/'), headers.get(header::HOST)) {
+                    (true, Some(host)) => format!(
+                        "{}://{}{}",
+                        if t.tls { "https" } else { "http" },
+                        host.to_str().unwrap_or("localhost"),
+                        t.realm
+                    ),
+                    _ => t.realm.clone(),
+                };
+                let mut c = format!("Bearer realm=\"{realm}\",service=\"{}\"", t.service);
                 if let Some(s) = scope.to_token_scope() {
                     c.push_str(&format!(",scope=\"{s}\""));
                 }
@@ -230,17 +243,17 @@ impl Auth {
             .and_then(|v| v.to_str().ok());
         if let Some(t) = &self.token {
             let Some(jwt) = authz.and_then(|a| a.strip_prefix("Bearer ")) else {
-                return Err(self.unauthorized(scope, "no bearer token"));
+                return Err(self.unauthorized(headers, scope, "no bearer token"));
             };
             return match verify_token(t, jwt.trim()) {
                 Ok(claims) if grants(&claims.access, scope) => Ok(()),
-                Ok(_) => Err(self.unauthorized(scope, "token does not grant this access")),
-                Err(why) => Err(self.unauthorized(scope, &why)),
+                Ok(_) => Err(self.unauthorized(headers, scope, "token does not grant this access")),
+                Err(why) => Err(self.unauthorized(headers, scope, &why)),
             };
         }
         match self.basic_user(authz).await {
             Some(_) => Ok(()),
-            None => Err(self.unauthorized(scope, "invalid username or password")),
+            None => Err(self.unauthorized(headers, scope, "invalid username or password")),
         }
     }
 
@@ -384,6 +397,7 @@ mod tests {
     #[test]
     fn issued_tokens_verify_and_grant_only_their_scope() {
         let cfg = TokenConfig {
+            tls: false,
             realm: "r".into(),
             service: "svc".into(),
             key: b"k".to_vec(),

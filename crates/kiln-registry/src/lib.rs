@@ -51,7 +51,8 @@ pub struct Config {
     pub tls_key: Option<PathBuf>,
     /// htpasswd file (bcrypt) for basic auth (or for the built-in token endpoint).
     pub htpasswd: Option<PathBuf>,
-    /// Token auth: the realm URL clients fetch tokens from. `/token` on this server works.
+    /// Token auth: the realm URL clients fetch tokens from. A path (`/token`) means this
+    /// server's own token endpoint, addressed by the Host the client used.
     pub token_realm: Option<String>,
     /// Token auth: the service name tokens are issued for.
     pub token_service: Option<String>,

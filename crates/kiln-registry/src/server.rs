@@ -61,6 +61,7 @@ fn build_auth(cfg: &Config) -> Result<Auth, RegistryError> {
                 ));
             }
             Some(TokenConfig {
+                tls: cfg.tls_cert.is_some(),
                 realm: realm.clone(),
                 service: cfg
                     .token_service

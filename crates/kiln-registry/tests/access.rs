@@ -224,6 +224,115 @@ fn self_signed_cert(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBu
     ok.then_some((cert, key))
 }
 
+/// An OCI layout with one small image tagged `latest`; returns its path and manifest digest.
+fn tiny_layout(dir: &Path) -> (std::path::PathBuf, Digest) {
+    let layout = dir.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    let put = |data: &[u8]| {
+        let d = Digest::sha256_of(data);
+        std::fs::write(layout.join("blobs/sha256").join(d.hex()), data).unwrap();
+        d
+    };
+    let config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let cd = put(config);
+    let m = image_manifest(&cd, config.len(), &[], None);
+    let md = put(&m);
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": OCI_MANIFEST, "digest": md.to_string(), "size": m.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "latest"}}]});
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    (layout, md)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pushes_through_token_auth_with_the_builtin_token_endpoint() {
+    if Command::new("skopeo").arg("--version").output().is_err() {
+        eprintln!("skipping: skopeo is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ht = write_htpasswd(dir.path());
+    let key = dir.path().join("token.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef").unwrap();
+    let root = dir.path().join("root");
+    let cfg = Config {
+        addr: "127.0.0.1:0".into(),
+        root: root.clone(),
+        htpasswd: Some(ht),
+        token_realm: Some("/token".into()),
+        token_key: Some(key),
+        fsync: false,
+        ..Config::default()
+    };
+    let r = start_with(|b| b.config(cfg)).await;
+    let host = r.reg.as_ref().unwrap().host();
+    let resp = r.get("/v2/").await;
+    assert_eq!(
+        header(&resp, "WWW-Authenticate"),
+        format!("Bearer realm=\"http://{host}/token\",service=\"kiln-registry\"")
+    );
+    let (layout, md) = tiny_layout(dir.path());
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || Command::new("skopeo").args(args).output().unwrap())
+    };
+    let bad = run(vec![
+        "copy".into(),
+        "--dest-tls-verify=false".into(),
+        "--dest-creds".into(),
+        "ci:wrong".into(),
+        format!("oci:{}:latest", layout.display()),
+        format!("docker://{host}/tok/img:1"),
+    ])
+    .await
+    .unwrap();
+    assert!(!bad.status.success(), "wrong credentials are refused");
+    assert!(
+        !root.join("repos/tok").exists(),
+        "nothing stored for a refused push"
+    );
+    let ok = run(vec![
+        "copy".into(),
+        "--dest-tls-verify=false".into(),
+        "--dest-creds".into(),
+        "ci:s3cret".into(),
+        format!("oci:{}:latest", layout.display()),
+        format!("docker://{host}/tok/img:1"),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let inspect = run(vec![
+        "inspect".into(),
+        "--raw".into(),
+        "--tls-verify=false".into(),
+        "--creds".into(),
+        "ci:s3cret".into(),
+        format!("docker://{host}/tok/img:1"),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert_eq!(Digest::sha256_of(&inspect.stdout), md);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_basic_auth_serves_https_to_reqwest_and_skopeo() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,28 +364,7 @@ async fn tls_with_basic_auth_serves_https_to_reqwest_and_skopeo() {
         return;
     }
     // skopeo pushes an OCI layout over TLS with credentials.
-    let layout = dir.path().join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let put = |data: &[u8]| {
-        let d = Digest::sha256_of(data);
-        std::fs::write(layout.join("blobs/sha256").join(d.hex()), data).unwrap();
-        d
-    };
-    let config =
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-    let cd = put(config);
-    let m = image_manifest(&cd, config.len(), &[], None);
-    let md = put(&m);
-    std::fs::write(
-        layout.join("index.json"),
-        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{md}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"latest"}}}}]}}"#, m.len()),
-    )
-    .unwrap();
+    let (layout, md) = tiny_layout(dir.path());
     let dest = format!("docker://{}/tls/img:1", r.reg.as_ref().unwrap().host());
     let out = tokio::task::spawn_blocking(move || {
         Command::new("skopeo")
