@@ -34,6 +34,10 @@ enum Command {
     History(cmd::history::HistoryArgs),
     /// Import a root filesystem (directory or tar) as an image in the local store
     Import(cmd::import::ImportArgs),
+    /// Show the state dir's disk usage by kind
+    Du(cmd::state::DuArgs),
+    /// Remove build cache not in use (never what a running build holds)
+    Prune(cmd::state::PruneArgs),
     /// Log in to a registry (stores credentials in Docker's config.json)
     Login(cmd::login::LoginArgs),
     /// Log out of a registry
@@ -75,6 +79,8 @@ fn main() -> ExitCode {
         Command::Debug(args) => cmd::debug::run(args, &globals),
         Command::History(args) => cmd::history::run(args, &globals),
         Command::Import(args) => cmd::import::run(args, &globals),
+        Command::Du(args) => cmd::state::run_du(args, &globals),
+        Command::Prune(args) => cmd::state::run_prune(args, &globals),
         Command::Login(args) => cmd::login::run_login(args, &globals),
         Command::Logout(args) => cmd::login::run_logout(args, &globals),
     };

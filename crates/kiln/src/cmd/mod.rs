@@ -7,3 +7,4 @@ pub mod history;
 pub mod import;
 pub mod login;
 pub mod registry;
+pub mod state;
