@@ -111,6 +111,7 @@ struct Extractor<'a> {
     stats_bytes: u64,
     skipped: Vec<String>,
     root_user: bool,
+    buf: Vec<u8>,
 }
 
 /// Extracts the uncompressed tar `input` into `root`, returning stats and the diff id.
@@ -148,6 +149,7 @@ pub(crate) fn apply_tar<R: Read>(
         stats_bytes: 0,
         skipped: Vec::new(),
         root_user: sys::is_root(),
+        buf: Vec::new(),
     };
     {
         let mut tr = TarReader::new(&mut hr, opts.max_header_bytes);
@@ -416,7 +418,10 @@ impl Extractor<'_> {
             EntryKind::File => {
                 let mut f = sys::create_file_at(parent, &cname, 0o600)
                     .map_err(|e| io_err(&layer, &raw, "creating file", e))?;
-                let mut buf = vec![0u8; 256 << 10];
+                // One buffer for the whole layer: zeroing a fresh one per file costs more
+                // than the copy for small files.
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.resize(256 << 10, 0);
                 let mut left = h.size;
                 while left > 0 {
                     let n = tr
@@ -426,6 +431,7 @@ impl Extractor<'_> {
                         .map_err(|e| io_err(&layer, &raw, "writing file", e))?;
                     left -= n as u64;
                 }
+                self.buf = buf;
                 self.stats_bytes += h.size;
                 set_fd_metadata(f.as_fd(), h, root_user)
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
