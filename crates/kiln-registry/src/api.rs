@@ -309,8 +309,8 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
         ),
         (Route::Catalog, Method::GET) => catalog(app, &q).await,
         (Route::Tags(n), Method::GET) => tags_list(app, n, &q).await,
-        (Route::Manifest(n, r), Method::GET) => get_manifest(app, n, r, false).await,
-        (Route::Manifest(n, r), Method::HEAD) => get_manifest(app, n, r, true).await,
+        (Route::Manifest(n, r), Method::GET) => get_manifest(app, n, r, req.headers(), false).await,
+        (Route::Manifest(n, r), Method::HEAD) => get_manifest(app, n, r, req.headers(), true).await,
         (Route::Manifest(n, r), Method::PUT) => put_manifest(app, n, r, &q, req).await,
         (Route::Manifest(n, r), Method::DELETE) => delete_manifest(app, n, r).await,
         (Route::Blob(n, d), Method::GET) => get_blob(app, n, d, req.headers(), false).await,
@@ -913,7 +913,34 @@ fn check_reference(reference: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn get_manifest(app: &Arc<App>, name: String, reference: String, head: bool) -> Resp {
+/// Whether a client's `Accept` headers admit `media_type`. No `Accept`, a wildcard, or
+/// `application/json` admit everything; an explicit list of media types must name it
+/// (clients that cannot parse a manifest kind get 404 instead of bytes they misread).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let mut listed = false;
+    for v in headers.get_all(header::ACCEPT) {
+        let Ok(v) = v.to_str() else { return true };
+        for item in v.split(',') {
+            let t = item.split(';').next().unwrap_or("").trim();
+            if t.is_empty() {
+                continue;
+            }
+            listed = true;
+            if t == media_type || matches!(t, "*/*" | "application/*" | "application/json") {
+                return true;
+            }
+        }
+    }
+    !listed
+}
+
+async fn get_manifest(
+    app: &Arc<App>,
+    name: String,
+    reference: String,
+    headers: &HeaderMap,
+    head: bool,
+) -> Resp {
     check_reference(&reference).map_err(|e| {
         if head {
             manifest_unknown(&reference)
@@ -947,6 +974,13 @@ async fn get_manifest(app: &Arc<App>, name: String, reference: String, head: boo
         .await?
     };
     let (d, mt, len, bytes) = m.ok_or_else(|| manifest_unknown(&reference))?;
+    if !accepts(headers, &mt) {
+        return Err(ApiError::new(
+            Code::ManifestUnknown,
+            format!("manifest is {mt}, which the Accept header does not list"),
+        )
+        .with_detail(serde_json::json!({ "reference": reference, "mediaType": mt })));
+    }
     let b = builder(StatusCode::OK)
         .header(header::CONTENT_TYPE, mt)
         .header(header::CONTENT_LENGTH, len)

@@ -67,6 +67,33 @@ async fn head_manifest_returns_length_and_digest_without_body() {
 }
 
 #[tokio::test]
+async fn manifest_content_negotiation_follows_the_accept_header() {
+    let r = start().await;
+    r.push_image("a", "v1", b"layer").await;
+    let get = |accept: Vec<&'static str>| {
+        let mut req = r.c.get(r.u("/v2/a/manifests/v1"));
+        for a in accept {
+            req = req.header("Accept", a);
+        }
+        req.send()
+    };
+    let docker = "application/vnd.docker.distribution.manifest.v2+json";
+    assert_eq!(get(vec![]).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        get(vec![docker, OCI_MANIFEST]).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(get(vec!["application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json;q=0.9"]).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get(vec!["*/*"]).await.unwrap().status(), StatusCode::OK);
+    assert_error(
+        get(vec![docker]).await.unwrap(),
+        StatusCode::NOT_FOUND,
+        "MANIFEST_UNKNOWN",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn pull_unknown_manifest_is_404_manifest_unknown() {
     let r = start().await;
     r.push_image("a", "v1", b"layer").await;
