@@ -51,11 +51,22 @@ struct RecordEntry {
     chain: Vec<usize>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MountEntry {
+    /// The `RUN --mount=type=cache` id.
+    id: String,
+    /// Index into `layers` of the tar of its contents.
+    layer: usize,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct GraphFile {
     version: u32,
     layers: Vec<LayerEntry>,
     records: Vec<RecordEntry>,
+    /// Contents of cache mounts (`cache-mounts=true`); absent in caches without them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    mounts: Vec<MountEntry>,
 }
 
 /// The cache graph: cache key → layer chain, with each blob stored once.
@@ -64,6 +75,7 @@ pub struct CacheGraph {
     layers: Vec<CacheLayer>,
     by_digest: HashMap<Digest, usize>,
     records: BTreeMap<String, Vec<usize>>,
+    mounts: BTreeMap<String, usize>,
 }
 
 impl CacheGraph {
@@ -104,6 +116,19 @@ impl CacheGraph {
         self.layers.len() - 1
     }
 
+    /// Records the contents of cache mount `id` as the tar blob `layer`.
+    pub fn add_mount(&mut self, id: &str, layer: &CacheLayer) {
+        let i = self.intern(layer);
+        self.mounts.insert(id.to_owned(), i);
+    }
+
+    /// The cache mounts carried, by id.
+    pub fn mounts(&self) -> impl Iterator<Item = (&str, &CacheLayer)> {
+        self.mounts
+            .iter()
+            .map(|(id, &i)| (id.as_str(), &self.layers[i]))
+    }
+
     /// The chain recorded for `key`.
     pub fn lookup(&self, key: &str) -> Option<Vec<CacheLayer>> {
         self.records
@@ -125,6 +150,12 @@ impl CacheGraph {
                 self.add(k, &layers);
             }
         }
+        for (id, &i) in &other.mounts {
+            if !self.mounts.contains_key(id) {
+                let l = other.layers[i].clone();
+                self.add_mount(id, &l);
+            }
+        }
     }
 
     /// Drops records whose chain holds a blob for which `keep` is false (e.g. gone from the
@@ -132,11 +163,17 @@ impl CacheGraph {
     pub fn retain_blobs(&mut self, keep: impl Fn(&Digest) -> bool) {
         let layers = std::mem::take(&mut self.layers);
         let records = std::mem::take(&mut self.records);
+        let mounts = std::mem::take(&mut self.mounts);
         self.by_digest.clear();
         for (k, chain) in records {
             let chain: Vec<CacheLayer> = chain.iter().map(|&i| layers[i].clone()).collect();
             if chain.iter().all(|l| keep(&l.blob.digest)) {
                 self.add(&k, &chain);
+            }
+        }
+        for (id, i) in mounts {
+            if keep(&layers[i].blob.digest) {
+                self.add_mount(&id, &layers[i]);
             }
         }
     }
@@ -162,7 +199,18 @@ impl CacheGraph {
                 chain,
             });
         }
-        let layers = order
+        let mut mounts = Vec::new();
+        for (id, &i) in &self.mounts {
+            let layer = *seen.entry(i).or_insert_with(|| {
+                order.push(i);
+                order.len() - 1
+            });
+            mounts.push(MountEntry {
+                id: id.clone(),
+                layer,
+            });
+        }
+        let layers: Vec<LayerEntry> = order
             .iter()
             .map(|&i| LayerEntry {
                 diff_id: self.layers[i].diff_id.clone(),
@@ -173,6 +221,7 @@ impl CacheGraph {
             version: FORMAT_VERSION,
             layers,
             records,
+            mounts,
         };
         serde_json::to_vec(&file).unwrap_or_default()
     }
@@ -181,11 +230,9 @@ impl CacheGraph {
     fn ordered_layers(&self) -> Vec<&CacheLayer> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for chain in self.records.values() {
-            for &i in chain {
-                if seen.insert(i) {
-                    out.push(&self.layers[i]);
-                }
+        for &i in self.records.values().flatten().chain(self.mounts.values()) {
+            if seen.insert(i) {
+                out.push(&self.layers[i]);
             }
         }
         out
@@ -259,6 +306,12 @@ impl CacheGraph {
             })?;
             g.add(&r.key, &chain);
         }
+        for m in file.mounts {
+            let l = layers.get(m.layer).ok_or_else(|| {
+                CacheFormatError::Malformed(format!("cache mount {} names a missing layer", m.id))
+            })?;
+            g.add_mount(&m.id, l);
+        }
         Ok(g)
     }
 }
@@ -325,6 +378,31 @@ mod tests {
         assert_eq!(a.len(), 3);
         assert_eq!(a.lookup("shared").unwrap(), vec![layer(2)]);
         assert_eq!(a.lookup("k2").unwrap(), vec![layer(3)]);
+    }
+
+    #[test]
+    fn cache_mounts_round_trip_and_merge() {
+        let mut g = CacheGraph::new();
+        g.add("k", &[layer(1)]);
+        g.add_mount("composer", &layer(5));
+        let (m, config) = g.to_manifest();
+        assert_eq!(m.layers.len(), 2);
+        let back = CacheGraph::from_manifest(&m, &config).unwrap();
+        let mounts: Vec<_> = back
+            .mounts()
+            .map(|(id, l)| (id.to_owned(), l.clone()))
+            .collect();
+        assert_eq!(mounts, vec![("composer".to_owned(), layer(5))]);
+        let mut other = CacheGraph::new();
+        other.add_mount("npm", &layer(6));
+        other.add_mount("composer", &layer(7));
+        let mut merged = back.clone();
+        merged.merge_missing(&other);
+        assert_eq!(merged.mounts().count(), 2);
+        assert_eq!(
+            merged.mounts().find(|(id, _)| *id == "composer").unwrap().1,
+            &layer(5)
+        );
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub struct BuildInputs<'a> {
     pub context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
     /// `SOURCE_DATE_EPOCH`, for reproducible layers and timestamps.
     pub source_date_epoch: Option<i64>,
+    /// Contents for empty cache mounts, from imported caches.
+    pub mount_seeds: BTreeMap<String, (crate::image::Layer, Arc<dyn crate::engine::BlobSource>)>,
 }
 
 /// A lowered build, ready to solve.
@@ -178,6 +180,7 @@ pub fn plan_build(
         secrets,
         source_date_epoch: inputs.source_date_epoch,
         compression,
+        mount_seeds: inputs.mount_seeds,
     };
     let executor: Arc<dyn kiln_exec::Executor> = Arc::new(kiln_exec::NamespaceExecutor::new());
     let worker = Worker::new(

@@ -206,6 +206,8 @@ pub struct WorkerConfig {
     pub source_date_epoch: Option<i64>,
     /// Layer compression.
     pub compression: Option<Compression>,
+    /// Contents for empty cache mounts, by id, from imported caches (`cache-mounts=true`).
+    pub mount_seeds: BTreeMap<String, (Layer, Arc<dyn BlobSource>)>,
 }
 
 /// What a cache record holds for a filesystem result.
@@ -298,6 +300,15 @@ impl Worker {
             .expect("context memo")
             .get(&memo_key)
             .cloned()
+    }
+
+    /// The host directory of cache mount `id` (shared access), for exporting its contents.
+    pub fn cache_mount_dir(&self, id: &str) -> Result<kiln_exec::CacheMount, WorkerError> {
+        let req = CacheMountRequest::new(id.to_owned());
+        self.inner
+            .cache_mounts
+            .acquire(&req)
+            .map_err(|e| WorkerError::Unsupported(e.to_string()))
     }
 
     /// The layers recorded for `key`: from this build, the local store, or an imported cache.
@@ -579,6 +590,7 @@ impl Inner {
                             .cache_mounts
                             .acquire(&req)
                             .map_err(|e| WorkerError::Unsupported(e.to_string()))?;
+                        self.restore_cache_mount(ctx, id, guard.path())?;
                         let kind = MountKind::Cache {
                             source: guard.path().to_owned(),
                         };
@@ -662,6 +674,54 @@ impl Inner {
                 Err(e)
             }
         }
+    }
+
+    /// Fills an empty cache mount from an imported cache (`cache-mounts=true`), so a step
+    /// that must rerun starts with the package cache it had on the runner that exported it.
+    fn restore_cache_mount(
+        &self,
+        ctx: &ExecContext,
+        id: &str,
+        dir: &Path,
+    ) -> Result<(), WorkerError> {
+        let Some((layer, source)) = self.config.mount_seeds.get(id) else {
+            return Ok(());
+        };
+        let empty = fs::read_dir(dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
+        if !empty {
+            return Ok(());
+        }
+        self.ensure_blob(&layer.blob, Some(source.as_ref()))?;
+        let blob = self.store.content().open_blob(&layer.blob.digest)?;
+        let (_, reader) = kiln_oci::compression::decompressing_reader(std::io::BufReader::new(
+            blob,
+        ))
+        .map_err(|e| WorkerError::Io {
+            what: "reading cache mount blob",
+            path: dir.to_owned(),
+            source: e,
+        })?;
+        let mut archive = tar::Archive::new(reader);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        // `unpack` refuses entries that would land outside `dir` (`..`, absolute paths, links).
+        archive.unpack(dir).map_err(|e| WorkerError::Io {
+            what: "restoring cache mount",
+            path: dir.to_owned(),
+            source: e,
+        })?;
+        ctx.log(
+            2,
+            format!(
+                "kiln: cache mount {id} restored from {} ({} bytes)",
+                source.name(),
+                layer.blob.size
+            )
+            .into_bytes(),
+        );
+        Ok(())
     }
 
     fn owner_for(

@@ -169,3 +169,75 @@ pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph,
     }
     Ok(out)
 }
+
+/// Adds the contents of the build's cache mounts (`RUN --mount=type=cache`) to `out`, each as
+/// one compressed tar blob in the local content store; a mount larger than `max_bytes` is
+/// left out with a warning.
+pub fn export_cache_mounts(
+    solved: &SolvedBuild,
+    out: &mut CacheGraph,
+    max_bytes: u64,
+) -> Result<(), WorkerError> {
+    use std::io::Write;
+    let mut ids = std::collections::BTreeSet::new();
+    for v in &solved.graph.vertices {
+        if let Op::Exec(e) = &v.op {
+            for m in &e.mounts {
+                if let kiln_graph::graph::MountKind::Cache { id, .. } = &m.kind {
+                    ids.insert(id.clone());
+                }
+            }
+        }
+    }
+    let store = solved.worker.store();
+    for id in ids {
+        let guard = solved.worker.cache_mount_dir(&id)?;
+        let dir = guard.path().to_owned();
+        let size: u64 = walkdir::WalkDir::new(&dir)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum();
+        if size == 0 {
+            continue;
+        }
+        if size > max_bytes {
+            eprintln!("kiln: warning: cache mount {id} holds {size} bytes, over the {max_bytes}-byte bound; not exported");
+            continue;
+        }
+        let io_err = |source| WorkerError::Io {
+            what: "archiving cache mount",
+            path: dir.clone(),
+            source,
+        };
+        let blob = store.content().writer()?;
+        let opts = kiln_oci::compression::CompressOptions::default();
+        let gz = kiln_oci::compression::Compressor::new(
+            blob,
+            kiln_oci::compression::Compression::Gzip,
+            &opts,
+        )
+        .map_err(io_err)?;
+        let mut tar_out = kiln_oci::DigestWriter::new(gz, kiln_oci::Algorithm::Sha256);
+        {
+            let mut b = tar::Builder::new(&mut tar_out);
+            b.follow_symlinks(false);
+            b.mode(tar::HeaderMode::Deterministic);
+            b.append_dir_all(".", &dir).map_err(io_err)?;
+            b.finish().map_err(io_err)?;
+        }
+        tar_out.flush().map_err(io_err)?;
+        let (gz, diff_id, _) = tar_out.finish();
+        let blob = gz.finish().map_err(io_err)?;
+        let info = blob.commit_computed()?;
+        let layer = Layer {
+            blob: Descriptor::new(kiln_oci::media_type::OCI_LAYER_GZIP, info.digest, info.size),
+            diff_id,
+            created: None,
+        };
+        out.add_mount(&id, &layer);
+    }
+    Ok(())
+}

@@ -217,3 +217,33 @@ fn ignore_error_turns_an_unreachable_cache_registry_into_a_warning() {
     assert!(b.stderr().contains("cache export failed (ignore-error=true)"), "{}", b.stderr());
     assert!(!b.ran().is_empty());
 }
+
+#[test]
+fn cache_mounts_travel_with_the_cache_so_a_rerun_install_starts_warm() {
+    if skip_unless_root("cache_mounts_travel...") {
+        return;
+    }
+    let reg = TestRegistry::kiln();
+    let f = Fixture::new();
+    let base = f.push_base(&reg);
+    let cache = format!("{}/app:deps", reg.addr);
+    f.ci_build("runner1", "composer-deps", &base, &["--export-cache", &format!("type=registry,ref={cache},mode=max,cache-mounts=true")]);
+
+    // A new runner, with one more package in the lockfile: the install step must run again.
+    let lock = f.path("app/composer.lock");
+    let text = std::fs::read_to_string(&lock).unwrap().replacen(
+        "\"packages\": [",
+        "\"packages\": [\n        { \"name\": \"kiln/extra\", \"version\": \"1.0.0\" },",
+        1,
+    );
+    std::fs::write(&lock, text).unwrap();
+    let b = f.ci_build("runner2", "composer-deps", &base, &["--import-cache", &format!("type=registry,ref={cache}")]);
+    let install = "[composer-deps 4/4]";
+    assert!(b.ran().iter().any(|s| s.starts_with(install)), "ran {:?}", b.ran());
+    // Its output says the package cache came from the registry before it ran.
+    let step = b.events.iter().find(|e| e["event"] == "started" && e["name"].as_str().unwrap().starts_with(install)).unwrap()["step"].clone();
+    let restored = b.events.iter().any(|e| {
+        e["event"] == "log" && e["step"] == step && e["data"].as_str().unwrap_or("").contains("cache mount composer restored from")
+    });
+    assert!(restored, "no restore in the install step's output:\n{}", b.stderr());
+}

@@ -98,6 +98,7 @@ pub fn execute(
         remotes,
         context_filter: Arc::new(context_filter),
         source_date_epoch: sde,
+        mount_seeds: mount_seeds(&imported),
     };
     let planned = match plan_build(store.clone(), opts, inputs) {
         Ok(p) => p,
@@ -438,6 +439,17 @@ async fn export_caches(
         let result: anyhow::Result<String> = async {
             let max = spec.mode == CacheMode::Max;
             let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
+            if spec.cache_mounts {
+                let max_bytes = match spec.attrs.get("cache-mounts-max-size") {
+                    Some(v) => v.parse::<u64>().map_err(|_| {
+                        anyhow::anyhow!(
+                            "--export-cache cache-mounts-max-size={v}: expected a number of bytes"
+                        )
+                    })?,
+                    None => 1 << 30,
+                };
+                kiln_worker::remote::export_cache_mounts(solved, &mut graph, max_bytes)?;
+            }
             let blob_file = |d: &kiln_oci::Digest| {
                 let p = store.content().blob_path(d);
                 p.is_file().then_some(p)
@@ -589,4 +601,19 @@ fn record_step_inputs(solved: &SolvedBuild, recorder: &Recorder) {
             recorder.set_step_inputs(i, inputs);
         }
     }
+}
+
+/// Cache-mount contents carried by imported caches, by id (the first import wins).
+fn mount_seeds(
+    imported: &[(String, Arc<ImportedCache>)],
+) -> std::collections::BTreeMap<String, (kiln_worker::image::Layer, Arc<dyn BlobSource>)> {
+    let mut seeds = std::collections::BTreeMap::new();
+    for (_, c) in imported {
+        for (id, layer) in c.graph().mounts() {
+            seeds
+                .entry(id.to_owned())
+                .or_insert_with(|| (layer.clone(), c.source().clone()));
+        }
+    }
+    seeds
 }
