@@ -63,8 +63,8 @@ build() { # state-dir label
     --import-cache "type=registry,ref=$reg/app:buildcache" \
     --metadata-file "$1.json" --progress plain >"$1.log" 2>&1 || { cat "$1.log"; exit 1; }
   end=$(date +%s.%N)
-  jq -r --arg label "$2" --arg wall "$(echo "$end - $start" | bc)" '
-    [$label, ($wall | tonumber * 100 | round / 100 | tostring) + " s",
+  jq -r --arg name "$2" --arg wall "$(echo "$end - $start" | bc)" '
+    [$name, ($wall | tonumber * 100 | round / 100 | tostring) + " s",
      ([."kiln.steps"[] | select(.status == "run" and .stage != null)] | length | tostring),
      ([."kiln.steps"[] | select(.status == "cached")] | length | tostring),
      (."kiln.bytes_downloaded" | tostring), (."kiln.bytes_uploaded" | tostring),
