@@ -17,7 +17,7 @@ pub enum TransferError {
     #[error("cache {reference}: {source}")]
     Registry {
         reference: String,
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
     #[error("cache {reference}: {source}")]
     Format {
@@ -44,7 +44,7 @@ pub struct ExportReport {
 fn reg_err(reference: &Reference) -> impl FnOnce(RegistryError) -> TransferError + '_ {
     move |source| TransferError::Registry {
         reference: reference.to_string(),
-        source,
+        source: Box::new(source),
     }
 }
 

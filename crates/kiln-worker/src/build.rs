@@ -14,8 +14,8 @@ use kiln_solver::{EventSink, Solver, SolverOptions};
 use kiln_store::Store;
 
 use crate::engine::{
-    solver_graph, BaseImage, ContextFilter, ImageProvider, RemoteCache, Rootfs, Value, Worker,
-    WorkerConfig, WorkerError,
+    solver_graph, BaseImage, ContextFilterFactory, ImageProvider, RemoteCache, Rootfs, Value,
+    Worker, WorkerConfig, WorkerError,
 };
 use crate::image::frontend_config;
 
@@ -96,7 +96,7 @@ pub struct BuildInputs<'a> {
     /// Imported remote caches, consulted after the local store.
     pub remotes: Vec<Arc<dyn RemoteCache>>,
     /// Builds `.dockerignore` filters.
-    pub context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+    pub context_filter: ContextFilterFactory,
     /// `SOURCE_DATE_EPOCH`, for reproducible layers and timestamps.
     pub source_date_epoch: Option<i64>,
     /// Contents for empty cache mounts, from imported caches.

@@ -73,6 +73,9 @@ impl StatStamp {
     }
 }
 
+/// One walked path: its entry, its stat stamp (files), and whether it was hashed afresh.
+type Hashed = (String, ContextEntry, Option<(StatStamp, Digest)>, bool);
+
 #[derive(Default, Serialize, Deserialize)]
 struct StatCache {
     files: BTreeMap<String, (StatStamp, Digest)>,
@@ -131,9 +134,7 @@ impl ContextIndex {
             listed.push((rel, m, item.path().to_owned()));
         }
 
-        let hashed: Vec<
-            Result<(String, ContextEntry, Option<(StatStamp, Digest)>, bool), ContextError>,
-        > = listed
+        let hashed: Vec<Result<Hashed, ContextError>> = listed
             .into_par_iter()
             .map(|(rel, m, path)| {
                 let ft = m.file_type();

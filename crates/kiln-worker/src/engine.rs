@@ -234,15 +234,21 @@ struct Inner {
     config: WorkerConfig,
     lease: Lease,
     contexts: Mutex<HashMap<String, Arc<ContextIndex>>>,
-    context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+    context_filter: ContextFilterFactory,
     /// Every key this build hit or computed, with its layers (what a cache export writes).
     seen: Mutex<HashMap<CacheKey, Vec<Layer>>>,
 }
 
+/// Makes the [`ContextFilter`] for a list of `.dockerignore`-style patterns.
+pub type ContextFilterFactory = Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>;
+
+/// Is this relative path (a directory when the flag is set) left out of the context?
+pub type ExcludePredicate = Box<dyn Fn(&str, bool) -> bool + Send + Sync>;
+
 /// Decides which context paths are sent, from `.dockerignore`-style patterns.
 pub struct ContextFilter {
     /// Is this relative path left out?
-    pub excluded: Box<dyn Fn(&str, bool) -> bool + Send + Sync>,
+    pub excluded: ExcludePredicate,
     /// Could an exception pattern re-include something below this excluded directory?
     pub may_reinclude: Box<dyn Fn(&str) -> bool + Send + Sync>,
 }
@@ -261,7 +267,7 @@ impl Worker {
         images: Arc<dyn ImageProvider>,
         remotes: Vec<Arc<dyn RemoteCache>>,
         config: WorkerConfig,
-        context_filter: Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>,
+        context_filter: ContextFilterFactory,
     ) -> Result<Self, WorkerError> {
         let lease = store.lease()?;
         let cache_mounts = CacheMounts::new(store.root().join("cache-mounts"));

@@ -529,9 +529,9 @@ pub fn resolve_owner(
     let passwd = read("/etc/passwd");
     let (uid, primary_gid) = match user.parse::<u32>() {
         Ok(id) => (id, None),
-        Err(_) => lookup(&passwd, user, 2)
-            .map(|(u, g)| (u, g))
-            .ok_or_else(|| FileOpError::UnknownUser(user.to_owned()))?,
+        Err(_) => {
+            lookup(&passwd, user, 2).ok_or_else(|| FileOpError::UnknownUser(user.to_owned()))?
+        }
     };
     let gid = match group {
         None => primary_gid.unwrap_or(uid),
