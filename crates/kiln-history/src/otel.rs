@@ -52,8 +52,8 @@ pub fn otlp_configured() -> bool {
 
 /// Sends `record` as a trace to `endpoint` (the full traces URL, e.g.
 /// `http://127.0.0.1:4318/v1/traces`), or — when `None` — to the endpoint the standard
-/// `OTEL_EXPORTER_OTLP_*` variables name. Blocks until the collector answered (its own thread,
-/// so it is safe to call from async code).
+/// `OTEL_EXPORTER_OTLP_*` variables name. Blocks until the collector answered (on its own thread
+/// and runtime, so it is safe to call from async code).
 pub fn export_otlp(record: &BuildRecord, endpoint: Option<&str>) -> Result<(), OtelError> {
     let record = record.clone();
     let endpoint = endpoint.map(str::to_string);
@@ -94,11 +94,20 @@ fn export_blocking(record: &BuildRecord, endpoint: Option<String>) -> Result<(),
     let _ = provider.shutdown();
     let spans = std::mem::take(&mut *collected.0.lock().unwrap_or_else(|e| e.into_inner()));
     exporter.set_resource(&resource);
-    futures::executor::block_on(exporter.export(spans)).map_err(|e| OtelError::Export {
-        id: record.id.clone(),
-        endpoint: shown,
-        message: e.to_string(),
-    })
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| OtelError::Setup {
+            endpoint: shown.clone(),
+            message: e.to_string(),
+        })?;
+    runtime
+        .block_on(exporter.export(spans))
+        .map_err(|e| OtelError::Export {
+            id: record.id.clone(),
+            endpoint: shown,
+            message: e.to_string(),
+        })
 }
 
 #[derive(Debug, Default)]
