@@ -98,6 +98,21 @@ fn a_new_runner_starts_warm(reg: TestRegistry) {
         "runner3 downloaded layers no rerun step needed"
     );
 
+    // The pushed image runs: podman pulls it from the registry and runs its CMD (the tests).
+    let conf = common::workspace().join("../shared/podman/containers.conf");
+    if conf.exists() {
+        let run = Command::new("podman")
+            .args(["run", "--rm", "--tls-verify=false", &job.image])
+            .env("CONTAINERS_CONF", &conf)
+            .output()
+            .unwrap();
+        let _ = Command::new("podman").args(["rmi", "-f", &job.image]).env("CONTAINERS_CONF", &conf).output();
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(String::from_utf8_lossy(&run.stdout).contains("tests passed"));
+    } else {
+        eprintln!("skipping podman run: {} is absent", conf.display());
+    }
+
     // The whole cache is one tag: no per-stage tags.
     let tags = get_json(&format!("http://{}/v2/app/tags/list", reg.addr));
     let mut tags: Vec<&str> = tags["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
