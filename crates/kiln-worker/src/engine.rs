@@ -460,6 +460,27 @@ impl Inner {
         Ok(Rootfs::new(layers, Some(id), None))
     }
 
+    /// Ends a step that wrote into `active`: drops its read-only `views`, then commits the
+    /// snapshot as a new layer on `base_layers`, or removes it if the step failed.
+    fn finish_step(
+        &self,
+        active: &ActiveSnapshot,
+        base_layers: &[Layer],
+        views: Vec<ActiveSnapshot>,
+        result: Result<(), WorkerError>,
+    ) -> Result<Value, WorkerError> {
+        for v in views {
+            let _ = self.store.remove(v.id);
+        }
+        match result {
+            Ok(()) => Ok(Value::Fs(Arc::new(self.commit_layer(active, base_layers)?))),
+            Err(e) => {
+                let _ = self.store.remove(active.id);
+                Err(e)
+            }
+        }
+    }
+
     fn prepare_on(
         &self,
         base: Option<&Arc<Rootfs>>,
@@ -668,18 +689,7 @@ impl Inner {
             }
             Ok(())
         })();
-        for v in views {
-            let _ = self.store.remove(v.id);
-        }
-        match result {
-            Ok(()) => Ok(Value::Fs(Arc::new(
-                self.commit_layer(&active, &base_layers)?,
-            ))),
-            Err(e) => {
-                let _ = self.store.remove(active.id);
-                Err(e)
-            }
-        }
+        self.finish_step(&active, &base_layers, views, result)
     }
 
     /// Fills an empty cache mount from an imported cache (`cache-mounts=true`), so a step
@@ -825,18 +835,7 @@ impl Inner {
             }
             Ok(())
         })();
-        for v in views {
-            let _ = self.store.remove(v.id);
-        }
-        match result {
-            Ok(()) => Ok(Value::Fs(Arc::new(
-                self.commit_layer(&active, &base_layers)?,
-            ))),
-            Err(e) => {
-                let _ = self.store.remove(active.id);
-                Err(e)
-            }
-        }
+        self.finish_step(&active, &base_layers, views, result)
     }
 
     fn mkdir(&self, op: &MkdirOp, inputs: &[Value]) -> Result<Value, WorkerError> {
@@ -846,15 +845,7 @@ impl Inner {
             fileop::mkdir_all(&active.rootfs, &op.path, op.mode, owner)?;
             Ok::<_, WorkerError>(())
         })();
-        match result {
-            Ok(()) => Ok(Value::Fs(Arc::new(
-                self.commit_layer(&active, &base_layers)?,
-            ))),
-            Err(e) => {
-                let _ = self.store.remove(active.id);
-                Err(e)
-            }
-        }
+        self.finish_step(&active, &base_layers, Vec::new(), result)
     }
 }
 
