@@ -55,6 +55,10 @@ pub fn otlp_configured() -> bool {
 /// `OTEL_EXPORTER_OTLP_*` variables name. Blocks until the collector answered (on its own thread
 /// and runtime, so it is safe to call from async code).
 pub fn export_otlp(record: &BuildRecord, endpoint: Option<&str>) -> Result<(), OtelError> {
+    // The workspace builds reqwest without a built-in TLS crypto provider (kiln picks ring):
+    // make sure the process has one before the exporter builds its HTTP client. An error only
+    // means another part of kiln installed it first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let record = record.clone();
     let endpoint = endpoint.map(str::to_string);
     std::thread::spawn(move || export_blocking(&record, endpoint))

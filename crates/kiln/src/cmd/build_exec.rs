@@ -530,6 +530,11 @@ fn save_history(
     reports: &Reports,
 ) {
     let record = recorder.finish(result, cancelled);
+    if kiln_history::otlp_configured() {
+        if let Err(e) = kiln_history::export_otlp(&record, None) {
+            eprintln!("kiln: warning: could not export the build trace over OTLP: {e}");
+        }
+    }
     if let Err(e) = HistoryStore::new(&globals.root).save(&record) {
         eprintln!("kiln: warning: could not record the build in history: {e}");
     }
