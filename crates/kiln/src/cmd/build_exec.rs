@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::progress::Progress;
 use crate::Globals;
-use kiln_history::{HistoryStore, Recorder, StepInfo};
+use kiln_history::{HistoryStore, Recorder, SpanKind, StepInfo};
 
 /// `.dockerignore` patterns as a context filter.
 fn context_filter(patterns: &[String]) -> ContextFilter {
@@ -156,8 +156,14 @@ pub fn execute(
         }
     };
     record_step_inputs(&solved, &recorder);
-    let image = export(opts, &solved, &store, sde, &runtime, &client)?;
-    runtime.block_on(export_caches(opts, &solved, &store, &client, &imported))?;
+    let image = {
+        let _span = recorder.span(SpanKind::Export, "image export and push");
+        export(opts, &solved, &store, sde, &runtime, &client)
+    }?;
+    {
+        let _span = recorder.span(SpanKind::CacheExport, "cache export");
+        runtime.block_on(export_caches(opts, &solved, &store, &client, &imported))?;
+    }
     let stats = client.stats();
     let moved = Moved {
         downloaded: stats.bytes_received - stats_before.bytes_received,
