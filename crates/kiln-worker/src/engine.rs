@@ -821,6 +821,7 @@ impl Inner {
                         owner,
                         chmod,
                         source_name,
+                        extract_archives: op.auto_extract,
                     };
                     let include = |rel: &str| only.as_ref().is_none_or(|c| c.get(rel).is_some());
                     fileop::copy_filtered(

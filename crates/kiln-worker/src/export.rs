@@ -143,6 +143,7 @@ pub fn local_dir(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<(
             owner: Owner::Preserve,
             chmod: None,
             source_name: "build result".into(),
+            extract_archives: false,
         };
         fileop::copy(root, &[".".into()], dest, "/", &opts)?;
         Ok(())

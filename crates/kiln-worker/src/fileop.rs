@@ -161,6 +161,9 @@ pub struct CopyOptions {
     pub chmod: Option<u32>,
     /// Name of the source for error messages ("build context", "stage app").
     pub source_name: String,
+    /// `ADD`: a source file that is a tar archive (plain, gzip or zstd) is unpacked into the
+    /// destination directory instead of copied.
+    pub extract_archives: bool,
 }
 
 /// Parses `--chmod` (octal only).
@@ -361,6 +364,10 @@ pub fn copy_filtered(
             let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
             apply_meta(&dir, &meta, opts)?;
             copy_tree(&src, dest_root, &target, rel, opts, include, &mut stats)?;
+        } else if opts.extract_archives && is_tar_archive(&src) {
+            // Docker unpacks into the destination as a directory.
+            let dir = mkdir_all(dest_root, dest, 0o755, Owner::Ids(0, 0))?;
+            extract_archive(&src, &dir, &mut stats)?;
         } else {
             let parent = Path::new(&target)
                 .parent()
@@ -543,4 +550,47 @@ pub fn resolve_owner(
         },
     };
     Ok((uid, gid))
+}
+
+/// Whether `path` holds a tar archive, plain or compressed (gzip, zstd): its first 512-byte
+/// block, decompressed, has the `ustar` magic.
+pub fn is_tar_archive(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    let Ok((_, mut r)) = kiln_oci::compression::decompressing_reader(io::BufReader::new(f)) else {
+        return false;
+    };
+    let mut block = [0u8; 512];
+    let mut n = 0;
+    while n < block.len() {
+        match r.read(&mut block[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => return false,
+        }
+    }
+    n == 512 && &block[257..262] == b"ustar"
+}
+
+/// Unpacks the archive at `src` into the directory `dir`. Entries that would land outside
+/// `dir` (`..`, absolute paths, links leading out) are refused by the unpacker.
+fn extract_archive(src: &Path, dir: &Path, stats: &mut CopyStats) -> Result<(), FileOpError> {
+    let f = fs::File::open(src).map_err(io_at(src))?;
+    let (_, r) =
+        kiln_oci::compression::decompressing_reader(io::BufReader::new(f)).map_err(io_at(src))?;
+    let mut archive = tar::Archive::new(r);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(true);
+    for entry in archive.entries().map_err(io_at(src))? {
+        let mut entry = entry.map_err(io_at(src))?;
+        let is_file = entry.header().entry_type().is_file();
+        let size = entry.header().size().unwrap_or(0);
+        if entry.unpack_in(dir).map_err(io_at(src))? && is_file {
+            stats.files += 1;
+            stats.bytes += size;
+        }
+    }
+    Ok(())
 }

@@ -183,6 +183,7 @@ pub fn import_rootfs(
                     owner: crate::fileop::Owner::Preserve,
                     chmod: None,
                     source_name: "import source".into(),
+                    extract_archives: false,
                 },
             )?;
         } else {

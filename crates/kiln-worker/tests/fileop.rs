@@ -15,6 +15,7 @@ fn opts() -> CopyOptions {
         owner: Owner::Ids(0, 0),
         chmod: None,
         source_name: "build context".into(),
+        extract_archives: false,
     }
 }
 
@@ -315,4 +316,67 @@ fn glob_matching_follows_go_filepath_match() {
 fn nix_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn add_unpacks_local_tar_archives_and_refuses_entries_that_climb_out() {
+    use std::io::Write;
+    let ctx = context();
+    // rootfs.tar.gz: two files, and an entry named `../escape.txt` written past the tar
+    // builder's own checks.
+    let mut raw = tar::Builder::new(Vec::new());
+    for (name, body) in [
+        ("pkg/README", &b"readme"[..]),
+        ("pkg/bin/tool", &b"#!/bin/sh\n"[..]),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o755);
+        raw.append_data(&mut h, name, body).unwrap();
+    }
+    let mut h = tar::Header::new_gnu();
+    let evil = b"../escape.txt";
+    h.as_gnu_mut().unwrap().name[..evil.len()].copy_from_slice(evil);
+    h.set_size(4);
+    h.set_mode(0o644);
+    h.set_cksum();
+    raw.append(&h, &b"evil"[..]).unwrap();
+    let tar_bytes = raw.into_inner().unwrap();
+    let gzip = kiln_oci::compression::CompressOptions::default();
+    let mut gz = kiln_oci::compression::Compressor::new(
+        Vec::new(),
+        kiln_oci::compression::Compression::Gzip,
+        &gzip,
+    )
+    .unwrap();
+    gz.write_all(&tar_bytes).unwrap();
+    fs::write(ctx.path().join("rootfs.tar.gz"), gz.finish().unwrap()).unwrap();
+    assert!(fileop::is_tar_archive(&ctx.path().join("rootfs.tar.gz")));
+    assert!(!fileop::is_tar_archive(&ctx.path().join("composer.json")));
+
+    let dest = tempfile::tempdir().unwrap();
+    let add = CopyOptions {
+        extract_archives: true,
+        ..opts()
+    };
+    fileop::copy(
+        ctx.path(),
+        &["rootfs.tar.gz".into(), "composer.json".into()],
+        dest.path(),
+        "/opt/",
+        &add,
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read_to_string(dest.path().join("opt/pkg/README")).unwrap(),
+        "readme"
+    );
+    assert!(dest.path().join("opt/pkg/bin/tool").is_file());
+    // Not an archive: copied as a file.
+    assert!(dest.path().join("opt/composer.json").is_file());
+    assert!(
+        !dest.path().join("escape.txt").exists(),
+        "an entry climbed out of the destination"
+    );
+    assert!(!dest.path().join("opt/rootfs.tar.gz").exists());
 }
