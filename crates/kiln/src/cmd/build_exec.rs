@@ -345,6 +345,31 @@ fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
             }
         }
     }
+    // The same for cache refs marked `registry.insecure=true` (or `insecure=true`).
+    let cache_refs = opts
+        .cache_exports
+        .iter()
+        .map(|c| (&c.reference, &c.attrs))
+        .chain(opts.cache_imports.iter().map(|c| (&c.reference, &c.attrs)));
+    for (reference, attrs) in cache_refs {
+        let insecure = ["registry.insecure", "insecure"]
+            .iter()
+            .any(|k| attrs.get(*k).is_some_and(|v| v == "true"));
+        if let (true, Some(r)) = (
+            insecure,
+            reference
+                .as_deref()
+                .and_then(|r| r.parse::<kiln_oci::Reference>().ok()),
+        ) {
+            config.hosts.insert(
+                r.registry().to_owned(),
+                HostConfig {
+                    insecure: true,
+                    ..HostConfig::default()
+                },
+            );
+        }
+    }
     RegistryClient::new(config).context("setting up the registry client")
 }
 
