@@ -331,43 +331,32 @@ fn write_metadata(
 
 /// A registry client; hosts of outputs with `registry.insecure=true` speak plain HTTP.
 fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
-    let mut config = ClientConfig::default();
-    for o in opts.outputs.iter().filter(|o| o.registry_insecure) {
-        for n in &o.names {
-            if let Ok(r) = n.parse::<kiln_oci::Reference>() {
-                config.hosts.insert(
-                    r.registry().to_owned(),
-                    HostConfig {
-                        insecure: true,
-                        ..HostConfig::default()
-                    },
-                );
-            }
-        }
-    }
-    // The same for cache refs marked `registry.insecure=true` (or `insecure=true`).
-    let cache_refs = opts
+    // Image names of outputs with `registry.insecure=true`, and cache refs marked
+    // `registry.insecure=true` (or `insecure=true`).
+    let outputs = opts
+        .outputs
+        .iter()
+        .filter(|o| o.registry_insecure)
+        .flat_map(|o| o.names.iter());
+    let caches = opts
         .cache_exports
         .iter()
         .map(|c| (&c.reference, &c.attrs))
-        .chain(opts.cache_imports.iter().map(|c| (&c.reference, &c.attrs)));
-    for (reference, attrs) in cache_refs {
-        let insecure = ["registry.insecure", "insecure"]
-            .iter()
-            .any(|k| attrs.get(*k).is_some_and(|v| v == "true"));
-        if let (true, Some(r)) = (
-            insecure,
-            reference
-                .as_deref()
-                .and_then(|r| r.parse::<kiln_oci::Reference>().ok()),
-        ) {
-            config.hosts.insert(
-                r.registry().to_owned(),
-                HostConfig {
-                    insecure: true,
-                    ..HostConfig::default()
-                },
-            );
+        .chain(opts.cache_imports.iter().map(|c| (&c.reference, &c.attrs)))
+        .filter(|(_, attrs)| {
+            ["registry.insecure", "insecure"]
+                .iter()
+                .any(|k| attrs.get(*k).is_some_and(|v| v == "true"))
+        })
+        .filter_map(|(reference, _)| reference.as_ref());
+    let mut config = ClientConfig::default();
+    for name in outputs.chain(caches) {
+        if let Ok(r) = name.parse::<kiln_oci::Reference>() {
+            let insecure = HostConfig {
+                insecure: true,
+                ..HostConfig::default()
+            };
+            config.hosts.insert(r.registry().to_owned(), insecure);
         }
     }
     RegistryClient::new(config).context("setting up the registry client")
