@@ -36,8 +36,7 @@ pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|s| s.parse::<u64>().ok());
     let created = kiln_worker::image::created_timestamp(sde);
-    let image =
-        kiln_worker::images::import_rootfs(
+    let image = kiln_worker::images::import_rootfs(
         &store,
         &args.source,
         &args.tags,
@@ -45,7 +44,7 @@ pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         &created,
         sde.map(|s| s as i64),
     )
-            .with_context(|| format!("importing {}", args.source.display()))?;
+    .with_context(|| format!("importing {}", args.source.display()))?;
     println!("{}", image.manifest.digest);
     Ok(ExitCode::SUCCESS)
 }

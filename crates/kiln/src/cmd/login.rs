@@ -73,10 +73,16 @@ pub fn run_login(args: LoginArgs, _globals: &Globals) -> anyhow::Result<ExitCode
     }
     let docker_config = DockerConfig::from_env();
     if !args.no_verify {
-        let mut config = ClientConfig { docker_config: docker_config.clone(), ..ClientConfig::default() };
+        let mut config = ClientConfig {
+            docker_config: docker_config.clone(),
+            ..ClientConfig::default()
+        };
         config.credentials.insert(
             server.clone(),
-            Credential::Basic { username: username.clone(), password: password.clone() },
+            Credential::Basic {
+                username: username.clone(),
+                password: password.clone(),
+            },
         );
         if args.insecure {
             config.hosts.entry(server.clone()).or_default().insecure = true;
@@ -86,12 +92,16 @@ pub fn run_login(args: LoginArgs, _globals: &Globals) -> anyhow::Result<ExitCode
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        rt.block_on(client.ping(&server)).with_context(|| format!("logging in to {server}"))?;
+        rt.block_on(client.ping(&server))
+            .with_context(|| format!("logging in to {server}"))?;
     }
     docker_config
         .store(&server, &username, &password)
         .with_context(|| format!("storing credentials for {server}"))?;
-    println!("Login Succeeded ({server}, credentials in {})", docker_config.path().display());
+    println!(
+        "Login Succeeded ({server}, credentials in {})",
+        docker_config.path().display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
