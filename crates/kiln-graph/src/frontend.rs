@@ -1789,6 +1789,18 @@ impl<'a> Lowerer<'a> {
                          srcs: Vec<String>,
                          auto_extract: bool|
          -> VertexId {
+            // `--link` makes its layer on an empty filesystem, keyed without the stage below
+            // it, then stacks it on the stage: a changed base reuses the layer as it is.
+            // Owner names must be looked up in the stage's /etc/passwd, so a copy that
+            // names them keeps the stage as its base.
+            let numeric = |v: &str| v.parse::<u32>().is_ok();
+            let rebase = link
+                && current.is_some()
+                && chown
+                    .as_ref()
+                    .is_none_or(|c| numeric(&c.user) && c.group.as_deref().is_none_or(numeric));
+            let below = current;
+            let current = if rebase { None } else { current };
             let mut inputs = Vec::new();
             let dest_base = current.map(|c| {
                 inputs.push(c);
@@ -1804,7 +1816,7 @@ impl<'a> Lowerer<'a> {
                 }
                 (None, None) => CopySource::Inline { files: vec![] },
             };
-            s.push(
+            let copied = s.push(
                 Op::Copy(CopyOp {
                     dest_base,
                     source,
@@ -1822,7 +1834,18 @@ impl<'a> Lowerer<'a> {
                 }),
                 inputs,
                 meta.clone(),
-            )
+            );
+            match below {
+                Some(base) if rebase => s.push(
+                    Op::Merge(MergeOp::default()),
+                    vec![base, copied],
+                    VertexMeta {
+                        description: format!("{} (link onto the stage)", meta.description),
+                        ..meta.clone()
+                    },
+                ),
+                _ => copied,
+            }
         };
         if !paths.is_empty() {
             let src_vertex = match &from {

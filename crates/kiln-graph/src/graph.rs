@@ -85,6 +85,9 @@ pub enum Op {
     Copy(CopyOp),
     /// Create a directory (WORKDIR).
     Mkdir(MkdirOp),
+    /// Stack the layers of its inputs in order, running nothing: `COPY --link` puts the layer
+    /// it made on its own onto the stage's filesystem, so a changed base never reruns it.
+    Merge(MergeOp),
 }
 
 /// `FROM image`.
@@ -326,6 +329,10 @@ pub struct CopyOp {
     /// ADD: the instruction was ADD (affects permissions of URL downloads).
     pub is_add: bool,
 }
+
+/// The layers of every input, the first input's at the bottom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MergeOp {}
 
 /// `WORKDIR` (creates the directory).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

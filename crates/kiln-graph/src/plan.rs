@@ -13,7 +13,7 @@ pub struct PlanStep {
     pub id: u32,
     /// Stage name (`stage-N` when unnamed); `None` for shared sources such as the context.
     pub stage: Option<String>,
-    /// Kind of operation: image, local, http, oci-layout, exec, copy, mkdir.
+    /// Kind of operation: image, local, http, oci-layout, exec, copy, mkdir, merge.
     pub op: &'static str,
     /// e.g. `[app 3/8] COPY --from=npm-deps /deps/public ./public`.
     pub description: String,
@@ -65,6 +65,7 @@ pub fn plan(graph: &BuildGraph) -> Plan {
                 Op::Exec(_) => "exec",
                 Op::Copy(_) => "copy",
                 Op::Mkdir(_) => "mkdir",
+                Op::Merge(_) => "merge",
             },
             description: v.meta.description.clone(),
             waits_on: v.inputs.iter().map(|x| x.0).collect(),

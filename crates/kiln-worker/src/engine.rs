@@ -509,6 +509,7 @@ impl Inner {
             Op::Exec(op) => self.exec(ctx, op, inputs),
             Op::Copy(op) => self.copy(op, inputs),
             Op::Mkdir(op) => self.mkdir(op, inputs),
+            Op::Merge(_) => merge(inputs),
             Op::Http(h) => Err(WorkerError::Unsupported(format!(
                 "ADD {}: downloading URLs is not supported yet",
                 h.url
@@ -847,6 +848,67 @@ impl Inner {
             Ok::<_, WorkerError>(())
         })();
         self.finish_step(&active, &base_layers, Vec::new(), result)
+    }
+}
+
+/// Stacks the inputs' layer chains, the first input's at the bottom. Nothing runs and
+/// nothing is unpacked: the chain becomes a snapshot only when a step runs on it.
+fn merge(inputs: &[Value]) -> Result<Value, WorkerError> {
+    let mut layers = Vec::new();
+    let mut sources: Vec<Arc<dyn BlobSource>> = Vec::new();
+    for input in inputs {
+        let fs = input.rootfs()?;
+        layers.extend(fs.layers.iter().cloned());
+        if let Some(s) = fs.source() {
+            if !sources.iter().any(|k| Arc::ptr_eq(k, s)) {
+                sources.push(s.clone());
+            }
+        }
+    }
+    let source = match sources.len() {
+        0 | 1 => sources.pop(),
+        _ => Some(Arc::new(BlobSources(sources)) as Arc<dyn BlobSource>),
+    };
+    Ok(Value::Fs(Arc::new(Rootfs::new(layers, None, source))))
+}
+
+/// Several places a merged chain's blobs come from, asked in turn.
+struct BlobSources(Vec<Arc<dyn BlobSource>>);
+
+impl BlobSource for BlobSources {
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+        let mut last = None;
+        for s in self.0.iter().filter(|s| s.has(blob)) {
+            match s.fetch(blob, store) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            WorkerError::Internal(format!(
+                "layer blob {} is in none of {}",
+                blob.digest,
+                self.name()
+            ))
+        }))
+    }
+
+    fn name(&self) -> String {
+        let names: Vec<String> = self.0.iter().map(|s| s.name()).collect();
+        names.join(", ")
+    }
+
+    fn has(&self, blob: &Descriptor) -> bool {
+        self.0.iter().any(|s| s.has(blob))
+    }
+
+    fn repository(&self) -> Option<kiln_oci::Reference> {
+        // A push mounts from one repository only; with several, blobs are fetched first.
+        let first = self.0.first()?.repository()?;
+        self.0
+            .iter()
+            .all(|s| s.repository().as_ref() == Some(&first))
+            .then_some(first)
     }
 }
 

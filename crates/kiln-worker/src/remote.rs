@@ -148,6 +148,12 @@ pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph,
                 Op::Exec(e) => e.rootfs,
                 Op::Copy(c) => c.dest_base,
                 Op::Mkdir(m) => m.rootfs,
+                // `COPY --link`: the stage below, and the copy's own record, which is what
+                // a runner with a changed base hits.
+                Op::Merge(_) => {
+                    nodes.extend(v.inputs.iter().skip(1).map(|id| id.index()));
+                    Some(0)
+                }
                 _ => break,
             };
             nodes.push(n);

@@ -19,21 +19,34 @@ fn test_target_builds_and_an_unchanged_rebuild_is_all_cached_with_the_same_diges
     }
     let f = Fixture::new();
     let first = f.build("test", &["--output", "type=image,name=app:test"]);
-    assert!(first.cached().is_empty(), "cold build had hits: {:?}", first.cached());
+    assert!(
+        first.cached().is_empty(),
+        "cold build had hits: {:?}",
+        first.cached()
+    );
     let ran = first.ran();
     let stages: BTreeSet<&str> = ran.iter().map(|s| stage_of(s)).collect();
     assert_eq!(
         stages,
-        ["app", "composer-deps", "dev", "npm-deps", "php-ext", "test"].into_iter().collect(),
+        ["app", "composer-deps", "dev", "npm-deps", "php-ext", "test"]
+            .into_iter()
+            .collect(),
         "release is not needed by test and must not run"
     );
-    assert!(first.ran().iter().any(|s| s.contains("RUN sh tests/run.sh")));
+    assert!(first
+        .ran()
+        .iter()
+        .any(|s| s.contains("RUN sh tests/run.sh")));
 
     let second = f.build("test", &["--output", "type=image,name=app:test"]);
     assert!(second.ran().is_empty(), "rebuild ran {:?}", second.ran());
     // The target's last step is a hit, so nothing below it is even looked at.
     assert_eq!(second.cached(), ["[test 2/2] RUN sh tests/run.sh"]);
-    assert_eq!(second.digest(), first.digest(), "a fully cached rebuild makes the same image");
+    assert_eq!(
+        second.digest(),
+        first.digest(),
+        "a fully cached rebuild makes the same image"
+    );
 }
 
 #[test]
@@ -66,17 +79,31 @@ fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
         .skip(1)
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
-    assert!(ids.len() >= 2, "history: {}", String::from_utf8_lossy(&ls.stdout));
+    assert!(
+        ids.len() >= 2,
+        "history: {}",
+        String::from_utf8_lossy(&ls.stdout)
+    );
     let cmp = f.kiln(&["history", "compare", &ids[1], &ids[0]]);
     let text = String::from_utf8_lossy(&cmp.stdout);
-    assert!(text.contains("file src/lib/Greeting.php changed"), "compare said:\n{text}");
+    assert!(
+        text.contains("file src/lib/Greeting.php changed"),
+        "compare said:\n{text}"
+    );
     // The dependency stages' work is reused: the copy from php-ext is the hit they sit under.
-    assert_eq!(again.cached(), ["[app 5/8] COPY --from=php-ext /build/modules/ /usr/local/lib/php/extensions/"]);
+    assert_eq!(
+        again.cached(),
+        ["[app 5/8] COPY --from=php-ext /build/modules/ /usr/local/lib/php/extensions/"]
+    );
 
     // A file that .dockerignore leaves out changes nothing.
     std::fs::write(f.path("app/debug.log"), "noise").unwrap();
     let ignored = f.build("test", &[]);
-    assert!(ignored.ran().is_empty(), "ignored file triggered {:?}", ignored.ran());
+    assert!(
+        ignored.ran().is_empty(),
+        "ignored file triggered {:?}",
+        ignored.ran()
+    );
 }
 
 #[test]
@@ -87,7 +114,10 @@ fn release_target_never_runs_dev_or_test_steps() {
     let f = Fixture::new();
     let b = f.build("release", &[]);
     for step in b.ran() {
-        assert!(!["dev", "test"].contains(&stage_of(&step)), "release ran {step}");
+        assert!(
+            !["dev", "test"].contains(&stage_of(&step)),
+            "release ran {step}"
+        );
     }
     assert!(b.ran().iter().any(|s| s.starts_with("[app ")));
 }
@@ -105,11 +135,22 @@ fn the_three_dependency_stages_run_at_the_same_time() {
         let started = b
             .events
             .iter()
-            .find(|e| e["event"] == "started" && e["stage"] == stage && e["name"].as_str().unwrap().contains("RUN"))
+            .find(|e| {
+                e["event"] == "started"
+                    && e["stage"] == stage
+                    && e["name"].as_str().unwrap().contains("RUN")
+            })
             .unwrap_or_else(|| panic!("no RUN started in {stage}"));
         let step = started["step"].clone();
-        let done = b.events.iter().find(|e| e["event"] == "completed" && e["step"] == step).unwrap();
-        spans.push((started["elapsed_ms"].as_u64().unwrap(), done["elapsed_ms"].as_u64().unwrap()));
+        let done = b
+            .events
+            .iter()
+            .find(|e| e["event"] == "completed" && e["step"] == step)
+            .unwrap();
+        spans.push((
+            started["elapsed_ms"].as_u64().unwrap(),
+            done["elapsed_ms"].as_u64().unwrap(),
+        ));
     }
     let latest_start = spans.iter().map(|s| s.0).max().unwrap();
     let earliest_end = spans.iter().map(|s| s.1).min().unwrap();
@@ -128,8 +169,16 @@ fn oci_tarball_passes_skopeo_and_runs_under_podman() {
     let tar = f.path("app-test.tar");
     let out = format!("type=oci,dest={},name=kiln-e2e/app:test", tar.display());
     let b = f.build("test", &["--output", &out]);
-    let inspect = Command::new("skopeo").arg("inspect").arg(format!("oci-archive:{}", tar.display())).output().unwrap();
-    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+    let inspect = Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", tar.display()))
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
     assert_eq!(v["Digest"].as_str().unwrap(), b.digest());
     assert!(v["Layers"].as_array().unwrap().len() > 5);
@@ -139,14 +188,32 @@ fn oci_tarball_passes_skopeo_and_runs_under_podman() {
         eprintln!("skipping the podman half: {} is absent", conf.display());
         return;
     }
-    let podman = |args: &[&str]| Command::new("podman").args(args).env("CONTAINERS_CONF", &conf).output().unwrap();
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", &conf)
+            .output()
+            .unwrap()
+    };
     let load = podman(&["load", "-i", tar.to_str().unwrap()]);
-    assert!(load.status.success(), "{}", String::from_utf8_lossy(&load.stderr));
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
     let run = podman(&["run", "--rm", "localhost/kiln-e2e/app:test"]);
     let _ = podman(&["rmi", "-f", "localhost/kiln-e2e/app:test"]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     // The test stage's CMD runs the app's test suite.
-    assert!(String::from_utf8_lossy(&run.stdout).contains("tests passed"), "{}", String::from_utf8_lossy(&run.stdout));
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("tests passed"),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
 }
 
 #[test]
@@ -161,18 +228,39 @@ fn cold_builds_with_source_date_epoch_give_identical_digests() {
         let tar = f.path("image.tar");
         let out = format!("type=oci,dest={},name=app:r", tar.display());
         let run = f.kiln_env(
-            &["build", ".", "--target", "release", "--metadata-file", meta.to_str().unwrap(), "-o", &out],
+            &[
+                "build",
+                ".",
+                "--target",
+                "release",
+                "--metadata-file",
+                meta.to_str().unwrap(),
+                "-o",
+                &out,
+            ],
             &[("SOURCE_DATE_EPOCH", "1700000000")],
         );
-        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
         // The config (layers and history) explains a mismatch.
         let x = f.path("x");
         std::fs::create_dir_all(&x).unwrap();
-        assert!(Command::new("tar").arg("xf").arg(&tar).arg("-C").arg(&x).status().unwrap().success());
+        assert!(Command::new("tar")
+            .arg("xf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&x)
+            .status()
+            .unwrap()
+            .success());
         let digest = m["containerimage.digest"].as_str().unwrap().to_owned();
         let read = |d: &str| -> serde_json::Value {
-            serde_json::from_slice(&std::fs::read(x.join("blobs/sha256").join(&d[7..])).unwrap()).unwrap()
+            serde_json::from_slice(&std::fs::read(x.join("blobs/sha256").join(&d[7..])).unwrap())
+                .unwrap()
         };
         let manifest = read(&digest);
         let config = read(manifest["config"]["digest"].as_str().unwrap());
@@ -195,7 +283,17 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
             .arg("--root")
             .arg(f.root())
-            .args(["build", ".", "--target", "release", "--progress", "quiet", "-o", "type=image,name=app:c", "--metadata-file"])
+            .args([
+                "build",
+                ".",
+                "--target",
+                "release",
+                "--progress",
+                "quiet",
+                "-o",
+                "type=image,name=app:c",
+                "--metadata-file",
+            ])
             .arg(f.path(meta))
             .env("SOURCE_DATE_EPOCH", "1700000000")
             .current_dir(f.path("app"))
@@ -211,20 +309,124 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
     let _ = victim.wait();
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     assert!(a.status.success() && b.status.success());
-    let read = |m: &str| -> serde_json::Value { serde_json::from_slice(&std::fs::read(f.path(m)).unwrap()).unwrap() };
-    assert_eq!(read("a.json")["containerimage.digest"], read("b.json")["containerimage.digest"]);
+    let read = |m: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(f.path(m)).unwrap()).unwrap()
+    };
+    assert_eq!(
+        read("a.json")["containerimage.digest"],
+        read("b.json")["containerimage.digest"]
+    );
     // The killed build leaves only its lease behind (reclaimable), never a partial blob, a
     // corrupt blob or a dangling record.
     let fsck = f.kiln(&["debug", "fsck"]);
-    let report = format!("{}{}", String::from_utf8_lossy(&fsck.stdout), String::from_utf8_lossy(&fsck.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
     for line in report.lines().filter(|l| l.starts_with("problem:")) {
-        assert!(line.contains("which is gone"), "fsck found damage: {report}");
+        assert!(
+            line.contains("which is gone"),
+            "fsck found damage: {report}"
+        );
     }
     let repair = f.kiln(&["debug", "fsck", "--repair"]);
-    assert!(repair.status.success() || report.contains("which is gone"), "{report}");
+    assert!(
+        repair.status.success() || report.contains("which is gone"),
+        "{report}"
+    );
     let clean = f.kiln(&["debug", "fsck"]);
-    assert!(clean.status.success(), "after repair: {}{}", String::from_utf8_lossy(&clean.stdout), String::from_utf8_lossy(&clean.stderr));
+    assert!(
+        clean.status.success(),
+        "after repair: {}{}",
+        String::from_utf8_lossy(&clean.stdout),
+        String::from_utf8_lossy(&clean.stderr)
+    );
     // And the store still builds: everything is a hit now.
     let again = f.build("release", &[]);
     assert!(again.ran().is_empty(), "ran {:?}", again.ran());
+}
+
+/// Builds `dir`'s Dockerfile with `args` (rawjson progress, a metadata file).
+fn build_dir(f: &Fixture, dir: &std::path::Path, extra: &[&str]) -> common::Build {
+    let meta = dir.join(format!("meta-{}.json", extra.len()));
+    let d = dir.to_str().unwrap();
+    let ctx = format!("context={d}");
+    let df = format!("dockerfile={d}");
+    let mut args = vec![
+        "build",
+        "--local",
+        &ctx,
+        "--local",
+        &df,
+        "--progress",
+        "rawjson",
+        "--metadata-file",
+        meta.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    common::Build::from(f.kiln(&args), &meta)
+}
+
+#[test]
+fn copy_link_layer_is_reused_as_is_when_the_stage_below_changes() {
+    if skip_unless_root("copy_link_layer_is_reused...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("link");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox:latest AS out\n\
+         ARG V=1\n\
+         RUN echo \"$V\" > /v\n\
+         COPY --link --chmod=0640 app.txt /srv/app/\n\
+         RUN cat /srv/app/app.txt /v > /seen\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("app.txt"), "linked\n").unwrap();
+    let out1 = f.path("out1");
+    let out2 = f.path("out2");
+    let o1 = format!("type=local,dest={}", out1.display());
+    let o2 = format!("type=local,dest={}", out2.display());
+    let first = build_dir(&f, &dir, &["--opt", "build-arg:V=1", "--output", &o1]);
+    assert!(
+        first.cached().is_empty(),
+        "cold build: {:?}",
+        first.cached()
+    );
+
+    let second = build_dir(&f, &dir, &["--opt", "build-arg:V=2", "--output", &o2]);
+    let copy = "[out 3/4] COPY --link --chmod=0640 app.txt /srv/app/";
+    assert!(
+        second.cached().iter().any(|s| s == copy),
+        "the linked copy must be a hit when only the stage below it changed: ran {:?}, cached {:?}",
+        second.ran(),
+        second.cached()
+    );
+    assert!(
+        second.ran().iter().any(|s| s.starts_with("[out 2/4] RUN")),
+        "the changed step reruns: {:?}",
+        second.ran()
+    );
+    assert!(
+        second.ran().iter().any(|s| s.starts_with("[out 4/4] RUN")),
+        "steps on the rebased layer rerun: {:?}",
+        second.ran()
+    );
+    // The rebased filesystem has both the new base and the linked file.
+    assert_eq!(
+        std::fs::read_to_string(out2.join("seen")).unwrap(),
+        "linked\n2\n"
+    );
+    let meta = std::fs::metadata(out2.join("srv/app/app.txt")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+        0o640
+    );
+    assert_eq!(
+        std::fs::read_to_string(out1.join("seen")).unwrap(),
+        "linked\n1\n"
+    );
 }

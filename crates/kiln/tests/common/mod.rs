@@ -21,7 +21,10 @@ pub fn skip_unless_root(test: &str) -> bool {
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 /// A root filesystem with Debian's static busybox and its applets.
@@ -30,14 +33,19 @@ pub fn busybox_rootfs(dir: &Path) {
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(dir.join("etc")).unwrap();
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed (.ci/install)");
+    std::fs::copy("/bin/busybox", bin.join("busybox"))
+        .expect("busybox-static is installed (.ci/install)");
     let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
     for applet in String::from_utf8_lossy(&list.stdout).lines() {
         if applet != "busybox" && !applet.is_empty() {
             let _ = std::os::unix::fs::symlink("busybox", bin.join(applet));
         }
     }
-    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/bin/sh\n").unwrap();
+    std::fs::write(
+        dir.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33:www-data:/var/www:/bin/sh\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("etc/group"), "root:x:0:\nwww-data:x:33:\n").unwrap();
 }
 
@@ -54,10 +62,19 @@ impl Fixture {
         copy_dir(&workspace().join("examples"), &f.path("app"));
         // A fixed epoch makes the base layer the same bytes in every fixture.
         let out = f.kiln_env(
-            &["import", f.path("busybox").to_str().unwrap(), "-t", "busybox:latest"],
+            &[
+                "import",
+                f.path("busybox").to_str().unwrap(),
+                "-t",
+                "busybox:latest",
+            ],
             &[("SOURCE_DATE_EPOCH", "1700000000")],
         );
-        assert!(out.status.success(), "import failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         f
     }
 
@@ -75,7 +92,10 @@ impl Fixture {
 
     pub fn kiln_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-        c.arg("--root").arg(self.root()).args(args).current_dir(self.path("app"));
+        c.arg("--root")
+            .arg(self.root())
+            .args(args)
+            .current_dir(self.path("app"));
         for (k, v) in env {
             c.env(k, v);
         }
@@ -86,7 +106,13 @@ impl Fixture {
     pub fn build(&self, target: &str, extra: &[&str]) -> Build {
         let meta = self.path(&format!("meta-{}.json", rand_suffix()));
         let mut args = vec![
-            "build", "--frontend", "dockerfile.v0", "--local", "context=.", "--local", "dockerfile=.",
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            "context=.",
+            "--local",
+            "dockerfile=.",
             "--opt",
         ];
         let t = format!("target={target}");
@@ -113,11 +139,14 @@ pub struct Build {
 }
 
 impl Build {
-    fn from(out: Output, meta: &Path) -> Self {
+    pub fn from(out: Output, meta: &Path) -> Self {
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "build failed:\n{stderr}");
         let meta = serde_json::from_slice(&std::fs::read(meta).unwrap()).unwrap();
-        let events = stderr.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        let events = stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
         Build { out, meta, events }
     }
 
@@ -144,12 +173,20 @@ impl Build {
     }
 
     pub fn digest(&self) -> String {
-        self.meta["containerimage.digest"].as_str().unwrap_or_default().to_owned()
+        self.meta["containerimage.digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 }
 
 pub fn copy_dir(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -173,7 +210,14 @@ impl TestRegistry {
         use std::io::{BufRead, BufReader};
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-            .args(["registry", "serve", "--addr", "127.0.0.1:0", "--no-fsync", "--root"])
+            .args([
+                "registry",
+                "serve",
+                "--addr",
+                "127.0.0.1:0",
+                "--no-fsync",
+                "--root",
+            ])
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -182,20 +226,31 @@ impl TestRegistry {
         // It says where it listens on stderr, with its access log.
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
-            let line = lines.next().expect("kiln registry exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("kiln registry exited before listening")
+                .unwrap();
             if let Some(a) = line.split("listening on http://").nth(1) {
                 break a.trim().to_owned();
             }
         };
         // Keep draining its log so it never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        TestRegistry { addr, child, _dir: dir }
+        TestRegistry {
+            addr,
+            child,
+            _dir: dir,
+        }
     }
 
     /// Debian's `docker-registry` (CNCF distribution) with filesystem storage.
     pub fn distribution() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
@@ -219,7 +274,11 @@ impl TestRegistry {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        TestRegistry { addr, child, _dir: dir }
+        TestRegistry {
+            addr,
+            child,
+            _dir: dir,
+        }
     }
 }
 
@@ -238,7 +297,11 @@ impl Fixture {
             "-o",
             &format!("type=image,name={name},push=true"),
         ]);
-        assert!(out.status.success(), "pushing the base: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "pushing the base: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         name
     }
 
@@ -265,7 +328,11 @@ impl Fixture {
             "rawjson".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(&args).current_dir(self.path("app")).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .current_dir(self.path("app"))
+            .output()
+            .unwrap();
         Build::from(out, &meta)
     }
 }
