@@ -3,10 +3,15 @@
 //! registries and local OCI layouts. See `docs/cache-format.md`.
 
 mod format;
+mod inline;
 mod transfer;
 
 pub use format::{
     CacheFormatError, CacheGraph, CacheLayer, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, FORMAT_VERSION,
+};
+pub use inline::{
+    graph_from_image, import_inline, InlineCache, InlineCacheError, INLINE_CONFIG_KEY,
+    INLINE_VERSION,
 };
 pub use transfer::{
     export_local, export_registry, import_local, import_registry, ExportReport, TransferError,
