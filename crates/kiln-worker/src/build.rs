@@ -212,6 +212,11 @@ pub fn plan_build(
 }
 
 impl PlannedBuild {
+    /// The worker that will run the build (to add imported caches, or hash contexts early).
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
     /// Solves the target stage, reporting progress to `events`. `on_solver` gets the solver
     /// first (e.g. to cancel it on Ctrl-C).
     pub async fn solve(

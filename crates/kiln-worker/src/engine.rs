@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_exec::{
     CacheMountRequest, CacheMounts, CancelToken, ExecSpec, Executor, MountKind, MountSpec, Network,
@@ -207,7 +207,7 @@ pub struct WorkerConfig {
     /// Layer compression.
     pub compression: Option<Compression>,
     /// Contents for empty cache mounts, by id, from imported caches (`cache-mounts=true`).
-    pub mount_seeds: BTreeMap<String, (Layer, Arc<dyn BlobSource>)>,
+    pub mount_seeds: MountSeeds,
 }
 
 /// What a cache record holds for a filesystem result.
@@ -230,7 +230,10 @@ struct Inner {
     executor: Arc<dyn Executor>,
     cache_mounts: CacheMounts,
     images: Arc<dyn ImageProvider>,
-    remotes: Vec<Arc<dyn RemoteCache>>,
+    /// Imported caches; they may arrive after the build started (see [`Worker::add_imports`]).
+    remotes: RwLock<Vec<Arc<dyn RemoteCache>>>,
+    /// Contents for empty cache mounts, by id, from imported caches.
+    seeds: RwLock<MountSeeds>,
     config: WorkerConfig,
     lease: Lease,
     contexts: Mutex<HashMap<String, Arc<ContextIndex>>>,
@@ -238,6 +241,9 @@ struct Inner {
     /// Every key this build hit or computed, with its layers (what a cache export writes).
     seen: Mutex<HashMap<CacheKey, Vec<Layer>>>,
 }
+
+/// Contents for empty cache mounts, by mount id: a layer and where to fetch its blob.
+pub type MountSeeds = BTreeMap<String, (Layer, Arc<dyn BlobSource>)>;
 
 /// Makes the [`ContextFilter`] for a list of `.dockerignore`-style patterns.
 pub type ContextFilterFactory = Arc<dyn Fn(&[String]) -> ContextFilter + Send + Sync>;
@@ -266,9 +272,10 @@ impl Worker {
         executor: Arc<dyn Executor>,
         images: Arc<dyn ImageProvider>,
         remotes: Vec<Arc<dyn RemoteCache>>,
-        config: WorkerConfig,
+        mut config: WorkerConfig,
         context_filter: ContextFilterFactory,
     ) -> Result<Self, WorkerError> {
+        let seeds = RwLock::new(std::mem::take(&mut config.mount_seeds));
         let lease = store.lease()?;
         let cache_mounts = CacheMounts::new(store.root().join("cache-mounts"));
         Ok(Worker {
@@ -277,7 +284,8 @@ impl Worker {
                 executor,
                 cache_mounts,
                 images,
-                remotes,
+                remotes: RwLock::new(remotes),
+                seeds,
                 config,
                 lease,
                 contexts: Mutex::default(),
@@ -328,7 +336,31 @@ impl Worker {
                 return Some(c.layers);
             }
         }
-        self.inner.remotes.iter().find_map(|r| r.layers(key))
+        self.inner.remotes().iter().find_map(|r| r.layers(key))
+    }
+
+    /// Adds imported caches and cache-mount seeds once they are read, so reading them can
+    /// overlap with planning and context hashing. Call before the first step is looked up.
+    pub fn add_imports(&self, remotes: Vec<Arc<dyn RemoteCache>>, seeds: MountSeeds) {
+        self.inner
+            .remotes
+            .write()
+            .expect("remote caches")
+            .extend(remotes);
+        let mut mine = self.inner.seeds.write().expect("mount seeds");
+        for (id, seed) in seeds {
+            mine.entry(id).or_insert(seed);
+        }
+    }
+
+    /// Hashes every local context the graph reads (with the stat cache), ahead of the solve.
+    /// Errors are left for the step that reads the context to report.
+    pub fn prewarm_contexts(&self, graph: &kiln_graph::BuildGraph) {
+        for v in &graph.vertices {
+            if let Op::Local(l) = &v.op {
+                let _ = self.inner.context(&l.name, &l.exclude);
+            }
+        }
     }
 
     /// Makes sure every blob of `fs` is in the local content store.
@@ -346,6 +378,10 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Wor
 }
 
 impl Inner {
+    fn remotes(&self) -> Vec<Arc<dyn RemoteCache>> {
+        self.remotes.read().expect("remote caches").clone()
+    }
+
     fn ensure_blob(
         &self,
         blob: &Descriptor,
@@ -701,7 +737,8 @@ impl Inner {
         id: &str,
         dir: &Path,
     ) -> Result<(), WorkerError> {
-        let Some((layer, source)) = self.config.mount_seeds.get(id) else {
+        let seed = self.seeds.read().expect("mount seeds").get(id).cloned();
+        let Some((layer, source)) = seed else {
             return Ok(());
         };
         let empty = fs::read_dir(dir)
@@ -1051,7 +1088,7 @@ impl Engine for Worker {
                         }
                     }
                 }
-                for remote in &inner.remotes {
+                for remote in &inner.remotes() {
                     if let Some((layers, source)) = remote.lookup(&key) {
                         inner
                             .seen

@@ -83,22 +83,31 @@ pub fn execute(
         runtime.handle().clone(),
         store.clone(),
     ));
-    let imported = runtime.block_on(import_caches(opts, &client, runtime.handle()))?;
-    let remotes: Vec<Arc<dyn RemoteCache>> = imported
-        .iter()
-        .map(|(_, c)| c.clone() as Arc<dyn RemoteCache>)
-        .collect();
     let stats_before = client.stats();
     let inputs = BuildInputs {
         dockerfile,
         dockerignore,
         images,
-        remotes,
+        remotes: Vec::new(),
         context_filter: Arc::new(context_filter),
         source_date_epoch: sde,
-        mount_seeds: mount_seeds(&imported),
+        mount_seeds: Default::default(),
     };
-    let planned = match plan_build(store.clone(), opts, inputs) {
+    // Cache imports are read while the Dockerfile is lowered, base images resolved and the
+    // contexts hashed; the first step is looked up only once both are done.
+    let (planned, imported) = std::thread::scope(|scope| {
+        let import =
+            scope.spawn(|| runtime.block_on(import_caches(opts, &client, runtime.handle())));
+        let planned = plan_build(store.clone(), opts, inputs);
+        if let Ok(p) = &planned {
+            p.worker().prewarm_contexts(&p.graph);
+        }
+        let imported = import
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("reading the cache imports panicked")));
+        (planned, imported)
+    });
+    let planned = match planned {
         Ok(p) => p,
         Err(BuildError::Frontend(e)) => {
             eprintln!("{}", render(&e));
@@ -106,6 +115,14 @@ pub fn execute(
         }
         Err(e) => return Err(e.into()),
     };
+    let imported = imported?;
+    planned.worker().add_imports(
+        imported
+            .iter()
+            .map(|(_, c)| c.clone() as Arc<dyn RemoteCache>)
+            .collect(),
+        mount_seeds(&imported),
+    );
     let target_name = {
         let t = planned.graph.target_stage();
         t.name
