@@ -1,6 +1,7 @@
 //! Images in the local store: resolving `FROM` names that were built or imported here,
 //! `kiln import` of a root filesystem, and storing a finished image under its names.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -135,8 +136,39 @@ pub fn store_image(
     created: &str,
     oci_media_types: bool,
 ) -> Result<StoredImage, WorkerError> {
+    store_image_with_fields(
+        store,
+        cfg,
+        layers,
+        created,
+        oci_media_types,
+        &BTreeMap::new(),
+    )
+}
+
+/// [`store_image`] with extra top-level fields in the image config (e.g. the inline cache,
+/// `kiln.cache.v1`). A field of the standard config is never overwritten. The fields are
+/// serialized sorted, so the same fields give the same config digest.
+pub fn store_image_with_fields(
+    store: &Store,
+    cfg: &kiln_graph::ImageConfig,
+    layers: &[Layer],
+    created: &str,
+    oci_media_types: bool,
+    fields: &BTreeMap<String, serde_json::Value>,
+) -> Result<StoredImage, WorkerError> {
     let diff_ids = layers.iter().map(|l| l.diff_id.clone()).collect();
-    let config = image::image_config(cfg, diff_ids, created).to_bytes();
+    let mut config = image::image_config(cfg, diff_ids, created);
+    if !fields.is_empty() {
+        // The standard fields as serialized: an extra field must not duplicate one of them.
+        let standard = serde_json::to_value(&config).unwrap_or_default();
+        for (k, v) in fields {
+            if standard.get(k).is_none() {
+                config.extra.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let config = config.to_bytes();
     let manifest = image::image_manifest(&config, layers, oci_media_types);
     let config_desc = manifest.config.clone();
     store.content().put_bytes(&config)?;
@@ -236,4 +268,47 @@ pub fn import_rootfs(
     let image = store_image(store, &cfg, &layers, created, true)?;
     tag_image(store, &image, names)?;
     Ok(image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_config_fields_are_added_but_never_replace_standard_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cfg = kiln_graph::ImageConfig {
+            os: "linux".into(),
+            architecture: "amd64".into(),
+            ..Default::default()
+        };
+        let fields = BTreeMap::from([
+            (
+                "kiln.cache.v1".to_owned(),
+                serde_json::json!({"version": 1}),
+            ),
+            ("os".to_owned(), serde_json::json!("windows")),
+        ]);
+        let stored = |f: &BTreeMap<String, serde_json::Value>| {
+            let img = store_image_with_fields(&store, &cfg, &[], "1970-01-01T00:00:00Z", true, f)
+                .unwrap();
+            let bytes = std::fs::read(store.content().blob_path(&img.config.digest)).unwrap();
+            (
+                img,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        };
+        let (a, config) = stored(&fields);
+        assert_eq!(config["kiln.cache.v1"]["version"], 1);
+        assert_eq!(config["os"], "linux");
+        let (b, _) = stored(&fields);
+        assert_eq!(
+            a.manifest.digest, b.manifest.digest,
+            "same fields, same image"
+        );
+        let (plain, config) = stored(&BTreeMap::new());
+        assert!(config.get("kiln.cache.v1").is_none());
+        assert_ne!(plain.manifest.digest, a.manifest.digest);
+    }
 }

@@ -1,9 +1,11 @@
 //! The build cache in registries and directories: reading every `--import-cache` before a
 //! build and writing every `--export-cache` after it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use kiln_graph::options::{CacheKind, CacheMode};
+use anyhow::Context;
+use kiln_graph::options::{CacheKind, CacheMode, OutputKind};
 use kiln_graph::BuildOptions;
 use kiln_oci::RegistryClient;
 use kiln_store::Store;
@@ -41,6 +43,11 @@ pub(crate) async fn import_caches(
                         );
                         Ok(None)
                     }
+                    // An ordinary image (or index): its config may carry an inline cache.
+                    Err(kiln_cache::TransferError::Format {
+                        source: kiln_cache::CacheFormatError::NotACache(_),
+                        ..
+                    }) => import_image_cache(opts, client, handle, name, r).await,
                     Err(e) => Err(e.into()),
                 }
             }
@@ -88,6 +95,125 @@ pub(crate) async fn import_caches(
     Ok(out)
 }
 
+/// The inline cache of the image at `r` (built with `--export-cache type=inline`): manifest
+/// and config are read, its layers stay in its repository until a step needs them. An image
+/// without one is a warning.
+async fn import_image_cache(
+    opts: &BuildOptions,
+    client: &RegistryClient,
+    handle: &tokio::runtime::Handle,
+    name: String,
+    r: kiln_oci::Reference,
+) -> anyhow::Result<Option<(String, Arc<ImportedCache>)>> {
+    let platform = opts
+        .platforms
+        .first()
+        .cloned()
+        .unwrap_or_else(kiln_graph::Platform::host);
+    let platform: kiln_oci::Platform = platform
+        .to_string()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--import-cache ref={name}: platform {platform}: {e}"))?;
+    match kiln_cache::import_inline(client, &r, &platform).await? {
+        Some(graph) => {
+            let source: Arc<dyn BlobSource> =
+                Arc::new(RepositoryBlobs::new(client.clone(), handle.clone(), r));
+            Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
+        }
+        None => {
+            eprintln!(
+                "kiln: warning: image {name} carries no inline cache (push it with --export-cache type=inline); building without it"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Whether the build asks for an inline cache: `--export-cache type=inline`, or BuildKit's
+/// `BUILDKIT_INLINE_CACHE=1` build arg.
+fn wants_inline_cache(opts: &BuildOptions) -> bool {
+    opts.cache_exports
+        .iter()
+        .any(|s| s.kind == CacheKind::Inline)
+        || opts
+            .build_args
+            .get("BUILDKIT_INLINE_CACHE")
+            .is_some_and(|v| v == "1" || v == "true")
+}
+
+/// The inline cache of an image of `layers`: the `mode=min` records (the steps whose results
+/// are the image's layers) that name only those layers.
+async fn inline_cache(
+    solved: &SolvedBuild,
+    layers: &[kiln_worker::image::Layer],
+) -> anyhow::Result<kiln_cache::InlineCache> {
+    let graph = kiln_worker::remote::export_graph(solved, false)
+        .await
+        .context("computing the inline cache")?;
+    Ok(kiln_cache::InlineCache::for_image(&graph, layers))
+}
+
+/// The image-config fields that carry the inline cache for an image of `layers`, when the
+/// build asks for one (empty otherwise). Called before the image is stored or pushed.
+pub(crate) fn inline_cache_fields(
+    opts: &BuildOptions,
+    solved: &SolvedBuild,
+    layers: &[kiln_worker::image::Layer],
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    if !wants_inline_cache(opts) {
+        return Ok(BTreeMap::new());
+    }
+    let ignore_error = opts
+        .cache_exports
+        .iter()
+        .any(|s| s.kind == CacheKind::Inline && s.ignore_error);
+    match runtime.block_on(inline_cache(solved, layers)) {
+        Ok(inline) => Ok(inline.config_fields()),
+        Err(e) if ignore_error => {
+            eprintln!("kiln: warning: cache export failed (ignore-error=true): {e:#}");
+            Ok(BTreeMap::new())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What `--export-cache type=inline` did: the records went into the image config when the
+/// image was made (see [`inline_cache_fields`]); this only reports them.
+async fn report_inline(
+    opts: &BuildOptions,
+    solved: &SolvedBuild,
+    spec: &kiln_graph::options::CacheExportSpec,
+) -> anyhow::Result<String> {
+    let image_output = opts.outputs.iter().any(|o| {
+        matches!(
+            o.kind,
+            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
+        )
+    });
+    if !image_output {
+        eprintln!("kiln: warning: --export-cache type=inline needs an image output (--output type=image,...); no cache exported");
+        return Ok("nothing exported inline".to_owned());
+    }
+    if spec.mode == CacheMode::Max {
+        eprintln!("kiln: warning: an inline cache holds mode=min records only (the image's own layers); use type=registry for mode=max");
+    }
+    if spec.cache_mounts {
+        eprintln!("kiln: warning: an inline cache does not carry cache mounts; use type=registry,cache-mounts=true");
+    }
+    let layers = solved
+        .rootfs
+        .as_ref()
+        .map(|r| r.layers.clone())
+        .unwrap_or_default();
+    let inline = inline_cache(solved, &layers).await?;
+    Ok(format!(
+        "{} records inline in the image config ({})",
+        inline.len(),
+        kiln_cache::INLINE_CONFIG_KEY
+    ))
+}
+
 /// Writes every `--export-cache`. With `ignore-error=true` a failure is a warning.
 pub(crate) async fn export_caches(
     opts: &BuildOptions,
@@ -99,6 +225,9 @@ pub(crate) async fn export_caches(
     for spec in &opts.cache_exports {
         let started = std::time::Instant::now();
         let result: anyhow::Result<String> = async {
+            if spec.kind == CacheKind::Inline {
+                return report_inline(opts, solved, spec).await;
+            }
             let max = spec.mode == CacheMode::Max;
             let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
             if spec.cache_mounts {
@@ -162,9 +291,7 @@ pub(crate) async fn export_caches(
                         dir.display()
                     ))
                 }
-                CacheKind::Inline => {
-                    Ok("inline cache is not supported yet; nothing exported".to_owned())
-                }
+                CacheKind::Inline => report_inline(opts, solved, spec).await,
             }
         }
         .await;

@@ -241,6 +241,19 @@ fn export(
     let fallback = base_created
         .unwrap_or_else(|| kiln_worker::image::created_timestamp(sde.map(|s| s.max(0) as u64)));
     let created = kiln_worker::image::image_created(&layers, fallback);
+    // `--export-cache type=inline`: the cache goes into the config, before the image is
+    // stored or pushed.
+    let makes_image = opts.outputs.iter().any(|o| {
+        matches!(
+            o.kind,
+            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
+        )
+    });
+    let config_fields = if makes_image {
+        super::build_cache::inline_cache_fields(opts, solved, &layers, runtime)?
+    } else {
+        Default::default()
+    };
     let mut made: Option<StoredImage> = None;
     for o in &opts.outputs {
         let fs = solved.rootfs.as_deref();
@@ -258,8 +271,14 @@ fn export(
                 }
             }
             OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker => {
-                let image =
-                    images::store_image(store, &stage.config, &layers, &created, oci_types(o))?;
+                let image = images::store_image_with_fields(
+                    store,
+                    &stage.config,
+                    &layers,
+                    &created,
+                    oci_types(o),
+                    &config_fields,
+                )?;
                 images::tag_image(store, &image, &o.names)?;
                 match o.kind {
                     OutputKind::Oci | OutputKind::Docker => {

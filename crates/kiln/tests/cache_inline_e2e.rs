@@ -1,0 +1,248 @@
+//! The inline cache (root: real containers), against kiln's own registry: an image pushed
+//! with `--export-cache type=inline` carries its cache records in its config, and a new CI
+//! runner importing the image itself (`--import-cache type=registry,ref=IMAGE`) starts warm.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use common::{skip_unless_root, Fixture, TestRegistry};
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// `skopeo inspect` of an image in a registry (plain HTTP on loopback), with extra flags.
+fn skopeo_inspect(image: &str, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .args(extra)
+        .arg(format!("docker://{image}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "skopeo inspect {extra:?} {image}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Layer digests of an image in a registry.
+fn image_layers(image: &str) -> BTreeSet<String> {
+    skopeo_inspect(image, &[])["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Blobs a runner's state dir holds.
+fn local_blobs(f: &Fixture, runner: &str) -> BTreeSet<String> {
+    std::fs::read_dir(f.path(runner).join("content/blobs/sha256"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Pulls and runs `image` with podman; false (with a note) when podman's config is absent.
+fn podman_runs_tests(image: &str) -> bool {
+    let conf = common::workspace().join("../shared/podman/containers.conf");
+    if !conf.exists() {
+        eprintln!("skipping podman run: {} is absent", conf.display());
+        return false;
+    }
+    let run = Command::new("podman")
+        .args(["run", "--rm", "--tls-verify=false", image])
+        .env("CONTAINERS_CONF", &conf)
+        .output()
+        .unwrap();
+    let _ = Command::new("podman")
+        .args(["rmi", "-f", image])
+        .env("CONTAINERS_CONF", &conf)
+        .output();
+    assert!(
+        run.status.success(),
+        "podman run {image}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&run.stdout).contains("tests passed"),
+        "{}",
+        String::from_utf8_lossy(&run.stdout)
+    );
+    true
+}
+
+#[test]
+fn an_image_pushed_with_inline_cache_warms_a_new_runner() {
+    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner") {
+        return;
+    }
+    let reg = TestRegistry::kiln();
+    let f = Fixture::new();
+    let base = f.push_base(&reg);
+    let image = format!("{}/app:test", reg.addr);
+    // The pipeline: push the image with its cache inside, import the same image.
+    let flags = [
+        "--output".to_owned(),
+        format!("type=image,name={image},push=true"),
+        "--export-cache".to_owned(),
+        "type=inline".to_owned(),
+        "--import-cache".to_owned(),
+        format!("type=registry,ref={image}"),
+    ];
+
+    // Cold: nothing to import yet (a warning), the cache goes into the pushed image's config.
+    let cold = f.ci_build("runner1", "test", &base, &strs(&flags));
+    assert!(cold.cached().is_empty(), "cold hits: {:?}", cold.cached());
+    assert!(
+        cold.stderr().contains("does not exist yet"),
+        "{}",
+        cold.stderr()
+    );
+    assert!(
+        cold.stderr().contains("records inline in the image config"),
+        "{}",
+        cold.stderr()
+    );
+    // The config is a valid image config that skopeo reads, with the cache beside the
+    // standard fields, one layer time per layer.
+    let parsed = skopeo_inspect(&image, &["--config"]);
+    assert!(parsed["config"]["Cmd"].is_array(), "{parsed}");
+    // skopeo's parsed view keeps the standard fields only; the raw bytes keep the cache.
+    let config = skopeo_inspect(&image, &["--config", "--raw"]);
+    let inline = &config["kiln.cache.v1"];
+    assert_eq!(inline["version"], 1, "{config}");
+    let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap().len();
+    assert_eq!(inline["created"].as_array().unwrap().len(), diff_ids);
+    let records = inline["records"].as_array().unwrap();
+    // mode=min: the steps of the image's own chain (WORKDIR, the COPYs, the RUNs of app,
+    // dev and test), never a dependency stage's.
+    assert!(records.len() >= 8, "{} records: {inline}", records.len());
+    let keys: Vec<&str> = records.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "records are sorted by key");
+    for r in records {
+        for i in r["chain"].as_array().unwrap() {
+            assert!((i.as_u64().unwrap() as usize) < diff_ids, "{r}");
+        }
+    }
+    let layers = image_layers(&image);
+
+    // A new runner, nothing changed: the last step is a hit from the image itself, no layer
+    // is downloaded (the push finds them in place), and the image is the same, cache included.
+    let warm = f.ci_build("runner2", "test", &base, &strs(&flags));
+    assert!(warm.ran().is_empty(), "ran {:?}", warm.ran());
+    assert_eq!(warm.cached(), ["[test 2/2] RUN sh tests/run.sh"]);
+    let source = warm.meta["kiln.steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["status"] == "cached")
+        .unwrap()["cache_source"]
+        .clone();
+    assert!(
+        source.as_str().unwrap_or("").contains(&image),
+        "hit came from {source}"
+    );
+    let fetched: Vec<_> = local_blobs(&f, "runner2")
+        .intersection(&layers)
+        .cloned()
+        .collect();
+    assert!(
+        fetched.is_empty(),
+        "a warm runner downloaded layers {fetched:?}"
+    );
+    // Manifests and configs only (base image and app image): a few KiB, never a layer.
+    assert!(
+        warm.downloaded() < 64 << 10,
+        "downloaded {} bytes",
+        warm.downloaded()
+    );
+    assert_eq!(warm.digest(), cold.digest());
+
+    // mode=min: a dependency stage's steps are not in the image, so nothing of it is a hit
+    // (buildx's shorthand `--cache-from IMAGE` names the same cache).
+    let deps = f.ci_build(
+        "runner-deps",
+        "composer-deps",
+        &base,
+        &["--cache-from", &image],
+    );
+    assert!(!deps.ran().is_empty());
+    assert!(deps.cached().is_empty(), "hits {:?}", deps.cached());
+
+    // The image still runs like any other: podman pulls it and runs its tests.
+    podman_runs_tests(&image);
+
+    // A new runner after one source file changed: only the steps after its COPY run, on top of
+    // the image's bottom layers; the dependency stages are neither run nor downloaded.
+    let php = f.path("app/src/lib/Greeting.php");
+    let text = std::fs::read_to_string(&php).unwrap() + "\n// edited\n";
+    std::fs::write(&php, text).unwrap();
+    let changed = f.ci_build(
+        "runner3",
+        "test",
+        &base,
+        &[
+            "--output",
+            &format!("type=image,name={image},push=true"),
+            "--cache-to",
+            "type=inline",
+            "--cache-from",
+            &format!("type=registry,ref={image}"),
+        ],
+    );
+    let ran = changed.ran();
+    assert_eq!(ran.len(), 6, "ran {ran:?}");
+    assert!(
+        ran.iter()
+            .all(|s| s.starts_with("[app ") || s.starts_with("[dev ") || s.starts_with("[test ")),
+        "{ran:?}"
+    );
+    assert!(
+        ran.iter().all(|s| !s.contains("COPY --from")),
+        "a COPY --from reran: {ran:?}"
+    );
+    let dependency_only: BTreeSet<String> = local_blobs(&f, "runner1")
+        .difference(&layers)
+        .cloned()
+        .collect();
+    let pulled = local_blobs(&f, "runner3");
+    assert!(
+        pulled.intersection(&dependency_only).next().is_none(),
+        "runner3 downloaded layers only dependency stages make"
+    );
+    assert_ne!(changed.digest(), cold.digest());
+}
+
+#[test]
+fn importing_an_image_without_inline_cache_warns_and_builds() {
+    if skip_unless_root("importing_an_image_without_inline_cache_warns_and_builds") {
+        return;
+    }
+    let reg = TestRegistry::kiln();
+    let f = Fixture::new();
+    // The base was pushed without any cache export.
+    let base = f.push_base(&reg);
+    let b = f.ci_build(
+        "runner1",
+        "php-ext",
+        &base,
+        &["--import-cache", &format!("type=registry,ref={base}")],
+    );
+    assert!(
+        b.stderr().contains("carries no inline cache"),
+        "{}",
+        b.stderr()
+    );
+    assert!(!b.ran().is_empty());
+    assert!(b.cached().is_empty(), "hits {:?}", b.cached());
+}
