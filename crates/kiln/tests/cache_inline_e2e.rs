@@ -80,11 +80,23 @@ fn podman_runs_tests(image: &str) -> bool {
 }
 
 #[test]
-fn an_image_pushed_with_inline_cache_warms_a_new_runner() {
-    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner") {
+fn an_image_pushed_with_inline_cache_warms_a_new_runner_from_kilns_registry() {
+    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_kilns_registry")
+    {
         return;
     }
-    let reg = TestRegistry::kiln();
+    an_image_pushed_with_inline_cache_warms_a_new_runner(TestRegistry::kiln());
+}
+
+#[test]
+fn an_image_pushed_with_inline_cache_warms_a_new_runner_from_distribution() {
+    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_distribution") {
+        return;
+    }
+    an_image_pushed_with_inline_cache_warms_a_new_runner(TestRegistry::distribution());
+}
+
+fn an_image_pushed_with_inline_cache_warms_a_new_runner(reg: TestRegistry) {
     let f = Fixture::new();
     let base = f.push_base(&reg);
     let image = format!("{}/app:test", reg.addr);
@@ -245,4 +257,44 @@ fn importing_an_image_without_inline_cache_warns_and_builds() {
     );
     assert!(!b.ran().is_empty());
     assert!(b.cached().is_empty(), "hits {:?}", b.cached());
+}
+
+#[test]
+fn inline_cache_without_an_image_output_warns_and_exports_nothing() {
+    if skip_unless_root("inline_cache_without_an_image_output_warns_and_exports_nothing") {
+        return;
+    }
+    let f = Fixture::new();
+    let b = f.build("php-ext", &["--export-cache", "type=inline,mode=max"]);
+    let err = b.stderr();
+    assert!(err.contains("type=inline needs an image output"), "{err}");
+    assert!(!err.contains("records inline"), "{err}");
+}
+
+#[test]
+fn buildkit_inline_cache_build_arg_embeds_the_cache_too() {
+    if skip_unless_root("buildkit_inline_cache_build_arg_embeds_the_cache_too") {
+        return;
+    }
+    let reg = TestRegistry::kiln();
+    let f = Fixture::new();
+    let base = f.push_base(&reg);
+    let image = format!("{}/app:ext", reg.addr);
+    f.ci_build(
+        "runner1",
+        "php-ext",
+        &base,
+        &[
+            "--output",
+            &format!("type=image,name={image},push=true"),
+            "--opt",
+            "build-arg:BUILDKIT_INLINE_CACHE=1",
+        ],
+    );
+    let config = skopeo_inspect(&image, &["--config", "--raw"]);
+    assert_eq!(config["kiln.cache.v1"]["version"], 1, "{config}");
+    // A new runner importing the image gets every step of it from there.
+    let warm = f.ci_build("runner2", "php-ext", &base, &["--cache-from", &image]);
+    assert!(warm.ran().is_empty(), "ran {:?}", warm.ran());
+    assert!(!warm.cached().is_empty());
 }
