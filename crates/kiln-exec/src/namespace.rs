@@ -829,6 +829,10 @@ unsafe fn bring_up_lo() -> Result<(), i32> {
 unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! {
     // Die with the thread that started us (the run() call blocks it until we are gone).
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    // A session of our own: a terminal's Ctrl-C (SIGINT to kiln's foreground process group)
+    // must not reach the step's processes; kiln cancels the build and kills them itself, so a
+    // step never fails half-way on a signal meant for kiln.
+    libc::setsid();
     // Move our four fds to 0..=3, everything else closed: another thread's pipes must not be
     // held open by us.
     let mut high = [0; 4];

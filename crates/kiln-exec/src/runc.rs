@@ -5,6 +5,7 @@
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -373,6 +374,9 @@ impl RuncExecutor {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Out of kiln's process group: runc forwards the signals it gets to the container,
+            // and a terminal's Ctrl-C is for kiln, which cancels and kills the container itself.
+            .process_group(0)
             .spawn()
             .map_err(|e| ExecError::Spawn {
                 what: "starting runc",

@@ -1,9 +1,12 @@
-//! Build progress for people and machines: `plain` (numbered step lines with elapsed times,
-//! fit for CI logs, as BuildKit prints them), `rawjson` (one JSON event per line), and a
-//! closing summary. Fed by the solver's event stream.
+//! Build progress for people and machines: `tty` (a live view redrawn in place, see
+//! [`tty`]), `plain` (numbered step lines with elapsed times, fit for CI logs, as BuildKit
+//! prints them), `rawjson` (one JSON event per line), and a closing summary. Fed by the
+//! solver's event stream. `auto` is `tty` when stderr is a terminal, `plain` otherwise.
+
+mod tty;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,34 +43,89 @@ struct State {
 /// Receives solver events and renders them.
 pub struct Progress {
     recorder: Arc<Recorder>,
+    /// `auto` resolved: never `Auto`.
     mode: ProgressMode,
     begun: Instant,
     names: Vec<(String, Option<String>)>,
     state: Mutex<State>,
+    /// What the live view shows (`tty` only).
+    board: Option<Arc<Mutex<tty::Board>>>,
+    /// The live view's drawing thread, until [`Progress::finish`].
+    live: Mutex<Option<tty::LiveView>>,
+}
+
+/// `auto` as BuildKit resolves it: the live view on a terminal (unless `TERM=dumb`), plain
+/// lines everywhere else (CI logs, pipes, files).
+fn resolve_mode(mode: ProgressMode) -> ProgressMode {
+    match mode {
+        ProgressMode::Auto => {
+            let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+            if std::io::stderr().is_terminal() && !dumb {
+                ProgressMode::Tty
+            } else {
+                ProgressMode::Plain
+            }
+        }
+        m => m,
+    }
 }
 
 impl Progress {
-    /// Progress for `graph` in `mode` (`auto` and `tty` print plain lines for now).
+    /// Progress for `graph` in `mode`. In `tty` mode the live view starts drawing at once and
+    /// holds stderr (other writers' lines appear above it) until [`Progress::finish`].
     pub fn new(mode: ProgressMode, graph: &BuildGraph, recorder: Arc<Recorder>) -> Self {
         let names = graph
             .vertices
             .iter()
             .map(|v| (v.meta.description.clone(), v.meta.stage.clone()))
             .collect();
+        let mode = resolve_mode(mode);
+        let begun = Instant::now();
+        let (board, live) = if mode == ProgressMode::Tty {
+            let color = std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
+            let board = Arc::new(Mutex::new(tty::Board::new(begun, color)));
+            let live = tty::LiveView::start(board.clone());
+            (Some(board), live)
+        } else {
+            (None, None)
+        };
+        // Without its view (stderr could not be taken over) tty falls back to plain lines.
+        let (mode, board) = match (&board, &live) {
+            (Some(_), None) => (ProgressMode::Plain, None),
+            _ => (mode, board),
+        };
         Progress {
             recorder,
             mode,
-            begun: Instant::now(),
+            begun,
             names,
             state: Mutex::new(State {
                 started: HashMap::new(),
                 outcomes: BTreeMap::new(),
             }),
+            board,
+            live: Mutex::new(live),
+        }
+    }
+
+    /// Ends the live view: draws its final static frame and gives stderr back. Call it before
+    /// printing anything after the build's steps (errors, the summary). Idempotent; a no-op
+    /// in the other modes.
+    pub fn finish(&self) {
+        let view = self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut v) = view {
+            v.finish();
+        }
+    }
+
+    fn on_board(&self, f: impl FnOnce(&mut tty::Board)) {
+        if let Some(b) = &self.board {
+            f(&mut b.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
 
     fn emit_plain(&self, line: String) {
-        if !matches!(self.mode, ProgressMode::Rawjson | ProgressMode::Quiet) {
+        if self.mode == ProgressMode::Plain {
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "{line}");
         }
@@ -193,6 +251,7 @@ impl EventSink for Progress {
                     }
                 ));
                 self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "cached", "step": node + 1, "name": name, "stage": stage, "source": src}));
+                self.on_board(|b| b.cached(node, &name));
                 st.outcomes.insert(
                     node,
                     StepOutcome {
@@ -211,6 +270,7 @@ impl EventSink for Progress {
                 st.started.insert(node, Instant::now());
                 self.emit_plain(format!("#{} {name}", node + 1));
                 self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "started", "step": node + 1, "name": name, "stage": stage}));
+                self.on_board(|b| b.started(node, &name));
                 st.outcomes.insert(
                     node,
                     StepOutcome {
@@ -233,10 +293,12 @@ impl EventSink for Progress {
                 let text = String::from_utf8_lossy(&line);
                 self.emit_plain(format!("#{} {t:.3} {text}", node + 1));
                 self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "log", "step": node + 1, "stream": stream, "data": text}));
+                self.on_board(|b| b.log(node, &self.name(node).0, &line));
             }
             Event::Completed { node, duration, .. } => {
                 self.emit_plain(format!("#{} DONE {:.1}s", node + 1, duration.as_secs_f64()));
                 self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "completed", "step": node + 1, "duration_ms": duration.as_millis() as u64}));
+                self.on_board(|b| b.completed(node, &self.name(node).0, duration));
                 if let Some(o) = st.outcomes.get_mut(&node) {
                     o.status = "run";
                     o.duration_ms = Some(duration.as_millis() as u64);
@@ -245,6 +307,7 @@ impl EventSink for Progress {
             Event::Failed { node, message } => {
                 self.emit_plain(format!("#{} ERROR: {message}", node + 1));
                 self.emit_json(serde_json::json!({"time": unix_ms(), "elapsed_ms": now, "event": "failed", "step": node + 1, "error": message}));
+                self.on_board(|b| b.failed(node, &self.name(node).0));
                 if let Some(o) = st.outcomes.get_mut(&node) {
                     o.status = "failed";
                 }

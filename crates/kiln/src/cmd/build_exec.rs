@@ -152,14 +152,43 @@ pub fn execute(
             .solve(sink, |solver| {
                 let s = solver.clone();
                 tokio::spawn(async move {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        eprintln!("kiln: cancelling the build (Ctrl-C)");
-                        s.cancel();
+                    // Ctrl-C, or SIGTERM as CI runners send when a job is cancelled: running
+                    // steps' containers are killed, their snapshots removed and the lease
+                    // released before kiln exits. Later signals only say that this is under
+                    // way: leaving now would leave the state dir for fsck to clean up.
+                    let mut term = tokio::signal::unix::signal(
+                        tokio::signal::unix::SignalKind::terminate(),
+                    )
+                    .ok();
+                    let mut asked = false;
+                    loop {
+                        let name = tokio::select! {
+                            r = tokio::signal::ctrl_c() => match r {
+                                Ok(()) => "Ctrl-C",
+                                Err(_) => return,
+                            },
+                            Some(()) = async {
+                                match term.as_mut() {
+                                    Some(t) => t.recv().await,
+                                    None => std::future::pending().await,
+                                }
+                            } => "SIGTERM",
+                        };
+                        if asked {
+                            eprintln!(
+                                "kiln: still cancelling: stopping containers and removing their snapshots"
+                            );
+                        } else {
+                            eprintln!("kiln: cancelling the build ({name})");
+                            s.cancel();
+                            asked = true;
+                        }
                     }
                 });
             })
             .await
     });
+    progress.finish();
     let solved = match solved {
         Ok(s) => s,
         Err(e) => {
