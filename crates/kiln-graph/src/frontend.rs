@@ -745,16 +745,33 @@ impl<'a> Lowerer<'a> {
                 (Some(id), resolved.config)
             }
             NamedContext::OciLayout { path, reference } => {
+                // The resolver reads the layout like a registry: `oci-layout://PATH:TAG` or
+                // `oci-layout://PATH@DIGEST`. The digest it finds replaces the tag in the op,
+                // so a tag moved to another image changes the cache key.
+                let sep = if reference.contains(':') { '@' } else { ':' };
+                let layout_ref = format!("oci-layout://{}{sep}{reference}", path.display());
+                let resolved = self
+                    .resolver
+                    .resolve_image_config(&layout_ref, &platform)
+                    .map_err(|e| {
+                        FrontendError::new(
+                            format!(
+                                "build context {name}: {} (set with --build-context {name}=oci-layout://... or --opt context:{name}=oci-layout://...)",
+                                e.reason
+                            ),
+                            span,
+                        )
+                    })?;
                 let id = self.push(
                     Op::OciLayout(OciLayoutSource {
                         path: path.display().to_string(),
-                        reference: reference.clone(),
+                        reference: resolved.digest.unwrap_or_else(|| reference.clone()),
                         platform,
                     }),
                     vec![],
                     meta,
                 );
-                (Some(id), ImageConfig::default())
+                (Some(id), resolved.config)
             }
             NamedContext::Url { url } => {
                 let filename = url.rsplit('/').next().unwrap_or("download").to_string();

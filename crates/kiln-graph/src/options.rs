@@ -109,6 +109,9 @@ pub struct RawBuildFlags {
     pub frontend: Option<String>,
     /// buildctl `--local NAME=DIR`.
     pub locals: Vec<String>,
+    /// buildctl `--oci-layout NAME=DIR`: OCI layout stores that `--opt
+    /// context:X=oci-layout://NAME@DIGEST` (or `:TAG`) refers to by name.
+    pub oci_layouts: Vec<String>,
     /// buildctl `--opt K=V`.
     pub opts: Vec<String>,
     /// buildx `-f/--file`.
@@ -204,6 +207,19 @@ impl BuildOptions {
         })?;
         let mut opts = Self::for_context(context.clone());
         opts.locals = locals;
+        let mut stores = BTreeMap::new();
+        for l in &raw.oci_layouts {
+            let (name, dir) = split_kv("--oci-layout", l)?;
+            check_name("--oci-layout", l, name)?;
+            if dir.is_empty() {
+                return Err(OptionError::new(
+                    "--oci-layout",
+                    l,
+                    "expected NAME=DIR with the directory of an OCI image layout",
+                ));
+            }
+            stores.insert(name.to_string(), PathBuf::from(dir));
+        }
 
         let mut filename: Option<String> = None;
         let mut target = raw.target.clone();
@@ -222,7 +238,7 @@ impl BuildOptions {
                 opts.labels.insert(name.to_string(), value.to_string());
             } else if let Some(name) = key.strip_prefix("context:") {
                 check_name("--opt", o, name)?;
-                let ctx = parse_named_context_value("--opt", o, value, &opts.locals)?;
+                let ctx = parse_named_context_value("--opt", o, value, &opts.locals, &stores)?;
                 opts.named_contexts.insert(name.to_string(), ctx);
             } else {
                 match key {
@@ -304,7 +320,8 @@ impl BuildOptions {
         for bc in &raw.build_contexts {
             let (name, value) = split_kv("--build-context", bc)?;
             check_name("--build-context", bc, name)?;
-            let ctx = parse_named_context_value("--build-context", bc, value, &opts.locals)?;
+            let ctx =
+                parse_named_context_value("--build-context", bc, value, &opts.locals, &stores)?;
             opts.named_contexts.insert(name.to_string(), ctx);
         }
 
@@ -472,6 +489,7 @@ fn parse_named_context_value(
     whole: &str,
     value: &str,
     locals: &BTreeMap<String, PathBuf>,
+    oci_stores: &BTreeMap<String, PathBuf>,
 ) -> Result<NamedContext, OptionError> {
     if value.is_empty() {
         return Err(OptionError::new(
@@ -519,10 +537,12 @@ fn parse_named_context_value(
                 "oci-layout:// needs a directory path",
             ));
         }
-        return Ok(NamedContext::OciLayout {
-            path: PathBuf::from(path),
-            reference,
-        });
+        // buildctl: `oci-layout://NAME@DIGEST` names a store given with `--oci-layout NAME=DIR`.
+        let path = oci_stores
+            .get(path)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(path));
+        return Ok(NamedContext::OciLayout { path, reference });
     }
     if let Some(name) = value.strip_prefix("local:") {
         return match locals.get(name) {
@@ -1313,4 +1333,51 @@ fn split_csv(flag: &str, s: &str) -> Result<Vec<String>, OptionError> {
     }
     out.push(cur);
     Ok(out.into_iter().filter(|f| !f.is_empty()).collect())
+}
+
+#[cfg(test)]
+mod oci_layout_store_tests {
+    use super::*;
+
+    fn flags(oci_layouts: &[&str], opts: &[&str]) -> RawBuildFlags {
+        RawBuildFlags {
+            context: Some("ctx".into()),
+            oci_layouts: oci_layouts.iter().map(|s| s.to_string()).collect(),
+            opts: opts.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn buildctl_oci_layout_store_is_referenced_by_name_from_context_opt() {
+        let digest = format!("sha256:{}", "b".repeat(64));
+        let o = BuildOptions::from_flags(&flags(
+            &["foo2=/home/dir/oci"],
+            &[
+                &format!("context:alpine=oci-layout://foo2@{digest}"),
+                "context:tagged=oci-layout://foo2:v1",
+            ],
+        ))
+        .unwrap();
+        assert_eq!(
+            o.named_contexts["alpine"],
+            NamedContext::OciLayout {
+                path: "/home/dir/oci".into(),
+                reference: digest
+            }
+        );
+        assert_eq!(
+            o.named_contexts["tagged"],
+            NamedContext::OciLayout {
+                path: "/home/dir/oci".into(),
+                reference: "v1".into()
+            }
+        );
+    }
+
+    #[test]
+    fn oci_layout_store_without_a_directory_names_the_flag() {
+        let e = BuildOptions::from_flags(&flags(&["foo2="], &[])).unwrap_err();
+        assert_eq!(e.flag, "--oci-layout");
+    }
 }

@@ -21,6 +21,13 @@ impl FixedImages {
             },
         );
         m.insert(
+            "oci-layout:///l:v1".to_string(),
+            ImageConfig {
+                env: vec!["FROM_LAYOUT=1".into()],
+                ..Default::default()
+            },
+        );
+        m.insert(
             "docker.io/library/onbuild:latest".to_string(),
             ImageConfig {
                 env: vec!["PATH=/bin".into()],
@@ -357,10 +364,29 @@ fn named_context_in_copy_from_and_oci_layout() {
         },
     );
     let g = lower_src("FROM busybox\nCOPY --from=assets /a /a\n", &o).unwrap();
+    // The tag is resolved at plan time; the op carries the digest it resolved to.
+    let digest = format!("sha256:{}", "1".repeat(64));
     assert!(g
         .vertices
         .iter()
-        .any(|v| matches!(&v.op, Op::OciLayout(l) if l.reference == "v1")));
+        .any(|v| matches!(&v.op, Op::OciLayout(l) if l.reference == digest && l.path == "/l")));
+    let g = lower_src("FROM assets\nRUN env\n", &o).unwrap();
+    assert!(
+        execs(&g)[0].env.contains(&"FROM_LAYOUT=1".to_string()),
+        "the layout image's ENV reaches the stage"
+    );
+    o.named_contexts.insert(
+        "missing".into(),
+        NamedContext::OciLayout {
+            path: "/l".into(),
+            reference: "v2".into(),
+        },
+    );
+    let e = lower_src("FROM missing\n", &o).unwrap_err().to_string();
+    assert!(
+        e.contains("build context missing") && e.contains("--build-context missing="),
+        "{e}"
+    );
 }
 
 #[test]

@@ -59,7 +59,12 @@ impl ImageProvider for ResolvedImages {
         if let Some(b) = self.memo.lock().expect("image memo").get(&key) {
             return Ok(b.clone());
         }
-        let b = self.provider.resolve(reference, platform)?;
+        // `FROM` a named context given as `oci-layout://`: the frontend asks for its config
+        // under this reference (see `sources::layout_reference`).
+        let b = match crate::sources::parse_layout_reference(reference) {
+            Some((path, r)) => crate::sources::resolve_layout(&path, &r, platform)?,
+            None => self.provider.resolve(reference, platform)?,
+        };
         self.memo.lock().expect("image memo").insert(key, b.clone());
         Ok(b)
     }

@@ -40,6 +40,8 @@ pub enum WorkerError {
     FileOp(#[from] fileop::FileOpError),
     #[error(transparent)]
     Context(#[from] crate::context::ContextError),
+    #[error(transparent)]
+    Source(#[from] crate::sources::SourceError),
     #[error("process \"{command}\" did not complete successfully: {status}")]
     ProcessFailed {
         command: String,
@@ -166,8 +168,20 @@ pub struct Step {
     pub id: VertexId,
     /// The vertex.
     pub vertex: Vertex,
-    /// For each input: is it a local context (keyed by content)?
-    input_is_local: Vec<bool>,
+    /// For each input: is it keyed by the content the step reads from it?
+    input_content: Vec<ContentInput>,
+}
+
+/// How an input of a step enters the step's cache key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ContentInput {
+    /// By the input's own cache key.
+    Key,
+    /// By the digest of the local-context files the step selects.
+    Local,
+    /// By the digest of the downloaded file (`ADD <url>` without `--checksum`): the URL is
+    /// fetched again on every build, and the same bytes keep the steps after it cached.
+    Download,
 }
 
 /// Turns a build graph into solver steps; returns the graph and, per vertex, its node id
@@ -177,17 +191,23 @@ pub fn solver_graph(
 ) -> Result<kiln_solver::Graph<Step>, kiln_solver::SolveError> {
     let mut graph = kiln_solver::Graph::new();
     for (i, v) in bg.vertices.iter().enumerate() {
-        let input_is_local = v
+        let input_content = v
             .inputs
             .iter()
-            .map(|id| matches!(bg.vertex(*id).op, Op::Local(_)))
+            .map(|id| match &bg.vertex(*id).op {
+                Op::Local(_) => ContentInput::Local,
+                // With --checksum the download's key is the checksum: no request is needed
+                // to find the steps after it in the cache.
+                Op::Http(h) if h.checksum.is_none() => ContentInput::Download,
+                _ => ContentInput::Key,
+            })
             .collect();
         let inputs = v.inputs.iter().map(|id| id.index()).collect();
         graph.add(
             Step {
                 id: VertexId(i as u32),
                 vertex: v.clone(),
-                input_is_local,
+                input_content,
             },
             inputs,
         )?;
@@ -546,14 +566,21 @@ impl Inner {
             Op::Copy(op) => self.copy(op, inputs),
             Op::Mkdir(op) => self.mkdir(op, inputs),
             Op::Merge(_) => merge(inputs),
-            Op::Http(h) => Err(WorkerError::Unsupported(format!(
-                "ADD {}: downloading URLs is not supported yet",
-                h.url
-            ))),
-            Op::OciLayout(l) => Err(WorkerError::Unsupported(format!(
-                "oci-layout://{}: OCI layout contexts are not supported yet",
-                l.path
-            ))),
+            Op::Http(h) => {
+                let log = |line: String| ctx.log(2, line.into_bytes());
+                let dir = crate::sources::download(self.store.root(), h, &ctx.cancel, &log)?;
+                let none = |_: &str, _: bool| false;
+                let index = ContextIndex::scan(&dir, &none, &|_: &str| false, None)?;
+                Ok(Value::Context(Arc::new(index)))
+            }
+            Op::OciLayout(l) => {
+                // The frontend resolved the tag to a manifest digest at plan time (the op's
+                // key); the same image is read again here by that digest.
+                let base = crate::sources::resolve_layout(&l.path, &l.reference, &l.platform)?;
+                let mut fs = Rootfs::new(base.layers, None, base.source);
+                fs.image = Some(base.config);
+                Ok(Value::Fs(Arc::new(fs)))
+            }
         }
     }
 
@@ -1016,10 +1043,9 @@ impl Engine for Worker {
     }
 
     fn input_key(&self, step: &Step, index: usize) -> InputKey {
-        if step.input_is_local.get(index).copied().unwrap_or(false) {
-            InputKey::Content
-        } else {
-            InputKey::Key
+        match step.input_content.get(index) {
+            Some(ContentInput::Local | ContentInput::Download) => InputKey::Content,
+            _ => InputKey::Key,
         }
     }
 
@@ -1041,6 +1067,9 @@ impl Engine for Worker {
             match input {
                 Value::Context(c) => {
                     let sel = selection(&step.vertex.op, index);
+                    if step.input_content.get(index) == Some(&ContentInput::Download) {
+                        return Ok(crate::sources::download_digest(c, &*sel));
+                    }
                     Ok(c.digest_of(|p| sel(p)))
                 }
                 Value::Fs(_) => Err(boxed(WorkerError::Internal(
@@ -1156,7 +1185,7 @@ impl Engine for Worker {
             let step = Step {
                 id: VertexId(node as u32),
                 vertex,
-                input_is_local: step.input_is_local.clone(),
+                input_content: step.input_content.clone(),
             };
             tokio::task::spawn_blocking(move || inner.run_step(&ctx, &step, &inputs).map_err(boxed))
                 .await

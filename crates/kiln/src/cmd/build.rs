@@ -27,6 +27,13 @@ pub struct BuildArgs {
     /// Local directory by name: `context=DIR`, `dockerfile=DIR`, or any name for named contexts
     #[arg(long = "local", value_name = "NAME=DIR", help_heading = "buildctl")]
     locals: Vec<String>,
+    /// OCI layout store by name, for --opt context:X=oci-layout://NAME@DIGEST (or :TAG)
+    #[arg(
+        long = "oci-layout",
+        value_name = "NAME=DIR",
+        help_heading = "buildctl"
+    )]
+    oci_layouts: Vec<String>,
     /// Frontend option: target=, filename=, platform=, no-cache=, build-arg:K=V, label:K=V, context:NAME=V
     #[arg(long = "opt", value_name = "KEY=VALUE", help_heading = "buildctl")]
     opts: Vec<String>,
@@ -121,6 +128,7 @@ impl BuildArgs {
             context: self.context.clone(),
             frontend: self.frontend.clone(),
             locals: self.locals.clone(),
+            oci_layouts: self.oci_layouts.clone(),
             opts: self.opts.clone(),
             file: self.file.clone(),
             target: self.target.clone(),

@@ -1,0 +1,710 @@
+//! Sources that are neither a registry image nor a local directory: files downloaded for
+//! `ADD <url>`, and images in OCI layout directories (`--build-context NAME=oci-layout://PATH`,
+//! buildctl's `--oci-layout NAME=PATH`).
+//!
+//! Downloads live under `<state>/downloads/<sha256(url, file name)>/`: one directory per
+//! content (`<sha256 hex>-<mtime>/<file name>`, renamed into place once complete and checked,
+//! never changed afterwards) and `meta.json` with the `ETag` and `Last-Modified` the server
+//! sent, for a conditional request next time. As BuildKit does, the file is written with mode
+//! 0600 and the `Last-Modified` time (the Unix epoch when the server sends none, so that the
+//! same bytes always make the same layer); it is never unpacked.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_graph::graph::HttpSource;
+use kiln_oci::layout::REF_NAME_ANNOTATION;
+use kiln_oci::{media_type, Algorithm, Descriptor, Digest, DigestWriter, Hasher, OciLayout};
+use kiln_oci::{Manifest, RawManifest};
+use serde::{Deserialize, Serialize};
+
+use crate::context::ContextIndex;
+use crate::engine::{BaseImage, BlobSource};
+use crate::image::Layer;
+use crate::remote::LayoutBlobs;
+
+/// The prefix of the image references that name an image in an OCI layout directory.
+pub const LAYOUT_SCHEME: &str = "oci-layout://";
+
+/// Downloads larger than this are refused unless `KILN_MAX_DOWNLOAD_BYTES` says otherwise.
+const DEFAULT_MAX_DOWNLOAD: u64 = 8 << 30;
+
+/// Manifests, indexes and configs read from a layout larger than this are refused.
+const MAX_SMALL_BLOB: u64 = 16 << 20;
+
+/// Why a download or an OCI layout could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// `ADD <url>` failed: the server refused, the connection broke, the file is too big...
+    #[error("ADD {url}: {message}")]
+    Download {
+        /// The URL as written in the Dockerfile.
+        url: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// The downloaded bytes are not the ones `--checksum` names.
+    #[error(
+        "ADD {url}: checksum mismatch: --checksum={expected} but the downloaded file is {actual}"
+    )]
+    ChecksumMismatch {
+        /// The URL as written in the Dockerfile.
+        url: String,
+        /// The digest given with `--checksum`.
+        expected: String,
+        /// The digest of what the server sent.
+        actual: Digest,
+    },
+    /// An OCI layout is missing, invalid, or lacks the image asked for.
+    #[error("oci-layout://{path}: {message}")]
+    Layout {
+        /// The layout directory as given.
+        path: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+}
+
+fn download_err(url: &str, message: impl Into<String>) -> SourceError {
+    SourceError::Download {
+        url: url.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// What `meta.json` remembers of the last download of one URL.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DownloadRecord {
+    url: String,
+    /// The content directory's name, under the URL's directory.
+    dir: String,
+    sha256: Digest,
+    size: u64,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+/// The directory holding the downloaded file of `src` (and nothing else), ready to be copied
+/// from. With `--checksum`, a file an earlier build downloaded with that digest is reused
+/// without any request; otherwise the URL is requested again, conditionally (`If-None-Match`,
+/// `If-Modified-Since`) when an earlier download is known. `log` gets progress lines.
+pub(crate) fn download(
+    state_root: &Path,
+    src: &HttpSource,
+    cancel: &tokio_util::sync::CancellationToken,
+    log: &dyn Fn(String),
+) -> Result<PathBuf, SourceError> {
+    let url = src.url.as_str();
+    if url.starts_with("git@") || url.ends_with(".git") {
+        return Err(download_err(
+            url,
+            "git repositories as ADD sources are not supported; clone the repository into the build context instead",
+        ));
+    }
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| download_err(url, format!("invalid URL: {e}")))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(download_err(
+            url,
+            "only http:// and https:// URLs can be downloaded",
+        ));
+    }
+    let filename = src.filename.as_str();
+    if filename.is_empty() || filename == "." || filename == ".." || filename.contains(['/', '\0'])
+    {
+        return Err(download_err(
+            url,
+            format!("cannot save the download as {filename:?}; end the URL path with a file name"),
+        ));
+    }
+    let expected = match &src.checksum {
+        Some(c) => Some(c.parse::<Digest>().map_err(|e| {
+            download_err(
+                url,
+                format!("invalid --checksum={c}: {e} (expected sha256:<64 hex digits>)"),
+            )
+        })?),
+        None => None,
+    };
+
+    let url_dir = state_root
+        .join("downloads")
+        .join(Digest::sha256_of(format!("{url}\0{filename}").as_bytes()).hex());
+    let io_fail = |what: &str, path: &Path, e: io::Error| {
+        download_err(url, format!("{what} {}: {e}", path.display()))
+    };
+    fs::create_dir_all(&url_dir).map_err(|e| io_fail("cannot create", &url_dir, e))?;
+    let meta_path = url_dir.join("meta.json");
+    let previous: Option<DownloadRecord> = fs::read(&meta_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|r: &DownloadRecord| url_dir.join(&r.dir).join(filename).is_file());
+
+    if let (Some(want), Some(prev)) = (&expected, &previous) {
+        let dir = url_dir.join(&prev.dir);
+        let have = if want.algorithm() == Algorithm::Sha256 {
+            prev.sha256.clone()
+        } else {
+            hash_file(&dir.join(filename), want.algorithm())
+                .map_err(|e| io_fail("cannot read", &dir, e))?
+        };
+        if &have == want {
+            log(format!("kiln: {url}: {want} already downloaded"));
+            return Ok(dir);
+        }
+    }
+
+    let max = std::env::var("KILN_MAX_DOWNLOAD_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_DOWNLOAD);
+    let conditional = if expected.is_none() {
+        previous.as_ref()
+    } else {
+        None
+    };
+    let handle = tokio::runtime::Handle::try_current().ok();
+    let fetch = fetch(
+        url,
+        &url_dir,
+        conditional,
+        max,
+        expected.as_ref().map(|d| d.algorithm()),
+    );
+    let fetched = match handle {
+        Some(h) => h.block_on(async {
+            tokio::select! {
+                r = fetch => r,
+                _ = cancel.cancelled() => Err(download_err(url, "cancelled")),
+            }
+        }),
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| download_err(url, format!("cannot start a runtime: {e}")))?
+            .block_on(fetch),
+    }?;
+    let fresh = match fetched {
+        Fetched::NotModified => {
+            let prev = previous.ok_or_else(|| {
+                download_err(
+                    url,
+                    "the server answered 304 Not Modified to an unconditional request",
+                )
+            })?;
+            log(format!("kiln: {url}: not modified since the last download"));
+            return Ok(url_dir.join(prev.dir));
+        }
+        Fetched::File(f) => f,
+    };
+    let tmp_file = fresh.tmp.path().join("file");
+    if let (Some(want), Some(actual)) = (&expected, &fresh.checked) {
+        if want != actual {
+            return Err(SourceError::ChecksumMismatch {
+                url: url.to_owned(),
+                expected: src.checksum.clone().unwrap_or_default(),
+                actual: actual.clone(),
+            });
+        }
+    }
+    let mtime = fresh
+        .last_modified
+        .as_deref()
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let dir_name = format!("{}-{mtime}", fresh.sha256.hex());
+    let final_dir = url_dir.join(&dir_name);
+    if !final_dir.join(filename).is_file() {
+        let content = fresh.tmp.path().join("content");
+        fs::create_dir(&content).map_err(|e| io_fail("cannot create", &content, e))?;
+        let dest = content.join(filename);
+        fs::rename(&tmp_file, &dest).map_err(|e| io_fail("cannot move", &dest, e))?;
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o600))
+            .map_err(|e| io_fail("cannot chmod", &dest, e))?;
+        filetime::set_file_mtime(&dest, filetime::FileTime::from_unix_time(mtime, 0))
+            .map_err(|e| io_fail("cannot set the time of", &dest, e))?;
+        match fs::rename(&content, &final_dir) {
+            Ok(()) => {}
+            // Another build stored the same content first: theirs is as good as ours.
+            Err(_) if final_dir.join(filename).is_file() => {}
+            Err(e) => return Err(io_fail("cannot store", &final_dir, e)),
+        }
+    }
+    let record = DownloadRecord {
+        url: url.to_owned(),
+        dir: dir_name,
+        sha256: fresh.sha256.clone(),
+        size: fresh.size,
+        etag: fresh.etag,
+        last_modified: fresh.last_modified,
+    };
+    let bytes = serde_json::to_vec(&record).unwrap_or_default();
+    crate::context::write_atomic(&meta_path, &bytes)
+        .map_err(|e| io_fail("cannot write", &meta_path, e))?;
+    log(format!(
+        "kiln: {url}: downloaded {} bytes, {}",
+        fresh.size, fresh.sha256
+    ));
+    Ok(final_dir)
+}
+
+/// The content key of a download as a copy reads it: the selected files' content, names and
+/// modes (as for a build context) plus their modification times, which come from the server's
+/// `Last-Modified` and end up in the layer.
+pub(crate) fn download_digest(c: &ContextIndex, selected: &dyn Fn(&str) -> bool) -> Digest {
+    let mut h = Hasher::new(Algorithm::Sha256);
+    h.update(c.digest_of(|p| selected(p)).to_string().as_bytes());
+    for path in c.entries().keys().filter(|p| selected(p)) {
+        let mtime = fs::symlink_metadata(c.root().join(path))
+            .map(|m| m.mtime())
+            .unwrap_or(0);
+        h.update(format!("\n{path}\0{mtime}").as_bytes());
+    }
+    h.finish()
+}
+
+fn hash_file(path: &Path, alg: Algorithm) -> io::Result<Digest> {
+    let mut f = fs::File::open(path)?;
+    let mut w = DigestWriter::new(io::sink(), alg);
+    io::copy(&mut f, &mut w)?;
+    Ok(w.finish().1)
+}
+
+enum Fetched {
+    NotModified,
+    File(FreshFile),
+}
+
+struct FreshFile {
+    /// A temporary directory holding `file`; removed when dropped.
+    tmp: tempfile::TempDir,
+    sha256: Digest,
+    /// The digest in the `--checksum` algorithm, when that is not sha256.
+    checked: Option<Digest>,
+    size: u64,
+    etag: Option<String>,
+    last_modified: Option<String>,
+}
+
+fn http_client(url: &str) -> Result<reqwest::Client, SourceError> {
+    // reqwest is built without a default crypto provider; ring is the workspace's choice. An
+    // error only means a provider is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(30))
+        .read_timeout(Duration::from_secs(300))
+        .build()
+        .map_err(|e| download_err(url, format!("cannot make an HTTP client: {e}")))
+}
+
+/// Full error chain of a reqwest error (its top message alone hides the cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+async fn fetch(
+    url: &str,
+    url_dir: &Path,
+    previous: Option<&DownloadRecord>,
+    max: u64,
+    checksum_alg: Option<Algorithm>,
+) -> Result<Fetched, SourceError> {
+    let client = http_client(url)?;
+    let mut req = client.get(url);
+    if let Some(prev) = previous {
+        if let Some(etag) = &prev.etag {
+            req = req.header("If-None-Match", etag);
+        }
+        if let Some(lm) = &prev.last_modified {
+            req = req.header("If-Modified-Since", lm);
+        }
+    }
+    let mut resp = req
+        .send()
+        .await
+        .map_err(|e| download_err(url, format!("request failed: {}", chain(&e))))?;
+    let status = resp.status();
+    if status == reqwest::StatusCode::NOT_MODIFIED && previous.is_some() {
+        return Ok(Fetched::NotModified);
+    }
+    if !status.is_success() {
+        return Err(download_err(
+            url,
+            format!("the server answered {status}; check the URL"),
+        ));
+    }
+    if let Some(len) = resp.content_length() {
+        if len > max {
+            return Err(too_big(url, max));
+        }
+    }
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let etag = header("etag");
+    let last_modified = header("last-modified");
+    let tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempdir_in(url_dir)
+        .map_err(|e| {
+            download_err(
+                url,
+                format!("cannot create a file in {}: {e}", url_dir.display()),
+            )
+        })?;
+    let path = tmp.path().join("file");
+    let file = fs::File::create(&path)
+        .map_err(|e| download_err(url, format!("cannot create {}: {e}", path.display())))?;
+    let mut out = DigestWriter::new(
+        io::BufWriter::with_capacity(1 << 20, file),
+        Algorithm::Sha256,
+    );
+    let mut other = checksum_alg
+        .filter(|a| *a != Algorithm::Sha256)
+        .map(Hasher::new);
+    let write_err = |e: io::Error| download_err(url, format!("writing {}: {e}", path.display()));
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| download_err(url, format!("the download broke off: {}", chain(&e))))?
+    {
+        if out.written() + chunk.len() as u64 > max {
+            return Err(too_big(url, max));
+        }
+        out.write_all(&chunk).map_err(write_err)?;
+        if let Some(h) = &mut other {
+            h.update(&chunk);
+        }
+    }
+    let (buf, sha256, size) = out.finish();
+    let file = buf.into_inner().map_err(|e| write_err(e.into_error()))?;
+    file.sync_all().map_err(write_err)?;
+    Ok(Fetched::File(FreshFile {
+        tmp,
+        checked: other
+            .map(Hasher::finish)
+            .or_else(|| checksum_alg.map(|_| sha256.clone())),
+        sha256,
+        size,
+        etag,
+        last_modified,
+    }))
+}
+
+fn too_big(url: &str, max: u64) -> SourceError {
+    download_err(
+        url,
+        format!("the file is larger than {max} bytes; set KILN_MAX_DOWNLOAD_BYTES to allow more"),
+    )
+}
+
+/// The reference string the frontend and the engine use for an image in an OCI layout:
+/// `oci-layout://PATH@sha256:...` or `oci-layout://PATH:TAG`.
+pub fn layout_reference(path: &str, reference: &str) -> String {
+    let sep = if reference.contains(':') { '@' } else { ':' };
+    format!("{LAYOUT_SCHEME}{path}{sep}{reference}")
+}
+
+/// Splits a [`layout_reference`] back into the directory and the tag or digest.
+pub fn parse_layout_reference(s: &str) -> Option<(String, String)> {
+    let rest = s.strip_prefix(LAYOUT_SCHEME)?;
+    if let Some((p, d)) = rest.rsplit_once('@') {
+        return Some((p.to_owned(), d.to_owned()));
+    }
+    let last = rest.rsplit('/').next().unwrap_or(rest);
+    match last.rsplit_once(':') {
+        Some((_, tag)) if !tag.is_empty() => Some((
+            rest[..rest.len() - tag.len() - 1].to_owned(),
+            tag.to_owned(),
+        )),
+        _ => Some((rest.to_owned(), "latest".to_owned())),
+    }
+}
+
+/// Resolves the image `reference` (a tag, matched against the
+/// `org.opencontainers.image.ref.name` annotations of `index.json`, or a manifest digest) in
+/// the OCI layout at `path`, for `platform`. Manifests and the config are read whole and
+/// digest-checked; layer blobs are copied (and checked) only when a step needs them.
+pub fn resolve_layout(
+    path: &str,
+    reference: &str,
+    platform: &kiln_graph::Platform,
+) -> Result<BaseImage, SourceError> {
+    let fail = |message: String| SourceError::Layout {
+        path: path.to_owned(),
+        message,
+    };
+    let dir = Path::new(path);
+    if !dir.is_dir() {
+        return Err(fail(
+            "no such directory; give the directory of an OCI image layout \
+             (--build-context NAME=oci-layout:///PATH[:TAG|@DIGEST], or buildctl's --oci-layout NAME=PATH with --opt context:NAME=oci-layout://NAME@DIGEST)"
+        .into()));
+    }
+    let layout = OciLayout::open(dir).map_err(|e| {
+        fail(format!(
+            "not an OCI image layout ({e}); an OCI layout holds oci-layout, index.json and blobs/"
+        ))
+    })?;
+    let index = layout.index().map_err(|e| fail(e.to_string()))?;
+    let read = |desc: &Descriptor| -> Result<RawManifest, SourceError> {
+        if desc.size > MAX_SMALL_BLOB {
+            return Err(fail(format!(
+                "manifest {} is {} bytes, larger than {MAX_SMALL_BLOB}",
+                desc.digest, desc.size
+            )));
+        }
+        let bytes = layout
+            .read_blob(&desc.digest)
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(RawManifest::new(&desc.media_type, bytes))
+    };
+
+    let top: Vec<Descriptor> = if reference.contains(':') {
+        let digest: Digest = reference
+            .parse()
+            .map_err(|e| fail(format!("invalid digest {reference}: {e}")))?;
+        let known = index.manifests.iter().find(|d| d.digest == digest).cloned();
+        match known {
+            Some(d) => vec![d],
+            None if layout.has_blob(&digest) => {
+                let size = fs::metadata(layout.blob_path(&digest))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                vec![Descriptor::new("", digest, size)]
+            }
+            None => {
+                return Err(fail(format!(
+                    "no manifest {digest} in the layout (index.json lists: {})",
+                    list_entries(&index.manifests)
+                )))
+            }
+        }
+    } else {
+        let named: Vec<Descriptor> = index
+            .manifests
+            .iter()
+            .filter(|d| {
+                d.annotations.get(REF_NAME_ANNOTATION).map(String::as_str) == Some(reference)
+            })
+            .cloned()
+            .collect();
+        if !named.is_empty() {
+            named
+        } else if reference == "latest"
+            && index.manifests.len() == 1
+            && !index.manifests[0]
+                .annotations
+                .contains_key(REF_NAME_ANNOTATION)
+        {
+            // A layout with one unnamed image (e.g. `skopeo copy ... oci:DIR`) is its own latest.
+            index.manifests.clone()
+        } else {
+            return Err(fail(format!(
+                "no image tagged {reference:?} (tags in index.json: {})",
+                list_entries(&index.manifests)
+            )));
+        }
+    };
+
+    let want: kiln_oci::Platform = platform
+        .to_string()
+        .parse()
+        .map_err(|e: kiln_oci::PlatformError| fail(e.to_string()))?;
+    // Follow indexes down to the one image manifest for the platform.
+    let mut candidates = top;
+    let mut manifest = None;
+    for _ in 0..4 {
+        let chosen = choose_platform(&candidates, &want).ok_or_else(|| {
+            let available: Vec<String> = candidates
+                .iter()
+                .filter_map(|d| d.platform.as_ref().map(|p| p.to_string()))
+                .collect();
+            fail(format!(
+                "no image for {want} under {reference} (platforms: {})",
+                if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                }
+            ))
+        })?;
+        let raw = read(&chosen)?;
+        match raw
+            .parse()
+            .map_err(|e| fail(format!("manifest {}: {e}", raw.digest)))?
+        {
+            Manifest::Image(m) => {
+                manifest = Some((raw.digest.clone(), m));
+                break;
+            }
+            Manifest::Index(idx) => candidates = idx.manifests,
+        }
+    }
+    let Some((manifest_digest, manifest)) = manifest else {
+        return Err(fail(format!("{reference}: indexes nested too deeply")));
+    };
+    if manifest.config.size > MAX_SMALL_BLOB {
+        return Err(fail(format!(
+            "config {} is too large",
+            manifest.config.digest
+        )));
+    }
+    let config_bytes = layout
+        .read_blob(&manifest.config.digest)
+        .map_err(|e| fail(e.to_string()))?;
+    let config: kiln_oci::ImageConfig = serde_json::from_slice(&config_bytes)
+        .map_err(|e| fail(format!("config {}: {e}", manifest.config.digest)))?;
+    if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        return Err(fail(format!(
+            "image {manifest_digest}: its config lists {} layers, its manifest {}",
+            config.rootfs.diff_ids.len(),
+            manifest.layers.len()
+        )));
+    }
+    let layers = config
+        .rootfs
+        .diff_ids
+        .iter()
+        .zip(&manifest.layers)
+        .map(|(d, l)| Layer {
+            diff_id: d.clone(),
+            blob: l.clone(),
+            created: None,
+        })
+        .collect();
+    let source: Arc<dyn BlobSource> = Arc::new(LayoutBlobs::new(dir.to_owned()));
+    Ok(BaseImage {
+        manifest_digest,
+        config,
+        layers,
+        source: Some(source),
+    })
+}
+
+fn choose_platform(candidates: &[Descriptor], want: &kiln_oci::Platform) -> Option<Descriptor> {
+    let usable: Vec<&Descriptor> = candidates
+        .iter()
+        .filter(|d| {
+            d.media_type.is_empty()
+                || media_type::is_manifest(&d.media_type)
+                || media_type::is_index(&d.media_type)
+        })
+        // Attestation manifests (BuildKit's provenance) carry unknown/unknown.
+        .filter(|d| !d.annotations.contains_key("vnd.docker.reference.type"))
+        .collect();
+    usable
+        .iter()
+        .find(|d| d.platform.as_ref().is_some_and(|p| want.matches(p)))
+        .or_else(|| {
+            let unplatformed: Vec<&&Descriptor> =
+                usable.iter().filter(|d| d.platform.is_none()).collect();
+            match unplatformed.as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            }
+        })
+        .map(|d| (*d).clone())
+}
+
+fn list_entries(manifests: &[Descriptor]) -> String {
+    let names: Vec<String> = manifests
+        .iter()
+        .map(|d| match d.annotations.get(REF_NAME_ANNOTATION) {
+            Some(n) => n.clone(),
+            None => format!("{} (untagged)", d.digest),
+        })
+        .collect();
+    if names.is_empty() {
+        "nothing".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_references_round_trip_tags_and_digests() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        for (p, r) in [("/srv/l", "v1"), ("./a:b/l", "latest"), ("/l", d.as_str())] {
+            let s = layout_reference(p, r);
+            assert_eq!(
+                parse_layout_reference(&s),
+                Some((p.to_owned(), r.to_owned())),
+                "{s}"
+            );
+        }
+        assert_eq!(parse_layout_reference("docker.io/x"), None);
+    }
+
+    #[test]
+    fn missing_layout_is_an_error_naming_the_path_and_the_flags() {
+        let e = resolve_layout(
+            "/nonexistent/layout",
+            "v1",
+            &kiln_graph::Platform::parse("linux/amd64").unwrap(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("/nonexistent/layout") && e.contains("--build-context"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_tag_lists_the_tags_the_layout_has() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = OciLayout::create(tmp.path()).unwrap();
+        let cfg =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let cd = layout.write_blob(cfg).unwrap();
+        let m = kiln_oci::ImageManifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: Descriptor::new(media_type::OCI_CONFIG, cd, cfg.len() as u64),
+            layers: vec![],
+            subject: None,
+            annotations: Default::default(),
+        };
+        let raw = RawManifest::from_image(&m);
+        layout.write_blob(&raw.bytes).unwrap();
+        layout.add_manifest(raw.descriptor(), "v1").unwrap();
+        let p = kiln_graph::Platform::parse("linux/amd64").unwrap();
+        let path = tmp.path().to_str().unwrap();
+        let img = resolve_layout(path, "v1", &p).unwrap();
+        assert_eq!(img.manifest_digest, raw.digest);
+        let by_digest = resolve_layout(path, &raw.digest.to_string(), &p).unwrap();
+        assert_eq!(by_digest.manifest_digest, raw.digest);
+        let e = resolve_layout(path, "v2", &p).err().unwrap().to_string();
+        assert!(
+            e.contains("\"v2\"") && e.contains("v1") && e.contains(path),
+            "{e}"
+        );
+    }
+}
