@@ -50,6 +50,53 @@ fn local_blobs(f: &Fixture, runner: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
+/// Pushes an OCI index holding `image`'s manifest as `index`, with podman; false (with a
+/// note) when podman's config is absent.
+fn push_index_of(image: &str, index: &str) -> bool {
+    let conf = common::workspace().join("../shared/podman/containers.conf");
+    if !conf.exists() {
+        eprintln!("skipping the index import: {} is absent", conf.display());
+        return false;
+    }
+    let podman = |args: &[&str]| {
+        let out = Command::new("podman")
+            .args(args)
+            .env("CONTAINERS_CONF", &conf)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "podman {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A list left over from an earlier run would be reused; start from none.
+    let _ = Command::new("podman")
+        .args(["manifest", "rm", index])
+        .env("CONTAINERS_CONF", &conf)
+        .output();
+    podman(&["manifest", "create", index]);
+    podman(&[
+        "manifest",
+        "add",
+        "--tls-verify=false",
+        index,
+        &format!("docker://{image}"),
+    ]);
+    podman(&[
+        "manifest",
+        "push",
+        "--tls-verify=false",
+        "--all",
+        index,
+        &format!("docker://{index}"),
+    ]);
+    podman(&["manifest", "rm", index]);
+    let raw = skopeo_inspect(index, &["--raw"]);
+    assert!(raw["manifests"].is_array(), "not an index: {raw}");
+    true
+}
+
 /// Pulls and runs `image` with podman; false (with a note) when podman's config is absent.
 fn podman_runs_tests(image: &str) -> bool {
     let conf = common::workspace().join("../shared/podman/containers.conf");
@@ -179,6 +226,34 @@ fn an_image_pushed_with_inline_cache_warms_a_new_runner(reg: TestRegistry) {
         warm.downloaded()
     );
     assert_eq!(warm.digest(), cold.digest());
+
+    // The image behind an index (as a multi-platform push makes it): the platform's manifest
+    // carries the cache. Pushed to another repository of the registry, the layers are mounted,
+    // never downloaded.
+    let index = format!("{}/app:index", reg.addr);
+    if push_index_of(&image, &index) {
+        let other = format!("{}/other/app:test", reg.addr);
+        let via_index = f.ci_build(
+            "runner-index",
+            "test",
+            &base,
+            &[
+                "--output",
+                &format!("type=image,name={other},push=true"),
+                "--export-cache",
+                "type=inline",
+                "--import-cache",
+                &format!("type=registry,ref={index}"),
+            ],
+        );
+        assert!(via_index.ran().is_empty(), "ran {:?}", via_index.ran());
+        assert_eq!(via_index.digest(), cold.digest());
+        assert!(
+            local_blobs(&f, "runner-index").is_disjoint(&layers),
+            "layers were downloaded to push them to another repository"
+        );
+        assert_eq!(image_layers(&other), layers);
+    }
 
     // mode=min: a dependency stage's steps are not in the image, so nothing of it is a hit
     // (buildx's shorthand `--cache-from IMAGE` names the same cache).
