@@ -501,14 +501,28 @@ pub fn resolve_layout(
             }
         }
     } else {
-        let named: Vec<Descriptor> = index
+        let name_of = |d: &Descriptor| d.annotations.get(REF_NAME_ANNOTATION).cloned();
+        let mut named: Vec<Descriptor> = index
             .manifests
             .iter()
-            .filter(|d| {
-                d.annotations.get(REF_NAME_ANNOTATION).map(String::as_str) == Some(reference)
-            })
+            .filter(|d| name_of(d).as_deref() == Some(reference))
             .cloned()
             .collect();
+        if named.is_empty() {
+            // Some tools (kiln's and podman's oci exporters) name the image in full
+            // (`app:v1`, `reg/app:v1`); its tag part then matches too.
+            named = index
+                .manifests
+                .iter()
+                .filter(|d| {
+                    name_of(d).is_some_and(|n| {
+                        let last = n.rsplit('/').next().unwrap_or(&n);
+                        last.rsplit_once(':').map(|(_, t)| t) == Some(reference)
+                    })
+                })
+                .cloned()
+                .collect();
+        }
         if !named.is_empty() {
             named
         } else if reference == "latest"
