@@ -570,7 +570,10 @@ impl Inner {
                 let log = |line: String| ctx.log(2, line.into_bytes());
                 let dir = crate::sources::download(self.store.root(), h, &ctx.cancel, &log)?;
                 let none = |_: &str, _: bool| false;
-                let index = ContextIndex::scan(&dir, &none, &|_: &str| false, None)?;
+                // The directory never changes once stored: a stat cache beside it saves
+                // hashing the file again on every build.
+                let stat_cache = dir.with_extension("stat.json");
+                let index = ContextIndex::scan(&dir, &none, &|_: &str| false, Some(&stat_cache))?;
                 Ok(Value::Context(Arc::new(index)))
             }
             Op::OciLayout(l) => {

@@ -98,6 +98,21 @@ pub(crate) fn download(
     cancel: &tokio_util::sync::CancellationToken,
     log: &dyn Fn(String),
 ) -> Result<PathBuf, SourceError> {
+    let max = std::env::var("KILN_MAX_DOWNLOAD_BYTES")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_DOWNLOAD);
+    download_bounded(state_root, src, cancel, log, max)
+}
+
+/// [`download`], refusing files larger than `max` bytes.
+fn download_bounded(
+    state_root: &Path,
+    src: &HttpSource,
+    cancel: &tokio_util::sync::CancellationToken,
+    log: &dyn Fn(String),
+    max: u64,
+) -> Result<PathBuf, SourceError> {
     let url = src.url.as_str();
     if url.starts_with("git@") || url.ends_with(".git") {
         return Err(download_err(
@@ -158,10 +173,6 @@ pub(crate) fn download(
         }
     }
 
-    let max = std::env::var("KILN_MAX_DOWNLOAD_BYTES")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(DEFAULT_MAX_DOWNLOAD);
     let conditional = if expected.is_none() {
         previous.as_ref()
     } else {
@@ -659,6 +670,125 @@ fn list_entries(manifests: &[Descriptor]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Serves `body` with an ETag on 127.0.0.1 for `n` requests, answering 304 to a matching
+    /// If-None-Match; counts the 304s.
+    fn serve(body: &'static [u8], n: usize) -> (String, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/dir/file.bin", l.local_addr().unwrap());
+        let not_modified = Arc::new(AtomicUsize::new(0));
+        let nm = not_modified.clone();
+        std::thread::spawn(move || {
+            for conn in l.incoming().take(n) {
+                let mut conn = conn.unwrap();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut conditional = false;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                        break;
+                    }
+                    conditional |= h.to_ascii_lowercase().starts_with("if-none-match: \"e1\"");
+                }
+                let reply = if conditional {
+                    nm.fetch_add(1, Ordering::SeqCst);
+                    "HTTP/1.1 304 Not Modified\r\nConnection: close\r\n\r\n".to_string()
+                } else {
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: \"e1\"\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                };
+                let _ = conn.write_all(reply.as_bytes());
+                if !conditional {
+                    let _ = conn.write_all(body);
+                }
+            }
+        });
+        (url, not_modified)
+    }
+
+    fn http(url: &str, checksum: Option<String>) -> HttpSource {
+        HttpSource {
+            url: url.to_owned(),
+            checksum,
+            filename: "file.bin".into(),
+        }
+    }
+
+    #[test]
+    fn download_is_0600_at_the_epoch_and_a_second_one_is_conditional() {
+        let state = tempfile::tempdir().unwrap();
+        let (url, not_modified) = serve(b"payload", 2);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let dir = download(state.path(), &http(&url, None), &cancel, &|_| {}).unwrap();
+        let file = dir.join("file.bin");
+        assert_eq!(fs::read(&file).unwrap(), b"payload");
+        let meta = fs::metadata(&file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        assert_eq!(meta.mtime(), 0, "no Last-Modified: the epoch");
+        let again = download(state.path(), &http(&url, None), &cancel, &|_| {}).unwrap();
+        assert_eq!(again, dir);
+        assert_eq!(not_modified.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_known_checksum_needs_no_request_and_a_wrong_one_names_both_digests() {
+        let state = tempfile::tempdir().unwrap();
+        // The server answers exactly one request: a second one would fail to connect.
+        let (url, _) = serve(b"payload", 1);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let sum = Digest::sha256_of(b"payload").to_string();
+        download(
+            state.path(),
+            &http(&url, Some(sum.clone())),
+            &cancel,
+            &|_| {},
+        )
+        .unwrap();
+        let dir = download(state.path(), &http(&url, Some(sum)), &cancel, &|_| {}).unwrap();
+        assert_eq!(fs::read(dir.join("file.bin")).unwrap(), b"payload");
+
+        let (url, _) = serve(b"payload", 1);
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        let e = download(
+            state.path(),
+            &http(&url, Some(wrong.clone())),
+            &cancel,
+            &|_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&url) && e.contains(&wrong), "{e}");
+        assert!(
+            e.contains(&Digest::sha256_of(b"payload").to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_download_over_the_bound_is_refused_and_leaves_nothing() {
+        let state = tempfile::tempdir().unwrap();
+        let (url, _) = serve(b"0123456789", 1);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let e = download_bounded(state.path(), &http(&url, None), &cancel, &|_| {}, 4)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("larger than 4 bytes"), "{e}");
+        let url_dirs: Vec<_> = fs::read_dir(state.path().join("downloads"))
+            .unwrap()
+            .collect();
+        for d in url_dirs {
+            let entries: Vec<_> = fs::read_dir(d.unwrap().path()).unwrap().collect();
+            assert!(
+                entries.is_empty(),
+                "temporary files are removed: {entries:?}"
+            );
+        }
+    }
 
     #[test]
     fn layout_references_round_trip_tags_and_digests() {
