@@ -332,9 +332,16 @@ impl<E: Engine> Solver<E> {
         key_of(&self.inner, node).await
     }
 
-    /// The result of `node`: from a cache, or by running it and whatever it needs.
+    /// The result of `node`: from a cache, or by running it and whatever it needs. When it
+    /// fails (a step failed, or the build was cancelled) the rest of the solve is cancelled
+    /// and dropped: steps still running are told to stop, and nothing keeps the engine (and
+    /// what it holds, such as a store lease) alive after the last handle to the solver.
     pub async fn solve(&self, node: NodeId) -> Result<E::Output, SolveError> {
-        output_of(&self.inner, node).await
+        let result = output_of(&self.inner, node).await;
+        if result.is_err() {
+            self.abandon();
+        }
+        result
     }
 
     /// Cancels the solve: running steps are told to stop and pending ones never start.
@@ -345,6 +352,24 @@ impl<E: Engine> Solver<E> {
     /// The token that [`Solver::cancel`] cancels.
     pub fn cancel_token(&self) -> CancellationToken {
         self.inner.cancel.clone()
+    }
+
+    /// Cancels and forgets every started computation. A pending one holds the solver's
+    /// state, which holds it in turn: left in the maps after its consumer gave up on it (a
+    /// sibling failed first), it would never run again nor be dropped.
+    fn abandon(&self) {
+        self.inner.cancel.cancel();
+        let outputs = std::mem::take(
+            &mut *self
+                .inner
+                .outputs
+                .lock()
+                .expect("solver output map poisoned"),
+        );
+        let by_key =
+            std::mem::take(&mut *self.inner.by_key.lock().expect("solver key index poisoned"));
+        let keys = std::mem::take(&mut *self.inner.keys.lock().expect("solver key map poisoned"));
+        drop((outputs, by_key, keys));
     }
 }
 

@@ -25,6 +25,8 @@ enum Kind {
     Rendezvous,
     /// Fails.
     Fail,
+    /// Never finishes on its own; ends when the build is cancelled.
+    UntilCancelled,
 }
 
 struct Op {
@@ -93,7 +95,7 @@ impl Engine for MemEngine {
 
     fn execute<'a>(
         &'a self,
-        _ctx: ExecContext,
+        ctx: ExecContext,
         op: &'a Op,
         inputs: Vec<String>,
     ) -> BoxFuture<'a, Result<String, EngineError>> {
@@ -103,6 +105,10 @@ impl Engine for MemEngine {
             self.runs.lock().unwrap().push(op.name.clone());
             let result = match op.kind {
                 Kind::Fail => Err(format!("{} exited with code 2", op.name).into()),
+                Kind::UntilCancelled => {
+                    ctx.cancel.cancelled().await;
+                    Err(format!("{} was stopped", op.name).into())
+                }
                 Kind::Rendezvous => {
                     self.barrier.as_ref().expect("barrier").wait().await;
                     Ok(op.name.clone())
@@ -362,6 +368,32 @@ async fn a_failing_step_is_named_and_its_dependents_never_run() {
     assert_eq!(engine.runs(), ["base", "make"]);
     // A failed step records nothing.
     assert_eq!(engine.cache.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_solve_stops_running_siblings_and_lets_go_of_the_engine() {
+    let engine = Arc::new(MemEngine::default());
+    let mut g = Graph::new();
+    let base = g.add(op("base", Kind::Leaf), vec![]).unwrap();
+    let long = g.add(op("long", Kind::UntilCancelled), vec![base]).unwrap();
+    // One step more on the failing side, so the long step is surely running when it fails.
+    let mid = g.add(op("mid", Kind::Join), vec![base]).unwrap();
+    let bad = g.add(op("make", Kind::Fail), vec![mid]).unwrap();
+    let after = g.add(op("after", Kind::Join), vec![long, bad]).unwrap();
+    let s = solver(&engine, g, SolverOptions::default());
+    let token = s.cancel_token();
+    let err = s.solve(after).await.unwrap_err();
+    assert!(
+        matches!(err, SolveError::Step { node, .. } if node == bad),
+        "{err:?}"
+    );
+    assert!(engine.runs().contains(&"long".to_owned()));
+    // The sibling still running is told to stop...
+    assert!(token.is_cancelled());
+    // ...and once the solver is gone nothing holds the engine (nor the lease an engine
+    // keeps): the abandoned computation was dropped, not left holding the solver's state.
+    drop(s);
+    assert_eq!(Arc::strong_count(&engine), 1);
 }
 
 #[tokio::test]
