@@ -1407,6 +1407,8 @@ impl<'a> Lowerer<'a> {
         Ok(())
     }
 
+    /// Lowers one `RUN --mount` value (after expansion), read by the parser crate's
+    /// [`kiln_dockerfile::instructions::parse_mount`], with BuildKit's defaults per type.
     fn parse_mount(
         &mut self,
         st: &StageState,
@@ -1414,109 +1416,19 @@ impl<'a> Lowerer<'a> {
         f: &Flag,
         inputs: &mut Vec<VertexId>,
     ) -> Result<Mount, FrontendError> {
+        use kiln_dockerfile::instructions::{self as ins, MountType};
         let err = |m: String| FrontendError::new(format!("--mount={v}: {m}"), f.span);
-        let mut kv: Vec<(String, Option<String>)> = Vec::new();
-        for field in v.split(',').filter(|s| !s.is_empty()) {
-            match field.split_once('=') {
-                Some((k, val)) => kv.push((k.trim().to_ascii_lowercase(), Some(val.to_string()))),
-                None => kv.push((field.trim().to_ascii_lowercase(), None)),
+        let m = ins::parse_mount(v).map_err(|e| {
+            if e.starts_with("unsupported mount type") {
+                err(format!("{e}: expected bind, cache, tmpfs, secret or ssh"))
+            } else {
+                err(e)
             }
-        }
-        let get = |k: &[&str]| {
-            kv.iter()
-                .rev()
-                .find(|(n, _)| k.contains(&n.as_str()))
-                .map(|(_, v)| v.clone().unwrap_or_default())
-        };
-        let typ = get(&["type"]).unwrap_or_else(|| "bind".into());
-        let known: &[&str] = match typ.as_str() {
-            "bind" => &[
-                "type",
-                "target",
-                "dst",
-                "destination",
-                "source",
-                "src",
-                "from",
-                "ro",
-                "readonly",
-                "rw",
-                "readwrite",
-            ],
-            "cache" => &[
-                "type",
-                "target",
-                "dst",
-                "destination",
-                "source",
-                "src",
-                "from",
-                "ro",
-                "readonly",
-                "rw",
-                "readwrite",
-                "id",
-                "sharing",
-                "mode",
-                "uid",
-                "gid",
-            ],
-            "tmpfs" => &["type", "target", "dst", "destination", "size"],
-            "secret" | "ssh" => &[
-                "type",
-                "target",
-                "dst",
-                "destination",
-                "id",
-                "env",
-                "required",
-                "mode",
-                "uid",
-                "gid",
-            ],
-            _ => {
-                return Err(err(format!(
-                    "unsupported mount type {typ:?}: expected bind, cache, tmpfs, secret or ssh"
-                )))
-            }
-        };
-        for (k, _) in &kv {
-            if !known.contains(&k.as_str()) {
-                return Err(err(format!("unexpected key {k:?} for a {typ} mount")));
-            }
-        }
-        let boolean = |k: &str| -> Result<Option<bool>, FrontendError> {
-            match kv.iter().rev().find(|(n, _)| n == k) {
-                None => Ok(None),
-                Some((_, None)) => Ok(Some(true)),
-                Some((_, Some(x))) => match x.as_str() {
-                    "true" | "1" | "" => Ok(Some(true)),
-                    "false" | "0" => Ok(Some(false)),
-                    _ => Err(err(format!("{k}={x}: expected true or false"))),
-                },
-            }
-        };
-        let readonly = match (
-            boolean("ro")?.or(boolean("readonly")?),
-            boolean("rw")?.or(boolean("readwrite")?),
-        ) {
-            (Some(r), _) => Some(r),
-            (None, Some(w)) => Some(!w),
-            _ => None,
-        };
-        let num = |k: &str, default: u32, radix: u32| -> Result<u32, FrontendError> {
-            match get(&[k]) {
-                None => Ok(default),
-                Some(x) => u32::from_str_radix(x.trim_start_matches("0o"), radix)
-                    .map_err(|_| err(format!("{k}={x} is not a number"))),
-            }
-        };
-        let target = get(&["target", "dst", "destination"]);
-        let source = get(&["source", "src"]).unwrap_or_default();
+        })?;
         let mut from_input =
-            |s: &mut Self, from: Option<String>| -> Result<Option<InputIndex>, FrontendError> {
+            |s: &mut Self, from: Option<&str>| -> Result<Option<InputIndex>, FrontendError> {
                 let Some(from) = from else { return Ok(None) };
-                match s.stage_or_image_source(st, &from, f.span)? {
+                match s.stage_or_image_source(st, from, f.span)? {
                     Some(id) => {
                         inputs.push(id);
                         Ok(Some((inputs.len() - 1) as InputIndex))
@@ -1525,10 +1437,12 @@ impl<'a> Lowerer<'a> {
                 }
             };
         let abs = |t: &str| resolve_path(&st.config.working_dir, t);
-        let kind = match typ.as_str() {
-            "bind" => {
-                let target = target.ok_or_else(|| err("a bind mount needs target=".into()))?;
-                let input = match get(&["from"]) {
+        let target = m.target.as_deref().map(abs);
+        let source = m.source.clone().unwrap_or_default();
+        let (uid, gid) = (m.uid.unwrap_or(0), m.gid.unwrap_or(0));
+        let (target, kind) = match m.kind {
+            MountType::Bind => {
+                let input = match m.from.as_deref() {
                     Some(fr) => from_input(self, Some(fr))?,
                     None => {
                         let c = self.context();
@@ -1536,124 +1450,98 @@ impl<'a> Lowerer<'a> {
                         Some((inputs.len() - 1) as InputIndex)
                     }
                 };
-                let input = match input {
-                    Some(i) => i,
-                    None => {
-                        return Ok(Mount {
-                            target: abs(&target),
-                            kind: MountKind::Tmpfs { size: 0 },
-                        })
-                    }
-                };
-                return Ok(Mount {
-                    target: abs(&target),
-                    kind: MountKind::Bind {
+                let kind = match input {
+                    Some(input) => MountKind::Bind {
                         input,
                         source,
-                        readonly: readonly.unwrap_or(true),
+                        readonly: m.read_only,
                     },
-                });
-            }
-            "cache" => {
-                let target = target.ok_or_else(|| err("a cache mount needs target=".into()))?;
-                let sharing = match get(&["sharing"]).as_deref() {
-                    None | Some("shared") => CacheSharing::Shared,
-                    Some("private") => CacheSharing::Private,
-                    Some("locked") => CacheSharing::Locked,
-                    Some(x) => {
-                        return Err(err(format!(
-                            "sharing={x}: expected shared, private or locked"
-                        )))
-                    }
+                    // `from=scratch`: an empty directory.
+                    None => MountKind::Tmpfs { size: 0 },
                 };
-                let input = from_input(self, get(&["from"]))?;
-                let t = abs(&target);
-                MountKind::Cache {
-                    id: get(&["id"])
+                (target.unwrap_or_default(), kind)
+            }
+            MountType::Cache => {
+                let target = target.unwrap_or_default();
+                let kind = MountKind::Cache {
+                    id: m
+                        .id
+                        .clone()
                         .filter(|s| !s.is_empty())
-                        .unwrap_or_else(|| t.clone()),
-                    sharing,
-                    input,
+                        .unwrap_or_else(|| target.clone()),
+                    sharing: match m.sharing {
+                        None | Some(ins::Sharing::Shared) => CacheSharing::Shared,
+                        Some(ins::Sharing::Private) => CacheSharing::Private,
+                        Some(ins::Sharing::Locked) => CacheSharing::Locked,
+                    },
+                    input: from_input(self, m.from.as_deref())?,
                     source,
-                    readonly: readonly.unwrap_or(false),
-                    uid: num("uid", 0, 10)?,
-                    gid: num("gid", 0, 10)?,
-                    mode: num("mode", 0o755, 8)?,
-                }
-            }
-            "tmpfs" => {
-                let size = match get(&["size"]) {
-                    None => 0,
-                    Some(s) => parse_size(&s)
-                        .ok_or_else(|| err(format!("size={s} is not a size like 64m")))?,
+                    readonly: m.read_only,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o755),
                 };
-                MountKind::Tmpfs { size }
+                (target, kind)
             }
-            "secret" => {
-                let env = get(&["env"]);
-                let id = get(&["id"]).filter(|s| !s.is_empty()).or_else(|| {
-                    target
+            MountType::Tmpfs => (
+                target.unwrap_or_default(),
+                MountKind::Tmpfs {
+                    size: m.size.unwrap_or(0),
+                },
+            ),
+            MountType::Secret => {
+                let id = m.id.clone().filter(|s| !s.is_empty()).or_else(|| {
+                    m.target
                         .as_deref()
                         .map(|t| t.rsplit('/').next().unwrap_or(t).to_string())
                 });
                 let id = id.ok_or_else(|| err("a secret mount needs id= or target=".into()))?;
-                let required = boolean("required")?.unwrap_or(false);
                 if !self.secrets.iter().any(|s| s.id == id) {
                     self.secrets.push(SecretInfo {
                         id: id.clone(),
-                        required,
+                        required: m.required,
                         line: f.span.start.line,
                     });
                 }
-                let tgt = match (&target, &env) {
-                    (Some(t), _) => abs(t),
+                let target = match (target, &m.env) {
+                    (Some(t), _) => t,
                     (None, Some(_)) => String::new(),
                     (None, None) => format!("/run/secrets/{id}"),
                 };
-                return Ok(Mount {
-                    target: tgt,
-                    kind: MountKind::Secret {
-                        id,
-                        env,
-                        required,
-                        uid: num("uid", 0, 10)?,
-                        gid: num("gid", 0, 10)?,
-                        mode: num("mode", 0o400, 8)?,
-                    },
-                });
+                let kind = MountKind::Secret {
+                    id,
+                    env: m.env.clone(),
+                    required: m.required,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o400),
+                };
+                (target, kind)
             }
-            _ => {
-                let id = get(&["id"])
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "default".into());
-                let required = boolean("required")?.unwrap_or(false);
+            MountType::Ssh => {
+                let id =
+                    m.id.clone()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "default".into());
                 if !self.ssh.iter().any(|s| s.id == id) {
                     self.ssh.push(SecretInfo {
                         id: id.clone(),
-                        required,
+                        required: m.required,
                         line: f.span.start.line,
                     });
                 }
-                let tgt = target
-                    .map(|t| abs(&t))
-                    .unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
-                return Ok(Mount {
-                    target: tgt,
-                    kind: MountKind::Ssh {
-                        id,
-                        required,
-                        uid: num("uid", 0, 10)?,
-                        gid: num("gid", 0, 10)?,
-                        mode: num("mode", 0o600, 8)?,
-                    },
-                });
+                let target = target.unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
+                let kind = MountKind::Ssh {
+                    id,
+                    required: m.required,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o600),
+                };
+                (target, kind)
             }
         };
-        let target = get(&["target", "dst", "destination"]).unwrap_or_default();
-        Ok(Mount {
-            target: abs(&target),
-            kind,
-        })
+        Ok(Mount { target, kind })
     }
 
     fn lower_copy(
@@ -2138,18 +2026,4 @@ fn parse_duration(s: &str) -> Option<u64> {
         rest = &rest[u..];
     }
     Some(total as u64)
-}
-
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim().to_ascii_lowercase();
-    let n = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let num: u64 = s[..n].parse().ok()?;
-    let mult = match s[n..].trim_end_matches('b').trim_end_matches('i') {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        _ => return None,
-    };
-    num.checked_mul(mult)
 }

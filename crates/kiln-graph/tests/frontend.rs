@@ -490,7 +490,7 @@ fn bad_mount_and_flag_values_are_errors_with_spans() {
         ),
         (
             "FROM busybox\nRUN --mount=type=cache,target=/x,colour=red true\n",
-            "unexpected key \"colour\"",
+            "unexpected key 'colour'",
         ),
         (
             "FROM busybox\nRUN --network=bridge true\n",
