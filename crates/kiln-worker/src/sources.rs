@@ -820,6 +820,115 @@ mod tests {
         );
     }
 
+    /// A layout with one image (one layer `layer`) tagged `v1`; returns its manifest digest.
+    fn one_image_layout(dir: &Path, layer: &[u8]) -> Digest {
+        let layout = OciLayout::create(dir).unwrap();
+        let ld = layout.write_blob(layer).unwrap();
+        let cfg = format!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["A=1"]}},"rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#
+        );
+        let cd = layout.write_blob(cfg.as_bytes()).unwrap();
+        let m = kiln_oci::ImageManifest {
+            schema_version: 2,
+            media_type: Some(media_type::OCI_MANIFEST.into()),
+            artifact_type: None,
+            config: Descriptor::new(media_type::OCI_CONFIG, cd, cfg.len() as u64),
+            layers: vec![Descriptor::new(
+                media_type::OCI_LAYER_TAR,
+                ld,
+                layer.len() as u64,
+            )],
+            subject: None,
+            annotations: Default::default(),
+        };
+        let raw = RawManifest::from_image(&m);
+        layout.write_blob(&raw.bytes).unwrap();
+        layout.add_manifest(raw.descriptor(), "v1").unwrap();
+        raw.digest
+    }
+
+    #[test]
+    fn layout_blobs_are_digest_checked_manifests_when_read_layers_when_fetched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = b"not really a tar, but bytes with a digest".to_vec();
+        let digest = one_image_layout(tmp.path(), &layer);
+        let p = kiln_graph::Platform::parse("linux/amd64").unwrap();
+        let path = tmp.path().to_str().unwrap();
+        let img = resolve_layout(path, "v1", &p).unwrap();
+        assert_eq!(
+            img.config.config.as_ref().unwrap().env.as_deref(),
+            Some(&["A=1".to_string()][..])
+        );
+        let store = kiln_store::Store::open(tmp.path().join("state")).unwrap();
+        let blob = &img.layers[0].blob;
+        // A layer whose bytes no longer match its name is refused when fetched.
+        let blob_path = tmp.path().join("blobs/sha256").join(blob.digest.hex());
+        let mut bad = layer.clone();
+        bad[0] ^= 1;
+        fs::write(&blob_path, &bad).unwrap();
+        let source = img.source.clone().unwrap();
+        assert!(
+            source.fetch(blob, &store).is_err(),
+            "a corrupt layer is refused"
+        );
+        assert!(!store.content().has(&blob.digest));
+        fs::write(&blob_path, &layer).unwrap();
+        source.fetch(blob, &store).unwrap();
+        assert!(store.content().has(&blob.digest));
+        // A manifest whose bytes no longer match is refused when the image is resolved.
+        let manifest_path = tmp.path().join("blobs/sha256").join(digest.hex());
+        let mut m = fs::read(&manifest_path).unwrap();
+        m.push(b' ');
+        fs::write(&manifest_path, m).unwrap();
+        let e = resolve_layout(path, "v1", &p).err().unwrap().to_string();
+        assert!(e.contains("corrupt"), "{e}");
+    }
+
+    #[test]
+    fn an_index_in_the_layout_is_followed_to_the_wanted_platform() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = OciLayout::create(tmp.path()).unwrap();
+        let mut index = kiln_oci::ImageIndex::new();
+        let mut by_arch = Vec::new();
+        for arch in ["arm64", "amd64"] {
+            let cfg = format!(
+                r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+            );
+            let cd = layout.write_blob(cfg.as_bytes()).unwrap();
+            let m = kiln_oci::ImageManifest {
+                schema_version: 2,
+                media_type: Some(media_type::OCI_MANIFEST.into()),
+                artifact_type: None,
+                config: Descriptor::new(media_type::OCI_CONFIG, cd, cfg.len() as u64),
+                layers: vec![],
+                subject: None,
+                annotations: Default::default(),
+            };
+            let raw = RawManifest::from_image(&m);
+            layout.write_blob(&raw.bytes).unwrap();
+            let mut d = raw.descriptor();
+            d.platform = Some(kiln_oci::Platform::new("linux", arch, None));
+            index.manifests.push(d);
+            by_arch.push((arch, raw.digest));
+        }
+        let raw = RawManifest::from_index(&index);
+        layout.write_blob(&raw.bytes).unwrap();
+        layout.add_manifest(raw.descriptor(), "multi").unwrap();
+        let path = tmp.path().to_str().unwrap();
+        for (arch, digest) in &by_arch {
+            let p = kiln_graph::Platform::parse(&format!("linux/{arch}")).unwrap();
+            let img = resolve_layout(path, "multi", &p).unwrap();
+            assert_eq!(&img.manifest_digest, digest, "{arch}");
+            assert_eq!(img.config.architecture, *arch);
+        }
+        let p = kiln_graph::Platform::parse("linux/s390x").unwrap();
+        let e = resolve_layout(path, "multi", &p).err().unwrap().to_string();
+        assert!(
+            e.contains("linux/s390x") && e.contains("linux/amd64"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn unknown_tag_lists_the_tags_the_layout_has() {
         let tmp = tempfile::tempdir().unwrap();
