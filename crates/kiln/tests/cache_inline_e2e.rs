@@ -97,6 +97,77 @@ fn push_index_of(image: &str, index: &str) -> bool {
     true
 }
 
+/// Uploads `bytes` as a blob of `repo` on the registry at `addr` (POST, then PUT with the digest).
+fn upload_blob(addr: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = kiln_oci::Digest::sha256_of(bytes).to_string();
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("http://{addr}/v2/{repo}/blobs/uploads/"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "starting an upload failed");
+    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+    let location = headers
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_owned())
+        })
+        .expect("upload location");
+    let url = if location.starts_with('/') {
+        format!("http://{addr}{location}")
+    } else {
+        location
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Tests run side by side in one process: each upload has a directory of its own.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blob");
+    std::fs::write(&path, bytes).unwrap();
+    let put = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", path.display()))
+        .arg(format!("{url}{sep}digest={digest}"))
+        .status()
+        .unwrap();
+    assert!(put.success(), "uploading blob {digest} failed");
+    digest
+}
+
+/// Pushes under `target` a copy of `image` whose config is changed by `edit` (same layers).
+fn push_with_edited_config(
+    addr: &str,
+    image: &str,
+    target_tag: &str,
+    edit: impl Fn(&mut serde_json::Value),
+) {
+    let mut config = skopeo_inspect(image, &["--config", "--raw"]);
+    edit(&mut config);
+    let bytes = serde_json::to_vec(&config).unwrap();
+    let digest = upload_blob(addr, "app", &bytes);
+    let mut manifest = skopeo_inspect(image, &["--raw"]);
+    manifest["config"]["digest"] = serde_json::json!(digest);
+    manifest["config"]["size"] = serde_json::json!(bytes.len());
+    let media = manifest["mediaType"].as_str().unwrap().to_owned();
+    let put = Command::new("curl")
+        .args(["-sf", "-X", "PUT", "-H"])
+        .arg(format!("Content-Type: {media}"))
+        .arg("--data-binary")
+        .arg(serde_json::to_string(&manifest).unwrap())
+        .arg(format!("http://{addr}/v2/app/manifests/{target_tag}"))
+        .status()
+        .unwrap();
+    assert!(put.success(), "pushing the edited manifest failed");
+}
+
 /// Pulls and runs `image` with podman; false (with a note) when podman's config is absent.
 fn podman_runs_tests(image: &str) -> bool {
     let conf = common::workspace().join("../shared/podman/containers.conf");
@@ -254,6 +325,26 @@ fn an_image_pushed_with_inline_cache_warms_a_new_runner(reg: TestRegistry) {
         );
         assert_eq!(image_layers(&other), layers);
     }
+
+    // An image whose inline cache is of a format this kiln does not know: a clear warning,
+    // never a misread, and the build runs without it.
+    push_with_edited_config(&reg.addr, &image, "future", |c| {
+        c["kiln.cache.v1"]["version"] = serde_json::json!(2);
+    });
+    let future = f.ci_build(
+        "runner-future",
+        "test",
+        &base,
+        &["--cache-from", &format!("{}/app:future", reg.addr)],
+    );
+    assert!(
+        future
+            .stderr()
+            .contains("inline cache format version 2 is not supported by this kiln"),
+        "{}",
+        future.stderr()
+    );
+    assert!(future.cached().is_empty(), "hits {:?}", future.cached());
 
     // mode=min: a dependency stage's steps are not in the image, so nothing of it is a hit
     // (buildx's shorthand `--cache-from IMAGE` names the same cache).
