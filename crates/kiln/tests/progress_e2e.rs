@@ -1,0 +1,498 @@
+//! What a person watching `kiln build` sees, end to end (root: real containers): the live
+//! `--progress tty` view under a real pseudo-terminal, `auto` choosing plain lines without
+//! one, and Ctrl-C cancelling a build cleanly.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{skip_unless_root, Fixture};
+
+fn kiln() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+/// The frames of a tty view: what each redraw wrote, as plain lines (escape sequences
+/// and carriage returns removed).
+fn frames(out: &str) -> Vec<Vec<String>> {
+    out.split("\x1b[?2026h")
+        .skip(1)
+        .map(|f| {
+            strip_escapes(f)
+                .lines()
+                .map(|l| l.trim_end().to_owned())
+                .filter(|l| !l.is_empty())
+                .collect()
+        })
+        .collect()
+}
+
+fn strip_escapes(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for n in chars.by_ref() {
+                        if ('@'..='~').contains(&n) {
+                            break;
+                        }
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A step line of `stage` shown running: its name and elapsed time, not DONE, CACHED or
+/// ERROR (those come before the name or at the end).
+fn shows_running(frame: &[String], stage: &str) -> bool {
+    frame.iter().any(|l| {
+        l.starts_with(&format!(" => [{stage} 2/2] RUN")) && !l.contains("DONE") && l.ends_with('s')
+    })
+}
+
+/// Runs `kiln ARGS` under a pseudo-terminal of 160x50 (util-linux `script`); returns
+/// whether it succeeded and everything the terminal got.
+fn under_pty(root: &Path, dir: &Path, args: &str) -> (bool, String) {
+    let cmd = format!(
+        "stty cols 160 rows 50; exec {} --root {} {args}",
+        kiln(),
+        root.display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux) is installed");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn tty_progress_redraws_parallel_stages_with_their_output_and_a_rebuild_shows_cached() {
+    if skip_unless_root("tty_progress_redraws...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("tty-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The two stages meet through a shared cache mount, so each is seen running while the
+    // other runs, whatever the machine's speed (and give up waiting after a minute).
+    let step = |me: &str, other: &str| {
+        format!(
+            "RUN --mount=type=cache,target=/sync,id=tty-meet echo {me}-marker-start; \
+             touch /sync/{me}; i=0; \
+             while [ ! -e /sync/{other} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+             echo {me}-marker-met; sleep 1.5; echo {me}-marker-end\n"
+        )
+    };
+    let dockerfile = format!(
+        "FROM busybox:latest AS alpha\n{}FROM busybox:latest AS beta\n{}\
+         FROM busybox:latest\nCOPY --from=alpha /etc/passwd /a\nCOPY --from=beta /etc/passwd /b\n",
+        step("alpha", "beta"),
+        step("beta", "alpha"),
+    );
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+
+    let (ok, out) = under_pty(&f.root(), &dir, "build . --progress tty");
+    assert!(ok, "build failed:\n{out}");
+    let cursor_up = regex_like_cursor_up(&out);
+    assert!(
+        cursor_up > 5,
+        "expected redraws moving the cursor up:\n{out}"
+    );
+    let frames = frames(&out);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.first().is_some_and(|h| h.starts_with("[+] Building "))),
+        "no header in any frame:\n{out}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| shows_running(f, "alpha") && shows_running(f, "beta")),
+        "no frame shows both stages running at once:\n{frames:#?}"
+    );
+    assert!(
+        frames
+            .iter()
+            .any(|f| shows_running(f, "alpha")
+                && f.iter().any(|l| l == " => => # alpha-marker-start")),
+        "no frame shows a running step's output:\n{frames:#?}"
+    );
+    let last = frames.last().unwrap();
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with("[+] Building ") && l.ends_with("FINISHED")),
+        "final view: {last:#?}"
+    );
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with(" => [alpha 2/2] RUN") && l.contains("DONE")),
+        "final view: {last:#?}"
+    );
+    let text = strip_escapes(&out);
+    assert!(
+        text.contains("built target stage-2 in ") && text.contains("steps run, 0 cached"),
+        "summary missing:\n{text}"
+    );
+
+    let (ok, again) = under_pty(&f.root(), &dir, "build . --progress tty");
+    assert!(ok, "rebuild failed:\n{again}");
+    let text = strip_escapes(&again);
+    assert!(
+        text.contains(" => CACHED [stage-2 3/3] COPY --from=beta"),
+        "rebuild view:\n{text}"
+    );
+    assert!(text.contains("0 steps run, 1 cached"), "summary:\n{text}");
+}
+
+/// How many "cursor up N lines" sequences `out` holds.
+fn regex_like_cursor_up(out: &str) -> usize {
+    out.split("\x1b[")
+        .skip(1)
+        .filter(|s| {
+            let digits = s.chars().take_while(char::is_ascii_digit).count();
+            digits > 0 && s[digits..].starts_with('A')
+        })
+        .count()
+}
+
+#[test]
+fn auto_progress_without_a_terminal_prints_plain_lines() {
+    if skip_unless_root("auto_progress_without_a_terminal...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("plain-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox:latest\nRUN echo plain-marker\n",
+    )
+    .unwrap();
+    let out = Command::new(kiln())
+        .arg("--root")
+        .arg(f.root())
+        .args(["build", ".", "--progress", "auto"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        !err.contains('\x1b'),
+        "escape sequences in plain output:\n{err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    let run = lines
+        .iter()
+        .find(|l| l.contains("[stage-0 2/2] RUN echo plain-marker"))
+        .unwrap_or_else(|| panic!("no step line:\n{err}"));
+    let num = run.split(' ').next().unwrap();
+    assert!(num.starts_with('#'), "{run}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("{num} ")) && l.ends_with(" plain-marker")),
+        "no output line of the step:\n{err}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(&format!("{num} DONE "))),
+        "no DONE line:\n{err}"
+    );
+    assert!(err.contains("built target stage-0 in "), "{err}");
+}
+
+/// Pids of processes whose command line holds `needle`.
+fn processes_with(needle: &str) -> Vec<u32> {
+    processes_where(|argv| argv.iter().any(|a| a.contains(needle)))
+}
+
+/// Pids of the steps' sleeps: processes whose program name (argv 0) holds `needle`.
+fn sleepers(needle: &str) -> Vec<u32> {
+    processes_where(|argv| argv.first().is_some_and(|a| a.contains(needle)))
+}
+
+fn processes_where(pick: impl Fn(&[String]) -> bool) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let argv: Vec<String> = cmd
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if pick(&argv) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// `kiln build` in its own process group (as a shell runs a foreground job), its rawjson
+/// events read line by line.
+struct RunningBuild {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl RunningBuild {
+    fn start(f: &Fixture, dir: &Path, meta: &Path) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(kiln())
+            .arg("--root")
+            .arg(f.root())
+            .args(["build", ".", "--progress", "rawjson", "--metadata-file"])
+            .arg(meta)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        RunningBuild {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (a generous while) until a step printed each of `markers`.
+    fn wait_for_output(&mut self, markers: &[&str]) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let printed = |seen: &[String], m: &str| {
+            seen.iter().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .is_ok_and(|v| v["event"] == "log" && v["data"] == m)
+            })
+        };
+        while !markers.iter().all(|m| printed(&self.seen, m)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "the build never printed {markers:?}:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Waits for exit (a generous while, then kills it and fails); returns success and the
+    /// whole stderr.
+    fn wait(mut self) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("kiln did not exit:\n{}", self.seen.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader ends when the pipe closes.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.seen.push(l);
+        }
+        (status.success(), self.seen.join("\n"))
+    }
+
+    /// Sends `sig` to the build's whole process group, as a terminal does on Ctrl-C.
+    fn signal_group(&self, sig: i32) {
+        // SAFETY: kill(2) on the process group we created.
+        unsafe { libc::kill(-(self.child.id() as i32), sig) };
+    }
+}
+
+fn wait_for_sleepers(needle: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sleepers(needle).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "{count} processes with {needle} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn ctrl_c_cancels_a_build_cleanly_and_the_next_build_reruns_the_cancelled_steps() {
+    if skip_unless_root("ctrl_c_cancels_a_build_cleanly...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("cancel-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Each step sleeps in a process named by a path found nowhere else on the machine.
+    let unique = format!(
+        "kiln-cancel-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let step = |name: &str| {
+        format!(
+            "RUN mkdir -p /tmp/{unique}-{name} && ln -s /bin/busybox /tmp/{unique}-{name}/sleep; \
+             echo {name}-started; /tmp/{unique}-{name}/sleep 300; echo {name}-finished\n"
+        )
+    };
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest AS one\n{}FROM busybox:latest AS two\n{}\
+             FROM busybox:latest\nCOPY --from=one /tmp /one\nCOPY --from=two /tmp /two\n",
+            step("one"),
+            step("two")
+        ),
+    )
+    .unwrap();
+
+    let mut build = RunningBuild::start(&f, &dir, &f.path("cancelled.json"));
+    build.wait_for_output(&["one-started", "two-started"]);
+    wait_for_sleepers(&unique, 2);
+    build.signal_group(libc::SIGINT);
+    // A second Ctrl-C while it cleans up must not make things worse.
+    std::thread::sleep(Duration::from_millis(100));
+    build.signal_group(libc::SIGINT);
+    let (ok, stderr) = build.wait();
+    assert!(!ok, "a cancelled build must fail:\n{stderr}");
+    assert!(stderr.contains("build cancelled"), "{stderr}");
+    // The terminal's SIGINT reached kiln only: no step died of it and failed on its own.
+    assert!(
+        !stderr.contains("\"event\":\"failed\""),
+        "a step failed instead of being cancelled:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("one-finished") && !stderr.contains("two-finished"),
+        "a step went on past its interrupted sleep:\n{stderr}"
+    );
+    assert_eq!(
+        processes_with(&unique),
+        Vec::<u32>::new(),
+        "step processes outlived the cancelled build"
+    );
+    let root = f.root().display().to_string();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let left: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&root)).collect();
+    assert!(left.is_empty(), "mounts left behind: {left:#?}");
+    let fsck = Command::new(kiln())
+        .arg("--root")
+        .arg(f.root())
+        .args(["debug", "fsck"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&fsck.stdout);
+    assert!(
+        fsck.status.success() && report.contains(": 0 problem(s)"),
+        "fsck after the cancel:\n{report}{}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+
+    // The same Dockerfile again: the cancelled steps run (nothing of them was recorded).
+    let meta = f.path("again.json");
+    let mut again = RunningBuild::start(&f, &dir, &meta);
+    again.wait_for_output(&["one-started", "two-started"]);
+    wait_for_sleepers(&unique, 2);
+    for pid in sleepers(&unique) {
+        // SAFETY: kill(2) on a step's sleep, so the step goes on and ends.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let (ok, stderr) = again.wait();
+    assert!(ok, "the build after the cancel failed:\n{stderr}");
+    assert!(stderr.contains("one-finished") && stderr.contains("two-finished"));
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let steps = meta["kiln.steps"].as_array().unwrap();
+    for stage in ["one", "two"] {
+        let s = steps
+            .iter()
+            .find(|s| {
+                s["name"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("[{stage} 2/2] RUN"))
+            })
+            .unwrap_or_else(|| panic!("no {stage} RUN step in {steps:#?}"));
+        assert_eq!(s["status"], "run", "{s}");
+    }
+}
+
+#[test]
+fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound() {
+    if skip_unless_root("a_failing_step_stops...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("fail-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let unique = format!("kiln-sibling-{}", std::process::id());
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest AS long\n\
+             RUN mkdir -p /tmp/{unique} && ln -s /bin/busybox /tmp/{unique}/sleep; \
+             echo long-started; /tmp/{unique}/sleep 300\n\
+             FROM busybox:latest AS bad\n\
+             RUN echo bad-started; sleep 1; exit 3\n\
+             FROM busybox:latest\nCOPY --from=long /tmp /long\nCOPY --from=bad /tmp /bad\n"
+        ),
+    )
+    .unwrap();
+    let mut build = RunningBuild::start(&f, &dir, &f.path("failed.json"));
+    build.wait_for_output(&["bad-started"]);
+    // Without the sibling being stopped, kiln would wait out its five minutes.
+    let (ok, stderr) = build.wait();
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("exit") || stderr.contains("code 3"),
+        "{stderr}"
+    );
+    assert_eq!(processes_with(&unique), Vec::<u32>::new());
+    let fsck = Command::new(kiln())
+        .arg("--root")
+        .arg(f.root())
+        .args(["debug", "fsck"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&fsck.stdout);
+    assert!(
+        fsck.status.success() && report.contains(": 0 problem(s)"),
+        "fsck after the failed build:\n{report}"
+    );
+}
