@@ -466,3 +466,24 @@ fn buildctl_filename_opt_and_build_args_reach_the_frontend() {
         "[stage-0 1/1] FROM docker.io/library/busybox:1.36"
     );
 }
+
+#[test]
+fn max_parallelism_comes_from_the_environment_and_is_checked_there_too() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["build", &ex(), "--dry-run"])
+            .env("KILN_ROOT", std::env::temp_dir().join("kiln-cli-test-root"))
+            .env("KILN_MAX_PARALLELISM", value)
+            .output()
+            .expect("run kiln")
+    };
+    let bad = run("zero");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("invalid value \"zero\" for --max-parallelism"),
+        "{}",
+        stderr(&bad)
+    );
+    let good = run("2");
+    assert!(good.status.success(), "{}", stderr(&good));
+}

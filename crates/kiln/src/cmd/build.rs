@@ -99,8 +99,13 @@ pub struct BuildArgs {
     /// Write build result metadata (image digest, ...) as JSON to FILE
     #[arg(long = "metadata-file", value_name = "FILE")]
     metadata_file: Option<String>,
-    /// Run at most N steps at once (default: number of CPUs)
-    #[arg(long = "max-parallelism", value_name = "N")]
+    /// Run at most N steps at once (default: no bound, as BuildKit; a machine-wide setting
+    /// goes in KILN_MAX_PARALLELISM)
+    #[arg(
+        long = "max-parallelism",
+        value_name = "N",
+        env = "KILN_MAX_PARALLELISM"
+    )]
     max_parallelism: Option<String>,
     /// Write a timeline report of the build (one self-contained HTML page) to FILE
     #[arg(long, value_name = "FILE.html")]
