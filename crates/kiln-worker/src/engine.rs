@@ -1069,10 +1069,9 @@ impl Engine for Worker {
         Box::pin(async move {
             match input {
                 Value::Context(c) => {
+                    // A download is keyed like context files: content, name and mode. As
+                    // Docker documents, its mtime (the server's Last-Modified) is not part of it.
                     let sel = selection(&step.vertex.op, index);
-                    if step.input_content.get(index) == Some(&ContentInput::Download) {
-                        return Ok(crate::sources::download_digest(c, &*sel));
-                    }
                     Ok(c.digest_of(|p| sel(p)))
                 }
                 Value::Fs(_) => Err(boxed(WorkerError::Internal(

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,6 @@ use kiln_oci::{media_type, Algorithm, Descriptor, Digest, DigestWriter, Hasher, 
 use kiln_oci::{Manifest, RawManifest};
 use serde::{Deserialize, Serialize};
 
-use crate::context::ContextIndex;
 use crate::engine::{BaseImage, BlobSource};
 use crate::image::Layer;
 use crate::remote::LayoutBlobs;
@@ -263,21 +262,6 @@ fn download_bounded(
         fresh.size, fresh.sha256
     ));
     Ok(final_dir)
-}
-
-/// The content key of a download as a copy reads it: the selected files' content, names and
-/// modes (as for a build context) plus their modification times, which come from the server's
-/// `Last-Modified` and end up in the layer.
-pub(crate) fn download_digest(c: &ContextIndex, selected: &dyn Fn(&str) -> bool) -> Digest {
-    let mut h = Hasher::new(Algorithm::Sha256);
-    h.update(c.digest_of(|p| selected(p)).to_string().as_bytes());
-    for path in c.entries().keys().filter(|p| selected(p)) {
-        let mtime = fs::symlink_metadata(c.root().join(path))
-            .map(|m| m.mtime())
-            .unwrap_or(0);
-        h.update(format!("\n{path}\0{mtime}").as_bytes());
-    }
-    h.finish()
 }
 
 fn hash_file(path: &Path, alg: Algorithm) -> io::Result<Digest> {
@@ -672,6 +656,7 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
     use std::net::TcpListener;
+    use std::os::unix::fs::MetadataExt;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// Serves `body` with an ETag on 127.0.0.1 for `n` requests, answering 304 to a matching
