@@ -68,8 +68,11 @@ pub struct BuildOptions {
     pub progress: ProgressMode,
     /// File to write build metadata (image digest etc.) to.
     pub metadata_file: Option<PathBuf>,
-    /// Upper bound on steps running at once; `None` = number of CPUs.
+    /// Upper bound on steps running at once; `None` = no bound.
     pub max_parallelism: Option<usize>,
+    /// buildx `--pull`, buildctl `--opt image-resolve-mode=pull`: base images always come
+    /// from their registry, never from images kept in the local store under the same name.
+    pub pull: bool,
 }
 
 impl BuildOptions {
@@ -95,6 +98,7 @@ impl BuildOptions {
             progress: ProgressMode::Auto,
             metadata_file: None,
             max_parallelism: None,
+            pull: false,
         }
     }
 }
@@ -152,6 +156,8 @@ pub struct RawBuildFlags {
     pub metadata_file: Option<String>,
     /// `--max-parallelism`.
     pub max_parallelism: Option<String>,
+    /// buildx `--pull`.
+    pub pull: bool,
 }
 
 impl BuildOptions {
@@ -245,6 +251,17 @@ impl BuildOptions {
                     "target" => target = Some(value.to_string()),
                     "filename" => filename = Some(value.to_string()),
                     "platform" => platforms_raw.push(("--opt", value.to_string())),
+                    "image-resolve-mode" => match value {
+                        "pull" => opts.pull = true,
+                        "default" | "local" => opts.pull = false,
+                        _ => {
+                            return Err(OptionError::new(
+                                "--opt",
+                                o,
+                                "image-resolve-mode must be default, pull or local",
+                            ))
+                        }
+                    },
                     "no-cache" => match value {
                         "" | "true" => opts.no_cache = NoCache::All,
                         "false" => {}
@@ -261,7 +278,8 @@ impl BuildOptions {
                             o,
                             format!(
                             "unknown frontend option `{key}`; known: target, filename, platform, \
-                                 no-cache, build-arg:NAME, label:NAME, context:NAME"
+                                 no-cache, image-resolve-mode, build-arg:NAME, label:NAME, \
+                                 context:NAME"
                         ),
                         ))
                     }
@@ -425,6 +443,7 @@ impl BuildOptions {
             })?;
             opts.max_parallelism = Some(v);
         }
+        opts.pull |= raw.pull;
         Ok(opts)
     }
 }

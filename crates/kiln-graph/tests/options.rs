@@ -642,3 +642,35 @@ fn dry_run_progress_metadata_and_parallelism() {
         "--max-parallelism"
     );
 }
+
+#[test]
+fn pull_comes_from_buildx_pull_or_buildctl_image_resolve_mode() {
+    assert!(!ok(base()).pull);
+    assert!(
+        ok(RawBuildFlags {
+            pull: true,
+            ..base()
+        })
+        .pull
+    );
+    assert!(
+        ok(RawBuildFlags {
+            opts: vec!["image-resolve-mode=pull".into()],
+            ..base()
+        })
+        .pull
+    );
+    assert!(
+        !ok(RawBuildFlags {
+            opts: vec!["image-resolve-mode=local".into()],
+            ..base()
+        })
+        .pull
+    );
+    let e = err(RawBuildFlags {
+        opts: vec!["image-resolve-mode=always".into()],
+        ..base()
+    });
+    assert!(e.to_string().contains("image-resolve-mode=always"), "{e}");
+    assert!(e.to_string().contains("--opt"), "{e}");
+}

@@ -90,6 +90,7 @@ pub struct RegistryImages {
     client: RegistryClient,
     handle: Handle,
     local: LocalImages,
+    pull: bool,
 }
 
 impl RegistryImages {
@@ -99,7 +100,15 @@ impl RegistryImages {
             client,
             handle,
             local: LocalImages::new(store),
+            pull: false,
         }
+    }
+
+    /// Always resolves references in their registry, skipping same-named local images
+    /// (`--pull`).
+    pub fn always_pull(mut self, pull: bool) -> Self {
+        self.pull = pull;
+        self
     }
 }
 
@@ -109,8 +118,10 @@ impl ImageProvider for RegistryImages {
         reference: &str,
         platform: &kiln_graph::Platform,
     ) -> Result<BaseImage, WorkerError> {
-        if let Some(img) = self.local.get(reference)? {
-            return Ok(img);
+        if !self.pull {
+            if let Some(img) = self.local.get(reference)? {
+                return Ok(img);
+            }
         }
         let r = parse_ref(reference)?;
         let p: kiln_oci::Platform = platform

@@ -56,6 +56,10 @@ pub struct BuildArgs {
     /// Image name for the result (repeatable)
     #[arg(short = 't', long = "tag", value_name = "REF")]
     tags: Vec<String>,
+    /// Always take base images from their registry, never a same-named local image
+    /// (`--opt image-resolve-mode=pull` in buildctl's spelling)
+    #[arg(long)]
+    pull: bool,
     /// Push the image to its registry (shorthand for --output type=registry)
     #[arg(long)]
     push: bool,
@@ -158,6 +162,7 @@ impl BuildArgs {
             progress: self.progress.clone(),
             metadata_file: self.metadata_file.clone(),
             max_parallelism: self.max_parallelism.clone(),
+            pull: self.pull,
         };
         BuildOptions::from_flags(&raw)
     }

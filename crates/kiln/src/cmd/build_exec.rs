@@ -78,11 +78,10 @@ pub fn execute(
         .build()
         .context("starting the async runtime")?;
     let client = registry_client(opts)?;
-    let images: Arc<dyn ImageProvider> = Arc::new(RegistryImages::new(
-        client.clone(),
-        runtime.handle().clone(),
-        store.clone(),
-    ));
+    let images: Arc<dyn ImageProvider> = Arc::new(
+        RegistryImages::new(client.clone(), runtime.handle().clone(), store.clone())
+            .always_pull(opts.pull),
+    );
     let stats_before = client.stats();
     let inputs = BuildInputs {
         dockerfile,
