@@ -503,3 +503,98 @@ fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound()
         "fsck after the failed build:\n{report}"
     );
 }
+
+#[test]
+fn ctrl_c_typed_in_a_terminal_cancels_and_the_view_says_so_on_whole_lines() {
+    if skip_unless_root("ctrl_c_typed_in_a_terminal...") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let f = Fixture::new();
+    let dir = f.path("tty-cancel-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let unique = format!("kiln-tty-cancel-{}", std::process::id());
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest\n\
+             RUN mkdir -p /tmp/{unique} && ln -s /bin/busybox /tmp/{unique}/sleep; \
+             echo tty-cancel-started; /tmp/{unique}/sleep 300\n"
+        ),
+    )
+    .unwrap();
+    let cmd = format!(
+        "stty cols 160 rows 50; exec {} --root {} build . --progress tty",
+        kiln(),
+        f.root().display()
+    );
+    // The terminal's input is a pipe: a ^C written to it is a key press.
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .current_dir(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) is installed");
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !String::from_utf8_lossy(&out).contains("=> => # tty-cancel-started") {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(b) => out.extend(b),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the step never ran:\n{}", String::from_utf8_lossy(&out));
+            }
+        }
+    }
+    wait_for_sleepers(&unique, 1);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"\x03").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kiln did not exit:\n{}", String::from_utf8_lossy(&out));
+        }
+        while let Ok(b) = rx.try_recv() {
+            out.extend(b);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    while let Ok(b) = rx.recv_timeout(Duration::from_secs(10)) {
+        out.extend(b);
+    }
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(!status.success(), "{out}");
+    let frames = frames(&out);
+    // kiln's own message went above the view as a whole line, inside a redraw.
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.iter().any(|l| l == "kiln: cancelling the build (Ctrl-C)")),
+        "the cancel message is not a line of its own in any frame:\n{frames:#?}"
+    );
+    let last = frames.last().unwrap();
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with(" => CANCELED [stage-0 2/2] RUN")),
+        "final view: {last:#?}"
+    );
+    assert!(strip_escapes(&out).contains("build cancelled"), "{out}");
+    assert_eq!(processes_with(&unique), Vec::<u32>::new());
+}
