@@ -257,11 +257,42 @@ fn download_bounded(
     let bytes = serde_json::to_vec(&record).unwrap_or_default();
     crate::context::write_atomic(&meta_path, &bytes)
         .map_err(|e| io_fail("cannot write", &meta_path, e))?;
+    remove_stale(&url_dir, &record.dir);
     log(format!(
         "kiln: {url}: downloaded {} bytes, {}",
         fresh.size, fresh.sha256
     ));
     Ok(final_dir)
+}
+
+/// Older contents of one URL (and temporary files of killed downloads) are removed once
+/// they have not been touched for an hour, so the downloads directory holds about one copy
+/// per URL; a build still copying from an old one finishes well within that time.
+fn remove_stale(url_dir: &Path, keep: &str) {
+    let Ok(entries) = fs::read_dir(url_dir) else {
+        return;
+    };
+    let hour = Duration::from_secs(3600);
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == "meta.json" || name == keep || name == format!("{keep}.stat.json") {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > hour);
+        if old {
+            let path = e.path();
+            let _ = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+        }
+    }
 }
 
 fn hash_file(path: &Path, alg: Algorithm) -> io::Result<Digest> {
@@ -752,6 +783,30 @@ mod tests {
             e.contains(&Digest::sha256_of(b"payload").to_string()),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_new_download_removes_contents_of_the_same_url_untouched_for_an_hour() {
+        let state = tempfile::tempdir().unwrap();
+        let (url, _) = serve(b"v2", 1);
+        let url_dir = state
+            .path()
+            .join("downloads")
+            .join(Digest::sha256_of(format!("{url}\0file.bin").as_bytes()).hex());
+        let (stale, recent) = (url_dir.join("0000-0"), url_dir.join("1111-0"));
+        fs::create_dir_all(&stale).unwrap();
+        fs::create_dir_all(&recent).unwrap();
+        let now = filetime::FileTime::now().unix_seconds();
+        filetime::set_file_mtime(&stale, filetime::FileTime::from_unix_time(now - 7200, 0))
+            .unwrap();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let dir = download(state.path(), &http(&url, None), &cancel, &|_| {}).unwrap();
+        assert_eq!(fs::read(dir.join("file.bin")).unwrap(), b"v2");
+        assert!(
+            !stale.exists(),
+            "a content untouched for two hours is removed"
+        );
+        assert!(recent.exists(), "a recent one is kept");
     }
 
     #[test]
