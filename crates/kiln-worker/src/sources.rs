@@ -5,9 +5,9 @@
 //! Downloads live under `<state>/downloads/<sha256(url, file name)>/`: one directory per
 //! content (`<sha256 hex>-<mtime>/<file name>`, renamed into place once complete and checked,
 //! never changed afterwards) and `meta.json` with the `ETag` and `Last-Modified` the server
-//! sent, for a conditional request next time. As BuildKit does, the file is written with mode
-//! 0600 and the `Last-Modified` time (the Unix epoch when the server sends none, so that the
-//! same bytes always make the same layer); it is never unpacked.
+//! sent, for a conditional request next time. As Docker documents, the file is written with
+//! mode 0600 and the `Last-Modified` time, and never unpacked; without a `Last-Modified` kiln
+//! uses the Unix epoch, so that the same bytes always make the same layer.
 
 use std::fs;
 use std::io::{self, Write};
