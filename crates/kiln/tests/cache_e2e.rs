@@ -6,7 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{skip_unless_root, Fixture, TestRegistry};
+use common::{
+    image_layers, local_blobs, podman_runs_tests, skip_unless_root, strs, Fixture, TestRegistry,
+};
 
 struct Job {
     image: String,
@@ -32,42 +34,6 @@ impl Job {
             format!("type=registry,ref={}", self.cache),
         ]
     }
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// Layer digests of an image in a registry (plain HTTP on loopback).
-fn image_layers(image: &str) -> BTreeSet<String> {
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false"])
-        .arg(format!("docker://{image}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["Layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Blobs a runner's state dir holds.
-fn local_blobs(f: &Fixture, runner: &str) -> BTreeSet<String> {
-    std::fs::read_dir(f.path(runner).join("content/blobs/sha256"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn get_json(url: &str) -> serde_json::Value {
@@ -145,26 +111,7 @@ fn a_new_runner_starts_warm(reg: TestRegistry) {
     );
 
     // The pushed image runs: podman pulls it from the registry and runs its CMD (the tests).
-    let conf = common::workspace().join("../shared/podman/containers.conf");
-    if conf.exists() {
-        let run = Command::new("podman")
-            .args(["run", "--rm", "--tls-verify=false", &job.image])
-            .env("CONTAINERS_CONF", &conf)
-            .output()
-            .unwrap();
-        let _ = Command::new("podman")
-            .args(["rmi", "-f", &job.image])
-            .env("CONTAINERS_CONF", &conf)
-            .output();
-        assert!(
-            run.status.success(),
-            "{}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        assert!(String::from_utf8_lossy(&run.stdout).contains("tests passed"));
-    } else {
-        eprintln!("skipping podman run: {} is absent", conf.display());
-    }
+    podman_runs_tests(&job.image);
 
     // The whole cache is one tag: no per-stage tags.
     let tags = get_json(&format!("http://{}/v2/app/tags/list", reg.addr));

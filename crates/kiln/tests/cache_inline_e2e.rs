@@ -7,48 +7,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{skip_unless_root, Fixture, TestRegistry};
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// `skopeo inspect` of an image in a registry (plain HTTP on loopback), with extra flags.
-fn skopeo_inspect(image: &str, extra: &[&str]) -> serde_json::Value {
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false"])
-        .args(extra)
-        .arg(format!("docker://{image}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo inspect {extra:?} {image}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// Layer digests of an image in a registry.
-fn image_layers(image: &str) -> BTreeSet<String> {
-    skopeo_inspect(image, &[])["Layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l.as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Blobs a runner's state dir holds.
-fn local_blobs(f: &Fixture, runner: &str) -> BTreeSet<String> {
-    std::fs::read_dir(f.path(runner).join("content/blobs/sha256"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use common::{
+    image_layers, local_blobs, podman_runs_tests, skip_unless_root, skopeo_inspect, strs, Fixture,
+    TestRegistry,
+};
 
 /// Pushes an OCI index holding `image`'s manifest as `index`, with podman; false (with a
 /// note) when podman's config is absent.
@@ -166,35 +128,6 @@ fn push_with_edited_config(
         .status()
         .unwrap();
     assert!(put.success(), "pushing the edited manifest failed");
-}
-
-/// Pulls and runs `image` with podman; false (with a note) when podman's config is absent.
-fn podman_runs_tests(image: &str) -> bool {
-    let conf = common::workspace().join("../shared/podman/containers.conf");
-    if !conf.exists() {
-        eprintln!("skipping podman run: {} is absent", conf.display());
-        return false;
-    }
-    let run = Command::new("podman")
-        .args(["run", "--rm", "--tls-verify=false", image])
-        .env("CONTAINERS_CONF", &conf)
-        .output()
-        .unwrap();
-    let _ = Command::new("podman")
-        .args(["rmi", "-f", image])
-        .env("CONTAINERS_CONF", &conf)
-        .output();
-    assert!(
-        run.status.success(),
-        "podman run {image}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&run.stdout).contains("tests passed"),
-        "{}",
-        String::from_utf8_lossy(&run.stdout)
-    );
-    true
 }
 
 #[test]
