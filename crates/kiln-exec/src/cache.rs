@@ -159,17 +159,50 @@ impl CacheMounts {
         if path.is_dir() {
             return Ok(());
         }
-        // Made aside and renamed in, so a concurrent step never sees it half set up.
-        let tmp = path.with_extension(format!("new-{}", std::process::id()));
+        // Made aside and renamed in, so a concurrent step never sees it half set up. The
+        // name aside is this call's own: two steps of one build may set up one id at once.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("new-{}-{seq}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::DirBuilder::new().mode(0o700).create(&tmp)?;
         std::os::unix::fs::chown(&tmp, Some(req.uid), Some(req.gid))?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(req.mode & 0o7777))?;
-        match fs::rename(&tmp, path) {
+        // Never over a directory another step made meanwhile (rename(2) would replace it
+        // while it is still empty, from under the step that uses it).
+        match rename_noreplace(&tmp, path) {
             Ok(()) => Ok(()),
             Err(_) if path.is_dir() => fs::remove_dir_all(&tmp),
-            Err(e) => Err(e),
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                Err(e)
+            }
         }
+    }
+}
+
+/// `rename(2)` that fails with `EEXIST` when `to` exists.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"))
+    };
+    let (from, to) = (c(from)?, c(to)?);
+    // SAFETY: two valid C strings; renameat2 does not keep them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -177,6 +210,35 @@ impl CacheMounts {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn steps_setting_up_one_new_cache_id_at_once_all_get_it() {
+        let d = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(CacheMounts::new(d.path()));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (c, barrier) = (c.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    c.acquire(&CacheMountRequest::new("meet"))
+                        .map(|m| m.path().to_owned())
+                })
+            })
+            .collect();
+        for t in threads {
+            let path = t.join().unwrap().expect("every step gets the cache dir");
+            assert!(path.ends_with("0") && path.is_dir());
+        }
+        let names: Vec<String> = fs::read_dir(d.path().join(encode_id("meet")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.iter().all(|n| n == "0" || n == "0.lock"),
+            "leftovers: {names:?}"
+        );
+    }
 
     #[test]
     fn private_sharing_hands_out_a_second_dir_while_the_first_is_busy() {
