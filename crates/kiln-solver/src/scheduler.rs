@@ -337,7 +337,11 @@ impl<E: Engine> Solver<E> {
     /// and dropped: steps still running are told to stop, and nothing keeps the engine (and
     /// what it holds, such as a store lease) alive after the last handle to the solver.
     pub async fn solve(&self, node: NodeId) -> Result<E::Output, SolveError> {
-        let result = output_of(&self.inner, node).await;
+        let mut result = output_of(&self.inner, node).await;
+        // Cancelled while only cache hits were left to find: still cancelled, never a success.
+        if result.is_ok() && self.inner.cancel.is_cancelled() {
+            result = Err(SolveError::Cancelled);
+        }
         if result.is_err() {
             self.abandon();
         }
@@ -507,17 +511,19 @@ async fn compute<E: Engine>(
     if inner.cancel.is_cancelled() {
         return Err(SolveError::Cancelled);
     }
+    // Waiting for a slot or for another process to finish this key ends at a cancel.
     let _permit = match &inner.permits {
-        Some(s) => Some(s.acquire().await.map_err(|_| SolveError::Cancelled)?),
+        Some(s) => Some(tokio::select! {
+            p = s.acquire() => p.map_err(|_| SolveError::Cancelled)?,
+            _ = inner.cancel.cancelled() => return Err(SolveError::Cancelled),
+        }),
         None => None,
     };
     let _lock = if cacheable {
-        Some(
-            engine
-                .lock(&key)
-                .await
-                .map_err(|e| step_error(&inner, node, e))?,
-        )
+        Some(tokio::select! {
+            l = engine.lock(&key) => l.map_err(|e| step_error(&inner, node, e))?,
+            _ = inner.cancel.cancelled() => return Err(SolveError::Cancelled),
+        })
     } else {
         None
     };

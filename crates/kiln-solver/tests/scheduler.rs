@@ -41,6 +41,8 @@ struct MemEngine {
     running: AtomicUsize,
     max_running: AtomicUsize,
     barrier: Option<Arc<Barrier>>,
+    /// The per-key lock is held by someone else for good.
+    lock_held_elsewhere: bool,
 }
 
 impl MemEngine {
@@ -90,6 +92,19 @@ impl Engine for MemEngine {
                 output,
                 source: CacheSource::Local,
             }))
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        _key: &'a CacheKey,
+    ) -> BoxFuture<'a, Result<Box<dyn Send + Sync>, EngineError>> {
+        let held = self.lock_held_elsewhere;
+        Box::pin(async move {
+            if held {
+                std::future::pending::<()>().await;
+            }
+            Ok(Box::new(()) as Box<dyn Send + Sync>)
         })
     }
 
@@ -394,6 +409,40 @@ async fn a_failed_solve_stops_running_siblings_and_lets_go_of_the_engine() {
     // keeps): the abandoned computation was dropped, not left holding the solver's state.
     drop(s);
     assert_eq!(Arc::strong_count(&engine), 1);
+}
+
+#[tokio::test]
+async fn a_step_waiting_for_another_process_to_finish_its_key_gives_up_when_cancelled() {
+    let engine = Arc::new(MemEngine {
+        lock_held_elsewhere: true,
+        ..MemEngine::default()
+    });
+    let (g, test) = pipeline("src-v1");
+    let s = solver(&engine, g, SolverOptions::default());
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { s.solve(test).await }
+    });
+    tokio::task::yield_now().await;
+    s.cancel();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert!(matches!(err, SolveError::Cancelled), "{err:?}");
+    assert!(engine.runs().is_empty(), "ran {:?}", engine.runs());
+}
+
+#[tokio::test]
+async fn a_solve_cancelled_while_finding_cache_hits_is_not_a_success() {
+    let engine = Arc::new(MemEngine::default());
+    let (g, test) = pipeline("src-v1");
+    solver(&engine, g, SolverOptions::default())
+        .solve(test)
+        .await
+        .unwrap();
+    let (g, test) = pipeline("src-v1");
+    let s = solver(&engine, g, SolverOptions::default());
+    s.cancel();
+    let err = s.solve(test).await.unwrap_err();
+    assert!(matches!(err, SolveError::Cancelled), "{err:?}");
 }
 
 #[tokio::test]

@@ -1148,28 +1148,30 @@ impl Engine for Worker {
         let dir = self.inner.store.root().join("locks");
         let name = key.digest().hex().to_owned();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                fs::create_dir_all(&dir)
-                    .map_err(io_err("creating", &dir))
-                    .map_err(boxed)?;
-                let path = dir.join(name);
-                let f = fs::File::options()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err("opening lock", &path))
-                    .map_err(boxed)?;
+            fs::create_dir_all(&dir)
+                .map_err(io_err("creating", &dir))
+                .map_err(boxed)?;
+            let path = dir.join(name);
+            let f = fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(io_err("opening lock", &path))
+                .map_err(boxed)?;
+            // Polled, not a blocking flock on a thread: a cancelled build drops this future
+            // and exits at once, instead of waiting (unkillable) for the other process's step.
+            loop {
                 // SAFETY: flock on a file we own; the lock dies with the file or the process.
-                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                    return Err(boxed(io_err("locking", &path)(
-                        std::io::Error::last_os_error(),
-                    )));
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    return Ok(Box::new(f) as Box<dyn Send + Sync>);
                 }
-                Ok(Box::new(f) as Box<dyn Send + Sync>)
-            })
-            .await
-            .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+                let e = std::io::Error::last_os_error();
+                if !matches!(e.raw_os_error(), Some(libc::EWOULDBLOCK) | Some(libc::EINTR)) {
+                    return Err(boxed(io_err("locking", &path)(e)));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         })
     }
 

@@ -288,13 +288,21 @@ impl RunningBuild {
 
     /// Waits (a generous while) until a step printed each of `markers`.
     fn wait_for_output(&mut self, markers: &[&str]) {
+        self.wait_for_events(markers, |v, m| v["event"] == "log" && v["data"] == m);
+    }
+
+    /// Waits (a generous while) until, for each of `wanted`, an event matches it.
+    fn wait_for_events(
+        &mut self,
+        wanted: &[&str],
+        matches: impl Fn(&serde_json::Value, &str) -> bool,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(180);
         let printed = |seen: &[String], m: &str| {
-            seen.iter().any(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .is_ok_and(|v| v["event"] == "log" && v["data"] == m)
-            })
+            seen.iter()
+                .any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| matches(&v, m)))
         };
+        let markers = wanted;
         while !markers.iter().all(|m| printed(&self.seen, m)) {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -597,4 +605,58 @@ fn ctrl_c_typed_in_a_terminal_cancels_and_the_view_says_so_on_whole_lines() {
     );
     assert!(strip_escapes(&out).contains("build cancelled"), "{out}");
     assert_eq!(processes_with(&unique), Vec::<u32>::new());
+}
+
+#[test]
+fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() {
+    if skip_unless_root("ctrl_c_while_another_build...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("shared-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let unique = format!("kiln-shared-{}", std::process::id());
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest\n\
+             RUN mkdir -p /tmp/{unique} && ln -s /bin/busybox /tmp/{unique}/sleep; \
+             echo shared-started; /tmp/{unique}/sleep 300; echo shared-finished\n"
+        ),
+    )
+    .unwrap();
+    let mut first = RunningBuild::start(&f, &dir, &f.path("first.json"));
+    first.wait_for_output(&["shared-started"]);
+    wait_for_sleepers(&unique, 1);
+    // The second build of the same step waits for the first one's lock on its cache key.
+    let mut second = RunningBuild::start(&f, &dir, &f.path("second.json"));
+    second.wait_for_events(&["completed"], |v, m| v["event"] == m);
+    std::thread::sleep(Duration::from_millis(500));
+    second.signal_group(libc::SIGINT);
+    // Its step sleeps five minutes: exiting within the wait below means it did not wait.
+    let (ok, stderr) = second.wait();
+    assert!(!ok, "a cancelled build must fail:\n{stderr}");
+    assert!(stderr.contains("build cancelled"), "{stderr}");
+    assert_eq!(
+        sleepers(&unique).len(),
+        1,
+        "the first build's step must go on"
+    );
+    for pid in sleepers(&unique) {
+        // SAFETY: kill(2) on the step's sleep, so the first build goes on and ends.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let (ok, stderr) = first.wait();
+    assert!(ok, "the first build failed:\n{stderr}");
+    let fsck = Command::new(kiln())
+        .arg("--root")
+        .arg(f.root())
+        .args(["debug", "fsck"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&fsck.stdout);
+    assert!(
+        fsck.status.success() && report.contains(": 0 problem(s)"),
+        "fsck:\n{report}"
+    );
 }
