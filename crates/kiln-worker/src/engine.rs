@@ -1167,7 +1167,10 @@ impl Engine for Worker {
                     return Ok(Box::new(f) as Box<dyn Send + Sync>);
                 }
                 let e = std::io::Error::last_os_error();
-                if !matches!(e.raw_os_error(), Some(libc::EWOULDBLOCK) | Some(libc::EINTR)) {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EWOULDBLOCK) | Some(libc::EINTR)
+                ) {
                     return Err(boxed(io_err("locking", &path)(e)));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
