@@ -64,8 +64,13 @@ fn shows_running(frame: &[String], stage: &str) -> bool {
 /// Runs `kiln ARGS` under a pseudo-terminal of 160x50 (util-linux `script`); returns
 /// whether it succeeded and everything the terminal got.
 fn under_pty(root: &Path, dir: &Path, args: &str) -> (bool, String) {
+    under_pty_sized(root, dir, args, 160, 50)
+}
+
+/// [`under_pty`] on a terminal of `cols` x `rows`.
+fn under_pty_sized(root: &Path, dir: &Path, args: &str, cols: u16, rows: u16) -> (bool, String) {
     let cmd = format!(
-        "stty cols 160 rows 50; exec {} --root {} {args}",
+        "stty cols {cols} rows {rows}; exec {} --root {} {args}",
         kiln(),
         root.display()
     );
@@ -109,7 +114,7 @@ fn tty_progress_redraws_parallel_stages_with_their_output_and_a_rebuild_shows_ca
 
     let (ok, out) = under_pty(&f.root(), &dir, "build . --progress tty");
     assert!(ok, "build failed:\n{out}");
-    let cursor_up = regex_like_cursor_up(&out);
+    let cursor_up = cursor_ups(&out).len();
     assert!(
         cursor_up > 5,
         "expected redraws moving the cursor up:\n{out}"
@@ -161,15 +166,64 @@ fn tty_progress_redraws_parallel_stages_with_their_output_and_a_rebuild_shows_ca
     assert!(text.contains("0 steps run, 1 cached"), "summary:\n{text}");
 }
 
-/// How many "cursor up N lines" sequences `out` holds.
-fn regex_like_cursor_up(out: &str) -> usize {
+/// The N of every "cursor up N lines" sequence in `out`.
+fn cursor_ups(out: &str) -> Vec<usize> {
     out.split("\x1b[")
         .skip(1)
-        .filter(|s| {
+        .filter_map(|s| {
             let digits = s.chars().take_while(char::is_ascii_digit).count();
-            digits > 0 && s[digits..].starts_with('A')
+            s[digits..]
+                .starts_with('A')
+                .then(|| s[..digits].parse().ok())
+                .flatten()
         })
-        .count()
+        .collect()
+}
+
+#[test]
+fn tty_view_on_a_terminal_shorter_than_the_build_never_redraws_above_the_screen() {
+    if skip_unless_root("tty_view_on_a_terminal_shorter...") {
+        return;
+    }
+    let f = Fixture::new();
+    let dir = f.path("short-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut dockerfile = String::new();
+    for stage in ["left", "right"] {
+        dockerfile.push_str(&format!("FROM busybox:latest AS {stage}\n"));
+        for n in 1..=6 {
+            dockerfile.push_str(&format!(
+                "RUN echo {stage}-step-{n} > /{n} && echo {stage}-output-{n}\n"
+            ));
+        }
+    }
+    dockerfile.push_str("FROM busybox:latest\nCOPY --from=left /6 /l\nCOPY --from=right /6 /r\n");
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+    let (rows, cols) = (8, 70);
+    let (ok, out) = under_pty_sized(&f.root(), &dir, "build . --progress tty", cols, rows);
+    assert!(ok, "build failed:\n{out}");
+    let ups = cursor_ups(&out);
+    assert!(!ups.is_empty(), "no redraws:\n{out}");
+    // Moving up further than the screen is tall cannot reach the view's top: it would garble.
+    assert!(
+        ups.iter().all(|&n| n < rows as usize),
+        "moved up {ups:?} on a terminal of {rows} rows"
+    );
+    let text = strip_escapes(&out);
+    assert!(
+        text.lines()
+            .all(|l| l.trim_end().chars().count() < cols as usize),
+        "a line wider than the terminal:\n{text}"
+    );
+    // Every step was shown, finished ones kept above the redrawn part.
+    for stage in ["left", "right"] {
+        for n in 2..=7 {
+            let name = format!(" => [{stage} {n}/7] RUN echo");
+            assert!(text.contains(&name), "{name} never shown:\n{text}");
+        }
+    }
+    assert!(text.contains("FINISHED"), "{text}");
+    assert!(text.contains("built target stage-2 in "), "{text}");
 }
 
 #[test]

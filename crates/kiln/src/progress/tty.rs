@@ -244,9 +244,15 @@ fn secs(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-/// `text` without control characters (a step's `\r` progress bars, colours, tabs), so a
-/// line's printed width is its length in chars.
+/// `text` as a terminal would leave it, without control characters: what follows the last
+/// `\r` (a progress bar's latest state), no colours, tabs as spaces; so a line's printed
+/// width is its length in chars.
 fn printable(text: &str) -> String {
+    let text = text
+        .trim_end_matches('\r')
+        .rsplit('\r')
+        .next()
+        .unwrap_or_default();
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -564,7 +570,11 @@ mod tests {
         let mut b = board();
         let long = format!("[app 1/1] RUN {}", "x".repeat(200));
         b.started(0, &long);
-        b.log(0, &long, "\x1b[31mred\x1b[0m\rprogress\t|".as_bytes());
+        b.log(
+            0,
+            &long,
+            "10%\r50%\r\x1b[31mred\x1b[0m progress\t|\r".as_bytes(),
+        );
         let f = b.frame(40, 24, false);
         assert!(
             f.live.iter().all(|l| l.chars().count() <= 39),
@@ -576,7 +586,7 @@ mod tests {
             "elapsed time kept: {:?}",
             f.live[1]
         );
-        assert_eq!(f.live[2], " => => # redprogress    |");
+        assert_eq!(f.live[2], " => => # red progress    |");
     }
 
     #[test]
