@@ -1779,15 +1779,7 @@ impl<'a> Lowerer<'a> {
             ));
         }
         for u in &urls {
-            let filename = u
-                .split(['?', '#'])
-                .next()
-                .unwrap_or(u)
-                .rsplit('/')
-                .next()
-                .filter(|s| !s.is_empty())
-                .unwrap_or("index.html")
-                .to_string();
+            let filename = url_file_name(u);
             let http = self.push(
                 Op::Http(HttpSource {
                     url: u.clone(),
@@ -2026,4 +2018,23 @@ fn parse_duration(s: &str) -> Option<u64> {
         rest = &rest[u..];
     }
     Some(total as u64)
+}
+
+/// The file name `ADD <url>` saves as: the last segment of the URL's path, percent-decoded
+/// (trailing slashes ignored), or `__unnamed__` when the path has none, as BuildKit names it.
+fn url_file_name(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default()
+        .split_once('/')
+        .map_or("", |(_, p)| p);
+    let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+    let name = percent_encoding::percent_decode_str(last).decode_utf8_lossy();
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        "__unnamed__".to_owned()
+    } else {
+        name.into_owned()
+    }
 }

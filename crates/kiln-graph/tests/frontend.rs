@@ -559,6 +559,28 @@ fn copy_and_add_lower_with_their_flags() {
 }
 
 #[test]
+fn add_url_file_names_are_the_decoded_last_path_segment_or_unnamed() {
+    for (url, name) in [
+        ("https://example.com/dl/a%20b.txt?sig=1#x", "a b.txt"),
+        ("https://example.com/releases/v1/", "v1"),
+        ("https://example.com", "__unnamed__"),
+        ("https://example.com/?q=1", "__unnamed__"),
+        ("http://example.com/%2e%2e", "__unnamed__"),
+    ] {
+        let g = graph(&format!("FROM busybox\nADD {url} /dl/\n"));
+        let got: Vec<&str> = g
+            .vertices
+            .iter()
+            .filter_map(|v| match &v.op {
+                Op::Http(h) => Some(h.filename.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, [name], "{url}");
+    }
+}
+
+#[test]
 fn heredocs_become_inline_files_and_run_scripts() {
     let g = graph("FROM busybox\nARG NAME=world\nCOPY <<EOF /hello.txt\nhello $NAME\nEOF\nCOPY <<'RAW' /raw.txt\n$NAME\nRAW\nRUN <<EOF\necho one\necho two\nEOF\nRUN cat <<EOF > /x\nbody\nEOF\n");
     let inline: Vec<&InlineFile> = g
