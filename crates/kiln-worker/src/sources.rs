@@ -168,6 +168,7 @@ fn download_bounded(
         };
         if &have == want {
             log(format!("kiln: {url}: {want} already downloaded"));
+            mark_used(&dir);
             return Ok(dir);
         }
     }
@@ -207,7 +208,9 @@ fn download_bounded(
                 )
             })?;
             log(format!("kiln: {url}: not modified since the last download"));
-            return Ok(url_dir.join(prev.dir));
+            let dir = url_dir.join(prev.dir);
+            mark_used(&dir);
+            return Ok(dir);
         }
         Fetched::File(f) => f,
     };
@@ -263,6 +266,100 @@ fn download_bounded(
         fresh.size, fresh.sha256
     ));
     Ok(final_dir)
+}
+
+/// Stored downloads are aged by their directory's mtime: a build that reuses one marks it.
+fn mark_used(dir: &Path) {
+    let _ = filetime::set_file_mtime(dir, filetime::FileTime::now());
+}
+
+/// Stored `ADD <url>` downloads under `state_root`: how many contents, how many bytes.
+pub fn downloads_usage(state_root: &Path) -> (u64, u64) {
+    let mut count = 0;
+    let mut bytes = 0;
+    for (_, entry) in download_entries(state_root) {
+        count += 1;
+        bytes += tree_bytes(&entry);
+    }
+    (count, bytes)
+}
+
+/// Removes stored downloads not used for `older_than` or longer; with `busy` (a build is
+/// running) anything used in the last hour stays, since that build may be copying from it.
+/// Returns the contents removed and their bytes.
+pub fn prune_downloads(state_root: &Path, older_than: Duration, busy: bool) -> (u64, u64) {
+    let keep_for = if busy {
+        older_than.max(Duration::from_secs(3600))
+    } else {
+        older_than
+    };
+    let (mut count, mut bytes) = (0, 0);
+    for (url_dir, entry) in download_entries(state_root) {
+        let age = fs::metadata(&entry)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default();
+        if age < keep_for {
+            continue;
+        }
+        let size = tree_bytes(&entry);
+        let removed = if entry.is_dir() {
+            fs::remove_dir_all(&entry)
+        } else {
+            fs::remove_file(&entry)
+        };
+        if removed.is_ok() {
+            count += 1;
+            bytes += size;
+            let mut stat = entry.into_os_string();
+            stat.push(".stat.json");
+            let _ = fs::remove_file(stat);
+        }
+        // A URL with no content left forgets its validators too.
+        let empty = fs::read_dir(&url_dir).is_ok_and(|rd| {
+            rd.flatten().all(|e| {
+                e.file_name() == "meta.json" || e.path().extension() == Some("json".as_ref())
+            })
+        });
+        if empty {
+            let _ = fs::remove_dir_all(&url_dir);
+        }
+    }
+    (count, bytes)
+}
+
+/// Every stored content (a directory holding one file) or leftover temporary file, with its
+/// URL's directory.
+fn download_entries(state_root: &Path) -> Vec<(PathBuf, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(urls) = fs::read_dir(state_root.join("downloads")) else {
+        return out;
+    };
+    for u in urls.flatten() {
+        let Ok(entries) = fs::read_dir(u.path()) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name == "meta.json" || name.ends_with(".stat.json") {
+                continue;
+            }
+            out.push((u.path(), e.path()));
+        }
+    }
+    out
+}
+
+fn tree_bytes(path: &Path) -> u64 {
+    walkdir::WalkDir::new(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Older contents of one URL (and temporary files of killed downloads) are removed once
@@ -783,6 +880,32 @@ mod tests {
             e.contains(&Digest::sha256_of(b"payload").to_string()),
             "{e}"
         );
+    }
+
+    #[test]
+    fn prune_removes_unused_downloads_but_spares_recent_ones_while_a_build_runs() {
+        let state = tempfile::tempdir().unwrap();
+        let url_dir = state.path().join("downloads").join("u1");
+        let (old, recent) = (url_dir.join("aaaa-0"), url_dir.join("bbbb-0"));
+        for d in [&old, &recent] {
+            fs::create_dir_all(d).unwrap();
+            fs::write(d.join("f"), b"12345").unwrap();
+        }
+        fs::write(url_dir.join("meta.json"), b"{}").unwrap();
+        fs::write(url_dir.join("aaaa-0.stat.json"), b"{}").unwrap();
+        let now = filetime::FileTime::now().unix_seconds();
+        filetime::set_file_mtime(&old, filetime::FileTime::from_unix_time(now - 7200, 0)).unwrap();
+        assert_eq!(downloads_usage(state.path()), (2, 10));
+
+        // A running build may be copying from what it used in the last hour.
+        assert_eq!(prune_downloads(state.path(), Duration::ZERO, true), (1, 5));
+        assert!(!old.exists() && !url_dir.join("aaaa-0.stat.json").exists());
+        assert!(recent.exists());
+
+        // With no build running, `--all` takes the rest, and the URL's record with it.
+        assert_eq!(prune_downloads(state.path(), Duration::ZERO, false), (1, 5));
+        assert!(!url_dir.exists());
+        assert_eq!(downloads_usage(state.path()), (0, 0));
     }
 
     #[test]

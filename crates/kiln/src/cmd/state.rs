@@ -59,6 +59,13 @@ pub fn run_du(_args: DuArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         u.cache_records,
         h(u.cache_bytes)
     );
+    let (downloads, download_bytes) = kiln_worker::sources::downloads_usage(&globals.root);
+    println!(
+        "{:<22} {:>8} {:>12}",
+        "downloads (ADD <url>)",
+        downloads,
+        h(download_bytes)
+    );
     println!(
         "{:<22} {:>8} {:>12}",
         "leases (running builds)", u.leases, ""
@@ -116,16 +123,23 @@ pub fn run_prune(args: PruneArgs, globals: &Globals) -> anyhow::Result<ExitCode>
         opts.older_than = Some(Duration::ZERO);
     }
     let store = open(globals)?;
+    let busy = store.usage().map(|u| u.leases > 0).unwrap_or(true);
     let r = store.prune(&opts).context("pruning the state dir")?;
+    let (downloads, download_bytes) = match opts.older_than {
+        Some(age) => kiln_worker::sources::prune_downloads(&globals.root, age, busy),
+        None => (0, 0),
+    };
     let history = kiln_history::HistoryStore::new(&globals.root)
         .prune()
         .unwrap_or(0);
     println!(
-        "removed {} cache records, {} snapshots, {} blobs ({}), {} history records",
+        "removed {} cache records, {} snapshots, {} blobs ({}), {} downloads ({}), {} history records",
         r.cache_records,
         r.snapshots.len(),
         r.blobs.len(),
         kiln_history::format_bytes(r.blob_bytes),
+        downloads,
+        kiln_history::format_bytes(download_bytes),
         history
     );
     Ok(ExitCode::SUCCESS)
