@@ -99,7 +99,11 @@ pub fn execute(
             scope.spawn(|| runtime.block_on(import_caches(opts, &client, runtime.handle())));
         let planned = plan_build(store.clone(), opts, inputs);
         // With nothing to wait for, the solve hashes each context when a step needs it.
-        if let Some(p) = planned.as_ref().ok().filter(|_| !opts.cache_imports.is_empty()) {
+        if let Some(p) = planned
+            .as_ref()
+            .ok()
+            .filter(|_| !opts.cache_imports.is_empty())
+        {
             p.worker().prewarm_contexts(&p.graph);
         }
         let imported = import
