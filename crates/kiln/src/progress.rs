@@ -7,6 +7,7 @@ mod tty;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,6 +53,8 @@ pub struct Progress {
     board: Option<Arc<Mutex<tty::Board>>>,
     /// The live view's drawing thread, until [`Progress::finish`].
     live: Mutex<Option<tty::LiveView>>,
+    /// [`Progress::finish`] was called: the build's steps are over.
+    finished: AtomicBool,
 }
 
 /// `auto` as BuildKit resolves it: the live view on a terminal (unless `TERM=dumb`), plain
@@ -105,13 +108,20 @@ impl Progress {
             }),
             board,
             live: Mutex::new(live),
+            finished: AtomicBool::new(false),
         }
+    }
+
+    /// Whether [`Progress::finish`] was called (the steps are over).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
     }
 
     /// Ends the live view: draws its final static frame and gives stderr back. Call it before
     /// printing anything after the build's steps (errors, the summary). Idempotent; a no-op
     /// in the other modes.
     pub fn finish(&self) {
+        self.finished.store(true, Ordering::SeqCst);
         let view = self.live.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut v) = view {
             v.finish();

@@ -311,12 +311,17 @@ struct RunningBuild {
 
 impl RunningBuild {
     fn start(f: &Fixture, dir: &Path, meta: &Path) -> Self {
+        Self::start_with(f, dir, meta, &[])
+    }
+
+    fn start_with(f: &Fixture, dir: &Path, meta: &Path, extra: &[&str]) -> Self {
         use std::os::unix::process::CommandExt;
         let mut child = Command::new(kiln())
             .arg("--root")
             .arg(f.root())
             .args(["build", ".", "--progress", "rawjson", "--metadata-file"])
             .arg(meta)
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -374,7 +379,13 @@ impl RunningBuild {
 
     /// Waits for exit (a generous while, then kills it and fails); returns success and the
     /// whole stderr.
-    fn wait(mut self) -> (bool, String) {
+    fn wait(self) -> (bool, String) {
+        let (status, stderr) = self.wait_status();
+        (status.success(), stderr)
+    }
+
+    /// [`RunningBuild::wait`], with the exit status.
+    fn wait_status(mut self) -> (std::process::ExitStatus, String) {
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
             if let Some(st) = self.child.try_wait().unwrap() {
@@ -391,7 +402,7 @@ impl RunningBuild {
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(10)) {
             self.seen.push(l);
         }
-        (status.success(), self.seen.join("\n"))
+        (status, self.seen.join("\n"))
     }
 
     /// Sends `sig` to the build's whole process group, as a terminal does on Ctrl-C.
@@ -712,5 +723,56 @@ fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() 
     assert!(
         fsck.status.success() && report.contains(": 0 problem(s)"),
         "fsck:\n{report}"
+    );
+}
+
+#[test]
+fn ctrl_c_while_pushing_the_image_stops_kiln_at_once() {
+    if skip_unless_root("ctrl_c_while_pushing...") {
+        return;
+    }
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let f = Fixture::new();
+    let dir = f.path("push-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox:latest\nRUN echo pushed > /p\n",
+    )
+    .unwrap();
+    // A "registry" that accepts connections and never answers: the push hangs there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let server = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        held.push(conn);
+                        let _ = tx.send(());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+    });
+    let output = format!("type=image,name=127.0.0.1:{port}/app:1,push=true,registry.insecure=true");
+    let build = RunningBuild::start_with(&f, &dir, &f.path("push.json"), &["--output", &output]);
+    rx.recv_timeout(Duration::from_secs(180))
+        .expect("kiln never connected to the registry to push");
+    build.signal_group(libc::SIGINT);
+    let (status, stderr) = build.wait_status();
+    stop.store(true, Ordering::SeqCst);
+    server.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("kiln: interrupted while exporting (Ctrl-C)"),
+        "{stderr}"
     );
 }

@@ -151,6 +151,7 @@ pub fn execute(
         recorder.clone(),
     ));
     let sink = progress.clone();
+    let steps = progress.clone();
     let solved = runtime.block_on(async move {
         planned
             .solve(sink, |solver| {
@@ -159,7 +160,11 @@ pub fn execute(
                     // Ctrl-C, or SIGTERM as CI runners send when a job is cancelled: running
                     // steps' containers are killed, their snapshots removed and the lease
                     // released before kiln exits. Later signals only say that this is under
-                    // way: leaving now would leave the state dir for fsck to clean up.
+                    // way: leaving now would leave the state dir for fsck to clean up. Once
+                    // the steps are over (exporting, pushing) a signal stops kiln at once:
+                    // blobs and records are written aside and renamed in, so a stop leaves
+                    // only what a killed process does (its lease, maybe a temp file), which
+                    // `kiln debug fsck --repair` clears.
                     let mut term = tokio::signal::unix::signal(
                         tokio::signal::unix::SignalKind::terminate(),
                     )
@@ -178,6 +183,10 @@ pub fn execute(
                                 }
                             } => "SIGTERM",
                         };
+                        if steps.is_finished() {
+                            eprintln!("kiln: interrupted while exporting ({name})");
+                            std::process::exit(if name == "SIGTERM" { 143 } else { 130 });
+                        }
                         if asked {
                             eprintln!(
                                 "kiln: still cancelling: stopping containers and removing their snapshots"
