@@ -2,6 +2,7 @@
 //! of a cache ref's manifest.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use kiln_oci::{media_type, Descriptor, Digest, ImageManifest};
 use serde::{Deserialize, Serialize};
@@ -49,6 +50,60 @@ struct RecordEntry {
     key: String,
     /// Indexes into `layers`, bottom first.
     chain: Vec<usize>,
+    /// Start of the UTC day (Unix seconds) of the last build that used or made the record;
+    /// absent in caches written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_used: Option<u64>,
+}
+
+/// Seconds in a day: the granularity of a record's last-used time.
+pub(crate) const DAY_SECS: u64 = 86_400;
+
+/// `t` (Unix seconds) rounded down to the start of its UTC day.
+pub(crate) fn day_of(t: u64) -> u64 {
+    t - t % DAY_SECS
+}
+
+/// What an export keeps of the records it merges in from the ref it imported
+/// (`--export-cache ...,max-age=7d,max-records=N`). Records this build used or made are
+/// always kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Drop records not used for longer than this.
+    pub max_age: Option<Duration>,
+    /// Keep at most this many records, the most recently used first.
+    pub max_records: Option<usize>,
+}
+
+/// Parses a duration such as `168h`, `7d`, `30m`, `90s` or `2w` (a number and one unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (expected e.g. 168h, 7d, 30m)"))?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => DAY_SECS,
+        "w" => 7 * DAY_SECS,
+        _ => {
+            return Err(format!(
+                "{text:?} has no known unit (use s, m, h, d or w, e.g. 168h or 7d)"
+            ))
+        }
+    };
+    n.checked_mul(unit_secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    chain: Vec<usize>,
+    last_used: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,7 +129,7 @@ struct GraphFile {
 pub struct CacheGraph {
     layers: Vec<CacheLayer>,
     by_digest: HashMap<Digest, usize>,
-    records: BTreeMap<String, Vec<usize>>,
+    records: BTreeMap<String, Record>,
     mounts: BTreeMap<String, usize>,
 }
 
@@ -102,8 +157,26 @@ impl CacheGraph {
     /// Records that `key` produced `chain` (bottom layer first). A later add of the same key
     /// replaces the earlier one.
     pub fn add(&mut self, key: &str, chain: &[CacheLayer]) {
-        let idx = chain.iter().map(|l| self.intern(l)).collect();
-        self.records.insert(key.to_owned(), idx);
+        self.add_record(key, chain, None);
+    }
+
+    fn add_record(&mut self, key: &str, chain: &[CacheLayer], last_used: Option<u64>) {
+        let chain = chain.iter().map(|l| self.intern(l)).collect();
+        self.records
+            .insert(key.to_owned(), Record { chain, last_used });
+    }
+
+    /// Marks every record as used at `now` (Unix seconds; kept to the day, so that an
+    /// unchanged rebuild on the same day exports the same bytes).
+    pub fn mark_used(&mut self, now: u64) {
+        for r in self.records.values_mut() {
+            r.last_used = Some(day_of(now));
+        }
+    }
+
+    /// When the record for `key` was last used (start of its UTC day), if known.
+    pub fn last_used(&self, key: &str) -> Option<u64> {
+        self.records.get(key).and_then(|r| r.last_used)
     }
 
     fn intern(&mut self, l: &CacheLayer) -> usize {
@@ -133,7 +206,7 @@ impl CacheGraph {
     pub fn lookup(&self, key: &str) -> Option<Vec<CacheLayer>> {
         self.records
             .get(key)
-            .map(|c| c.iter().map(|&i| self.layers[i].clone()).collect())
+            .map(|r| r.chain.iter().map(|&i| self.layers[i].clone()).collect())
     }
 
     /// Keys with a record.
@@ -141,19 +214,30 @@ impl CacheGraph {
         self.records.keys().map(String::as_str)
     }
 
-    /// Adds `other`'s records whose keys this graph lacks (records of this graph win).
+    /// Adds `other`'s records whose keys this graph lacks (records of this graph win), with
+    /// their last-used times.
     pub fn merge_missing(&mut self, other: &CacheGraph) {
-        for (k, chain) in &other.records {
+        // Each of `other`'s layers is interned once, however many chains share it.
+        let mut remap: Vec<Option<usize>> = vec![None; other.layers.len()];
+        let mut index_of = |g: &mut CacheGraph, i: usize| -> usize {
+            *remap[i].get_or_insert_with(|| g.intern(&other.layers[i]))
+        };
+        for (k, r) in &other.records {
             if !self.records.contains_key(k) {
-                let layers: Vec<CacheLayer> =
-                    chain.iter().map(|&i| other.layers[i].clone()).collect();
-                self.add(k, &layers);
+                let chain = r.chain.iter().map(|&i| index_of(self, i)).collect();
+                self.records.insert(
+                    k.clone(),
+                    Record {
+                        chain,
+                        last_used: r.last_used,
+                    },
+                );
             }
         }
         for (id, &i) in &other.mounts {
             if !self.mounts.contains_key(id) {
-                let l = other.layers[i].clone();
-                self.add_mount(id, &l);
+                let j = index_of(self, i);
+                self.mounts.insert(id.clone(), j);
             }
         }
     }
@@ -162,20 +246,75 @@ impl CacheGraph {
     /// registry), and layers no record uses any more.
     pub fn retain_blobs(&mut self, keep: impl Fn(&Digest) -> bool) {
         let layers = std::mem::take(&mut self.layers);
-        let records = std::mem::take(&mut self.records);
-        let mounts = std::mem::take(&mut self.mounts);
+        let kept: Vec<bool> = layers.iter().map(|l| keep(&l.blob.digest)).collect();
+        self.records.retain(|_, r| r.chain.iter().all(|&i| kept[i]));
+        self.mounts.retain(|_, i| kept[*i]);
+        // Renumber the layers still in use, in their old order.
+        let mut used = vec![false; layers.len()];
+        for &i in self
+            .records
+            .values()
+            .flat_map(|r| r.chain.iter())
+            .chain(self.mounts.values())
+        {
+            used[i] = true;
+        }
+        let mut remap = vec![usize::MAX; layers.len()];
         self.by_digest.clear();
-        for (k, chain) in records {
-            let chain: Vec<CacheLayer> = chain.iter().map(|&i| layers[i].clone()).collect();
-            if chain.iter().all(|l| keep(&l.blob.digest)) {
-                self.add(&k, &chain);
+        for (i, l) in layers.into_iter().enumerate() {
+            if used[i] {
+                remap[i] = self.layers.len();
+                self.by_digest
+                    .insert(l.blob.digest.clone(), self.layers.len());
+                self.layers.push(l);
             }
         }
-        for (id, i) in mounts {
-            if keep(&layers[i].blob.digest) {
-                self.add_mount(&id, &layers[i]);
+        for r in self.records.values_mut() {
+            for i in r.chain.iter_mut() {
+                *i = remap[*i];
             }
         }
+        for i in self.mounts.values_mut() {
+            *i = remap[*i];
+        }
+    }
+
+    /// Applies `policy` at time `now` (Unix seconds): records with no last-used time (from
+    /// older caches) count as used today; records last used longer than `max_age` ago are
+    /// dropped (a day counts until its end, so a record is never dropped early); then, past
+    /// `max_records`, the least recently used go (ties by key). Returns how many were dropped.
+    pub fn retain_recent(&mut self, policy: &RetentionPolicy, now: u64) -> usize {
+        let before = self.records.len();
+        let today = day_of(now);
+        for r in self.records.values_mut() {
+            r.last_used.get_or_insert(today);
+        }
+        if let Some(max_age) = policy.max_age {
+            self.records.retain(|_, r| {
+                let day_end = r.last_used.unwrap_or(today).saturating_add(DAY_SECS);
+                day_end.saturating_add(max_age.as_secs()) > now
+            });
+        }
+        if let Some(max) = policy.max_records {
+            if self.records.len() > max {
+                let mut by_age: Vec<(u64, String)> = self
+                    .records
+                    .iter()
+                    .map(|(k, r)| (r.last_used.unwrap_or(today), k.clone()))
+                    .collect();
+                // Newest first; among equals, key order.
+                by_age.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                for (_, k) in by_age.into_iter().skip(max) {
+                    self.records.remove(&k);
+                }
+            }
+        }
+        let dropped = before - self.records.len();
+        if dropped > 0 {
+            // Forget layers no record (or cache mount) uses any more.
+            self.retain_blobs(|_| true);
+        }
+        dropped
     }
 
     /// The config blob's bytes (deterministic: records sorted by key, layers in first-use order).
@@ -184,8 +323,9 @@ impl CacheGraph {
         let mut order: Vec<usize> = Vec::new();
         let mut seen = HashMap::new();
         let mut records = Vec::new();
-        for (k, chain) in &self.records {
-            let chain = chain
+        for (k, r) in &self.records {
+            let chain = r
+                .chain
                 .iter()
                 .map(|&i| {
                     *seen.entry(i).or_insert_with(|| {
@@ -197,6 +337,7 @@ impl CacheGraph {
             records.push(RecordEntry {
                 key: k.clone(),
                 chain,
+                last_used: r.last_used,
             });
         }
         let mut mounts = Vec::new();
@@ -230,7 +371,8 @@ impl CacheGraph {
     fn ordered_layers(&self) -> Vec<&CacheLayer> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
-        for &i in self.records.values().flatten().chain(self.mounts.values()) {
+        let chains = self.records.values().flat_map(|r| r.chain.iter());
+        for &i in chains.chain(self.mounts.values()) {
             if seen.insert(i) {
                 out.push(&self.layers[i]);
             }
@@ -287,30 +429,39 @@ impl CacheGraph {
                 manifest.layers.len()
             )));
         }
-        let layers: Vec<CacheLayer> = file
+        let mut g = CacheGraph::new();
+        // Manifest position → graph index (a blob listed twice is stored once).
+        let index: Vec<usize> = file
             .layers
             .into_iter()
             .zip(&manifest.layers)
-            .map(|(l, d)| CacheLayer {
-                blob: d.clone(),
-                diff_id: l.diff_id,
-                created: l.created,
+            .map(|(l, d)| {
+                g.intern(&CacheLayer {
+                    blob: d.clone(),
+                    diff_id: l.diff_id,
+                    created: l.created,
+                })
             })
             .collect();
-        let mut g = CacheGraph::new();
         for r in file.records {
-            let chain: Option<Vec<CacheLayer>> =
-                r.chain.iter().map(|&i| layers.get(i).cloned()).collect();
+            let chain: Option<Vec<usize>> =
+                r.chain.iter().map(|&i| index.get(i).copied()).collect();
             let chain = chain.ok_or_else(|| {
                 CacheFormatError::Malformed(format!("record {} names a missing layer", r.key))
             })?;
-            g.add(&r.key, &chain);
+            g.records.insert(
+                r.key,
+                Record {
+                    chain,
+                    last_used: r.last_used,
+                },
+            );
         }
         for m in file.mounts {
-            let l = layers.get(m.layer).ok_or_else(|| {
+            let i = index.get(m.layer).copied().ok_or_else(|| {
                 CacheFormatError::Malformed(format!("cache mount {} names a missing layer", m.id))
             })?;
-            g.add_mount(&m.id, l);
+            g.mounts.insert(m.id, i);
         }
         Ok(g)
     }
@@ -441,5 +592,132 @@ mod tests {
         assert!(config.len() > 4 << 20, "config is {} bytes", config.len());
         let back = CacheGraph::from_manifest(&m, &config).unwrap();
         assert_eq!(back.len(), 5000);
+    }
+
+    const NOW: u64 = 1_795_000_000; // 2026-11-17, mid-day
+
+    #[test]
+    fn last_used_days_round_trip_and_old_caches_still_read() {
+        let mut g = CacheGraph::new();
+        g.add("k1", &[layer(1)]);
+        g.mark_used(NOW);
+        let (m, config) = g.to_manifest();
+        let back = CacheGraph::from_manifest(&m, &config).unwrap();
+        assert_eq!(back.last_used("k1"), Some(NOW - NOW % DAY_SECS));
+        // A cache written before the field existed.
+        let old = br#"{"version":1,"layers":[{"diff_id":"sha256:4bf5122f344554c53bde2ebb8cd2b7e3d1600ad631c385a5d7cce23c7785459a"}],"records":[{"key":"k1","chain":[0]}]}"#;
+        let back = CacheGraph::from_manifest(&m, old).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back.last_used("k1"), None);
+    }
+
+    #[test]
+    fn an_unchanged_graph_used_again_the_same_day_exports_the_same_bytes() {
+        let mut a = CacheGraph::new();
+        a.add("k1", &[layer(1), layer(2)]);
+        a.mark_used(NOW);
+        let mut b = CacheGraph::new();
+        b.add("k1", &[layer(1), layer(2)]);
+        b.mark_used(NOW + 3600);
+        assert_eq!(a.to_config(), b.to_config());
+        b.mark_used(NOW + DAY_SECS);
+        assert_ne!(a.to_config(), b.to_config(), "a new day is a new stamp");
+    }
+
+    #[test]
+    fn merged_records_older_than_max_age_are_dropped_and_their_layers_with_them() {
+        let mut imported = CacheGraph::new();
+        imported.add("old", &[layer(1), layer(2)]);
+        imported.add("recent", &[layer(1), layer(3)]);
+        imported.add("unknown", &[layer(4)]);
+        imported.mark_used(NOW - 10 * DAY_SECS);
+        imported.records.get_mut("recent").unwrap().last_used = Some(day_of(NOW - DAY_SECS));
+        imported.records.get_mut("unknown").unwrap().last_used = None;
+        let mut g = CacheGraph::new();
+        g.add("mine", &[layer(1), layer(5)]);
+        g.mark_used(NOW);
+        g.merge_missing(&imported);
+        assert_eq!(
+            g.last_used("old"),
+            Some(day_of(NOW - 10 * DAY_SECS)),
+            "kept from the import"
+        );
+        let policy = RetentionPolicy {
+            max_age: Some(parse_duration("168h").unwrap()),
+            max_records: None,
+        };
+        assert_eq!(g.retain_recent(&policy, NOW), 1);
+        let keys: Vec<&str> = g.keys().collect();
+        assert_eq!(keys, ["mine", "recent", "unknown"]);
+        assert_eq!(
+            g.last_used("unknown"),
+            Some(day_of(NOW)),
+            "an unknown age counts from now"
+        );
+        let (m, config) = g.to_manifest();
+        assert_eq!(m.layers.len(), 4, "layer 2 went with the old record");
+        let back = CacheGraph::from_manifest(&m, &config).unwrap();
+        assert_eq!(back.lookup("recent").unwrap(), vec![layer(1), layer(3)]);
+    }
+
+    #[test]
+    fn a_record_is_kept_until_the_end_of_its_last_day_plus_max_age() {
+        let mut g = CacheGraph::new();
+        g.add("k", &[layer(1)]);
+        g.mark_used(NOW);
+        let policy = RetentionPolicy {
+            max_age: Some(parse_duration("1d").unwrap()),
+            max_records: None,
+        };
+        let end_of_next_day = day_of(NOW) + 2 * DAY_SECS;
+        assert_eq!(g.clone().retain_recent(&policy, end_of_next_day - 1), 0);
+        assert_eq!(g.retain_recent(&policy, end_of_next_day), 1);
+    }
+
+    #[test]
+    fn max_records_keeps_the_most_recently_used() {
+        let mut g = CacheGraph::new();
+        for (i, age) in [(1u8, 5u64), (2, 1), (3, 3), (4, 0)] {
+            let key = format!("k{i}");
+            g.add(&key, &[layer(i)]);
+            g.records.get_mut(&key).unwrap().last_used = Some(day_of(NOW - age * DAY_SECS));
+        }
+        let policy = RetentionPolicy {
+            max_age: None,
+            max_records: Some(2),
+        };
+        assert_eq!(g.retain_recent(&policy, NOW), 2);
+        let keys: Vec<&str> = g.keys().collect();
+        assert_eq!(keys, ["k2", "k4"]);
+        assert_eq!(g.layers().len(), 2);
+    }
+
+    #[test]
+    fn durations_parse_with_one_unit_and_bad_ones_say_why() {
+        assert_eq!(parse_duration("168h").unwrap().as_secs(), 7 * DAY_SECS);
+        assert_eq!(parse_duration("7d").unwrap().as_secs(), 7 * DAY_SECS);
+        assert_eq!(parse_duration("2w").unwrap().as_secs(), 14 * DAY_SECS);
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert!(parse_duration("7").unwrap_err().contains("no known unit"));
+        assert!(parse_duration("h").unwrap_err().contains("not a duration"));
+        assert!(parse_duration("99999999999999999999w").is_err());
+    }
+
+    #[test]
+    fn retain_blobs_renumbers_shared_layers_consistently() {
+        let mut g = CacheGraph::new();
+        g.add("a", &[layer(1), layer(2), layer(3)]);
+        g.add("b", &[layer(1), layer(3)]);
+        g.add("c", &[layer(4)]);
+        g.add_mount("m", &layer(5));
+        let gone = layer(2).blob.digest;
+        g.retain_blobs(|d| *d != gone);
+        assert!(g.lookup("a").is_none());
+        assert_eq!(g.lookup("b").unwrap(), vec![layer(1), layer(3)]);
+        assert_eq!(g.lookup("c").unwrap(), vec![layer(4)]);
+        assert_eq!(g.mounts().next().unwrap().1, &layer(5));
+        // New records intern against the renumbered layers.
+        g.add("d", &[layer(3), layer(4)]);
+        assert_eq!(g.layers().len(), 4);
     }
 }

@@ -7,7 +7,8 @@ mod inline;
 mod transfer;
 
 pub use format::{
-    CacheFormatError, CacheGraph, CacheLayer, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, FORMAT_VERSION,
+    parse_duration, CacheFormatError, CacheGraph, CacheLayer, RetentionPolicy, ARTIFACT_TYPE,
+    CONFIG_MEDIA_TYPE, FORMAT_VERSION,
 };
 pub use inline::{
     graph_from_image, import_inline, InlineCache, InlineCacheError, INLINE_CONFIG_KEY,

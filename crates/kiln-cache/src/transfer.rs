@@ -1,6 +1,7 @@
 //! Moving a cache graph to and from a registry or a local OCI layout. Import reads the
 //! manifest and the config only; layer blobs stay where they are until a step needs them.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -97,25 +98,40 @@ pub async fn export_registry(
     blob_file: &(dyn Fn(&Digest) -> Option<PathBuf> + Sync),
     mount_from: Option<&Reference>,
 ) -> Result<ExportReport, TransferError> {
+    use futures::StreamExt;
     let before = graph.len();
-    let mut missing = Vec::new();
-    for l in graph.layers() {
-        if blob_file(&l.blob.digest).is_some() {
-            continue;
-        }
-        let there = client
-            .blob_exists(reference, &l.blob.digest)
-            .await
-            .map_err(reg_err(reference))?;
-        let mountable = match mount_from {
-            Some(from) if !there && from.registry() == reference.registry() => client
-                .blob_exists(from, &l.blob.digest)
+    // Blobs not in the local store must already be in the registry (this repository, or the
+    // one a mount can take them from). Many small blobs make this round-trip bound, so the
+    // checks run `client.concurrency()` at a time.
+    let remote: Vec<Digest> = graph
+        .layers()
+        .iter()
+        .filter(|l| blob_file(&l.blob.digest).is_none())
+        .map(|l| l.blob.digest.clone())
+        .collect();
+    let checks = futures::stream::iter(remote)
+        .map(|d| async move {
+            let there = client
+                .blob_exists(reference, &d)
                 .await
-                .map_err(reg_err(reference))?,
-            _ => false,
-        };
-        if !there && !mountable {
-            missing.push(l.blob.digest.clone());
+                .map_err(reg_err(reference))?;
+            let mountable = match mount_from {
+                Some(from) if !there && from.registry() == reference.registry() => client
+                    .blob_exists(from, &d)
+                    .await
+                    .map_err(reg_err(reference))?,
+                _ => false,
+            };
+            Ok::<_, TransferError>((d, there || mountable))
+        })
+        .buffer_unordered(client.concurrency())
+        .collect::<Vec<_>>()
+        .await;
+    let mut missing = HashSet::new();
+    for c in checks {
+        let (d, present) = c?;
+        if !present {
+            missing.insert(d);
         }
     }
     graph.retain_blobs(|d| !missing.contains(d));

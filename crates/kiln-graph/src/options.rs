@@ -1053,6 +1053,9 @@ impl CacheExportSpec {
                 "oci-mediatypes" => spec.oci_mediatypes = parse_bool(flag, value, k, v)?,
                 "image-manifest" => spec.image_manifest = parse_bool(flag, value, k, v)?,
                 "cache-mounts" => spec.cache_mounts = parse_bool(flag, value, k, v)?,
+                // Read by the exporter (kiln build), which says what is wrong with a value.
+                "cache-mounts-max-size" | "max-age" | "max-records" | "connections"
+                    if kind == CacheKind::Registry || k == "cache-mounts-max-size" => {}
                 "registry.insecure" | "insecure" => {
                     parse_bool(flag, value, k, v)?;
                 }

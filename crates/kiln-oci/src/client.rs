@@ -83,8 +83,31 @@ pub struct ClientConfig {
     pub monolithic_limit: u64,
     /// Size of one PATCH chunk.
     pub chunk_size: u64,
-    /// Blobs transferred at once by [`RegistryClient::push_image`] and the pull helpers.
+    /// Requests to one registry in flight at once for blob work (existence checks, mounts,
+    /// uploads, downloads) by [`RegistryClient::push_image`], the pull helpers and callers
+    /// that ask [`RegistryClient::concurrency`]. Default [`DEFAULT_CONNECTIONS`];
+    /// `KILN_REGISTRY_CONNECTIONS` overrides it (see [`RegistryClient::new`]).
     pub concurrency: usize,
+}
+
+/// Default number of blob requests in flight per operation (BuildKit uses 4 per registry;
+/// a cache export of thousands of small blobs is bound by round trips, not bandwidth).
+pub const DEFAULT_CONNECTIONS: usize = 32;
+
+/// Highest accepted connection count.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Environment variable that sets [`ClientConfig::concurrency`] for every client.
+pub const CONNECTIONS_ENV: &str = "KILN_REGISTRY_CONNECTIONS";
+
+/// Parses a connection count given as `what` (a flag or variable name, named in the error).
+pub fn parse_connections(what: &str, value: &str) -> Result<usize, String> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{what}={value}: expected a whole number of connections from 1 to {MAX_CONNECTIONS}"
+        )),
+    }
 }
 
 impl Default for ClientConfig {
@@ -96,7 +119,7 @@ impl Default for ClientConfig {
             retry: RetryPolicy::default(),
             monolithic_limit: 64 << 20,
             chunk_size: 64 << 20,
-            concurrency: 8,
+            concurrency: DEFAULT_CONNECTIONS,
         }
     }
 }
@@ -213,7 +236,7 @@ struct Inner {
     http: reqwest::Client,
     config: ClientConfig,
     auth: tokio::sync::Mutex<HashMap<String, HostAuth>>,
-    counters: Counters,
+    counters: Arc<Counters>,
 }
 
 /// Whether `registry` is reached over plain HTTP without being configured so: loopback only.
@@ -246,7 +269,13 @@ fn push_scope(repo: &str) -> String {
 impl RegistryClient {
     /// A client with `config`. TLS uses rustls with the ring provider and the system's root
     /// certificates (through rustls-platform-verifier), so private CAs installed on the host work.
-    pub fn new(config: ClientConfig) -> Result<Self, RegistryError> {
+    /// `KILN_REGISTRY_CONNECTIONS`, when set, wins over `config.concurrency`; a value that is
+    /// not a number from 1 to [`MAX_CONNECTIONS`] is an error naming the variable.
+    pub fn new(mut config: ClientConfig) -> Result<Self, RegistryError> {
+        if let Ok(v) = std::env::var(CONNECTIONS_ENV) {
+            config.concurrency =
+                parse_connections(CONNECTIONS_ENV, &v).map_err(RegistryError::Client)?;
+        }
         // reqwest is built without a default crypto provider; ring is the workspace's choice.
         // An error only means a provider is already installed, which is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -254,7 +283,7 @@ impl RegistryClient {
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(30))
             .read_timeout(Duration::from_secs(300))
-            .pool_max_idle_per_host(32)
+            .pool_max_idle_per_host(config.concurrency.max(32))
             .build()
             .map_err(|e| RegistryError::Client(e.to_string()))?;
         Ok(RegistryClient {
@@ -262,9 +291,29 @@ impl RegistryClient {
                 http,
                 config,
                 auth: tokio::sync::Mutex::new(HashMap::new()),
-                counters: Counters::default(),
+                counters: Arc::default(),
             }),
         })
+    }
+
+    /// Blob requests this client keeps in flight at once (see [`ClientConfig::concurrency`]).
+    pub fn concurrency(&self) -> usize {
+        self.inner.config.concurrency.max(1)
+    }
+
+    /// A client like this one with `n` blob requests in flight at once. It shares this
+    /// client's connection pool and byte counters; tokens are fetched again as needed.
+    pub fn with_concurrency(&self, n: usize) -> RegistryClient {
+        let mut config = self.inner.config.clone();
+        config.concurrency = n.max(1);
+        RegistryClient {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                config,
+                auth: tokio::sync::Mutex::new(HashMap::new()),
+                counters: self.inner.counters.clone(),
+            }),
+        }
     }
 
     /// Counters since the client was made.

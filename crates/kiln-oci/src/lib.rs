@@ -15,8 +15,9 @@ pub mod reference;
 
 pub use auth::{AuthError, Credential, DockerConfig};
 pub use client::{
-    BlobPush, BlobSource, ClientConfig, HostConfig, RegistryClient, ResolvedImage, RetryPolicy,
-    TransferStats,
+    parse_connections, BlobPush, BlobSource, ClientConfig, HostConfig, RegistryClient,
+    ResolvedImage, RetryPolicy, TransferStats, CONNECTIONS_ENV, DEFAULT_CONNECTIONS,
+    MAX_CONNECTIONS,
 };
 pub use config::{ContainerConfig, HealthConfig, History, ImageConfig, RootFs};
 pub use digest::{Algorithm, Digest, DigestError, DigestWriter, Hasher};

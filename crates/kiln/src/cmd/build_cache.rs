@@ -253,24 +253,45 @@ pub(crate) async fn export_caches(
                     let r: kiln_oci::Reference = name
                         .parse()
                         .map_err(|e| anyhow::anyhow!("--export-cache ref={name}: {e}"))?;
-                    // Keep what other builds (branches, targets) recorded under the same ref.
+                    let policy = retention_policy(&spec.attrs)?;
+                    let client = match spec.attrs.get("connections") {
+                        Some(v) => client.with_concurrency(
+                            kiln_oci::parse_connections("--export-cache connections", v)
+                                .map_err(anyhow::Error::msg)?,
+                        ),
+                        None => client.clone(),
+                    };
+                    // Every record of this build was used today; merged ones keep their day.
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    graph.mark_used(now);
+                    // Keep what other builds (branches, targets) recorded under the same ref,
+                    // within the export's max-age / max-records.
                     if let Some((_, c)) = imported.iter().find(|(n, _)| *n == name) {
                         graph.merge_missing(c.graph());
                     }
+                    let expired = graph.retain_recent(&policy, now);
                     let mount_from = imported
                         .iter()
                         .filter_map(|(_, c)| c.source().repository())
                         .find(|m| m.registry() == r.registry());
                     let report = kiln_cache::export_registry(
-                        client,
+                        &client,
                         &r,
                         graph,
                         &blob_file,
                         mount_from.as_ref(),
                     )
                     .await?;
+                    let expired = if expired > 0 {
+                        format!(" ({expired} old records dropped)")
+                    } else {
+                        String::new()
+                    };
                     Ok(format!(
-                        "{} records, {} blobs to {name}",
+                        "{} records, {} blobs to {name}{expired}",
                         report.records, report.blobs
                     ))
                 }
@@ -307,6 +328,34 @@ pub(crate) async fn export_caches(
         }
     }
     Ok(())
+}
+
+/// The `max-age=DURATION` and `max-records=N` attributes of a registry `--export-cache`: what
+/// an export keeps of the records it merges in from the same ref.
+fn retention_policy(
+    attrs: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<kiln_cache::RetentionPolicy> {
+    let max_age = attrs
+        .get("max-age")
+        .map(|v| {
+            kiln_cache::parse_duration(v)
+                .map_err(|e| anyhow::anyhow!("--export-cache max-age={v}: {e}"))
+        })
+        .transpose()?;
+    let max_records = attrs
+        .get("max-records")
+        .map(|v| {
+            v.parse::<usize>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--export-cache max-records={v}: expected a whole number of records"
+                )
+            })
+        })
+        .transpose()?;
+    Ok(kiln_cache::RetentionPolicy {
+        max_age,
+        max_records,
+    })
 }
 
 /// Cache-mount contents carried by imported caches, by id (the first import wins).
