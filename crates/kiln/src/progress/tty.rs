@@ -278,14 +278,37 @@ fn printable(text: &str) -> String {
     out
 }
 
+/// Columns `c` may take on a terminal. Without a width table, anything beyond ASCII counts
+/// as two (CJK and emoji are): a line may end a little early, but never wraps, which would
+/// throw moving the cursor up off by a row.
+fn columns(c: char) -> usize {
+    if c.is_ascii() {
+        1
+    } else {
+        2
+    }
+}
+
+fn text_columns(s: &str) -> usize {
+    s.chars().map(columns).sum()
+}
+
+/// The longest start of `s` that fits in `max` columns.
+fn take_columns(s: &str, max: usize) -> &str {
+    let mut used = 0;
+    for (i, c) in s.char_indices() {
+        used += columns(c);
+        if used > max {
+            return &s[..i];
+        }
+    }
+    s
+}
+
 /// `line` cut to fit in `width` columns, leaving the last column free (writing into it puts
 /// some terminals in a pending wrap that breaks moving up).
 fn cut(line: &str, width: usize) -> String {
-    let max = width.saturating_sub(1).max(1);
-    if line.chars().count() <= max {
-        return line.to_owned();
-    }
-    line.chars().take(max).collect()
+    take_columns(line, width.saturating_sub(1).max(1)).to_owned()
 }
 
 /// `left` and `right` on one line of `width`, `right` flush with its end; `left` is cut.
@@ -294,9 +317,9 @@ fn two_sided(left: &str, right: &str, width: usize) -> String {
     if right.is_empty() {
         return cut(left, width);
     }
-    let room = max.saturating_sub(right.chars().count() + 1);
-    let left: String = left.chars().take(room).collect();
-    let pad = max.saturating_sub(left.chars().count() + right.chars().count());
+    let room = max.saturating_sub(text_columns(right) + 1);
+    let left = take_columns(left, room);
+    let pad = max.saturating_sub(text_columns(left) + text_columns(right));
     format!("{left}{}{right}", " ".repeat(pad))
 }
 
@@ -611,6 +634,11 @@ mod tests {
             f.live[1]
         );
         assert_eq!(f.live[2], " => => # red progress    |");
+        // Wide characters take two columns each.
+        b.log(0, &long, "漢字".repeat(30).as_bytes());
+        let f = b.frame(40, 24, false);
+        let last = f.live.last().unwrap();
+        assert_eq!(last, &format!(" => => # {}漢", "漢字".repeat(7)), "{last}");
     }
 
     #[test]
