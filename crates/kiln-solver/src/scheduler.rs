@@ -215,6 +215,20 @@ pub trait Engine: Send + Sync + 'static {
         op: &'a Self::Op,
     ) -> BoxFuture<'a, Result<Option<Hit<Self::Output>>, EngineError>>;
 
+    /// Looks `key` up again once the inputs' outputs are known, just before the node would
+    /// run. An engine whose stored results are built on their inputs (a layer on a parent
+    /// chain) can accept a record whose own part is intact even when the record's copy of
+    /// the inputs is not (a lost blob below it that the rerun input reproduced): the hit
+    /// is the actual inputs plus the record's own part. Default: no second chance.
+    fn lookup_on_inputs<'a>(
+        &'a self,
+        _key: &'a CacheKey,
+        _op: &'a Self::Op,
+        _inputs: &'a [Self::Output],
+    ) -> BoxFuture<'a, Result<Option<Hit<Self::Output>>, EngineError>> {
+        Box::pin(async { Ok(None) })
+    }
+
     /// Takes a lock on `key` shared by every process using the same state; dropped when done.
     fn lock<'a>(
         &'a self,
@@ -510,6 +524,21 @@ async fn compute<E: Engine>(
     let inputs = try_join_all(n.inputs.iter().map(|&i| output_of(&inner, i))).await?;
     if inner.cancel.is_cancelled() {
         return Err(SolveError::Cancelled);
+    }
+    if use_cache {
+        // A second chance with the inputs in hand (see `Engine::lookup_on_inputs`).
+        match engine.lookup_on_inputs(&key, &n.op, &inputs).await {
+            Ok(Some(hit)) => {
+                inner.events.event(Event::Cached {
+                    node,
+                    key,
+                    source: hit.source,
+                });
+                return Ok(hit.output);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(step_error(&inner, node, e)),
+        }
     }
     // Waiting for a slot or for another process to finish this key ends at a cancel.
     let _permit = match &inner.permits {

@@ -243,6 +243,18 @@ pub trait RemoteCache: Send + Sync {
     fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)>;
     /// The layers recorded for `key`, without checking that the blobs still exist.
     fn layers(&self, key: &CacheKey) -> Option<Vec<Layer>>;
+    /// The layers `key` added on top of a chain whose diff ids are `below`, if its record's
+    /// chain starts with exactly those and the blobs of the layers above still exist, and
+    /// where they come from. Asked once a step's inputs are known, so that a lost blob
+    /// lower in the record costs only the rerun of the step that made it. May block on
+    /// the network.
+    fn top_layers(
+        &self,
+        _key: &CacheKey,
+        _below: &[Digest],
+    ) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)> {
+        None
+    }
 }
 
 struct Inner {
@@ -1133,6 +1145,63 @@ impl Engine for Worker {
                             source: CacheSource::Remote(name),
                         }));
                     }
+                }
+                Ok(None)
+            })
+            .await
+            .map_err(|e| boxed(WorkerError::Internal(e.to_string())))?
+        })
+    }
+
+    fn lookup_on_inputs<'a>(
+        &'a self,
+        key: &'a CacheKey,
+        step: &'a Step,
+        inputs: &'a [Value],
+    ) -> BoxFuture<'a, Result<Option<Hit<Value>>, EngineError>> {
+        // Steps that add layers on a parent chain: their record is the parent's layers and
+        // their own. The parent here is what this build has (maybe rerun, maybe from another
+        // cache); the record's own layers are reused on it when its lower diff ids match.
+        let base = match &step.vertex.op {
+            Op::Exec(e) => e.rootfs,
+            Op::Copy(c) => c.dest_base,
+            Op::Mkdir(m) => m.rootfs,
+            _ => return Box::pin(async { Ok(None) }),
+        };
+        let base = match base.map(|i| inputs.get(i as usize)) {
+            None => None,
+            Some(Some(Value::Fs(fs))) => Some(fs.clone()),
+            Some(_) => return Box::pin(async { Ok(None) }),
+        };
+        let inner = self.inner.clone();
+        let key = key.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let below_layers = base.as_ref().map(|f| f.layers.clone()).unwrap_or_default();
+                let below: Vec<Digest> = below_layers.iter().map(|l| l.diff_id.clone()).collect();
+                for remote in &inner.remotes() {
+                    let Some((top, source)) = remote.top_layers(&key, &below) else {
+                        continue;
+                    };
+                    let mut layers = below_layers;
+                    layers.extend(top.iter().cloned());
+                    inner
+                        .seen
+                        .lock()
+                        .expect("seen records")
+                        .insert(key.clone(), layers.clone());
+                    let name = source.name();
+                    let below_source = base.as_ref().and_then(|f| f.source().cloned());
+                    let blobs: Arc<dyn BlobSource> = Arc::new(crate::remote::RebasedSource::new(
+                        source,
+                        &top,
+                        below_source,
+                    ));
+                    let fs = Rootfs::new(layers, None, Some(blobs));
+                    return Ok(Some(Hit {
+                        output: Value::Fs(Arc::new(fs)),
+                        source: CacheSource::Remote(name),
+                    }));
                 }
                 Ok(None)
             })

@@ -43,6 +43,64 @@ impl ImportedCache {
     }
 }
 
+impl ImportedCache {
+    /// Whether every blob of `layers` still exists at the source (a registry may have
+    /// garbage-collected some). Each blob is asked once per build; the unknown ones of a
+    /// chain are asked several at a time, as a long chain is round-trip bound. A blob found
+    /// missing is warned about once.
+    fn all_present(&self, layers: &[Layer]) -> bool {
+        let unknown: Vec<&Layer> = {
+            let memo = self.checked.lock().expect("blob check memo");
+            if layers
+                .iter()
+                .any(|l| memo.get(&l.blob.digest) == Some(&false))
+            {
+                return false;
+            }
+            let mut seen = std::collections::HashSet::new();
+            layers
+                .iter()
+                .filter(|l| !memo.contains_key(&l.blob.digest) && seen.insert(&l.blob.digest))
+                .collect()
+        };
+        if unknown.is_empty() {
+            return true;
+        }
+        const CHECKERS: usize = 16;
+        let per = unknown.len().div_ceil(CHECKERS);
+        let results: Vec<(kiln_oci::Digest, bool)> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = unknown
+                .chunks(per)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|l| (l.blob.digest.clone(), self.source.has(&l.blob)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .flat_map(|j| j.join().unwrap_or_default())
+                .collect()
+        });
+        let mut memo = self.checked.lock().expect("blob check memo");
+        let mut all = results.len() == unknown.len();
+        for (d, present) in results {
+            if !present && memo.insert(d.clone(), false).is_none() {
+                eprintln!(
+                    "kiln: warning: cache {} lost blob {d}; the step that made it will run again",
+                    self.source.name(),
+                );
+            }
+            if present {
+                memo.insert(d, true);
+            }
+            all &= present;
+        }
+        all
+    }
+}
+
 impl RemoteCache for ImportedCache {
     fn layers(&self, key: &CacheKey) -> Option<Vec<Layer>> {
         self.graph.lookup(&key.to_string())
@@ -51,23 +109,85 @@ impl RemoteCache for ImportedCache {
     fn lookup(&self, key: &CacheKey) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)> {
         let layers = self.graph.lookup(&key.to_string())?;
         // A record whose blobs are gone (registry GC) is a miss: the step reruns, nothing fails.
-        for l in &layers {
-            let present = *self
-                .checked
-                .lock()
-                .expect("blob check memo")
-                .entry(l.blob.digest.clone())
-                .or_insert_with(|| self.source.has(&l.blob));
-            if !present {
-                eprintln!(
-                    "kiln: warning: cache {} lost blob {}; the step that made it will run again",
-                    self.source.name(),
-                    l.blob.digest
-                );
-                return None;
-            }
+        if !self.all_present(&layers) {
+            return None;
         }
         Some((layers, self.source.clone()))
+    }
+
+    fn top_layers(
+        &self,
+        key: &CacheKey,
+        below: &[kiln_oci::Digest],
+    ) -> Option<(Vec<Layer>, Arc<dyn BlobSource>)> {
+        let layers = self.graph.lookup(&key.to_string())?;
+        if layers.len() <= below.len() || layers.iter().zip(below).any(|(l, d)| l.diff_id != *d) {
+            return None;
+        }
+        let top = layers[below.len()..].to_vec();
+        if !self.all_present(&top) {
+            return None;
+        }
+        Some((top, self.source.clone()))
+    }
+}
+
+/// The blobs of a chain rebuilt from a record's own top layers (from an imported cache) on
+/// the layers a step's input actually has (from wherever that input got them).
+pub(crate) struct RebasedSource {
+    top: Arc<dyn BlobSource>,
+    top_blobs: std::collections::HashSet<kiln_oci::Digest>,
+    below: Option<Arc<dyn BlobSource>>,
+}
+
+impl RebasedSource {
+    /// `top` serves the blobs of `top_layers`; `below` (if any) every other blob.
+    pub(crate) fn new(
+        top: Arc<dyn BlobSource>,
+        top_layers: &[Layer],
+        below: Option<Arc<dyn BlobSource>>,
+    ) -> Self {
+        RebasedSource {
+            top,
+            top_blobs: top_layers.iter().map(|l| l.blob.digest.clone()).collect(),
+            below,
+        }
+    }
+
+    fn source_of(&self, blob: &Descriptor) -> Option<&Arc<dyn BlobSource>> {
+        if self.top_blobs.contains(&blob.digest) {
+            Some(&self.top)
+        } else {
+            self.below.as_ref()
+        }
+    }
+}
+
+impl BlobSource for RebasedSource {
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+        match self.source_of(blob) {
+            Some(s) => s.fetch(blob, store),
+            None => Err(WorkerError::Internal(format!(
+                "layer blob {} is not in the local store and has no source",
+                blob.digest
+            ))),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.top.name()
+    }
+
+    fn has(&self, blob: &Descriptor) -> bool {
+        match self.source_of(blob) {
+            Some(s) => s.has(blob),
+            // No remote source: the step that made it ran here, so the blob is local.
+            None => true,
+        }
+    }
+
+    fn repository(&self) -> Option<kiln_oci::Reference> {
+        self.top.repository()
     }
 }
 
