@@ -164,7 +164,8 @@ impl ContentStore {
         Ok(out)
     }
 
-    /// Ingest files whose writer is gone (no process holds their lock): left by a crash.
+    /// Ingest files whose writer is gone (no process holds their lock, and the file is more
+    /// than a few seconds old): left by a crash.
     pub fn stale_ingests(&self) -> Result<Vec<PathBuf>> {
         let dir = self.ingest_dir();
         let mut out = Vec::new();
@@ -172,6 +173,17 @@ impl ContentStore {
         for ent in rd {
             let ent = ent.map_err(|e| StoreError::io("listing ingest", &dir, e))?;
             let p = ent.path();
+            // A writer locks its file right after creating it; a file younger than a few
+            // seconds may be in that instant.
+            let young = ent
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_none_or(|age| age < std::time::Duration::from_secs(5));
+            if young {
+                continue;
+            }
             let Ok(f) = File::open(&p) else { continue };
             if sys::flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
                 out.push(p);

@@ -53,6 +53,21 @@ pub enum FsckProblem {
     BadRecord(String),
 }
 
+impl FsckProblem {
+    /// Whether this is something a killed process left behind (a lease, an active snapshot,
+    /// a partial ingest, a half-removed snapshot dir) rather than damage: nothing points at
+    /// it, and [`Store::reclaim_leftovers`] (which every build runs first) removes it.
+    pub fn is_leftover(&self) -> bool {
+        matches!(
+            self,
+            FsckProblem::StaleIngest(_)
+                | FsckProblem::StaleActiveSnapshot { .. }
+                | FsckProblem::UnknownSnapshotDir(_)
+                | FsckProblem::DeadLease { .. }
+        )
+    }
+}
+
 impl fmt::Display for FsckProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FsckProblem::*;
@@ -118,6 +133,11 @@ impl FsckReport {
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
+
+    /// Problems that are damage, not leftovers of killed processes.
+    pub fn damage(&self) -> impl Iterator<Item = &FsckProblem> {
+        self.problems.iter().filter(|p| !p.is_leftover())
+    }
 }
 
 impl Store {
@@ -126,6 +146,7 @@ impl Store {
     /// snapshots of live processes and live leases are left alone.
     pub fn fsck(&self, repair: bool) -> Result<FsckReport> {
         let mut r = FsckReport::default();
+        self.leftovers(repair, &mut r)?;
         let mut fixed = 0usize;
         // Blobs.
         let mut blobs = std::collections::HashSet::new();
@@ -158,12 +179,6 @@ impl Store {
                         fixed += 1;
                     }
                 }
-            }
-        }
-        for p in self.content().stale_ingests()? {
-            r.problems.push(FsckProblem::StaleIngest(p.clone()));
-            if repair && fs::remove_file(&p).is_ok() {
-                fixed += 1;
             }
         }
         // Layer records.
@@ -225,23 +240,8 @@ impl Store {
         for s in &snaps {
             r.snapshots_checked += 1;
             let dir = self.snapshot_dir(s.id);
-            let live = s.pid == std::process::id() || pid_alive(s.pid);
-            if s.state != SnapshotState::Committed && !live {
-                r.problems.push(FsckProblem::StaleActiveSnapshot {
-                    id: s.id,
-                    pid: s.pid,
-                });
-                if repair {
-                    self.snapshotter().remove(&dir)?;
-                    self.db().write(|tx| {
-                        tx.open_table(db::SNAPSHOTS)
-                            .map_err(te)?
-                            .remove(s.id.0)
-                            .map_err(te)?;
-                        Ok(())
-                    })?;
-                    fixed += 1;
-                }
+            if is_stale_active(s) {
+                // A leftover of a killed process, reported above.
                 continue;
             }
             if !dir.join("fs").is_dir() && !(s.state == SnapshotState::View) {
@@ -256,42 +256,12 @@ impl Store {
                 }
             }
         }
-        let snapdir = self.root().join("snapshots");
-        if let Ok(rd) = fs::read_dir(&snapdir) {
-            for e in rd.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let unknown = match name.parse::<u64>() {
-                    Ok(n) => !ids.contains(&n),
-                    Err(_) => name
-                        .strip_prefix("probe-")
-                        .and_then(|p| p.parse::<u32>().ok())
-                        .is_some_and(|pid| !pid_alive(pid)),
-                };
-                if unknown {
-                    // A snapshot being created right now has its record first, so an
-                    // unrecorded dir is always a leftover.
-                    r.problems.push(FsckProblem::UnknownSnapshotDir(e.path()));
-                    if repair {
-                        let _ = crate::sys::unmount(&e.path().join("rootfs"));
-                        if fs::remove_dir_all(e.path()).is_ok() {
-                            fixed += 1;
-                        }
-                    }
-                }
-            }
-        }
         // Chains, leases, cache records.
-        let (chains, leases, cache) = self.db().read(|tx| {
+        let (chains, cache) = self.db().read(|tx| {
             let mut chains = Vec::new();
             for row in tx.open_table(db::CHAINS).map_err(te)?.iter().map_err(te)? {
                 let (k, v) = row.map_err(te)?;
                 chains.push((k.value().to_owned(), v.value()));
-            }
-            let mut leases = Vec::new();
-            for row in tx.open_table(db::LEASES).map_err(te)?.iter().map_err(te)? {
-                let (k, v) = row.map_err(te)?;
-                let l: LeaseRecord = decode("leases", k.value(), v.value())?;
-                leases.push((k.value().to_owned(), l.pid));
             }
             let mut cache = Vec::new();
             for row in tx.open_table(db::CACHE).map_err(te)?.iter().map_err(te)? {
@@ -302,7 +272,7 @@ impl Store {
                     Err(_) => cache.push((k.value().to_vec(), None)),
                 }
             }
-            Ok((chains, leases, cache))
+            Ok((chains, cache))
         })?;
         for (cid, sid) in chains {
             if !ids.contains(&sid) {
@@ -315,24 +285,6 @@ impl Store {
                         tx.open_table(db::CHAINS)
                             .map_err(te)?
                             .remove(cid.as_str())
-                            .map_err(te)?;
-                        Ok(())
-                    })?;
-                    fixed += 1;
-                }
-            }
-        }
-        for (id, pid) in leases {
-            if pid != std::process::id() && !pid_alive(pid) {
-                r.problems.push(FsckProblem::DeadLease {
-                    id: id.clone(),
-                    pid,
-                });
-                if repair {
-                    self.db().write(|tx| {
-                        tx.open_table(db::LEASES)
-                            .map_err(te)?
-                            .remove(id.as_str())
                             .map_err(te)?;
                         Ok(())
                     })?;
@@ -379,7 +331,105 @@ impl Store {
                 }
             }
         }
-        r.repaired = fixed;
+        r.repaired += fixed;
         Ok(r)
     }
+
+    /// Removes what killed processes left behind — their leases, active snapshots, partial
+    /// ingests and half-removed snapshot dirs — and returns how many. Reads no blob, so it is
+    /// cheap enough for every build to run first; safe while other builds run (only what
+    /// belongs to dead processes, or to nobody, is touched).
+    pub fn reclaim_leftovers(&self) -> Result<usize> {
+        let mut r = FsckReport::default();
+        self.leftovers(true, &mut r)?;
+        Ok(r.repaired)
+    }
+
+    /// Finds (and with `repair` removes) leftovers of killed processes.
+    fn leftovers(&self, repair: bool, r: &mut FsckReport) -> Result<()> {
+        let mut fixed = 0usize;
+        for p in self.content().stale_ingests()? {
+            r.problems.push(FsckProblem::StaleIngest(p.clone()));
+            if repair && fs::remove_file(&p).is_ok() {
+                fixed += 1;
+            }
+        }
+        let snaps = self.snapshots()?;
+        for s in snaps.iter().filter(|s| is_stale_active(s)) {
+            r.problems.push(FsckProblem::StaleActiveSnapshot {
+                id: s.id,
+                pid: s.pid,
+            });
+            if repair {
+                self.snapshotter().remove(&self.snapshot_dir(s.id))?;
+                self.db().write(|tx| {
+                    tx.open_table(db::SNAPSHOTS)
+                        .map_err(te)?
+                        .remove(s.id.0)
+                        .map_err(te)?;
+                    Ok(())
+                })?;
+                fixed += 1;
+            }
+        }
+        let ids: std::collections::HashSet<u64> = snaps.iter().map(|s| s.id.0).collect();
+        let snapdir = self.root().join("snapshots");
+        if let Ok(rd) = fs::read_dir(&snapdir) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let unknown = match name.parse::<u64>() {
+                    Ok(n) => !ids.contains(&n),
+                    Err(_) => name
+                        .strip_prefix("probe-")
+                        .and_then(|p| p.parse::<u32>().ok())
+                        .is_some_and(|pid| !pid_alive(pid)),
+                };
+                if unknown {
+                    // A snapshot being created right now has its record first, so an
+                    // unrecorded dir is always a leftover.
+                    r.problems.push(FsckProblem::UnknownSnapshotDir(e.path()));
+                    if repair {
+                        let _ = crate::sys::unmount(&e.path().join("rootfs"));
+                        if fs::remove_dir_all(e.path()).is_ok() {
+                            fixed += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let leases = self.db().read(|tx| {
+            let mut leases = Vec::new();
+            for row in tx.open_table(db::LEASES).map_err(te)?.iter().map_err(te)? {
+                let (k, v) = row.map_err(te)?;
+                let l: LeaseRecord = decode("leases", k.value(), v.value())?;
+                leases.push((k.value().to_owned(), l.pid));
+            }
+            Ok(leases)
+        })?;
+        for (id, pid) in leases {
+            if pid != std::process::id() && !pid_alive(pid) {
+                r.problems.push(FsckProblem::DeadLease {
+                    id: id.clone(),
+                    pid,
+                });
+                if repair {
+                    self.db().write(|tx| {
+                        tx.open_table(db::LEASES)
+                            .map_err(te)?
+                            .remove(id.as_str())
+                            .map_err(te)?;
+                        Ok(())
+                    })?;
+                    fixed += 1;
+                }
+            }
+        }
+        r.repaired += fixed;
+        Ok(())
+    }
+}
+
+/// An active or view snapshot whose process has died.
+fn is_stale_active(s: &crate::SnapshotRecord) -> bool {
+    s.state != SnapshotState::Committed && s.pid != std::process::id() && !pid_alive(s.pid)
 }

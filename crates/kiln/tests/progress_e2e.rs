@@ -496,7 +496,7 @@ fn ctrl_c_cancels_a_build_cleanly_and_the_next_build_reruns_the_cancelled_steps(
         .unwrap();
     let report = String::from_utf8_lossy(&fsck.stdout);
     assert!(
-        fsck.status.success() && report.contains(": 0 problem(s)"),
+        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
         "fsck after the cancel:\n{report}{}",
         String::from_utf8_lossy(&fsck.stderr)
     );
@@ -572,7 +572,7 @@ fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound()
         .unwrap();
     let report = String::from_utf8_lossy(&fsck.stdout);
     assert!(
-        fsck.status.success() && report.contains(": 0 problem(s)"),
+        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
         "fsck after the failed build:\n{report}"
     );
 }
@@ -721,7 +721,7 @@ fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() 
         .unwrap();
     let report = String::from_utf8_lossy(&fsck.stdout);
     assert!(
-        fsck.status.success() && report.contains(": 0 problem(s)"),
+        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
         "fsck:\n{report}"
     );
 }

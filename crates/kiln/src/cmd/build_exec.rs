@@ -73,6 +73,10 @@ pub fn execute(
         Store::open(&globals.root)
             .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?,
     );
+    // What killed builds left behind (leases, active snapshots, partial ingests) goes first.
+    if let Err(e) = store.reclaim_leftovers() {
+        eprintln!("kiln: warning: could not reclaim leftovers of killed builds: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

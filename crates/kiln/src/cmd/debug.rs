@@ -16,7 +16,8 @@ pub struct DebugArgs {
 #[derive(clap::Subcommand)]
 enum DebugCommand {
     /// Check the state dir: every blob's digest, DB records against blobs and snapshot
-    /// dirs, leftovers of killed processes. Exits 1 when problems remain.
+    /// dirs, leftovers of killed processes. Exits 1 when damage remains (leftovers of killed
+    /// processes alone are reported and reclaimed by the next build).
     Fsck(FsckArgs),
 }
 
@@ -46,20 +47,33 @@ fn fsck(args: FsckArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("opening the kiln state at {}", root.display()))?;
     let report = store.fsck(args.repair).context("checking the store")?;
     for p in &report.problems {
-        println!("problem: {p}");
+        let kind = if p.is_leftover() {
+            "leftover"
+        } else {
+            "problem"
+        };
+        println!("{kind}: {p}");
     }
+    let damage = report.damage().count();
+    let leftovers = report.problems.len() - damage;
     println!(
-        "checked {} blobs and {} snapshots: {} problem(s){}",
+        "checked {} blobs and {} snapshots: {damage} problem(s), {leftovers} leftover(s) of killed processes{}",
         report.blobs_checked,
         report.snapshots_checked,
-        report.problems.len(),
         if args.repair {
             format!(", {} repaired", report.repaired)
+        } else if leftovers > 0 {
+            " (the next build or --repair removes them)".to_owned()
         } else {
             String::new()
         }
     );
-    let remaining = report.problems.len().saturating_sub(report.repaired);
+    // Leftovers are reclaimed by the next build; only damage fails the check.
+    let remaining = if args.repair {
+        report.problems.len().saturating_sub(report.repaired)
+    } else {
+        damage
+    };
     Ok(if remaining == 0 {
         ExitCode::SUCCESS
     } else {
