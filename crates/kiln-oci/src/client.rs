@@ -1742,6 +1742,34 @@ mod tests {
     }
 
     #[test]
+    fn connection_counts_parse_within_bounds_and_bad_ones_name_their_flag() {
+        assert_eq!(parse_connections("connections", "64"), Ok(64));
+        assert_eq!(parse_connections("connections", " 1 "), Ok(1));
+        for bad in ["0", "-3", "many", "", "1025"] {
+            let e = parse_connections("--export-cache connections", bad).unwrap_err();
+            assert!(e.starts_with("--export-cache connections="), "{e}");
+            assert!(e.contains("1 to 1024"), "{e}");
+        }
+        assert!(
+            ClientConfig::default().concurrency > 4,
+            "above BuildKit's 4"
+        );
+    }
+
+    #[test]
+    fn a_client_with_another_connection_count_shares_the_byte_counters() {
+        let c = RegistryClient::new(ClientConfig {
+            concurrency: 5,
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let d = c.with_concurrency(64);
+        assert_eq!((c.concurrency(), d.concurrency()), (5, 64));
+        d.inner.counters.bytes_sent.fetch_add(7, Ordering::Relaxed);
+        assert_eq!(c.stats().bytes_sent, 7);
+    }
+
+    #[test]
     fn mirrors_come_before_the_registry() {
         let mut cfg = ClientConfig::default();
         cfg.hosts.insert(
