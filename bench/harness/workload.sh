@@ -81,7 +81,7 @@ COPY --from=npm-deps /deps/public ./public
 COPY --from=php-ext /build/modules/ /usr/local/lib/php/extensions/
 COPY src/ ./src/
 COPY bin/ ./bin/
-RUN find . -type f | wc -l > FILES
+RUN n=\$(find . -type f | wc -l) && echo "\$n" > FILES
 
 FROM app AS release
 LABEL org.opencontainers.image.title="kiln-bench"

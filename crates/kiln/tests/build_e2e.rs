@@ -66,7 +66,7 @@ fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
         [
             "[app 6/8] COPY src/ ./src/",
             "[app 7/8] COPY bin/ ./bin/",
-            "[app 8/8] RUN echo \"$APP_VERSION\" > VERSION && find . -type f | wc -l > FILES",
+            "[app 8/8] RUN echo \"$APP_VERSION\" > VERSION && n=$(find . -type f | wc -l) && echo \"$n\" > FILES",
             "[dev 2/3] RUN mkdir -p var/log && echo \"xdebug.mode=debug\" > /usr/local/lib/php/extensions/dev.ini",
             "[dev 3/3] COPY tests/ ./tests/",
             "[test 2/2] RUN sh tests/run.sh",
