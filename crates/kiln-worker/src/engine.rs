@@ -1176,6 +1176,9 @@ impl Engine for Worker {
         let inner = self.inner.clone();
         let key = key.clone();
         Box::pin(async move {
+            if inner.remotes().is_empty() {
+                return Ok(None);
+            }
             tokio::task::spawn_blocking(move || {
                 let below_layers = base.as_ref().map(|f| f.layers.clone()).unwrap_or_default();
                 let below: Vec<Digest> = below_layers.iter().map(|l| l.diff_id.clone()).collect();

@@ -172,10 +172,28 @@ fn a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root() {
         config.len()
     );
 
-    // A new runner: the whole graph imports, and nothing runs.
-    let warm = p.build("runner2", "final", &["--import-cache", &import]);
+    // A new runner: the whole graph imports, and nothing runs. It exports back to the same
+    // ref, so every blob is remote (existence checks, then HEADs on push): the same day and
+    // nothing changed, the manifest comes out byte for byte the same.
+    let day = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 86_400
+    };
+    let day_before = day();
+    let warm = p.build(
+        "runner2",
+        "final",
+        &["--import-cache", &import, "--export-cache", &export],
+    );
     assert!(warm.ran().is_empty(), "ran {:?}", warm.ran());
     assert!(!warm.cached().is_empty());
+    let (again, _) = cache_manifest_and_config(&reg, "scale/app", "cache");
+    if day() == day_before {
+        assert_eq!(again, manifest, "an unchanged re-export rewrote the cache");
+    }
     // Another new runner asks for a stage in the middle of the graph: a hit there too.
     let mid = p.build("runner3", "branch17", &["--import-cache", &import]);
     assert!(mid.ran().is_empty(), "ran {:?}", mid.ran());
@@ -187,12 +205,13 @@ fn a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root() {
     );
     eprintln!(
         "scale: {records} records, config {} bytes, {} layers; cold build {:.1}s (export {:?}s); \
-         fresh runner import {:.1}s; mid-graph target {:.1}s",
+         fresh runner import + re-export {:.1}s (export {:?}s); mid-graph target {:.1}s",
         config.len(),
         manifest["layers"].as_array().unwrap().len(),
         cold.seconds,
         cold.export_seconds(),
         warm.seconds,
+        warm.export_seconds(),
         mid.seconds
     );
 }
@@ -358,7 +377,35 @@ fn merged_records_older_than_max_age_are_dropped_on_the_next_export_as_root() {
     let old = p.build("runner4", "old", &["--import-cache", &import]);
     assert_eq!(old.ran().len(), 2, "ran {:?}", old.ran());
 
-    // A bad bound is an error that names it.
+    // Bad bounds and connection counts are errors that name them.
+    for (flag, env) in [
+        ("connections=0", None),
+        ("connections=many", None),
+        ("connections=8", Some("lots")),
+    ] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+        if let Some(v) = env {
+            cmd.env("KILN_REGISTRY_CONNECTIONS", v);
+        }
+        let out = cmd
+            .arg("--root")
+            .arg(p.path("runner5"))
+            .args(["build", "--progress", "quiet", "--target", "new"])
+            .args([
+                "--export-cache",
+                &format!("type=registry,ref={cache},{flag}"),
+            ])
+            .arg(p.path("ctx"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {env:?} was accepted");
+        let named = match env {
+            Some(v) => format!("KILN_REGISTRY_CONNECTIONS={v}"),
+            None => format!("--export-cache {flag}"),
+        };
+        assert!(stderr.contains(&named), "{named}: {stderr}");
+    }
     let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
         .arg(p.path("runner5"))
