@@ -1054,7 +1054,17 @@ impl Engine for Worker {
     type Output = Value;
 
     fn definition(&self, step: &Step) -> Vec<u8> {
-        step.vertex.canonical_op()
+        match &step.vertex.op {
+            // A download with `--checksum` is its content: a mirror or a moved URL serving
+            // the same bytes keeps the cache, as BuildKit keys it.
+            Op::Http(h) if h.checksum.is_some() => serde_json::to_vec(&serde_json::json!({
+                "op": "http",
+                "checksum": h.checksum,
+                "filename": h.filename,
+            }))
+            .unwrap_or_default(),
+            _ => step.vertex.canonical_op(),
+        }
     }
 
     fn input_key(&self, step: &Step, index: usize) -> InputKey {

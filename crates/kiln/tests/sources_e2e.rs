@@ -307,6 +307,31 @@ fn add_url_with_checksum_saves_the_file_0600_unextracted_and_a_rebuild_makes_no_
         2,
         "with --checksum a rebuild needs no request at all"
     );
+
+    // The same bytes from another URL (a mirror) with the same checksum: the download is its
+    // checksum, so every step stays cached and nothing is requested.
+    server.set("/mirror/hello.txt", &hello);
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!(
+            "FROM busybox:latest\n\
+             ADD --checksum=sha256:{} {} /data/\n\
+             ADD --checksum=sha256:{} --chmod=0755 {} /data/tool.tgz\n\
+             RUN stat -c '%Y' /data/hello.txt > /mtime && ls /data > /listing\n",
+            sha256_hex(&hello),
+            server.url("/mirror/hello.txt"),
+            sha256_hex(&tgz_bytes),
+            server.url("/dl/a.tar.gz"),
+        ),
+    )
+    .unwrap();
+    let mirrored = build_ok(&f, &dir, &[]);
+    assert!(mirrored.ran().is_empty(), "ran {:?}", mirrored.ran());
+    assert_eq!(
+        server.requests(),
+        2,
+        "a mirror of a known checksum is not asked"
+    );
 }
 
 #[test]
