@@ -487,3 +487,29 @@ fn max_parallelism_comes_from_the_environment_and_is_checked_there_too() {
     let good = run("2");
     assert!(good.status.success(), "{}", stderr(&good));
 }
+
+#[test]
+fn bad_cache_export_attributes_fail_before_any_step_runs() {
+    for (attr, named) in [
+        ("max-age=soon", "--export-cache max-age=soon"),
+        ("max-records=many", "--export-cache max-records=many"),
+        ("connections=0", "--export-cache connections"),
+    ] {
+        let spec = format!("type=registry,ref=127.0.0.1:9/app:cache,{attr}");
+        let o = kiln(&[
+            "build",
+            &ex(),
+            "--progress",
+            "plain",
+            "--export-cache",
+            &spec,
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{attr}: {}", stderr(&o));
+        assert!(stderr(&o).contains(named), "{attr}: {}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("RUN"),
+            "{attr}: steps ran before the check: {}",
+            stderr(&o)
+        );
+    }
+}

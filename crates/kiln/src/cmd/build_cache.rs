@@ -231,14 +231,7 @@ pub(crate) async fn export_caches(
             let max = spec.mode == CacheMode::Max;
             let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
             if spec.cache_mounts {
-                let max_bytes = match spec.attrs.get("cache-mounts-max-size") {
-                    Some(v) => v.parse::<u64>().map_err(|_| {
-                        anyhow::anyhow!(
-                            "--export-cache cache-mounts-max-size={v}: expected a number of bytes"
-                        )
-                    })?,
-                    None => 1 << 30,
-                };
+                let max_bytes = cache_mounts_max_size(&spec.attrs)?;
                 kiln_worker::remote::export_cache_mounts(solved, &mut graph, max_bytes)?;
             }
             let blob_file = |d: &kiln_oci::Digest| {
@@ -254,11 +247,8 @@ pub(crate) async fn export_caches(
                         .parse()
                         .map_err(|e| anyhow::anyhow!("--export-cache ref={name}: {e}"))?;
                     let policy = retention_policy(&spec.attrs)?;
-                    let client = match spec.attrs.get("connections") {
-                        Some(v) => client.with_concurrency(
-                            kiln_oci::parse_connections("--export-cache connections", v)
-                                .map_err(anyhow::Error::msg)?,
-                        ),
+                    let client = match connections(&spec.attrs)? {
+                        Some(n) => client.with_concurrency(n),
                         None => client.clone(),
                     };
                     // Every record of this build was used today; merged ones keep their day.
@@ -328,6 +318,41 @@ pub(crate) async fn export_caches(
         }
     }
     Ok(())
+}
+
+/// Checks the attributes of every `--export-cache` before the build runs, so a typo fails
+/// at once instead of after the steps.
+pub(crate) fn check_cache_exports(opts: &BuildOptions) -> anyhow::Result<()> {
+    for spec in &opts.cache_exports {
+        retention_policy(&spec.attrs)?;
+        connections(&spec.attrs)?;
+        cache_mounts_max_size(&spec.attrs)?;
+    }
+    Ok(())
+}
+
+/// `connections=N` of an `--export-cache`.
+fn connections(
+    attrs: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<Option<usize>> {
+    attrs
+        .get("connections")
+        .map(|v| {
+            kiln_oci::parse_connections("--export-cache connections", v).map_err(anyhow::Error::msg)
+        })
+        .transpose()
+}
+
+/// `cache-mounts-max-size=BYTES` of an `--export-cache` (default 1 GiB).
+fn cache_mounts_max_size(
+    attrs: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<u64> {
+    match attrs.get("cache-mounts-max-size") {
+        Some(v) => v.parse::<u64>().map_err(|_| {
+            anyhow::anyhow!("--export-cache cache-mounts-max-size={v}: expected a number of bytes")
+        }),
+        None => Ok(1 << 30),
+    }
 }
 
 /// The `max-age=DURATION` and `max-records=N` attributes of a registry `--export-cache`: what

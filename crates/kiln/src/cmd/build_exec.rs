@@ -69,6 +69,7 @@ pub fn execute(
     IgnoreMatcher::from_patterns(dockerignore)
         .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
     let sde = source_date_epoch(opts)?;
+    super::build_cache::check_cache_exports(opts)?;
     let store = Arc::new(
         Store::open(&globals.root)
             .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?,
