@@ -646,6 +646,25 @@ impl Store {
             .write(|tx| remember_layer(tx, layer, c).map(|_| ()))
     }
 
+    /// The committed snapshot holding the chain `chain` (an OCI chain id), if one was
+    /// unpacked or built here.
+    pub fn chain_snapshot(&self, chain: &Digest) -> Result<Option<SnapshotId>> {
+        self.db().read(|tx| {
+            let chains = tx.open_table(db::CHAINS).map_err(te)?;
+            let Some(sid) = chains
+                .get(chain.to_string().as_str())
+                .map_err(te)?
+                .map(|g| g.value())
+            else {
+                return Ok(None);
+            };
+            match read_snapshot(tx, SnapshotId(sid)) {
+                Ok(r) if r.state == SnapshotState::Committed => Ok(Some(r.id)),
+                _ => Ok(None),
+            }
+        })
+    }
+
     /// Unpacks the layer blob `blob` (tar, tar+gzip or tar+zstd, detected by magic) on top
     /// of `parent` into a new committed snapshot. Cached by OCI chain id: a chain already
     /// unpacked (by any process) is returned without reading the blob.

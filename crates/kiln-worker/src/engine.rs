@@ -442,8 +442,13 @@ impl Inner {
                 return Ok(Some(id));
             }
         }
+        // Blobs the unpack below will need download side by side while it unpacks, in order.
+        let prefetch = self.prefetch(fs);
         let mut parent = None;
         for layer in &fs.layers {
+            if let Some(p) = &prefetch {
+                p.wait(&layer.blob.digest);
+            }
             // A chain unpacked before is found by chain id without touching the blob.
             self.store.register_layer(&LayerRecord {
                 diff_id: layer.diff_id.clone(),
@@ -473,6 +478,28 @@ impl Inner {
         }
         *slot = parent;
         Ok(parent)
+    }
+
+    /// Starts downloading, several at once, the blobs `fs`'s unpack will read: those of the
+    /// layers above the deepest chain already unpacked here that are not in the content
+    /// store. `None` when there are fewer than two (the unpack fetches a single one itself).
+    fn prefetch(&self, fs: &Rootfs) -> Option<Prefetch> {
+        let source = fs.source.clone()?;
+        let mut chain: Option<Digest> = None;
+        let mut first_missing = 0;
+        for (i, layer) in fs.layers.iter().enumerate() {
+            let c = kiln_store::chain_id(chain.as_ref(), &layer.diff_id);
+            if matches!(self.store.chain_snapshot(&c), Ok(Some(_))) {
+                first_missing = i + 1;
+            }
+            chain = Some(c);
+        }
+        let need: Vec<Descriptor> = fs.layers[first_missing..]
+            .iter()
+            .map(|l| l.blob.clone())
+            .filter(|b| !self.store.content().has(&b.digest))
+            .collect();
+        (need.len() > 1).then(|| Prefetch::start(need, source, self.store.clone()))
     }
 
     fn context(&self, name: &str, exclude: &[String]) -> Result<Arc<ContextIndex>, WorkerError> {
@@ -930,6 +957,75 @@ impl Inner {
     }
 }
 
+/// Layer blobs downloading in the background, at most [`Prefetch::WORKERS`] at a time, in
+/// chain order; [`Prefetch::wait`] blocks until one has arrived. Dropping it stops the
+/// downloads not yet started.
+struct Prefetch {
+    state: Arc<(Mutex<PrefetchState>, std::sync::Condvar)>,
+}
+
+#[derive(Default)]
+struct PrefetchState {
+    queue: std::collections::VecDeque<Descriptor>,
+    pending: std::collections::HashSet<Digest>,
+    stop: bool,
+}
+
+impl Prefetch {
+    const WORKERS: usize = 6;
+
+    fn start(blobs: Vec<Descriptor>, source: Arc<dyn BlobSource>, store: Arc<Store>) -> Self {
+        let state = Arc::new((
+            Mutex::new(PrefetchState {
+                pending: blobs.iter().map(|b| b.digest.clone()).collect(),
+                queue: blobs.into(),
+                ..PrefetchState::default()
+            }),
+            std::sync::Condvar::new(),
+        ));
+        let workers = Self::WORKERS.min(state.0.lock().expect("prefetch").queue.len());
+        for _ in 0..workers {
+            let (state, source, store) = (state.clone(), source.clone(), store.clone());
+            std::thread::spawn(move || loop {
+                let next = {
+                    let mut st = state.0.lock().expect("prefetch");
+                    if st.stop {
+                        None
+                    } else {
+                        st.queue.pop_front()
+                    }
+                };
+                let Some(blob) = next else { return };
+                // An error is left to the unpack's own fetch of the blob.
+                let _ = source.fetch(&blob, &store);
+                state
+                    .0
+                    .lock()
+                    .expect("prefetch")
+                    .pending
+                    .remove(&blob.digest);
+                state.1.notify_all();
+            });
+        }
+        Prefetch { state }
+    }
+
+    /// Waits for `digest` if it is one of the blobs being fetched. A failed download is left
+    /// to the unpack, which fetches the blob itself and reports the error in full.
+    fn wait(&self, digest: &Digest) {
+        let mut st = self.state.0.lock().expect("prefetch");
+        while st.pending.contains(digest) {
+            st = self.state.1.wait(st).expect("prefetch");
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.state.0.lock().expect("prefetch").stop = true;
+    }
+}
+
 /// Stacks the inputs' layer chains, the first input's at the bottom. Nothing runs and
 /// nothing is unpacked: the chain becomes a snapshot only when a step runs on it.
 fn merge(inputs: &[Value]) -> Result<Value, WorkerError> {
@@ -1318,5 +1414,73 @@ impl Engine for Worker {
 
     fn describe(&self, step: &Step) -> String {
         step.vertex.meta.description.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Blobs from memory, slowly, counting how many are fetched at once.
+    struct SlowBlobs {
+        blobs: HashMap<Digest, Vec<u8>>,
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl BlobSource for SlowBlobs {
+        fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let mut w = store.content().writer()?;
+            std::io::Write::write_all(&mut w, &self.blobs[&blob.digest])
+                .map_err(|e| WorkerError::Internal(e.to_string()))?;
+            w.commit(&blob.digest, blob.size)?;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn name(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    #[test]
+    fn prefetch_downloads_several_blobs_at_once_and_wait_returns_when_one_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let bodies: Vec<Vec<u8>> = (0..5).map(|i| format!("blob {i}").into_bytes()).collect();
+        let descs: Vec<Descriptor> = bodies
+            .iter()
+            .map(|b| {
+                Descriptor::new(
+                    "application/octet-stream".to_owned(),
+                    Digest::sha256_of(b),
+                    b.len() as u64,
+                )
+            })
+            .collect();
+        let source = Arc::new(SlowBlobs {
+            blobs: descs
+                .iter()
+                .zip(&bodies)
+                .map(|(d, b)| (d.digest.clone(), b.clone()))
+                .collect(),
+            now: AtomicUsize::new(0),
+            most: AtomicUsize::new(0),
+        });
+        let p = Prefetch::start(descs.clone(), source.clone(), store.clone());
+        for d in &descs {
+            p.wait(&d.digest);
+            assert!(store.content().has(&d.digest), "{} not stored", d.digest);
+        }
+        assert!(
+            source.most.load(Ordering::SeqCst) > 1,
+            "blobs were fetched one at a time"
+        );
+        // A digest that was never asked for does not block.
+        p.wait(&Digest::sha256_of(b"other"));
     }
 }
