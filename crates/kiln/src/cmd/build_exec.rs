@@ -157,6 +157,9 @@ pub fn execute(
     ));
     let sink = progress.clone();
     let steps = progress.clone();
+    // The exit code of a build stopped by a signal, as shells report one: 128 + its number.
+    let signalled = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let signal_code = signalled.clone();
     let solved = runtime.block_on(async move {
         planned
             .solve(sink, |solver| {
@@ -188,10 +191,17 @@ pub fn execute(
                                 }
                             } => "SIGTERM",
                         };
+                        let code: u8 = if name == "SIGTERM" { 143 } else { 130 };
                         if steps.is_finished() {
                             eprintln!("kiln: interrupted while exporting ({name})");
-                            std::process::exit(if name == "SIGTERM" { 143 } else { 130 });
+                            std::process::exit(code.into());
                         }
+                        let _ = signal_code.compare_exchange(
+                            0,
+                            code,
+                            std::sync::atomic::Ordering::SeqCst,
+                            std::sync::atomic::Ordering::SeqCst,
+                        );
                         if asked {
                             eprintln!(
                                 "kiln: still cancelling: stopping containers and removing their snapshots"
@@ -214,7 +224,12 @@ pub fn execute(
             eprint!("{}", progress.summary("build failed"));
             let cancelled = matches!(e, BuildError::Solve(kiln_solver::SolveError::Cancelled));
             save_history(globals, &recorder, Err(e.to_string()), cancelled, reports);
-            return Ok(ExitCode::from(1));
+            let code = signalled.load(std::sync::atomic::Ordering::SeqCst);
+            return Ok(ExitCode::from(if cancelled && code != 0 {
+                code
+            } else {
+                1
+            }));
         }
     };
     record_step_inputs(&solved, &recorder);
