@@ -41,6 +41,13 @@ pub(crate) const CACHE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("ca
 pub(crate) const REFS: TableDefinition<&str, &str> = TableDefinition::new("refs");
 /// Lease id → JSON `LeaseRecord`.
 pub(crate) const LEASES: TableDefinition<&str, &[u8]> = TableDefinition::new("leases");
+/// (lease id, snapshot id): a snapshot the lease protects, one key each so protecting is a
+/// small insert however many the lease holds.
+pub(crate) const LEASE_SNAPSHOTS: TableDefinition<(&str, u64), ()> =
+    TableDefinition::new("lease_snapshots");
+/// (lease id, blob digest): a blob the lease protects.
+pub(crate) const LEASE_BLOBS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("lease_blobs");
 
 /// How long to wait for a DB held by another process before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
@@ -131,6 +138,8 @@ impl Db {
             tx.open_table(CACHE).map_err(te)?;
             tx.open_table(REFS).map_err(te)?;
             tx.open_table(LEASES).map_err(te)?;
+            tx.open_table(LEASE_SNAPSHOTS).map_err(te)?;
+            tx.open_table(LEASE_BLOBS).map_err(te)?;
             Ok(())
         })?;
         Ok(db)

@@ -413,13 +413,8 @@ impl Store {
                     pid,
                 });
                 if repair {
-                    self.db().write(|tx| {
-                        tx.open_table(db::LEASES)
-                            .map_err(te)?
-                            .remove(id.as_str())
-                            .map_err(te)?;
-                        Ok(())
-                    })?;
+                    self.db()
+                        .write(|tx| crate::store::remove_lease(tx, id.as_str()))?;
                     fixed += 1;
                 }
             }

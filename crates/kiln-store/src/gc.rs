@@ -15,7 +15,7 @@ use redb::ReadableTable;
 
 use crate::db::{self, decode, encode, te};
 use crate::error::Result;
-use crate::store::{pid_alive, CacheRecord, LeaseRecord, SnapshotId, SnapshotState, Store};
+use crate::store::{lease_protections, pid_alive, CacheRecord, SnapshotId, SnapshotState, Store};
 
 /// What [`Store::prune`] may delete.
 #[derive(Debug, Clone)]
@@ -112,11 +112,7 @@ impl Store {
             .collect();
         let mut keep_blobs: HashSet<Digest> = HashSet::new();
         let (leases, cache, refs, snapshot_diffs) = self.db().read(|tx| {
-            let mut leases = Vec::new();
-            for row in tx.open_table(db::LEASES).map_err(te)?.iter().map_err(te)? {
-                let (k, v) = row.map_err(te)?;
-                leases.push(decode::<LeaseRecord>("leases", k.value(), v.value())?);
-            }
+            let leases = lease_protections(tx, |pid| pid == std::process::id() || pid_alive(pid))?;
             let mut cache = Vec::new();
             for row in tx.open_table(db::CACHE).map_err(te)?.iter().map_err(te)? {
                 let (k, v) = row.map_err(te)?;
@@ -145,13 +141,9 @@ impl Store {
             }
             Ok((leases, cache, refs, sd))
         })?;
-        for l in leases
-            .iter()
-            .filter(|l| l.pid == std::process::id() || pid_alive(l.pid))
-        {
-            keep_snaps.extend(l.snapshots.iter().copied());
-            keep_blobs.extend(l.blobs.iter().filter_map(|b| b.parse().ok()));
-        }
+        let (lease_snaps, lease_blobs) = leases;
+        keep_snaps.extend(lease_snaps);
+        keep_blobs.extend(lease_blobs.iter().filter_map(|b| b.parse().ok()));
         for c in &cache {
             keep_snaps.extend(c.snapshots.iter().map(|s| s.0));
             keep_blobs.extend(c.blobs.iter().cloned());

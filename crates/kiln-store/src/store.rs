@@ -1,7 +1,7 @@
 //! [`Store`]: the one handle the solver holds. It ties the content store, the metadata DB and
 //! the snapshotter together and keeps their records consistent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::{self, BufReader};
 use std::os::fd::AsRawFd;
@@ -92,10 +92,16 @@ struct LayerBlobs {
     blobs: BTreeMap<String, LayerRecord>,
 }
 
+/// [`Store::cache_get`] rewrites a record's last-use time only when it is at least this many
+/// seconds old.
+pub(crate) const CACHE_TOUCH_SECS: u64 = 60;
+
 /// A cache-key record: bytes the solver defines, plus what GC and prune need.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheRecord {
-    /// The solver's serialized result.
+    /// The solver's serialized result. Stored as a base64 string; records written before
+    /// (a JSON array of numbers) are still read.
+    #[serde(with = "value_bytes")]
     pub value: Vec<u8>,
     /// Snapshots the result refers to (kept alive while the record exists).
     pub snapshots: Vec<SnapshotId>,
@@ -107,6 +113,47 @@ pub struct CacheRecord {
     pub last_used: u64,
     /// Bytes the result accounts for (for prune ordering).
     pub size: u64,
+}
+
+/// Serde for [`CacheRecord::value`]: written as one base64 string (about 1.3 bytes per
+/// byte, where serde's default array of numbers took 3–4); read from either form, so state
+/// dirs written by an older kiln keep working.
+mod value_bytes {
+    use base64::Engine as _;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(ValueVisitor)
+    }
+
+    struct ValueVisitor;
+
+    impl<'de> Visitor<'de> for ValueVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a base64 string or an array of bytes")
+        }
+
+        fn visit_str<E: Error>(self, s: &str) -> Result<Vec<u8>, E> {
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| E::custom(format!("cache record value is not base64: {e}")))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -165,6 +212,8 @@ struct Inner {
     note: String,
     compress: CompressOptions,
     max_lowers: usize,
+    /// Committed snapshot id → its parent, as read from the DB (see `chain_dirs`).
+    parents: std::sync::Mutex<HashMap<u64, Option<u64>>>,
 }
 
 /// kiln's local state: blobs, snapshots and records under one root. Cheap to clone; share
@@ -232,6 +281,7 @@ impl Store {
                     .max_overlay_layers
                     .unwrap_or(usize::MAX)
                     .clamp(3, crate::snapshot::overlay_max_lowers()),
+                parents: Default::default(),
             }),
         })
     }
@@ -289,21 +339,49 @@ impl Store {
     }
 
     /// The `fs/` dirs of `id` and its ancestors, nearest first.
+    ///
+    /// One read transaction: `id`'s record is always read (so a removed snapshot is an
+    /// error), its ancestors' parents come from `Inner::parents` where known. That memory
+    /// is safe because a committed snapshot's parent never changes, ids are never reused,
+    /// and a snapshot cannot be removed while a child exists (`remove` refuses, prune goes
+    /// children first), so the ancestors of a recorded snapshot are recorded too.
     fn chain_dirs(&self, id: Option<SnapshotId>) -> Result<Vec<PathBuf>> {
         let Some(id) = id else { return Ok(Vec::new()) };
-        let recs = self.db().read(|tx| {
+        let ids = self.db().read(|tx| {
+            let t = tx.open_table(db::SNAPSHOTS).map_err(te)?;
+            let read = |c: SnapshotId| -> Result<SnapshotRecord> {
+                let v = t
+                    .get(snapshot_key(c))
+                    .map_err(te)?
+                    .ok_or(StoreError::SnapshotNotFound(c.0))?;
+                decode("snapshots", &c.to_string(), v.value())
+            };
+            let mut parents = self.inner.parents.lock().unwrap_or_else(|p| p.into_inner());
             let mut out = Vec::new();
-            let mut cur = Some(id);
+            let top = read(id)?;
+            if top.state == SnapshotState::Committed {
+                parents.insert(id.0, top.parent.map(|p| p.0));
+            }
+            out.push(id.0);
+            let mut cur = top.parent;
             while let Some(c) = cur {
-                let r = read_snapshot(tx, c)?;
-                cur = r.parent;
-                out.push(r);
+                out.push(c.0);
+                cur = match parents.get(&c.0) {
+                    Some(p) => p.map(SnapshotId),
+                    None => {
+                        let r = read(c)?;
+                        if r.state == SnapshotState::Committed {
+                            parents.insert(c.0, r.parent.map(|p| p.0));
+                        }
+                        r.parent
+                    }
+                };
             }
             Ok(out)
         })?;
-        Ok(recs
-            .iter()
-            .map(|r| self.snapshot_dir(r.id).join("fs"))
+        Ok(ids
+            .into_iter()
+            .map(|i| self.snapshot_dir(SnapshotId(i)).join("fs"))
             .collect())
     }
 
@@ -820,18 +898,39 @@ impl Store {
     // ---- cache records ----
 
     /// Looks up a cache record and marks it used.
+    ///
+    /// The last-use time is rewritten only when it is at least a minute old, so a
+    /// build's many lookups of fresh records are read transactions (prune's ages are far
+    /// coarser than that).
     pub fn cache_get(&self, key: &[u8]) -> Result<Option<CacheRecord>> {
-        self.db().write(|tx| {
-            let mut t = tx.open_table(db::CACHE).map_err(te)?;
-            let rec: Option<CacheRecord> = match t.get(key).map_err(te)? {
-                Some(v) => Some(decode("cache", &String::from_utf8_lossy(key), v.value())?),
+        let now = db::now_secs();
+        let rec = self.db().read(|tx| {
+            let t = tx.open_table(db::CACHE).map_err(te)?;
+            let out = match t.get(key).map_err(te)? {
+                Some(v) => Some(decode::<CacheRecord>(
+                    "cache",
+                    &String::from_utf8_lossy(key),
+                    v.value(),
+                )?),
                 None => None,
             };
-            let Some(mut rec) = rec else { return Ok(None) };
-            rec.last_used = db::now_secs();
-            t.insert(key, encode(&rec)?.as_slice()).map_err(te)?;
-            Ok(Some(rec))
-        })
+            Ok(out)
+        })?;
+        match rec {
+            Some(r) if now.saturating_sub(r.last_used) < CACHE_TOUCH_SECS => Ok(Some(r)),
+            None => Ok(None),
+            Some(_) => self.db().write(|tx| {
+                let mut t = tx.open_table(db::CACHE).map_err(te)?;
+                let rec: Option<CacheRecord> = match t.get(key).map_err(te)? {
+                    Some(v) => Some(decode("cache", &String::from_utf8_lossy(key), v.value())?),
+                    None => None,
+                };
+                let Some(mut rec) = rec else { return Ok(None) };
+                rec.last_used = now;
+                t.insert(key, encode(&rec)?.as_slice()).map_err(te)?;
+                Ok(Some(rec))
+            }),
+        }
     }
 
     /// Stores (or replaces) a cache record. `snapshots` and `blobs` stay alive while it exists.
@@ -947,6 +1046,8 @@ impl Store {
         Ok(Lease {
             store: self.clone(),
             id,
+            snapshots: Default::default(),
+            blobs: Default::default(),
         })
     }
 
@@ -989,6 +1090,11 @@ static LEASE_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 pub struct Lease {
     store: Store,
     id: String,
+    /// Snapshots and blobs already recorded for this lease (this process's memory of its
+    /// own keys: only this lease's owner writes them, only its drop or a dead-process
+    /// reclaim deletes them).
+    snapshots: std::sync::Mutex<HashSet<u64>>,
+    blobs: std::sync::Mutex<HashSet<String>>,
 }
 
 impl Lease {
@@ -997,49 +1103,132 @@ impl Lease {
         &self.id
     }
 
-    fn update(&self, f: impl FnOnce(&mut LeaseRecord)) -> Result<()> {
+    /// Protects snapshot `id` for the lease's life. Each protection is its own small DB
+    /// key, written once per lease (later calls for the same snapshot return at once).
+    pub fn protect_snapshot(&self, id: SnapshotId) -> Result<()> {
+        if self.recorded_snapshots().contains(&id.0) {
+            return Ok(());
+        }
         self.store.db().write(|tx| {
-            let mut t = tx.open_table(db::LEASES).map_err(te)?;
-            let mut rec: LeaseRecord = match t.get(self.id.as_str()).map_err(te)? {
-                Some(v) => decode("leases", &self.id, v.value())?,
-                None => LeaseRecord {
-                    pid: std::process::id(),
-                    created: db::now_secs(),
-                    ..Default::default()
-                },
-            };
-            f(&mut rec);
-            t.insert(self.id.as_str(), encode(&rec)?.as_slice())
+            tx.open_table(db::LEASE_SNAPSHOTS)
+                .map_err(te)?
+                .insert((self.id.as_str(), id.0), ())
                 .map_err(te)?;
             Ok(())
-        })
+        })?;
+        self.recorded_snapshots().insert(id.0);
+        Ok(())
     }
 
-    /// Protects snapshot `id` for the lease's life.
-    pub fn protect_snapshot(&self, id: SnapshotId) -> Result<()> {
-        self.update(|r| {
-            r.snapshots.insert(id.0);
-        })
-    }
-
-    /// Protects blob `digest` for the lease's life.
+    /// Protects blob `digest` for the lease's life (written once per lease, as snapshots).
     pub fn protect_blob(&self, digest: &Digest) -> Result<()> {
-        self.update(|r| {
-            r.blobs.insert(digest.to_string());
-        })
+        let d = digest.to_string();
+        if self.recorded_blobs().contains(&d) {
+            return Ok(());
+        }
+        self.store.db().write(|tx| {
+            tx.open_table(db::LEASE_BLOBS)
+                .map_err(te)?
+                .insert((self.id.as_str(), d.as_str()), ())
+                .map_err(te)?;
+            Ok(())
+        })?;
+        self.recorded_blobs().insert(d);
+        Ok(())
+    }
+
+    fn recorded_snapshots(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.snapshots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recorded_blobs(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.blobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = self.store.db().write(|tx| {
-            tx.open_table(db::LEASES)
-                .map_err(te)?
-                .remove(self.id.as_str())
-                .map_err(te)?;
-            Ok(())
-        });
+        let _ = self
+            .store
+            .db()
+            .write(|tx| remove_lease(tx, self.id.as_str()));
     }
+}
+
+/// Deletes lease `id` and every protection it holds, in the caller's transaction.
+pub(crate) fn remove_lease(tx: &redb::WriteTransaction, id: &str) -> Result<()> {
+    tx.open_table(db::LEASES)
+        .map_err(te)?
+        .remove(id)
+        .map_err(te)?;
+    let mut snaps = tx.open_table(db::LEASE_SNAPSHOTS).map_err(te)?;
+    let doomed: Vec<u64> = snaps
+        .range((id, 0)..=(id, u64::MAX))
+        .map_err(te)?
+        .map(|r| r.map(|(k, _)| k.value().1))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(te)?;
+    for s in doomed {
+        snaps.remove((id, s)).map_err(te)?;
+    }
+    let mut blobs = tx.open_table(db::LEASE_BLOBS).map_err(te)?;
+    let doomed: Vec<String> = blobs
+        .range((id, "")..)
+        .map_err(te)?
+        .map(|r| r.map(|(k, _)| (k.value().0.to_owned(), k.value().1.to_owned())))
+        .take_while(|r| r.as_ref().map_or(true, |(l, _)| l == id))
+        .map(|r| r.map(|(_, b)| b))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(te)?;
+    for b in doomed {
+        blobs.remove((id, b.as_str())).map_err(te)?;
+    }
+    Ok(())
+}
+
+/// What the live leases protect: every lease's own sets (records written by an older kiln)
+/// and its per-item keys. `live(pid)` says whether a lease's process still runs.
+pub(crate) fn lease_protections(
+    tx: &redb::ReadTransaction,
+    live: impl Fn(u32) -> bool,
+) -> Result<(HashSet<u64>, HashSet<String>)> {
+    let mut live_ids = HashSet::new();
+    let mut snaps = HashSet::new();
+    let mut blobs = HashSet::new();
+    for row in tx.open_table(db::LEASES).map_err(te)?.iter().map_err(te)? {
+        let (k, v) = row.map_err(te)?;
+        let l: LeaseRecord = decode("leases", k.value(), v.value())?;
+        if live(l.pid) {
+            live_ids.insert(k.value().to_owned());
+            snaps.extend(l.snapshots);
+            blobs.extend(l.blobs);
+        }
+    }
+    for row in tx
+        .open_table(db::LEASE_SNAPSHOTS)
+        .map_err(te)?
+        .iter()
+        .map_err(te)?
+    {
+        let (k, _) = row.map_err(te)?;
+        let (lease, id) = k.value();
+        if live_ids.contains(lease) {
+            snaps.insert(id);
+        }
+    }
+    for row in tx
+        .open_table(db::LEASE_BLOBS)
+        .map_err(te)?
+        .iter()
+        .map_err(te)?
+    {
+        let (k, _) = row.map_err(te)?;
+        let (lease, d) = k.value();
+        if live_ids.contains(lease) {
+            blobs.insert(d.to_owned());
+        }
+    }
+    Ok((snaps, blobs))
 }
 
 pub(crate) fn read_snapshot(tx: &impl SnapshotTable, id: SnapshotId) -> Result<SnapshotRecord> {
@@ -1244,4 +1433,176 @@ fn decompress_in_thread(file: fs::File) -> io::Result<(Compression, ChannelReade
             pos: 0,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy_store(dir: &Path) -> Store {
+        Store::open_with(
+            dir,
+            StoreOptions {
+                snapshotter: Some(SnapshotterKind::Copy),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn cache_record_value_is_written_as_base64_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let value = br#"{"layers":[{"diff_id":"sha256:00"}]}"#;
+        store.cache_put(b"k", value, &[], &[], 7).unwrap();
+        let raw = store
+            .db()
+            .read(|tx| {
+                let t = tx.open_table(db::CACHE).map_err(te)?;
+                let v = t.get(b"k".as_slice()).map_err(te)?.unwrap();
+                Ok(v.value().to_vec())
+            })
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert!(
+            json["value"].is_string(),
+            "value stored as {}",
+            json["value"]
+        );
+        assert!(raw.len() < value.len() * 2 + 200, "{} bytes", raw.len());
+        assert_eq!(store.cache_get(b"k").unwrap().unwrap().value, value);
+    }
+
+    #[test]
+    fn cache_record_written_by_an_older_kiln_as_a_number_array_is_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        // The form serde gave `Vec<u8>` before: an array of numbers.
+        let old = br#"{"value":[123,34,97,34,125],"snapshots":[3],"blobs":[],"created":1,"last_used":1,"size":9}"#;
+        store
+            .db()
+            .write(|tx| {
+                tx.open_table(db::CACHE)
+                    .map_err(te)?
+                    .insert(b"old".as_slice(), old.as_slice())
+                    .map_err(te)?;
+                Ok(())
+            })
+            .unwrap();
+        let rec = store.cache_get(b"old").unwrap().unwrap();
+        assert_eq!(rec.value, br#"{"a"}"#);
+        assert_eq!(rec.snapshots, vec![SnapshotId(3)]);
+        // The lookup refreshed its last-use time, rewriting it in the new form.
+        assert!(rec.last_used > 1);
+        let again = store.cache_get(b"old").unwrap().unwrap();
+        assert_eq!(again, rec);
+        assert_eq!(store.usage().unwrap().cache_bytes, 9);
+    }
+
+    #[test]
+    fn lease_protections_are_separate_keys_removed_with_the_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let lease = store.lease().unwrap();
+        let other = store.lease().unwrap();
+        let blob = Digest::sha256_of(b"blob");
+        for _ in 0..3 {
+            lease.protect_snapshot(SnapshotId(5)).unwrap();
+            lease.protect_blob(&blob).unwrap();
+        }
+        other.protect_snapshot(SnapshotId(6)).unwrap();
+        let live = |store: &Store| {
+            store
+                .db()
+                .read(|tx| lease_protections(tx, |_| true))
+                .unwrap()
+        };
+        let (snaps, blobs) = live(&store);
+        assert_eq!(snaps, HashSet::from([5, 6]));
+        assert_eq!(blobs, HashSet::from([blob.to_string()]));
+        drop(lease);
+        let (snaps, blobs) = live(&store);
+        assert_eq!(snaps, HashSet::from([6]));
+        assert!(blobs.is_empty());
+        let count = |store: &Store| {
+            store
+                .db()
+                .read(|tx| {
+                    Ok(tx
+                        .open_table(db::LEASE_SNAPSHOTS)
+                        .map_err(te)?
+                        .len()
+                        .map_err(te)?
+                        + tx.open_table(db::LEASE_BLOBS)
+                            .map_err(te)?
+                            .len()
+                            .map_err(te)?)
+                })
+                .unwrap()
+        };
+        assert_eq!(count(&store), 1);
+        drop(other);
+        assert_eq!(count(&store), 0);
+    }
+
+    #[test]
+    fn lease_record_with_embedded_sets_from_an_older_kiln_still_protects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let rec = LeaseRecord {
+            pid: std::process::id(),
+            created: 1,
+            snapshots: BTreeSet::from([9]),
+            blobs: BTreeSet::from(["sha256:ab".to_owned()]),
+        };
+        store
+            .db()
+            .write(|tx| {
+                tx.open_table(db::LEASES)
+                    .map_err(te)?
+                    .insert("old-1", encode(&rec)?.as_slice())
+                    .map_err(te)?;
+                Ok(())
+            })
+            .unwrap();
+        let (snaps, blobs) = store
+            .db()
+            .read(|tx| lease_protections(tx, |_| true))
+            .unwrap();
+        assert!(snaps.contains(&9) && blobs.contains("sha256:ab"));
+        let (snaps, _) = store
+            .db()
+            .read(|tx| lease_protections(tx, |_| false))
+            .unwrap();
+        assert!(snaps.is_empty(), "a dead lease protects nothing");
+    }
+
+    #[test]
+    fn chain_dirs_fails_for_a_removed_snapshot_and_lists_ancestors_nearest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let mut parent = None;
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let a = store.prepare(parent, None).unwrap();
+            let id = store.commit(&a).unwrap();
+            ids.push(id);
+            parent = Some(id);
+        }
+        let want: Vec<PathBuf> = ids
+            .iter()
+            .rev()
+            .map(|i| store.snapshot_dir(*i).join("fs"))
+            .collect();
+        assert_eq!(store.chain_dirs(parent).unwrap(), want);
+        // Twice: the second walk uses the remembered parents and must agree.
+        assert_eq!(store.chain_dirs(parent).unwrap(), want);
+        store.remove(ids[3]).unwrap();
+        assert!(matches!(
+            store.chain_dirs(Some(ids[3])),
+            Err(StoreError::SnapshotNotFound(_))
+        ));
+        assert_eq!(store.chain_dirs(Some(ids[2])).unwrap(), want[1..].to_vec());
+    }
 }
