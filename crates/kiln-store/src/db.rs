@@ -3,16 +3,21 @@
 //! redb holds an exclusive `flock` on its file for as long as a `Database` is open, so two
 //! processes cannot both keep it open. Each process therefore opens it only while it has
 //! work: a blocking `flock` on `db/lock` orders processes (fair, no busy polling), a mutex
-//! orders threads, and the DB stays open for a burst of transactions until the process has
-//! been idle for `HOLD_IDLE` or has held it for `HOLD_MAX`, then is closed so the next
-//! process gets its turn. Opening and closing cost about three fsyncs (redb marks the file
-//! as needing recovery while open), so holding across a burst saves most of the cost of
-//! the short transactions the solver makes; measured in `bench/store` (docs/store.md). A
+//! orders threads. A process that wants the DB first takes a shared `flock` on `db/queue`
+//! and keeps it until it has `db/lock`, so the holder can see that someone waits (its
+//! exclusive non-blocking try on `db/queue` fails). While nobody waits, the holder keeps
+//! the DB open across the short gaps of a build (up to `IDLE_UNCONTENDED` idle, at most
+//! `HOLD_LONGEST` in all, so a kiln that predates `db/queue` still gets turns); once
+//! someone waits it gives the DB back after `HOLD_IDLE` idle or `HOLD_MAX` held, as before.
+//! Opening and closing cost about three fsyncs (redb marks the file as needing recovery
+//! while open), so holding saves most of the cost of the short transactions the solver
+//! makes; measured in `bench/store` (docs/store.md). A process that exits normally while
+//! holding the DB closes it from an `atexit` hook, so the next one needs no recovery. A
 //! DB per process was rejected: every build must see every other build's cache records.
 
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadTransaction, TableDefinition, WriteTransaction};
@@ -51,18 +56,25 @@ pub(crate) const LEASE_BLOBS: TableDefinition<(&str, &str), ()> =
 
 /// How long to wait for a DB held by another process before giving up.
 const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
-/// A process keeps the DB open across a burst of transactions until it has been idle this
-/// long...
+/// While another process waits, the holder keeps the DB across a burst of transactions
+/// until it has been idle this long...
 const HOLD_IDLE: Duration = Duration::from_millis(5);
 /// ...or has held it this long, whichever comes first.
 const HOLD_MAX: Duration = Duration::from_millis(50);
+/// While nobody waits, the holder keeps the DB until it has been idle this long (longer
+/// than the gap between a build's steps)...
+const IDLE_UNCONTENDED: Duration = Duration::from_millis(250);
+/// ...and never longer than this in one go, so a process that does not announce itself on
+/// `db/queue` (an older kiln) still gets turns.
+const HOLD_LONGEST: Duration = Duration::from_secs(2);
 
 /// The shared metadata DB (see the module docs for the locking scheme).
 #[derive(Debug)]
 pub(crate) struct Db {
     path: PathBuf,
     lock_path: PathBuf,
-    held: std::sync::Arc<Mutex<Option<Held>>>,
+    queue_path: PathBuf,
+    held: Arc<Mutex<Option<Held>>>,
     closer_started: std::sync::atomic::AtomicBool,
 }
 
@@ -70,8 +82,69 @@ pub(crate) struct Db {
 struct Held {
     db: Database,
     _lock: File,
+    /// Our own handle on `db/queue`, to try for an exclusive lock (fails while a waiter
+    /// holds its shared one).
+    queue: File,
     opened: Instant,
     last_used: Instant,
+}
+
+impl Held {
+    /// Whether another process (or another `Db` on this dir) waits for the DB.
+    fn others_waiting(&self) -> bool {
+        match sys::flock(&self.queue, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => {
+                let _ = sys::flock(&self.queue, libc::LOCK_UN);
+                false
+            }
+            // EWOULDBLOCK: a waiter holds its shared lock. Any other error: give the DB
+            // back, the safe side.
+            Err(_) => true,
+        }
+    }
+
+    /// Whether to close now. `after_use`: called right after a transaction (not idle).
+    fn should_close(&self, after_use: bool) -> bool {
+        let held_for = self.opened.elapsed();
+        let idle = if after_use {
+            Duration::ZERO
+        } else {
+            self.last_used.elapsed()
+        };
+        if held_for >= HOLD_LONGEST || idle >= IDLE_UNCONTENDED {
+            return true;
+        }
+        (idle >= HOLD_IDLE || held_for >= HOLD_MAX) && self.others_waiting()
+    }
+}
+
+/// Every `Db` of this process, for the exit hook.
+static OPEN_DBS: Mutex<Vec<Weak<Mutex<Option<Held>>>>> = Mutex::new(Vec::new());
+
+/// Closes every DB this process holds (an `atexit` hook: a normal exit, or
+/// `std::process::exit`, then leaves the file clean, not needing recovery). Skips a DB that
+/// another thread is using at that instant rather than wait at exit; redb repairs that
+/// file on the next open.
+extern "C" fn close_all_at_exit() {
+    let Ok(list) = OPEN_DBS.try_lock() else {
+        return;
+    };
+    for held in list.iter().filter_map(Weak::upgrade) {
+        if let Ok(mut g) = held.try_lock() {
+            *g = None;
+        }
+    }
+}
+
+fn register_for_exit(held: &Arc<Mutex<Option<Held>>>) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: registers a plain function; it only takes locks without blocking.
+        unsafe { libc::atexit(close_all_at_exit) };
+    });
+    let mut list = OPEN_DBS.lock().unwrap_or_else(|p| p.into_inner());
+    list.retain(|w| w.strong_count() > 0);
+    list.push(Arc::downgrade(held));
 }
 
 impl std::fmt::Debug for Held {
@@ -125,9 +198,11 @@ impl Db {
         let db = Db {
             path: dir.join("meta.redb"),
             lock_path: dir.join("lock"),
-            held: std::sync::Arc::new(Mutex::new(None)),
+            queue_path: dir.join("queue"),
+            held: Arc::new(Mutex::new(None)),
             closer_started: std::sync::atomic::AtomicBool::new(false),
         };
+        register_for_exit(&db.held);
         db.write(|tx| {
             tx.open_table(META).map_err(te)?;
             tx.open_table(SNAPSHOTS).map_err(te)?;
@@ -145,15 +220,25 @@ impl Db {
         Ok(db)
     }
 
-    fn open_held(&self) -> Result<Held> {
-        let lock = OpenOptions::new()
+    fn open_file(&self, path: &Path) -> Result<File> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&self.lock_path)
-            .map_err(|e| StoreError::io("opening DB lock", &self.lock_path, e))?;
+            .open(path)
+            .map_err(|e| StoreError::io("opening DB lock", path, e))
+    }
+
+    fn open_held(&self) -> Result<Held> {
+        // Announce ourselves as waiting (shared lock on the queue) until we hold the DB.
+        let waiting = self.open_file(&self.queue_path)?;
+        sys::flock(&waiting, libc::LOCK_SH)
+            .map_err(|e| StoreError::io("queueing for DB", &self.queue_path, e))?;
+        let lock = self.open_file(&self.lock_path)?;
         sys::flock(&lock, libc::LOCK_EX)
             .map_err(|e| StoreError::io("locking DB", &self.lock_path, e))?;
+        drop(waiting);
+        let queue = self.open_file(&self.queue_path)?;
         let start = Instant::now();
         let mut delay = Duration::from_millis(1);
         loop {
@@ -162,6 +247,7 @@ impl Db {
                     return Ok(Held {
                         db,
                         _lock: lock,
+                        queue,
                         opened: Instant::now(),
                         last_used: Instant::now(),
                     })
@@ -187,16 +273,16 @@ impl Db {
             .ok_or_else(|| db_err(&self.path, redb::Error::DatabaseAlreadyOpen))?;
         let out = f(&h.db);
         h.last_used = Instant::now();
-        // Give the DB back at once after an error or once this process has held it for
-        // its share; otherwise keep it for the burst of transactions that usually follows.
-        if out.is_err() || h.opened.elapsed() >= HOLD_MAX {
+        // Give the DB back at once after an error, or once this process has held it for
+        // its share while someone waits; otherwise keep it for the transactions that follow.
+        if out.is_err() || h.should_close(true) {
             *held = None;
         }
         out
     }
 
-    /// One thread per DB closes it when this process stops using it for `HOLD_IDLE`, so
-    /// other processes wait at most about `HOLD_MAX` for their turn.
+    /// One thread per DB closes it when this process has been idle long enough (see the
+    /// module docs), so other processes wait at most about `HOLD_MAX` for their turn.
     fn start_closer(&self) {
         if self
             .closer_started
@@ -204,15 +290,12 @@ impl Db {
         {
             return;
         }
-        let held = std::sync::Arc::downgrade(&self.held);
+        let held = Arc::downgrade(&self.held);
         std::thread::spawn(move || loop {
             std::thread::sleep(HOLD_IDLE);
             let Some(held) = held.upgrade() else { return };
             let mut g = held.lock().unwrap_or_else(|p| p.into_inner());
-            let idle = g.as_ref().is_some_and(|h| {
-                h.last_used.elapsed() >= HOLD_IDLE || h.opened.elapsed() >= HOLD_MAX
-            });
-            if idle {
+            if g.as_ref().is_some_and(|h| h.should_close(false)) {
                 *g = None;
             }
         });
@@ -248,4 +331,56 @@ pub(crate) fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTable;
+
+    const COUNTER: TableDefinition<&str, u64> = TableDefinition::new("test_counter");
+
+    fn bump(db: &Db) -> u64 {
+        db.write(|tx| {
+            let mut t = tx.open_table(COUNTER).map_err(te)?;
+            let n = t.get("n").map_err(te)?.map(|g| g.value()).unwrap_or(0) + 1;
+            t.insert("n", n).map_err(te)?;
+            Ok(n)
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn holder_sees_a_waiter_on_the_queue_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        bump(&db);
+        let waiter = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("queue"))
+            .unwrap();
+        {
+            let mut g = db.held.lock().unwrap();
+            let h = g.get_or_insert_with(|| db.open_held().unwrap());
+            assert!(!h.others_waiting());
+            sys::flock(&waiter, libc::LOCK_SH).unwrap();
+            assert!(h.others_waiting());
+            sys::flock(&waiter, libc::LOCK_UN).unwrap();
+            assert!(!h.others_waiting());
+        }
+    }
+
+    #[test]
+    fn two_handles_on_one_dir_take_turns_and_see_each_others_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Db::open(dir.path()).unwrap();
+        let b = Db::open(dir.path()).unwrap();
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| (0..50).map(|_| bump(&a)).max());
+            let tb = s.spawn(|| (0..50).map(|_| bump(&b)).max());
+            let ma = ta.join().unwrap().unwrap();
+            let mb = tb.join().unwrap().unwrap();
+            assert_eq!(ma.max(mb), 100, "a write was lost");
+        });
+    }
 }
