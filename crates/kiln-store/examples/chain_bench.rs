@@ -1,11 +1,11 @@
-//! Per-step store overhead against layer-chain depth (run by `bench/store/chain.sh`, release
-//! build). Builds one chain of `DEPTH` committed snapshots (copy snapshotter, empty trees)
-//! and, per step, does what the worker does around a build step: prepare on the parent
-//! (reads the chain's dirs, protects the snapshot), commit, protect a blob, write a cache
-//! record whose value holds the whole layer chain (about 260 bytes of JSON per layer, as
-//! the worker's) and read it back. Between steps it sleeps `GAP_MS` as a step's process
-//! would, so the DB is closed and reopened as in a real build. Prints the mean ms of each
-//! part per depth bucket, and the size of the deepest cache record in the DB.
+//! Per-step store overhead against layer-chain depth (release build:
+//! `cargo run --release -p kiln-store --example chain_bench`; results in docs/store.md).
+//! Builds one chain of `DEPTH` committed snapshots (copy snapshotter, empty trees) and, per
+//! step, does what the worker does around a build step: prepare on the parent (reads the
+//! chain's dirs, protects the snapshot), commit, protect a blob, write a cache record whose
+//! value holds the whole layer chain (about 260 bytes of JSON per layer, as the worker's)
+//! and read it back. Between steps it sleeps `GAP_MS` as a step's process would. Prints
+//! the mean ms of each part per depth bucket, and the DB file's size at the end.
 //!
 //! Usage: chain_bench [DEPTH (500)] [GAP_MS (10)]
 
