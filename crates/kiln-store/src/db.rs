@@ -87,6 +87,8 @@ struct Held {
     queue: File,
     opened: Instant,
     last_used: Instant,
+    /// The process that opened it.
+    pid: u32,
 }
 
 impl Held {
@@ -129,9 +131,14 @@ extern "C" fn close_all_at_exit() {
     let Ok(list) = OPEN_DBS.try_lock() else {
         return;
     };
+    let me = std::process::id();
     for held in list.iter().filter_map(Weak::upgrade) {
         if let Ok(mut g) = held.try_lock() {
-            *g = None;
+            // A forked child that calls `exit` must not close (and mark clean) the file its
+            // parent still has open.
+            if g.as_ref().is_some_and(|h| h.pid == me) {
+                *g = None;
+            }
         }
     }
 }
@@ -250,6 +257,7 @@ impl Db {
                         queue,
                         opened: Instant::now(),
                         last_used: Instant::now(),
+                        pid: std::process::id(),
                     })
                 }
                 // Only a process that ignores `db/lock` (an older kiln) can get here.
