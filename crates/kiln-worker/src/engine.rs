@@ -1219,11 +1219,14 @@ impl Engine for Worker {
                             .first()
                             .copied()
                             .filter(|s| inner.store.snapshot(*s).is_ok());
-                        let blobs_ok = cached
-                            .layers
-                            .iter()
-                            .all(|l| inner.store.content().has(&l.blob.digest));
-                        if snap.is_some() || blobs_ok {
+                        // The blobs are checked (one stat per layer of the chain) only
+                        // when the snapshot is gone.
+                        let usable = snap.is_some()
+                            || cached
+                                .layers
+                                .iter()
+                                .all(|l| inner.store.content().has(&l.blob.digest));
+                        if usable {
                             inner
                                 .seen
                                 .lock()
