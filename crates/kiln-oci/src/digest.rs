@@ -55,19 +55,27 @@ impl Digest {
     /// Builds a digest from its parts, checking the hex encoding.
     pub fn new(algorithm: Algorithm, hex: &str) -> Result<Self, DigestError> {
         let ok = hex.len() == algorithm.hex_len()
-            && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !ok {
             return Err(DigestError::BadHex(
                 format!("{}:{hex}", algorithm.name()),
                 algorithm.hex_len(),
             ));
         }
-        Ok(Digest { algorithm, hex: hex.to_owned() })
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_owned(),
+        })
     }
 
     /// The sha256 digest of `data`.
     pub fn sha256_of(data: &[u8]) -> Self {
-        Digest { algorithm: Algorithm::Sha256, hex: hex::encode(Sha256::digest(data)) }
+        Digest {
+            algorithm: Algorithm::Sha256,
+            hex: hex::encode(Sha256::digest(data)),
+        }
     }
 
     /// The digest of `data` under `algorithm`.
@@ -91,8 +99,9 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (alg, hex) =
-            s.split_once(':').ok_or_else(|| DigestError::MissingSeparator(s.to_owned()))?;
+        let (alg, hex) = s
+            .split_once(':')
+            .ok_or_else(|| DigestError::MissingSeparator(s.to_owned()))?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
@@ -151,12 +160,14 @@ impl Hasher {
 
     pub fn finish(self) -> Digest {
         match self {
-            Hasher::Sha256(h) => {
-                Digest { algorithm: Algorithm::Sha256, hex: hex::encode(h.finalize()) }
-            }
-            Hasher::Sha512(h) => {
-                Digest { algorithm: Algorithm::Sha512, hex: hex::encode(h.finalize()) }
-            }
+            Hasher::Sha256(h) => Digest {
+                algorithm: Algorithm::Sha256,
+                hex: hex::encode(h.finalize()),
+            },
+            Hasher::Sha512(h) => Digest {
+                algorithm: Algorithm::Sha512,
+                hex: hex::encode(h.finalize()),
+            },
         }
     }
 }
@@ -170,7 +181,11 @@ pub struct DigestWriter<W> {
 
 impl<W: Write> DigestWriter<W> {
     pub fn new(inner: W, algorithm: Algorithm) -> Self {
-        DigestWriter { inner, hasher: Hasher::new(algorithm), written: 0 }
+        DigestWriter {
+            inner,
+            hasher: Hasher::new(algorithm),
+            written: 0,
+        }
     }
 
     /// Bytes written so far.
@@ -213,7 +228,9 @@ mod tests {
     fn rejects_uppercase_short_and_unknown_algorithms() {
         assert!("sha256:E3B0".parse::<Digest>().is_err());
         assert!(EMPTY.to_uppercase().parse::<Digest>().is_err());
-        assert!("md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>().is_err());
+        assert!("md5:d41d8cd98f00b204e9800998ecf8427e"
+            .parse::<Digest>()
+            .is_err());
         assert!("e3b0".parse::<Digest>().is_err());
     }
 
