@@ -15,6 +15,24 @@ use kiln_oci::{
 /// remote cache stores, so a record moves between the local store and a cache ref unchanged.
 pub use kiln_cache::CacheLayer as Layer;
 
+/// An image's layers, bottom first, each with its diff id from the config; `None` when the
+/// config and the manifest list different numbers of layers.
+pub fn image_layers(config: &kiln_oci::ImageConfig, layers: &[Descriptor]) -> Option<Vec<Layer>> {
+    (config.rootfs.diff_ids.len() == layers.len()).then(|| {
+        config
+            .rootfs
+            .diff_ids
+            .iter()
+            .zip(layers)
+            .map(|(d, l)| Layer {
+                diff_id: d.clone(),
+                blob: l.clone(),
+                created: None,
+            })
+            .collect()
+    })
+}
+
 /// The image's `created`: the newest of its layers' times, else `fallback`.
 pub fn image_created(layers: &[Layer], fallback: String) -> String {
     layers

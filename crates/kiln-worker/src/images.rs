@@ -59,23 +59,12 @@ pub fn load_local(
     };
     let config: kiln_oci::ImageConfig = serde_json::from_slice(&read(&manifest.config.digest)?)
         .map_err(|e| image_err(reference, format!("config {}: {e}", manifest.config.digest)))?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(image_err(
+    let layers = crate::image::image_layers(&config, &manifest.layers).ok_or_else(|| {
+        image_err(
             reference,
             "config lists a different number of layers than the manifest",
-        ));
-    }
-    let layers = config
-        .rootfs
-        .diff_ids
-        .iter()
-        .zip(&manifest.layers)
-        .map(|(d, l)| Layer {
-            diff_id: d.clone(),
-            blob: l.clone(),
-            created: None,
-        })
-        .collect();
+        )
+    })?;
     Ok(BaseImage {
         manifest_digest: manifest_digest.clone(),
         config,

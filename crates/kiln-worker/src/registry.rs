@@ -9,7 +9,6 @@ use kiln_store::Store;
 use tokio::runtime::Handle;
 
 use crate::engine::{BaseImage, BlobSource, ImageProvider, WorkerError};
-use crate::image::Layer;
 use crate::images::{LocalImages, StoredImage};
 
 fn image_err(reference: &str, message: impl ToString) -> WorkerError {
@@ -132,26 +131,15 @@ impl ImageProvider for RegistryImages {
             .handle
             .block_on(self.client.resolve(&r, &p))
             .map_err(|e| image_err(reference, e))?;
-        let layers: Vec<Descriptor> = resolved.distributable_layers().cloned().collect();
-        if resolved.config.rootfs.diff_ids.len() != resolved.image.layers.len() {
-            return Err(image_err(
-                reference,
-                "its config lists a different number of layers than its manifest",
-            ));
-        }
-        let layers = resolved
-            .config
-            .rootfs
-            .diff_ids
-            .iter()
-            .zip(&resolved.image.layers)
-            .filter(|(_, l)| layers.iter().any(|d| d.digest == l.digest))
-            .map(|(d, l)| Layer {
-                diff_id: d.clone(),
-                blob: l.clone(),
-                created: None,
-            })
-            .collect();
+        let distributable: Vec<Descriptor> = resolved.distributable_layers().cloned().collect();
+        let mut layers = crate::image::image_layers(&resolved.config, &resolved.image.layers)
+            .ok_or_else(|| {
+                image_err(
+                    reference,
+                    "its config lists a different number of layers than its manifest",
+                )
+            })?;
+        layers.retain(|l| distributable.iter().any(|d| d.digest == l.blob.digest));
         let source: Arc<dyn BlobSource> = Arc::new(RepositoryBlobs::new(
             self.client.clone(),
             self.handle.clone(),

@@ -23,7 +23,6 @@ use kiln_oci::{Manifest, RawManifest};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{BaseImage, BlobSource};
-use crate::image::Layer;
 use crate::remote::LayoutBlobs;
 
 /// The prefix of the image references that name an image in an OCI layout directory.
@@ -712,24 +711,13 @@ pub fn resolve_layout(
         .map_err(|e| fail(e.to_string()))?;
     let config: kiln_oci::ImageConfig = serde_json::from_slice(&config_bytes)
         .map_err(|e| fail(format!("config {}: {e}", manifest.config.digest)))?;
-    if config.rootfs.diff_ids.len() != manifest.layers.len() {
-        return Err(fail(format!(
+    let layers = crate::image::image_layers(&config, &manifest.layers).ok_or_else(|| {
+        fail(format!(
             "image {manifest_digest}: its config lists {} layers, its manifest {}",
             config.rootfs.diff_ids.len(),
             manifest.layers.len()
-        )));
-    }
-    let layers = config
-        .rootfs
-        .diff_ids
-        .iter()
-        .zip(&manifest.layers)
-        .map(|(d, l)| Layer {
-            diff_id: d.clone(),
-            blob: l.clone(),
-            created: None,
-        })
-        .collect();
+        ))
+    })?;
     let source: Arc<dyn BlobSource> = Arc::new(LayoutBlobs::new(dir.to_owned()));
     Ok(BaseImage {
         manifest_digest,
