@@ -90,6 +90,20 @@ pub enum Op {
     Merge(MergeOp),
 }
 
+impl Op {
+    /// For a step that adds one layer on a filesystem (RUN, COPY/ADD, WORKDIR): the input
+    /// it builds on, with `Some(None)` when it starts from an empty one. `None` for every
+    /// other op.
+    pub fn layer_base(&self) -> Option<Option<InputIndex>> {
+        match self {
+            Op::Exec(e) => Some(e.rootfs),
+            Op::Copy(c) => Some(c.dest_base),
+            Op::Mkdir(m) => Some(m.rootfs),
+            _ => None,
+        }
+    }
+}
+
 /// `FROM image`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSource {

@@ -410,6 +410,18 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Wor
 }
 
 impl Inner {
+    /// A cache hit on `fs`, remembered with its layers for the cache export.
+    fn hit(&self, key: &CacheKey, fs: Rootfs, source: CacheSource) -> Hit<Value> {
+        self.seen
+            .lock()
+            .expect("seen records")
+            .insert(key.clone(), fs.layers.clone());
+        Hit {
+            output: Value::Fs(Arc::new(fs)),
+            source,
+        }
+    }
+
     fn remotes(&self) -> Vec<Arc<dyn RemoteCache>> {
         self.remotes.read().expect("remote caches").clone()
     }
@@ -1227,32 +1239,16 @@ impl Engine for Worker {
                                 .iter()
                                 .all(|l| inner.store.content().has(&l.blob.digest));
                         if usable {
-                            inner
-                                .seen
-                                .lock()
-                                .expect("seen records")
-                                .insert(key.clone(), cached.layers.clone());
                             let fs = Rootfs::new(cached.layers, snap, None);
-                            return Ok(Some(Hit {
-                                output: Value::Fs(Arc::new(fs)),
-                                source: CacheSource::Local,
-                            }));
+                            return Ok(Some(inner.hit(&key, fs, CacheSource::Local)));
                         }
                     }
                 }
                 for remote in &inner.remotes() {
                     if let Some((layers, source)) = remote.lookup(&key) {
-                        inner
-                            .seen
-                            .lock()
-                            .expect("seen records")
-                            .insert(key.clone(), layers.clone());
                         let name = source.name();
                         let fs = Rootfs::new(layers, None, Some(source));
-                        return Ok(Some(Hit {
-                            output: Value::Fs(Arc::new(fs)),
-                            source: CacheSource::Remote(name),
-                        }));
+                        return Ok(Some(inner.hit(&key, fs, CacheSource::Remote(name))));
                     }
                 }
                 Ok(None)
@@ -1271,11 +1267,8 @@ impl Engine for Worker {
         // Steps that add layers on a parent chain: their record is the parent's layers and
         // their own. The parent here is what this build has (maybe rerun, maybe from another
         // cache); the record's own layers are reused on it when its lower diff ids match.
-        let base = match &step.vertex.op {
-            Op::Exec(e) => e.rootfs,
-            Op::Copy(c) => c.dest_base,
-            Op::Mkdir(m) => m.rootfs,
-            _ => return Box::pin(async { Ok(None) }),
+        let Some(base) = step.vertex.op.layer_base() else {
+            return Box::pin(async { Ok(None) });
         };
         let base = match base.map(|i| inputs.get(i as usize)) {
             None => None,
@@ -1297,11 +1290,6 @@ impl Engine for Worker {
                     };
                     let mut layers = below_layers;
                     layers.extend(top.iter().cloned());
-                    inner
-                        .seen
-                        .lock()
-                        .expect("seen records")
-                        .insert(key.clone(), layers.clone());
                     let name = source.name();
                     let below_source = base.as_ref().and_then(|f| f.source().cloned());
                     let blobs: Arc<dyn BlobSource> = Arc::new(crate::remote::RebasedSource::new(
@@ -1310,10 +1298,7 @@ impl Engine for Worker {
                         below_source,
                     ));
                     let fs = Rootfs::new(layers, None, Some(blobs));
-                    return Ok(Some(Hit {
-                        output: Value::Fs(Arc::new(fs)),
-                        source: CacheSource::Remote(name),
-                    }));
+                    return Ok(Some(inner.hit(&key, fs, CacheSource::Remote(name))));
                 }
                 Ok(None)
             })

@@ -264,13 +264,11 @@ pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph,
         let mut cur = graph.target_stage().root.map(|r| r.index());
         while let Some(n) = cur {
             let v = &graph.vertices[n];
-            let base = match &v.op {
-                Op::Exec(e) => e.rootfs,
-                Op::Copy(c) => c.dest_base,
-                Op::Mkdir(m) => m.rootfs,
+            let base = match (&v.op, v.op.layer_base()) {
+                (_, Some(base)) => base,
                 // `COPY --link`: the stage below, and the copy's own record, which is what
                 // a runner with a changed base hits.
-                Op::Merge(_) => {
+                (Op::Merge(_), None) => {
                     nodes.extend(v.inputs.iter().skip(1).map(|id| id.index()));
                     Some(0)
                 }

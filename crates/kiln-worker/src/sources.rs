@@ -1042,21 +1042,7 @@ mod tests {
         let mut index = kiln_oci::ImageIndex::new();
         let mut by_arch = Vec::new();
         for arch in ["arm64", "amd64"] {
-            let cfg = format!(
-                r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
-            );
-            let cd = layout.write_blob(cfg.as_bytes()).unwrap();
-            let m = kiln_oci::ImageManifest {
-                schema_version: 2,
-                media_type: Some(media_type::OCI_MANIFEST.into()),
-                artifact_type: None,
-                config: Descriptor::new(media_type::OCI_CONFIG, cd, cfg.len() as u64),
-                layers: vec![],
-                subject: None,
-                annotations: Default::default(),
-            };
-            let raw = RawManifest::from_image(&m);
-            layout.write_blob(&raw.bytes).unwrap();
+            let raw = empty_image(&layout, arch);
             let mut d = raw.descriptor();
             d.platform = Some(kiln_oci::Platform::new("linux", arch, None));
             index.manifests.push(d);
@@ -1080,13 +1066,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn unknown_tag_lists_the_tags_the_layout_has() {
-        let tmp = tempfile::tempdir().unwrap();
-        let layout = OciLayout::create(tmp.path()).unwrap();
-        let cfg =
-            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
-        let cd = layout.write_blob(cfg).unwrap();
+    /// Writes a linux/`arch` image with no layers into `layout` (config and manifest blobs,
+    /// no index entry); its manifest.
+    fn empty_image(layout: &OciLayout, arch: &str) -> RawManifest {
+        let cfg = format!(
+            r#"{{"architecture":"{arch}","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}}}}"#
+        );
+        let cd = layout.write_blob(cfg.as_bytes()).unwrap();
         let m = kiln_oci::ImageManifest {
             schema_version: 2,
             media_type: Some(media_type::OCI_MANIFEST.into()),
@@ -1098,6 +1084,14 @@ mod tests {
         };
         let raw = RawManifest::from_image(&m);
         layout.write_blob(&raw.bytes).unwrap();
+        raw
+    }
+
+    #[test]
+    fn unknown_tag_lists_the_tags_the_layout_has() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = OciLayout::create(tmp.path()).unwrap();
+        let raw = empty_image(&layout, "amd64");
         layout.add_manifest(raw.descriptor(), "v1").unwrap();
         let p = kiln_graph::Platform::parse("linux/amd64").unwrap();
         let path = tmp.path().to_str().unwrap();
