@@ -318,16 +318,7 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
     );
     // The killed build leaves only leftovers (its lease, an active snapshot, a partial
     // ingest), never a partial blob, a corrupt blob or a dangling record...
-    let fsck = |args: &[&str]| {
-        let out = f.kiln(&[&["debug", "fsck"], args].concat());
-        let report = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), report)
-    };
-    let (ok, report) = fsck(&[]);
+    let (ok, report) = f.fsck(&[]);
     assert!(
         ok && report.contains(": 0 problem(s)")
             && !report.lines().any(|l| l.starts_with("problem:")),
@@ -338,39 +329,18 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
     assert!(again.ran().is_empty(), "ran {:?}", again.ran());
     // ...and the next build reclaimed them (an ingest younger than a few seconds may wait
     // for the one after; `--repair` takes anything left).
-    let (_, after) = fsck(&[]);
+    let (_, after) = f.fsck(&[]);
     assert!(
         !after.contains("lease ") && !after.contains("is still active"),
         "the next build left the killed one's leftovers: {after}"
     );
-    let (ok, repaired) = fsck(&["--repair"]);
+    let (ok, repaired) = f.fsck(&["--repair"]);
     assert!(ok, "{repaired}");
-    let (ok, clean) = fsck(&[]);
+    let (ok, clean) = f.fsck(&[]);
     assert!(
         ok && clean.contains(": 0 problem(s), 0 leftover(s)"),
         "{clean}"
     );
-}
-
-/// Builds `dir`'s Dockerfile with `args` (rawjson progress, a metadata file).
-fn build_dir(f: &Fixture, dir: &std::path::Path, extra: &[&str]) -> common::Build {
-    let meta = dir.join(format!("meta-{}.json", extra.len()));
-    let d = dir.to_str().unwrap();
-    let ctx = format!("context={d}");
-    let df = format!("dockerfile={d}");
-    let mut args = vec![
-        "build",
-        "--local",
-        &ctx,
-        "--local",
-        &df,
-        "--progress",
-        "rawjson",
-        "--metadata-file",
-        meta.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    common::Build::from(f.kiln(&args), &meta)
 }
 
 #[test]
@@ -395,14 +365,14 @@ fn copy_link_layer_is_reused_as_is_when_the_stage_below_changes() {
     let out2 = f.path("out2");
     let o1 = format!("type=local,dest={}", out1.display());
     let o2 = format!("type=local,dest={}", out2.display());
-    let first = build_dir(&f, &dir, &["--opt", "build-arg:V=1", "--output", &o1]);
+    let first = f.build_dir(&dir, &["--opt", "build-arg:V=1", "--output", &o1]);
     assert!(
         first.cached().is_empty(),
         "cold build: {:?}",
         first.cached()
     );
 
-    let second = build_dir(&f, &dir, &["--opt", "build-arg:V=2", "--output", &o2]);
+    let second = f.build_dir(&dir, &["--opt", "build-arg:V=2", "--output", &o2]);
     let copy = "[out 3/4] COPY --link --chmod=0640 app.txt /srv/app/";
     assert!(
         second.cached().iter().any(|s| s == copy),

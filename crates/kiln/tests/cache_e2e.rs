@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use common::{
-    image_layers, local_blobs, podman_runs_tests, skip_unless_root, strs, Fixture, TestRegistry,
+    get_json, image_layers, local_blobs, podman_runs_tests, skip_unless_root, strs, Fixture,
+    TestRegistry,
 };
 
 struct Job {
@@ -34,12 +35,6 @@ impl Job {
             format!("type=registry,ref={}", self.cache),
         ]
     }
-}
-
-fn get_json(url: &str) -> serde_json::Value {
-    let out = Command::new("curl").args(["-sf", url]).output().unwrap();
-    assert!(out.status.success(), "GET {url} failed");
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn a_new_runner_starts_warm(reg: TestRegistry) {
@@ -261,13 +256,7 @@ fn a_blob_deleted_from_the_registry_costs_a_rerun_of_its_step_only() {
             "http://{}/v2/cache/app/blobs/{cfg_digest}",
             reg.addr
         ));
-        let longest = cfg["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .max_by_key(|r| r["chain"].as_array().unwrap().len())
-            .unwrap()
-            .clone();
+        let longest = common::longest_cache_record(&cfg);
         let last = longest["chain"]
             .as_array()
             .unwrap()

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use common::{
-    image_layers, local_blobs, podman_runs_tests, skip_unless_root, skopeo_inspect, strs, Fixture,
-    TestRegistry,
+    image_layers, local_blobs, podman_runs_tests, put_manifest, skip_unless_root, skopeo_inspect,
+    strs, upload_blob, Fixture, TestRegistry,
 };
 
 /// Pushes an OCI index holding `image`'s manifest as `index`, with podman; false (with a
@@ -59,51 +59,6 @@ fn push_index_of(image: &str, index: &str) -> bool {
     true
 }
 
-/// Uploads `bytes` as a blob of `repo` on the registry at `addr` (POST, then PUT with the digest).
-fn upload_blob(addr: &str, repo: &str, bytes: &[u8]) -> String {
-    let digest = kiln_oci::Digest::sha256_of(bytes).to_string();
-    let out = Command::new("curl")
-        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
-        .arg(format!("http://{addr}/v2/{repo}/blobs/uploads/"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "starting an upload failed");
-    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
-    let location = headers
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("location")
-                .then(|| v.trim().to_owned())
-        })
-        .expect("upload location");
-    let url = if location.starts_with('/') {
-        format!("http://{addr}{location}")
-    } else {
-        location
-    };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    // Tests run side by side in one process: each upload has a directory of its own.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("blob");
-    std::fs::write(&path, bytes).unwrap();
-    let put = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-        ])
-        .arg("--data-binary")
-        .arg(format!("@{}", path.display()))
-        .arg(format!("{url}{sep}digest={digest}"))
-        .status()
-        .unwrap();
-    assert!(put.success(), "uploading blob {digest} failed");
-    digest
-}
-
 /// Pushes under `target` a copy of `image` whose config is changed by `edit` (same layers).
 fn push_with_edited_config(
     addr: &str,
@@ -119,15 +74,7 @@ fn push_with_edited_config(
     manifest["config"]["digest"] = serde_json::json!(digest);
     manifest["config"]["size"] = serde_json::json!(bytes.len());
     let media = manifest["mediaType"].as_str().unwrap().to_owned();
-    let put = Command::new("curl")
-        .args(["-sf", "-X", "PUT", "-H"])
-        .arg(format!("Content-Type: {media}"))
-        .arg("--data-binary")
-        .arg(serde_json::to_string(&manifest).unwrap())
-        .arg(format!("http://{addr}/v2/app/manifests/{target_tag}"))
-        .status()
-        .unwrap();
-    assert!(put.success(), "pushing the edited manifest failed");
+    put_manifest(addr, "app", target_tag, &media, &manifest);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{skip_unless_root, TestRegistry};
+use common::{get, get_json, put_manifest, skip_unless_root, upload_blob, TestRegistry};
 
 /// One `kiln build` of a generated Dockerfile, in a state dir of its own (a new CI runner).
 struct Run {
@@ -93,16 +93,6 @@ impl Project {
             seconds,
         }
     }
-}
-
-fn get(url: &str) -> Vec<u8> {
-    let out = Command::new("curl").args(["-sf", url]).output().unwrap();
-    assert!(out.status.success(), "GET {url} failed");
-    out.stdout
-}
-
-fn get_json(url: &str) -> serde_json::Value {
-    serde_json::from_slice(&get(url)).unwrap()
 }
 
 /// The cache ref's manifest and config blob bytes.
@@ -216,66 +206,19 @@ fn a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root() {
     );
 }
 
-/// Uploads `bytes` as a blob of `repo` (POST, then PUT with the digest); returns the digest.
-fn push_blob(reg: &TestRegistry, repo: &str, bytes: &[u8]) -> String {
-    let digest = kiln_oci::Digest::sha256_of(bytes).to_string();
-    let out = Command::new("curl")
-        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
-        .arg(format!("http://{}/v2/{repo}/blobs/uploads/", reg.addr))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "upload start refused");
-    let headers = String::from_utf8_lossy(&out.stdout);
-    let location = headers
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("location")
-                .then(|| v.trim().to_owned())
-        })
-        .expect("upload location");
-    let location = if location.starts_with('/') {
-        format!("http://{}{location}", reg.addr)
-    } else {
-        location
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), bytes).unwrap();
-    let put = Command::new("curl")
-        .args([
-            "-sf",
-            "-X",
-            "PUT",
-            "-H",
-            "Content-Type: application/octet-stream",
-        ])
-        .arg("--data-binary")
-        .arg(format!("@{}", file.path().display()))
-        .arg(format!("{location}{sep}digest={digest}"))
-        .status()
-        .unwrap();
-    assert!(put.success(), "blob upload refused");
-    digest
-}
-
 /// Replaces the config of the cache at `repo:tag` by `config` (a new manifest, same layers).
 fn replace_cache_config(reg: &TestRegistry, repo: &str, tag: &str, config: &[u8]) {
     let (mut manifest, _) = cache_manifest_and_config(reg, repo, tag);
-    let digest = push_blob(reg, repo, config);
+    let digest = upload_blob(&reg.addr, repo, config);
     manifest["config"]["digest"] = digest.into();
     manifest["config"]["size"] = config.len().into();
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let put = Command::new("curl")
-        .args(["-sf", "-X", "PUT", "-H"])
-        .arg("Content-Type: application/vnd.oci.image.manifest.v1+json")
-        .arg("--data-binary")
-        .arg(format!("@{}", file.path().display()))
-        .arg(format!("http://{}/v2/{repo}/manifests/{tag}", reg.addr))
-        .status()
-        .unwrap();
-    assert!(put.success(), "manifest upload refused");
+    put_manifest(
+        &reg.addr,
+        repo,
+        tag,
+        "application/vnd.oci.image.manifest.v1+json",
+        &manifest,
+    );
 }
 
 fn record_count(config: &[u8]) -> usize {
@@ -451,13 +394,7 @@ fn a_blob_lost_mid_chain_costs_a_rerun_of_its_step_only_as_root() {
     // The third step's own layer is the third of the longest chain; delete its blob.
     let (manifest, config) = cache_manifest_and_config(&reg, "lost/app", "cache");
     let graph: serde_json::Value = serde_json::from_slice(&config).unwrap();
-    let longest = graph["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .max_by_key(|r| r["chain"].as_array().unwrap().len())
-        .unwrap()
-        .clone();
+    let longest = common::longest_cache_record(&graph);
     assert_eq!(longest["chain"].as_array().unwrap().len(), 6);
     let third = longest["chain"][2].as_u64().unwrap() as usize;
     let lost = manifest["layers"][third]["digest"]

@@ -492,18 +492,7 @@ fn ctrl_c_cancels_a_build_cleanly_and_the_next_build_reruns_the_cancelled_steps(
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let left: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&root)).collect();
     assert!(left.is_empty(), "mounts left behind: {left:#?}");
-    let fsck = Command::new(kiln())
-        .arg("--root")
-        .arg(f.root())
-        .args(["debug", "fsck"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&fsck.stdout);
-    assert!(
-        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
-        "fsck after the cancel:\n{report}{}",
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    f.assert_store_clean("after the cancel");
 
     // The same Dockerfile again: the cancelled steps run (nothing of them was recorded).
     let meta = f.path("again.json");
@@ -568,17 +557,7 @@ fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound()
         "{stderr}"
     );
     assert_eq!(processes_with(&unique), Vec::<u32>::new());
-    let fsck = Command::new(kiln())
-        .arg("--root")
-        .arg(f.root())
-        .args(["debug", "fsck"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&fsck.stdout);
-    assert!(
-        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
-        "fsck after the failed build:\n{report}"
-    );
+    f.assert_store_clean("after the failed build");
 }
 
 #[test]
@@ -717,17 +696,7 @@ fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() 
     }
     let (ok, stderr) = first.wait();
     assert!(ok, "the first build failed:\n{stderr}");
-    let fsck = Command::new(kiln())
-        .arg("--root")
-        .arg(f.root())
-        .args(["debug", "fsck"])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&fsck.stdout);
-    assert!(
-        fsck.status.success() && report.contains(": 0 problem(s), 0 leftover(s)"),
-        "fsck:\n{report}"
-    );
+    f.assert_store_clean("at the end");
 }
 
 #[test]

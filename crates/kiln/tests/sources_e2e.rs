@@ -162,42 +162,12 @@ fn serve(
     let _ = out.flush();
 }
 
-/// Builds `dir`'s Dockerfile (rawjson progress, a metadata file) and returns the raw output.
-fn build_raw(
-    f: &Fixture,
-    dir: &Path,
-    extra: &[&str],
-) -> (std::process::Output, std::path::PathBuf) {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let meta = dir.join(format!("meta-{}.json", N.fetch_add(1, Ordering::SeqCst)));
-    let d = dir.to_str().unwrap();
-    let ctx = format!("context={d}");
-    let df = format!("dockerfile={d}");
-    let mut args = vec![
-        "build",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        &ctx,
-        "--local",
-        &df,
-        "--progress",
-        "rawjson",
-        "--metadata-file",
-        meta.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    (f.kiln(&args), meta)
-}
-
 fn build_ok(f: &Fixture, dir: &Path, extra: &[&str]) -> Build {
-    let (out, meta) = build_raw(f, dir, extra);
-    Build::from(out, &meta)
+    f.build_dir(dir, extra)
 }
 
 fn build_err(f: &Fixture, dir: &Path, extra: &[&str]) -> String {
-    let (out, _) = build_raw(f, dir, extra);
+    let (out, _) = f.build_dir_raw(dir, extra);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the build should fail:\n{stderr}");
     eprintln!("{stderr}");

@@ -125,6 +125,58 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// `kiln build` of `dir`'s Dockerfile with `dir` as its context (buildctl spelling,
+    /// rawjson progress, a metadata file): the raw output and the metadata file's path.
+    pub fn build_dir_raw(&self, dir: &Path, extra: &[&str]) -> (Output, PathBuf) {
+        let meta = dir.join(format!("meta-{}.json", rand_suffix()));
+        let d = dir.to_str().unwrap();
+        let ctx = format!("context={d}");
+        let df = format!("dockerfile={d}");
+        let mut args = vec![
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            &ctx,
+            "--local",
+            &df,
+            "--progress",
+            "rawjson",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        (self.kiln(&args), meta)
+    }
+
+    /// `kiln debug fsck ARGS` on the fixture's state dir: whether it passed, and its output.
+    pub fn fsck(&self, args: &[&str]) -> (bool, String) {
+        let out = self.kiln(&[&["debug", "fsck"], args].concat());
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), report)
+    }
+
+    /// Asserts the state dir has neither damage nor leftovers of killed processes.
+    pub fn assert_store_clean(&self, when: &str) {
+        let (ok, report) = self.fsck(&[]);
+        assert!(
+            ok && report.contains(": 0 problem(s), 0 leftover(s)"),
+            "fsck {when}:\n{report}"
+        );
+    }
+
+    /// [`Fixture::build_dir_raw`] of a build that must succeed.
+    pub fn build_dir(&self, dir: &Path, extra: &[&str]) -> Build {
+        let (out, meta) = self.build_dir_raw(dir, extra);
+        Build::from(out, &meta)
+    }
+}
+
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -399,6 +451,10 @@ pub fn podman_runs_tests(image: &str) -> bool {
         eprintln!("skipping podman run: {} is absent", conf.display());
         return false;
     }
+    // One podman at a time: tests of one binary run side by side, and one test's `rmi`
+    // should never meet another's pull and run of an image sharing its layers.
+    static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = PODMAN.lock().unwrap_or_else(|p| p.into_inner());
     let run = Command::new("podman")
         .args(["run", "--rm", "--tls-verify=false", image])
         .env("CONTAINERS_CONF", &conf)
@@ -419,4 +475,93 @@ pub fn podman_runs_tests(image: &str) -> bool {
         String::from_utf8_lossy(&run.stdout)
     );
     true
+}
+
+/// GET `url` from a test registry (plain HTTP on loopback): the body.
+pub fn get(url: &str) -> Vec<u8> {
+    let out = Command::new("curl").args(["-sf", url]).output().unwrap();
+    assert!(out.status.success(), "GET {url} failed");
+    out.stdout
+}
+
+/// GET `url`, as JSON.
+pub fn get_json(url: &str) -> serde_json::Value {
+    serde_json::from_slice(&get(url)).unwrap()
+}
+
+/// Uploads `bytes` as a blob of `repo` on the registry at `addr` (POST, then PUT with the
+/// digest); returns the digest.
+pub fn upload_blob(addr: &str, repo: &str, bytes: &[u8]) -> String {
+    let digest = kiln_oci::Digest::sha256_of(bytes).to_string();
+    let out = Command::new("curl")
+        .args(["-sf", "-X", "POST", "-D", "-", "-o", "/dev/null"])
+        .arg(format!("http://{addr}/v2/{repo}/blobs/uploads/"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "starting an upload failed");
+    let headers = String::from_utf8_lossy(&out.stdout).into_owned();
+    let location = headers
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_owned())
+        })
+        .expect("upload location");
+    let url = if location.starts_with('/') {
+        format!("http://{addr}{location}")
+    } else {
+        location
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Tests run side by side in one process: each upload has a file of its own.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let put = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.path().display()))
+        .arg(format!("{url}{sep}digest={digest}"))
+        .status()
+        .unwrap();
+    assert!(put.success(), "uploading blob {digest} failed");
+    digest
+}
+
+/// Pushes `manifest` (of media type `media_type`) as `repo:tag` on the registry at `addr`.
+pub fn put_manifest(
+    addr: &str,
+    repo: &str,
+    tag: &str,
+    media_type: &str,
+    manifest: &serde_json::Value,
+) {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), serde_json::to_vec(manifest).unwrap()).unwrap();
+    let put = Command::new("curl")
+        .args(["-sf", "-X", "PUT", "-H"])
+        .arg(format!("Content-Type: {media_type}"))
+        .arg("--data-binary")
+        .arg(format!("@{}", file.path().display()))
+        .arg(format!("http://{addr}/v2/{repo}/manifests/{tag}"))
+        .status()
+        .unwrap();
+    assert!(put.success(), "pushing manifest {repo}:{tag} failed");
+}
+
+/// The record with the longest layer chain in a registry cache's config (its `records`).
+pub fn longest_cache_record(graph: &serde_json::Value) -> serde_json::Value {
+    graph["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|r| r["chain"].as_array().unwrap().len())
+        .unwrap()
+        .clone()
 }
