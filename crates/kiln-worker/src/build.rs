@@ -14,8 +14,8 @@ use kiln_solver::{EventSink, Solver, SolverOptions};
 use kiln_store::Store;
 
 use crate::engine::{
-    solver_graph, BaseImage, ContextFilterFactory, ImageProvider, RemoteCache, Rootfs, Value,
-    Worker, WorkerConfig, WorkerError,
+    solver_graph, BaseImage, ContextFilterFactory, ImageProvider, Rootfs, Value, Worker,
+    WorkerConfig, WorkerError,
 };
 use crate::image::frontend_config;
 
@@ -98,14 +98,10 @@ pub struct BuildInputs<'a> {
     pub dockerignore: &'a [String],
     /// Where base images come from.
     pub images: Arc<dyn ImageProvider>,
-    /// Imported remote caches, consulted after the local store.
-    pub remotes: Vec<Arc<dyn RemoteCache>>,
     /// Builds `.dockerignore` filters.
     pub context_filter: ContextFilterFactory,
     /// `SOURCE_DATE_EPOCH`, for reproducible layers and timestamps.
     pub source_date_epoch: Option<i64>,
-    /// Contents for empty cache mounts, from imported caches.
-    pub mount_seeds: BTreeMap<String, (crate::image::Layer, Arc<dyn crate::engine::BlobSource>)>,
 }
 
 /// A lowered build, ready to solve.
@@ -185,14 +181,12 @@ pub fn plan_build(
         secrets,
         source_date_epoch: inputs.source_date_epoch,
         compression,
-        mount_seeds: inputs.mount_seeds,
     };
     let executor: Arc<dyn kiln_exec::Executor> = Arc::new(kiln_exec::NamespaceExecutor::new());
     let worker = Worker::new(
         store,
         executor,
         images.clone(),
-        inputs.remotes,
         config,
         inputs.context_filter,
     )?;

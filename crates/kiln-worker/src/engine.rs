@@ -226,8 +226,6 @@ pub struct WorkerConfig {
     pub source_date_epoch: Option<i64>,
     /// Layer compression.
     pub compression: Option<Compression>,
-    /// Contents for empty cache mounts, by id, from imported caches (`cache-mounts=true`).
-    pub mount_seeds: MountSeeds,
 }
 
 /// What a cache record holds for a filesystem result.
@@ -298,16 +296,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker on `store`, running containers with `executor`.
+    /// A worker on `store`, running containers with `executor`. Imported caches come later,
+    /// through [`Worker::add_imports`].
     pub fn new(
         store: Arc<Store>,
         executor: Arc<dyn Executor>,
         images: Arc<dyn ImageProvider>,
-        remotes: Vec<Arc<dyn RemoteCache>>,
-        mut config: WorkerConfig,
+        config: WorkerConfig,
         context_filter: ContextFilterFactory,
     ) -> Result<Self, WorkerError> {
-        let seeds = RwLock::new(std::mem::take(&mut config.mount_seeds));
         let lease = store.lease()?;
         let cache_mounts = CacheMounts::new(store.root().join("cache-mounts"));
         Ok(Worker {
@@ -316,8 +313,8 @@ impl Worker {
                 executor,
                 cache_mounts,
                 images,
-                remotes: RwLock::new(remotes),
-                seeds,
+                remotes: RwLock::default(),
+                seeds: RwLock::default(),
                 config,
                 lease,
                 contexts: Mutex::default(),

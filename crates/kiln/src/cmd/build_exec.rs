@@ -92,10 +92,8 @@ pub fn execute(
         dockerfile,
         dockerignore,
         images,
-        remotes: Vec::new(),
         context_filter: Arc::new(context_filter),
         source_date_epoch: sde,
-        mount_seeds: Default::default(),
     };
     // Cache imports are read while the Dockerfile is lowered, base images resolved and the
     // contexts hashed; the first step is looked up only once both are done.
