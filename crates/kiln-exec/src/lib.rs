@@ -33,7 +33,9 @@
 //! ```
 
 mod cache;
+mod cgroup;
 mod namespace;
+mod network;
 mod output;
 mod prepare;
 mod rootfs;

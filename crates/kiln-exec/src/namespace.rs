@@ -10,9 +10,12 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use seccompiler::BpfProgram;
 
+use crate::cgroup::{PidsHierarchy, RunCgroup};
+use crate::network::NetworkPool;
 use crate::output::{cloexec_pipe, supervise};
 #[cfg(test)]
 use crate::prepare::prepare;
@@ -64,15 +67,45 @@ pub(crate) const DEV_SYMLINKS: &[(&str, &str)] = &[
 ];
 
 /// Runs steps with kiln's own namespace code (the default backend).
+///
+/// Clones share one pool of prepared isolated networks; the pool's namespaces and their
+/// slirp4netns processes go away with the last clone (and with the kiln process, however it
+/// ends).
 #[derive(Debug, Default, Clone)]
 pub struct NamespaceExecutor {
-    _private: (),
+    networks: Arc<NetworkPool>,
+    pids: Option<(u64, PidsHierarchy)>,
 }
 
 impl NamespaceExecutor {
-    /// A new executor; it keeps no state between runs.
+    /// A new executor with no process-count limit.
     pub fn new() -> Self {
-        NamespaceExecutor { _private: () }
+        NamespaceExecutor::default()
+    }
+
+    /// Limits every run to `limit` processes and threads (cgroup `pids.max`; `None`: no
+    /// limit, the default, as in BuildKit). Fails when no cgroup hierarchy here offers the
+    /// pids controller.
+    pub fn with_pids_limit(mut self, limit: Option<u64>) -> Result<Self, ExecError> {
+        self.pids = match limit {
+            Some(0) => {
+                return Err(ExecError::InvalidSpec(
+                    "the pids limit must be at least 1".into(),
+                ))
+            }
+            Some(n) => Some((n, PidsHierarchy::detect()?)),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    /// Starts preparing an isolated network in the background, so the build's first `RUN`
+    /// finds one ready. Errors are left for that `RUN` to report.
+    pub fn prewarm_network(&self) {
+        let pool = self.networks.clone();
+        let _ = std::thread::Builder::new()
+            .name("kiln-netns-prewarm".into())
+            .spawn(move || pool.prewarm());
     }
 }
 
@@ -142,24 +175,26 @@ impl Op {
 
 /// Named steps of the child, reported by index.
 const STEPS: &[&str] = &[
-    "duplicating stdio",          // 0
-    "making mounts private",      // 1
-    "pivot_root",                 // 2
-    "unmounting the old root",    // 3
-    "sethostname",                // 4
-    "bringing up lo",             // 5
-    "chdir to the working dir",   // 6
-    "forking the step's process", // 7
-    "setrlimit",                  // 8
-    "dropping bounding caps",     // 9
-    "capset",                     // 10
-    "setting no_new_privs",       // 11
-    "installing seccomp filter",  // 12
-    "setgroups",                  // 13
-    "setgid",                     // 14
-    "setuid",                     // 15
-    "execve",                     // 16
-    "chdir to the new root",      // 17
+    "duplicating stdio",                    // 0
+    "making mounts private",                // 1
+    "pivot_root",                           // 2
+    "unmounting the old root",              // 3
+    "sethostname",                          // 4
+    "bringing up lo",                       // 5
+    "chdir to the working dir",             // 6
+    "forking the step's process",           // 7
+    "setrlimit",                            // 8
+    "dropping bounding caps",               // 9
+    "capset",                               // 10
+    "setting no_new_privs",                 // 11
+    "installing seccomp filter",            // 12
+    "setgroups",                            // 13
+    "setgid",                               // 14
+    "setuid",                               // 15
+    "execve",                               // 16
+    "chdir to the new root",                // 17
+    "joining the step's network namespace", // 18
+    "waiting to enter the pids cgroup",     // 19
 ];
 
 const REPORT_OP: u32 = 1;
@@ -172,6 +207,10 @@ struct Plan {
     root: CString,
     hostname: CString,
     lo_up: bool,
+    /// The isolated network to join (`setns`), or -1.
+    netns_fd: RawFd,
+    /// A pipe (read, write) the init waits on until kiln has moved it into its pids cgroup.
+    cgroup_gate: Option<(RawFd, RawFd)>,
     cwd: CString,
     exe: CString,
     _argv: Vec<CString>,
@@ -225,7 +264,12 @@ pub(crate) fn overlay_escape(p: &Path) -> String {
     out
 }
 
-fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, ExecError> {
+fn build_plan(
+    spec: &ExecSpec,
+    prep: &Prepared,
+    scratch: &Path,
+    netns_fd: RawFd,
+) -> Result<Plan, ExecError> {
     let sandbox = spec.security == Security::Sandbox;
     let root = &prep.root;
     let mut ops = Vec::new();
@@ -568,6 +612,8 @@ fn build_plan(spec: &ExecSpec, prep: &Prepared, scratch: &Path) -> Result<Plan, 
         root: p(root)?,
         hostname: cstr(&spec.hostname)?,
         lo_up: spec.network == Network::None,
+        netns_fd,
+        cgroup_gate: None,
         cwd: cstr(&spec.cwd)?,
         exe: cstr(&prep.exe)?,
         _argv: argv,
@@ -802,7 +848,9 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
     }
 }
 
-unsafe fn bring_up_lo() -> Result<(), i32> {
+/// Sets `lo` up in the calling thread's network namespace; returns the errno on failure.
+/// Async-signal-safe (plain syscalls), so a cloned child may call it.
+pub(crate) unsafe fn bring_up_lo() -> Result<(), i32> {
     let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
     if s < 0 {
         return Err(errno());
@@ -829,6 +877,20 @@ unsafe fn bring_up_lo() -> Result<(), i32> {
 unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! {
     // Die with the thread that started us (the run() call blocks it until we are gone).
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    if let Some((gate_r, gate_w)) = plan.cgroup_gate {
+        // Fork nothing before kiln has put us in the run's pids cgroup: children inherit it.
+        // Our copy of the write end is closed so that kiln's failing reads as EOF here.
+        libc::close(gate_w);
+        let mut byte = 0u8;
+        if libc::read(gate_r, (&mut byte as *mut u8).cast(), 1) != 1 {
+            fail_step(19);
+        }
+        libc::close(gate_r);
+    }
+    // Join the isolated network before mounting anything: sysfs shows the mounter's network.
+    if plan.netns_fd >= 0 && libc::setns(plan.netns_fd, libc::CLONE_NEWNET) != 0 {
+        fail_step(18);
+    }
     // A session of our own: a terminal's Ctrl-C (SIGINT to kiln's foreground process group)
     // must not reach the step's processes; kiln cancels the build and kills them itself, so a
     // step never fails half-way on a signal meant for kiln.
@@ -1036,21 +1098,43 @@ impl Executor for NamespaceExecutor {
     ) -> Result<ExitStatus, ExecError> {
         run_prepared(spec, cancel, |prep| {
             let scratch = ScratchDir::new(&std::env::temp_dir())?;
-            let plan = build_plan(spec, prep, &scratch.path)?;
-            run_plan(&plan, prep, sink, cancel)
+            let network = match spec.network {
+                Network::Isolated => Some(self.networks.acquire()?),
+                Network::Host | Network::None => None,
+            };
+            let netns_fd = network.as_ref().map_or(-1, |n| n.netns_fd());
+            let mut plan = build_plan(spec, prep, &scratch.path, netns_fd)?;
+            let cgroup = match &self.pids {
+                Some((limit, hierarchy)) => Some(hierarchy.create_run(*limit)?),
+                None => None,
+            };
+            let result = run_plan(&mut plan, prep, sink, cancel, cgroup.as_ref());
+            if let Some(net) = network {
+                // A step with every capability may have reconfigured the namespace.
+                self.networks
+                    .release(net, spec.security == Security::Sandbox);
+            }
+            result
         })
     }
 }
 
 fn run_plan(
-    plan: &Plan,
+    plan: &mut Plan,
     prep: &Prepared,
     sink: &mut dyn OutputSink,
     cancel: &CancelToken,
+    cgroup: Option<&RunCgroup>,
 ) -> Result<ExitStatus, ExecError> {
     let (out_r, out_w) = cloexec_pipe()?;
     let (err_r, err_w) = cloexec_pipe()?;
     let (rep_r, rep_w) = cloexec_pipe()?;
+    let gate = match cgroup {
+        Some(_) => Some(cloexec_pipe()?),
+        None => None,
+    };
+    plan.cgroup_gate = gate.as_ref().map(|(r, w)| (r.as_raw_fd(), w.as_raw_fd()));
+    let plan: &Plan = plan;
     let devnull = open_devnull()?;
     let mut flags =
         libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
@@ -1082,6 +1166,26 @@ fn run_plan(
     }
     let pid = pid as libc::pid_t;
     drop((out_w, err_w, rep_w, devnull));
+    if let (Some(cg), Some((gate_r, gate_w))) = (cgroup, gate) {
+        drop(gate_r);
+        let entered = cg.add(pid).and_then(|()| {
+            use std::io::Write;
+            std::fs::File::from(gate_w)
+                .write_all(&[1u8])
+                .map_err(|e| ExecError::Spawn {
+                    what: "starting the container's init",
+                    source: e,
+                })
+        });
+        if let Err(e) = entered {
+            // SAFETY: pid is our unreaped child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let mut st = 0;
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            return Err(e);
+        }
+    }
     let mut kill = || {
         // Killing the namespace's pid 1 makes the kernel kill every process in it.
         // SAFETY: pid is our unreaped child.
@@ -1192,7 +1296,7 @@ mod tests {
         spec.mounts = vec![MountSpec::secret("tok", None, Secret::new("v"))];
         let mut prep = prepare(&spec).unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path(), -1).unwrap();
         let s = steps(&plan);
         let pos = |needle: &str| {
             s.iter()
@@ -1222,7 +1326,7 @@ mod tests {
         spec.security = Security::Insecure;
         let mut prep = prepare(&spec).unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path(), -1).unwrap();
         let s = steps(&plan);
         assert!(s
             .iter()
@@ -1252,7 +1356,7 @@ mod tests {
         }];
         let mut prep = prepare(&spec).unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let plan = build_plan(&spec, &prep, scratch.path()).unwrap();
+        let plan = build_plan(&spec, &prep, scratch.path(), -1).unwrap();
         let mut cur = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,

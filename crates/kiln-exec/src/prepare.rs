@@ -3,8 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::network::isolated_resolv_conf;
 use crate::rootfs::{create_workdir, find_command, MountStubs, StubKind};
-use crate::spec::{wipe, CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, DEFAULT_PATH};
+use crate::spec::{
+    wipe, CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, Network, DEFAULT_PATH,
+};
 use crate::user::{resolve_user, ResolvedUser};
 
 /// Host files bind-mounted (as private copies) into every container.
@@ -128,7 +131,11 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
     let sys_dir = stubs.ensure("/sys", StubKind::Dir)?;
     let mut host_files = Vec::new();
     for (path, name) in HOST_FILES {
-        if let Ok(content) = std::fs::read(path) {
+        if let Ok(mut content) = std::fs::read(path) {
+            if *name == "resolv.conf" && spec.network == Network::Isolated {
+                // The host's nameservers may be on its loopback, out of the step's reach.
+                content = isolated_resolv_conf(&content);
+            }
             let target = stubs.ensure(path, StubKind::File)?;
             host_files.push(HostFile {
                 name,

@@ -8,10 +8,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use crate::namespace::{overlay_escape, MASKED_PATHS, READONLY_PATHS};
+use crate::network::NetworkPool;
 use crate::output::supervise;
 #[cfg(test)]
 use crate::prepare::prepare;
@@ -26,10 +28,13 @@ use crate::spec::{
 };
 
 /// Runs steps with `runc run` (exit codes above 128 are runc's `128 + signal`, so signal deaths
-/// are reported as [`ExitStatus::Code`]).
+/// are reported as [`ExitStatus::Code`]). Isolated steps join a network from the same kind of
+/// pool as [`crate::NamespaceExecutor`]'s.
 #[derive(Debug, Clone)]
 pub struct RuncExecutor {
     runc: PathBuf,
+    networks: Arc<NetworkPool>,
+    pids_limit: Option<u64>,
 }
 
 impl Default for RuncExecutor {
@@ -41,7 +46,18 @@ impl Default for RuncExecutor {
 impl RuncExecutor {
     /// Uses the `runc` binary at `runc` (a path, or a name looked up in `PATH`).
     pub fn new(runc: impl Into<PathBuf>) -> Self {
-        RuncExecutor { runc: runc.into() }
+        RuncExecutor {
+            runc: runc.into(),
+            networks: Arc::default(),
+            pids_limit: None,
+        }
+    }
+
+    /// Limits every run to `limit` processes (`linux.resources.pids.limit`; runc makes the
+    /// cgroup). `None`: no limit, the default.
+    pub fn with_pids_limit(mut self, limit: Option<u64>) -> Self {
+        self.pids_limit = limit;
+        self
     }
 }
 
@@ -143,8 +159,15 @@ fn seccomp_json() -> Value {
     })
 }
 
-/// The OCI runtime spec for `spec`; `private` is a host tmpfs for copies and secrets.
-fn runtime_spec(spec: &ExecSpec, prep: &Prepared, private: &Path) -> Result<Value, ExecError> {
+/// The OCI runtime spec for `spec`; `private` is a host tmpfs for copies and secrets, `netns`
+/// the path of the isolated network to join.
+fn runtime_spec(
+    spec: &ExecSpec,
+    prep: &Prepared,
+    private: &Path,
+    netns: Option<&Path>,
+    pids_limit: Option<u64>,
+) -> Result<Value, ExecError> {
     let sandbox = spec.security == Security::Sandbox;
     let caps: Vec<&str> = if sandbox {
         DEFAULT_CAPS.iter().map(|(n, _)| *n).collect()
@@ -265,8 +288,17 @@ fn runtime_spec(spec: &ExecSpec, prep: &Prepared, private: &Path) -> Result<Valu
         json!({"type": "uts"}),
         json!({"type": "mount"}),
     ];
-    if spec.network == Network::None {
-        namespaces.push(json!({"type": "network"}));
+    match (spec.network, netns) {
+        (Network::None, _) => namespaces.push(json!({"type": "network"})),
+        (Network::Isolated, Some(path)) => {
+            namespaces.push(json!({"type": "network", "path": path}));
+        }
+        (Network::Isolated, None) => {
+            return Err(ExecError::Network(
+                "an isolated step needs a network namespace".into(),
+            ))
+        }
+        (Network::Host, _) => {}
     }
     let mut rlimits = Vec::new();
     for rl in &spec.rlimits {
@@ -287,6 +319,9 @@ fn runtime_spec(spec: &ExecSpec, prep: &Prepared, private: &Path) -> Result<Valu
         "rootfsPropagation": "private",
         "resources": {"devices": [{"allow": false, "access": "rwm"}]},
     });
+    if let Some(limit) = pids_limit {
+        linux["resources"]["pids"] = json!({ "limit": limit });
+    }
     if sandbox {
         linux["maskedPaths"] = json!(MASKED_PATHS);
         linux["readonlyPaths"] = json!(READONLY_PATHS);
@@ -330,7 +365,20 @@ impl Executor for RuncExecutor {
         cancel: &CancelToken,
     ) -> Result<ExitStatus, ExecError> {
         run_prepared(spec, cancel, |prep| {
-            self.run_in_bundle(spec, prep, sink, cancel)
+            let network = match spec.network {
+                Network::Isolated => Some(self.networks.acquire()?),
+                Network::Host | Network::None => None,
+            };
+            // runc opens the path itself: name the fd through kiln's pid.
+            let netns = network.as_ref().map(|n| {
+                PathBuf::from(format!("/proc/{}/fd/{}", std::process::id(), n.netns_fd()))
+            });
+            let result = self.run_in_bundle(spec, prep, sink, cancel, netns.as_deref());
+            if let Some(net) = network {
+                self.networks
+                    .release(net, spec.security == Security::Sandbox);
+            }
+            result
         })
     }
 }
@@ -342,10 +390,11 @@ impl RuncExecutor {
         prep: &Prepared,
         sink: &mut dyn OutputSink,
         cancel: &CancelToken,
+        netns: Option<&Path>,
     ) -> Result<ExitStatus, ExecError> {
         let bundle = ScratchDir::new(&std::env::temp_dir())?;
         let private = HostTmpfs::mount(bundle.path.join("private"))?;
-        let config = runtime_spec(spec, prep, &private.path)?;
+        let config = runtime_spec(spec, prep, &private.path, netns, self.pids_limit)?;
         let config_path = bundle.path.join("config.json");
         let body = serde_json::to_vec_pretty(&config)
             .map_err(|e| ExecError::InvalidSpec(e.to_string()))?;
@@ -458,7 +507,7 @@ mod tests {
         spec.user = Some("1000:1000".into());
         let mut prep = prepare(&spec).unwrap();
         let private = tempfile::tempdir().unwrap();
-        let v = runtime_spec(&spec, &prep, private.path()).unwrap();
+        let v = runtime_spec(&spec, &prep, private.path(), None, Some(64)).unwrap();
         let ns: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
@@ -466,6 +515,7 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap())
             .collect();
         assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(v["linux"]["resources"]["pids"]["limit"], 64);
         assert_eq!(v["process"]["user"]["uid"], 1000);
         assert_eq!(
             v["process"]["capabilities"]["bounding"]

@@ -28,7 +28,8 @@ pub struct ExecSpec {
     pub user: Option<String>,
     /// Hostname inside the container's UTS namespace.
     pub hostname: String,
-    /// Host network or an isolated namespace with only `lo`.
+    /// The step's network: its own namespace with outbound access (the default), the host's,
+    /// or none.
     pub network: Network,
     /// `RUN --mount` entries, mounted in order.
     pub mounts: Vec<MountSpec>,
@@ -41,7 +42,8 @@ pub struct ExecSpec {
 }
 
 impl ExecSpec {
-    /// A spec with Docker's defaults: root user, cwd `/`, host network, sandboxed, no mounts.
+    /// A spec with Docker's defaults: root user, cwd `/`, an isolated network with outbound
+    /// access, sandboxed, no mounts.
     pub fn new(rootfs: impl Into<PathBuf>, args: Vec<String>) -> Self {
         ExecSpec {
             rootfs: rootfs.into(),
@@ -50,7 +52,7 @@ impl ExecSpec {
             cwd: "/".to_string(),
             user: None,
             hostname: "kiln".to_string(),
-            network: Network::Host,
+            network: Network::Isolated,
             mounts: Vec::new(),
             secret_env: Vec::new(),
             security: Security::Sandbox,
@@ -66,7 +68,12 @@ impl ExecSpec {
 /// Network mode of a step (`RUN --network=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Network {
-    /// The host's network namespace (BuildKit's default for the host worker).
+    /// A network namespace of the build's own whose only way out is slirp4netns (user-mode
+    /// NAT, DNS forwarder at 10.0.2.3): the internet and the runner's LAN are reachable, the
+    /// host's loopback is not. The default, as BuildKit's bridge/CNI network.
+    Isolated,
+    /// The host's network namespace: every service on the runner's loopback is reachable.
+    /// kiln only uses it when the build is allowed `network.host`.
     Host,
     /// A fresh network namespace with only the loopback interface, brought up.
     None,
@@ -428,6 +435,9 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    /// The step's isolated network could not be set up (slirp4netns missing or failing).
+    #[error("network setup failed: {0}")]
+    Network(String),
     /// `runc` failed before running the process.
     #[error("runc failed: {0}")]
     Runc(String),

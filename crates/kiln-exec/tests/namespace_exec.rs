@@ -306,13 +306,12 @@ fn root_host_network_reaches_a_listener_on_host_loopback() {
         got
     });
     let fs = OverlayRootfs::new();
-    let (st, out) = run(
-        &exec(),
-        &sh(
-            &fs.merged,
-            &format!("echo hello-from-step | nc -w 5 127.0.0.1 {port}"),
-        ),
+    let mut spec = sh(
+        &fs.merged,
+        &format!("echo hello-from-step | nc -w 5 127.0.0.1 {port}"),
     );
+    spec.network = Network::Host;
+    let (st, out) = run(&exec(), &spec);
     expect_ok(st, &out);
     assert_eq!(server.join().unwrap(), "hello-from-step\n");
 }
