@@ -410,10 +410,19 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
             })
         }
         Keyword::Run => {
-            let command = command_line(inst, &inst.args)?;
+            // A bare `RUN` (or one with only flags) is the shell form of an empty script, as
+            // in BuildKit: the stage's shell runs `""`.
+            let command = match &inst.args {
+                Args::Empty => CommandLine::Shell(String::new()),
+                args => command_line(inst, args)?,
+            };
             let mut mounts = Vec::new();
             for (v, f) in flags.list("mount") {
-                let mut m = parse_mount(&v).map_err(|e| flag_err(f, e))?;
+                // Values with variables are checked once the frontend has expanded them.
+                let mut m = parse_mount_expanding(&v, &mut |x| {
+                    Ok((!x.contains('$')).then(|| x.to_string()))
+                })
+                .map_err(|e| flag_err(f, e))?;
                 m.span = f.span;
                 mounts.push(m);
             }
@@ -423,11 +432,11 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                     "default" => NetworkMode::Default,
                     "none" => NetworkMode::None,
                     "host" => NetworkMode::Host,
-                    _ if v.contains('$') => NetworkMode::Default,
+                    // BuildKit reads the mode as written: `--network=$MODE` is refused too.
                     _ => {
                         return Err(flag_err(
                             f,
-                            format!("network mode {} not supported", crate::shell::go_quote(&v)),
+                            format!("invalid network mode {}", crate::shell::go_quote(&v)),
                         ))
                     }
                 }),
@@ -598,6 +607,11 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 .filter(|(_, h)| !**h || inst.is_json())
                 .map(|(s, _)| s.text.clone())
                 .collect();
+            if let Some((v, f)) = flags.string("from") {
+                if from_has_variable(&v) {
+                    return Err(flag_err(f, COPY_FROM_VARIABLE.to_string()));
+                }
+            }
             if let Some((v, f)) = flags.string("chmod") {
                 if !v.contains('$') && !valid_chmod(&v) {
                     return Err(flag_err(f, format!("invalid chmod parameter: {v}")));
@@ -830,10 +844,58 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// Parses one `--mount` value (after variable expansion) into a [`Mount`], with BuildKit's
-/// keys and defaults. The returned span is empty; [`lower`] fills it.
+/// BuildKit's message for `from=` with a variable in a `--mount` (it never expands it there).
+pub const MOUNT_FROM_VARIABLE: &str = "'from' doesn't support variable expansion, define alias stage instead \
+     (declare a global ARG before the first FROM, add a stage `FROM ${ARG} AS alias`, and mount from=alias)";
+
+/// BuildKit's message for `COPY --from=` with a variable.
+pub const COPY_FROM_VARIABLE: &str =
+    "variable expansion is not supported for --from, define a new stage \
+     with FROM using ARG from global scope as a workaround (a global ARG before the first FROM, \
+     `FROM ${ARG} AS alias`, then COPY --from=alias)";
+
+/// BuildKit refuses a `from` value in which `$` is followed by anything (its check is the
+/// regular expression `\$.` on the value as written): the stage graph is known before
+/// any variable has a value.
+pub fn from_has_variable(value: &str) -> bool {
+    value
+        .char_indices()
+        .any(|(i, c)| c == '$' && value[i + 1..].chars().next().is_some())
+}
+
+/// Parses one `--mount` value (variables already expanded, or none) into a [`Mount`], with
+/// BuildKit's keys and defaults. The returned span is empty; [`lower`] fills it.
 pub fn parse_mount(value: &str) -> Result<Mount, String> {
-    let fields = split_csv(value)?;
+    parse_mount_expanding(value, &mut |v| Ok(Some(v.to_string())))
+}
+
+/// Parses one `--mount` value as written, as BuildKit does: split into `key=value` fields
+/// first, then expand each value on its own with `expand` (so a value may hold a comma).
+/// Keys without `=` (`ro`, `rw`, `required`) are never expanded, and `from` must not hold a
+/// variable at all ([`MOUNT_FROM_VARIABLE`]). `expand` may answer `None` ("not known yet"):
+/// the field is left out and the checks that need every field are skipped, as BuildKit
+/// does when it reads a mount before the build args are known.
+pub fn parse_mount_expanding(
+    value: &str,
+    expand: &mut dyn FnMut(&str) -> Result<Option<String>, String>,
+) -> Result<Mount, String> {
+    let raw_fields = split_csv(value)?;
+    let mut fields = Vec::with_capacity(raw_fields.len());
+    let mut deferred = false;
+    for f in &raw_fields {
+        match f.split_once('=') {
+            Some((k, v)) => {
+                if k.trim().eq_ignore_ascii_case("from") && from_has_variable(v) {
+                    return Err(MOUNT_FROM_VARIABLE.to_string());
+                }
+                match expand(v)? {
+                    Some(v) => fields.push(format!("{k}={v}")),
+                    None => deferred = true,
+                }
+            }
+            None => fields.push(f.clone()),
+        }
+    }
     let mut m = Mount {
         kind: MountType::Bind,
         target: None,
@@ -943,12 +1005,10 @@ pub fn parse_mount(value: &str) -> Result<Mount, String> {
         Some(rw) => !rw,
         None => m.kind == MountType::Bind,
     };
-    match m.kind {
-        MountType::Bind | MountType::Cache | MountType::Tmpfs if m.target.is_none() => {
-            return Err("mount target required".to_string())
-        }
-        MountType::Secret | MountType::Ssh => {}
-        _ => {}
+    // Without `target=` a bind, cache or tmpfs mount goes to the stage's WORKDIR, and a
+    // relative target is joined to it: the frontend resolves both (only `/` is refused).
+    if deferred {
+        return Ok(m);
     }
     if m.kind == MountType::Secret && m.id.is_none() && m.target.is_none() && m.env.is_none() {
         return Err("one of id, target or env is required for secret mounts".to_string());

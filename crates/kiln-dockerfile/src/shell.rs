@@ -80,10 +80,25 @@ pub struct Expansion {
     pub unset: BTreeSet<String>,
 }
 
+/// Longest value (in characters) one word may expand to, unless the word as written is
+/// longer. `ARG V1=$V0$V0`, `ARG V2=$V1$V1`, ... doubles a value on every line: without a cap
+/// thirty such lines ask for gigabytes, even for `--dry-run`.
+pub const MAX_EXPANDED_CHARS: usize = 1 << 20;
+
+/// Work one word's expansion may do, in characters read from variables, written by
+/// `${V/p/r}` replacements and pattern-match steps. Bounds CPU the way
+/// [`MAX_EXPANDED_CHARS`] bounds memory (a pattern replacement over a long value is
+/// quadratic).
+pub const MAX_EXPANSION_WORK: usize = 64 << 20;
+
 /// The shell lexer, configured like BuildKit's `shell.Lex`.
 #[derive(Debug, Clone, Copy)]
 pub struct Lexer {
     escape: char,
+    /// Longest value a word may expand to (see [`MAX_EXPANDED_CHARS`]).
+    pub max_chars: usize,
+    /// Work budget of one word (see [`MAX_EXPANSION_WORK`]).
+    pub max_work: usize,
     /// Keep quote characters in the output.
     pub raw_quotes: bool,
     /// Keep escape characters in the output.
@@ -99,6 +114,8 @@ impl Lexer {
     pub fn new(escape: char) -> Self {
         Lexer {
             escape,
+            max_chars: MAX_EXPANDED_CHARS,
+            max_work: MAX_EXPANSION_WORK,
             raw_quotes: false,
             raw_escapes: false,
             skip_process_quotes: false,
@@ -117,7 +134,12 @@ impl Lexer {
         if chars.first() == Some(&'\u{feff}') {
             chars.remove(0);
         }
+        // A word is never refused for its own text: only growth through variables counts.
+        let max_chars = self.max_chars.max(chars.len());
         let mut sw = ShellWord {
+            max_chars,
+            max_work: self.max_work,
+            work_left: self.max_work,
             chars,
             pos: 0,
             lex: *self,
@@ -165,6 +187,11 @@ impl Lexer {
 const MAX_NESTING: usize = 200;
 
 struct ShellWord<'a> {
+    /// Longest value any part of this word may reach.
+    max_chars: usize,
+    /// The work budget and what is left of it (see [`MAX_EXPANSION_WORK`]).
+    max_work: usize,
+    work_left: usize,
     chars: Vec<char>,
     pos: usize,
     lex: Lexer,
@@ -228,14 +255,46 @@ impl ShellWord<'_> {
         c
     }
 
-    fn get_env(&mut self, name: &str) -> Option<String> {
+    fn get_env(&mut self, name: &str) -> R<Option<String>> {
         let v = (self.lookup)(name);
-        if v.is_some() {
-            self.used.insert(name.to_string());
-        } else {
-            self.unset.insert(name.to_string());
+        match &v {
+            Some(value) => {
+                self.charge(value.len())?;
+                self.used.insert(name.to_string());
+            }
+            None => {
+                self.unset.insert(name.to_string());
+            }
         }
-        v
+        Ok(v)
+    }
+
+    /// Spends `units` of the word's work budget.
+    fn charge(&mut self, units: usize) -> R<()> {
+        match self.work_left.checked_sub(units) {
+            Some(left) => {
+                self.work_left = left;
+                Ok(())
+            }
+            None => Err(format!(
+                "expanding it takes more than {} steps (kiln's limit for one word: \
+                 variables that repeat or replace long values multiply the work)",
+                self.max_work
+            )),
+        }
+    }
+
+    /// Fails once a value being built grows past [`MAX_EXPANDED_CHARS`].
+    fn check_len(&self, value: &str) -> R<()> {
+        // Bytes bound characters from above; count characters only when bytes exceed.
+        if value.len() > self.max_chars && value.chars().count() > self.max_chars {
+            return Err(format!(
+                "the value grows past {} characters (kiln's limit for one expanded word; \
+                 a variable that repeats another on each line doubles in size every time)",
+                self.max_chars
+            ));
+        }
+        Ok(())
     }
 
     fn process_stop_on(
@@ -278,6 +337,7 @@ impl ShellWord<'_> {
                     _ => self.process_double_quote()?,
                 };
                 result.push_str(&tmp);
+                self.check_len(&result)?;
                 if ch == '$' {
                     words.add_string(&tmp);
                 } else {
@@ -358,6 +418,7 @@ impl ShellWord<'_> {
                 Some('$') => {
                     let v = self.process_dollar()?;
                     result.push_str(&v);
+                    self.check_len(&result)?;
                 }
                 Some(_) => {
                     let mut ch = self.next().unwrap_or_default();
@@ -387,7 +448,7 @@ impl ShellWord<'_> {
             if name.is_empty() {
                 return Ok("$".to_string());
             }
-            let value = self.get_env(&name);
+            let value = self.get_env(&name)?;
             return Ok(match value {
                 None if self.lex.skip_unset_env => format!("${name}"),
                 v => v.unwrap_or_default(),
@@ -408,7 +469,7 @@ impl ShellWord<'_> {
         let mut null_is_unset = false;
         match ch {
             '}' => {
-                let value = self.get_env(&name);
+                let value = self.get_env(&name)?;
                 Ok(match value {
                     None if self.lex.skip_unset_env => format!("${{{name}}}"),
                     v => v.unwrap_or_default(),
@@ -442,7 +503,7 @@ impl ShellWord<'_> {
                         return Err(e);
                     }
                 };
-                let found = self.get_env(&name);
+                let found = self.get_env(&name)?;
                 if found.is_none() && self.lex.skip_unset_env {
                     return Ok(format!("${{{name}{chs}{word}}}"));
                 }
@@ -477,9 +538,9 @@ impl ShellWord<'_> {
                             None => (false, word),
                         };
                         if ch == '%' {
-                            trim_suffix(&pattern, &value, greedy)
+                            trim_suffix(&pattern, &value, greedy, &mut |n| self.charge(n))
                         } else {
-                            trim_prefix(&pattern, &value, greedy)
+                            trim_prefix(&pattern, &value, greedy, &mut |n| self.charge(n))
                         }
                     }
                     _ => Err(format!("unsupported modifier ({chs}) in substitution")),
@@ -512,7 +573,7 @@ impl ShellWord<'_> {
                 return Err(e);
             }
         };
-        let value = match self.get_env(name) {
+        let value = match self.get_env(name)? {
             Some(v) => v,
             None if self.lex.skip_unset_env => {
                 return Ok(format!("${{{name}/{pattern}/{replacement}}}"));
@@ -521,7 +582,9 @@ impl ShellWord<'_> {
         };
         let pat = compile_pattern(&pattern)
             .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
-        Ok(replace(&pat, &value, &replacement, all))
+        let out = replace(&pat, &value, &replacement, all, &mut |n| self.charge(n))?;
+        self.check_len(&out)?;
+        Ok(out)
     }
 
     fn process_name(&mut self) -> String {
@@ -621,8 +684,16 @@ fn compile_pattern(pattern: &str) -> Result<Vec<Tok>, String> {
 
 /// The end of the match of `pat` anchored at `start` of `s`, with regex priority semantics
 /// (stars greedy or lazy), computed by dynamic programming (no exponential backtracking).
-fn match_at(pat: &[Tok], s: &[char], start: usize, greedy: bool) -> Option<usize> {
+/// `charge` is told the steps the match will take before it starts.
+fn match_at(
+    pat: &[Tok],
+    s: &[char],
+    start: usize,
+    greedy: bool,
+    charge: &mut dyn FnMut(usize) -> R<()>,
+) -> R<Option<usize>> {
     let n = s.len();
+    charge((pat.len() + 1).saturating_mul(n.saturating_sub(start) + 1))?;
     // next[j]: result of matching pat[k+1..] at position j.
     let mut next: Vec<Option<usize>> = (0..=n).map(Some).collect();
     for tok in pat.iter().rev() {
@@ -669,14 +740,19 @@ fn match_at(pat: &[Tok], s: &[char], start: usize, greedy: bool) -> Option<usize
         }
         next = cur;
     }
-    next.get(start).copied().flatten()
+    Ok(next.get(start).copied().flatten())
 }
 
-fn trim_prefix(pattern: &str, value: &str, greedy: bool) -> R<String> {
+fn trim_prefix(
+    pattern: &str,
+    value: &str,
+    greedy: bool,
+    charge: &mut dyn FnMut(usize) -> R<()>,
+) -> R<String> {
     let pat = compile_pattern(pattern)
         .map_err(|e| format!("invalid pattern ({pattern}) in substitution: {e}"))?;
     let s: Vec<char> = value.chars().collect();
-    Ok(match match_at(&pat, &s, 0, greedy) {
+    Ok(match match_at(&pat, &s, 0, greedy, charge)? {
         Some(end) => s[end..].iter().collect(),
         None => value.to_string(),
     })
@@ -703,21 +779,46 @@ fn reverse_pattern(pattern: &str) -> String {
     out.into_iter().collect()
 }
 
-fn trim_suffix(pattern: &str, value: &str, greedy: bool) -> R<String> {
+fn trim_suffix(
+    pattern: &str,
+    value: &str,
+    greedy: bool,
+    charge: &mut dyn FnMut(usize) -> R<()>,
+) -> R<String> {
     let rp = reverse_pattern(pattern);
     let rv: String = value.chars().rev().collect();
-    let r = trim_prefix(&rp, &rv, greedy)?;
+    let r = trim_prefix(&rp, &rv, greedy, charge)?;
     Ok(r.chars().rev().collect())
 }
 
 /// Go's `Regexp.ReplaceAllString` / first-match replacement with a literal replacement.
-fn replace(pat: &[Tok], value: &str, replacement: &str, all: bool) -> String {
+/// Every match attempt and every replacement written is charged to `charge`.
+fn replace(
+    pat: &[Tok],
+    value: &str,
+    replacement: &str,
+    all: bool,
+    charge: &mut dyn FnMut(usize) -> R<()>,
+) -> R<String> {
     let s: Vec<char> = value.chars().collect();
-    let find = |from: usize| -> Option<(usize, usize)> {
-        (from..=s.len()).find_map(|st| match_at(pat, &s, st, true).map(|e| (st, e)))
+    // A match can only start where its first literal character is.
+    let first = match pat.first() {
+        Some(Tok::Lit(c)) => Some(*c),
+        _ => None,
+    };
+    let find = |from: usize, charge: &mut dyn FnMut(usize) -> R<()>| -> R<Option<(usize, usize)>> {
+        for st in from..=s.len() {
+            if first.is_some_and(|c| s.get(st) != Some(&c)) {
+                continue;
+            }
+            if let Some(e) = match_at(pat, &s, st, true, charge)? {
+                return Ok(Some((st, e)));
+            }
+        }
+        Ok(None)
     };
     if !all {
-        return match find(0) {
+        return Ok(match find(0, charge)? {
             Some((a, b)) => {
                 let mut out: String = s[..a].iter().collect();
                 out.push_str(replacement);
@@ -725,15 +826,18 @@ fn replace(pat: &[Tok], value: &str, replacement: &str, all: bool) -> String {
                 out
             }
             None => value.to_string(),
-        };
+        });
     }
     let mut out = String::new();
     let mut last_end = 0;
     let mut search = 0;
     while search <= s.len() {
-        let Some((a, b)) = find(search) else { break };
+        let Some((a, b)) = find(search, charge)? else {
+            break;
+        };
         out.extend(&s[last_end..a]);
         if b > last_end || a == 0 {
+            charge(replacement.len())?;
             out.push_str(replacement);
         }
         last_end = b;
@@ -746,7 +850,7 @@ fn replace(pat: &[Tok], value: &str, replacement: &str, all: bool) -> String {
     if last_end <= s.len() {
         out.extend(&s[last_end..]);
     }
-    out
+    Ok(out)
 }
 
 /// Go's `%q` / `strconv.Quote`, used in BuildKit messages.
@@ -838,6 +942,48 @@ mod tests {
         let r = Lexer::new('\\').expand("$X ${Y:-2}", &e).unwrap();
         assert!(r.used.contains("X"));
         assert!(r.unset.contains("Y"));
+    }
+
+    #[test]
+    fn a_value_that_doubles_past_the_cap_is_an_error() {
+        let half = "x".repeat(MAX_EXPANDED_CHARS / 2 + 1);
+        let vars = [("V", half.as_str())];
+        let e = env(&vars);
+        let l = Lexer::new('\\');
+        assert_eq!(l.process_word("$V", &e).unwrap().len(), half.len());
+        let err = l.process_word("${V}${V}", &e).unwrap_err();
+        assert!(err.reason.contains("grows past"), "{err}");
+        let err = l.process_word("\"$V$V\"", &e).unwrap_err();
+        assert!(err.reason.contains("grows past"), "{err}");
+    }
+
+    #[test]
+    fn a_literal_word_longer_than_the_cap_is_kept() {
+        let long = "y".repeat(MAX_EXPANDED_CHARS + 10);
+        let out = Lexer::new('\\').process_word(&long, &|_| None).unwrap();
+        assert_eq!(out.len(), long.len());
+    }
+
+    #[test]
+    fn quadratic_pattern_replacement_is_bounded() {
+        let long = "a".repeat(200_000);
+        let vars = [("V", long.as_str())];
+        let e = env(&vars);
+        let l = Lexer::new('\\');
+        // A literal pattern that never matches is cheap.
+        assert_eq!(l.process_word("${V//b/c}", &e).unwrap().len(), 200_000);
+        let err = l.process_word("${V//?/xx}", &e).unwrap_err();
+        assert!(err.reason.contains("steps"), "{err}");
+    }
+
+    #[test]
+    fn repeated_lookups_of_a_long_value_are_bounded() {
+        let long = "z".repeat(1 << 20);
+        let vars = [("V", long.as_str())];
+        let e = env(&vars);
+        let word = "${V:+.}".repeat(100);
+        let err = Lexer::new('\\').process_word(&word, &e).unwrap_err();
+        assert!(err.reason.contains("steps"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,12 @@ use crate::stages::{description_of, keyword_span, split_stages, StageDecl};
 /// `PATH` BuildKit gives Linux stages whose image sets none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Most characters all expanded values of one lowering may add up to (ARG, ENV, LABEL, COPY
+/// arguments, flag values and the environment of every RUN). Each word is also capped by the
+/// lexer ([`kiln_dockerfile::shell::MAX_EXPANDED_CHARS`]); this bounds many words that each
+/// stay under that cap, so a small Dockerfile cannot make `--dry-run` hold gigabytes.
+const MAX_EXPANDED_TOTAL: usize = 64 << 20;
+
 /// Build args that are visible to RUN without an ARG declaration and kept out of history.
 const PROXY_ARGS: [&str; 10] = [
     "HTTP_PROXY",
@@ -130,6 +136,7 @@ pub fn lower_with_outline(
         outline_args: Vec::new(),
         secrets: Vec::new(),
         ssh: Vec::new(),
+        expanded_total: std::cell::Cell::new(0),
     };
     low.state = vec![Visit::New; low.stages.len()];
     for st in low.stages.iter().rev() {
@@ -228,6 +235,8 @@ struct Lowerer<'a> {
     outline_args: Vec<ArgInfo>,
     secrets: Vec<SecretInfo>,
     ssh: Vec<SecretInfo>,
+    /// Characters produced by expansion so far (see [`MAX_EXPANDED_TOTAL`]).
+    expanded_total: std::cell::Cell<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -284,6 +293,16 @@ impl StageState {
     }
 }
 
+/// The lexer's message, with a word longer than a line shortened so the error stays readable.
+fn expand_error_message(e: &kiln_dockerfile::shell::ExpandError) -> String {
+    const SHOWN: usize = 120;
+    if e.word.chars().count() <= SHOWN {
+        return e.to_string();
+    }
+    let head: String = e.word.chars().take(SHOWN).collect();
+    format!("failed to process {head:?}...: {}", e.reason)
+}
+
 fn source_span(s: Span) -> SourceSpan {
     SourceSpan {
         start_line: s.start.line as u32,
@@ -315,9 +334,30 @@ impl<'a> Lowerer<'a> {
         if self.is_plain(word) {
             return Ok(word.to_string());
         }
-        self.lexer
+        let v = self
+            .lexer
             .process_word(word, lookup)
-            .map_err(|e| FrontendError::new(e.to_string(), span))
+            .map_err(|e| FrontendError::new(expand_error_message(&e), span))?;
+        self.count_expanded(v.len(), span)?;
+        Ok(v)
+    }
+
+    /// Adds `len` characters to the lowering's expansion total; fails past
+    /// [`MAX_EXPANDED_TOTAL`], naming the instruction that crossed it.
+    fn count_expanded(&self, len: usize, span: Span) -> Result<(), FrontendError> {
+        let total = self.expanded_total.get().saturating_add(len);
+        self.expanded_total.set(total);
+        if total > MAX_EXPANDED_TOTAL {
+            return Err(FrontendError::new(
+                format!(
+                    "variables expand to more than {} MiB in total by this instruction (kiln's \
+                     limit for one build; values that repeat other values multiply in size)",
+                    MAX_EXPANDED_TOTAL >> 20
+                ),
+                span,
+            ));
+        }
+        Ok(())
     }
 
     /// A word with no variable, quote or escape expands to itself (the common case).
@@ -334,9 +374,12 @@ impl<'a> Lowerer<'a> {
         if self.is_plain(word) {
             return Ok(word.split_whitespace().map(String::from).collect());
         }
-        self.lexer
+        let words = self
+            .lexer
             .process_words(word, lookup)
-            .map_err(|e| FrontendError::new(e.to_string(), span))
+            .map_err(|e| FrontendError::new(expand_error_message(&e), span))?;
+        self.count_expanded(words.iter().map(String::len).sum(), span)?;
+        Ok(words)
     }
 
     fn global_lookup(&self) -> impl Fn(&str) -> Option<String> + '_ {
@@ -1306,38 +1349,48 @@ impl<'a> Lowerer<'a> {
         inst: &Instruction,
         at: Option<Span>,
     ) -> Result<(), FrontendError> {
-        let mut network = NetworkMode::Default;
+        // `--network`/`--opt force-network-mode` sets the mode of steps that name none.
+        let mut network = self.opts.network;
         let mut security = SecurityMode::Sandbox;
         let mut mounts = Vec::new();
         let mut inputs: Vec<VertexId> = Vec::new();
         let (rootfs, root_inputs) = input_of(st.root);
         inputs.extend(root_inputs);
         for f in &inst.flags {
-            let v = self.expand(f.value.as_deref().unwrap_or(""), f.span, &|n| st.lookup(n))?;
+            // BuildKit expands the values inside `--mount` (field by field) but reads
+            // `--network` and `--security` as written.
+            let v = f.value.as_deref().unwrap_or("");
+            let as_written = if v.contains('$') {
+                " (variables are not expanded in this flag)"
+            } else {
+                ""
+            };
             match f.name.as_str() {
                 "network" => {
-                    network = match v.as_str() {
+                    network = match v {
                         "default" => NetworkMode::Default,
                         "none" => NetworkMode::None,
                         "host" => NetworkMode::Host,
                         _ => {
                             return Err(FrontendError::new(
                                 format!(
-                                "unsupported network mode {v:?}: expected default, none or host"
-                            ),
+                                    "unsupported network mode {v:?}: expected default, none \
+                                     or host{as_written}"
+                                ),
                                 f.span,
                             ))
                         }
                     }
                 }
                 "security" => {
-                    security = match v.as_str() {
+                    security = match v {
                         "sandbox" => SecurityMode::Sandbox,
                         "insecure" => SecurityMode::Insecure,
                         _ => {
                             return Err(FrontendError::new(
                                 format!(
-                                    "unsupported security mode {v:?}: expected sandbox or insecure"
+                                    "unsupported security mode {v:?}: expected sandbox or \
+                                     insecure{as_written}"
                                 ),
                                 f.span,
                             ))
@@ -1345,12 +1398,18 @@ impl<'a> Lowerer<'a> {
                     }
                 }
                 _ => {
-                    let m = self.parse_mount(st, &v, f, &mut inputs)?;
+                    let m = self.parse_mount(st, v, f, &mut inputs)?;
                     mounts.push(m);
                 }
             }
         }
         let (args, shell_form) = match &inst.args {
+            Args::Json(j) if j.values.is_empty() => {
+                return Err(FrontendError::new(
+                    "RUN [] has no command: the exec form needs at least the program to run",
+                    inst.span,
+                ))
+            }
             Args::Json(j) => (j.values.clone(), false),
             Args::Text(w) => {
                 let cmd = run_script(&w.text, inst);
@@ -1358,7 +1417,13 @@ impl<'a> Lowerer<'a> {
                 a.push(cmd);
                 (a, true)
             }
-            _ => return Err(FrontendError::new("RUN requires a command", inst.span)),
+            // A bare `RUN` (or one with only flags) runs an empty script with the stage's
+            // shell, as BuildKit's parser and lowering make it.
+            _ => {
+                let mut a = st.shell();
+                a.push(String::new());
+                (a, true)
+            }
         };
         let proxies: Vec<(String, String)> = PROXY_ARGS
             .iter()
@@ -1370,6 +1435,9 @@ impl<'a> Lowerer<'a> {
             })
             .collect();
         let env = st.run_env(&proxies);
+        // Every RUN holds its own copy of the environment: count it, so that many steps
+        // under one huge ARG cannot add up to gigabytes either.
+        self.count_expanded(env.iter().map(String::len).sum(), inst.span)?;
         let cwd = if st.config.working_dir.is_empty() {
             "/".to_string()
         } else {
@@ -1407,8 +1475,9 @@ impl<'a> Lowerer<'a> {
         Ok(())
     }
 
-    /// Lowers one `RUN --mount` value (after expansion), read by the parser crate's
-    /// [`kiln_dockerfile::instructions::parse_mount`], with BuildKit's defaults per type.
+    /// Lowers one `RUN --mount` value as written, read by the parser crate's
+    /// [`kiln_dockerfile::instructions::parse_mount_expanding`] (each field's value expanded
+    /// on its own), with BuildKit's defaults per type.
     fn parse_mount(
         &mut self,
         st: &StageState,
@@ -1418,13 +1487,35 @@ impl<'a> Lowerer<'a> {
     ) -> Result<Mount, FrontendError> {
         use kiln_dockerfile::instructions::{self as ins, MountType};
         let err = |m: String| FrontendError::new(format!("--mount={v}: {m}"), f.span);
-        let m = ins::parse_mount(v).map_err(|e| {
-            if e.starts_with("unsupported mount type") {
-                err(format!("{e}: expected bind, cache, tmpfs, secret or ssh"))
-            } else {
-                err(e)
+        let mut expand_failure = None;
+        let parsed = {
+            let lookup = |n: &str| st.lookup(n);
+            ins::parse_mount_expanding(v, &mut |word| match self.expand(word, f.span, &lookup) {
+                Ok(x) => Ok(Some(x)),
+                Err(e) => {
+                    let msg = e.message.clone();
+                    expand_failure = Some(e);
+                    Err(msg)
+                }
+            })
+        };
+        let mut m = match parsed {
+            Ok(m) => m,
+            // An expansion error (e.g. a value past the size limit) is reported as it is.
+            Err(_) if expand_failure.is_some() => {
+                return Err(expand_failure.unwrap_or_else(|| err(String::new())))
             }
-        })?;
+            Err(e) if e.starts_with("unsupported mount type") => {
+                return Err(err(format!(
+                    "{e}: expected bind, cache, tmpfs, secret or ssh"
+                )))
+            }
+            Err(e) => return Err(err(e)),
+        };
+        // `from=` that expands to nothing means the build context, as in BuildKit.
+        if m.from.as_deref() == Some("") {
+            m.from = None;
+        }
         let mut from_input =
             |s: &mut Self, from: Option<&str>| -> Result<Option<InputIndex>, FrontendError> {
                 let Some(from) = from else { return Ok(None) };
@@ -1437,6 +1528,32 @@ impl<'a> Lowerer<'a> {
                 }
             };
         let abs = |t: &str| resolve_path(&st.config.working_dir, t);
+        // Bind, cache and tmpfs mounts without `target=` go to the WORKDIR and a relative
+        // target is joined to it (BuildKit's rule); only a mount over `/` itself is refused.
+        // Secret and SSH mounts keep their own default paths.
+        if matches!(
+            m.kind,
+            MountType::Bind | MountType::Cache | MountType::Tmpfs
+        ) {
+            let resolved = abs(m.target.as_deref().unwrap_or(""));
+            if resolved.trim_end_matches('/').is_empty() {
+                let workdir = match st.config.working_dir.as_str() {
+                    "" => "/",
+                    w => w,
+                };
+                let why = match m.target.as_deref() {
+                    None | Some("") => {
+                        format!("without target= the mount goes to the WORKDIR, which is {workdir}")
+                    }
+                    Some(t) => format!("target={t} resolves to / (WORKDIR {workdir})"),
+                };
+                return Err(err(format!(
+                    "invalid mount target \"/\": {why}; a mount cannot cover the root \
+                     filesystem, so give target= a directory"
+                )));
+            }
+            m.target = Some(resolved);
+        }
         let target = m.target.as_deref().map(abs);
         let source = m.source.clone().unwrap_or_default();
         let (uid, gid) = (m.uid.unwrap_or(0), m.gid.unwrap_or(0));
@@ -1571,7 +1688,15 @@ impl<'a> Lowerer<'a> {
                     None | Some("true") | Some("") => Ok(true),
                     Some("false") => Ok(false),
                     Some(x) => Err(FrontendError::new(
-                        format!("--{}={x}: expected true or false", f.name),
+                        format!(
+                            "--{}={x}: expected true or false{}",
+                            f.name,
+                            if x.contains('$') {
+                                " (variables are not expanded in this flag)"
+                            } else {
+                                ""
+                            }
+                        ),
                         f.span,
                     )),
                 },
@@ -1583,13 +1708,16 @@ impl<'a> Lowerer<'a> {
                 .iter()
                 .map(|v| self.expand(v, inst.span, &lookup))
                 .collect::<Result<_, _>>()?,
+            // The parser has already split the arguments on whitespace; BuildKit expands each
+            // one as a single word, so one that expands to nothing stays an (empty) argument
+            // and one that expands to `a b` stays one path.
             Args::Words(ws) => {
                 let mut out = Vec::new();
                 for w in ws {
                     if w.text.starts_with("<<") {
                         out.push(w.text.clone());
                     } else {
-                        out.extend(self.expand_words(&w.text, w.span, &lookup)?);
+                        out.push(self.expand(&w.text, w.span, &lookup)?);
                     }
                 }
                 out
@@ -1604,9 +1732,11 @@ impl<'a> Lowerer<'a> {
             .map(|(d, s)| (d.clone(), s.to_vec()))
             .unwrap_or_default();
         let dest = resolve_path(&st.config.working_dir, &dest_raw);
+        // An empty destination (`COPY a $UNSET`) is the WORKDIR, a directory.
         let dest_is_dir = dest_raw.ends_with('/')
             || dest_raw.ends_with("/.")
             || dest_raw == "."
+            || dest_raw.is_empty()
             || srcs.len() > 1;
         let chown = flag_val(self, "chown")?
             .filter(|s| !s.is_empty())
@@ -1629,15 +1759,25 @@ impl<'a> Lowerer<'a> {
         let parents = bool_flag("parents")?;
         let keep_git_dir = bool_flag("keep-git-dir")?;
         let checksum = flag_val(self, "checksum")?;
-        let mut exclude = Vec::new();
-        for f in inst.flags.iter().filter(|f| f.name == "exclude") {
-            exclude.push(self.expand(f.value.as_deref().unwrap_or(""), f.span, &lookup)?);
-        }
+        // BuildKit takes `--exclude` patterns as written (it does not expand them; see
+        // moby/buildkit#6072), so `$` in a pattern is a literal character.
+        let exclude: Vec<String> = inst
+            .flags
+            .iter()
+            .filter(|f| f.name == "exclude")
+            .map(|f| f.value.clone().unwrap_or_default())
+            .collect();
         let from = match flag("from") {
-            Some(f) => Some((
-                self.expand(f.value.as_deref().unwrap_or(""), f.span, &lookup)?,
-                f.span,
-            )),
+            Some(f) => {
+                let raw = f.value.as_deref().unwrap_or("");
+                if kiln_dockerfile::instructions::from_has_variable(raw) {
+                    return Err(FrontendError::new(
+                        kiln_dockerfile::instructions::COPY_FROM_VARIABLE,
+                        f.span,
+                    ));
+                }
+                Some((self.expand(raw, f.span, &lookup)?, f.span))
+            }
             None => None,
         };
 

@@ -1,0 +1,5 @@
+FROM a
+ARG EMPTY
+COPY $EMPTY /ctx/
+COPY a.txt $EMPTY
+COPY "$V x" /d/

@@ -1,0 +1,4 @@
+FROM a AS tools
+FROM a
+ARG STAGE=tools
+COPY --from=$STAGE /x /y

@@ -1,0 +1,3 @@
+FROM a
+RUN
+RUN --network=none

@@ -1,0 +1,3 @@
+FROM a
+ARG NET=none
+RUN --network=$NET true

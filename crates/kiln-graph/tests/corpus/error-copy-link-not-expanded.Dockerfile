@@ -1,0 +1,3 @@
+FROM busybox
+ARG L=true
+COPY --link=$L a /a

@@ -1,0 +1,3 @@
+FROM busybox
+ARG NET=none
+RUN --network=$NET true

@@ -1,0 +1,3 @@
+FROM busybox
+ARG SEC=insecure
+RUN --security=$SEC true
