@@ -4,9 +4,15 @@
 //! RESOLVE_NO_MAGICLINKS)`, never by joining strings: a parent that is a symlink is followed
 //! only while it stays inside the rootfs, and a final component is never followed (existing
 //! entries are unlinked, new ones created with `O_EXCL | O_NOFOLLOW`). `..` components,
-//! absolute paths, duplicate entries, whiteouts of `.`/`..`, device nodes from untrusted
-//! layers and anything over the configured limits are refused with an error that names the
-//! layer and the path.
+//! whiteouts of `.`/`..`, device nodes from untrusted layers and anything over the configured
+//! limits are refused with an error that names the layer and the path.
+//!
+//! Layers are read the way containerd and Docker apply them, since real tools write all of
+//! these shapes: absolute member names (`/`, `/bin/sh`) and hardlink targets are taken
+//! relative to the rootfs, a root entry is ignored, a directory entry may come after its
+//! children, and a path that appears twice takes the later entry (a directory over a
+//! directory merges; anything else replaces). `trusted.overlay.*` xattrs in a layer are
+//! dropped: they would steer overlayfs itself (opaque, redirect, metacopy).
 //!
 //! Two targets: an overlay upper dir (whiteouts become char devices 0/0, opaque markers the
 //! `trusted.overlay.opaque=y` xattr, as overlayfs itself writes them) or a full merged tree
@@ -15,7 +21,7 @@
 use std::collections::HashSet;
 use std::ffi::{CStr, OsStr};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
@@ -24,7 +30,7 @@ use kiln_oci::{Algorithm, Digest, Hasher};
 
 use crate::error::{Result, StoreError};
 use crate::sys::{self, Resolve};
-use crate::tarfmt::{EntryKind, TarError, TarHeader, TarReader};
+use crate::tarfmt::{EntryKind, Piece, TarError, TarHeader, TarReader};
 
 /// What to do with character and block device entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,11 +202,9 @@ fn join(parts: &[&[u8]]) -> Vec<u8> {
     parts.join(&b'/')
 }
 
-/// Splits an archive path into components, refusing absolute paths and `..`.
+/// Splits an archive path into components relative to the rootfs, refusing `..`. A leading
+/// `/` names the rootfs itself (umoci writes its root as `/`), as in containerd.
 fn components(raw: &[u8]) -> std::result::Result<Vec<&[u8]>, &'static str> {
-    if raw.first() == Some(&b'/') {
-        return Err("absolute paths are not allowed in a layer");
-    }
     let mut out = Vec::new();
     for c in raw.split(|&b| b == b'/') {
         match c {
@@ -384,11 +388,8 @@ impl Extractor<'_> {
             return Ok(()); // the root dir itself: its metadata belongs to the base
         };
         let key = join(&comps);
-        if !self.seen.insert(key.clone()) {
-            return Err(
-                self.unsafe_entry(&raw, "duplicate entry: the path appears twice in the layer")
-            );
-        }
+        // A path seen before is replaced by this entry below, as containerd does.
+        self.seen.insert(key.clone());
         if let Some(target) = name.strip_prefix(b".wh.") {
             return self.whiteout(&raw, parents, target);
         }
@@ -422,14 +423,30 @@ impl Extractor<'_> {
                 // than the copy for small files.
                 let mut buf = std::mem::take(&mut self.buf);
                 buf.resize(256 << 10, 0);
-                let mut left = h.size;
-                while left > 0 {
-                    let n = tr
-                        .read_data(&mut buf)
-                        .map_err(|e| self.tar_error(TarError::Io(e)))?;
-                    f.write_all(&buf[..n])
+                let mut holes = false;
+                loop {
+                    match tr
+                        .read_piece(&mut buf)
+                        .map_err(|e| self.tar_error(TarError::Io(e)))?
+                    {
+                        Piece::Data(n) => f
+                            .write_all(&buf[..n])
+                            .map_err(|e| io_err(&layer, &raw, "writing file", e))?,
+                        // Holes of a sparse file stay unallocated, as tar -S leaves them.
+                        Piece::Hole(n) => {
+                            holes = true;
+                            let n = i64::try_from(n).map_err(|_| {
+                                self.unsafe_entry(&raw, "sparse hole larger than a file can be")
+                            })?;
+                            f.seek(SeekFrom::Current(n))
+                                .map_err(|e| io_err(&layer, &raw, "writing file", e))?;
+                        }
+                        Piece::End => break,
+                    }
+                }
+                if holes {
+                    f.set_len(h.size)
                         .map_err(|e| io_err(&layer, &raw, "writing file", e))?;
-                    left -= n as u64;
                 }
                 self.buf = buf;
                 self.stats_bytes += h.size;
@@ -494,11 +511,11 @@ impl Extractor<'_> {
         }
         // The node was just created by us, so the last component is not a symlink.
         sys::chmod_at(parent, name, h.mode).map_err(|e| io_err(&layer, raw, "chmod", e))?;
-        if !h.xattrs.is_empty() {
+        if layer_xattrs(h).next().is_some() {
             let cc = sys::cstr(&proc_child(parent, name))
                 .map_err(|e| io_err(&layer, raw, "naming", e))?;
-            for (k, v) in &h.xattrs {
-                sys::lsetxattr(&cc, k, v)
+            for (k, v) in layer_xattrs(h) {
+                xattr_result(sys::lsetxattr(&cc, k, v))
                     .map_err(|e| io_err(&layer, raw, "setting xattr on", e))?;
             }
         }
@@ -667,8 +684,14 @@ impl Extractor<'_> {
     /// Directory metadata last, deepest first, so creating children does not bump mtimes.
     fn finish_dirs(&mut self) -> Result<()> {
         self.cache = None;
-        let dirs = std::mem::take(&mut self.dirs);
-        for (key, h) in dirs.iter().rev() {
+        let mut dirs = std::mem::take(&mut self.dirs);
+        // A dir listed twice takes its later entry's metadata; children before parents so
+        // setting a parent's mode or times is the last thing that touches it.
+        let mut done = HashSet::new();
+        dirs.reverse();
+        dirs.retain(|(k, _)| done.insert(k.clone()));
+        dirs.sort_by_key(|(k, _)| std::cmp::Reverse(k.iter().filter(|&&c| c == b'/').count()));
+        for (key, h) in &dirs {
             let fd = match sys::openat2(
                 self.root.as_fd(),
                 key,
@@ -716,10 +739,29 @@ fn set_fd_metadata(fd: BorrowedFd<'_>, h: &TarHeader, root_user: bool) -> io::Re
     }
     // After chown, which clears setuid/setgid.
     sys::fchmod(fd, h.mode & 0o7777)?;
-    for (k, v) in &h.xattrs {
-        sys::fsetxattr(fd, k, v)?;
+    for (k, v) in layer_xattrs(h) {
+        xattr_result(sys::fsetxattr(fd, k, v))?;
     }
     sys::futimens(fd, h.mtime, 0)
+}
+
+/// The xattrs of an entry that are applied: all but `trusted.overlay.*`, which only
+/// overlayfs may write (a layer carrying them could make lower content vanish or redirect
+/// lookups).
+fn layer_xattrs(h: &TarHeader) -> impl Iterator<Item = (&[u8], &[u8])> {
+    h.xattrs
+        .iter()
+        .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+}
+
+/// An xattr the filesystem cannot hold (`EOPNOTSUPP`) is left out, as containerd does;
+/// every other failure is an error.
+fn xattr_result(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if errno(&e) == libc::EOPNOTSUPP => Ok(()),
+        other => other,
+    }
 }
 
 fn set_link_metadata(
@@ -731,10 +773,10 @@ fn set_link_metadata(
     if root_user {
         sys::lchown_at(parent, name, h.uid, h.gid)?;
     }
-    if !h.xattrs.is_empty() {
+    if layer_xattrs(h).next().is_some() {
         let c = sys::cstr(&proc_child(parent, name))?;
-        for (k, v) in &h.xattrs {
-            sys::lsetxattr(&c, k, v)?;
+        for (k, v) in layer_xattrs(h) {
+            xattr_result(sys::lsetxattr(&c, k, v))?;
         }
     }
     sys::set_times_at(parent, name, h.mtime, 0)
@@ -761,10 +803,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn components_refuse_dotdot_and_absolute() {
+    fn components_refuse_dotdot_and_reroot_absolute_names() {
         assert!(components(b"../x").is_err());
         assert!(components(b"a/../../x").is_err());
-        assert!(components(b"/etc/passwd").is_err());
+        assert!(components(b"/../x").is_err());
+        assert_eq!(
+            components(b"/etc/passwd").unwrap(),
+            vec![&b"etc"[..], &b"passwd"[..]]
+        );
+        assert!(components(b"/").unwrap().is_empty());
         assert_eq!(components(b"./a//b/").unwrap(), vec![&b"a"[..], &b"b"[..]]);
     }
 

@@ -4,7 +4,13 @@
 //! or group names, no atime/ctime) and reads them itself so every size it trusts is bounded:
 //! a PAX or GNU long-name header bigger than `max_header_bytes` is refused before any of it
 //! is buffered.
+//!
+//! The reader takes the shapes other tools write, as Go's `archive/tar` (containerd, Docker)
+//! reads them: GNU sparse files in all four encodings GNU tar has used (old GNU `S` entries
+//! with extension blocks, and PAX formats 0.0, 0.1 and 1.0) come out as the logical file,
+//! holes reported separately so the extractor can leave them unallocated.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
 const BLOCK: usize = 512;
@@ -252,9 +258,28 @@ impl From<io::Error> for TarError {
 pub(crate) struct TarReader<R: Read> {
     r: R,
     max_header_bytes: u64,
+    /// Stored bytes of the current entry not yet read.
     remaining: u64,
     padding: u64,
     done: bool,
+    /// The current entry's data segments (logical offset, length) still ahead, for sparse
+    /// files; empty otherwise.
+    segments: VecDeque<(u64, u64)>,
+    /// Logical position in the current sparse file and its logical size.
+    sparse_pos: u64,
+    sparse_size: u64,
+    sparse: bool,
+}
+
+/// One piece of a file entry's logical content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Piece {
+    /// `n` bytes of data were read into the buffer.
+    Data(usize),
+    /// The next `n` bytes of the file are a hole (zeros, never stored).
+    Hole(u64),
+    /// The entry's data is complete.
+    End,
 }
 
 fn parse_num(field: &[u8]) -> Result<u64, TarError> {
@@ -331,6 +356,10 @@ impl<R: Read> TarReader<R> {
             remaining: 0,
             padding: 0,
             done: false,
+            segments: VecDeque::new(),
+            sparse_pos: 0,
+            sparse_size: 0,
+            sparse: false,
         }
     }
 
@@ -387,6 +416,10 @@ impl<R: Read> TarReader<R> {
         self.skip(self.remaining + self.padding)?;
         self.remaining = 0;
         self.padding = 0;
+        self.segments.clear();
+        self.sparse = false;
+        self.sparse_pos = 0;
+        self.sparse_size = 0;
         let mut long_name: Option<Vec<u8>> = None;
         let mut long_link: Option<Vec<u8>> = None;
         let mut pax: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
@@ -433,18 +466,13 @@ impl<R: Read> TarReader<R> {
                 _ => {}
             }
             let kind = match flag {
-                b'0' | 0 | b'7' => EntryKind::File,
+                b'0' | 0 | b'7' | b'S' => EntryKind::File,
                 b'1' => EntryKind::Hardlink,
                 b'2' => EntryKind::Symlink,
                 b'3' => EntryKind::Char,
                 b'4' => EntryKind::Block,
                 b'5' => EntryKind::Dir,
                 b'6' => EntryKind::Fifo,
-                b'S' => {
-                    return Err(TarError::Malformed(
-                        "GNU sparse entries are not supported".into(),
-                    ))
-                }
                 other => {
                     return Err(TarError::Malformed(format!(
                         "unsupported entry type {:?}",
@@ -453,7 +481,9 @@ impl<R: Read> TarReader<R> {
                 }
             };
             let mut path = cstr_field(&b[0..100]).to_vec();
-            if &b[257..262] == b"ustar" {
+            // Only POSIX ustar has a prefix field; GNU's magic ("ustar  ") keeps atime, ctime
+            // and the sparse map there.
+            if &b[257..263] == b"ustar\0" {
                 let prefix = cstr_field(&b[345..500]);
                 if !prefix.is_empty() {
                     let mut p = prefix.to_vec();
@@ -461,6 +491,31 @@ impl<R: Read> TarReader<R> {
                     p.extend_from_slice(&path);
                     path = p;
                 }
+            }
+            // Old GNU sparse: up to 4 (offset, length) pairs in the header, more in extension
+            // blocks that follow it; the real size is in the header too.
+            let mut gnu_map: Option<(Vec<(u64, u64)>, u64)> = None;
+            if flag == b'S' {
+                let mut map = Vec::new();
+                push_sparse_pairs(&b[386..482], &mut map)?;
+                let real = parse_num(&b[483..495])?;
+                let mut extended = b[482] != 0;
+                while extended {
+                    ext_total += BLOCK as u64;
+                    if ext_total > self.max_header_bytes {
+                        return Err(TarError::HeaderTooLarge);
+                    }
+                    let mut e = [0u8; BLOCK];
+                    if !self.read_block(&mut e)? {
+                        return Err(TarError::Io(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "archive ends in a GNU sparse map",
+                        )));
+                    }
+                    push_sparse_pairs(&e[..504], &mut map)?;
+                    extended = e[504] != 0;
+                }
+                gnu_map = Some((map, real));
             }
             let mut h = TarHeader {
                 path,
@@ -483,6 +538,7 @@ impl<R: Read> TarReader<R> {
             if let Some(l) = long_link {
                 h.link = l;
             }
+            let mut pax_sparse = PaxSparse::default();
             for (k, v) in pax {
                 match &k[..] {
                     b"path" => h.path = v,
@@ -491,6 +547,20 @@ impl<R: Read> TarReader<R> {
                     b"uid" => h.uid = pax_num(&v)? as u32,
                     b"gid" => h.gid = pax_num(&v)? as u32,
                     b"mtime" => h.mtime = pax_num(&v)? as i64,
+                    b"GNU.sparse.name" => pax_sparse.name = Some(v),
+                    b"GNU.sparse.major" => pax_sparse.major = Some(pax_num(&v)?),
+                    b"GNU.sparse.minor" => pax_sparse.minor = Some(pax_num(&v)?),
+                    b"GNU.sparse.size" | b"GNU.sparse.realsize" => {
+                        pax_sparse.real_size = Some(pax_num(&v)?)
+                    }
+                    b"GNU.sparse.offset" => pax_sparse.pending_offset = Some(pax_num(&v)?),
+                    b"GNU.sparse.numbytes" => {
+                        let off = pax_sparse.pending_offset.take().ok_or_else(|| {
+                            TarError::Malformed("GNU.sparse.numbytes without an offset".into())
+                        })?;
+                        pax_sparse.map.push((off, pax_num(&v)?));
+                    }
+                    b"GNU.sparse.map" => pax_sparse.map = parse_sparse_list(&v)?,
                     _ => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
                             h.xattrs.push((name.to_vec(), v));
@@ -499,6 +569,9 @@ impl<R: Read> TarReader<R> {
                 }
             }
             h.xattrs.sort();
+            if let Some(n) = pax_sparse.name.take() {
+                h.path = n;
+            }
             while h.path.len() > 1 && h.path.last() == Some(&b'/') {
                 h.path.pop();
             }
@@ -509,13 +582,99 @@ impl<R: Read> TarReader<R> {
             }
             self.remaining = data;
             self.padding = (BLOCK as u64 - data % BLOCK as u64) % BLOCK as u64;
+            if kind == EntryKind::File {
+                let sparse = match (gnu_map, pax_sparse.real_size) {
+                    (Some((map, real)), _) => Some((map, real)),
+                    (None, Some(real)) if pax_sparse.major == Some(1) => {
+                        if pax_sparse.minor != Some(0) {
+                            return Err(TarError::Malformed(format!(
+                                "unknown GNU sparse format 1.{}",
+                                pax_sparse.minor.unwrap_or(0)
+                            )));
+                        }
+                        Some((self.read_sparse_map_1_0()?, real))
+                    }
+                    (None, Some(real)) => Some((pax_sparse.map, real)),
+                    (None, None) => None,
+                };
+                if let Some((map, real)) = sparse {
+                    self.start_sparse(map, real)?;
+                    h.size = real;
+                }
+            }
             return Ok(Some(h));
         }
     }
 
-    /// Reads the current entry's data.
-    pub(crate) fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
+    /// PAX sparse format 1.0 keeps its map at the start of the data: decimal numbers, one
+    /// per line (the pair count, then offset and length of each pair), padded to a block.
+    fn read_sparse_map_1_0(&mut self) -> Result<Vec<(u64, u64)>, TarError> {
+        let mut text = Vec::new();
+        loop {
+            if self.remaining < BLOCK as u64 {
+                return Err(TarError::Malformed(
+                    "GNU sparse 1.0 map runs past the entry's data".into(),
+                ));
+            }
+            if text.len() as u64 + BLOCK as u64 > self.max_header_bytes {
+                return Err(TarError::HeaderTooLarge);
+            }
+            let mut b = [0u8; BLOCK];
+            self.r.read_exact(&mut b)?;
+            self.remaining -= BLOCK as u64;
+            text.extend_from_slice(&b);
+            // The part after the last newline is not a whole number yet.
+            let mut lines: Vec<&[u8]> = text.split(|&c| c == b'\n').collect();
+            lines.pop();
+            let Some(first) = lines.first() else { continue };
+            let count = pax_num(first)?;
+            let need = count
+                .checked_mul(2)
+                .and_then(|n| n.checked_add(1))
+                .ok_or_else(|| TarError::Malformed("GNU sparse 1.0 map too long".into()))?;
+            if (lines.len() as u64) < need {
+                continue;
+            }
+            let nums = lines[1..need as usize]
+                .iter()
+                .map(|l| pax_num(l))
+                .collect::<Result<Vec<u64>, TarError>>()?;
+            return Ok(nums.chunks(2).map(|p| (p[0], p[1])).collect());
+        }
+    }
+
+    /// Checks a sparse map against the stored data and the real size, and starts reading
+    /// the entry as that logical file.
+    fn start_sparse(&mut self, map: Vec<(u64, u64)>, real: u64) -> Result<(), TarError> {
+        let mut end = 0u64;
+        let mut stored = 0u64;
+        for &(off, len) in &map {
+            let seg_end = off
+                .checked_add(len)
+                .ok_or_else(|| TarError::Malformed("sparse segment overflows".into()))?;
+            if off < end || seg_end > real {
+                return Err(TarError::Malformed(format!(
+                    "sparse map out of order or past the file's size {real} (segment {off}+{len})"
+                )));
+            }
+            end = seg_end;
+            stored += len;
+        }
+        if stored != self.remaining {
+            return Err(TarError::Malformed(format!(
+                "sparse map holds {stored} bytes but the entry stores {}",
+                self.remaining
+            )));
+        }
+        self.segments = map.into_iter().filter(|s| s.1 > 0).collect();
+        self.sparse = true;
+        self.sparse_pos = 0;
+        self.sparse_size = real;
+        Ok(())
+    }
+
+    fn read_stored(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.remaining) as usize;
@@ -529,6 +688,104 @@ impl<R: Read> TarReader<R> {
         self.remaining -= k as u64;
         Ok(k)
     }
+
+    /// Reads the next piece of the current entry's logical content: data into `buf`, or
+    /// the length of a hole (sparse files only).
+    pub(crate) fn read_piece(&mut self, buf: &mut [u8]) -> io::Result<Piece> {
+        if !self.sparse {
+            return Ok(match self.read_stored(buf)? {
+                0 => Piece::End,
+                n => Piece::Data(n),
+            });
+        }
+        let Some(&(off, len)) = self.segments.front() else {
+            let hole = self.sparse_size - self.sparse_pos;
+            self.sparse_pos = self.sparse_size;
+            return Ok(if hole == 0 {
+                Piece::End
+            } else {
+                Piece::Hole(hole)
+            });
+        };
+        if self.sparse_pos < off {
+            let hole = off - self.sparse_pos;
+            self.sparse_pos = off;
+            return Ok(Piece::Hole(hole));
+        }
+        let left = off + len - self.sparse_pos;
+        let want = (buf.len() as u64).min(left) as usize;
+        let n = self.read_stored(&mut buf[..want])?;
+        self.sparse_pos += n as u64;
+        if self.sparse_pos == off + len {
+            self.segments.pop_front();
+        }
+        Ok(Piece::Data(n))
+    }
+
+    #[cfg(test)]
+    /// Reads the current entry's logical data (holes of sparse files as zeros); 0 at its end.
+    pub(crate) fn read_data(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.sparse {
+            return self.read_stored(buf);
+        }
+        if buf.is_empty() || self.sparse_pos == self.sparse_size {
+            return Ok(0);
+        }
+        let next_data = self
+            .segments
+            .front()
+            .map_or(self.sparse_size, |&(off, _)| off);
+        if self.sparse_pos < next_data {
+            let n = (buf.len() as u64).min(next_data - self.sparse_pos) as usize;
+            buf[..n].fill(0);
+            self.sparse_pos += n as u64;
+            return Ok(n);
+        }
+        match self.read_piece(buf)? {
+            Piece::Data(n) => Ok(n),
+            Piece::Hole(_) | Piece::End => Ok(0),
+        }
+    }
+}
+
+/// The GNU sparse records of one entry's PAX header.
+#[derive(Default)]
+struct PaxSparse {
+    name: Option<Vec<u8>>,
+    major: Option<u64>,
+    minor: Option<u64>,
+    real_size: Option<u64>,
+    pending_offset: Option<u64>,
+    map: Vec<(u64, u64)>,
+}
+
+/// Appends the (offset, length) pairs of an old GNU sparse map area (12-byte numbers,
+/// zero pairs mark unused slots).
+fn push_sparse_pairs(area: &[u8], into: &mut Vec<(u64, u64)>) -> Result<(), TarError> {
+    for pair in area.chunks_exact(24) {
+        if pair.iter().all(|&b| b == 0) {
+            continue;
+        }
+        into.push((parse_num(&pair[..12])?, parse_num(&pair[12..])?));
+    }
+    Ok(())
+}
+
+/// Parses PAX sparse format 0.1's `GNU.sparse.map` ("offset,length,offset,length...").
+fn parse_sparse_list(v: &[u8]) -> Result<Vec<(u64, u64)>, TarError> {
+    if v.is_empty() {
+        return Ok(Vec::new());
+    }
+    let nums = v
+        .split(|&b| b == b',')
+        .map(pax_num)
+        .collect::<Result<Vec<u64>, TarError>>()?;
+    if nums.len() % 2 != 0 {
+        return Err(TarError::Malformed(
+            "GNU.sparse.map has an odd number of values".into(),
+        ));
+    }
+    Ok(nums.chunks(2).map(|p| (p[0], p[1])).collect())
 }
 
 /// Lists every entry header of an (uncompressed) tar stream.

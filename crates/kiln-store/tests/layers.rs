@@ -437,3 +437,294 @@ fn several_layers_export_at_once_in_order_and_are_remembered_as_root() {
         );
     }
 }
+
+/// Python's tarfile writing the shapes containerd and Docker accept: absolute names (a `/`
+/// root entry as umoci writes it), directory entries after their children, duplicate
+/// entries, PAX and GNU long names and long link targets, hard links (one with an absolute
+/// target), and xattrs. Argument: the output directory.
+const PY_LAYERS: &str = r##"
+import io, sys, tarfile
+out = sys.argv[1]
+cap = bytes([1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+
+def add(t, name, kind=tarfile.REGTYPE, data=b"", mode=0o644, link="", pax=None):
+    i = tarfile.TarInfo(name)
+    i.type, i.mode, i.mtime, i.linkname = kind, mode, 1700000000, link
+    if pax:
+        i.pax_headers = pax
+    if kind == tarfile.REGTYPE:
+        i.size = len(data)
+        t.addfile(i, io.BytesIO(data))
+    else:
+        t.addfile(i)
+
+long_dir = "deep/" + "d" * 120 + "/" + "e" * 120
+with tarfile.open(out + "/python-pax.tar", "w", format=tarfile.PAX_FORMAT) as t:
+    add(t, "/", tarfile.DIRTYPE, mode=0o755)
+    add(t, "/abs", tarfile.DIRTYPE, mode=0o755)
+    add(t, "/abs/file", data=b"absolute\n")
+    add(t, "later/child/file", data=b"child first\n")
+    add(t, "later/child", tarfile.DIRTYPE, mode=0o750)
+    add(t, "later", tarfile.DIRTYPE, mode=0o705)
+    add(t, "dup", data=b"first\n")
+    add(t, "dup", data=b"second\n")
+    add(t, "dupdir", tarfile.DIRTYPE, mode=0o755)
+    add(t, "dupdir/inner", data=b"gone\n")
+    add(t, "dupdir", data=b"now a file\n")
+    add(t, "dupmode", tarfile.DIRTYPE, mode=0o700)
+    add(t, "dupmode", tarfile.DIRTYPE, mode=0o711)
+    add(t, long_dir + "/pax-long-name", data=b"pax long\n")
+    add(t, "pax-long-link", tarfile.SYMTYPE, link="/" + long_dir + "/pax-long-name")
+    add(t, "hard", tarfile.LNKTYPE, link="abs/file")
+    add(t, "hard-abs", tarfile.LNKTYPE, link="/abs/file")
+    add(t, "cap", data=b"#!/bin/sh\n", mode=0o755, pax={
+        "SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape"),
+        "SCHILY.xattr.user.kiln": "yes"})
+with tarfile.open(out + "/python-gnu.tar", "w", format=tarfile.GNU_FORMAT) as t:
+    add(t, "gnu/" + "g" * 150, data=b"gnu long\n")
+    add(t, "gnu/long-link", tarfile.SYMTYPE, link="g" * 150)
+    add(t, "./gnu/dotted", data=b"dot slash\n")
+"##;
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A 3 MiB file with two short data runs and holes around them.
+fn write_sparse(p: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = fs::File::create(p).unwrap();
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(b"middle").unwrap();
+    f.seek(SeekFrom::Start(3 << 20)).unwrap();
+    f.write_all(b"end").unwrap();
+}
+
+/// The layers of the test set, in the order they are applied, each with a name.
+fn real_tool_layers(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let src = dir.join("src");
+    fs::create_dir_all(src.join("tree/sub")).unwrap();
+    for name in ["s-gnu", "s-pax00", "s-pax01", "s-pax10"] {
+        write_sparse(&src.join(name));
+    }
+    fs::write(src.join("tree/sub/f"), "from tar -C . \n").unwrap();
+    let tar = |out: &str, args: &[&str]| {
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&src)
+                .arg("-cf")
+                .arg(dir.join(out))
+                .args(args),
+        );
+        fs::read(dir.join(out)).unwrap()
+    };
+    let gnu = tar("gnu-sparse.tar", &["--format=gnu", "--sparse", "s-gnu"]);
+    let pax00 = tar(
+        "pax00.tar",
+        &["--format=pax", "--sparse-version=0.0", "s-pax00"],
+    );
+    let pax01 = tar(
+        "pax01.tar",
+        &["--format=pax", "--sparse-version=0.1", "s-pax01"],
+    );
+    let pax10 = tar(
+        "pax10.tar",
+        &["--format=pax", "--sparse-version=1.0", "s-pax10"],
+    );
+    // The shapes are what the test is about: make sure tar really wrote them.
+    assert_eq!(gnu[156], b'S', "GNU tar wrote no old-GNU sparse entry");
+    for (t, marker) in [
+        (&pax00, &b"GNU.sparse.offset"[..]),
+        (&pax01, b"GNU.sparse.map"),
+        (&pax10, b"GNU.sparse.major=1"),
+    ] {
+        assert!(
+            t.windows(marker.len()).any(|w| w == marker),
+            "tar wrote no {}",
+            String::from_utf8_lossy(marker)
+        );
+    }
+    let dotted = tar("dotted.tar", &["./tree"]);
+    assert!(dotted.windows(8).any(|w| w == b"./tree/s"));
+    run_ok(Command::new("python3").args(["-c", PY_LAYERS]).arg(dir));
+    let py_pax = fs::read(dir.join("python-pax.tar")).unwrap();
+    let py_gnu = fs::read(dir.join("python-gnu.tar")).unwrap();
+    // Compressed with the real command-line tools, as image tools do.
+    let compress = |tool: &str, args: &[&str], data: &[u8]| {
+        let p = dir.join(format!("in-{tool}"));
+        fs::write(&p, data).unwrap();
+        let out = Command::new(tool)
+            .args(args)
+            .arg(&p)
+            .output()
+            .unwrap_or_else(|e| panic!("{tool}: {e}"));
+        assert!(out.status.success(), "{tool} failed");
+        out.stdout
+    };
+    vec![
+        (
+            "gnu-sparse (gzip -n)".into(),
+            compress("gzip", &["-nc"], &gnu),
+        ),
+        (
+            "pax 0.0 sparse (zstd)".into(),
+            compress("zstd", &["-qc"], &pax00),
+        ),
+        ("pax 0.1 sparse".into(), pax01),
+        ("pax 1.0 sparse".into(), pax10),
+        ("tar -C src -cf - ./tree".into(), dotted),
+        ("python tarfile PAX".into(), py_pax),
+        (
+            "python tarfile GNU (zstd)".into(),
+            compress("zstd", &["-qc"], &py_gnu),
+        ),
+    ]
+}
+
+#[test]
+fn layer_shapes_real_tools_write_apply_as_containerd_applies_them_as_root() {
+    assert!(
+        is_root(),
+        "needs root (overlayfs, chown, security.* xattrs)"
+    );
+    let tmp = TestDir::new();
+    let layers = real_tool_layers(&tmp.path().join("layers"));
+    for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
+        let store = store_at(&tmp.path().join(format!("{kind:?}")), kind);
+        let mut parent = None;
+        for (name, bytes) in &layers {
+            let info = store.content().put_bytes(bytes).unwrap();
+            let id = store
+                .unpack_layer(parent, &info.digest, &ApplyOptions::default(), None)
+                .unwrap_or_else(|e| panic!("{kind:?}: layer {name}: {e}"));
+            parent = Some(id);
+        }
+        let v = store.view(parent.unwrap(), None).unwrap();
+        let r = &v.rootfs;
+        let read = |p: &str| fs::read(r.join(p)).unwrap_or_else(|e| panic!("{kind:?}: {p}: {e}"));
+        for name in ["s-gnu", "s-pax00", "s-pax01", "s-pax10"] {
+            let got = read(name);
+            assert_eq!(got.len(), (3 << 20) + 3, "{kind:?}: {name} size");
+            assert_eq!(&got[1 << 20..(1 << 20) + 6], b"middle", "{kind:?}: {name}");
+            assert_eq!(&got[3 << 20..], b"end", "{kind:?}: {name}");
+            let zeros = got.iter().filter(|&&b| b == 0).count();
+            assert_eq!(zeros, got.len() - 9, "{kind:?}: {name}: holes are zeros");
+            if kind == SnapshotterKind::Overlay {
+                use std::os::unix::fs::MetadataExt;
+                let blocks = fs::metadata(r.join(name)).unwrap().blocks();
+                assert!(blocks * 512 < 1 << 20, "{name}: holes were written out");
+            }
+        }
+        assert_eq!(read("tree/sub/f"), b"from tar -C . \n");
+        assert_eq!(read("abs/file"), b"absolute\n");
+        assert_eq!(read("later/child/file"), b"child first\n");
+        let mode = |p: &str| {
+            fs::symlink_metadata(r.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(
+            mode("later"),
+            0o705,
+            "{kind:?}: dir entry after its children"
+        );
+        assert_eq!(mode("later/child"), 0o750);
+        assert_eq!(read("dup"), b"second\n", "{kind:?}: the later entry wins");
+        assert_eq!(read("dupdir"), b"now a file\n");
+        assert_eq!(mode("dupmode"), 0o711, "{kind:?}: the later dir entry wins");
+        let long_dir = format!("deep/{}/{}", "d".repeat(120), "e".repeat(120));
+        assert_eq!(read(&format!("{long_dir}/pax-long-name")), b"pax long\n");
+        assert_eq!(
+            fs::read_link(r.join("pax-long-link")).unwrap(),
+            Path::new(&format!("/{long_dir}/pax-long-name"))
+        );
+        assert_eq!(read(&format!("gnu/{}", "g".repeat(150))), b"gnu long\n");
+        assert_eq!(
+            fs::read_link(r.join("gnu/long-link")).unwrap(),
+            Path::new(&"g".repeat(150))
+        );
+        assert_eq!(read("gnu/dotted"), b"dot slash\n");
+        {
+            use std::os::unix::fs::MetadataExt;
+            let ino = |p: &str| fs::metadata(r.join(p)).unwrap().ino();
+            assert_eq!(ino("hard"), ino("abs/file"), "{kind:?}: hard link");
+            assert_eq!(
+                ino("hard-abs"),
+                ino("abs/file"),
+                "{kind:?}: absolute hard link"
+            );
+        }
+        let line = describe_tree(r)
+            .into_iter()
+            .find(|l| l.starts_with("cap: "))
+            .unwrap();
+        assert!(
+            line.contains(&format!(
+                "{:?}",
+                (b"security.capability".to_vec(), CAP_NET_RAW.to_vec())
+            )) && line.contains(&format!("{:?}", (b"user.kiln".to_vec(), b"yes".to_vec()))),
+            "{kind:?}: xattrs: {line}"
+        );
+        // The root entry and absolute names stay inside: nothing appeared next to the store.
+        assert!(!tmp.path().join("abs").exists());
+        store.remove(v.id).unwrap();
+    }
+}
+
+#[test]
+fn an_opaque_whiteout_from_a_real_tar_hides_only_lower_content_as_root() {
+    assert!(is_root(), "needs root (overlay whiteouts are char devices)");
+    let tmp = TestDir::new();
+    let src = tmp.path().join("src");
+    let mk = |layer: &str, files: &[(&str, &str)]| {
+        let d = src.join(layer);
+        for (p, data) in files {
+            fs::create_dir_all(d.join(p).parent().unwrap()).unwrap();
+            fs::write(d.join(p), data).unwrap();
+        }
+        let out = tmp.path().join(format!("{layer}.tar"));
+        run_ok(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&d)
+                .arg("-cf")
+                .arg(&out)
+                .arg("."),
+        );
+        fs::read(out).unwrap()
+    };
+    let lower = mk(
+        "lower",
+        &[("opq/a", "a"), ("opq/sub/b", "b"), ("keep", "k")],
+    );
+    let upper = mk("upper", &[("opq/.wh..wh..opq", ""), ("opq/c", "c")]);
+    for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
+        let store = store_at(&tmp.path().join(format!("{kind:?}")), kind);
+        let mut parent = None;
+        for l in [&lower, &upper] {
+            let info = store.content().put_bytes(l).unwrap();
+            parent = Some(
+                store
+                    .unpack_layer(parent, &info.digest, &ApplyOptions::default(), None)
+                    .unwrap(),
+            );
+        }
+        let v = store.view(parent.unwrap(), None).unwrap();
+        let mut names: Vec<String> = fs::read_dir(v.rootfs.join("opq"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["c"], "{kind:?}");
+        assert_eq!(fs::read(v.rootfs.join("keep")).unwrap(), b"k");
+        store.remove(v.id).unwrap();
+    }
+}
