@@ -1,6 +1,6 @@
-//! How a stage name used in `FROM`, `COPY --from` or `--target` finds its stage, in the shapes
-//! public Dockerfiles use (found by `bench/realworld/run.sh`), checked against what BuildKit
-//! v0.24 does with the same file. Tests marked `known failing` describe a difference kiln
+//! How a stage name used in `FROM`, `COPY --from` or `--target` finds its stage, and what
+//! a target owes the stages it does not need, in the shapes public Dockerfiles use (found by
+//! `bench/realworld/run.sh`), checked against what BuildKit v0.24 does with the same file. Tests marked `known failing` describe a difference kiln
 //! still has; they are ignored until it is fixed.
 
 use kiln_graph::graph::{BuildGraph, Op};
@@ -120,4 +120,22 @@ fn copy_from_a_later_stage_is_refused() {
         "{}",
         e.message
     );
+}
+
+#[test]
+#[ignore = "known failing: kiln skips instructions of stages the target does not need, so \
+            their parse errors (unknown flag, COPY with one argument) go unreported; \
+            BuildKit parses every instruction first and fails any target"]
+fn parse_errors_in_unneeded_stages_fail_every_target() {
+    for (bad, message) in [
+        ("RUN --bogus true", "unknown flag: --bogus"),
+        (
+            "COPY --from=a /x",
+            "COPY requires at least two arguments, but only one was provided",
+        ),
+    ] {
+        let text = format!("FROM scratch AS a\nCOPY <<EOF /x\nhi\nEOF\nFROM scratch AS b\n{bad}\n");
+        let e = lower_text(&text, Some("a")).expect_err("BuildKit refuses the file");
+        assert!(e.message.contains(message), "{bad}: {}", e.message);
+    }
 }
