@@ -1370,6 +1370,14 @@ impl<'a> Lowerer<'a> {
                     network = match v {
                         "default" => NetworkMode::Default,
                         "none" => NetworkMode::None,
+                        "host" if !self.opts.entitlements.network_host => {
+                            return Err(FrontendError::new(
+                                "RUN --network=host needs the network.host entitlement: the \
+                                 host's network exposes every service on the runner's loopback \
+                                 to this step; build with --allow network.host",
+                                f.span,
+                            ))
+                        }
                         "host" => NetworkMode::Host,
                         _ => {
                             return Err(FrontendError::new(

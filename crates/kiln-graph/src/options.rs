@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::graph::NetworkMode;
 use crate::platform::Platform;
 
 /// A flag value that could not be parsed; names the flag and the bad value.
@@ -73,6 +74,26 @@ pub struct BuildOptions {
     /// buildx `--pull`, buildctl `--opt image-resolve-mode=pull`: base images always come
     /// from their registry, never from images kept in the local store under the same name.
     pub pull: bool,
+    /// `--network` (buildctl: `--opt force-network-mode=`): the network of `RUN` steps that
+    /// give no `--network` of their own. `Default` is a namespace of the step's own with
+    /// outbound access; `Host` needs [`Entitlements::network_host`].
+    pub network: NetworkMode,
+    /// `--allow`: what the build may do beyond the sandbox.
+    pub entitlements: Entitlements,
+    /// `--pids-limit` / `KILN_PIDS_LIMIT`: at most this many processes and threads per `RUN`
+    /// step (cgroup pids controller); `None`, the default, sets no limit, as BuildKit.
+    pub pids_limit: Option<u64>,
+}
+
+/// Entitlements granted with `--allow` (BuildKit's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entitlements {
+    /// `network.host`: `RUN --network=host` and `--network host` may use the host's network,
+    /// where every service on the runner's loopback is reachable.
+    pub network_host: bool,
+    /// `security.insecure`: accepted for buildx compatibility; kiln does not gate
+    /// `RUN --security=insecure` on it yet.
+    pub security_insecure: bool,
 }
 
 impl BuildOptions {
@@ -99,6 +120,9 @@ impl BuildOptions {
             metadata_file: None,
             max_parallelism: None,
             pull: false,
+            network: NetworkMode::Default,
+            entitlements: Entitlements::default(),
+            pids_limit: None,
         }
     }
 }
@@ -158,6 +182,12 @@ pub struct RawBuildFlags {
     pub max_parallelism: Option<String>,
     /// buildx `--pull`.
     pub pull: bool,
+    /// buildx `--network`: `default`, `none` or `host`.
+    pub network: Option<String>,
+    /// `--allow ENTITLEMENT` (repeatable, comma lists allowed).
+    pub allow: Vec<String>,
+    /// `--pids-limit N` / `KILN_PIDS_LIMIT`.
+    pub pids_limit: Option<String>,
 }
 
 impl BuildOptions {
@@ -251,6 +281,9 @@ impl BuildOptions {
                     "target" => target = Some(value.to_string()),
                     "filename" => filename = Some(value.to_string()),
                     "platform" => platforms_raw.push(("--opt", value.to_string())),
+                    "force-network-mode" => {
+                        opts.network = parse_network_mode("--opt", o, value)?;
+                    }
                     "image-resolve-mode" => match value {
                         "pull" => opts.pull = true,
                         "default" | "local" => opts.pull = false,
@@ -444,7 +477,56 @@ impl BuildOptions {
             opts.max_parallelism = Some(v);
         }
         opts.pull |= raw.pull;
+        if let Some(n) = &raw.network {
+            opts.network = parse_network_mode("--network", n, n)?;
+        }
+        for a in raw.allow.iter().flat_map(|a| a.split(',')) {
+            match a.trim() {
+                "network.host" => opts.entitlements.network_host = true,
+                "security.insecure" => opts.entitlements.security_insecure = true,
+                other => {
+                    return Err(OptionError::new(
+                        "--allow",
+                        other,
+                        "expected network.host or security.insecure",
+                    ))
+                }
+            }
+        }
+        if opts.network == NetworkMode::Host && !opts.entitlements.network_host {
+            let flag = if raw.network.is_some() {
+                "--network"
+            } else {
+                "--opt force-network-mode"
+            };
+            return Err(OptionError::new(
+                flag,
+                "host",
+                "the host's network exposes every service on the runner's loopback to RUN \
+                 steps; grant it with --allow network.host",
+            ));
+        }
+        if let Some(n) = &raw.pids_limit {
+            let v: u64 = n.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                OptionError::new("--pids-limit", n, "expected a positive whole number")
+            })?;
+            opts.pids_limit = Some(v);
+        }
         Ok(opts)
+    }
+}
+
+/// `default` (`sandbox` in buildctl's spelling), `none` or `host`.
+fn parse_network_mode(flag: &str, whole: &str, value: &str) -> Result<NetworkMode, OptionError> {
+    match value {
+        "default" | "sandbox" => Ok(NetworkMode::Default),
+        "none" => Ok(NetworkMode::None),
+        "host" => Ok(NetworkMode::Host),
+        _ => Err(OptionError::new(
+            flag,
+            whole,
+            "expected a network mode: default, none or host",
+        )),
     }
 }
 

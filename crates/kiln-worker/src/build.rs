@@ -182,7 +182,17 @@ pub fn plan_build(
         source_date_epoch: inputs.source_date_epoch,
         compression,
     };
-    let executor: Arc<dyn kiln_exec::Executor> = Arc::new(kiln_exec::NamespaceExecutor::new());
+    let executor = kiln_exec::NamespaceExecutor::new()
+        .with_pids_limit(opts.pids_limit)
+        .map_err(|e| WorkerError::Unsupported(format!("--pids-limit: {e}")))?;
+    let isolated_runs = graph.vertices.iter().any(|v| {
+        matches!(&v.op, kiln_graph::Op::Exec(e) if e.network == kiln_graph::graph::NetworkMode::Default)
+    });
+    if isolated_runs {
+        // The first RUN then finds its network ready instead of waiting for slirp4netns.
+        executor.prewarm_network();
+    }
+    let executor: Arc<dyn kiln_exec::Executor> = Arc::new(executor);
     let worker = Worker::new(
         store,
         executor,

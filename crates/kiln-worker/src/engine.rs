@@ -672,7 +672,8 @@ impl Inner {
             spec.hostname = "kiln".into();
             spec.network = match op.network {
                 g::NetworkMode::None => Network::None,
-                g::NetworkMode::Default | g::NetworkMode::Host => Network::Host,
+                g::NetworkMode::Default => Network::Isolated,
+                g::NetworkMode::Host => Network::Host,
             };
             spec.security = match op.security {
                 g::SecurityMode::Sandbox => Security::Sandbox,

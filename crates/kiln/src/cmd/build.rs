@@ -111,6 +111,18 @@ pub struct BuildArgs {
         env = "KILN_MAX_PARALLELISM"
     )]
     max_parallelism: Option<String>,
+    /// Network of RUN steps that name none: default (their own namespace, outbound access,
+    /// the host's loopback unreachable), none, or host (needs --allow network.host)
+    #[arg(long, value_name = "MODE")]
+    network: Option<String>,
+    /// Grant an entitlement: network.host (RUN --network=host, --network host),
+    /// security.insecure
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    allow: Vec<String>,
+    /// At most N processes and threads per RUN step (cgroup pids controller; default: no
+    /// limit, as BuildKit)
+    #[arg(long = "pids-limit", value_name = "N", env = "KILN_PIDS_LIMIT")]
+    pids_limit: Option<String>,
     /// Write a timeline report of the build (one self-contained HTML page) to FILE
     #[arg(long, value_name = "FILE.html")]
     report: Option<std::path::PathBuf>,
@@ -163,6 +175,9 @@ impl BuildArgs {
             metadata_file: self.metadata_file.clone(),
             max_parallelism: self.max_parallelism.clone(),
             pull: self.pull,
+            network: self.network.clone(),
+            allow: self.allow.clone(),
+            pids_limit: self.pids_limit.clone(),
         };
         BuildOptions::from_flags(&raw)
     }
