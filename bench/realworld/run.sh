@@ -70,7 +70,8 @@ for d in "$dir"/*/; do
         nlowered=0
         failed="LIST:$(head -c 200 "$out/err" | tr '\n\t' '  ')"
     else
-        mapfile -t targets < <(jq -r '.targets[] | select(.default | not) | .name' <<<"$tj" | grep -v '^stage-[0-9]*$')
+        # Named stages only (an unnamed stage has no name, or `stage-N` in older kiln output).
+        mapfile -t targets < <(jq -r '.targets[] | select((.default // false) | not) | .name // empty' <<<"$tj" | grep -v '^stage-[0-9]*$')
         targets+=("")
         ntargets=${#targets[@]}
         nlowered=0
