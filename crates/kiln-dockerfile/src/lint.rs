@@ -70,39 +70,70 @@ pub struct LintWarning {
 /// The `# check=` directive: rules to skip, and whether warnings fail the build.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct CheckDirective {
-    /// Rule names to skip (`all` skips every rule).
+    /// Rule names to skip.
     pub skip: Vec<String>,
-    /// `error=true`: a check with warnings exits non-zero.
+    /// `skip=all`: no rule runs.
+    pub skip_all: bool,
+    /// `error=true`: a build or check with warnings fails.
     pub error: bool,
 }
 
+/// A `# check=` directive (or `BUILDKIT_DOCKERFILE_CHECK` build arg) that BuildKit would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("failed to parse check options: {reason}")]
+pub struct CheckDirectiveError {
+    /// What is wrong, in BuildKit's words (`invalid check option "x"`).
+    pub reason: String,
+}
+
 impl CheckDirective {
-    /// Parses `skip=A,B;error=true` (unknown keys are ignored, as BuildKit does).
-    pub fn parse(value: &str) -> Self {
+    /// Parses `skip=A,B;error=true` as BuildKit does: at most two `;`-separated parts, each
+    /// `key=value` with `skip` or `error` as key, `error` a Go boolean, and `skip=all` alone
+    /// meaning every rule.
+    pub fn parse(value: &str) -> Result<Self, CheckDirectiveError> {
         let mut d = CheckDirective::default();
-        for part in value.split(';') {
+        let value = value.trim();
+        if value.is_empty() {
+            return Ok(d);
+        }
+        let invalid = |what: &str| CheckDirectiveError {
+            reason: format!("invalid check option {what:?}"),
+        };
+        for part in value.splitn(2, ';') {
             let Some((k, v)) = part.split_once('=') else {
-                continue;
+                return Err(invalid(part));
             };
             match k.trim() {
                 "skip" => {
-                    d.skip = v
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect()
+                    let v = v.trim();
+                    if v == "all" {
+                        d.skip_all = true;
+                    } else {
+                        d.skip = v.split(',').map(|s| s.trim().to_string()).collect();
+                    }
                 }
-                "error" => d.error = v.trim().eq_ignore_ascii_case("true"),
-                _ => {}
+                "error" => {
+                    // Go's strconv.ParseBool spellings.
+                    d.error = match v.trim() {
+                        "1" | "t" | "T" | "true" | "TRUE" | "True" => true,
+                        "0" | "f" | "F" | "false" | "FALSE" | "False" => false,
+                        other => {
+                            return Err(CheckDirectiveError {
+                                reason: format!(
+                                    "check option \"error\" wants true or false, got {other:?}"
+                                ),
+                            })
+                        }
+                    }
+                }
+                other => return Err(invalid(other)),
             }
         }
-        d
+        Ok(d)
     }
 
     fn skips(&self, rule: &str) -> bool {
-        self.skip
-            .iter()
-            .any(|s| s == rule || s.eq_ignore_ascii_case("all"))
+        self.skip_all || self.skip.iter().any(|s| s == rule)
     }
 }
 
@@ -117,6 +148,23 @@ pub struct LintContext<'a> {
     /// ENV names of an external base image (as written in FROM, expanded), when known; with
     /// `None` only `PATH` is assumed.
     pub base_env: Option<&'a BaseEnvLookup>,
+    /// The `BUILDKIT_DOCKERFILE_CHECK` build arg, which replaces the `# check=` directive.
+    pub check_override: Option<&'a str>,
+    /// Whose instructions are checked.
+    pub stages: LintStages<'a>,
+}
+
+/// Which stages' instructions the checks look at. Rules about the file and the FROM lines
+/// (casing, stage names, base names, MAINTAINER) always see every stage; the rules BuildKit runs
+/// while it converts instructions (UndefinedVar, WorkdirRelativePath, ...) see only the stages it
+/// converts: all of them for `--call check` without a target, else those the target needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LintStages<'a> {
+    /// Every stage (`--call check` without `--target`).
+    #[default]
+    All,
+    /// The stages this target needs (`None`: the last stage), as a build converts them.
+    NeededBy(Option<&'a str>),
 }
 
 /// The result of [`check`].
@@ -124,14 +172,24 @@ pub struct LintContext<'a> {
 pub struct LintReport {
     /// Findings in source order.
     pub warnings: Vec<LintWarning>,
-    /// From `# check=`.
+    /// From `# check=` (or the build arg that overrides it).
     pub directive: CheckDirective,
 }
 
 impl LintReport {
-    /// True when `# check=error=true` and something was found.
+    /// True when `# check=error=true` and something was found: the build must stop.
     pub fn fails(&self) -> bool {
         self.directive.error && !self.warnings.is_empty()
+    }
+
+    /// BuildKit's error for [`LintReport::fails`]: `lint violation found for rules: A, B`
+    /// (each rule once, sorted).
+    pub fn violation_message(&self) -> String {
+        let rules: BTreeSet<&str> = self.warnings.iter().map(|w| w.rule.name).collect();
+        format!(
+            "lint violation found for rules: {}",
+            rules.into_iter().collect::<Vec<_>>().join(", ")
+        )
     }
 }
 
@@ -146,12 +204,36 @@ const BUILTIN_ARGS: [&str; 8] = [
     "BUILDVARIANT",
 ];
 
-/// Runs every rule not skipped by the `# check=` directive.
-pub fn check(df: &Dockerfile, ctx: &LintContext<'_>) -> LintReport {
-    let directive = df
-        .directive("check")
-        .map(|d| CheckDirective::parse(&d.value))
-        .unwrap_or_default();
+/// The built-in platform ARGs with this machine's values, as a build without `--platform`
+/// sees them before any build arg is applied.
+fn builtin_platform_values() -> BTreeMap<String, String> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    let mut v = BTreeMap::new();
+    for prefix in ["TARGET", "BUILD"] {
+        v.insert(format!("{prefix}PLATFORM"), format!("linux/{arch}"));
+        v.insert(format!("{prefix}OS"), "linux".to_string());
+        v.insert(format!("{prefix}ARCH"), arch.to_string());
+        v.insert(format!("{prefix}VARIANT"), String::new());
+    }
+    v
+}
+
+/// Runs every rule not skipped by the `# check=` directive; a directive BuildKit would refuse
+/// is an error, as it fails the build there.
+pub fn check(df: &Dockerfile, ctx: &LintContext<'_>) -> Result<LintReport, CheckDirectiveError> {
+    let directive = match ctx.check_override {
+        Some(v) => CheckDirective::parse(v)?,
+        None => match df.directive("check") {
+            Some(d) => CheckDirective::parse(&d.value)?,
+            None => CheckDirective::default(),
+        },
+    };
     let mut l = Linter {
         df,
         ctx,
@@ -165,10 +247,10 @@ pub fn check(df: &Dockerfile, ctx: &LintContext<'_>) -> LintReport {
         .filter(|w| !directive.skips(w.rule.name))
         .collect();
     warnings.sort_by_key(|w| (w.span.start.line, w.span.start.column));
-    LintReport {
+    Ok(LintReport {
         warnings,
         directive,
-    }
+    })
 }
 
 struct Linter<'a> {
@@ -185,6 +267,42 @@ struct Stage<'a> {
     body: Vec<&'a Instruction>,
 }
 
+/// One name of a global `ARG` (before the first FROM), with its default as written.
+struct GlobalArg {
+    name: String,
+    default: Option<String>,
+}
+
+/// What a stage knows while its instructions are checked; a stage built `FROM` it starts with
+/// a copy, as BuildKit's stage inherits its parent's state.
+#[derive(Clone, Default)]
+struct StageScope {
+    /// Variables set by ENV and ARG (and the base image) with their values; `None` is a value
+    /// the base image sets that the linter cannot see.
+    vars: BTreeMap<String, Option<String>>,
+    /// Names declared by ARG (defined for UndefinedVar even without a value).
+    args: BTreeSet<String>,
+    /// A WORKDIR already ran here: WorkdirRelativePath judges only the first one.
+    workdir_set: bool,
+    /// A SHELL instruction chose the shell, so a shell-form CMD/ENTRYPOINT is deliberate.
+    shell_set: bool,
+}
+
+impl StageScope {
+    fn defines(&self, name: &str) -> bool {
+        self.args.contains(name) || self.vars.contains_key(name)
+    }
+
+    /// The value `$name` expands to. A value only the base image knows counts as `/`: such
+    /// variables (HOME, GOPATH ...) hold absolute paths, and a guess must not raise a warning
+    /// BuildKit, which sees the image, would not.
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.vars
+            .get(name)
+            .map(|v| v.clone().unwrap_or_else(|| "/".to_string()))
+    }
+}
+
 fn words(inst: &Instruction) -> Vec<(String, Span)> {
     match &inst.args {
         Args::Words(w) => w.iter().map(|w| (w.text.clone(), w.span)).collect(),
@@ -198,6 +316,9 @@ fn words(inst: &Instruction) -> Vec<(String, Span)> {
     }
 }
 
+/// BuildKit's SecretsUsedInArgOrEnv test: some `_`-separated token of the name is a secret
+/// word (`GITHUB_TOKEN`, `db_password`, `AUTH`) and none is `public` (`PUBLIC_KEY`). Only `_`
+/// separates tokens, so `A-TOKEN` and `TOKENIZER` pass.
 fn is_secret_name(name: &str) -> bool {
     const DENY: [&str; 10] = [
         "apikey",
@@ -212,11 +333,64 @@ fn is_secret_name(name: &str) -> bool {
         "token",
     ];
     let lower = name.to_ascii_lowercase();
-    let tokens: Vec<&str> = lower.split(['_', '-']).collect();
-    if tokens.contains(&"public") {
-        return false;
+    let tokens: Vec<&str> = lower.split('_').collect();
+    !tokens.contains(&"public") && tokens.iter().any(|t| DENY.contains(t))
+}
+
+/// Which stages `target` (`None`: the last one) needs: itself, its FROM parent, and the
+/// stages named by `COPY --from` / `ADD --from` / `RUN --mount=from=`, transitively. An unknown
+/// target needs every stage (the build fails on it before any rule matters).
+fn needed_stages(stages: &[Stage], target: Option<&str>) -> Vec<bool> {
+    let by_name = |n: &str| {
+        let n = n.to_ascii_lowercase();
+        stages
+            .iter()
+            .position(|s| s.name.is_some_and(|x| x.to_ascii_lowercase() == n))
+            .or_else(|| n.parse::<usize>().ok().filter(|&i| i < stages.len()))
+    };
+    let Some(start) = (match target {
+        Some(t) => by_name(t),
+        None => stages.len().checked_sub(1),
+    }) else {
+        return vec![true; stages.len()];
+    };
+    let mut needed = vec![false; stages.len()];
+    let mut todo = vec![start];
+    while let Some(i) = todo.pop() {
+        if std::mem::replace(&mut needed[i], true) {
+            continue;
+        }
+        let s = &stages[i];
+        let mut refs = vec![s.base.clone()];
+        for inst in &s.body {
+            for f in &inst.flags {
+                let Some(v) = &f.value else { continue };
+                match f.name.as_str() {
+                    "from" => refs.push(v.clone()),
+                    "mount" => refs.extend(
+                        v.split(',')
+                            .filter_map(|kv| kv.trim().strip_prefix("from="))
+                            .map(|x| x.trim_matches('"').to_string()),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        for r in refs {
+            // A FROM names a stage only by name; a stage's own name does not count.
+            if let Some(j) = by_name(&r).filter(|&j| j != i) {
+                todo.push(j);
+            }
+        }
     }
-    tokens.iter().any(|t| DENY.contains(t))
+    needed
+}
+
+fn split_arg(word: String) -> (String, Option<String>) {
+    match word.split_once('=') {
+        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+        None => (word, None),
+    }
 }
 
 impl<'a> Linter<'a> {
@@ -229,7 +403,7 @@ impl<'a> Linter<'a> {
     }
 
     fn run(&mut self) {
-        let mut globals: Vec<(&Instruction, String, Option<String>)> = Vec::new();
+        let mut globals: Vec<GlobalArg> = Vec::new();
         let mut stages: Vec<Stage> = Vec::new();
         for inst in &self.df.instructions {
             match inst.kind() {
@@ -251,11 +425,8 @@ impl<'a> Linter<'a> {
                     Some(s) => s.body.push(inst),
                     None if inst.kind() == Some(Keyword::Arg) => {
                         for (w, _) in words(inst) {
-                            let (k, v) = match w.split_once('=') {
-                                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                                None => (w, None),
-                            };
-                            globals.push((inst, k, v));
+                            let (name, default) = split_arg(w);
+                            globals.push(GlobalArg { name, default });
                         }
                     }
                     None => {}
@@ -263,45 +434,68 @@ impl<'a> Linter<'a> {
             }
         }
         self.casing();
-        for (inst, name, _) in &globals {
-            if is_secret_name(name) {
-                self.warn(
-                    SECRETS_USED_IN_ARG_OR_ENV,
-                    format!("Do not use ARG or ENV instructions for sensitive data (ARG {name:?})"),
-                    inst.span,
-                );
-            }
-        }
+        // Global ARGs are not checked by SecretsUsedInArgOrEnv: BuildKit runs that rule when a
+        // stage's ARG or ENV is dispatched, never on the meta ARGs before the first FROM.
+        let defaults = self.global_defaults(&globals);
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        let mut stage_env: Vec<BTreeSet<String>> = Vec::new();
+        let mut scopes: Vec<StageScope> = Vec::new();
+        let needed = match self.ctx.stages {
+            LintStages::All => vec![true; stages.len()],
+            LintStages::NeededBy(target) => needed_stages(&stages, target),
+        };
         for (i, s) in stages.iter().enumerate() {
-            self.stage_header_rules(s, &globals, &mut seen);
-            let base_lower = s.base.to_ascii_lowercase();
-            let inherited = stages[..i].iter().position(|p| {
+            self.stage_header_rules(s, &globals, defaults.as_ref(), &mut seen);
+            let values = defaults.clone().unwrap_or_default();
+            let base = self
+                .lexer
+                .process_word(&s.base, &|n| values.get(n).cloned())
+                .unwrap_or_else(|_| s.base.clone());
+            let base_lower = base.to_ascii_lowercase();
+            let parent = stages[..i].iter().position(|p| {
                 p.name.map(str::to_ascii_lowercase).as_deref() == Some(base_lower.as_str())
             });
-            let mut env: BTreeSet<String> = match inherited {
-                Some(p) => stage_env[p].clone(),
+            let mut scope = match parent {
+                Some(p) => scopes[p].clone(),
                 None => {
-                    let expanded = self
-                        .lexer
-                        .process_word(&s.base, &|n| {
-                            globals
-                                .iter()
-                                .rev()
-                                .find(|g| g.1 == n)
-                                .and_then(|g| g.2.clone())
-                        })
-                        .unwrap_or_default();
-                    match self.ctx.base_env.and_then(|f| f(&expanded)) {
-                        Some(e) => e.into_iter().collect(),
-                        None => BTreeSet::from(["PATH".to_string()]),
+                    let names = self
+                        .ctx
+                        .base_env
+                        .and_then(|f| f(&base))
+                        .unwrap_or_else(|| vec!["PATH".to_string()]);
+                    StageScope {
+                        vars: names.into_iter().map(|n| (n, None)).collect(),
+                        ..StageScope::default()
                     }
                 }
             };
-            self.stage_rules(s, &globals, &mut env);
-            stage_env.push(env);
+            let before = self.out.len();
+            self.stage_rules(s, &values, &mut scope);
+            if !needed[i] {
+                // Parsed but never converted: only the parse-time rule speaks.
+                let tail = self.out.split_off(before);
+                self.out
+                    .extend(tail.into_iter().filter(|w| w.rule == MAINTAINER_DEPRECATED));
+            }
+            scopes.push(scope);
         }
+    }
+
+    /// The global ARGs' values when no build arg is given (BuildKit's meta ARGs): in order, each
+    /// default expanded with the ones before it and the built-in platform ARGs, so
+    /// `ARG GO_IMAGE=golang:${GO_VERSION}` sees `GO_VERSION`. `None` when a default cannot be
+    /// expanded at all (the build fails on it with its own error).
+    fn global_defaults(&self, globals: &[GlobalArg]) -> Option<BTreeMap<String, String>> {
+        let mut values = builtin_platform_values();
+        for g in globals {
+            if let Some(d) = &g.default {
+                let v = self
+                    .lexer
+                    .process_word(d, &|n| values.get(n).cloned())
+                    .ok()?;
+                values.insert(g.name.clone(), v);
+            }
+        }
+        Some(values)
     }
 
     fn intern(&self, s: &str) -> &'a str {
@@ -317,7 +511,14 @@ impl<'a> Linter<'a> {
     }
 
     fn casing(&mut self) {
-        let insts: Vec<&Instruction> = self.df.instructions.iter().collect();
+        // BuildKit counts and checks the stages' instructions only; the global ARGs before the
+        // first FROM are not part of any stage.
+        let insts: Vec<&Instruction> = self
+            .df
+            .instructions
+            .iter()
+            .skip_while(|i| i.kind() != Some(Keyword::From))
+            .collect();
         let upper = insts
             .iter()
             .filter(|i| i.keyword == i.keyword.to_uppercase())
@@ -354,7 +555,8 @@ impl<'a> Linter<'a> {
     fn stage_header_rules(
         &mut self,
         s: &Stage<'a>,
-        globals: &[(&Instruction, String, Option<String>)],
+        globals: &[GlobalArg],
+        defaults: Option<&BTreeMap<String, String>>,
         seen: &mut BTreeMap<String, usize>,
     ) {
         let w = words(s.from);
@@ -397,8 +599,8 @@ impl<'a> Linter<'a> {
                 );
             }
         }
-        // UndefinedArgInFrom / InvalidDefaultArgInFrom.
-        let declared = |n: &str| globals.iter().any(|g| g.1 == n) || BUILTIN_ARGS.contains(&n);
+        // UndefinedArgInFrom: names neither a global ARG nor a built-in platform ARG.
+        let declared = |n: &str| globals.iter().any(|g| g.name == n) || BUILTIN_ARGS.contains(&n);
         let mut words_to_check = vec![s.base.clone()];
         words_to_check.extend(
             s.from
@@ -425,28 +627,23 @@ impl<'a> Linter<'a> {
                 }
             }
         }
-        if s.base.contains('$') {
-            let defaults = |n: &str| {
-                globals
-                    .iter()
-                    .rev()
-                    .find(|g| g.1 == n)
-                    .and_then(|g| g.2.as_ref())
-                    .map(|d| self.lexer.process_word(d, &|_| None).unwrap_or_default())
-            };
-            let v = self
+        // InvalidDefaultArgInFrom: with only the defaults (no build args), every base must
+        // still be a valid image reference (or stage name), whether or not it uses an ARG.
+        if let Some(values) = defaults {
+            if let Ok(v) = self
                 .lexer
-                .process_word(&s.base, &defaults)
-                .unwrap_or_default();
-            if !plausible_image_name(&v) {
-                self.warn(
-                    INVALID_DEFAULT_ARG_IN_FROM,
-                    format!(
-                        "Default value for ARG {} results in empty or invalid base image name",
-                        s.base
-                    ),
-                    s.from.span,
-                );
+                .process_word(&s.base, &|n| values.get(n).cloned())
+            {
+                if !is_valid_reference(&v) {
+                    self.warn(
+                        INVALID_DEFAULT_ARG_IN_FROM,
+                        format!(
+                            "Default value for ARG {} results in empty or invalid base image name",
+                            s.base
+                        ),
+                        s.from.span,
+                    );
+                }
             }
         }
     }
@@ -454,18 +651,12 @@ impl<'a> Linter<'a> {
     fn stage_rules(
         &mut self,
         s: &Stage<'a>,
-        globals: &[(&Instruction, String, Option<String>)],
-        env: &mut BTreeSet<String>,
+        globals: &BTreeMap<String, String>,
+        scope: &mut StageScope,
     ) {
-        let _ = globals;
-        let mut args: BTreeSet<String> = BTreeSet::new();
-        let mut abs_workdir = false;
         let mut counts: BTreeMap<&'static str, Vec<Span>> = BTreeMap::new();
         for inst in &s.body {
             let Some(kind) = inst.kind() else { continue };
-            let defined = |n: &str, args: &BTreeSet<String>, env: &BTreeSet<String>| {
-                args.contains(n) || env.contains(n)
-            };
             // UndefinedVar over the words the builder expands.
             if crate::shell::expands_words(kind).is_some() && kind != Keyword::Arg {
                 let mut texts: Vec<String> = words(inst)
@@ -484,27 +675,40 @@ impl<'a> Linter<'a> {
                 if matches!(kind, Keyword::Copy | Keyword::Add) {
                     texts.extend(inst.flags.iter().filter_map(|f| f.value.clone()));
                 }
-                self.undefined(&texts, inst.span, &|n| defined(n, &args, env));
+                let known = scope.clone();
+                self.undefined(&texts, inst.span, &|n| known.defines(n));
             }
             match kind {
                 Keyword::Arg => {
                     for (w, _) in words(inst) {
-                        let (k, v) = match w.split_once('=') {
-                            Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                            None => (w, None),
-                        };
+                        let (k, v) = split_arg(w);
                         if let Some(v) = &v {
+                            let known = scope.clone();
                             self.undefined(std::slice::from_ref(v), inst.span, &|n| {
-                                defined(n, &args, env)
+                                known.defines(n)
                             });
                         }
                         if is_secret_name(&k) {
                             self.warn(SECRETS_USED_IN_ARG_OR_ENV, format!("Do not use ARG or ENV instructions for sensitive data (ARG {k:?})"), inst.span);
                         }
-                        args.insert(k);
+                        // The value the stage sees: its default expanded here, else the global
+                        // ARG's value; a bare `ARG X` with neither leaves X unset.
+                        let value = match &v {
+                            Some(d) => Some(
+                                self.lexer
+                                    .process_word(d, &|n| scope.lookup(n))
+                                    .unwrap_or_default(),
+                            ),
+                            None => globals.get(&k).cloned(),
+                        };
+                        scope.args.insert(k.clone());
+                        if let Some(value) = value {
+                            scope.vars.insert(k, Some(value));
+                        }
                     }
                 }
                 Keyword::Env | Keyword::Label => {
+                    let mut set = Vec::new();
                     if let Args::KeyValues(kv) = &inst.args {
                         for p in kv {
                             if p.legacy {
@@ -523,29 +727,42 @@ impl<'a> Linter<'a> {
                                 if is_secret_name(&key) {
                                     self.warn(SECRETS_USED_IN_ARG_OR_ENV, format!("Do not use ARG or ENV instructions for sensitive data (ENV {key:?})"), inst.span);
                                 }
-                                env.insert(key);
+                                // Every value of one ENV expands with the variables as they
+                                // were before it.
+                                let value = self
+                                    .lexer
+                                    .process_word(&p.value.text, &|n| scope.lookup(n))
+                                    .unwrap_or_default();
+                                set.push((key, value));
                             }
                         }
                     }
+                    for (k, v) in set {
+                        scope.vars.insert(k, Some(v));
+                    }
                 }
                 Keyword::Workdir => {
-                    let w = words(inst).first().map(|x| x.0.clone()).unwrap_or_default();
-                    let v = self
+                    // BuildKit judges the path after expansion (`ENV HOME=/app` then
+                    // `WORKDIR $HOME` is absolute), and only the stage's first WORKDIR: fixing
+                    // that one fixes the rest.
+                    let raw = words(inst).first().map(|x| x.0.clone()).unwrap_or_default();
+                    let path = self
                         .lexer
-                        .process_word(&w, &|_| Some("x".into()))
-                        .unwrap_or(w.clone());
-                    if v.starts_with('/') {
-                        abs_workdir = true;
-                    } else if !abs_workdir {
+                        .process_word(&raw, &|n| scope.lookup(n))
+                        .unwrap_or_else(|_| raw.clone());
+                    if !scope.workdir_set && !path.starts_with('/') {
                         self.warn(
                             WORKDIR_RELATIVE_PATH,
-                            format!("Relative workdir \"{w}\" can have unexpected results if the base image changes"),
+                            format!("Relative workdir \"{path}\" can have unexpected results if the base image changes"),
                             inst.span,
                         );
                     }
+                    scope.workdir_set = true;
                 }
+                Keyword::Shell => scope.shell_set = true,
                 Keyword::Cmd | Keyword::Entrypoint => {
-                    if !inst.is_json() {
+                    // After SHELL the shell form is a deliberate choice; BuildKit stays quiet.
+                    if !inst.is_json() && !scope.shell_set {
                         self.warn(
                             JSON_ARGS_RECOMMENDED,
                             format!("JSON arguments recommended for {} to prevent unintended behavior related to OS signals", inst.name()),
@@ -560,7 +777,7 @@ impl<'a> Linter<'a> {
                     "Maintainer instruction is deprecated in favor of using label".into(),
                     inst.span,
                 ),
-                Keyword::Copy | Keyword::Add => self.copy_ignored(inst, kind, &args, env),
+                Keyword::Copy | Keyword::Add => self.copy_ignored(inst, kind, scope),
                 _ => {}
             }
         }
@@ -576,7 +793,6 @@ impl<'a> Linter<'a> {
             }
         }
     }
-
     fn undefined(&mut self, texts: &[String], span: Span, defined: &dyn Fn(&str) -> bool) {
         for t in texts {
             let Ok(e) = self.lexer.expand(t, &|n| {
@@ -598,13 +814,7 @@ impl<'a> Linter<'a> {
         }
     }
 
-    fn copy_ignored(
-        &mut self,
-        inst: &Instruction,
-        kind: Keyword,
-        args: &BTreeSet<String>,
-        env: &BTreeSet<String>,
-    ) {
+    fn copy_ignored(&mut self, inst: &Instruction, kind: Keyword, scope: &StageScope) {
         let Some(m) = self.ctx.dockerignore else {
             return;
         };
@@ -623,7 +833,7 @@ impl<'a> Linter<'a> {
             let v = self
                 .lexer
                 .process_word(src, &|n| {
-                    (args.contains(n) || env.contains(n)).then(String::new)
+                    scope.vars.get(n).map(|v| v.clone().unwrap_or_default())
                 })
                 .unwrap_or_else(|_| src.clone());
             let p = clean_path(v.trim_start_matches('/'));
@@ -638,24 +848,123 @@ impl<'a> Linter<'a> {
     }
 }
 
-/// A loose check that an expanded FROM is a usable name: non-empty, no dangling `:`/`@`,
-/// lower-case repository.
-fn plausible_image_name(v: &str) -> bool {
-    if v.is_empty()
-        || v.ends_with(':')
-        || v.ends_with('@')
-        || v.starts_with(':')
-        || v.contains(char::is_whitespace)
+/// Whether `v` is an image reference (or stage name) BuildKit's reference parser accepts: as
+/// `docker/distribution`'s `ParseNormalizedNamed`, a lower-case repository path (after an
+/// optional registry host), an optional tag and an optional digest, 255 characters of name
+/// at most, and not a bare 64-hex image id.
+fn is_valid_reference(v: &str) -> bool {
+    if v.len() == 64
+        && v.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     {
         return false;
     }
-    let name = v.split('@').next().unwrap_or(v);
-    let last = name.rsplit('/').next().unwrap_or(name);
-    let repo_part = match last.split_once(':') {
-        Some((r, _)) => r,
-        None => last,
+    // The first component is a registry host only if it looks like one.
+    let (domain, remainder) = match v.split_once('/') {
+        Some((first, rest))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first != first.to_ascii_lowercase() =>
+        {
+            (Some(first), rest)
+        }
+        _ => (None, v),
     };
-    !repo_part.is_empty() && repo_part == repo_part.to_ascii_lowercase()
+    let remote_name = remainder.split(':').next().unwrap_or(remainder);
+    if remote_name != remote_name.to_ascii_lowercase() {
+        return false;
+    }
+    let (name_tag, digest) = match remainder.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (remainder, None),
+    };
+    let (path, tag) = match name_tag.rsplit_once(':') {
+        Some((p, t)) => (p, Some(t)),
+        None => (name_tag, None),
+    };
+    let name_len = domain.map_or("docker.io/".len(), |d| d.len() + 1) + path.len();
+    domain.is_none_or(is_valid_domain)
+        && !path.is_empty()
+        && path.split('/').all(is_valid_path_component)
+        && name_len <= 255
+        && tag.is_none_or(is_valid_tag)
+        && digest.is_none_or(is_valid_digest)
+}
+
+/// `host[:port]`: dot-separated alphanumeric labels (inner `-` allowed), or `[ipv6]`.
+fn is_valid_domain(d: &str) -> bool {
+    let (host, port) = match d.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') && (h.starts_with('[') == h.ends_with(']')) => {
+            (h, Some(p))
+        }
+        _ => (d, None),
+    };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
+    if let Some(ip) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return !ip.is_empty() && ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+    }
+    !host.is_empty()
+        && host.split('.').all(|label| {
+            let b = label.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        })
+}
+
+/// `[a-z0-9]+` runs joined by one `.`, one or two `_`, or any number of `-`.
+fn is_valid_path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        if !(sep == "." || sep == "_" || sep == "__" || sep.bytes().all(|x| x == b'-')) {
+            return false;
+        }
+    }
+    true
+}
+
+/// `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+fn is_valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `algorithm:hex` with a known algorithm and its exact hex length.
+fn is_valid_digest(d: &str) -> bool {
+    let Some((alg, hex)) = d.split_once(':') else {
+        return false;
+    };
+    let want = match alg {
+        "sha256" => 64,
+        "sha384" => 96,
+        "sha512" => 128,
+        _ => return false,
+    };
+    hex.len() == want
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -667,9 +976,10 @@ mod tests {
         let m = IgnoreMatcher::from_patterns(ignore).expect("patterns compile");
         let ctx = LintContext {
             dockerignore: Some(&m),
-            base_env: None,
+            ..LintContext::default()
         };
         check(&df, &ctx)
+            .expect("check directive parses")
             .warnings
             .into_iter()
             .map(|w| (w.rule.name, w.message, w.span.start.line))
@@ -844,7 +1154,7 @@ mod tests {
             "SecretsUsedInArgOrEnv",
             "FROM busybox\nARG GITHUB_TOKEN\n",
             "Do not use ARG or ENV instructions for sensitive data (ARG \"GITHUB_TOKEN\")",
-            "FROM busybox\nARG PUBLIC_KEY\nENV TOKENIZER=x\n",
+            "FROM busybox\nARG PUBLIC_KEY\nENV TOKENIZER=x\nENV A-TOKEN=x\n",
         );
         assert_eq!(
             rules_of("FROM busybox\nENV DB_PASSWORD=x\n"),
@@ -880,13 +1190,202 @@ mod tests {
     fn check_directive_skips_rules_and_sets_error() {
         let src = "# check=skip=JSONArgsRecommended,StageNameCasing;error=true\nFROM busybox AS Build\nCMD x\nMAINTAINER a\n";
         let df = crate::parse(src).unwrap();
-        let r = check(&df, &LintContext::default());
+        let r = check(&df, &LintContext::default()).unwrap();
         let names: Vec<_> = r.warnings.iter().map(|w| w.rule.name).collect();
         assert_eq!(names, ["MaintainerDeprecated"]);
         assert!(r.fails());
+        assert_eq!(
+            r.violation_message(),
+            "lint violation found for rules: MaintainerDeprecated"
+        );
         let df = crate::parse("# check=skip=all\nFROM busybox AS Build\nCMD x\n").unwrap();
-        let r = check(&df, &LintContext::default());
+        let r = check(&df, &LintContext::default()).unwrap();
         assert!(r.warnings.is_empty() && !r.fails());
+    }
+
+    #[test]
+    fn check_directive_refuses_what_buildkit_refuses() {
+        for bad in ["skip", "error=maybe", "skip=A;color=red", "nonsense=1"] {
+            let err = CheckDirective::parse(bad).expect_err(bad);
+            assert!(
+                err.to_string()
+                    .starts_with("failed to parse check options: "),
+                "{bad}: {err}"
+            );
+        }
+        // `all` only means every rule when it stands alone.
+        let d = CheckDirective::parse("skip=all,StageNameCasing").unwrap();
+        assert!(!d.skip_all && !d.skips("JSONArgsRecommended") && d.skips("StageNameCasing"));
+        assert!(CheckDirective::parse(" error=1 ").unwrap().error);
+    }
+
+    #[test]
+    fn build_arg_check_override_replaces_the_directive() {
+        let df = crate::parse("# check=error=true\nFROM busybox AS Build\n").unwrap();
+        let ctx = LintContext {
+            check_override: Some("skip=StageNameCasing"),
+            ..LintContext::default()
+        };
+        let r = check(&df, &ctx).unwrap();
+        assert!(r.warnings.is_empty() && !r.directive.error);
+    }
+
+    #[test]
+    fn invalid_default_arg_in_from_evaluates_global_args_in_order() {
+        // Each default sees the ARGs before it and the built-in platform ARGs.
+        for ok in [
+            "ARG GO_VERSION=1.22\nARG GO_IMAGE=golang:${GO_VERSION}\nFROM ${GO_IMAGE}\n",
+            "ARG IMG=busybox:${TARGETARCH}\nFROM ${IMG}\n",
+            "ARG V=1.36\nARG V\nFROM busybox:${V}\n",
+            "ARG REG=localhost:5000\nFROM ${REG}/team/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n",
+            "FROM busybox AS build\nFROM build\n",
+        ] {
+            assert!(
+                !rules_of(ok).contains(&"InvalidDefaultArgInFrom"),
+                "{ok:?}: {:?}",
+                lint(ok)
+            );
+        }
+        // A later ARG cannot feed an earlier one; an unset one leaves a dangling `:`.
+        for (bad, line) in [
+            (
+                "ARG GO_IMAGE=golang:${GO_VERSION}\nARG GO_VERSION=1.22\nFROM ${GO_IMAGE}\n",
+                3,
+            ),
+            ("ARG TAG\nFROM busybox:${TAG}\n", 2),
+            ("FROM Busybox\n", 1),
+            ("ARG REPO=My/App\nFROM ${REPO}\n", 2),
+            ("ARG D=sha256:abc\nFROM busybox@${D}\n", 2),
+        ] {
+            let hits: Vec<_> = lint(bad)
+                .into_iter()
+                .filter(|w| w.0 == "InvalidDefaultArgInFrom")
+                .map(|w| w.2)
+                .collect();
+            assert_eq!(hits, [line], "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn workdir_relative_path_judges_the_expanded_path() {
+        assert!(lint("FROM busybox\nENV HOME=/app\nWORKDIR $HOME\n").is_empty());
+        assert!(lint("FROM busybox\nARG DIR=/srv\nWORKDIR ${DIR}/app\n").is_empty());
+        let got = lint("FROM busybox\nENV D=rel\nWORKDIR $D\nWORKDIR again\n");
+        assert_eq!(
+            got,
+            [(
+                "WorkdirRelativePath",
+                "Relative workdir \"rel\" can have unexpected results if the base image changes"
+                    .to_string(),
+                3
+            )]
+        );
+        // A WORKDIR in the parent stage counts for the child.
+        assert!(lint("FROM busybox AS a\nWORKDIR /w\nFROM a\nWORKDIR sub\n").is_empty());
+        // A variable only the base image sets is taken to hold an absolute path.
+        assert!(lint("FROM busybox\nWORKDIR $PATH\n").is_empty());
+    }
+
+    #[test]
+    fn secrets_rule_splits_on_underscores_only_and_allows_public() {
+        for secret in [
+            "AUTH",
+            "Token_x",
+            "MY_SECRET_FILE",
+            "API_KEY_VERSION",
+            "db_password",
+        ] {
+            assert_eq!(
+                rules_of(&format!("FROM busybox\nARG {secret}\n")),
+                ["SecretsUsedInArgOrEnv"],
+                "{secret}"
+            );
+        }
+        for fine in ["A-TOKEN", "TOKENIZER", "PUBLIC_KEY", "my_public_token"] {
+            assert!(
+                lint(&format!("FROM busybox\nENV {fine}=1\n")).is_empty(),
+                "{fine}"
+            );
+        }
+        // Global ARGs are meta arguments: the rule runs on stage ARG and ENV only.
+        assert!(lint("ARG GITHUB_TOKEN\nFROM busybox\n").is_empty());
+    }
+
+    #[test]
+    fn json_args_recommended_is_quiet_after_shell() {
+        assert!(lint("FROM busybox\nSHELL [\"/bin/sh\", \"-c\"]\nCMD echo hi\n").is_empty());
+        assert!(
+            lint("FROM busybox AS a\nSHELL [\"/bin/ash\", \"-c\"]\nFROM a\nENTRYPOINT top\n")
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn instruction_casing_ignores_global_args() {
+        assert!(lint("arg V=1\nFROM busybox:${V}\nRUN true\n").is_empty());
+    }
+
+    #[test]
+    fn reference_grammar() {
+        for ok in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox:latest",
+            "localhost:5000/a/b",
+            "Registry.Example.com/a",
+            "[::1]:5000/a",
+            "a__b/c-d---e",
+            "scratch",
+        ] {
+            assert!(is_valid_reference(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "busybox:",
+            ":1.0",
+            "Busybox",
+            "a//b",
+            "-a",
+            "a___b",
+            "busybox:-x",
+            "busybox@sha256:12",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(!is_valid_reference(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_build_checks_only_the_stages_its_target_needs() {
+        let src = "FROM busybox AS other\nMAINTAINER me\nCMD echo hi\nWORKDIR rel\n\
+                   FROM busybox AS dep\nWORKDIR dep\n\
+                   FROM busybox AS x\nCOPY --from=dep / /\nCMD echo x\n";
+        let df = crate::parse(src).unwrap();
+        let run = |stages| {
+            let ctx = LintContext {
+                stages,
+                ..LintContext::default()
+            };
+            check(&df, &ctx)
+                .unwrap()
+                .warnings
+                .iter()
+                .map(|w| (w.rule.name, w.span.start.line))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            run(LintStages::NeededBy(Some("x"))),
+            [
+                ("MaintainerDeprecated", 2),
+                ("WorkdirRelativePath", 6),
+                ("JSONArgsRecommended", 9)
+            ]
+        );
+        assert_eq!(
+            run(LintStages::NeededBy(None)),
+            run(LintStages::NeededBy(Some("x")))
+        );
+        assert_eq!(run(LintStages::All).len(), 5);
     }
 
     #[test]

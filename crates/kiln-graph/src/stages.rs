@@ -144,11 +144,11 @@ fn valid_stage_name(n: &str) -> bool {
 /// One stage as `--call targets` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TargetInfo {
-    /// Stage name, or `stage-N`... for unnamed stages BuildKit lists nothing, so this is `None`.
+    /// Stage name (lower-cased); `None` for an unnamed stage, which is still listed.
     pub name: Option<String>,
     /// Index in the Dockerfile.
     pub index: usize,
-    /// The comment block right above its FROM.
+    /// Its description: the comment line above its FROM that starts with its name, minus the name.
     pub description: String,
     /// The base as written.
     pub base: String,
@@ -158,6 +158,8 @@ pub struct TargetInfo {
     pub default: bool,
     /// Line of its FROM.
     pub line: usize,
+    /// Last line of its FROM (a continued FROM spans several).
+    pub end_line: usize,
 }
 
 /// The stages of a Dockerfile for `--call targets`.
@@ -175,19 +177,44 @@ pub fn targets(df: &Dockerfile) -> Result<Vec<TargetInfo>, FrontendError> {
             platform: s.platform.clone(),
             default: s.index == last,
             line: s.from.span.start.line,
+            end_line: s.from.span.end.line.max(s.from.span.start.line),
         })
         .collect())
 }
 
-/// The comment block directly above an instruction, joined with spaces (BuildKit's
-/// description for stages and ARGs).
+/// BuildKit's description of a stage or ARG: the first comment line right above it that
+/// starts with the stage's (or ARG's) name and a space, with that prefix removed
+/// (`# build compiles the app` above `FROM ... AS build` describes `build` as "compiles the
+/// app"). Other comments describe nothing. For an ARG declaring several names, the first name
+/// with such a line wins.
 pub(crate) fn description_of(inst: &Instruction) -> String {
-    inst.comments
+    let names: Vec<String> = match (inst.kind(), &inst.args) {
+        (Some(Keyword::From), Args::Words(w)) if w.len() == 3 => {
+            vec![w[2].text.to_ascii_lowercase()]
+        }
+        (Some(Keyword::Arg), Args::Words(w)) => w
+            .iter()
+            .map(|w| w.text.split('=').next().unwrap_or_default().to_string())
+            .collect(),
+        (Some(Keyword::Arg), Args::KeyValues(kv)) => {
+            kv.iter().map(|p| p.key.text.clone()).collect()
+        }
+        _ => Vec::new(),
+    };
+    names
         .iter()
-        .map(|c| c.trim())
-        .filter(|c| !c.is_empty() && !is_directive(c))
-        .collect::<Vec<_>>()
-        .join(" ")
+        .filter(|n| !n.is_empty())
+        .find_map(|n| {
+            let prefix = format!("{n} ");
+            inst.comments
+                .iter()
+                .map(|c| c.trim())
+                .filter(|c| !is_directive(c))
+                .find_map(|c| c.strip_prefix(prefix.as_str()))
+        })
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// `syntax=`, `escape=`, `check=` comment lines are parser directives, not descriptions.

@@ -38,7 +38,7 @@ fn example_targets_list_all_stages_with_test_as_default() {
     );
     assert!(t.last().unwrap().default);
     assert!(
-        t[0].description.starts_with("composer-deps installs"),
+        t[0].description.starts_with("installs the PHP packages"),
         "{}",
         t[0].description
     );
@@ -105,7 +105,7 @@ fn example_outline_lists_args_in_declaration_order() {
     );
     assert_eq!(
         outline.args[1].description,
-        "Version string baked into the application."
+        "is the version string baked into the application."
     );
     assert_eq!(outline.secrets.len(), 1);
 }

@@ -744,12 +744,14 @@ fn instructions_before_from_other_than_arg_are_errors() {
 
 #[test]
 fn outline_lists_used_args_with_defaults_descriptions_and_secrets() {
-    let src = "# Base image to use.\nARG BASE=busybox\nARG UNUSED=1\nFROM ${BASE} AS a\n# Version of the app.\nARG VERSION=1.0\nRUN --mount=type=secret,id=npm,required=true true\n";
+    let src = "# BASE is the base image to use.\nARG BASE=busybox\nARG UNUSED=1\nFROM ${BASE} AS a\n# Version of the app.\nARG VERSION=1.0\nRUN --mount=type=secret,id=npm,required=true true\n";
     let df = kiln_dockerfile::parse(src).unwrap();
     let (_, o) = lower_with_outline(&df, &opts(), &[], &FixedImages::new()).unwrap();
     let names: Vec<&str> = o.args.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["BASE", "VERSION"]);
-    assert_eq!(o.args[0].description, "Base image to use.");
+    // BuildKit's description convention: the comment line that starts with the ARG's name.
+    assert_eq!(o.args[0].description, "is the base image to use.");
+    assert_eq!(o.args[1].description, "");
     assert_eq!(o.args[1].default.as_deref(), Some("1.0"));
     assert_eq!(
         o.secrets,

@@ -35,7 +35,8 @@ fn ex() -> String {
 #[test]
 fn call_targets_json_lists_example_stages_and_default() {
     let v = json(&kiln(&["build", &ex(), "--call", "targets,format=json"]));
-    assert_eq!(v["target"], "test");
+    // The frontend's result.json: `targets` and `sources`, no separate default key.
+    assert!(v.get("target").is_none(), "{v}");
     let names: Vec<&str> = v["targets"]
         .as_array()
         .unwrap()
@@ -55,11 +56,14 @@ fn call_targets_json_lists_example_stages_and_default() {
         ]
     );
     let release = &v["targets"][4];
+    assert_eq!(release["description"], "is the slim production image.");
+    // buildx's JSON omits false and empty fields.
+    assert!(release.get("default").is_none(), "{release}");
+    assert_eq!(v["targets"][6]["default"], true);
     assert_eq!(
-        release["description"],
-        "release is the slim production image."
+        release["location"],
+        serde_json::json!({"ranges": [{"start": {"line": 78}, "end": {"line": 78}}]})
     );
-    assert_eq!(release["default"], false);
 }
 
 #[test]
@@ -68,9 +72,9 @@ fn call_targets_text_is_a_table_marking_the_default() {
     assert!(o.status.success());
     let text = stdout(&o);
     let first: Vec<&str> = text.lines().take(2).collect();
-    assert_eq!(first[0], "TARGET          DESCRIPTION");
+    assert_eq!(first[0], "TARGET         DESCRIPTION");
     assert!(
-        text.contains("test (default)  test runs the application's test suite."),
+        text.contains("test (default) runs the application's test suite."),
         "{text}"
     );
 }
@@ -209,9 +213,18 @@ fn call_outline_json_lists_args_and_secrets_of_target() {
         ["BASE_IMAGE", "APP_VERSION", "NODE_ENV", "PHP_VERSION"]
     );
     assert_eq!(v["args"][1]["value"], "2.0");
-    assert_eq!(v["args"][1]["default"], "1.0.0");
-    assert_eq!(v["secrets"][0]["id"], "composer_auth");
-    assert_eq!(v["secrets"][0]["required"], false);
+    assert_eq!(
+        v["args"][1]["description"],
+        "is the version string baked into the application."
+    );
+    assert_eq!(
+        v["args"][1]["location"],
+        serde_json::json!({"ranges": [{"start": {"line": 8}, "end": {"line": 8}}]})
+    );
+    assert_eq!(v["name"], "release");
+    assert_eq!(v["secrets"][0]["name"], "composer_auth");
+    assert!(v["secrets"][0].get("required").is_none());
+    assert_eq!(v["sources"].as_array().map(Vec::len), Some(1));
 }
 
 #[test]
@@ -395,18 +408,16 @@ fn build_help_shows_both_spellings() {
 fn call_outline_text_snapshot() {
     let o = kiln(&["build", &ex(), "--target", "release", "--call", "outline"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Go tabwriter layout as buildx prints it, trailing spaces of empty cells included.
     let expected = "TARGET:      release
-DESCRIPTION: release is the slim production image.
+DESCRIPTION: is the slim production image.
 
-BUILD ARG    VALUE           DESCRIPTION
-BASE_IMAGE   busybox:latest  The base image. kiln's own tests build it from Debian's busybox-static, so every stage below uses busybox tools only.
-APP_VERSION  1.0.0           Version string baked into the application.
-NODE_ENV     production
-PHP_VERSION  8.3
-
+BUILD ARG     VALUE            DESCRIPTION
+BASE_IMAGE    busybox:latest   is the image every stage starts from.
+APP_VERSION   1.0.0            is the version string baked into the application.
+NODE_ENV      production       \nPHP_VERSION   8.3              \n
 SECRET          REQUIRED
-composer_auth
-
+composer_auth   \n
 ";
     assert_eq!(stdout(&o), expected);
 }
@@ -512,4 +523,99 @@ fn bad_cache_export_attributes_fail_before_any_step_runs() {
             stderr(&o)
         );
     }
+}
+
+#[test]
+fn call_targets_lists_unnamed_stages_with_their_lines() {
+    let d = temp_project(
+        "FROM busybox AS base\n\n# build compiles it\n# (more words)\nFROM base \\\n  AS build\nFROM --platform=linux/arm64 build\n",
+    );
+    let dir = d.path().to_str().unwrap();
+    let o = kiln(&["build", dir, "--call", "targets"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "TARGET    DESCRIPTION\nbase      \nbuild     compiles it\n(default) \n"
+    );
+    let v = json(&kiln(&["build", dir, "--call", "targets,format=json"]));
+    let t = v["targets"].as_array().unwrap();
+    assert_eq!(t.len(), 3, "{v}");
+    assert!(t[2].get("name").is_none());
+    assert_eq!(t[2]["default"], true);
+    assert_eq!(t[2]["base"], "build");
+    assert_eq!(t[2]["platform"], "linux/arm64");
+    // The continued FROM spans lines 5 and 6.
+    assert_eq!(
+        t[1]["location"],
+        serde_json::json!({"ranges": [{"start": {"line": 5}, "end": {"line": 6}}]})
+    );
+    assert_eq!(
+        v["sources"][0],
+        "RlJPTSBidXN5Ym94IEFTIGJhc2UKCiMgYnVpbGQgY29tcGlsZXMgaXQKIyAobW9yZSB3b3JkcykKRlJPTSBiYXNlIFwKICBBUyBidWlsZApGUk9NIC0tcGxhdGZvcm09bGludXgvYXJtNjQgYnVpbGQK"
+    );
+}
+
+#[test]
+fn call_outline_of_an_unnamed_target_has_no_target_line() {
+    let d = temp_project(
+        "FROM busybox AS build\n# V picks the version\nARG V=1\nRUN --mount=type=secret,id=tok,required=true --mount=type=secret,id=aaa --mount=type=ssh true\nFROM build\n",
+    );
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--call", "outline"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "BUILD ARG   VALUE   DESCRIPTION\nV           1       picks the version\n\n\
+         SECRET   REQUIRED\ntok      true\naaa      \n\n\
+         SSH       REQUIRED\ndefault   \n\n"
+    );
+}
+
+#[test]
+fn error_directive_stops_a_build_before_any_step_and_skip_is_honoured() {
+    let d = temp_project("# check=error=true\nFROM busybox AS Build\nCMD echo hi\n");
+    let dir = d.path().to_str().unwrap();
+    for args in [vec!["build", dir], vec!["build", dir, "--dry-run"]] {
+        let o = kiln(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains(" - StageNameCasing: Stage name 'Build' should be lowercase (line 2)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("lint violation found for rules: JSONArgsRecommended, StageNameCasing"),
+            "{err}"
+        );
+        assert!(
+            stdout(&o).is_empty(),
+            "{args:?} printed a plan: {}",
+            stdout(&o)
+        );
+    }
+    // Skipped rules neither warn nor fail the build.
+    let d = temp_project(
+        "# check=skip=StageNameCasing,JSONArgsRecommended;error=true\nFROM busybox AS Build\nCMD echo hi\n",
+    );
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("StageNameCasing"), "{}", stderr(&o));
+    // The BUILDKIT_DOCKERFILE_CHECK build arg replaces the directive, as in BuildKit.
+    let d = temp_project("# check=error=true\nFROM busybox AS Build\n");
+    let o = kiln(&[
+        "build",
+        d.path().to_str().unwrap(),
+        "--dry-run",
+        "--build-arg",
+        "BUILDKIT_DOCKERFILE_CHECK=skip=all",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A directive BuildKit refuses is an error naming the file.
+    let d = temp_project("# check=error=maybe\nFROM busybox\n");
+    let o = kiln(&["build", d.path().to_str().unwrap(), "--dry-run"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("Dockerfile: failed to parse check options"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -4,7 +4,9 @@
 
 use std::process::ExitCode;
 
-use kiln_graph::options::{CallKind, OutputFormat};
+use kiln_dockerfile::dockerignore::IgnoreMatcher;
+use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
+use kiln_graph::options::{CallKind, OutputFormat, ProgressMode};
 use kiln_graph::{BuildOptions, OfflineResolver, RawBuildFlags};
 
 use crate::Globals;
@@ -212,7 +214,7 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         return match call.kind {
             CallKind::Targets => match kiln_graph::targets(&df) {
                 Ok(t) => {
-                    print_targets(&t, json)?;
+                    print!("{}", super::build_call::targets_text(&t, &source, json)?);
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => frontend_err(e),
@@ -220,7 +222,22 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
             CallKind::Outline => {
                 match kiln_graph::lower_with_outline(&df, &opts, &dockerignore, &OfflineResolver) {
                     Ok((_, outline)) => {
-                        print_outline(&outline, json)?;
+                        // The target's own stage name: `None` for an unnamed stage, which
+                        // buildx shows without a TARGET line.
+                        let stages = kiln_graph::targets(&df).unwrap_or_default();
+                        let name = match opts.target.as_deref() {
+                            Some(t) => Some(t.to_ascii_lowercase()),
+                            None => stages.last().and_then(|s| s.name.clone()),
+                        };
+                        print!(
+                            "{}",
+                            super::build_call::outline_text(
+                                &outline,
+                                name.as_deref(),
+                                &source,
+                                json
+                            )?
+                        );
                         Ok(ExitCode::SUCCESS)
                     }
                     Err(e) => frontend_err(e),
@@ -235,6 +252,27 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         Ok(g) => g,
         Err(e) => return frontend_err(e),
     };
+    // BuildKit lints while it converts the Dockerfile: a build reports the warnings of the
+    // stages it builds, and `# check=error=true` stops it before any step runs
+    // (a dry run shows what the build would do, so it stops there too).
+    match lint_for_build(&df, &opts, &dockerignore) {
+        Ok(report) => {
+            if opts.progress != ProgressMode::Quiet {
+                eprint!("{}", build_warnings_text(&report, &file_label));
+            }
+            if report.fails() {
+                eprintln!(
+                    "error: {file_label}: {} (`# check=error=true` turns warnings into errors)",
+                    report.violation_message()
+                );
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {file_label}: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    }
     if let Some(format) = opts.dry_run {
         let plan = kiln_graph::plan(&graph);
         match format {
@@ -281,100 +319,45 @@ fn read_dockerignore(opts: &BuildOptions) -> anyhow::Result<Vec<String>> {
     Ok(Vec::new())
 }
 
-fn print_targets(t: &[kiln_graph::TargetInfo], json: bool) -> anyhow::Result<()> {
-    let default = t.iter().find(|x| x.default);
-    let default_name = default.map(|d| {
-        d.name
-            .clone()
-            .unwrap_or_else(|| format!("stage-{}", d.index))
-    });
-    let shown: Vec<&kiln_graph::TargetInfo> =
-        t.iter().filter(|x| x.name.is_some() || x.default).collect();
-    if json {
-        let v = serde_json::json!({
-            "target": default_name,
-            "targets": shown.iter().map(|x| serde_json::json!({
-                "name": x.name.clone().unwrap_or_else(|| format!("stage-{}", x.index)),
-                "description": x.description,
-                "default": x.default,
-                "base": x.base,
-                "platform": x.platform,
-                "line": x.line,
-            })).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    let rows: Vec<(String, String)> = shown
-        .iter()
-        .map(|x| {
-            let mut n = x
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("stage-{}", x.index));
-            if x.default {
-                n.push_str(" (default)");
-            }
-            (n, x.description.clone())
-        })
-        .collect();
-    let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(6).max(6);
-    println!("{:w$}  DESCRIPTION", "TARGET");
-    for (n, d) in rows {
-        println!("{}", format!("{n:w$}  {d}").trim_end());
-    }
-    Ok(())
+/// The lint report of a build: the stages its target needs, `BUILDKIT_DOCKERFILE_CHECK`
+/// replacing the `# check=` directive as in BuildKit.
+fn lint_for_build(
+    df: &kiln_dockerfile::Dockerfile,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+) -> anyhow::Result<LintReport> {
+    let matcher = IgnoreMatcher::from_patterns(dockerignore)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
+    let ctx = LintContext {
+        dockerignore: Some(&matcher),
+        base_env: None,
+        check_override: opts
+            .build_args
+            .get("BUILDKIT_DOCKERFILE_CHECK")
+            .map(String::as_str),
+        stages: LintStages::NeededBy(opts.target.as_deref()),
+    };
+    Ok(check(df, &ctx)?)
 }
 
-fn print_outline(o: &kiln_graph::Outline, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(o)?);
-        return Ok(());
+/// Warnings as a build reports them, BuildKit's short form:
+/// ` - Rule: message (line N)` under a count line; empty without warnings.
+fn build_warnings_text(report: &LintReport, file: &str) -> String {
+    let n = report.warnings.len();
+    if n == 0 {
+        return String::new();
     }
-    println!("TARGET:      {}", o.target);
-    if !o.description.is_empty() {
-        println!("DESCRIPTION: {}", o.description);
+    let mut out = format!(
+        "{n} warning{} found in {file} (`kiln build --call check` shows each with its source):\n",
+        if n == 1 { "" } else { "s" }
+    );
+    for w in &report.warnings {
+        out.push_str(&format!(
+            " - {}: {} (line {})\n",
+            w.rule.name, w.message, w.span.start.line
+        ));
     }
-    println!();
-    if !o.args.is_empty() {
-        let w = o
-            .args
-            .iter()
-            .map(|a| a.name.len())
-            .max()
-            .unwrap_or(8)
-            .max(8);
-        let vw = o
-            .args
-            .iter()
-            .map(|a| a.value.as_deref().unwrap_or("").len())
-            .max()
-            .unwrap_or(5)
-            .max(5);
-        println!("{:w$}  {:vw$}  DESCRIPTION", "BUILD ARG", "VALUE");
-        for a in &o.args {
-            let value = a.value.as_deref().unwrap_or("");
-            let line = format!("{:w$}  {value:vw$}  {}", a.name, a.description);
-            println!("{}", line.trim_end());
-        }
-        println!();
-    }
-    if !o.secrets.is_empty() {
-        println!("SECRET{}", " ".repeat(10) + "REQUIRED");
-        for s in &o.secrets {
-            let line = format!("{:16}{}", s.id, if s.required { "true" } else { "" });
-            println!("{}", line.trim_end());
-        }
-        println!();
-    }
-    if !o.ssh.is_empty() {
-        println!("SSH{}", " ".repeat(13) + "REQUIRED");
-        for s in &o.ssh {
-            let line = format!("{:16}{}", s.id, if s.required { "true" } else { "" });
-            println!("{}", line.trim_end());
-        }
-    }
-    Ok(())
+    out
 }
 
 fn run_check(
@@ -385,20 +368,31 @@ fn run_check(
     dockerignore: &[String],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    use kiln_dockerfile::dockerignore::IgnoreMatcher;
-    use kiln_dockerfile::lint::{check, LintContext};
-    // Lowering errors (missing stage, cycle) are reported before lint results, as BuildKit does.
-    if let Err(e) = kiln_graph::lower(df, opts, dockerignore, &OfflineResolver) {
-        eprintln!("{}", e.render(file, source));
-        return Ok(ExitCode::from(1));
-    }
+    // Like BuildKit's lint subrequest, the warnings found before a build error (an invalid
+    // base name, a missing stage, a cycle) are reported with it.
+    let lowered = kiln_graph::lower(df, opts, dockerignore, &OfflineResolver);
     let matcher = IgnoreMatcher::from_patterns(dockerignore)
         .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
     let ctx = LintContext {
         dockerignore: Some(&matcher),
         base_env: None,
+        check_override: opts
+            .build_args
+            .get("BUILDKIT_DOCKERFILE_CHECK")
+            .map(String::as_str),
+        // Without a target BuildKit's check converts every stage; with one, what it needs.
+        stages: match opts.target.as_deref() {
+            None => LintStages::All,
+            t => LintStages::NeededBy(t),
+        },
     };
-    let report = check(df, &ctx);
+    let report = match check(df, &ctx) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {file}: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
     let lines: Vec<&str> = source.lines().collect();
     if json {
         let warnings: Vec<serde_json::Value> = report
@@ -442,6 +436,10 @@ fn run_check(
             1 => println!("Check complete, 1 warning has been found!"),
             n => println!("Check complete, {n} warnings have been found!"),
         }
+    }
+    if let Err(e) = lowered {
+        eprintln!("{}", e.render(file, source));
+        return Ok(ExitCode::from(1));
     }
     Ok(if report.fails() {
         ExitCode::from(1)

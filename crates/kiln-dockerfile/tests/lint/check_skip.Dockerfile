@@ -1,0 +1,4 @@
+# check=skip=StageNameCasing,JSONArgsRecommended
+FROM busybox AS Build
+CMD x
+WORKDIR rel

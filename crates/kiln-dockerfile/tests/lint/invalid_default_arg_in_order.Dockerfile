@@ -1,0 +1,8 @@
+ARG GO_VERSION=1.22
+ARG GO_IMAGE=golang:${GO_VERSION}
+ARG ARCH_IMAGE=busybox:${TARGETARCH}
+ARG V=1.36
+ARG V
+FROM ${GO_IMAGE} AS build
+FROM busybox:${V} AS redeclared
+FROM ${ARCH_IMAGE} AS arch
