@@ -131,6 +131,38 @@ pub struct CacheGraph {
     by_digest: HashMap<Digest, usize>,
     records: BTreeMap<String, Record>,
     mounts: BTreeMap<String, usize>,
+    /// What reading the graph left out, and why (see [`CacheGraph::import_warnings`]).
+    warnings: Vec<String>,
+}
+
+/// Layer media types a cache may hold: what kiln exports, and Docker's gzip layer.
+const CACHE_LAYER_TYPES: [&str; 4] = [
+    media_type::OCI_LAYER_TAR,
+    media_type::OCI_LAYER_GZIP,
+    media_type::OCI_LAYER_ZSTD,
+    media_type::DOCKER_LAYER_GZIP,
+];
+
+/// Why a layer of an imported graph cannot be used, if it cannot.
+fn layer_problem(l: &CacheLayer) -> Option<String> {
+    let d = &l.blob.digest;
+    if !CACHE_LAYER_TYPES.contains(&l.blob.media_type.as_str()) {
+        return Some(format!(
+            "layer {d} has media type {:?}, which is not a layer kiln knows",
+            l.blob.media_type
+        ));
+    }
+    if l.blob.size == 0 {
+        // Even an empty tar, compressed, has bytes.
+        return Some(format!("layer {d} claims a size of 0 bytes"));
+    }
+    if l.diff_id.algorithm() != kiln_oci::Algorithm::Sha256 {
+        return Some(format!(
+            "layer {d} has diff id {}, which is not a sha256 digest",
+            l.diff_id
+        ));
+    }
+    None
 }
 
 impl CacheGraph {
@@ -147,6 +179,36 @@ impl CacheGraph {
     /// Whether there are no records.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
+    }
+
+    /// What reading an imported graph dropped, one sentence each (records naming missing
+    /// layers, layers of unknown media types, a blob claimed with two diff ids): the caller
+    /// shows them as warnings; the records left are usable.
+    pub fn import_warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Drops the records and cache mounts that use a layer an importer cannot trust (see
+    /// [`layer_problem`]), noting each bad layer once in the import warnings.
+    pub(crate) fn drop_invalid_layers(&mut self) {
+        let problems: HashMap<Digest, String> = self
+            .layers
+            .iter()
+            .filter_map(|l| layer_problem(l).map(|p| (l.blob.digest.clone(), p)))
+            .collect();
+        if problems.is_empty() {
+            return;
+        }
+        let before = self.records.len() + self.mounts.len();
+        self.retain_blobs(|d| !problems.contains_key(d));
+        let dropped = before - self.records.len() - self.mounts.len();
+        let mut notes: Vec<&String> = problems.values().collect();
+        notes.sort();
+        for p in notes {
+            self.warnings.push(format!(
+                "{p}; the records that use it are dropped ({dropped} record(s) in all)"
+            ));
+        }
     }
 
     /// Every distinct layer blob.
@@ -430,38 +492,85 @@ impl CacheGraph {
             )));
         }
         let mut g = CacheGraph::new();
-        // Manifest position → graph index (a blob listed twice is stored once).
-        let index: Vec<usize> = file
+        // A blob listed twice must be the same layer both times; if its diff ids disagree,
+        // one of them is a lie and neither can be trusted.
+        let mut claimed: HashMap<&Digest, &Digest> = HashMap::new();
+        let mut conflicting: Vec<Digest> = Vec::new();
+        for (l, d) in file.layers.iter().zip(&manifest.layers) {
+            if let Some(other) = claimed.insert(&d.digest, &l.diff_id) {
+                if *other != l.diff_id && !conflicting.contains(&d.digest) {
+                    conflicting.push(d.digest.clone());
+                }
+            }
+        }
+        // Manifest position → graph index (a blob listed twice is stored once); `None` for a
+        // blob with conflicting diff ids.
+        let index: Vec<Option<usize>> = file
             .layers
             .into_iter()
             .zip(&manifest.layers)
             .map(|(l, d)| {
-                g.intern(&CacheLayer {
-                    blob: d.clone(),
-                    diff_id: l.diff_id,
-                    created: l.created,
+                (!conflicting.contains(&d.digest)).then(|| {
+                    g.intern(&CacheLayer {
+                        blob: d.clone(),
+                        diff_id: l.diff_id,
+                        created: l.created,
+                    })
                 })
             })
             .collect();
+        for d in &conflicting {
+            g.warnings.push(format!(
+                "layer {d} is listed with two different diff ids; the records that use it are dropped"
+            ));
+        }
         for r in file.records {
-            let chain: Option<Vec<usize>> =
-                r.chain.iter().map(|&i| index.get(i).copied()).collect();
-            let chain = chain.ok_or_else(|| {
-                CacheFormatError::Malformed(format!("record {} names a missing layer", r.key))
-            })?;
-            g.records.insert(
-                r.key,
-                Record {
-                    chain,
-                    last_used: r.last_used,
-                },
-            );
+            let chain: Option<Vec<usize>> = r
+                .chain
+                .iter()
+                .map(|&i| index.get(i).copied().flatten())
+                .collect();
+            match chain {
+                Some(chain) if !chain.is_empty() => {
+                    g.records.insert(
+                        r.key,
+                        Record {
+                            chain,
+                            last_used: r.last_used,
+                        },
+                    );
+                }
+                Some(_) => {
+                    g.warnings.push(format!(
+                        "record {} has an empty layer chain; dropped",
+                        r.key
+                    ));
+                }
+                // Uses a layer with conflicting diff ids (warned about above).
+                None if r.chain.iter().all(|&i| i < index.len()) => {}
+                None => g.warnings.push(format!(
+                    "record {} names layer {:?} but the cache has {} layers; dropped",
+                    r.key,
+                    r.chain.iter().max(),
+                    index.len()
+                )),
+            }
         }
         for m in file.mounts {
-            let i = index.get(m.layer).copied().ok_or_else(|| {
-                CacheFormatError::Malformed(format!("cache mount {} names a missing layer", m.id))
-            })?;
-            g.mounts.insert(m.id, i);
+            match index.get(m.layer).copied().flatten() {
+                Some(i) => {
+                    g.mounts.insert(m.id, i);
+                }
+                None => g.warnings.push(format!(
+                    "cache mount {} names a missing or unusable layer; dropped",
+                    m.id
+                )),
+            }
+        }
+        g.drop_invalid_layers();
+        if !g.warnings.is_empty() {
+            // Forget the layers only dropped records used.
+            g.retain_blobs(|_| true);
         }
         Ok(g)
     }
@@ -498,6 +607,101 @@ mod tests {
             vec![layer(1), layer(2), layer(3)]
         );
         assert_eq!(back.to_config(), config, "deterministic bytes");
+    }
+
+    /// The manifest and config of `g`, with the config as JSON to tamper with.
+    fn parts(g: &CacheGraph) -> (ImageManifest, serde_json::Value) {
+        let (m, config) = g.to_manifest();
+        (m, serde_json::from_slice(&config).unwrap())
+    }
+
+    fn read(m: &ImageManifest, config: &serde_json::Value) -> CacheGraph {
+        CacheGraph::from_manifest(m, &serde_json::to_vec(config).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_record_whose_chain_repeats_a_layer_round_trips_with_the_blob_stored_once() {
+        let mut g = CacheGraph::new();
+        g.add("k", &[layer(1), layer(1), layer(2), layer(1)]);
+        let (m, config) = g.to_manifest();
+        assert_eq!(m.layers.len(), 2);
+        let back = CacheGraph::from_manifest(&m, &config).unwrap();
+        assert!(back.import_warnings().is_empty());
+        assert_eq!(
+            back.lookup("k").unwrap(),
+            vec![layer(1), layer(1), layer(2), layer(1)]
+        );
+    }
+
+    #[test]
+    fn records_naming_layers_the_cache_lacks_are_dropped_with_a_warning() {
+        let mut g = CacheGraph::new();
+        g.add("good", &[layer(1)]);
+        g.add("bad", &[layer(1), layer(2)]);
+        g.add("empty", &[layer(2)]);
+        let (m, mut config) = parts(&g);
+        for r in config["records"].as_array_mut().unwrap() {
+            match r["key"].as_str().unwrap() {
+                "bad" => r["chain"] = serde_json::json!([0, 7]),
+                "empty" => r["chain"] = serde_json::json!([]),
+                _ => {}
+            }
+        }
+        let back = read(&m, &config);
+        assert_eq!(back.keys().collect::<Vec<_>>(), ["good"]);
+        let w = back.import_warnings().join("\n");
+        assert!(w.contains("record bad names layer Some(7)"), "{w}");
+        assert!(w.contains("record empty has an empty layer chain"), "{w}");
+        assert_eq!(back.layers().len(), 1, "layer 2 went with its records");
+    }
+
+    #[test]
+    fn layers_of_unknown_media_types_or_no_size_drop_the_records_using_them() {
+        let mut g = CacheGraph::new();
+        g.add("good", &[layer(1)]);
+        g.add("odd", &[layer(1), layer(2)]);
+        g.add("empty", &[layer(3)]);
+        g.add_mount("m", &layer(2));
+        let (mut m, config) = parts(&g);
+        let at = |d: &Digest| m.layers.iter().position(|l| l.digest == *d).unwrap();
+        let (two, three) = (at(&layer(2).blob.digest), at(&layer(3).blob.digest));
+        m.layers[two].media_type = "application/vnd.example.made-up".into();
+        m.layers[three].size = 0;
+        let back = read(&m, &config);
+        assert_eq!(back.keys().collect::<Vec<_>>(), ["good"]);
+        assert_eq!(back.mounts().count(), 0);
+        let w = back.import_warnings().join("\n");
+        assert!(w.contains("\"application/vnd.example.made-up\""), "{w}");
+        assert!(w.contains("claims a size of 0 bytes"), "{w}");
+        assert_eq!(back.to_manifest().0.layers.len(), 1);
+    }
+
+    #[test]
+    fn a_blob_listed_with_two_diff_ids_is_trusted_with_neither() {
+        let mut g = CacheGraph::new();
+        g.add("a", &[layer(1), layer(2)]);
+        g.add("b", &[layer(3)]);
+        let (mut m, mut config) = parts(&g);
+        // A third manifest entry: layer 2's blob again, with another diff id.
+        let two = m
+            .layers
+            .iter()
+            .position(|l| l.digest == layer(2).blob.digest)
+            .unwrap();
+        m.layers.push(m.layers[two].clone());
+        let other = Digest::sha256_of(b"other").to_string();
+        config["layers"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({ "diff_id": other }));
+        config["records"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"key": "c", "chain": [m.layers.len() - 1]}));
+        let back = read(&m, &config);
+        assert_eq!(back.keys().collect::<Vec<_>>(), ["b"]);
+        let w = back.import_warnings().join("\n");
+        assert!(w.contains("two different diff ids"), "{w}");
     }
 
     #[test]
@@ -574,7 +778,11 @@ mod tests {
         let mut chain = Vec::new();
         for i in 0..5000u32 {
             let b = i.to_le_bytes();
-            let blob = Descriptor::new(media_type::OCI_LAYER_GZIP, Digest::sha256_of(&b), i as u64);
+            let blob = Descriptor::new(
+                media_type::OCI_LAYER_GZIP,
+                Digest::sha256_of(&b),
+                1 + i as u64,
+            );
             chain.push(CacheLayer {
                 blob,
                 diff_id: Digest::sha256_of(&[b[0], b[1], b[2], b[3], 1]),

@@ -207,6 +207,7 @@ pub fn graph_from_image(
             .ok_or_else(|| malformed(format!("record {} names a layer the image lacks", r.key)))?;
         graph.add(&r.key, &chain);
     }
+    graph.drop_invalid_layers();
     Ok(Some(graph))
 }
 

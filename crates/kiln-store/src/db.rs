@@ -37,6 +37,10 @@ pub(crate) const CHAINS: TableDefinition<&str, u64> = TableDefinition::new("chai
 pub(crate) const LAYERS: TableDefinition<&str, &[u8]> = TableDefinition::new("layers");
 /// Blob digest → diff id.
 pub(crate) const BLOB_LAYERS: TableDefinition<&str, &str> = TableDefinition::new("blob_layers");
+/// Blob digest → diff id computed here from the blob's own bytes (by an unpack, an export or
+/// a check), unlike `BLOB_LAYERS`, which also holds what image configs and caches claim.
+pub(crate) const VERIFIED_LAYERS: TableDefinition<&str, &str> =
+    TableDefinition::new("verified_layers");
 /// "snapshot-id/epoch" → diff id of that snapshot's exported layer.
 pub(crate) const SNAPSHOT_DIFFS: TableDefinition<&str, &str> =
     TableDefinition::new("snapshot_diffs");
@@ -217,6 +221,7 @@ impl Db {
             tx.open_table(LAYERS).map_err(te)?;
             tx.open_table(BLOB_LAYERS).map_err(te)?;
             tx.open_table(SNAPSHOT_DIFFS).map_err(te)?;
+            tx.open_table(VERIFIED_LAYERS).map_err(te)?;
             tx.open_table(CACHE).map_err(te)?;
             tx.open_table(REFS).map_err(te)?;
             tx.open_table(LEASES).map_err(te)?;

@@ -31,6 +31,16 @@ pub enum StoreError {
         /// How many bytes there were.
         actual_size: u64,
     },
+    /// A layer blob's content is not the layer its diff id names.
+    #[error("layer blob {blob} unpacks to diff id {actual}, but diff id {claimed} was given for it; the cache or image that named it is corrupt (the layer is not used)")]
+    DiffIdMismatch {
+        /// The compressed blob.
+        blob: Digest,
+        /// The diff id an image config or cache record gave.
+        claimed: Digest,
+        /// What the blob's uncompressed bytes hash to.
+        actual: Digest,
+    },
     /// No blob with this digest is in the content store.
     #[error("blob {0} is not in the content store")]
     BlobNotFound(Digest),

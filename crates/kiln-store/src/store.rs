@@ -661,6 +661,7 @@ impl Store {
                 .insert(key.as_str(), diff_id.to_string().as_str())
                 .map_err(te)?;
             let rec = remember_layer(tx, &layer, compression)?;
+            record_verified(tx, &layer.digest, &diff_id)?;
             // A layer exported without clamping reproduces the snapshot exactly, so the
             // snapshot can stand for its chain id in later unpacks.
             if opts.diff.source_date_epoch.is_none() {
@@ -753,6 +754,20 @@ impl Store {
         opts: &ApplyOptions,
         lease: Option<&Lease>,
     ) -> Result<SnapshotId> {
+        self.unpack_layer_expecting(parent, blob, None, opts, lease)
+    }
+
+    /// [`Store::unpack_layer`] of a blob said to be the layer `expected` (a diff id from an
+    /// image config or a cache record): when the unpacked bytes hash to another diff id, the
+    /// snapshot is dropped, nothing is recorded, and [`StoreError::DiffIdMismatch`] returned.
+    pub fn unpack_layer_expecting(
+        &self,
+        parent: Option<SnapshotId>,
+        blob: &Digest,
+        expected: Option<&Digest>,
+        opts: &ApplyOptions,
+        lease: Option<&Lease>,
+    ) -> Result<SnapshotId> {
         let parent_chain = match parent {
             Some(p) => {
                 let pr = self.snapshot(p)?;
@@ -766,6 +781,17 @@ impl Store {
             }
             None => Some(None),
         };
+        if let Some(want) = expected {
+            // A claim against what this store saw the blob's bytes to be: refused before the
+            // claim can pick a snapshot by chain id.
+            if let Some(actual) = self.verified_diff_id(blob)?.filter(|a| a != want) {
+                return Err(StoreError::DiffIdMismatch {
+                    blob: blob.clone(),
+                    claimed: want.clone(),
+                    actual,
+                });
+            }
+        }
         if let Some(pc) = &parent_chain {
             let known = self.db().read(|tx| {
                 let bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
@@ -830,6 +856,18 @@ impl Store {
                 return Err(e);
             }
         };
+        if let Some(want) = expected.filter(|w| **w != stats.diff_id) {
+            self.forget(rec.id);
+            // What the bytes are is known now; the claim that named them is not kept.
+            let _ = self
+                .db()
+                .write(|tx| record_verified(tx, blob, &stats.diff_id));
+            return Err(StoreError::DiffIdMismatch {
+                blob: blob.clone(),
+                claimed: want.clone(),
+                actual: stats.diff_id,
+            });
+        }
         let layer = LayerRecord {
             diff_id: stats.diff_id.clone(),
             digest: blob.clone(),
@@ -837,7 +875,9 @@ impl Store {
             media_type: kind.oci_layer_media_type().to_owned(),
         };
         let winner = self.db().write(|tx| {
+            // Unpacked bytes are the truth about a blob: they replace any claim made for it.
             remember_layer(tx, &layer, kind)?;
+            record_verified(tx, blob, &stats.diff_id)?;
             let mut r = read_snapshot(tx, rec.id)?;
             r.state = SnapshotState::Committed;
             if let Some(pc) = &parent_chain {
@@ -876,6 +916,48 @@ impl Store {
             l.protect_snapshot(id)?;
         }
         Ok(id)
+    }
+
+    /// The diff id of blob `blob` as computed here from its bytes, if it ever was.
+    pub fn verified_diff_id(&self, blob: &Digest) -> Result<Option<Digest>> {
+        self.db().read(|tx| {
+            let t = tx.open_table(db::VERIFIED_LAYERS).map_err(te)?;
+            let v = t.get(blob.to_string().as_str()).map_err(te)?;
+            v.map(|d| decode_digest(d.value())).transpose()
+        })
+    }
+
+    /// Checks that the local blob `blob` is the layer `claimed`: from what an unpack or an
+    /// export here computed, else by hashing its uncompressed bytes (remembered after).
+    /// [`StoreError::DiffIdMismatch`] when it is not.
+    pub fn verify_layer(&self, blob: &Digest, claimed: &Digest) -> Result<()> {
+        let actual = match self.verified_diff_id(blob)? {
+            Some(d) => d,
+            None => {
+                let file = self.content().open_blob(blob)?;
+                let (_, mut reader) = decompressing_reader(BufReader::with_capacity(1 << 20, file))
+                    .map_err(|e| StoreError::BadArchive {
+                        layer: blob.to_string(),
+                        reason: format!("reading compression header: {e}"),
+                    })?;
+                let mut hashed = DigestWriter::new(io::sink(), Algorithm::Sha256);
+                io::copy(&mut reader, &mut hashed).map_err(|e| StoreError::BadArchive {
+                    layer: blob.to_string(),
+                    reason: e.to_string(),
+                })?;
+                let (_, d, _) = hashed.finish();
+                self.db().write(|tx| record_verified(tx, blob, &d))?;
+                d
+            }
+        };
+        if actual != *claimed {
+            return Err(StoreError::DiffIdMismatch {
+                blob: blob.clone(),
+                claimed: claimed.clone(),
+                actual,
+            });
+        }
+        Ok(())
     }
 
     /// Unpacks an uncompressed or compressed tar stream (e.g. a build context archive) into
@@ -1324,6 +1406,15 @@ fn remember_layer(
     bl.insert(layer.digest.to_string().as_str(), diff.as_str())
         .map_err(te)?;
     Ok(rec)
+}
+
+/// Records that blob `blob`'s bytes were seen to be layer `diff_id`.
+fn record_verified(tx: &redb::WriteTransaction, blob: &Digest, diff_id: &Digest) -> Result<()> {
+    tx.open_table(db::VERIFIED_LAYERS)
+        .map_err(te)?
+        .insert(blob.to_string().as_str(), diff_id.to_string().as_str())
+        .map_err(te)?;
+    Ok(())
 }
 
 fn media_type_compression(mt: &str) -> Compression {

@@ -392,10 +392,62 @@ impl Worker {
         }
     }
 
-    /// Makes sure every blob of `fs` is in the local content store.
+    /// The layers of `fs` as a build with `SOURCE_DATE_EPOCH=epoch` makes them, whatever
+    /// the cache that supplied them held (BuildKit's `rewrite-timestamp`): each layer a step
+    /// made gets the epoch as its creation time, and, where its snapshot is here, is exported
+    /// again with mtimes clamped to the epoch (once per snapshot and epoch; remembered).
+    /// Base-image layers (no creation time) are never touched, and nothing is downloaded.
+    pub fn layers_for_epoch(&self, fs: &Rootfs, epoch: i64) -> Result<Vec<Layer>, WorkerError> {
+        let store = &self.inner.store;
+        let mut layers = fs.layers.clone();
+        // The snapshot of each layer, top down, when the chain is here one layer per snapshot.
+        let mut snaps: Vec<Option<SnapshotId>> = vec![None; layers.len()];
+        if let Some(top) = fs.snapshot() {
+            let mut chain = Vec::new();
+            let mut cur = Some(top);
+            while let Some(id) = cur {
+                let rec = store.snapshot(id)?;
+                chain.push(id);
+                cur = rec.parent;
+            }
+            if chain.len() == layers.len() {
+                for (slot, id) in snaps.iter_mut().rev().zip(chain) {
+                    *slot = Some(id);
+                }
+            }
+        }
+        let created = crate::image::created_timestamp(Some(epoch.max(0) as u64));
+        let opts = ExportOptions {
+            diff: kiln_store::DiffOptions {
+                source_date_epoch: Some(epoch),
+            },
+        };
+        for (layer, snap) in layers.iter_mut().zip(snaps) {
+            if layer.created.is_none() {
+                continue;
+            }
+            layer.created = Some(created.clone());
+            let Some(id) = snap else { continue };
+            let compression = match layer.blob.media_type.as_str() {
+                t if t.ends_with("zstd") => Compression::Zstd,
+                t if t.ends_with("gzip") => Compression::Gzip,
+                _ => Compression::Uncompressed,
+            };
+            let rec = store.export_layer(id, compression, &opts)?;
+            self.inner.lease.protect_blob(&rec.digest)?;
+            layer.diff_id = rec.diff_id;
+            layer.blob = Descriptor::new(rec.media_type, rec.digest, rec.size);
+        }
+        Ok(layers)
+    }
+
+    /// Makes sure every blob of `fs` is in the local content store and is the layer its diff
+    /// id names (an image written from them pairs the two in its config), so a cache record
+    /// with a wrong diff id fails the export instead of making an image no runtime can pull.
     pub fn fetch_blobs(&self, fs: &Rootfs) -> Result<(), WorkerError> {
         for l in &fs.layers {
             self.inner.ensure_blob(&l.blob, fs.source.as_deref())?;
+            self.inner.store.verify_layer(&l.blob.digest, &l.diff_id)?;
         }
         Ok(())
     }
@@ -465,22 +517,23 @@ impl Inner {
                 size: layer.blob.size,
                 media_type: layer.blob.media_type.clone(),
             })?;
-            let ok = self.store.unpack_layer(
-                parent,
-                &layer.blob.digest,
-                &ApplyOptions::default(),
-                Some(&self.lease),
-            );
-            parent = Some(match ok {
+            // The diff id comes from an image config or a cache record: the unpack checks
+            // the blob's bytes against it.
+            let unpack = || {
+                self.store.unpack_layer_expecting(
+                    parent,
+                    &layer.blob.digest,
+                    Some(&layer.diff_id),
+                    &ApplyOptions::default(),
+                    Some(&self.lease),
+                )
+            };
+            parent = Some(match unpack() {
                 Ok(id) => id,
+                Err(e @ kiln_store::StoreError::DiffIdMismatch { .. }) => return Err(e.into()),
                 Err(_) if !self.store.content().has(&layer.blob.digest) => {
                     self.ensure_blob(&layer.blob, fs.source.as_deref())?;
-                    self.store.unpack_layer(
-                        parent,
-                        &layer.blob.digest,
-                        &ApplyOptions::default(),
-                        Some(&self.lease),
-                    )?
+                    unpack()?
                 }
                 Err(e) => return Err(e.into()),
             });
@@ -503,10 +556,13 @@ impl Inner {
             }
             chain = Some(c);
         }
+        // A chain may hold one blob twice (two steps that made the same bytes): it is
+        // fetched once.
+        let mut seen = std::collections::HashSet::new();
         let need: Vec<Descriptor> = fs.layers[first_missing..]
             .iter()
             .map(|l| l.blob.clone())
-            .filter(|b| !self.store.content().has(&b.digest))
+            .filter(|b| !self.store.content().has(&b.digest) && seen.insert(b.digest.clone()))
             .collect();
         (need.len() > 1).then(|| Prefetch::start(need, source, self.store.clone()))
     }

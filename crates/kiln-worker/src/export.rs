@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kiln_oci::{OciLayout, Reference};
 
@@ -21,16 +21,93 @@ fn layout_err(e: kiln_oci::LayoutError) -> WorkerError {
     WorkerError::Internal(e.to_string())
 }
 
-/// Opens `dest` for writing, `-` meaning standard output.
-fn open_dest(dest: &Path) -> Result<Box<dyn Write>, WorkerError> {
-    if dest.as_os_str() == "-" {
-        return Ok(Box::new(io::stdout().lock()));
+/// An export file being written under a temporary name beside its destination. Only
+/// [`ExportFile::finish`] puts it in place (flushed, synced, renamed over the old file), so a
+/// killed or failed export leaves the previous file whole instead of a truncated one.
+pub struct ExportFile {
+    dest: PathBuf,
+    out: ExportSink,
+}
+
+enum ExportSink {
+    Stdout(io::StdoutLock<'static>),
+    File(io::BufWriter<tempfile::NamedTempFile>),
+}
+
+impl ExportFile {
+    /// Starts writing `dest`; `-` means standard output (written as it comes).
+    pub fn create(dest: &Path) -> Result<Self, WorkerError> {
+        if dest.as_os_str() == "-" {
+            return Ok(ExportFile {
+                dest: dest.to_owned(),
+                out: ExportSink::Stdout(io::stdout().lock()),
+            });
+        }
+        let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_owned(),
+            None => PathBuf::from("."),
+        };
+        fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Same directory, so the final rename never crosses filesystems.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.tmp-"))
+            .tempfile_in(&dir)
+            .map_err(io_at("creating a temporary file beside", dest))?;
+        Ok(ExportFile {
+            dest: dest.to_owned(),
+            out: ExportSink::File(io::BufWriter::with_capacity(1 << 20, tmp)),
+        })
     }
-    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io_at("creating", dir))?;
+
+    /// Makes the written bytes the destination's content (fsync, then rename over it).
+    pub fn finish(self) -> Result<(), WorkerError> {
+        let dest = self.dest;
+        match self.out {
+            ExportSink::Stdout(mut s) => s.flush().map_err(io_at("writing", &dest)),
+            ExportSink::File(buf) => {
+                let tmp = buf
+                    .into_inner()
+                    .map_err(|e| io_at("writing", &dest)(e.into_error()))?;
+                tmp.as_file().sync_all().map_err(io_at("syncing", &dest))?;
+                tmp.persist(&dest)
+                    .map_err(|e| io_at("renaming into place", &dest)(e.error))?;
+                if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if let Ok(d) = fs::File::open(dir) {
+                        let _ = d.sync_all();
+                    }
+                }
+                Ok(())
+            }
+        }
     }
-    let f = fs::File::create(dest).map_err(io_at("creating", dest))?;
-    Ok(Box::new(io::BufWriter::with_capacity(1 << 20, f)))
+}
+
+impl Write for ExportFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match &mut self.out {
+            ExportSink::Stdout(s) => s.write(buf),
+            ExportSink::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            ExportSink::Stdout(s) => s.flush(),
+            ExportSink::File(f) => f.flush(),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically (a temporary file beside it, synced, then renamed), for
+/// `--metadata-file` and other small result files a script may read while kiln runs.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), WorkerError> {
+    let mut f = ExportFile::create(path)?;
+    f.write_all(bytes).map_err(io_at("writing", path))?;
+    f.finish()
 }
 
 fn parse_names(names: &[String]) -> Result<Vec<Reference>, WorkerError> {
@@ -65,13 +142,23 @@ pub fn oci_archive(
             .chain(image.layers.iter().map(|l| &l.blob.digest));
         for d in digests {
             let to = layout.blob_path(d);
+            // An image may list one layer twice (two steps that made the same bytes): the
+            // blob is in the layout once. Copying onto the existing name would truncate the
+            // store's own blob, which that name is a hard link to.
+            if to.exists() {
+                continue;
+            }
             if let Some(dir) = to.parent() {
                 fs::create_dir_all(dir).map_err(io_at("creating", dir))?;
             }
             let from = store.content().blob_path(d);
             // Hard links cost nothing; fall back to a copy across filesystems.
-            if fs::hard_link(&from, &to).is_err() {
-                fs::copy(&from, &to).map_err(io_at("copying", &from))?;
+            match fs::hard_link(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(_) => {
+                    fs::copy(&from, &to).map_err(io_at("copying", &from))?;
+                }
             }
         }
         let refs = parse_names(names)?;
@@ -83,9 +170,9 @@ pub fn oci_archive(
         layout
             .add_manifest(image.manifest.descriptor(), &ref_name)
             .map_err(layout_err)?;
-        let mut out = open_dest(dest)?;
+        let mut out = ExportFile::create(dest)?;
         layout.write_archive(&mut out).map_err(layout_err)?;
-        out.flush().map_err(io_at("writing", dest))
+        out.finish()
     })();
     let _ = fs::remove_dir_all(&tmp);
     result
@@ -103,13 +190,13 @@ pub fn docker_archive(
         worker.fetch_blobs(f)?;
     }
     let refs = parse_names(names)?;
-    let mut out = open_dest(dest)?;
+    let mut out = ExportFile::create(dest)?;
     let store = worker.store();
     kiln_oci::write_docker_archive(&mut out, &image.manifest, &refs, &|d| {
         store.content().blob_path(d)
     })
     .map_err(layout_err)?;
-    out.flush().map_err(io_at("writing", dest))
+    out.finish()
 }
 
 /// Runs `f` on a read-only view of the root filesystem (an empty dir for an empty one).
@@ -133,8 +220,36 @@ fn with_view<T>(
 }
 
 /// Copies the final filesystem into `dest` (`--output type=local,dest=DIR`).
+///
+/// A `dest` that is absent or empty gets the files in a temporary directory beside it, renamed
+/// into place at the end, so a killed export leaves no half-written tree. A `dest` that already
+/// holds files is written into (its other files are the user's and stay).
 pub fn local_dir(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<(), WorkerError> {
-    fs::create_dir_all(dest).map_err(io_at("creating", dest))?;
+    let empty = match fs::read_dir(dest) {
+        Ok(mut d) => d.next().is_none(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(io_at("reading", dest)(e)),
+    };
+    let staging = if empty {
+        let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_owned(),
+            None => PathBuf::from("."),
+        };
+        fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Some(
+            tempfile::Builder::new()
+                .prefix(&format!(".{name}.tmp-"))
+                .tempdir_in(&dir)
+                .map_err(io_at("creating a temporary directory beside", dest))?,
+        )
+    } else {
+        None
+    };
+    let target = staging.as_ref().map_or(dest, |t| t.path());
     with_view(worker, fs_, |root| {
         let opts = CopyOptions {
             dest_is_dir: true,
@@ -145,15 +260,29 @@ pub fn local_dir(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<(
             source_name: "build result".into(),
             extract_archives: false,
         };
-        fileop::copy(root, &[".".into()], dest, "/", &opts)?;
+        fileop::copy(root, &[".".into()], target, "/", &opts)?;
         Ok(())
-    })
+    })?;
+    if let Some(t) = staging {
+        let tmp = t.keep();
+        // rename(2) replaces an empty directory; the copy is complete, so sync it first.
+        if let Ok(d) = fs::File::open(&tmp) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on a valid fd; a failure only loses the early flush.
+            unsafe { libc::syncfs(d.as_raw_fd()) };
+        }
+        fs::rename(&tmp, dest).map_err(|e| {
+            let _ = fs::remove_dir_all(&tmp);
+            io_at("renaming into place", dest)(e)
+        })?;
+    }
+    Ok(())
 }
 
 /// Writes the final filesystem as a tar (`--output type=tar,dest=FILE`).
 pub fn rootfs_tar(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<(), WorkerError> {
     with_view(worker, fs_, |root| {
-        let mut out = open_dest(dest)?;
+        let mut out = ExportFile::create(dest)?;
         let mut b = tar::Builder::new(&mut out);
         b.follow_symlinks(false);
         b.mode(tar::HeaderMode::Complete);
@@ -161,7 +290,7 @@ pub fn rootfs_tar(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<
             .map_err(io_at("archiving", root))?;
         b.finish().map_err(io_at("writing", dest))?;
         drop(b);
-        out.flush().map_err(io_at("writing", dest))
+        out.finish()
     })
 }
 

@@ -50,10 +50,13 @@ impl BlobSource for RepositoryBlobs {
         }
         // Downloaded and verified beside the store's ingests, then renamed into place: a
         // blob path never holds unverified bytes.
+        // One name per download: two threads fetching the same blob must not share a file.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let ingest = store.root().join("content/ingest").join(format!(
-            "pull-{}-{}",
+            "pull-{}-{}-{}",
             blob.digest.hex(),
-            std::process::id()
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         self.handle
             .block_on(
@@ -171,6 +174,10 @@ pub async fn push_image(
         PushSource::File(store.content().blob_path(&image.config.digest)),
     )];
     for l in &image.layers {
+        // A layer listed twice (two steps that made the same bytes) is uploaded once.
+        if blobs.iter().any(|(d, _)| d.digest == l.blob.digest) {
+            continue;
+        }
         blobs.push((
             l.blob.clone(),
             PushSource::File(store.content().blob_path(&l.blob.digest)),

@@ -23,8 +23,12 @@ pub struct ImportedCache {
 }
 
 impl ImportedCache {
-    /// A cache whose blobs `source` fetches.
+    /// A cache whose blobs `source` fetches. What the import dropped as unusable (see
+    /// [`CacheGraph::import_warnings`]) is shown as warnings here, once.
     pub fn new(graph: CacheGraph, source: Arc<dyn BlobSource>) -> Self {
+        for w in graph.import_warnings() {
+            eprintln!("kiln: warning: cache {}: {w}", source.name());
+        }
         ImportedCache {
             graph,
             source,

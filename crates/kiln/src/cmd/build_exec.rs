@@ -288,11 +288,13 @@ fn export(
     client: &RegistryClient,
 ) -> anyhow::Result<Option<StoredImage>> {
     let stage = solved.graph.target_stage();
-    let layers = solved
-        .rootfs
-        .as_ref()
-        .map(|r| r.layers.clone())
-        .unwrap_or_default();
+    // With SOURCE_DATE_EPOCH, layers a cache hit brought are clamped to it as a fresh run's
+    // would be, so the image does not depend on the cache's history.
+    let layers = match (solved.rootfs.as_deref(), sde) {
+        (Some(fs), Some(epoch)) => solved.worker.layers_for_epoch(fs, epoch)?,
+        (Some(fs), None) => fs.layers.clone(),
+        (None, _) => Vec::new(),
+    };
     let base_created = solved
         .rootfs
         .as_ref()
@@ -417,9 +419,7 @@ fn write_metadata(
         v["containerimage.descriptor"] = serde_json::to_value(img.manifest.descriptor())?;
     }
     let text = serde_json::to_vec_pretty(&v)?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|_| std::fs::rename(&tmp, path))
+    kiln_worker::export::write_file_atomic(path, &text)
         .with_context(|| format!("writing --metadata-file {}", path.display()))
 }
 
