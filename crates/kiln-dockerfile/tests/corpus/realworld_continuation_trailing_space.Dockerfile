@@ -1,0 +1,4 @@
+FROM alpine
+RUN --mount=target=. \ 
+  echo one; \	
+  echo two
