@@ -14,11 +14,23 @@
 //!   came from an expanded variable.
 //!
 //! Instructions whose arguments BuildKit expands (its `replaceEnvAllowed` list): ADD, COPY,
-//! ENV, EXPOSE, FROM, LABEL, STOPSIGNAL, USER, VOLUME, WORKDIR, ONBUILD (no: ONBUILD is kept
-//! verbatim), ARG (names and defaults), plus flag values of ADD/COPY (`--chown`, `--chmod`,
-//! `--from`, ...) and RUN `--mount` / `--network` / `--security`. RUN, CMD, ENTRYPOINT,
-//! SHELL and HEALTHCHECK are NOT expanded by the builder (the shell in the container does it).
-//! See [`EXPANDING_INSTRUCTIONS`] and [`expands_words`].
+//! ENV, EXPOSE, FROM, LABEL, STOPSIGNAL, USER, VOLUME, WORKDIR, ARG (names and defaults).
+//! ONBUILD is kept verbatim; RUN, CMD, ENTRYPOINT, SHELL and HEALTHCHECK are NOT expanded by
+//! the builder (the shell in the container does it). See [`EXPANDING_INSTRUCTIONS`] and
+//! [`expands_words`].
+//!
+//! Flags, checked against BuildKit v0.24:
+//! - expanded: `FROM --platform` (global ARGs only), `COPY`/`ADD --chown`, `--chmod`,
+//!   `ADD --checksum`, and each field value of `RUN --mount` (split first, then expanded);
+//! - refused when they hold a variable (`$` followed by anything): `COPY --from` and
+//!   `RUN --mount=from=` (the stage graph is fixed before variables have values; a stage
+//!   `FROM ${GLOBAL_ARG} AS alias` is the workaround);
+//! - read as written: `RUN --network`, `--security`, `COPY --exclude` (moby/buildkit#6072),
+//!   the boolean flags (`--link`, `--parents`, `--keep-git-dir`, `--unpack`) and the
+//!   `HEALTHCHECK` durations and retries.
+//!
+//! One word's expansion is bounded ([`MAX_EXPANDED_CHARS`], [`MAX_EXPANSION_WORK`]) so that
+//! variables built from variables cannot exhaust memory or time.
 
 use std::collections::BTreeSet;
 

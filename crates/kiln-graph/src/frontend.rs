@@ -613,11 +613,6 @@ impl<'a> Lowerer<'a> {
             None => self.target_platform.clone(),
         };
 
-        let mut total = 1 + decl
-            .instructions
-            .iter()
-            .filter(|i| counts_as_step(i))
-            .count();
         let base_lower = base.to_ascii_lowercase();
         // FROM sees only earlier stages; with duplicate names the first one wins, as in BuildKit.
         let earlier_stage = self
@@ -625,6 +620,15 @@ impl<'a> Lowerer<'a> {
             .get(&base_lower)
             .copied()
             .filter(|&i| i < idx);
+        // Step counters as BuildKit numbers them: FROM is a step only when it pulls an image
+        // (or a named context), never for `FROM <stage>` or `FROM scratch`.
+        let from_step = usize::from(earlier_stage.is_none() && base != "scratch");
+        let mut total = from_step
+            + decl
+                .instructions
+                .iter()
+                .filter(|i| counts_as_step(i))
+                .count();
         let (root, mut config) = if let Some(b) = earlier_stage {
             let r = self.lower_stage(b, Some(from_span))?;
             (self.results[r].root, self.results[r].config.clone())
@@ -716,7 +720,7 @@ impl<'a> Lowerer<'a> {
             config,
             args: Vec::new(),
             cmd_set: false,
-            step: 1,
+            step: from_step,
             total,
             platform: platform.clone(),
             ignore_cache,
@@ -1507,18 +1511,16 @@ impl<'a> Lowerer<'a> {
                 }
             })
         };
-        let mut m = match parsed {
-            Ok(m) => m,
+        let mut m = match (parsed, expand_failure) {
             // An expansion error (e.g. a value past the size limit) is reported as it is.
-            Err(_) if expand_failure.is_some() => {
-                return Err(expand_failure.unwrap_or_else(|| err(String::new())))
-            }
-            Err(e) if e.starts_with("unsupported mount type") => {
+            (_, Some(e)) => return Err(e),
+            (Ok(m), None) => m,
+            (Err(e), None) if e.starts_with("unsupported mount type") => {
                 return Err(err(format!(
                     "{e}: expected bind, cache, tmpfs, secret or ssh"
                 )))
             }
-            Err(e) => return Err(err(e)),
+            (Err(e), None) => return Err(err(e)),
         };
         // `from=` that expands to nothing means the build context, as in BuildKit.
         if m.from.as_deref() == Some("") {
