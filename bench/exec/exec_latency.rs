@@ -91,7 +91,7 @@ fn compare(backend: &str, make: &dyn Fn() -> Box<dyn Executor>, base: Setup, oth
     let mut b = Vec::with_capacity(RUNS);
     let mut diff = Vec::with_capacity(RUNS);
     for i in 0..RUNS + 3 {
-        let mut one = |s: &Setup| {
+        let one = |s: &Setup| {
             if s.fresh_executor {
                 let e = make();
                 time_run(s.name, e.as_ref(), true, s.network)
