@@ -625,6 +625,15 @@ impl<'a> Lowerer<'a> {
             .get(&base_lower)
             .copied()
             .filter(|&i| i < idx);
+        // Step counters as BuildKit numbers them: FROM is a step only when it pulls an image
+        // (or a named context), never for `FROM <stage>` or `FROM scratch`.
+        let from_step = usize::from(earlier_stage.is_none() && base != "scratch");
+        let mut total = from_step
+            + decl
+                .instructions
+                .iter()
+                .filter(|i| counts_as_step(i))
+                .count();
         let (root, mut config) = if let Some(b) = earlier_stage {
             let r = self.lower_stage(b, Some(from_span))?;
             (self.results[r].root, self.results[r].config.clone())
@@ -716,7 +725,7 @@ impl<'a> Lowerer<'a> {
             config,
             args: Vec::new(),
             cmd_set: false,
-            step: 1,
+            step: from_step,
             total,
             platform: platform.clone(),
             ignore_cache,
