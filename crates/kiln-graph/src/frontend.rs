@@ -613,11 +613,6 @@ impl<'a> Lowerer<'a> {
             None => self.target_platform.clone(),
         };
 
-        let mut total = 1 + decl
-            .instructions
-            .iter()
-            .filter(|i| counts_as_step(i))
-            .count();
         let base_lower = base.to_ascii_lowercase();
         // FROM sees only earlier stages; with duplicate names the first one wins, as in BuildKit.
         let earlier_stage = self

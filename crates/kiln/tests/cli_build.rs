@@ -619,3 +619,40 @@ fn error_directive_stops_a_build_before_any_step_and_skip_is_honoured() {
         stderr(&o)
     );
 }
+
+#[test]
+fn step_counters_skip_from_stage_and_from_scratch_as_buildkit_numbers_them() {
+    // BuildKit v0.24 prints [a 1/1] COPY x /x, [b 1/2] COPY x /y, [b 2/2] WORKDIR /w for
+    // this file: neither `FROM scratch` nor `FROM <stage>` is a step.
+    let d = temp_project(
+        "FROM scratch AS a\nCOPY x /x\nFROM a AS b\nCOPY x /y\nWORKDIR /w\nFROM busybox AS img\nRUN true\n",
+    );
+    std::fs::write(d.path().join("x"), "x").unwrap();
+    let dir = d.path().to_str().unwrap();
+    let steps = |target: &str| -> Vec<String> {
+        let v = json(&kiln(&["build", dir, "--target", target, "--dry-run=json"]));
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["description"].as_str().unwrap().to_string())
+            .filter(|s| !s.starts_with("[internal]"))
+            .collect()
+    };
+    assert_eq!(
+        steps("b"),
+        [
+            "[a 1/1] COPY x /x",
+            "[b 1/2] COPY x /y",
+            "[b 2/2] WORKDIR /w"
+        ]
+    );
+    // An image base is step 1.
+    assert_eq!(
+        steps("img"),
+        [
+            "[img 1/2] FROM docker.io/library/busybox:latest",
+            "[img 2/2] RUN true"
+        ]
+    );
+}
