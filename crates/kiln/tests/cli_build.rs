@@ -656,3 +656,28 @@ fn step_counters_skip_from_stage_and_from_scratch_as_buildkit_numbers_them() {
         ]
     );
 }
+
+#[test]
+fn a_build_reports_lint_warnings_in_its_progress_format() {
+    let d = temp_project("FROM busybox\nCMD echo hi\n");
+    let dir = d.path().to_str().unwrap();
+    let o = kiln(&["build", dir, "--dry-run"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 warning found in ")
+            && stderr(&o).contains(" - JSONArgsRecommended: JSON arguments recommended for CMD to prevent unintended behavior related to OS signals (line 2)\n"),
+        "{}",
+        stderr(&o)
+    );
+    let o = kiln(&["build", dir, "--dry-run", "--progress", "rawjson"]);
+    let events: Vec<serde_json::Value> = stderr(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["event"], "warning");
+    assert_eq!(events[0]["rule"], "JSONArgsRecommended");
+    assert_eq!(events[0]["line"], 2);
+    let o = kiln(&["build", dir, "--dry-run", "--progress", "quiet"]);
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+}

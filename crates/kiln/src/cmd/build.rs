@@ -257,8 +257,25 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     // (a dry run shows what the build would do, so it stops there too).
     match lint_for_build(&df, &opts, &dockerignore) {
         Ok(report) => {
-            if opts.progress != ProgressMode::Quiet {
-                eprint!("{}", build_warnings_text(&report, &file_label));
+            match opts.progress {
+                ProgressMode::Quiet => {}
+                // Machine-read progress gets one JSON event per warning, like its other events.
+                ProgressMode::Rawjson => {
+                    for w in &report.warnings {
+                        eprintln!(
+                            "{}",
+                            serde_json::json!({
+                                "event": "warning",
+                                "rule": w.rule.name,
+                                "message": w.message,
+                                "url": w.rule.url(),
+                                "file": file_label,
+                                "line": w.span.start.line,
+                            })
+                        );
+                    }
+                }
+                _ => eprint!("{}", build_warnings_text(&report, &file_label)),
             }
             if report.fails() {
                 eprintln!(
