@@ -541,6 +541,71 @@ fn a_killed_export_leaves_the_previous_file_whole() {
 }
 
 #[test]
+fn a_killed_local_export_leaves_no_half_written_directory() {
+    if skip_unless_root("a_killed_local_export...") {
+        return;
+    }
+    let f = Fixture::new();
+    let ctx = context(
+        &f,
+        "big",
+        &[("Dockerfile", "FROM busybox:latest\nCOPY big.bin /big.bin\n")],
+    );
+    let big = noise(48 << 20, 7);
+    std::fs::write(ctx.join("big.bin"), &big).unwrap();
+    // The steps are cached first, so the build killed below is killed in its export.
+    f.build_dir(&ctx, &[]);
+    let dest = f.path("out-local");
+    let d = ctx.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .arg("--root")
+        .arg(f.root())
+        .args([
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--progress",
+            "quiet",
+        ])
+        .args(["--local", &format!("context={d}")])
+        .args(["--local", &format!("dockerfile={d}")])
+        .args(["--output", &format!("type=local,dest={}", dest.display())])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = loop {
+        let temp = std::fs::read_dir(f.path("")).unwrap().any(|e| {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            n.starts_with(".out-local.tmp")
+        });
+        if temp || dest.exists() {
+            break true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        started,
+        "the build ended before its export was seen starting"
+    );
+    if dest.exists() {
+        let got = std::fs::read(dest.join("big.bin")).unwrap_or_default();
+        assert!(
+            got == big,
+            "a killed export left {} with big.bin of {} bytes (want {})",
+            dest.display(),
+            got.len(),
+            big.len()
+        );
+    }
+}
+
+#[test]
 fn source_date_epoch_applies_to_layers_cached_without_it() {
     if skip_unless_root("source_date_epoch_applies...") {
         return;
