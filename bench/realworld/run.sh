@@ -34,7 +34,7 @@ kiln=${KILN:-${CARGO_TARGET_DIR:-$repo/target}/debug/kiln}
 command -v jq >/dev/null || { echo "run.sh: needs jq" >&2; exit 2; }
 buildctl=${BUILDCTL:-}
 if [ -n "${BUILDKIT_HOST:-}" ] && [ -z "$buildctl" ]; then
-    buildctl=$(command -v buildctl || echo /work/shared/tools/buildctl)
+    buildctl=$(command -v buildctl) || { echo "run.sh: BUILDKIT_HOST is set but no buildctl on PATH (set BUILDCTL)" >&2; exit 2; }
 fi
 # dry runs need a state dir for nothing but the lock; keep it away from real ones
 export KILN_ROOT=$out/kiln-root
