@@ -33,6 +33,10 @@ use crate::manifest::{Descriptor, ImageManifest, Manifest, RawManifest};
 use crate::media_type;
 use crate::platform::Platform;
 use crate::reference::{api_host, normalize_registry, Reference};
+use crate::transport::{self, ReadWatch, RequestWatch, Stall, Timeouts};
+
+/// Largest token reply and error body kiln reads.
+const MAX_TOKEN_REPLY: u64 = 1 << 20;
 
 /// Largest manifest or config kiln reads into memory (the distribution spec suggests 4 MiB for
 /// manifests; configs of big images are larger).
@@ -88,6 +92,9 @@ pub struct ClientConfig {
     /// that ask [`RegistryClient::concurrency`]. Default [`DEFAULT_CONNECTIONS`];
     /// `KILN_REGISTRY_CONNECTIONS` overrides it (see [`RegistryClient::new`]).
     pub concurrency: usize,
+    /// Connect, response and idle timeouts of every request. `None`: `KILN_REGISTRY_TIMEOUT`
+    /// when set, else [`Timeouts::default`].
+    pub timeouts: Option<Timeouts>,
 }
 
 /// Default number of blob requests in flight per operation (BuildKit uses 4 per registry;
@@ -120,6 +127,7 @@ impl Default for ClientConfig {
             monolithic_limit: 64 << 20,
             chunk_size: 64 << 20,
             concurrency: DEFAULT_CONNECTIONS,
+            timeouts: None,
         }
     }
 }
@@ -235,8 +243,58 @@ pub struct RegistryClient {
 struct Inner {
     http: reqwest::Client,
     config: ClientConfig,
+    timeouts: Timeouts,
     auth: tokio::sync::Mutex<HashMap<String, HostAuth>>,
     counters: Arc<Counters>,
+    /// Cancelled by [`RegistryClient::cancel`]; shared by every client made from this one.
+    cancel: tokio_util::sync::CancellationToken,
+    /// Calls of [`RegistryClient::block_on`] under way, for [`RegistryClient::shutdown`].
+    active: Arc<ActiveCalls>,
+}
+
+/// A count of calls in flight and a condition to wait for it to reach zero.
+#[derive(Default)]
+struct ActiveCalls {
+    count: std::sync::Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+/// Holds one [`ActiveCalls`] slot until dropped.
+struct ActiveCall<'a>(&'a ActiveCalls);
+
+impl ActiveCalls {
+    fn enter(&self) -> ActiveCall<'_> {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        ActiveCall(self)
+    }
+
+    /// Waits until no call is in flight or `grace` has passed; whether none is.
+    fn wait_idle(&self, grace: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .idle
+            .wait_timeout_while(count, grace, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
+}
+
+impl Drop for ActiveCall<'_> {
+    fn drop(&mut self) {
+        let mut n = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+/// Why reading a response body stopped early.
+enum BodyError {
+    Broken(reqwest::Error),
+    Stalled(Stall),
+    Cancelled,
+    TooLarge,
 }
 
 /// Whether `registry` is reached over plain HTTP without being configured so: loopback only.
@@ -268,21 +326,25 @@ fn push_scope(repo: &str) -> String {
 
 impl RegistryClient {
     /// A client with `config`. TLS uses rustls with the ring provider and the system's root
-    /// certificates (through rustls-platform-verifier), so private CAs installed on the host work.
-    /// `KILN_REGISTRY_CONNECTIONS`, when set, wins over `config.concurrency`; a value that is
-    /// not a number from 1 to [`MAX_CONNECTIONS`] is an error naming the variable.
+    /// certificates (through rustls-platform-verifier), so private CAs installed on the host
+    /// work; the roots are read at the first HTTPS request, so a client that only speaks to
+    /// plain-HTTP registries works on a host without any.
+    /// `KILN_REGISTRY_CONNECTIONS`, when set, wins over `config.concurrency`, and
+    /// `KILN_REGISTRY_TIMEOUT` gives the timeouts when `config.timeouts` is `None`; an invalid
+    /// value is an error naming the variable.
     pub fn new(mut config: ClientConfig) -> Result<Self, RegistryError> {
         if let Ok(v) = std::env::var(CONNECTIONS_ENV) {
             config.concurrency =
                 parse_connections(CONNECTIONS_ENV, &v).map_err(RegistryError::Client)?;
         }
-        // reqwest is built without a default crypto provider; ring is the workspace's choice.
-        // An error only means a provider is already installed, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(30))
-            .read_timeout(Duration::from_secs(300))
+        let timeouts = match config.timeouts {
+            Some(t) => t,
+            None => Timeouts::from_env()
+                .map_err(RegistryError::Client)?
+                .unwrap_or_default(),
+        };
+        let http = transport::client_builder(&timeouts)
+            .map_err(RegistryError::Client)?
             .pool_max_idle_per_host(config.concurrency.max(32))
             .build()
             .map_err(|e| RegistryError::Client(e.to_string()))?;
@@ -290,10 +352,170 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 http,
                 config,
+                timeouts,
                 auth: tokio::sync::Mutex::new(HashMap::new()),
                 counters: Arc::default(),
+                cancel: tokio_util::sync::CancellationToken::new(),
+                active: Arc::default(),
             }),
         })
+    }
+
+    /// The timeouts of this client's requests.
+    pub fn timeouts(&self) -> Timeouts {
+        self.inner.timeouts
+    }
+
+    /// Cancels every request of this client and of the clients made from it, in flight or
+    /// to come: each ends at once with [`RegistryError::Cancelled`] (Ctrl-C, a failed build).
+    pub fn cancel(&self) {
+        self.inner.cancel.cancel();
+    }
+
+    /// Whether [`RegistryClient::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Runs `op` to its end on `handle` from a thread outside the runtime (the worker's
+    /// blocking threads). It ends with [`RegistryError::Cancelled`] as soon as the client is
+    /// cancelled, and counts as in flight until it returns, so that
+    /// [`RegistryClient::shutdown`] can wait for it before the runtime goes away.
+    pub fn block_on<T>(
+        &self,
+        handle: &tokio::runtime::Handle,
+        registry: &str,
+        what: &str,
+        op: impl std::future::Future<Output = Result<T, RegistryError>>,
+    ) -> Result<T, RegistryError> {
+        let _active = self.inner.active.enter();
+        let cancelled = || RegistryError::Cancelled {
+            registry: registry.to_owned(),
+            what: what.to_owned(),
+        };
+        // Checked under the count: once shutdown has seen it at zero, nothing here touches
+        // the runtime (its timers panic once it is shutting down).
+        if self.is_cancelled() {
+            return Err(cancelled());
+        }
+        handle.block_on(async {
+            tokio::select! {
+                biased;
+                _ = self.inner.cancel.cancelled() => Err(cancelled()),
+                r = op => r,
+            }
+        })
+    }
+
+    /// Cancels the client (see [`RegistryClient::cancel`]) and waits up to `grace` for the
+    /// calls of [`RegistryClient::block_on`] under way to return; whether they all did. Call it
+    /// before the runtime they run on is dropped.
+    pub fn shutdown(&self, grace: Duration) -> bool {
+        self.cancel();
+        self.inner.active.wait_idle(grace)
+    }
+
+    fn cancelled(&self, req: &Req<'_>) -> RegistryError {
+        RegistryError::Cancelled {
+            registry: req.ep.registry.clone(),
+            what: req.what.clone(),
+        }
+    }
+
+    /// Waits `d` (a backoff), or fails at once if the client is cancelled.
+    async fn pause(&self, req: &Req<'_>, d: Duration) -> Result<(), RegistryError> {
+        tokio::select! {
+            biased;
+            _ = self.inner.cancel.cancelled() => Err(self.cancelled(req)),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+
+    /// The next chunk of `stream` under the idle rule of `watch` and the client's cancellation.
+    async fn next_chunk<S>(
+        &self,
+        stream: &mut S,
+        watch: &mut ReadWatch,
+    ) -> Result<Option<Bytes>, BodyError>
+    where
+        S: futures::Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    {
+        let next = tokio::select! {
+            biased;
+            _ = self.inner.cancel.cancelled() => return Err(BodyError::Cancelled),
+            r = tokio::time::timeout_at(watch.deadline(), stream.next()) => r,
+        };
+        match next {
+            Err(_) => Err(BodyError::Stalled(watch.stall())),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(BodyError::Broken(e)),
+            Ok(Some(Ok(b))) => {
+                watch.received(b.len());
+                Ok(Some(b))
+            }
+        }
+    }
+
+    /// A whole (small) body, at most `limit` bytes, read under the idle rule.
+    async fn read_body(&self, resp: Response, limit: u64) -> Result<Bytes, BodyError> {
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(BodyError::TooLarge);
+        }
+        let mut stream = resp.bytes_stream();
+        let mut watch = ReadWatch::new(self.inner.timeouts);
+        let mut buf = bytes::BytesMut::new();
+        while let Some(b) = self.next_chunk(&mut stream, &mut watch).await? {
+            if buf.len() as u64 + b.len() as u64 > limit {
+                return Err(BodyError::TooLarge);
+            }
+            buf.extend_from_slice(&b);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// The error for a body read that stopped early during `req`, attempt `attempts`.
+    fn body_error(&self, req: &Req<'_>, e: BodyError, attempts: u32, limit: u64) -> RegistryError {
+        match e {
+            BodyError::Broken(source) => RegistryError::Transport {
+                registry: req.ep.registry.clone(),
+                what: req.what.clone(),
+                attempts,
+                source,
+            },
+            BodyError::Stalled(stall) => self.timeout_error(req, stall, attempts),
+            BodyError::Cancelled => self.cancelled(req),
+            BodyError::TooLarge => RegistryError::Protocol {
+                registry: req.ep.registry.clone(),
+                what: req.what.clone(),
+                detail: format!("body is larger than {limit} bytes"),
+            },
+        }
+    }
+
+    fn timeout_error(&self, req: &Req<'_>, stall: Stall, attempts: u32) -> RegistryError {
+        RegistryError::Timeout {
+            registry: req.ep.registry.clone(),
+            repository: req.repo.to_owned(),
+            what: req.what.clone(),
+            attempts,
+            stall,
+            timeouts: self.inner.timeouts,
+        }
+    }
+
+    /// Sends `rb` under the response/idle rules of `watch` and the client's cancellation.
+    async fn send_watched(
+        &self,
+        req: &Req<'_>,
+        rb: RequestBuilder,
+        watch: &RequestWatch,
+    ) -> Result<Result<Response, reqwest::Error>, Result<Stall, RegistryError>> {
+        tokio::select! {
+            biased;
+            _ = self.inner.cancel.cancelled() => Err(Err(self.cancelled(req))),
+            r = rb.send() => Ok(r),
+            stall = watch.stalled(self.inner.timeouts) => Err(Ok(stall)),
+        }
     }
 
     /// Blob requests this client keeps in flight at once (see [`ClientConfig::concurrency`]).
@@ -310,8 +532,11 @@ impl RegistryClient {
             inner: Arc::new(Inner {
                 http: self.inner.http.clone(),
                 config,
+                timeouts: self.inner.timeouts,
                 auth: tokio::sync::Mutex::new(HashMap::new()),
                 counters: self.inner.counters.clone(),
+                cancel: self.inner.cancel.clone(),
+                active: self.inner.active.clone(),
             }),
         }
     }
@@ -513,19 +738,32 @@ impl RegistryClient {
                     }
                 }
             };
-            let resp = match rb.send().await {
+            // The token server is another host: its errors and stalls name it.
+            let token_req = Req {
+                ep: req.ep,
+                repo: req.repo,
+                scopes: Vec::new(),
+                what: format!("token request to {realm}"),
+                retry: true,
+            };
+            let watch = RequestWatch::new(0);
+            let sent = match self.send_watched(&token_req, rb, &watch).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(source)) => Err(RegistryError::Transport {
+                    registry: registry.clone(),
+                    what: token_req.what.clone(),
+                    attempts: attempt,
+                    source,
+                }),
+                Err(Ok(stall)) => Err(self.timeout_error(&token_req, stall, attempt)),
+                Err(Err(cancelled)) => return Err(cancelled),
+            };
+            let resp = match sent {
                 Ok(r) => r,
-                Err(source) if attempt >= self.inner.config.retry.max_attempts => {
-                    return Err(RegistryError::Transport {
-                        registry: registry.clone(),
-                        what: format!("token request to {realm}"),
-                        attempts: attempt,
-                        source,
-                    })
-                }
+                Err(e) if attempt >= self.inner.config.retry.max_attempts => return Err(e),
                 Err(_) => {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    self.pause(&token_req, self.backoff(attempt)).await?;
                     continue;
                 }
             };
@@ -534,11 +772,12 @@ impl RegistryClient {
                 && attempt < self.inner.config.retry.max_attempts
             {
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(self.backoff(attempt)).await;
+                drop(resp);
+                self.pause(&token_req, self.backoff(attempt)).await?;
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-                let detail = error_detail(resp).await;
+                let detail = self.error_detail(resp).await;
                 let who = if cred.is_some() {
                     "the stored credentials"
                 } else {
@@ -552,7 +791,7 @@ impl RegistryClient {
                 });
             }
             if !status.is_success() {
-                let detail = error_detail(resp).await;
+                let detail = self.error_detail(resp).await;
                 return Err(RegistryError::Status {
                     registry: registry.clone(),
                     repository: req.repo.to_owned(),
@@ -567,15 +806,10 @@ impl RegistryClient {
                 access_token: Option<String>,
                 expires_in: Option<u64>,
             }
-            let body = resp
-                .bytes()
+            let body = self
+                .read_body(resp, MAX_TOKEN_REPLY)
                 .await
-                .map_err(|source| RegistryError::Transport {
-                    registry: registry.clone(),
-                    what: format!("token request to {realm}"),
-                    attempts: attempt,
-                    source,
-                })?;
+                .map_err(|e| self.body_error(&token_req, e, attempt, MAX_TOKEN_REPLY))?;
             let reply: TokenReply = serde_json::from_slice(&body)
                 .map_err(|e| protocol(format!("the token reply is not JSON: {e}")))?;
             let token = reply
@@ -597,35 +831,50 @@ impl RegistryClient {
     async fn send(
         &self,
         req: &Req<'_>,
-        make: &(dyn Fn(&reqwest::Client) -> Result<RequestBuilder, RegistryError> + Sync),
+        make: &(dyn Fn(&reqwest::Client, &RequestWatch) -> Result<RequestBuilder, RegistryError>
+              + Sync),
     ) -> Result<Response, RegistryError> {
         let max = self.inner.config.retry.max_attempts.max(1);
+        if req.ep.base.scheme() == "https" {
+            transport::check_system_roots().map_err(|detail| RegistryError::TlsRoots {
+                registry: req.ep.registry.clone(),
+                detail,
+            })?;
+        }
         let mut attempt = 0;
         let mut answered_challenge = false;
         loop {
             attempt += 1;
+            if self.is_cancelled() {
+                return Err(self.cancelled(req));
+            }
             let auth = self.auth_header(req).await?;
-            let mut rb = make(&self.inner.http)?;
+            let watch = RequestWatch::new(0);
+            let mut rb = make(&self.inner.http, &watch)?;
             if let Some(h) = auth.clone() {
                 rb = rb.header(header::AUTHORIZATION, h);
             }
             self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let resp = match rb.send().await {
+            let sent = match self.send_watched(req, rb, &watch).await {
+                Ok(Ok(r)) => Ok(r),
+                Ok(Err(source)) => Err(RegistryError::Transport {
+                    registry: req.ep.registry.clone(),
+                    what: req.what.clone(),
+                    attempts: attempt,
+                    source,
+                }),
+                Err(Ok(stall)) => Err(self.timeout_error(req, stall, attempt)),
+                Err(Err(cancelled)) => return Err(cancelled),
+            };
+            let resp = match sent {
                 Ok(r) => r,
-                Err(source) => {
-                    if req.retry && attempt < max {
-                        tracing::debug!(registry = %req.ep.registry, what = %req.what, error = %source, "retrying");
-                        self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(self.backoff(attempt)).await;
-                        continue;
-                    }
-                    return Err(RegistryError::Transport {
-                        registry: req.ep.registry.clone(),
-                        what: req.what.clone(),
-                        attempts: attempt,
-                        source,
-                    });
+                Err(e) if req.retry && attempt < max => {
+                    tracing::debug!(registry = %req.ep.registry, what = %req.what, error = %e, "retrying");
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    self.pause(req, self.backoff(attempt)).await?;
+                    continue;
                 }
+                Err(e) => return Err(e),
             };
             let status = resp.status();
             if status == StatusCode::UNAUTHORIZED && !answered_challenge {
@@ -665,17 +914,28 @@ impl RegistryClient {
                     .unwrap_or_else(|| self.backoff(attempt));
                 tracing::debug!(registry = %req.ep.registry, what = %req.what, %status, "retrying");
                 self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(delay).await;
+                // The response's body is not read: the connection is closed, not reused.
+                drop(resp);
+                self.pause(req, delay).await?;
                 continue;
             }
             return Ok(resp);
         }
     }
 
+    /// The registry's error message in `resp`'s body, prefixed with ": " (empty if there is
+    /// none, or if the body does not arrive in time).
+    async fn error_detail(&self, resp: Response) -> String {
+        match self.read_body(resp, MAX_TOKEN_REPLY).await {
+            Ok(body) => error_detail_of(&body),
+            Err(_) => String::new(),
+        }
+    }
+
     /// Turns an unexpected response into the error that names registry, repository and action.
     async fn status_error(&self, req: &Req<'_>, resp: Response) -> RegistryError {
         let status = resp.status();
-        let detail = error_detail(resp).await;
+        let detail = self.error_detail(resp).await;
         let (registry, repository, what) = (
             req.ep.registry.clone(),
             req.repo.to_owned(),
@@ -722,7 +982,7 @@ impl RegistryClient {
             retry: true,
         };
         let url = self.url(&ep, "/v2/");
-        let resp = self.send(&req, &|c| Ok(c.get(url.clone()))).await?;
+        let resp = self.send(&req, &|c, _w| Ok(c.get(url.clone()))).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -762,27 +1022,41 @@ impl RegistryClient {
             retry: true,
         };
         let url = self.url(ep, &format!("/v2/{repo}/manifests/{r}"));
-        let resp = self
-            .send(&req, &|c| {
-                Ok(c.get(url.clone())
-                    .header(header::ACCEPT, media_type::MANIFEST_ACCEPT))
-            })
-            .await?;
-        if !resp.status().is_success() {
-            return Err(self.status_error(&req, resp).await);
-        }
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
-            .unwrap_or_default();
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.parse::<Digest>().ok());
-        let bytes = self.read_small_body(&req, resp).await?;
+        let max = self.inner.config.retry.max_attempts.max(1);
+        let mut attempt = 0;
+        let (content_type, header_digest, bytes) = loop {
+            attempt += 1;
+            let resp = self
+                .send(&req, &|c, _w| {
+                    Ok(c.get(url.clone())
+                        .header(header::ACCEPT, media_type::MANIFEST_ACCEPT))
+                })
+                .await?;
+            if !resp.status().is_success() {
+                return Err(self.status_error(&req, resp).await);
+            }
+            let content_type = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.split(';').next().unwrap_or(s).trim().to_owned())
+                .unwrap_or_default();
+            let header_digest = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse::<Digest>().ok());
+            // A body that breaks off or stalls is asked for again, like a failed request.
+            match self.read_small_body(&req, resp, attempt).await {
+                Ok(bytes) => break (content_type, header_digest, bytes),
+                Err(e) if e.is_retryable() && attempt < max => {
+                    tracing::debug!(registry = %ep.registry, what = %req.what, error = %e, "retrying");
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    self.pause(&req, self.backoff(attempt)).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let raw = RawManifest::new(&content_type, bytes);
         let expected = reference
             .digest()
@@ -808,23 +1082,17 @@ impl RegistryClient {
         Ok(raw)
     }
 
-    async fn read_small_body(&self, req: &Req<'_>, resp: Response) -> Result<Bytes, RegistryError> {
-        if resp.content_length().is_some_and(|n| n > MAX_SMALL_BLOB) {
-            return Err(RegistryError::Protocol {
-                registry: req.ep.registry.clone(),
-                what: req.what.clone(),
-                detail: format!("body is larger than {MAX_SMALL_BLOB} bytes"),
-            });
-        }
-        let bytes = resp
-            .bytes()
+    /// A manifest's body (at most [`MAX_SMALL_BLOB`]), read on attempt `attempt` of `req`.
+    async fn read_small_body(
+        &self,
+        req: &Req<'_>,
+        resp: Response,
+        attempt: u32,
+    ) -> Result<Bytes, RegistryError> {
+        let bytes = self
+            .read_body(resp, MAX_SMALL_BLOB)
             .await
-            .map_err(|source| RegistryError::Transport {
-                registry: req.ep.registry.clone(),
-                what: req.what.clone(),
-                attempts: 1,
-                source,
-            })?;
+            .map_err(|e| self.body_error(req, e, attempt, MAX_SMALL_BLOB))?;
         self.inner
             .counters
             .bytes_received
@@ -849,7 +1117,7 @@ impl RegistryClient {
         };
         let url = self.url(&ep, &format!("/v2/{repo}/manifests/{r}"));
         let resp = self
-            .send(&req, &|c| {
+            .send(&req, &|c, _w| {
                 Ok(c.head(url.clone())
                     .header(header::ACCEPT, media_type::MANIFEST_ACCEPT))
             })
@@ -1040,7 +1308,7 @@ impl RegistryClient {
             };
             let offset = written;
             let resp = self
-                .send(&req, &|c| {
+                .send(&req, &|c, _w| {
                     let rb = c.get(url.clone());
                     Ok(if offset > 0 {
                         rb.header(header::RANGE, format!("bytes={offset}-"))
@@ -1056,24 +1324,22 @@ impl RegistryClient {
                 _ => return Err((self.status_error(&req, resp).await, written)),
             };
             let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.next().await {
-                let chunk = match chunk {
-                    Ok(c) => c,
-                    Err(source) => {
+            let mut watch = ReadWatch::new(self.inner.timeouts);
+            loop {
+                let chunk = match self.next_chunk(&mut stream, &mut watch).await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(BodyError::Cancelled) => return Err((self.cancelled(&req), written)),
+                    // A body that broke off or stalled resumes where it stopped (`Range`).
+                    Err(e) => {
                         broken += 1;
                         if broken >= self.inner.config.retry.max_attempts {
-                            return Err((
-                                RegistryError::Transport {
-                                    registry: ep.registry.clone(),
-                                    what: what.clone(),
-                                    attempts: broken,
-                                    source,
-                                },
-                                written,
-                            ));
+                            return Err((self.body_error(&req, e, broken, desc.size), written));
                         }
                         self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(self.backoff(broken)).await;
+                        self.pause(&req, self.backoff(broken))
+                            .await
+                            .map_err(|e| (e, written))?;
                         continue 'request;
                     }
                 };
@@ -1194,7 +1460,7 @@ impl RegistryClient {
             retry: true,
         };
         let url = self.url(&ep, &format!("/v2/{repo}/blobs/{digest}"));
-        let resp = self.send(&req, &|c| Ok(c.head(url.clone()))).await?;
+        let resp = self.send(&req, &|c, _w| Ok(c.head(url.clone()))).await?;
         match resp.status() {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
@@ -1239,10 +1505,21 @@ impl RegistryClient {
                     c.fetch_add(1, Ordering::Relaxed);
                     return Ok(r);
                 }
-                Err(e) if e.is_retryable() && attempt < max => {
+                // A request that already used up its own retries is not restarted again.
+                Err(e) if e.is_retryable() && e.attempts() < max && attempt < max => {
                     tracing::debug!(digest = %desc.digest, error = %e, "restarting upload");
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(self.backoff(attempt)).await;
+                    if self.is_cancelled() {
+                        return Err(RegistryError::Cancelled {
+                            registry: ep.registry.clone(),
+                            what: format!("upload of blob {}", desc.digest),
+                        });
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.inner.cancel.cancelled() => {}
+                        _ = tokio::time::sleep(self.backoff(attempt)) => {}
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -1266,18 +1543,23 @@ impl RegistryClient {
         })
     }
 
+    /// The request body of bytes `[offset, offset+len)` of `source`, streamed and counted; each
+    /// chunk handed to the connection is reported to `watch` (the idle rule while sending).
     fn body(
         &self,
         source: &BlobSource,
         offset: u64,
         len: u64,
+        watch: &RequestWatch,
     ) -> Result<reqwest::Body, RegistryError> {
-        let counters = Arc::clone(&self.inner);
+        let counters = Arc::clone(&self.inner.counters);
+        watch.sending(len);
+        let watch = watch.clone();
         let count = move |b: &Bytes| {
             counters
-                .counters
                 .bytes_sent
                 .fetch_add(b.len() as u64, Ordering::Relaxed);
+            watch.sent(b.len() as u64);
         };
         match source {
             BlobSource::Bytes(b) => {
@@ -1334,7 +1616,7 @@ impl RegistryClient {
                 .append_pair("from", from);
         }
         let resp = self
-            .send(&req, &|c| {
+            .send(&req, &|c, _w| {
                 Ok(c.post(start.clone()).header(header::CONTENT_LENGTH, "0"))
             })
             .await?;
@@ -1359,12 +1641,12 @@ impl RegistryClient {
             let end = (offset + chunk).min(size);
             let loc = location.clone();
             let result = self
-                .send(&req, &|c| {
+                .send(&req, &|c, w| {
                     Ok(c.patch(loc.clone())
                         .header(header::CONTENT_TYPE, "application/octet-stream")
                         .header(header::CONTENT_LENGTH, end - offset)
                         .header("Content-Range", format!("{}-{}", offset, end - 1))
-                        .body(self.body(source, offset, end - offset)?))
+                        .body(self.body(source, offset, end - offset, w)?))
                 })
                 .await;
             match result {
@@ -1389,7 +1671,7 @@ impl RegistryClient {
                         };
                     }
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(self.backoff(resumes)).await;
+                    self.pause(&req, self.backoff(resumes)).await?;
                     let status_req = Req {
                         ep,
                         repo,
@@ -1398,7 +1680,9 @@ impl RegistryClient {
                         retry: true,
                     };
                     let loc = location.clone();
-                    let resp = self.send(&status_req, &|c| Ok(c.get(loc.clone()))).await?;
+                    let resp = self
+                        .send(&status_req, &|c, _w| Ok(c.get(loc.clone())))
+                        .await?;
                     if resp.status() != StatusCode::NO_CONTENT {
                         // The session is gone or cannot continue (distribution refuses a
                         // session whose stored size moved past its state token): restart.
@@ -1406,7 +1690,7 @@ impl RegistryClient {
                             registry: ep.registry.clone(),
                             repository: repo.to_owned(),
                             digest: digest.clone(),
-                            detail: error_detail(resp).await,
+                            detail: self.error_detail(resp).await,
                         });
                     }
                     if resp.headers().contains_key(header::LOCATION) {
@@ -1432,13 +1716,13 @@ impl RegistryClient {
     ) -> Result<BlobPush, RegistryError> {
         location.query_pairs_mut().append_pair("digest", digest);
         let resp = self
-            .send(req, &|c| {
+            .send(req, &|c, w| {
                 let rb = c
                     .put(location.clone())
                     .header(header::CONTENT_TYPE, "application/octet-stream")
                     .header(header::CONTENT_LENGTH, len);
                 Ok(if len > 0 {
-                    rb.body(self.body(source, offset, len)?)
+                    rb.body(self.body(source, offset, len, w)?)
                 } else {
                     rb
                 })
@@ -1475,7 +1759,7 @@ impl RegistryClient {
         let body = manifest.bytes.clone();
         let mt = manifest.media_type.clone();
         let resp = self
-            .send(&req, &|c| {
+            .send(&req, &|c, _w| {
                 Ok(c.put(url.clone())
                     .header(header::CONTENT_TYPE, mt.as_str())
                     .body(body.clone()))
@@ -1651,11 +1935,7 @@ fn retry_after(h: &HeaderMap) -> Option<Duration> {
 }
 
 /// The registry's error message (`{"errors":[{"code","message"}]}`), prefixed with ": ".
-async fn error_detail(resp: Response) -> String {
-    let body = match resp.bytes().await {
-        Ok(b) => b,
-        Err(_) => return String::new(),
-    };
+fn error_detail_of(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorEntry>,
@@ -1667,7 +1947,7 @@ async fn error_detail(resp: Response) -> String {
         #[serde(default)]
         message: String,
     }
-    if let Ok(e) = serde_json::from_slice::<Errors>(&body) {
+    if let Ok(e) = serde_json::from_slice::<Errors>(body) {
         let parts: Vec<String> = e
             .errors
             .iter()

@@ -18,6 +18,39 @@ pub enum RegistryError {
         #[source]
         source: reqwest::Error,
     },
+    /// The registry stopped answering (no response headers in time, or a body that stalled),
+    /// after all retries.
+    #[error("registry {registry} stopped answering ({what} in {repository}) after {attempts} attempt(s): {stall}; check that the registry is up, or give it longer with KILN_REGISTRY_TIMEOUT (now {timeouts})")]
+    Timeout {
+        /// Registry host.
+        registry: String,
+        /// Repository.
+        repository: String,
+        /// The request that stalled.
+        what: String,
+        /// How many times it was tried.
+        attempts: u32,
+        /// What stalled.
+        stall: crate::transport::Stall,
+        /// The timeouts in force, as `KILN_REGISTRY_TIMEOUT` spells them.
+        timeouts: crate::transport::Timeouts,
+    },
+    /// The client was cancelled (Ctrl-C, or the build stopped) while a request was in flight.
+    #[error("{what} on registry {registry} was cancelled")]
+    Cancelled {
+        /// Registry host.
+        registry: String,
+        /// The request that was cut short.
+        what: String,
+    },
+    /// The registry is reached over TLS but the system's trust roots cannot be loaded.
+    #[error("registry {registry} is reached over HTTPS: {detail}")]
+    TlsRoots {
+        /// Registry host.
+        registry: String,
+        /// Why the roots are missing and what to do.
+        detail: String,
+    },
     /// 401: no credentials, or wrong ones.
     #[error("registry {registry} refused the credentials for {repository} ({what}): 401 Unauthorized{detail}; run `kiln login {registry}` or check the user name and password")]
     Unauthorized {
@@ -162,10 +195,27 @@ impl RegistryError {
     /// Whether trying the whole operation again may succeed (transport errors, 5xx, 429).
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Transport { .. } | RegistryError::UploadLost { .. } => true,
+            RegistryError::Transport { .. }
+            | RegistryError::UploadLost { .. }
+            | RegistryError::Timeout { .. } => true,
             RegistryError::Status { status, .. } => *status == 429 || *status >= 500,
             RegistryError::Io { .. } => false,
             _ => false,
         }
+    }
+
+    /// How many times the failed request was sent (1 for errors that do not say).
+    pub fn attempts(&self) -> u32 {
+        match self {
+            RegistryError::Transport { attempts, .. } | RegistryError::Timeout { attempts, .. } => {
+                *attempts
+            }
+            _ => 1,
+        }
+    }
+
+    /// Whether the operation was cut short by [`crate::RegistryClient::cancel`].
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, RegistryError::Cancelled { .. })
     }
 }

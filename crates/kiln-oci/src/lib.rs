@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod media_type;
 pub mod platform;
 pub mod reference;
+pub mod transport;
 
 pub use auth::{AuthError, Credential, DockerConfig};
 pub use client::{
@@ -26,3 +27,4 @@ pub use layout::{write_docker_archive, LayoutError, OciLayout};
 pub use manifest::{Descriptor, ImageIndex, ImageManifest, Manifest, ManifestError, RawManifest};
 pub use platform::{Platform, PlatformError};
 pub use reference::{Reference, ReferenceError};
+pub use transport::{Stall, Timeouts, TIMEOUT_ENV};

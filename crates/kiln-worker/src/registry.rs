@@ -1,5 +1,7 @@
 //! Registries as image sources and push targets, through kiln-oci's client. Blocking
-//! wrappers: the worker calls them from blocking threads, with a handle on the runtime.
+//! wrappers: the worker calls them from blocking threads, with a handle on the runtime, through
+//! [`RegistryClient::block_on`], so that a cancelled client ends them at once and the runtime
+//! is dropped only after they have returned (see [`RegistryClient::shutdown`]).
 
 use std::fs;
 use std::sync::Arc;
@@ -58,8 +60,11 @@ impl BlobSource for RepositoryBlobs {
             std::process::id(),
             SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        self.handle
+        self.client
             .block_on(
+                &self.handle,
+                self.reference.registry(),
+                &format!("download of blob {}", blob.digest),
                 self.client
                     .pull_blob_to_file(&self.reference, blob, &ingest),
             )
@@ -80,8 +85,13 @@ impl BlobSource for RepositoryBlobs {
     }
 
     fn has(&self, blob: &Descriptor) -> bool {
-        self.handle
-            .block_on(self.client.blob_exists(&self.reference, &blob.digest))
+        self.client
+            .block_on(
+                &self.handle,
+                self.reference.registry(),
+                &format!("HEAD blob {}", blob.digest),
+                self.client.blob_exists(&self.reference, &blob.digest),
+            )
             .unwrap_or(false)
     }
 }
@@ -131,8 +141,13 @@ impl ImageProvider for RegistryImages {
             .parse()
             .map_err(|e: kiln_oci::PlatformError| image_err(reference, e))?;
         let resolved = self
-            .handle
-            .block_on(self.client.resolve(&r, &p))
+            .client
+            .block_on(
+                &self.handle,
+                r.registry(),
+                &format!("resolving {r}"),
+                self.client.resolve(&r, &p),
+            )
             .map_err(|e| image_err(reference, e))?;
         let distributable: Vec<Descriptor> = resolved.distributable_layers().cloned().collect();
         let mut layers = crate::image::image_layers(&resolved.config, &resolved.image.layers)

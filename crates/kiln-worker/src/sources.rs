@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use kiln_graph::graph::HttpSource;
 use kiln_oci::layout::REF_NAME_ANNOTATION;
+use kiln_oci::transport::{ReadWatch, RequestWatch, Stall};
 use kiln_oci::{media_type, Algorithm, Descriptor, Digest, DigestWriter, Hasher, OciLayout};
-use kiln_oci::{Manifest, RawManifest};
+use kiln_oci::{Manifest, RawManifest, Timeouts, TIMEOUT_ENV};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{BaseImage, BlobSource};
@@ -414,16 +415,29 @@ struct FreshFile {
     last_modified: Option<String>,
 }
 
-fn http_client(url: &str) -> Result<reqwest::Client, SourceError> {
-    // reqwest is built without a default crypto provider; ring is the workspace's choice. An
-    // error only means a provider is already installed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(30))
-        .read_timeout(Duration::from_secs(300))
+/// The timeouts of downloads: the registry client's (`KILN_REGISTRY_TIMEOUT`).
+fn download_timeouts(url: &str) -> Result<Timeouts, SourceError> {
+    Ok(Timeouts::from_env()
+        .map_err(|e| download_err(url, e))?
+        .unwrap_or_default())
+}
+
+/// An HTTP client for `url`; the system's TLS roots are read only for an https:// one.
+fn http_client(url: &str, timeouts: &Timeouts) -> Result<reqwest::Client, SourceError> {
+    if url.starts_with("https://") {
+        kiln_oci::transport::check_system_roots().map_err(|e| download_err(url, e))?;
+    }
+    kiln_oci::transport::client_builder(timeouts)
+        .map_err(|e| download_err(url, format!("cannot make an HTTP client: {e}")))?
         .build()
         .map_err(|e| download_err(url, format!("cannot make an HTTP client: {e}")))
+}
+
+fn stalled(url: &str, stall: Stall) -> SourceError {
+    download_err(
+        url,
+        format!("the server stopped answering: {stall}; give it longer with {TIMEOUT_ENV}"),
+    )
 }
 
 /// Full error chain of a reqwest error (its top message alone hides the cause).
@@ -448,7 +462,8 @@ async fn fetch(
     max: u64,
     checksum_alg: Option<Algorithm>,
 ) -> Result<Fetched, SourceError> {
-    let client = http_client(url)?;
+    let timeouts = download_timeouts(url)?;
+    let client = http_client(url, &timeouts)?;
     let mut req = client.get(url);
     if let Some(prev) = previous {
         if let Some(etag) = &prev.etag {
@@ -458,10 +473,11 @@ async fn fetch(
             req = req.header("If-Modified-Since", lm);
         }
     }
-    let mut resp = req
-        .send()
-        .await
-        .map_err(|e| download_err(url, format!("request failed: {}", chain(&e))))?;
+    let watch = RequestWatch::new(0);
+    let mut resp = tokio::select! {
+        r = req.send() => r.map_err(|e| download_err(url, format!("request failed: {}", chain(&e))))?,
+        stall = watch.stalled(timeouts) => return Err(stalled(url, stall)),
+    };
     let status = resp.status();
     if status == reqwest::StatusCode::NOT_MODIFIED && previous.is_some() {
         return Ok(Fetched::NotModified);
@@ -505,11 +521,20 @@ async fn fetch(
         .filter(|a| *a != Algorithm::Sha256)
         .map(Hasher::new);
     let write_err = |e: io::Error| download_err(url, format!("writing {}: {e}", path.display()));
-    while let Some(chunk) = resp
-        .chunk()
-        .await
-        .map_err(|e| download_err(url, format!("the download broke off: {}", chain(&e))))?
-    {
+    let mut read = ReadWatch::new(timeouts);
+    loop {
+        let chunk = match tokio::time::timeout_at(read.deadline(), resp.chunk()).await {
+            Err(_) => return Err(stalled(url, read.stall())),
+            Ok(Err(e)) => {
+                return Err(download_err(
+                    url,
+                    format!("the download broke off: {}", chain(&e)),
+                ))
+            }
+            Ok(Ok(None)) => break,
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        read.received(chunk.len());
         if out.written() + chunk.len() as u64 > max {
             return Err(too_big(url, max));
         }
