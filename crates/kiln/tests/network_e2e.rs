@@ -8,6 +8,7 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpListener;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -236,15 +237,15 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 }
 
 #[test]
-fn a_killed_build_leaves_no_slirp4netns_behind() {
-    require_root("a_killed_build_leaves_no_slirp4netns_behind");
+fn a_killed_build_leaves_no_slirp4netns_behind_and_its_cgroup_is_reclaimed() {
+    require_root("a_killed_build_leaves_no_slirp4netns_behind_and_its_cgroup_is_reclaimed");
     let f = Fixture::new();
     let dir = project(&f, "killed", "FROM busybox:latest\nRUN sleep 4747\n");
     let d = dir.to_str().unwrap();
     let mut kiln = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .arg("--root")
         .arg(f.root())
-        .args(["build", d, "--progress", "plain"])
+        .args(["build", d, "--progress", "plain", "--pids-limit", "100"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -268,6 +269,24 @@ fn a_killed_build_leaves_no_slirp4netns_behind() {
     wait_until("the step's processes exit", Duration::from_secs(30), || {
         !running("sleep 4747")
     });
+    // The killed build's (now empty) pids cgroup is reclaimed by the next build with a limit.
+    let parent = ["/sys/fs/cgroup/pids/kiln", "/sys/fs/cgroup/kiln"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_dir())
+        .expect("a pids cgroup hierarchy");
+    let leftovers = || -> Vec<String> {
+        std::fs::read_dir(parent)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{pid}-")))
+            .collect()
+    };
+    assert_eq!(leftovers().len(), 1, "the killed build's cgroup is left");
+    let dir = project(&f, "after", "FROM busybox:latest\nRUN true\n");
+    f.build_dir(&dir, &["--pids-limit", "100"]);
+    assert_eq!(leftovers(), Vec::<String>::new(), "reclaimed");
 }
 
 fn running(cmdline: &str) -> bool {
