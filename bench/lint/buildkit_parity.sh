@@ -65,10 +65,18 @@ for f in "$root"/crates/kiln-dockerfile/tests/lint/*.Dockerfile "$root/examples/
     if ! diff -u "$work/bk.lint" "$work/kiln.lint" > "$work/diff"; then
         echo "LINT MISMATCH $name (- BuildKit, + kiln):"; cat "$work/diff"; fail=$((fail + 1))
     fi
-    for call in targets outline; do
-        bk "$f" --opt requestid=frontend.$call --progress quiet > "$work/bk.$call" || true
+    # targets, the default target's outline, and each named stage's outline.
+    named=$("$kiln" build -f "$f" "$(dirname "$f")" --call targets,format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for t in json.load(sys.stdin)["targets"]:
+    if "name" in t: print(t["name"])' 2>/dev/null || true)
+    for call in targets outline $(for t in $named; do echo "outline:$t"; done); do
+        target=${call#outline:}
+        if [ "$target" = "$call" ]; then set --; else call=outline; set -- --opt target="$target"; fi
+        bk "$f" --opt requestid=frontend.$call "$@" --progress quiet > "$work/bk.$call" || true
         code=0
-        "$kiln" build -f "$f" "$(dirname "$f")" --call $call > "$work/kiln.$call" 2>&1 || code=$?
+        if [ $# = 0 ]; then topt=""; else topt="--target=$target"; fi
+        "$kiln" build -f "$f" "$(dirname "$f")" $topt --call $call > "$work/kiln.$call" 2>&1 || code=$?
         if grep -q '^error: ' "$work/bk.$call"; then
             # BuildKit refuses the file (e.g. an invalid base name): kiln must refuse it too;
             # the wording of the error is kiln's own.
@@ -76,7 +84,7 @@ for f in "$root"/crates/kiln-dockerfile/tests/lint/*.Dockerfile "$root/examples/
                 echo "$call: BuildKit failed but kiln did not on $name"; fail=$((fail + 1))
             fi
         elif ! diff -u "$work/bk.$call" "$work/kiln.$call" > "$work/diff"; then
-            echo "$(echo $call | tr a-z A-Z) MISMATCH $name:"; cat "$work/diff"; fail=$((fail + 1))
+            echo "$(echo $call | tr a-z A-Z) MISMATCH $name ${topt}:"; cat "$work/diff"; fail=$((fail + 1))
         fi
     done
     echo "$name: $(wc -l < "$work/bk.lint") BuildKit warnings, $(wc -l < "$work/kiln.lint") kiln"
