@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Seek, Write};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
@@ -19,6 +19,7 @@ use crate::manifest;
 use crate::metrics::Metrics;
 use crate::names::{is_valid_repository, is_valid_tag};
 use crate::storage::Storage;
+use crate::Config;
 
 /// Response body: small buffers or a streamed file.
 pub(crate) type Body = BoxBody<Bytes, io::Error>;
@@ -44,6 +45,9 @@ pub(crate) struct App {
     pub(crate) max_manifest_bytes: usize,
     pub(crate) auth: Auth,
     pub(crate) metrics: Metrics,
+    /// A request body that sends nothing for this long fails the request, so a stalled
+    /// upload cannot hold its connection and staged file forever.
+    body_timeout: Option<Duration>,
     /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
     /// restart; the staged file is then re-hashed.
     sessions: Mutex<HashMap<String, UploadHash>>,
@@ -53,17 +57,13 @@ pub(crate) struct App {
 }
 
 impl App {
-    pub(crate) fn new(
-        store: Storage,
-        read_only: bool,
-        max_manifest_bytes: usize,
-        auth: Auth,
-    ) -> App {
+    pub(crate) fn new(store: Storage, cfg: &Config, auth: Auth) -> App {
         App {
             store,
-            read_only,
-            max_manifest_bytes,
+            read_only: cfg.read_only,
+            max_manifest_bytes: cfg.max_manifest_bytes,
             auth,
+            body_timeout: crate::secs_or_off(cfg.idle_timeout_secs),
             metrics: Metrics::default(),
             sessions: Mutex::new(HashMap::new()),
             manifest_buffers: tokio::sync::Semaphore::new(64),
@@ -269,7 +269,13 @@ pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Bo
 async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_owned();
     if path == "/metrics" {
-        return metrics(app).await;
+        // Open registries serve it to anyone; with auth configured it needs credentials
+        // (basic: any user; token: `registry:metrics:pull`).
+        app.auth.check(req.headers(), &Scope::Metrics).await?;
+        return match *req.method() {
+            Method::GET | Method::HEAD => metrics(app).await,
+            _ => Err(method_not_allowed()),
+        };
     }
     let route = parse_route(&path)?;
     let method = req.method().clone();
@@ -484,6 +490,26 @@ async fn delete_blob(app: &Arc<App>, name: String, d: String) -> Resp {
     )
 }
 
+/// The next frame of a request body; an error when none arrives within `limit`.
+async fn next_frame(
+    body: &mut Incoming,
+    limit: Option<Duration>,
+) -> Option<Result<Frame<Bytes>, String>> {
+    let frame = match limit {
+        None => body.frame().await,
+        Some(d) => match tokio::time::timeout(d, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => {
+                return Some(Err(format!(
+                    "no body data arrived for {} s (the idle timeout)",
+                    d.as_secs()
+                )))
+            }
+        },
+    };
+    frame.map(|f| f.map_err(|e| e.to_string()))
+}
+
 /// A staged file being appended to, with the running hash and byte count.
 struct Sink {
     file: File,
@@ -502,7 +528,7 @@ async fn append_body(sink: Sink, mut body: Incoming, app: &App) -> (Sink, Result
     let mut writer: Option<(tokio::sync::mpsc::Sender<Bytes>, WriterTask)> = None;
     let mut sink = Some(sink);
     loop {
-        match body.frame().await {
+        match next_frame(&mut body, app.body_timeout).await {
             None => break,
             Some(Err(e)) => {
                 result = Err(format!("reading request body: {e}"));
@@ -1005,7 +1031,7 @@ async fn read_limited(body: Incoming, limit: usize, app: &App) -> Result<Vec<u8>
     }
     let mut body = body;
     let mut out = Vec::new();
-    while let Some(f) = body.frame().await {
+    while let Some(f) = next_frame(&mut body, app.body_timeout).await {
         let f =
             f.map_err(|e| ApiError::new(Code::ManifestInvalid, format!("reading body: {e}")))?;
         if let Ok(d) = f.into_data() {

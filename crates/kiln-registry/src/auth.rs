@@ -4,7 +4,7 @@
 //! `WWW-Authenticate: Bearer realm=..,service=..,scope=repository:<name>:<actions>`; the
 //! client fetches a token from the realm and retries with `Authorization: Bearer <jwt>`. The
 //! registry verifies the HMAC-SHA256 signature with the shared key, `exp`/`nbf`, `aud`
-//! (the service) and that the `access` claim grants the action.
+//! (the service, required) and that the `access` claim grants the action.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -24,6 +24,8 @@ pub(crate) enum Scope {
     Base,
     /// `/v2/_catalog`.
     Catalog,
+    /// `/metrics`: request counts and storage size are not for anonymous clients.
+    Metrics,
     /// An action (`pull`, `push`, `delete`) on a repository.
     Repository { name: String, action: &'static str },
 }
@@ -33,6 +35,7 @@ impl Scope {
         match self {
             Scope::Base => None,
             Scope::Catalog => Some("registry:catalog:*".into()),
+            Scope::Metrics => Some("registry:metrics:pull".into()),
             Scope::Repository { name, action } => Some(match *action {
                 "push" => format!("repository:{name}:pull,push"),
                 a => format!("repository:{name}:{a}"),
@@ -360,9 +363,16 @@ fn verify_token(t: &TokenConfig, jwt: &str) -> Result<Claims, String> {
     if claims.nbf > t_now + 60 {
         return Err("token not yet valid".into());
     }
-    if let Some(aud) = &claims.aud {
-        if aud != &t.service {
-            return Err(format!("token is for service {aud}, not {}", t.service));
+    // A token without an audience could have been issued for any service sharing the key;
+    // the Docker token spec makes `aud` the service name, so it is required.
+    match &claims.aud {
+        Some(aud) if aud == &t.service => {}
+        Some(aud) => return Err(format!("token is for service {aud}, not {}", t.service)),
+        None => {
+            return Err(format!(
+                "token has no audience (aud); it must name the service {}",
+                t.service
+            ))
         }
     }
     Ok(claims)
@@ -377,6 +387,7 @@ fn grants(access: &[TokenAccess], scope: &Scope) -> bool {
     match scope {
         Scope::Base => true,
         Scope::Catalog => has("registry", "catalog", "*"),
+        Scope::Metrics => has("registry", "metrics", "pull"),
         Scope::Repository { name, action } => has("repository", name, action),
     }
 }
@@ -430,5 +441,36 @@ mod tests {
             ..cfg
         };
         assert!(verify_token(&wrong_aud, &tok).is_err());
+    }
+
+    /// Signs `claims` as an HS256 JWT, the way another issuer sharing the key would.
+    fn sign(key: &[u8], claims: &serde_json::Value) -> String {
+        let header = b64().encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = b64().encode(serde_json::to_vec(claims).unwrap());
+        let signing = format!("{header}.{payload}");
+        let sig = b64().encode(hmac_sha256(key, signing.as_bytes()));
+        format!("{signing}.{sig}")
+    }
+
+    #[test]
+    fn tokens_without_an_audience_are_refused() {
+        let cfg = TokenConfig {
+            tls: false,
+            realm: "r".into(),
+            service: "svc".into(),
+            key: b"0123456789abcdef".to_vec(),
+        };
+        let access = serde_json::json!([{"type": "repository", "name": "a", "actions": ["pull"]}]);
+        let exp = now() + 600;
+        let no_aud = sign(&cfg.key, &serde_json::json!({"exp": exp, "access": access}));
+        let err = verify_token(&cfg, &no_aud)
+            .err()
+            .expect("a token without aud is refused");
+        assert!(err.contains("no audience"), "{err}");
+        let with_aud = sign(
+            &cfg.key,
+            &serde_json::json!({"aud": "svc", "exp": exp, "access": access}),
+        );
+        assert!(verify_token(&cfg, &with_aud).is_ok());
     }
 }

@@ -5,7 +5,8 @@
 //! sweep runs under the exclusive `gc.lock`, which every commit (upload finish, mount,
 //! manifest put) takes shared, so no commit interleaves with a sweep; content younger than
 //! the grace period is kept, so a blob uploaded (or found by HEAD) but not yet referenced by
-//! its manifest survives.
+//! its manifest survives. Temporary files of writers killed before their rename (blobs,
+//! manifests, tags, referrer entries) are removed once older than the grace period.
 
 use std::collections::HashSet;
 use std::fs;
@@ -191,6 +192,14 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
                 }
             }
         }
+        // Temporary files of manifest, tag and referrer writes killed before their rename
+        // (the blob store's own are swept above).
+        for repo in store
+            .repositories()
+            .map_err(io("listing repositories in"))?
+        {
+            remove_stale_temporaries(&store.repo_dir(&repo), opts.grace);
+        }
         // Abandoned uploads.
         if let Ok(rd) = fs::read_dir(root.join("uploads")) {
             for e in rd.flatten() {
@@ -201,4 +210,29 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
         }
     }
     Ok(report)
+}
+
+/// Removes `.tmp-*` files older than `grace` under a repository's `_manifests` and
+/// `_referrers` trees. A writer renames its temporary file within one request, so one older
+/// than the grace period belongs to a process that died before the rename; nothing reads
+/// these names (every listing skips them), so removing one never loses data.
+fn remove_stale_temporaries(repo_dir: &Path, grace: Duration) {
+    let mut stack = vec![repo_dir.join("_manifests"), repo_dir.join("_referrers")];
+    while let Some(dir) = stack.pop() {
+        let Ok(rd) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(path),
+                Ok(_) if e.file_name().to_string_lossy().starts_with(".tmp-") => {
+                    if !young(&path, grace) {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }

@@ -13,8 +13,11 @@
 
 mod api;
 mod auth;
+mod connections;
 mod error;
 mod gc;
+#[cfg(feature = "in-memory")]
+mod in_memory;
 mod manifest;
 mod metrics;
 mod names;
@@ -30,6 +33,8 @@ use serde::Deserialize;
 pub use auth::{issue_token, parse_scope, TokenAccess};
 pub use error::RegistryError;
 pub use gc::{collect_garbage, GcOptions, GcReport};
+#[cfg(feature = "in-memory")]
+pub use in_memory::InMemoryRegistry;
 
 /// Largest manifest accepted by default (distribution's limit too).
 pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -68,6 +73,15 @@ pub struct Config {
     pub fsync: bool,
     /// Largest manifest accepted, in bytes.
     pub max_manifest_bytes: usize,
+    /// Seconds a client has to send a complete request head (from connecting, or from the
+    /// end of its previous response); 0 turns the limit off.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in progress and no bytes moving, and
+    /// a request body may stall, before the registry gives up on it; 0 turns it off.
+    pub idle_timeout_secs: u64,
+    /// Most client connections open at once (0: derived from the descriptor limit, half
+    /// of what is left after a reserve, so the files being served keep descriptors too).
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -87,6 +101,9 @@ impl Default for Config {
             gc_delete_untagged: false,
             fsync: true,
             max_manifest_bytes: DEFAULT_MAX_MANIFEST_BYTES,
+            header_read_timeout_secs: 30,
+            idle_timeout_secs: 120,
+            max_connections: 0,
         }
     }
 }
@@ -246,6 +263,11 @@ pub fn serve_blocking(config: Config, on_ready: impl FnOnce(&str)) -> Result<(),
         on_ready(&reg.url());
         reg.serve_until_signal().await
     })
+}
+
+/// A duration in seconds from the config, `None` for 0 (off).
+pub(crate) fn secs_or_off(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// The periodic GC interval, if one is configured.

@@ -12,9 +12,24 @@ const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 ];
 
+/// The methods the registry API uses get a label series each; every other method string a
+/// client sends is counted as `other`, so clients cannot grow the label set.
+const METHOD_LABELS: [&str; 7] = ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS"];
+
+/// The `method` label of a request: its method when the API knows it, `other` otherwise.
+fn method_label(method: &str) -> &'static str {
+    METHOD_LABELS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
+/// Counters of one running registry. Every label set is bounded: methods by
+/// [`METHOD_LABELS`] plus `other`, statuses by the codes the server itself answers with.
 #[derive(Default)]
 pub(crate) struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
@@ -28,7 +43,7 @@ impl Metrics {
             .requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry((method.to_owned(), status))
+            .entry((method_label(method), status))
             .or_default() += 1;
         self.bytes_out.fetch_add(out, Relaxed);
         let s = took.as_secs_f64();
@@ -110,5 +125,31 @@ impl Metrics {
         let _ = writeln!(s, "# TYPE kiln_registry_storage_bytes gauge");
         let _ = writeln!(s, "kiln_registry_storage_bytes {storage_bytes}");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_methods_share_one_label_series() {
+        let m = Metrics::default();
+        for i in 0..1000 {
+            m.observe(&format!("X{i}"), 405, 0, 0, Duration::ZERO);
+        }
+        m.observe("GET", 200, 0, 0, Duration::ZERO);
+        let text = m.render(0);
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("kiln_registry_requests_total{"))
+            .collect();
+        assert_eq!(
+            series,
+            [
+                "kiln_registry_requests_total{method=\"GET\",status=\"200\"} 1",
+                "kiln_registry_requests_total{method=\"other\",status=\"405\"} 1000",
+            ]
+        );
     }
 }

@@ -476,3 +476,82 @@ async fn shutdown_finishes_in_flight_uploads() {
         .join(d.hex())
         .exists());
 }
+
+/// `kiln_registry_requests_total` lines of a metrics text.
+fn request_series(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("kiln_registry_requests_total{"))
+        .collect()
+}
+
+#[tokio::test]
+async fn metrics_need_credentials_when_auth_is_on_and_methods_from_clients_add_no_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let ht = write_htpasswd(dir.path());
+    let r = start_with(|b| b.htpasswd(ht)).await;
+    let anonymous = r.get("/metrics").await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(!anonymous.text().await.unwrap().contains("kiln_registry_"));
+    // Unauthenticated clients inventing methods: each one used to become a series of its own.
+    for i in 0..50 {
+        let m = reqwest::Method::from_bytes(format!("FUZZ{i}").as_bytes()).unwrap();
+        let resp = r.c.request(m, r.u("/v2/")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    let resp =
+        r.c.get(r.u("/metrics"))
+            .basic_auth("ci", Some("s3cret"))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("FUZZ"), "{text}");
+    assert!(
+        request_series(&text)
+            .contains(&"kiln_registry_requests_total{method=\"other\",status=\"401\"} 50"),
+        "{text}"
+    );
+    assert!(request_series(&text).len() <= 3, "{text}");
+}
+
+#[tokio::test]
+async fn metrics_under_token_auth_need_a_token_granting_registry_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("token.key");
+    let secret = b"0123456789abcdef0123456789abcdef";
+    std::fs::write(&key, secret).unwrap();
+    let cfg = Config {
+        addr: "127.0.0.1:0".into(),
+        root: dir.path().join("root"),
+        token_realm: Some("http://registry.invalid/token".into()),
+        token_service: Some("kiln-test".into()),
+        token_key: Some(key),
+        fsync: false,
+        ..Config::default()
+    };
+    let r = start_with(|b| b.config(cfg)).await;
+    let resp = r.get("/metrics").await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        header(&resp, "WWW-Authenticate").contains("scope=\"registry:metrics:pull\""),
+        "{:?}",
+        resp.headers()
+    );
+    let get = |scope: &str| {
+        let access = vec![kiln_registry::parse_scope(scope).unwrap()];
+        let tok = kiln_registry::issue_token(secret, "kiln-test", "prometheus", access, 60);
+        r.c.get(r.u("/metrics")).bearer_auth(tok).send()
+    };
+    assert_eq!(
+        get("repository:app:pull").await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let ok = get("registry:metrics:pull").await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert!(ok
+        .text()
+        .await
+        .unwrap()
+        .contains("kiln_registry_storage_bytes"));
+}

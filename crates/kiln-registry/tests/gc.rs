@@ -307,3 +307,46 @@ async fn periodic_gc_in_the_server_removes_unreferenced_blobs() {
     assert!(blobs_on_disk(&root).contains(&kept));
     assert_eq!(r.get("/v2/app/manifests/v1").await.status(), StatusCode::OK);
 }
+
+/// Sets one file's mtime `age` in the past.
+fn age_file(path: &Path, age: Duration) {
+    let f = std::fs::File::options().append(true).open(path).unwrap();
+    f.set_modified(SystemTime::now() - age).unwrap();
+}
+
+#[tokio::test]
+async fn gc_removes_temporary_files_of_killed_manifest_and_tag_writers() {
+    let r = start().await;
+    let (_, md) = r.push_image("app", "v1", b"layer").await;
+    let repo = r.root().join("repos/app");
+    // What a writer killed between creating its temporary file and renaming it leaves.
+    let left = [
+        repo.join("_manifests/tags/.tmp-0011223344556677"),
+        repo.join("_manifests/revisions/sha256/.tmp-8899aabbccddeeff"),
+        repo.join(format!(
+            "_referrers/sha256/{}/.tmp-0123456789abcdef",
+            md.hex()
+        )),
+    ];
+    for p in &left {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, md.to_string()).unwrap();
+        age_file(p, Duration::from_secs(2 * 3600));
+    }
+    // A write in progress right now.
+    let live = repo.join("_manifests/tags/.tmp-fedcba9876543210");
+    std::fs::write(&live, md.to_string()).unwrap();
+
+    collect(&r.root(), true, Duration::from_secs(3600));
+
+    for p in &left {
+        assert!(!p.exists(), "{} is left after gc", p.display());
+    }
+    assert!(
+        live.exists(),
+        "a temporary file younger than the grace period is kept"
+    );
+    let tags: serde_json::Value = r.get("/v2/app/tags/list").await.json().await.unwrap();
+    assert_eq!(tags["tags"], json!(["v1"]));
+    assert_eq!(r.get("/v2/app/manifests/v1").await.status(), StatusCode::OK);
+}
