@@ -378,6 +378,19 @@ impl<R: Read> TarReader<R> {
         Ok(())
     }
 
+    /// Skips `n` bytes; false when the stream ends first.
+    fn skip_to_eof_or(&mut self, mut n: u64) -> Result<bool, TarError> {
+        let mut buf = [0u8; BLOCK];
+        while n > 0 {
+            let k = self.r.read(&mut buf[..n.min(BLOCK as u64) as usize])?;
+            if k == 0 {
+                return Ok(false);
+            }
+            n -= k as u64;
+        }
+        Ok(true)
+    }
+
     fn read_block(&mut self, b: &mut [u8; BLOCK]) -> Result<bool, TarError> {
         let mut got = 0;
         while got < BLOCK {
@@ -413,9 +426,16 @@ impl<R: Read> TarReader<R> {
         if self.done {
             return Ok(None);
         }
-        self.skip(self.remaining + self.padding)?;
+        self.skip(self.remaining)?;
         self.remaining = 0;
-        self.padding = 0;
+        // A stream that stops right after the last entry's data, without its padding or the
+        // end-of-archive blocks, has ended: `umoci insert` writes layers like that, and Go's
+        // archive/tar (containerd, Docker) reads them. Data cut short is still an error.
+        let padding = std::mem::take(&mut self.padding);
+        if !self.skip_to_eof_or(padding)? {
+            self.done = true;
+            return Ok(None);
+        }
         self.segments.clear();
         self.sparse = false;
         self.sparse_pos = 0;
@@ -824,6 +844,34 @@ mod tests {
         assert_eq!(&buf[..n], b"hello");
         assert_eq!(r.next_header().unwrap().unwrap(), l);
         assert!(r.next_header().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_stream_ending_after_the_last_data_without_padding_or_trailer_is_complete() {
+        let mut w = TarWriter::new(Vec::new());
+        let mut f = TarHeader::new(b"f".to_vec(), EntryKind::File);
+        f.size = 9;
+        w.append(&f, Some(&mut &b"inserted\n"[..])).unwrap();
+        let mut tar = w.finish().unwrap();
+        tar.truncate(512 + 9);
+        let mut r = TarReader::new(&tar[..], 1 << 20);
+        assert_eq!(r.next_header().unwrap().unwrap(), f);
+        let mut buf = [0u8; 16];
+        assert_eq!(r.read_data(&mut buf).unwrap(), 9);
+        assert!(r.next_header().unwrap().is_none());
+        // Cut inside the data, it is still truncated.
+        let mut r = TarReader::new(&tar[..512 + 5], 1 << 20);
+        r.next_header().unwrap().unwrap();
+        let mut got = 0;
+        let err = loop {
+            match r.read_data(&mut buf) {
+                Ok(0) => panic!("short data read as complete"),
+                Ok(n) => got += n,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(got, 5);
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
