@@ -83,6 +83,14 @@ pub fn execute(
         .build()
         .context("starting the async runtime")?;
     let client = registry_client(opts)?;
+    // Dropped before the runtime: registry work still under way on other threads (a layer
+    // download of a step the failed build left running) is cancelled and waited for, so that
+    // nothing polls the runtime's timers while it shuts down.
+    let _client_shutdown = ClientShutdown(client.clone());
+    // Until the steps run (which have their own handler below), Ctrl-C or SIGTERM stops
+    // kiln at once: resolving base images and reading cache imports leave nothing behind
+    // that a killed process would not.
+    let early_signals = runtime.spawn(exit_on_signal(client.clone()));
     let images: Arc<dyn ImageProvider> = Arc::new(
         RegistryImages::new(client.clone(), runtime.handle().clone(), store.clone())
             .always_pull(opts.pull),
@@ -158,6 +166,8 @@ pub fn execute(
     // The exit code of a build stopped by a signal, as shells report one: 128 + its number.
     let signalled = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let signal_code = signalled.clone();
+    let signal_client = client.clone();
+    early_signals.abort();
     let solved = runtime.block_on(async move {
         planned
             .solve(sink, |solver| {
@@ -207,6 +217,8 @@ pub fn execute(
                         } else {
                             eprintln!("kiln: cancelling the build ({name})");
                             s.cancel();
+                            // Steps waiting on a registry (a stalled layer download) end now.
+                            signal_client.cancel();
                             asked = true;
                         }
                     }
@@ -421,6 +433,37 @@ fn write_metadata(
     let text = serde_json::to_vec_pretty(&v)?;
     kiln_worker::export::write_file_atomic(path, &text)
         .with_context(|| format!("writing --metadata-file {}", path.display()))
+}
+
+/// Cancels a registry client and waits (briefly) for its blocking calls when dropped.
+struct ClientShutdown(RegistryClient);
+
+impl Drop for ClientShutdown {
+    fn drop(&mut self) {
+        if !self.0.shutdown(std::time::Duration::from_secs(10)) {
+            eprintln!("kiln: warning: registry requests were still under way at exit");
+        }
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM, then cancels `client`'s requests and exits with 130 or 143.
+async fn exit_on_signal(client: RegistryClient) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let (name, code) = tokio::select! {
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => ("Ctrl-C", 130),
+            Err(_) => return,
+        },
+        Some(()) = async {
+            match term.as_mut() {
+                Some(t) => t.recv().await,
+                None => std::future::pending().await,
+            }
+        } => ("SIGTERM", 143),
+    };
+    client.cancel();
+    eprintln!("kiln: cancelled ({name})");
+    std::process::exit(code);
 }
 
 /// A registry client; hosts of outputs with `registry.insecure=true` speak plain HTTP.

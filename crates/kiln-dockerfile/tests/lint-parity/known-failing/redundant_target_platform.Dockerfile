@@ -1,2 +1,0 @@
-FROM --platform=$TARGETPLATFORM alpine AS base
-RUN true

@@ -1,6 +1,0 @@
-FROM alpine
-WORKDIR app
-WORKDIR src
-FROM alpine
-WORKDIR /srv
-WORKDIR data
