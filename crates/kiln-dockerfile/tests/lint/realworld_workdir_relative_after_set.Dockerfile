@@ -1,0 +1,6 @@
+FROM alpine
+WORKDIR app
+WORKDIR src
+FROM alpine
+WORKDIR /srv
+WORKDIR data
