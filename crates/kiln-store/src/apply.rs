@@ -87,6 +87,9 @@ pub(crate) enum ApplyTarget {
     OverlayUpper { lowers: Vec<PathBuf> },
     /// A complete tree that already holds the parent's content.
     Merged,
+    /// A plain archive unpacked into a directory (`ADD file.tar`): `.wh.` names are ordinary
+    /// files, as Docker's untar treats them.
+    Archive,
 }
 
 struct HashingReader<R> {
@@ -192,6 +195,18 @@ pub(crate) fn apply_tar<R: Read>(
         bytes: ex.stats_bytes,
         skipped: ex.skipped,
     })
+}
+
+/// Unpacks the plain (uncompressed) tar `input` into the directory `dir`, with every check
+/// layers get (no write leaves `dir`, limits hold) but no whiteouts: this is `ADD file.tar`.
+/// FIFOs are created, and device nodes too under [`DevicePolicy::CreateIfRoot`] as root,
+/// as BuildKit's `ADD` does.
+pub fn unpack_archive<R: Read>(
+    dir: &std::path::Path,
+    input: R,
+    opts: &ApplyOptions,
+) -> Result<ApplyStats> {
+    apply_tar(dir, input, &ApplyTarget::Archive, opts, None)
 }
 
 fn errno(e: &io::Error) -> i32 {
@@ -391,7 +406,9 @@ impl Extractor<'_> {
         // A path seen before is replaced by this entry below, as containerd does.
         self.seen.insert(key.clone());
         if let Some(target) = name.strip_prefix(b".wh.") {
-            return self.whiteout(&raw, parents, target);
+            if !matches!(self.target, ApplyTarget::Archive) {
+                return self.whiteout(&raw, parents, target);
+            }
         }
         self.invalidate_cache(&key);
         let cname = sys::cstr(name).map_err(|e| self.entry_io(&raw, "naming", e))?;

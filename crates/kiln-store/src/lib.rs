@@ -19,7 +19,7 @@ mod store;
 mod sys;
 mod tarfmt;
 
-pub use apply::{ApplyOptions, ApplyStats, DevicePolicy};
+pub use apply::{unpack_archive, ApplyOptions, ApplyStats, DevicePolicy};
 pub use content::{BlobInfo, BlobWriter, ContentStore};
 pub use diff::DiffOptions;
 pub use error::{Result, StoreError};

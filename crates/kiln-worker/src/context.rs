@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_oci::{Algorithm, Digest, Hasher};
@@ -28,8 +28,20 @@ pub enum ContextError {
 #[serde(rename_all = "lowercase", tag = "type")]
 pub enum EntryKind {
     Dir,
-    File { size: u64, digest: Digest },
-    Symlink { target: String },
+    File {
+        size: u64,
+        digest: Digest,
+    },
+    Symlink {
+        target: String,
+    },
+    /// A named pipe: `COPY` recreates it, as BuildKit does.
+    Fifo,
+    /// A character (`block: false`) or block device node, keyed by its device number.
+    Device {
+        block: bool,
+        rdev: u64,
+    },
 }
 
 /// One path of the context, relative to its root, with `/` separators.
@@ -160,8 +172,16 @@ impl ContextIndex {
                         digest: digest.clone(),
                     };
                     (kind, Some((stamp, digest)), fresh)
+                } else if ft.is_fifo() {
+                    (EntryKind::Fifo, None, false)
+                } else if ft.is_char_device() || ft.is_block_device() {
+                    let kind = EntryKind::Device {
+                        block: ft.is_block_device(),
+                        rdev: m.rdev(),
+                    };
+                    (kind, None, false)
                 } else {
-                    // Sockets, fifos and devices are not sent as part of a context.
+                    // Sockets are not part of a context (BuildKit leaves them out too).
                     return Ok((
                         rel,
                         ContextEntry {
@@ -360,6 +380,24 @@ mod tests {
             .unwrap()
             .digest_of(all);
         assert_ne!(before, after);
+    }
+
+    #[test]
+    fn fifos_and_device_nodes_are_context_entries_keyed_by_kind() {
+        let d = tree();
+        let fifo = d.path().join("src/pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let idx = ContextIndex::scan(d.path(), &none, &never, None).unwrap();
+        assert_eq!(idx.get("src/pipe").unwrap().kind, EntryKind::Fifo);
+        let with_fifo = idx.digest_of(|_| true);
+        fs::remove_file(&fifo).unwrap();
+        fs::write(&fifo, "").unwrap();
+        let with_file = ContextIndex::scan(d.path(), &none, &never, None)
+            .unwrap()
+            .digest_of(|_| true);
+        assert_ne!(with_fifo, with_file, "a fifo and an empty file differ");
     }
 
     #[test]

@@ -5,11 +5,14 @@
 //! Every path is resolved *inside* its root the way a chroot would resolve it: `..` stops at
 //! the root and symlinks (absolute or relative) are followed relative to the root, so neither
 //! a source tree nor a destination rootfs can send a write outside itself.
+//!
+//! FIFOs and device nodes are copied as what they are, and `ADD` unpacks them from archives
+//! as such (BuildKit does both; checked with buildkitd v0.24 and `FROM scratch` builds).
 
 use std::fs;
 use std::io;
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 /// Why a file operation failed.
@@ -30,6 +33,11 @@ pub enum FileOpError {
     UnknownUser(String),
     #[error("group {0:?} not found in the image's /etc/group")]
     UnknownGroup(String),
+    #[error("unpacking {path}: {source}")]
+    Archive {
+        path: String,
+        source: kiln_store::StoreError,
+    },
 }
 
 fn io_at(path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> FileOpError {
@@ -328,13 +336,31 @@ pub fn copy_filtered(
                 source_name: opts.source_name.clone(),
             });
         }
-        matched.extend(found);
+        let globbed = clean_components(pattern).iter().any(|p| has_glob(p));
+        matched.extend(found.into_iter().map(|rel| (rel, globbed)));
     }
     let dest_dir_named = opts.dest_is_dir || dest.ends_with('/') || matched.len() > 1;
     let mut stats = CopyStats::default();
-    for rel in &matched {
-        let src = resolve_in_root(src_root, rel, true)?;
-        let meta = fs::metadata(&src).map_err(io_at(&src))?;
+    for (rel, globbed) in &matched {
+        let followed = resolve_in_root(src_root, rel, true)?;
+        let (src, meta) = match fs::metadata(&followed) {
+            Ok(m) => (followed, m),
+            // A wildcard match that is a symlink leading nowhere inside the source (an
+            // absolute link to a host path, say) is copied as the link, as `COPY .` copies
+            // it; only a source named exactly must resolve.
+            Err(e) if *globbed && e.kind() == io::ErrorKind::NotFound => {
+                let link = resolve_in_root(src_root, rel, false)?;
+                let m = fs::symlink_metadata(&link).map_err(io_at(&link))?;
+                (link, m)
+            }
+            Err(e) => return Err(io_at(&followed)(e)),
+        };
+        // What `.dockerignore` and `--exclude` see below a source reached through a
+        // symlink is where the files really are.
+        let real_rel = src
+            .strip_prefix(src_root)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| rel.clone());
         let base_name = Path::new(rel)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -363,8 +389,11 @@ pub fn copy_filtered(
         if meta.is_dir() {
             let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
             apply_meta(&dir, &meta, opts)?;
-            copy_tree(&src, dest_root, &target, rel, opts, include, &mut stats)?;
-        } else if opts.extract_archives && is_tar_archive(&src) {
+            copy_tree(
+                &src, dest_root, &target, &real_rel, opts, include, &mut stats,
+            )?;
+            keep_mtime(&dir, &meta)?;
+        } else if opts.extract_archives && meta.is_file() && is_tar_archive(&src) {
             // Docker unpacks into the destination as a directory.
             let dir = mkdir_all(dest_root, dest, 0o755, Owner::Ids(0, 0))?;
             extract_archive(&src, &dir, &mut stats)?;
@@ -420,6 +449,7 @@ fn copy_tree(
             apply_meta(&dir, &meta, opts)?;
             stats.dirs += 1;
             copy_tree(&src, dest_root, &target, &rel, opts, include, stats)?;
+            keep_mtime(&dir, &meta)?;
         } else {
             copy_entry(&src, &meta, dest_root, &target, opts, stats)?;
         }
@@ -453,11 +483,36 @@ fn copy_entry(
         fs::copy(src, &host).map_err(io_at(&host))?;
         stats.files += 1;
         stats.bytes += meta.len();
+    } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+        make_node(&host, meta).map_err(io_at(&host))?;
+        stats.files += 1;
     } else {
-        // Devices, fifos and sockets are not copied.
+        // Sockets cannot be copied (BuildKit leaves them out too).
         return Ok(());
     }
     apply_meta(&host, meta, opts)
+}
+
+/// Sets a copied directory's mtime back to its source's once its children are written
+/// (creating them bumped it), so copying the same tree twice gives the same layer.
+fn keep_mtime(dir: &Path, meta: &fs::Metadata) -> Result<(), FileOpError> {
+    let mtime = filetime::FileTime::from_last_modification_time(meta);
+    filetime::set_file_mtime(dir, mtime).map_err(io_at(dir))
+}
+
+/// Creates a FIFO or device node like `meta`'s at `host` (which does not exist).
+fn make_node(host: &Path, meta: &fs::Metadata) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(host.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let kind = meta.mode() & libc::S_IFMT;
+    // SAFETY: a valid C string; mknod does not follow a final symlink, and `host` was just
+    // cleared of any entry.
+    let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, meta.rdev() as libc::dev_t) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn apply_meta(host: &Path, meta: &fs::Metadata, opts: &CopyOptions) -> Result<(), FileOpError> {
@@ -466,11 +521,18 @@ fn apply_meta(host: &Path, meta: &fs::Metadata, opts: &CopyOptions) -> Result<()
         Owner::Ids(u, g) => (u, g),
     };
     std::os::unix::fs::lchown(host, Some(uid), Some(gid)).map_err(io_at(host))?;
-    if !meta.file_type().is_symlink() {
+    let mtime = filetime::FileTime::from_last_modification_time(meta);
+    let ft = meta.file_type();
+    if !ft.is_symlink() {
         let mode = opts.chmod.unwrap_or(meta.mode() & 0o7777);
         fs::set_permissions(host, fs::Permissions::from_mode(mode)).map_err(io_at(host))?;
-        let mtime = filetime::FileTime::from_last_modification_time(meta);
+    }
+    if ft.is_file() || ft.is_dir() {
         filetime::set_file_mtime(host, mtime).map_err(io_at(host))?;
+    } else {
+        // Without opening it (opening a FIFO waits for a writer), and for a symlink its own
+        // time, so a copied tree's links do not carry "now" into its layer.
+        filetime::set_symlink_file_times(host, mtime, mtime).map_err(io_at(host))?;
     }
     Ok(())
 }
@@ -574,23 +636,22 @@ pub fn is_tar_archive(path: &Path) -> bool {
     n == 512 && &block[257..262] == b"ustar"
 }
 
-/// Unpacks the archive at `src` into the directory `dir`. Entries that would land outside
-/// `dir` (`..`, absolute paths, links leading out) are refused by the unpacker.
+/// Unpacks the archive at `src` into the directory `dir` with the layer extractor's checks:
+/// an entry that would land outside `dir` (`..`, links leading out) fails the step, as in
+/// BuildKit. FIFOs and (as root) device nodes are created; `.wh.` names are plain files.
 fn extract_archive(src: &Path, dir: &Path, stats: &mut CopyStats) -> Result<(), FileOpError> {
     let f = fs::File::open(src).map_err(io_at(src))?;
     let (_, r) =
         kiln_oci::compression::decompressing_reader(io::BufReader::new(f)).map_err(io_at(src))?;
-    let mut archive = tar::Archive::new(r);
-    archive.set_preserve_permissions(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries().map_err(io_at(src))? {
-        let mut entry = entry.map_err(io_at(src))?;
-        let is_file = entry.header().entry_type().is_file();
-        let size = entry.header().size().unwrap_or(0);
-        if entry.unpack_in(dir).map_err(io_at(src))? && is_file {
-            stats.files += 1;
-            stats.bytes += size;
-        }
-    }
+    let opts = kiln_store::ApplyOptions {
+        devices: kiln_store::DevicePolicy::CreateIfRoot,
+        ..Default::default()
+    };
+    let st = kiln_store::unpack_archive(dir, r, &opts).map_err(|source| FileOpError::Archive {
+        path: src.display().to_string(),
+        source,
+    })?;
+    stats.files += st.entries;
+    stats.bytes += st.bytes;
     Ok(())
 }

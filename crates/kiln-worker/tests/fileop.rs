@@ -319,7 +319,7 @@ fn nix_root() -> bool {
 }
 
 #[test]
-fn add_unpacks_local_tar_archives_and_refuses_entries_that_climb_out() {
+fn add_unpacks_local_tar_archives_and_refuses_one_with_entries_that_climb_out() {
     use std::io::Write;
     let ctx = context();
     // rootfs.tar.gz: two files, and an entry named `../escape.txt` written past the tar
@@ -343,14 +343,23 @@ fn add_unpacks_local_tar_archives_and_refuses_entries_that_climb_out() {
     raw.append(&h, &b"evil"[..]).unwrap();
     let tar_bytes = raw.into_inner().unwrap();
     let gzip = kiln_oci::compression::CompressOptions::default();
-    let mut gz = kiln_oci::compression::Compressor::new(
-        Vec::new(),
-        kiln_oci::compression::Compression::Gzip,
-        &gzip,
-    )
-    .unwrap();
-    gz.write_all(&tar_bytes).unwrap();
-    fs::write(ctx.path().join("rootfs.tar.gz"), gz.finish().unwrap()).unwrap();
+    let gz = |data: &[u8]| {
+        let mut gz = kiln_oci::compression::Compressor::new(
+            Vec::new(),
+            kiln_oci::compression::Compression::Gzip,
+            &gzip,
+        )
+        .unwrap();
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    };
+    // The same archive without the climbing entry (its last 512-byte header and data
+    // block, before the two end blocks).
+    let clean_len = tar_bytes.len() - 1024 - 1024;
+    let mut clean = tar_bytes[..clean_len].to_vec();
+    clean.extend_from_slice(&[0u8; 1024]);
+    fs::write(ctx.path().join("rootfs.tar.gz"), gz(&clean)).unwrap();
+    fs::write(ctx.path().join("evil.tar.gz"), gz(&tar_bytes)).unwrap();
     assert!(fileop::is_tar_archive(&ctx.path().join("rootfs.tar.gz")));
     assert!(!fileop::is_tar_archive(&ctx.path().join("composer.json")));
 
@@ -379,4 +388,178 @@ fn add_unpacks_local_tar_archives_and_refuses_entries_that_climb_out() {
         "an entry climbed out of the destination"
     );
     assert!(!dest.path().join("opt/rootfs.tar.gz").exists());
+
+    // An archive with an entry climbing out fails the step, naming the archive and the entry
+    // (BuildKit refuses it too); nothing lands outside.
+    let err = fileop::copy(
+        ctx.path(),
+        &["evil.tar.gz".into()],
+        dest.path(),
+        "/evil/",
+        &add,
+    )
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, FileOpError::Archive { .. })
+            && msg.contains("evil.tar.gz")
+            && msg.contains("../escape.txt"),
+        "{msg}"
+    );
+    assert!(
+        !dest.path().join("escape.txt").exists(),
+        "an entry climbed out of the destination"
+    );
+}
+
+fn mknod(p: &Path, kind: u32, rdev: u64) {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o640, rdev as libc::dev_t) };
+    assert_eq!(
+        r,
+        0,
+        "mknod {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A context with a FIFO and a character device (the kernel's null device, 1:3).
+fn context_with_nodes() -> tempfile::TempDir {
+    let ctx = context();
+    fs::create_dir_all(ctx.path().join("nodes")).unwrap();
+    mknod(&ctx.path().join("nodes/pipe"), libc::S_IFIFO, 0);
+    mknod(
+        &ctx.path().join("nodes/null"),
+        libc::S_IFCHR,
+        libc::makedev(1, 3),
+    );
+    ctx
+}
+
+fn assert_nodes(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let pipe = fs::symlink_metadata(dir.join("pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo(), "pipe is {:?}", pipe.file_type());
+    let null = fs::symlink_metadata(dir.join("null")).unwrap();
+    assert!(
+        null.file_type().is_char_device(),
+        "null is {:?}",
+        null.file_type()
+    );
+    assert_eq!(null.rdev(), libc::makedev(1, 3));
+    assert_eq!(null.permissions().mode() & 0o7777, 0o640);
+}
+
+#[test]
+fn copy_recreates_fifos_and_device_nodes_as_buildkit_does() {
+    assert!(nix_root(), "needs root (mknod of a device)");
+    let ctx = context_with_nodes();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy(ctx.path(), &[".".into()], dest.path(), "/copy/", &opts()).unwrap();
+    assert_nodes(&dest.path().join("copy/nodes"));
+    // Named directly, too.
+    fileop::copy(
+        ctx.path(),
+        &["nodes/pipe".into()],
+        dest.path(),
+        "/one/",
+        &opts(),
+    )
+    .unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::symlink_metadata(dest.path().join("one/pipe"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+}
+
+#[test]
+fn add_unpacks_fifos_and_device_nodes_from_an_archive_as_nodes_not_empty_files() {
+    assert!(nix_root(), "needs root (mknod of a device)");
+    let ctx = context_with_nodes();
+    fs::write(ctx.path().join("nodes/.wh.not-a-whiteout"), "plain file").unwrap();
+    let tar = ctx.path().join("nodes.tar");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(ctx.path().join("nodes"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let dest = tempfile::tempdir().unwrap();
+    let add = CopyOptions {
+        extract_archives: true,
+        ..opts()
+    };
+    fileop::copy(
+        ctx.path(),
+        &["nodes.tar".into()],
+        dest.path(),
+        "/add/",
+        &add,
+    )
+    .unwrap();
+    assert_nodes(&dest.path().join("add"));
+    // Only layers have whiteouts: in an archive `.wh.` names are files.
+    assert_eq!(
+        fs::read_to_string(dest.path().join("add/.wh.not-a-whiteout")).unwrap(),
+        "plain file"
+    );
+}
+
+#[test]
+fn a_wildcard_matching_an_absolute_symlink_to_a_host_path_copies_the_link() {
+    let ctx = context();
+    symlink("/etc/kiln-host-only/secret", ctx.path().join("abs")).unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let all = CopyOptions {
+        dest_is_dir: true,
+        ..opts()
+    };
+    fileop::copy(ctx.path(), &["*".into()], dest.path(), "/all/", &all).unwrap();
+    assert_eq!(
+        fs::read_link(dest.path().join("all/abs")).unwrap(),
+        Path::new("/etc/kiln-host-only/secret")
+    );
+    assert_eq!(
+        fs::read_to_string(dest.path().join("all/composer.lock")).unwrap(),
+        "lock"
+    );
+    // `COPY .` gives the same link.
+    fileop::copy(ctx.path(), &[".".into()], dest.path(), "/dot/", &all).unwrap();
+    assert_eq!(
+        fs::read_link(dest.path().join("dot/abs")).unwrap(),
+        fs::read_link(dest.path().join("all/abs")).unwrap()
+    );
+}
+
+#[test]
+fn a_source_symlinked_to_a_context_dir_copies_what_the_dir_holds() {
+    let ctx = context();
+    symlink("/src/lib", ctx.path().join("lib-link")).unwrap();
+    let idx = kiln_worker::context::ContextIndex::scan(
+        ctx.path(),
+        &|_: &str, _: bool| false,
+        &|_: &str| false,
+        None,
+    )
+    .unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy_filtered(
+        ctx.path(),
+        &["lib-link".into()],
+        dest.path(),
+        "/via/",
+        &opts(),
+        &|rel: &str| idx.get(rel).is_some(),
+    )
+    .unwrap();
+    assert_eq!(
+        list(&dest.path().join("via")),
+        ["util.php", "util_test.php"]
+    );
 }
