@@ -22,6 +22,17 @@ pub struct ImportArgs {
     platform: Option<String>,
 }
 
+/// `SOURCE_DATE_EPOCH` from the environment, if set; a value that is not a number of seconds
+/// is an error rather than silently ignored.
+fn source_date_epoch() -> anyhow::Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(s) if !s.trim().is_empty() => s.trim().parse::<u64>().map(Some).map_err(|_| {
+            anyhow::anyhow!("SOURCE_DATE_EPOCH={s:?} is not a number of seconds since 1970")
+        }),
+        _ => Ok(None),
+    }
+}
+
 /// Runs `kiln import`.
 pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let platform = match &args.platform {
@@ -32,10 +43,11 @@ pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     };
     let store = Store::open(&globals.root)
         .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?;
-    let sde = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok());
-    let created = kiln_worker::image::created_timestamp(sde);
+    let sde = source_date_epoch()?;
+    // Without SOURCE_DATE_EPOCH the image is dated at the epoch (as ko and Bazel's image rules
+    // do), never "now": two runners importing the same rootfs must get the same image, and so
+    // the same cache keys for every step built on it.
+    let created = kiln_worker::image::created_timestamp(Some(sde.unwrap_or(0)));
     let image = kiln_worker::images::import_rootfs(
         &store,
         &args.source,
