@@ -1669,6 +1669,116 @@ mod tests {
         assert!(snaps.is_empty(), "a dead lease protects nothing");
     }
 
+    /// A committed snapshot holding `/a.txt` with `body`, on `parent`.
+    fn snapshot_with(store: &Store, parent: Option<SnapshotId>, body: &str) -> SnapshotId {
+        let a = store.prepare(parent, None).unwrap();
+        let f = a.rootfs.join("a.txt");
+        fs::write(&f, body).unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            .unwrap();
+        store.commit(&a).unwrap()
+    }
+
+    #[test]
+    fn two_snapshots_with_the_same_bytes_share_one_whole_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let opts = ExportOptions {
+            diff: crate::DiffOptions {
+                source_date_epoch: Some(2_000_000),
+            },
+        };
+        let a = snapshot_with(&store, None, "same\n");
+        let b = snapshot_with(&store, None, "same\n");
+        let la = store.export_layer(a, Compression::Gzip, &opts).unwrap();
+        let lb = store.export_layer(b, Compression::Gzip, &opts).unwrap();
+        assert_eq!(la, lb);
+        // Committing the same content again is success, and leaves the blob whole.
+        let bytes = fs::read(store.content().blob_path(&la.digest)).unwrap();
+        assert_eq!(bytes.len() as u64, la.size);
+        store.content().put_bytes(&bytes).unwrap();
+        assert_eq!(Digest::sha256_of(&bytes), la.digest);
+        assert_eq!(
+            fs::read(store.content().blob_path(&la.digest)).unwrap(),
+            bytes
+        );
+        // One blob twice in a chain: two snapshots, two chain ids.
+        let first = store.unpack_layer(None, &la.digest, &ApplyOptions::default(), None);
+        let first = first.unwrap();
+        let second = store
+            .unpack_layer(Some(first), &la.digest, &ApplyOptions::default(), None)
+            .unwrap();
+        assert_ne!(first, second);
+        assert_ne!(
+            store.snapshot(first).unwrap().chain_id,
+            store.snapshot(second).unwrap().chain_id
+        );
+        let report = store.fsck(false).unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+    }
+
+    #[test]
+    fn a_blob_claimed_as_another_layer_is_refused_at_unpack_and_at_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = copy_store(dir.path());
+        let id = snapshot_with(&store, None, "real\n");
+        let layer = store
+            .export_layer(id, Compression::Gzip, &ExportOptions::default())
+            .unwrap();
+        let wrong = Digest::sha256_of(b"another layer");
+        store.verify_layer(&layer.digest, &layer.diff_id).unwrap();
+        let err = store.verify_layer(&layer.digest, &wrong).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::DiffIdMismatch { claimed, actual, .. }
+                if *claimed == wrong && *actual == layer.diff_id),
+            "{err}"
+        );
+        let err = store
+            .unpack_layer_expecting(
+                None,
+                &layer.digest,
+                Some(&wrong),
+                &ApplyOptions::default(),
+                None,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains(&wrong.to_string()), "{err}");
+        // A blob this store never saw the bytes of is hashed the first time it is checked.
+        let other = copy_store(&dir.path().join("other"));
+        let bytes = fs::read(store.content().blob_path(&layer.digest)).unwrap();
+        other.content().put_bytes(&bytes).unwrap();
+        assert_eq!(other.verified_diff_id(&layer.digest).unwrap(), None);
+        assert!(other.verify_layer(&layer.digest, &wrong).is_err());
+        assert_eq!(
+            other.verified_diff_id(&layer.digest).unwrap(),
+            Some(layer.diff_id.clone())
+        );
+        let before = other.snapshots().unwrap().len();
+        assert!(other
+            .unpack_layer_expecting(
+                None,
+                &layer.digest,
+                Some(&wrong),
+                &ApplyOptions::default(),
+                None
+            )
+            .is_err());
+        assert_eq!(other.snapshots().unwrap().len(), before, "nothing kept");
+        other
+            .unpack_layer_expecting(
+                None,
+                &layer.digest,
+                Some(&layer.diff_id),
+                &ApplyOptions::default(),
+                None,
+            )
+            .unwrap();
+    }
+
     #[test]
     fn chain_dirs_fails_for_a_removed_snapshot_and_lists_ancestors_nearest_first() {
         let dir = tempfile::tempdir().unwrap();
