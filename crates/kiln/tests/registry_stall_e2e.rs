@@ -33,6 +33,8 @@ enum Answer {
     Stall,
     /// Sends the headers of a 200 with this body, then the body one byte every 2 s.
     Drip(Vec<u8>),
+    /// 401 with a Bearer challenge whose token realm is this path on the same server.
+    Challenge(&'static str),
 }
 
 /// A registry that misbehaves on chosen requests. It serves `/v2/`, whatever its rules name,
@@ -183,6 +185,13 @@ async fn serve_connection(
                 continue;
             }
             Some(Answer::Stall) => return,
+            Some(Answer::Challenge(realm)) => {
+                let local = conn.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                format!(
+                    "HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Bearer realm=\"http://{local}{realm}\",service=\"test\"\r\nContent-Length: 0\r\n\r\n"
+                )
+                .into_bytes()
+            }
             None => response(
                 404,
                 "application/json",
@@ -402,6 +411,59 @@ fn a_stalled_push_fails_naming_the_registry_after_retries() {
     );
     assert!(err.contains("after 5 attempt(s)"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_stalled_token_server_fails_the_pull_naming_the_token_request() {
+    let f = fixture();
+    let reg = MisbehavingRegistry::start(vec![
+        (
+            "/v2/base/img/manifests/1".into(),
+            Answer::Challenge("/token"),
+        ),
+        ("/token".into(), Answer::Stall),
+    ]);
+    let child = spawn_build(
+        &f,
+        "token",
+        &format!("FROM {}/base/img:1\nRUN true\n", reg.addr),
+        &[],
+        &[("KILN_REGISTRY_TIMEOUT", SHORT)],
+    );
+    let out = finish(child, "build whose token server stalls");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("stopped answering") && err.contains("token request to http://"),
+        "{err}"
+    );
+    assert_eq!(reg.count("GET /token"), 5, "one try and four retries");
+}
+
+#[test]
+fn a_stalled_add_url_download_fails_naming_the_url() {
+    let f = fixture();
+    let reg = MisbehavingRegistry::start(vec![
+        ("/files/stall.txt".into(), Answer::Stall),
+        ("/files/drip.txt".into(), Answer::Drip(vec![b'x'; 4096])),
+    ]);
+    for file in ["stall.txt", "drip.txt"] {
+        let url = format!("http://{}/files/{file}", reg.addr);
+        let child = spawn_build(
+            &f,
+            &format!("add-{file}"),
+            &format!("FROM busybox:latest\nADD {url} /downloaded\n"),
+            &[],
+            &[("KILN_REGISTRY_TIMEOUT", SHORT)],
+        );
+        let out = finish(child, "ADD from a stalled server");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("ADD {url}: the server stopped answering")),
+            "{err}"
+        );
+    }
 }
 
 /// Sends SIGINT to `child`, as Ctrl-C in a terminal does.
