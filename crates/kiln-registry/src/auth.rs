@@ -463,9 +463,7 @@ mod tests {
         let access = serde_json::json!([{"type": "repository", "name": "a", "actions": ["pull"]}]);
         let exp = now() + 600;
         let no_aud = sign(&cfg.key, &serde_json::json!({"exp": exp, "access": access}));
-        let err = verify_token(&cfg, &no_aud)
-            .err()
-            .expect("a token without aud is refused");
+        let err = verify_token(&cfg, &no_aud).expect_err("a token without aud is refused");
         assert!(err.contains("no audience"), "{err}");
         let with_aud = sign(
             &cfg.key,

@@ -226,10 +226,11 @@ fn remove_stale_temporaries(repo_dir: &Path, grace: Duration) {
             let path = e.path();
             match e.file_type() {
                 Ok(t) if t.is_dir() => stack.push(path),
-                Ok(_) if e.file_name().to_string_lossy().starts_with(".tmp-") => {
-                    if !young(&path, grace) {
-                        let _ = fs::remove_file(&path);
-                    }
+                Ok(_)
+                    if e.file_name().to_string_lossy().starts_with(".tmp-")
+                        && !young(&path, grace) =>
+                {
+                    let _ = fs::remove_file(&path);
                 }
                 _ => {}
             }
