@@ -49,6 +49,7 @@ impl IsolatedNetwork {
     /// device is configured (slirp4netns writes to `--ready-fd`).
     pub(crate) fn create() -> Result<Self, ExecError> {
         let netns = new_netns()?;
+        prohibit_host_routes(&netns)?;
         let (ready_r, ready_w) = pipe()?;
         let (exit_r, exit_w) = pipe()?;
         let log = anonymous_file()?;
@@ -194,6 +195,83 @@ impl NetworkPool {
         self.release(net, true);
         Ok(())
     }
+}
+
+/// Inside the namespace, `prohibit` routes for link-local addresses (cloud metadata endpoints
+/// such as 169.254.169.254) and for each of the host's own IPv4 addresses: slirp4netns would
+/// otherwise connect to them from the host, reaching services the host binds to all
+/// addresses. A sandboxed step lacks `CAP_NET_ADMIN` and cannot remove them.
+fn prohibit_host_routes(netns: &OwnedFd) -> Result<(), ExecError> {
+    let mut batch = String::from("route add prohibit 169.254.0.0/16\n");
+    for addr in host_ipv4_addresses() {
+        batch.push_str(&format!("route add prohibit {addr}/32\n"));
+    }
+    let fd = netns.as_raw_fd();
+    let mut cmd = Command::new("ip");
+    cmd.args(["-4", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only setns (async-signal-safe) between fork and exec; `ip` then works on the
+    // step's namespace.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        ExecError::Network(format!(
+            "cannot run `ip` (iproute2) to fence the step's network off the host: {e}"
+        ))
+    })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        let _ = stdin.write_all(batch.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| spawn_err("waiting for ip", e))?;
+    if !out.status.success() {
+        return Err(ExecError::Network(format!(
+            "ip -batch failed to add prohibit routes in the step's network: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The host's non-loopback IPv4 addresses (duplicates removed).
+fn host_ipv4_addresses() -> Vec<std::net::Ipv4Addr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return out;
+    }
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr; its family says which one.
+            let family = unsafe { (*ifa.ifa_addr).sa_family } as i32;
+            if family == libc::AF_INET {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() && !out.contains(&ip) {
+                    out.push(ip);
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated.
+    unsafe { libc::freeifaddrs(list) };
+    out
 }
 
 fn spawn_err(what: &'static str, source: std::io::Error) -> ExecError {

@@ -55,11 +55,14 @@ fn rootfs_with_curl() -> OverlayRootfs {
 
 /// The script every backend runs in its default network: loopback and the gateway's host
 /// loopback mapping refused, DNS through the forwarder, HTTP and HTTPS from the registries.
-fn isolation_script(port: u16) -> String {
+fn isolation_script(port: u16, lan_port: u16) -> String {
+    let lan = host_lan_address();
     format!(
         "head -n 1 /etc/resolv.conf
          nc -w 3 127.0.0.1 {port} </dev/null && echo loopback-connected || echo loopback-refused
          nc -w 3 10.0.2.2 {port} </dev/null && echo gateway-connected || echo gateway-refused
+         nc -w 3 {lan} {lan_port} </dev/null && echo lan-connected || echo lan-refused
+         nc -w 3 169.254.169.254 80 </dev/null && echo metadata-connected || echo metadata-refused
          nslookup deb.debian.org >/dev/null && echo resolved
          for url in http://deb.debian.org/debian/dists/bookworm/Release \
                     https://pypi.org/simple/pip/ https://registry.npmjs.org/left-pad; do
@@ -68,24 +71,48 @@ fn isolation_script(port: u16) -> String {
     )
 }
 
+/// The host's first global IPv4 address (where a service bound to all addresses listens).
+fn host_lan_address() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .expect("the host has a global IPv4 address");
+    addr.split('/').next().unwrap().to_string()
+}
+
 fn assert_isolated_and_online(backend: &str, exec: &dyn Executor) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.set_nonblocking(true).unwrap();
     let port = l.local_addr().unwrap().port();
+    // A runner service bound to every address, as many are.
+    let all = TcpListener::bind("0.0.0.0:0").unwrap();
+    all.set_nonblocking(true).unwrap();
+    let lan_port = all.local_addr().unwrap().port();
     let fs = rootfs_with_curl();
-    let spec = sh(&fs.merged, &isolation_script(port));
+    let spec = sh(&fs.merged, &isolation_script(port, lan_port));
     assert_eq!(spec.network, Network::Isolated, "the default network");
     let (st, out) = run(exec, &spec);
     expect_ok(st, &out);
     assert_eq!(
         out.stdout_text(),
-        "nameserver 10.0.2.3\nloopback-refused\ngateway-refused\nresolved\n200\n200\n200",
+        "nameserver 10.0.2.3\nloopback-refused\ngateway-refused\nlan-refused\nmetadata-refused\n\
+         resolved\n200\n200\n200",
         "{backend}; stderr:\n{}",
         out.stderr_text()
     );
     assert!(
         l.accept().is_err(),
         "{backend}: nothing reached the host's loopback listener"
+    );
+    assert!(
+        all.accept().is_err(),
+        "{backend}: nothing reached the host's all-address listener"
     );
 }
 
