@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::rootfs::unescape_mountinfo;
 use crate::spec::ExecError;
 
 /// Where per-run pids cgroups are made.
@@ -45,9 +46,9 @@ impl PidsHierarchy {
             let fstype = r.next().unwrap_or("");
             let superopts = r.nth(1).unwrap_or("");
             if fstype == "cgroup" && superopts.split(',').any(|o| o == "pids") {
-                v1.get_or_insert_with(|| PathBuf::from(unescape(mount_point)));
+                v1.get_or_insert_with(|| PathBuf::from(unescape_mountinfo(mount_point)));
             } else if fstype == "cgroup2" {
-                let m = PathBuf::from(unescape(mount_point));
+                let m = PathBuf::from(unescape_mountinfo(mount_point));
                 let controllers =
                     std::fs::read_to_string(m.join("cgroup.controllers")).unwrap_or_default();
                 if controllers.split_whitespace().any(|c| c == "pids") {
@@ -151,36 +152,4 @@ impl Drop for RunCgroup {
 
 fn write_file(path: &Path, value: &str) -> Result<(), ExecError> {
     std::fs::write(path, value).map_err(|e| cg_err("writing cgroup file", path, e))
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape("/sys/fs/cgroup/a\\040b"), "/sys/fs/cgroup/a b");
-        assert_eq!(unescape("/plain"), "/plain");
-    }
 }

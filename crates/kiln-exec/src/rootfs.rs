@@ -406,7 +406,8 @@ fn split_mount_options(opts: &str) -> Vec<&str> {
     opts.split(',').collect()
 }
 
-fn unescape_mountinfo(s: &str) -> String {
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+pub(crate) fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
