@@ -877,42 +877,55 @@ pub(crate) unsafe fn bring_up_lo() -> Result<(), i32> {
 unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! {
     // Die with the thread that started us (the run() call blocks it until we are gone).
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-    if let Some((gate_r, gate_w)) = plan.cgroup_gate {
-        // Fork nothing before kiln has put us in the run's pids cgroup: children inherit it.
-        // Our copy of the write end is closed so that kiln's failing reads as EOF here.
+    // Our copy of the gate's write end is closed so that kiln's failing reads as EOF below.
+    if let Some((_, gate_w)) = plan.cgroup_gate {
         libc::close(gate_w);
-        let mut byte = 0u8;
-        if libc::read(gate_r, (&mut byte as *mut u8).cast(), 1) != 1 {
-            fail_step(19);
-        }
-        libc::close(gate_r);
-    }
-    // Join the isolated network before mounting anything: sysfs shows the mounter's network.
-    if plan.netns_fd >= 0 && libc::setns(plan.netns_fd, libc::CLONE_NEWNET) != 0 {
-        fail_step(18);
     }
     // A session of our own: a terminal's Ctrl-C (SIGINT to kiln's foreground process group)
     // must not reach the step's processes; kiln cancels the build and kills them itself, so a
     // step never fails half-way on a signal meant for kiln.
     libc::setsid();
-    // Move our four fds to 0..=3, everything else closed: another thread's pipes must not be
-    // held open by us.
-    let mut high = [0; 4];
-    for (i, fd) in [stdio[0], stdio[1], stdio[2], report_fd]
-        .into_iter()
-        .enumerate()
+    // Move our fds to 0..=3 (stdio, report), 4 (the cgroup gate) and 5 (the network to
+    // join), everything else closed: another thread's pipes must not be held open by us.
+    // Failures are reported on fd 3 only once it is ours.
+    let gate_r = plan.cgroup_gate.map_or(-1, |(r, _)| r);
+    let mut high = [-1; 6];
+    for (i, fd) in [
+        stdio[0],
+        stdio[1],
+        stdio[2],
+        report_fd,
+        gate_r,
+        plan.netns_fd,
+    ]
+    .into_iter()
+    .enumerate()
     {
+        if fd < 0 {
+            continue;
+        }
         high[i] = libc::fcntl(fd, libc::F_DUPFD, 10);
         if high[i] < 0 {
             libc::_exit(2);
         }
     }
     for (i, fd) in high.iter().enumerate() {
-        if libc::dup2(*fd, i as i32) < 0 {
+        if *fd >= 0 && libc::dup2(*fd, i as i32) < 0 {
             libc::_exit(2);
         }
     }
     libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC);
+    if gate_r >= 0 {
+        // Fork nothing before kiln has put us in the run's pids cgroup: children inherit it.
+        let mut byte = 0u8;
+        if libc::read(4, (&mut byte as *mut u8).cast(), 1) != 1 {
+            fail_step(19);
+        }
+    }
+    // Join the isolated network before mounting anything: sysfs shows the mounter's network.
+    if plan.netns_fd >= 0 && libc::setns(5, libc::CLONE_NEWNET) != 0 {
+        fail_step(18);
+    }
     if libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32) != 0 {
         for fd in 4..plan.max_fd.max(4) {
             libc::close(fd);
