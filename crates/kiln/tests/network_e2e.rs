@@ -77,6 +77,10 @@ fn run_cannot_reach_host_loopback_but_resolves_and_fetches_from_package_registri
          RUN head -n 1 /etc/resolv.conf > /r-dns\n\
          RUN (nc -w 3 127.0.0.1 $PORT </dev/null && echo connected || echo refused) > /r-loopback\n\
          RUN (nc -w 3 10.0.2.2 $PORT </dev/null && echo connected || echo refused) > /r-gateway\n\
+         ARG LAN\n\
+         ARG LAN_PORT\n\
+         RUN (nc -w 3 $LAN $LAN_PORT </dev/null && echo connected || echo refused) > /r-lan\n\
+         RUN (nc -w 3 169.254.169.254 80 </dev/null && echo connected || echo refused) > /r-metadata\n\
          RUN nslookup deb.debian.org > /r-nslookup\n\
          RUN curl -fsS --max-time 60 -o /r-debian http://deb.debian.org/debian/dists/bookworm/Release\n\
          RUN curl -fsS --max-time 60 -o /r-pypi https://pypi.org/simple/pip/\n\
@@ -84,17 +88,55 @@ fn run_cannot_reach_host_loopback_but_resolves_and_fetches_from_package_registri
     );
     let out = f.path("isolated-out");
     let o = format!("type=local,dest={}", out.display());
+    // A runner service bound to every address, reached through the host's LAN address.
+    let all = TcpListener::bind("0.0.0.0:0").unwrap();
+    all.set_nonblocking(true).unwrap();
+    let lan_port = format!("LAN_PORT={}", all.local_addr().unwrap().port());
+    let lan = format!("LAN={}", host_lan_address());
     let p = format!("PORT={port}");
-    f.build_dir(&dir, &["--build-arg", &p, "--output", &o]);
+    f.build_dir(
+        &dir,
+        &[
+            "--build-arg",
+            &p,
+            "--build-arg",
+            &lan,
+            "--build-arg",
+            &lan_port,
+            "--output",
+            &o,
+        ],
+    );
     let read = |n: &str| std::fs::read_to_string(out.join(n)).unwrap();
     assert_eq!(read("r-dns"), "nameserver 10.0.2.3\n");
     assert_eq!(read("r-loopback"), "refused\n");
     assert_eq!(read("r-gateway"), "refused\n");
+    assert_eq!(read("r-lan"), "refused\n");
+    assert_eq!(read("r-metadata"), "refused\n");
     assert!(l.accept().is_err(), "nothing reached the host's listener");
+    assert!(
+        all.accept().is_err(),
+        "nothing reached the all-address listener"
+    );
     assert!(read("r-nslookup").contains("deb.debian.org"));
     assert!(read("r-debian").contains("Codename: bookworm"));
     assert!(read("r-pypi").contains("pip-"));
     assert!(read("r-npm").contains("\"left-pad\""), "{}", read("r-npm"));
+}
+
+/// The host's first global IPv4 address.
+fn host_lan_address() -> String {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "scope", "global"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .expect("the host has a global IPv4 address");
+    cidr.split('/').next().unwrap().to_string()
 }
 
 /// A listener on the host's loopback that records what one connection sent.
