@@ -305,11 +305,26 @@ fn is_not_found(detail: &str) -> bool {
         .contains("credentials not found")
 }
 
+/// How long a credential helper may take: long enough to type a passphrase into a prompt it
+/// opens, short enough that a helper that hangs does not hang the build with it.
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn run_helper(
     helper: &str,
     action: &'static str,
     registry: &str,
     input: &[u8],
+) -> Result<Vec<u8>, AuthError> {
+    run_helper_within(helper, action, registry, input, HELPER_TIMEOUT)
+}
+
+/// Runs `docker-credential-HELPER ACTION` with `input` on stdin; killed after `limit`.
+fn run_helper_within(
+    helper: &str,
+    action: &'static str,
+    registry: &str,
+    input: &[u8],
+    limit: std::time::Duration,
 ) -> Result<Vec<u8>, AuthError> {
     let fail = |detail: String| AuthError::Helper {
         helper: helper.to_owned(),
@@ -334,9 +349,40 @@ fn run_helper(
             .write_all(input)
             .map_err(|e| fail(format!("writing to {program}: {e}")))?;
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for {program}: {e}")))?;
+    // The pipes are drained on threads of their own so that a helper that never exits can be
+    // given up on (a program it started may keep them open: the threads are left to end).
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() >= limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!(
+                    "{program} did not answer within {} s and was stopped",
+                    limit.as_secs_f32()
+                )));
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(e) => return Err(fail(format!("waiting for {program}: {e}"))),
+        }
+    };
+    let out = std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
     if !out.status.success() {
         let mut msg = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -568,6 +614,23 @@ mod tests {
         );
         assert!(cfg.erase("reg.example:5000").unwrap());
         assert_eq!(cfg.credential("reg.example:5000").unwrap(), None);
+        // A helper that never answers is stopped, and named in the error.
+        let hang = dir.path().join("docker-credential-kilnhang");
+        std::fs::write(&hang, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&hang, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = run_helper_within(
+            "kilnhang",
+            "get",
+            "reg.example:5000",
+            b"reg.example:5000",
+            std::time::Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("docker-credential-kilnhang did not answer within"),
+            "{e}"
+        );
         // A helper that does not exist is named in the error.
         std::fs::write(&cfg_path, r#"{"credsStore":"kiln-missing-helper"}"#).unwrap();
         let e = cfg.credential("other.example").unwrap_err();
