@@ -167,11 +167,15 @@ pub fn execute(
     let signalled = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let signal_code = signalled.clone();
     let signal_client = client.clone();
-    early_signals.abort();
     let solved = runtime.block_on(async move {
         planned
             .solve(sink, |solver| {
                 let s = solver.clone();
+                // Listening starts here, before the early handler stops: no signal falls in
+                // between and is lost.
+                let mut int =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+                early_signals.abort();
                 tokio::spawn(async move {
                     // Ctrl-C, or SIGTERM as CI runners send when a job is cancelled: running
                     // steps' containers are killed, their snapshots removed and the lease
@@ -188,10 +192,12 @@ pub fn execute(
                     let mut asked = false;
                     loop {
                         let name = tokio::select! {
-                            r = tokio::signal::ctrl_c() => match r {
-                                Ok(()) => "Ctrl-C",
-                                Err(_) => return,
-                            },
+                            Some(()) = async {
+                                match int.as_mut() {
+                                    Some(i) => i.recv().await,
+                                    None => std::future::pending().await,
+                                }
+                            } => "Ctrl-C",
                             Some(()) = async {
                                 match term.as_mut() {
                                     Some(t) => t.recv().await,
@@ -232,14 +238,13 @@ pub fn execute(
         Err(e) => {
             eprintln!("kiln: error: {e}");
             eprint!("{}", progress.summary("build failed"));
-            let cancelled = matches!(e, BuildError::Solve(kiln_solver::SolveError::Cancelled));
-            save_history(globals, &recorder, Err(e.to_string()), cancelled, reports);
+            // After a signal, a step may end with the error of its cancelled download before
+            // the solver reports the cancellation: the build was cancelled all the same.
             let code = signalled.load(std::sync::atomic::Ordering::SeqCst);
-            return Ok(ExitCode::from(if cancelled && code != 0 {
-                code
-            } else {
-                1
-            }));
+            let cancelled =
+                code != 0 || matches!(e, BuildError::Solve(kiln_solver::SolveError::Cancelled));
+            save_history(globals, &recorder, Err(e.to_string()), cancelled, reports);
+            return Ok(ExitCode::from(if code != 0 { code } else { 1 }));
         }
     };
     record_step_inputs(&solved, &recorder);
