@@ -50,7 +50,9 @@ impl InMemoryRegistry {
                     let app = app.clone();
                     async move { Ok::<_, std::convert::Infallible>(api::handle(app, req).await) }
                 });
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                // The client half-closes after its request; the server must still answer.
+                builder.http1().half_close(true);
                 let _ = builder.serve_connection(TokioIo::new(server), svc).await;
             });
             let (mut rd, mut wr) = tokio::io::split(&mut client);
