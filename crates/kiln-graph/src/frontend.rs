@@ -1742,12 +1742,12 @@ impl<'a> Lowerer<'a> {
             .map(|(d, s)| (d.clone(), s.to_vec()))
             .unwrap_or_default();
         let dest = resolve_path(&st.config.working_dir, &dest_raw);
-        // An empty destination (`COPY a $UNSET`) is the WORKDIR, a directory.
+        // An empty destination (`COPY a $UNSET`) is the WORKDIR, a directory. Several
+        // sources do not make one: BuildKit copies each onto a path without `/`.
         let dest_is_dir = dest_raw.ends_with('/')
             || dest_raw.ends_with("/.")
             || dest_raw == "."
-            || dest_raw.is_empty()
-            || srcs.len() > 1;
+            || dest_raw.is_empty();
         let chown = flag_val(self, "chown")?
             .filter(|s| !s.is_empty())
             .map(|s| parse_chown(&s));

@@ -27,6 +27,9 @@ pub enum FileOpError {
     Io { path: String, source: io::Error },
     #[error("{path}: too many levels of symbolic links")]
     SymlinkLoop { path: String },
+    /// A path the operation needs as a directory is something else (a file, a link).
+    #[error("{path}: exists and is not a directory")]
+    NotADirectory { path: String },
     #[error("--chmod={0}: only octal modes (e.g. 0755) are supported")]
     BadChmod(String),
     #[error("user {0:?} not found in the image's /etc/passwd")]
@@ -129,15 +132,7 @@ pub fn mkdir_all(root: &Path, path: &str, mode: u32, owner: Owner) -> Result<Pat
         host = resolve_in_root(root, &so_far, true)?;
         match fs::symlink_metadata(&host) {
             Ok(m) if m.is_dir() => continue,
-            Ok(_) => {
-                return Err(FileOpError::Io {
-                    path: so_far,
-                    source: io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "exists and is not a directory",
-                    ),
-                })
-            }
+            Ok(_) => return Err(FileOpError::NotADirectory { path: so_far }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Resolution replaced every symlink, so the existing part of `host` is real
                 // directories inside the root; create whatever is missing below them.
@@ -157,7 +152,7 @@ pub fn mkdir_all(root: &Path, path: &str, mode: u32, owner: Owner) -> Result<Pat
 /// Options of one copy.
 #[derive(Debug, Clone)]
 pub struct CopyOptions {
-    /// The destination names a directory (`dest/` or several sources).
+    /// The destination names a directory (`dest/`, `.`, the WORKDIR).
     pub dest_is_dir: bool,
     /// Keep each source's path relative to the source root (`--parents`).
     pub parents: bool,
@@ -266,6 +261,17 @@ pub fn expand_source(src_root: &Path, pattern: &str) -> Result<Vec<String>, File
     Ok(found)
 }
 
+/// Does the folder a wildcard pattern is searched in (its components before the first
+/// wildcard) exist in `src_root`?
+fn glob_base_exists(src_root: &Path, pattern: &str) -> Result<bool, FileOpError> {
+    let base: Vec<String> = clean_components(pattern)
+        .into_iter()
+        .take_while(|p| !has_glob(p))
+        .collect();
+    let host = resolve_in_root(src_root, &base.join("/"), true)?;
+    Ok(fs::metadata(&host).map(|m| m.is_dir()).unwrap_or(false))
+}
+
 /// Does any of `patterns` (COPY sources or `--exclude`s) name `rel` or a directory above it?
 /// `.` (or `/`) names everything.
 pub fn selects(patterns: &[String], rel: &str) -> bool {
@@ -330,16 +336,24 @@ pub fn copy_filtered(
             .into_iter()
             .filter(|rel| rel.is_empty() || (include(rel) && !excluded(rel, &opts.exclude)))
             .collect();
+        let globbed = clean_components(pattern).iter().any(|p| has_glob(p));
+        // BuildKit copies nothing for a wildcard that matches nothing (`COPY package.json
+        // yarn.lock* ./`), but still fails one whose folder before the first wildcard is
+        // missing, and any source named without a wildcard.
+        if found.is_empty() && globbed && glob_base_exists(src_root, pattern)? {
+            continue;
+        }
         if found.is_empty() {
             return Err(FileOpError::NotFound {
                 pattern: pattern.clone(),
                 source_name: opts.source_name.clone(),
             });
         }
-        let globbed = clean_components(pattern).iter().any(|p| has_glob(p));
         matched.extend(found.into_iter().map(|rel| (rel, globbed)));
     }
-    let dest_dir_named = opts.dest_is_dir || dest.ends_with('/') || matched.len() > 1;
+    // Several sources onto a path without a trailing `/` are each copied onto that path, the
+    // last one winning, as BuildKit does (`COPY build/libs/*.jar app.jar`).
+    let dest_dir_named = opts.dest_is_dir || dest.ends_with('/');
     let mut stats = CopyStats::default();
     for (rel, globbed) in &matched {
         let followed = resolve_in_root(src_root, rel, true)?;

@@ -103,13 +103,33 @@ fn globs_select_matching_files_and_several_sources_fill_a_directory() {
         ctx.path(),
         &["composer.*".into()],
         dest.path(),
-        "/deps",
+        "/deps/",
         &opts(),
     )
     .unwrap();
     assert_eq!(
         list(dest.path()),
         ["deps", "deps/composer.json", "deps/composer.lock"]
+    );
+}
+
+#[test]
+fn several_sources_onto_a_path_without_slash_leave_the_last_file_there() {
+    // BuildKit v0.24: `COPY composer.* /deps` leaves composer.lock as the file /deps.
+    let ctx = context();
+    let dest = tempfile::tempdir().unwrap();
+    fileop::copy(
+        ctx.path(),
+        &["composer.*".into()],
+        dest.path(),
+        "/deps",
+        &opts(),
+    )
+    .unwrap();
+    assert!(dest.path().join("deps").is_file());
+    assert_eq!(
+        fs::read(dest.path().join("deps")).unwrap(),
+        fs::read(ctx.path().join("composer.lock")).unwrap()
     );
 }
 

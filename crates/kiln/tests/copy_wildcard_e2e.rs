@@ -46,9 +46,6 @@ fn build_scratch(tmp: &Path, files: &[(&str, &str)], dockerfile: &str) -> std::p
 }
 
 #[test]
-#[ignore = "known failing: several COPY sources (a wildcard matching two files, or two paths) \
-            onto a destination without a trailing slash make kiln create a directory; \
-            BuildKit copies each source onto that path as a file, the last one winning"]
 fn several_sources_onto_a_path_without_slash_leave_the_last_file_there() {
     for dockerfile in [
         "FROM scratch\nCOPY *.jar /app.jar\n",
@@ -71,9 +68,6 @@ fn several_sources_onto_a_path_without_slash_leave_the_last_file_there() {
 }
 
 #[test]
-#[ignore = "known failing: a COPY wildcard that matches nothing in an existing directory \
-            fails the build; BuildKit copies nothing and goes on (an unmatched literal path \
-            or a wildcard under a missing directory is an error in both)"]
 fn copy_wildcard_matching_nothing_copies_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = build_scratch(
@@ -88,4 +82,65 @@ fn copy_wildcard_matching_nothing_copies_nothing() {
         .collect();
     got.sort();
     assert_eq!(got, ["package-lock.json", "package.json"]);
+}
+
+/// Builds and returns the failed build's stderr (the build must fail).
+fn build_scratch_fails(tmp: &Path, files: &[(&str, &str)], dockerfile: &str) -> String {
+    let ctx = tmp.join("ctx");
+    std::fs::create_dir_all(&ctx).expect("mkdir");
+    for (name, content) in files {
+        std::fs::write(ctx.join(name), content).expect("write");
+    }
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).expect("write");
+    let o = kiln_build(&tmp.join("root"), &ctx, &tmp.join("out"));
+    assert!(!o.status.success(), "{dockerfile:?} built but must fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn copy_where_every_wildcard_matches_nothing_still_builds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = build_scratch(
+        tmp.path(),
+        &[("kept.txt", "x")],
+        "FROM scratch\nCOPY yarn.lock* pnpm-lock.yaml* /app/\nCOPY kept.txt /\n",
+    );
+    assert!(out.join("kept.txt").is_file(), "the next step ran");
+    assert!(!out.join("app/yarn.lock").exists());
+}
+
+#[test]
+fn copy_of_a_missing_literal_or_a_wildcard_under_a_missing_folder_fails() {
+    for (dockerfile, named) in [
+        (
+            "FROM scratch\nCOPY package.json missing.lock /app/\n",
+            "missing.lock",
+        ),
+        ("FROM scratch\nCOPY nodir/*.lock /app/\n", "nodir/*.lock"),
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let stderr = build_scratch_fails(tmp.path(), &[("package.json", "{}")], dockerfile);
+        assert!(stderr.contains(named), "{dockerfile:?}: {stderr}");
+    }
+}
+
+#[test]
+fn copy_through_a_file_where_a_folder_is_needed_says_so_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stderr = build_scratch_fails(
+        tmp.path(),
+        &[("a", "file"), ("b", "file")],
+        "FROM scratch\nCOPY a /x\nCOPY b /x/y/\n",
+    );
+    assert!(
+        stderr.contains("/x: exists and is not a directory"),
+        "{stderr}"
+    );
+    // The progress line and the final error each say it, once per line.
+    for line in stderr.lines() {
+        assert!(
+            line.matches("not a directory").count() <= 1,
+            "repeated: {line}"
+        );
+    }
 }
