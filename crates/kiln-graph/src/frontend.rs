@@ -139,7 +139,9 @@ pub fn lower_with_outline(
         expanded_total: std::cell::Cell::new(0),
     };
     low.state = vec![Visit::New; low.stages.len()];
-    for st in low.stages.iter().rev() {
+    // A name defined twice means its last stage for `COPY --from` and `--target`, as in
+    // BuildKit (docker/buildx's own Dockerfile redefines stages this way).
+    for st in low.stages.iter() {
         if let Some(n) = &st.name {
             low.stage_index.insert(n.clone(), st.index);
         }
@@ -153,6 +155,7 @@ pub fn lower_with_outline(
             match low
                 .stages
                 .iter()
+                .rev()
                 .find(|s| s.name.as_deref() == Some(lower.as_str()))
             {
                 Some(s) => s.index,
@@ -479,6 +482,15 @@ impl<'a> Lowerer<'a> {
         Ok(())
     }
 
+    /// The last stage named `lower` (lowercase) defined before stage `idx`.
+    fn earlier_stage_named(&self, lower: &str, idx: usize) -> Option<usize> {
+        self.stages[..idx.min(self.stages.len())]
+            .iter()
+            .rev()
+            .find(|s| s.name.as_deref() == Some(lower))
+            .map(|s| s.index)
+    }
+
     /// Stages that stage `idx` names literally: its FROM (after global ARG expansion),
     /// `COPY --from=` and `RUN --mount=...from=` values without variables.
     fn literal_deps(&self, idx: usize) -> Vec<usize> {
@@ -494,12 +506,7 @@ impl<'a> Lowerer<'a> {
             })
         };
         if let Ok(base) = self.lexer.process_word(&decl.base, &self.global_lookup()) {
-            if let Some(b) = self
-                .stage_index
-                .get(&base.to_ascii_lowercase())
-                .copied()
-                .filter(|&b| b < idx)
-            {
+            if let Some(b) = self.earlier_stage_named(&base.to_ascii_lowercase(), idx) {
                 deps.push(b);
             }
         }
@@ -614,12 +621,9 @@ impl<'a> Lowerer<'a> {
         };
 
         let base_lower = base.to_ascii_lowercase();
-        // FROM sees only earlier stages; with duplicate names the first one wins, as in BuildKit.
-        let earlier_stage = self
-            .stage_index
-            .get(&base_lower)
-            .copied()
-            .filter(|&i| i < idx);
+        // FROM sees only earlier stages; with duplicate names the last of them wins, as in
+        // BuildKit.
+        let earlier_stage = self.earlier_stage_named(&base_lower, idx);
         // Step counters as BuildKit numbers them: FROM is a step only when it pulls an image
         // (or a named context), never for `FROM <stage>` or `FROM scratch`.
         let from_step = usize::from(earlier_stage.is_none() && base != "scratch");
@@ -885,6 +889,17 @@ impl<'a> Lowerer<'a> {
             if i == st.index {
                 return Err(FrontendError::new(
                     format!("circular dependency detected on stage: {}", st.display),
+                    span,
+                ));
+            }
+            // BuildKit v0.24 refuses a stage defined later, by name or by index (a cycle is
+            // reported as a cycle first).
+            if i > st.index && !matches!(self.state[i], Visit::InProgress) {
+                return Err(FrontendError::new(
+                    format!(
+                        "cannot copy from stage \"{from}\", it needs to be defined before current stage \"{}\"",
+                        st.display
+                    ),
                     span,
                 ));
             }

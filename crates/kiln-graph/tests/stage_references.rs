@@ -84,8 +84,6 @@ fn numeric_from_copies_from_the_stage_at_that_index() {
 }
 
 #[test]
-#[ignore = "known failing: kiln resolves a stage name defined twice to the first stage; \
-            BuildKit uses the last (COPY --from, FROM and --target)"]
 fn stage_name_defined_twice_means_the_last_stage() {
     // BuildKit v0.24 copies "second" here (checked with buildctl and a local output).
     let text = "FROM scratch AS a\nCOPY <<EOF /x\nfirst\nEOF\n\
@@ -104,8 +102,6 @@ fn stage_name_defined_twice_means_the_last_stage() {
 }
 
 #[test]
-#[ignore = "known failing: kiln lets COPY --from name a stage defined later in the file; \
-            BuildKit refuses it"]
 fn copy_from_a_later_stage_is_refused() {
     let e = lower_text(
         "FROM scratch AS b\nCOPY --from=a /x /y\n\
