@@ -146,6 +146,11 @@ pub fn lower_with_outline(
             low.stage_index.insert(n.clone(), st.index);
         }
     }
+    for st in &low.stages {
+        for inst in &st.instructions {
+            check_instruction_shape(inst)?;
+        }
+    }
     low.eval_globals(&split.globals)?;
 
     let target_idx = match &opts.target {
@@ -970,48 +975,7 @@ impl<'a> Lowerer<'a> {
         at: Option<Span>,
     ) -> Result<(), FrontendError> {
         let span = at.unwrap_or(inst.span);
-        let kind = inst.kind().ok_or_else(|| {
-            FrontendError::new(
-                format!("unknown instruction: {}", inst.keyword),
-                keyword_span(inst),
-            )
-        })?;
-        let allowed: &[&str] = match kind {
-            Keyword::Run => &["mount", "network", "security"],
-            Keyword::Copy => &["from", "chown", "chmod", "link", "parents", "exclude"],
-            Keyword::Add => &[
-                "chown",
-                "chmod",
-                "link",
-                "keep-git-dir",
-                "checksum",
-                "exclude",
-                "unpack",
-            ],
-            Keyword::Healthcheck => &[
-                "interval",
-                "timeout",
-                "start-period",
-                "start-interval",
-                "retries",
-            ],
-            _ => &[],
-        };
-        for f in &inst.flags {
-            if !allowed.contains(&f.name.as_str()) {
-                return Err(FrontendError::new(
-                    format!("unknown flag: --{} for {}", f.name, inst.name()),
-                    f.span,
-                ));
-            }
-            let repeatable = matches!(f.name.as_str(), "mount" | "exclude");
-            if !repeatable && inst.flags.iter().filter(|g| g.name == f.name).count() > 1 {
-                return Err(FrontendError::new(
-                    format!("flag --{} is given more than once", f.name),
-                    f.span,
-                ));
-            }
-        }
+        let kind = check_instruction_shape(inst)?;
         match kind {
             Keyword::From => unreachable_from(span),
             Keyword::Arg => self.lower_arg(st, inst, span),
@@ -2202,4 +2166,70 @@ fn url_file_name(url: &str) -> String {
     } else {
         name.into_owned()
     }
+}
+
+/// Checks what BuildKit checks when it parses an instruction, before anything is built: a
+/// known keyword, flags it accepts (each once, but `--mount`/`--exclude`), and COPY/ADD
+/// with a destination. BuildKit does this for every stage, so an error in a stage the
+/// target does not need still fails the build.
+fn check_instruction_shape(inst: &Instruction) -> Result<Keyword, FrontendError> {
+    let kind = inst.kind().ok_or_else(|| {
+        FrontendError::new(
+            format!("unknown instruction: {}", inst.keyword),
+            keyword_span(inst),
+        )
+    })?;
+    let allowed: &[&str] = match kind {
+        Keyword::Run => &["mount", "network", "security"],
+        Keyword::Copy => &["from", "chown", "chmod", "link", "parents", "exclude"],
+        Keyword::Add => &[
+            "chown",
+            "chmod",
+            "link",
+            "keep-git-dir",
+            "checksum",
+            "exclude",
+            "unpack",
+        ],
+        Keyword::Healthcheck => &[
+            "interval",
+            "timeout",
+            "start-period",
+            "start-interval",
+            "retries",
+        ],
+        _ => &[],
+    };
+    for f in &inst.flags {
+        if !allowed.contains(&f.name.as_str()) {
+            return Err(FrontendError::new(
+                format!("unknown flag: --{} for {}", f.name, inst.name()),
+                f.span,
+            ));
+        }
+        let repeatable = matches!(f.name.as_str(), "mount" | "exclude");
+        if !repeatable && inst.flags.iter().filter(|g| g.name == f.name).count() > 1 {
+            return Err(FrontendError::new(
+                format!("flag --{} is given more than once", f.name),
+                f.span,
+            ));
+        }
+    }
+    if matches!(kind, Keyword::Copy | Keyword::Add) {
+        let count = match &inst.args {
+            Args::Json(j) => j.values.len(),
+            Args::Words(ws) => ws.len(),
+            _ => 0,
+        };
+        if count < 2 {
+            return Err(FrontendError::new(
+                    format!(
+                        "{} requires at least two arguments, but only one was provided. Destination could not be determined",
+                        inst.name()
+                    ),
+                    inst.span,
+                ));
+        }
+    }
+    Ok(kind)
 }

@@ -119,9 +119,6 @@ fn copy_from_a_later_stage_is_refused() {
 }
 
 #[test]
-#[ignore = "known failing: kiln skips instructions of stages the target does not need, so \
-            their parse errors (unknown flag, COPY with one argument) go unreported; \
-            BuildKit parses every instruction first and fails any target"]
 fn parse_errors_in_unneeded_stages_fail_every_target() {
     for (bad, message) in [
         ("RUN --bogus true", "unknown flag: --bogus"),
