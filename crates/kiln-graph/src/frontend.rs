@@ -413,6 +413,14 @@ impl<'a> Lowerer<'a> {
                     .get(&name)
                     .cloned()
                     .or(default_val)
+                    // A bare `ARG V` after `ARG V=1.36` keeps 1.36, as in BuildKit.
+                    .or_else(|| {
+                        self.globals
+                            .iter()
+                            .rev()
+                            .find(|g| g.name == name)
+                            .and_then(|g| g.value.clone())
+                    })
                     .or_else(|| self.builtins.get(&name).cloned());
                 self.globals.push(GlobalArg {
                     name,
