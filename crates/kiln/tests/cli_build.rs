@@ -681,3 +681,41 @@ fn a_build_reports_lint_warnings_in_its_progress_format() {
     let o = kiln(&["build", dir, "--dry-run", "--progress", "quiet"]);
     assert!(stderr(&o).is_empty(), "{}", stderr(&o));
 }
+
+/// Runs kiln with its stdout a pipe whose reading end is already closed (as `| head` leaves
+/// it once head has read enough), and returns how it ended.
+fn kiln_into_closed_pipe(args: &[&str]) -> Output {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kiln runs");
+    // Only the child holds the writing end now; every write it makes fails with EPIPE.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("kiln ends");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert_ne!(o.status.code(), Some(101), "{args:?}: {err}");
+    assert!(
+        o.status.signal() == Some(libc::SIGPIPE) || o.status.code() == Some(141),
+        "{args:?} ends as a closed pipe ends other tools: {:?} {err}",
+        o.status
+    );
+    o
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let e = ex();
+    for args in [
+        &["build", e.as_str(), "--dry-run=json"][..],
+        &["build", e.as_str(), "--dry-run"],
+        &["build", e.as_str(), "--call", "targets"],
+        &["build", e.as_str(), "--call", "outline"],
+        &["build", e.as_str(), "--call", "check"],
+    ] {
+        kiln_into_closed_pipe(args);
+    }
+}

@@ -214,7 +214,7 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         return match call.kind {
             CallKind::Targets => match kiln_graph::targets(&df) {
                 Ok(t) => {
-                    print!("{}", super::build_call::targets_text(&t, &source, json)?);
+                    print_stdout(&super::build_call::targets_text(&t, &source, json)?)?;
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => frontend_err(e),
@@ -229,15 +229,12 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
                             Some(t) => Some(t.to_ascii_lowercase()),
                             None => stages.last().and_then(|s| s.name.clone()),
                         };
-                        print!(
-                            "{}",
-                            super::build_call::outline_text(
-                                &outline,
-                                name.as_deref(),
-                                &source,
-                                json
-                            )?
-                        );
+                        print_stdout(&super::build_call::outline_text(
+                            &outline,
+                            name.as_deref(),
+                            &source,
+                            json,
+                        )?)?;
                         Ok(ExitCode::SUCCESS)
                     }
                     Err(e) => frontend_err(e),
@@ -293,8 +290,10 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     if let Some(format) = opts.dry_run {
         let plan = kiln_graph::plan(&graph);
         match format {
-            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
-            OutputFormat::Text => print!("{}", plan.to_text()),
+            OutputFormat::Json => {
+                print_stdout(&format!("{}\n", serde_json::to_string_pretty(&plan)?))?
+            }
+            OutputFormat::Text => print_stdout(&plan.to_text())?,
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -305,6 +304,26 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     super::build_exec::execute(&opts, &df, &dockerignore, globals, &outputs, &|e| {
         e.render(&file_label, &source)
     })
+}
+
+/// Writes `text` to stdout. A reader that went away (`kiln build --dry-run=json | head`)
+/// ends kiln as it ends other command-line tools: by SIGPIPE, quietly, instead of a panic.
+pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            // SAFETY: restoring the default action of SIGPIPE and raising it only ends the
+            // process; Rust's runtime set it to "ignore" at start-up.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141)
+        }
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
 }
 
 fn unreachable_build() -> anyhow::Result<ExitCode> {
@@ -432,27 +451,29 @@ fn run_check(
             })
             .collect();
         let v = serde_json::json!({ "warnings": warnings, "error": report.fails() });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
     } else {
+        let mut text = String::new();
         for w in &report.warnings {
-            println!("WARNING: {} - {}", w.rule.name, w.rule.url());
-            println!("{}", w.message);
-            println!("{file}:{}", w.span.start.line);
-            println!("--------------------");
+            text += &format!("WARNING: {} - {}\n", w.rule.name, w.rule.url());
+            text += &format!("{}\n", w.message);
+            text += &format!("{file}:{}\n", w.span.start.line);
+            text += "--------------------\n";
             let last = w.span.end.line.max(w.span.start.line);
             for n in w.span.start.line..=last.min(w.span.start.line + 4) {
                 if let Some(l) = lines.get(n.wrapping_sub(1)) {
-                    println!("{n:>4} | {l}");
+                    text += &format!("{n:>4} | {l}\n");
                 }
             }
-            println!("--------------------");
-            println!();
+            text += "--------------------\n";
+            text.push('\n');
         }
         match report.warnings.len() {
-            0 => println!("Check complete, no warnings found."),
-            1 => println!("Check complete, 1 warning has been found!"),
-            n => println!("Check complete, {n} warnings have been found!"),
+            0 => text += "Check complete, no warnings found.\n",
+            1 => text += "Check complete, 1 warning has been found!\n",
+            n => text += &format!("Check complete, {n} warnings have been found!\n"),
         }
+        print_stdout(&text)?;
     }
     if let Err(e) = lowered {
         eprintln!("{}", e.render(file, source));
