@@ -148,6 +148,46 @@ impl Keyword {
             .into_iter()
             .find(|k| k.as_str().eq_ignore_ascii_case(word))
     }
+
+    /// BuildKit's error for a word that is not a keyword: `unknown instruction: CP (did you
+    /// mean CMD?)`. It suggests the first keyword (in [`Keyword::ALL`] order; BuildKit's order
+    /// varies between runs) within edit distance 2, ignoring case, spelled in the word's case.
+    pub fn unknown_message(word: &str) -> String {
+        let lower = word.to_ascii_lowercase();
+        let mut best: Option<(usize, Keyword)> = None;
+        for k in Keyword::ALL {
+            let d = edit_distance(&lower, &k.as_str().to_ascii_lowercase());
+            if d < 3 && best.is_none_or(|(b, _)| d < b) {
+                best = Some((d, k));
+            }
+        }
+        match best {
+            Some((_, k)) => {
+                let shown = if word.chars().any(|c| c.is_ascii_lowercase()) {
+                    k.as_str().to_ascii_lowercase()
+                } else {
+                    k.as_str().to_owned()
+                };
+                format!("unknown instruction: {word} (did you mean {shown}?)")
+            }
+            None => format!("unknown instruction: {word}"),
+        }
+    }
+}
+
+/// Levenshtein distance between two strings, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let subst = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// One instruction, continuation lines joined.

@@ -346,7 +346,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
     let Some(kind) = inst.kind() else {
         return Err(ParseError::new(
             ErrorKind::UnknownInstruction,
-            format!("unknown instruction: {}", inst.keyword),
+            Keyword::unknown_message(&inst.keyword),
             inst.span,
         ));
     };

@@ -2183,7 +2183,7 @@ fn url_file_name(url: &str) -> String {
 fn check_instruction_shape(inst: &Instruction) -> Result<Keyword, FrontendError> {
     let kind = inst.kind().ok_or_else(|| {
         FrontendError::new(
-            format!("unknown instruction: {}", inst.keyword),
+            Keyword::unknown_message(&inst.keyword),
             keyword_span(inst),
         )
     })?;

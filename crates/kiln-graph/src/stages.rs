@@ -40,7 +40,7 @@ pub(crate) fn split_stages(df: &Dockerfile) -> Result<Split<'_>, FrontendError> 
     for inst in &df.instructions {
         let Some(kind) = inst.kind() else {
             return Err(FrontendError::new(
-                format!("unknown instruction: {}", inst.keyword),
+                Keyword::unknown_message(&inst.keyword),
                 keyword_span(inst),
             ));
         };

@@ -132,3 +132,23 @@ fn parse_errors_in_unneeded_stages_fail_every_target() {
         assert!(e.message.contains(message), "{bad}: {}", e.message);
     }
 }
+
+#[test]
+fn unknown_instruction_suggests_a_keyword_within_two_edits() {
+    // BuildKit v0.24 (checked with buildctl): a keyword within edit distance 2 is suggested;
+    // for CP both CMD and COPY are, and BuildKit's choice varies between runs.
+    for (word, want) in [
+        ("CP", "unknown instruction: CP (did you mean CMD?)"),
+        ("RUNN", "unknown instruction: RUNN (did you mean RUN?)"),
+        ("LABLE", "unknown instruction: LABLE (did you mean LABEL?)"),
+        (
+            "ENTRYPIONT",
+            "unknown instruction: ENTRYPIONT (did you mean ENTRYPOINT?)",
+        ),
+        ("XYZZY", "unknown instruction: XYZZY"),
+    ] {
+        let e = lower_text(&format!("FROM scratch\n{word} a b\n"), None)
+            .expect_err("unknown instruction");
+        assert_eq!(e.message, want);
+    }
+}
