@@ -53,6 +53,10 @@ rules! {
     INVALID_DEFAULT_ARG_IN_FROM = "InvalidDefaultArgInFrom", "invalid-default-arg-in-from", "Default value for global ARG results in an empty or invalid base image name";
     CONSISTENT_INSTRUCTION_CASING = "ConsistentInstructionCasing", "consistent-instruction-casing", "All commands within the Dockerfile should use the same casing (either upper or lower)";
     SECRETS_USED_IN_ARG_OR_ENV = "SecretsUsedInArgOrEnv", "secrets-used-in-arg-or-env", "Sensitive data should not be used in the ARG or ENV commands";
+    REDUNDANT_TARGET_PLATFORM = "RedundantTargetPlatform", "redundant-target-platform", "Setting platform to predefined $TARGETPLATFORM in FROM is redundant as this is the default behavior";
+    FROM_PLATFORM_FLAG_CONST_DISALLOWED = "FromPlatformFlagConstDisallowed", "from-platform-flag-const-disallowed", "FROM --platform flag should not use a constant value";
+    EXPOSE_PROTO_CASING = "ExposeProtoCasing", "expose-proto-casing", "Protocol in EXPOSE instruction should be lowercase";
+    EXPOSE_INVALID_FORMAT = "ExposeInvalidFormat", "expose-invalid-format", "IP address and host-port mapping should not be used in EXPOSE instruction. This will become an error in a future release";
     COPY_IGNORED_FILE = "CopyIgnoredFile", "copy-ignored-file", "Attempting to Copy file that is excluded by .dockerignore";
 }
 
@@ -599,6 +603,32 @@ impl<'a> Linter<'a> {
                 );
             }
         }
+        for f in s.from.flags.iter().filter(|f| f.name == "platform") {
+            let Some(v) = f.value.as_deref() else {
+                continue;
+            };
+            if v == "$TARGETPLATFORM" || v == "${TARGETPLATFORM}" {
+                self.warn(
+                    REDUNDANT_TARGET_PLATFORM,
+                    format!("Setting platform to predefined {v} in FROM is redundant as this is the default behavior"),
+                    s.from.span,
+                );
+            } else if !v.contains('$') {
+                // A stage named after the platform it pins (`runtime-amd64`) is deliberate.
+                let name = s.name.unwrap_or("").to_ascii_lowercase();
+                let named_for_it = !name.is_empty()
+                    && v.split('/')
+                        .filter(|p| !p.is_empty())
+                        .any(|p| name.contains(&p.to_ascii_lowercase()));
+                if !named_for_it {
+                    self.warn(
+                        FROM_PLATFORM_FLAG_CONST_DISALLOWED,
+                        format!("FROM --platform flag should not use constant value \"{v}\""),
+                        s.from.span,
+                    );
+                }
+            }
+        }
         // UndefinedArgInFrom: names neither a global ARG nor a built-in platform ARG.
         let declared = |n: &str| globals.iter().any(|g| g.name == n) || BUILTIN_ARGS.contains(&n);
         let mut words_to_check = vec![s.base.clone()];
@@ -778,6 +808,26 @@ impl<'a> Linter<'a> {
                     inst.span,
                 ),
                 Keyword::Copy | Keyword::Add => self.copy_ignored(inst, kind, scope),
+                Keyword::Expose => {
+                    for (port, span) in words(inst) {
+                        if port.contains(':') {
+                            self.warn(
+                                EXPOSE_INVALID_FORMAT,
+                                format!("EXPOSE instruction should not define an IP address or host-port mapping, found '{port}'"),
+                                span,
+                            );
+                        }
+                        if let Some((_, proto)) = port.split_once('/') {
+                            if proto != proto.to_ascii_lowercase() {
+                                self.warn(
+                                    EXPOSE_PROTO_CASING,
+                                    format!("Defined protocol '{port}' in EXPOSE instruction should be lowercase"),
+                                    span,
+                                );
+                            }
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -1390,7 +1440,7 @@ mod tests {
 
     #[test]
     fn every_rule_has_a_docs_url() {
-        assert_eq!(ALL_RULES.len(), 15);
+        assert_eq!(ALL_RULES.len(), 19);
         for r in ALL_RULES {
             assert!(r
                 .url()

@@ -9,8 +9,7 @@ use std::path::Path;
 use kiln_dockerfile::lint::{check, LintContext};
 
 #[test]
-#[ignore = "known failing: kiln lacks NoEmptyContinuation, RedundantTargetPlatform, \
-            FromPlatformFlagConstDisallowed, ExposeProtoCasing and ExposeInvalidFormat"]
+#[ignore = "known failing: kiln lacks NoEmptyContinuation"]
 fn lint_matches_buildkit_on_known_failing_cases() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lint/known-failing");
     let mut entries: Vec<_> = std::fs::read_dir(&dir)
