@@ -57,6 +57,7 @@ rules! {
     FROM_PLATFORM_FLAG_CONST_DISALLOWED = "FromPlatformFlagConstDisallowed", "from-platform-flag-const-disallowed", "FROM --platform flag should not use a constant value";
     EXPOSE_PROTO_CASING = "ExposeProtoCasing", "expose-proto-casing", "Protocol in EXPOSE instruction should be lowercase";
     EXPOSE_INVALID_FORMAT = "ExposeInvalidFormat", "expose-invalid-format", "IP address and host-port mapping should not be used in EXPOSE instruction. This will become an error in a future release";
+    NO_EMPTY_CONTINUATION = "NoEmptyContinuation", "no-empty-continuation", "Empty continuation lines will become errors in a future release";
     COPY_IGNORED_FILE = "CopyIgnoredFile", "copy-ignored-file", "Attempting to Copy file that is excluded by .dockerignore";
 }
 
@@ -245,6 +246,13 @@ pub fn check(df: &Dockerfile, ctx: &LintContext<'_>) -> Result<LintReport, Check
         out: Vec::new(),
     };
     l.run();
+    // The parser finds empty lines inside a continued instruction; BuildKit reports each
+    // such instruction under this rule.
+    for w in &df.warnings {
+        if w.message.starts_with("Empty continuation line") {
+            l.warn(NO_EMPTY_CONTINUATION, w.message.clone(), w.span);
+        }
+    }
     let mut warnings: Vec<LintWarning> = l
         .out
         .into_iter()
@@ -1440,7 +1448,7 @@ mod tests {
 
     #[test]
     fn every_rule_has_a_docs_url() {
-        assert_eq!(ALL_RULES.len(), 19);
+        assert_eq!(ALL_RULES.len(), 20);
         for r in ALL_RULES {
             assert!(r
                 .url()
