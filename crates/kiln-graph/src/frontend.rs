@@ -2182,10 +2182,7 @@ fn url_file_name(url: &str) -> String {
 /// target does not need still fails the build.
 fn check_instruction_shape(inst: &Instruction) -> Result<Keyword, FrontendError> {
     let kind = inst.kind().ok_or_else(|| {
-        FrontendError::new(
-            Keyword::unknown_message(&inst.keyword),
-            keyword_span(inst),
-        )
+        FrontendError::new(Keyword::unknown_message(&inst.keyword), keyword_span(inst))
     })?;
     let allowed: &[&str] = match kind {
         Keyword::Run => &["mount", "network", "security"],

@@ -201,7 +201,12 @@ fn oci_tarball_passes_skopeo_and_runs_under_podman() {
         "{}",
         String::from_utf8_lossy(&load.stderr)
     );
-    let run = podman(&["run", "--rm", "--network=none", "localhost/kiln-e2e/app:test"]);
+    let run = podman(&[
+        "run",
+        "--rm",
+        "--network=none",
+        "localhost/kiln-e2e/app:test",
+    ]);
     let _ = podman(&["rmi", "-f", "localhost/kiln-e2e/app:test"]);
     assert!(
         run.status.success(),
