@@ -143,14 +143,17 @@ enum Route {
     Token,
 }
 
+/// Decodes `%XX` escapes. Works on bytes: a path may hold non-ASCII characters, and slicing
+/// the string after a `%` could split one (a panic a client could trigger at will).
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
+    let hex = |c: u8| char::from(c).to_digit(16);
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+            if let (Some(hi), Some(lo)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
                 continue;
             }
@@ -1341,6 +1344,14 @@ mod tests {
         assert_eq!(parse_range("bytes=9-1", 100), None);
         assert_eq!(parse_range("items=0-1", 100), None);
         assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+
+    #[test]
+    fn percent_escapes_next_to_non_ascii_characters_decode_without_panicking() {
+        // Found by the registry_request fuzz target: '%' then a two-byte character.
+        assert_eq!(percent_decode("%\u{79c}x"), "%\u{79c}x");
+        assert_eq!(percent_decode("a%2Fb%zz%+1"), "a/b%zz%+1");
+        assert!(parse_route("/v2/a/manifests/%\u{79c}").is_ok());
     }
 
     #[test]
