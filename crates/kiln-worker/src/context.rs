@@ -11,6 +11,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use kiln_oci::{Algorithm, Digest, Hasher};
+
+use crate::fileop;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -246,6 +248,57 @@ impl ContextIndex {
         self.entries.get(rel)
     }
 
+    /// Which entries `COPY srcs` (with its `--exclude`s) reads from this context: the paths
+    /// its sources name, and, for a source reached through a symlink (`link -> realdir`,
+    /// `COPY link/ /x/`), the entries where the copy really reads them. The symlinks are
+    /// resolved as [`fileop::copy_filtered`] resolves them, so a content key built on this
+    /// changes when the files behind the link change, not only when the link does.
+    pub fn copy_reads(&self, srcs: &[String], exclude: &[String]) -> impl Fn(&str) -> bool {
+        let srcs = srcs.to_vec();
+        let exclude = exclude.to_vec();
+        let mut roots: Vec<String> = Vec::new();
+        for pattern in &srcs {
+            // A pattern the copy cannot expand fails the copy itself; the named paths below
+            // still key it.
+            let Ok(found) = fileop::expand_source(&self.root, pattern) else {
+                continue;
+            };
+            for rel in found {
+                // The copy's own filter: present in the context (after `.dockerignore`) and
+                // not excluded.
+                if !rel.is_empty() && (self.get(&rel).is_none() || fileop::selects(&exclude, &rel))
+                {
+                    continue;
+                }
+                let Ok(followed) = fileop::resolve_in_root(&self.root, &rel, true) else {
+                    continue;
+                };
+                // A link leading nowhere inside the context is copied as the link itself.
+                let read = if fs::symlink_metadata(&followed).is_ok() {
+                    followed
+                } else {
+                    match fileop::resolve_in_root(&self.root, &rel, false) {
+                        Ok(p) => p,
+                        Err(_) => continue,
+                    }
+                };
+                if let Ok(real) = read.strip_prefix(&self.root) {
+                    roots.push(real.to_string_lossy().into_owned());
+                }
+            }
+        }
+        move |p: &str| {
+            let named = fileop::selects(&srcs, p);
+            let below_real_source = roots.iter().any(|r| {
+                r.is_empty()
+                    || p == r
+                    || p.strip_prefix(r.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+            });
+            (named || below_real_source) && !fileop::selects(&exclude, p)
+        }
+    }
+
     /// Digest of the entries whose paths satisfy `selected`, with their content, kind, mode
     /// and ownership (never mtimes). Equal selections of equal files give equal digests.
     pub fn digest_of(&self, selected: impl Fn(&str) -> bool) -> Digest {
@@ -380,6 +433,38 @@ mod tests {
             .unwrap()
             .digest_of(all);
         assert_ne!(before, after);
+    }
+
+    #[test]
+    fn copy_through_a_symlinked_folder_is_keyed_by_the_files_behind_the_link() {
+        let d = tempfile::tempdir().unwrap();
+        fs::create_dir_all(d.path().join("realdir")).unwrap();
+        fs::write(d.path().join("realdir/file"), "v1").unwrap();
+        fs::write(d.path().join("other"), "unrelated").unwrap();
+        std::os::unix::fs::symlink("realdir", d.path().join("link")).unwrap();
+        let key = |srcs: &[&str]| {
+            let srcs: Vec<String> = srcs.iter().map(|s| s.to_string()).collect();
+            let idx = ContextIndex::scan(d.path(), &none, &never, None).unwrap();
+            let reads = idx.copy_reads(&srcs, &[]);
+            assert!(reads("realdir/file"), "{srcs:?} reads realdir/file");
+            assert!(!reads("other"), "{srcs:?} does not read other");
+            idx.digest_of(reads)
+        };
+        let before: Vec<Digest> = [&["link/"][..], &["link"], &["lin*"]]
+            .iter()
+            .map(|s| key(s))
+            .collect();
+        fs::write(d.path().join("realdir/file"), "v2").unwrap();
+        let after: Vec<Digest> = [&["link/"][..], &["link"], &["lin*"]]
+            .iter()
+            .map(|s| key(s))
+            .collect();
+        for (b, a) in before.iter().zip(&after) {
+            assert_ne!(b, a, "editing realdir/file must change the COPY key");
+        }
+        // Files outside what the copy reads do not move the key.
+        fs::write(d.path().join("other"), "changed").unwrap();
+        assert_eq!(key(&["link/"]), after[0]);
     }
 
     #[test]

@@ -1255,6 +1255,13 @@ impl Engine for Worker {
                 Value::Context(c) => {
                     // A download is keyed like context files: content, name and mode. As
                     // Docker documents, its mtime (the server's Last-Modified) is not part of it.
+                    // A COPY is keyed by what it reads, symlinked source folders followed.
+                    if let Op::Copy(cp) = &step.vertex.op {
+                        if matches!(cp.source, CopySource::Input { input } if input as usize == index)
+                        {
+                            return Ok(c.digest_of(c.copy_reads(&cp.srcs, &cp.exclude)));
+                        }
+                    }
                     let sel = selection(&step.vertex.op, index);
                     Ok(c.digest_of(|p| sel(p)))
                 }

@@ -563,9 +563,9 @@ fn record_step_inputs(solved: &SolvedBuild, recorder: &Recorder) {
                     let src = v.inputs.get(input as usize).map(|id| &g.vertex(*id).op);
                     if let Some(Op::Local(l)) = src {
                         if let Some(idx) = solved.worker.context_index(&l.name, &l.exclude) {
+                            let reads = idx.copy_reads(&c.srcs, &c.exclude);
                             for (path, e) in idx.entries() {
-                                let picked = kiln_worker::fileop::selects(&c.srcs, path)
-                                    && !kiln_worker::fileop::selects(&c.exclude, path);
+                                let picked = reads(path);
                                 if let (
                                     true,
                                     kiln_worker::context::EntryKind::File { digest, .. },
