@@ -1428,6 +1428,14 @@ impl RegistryClient {
             .tempfile_in(dir)
             .map_err(|e| io("creating a temporary file beside", e))?;
         let (file, tmp_path) = tmp.into_parts();
+        // Locked for the download's whole life, as the content store's own ingests are: a
+        // reclaim in another process (`ContentStore::stale_ingests`) takes only files it can
+        // lock, so it never deletes a download still in flight. `held` shares the open file
+        // description, so the lock lasts until it is dropped after the rename.
+        lock_exclusive(&file).map_err(|e| io("locking a temporary file beside", e))?;
+        let held = file
+            .try_clone()
+            .map_err(|e| io("locking a temporary file beside", e))?;
         let mut f = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
         let result = self.pull_blob(reference, desc, &mut f).await;
         let file = f.into_inner();
@@ -1441,6 +1449,7 @@ impl RegistryClient {
         tmp_path
             .persist(path)
             .map_err(|e| io("renaming a verified blob to", e.error))?;
+        drop(held);
         Ok(())
     }
 
@@ -1978,6 +1987,18 @@ mod url {
             }
         }
         u.query().unwrap_or("").to_owned()
+    }
+}
+
+/// Takes an exclusive `flock` on `file` (never blocks: the file was just created by us).
+fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a valid, open descriptor borrowed for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

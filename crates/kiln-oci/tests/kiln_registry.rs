@@ -157,3 +157,66 @@ async fn kiln_registry_with_htpasswd_refuses_wrong_credentials_clearly() {
     );
     reg.shutdown().await;
 }
+
+/// The download's temporary file, once it holds bytes (waiting at most a minute).
+async fn partial_download(dir: &std::path::Path) -> std::path::PathBuf {
+    for _ in 0..3000 {
+        let found = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.metadata().map(|m| m.len() > 0).unwrap_or(false));
+        if let Some(p) = found {
+            return p;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("no partial download appeared in {}", dir.display());
+}
+
+/// A blob download in flight holds an exclusive lock on its temporary file, as the content
+/// store's ingests do: another process's start-of-build reclaim (`stale_ingests`) takes only
+/// files it can lock, so it must not be able to lock this one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_download_in_flight_is_locked_against_reclaim() {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start(dir.path(), None).await;
+    let img = busybox_image(6 << 20);
+    let r: Reference = format!("{}/lock/app:1", reg.host()).parse().unwrap();
+    client(None)
+        .push_from_layout(&img.layout, "latest", std::slice::from_ref(&r))
+        .await
+        .unwrap();
+    let big = match img.manifest.parse().unwrap() {
+        kiln_oci::Manifest::Image(m) => m.layers[1].clone(),
+        _ => unreachable!(),
+    };
+    let proxy = FaultProxy::start(reg.addr, &[]).await;
+    proxy.stall_download_after.store(3 << 20, SeqCst);
+    let via: Reference = format!("{}/lock/app:1", proxy.host()).parse().unwrap();
+    let ingest = tempfile::tempdir().unwrap();
+    let dest = ingest.path().join("pull-blob");
+    let pull = {
+        let (big, dest) = (big.clone(), dest.clone());
+        tokio::spawn(async move { client(None).pull_blob_to_file(&via, &big, &dest).await })
+    };
+    let partial = partial_download(ingest.path()).await;
+    assert!(!pull.is_finished(), "the download is held in flight");
+    let f = std::fs::File::open(&partial).unwrap();
+    // SAFETY: flock on a descriptor open for the call.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(
+        rc,
+        -1,
+        "a reclaim could lock (and delete) {} while its download is in flight",
+        partial.display()
+    );
+    drop(f);
+    proxy.stall_download_after.store(0, SeqCst);
+    pull.await.unwrap().unwrap();
+    let got = read_all(&dest);
+    assert_eq!(got.len() as u64, big.size);
+    assert_eq!(kiln_oci::Digest::sha256_of(&got), big.digest);
+}

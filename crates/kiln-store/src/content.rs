@@ -165,7 +165,10 @@ impl ContentStore {
     }
 
     /// Ingest files whose writer is gone (no process holds their lock, and the file is more
-    /// than a few seconds old): left by a crash.
+    /// than a few seconds old): left by a crash. Every writer of this directory locks its
+    /// file for its whole life: [`BlobWriter`]s and registry downloads alike
+    /// (`RegistryClient::pull_blob_to_file` locks its temporary file until it is renamed), so
+    /// one process's reclaim never takes another's download in flight.
     pub fn stale_ingests(&self) -> Result<Vec<PathBuf>> {
         let dir = self.ingest_dir();
         let mut out = Vec::new();

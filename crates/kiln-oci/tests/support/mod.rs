@@ -303,6 +303,9 @@ pub struct FaultProxy {
     /// Close the first connection that receives more than this many bytes (0 = off, one shot).
     pub drop_download_after: Arc<AtomicU64>,
     pub download_dropped: Arc<AtomicBool>,
+    /// Hold every response after this many bytes until it is set back to 0 (0 = off): a
+    /// download stays in flight for as long as a test needs.
+    pub stall_download_after: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -316,6 +319,7 @@ impl FaultProxy {
         let dropped = Arc::new(AtomicBool::new(false));
         let drop_download_after = Arc::new(AtomicU64::new(0));
         let download_dropped = Arc::new(AtomicBool::new(false));
+        let stall_download_after = Arc::new(AtomicU64::new(0));
         let (s, f, d, dd) = (
             sent.clone(),
             fail_budget.clone(),
@@ -323,13 +327,14 @@ impl FaultProxy {
             dropped.clone(),
         );
         let (dl, dld) = (drop_download_after.clone(), download_dropped.clone());
+        let stall = stall_download_after.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let (s, f, d, dd) = (s.clone(), f.clone(), d.clone(), dd.clone());
-                let down_fault = (dl.clone(), dld.clone());
+                let down_fault = (dl.clone(), dld.clone(), stall.clone());
                 tokio::spawn(async move {
                     let _ =
                         proxy_conn(client, upstream, fail_methods, s, f, d, dd, down_fault).await;
@@ -344,6 +349,7 @@ impl FaultProxy {
             dropped,
             drop_download_after,
             download_dropped,
+            stall_download_after,
             task,
         }
     }
@@ -368,7 +374,7 @@ async fn proxy_conn(
     fail_budget: Arc<AtomicU32>,
     drop_after: Arc<AtomicU64>,
     dropped: Arc<AtomicBool>,
-    (drop_down_after, down_dropped): (Arc<AtomicU64>, Arc<AtomicBool>),
+    (drop_down_after, down_dropped, stall_after): (Arc<AtomicU64>, Arc<AtomicBool>, Arc<AtomicU64>),
 ) -> std::io::Result<()> {
     let mut first = vec![0u8; 64 * 1024];
     let n = client.read(&mut first).await?;
@@ -395,6 +401,9 @@ async fn proxy_conn(
             let limit = drop_down_after.load(Ordering::SeqCst);
             if limit > 0 && received > limit && !down_dropped.swap(true, Ordering::SeqCst) {
                 return; // drops the client's write half mid-response
+            }
+            while (1..received).contains(&stall_after.load(Ordering::SeqCst)) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
             let n = match sr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
