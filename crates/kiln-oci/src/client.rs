@@ -1803,6 +1803,7 @@ impl RegistryClient {
     /// Pushes an image: every blob (several at once, each HEAD-checked and mounted from
     /// `mount_from` or from the first target's repository when possible), then the manifest
     /// under every target (tags may be in different repositories of different registries).
+    /// A blob listed more than once (an image with the same layer twice) is pushed once.
     pub async fn push_image(
         &self,
         targets: &[Reference],
@@ -1810,6 +1811,13 @@ impl RegistryClient {
         blobs: &[(Descriptor, BlobSource)],
         mount_from: Option<&Reference>,
     ) -> Result<Digest, RegistryError> {
+        // Two concurrent uploads of one digest would both miss the HEAD check and upload it
+        // twice (or race in the registry); one per digest suffices.
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<&(Descriptor, BlobSource)> = blobs
+            .iter()
+            .filter(|(d, _)| seen.insert(d.digest.clone()))
+            .collect();
         let mut done: Vec<Reference> = Vec::new();
         for target in targets {
             if done
@@ -1822,14 +1830,15 @@ impl RegistryClient {
                 .filter(|m| m.registry() == target.registry())
                 .or_else(|| done.iter().find(|d| d.registry() == target.registry()))
                 .map(|r| r.repository().to_owned());
-            let results: Vec<Result<BlobPush, RegistryError>> = futures::stream::iter(blobs.iter())
-                .filter(|(d, _)| {
-                    futures::future::ready(!media_type::is_non_distributable(&d.media_type))
-                })
-                .map(|(d, s)| self.push_blob(target, d, s, from.as_deref()))
-                .buffer_unordered(self.inner.config.concurrency.max(1))
-                .collect()
-                .await;
+            let results: Vec<Result<BlobPush, RegistryError>> =
+                futures::stream::iter(unique.iter())
+                    .filter(|(d, _)| {
+                        futures::future::ready(!media_type::is_non_distributable(&d.media_type))
+                    })
+                    .map(|(d, s)| self.push_blob(target, d, s, from.as_deref()))
+                    .buffer_unordered(self.inner.config.concurrency.max(1))
+                    .collect()
+                    .await;
             for r in results {
                 r?;
             }
@@ -1843,7 +1852,7 @@ impl RegistryClient {
 
     /// Pulls the image `reference` names for `platform` into an OCI layout: config and layers
     /// (several at once, each verified, existing blobs skipped), the manifest, and an
-    /// `index.json` entry named `ref_name`.
+    /// `index.json` entry named `ref_name`. A layer listed more than once is pulled once.
     pub async fn pull_to_layout(
         &self,
         reference: &Reference,
@@ -1858,18 +1867,24 @@ impl RegistryClient {
             source: std::io::Error::other(e.to_string()),
         };
         layout.write_blob(&image.config_bytes).map_err(io)?;
-        let results: Vec<Result<(), RegistryError>> =
-            futures::stream::iter(image.distributable_layers())
-                .map(|l| async move {
-                    if layout.has_blob(&l.digest) {
-                        return Ok(());
-                    }
-                    self.pull_blob_to_file(reference, l, &layout.blob_path(&l.digest))
-                        .await
-                })
-                .buffer_unordered(self.inner.config.concurrency.max(1))
-                .collect()
-                .await;
+        // One download per digest: concurrent pulls of a layer listed twice would both miss
+        // `has_blob` and write the same blob path at once.
+        let mut seen = std::collections::HashSet::new();
+        let layers: Vec<&Descriptor> = image
+            .distributable_layers()
+            .filter(|l| seen.insert(l.digest.clone()))
+            .collect();
+        let results: Vec<Result<(), RegistryError>> = futures::stream::iter(layers)
+            .map(|l| async move {
+                if layout.has_blob(&l.digest) {
+                    return Ok(());
+                }
+                self.pull_blob_to_file(reference, l, &layout.blob_path(&l.digest))
+                    .await
+            })
+            .buffer_unordered(self.inner.config.concurrency.max(1))
+            .collect()
+            .await;
         for r in results {
             r?;
         }

@@ -220,3 +220,64 @@ async fn a_blob_download_in_flight_is_locked_against_reclaim() {
     assert_eq!(got.len() as u64, big.size);
     assert_eq!(kiln_oci::Digest::sha256_of(&got), big.digest);
 }
+
+/// An image listing one layer twice (a build whose two steps made identical layers) is pushed
+/// and pulled with one transfer of that layer, never two at once to one path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_listed_twice_is_pushed_and_pulled_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = start(dir.path(), None).await;
+    let img = busybox_image(2 << 20);
+    let mut m = match img.manifest.parse().unwrap() {
+        kiln_oci::Manifest::Image(m) => m,
+        _ => unreachable!(),
+    };
+    let big = m.layers[1].clone();
+    m.layers.push(big.clone());
+    let mut config = img.config.clone();
+    let last = config.rootfs.diff_ids[1].clone();
+    config.rootfs.diff_ids.push(last);
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    m.config = kiln_oci::Descriptor::new(
+        m.config.media_type.clone(),
+        img.layout.write_blob(&config_bytes).unwrap(),
+        config_bytes.len() as u64,
+    );
+    let raw = kiln_oci::RawManifest::from_image(&m);
+    img.layout.write_blob(&raw.bytes).unwrap();
+    img.layout.add_manifest(raw.descriptor(), "dup").unwrap();
+
+    let r: Reference = format!("{}/dup/app:1", reg.host()).parse().unwrap();
+    let pusher = client(None);
+    pusher
+        .push_from_layout(&img.layout, "dup", std::slice::from_ref(&r))
+        .await
+        .unwrap();
+    let s = pusher.stats();
+    assert_eq!(
+        s.blobs_uploaded + s.blobs_existing + s.blobs_mounted,
+        3,
+        "config and two distinct layers, each pushed once: {s:?}"
+    );
+
+    let puller = client(None);
+    let out = tempfile::tempdir().unwrap();
+    let layout = OciLayout::create(out.path()).unwrap();
+    let resolved = puller
+        .pull_to_layout(&r, &Platform::host(), &layout, "x")
+        .await
+        .unwrap();
+    assert_eq!(resolved.manifest.digest, raw.digest);
+    let distinct: u64 = m.layers[..2].iter().map(|l| l.size).sum();
+    let received = puller.stats().bytes_received;
+    let expected = raw.bytes.len() as u64 + config_bytes.len() as u64 + distinct;
+    assert_eq!(
+        received, expected,
+        "manifest, config and each distinct layer received once (the repeated layer is {} bytes)",
+        big.size
+    );
+    assert_eq!(
+        read_all(&layout.blob_path(&big.digest)).len() as u64,
+        big.size
+    );
+}
