@@ -685,16 +685,22 @@ fn a_build_reports_lint_warnings_in_its_progress_format() {
 /// Runs kiln with its stdout a pipe whose reading end is already closed (as `| head` leaves
 /// it once head has read enough), and returns how it ended.
 fn kiln_into_closed_pipe(args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
     use std::os::unix::process::ExitStatusExt;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    // The reading end is closed before kiln starts, so every write it makes fails with
+    // EPIPE (closing it after the spawn let a quick kiln write into the pipe first).
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills both descriptors on success; each is owned exactly once below.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::from(write_end))
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .expect("kiln runs");
-    // Only the child holds the writing end now; every write it makes fails with EPIPE.
-    drop(child.stdout.take());
-    let o = child.wait_with_output().expect("kiln ends");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{args:?}: {err}");
     assert_ne!(o.status.code(), Some(101), "{args:?}: {err}");
@@ -715,6 +721,20 @@ fn output_into_a_closed_pipe_ends_quietly() {
         &["build", e.as_str(), "--call", "targets"],
         &["build", e.as_str(), "--call", "outline"],
         &["build", e.as_str(), "--call", "check"],
+    ] {
+        kiln_into_closed_pipe(args);
+    }
+}
+
+/// Every command's output, not only `kiln build`'s, ends by SIGPIPE into a closed pipe
+/// (`kiln du | head`), never by a panic (exit 101).
+#[test]
+fn other_commands_into_a_closed_pipe_end_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let root = root.path().to_str().unwrap();
+    for args in [
+        &["--root", root, "du"][..],
+        &["--root", root, "history", "ls"],
     ] {
         kiln_into_closed_pipe(args);
     }

@@ -9,6 +9,7 @@ use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
 use kiln_graph::options::{CallKind, OutputFormat, ProgressMode};
 use kiln_graph::{BuildOptions, OfflineResolver, RawBuildFlags};
 
+use super::print_stdout;
 use crate::Globals;
 
 /// Arguments of `kiln build`.
@@ -304,26 +305,6 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     super::build_exec::execute(&opts, &df, &dockerignore, globals, &outputs, &|e| {
         e.render(&file_label, &source)
     })
-}
-
-/// Writes `text` to stdout. A reader that went away (`kiln build --dry-run=json | head`)
-/// ends kiln as it ends other command-line tools: by SIGPIPE, quietly, instead of a panic.
-pub(crate) fn print_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-            // SAFETY: restoring the default action of SIGPIPE and raising it only ends the
-            // process; Rust's runtime set it to "ignore" at start-up.
-            unsafe {
-                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-                libc::raise(libc::SIGPIPE);
-            }
-            std::process::exit(141)
-        }
-        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
-    }
 }
 
 fn unreachable_build() -> anyhow::Result<ExitCode> {

@@ -52,11 +52,11 @@ fn fsck(args: FsckArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         } else {
             "problem"
         };
-        println!("{kind}: {p}");
+        outln!("{kind}: {p}");
     }
     let damage = report.damage().count();
     let leftovers = report.problems.len() - damage;
-    println!(
+    outln!(
         "checked {} blobs and {} snapshots: {damage} problem(s), {leftovers} leftover(s) of killed processes{}",
         report.blobs_checked,
         report.snapshots_checked,

@@ -74,14 +74,14 @@ pub fn run(args: HistoryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         HistoryCommand::Inspect { id, json } => {
             let record = store.find(&id)?;
             if json {
-                write_stdout(&format!("{}\n", serde_json::to_string_pretty(&record)?))?;
+                super::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&record)?))?;
             } else {
-                write_stdout(&inspect(&record))?;
+                super::print_stdout(&inspect(&record))?;
             }
         }
         HistoryCommand::Compare { before, after } => {
             let (a, b) = (store.find(&before)?, store.find(&after)?);
-            write_stdout(&kiln_history::compare_records(&a, &b).render_text())?;
+            super::print_stdout(&kiln_history::compare_records(&a, &b).render_text())?;
         }
         HistoryCommand::Report { id, output } => {
             let record = store.find(&id)?;
@@ -103,15 +103,6 @@ pub fn run(args: HistoryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Writes to stdout; a closed pipe (`kiln history ls | head`) is not an error.
-fn write_stdout(text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
-        _ => Ok(()),
-    }
 }
 
 fn when(record: &BuildRecord) -> String {
@@ -157,7 +148,7 @@ fn ls(store: &HistoryStore, json: bool) -> anyhow::Result<()> {
             );
         }
     }
-    write_stdout(&out)
+    super::print_stdout(&out)
 }
 
 fn inspect(r: &BuildRecord) -> String {

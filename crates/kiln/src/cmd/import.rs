@@ -57,6 +57,6 @@ pub fn run(args: ImportArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         sde.map(|s| s as i64),
     )
     .with_context(|| format!("importing {}", args.source.display()))?;
-    println!("{}", image.manifest.digest);
+    outln!("{}", image.manifest.digest);
     Ok(ExitCode::SUCCESS)
 }

@@ -98,7 +98,7 @@ pub fn run_login(args: LoginArgs, _globals: &Globals) -> anyhow::Result<ExitCode
     docker_config
         .store(&server, &username, &password)
         .with_context(|| format!("storing credentials for {server}"))?;
-    println!(
+    outln!(
         "Login Succeeded ({server}, credentials in {})",
         docker_config.path().display()
     );
@@ -110,9 +110,9 @@ pub fn run_logout(args: LogoutArgs, _globals: &Globals) -> anyhow::Result<ExitCo
     let server = server_name(args.server);
     let docker_config = DockerConfig::from_env();
     if docker_config.erase(&server)? {
-        println!("Removed login credentials for {server}");
+        outln!("Removed login credentials for {server}");
     } else {
-        println!("Not logged in to {server}");
+        outln!("Not logged in to {server}");
     }
     Ok(ExitCode::SUCCESS)
 }

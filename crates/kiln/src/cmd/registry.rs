@@ -135,12 +135,12 @@ pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("garbage collection of {}", root.display()))?;
             let verb = if a.dry_run { "would delete" } else { "deleted" };
             for (repo, d) in &r.manifests_deleted {
-                println!("{verb} manifest {repo}@{d}");
+                outln!("{verb} manifest {repo}@{d}");
             }
             for d in &r.blobs_deleted {
-                println!("{verb} blob {d}");
+                outln!("{verb} blob {d}");
             }
-            println!(
+            outln!(
                 "{verb} {} blobs ({} bytes) and {} manifests; kept {} blobs",
                 r.blobs_deleted.len(),
                 r.bytes_freed,
@@ -158,7 +158,7 @@ pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
                     format!("scope {s:?} is not TYPE:NAME:ACTIONS, e.g. repository:app:pull,push")
                 })?);
             }
-            println!(
+            outln!(
                 "{}",
                 kiln_registry::issue_token(&key, &a.service, &a.subject, access, a.ttl)
             );

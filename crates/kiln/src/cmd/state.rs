@@ -36,39 +36,43 @@ fn open(globals: &Globals) -> anyhow::Result<Store> {
 pub fn run_du(_args: DuArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let u = open(globals)?.usage().context("measuring the state dir")?;
     let h = kiln_history::format_bytes;
-    println!("{:<22} {:>8} {:>12}", "KIND", "COUNT", "SIZE");
-    println!(
+    outln!("{:<22} {:>8} {:>12}", "KIND", "COUNT", "SIZE");
+    outln!(
         "{:<22} {:>8} {:>12}",
         "blobs (layers, images)",
         u.blobs,
         h(u.blob_bytes)
     );
-    println!(
+    outln!(
         "{:<22} {:>8} {:>12}",
         "snapshots",
         u.snapshots,
         h(u.snapshot_bytes)
     );
-    println!(
+    outln!(
         "{:<22} {:>8} {:>12}",
-        "  in use now", u.active_snapshots, ""
+        "  in use now",
+        u.active_snapshots,
+        ""
     );
-    println!(
+    outln!(
         "{:<22} {:>8} {:>12}",
         "cache records",
         u.cache_records,
         h(u.cache_bytes)
     );
     let (downloads, download_bytes) = kiln_worker::sources::downloads_usage(&globals.root);
-    println!(
+    outln!(
         "{:<22} {:>8} {:>12}",
         "downloads (ADD <url>)",
         downloads,
         h(download_bytes)
     );
-    println!(
+    outln!(
         "{:<22} {:>8} {:>12}",
-        "leases (running builds)", u.leases, ""
+        "leases (running builds)",
+        u.leases,
+        ""
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -132,7 +136,7 @@ pub fn run_prune(args: PruneArgs, globals: &Globals) -> anyhow::Result<ExitCode>
     let history = kiln_history::HistoryStore::new(&globals.root)
         .prune()
         .unwrap_or(0);
-    println!(
+    outln!(
         "removed {} cache records, {} snapshots, {} blobs ({}), {} downloads ({}), {} history records",
         r.cache_records,
         r.snapshots.len(),
