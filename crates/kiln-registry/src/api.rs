@@ -50,14 +50,71 @@ pub(crate) struct App {
     body_timeout: Option<Duration>,
     /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
     /// restart; the staged file is then re-hashed.
-    sessions: Mutex<HashMap<String, UploadHash>>,
+    sessions: Mutex<HashStates>,
     /// Manifest bodies are buffered whole (up to the size limit); this caps how many are in
     /// memory at once so many concurrent pushes cannot exhaust memory.
     manifest_buffers: tokio::sync::Semaphore,
+    /// Bounds on open upload sessions: `(in total, per repository)`, 0 for none.
+    max_uploads: (usize, usize),
+    /// Age after which an upload that still holds no data may be reclaimed.
+    empty_upload_max_age: Duration,
+    /// Serialises counting and creating upload sessions, so concurrent starts cannot
+    /// overshoot the bounds together.
+    upload_starts: tokio::sync::Mutex<()>,
+}
+
+/// Hash state of open uploads keyed by `(repository, upload id)`. Entries are made only
+/// for uploads that exist in storage, and past `cap` the least recently used idle entry is
+/// dropped: requests naming made-up uploads cannot add entries, and no client can flush
+/// another's state wholesale (a dropped entry only costs that upload one re-hash).
+#[derive(Default)]
+struct HashStates {
+    entries: HashMap<(String, String), (u64, UploadHash)>,
+    /// Use counter: the entry with the smallest stamp is the least recently used.
+    clock: u64,
+    cap: usize,
+}
+
+impl HashStates {
+    fn get(&mut self, key: &(String, String)) -> Option<UploadHash> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.get_mut(key).map(|(used, h)| {
+            *used = now;
+            h.clone()
+        })
+    }
+
+    fn insert(&mut self, key: (String, String)) -> UploadHash {
+        if let Some(h) = self.get(&key) {
+            return h;
+        }
+        if self.entries.len() >= self.cap {
+            // Only idle entries may go: a request holding one is writing a chunk, and a
+            // second lock for the same upload would let two chunks interleave.
+            let oldest = self
+                .entries
+                .iter()
+                .filter(|(_, (_, h))| Arc::strong_count(h) == 1)
+                .min_by_key(|(_, (used, _))| *used)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = oldest {
+                self.entries.remove(&k);
+            }
+        }
+        let h = UploadHash::default();
+        self.entries.insert(key, (self.clock, h.clone()));
+        h
+    }
 }
 
 impl App {
     pub(crate) fn new(store: Storage, cfg: &Config, auth: Auth) -> App {
+        // Every entry belongs to an open upload, so the upload bound bounds the map too.
+        let cap = match cfg.max_open_uploads {
+            0 => 10_000,
+            n => n,
+        };
         App {
             store,
             read_only: cfg.read_only,
@@ -65,25 +122,73 @@ impl App {
             auth,
             body_timeout: crate::secs_or_off(cfg.idle_timeout_secs),
             metrics: Metrics::default(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashStates {
+                cap,
+                ..HashStates::default()
+            }),
             manifest_buffers: tokio::sync::Semaphore::new(64),
+            max_uploads: (cfg.max_open_uploads, cfg.max_open_uploads_per_repository),
+            empty_upload_max_age: Duration::from_secs(cfg.empty_upload_max_age_secs),
+            upload_starts: tokio::sync::Mutex::new(()),
         }
     }
 
-    fn session(&self, id: &str) -> UploadHash {
-        let mut m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() > 10_000 {
-            // Abandoned sessions: dropping hash state only costs a re-hash later.
-            m.clear();
-        }
-        m.entry(id.to_owned()).or_default().clone()
+    fn hash_states(&self) -> std::sync::MutexGuard<'_, HashStates> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn forget_session(&self, id: &str) {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+    /// The hash state of upload `id` in `name`; `BLOB_UPLOAD_UNKNOWN` (and no entry) when
+    /// storage holds no such upload.
+    async fn session(&self, name: &str, id: &str) -> Result<UploadHash, ApiError> {
+        let key = (name.to_owned(), id.to_owned());
+        if let Some(h) = self.hash_states().get(&key) {
+            return Ok(h);
+        }
+        let store = self.store.clone();
+        let (n2, i2) = key.clone();
+        let exists = blocking("reading upload", move || store.upload_size(&n2, &i2))
+            .await?
+            .is_some();
+        if !exists {
+            return Err(upload_unknown(id));
+        }
+        Ok(self.hash_states().insert(key))
+    }
+
+    fn forget_session(&self, name: &str, id: &str) {
+        self.hash_states()
+            .entries
+            .remove(&(name.to_owned(), id.to_owned()));
+    }
+
+    /// Whether another upload session may start in `name`; at a bound, first removes
+    /// abandoned empty uploads and counts again.
+    async fn upload_slot_free(&self, name: &str) -> Result<bool, ApiError> {
+        let (max_total, max_here) = self.max_uploads;
+        if max_total == 0 && max_here == 0 {
+            return Ok(true);
+        }
+        let within = |(total, here): (usize, usize)| {
+            (max_total == 0 || total < max_total) && (max_here == 0 || here < max_here)
+        };
+        let (store, n2) = (self.store.clone(), name.to_owned());
+        if within(blocking("counting uploads", move || store.count_uploads(&n2)).await?) {
+            return Ok(true);
+        }
+        let (store, n2, age) = (
+            self.store.clone(),
+            name.to_owned(),
+            self.empty_upload_max_age,
+        );
+        let counts = blocking("reclaiming abandoned uploads", move || {
+            let n = store.reclaim_empty_uploads(age)?;
+            if n > 0 {
+                tracing::info!("removed {n} abandoned empty uploads");
+            }
+            store.count_uploads(&n2)
+        })
+        .await?;
+        Ok(within(counts))
     }
 }
 
@@ -680,9 +785,21 @@ async fn start_upload(
         let d = parse_digest(digest)?;
         return monolithic_upload(app, name, d, req.into_body()).await;
     }
+    let slots = app.upload_starts.lock().await;
+    if !app.upload_slot_free(&name).await? {
+        return Err(ApiError::new(
+            Code::TooManyRequests,
+            "too many open uploads: finish or cancel one, or retry later",
+        )
+        .with_detail(serde_json::json!({
+            "max_open_uploads": app.max_uploads.0,
+            "max_open_uploads_per_repository": app.max_uploads.1,
+        })));
+    }
     let store = app.store.clone();
     let n2 = name.clone();
     let id = blocking("creating upload", move || store.create_upload(&n2)).await?;
+    drop(slots);
     finish(
         builder(StatusCode::ACCEPTED)
             .header(header::LOCATION, upload_location(&name, &id))
@@ -797,6 +914,9 @@ async fn open_sink(
     let hasher = match state.take() {
         Some((off, h)) if off == size => h,
         _ => {
+            if size > 0 {
+                app.metrics.add_upload_rehash();
+            }
             let (f, h) = blocking("hashing upload", move || {
                 let mut h = Hasher::new(Algorithm::Sha256);
                 file.seek(io::SeekFrom::Start(0))?;
@@ -841,7 +961,7 @@ async fn append_or_rollback(app: &Arc<App>, sink: Sink, body: Incoming) -> Resul
 }
 
 async fn patch_upload(app: &Arc<App>, name: String, id: String, req: Request<Incoming>) -> Resp {
-    let session = app.session(&id);
+    let session = app.session(&name, &id).await?;
     let mut state = session.lock().await;
     let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
     let sink = append_or_rollback(app, sink, req.into_body()).await?;
@@ -864,9 +984,9 @@ async fn put_upload(
     q: &[(String, String)],
     req: Request<Incoming>,
 ) -> Resp {
-    let session = app.session(&id);
-    let mut state = session.lock().await;
     let d = parse_digest(query(q, "digest").unwrap_or(""))?;
+    let session = app.session(&name, &id).await?;
+    let mut state = session.lock().await;
     let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
     let sink = append_or_rollback(app, sink, req.into_body()).await?;
     let Sink {
@@ -904,17 +1024,17 @@ async fn put_upload(
     })
     .await?;
     drop(state);
-    app.forget_session(&id);
+    app.forget_session(&name, &id);
     blob_created(&name, &d)
 }
 
 async fn cancel_upload(app: &Arc<App>, name: String, id: String) -> Resp {
-    let session = app.session(&id);
+    let session = app.session(&name, &id).await?;
     let _state = session.lock().await;
     let store = app.store.clone();
-    let i2 = id.clone();
-    let found = blocking("cancelling upload", move || store.delete_upload(&name, &i2)).await?;
-    app.forget_session(&id);
+    let (n2, i2) = (name.clone(), id.clone());
+    let found = blocking("cancelling upload", move || store.delete_upload(&n2, &i2)).await?;
+    app.forget_session(&name, &id);
     if !found {
         return Err(upload_unknown(&id));
     }
@@ -1301,7 +1421,8 @@ async fn referrers(app: &Arc<App>, name: String, d: String, q: &[(String, String
 async fn metrics(app: &Arc<App>) -> Resp {
     let store = app.store.clone();
     let size = blocking("measuring storage", move || Ok(store.blob_store_size())).await?;
-    let text = app.metrics.render(size);
+    let states = app.hash_states().entries.len();
+    let text = app.metrics.render(size, states);
     finish(
         builder(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -1333,6 +1454,44 @@ async fn token(app: &Arc<App>, req: &Request<Incoming>) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(id: &str) -> (String, String) {
+        ("repo".to_owned(), id.to_owned())
+    }
+
+    #[test]
+    fn hash_states_evict_the_least_recently_used_idle_entry() {
+        let mut m = HashStates {
+            cap: 2,
+            ..HashStates::default()
+        };
+        m.insert(key("a"));
+        m.insert(key("b"));
+        // `a` used again: `b` is now the least recently used.
+        assert!(m.get(&key("a")).is_some());
+        m.insert(key("c"));
+        assert_eq!(m.entries.len(), 2);
+        assert!(m.entries.contains_key(&key("a")));
+        assert!(m.entries.contains_key(&key("c")));
+        assert!(!m.entries.contains_key(&key("b")));
+    }
+
+    #[test]
+    fn hash_states_never_evict_an_entry_in_use() {
+        let mut m = HashStates {
+            cap: 1,
+            ..HashStates::default()
+        };
+        let held = m.insert(key("a"));
+        let again = m.insert(key("b"));
+        // `a` is being written by a request: it stays, and the map grows past its cap
+        // rather than handing a second lock for `a` to the next request.
+        assert!(Arc::ptr_eq(&held, &m.get(&key("a")).expect("a kept")));
+        assert_eq!(m.entries.len(), 2);
+        drop((held, again));
+        m.insert(key("c"));
+        assert_eq!(m.entries.len(), 2, "one idle entry evicted at the cap");
+    }
 
     #[test]
     fn ranges_follow_rfc9110() {

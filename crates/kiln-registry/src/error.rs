@@ -22,6 +22,8 @@ pub(crate) enum Code {
     Unauthorized,
     Unsupported,
     TagInvalid,
+    /// Too many requests of a kind (open uploads past their bound); status 429.
+    TooManyRequests,
 }
 
 impl Code {
@@ -40,6 +42,7 @@ impl Code {
             Code::Unauthorized => "UNAUTHORIZED",
             Code::Unsupported => "UNSUPPORTED",
             Code::TagInvalid => "TAG_INVALID",
+            Code::TooManyRequests => "TOOMANYREQUESTS",
         }
     }
 
@@ -52,6 +55,7 @@ impl Code {
             | Code::NameUnknown => StatusCode::NOT_FOUND,
             Code::Unauthorized => StatusCode::UNAUTHORIZED,
             Code::Unsupported => StatusCode::METHOD_NOT_ALLOWED,
+            Code::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::BAD_REQUEST,
         }
     }

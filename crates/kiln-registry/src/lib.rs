@@ -82,6 +82,15 @@ pub struct Config {
     /// Most client connections open at once (0: derived from the descriptor limit, half
     /// of what is left after a reserve, so the files being served keep descriptors too).
     pub max_connections: usize,
+    /// Most upload sessions open at once across all repositories (0: no limit). Each holds
+    /// a staged file; past the bound, starting one answers `429 TOOMANYREQUESTS`.
+    pub max_open_uploads: usize,
+    /// Most upload sessions open at once in one repository (0: no limit), so one busy or
+    /// hostile repository cannot take every slot of `max_open_uploads`.
+    pub max_open_uploads_per_repository: usize,
+    /// Seconds after which a staged upload that still holds no data counts as abandoned:
+    /// when a bound above is reached, such uploads are removed before refusing a new one.
+    pub empty_upload_max_age_secs: u64,
 }
 
 impl Default for Config {
@@ -104,6 +113,9 @@ impl Default for Config {
             header_read_timeout_secs: 30,
             idle_timeout_secs: 120,
             max_connections: 0,
+            max_open_uploads: 1024,
+            max_open_uploads_per_repository: 128,
+            empty_upload_max_age_secs: 600,
         }
     }
 }
@@ -176,6 +188,19 @@ impl RegistryBuilder {
     /// Whether to fsync before acknowledging writes (default true).
     pub fn fsync(mut self, yes: bool) -> Self {
         self.config.fsync = yes;
+        self
+    }
+    /// Bounds on open upload sessions, in total and per repository (0: no limit); see
+    /// [`Config::max_open_uploads`].
+    pub fn upload_limits(mut self, total: usize, per_repository: usize) -> Self {
+        self.config.max_open_uploads = total;
+        self.config.max_open_uploads_per_repository = per_repository;
+        self
+    }
+    /// Age after which an upload holding no data may be reclaimed when a bound is reached;
+    /// see [`Config::empty_upload_max_age_secs`].
+    pub fn empty_upload_max_age(mut self, age: Duration) -> Self {
+        self.config.empty_upload_max_age_secs = age.as_secs();
         self
     }
     /// Binds, opens storage and starts serving on the current tokio runtime.

@@ -35,6 +35,9 @@ pub(crate) struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
+    /// Chunks whose upload had to be re-hashed from disk because its streaming hash state
+    /// was gone (restart, eviction): shows whether hash state is being lost.
+    upload_rehashes: AtomicU64,
 }
 
 impl Metrics {
@@ -60,7 +63,13 @@ impl Metrics {
         self.bytes_in.fetch_add(n, Relaxed);
     }
 
-    pub(crate) fn render(&self, storage_bytes: u64) -> String {
+    /// Counts one re-hash of a staged upload from disk.
+    pub(crate) fn add_upload_rehash(&self) {
+        self.upload_rehashes.fetch_add(1, Relaxed);
+    }
+
+    /// The exposition text; `hash_states` is how many uploads have streaming hash state.
+    pub(crate) fn render(&self, storage_bytes: u64, hash_states: usize) -> String {
         let mut s = String::new();
         s.push_str("# HELP kiln_registry_requests_total HTTP requests by method and status.\n");
         s.push_str("# TYPE kiln_registry_requests_total counter\n");
@@ -124,6 +133,22 @@ impl Metrics {
         );
         let _ = writeln!(s, "# TYPE kiln_registry_storage_bytes gauge");
         let _ = writeln!(s, "kiln_registry_storage_bytes {storage_bytes}");
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_upload_hash_states Open uploads with streaming hash state in memory."
+        );
+        let _ = writeln!(s, "# TYPE kiln_registry_upload_hash_states gauge");
+        let _ = writeln!(s, "kiln_registry_upload_hash_states {hash_states}");
+        let _ = writeln!(
+            s,
+            "# HELP kiln_registry_upload_rehashes_total Upload chunks that re-hashed the staged data from disk."
+        );
+        let _ = writeln!(s, "# TYPE kiln_registry_upload_rehashes_total counter");
+        let _ = writeln!(
+            s,
+            "kiln_registry_upload_rehashes_total {}",
+            self.upload_rehashes.load(Relaxed)
+        );
         s
     }
 }
@@ -139,7 +164,7 @@ mod tests {
             m.observe(&format!("X{i}"), 405, 0, 0, Duration::ZERO);
         }
         m.observe("GET", 200, 0, 0, Duration::ZERO);
-        let text = m.render(0);
+        let text = m.render(0, 0);
         let series: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("kiln_registry_requests_total{"))

@@ -42,6 +42,20 @@ pub(crate) struct GcLock {
     _file: File,
 }
 
+/// The repository part of a staged upload's file name: uploads of all repositories share
+/// one directory, and a fixed-length key keeps names short whatever the repository name.
+fn upload_key(name: &str) -> String {
+    Digest::sha256_of(name.as_bytes()).hex()[..16].to_owned()
+}
+
+/// Splits a staged upload's file name `<repo-key>-<id>` into its parts; `None` for any
+/// other file.
+fn parse_upload_file(file: &str) -> Option<(&str, &str)> {
+    let (k, id) = file.split_once('-')?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(k, 16) && hex(id, 32)).then_some((k, id))
+}
+
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::fill(&mut b[..]);
@@ -127,9 +141,9 @@ impl Storage {
     }
 
     fn upload_path(&self, name: &str, id: &str) -> PathBuf {
-        let d = Digest::sha256_of(name.as_bytes());
-        let key = &d.hex()[..16];
-        self.root.join("uploads").join(format!("{key}-{id}"))
+        self.root
+            .join("uploads")
+            .join(format!("{}-{id}", upload_key(name)))
     }
 
     // ---------------------------------------------------------------- durable writes
@@ -272,6 +286,57 @@ impl Storage {
         let id = random_hex(16);
         File::create(self.upload_path(name, &id))?;
         Ok(id)
+    }
+
+    /// Counts staged uploads: `(in all repositories, in name)`. Monolithic uploads in
+    /// progress count too; they hold a file for as long as their request runs.
+    pub(crate) fn count_uploads(&self, name: &str) -> io::Result<(usize, usize)> {
+        let key = upload_key(name);
+        let (mut total, mut here) = (0, 0);
+        for e in fs::read_dir(self.root.join("uploads"))? {
+            let file = e?.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if let Some((k, _)) = parse_upload_file(file) {
+                total += 1;
+                if k == key {
+                    here += 1;
+                }
+            }
+        }
+        Ok((total, here))
+    }
+
+    /// Removes staged uploads that hold no data and were created (or last written) more than
+    /// `age` ago: sessions a client opened and never used. Returns how many went. A client
+    /// that comes back to one later gets `BLOB_UPLOAD_UNKNOWN` and starts over, which costs
+    /// it nothing since nothing was sent.
+    pub(crate) fn reclaim_empty_uploads(&self, age: std::time::Duration) -> io::Result<usize> {
+        let now = std::time::SystemTime::now();
+        let mut removed = 0;
+        for e in fs::read_dir(self.root.join("uploads"))? {
+            let e = e?;
+            let file = e.file_name();
+            if file.to_str().and_then(parse_upload_file).is_none() {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            // Age 0 reclaims every empty upload, even one whose timestamp reads as just
+            // ahead of this clock.
+            let idle = age.is_zero()
+                || meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|d| d >= age);
+            if meta.len() == 0 && idle {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// Opens the staged data of an upload for appending; `None` when the id is unknown in
