@@ -144,3 +144,36 @@ fn copy_through_a_file_where_a_folder_is_needed_says_so_once() {
         );
     }
 }
+
+/// `COPY link/ /x/` with `link -> realdir` copies realdir's files, so editing one of them
+/// must change the step's cache key: the rebuild reruns the copy and the output holds the
+/// new content, never the first build's cached layer.
+#[test]
+fn a_copy_through_a_symlinked_folder_reruns_when_a_file_behind_the_link_changes() {
+    for dockerfile in [
+        "FROM scratch\nCOPY link/ /x/\n",
+        "FROM scratch\nCOPY link /x\n",
+    ] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let ctx = tmp.path().join("ctx");
+        std::fs::create_dir_all(ctx.join("realdir")).expect("mkdir");
+        std::fs::write(ctx.join("realdir/file"), "first").expect("write");
+        std::os::unix::fs::symlink("realdir", ctx.join("link")).expect("symlink");
+        let out = build_scratch(tmp.path(), &[], dockerfile);
+        assert_eq!(
+            std::fs::read_to_string(out.join("x/file")).unwrap(),
+            "first"
+        );
+
+        std::fs::write(ctx.join("realdir/file"), "second").expect("write");
+        let out2 = tmp.path().join("out2");
+        let o = kiln_build(&tmp.path().join("root"), &ctx, &out2);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "rebuild failed:\n{err}");
+        assert_eq!(
+            std::fs::read_to_string(out2.join("x/file")).unwrap(),
+            "second",
+            "{dockerfile:?}: the rebuild reused the stale copy:\n{err}"
+        );
+    }
+}
