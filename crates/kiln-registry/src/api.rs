@@ -85,6 +85,15 @@ impl HashStates {
         })
     }
 
+    /// File names of uploads a request is working on right now (it holds their entry).
+    fn busy(&self) -> std::collections::HashSet<String> {
+        self.entries
+            .iter()
+            .filter(|(_, (_, h))| Arc::strong_count(h) > 1)
+            .map(|((name, id), _)| crate::storage::upload_file_name(name, id))
+            .collect()
+    }
+
     fn insert(&mut self, key: (String, String)) -> UploadHash {
         if let Some(h) = self.get(&key) {
             return h;
@@ -175,13 +184,14 @@ impl App {
         if within(blocking("counting uploads", move || store.count_uploads(&n2)).await?) {
             return Ok(true);
         }
+        let busy = self.hash_states().busy();
         let (store, n2, age) = (
             self.store.clone(),
             name.to_owned(),
             self.empty_upload_max_age,
         );
         let counts = blocking("reclaiming abandoned uploads", move || {
-            let n = store.reclaim_empty_uploads(age)?;
+            let n = store.reclaim_empty_uploads(age, &busy)?;
             if n > 0 {
                 tracing::info!("removed {n} abandoned empty uploads");
             }

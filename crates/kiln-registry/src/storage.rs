@@ -48,6 +48,11 @@ fn upload_key(name: &str) -> String {
     Digest::sha256_of(name.as_bytes()).hex()[..16].to_owned()
 }
 
+/// The file name under `uploads/` of upload `id` in repository `name`.
+pub(crate) fn upload_file_name(name: &str, id: &str) -> String {
+    format!("{}-{id}", upload_key(name))
+}
+
 /// Splits a staged upload's file name `<repo-key>-<id>` into its parts; `None` for any
 /// other file.
 fn parse_upload_file(file: &str) -> Option<(&str, &str)> {
@@ -141,9 +146,7 @@ impl Storage {
     }
 
     fn upload_path(&self, name: &str, id: &str) -> PathBuf {
-        self.root
-            .join("uploads")
-            .join(format!("{}-{id}", upload_key(name)))
+        self.root.join("uploads").join(upload_file_name(name, id))
     }
 
     // ---------------------------------------------------------------- durable writes
@@ -309,15 +312,22 @@ impl Storage {
     /// Removes staged uploads that hold no data and were created (or last written) more than
     /// `age` ago: sessions a client opened and never used. Returns how many went. A client
     /// that comes back to one later gets `BLOB_UPLOAD_UNKNOWN` and starts over, which costs
-    /// it nothing since nothing was sent.
-    pub(crate) fn reclaim_empty_uploads(&self, age: std::time::Duration) -> io::Result<usize> {
+    /// it nothing since nothing was sent. Files named in `busy` (see [`upload_file_name`])
+    /// have a request writing to them and are kept: a slow body may not have filled its
+    /// first write batch yet.
+    pub(crate) fn reclaim_empty_uploads(
+        &self,
+        age: std::time::Duration,
+        busy: &std::collections::HashSet<String>,
+    ) -> io::Result<usize> {
         let now = std::time::SystemTime::now();
         let mut removed = 0;
         for e in fs::read_dir(self.root.join("uploads"))? {
             let e = e?;
             let file = e.file_name();
-            if file.to_str().and_then(parse_upload_file).is_none() {
-                continue;
+            match file.to_str() {
+                Some(f) if parse_upload_file(f).is_some() && !busy.contains(f) => {}
+                _ => continue,
             }
             let Ok(meta) = e.metadata() else { continue };
             // Age 0 reclaims every empty upload, even one whose timestamp reads as just

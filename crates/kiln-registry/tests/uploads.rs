@@ -257,3 +257,70 @@ async fn abandoned_empty_uploads_are_reclaimed_at_the_bound() {
     finish(&reg, &used, &Digest::sha256_of(&data)).await;
     open_upload(&reg, "r").await;
 }
+
+#[tokio::test]
+async fn an_empty_upload_being_written_is_not_reclaimed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let reg =
+        common::start_with(|b| b.upload_limits(0, 1).empty_upload_max_age(Duration::ZERO)).await;
+    let loc = open_upload(&reg, "r").await;
+    // A slow client: the chunk's head and 3 of its 10 bytes, far less than one write batch,
+    // so the staged file is still empty while the request runs.
+    let addr = reg.reg.as_ref().expect("running").addr;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "PATCH {loc} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 10\r\nConnection: close\r\n\r\nabc"
+    );
+    s.write_all(head.as_bytes()).await.expect("send head");
+    // The request holds the upload's hash state once the server is working on it.
+    let mut seen = false;
+    for _ in 0..500 {
+        if metric(&reg, "kiln_registry_upload_hash_states").await == 1 {
+            seen = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(seen, "the server never picked up the chunk");
+    assert_eq!(staged_uploads(&reg.root()), 1);
+
+    // At the bound, the upload being written is not taken for abandoned.
+    assert_error(
+        post(&reg, "r").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "TOOMANYREQUESTS",
+    )
+    .await;
+    s.write_all(b"defghij").await.expect("send rest");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.expect("response");
+    assert!(resp.starts_with("HTTP/1.1 202"), "{resp}");
+    finish(&reg, &loc, &Digest::sha256_of(b"abcdefghij")).await;
+}
+
+#[test]
+fn upload_bounds_come_from_the_config_file_with_defaults() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("registry.json");
+    std::fs::write(&p, "{}").expect("write config");
+    let c = kiln_registry::Config::from_file(&p).expect("empty config parses");
+    assert!(c.max_open_uploads > 0 && c.max_open_uploads_per_repository > 0);
+    assert!(c.max_open_uploads_per_repository <= c.max_open_uploads);
+    std::fs::write(
+        &p,
+        r#"{"max_open_uploads": 7, "max_open_uploads_per_repository": 2,
+            "empty_upload_max_age_secs": 30}"#,
+    )
+    .expect("write config");
+    let c = kiln_registry::Config::from_file(&p).expect("config parses");
+    assert_eq!(
+        (
+            c.max_open_uploads,
+            c.max_open_uploads_per_repository,
+            c.empty_upload_max_age_secs
+        ),
+        (7, 2, 30)
+    );
+}
