@@ -34,6 +34,21 @@ enum ExportSink {
     File(io::BufWriter<tempfile::NamedTempFile>),
 }
 
+/// The directory `dest` lives in (created if missing) and the `.NAME.tmp-` prefix of the
+/// temporary file or directory that is written there and renamed onto `dest` at the end.
+fn temp_beside(dest: &Path) -> Result<(PathBuf, String), WorkerError> {
+    let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_owned(),
+        None => PathBuf::from("."),
+    };
+    fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok((dir, format!(".{name}.tmp-")))
+}
+
 impl ExportFile {
     /// Starts writing `dest`; `-` means standard output (written as it comes).
     pub fn create(dest: &Path) -> Result<Self, WorkerError> {
@@ -43,18 +58,10 @@ impl ExportFile {
                 out: ExportSink::Stdout(io::stdout().lock()),
             });
         }
-        let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Some(d) => d.to_owned(),
-            None => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dir, prefix) = temp_beside(dest)?;
         // Same directory, so the final rename never crosses filesystems.
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}.tmp-"))
+            .prefix(&prefix)
             .tempfile_in(&dir)
             .map_err(io_at("creating a temporary file beside", dest))?;
         Ok(ExportFile {
@@ -231,18 +238,10 @@ pub fn local_dir(worker: &Worker, fs_: Option<&Rootfs>, dest: &Path) -> Result<(
         Err(e) => return Err(io_at("reading", dest)(e)),
     };
     let staging = if empty {
-        let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-            Some(d) => d.to_owned(),
-            None => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir).map_err(io_at("creating", &dir))?;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dir, prefix) = temp_beside(dest)?;
         Some(
             tempfile::Builder::new()
-                .prefix(&format!(".{name}.tmp-"))
+                .prefix(&prefix)
                 .tempdir_in(&dir)
                 .map_err(io_at("creating a temporary directory beside", dest))?,
         )
