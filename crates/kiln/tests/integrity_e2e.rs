@@ -126,30 +126,8 @@ fn context(f: &Fixture, name: &str, files: &[(&str, &str)]) -> PathBuf {
 
 /// `kiln build` of `dir` with extra environment variables; must succeed.
 fn build_env(f: &Fixture, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Build {
-    let meta = dir.join(format!(
-        "meta-{}.json",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let d = dir.to_str().unwrap();
-    let (ctx, df) = (format!("context={d}"), format!("dockerfile={d}"));
-    let mut args = vec![
-        "build",
-        "--frontend",
-        "dockerfile.v0",
-        "--local",
-        &ctx,
-        "--local",
-        &df,
-        "--progress",
-        "rawjson",
-        "--metadata-file",
-        meta.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    Build::from(f.kiln_env(&args, env), &meta)
+    let (out, meta) = f.build_dir_raw_env(dir, extra, env);
+    Build::from(out, &meta)
 }
 
 const TWICE: &str =

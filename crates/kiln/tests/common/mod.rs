@@ -129,6 +129,16 @@ impl Fixture {
     /// `kiln build` of `dir`'s Dockerfile with `dir` as its context (buildctl spelling,
     /// rawjson progress, a metadata file): the raw output and the metadata file's path.
     pub fn build_dir_raw(&self, dir: &Path, extra: &[&str]) -> (Output, PathBuf) {
+        self.build_dir_raw_env(dir, extra, &[])
+    }
+
+    /// [`Fixture::build_dir_raw`] with extra environment variables for kiln.
+    pub fn build_dir_raw_env(
+        &self,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Output, PathBuf) {
         let meta = dir.join(format!("meta-{}.json", rand_suffix()));
         let d = dir.to_str().unwrap();
         let ctx = format!("context={d}");
@@ -147,7 +157,7 @@ impl Fixture {
             meta.to_str().unwrap(),
         ];
         args.extend(extra);
-        (self.kiln(&args), meta)
+        (self.kiln_env(&args, env), meta)
     }
 
     /// `kiln debug fsck ARGS` on the fixture's state dir: whether it passed, and its output.
