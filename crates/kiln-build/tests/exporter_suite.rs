@@ -226,8 +226,11 @@ fn exporter(value: &str) -> Box<dyn Exporter> {
 /// One exporter type's case: its `--output` value and how to check what it wrote.
 struct Case {
     value: String,
-    check: Box<dyn Fn(&Built, &ExportReport, &Files)>,
+    check: Check,
 }
+
+/// Checks what an exporter wrote, given the files that were there before it ran.
+type Check = Box<dyn Fn(&Built, &ExportReport, &Files)>;
 
 /// Every path under a directory, with its size: what an export changed.
 type Files = BTreeMap<PathBuf, u64>;
