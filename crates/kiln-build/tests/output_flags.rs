@@ -21,10 +21,7 @@ fn kind(flag: &str, value: &str) -> String {
 }
 
 fn err(outputs: &[&str], tags: &[&str], push: bool) -> SpecError {
-    let outputs: Vec<(String, String)> = outputs
-        .iter()
-        .map(|o| ("--output".to_owned(), o.to_string()))
-        .collect();
+    let outputs: Vec<String> = outputs.iter().map(|o| o.to_string()).collect();
     let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
     match exporters_from_flags(&outputs, &tags, push) {
         Ok(_) => panic!("should fail"),
@@ -121,7 +118,7 @@ fn push_flag_pushes_image_outputs_and_keeps_their_names() {
         (&["r/own:2".to_owned()][..], true)
     );
     // --push only concerns image outputs: beside a local output it asks nothing more.
-    let outputs = [("-o".to_owned(), "type=local,dest=out".to_owned())];
+    let outputs = ["type=local,dest=out".to_owned()];
     assert_eq!(exporters_from_flags(&outputs, &[], true).unwrap().len(), 1);
     // A bad push= value is reported as such even with --push.
     let e = err(&["type=image,name=r/a:1,push=maybe"], &[], true);

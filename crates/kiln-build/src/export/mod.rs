@@ -25,7 +25,7 @@ use kiln_worker::engine::{Rootfs, Worker, WorkerError};
 use kiln_worker::image::Layer;
 use kiln_worker::images::{self, StoredImage};
 
-use crate::spec::{split_fields, SpecError};
+use crate::spec::SpecError;
 
 pub use cacheonly::CacheonlyExporter;
 pub use docker::DockerExporter;
@@ -264,18 +264,6 @@ pub fn output_attrs(
     flag: &str,
     value: &str,
 ) -> Result<(String, BTreeMap<String, String>), SpecError> {
-    if value.is_empty() {
-        return Err(SpecError::new(
-            flag,
-            value,
-            "expected type=KIND,key=value,...",
-        ));
-    }
-    let fields = split_fields(flag, value)?;
-    if !fields.iter().any(|f| f.contains('=')) {
-        let kind = if value == "-" { "tar" } else { "local" };
-        return Ok((kind.into(), BTreeMap::from([("dest".into(), value.into())])));
-    }
     let (kind, attrs) = crate::spec::parse_attrs(flag, value)?;
     let kind = if kind.is_empty() {
         "local".to_owned()
@@ -368,18 +356,18 @@ impl OutputRequest {
     }
 }
 
-/// The exporters of a build from its flags: every `--output`/`-o` value (each with its flag
-/// as the user spelled it), then buildx's `-t/--tag` names and `--push` (see
-/// [`OutputRequest::from_flag`] and [`OutputRequest::from_tags`]).
+/// The exporters of a build from its flags: every `--output`/`-o` value, then buildx's
+/// `-t/--tag` names and `--push` (see [`OutputRequest::from_flag`] and
+/// [`OutputRequest::from_tags`]). Errors name the flag (`--output`, `--tag`, `--push`).
 pub fn exporters_from_flags(
-    outputs: &[(String, String)],
+    outputs: &[String],
     tags: &[String],
     push: bool,
 ) -> Result<Vec<Box<dyn Exporter>>, SpecError> {
     let mut requests = Vec::new();
     let mut exporters = Vec::new();
-    for (flag, value) in outputs {
-        let r = OutputRequest::from_flag(flag, value, tags, push)?;
+    for value in outputs {
+        let r = OutputRequest::from_flag("--output", value, tags, push)?;
         exporters.push(r.exporter()?);
         requests.push(r);
     }

@@ -185,8 +185,7 @@ impl BuildArgs {
 
     /// The exporters `--output`/`-o`, `-t/--tag` and `--push` select, validated.
     pub fn exporters(&self) -> Result<Vec<Box<dyn Exporter>>, kiln_build::spec::SpecError> {
-        let outputs: Vec<(String, String)> = tagged("--output", &self.outputs).collect();
-        kiln_build::export::exporters_from_flags(&outputs, &self.tags, self.push)
+        kiln_build::export::exporters_from_flags(&self.outputs, &self.tags, self.push)
     }
 }
 
