@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 #[cfg(doc)]
 use kiln_dockerfile::instructions::accepted_flags;
 use kiln_dockerfile::instructions::{
-    flag_spec, from_has_variable, FlagExpansion, FlagKind, COPY_FROM_VARIABLE,
+    flag_spec, from_has_variable, parse_mount, FlagExpansion, FlagKind, COPY_FROM_VARIABLE,
 };
 use kiln_dockerfile::shell::Lexer;
 use kiln_dockerfile::{Args, Dockerfile, Flag, Instruction, Keyword, Span};
@@ -507,12 +507,13 @@ impl<'a> Lowerer<'a> {
                 let Some(v) = f.value.as_deref().filter(|v| !v.contains('$')) else {
                     continue;
                 };
+                // A mount that does not parse is reported when the stage is lowered.
                 let from = match f.name.as_str() {
-                    "from" => Some(v),
-                    "mount" => v.split(',').find_map(|kv| kv.strip_prefix("from=")),
+                    "from" => Some(v.to_string()),
+                    "mount" => parse_mount(v).ok().and_then(|m| m.from),
                     _ => None,
                 };
-                if let Some(d) = from.and_then(by_name).filter(|&d| d != idx) {
+                if let Some(d) = from.as_deref().and_then(by_name).filter(|&d| d != idx) {
                     deps.push(d);
                 }
             }
