@@ -165,17 +165,7 @@ pub fn plan_build(
         };
         secrets.insert(s.id.clone(), value);
     }
-    let compression = opts
-        .outputs
-        .iter()
-        .find_map(|o| o.compression)
-        .map(|c| match c {
-            kiln_graph::options::Compression::Gzip => kiln_oci::compression::Compression::Gzip,
-            kiln_graph::options::Compression::Zstd => kiln_oci::compression::Compression::Zstd,
-            kiln_graph::options::Compression::Uncompressed => {
-                kiln_oci::compression::Compression::Uncompressed
-            }
-        });
+    let compression = opts.outputs.iter().find_map(|o| o.compression);
     let config = WorkerConfig {
         locals,
         secrets,
