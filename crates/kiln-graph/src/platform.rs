@@ -1,100 +1,53 @@
-//! Target platforms (`linux/amd64`, `linux/arm/v7`), normalised as BuildKit does.
+//! Target platforms (`linux/amd64`, `linux/arm/v7`): kiln-oci's [`Platform`], parsed from
+//! flags with [`Platform::parse`], and the form in which the graph hashes one into a cache
+//! key.
 
-use std::fmt;
+pub use kiln_oci::Platform;
 
-use serde::{Deserialize, Serialize};
+/// Serde for a platform inside an [`Op`](crate::Op) (use with `#[serde(with = ...)]`): the
+/// graph's own key order `os`, `architecture`, then `variant` if any — not the OCI order
+/// of [`Platform`]'s own serialization, so cache keys stay what they have always been.
+/// Only these three fields are kept; a target platform has no others.
+pub(crate) mod key_form {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// An OS/architecture/variant triple.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Platform {
-    /// Operating system, e.g. `linux`.
-    pub os: String,
-    /// CPU architecture in OCI spelling, e.g. `amd64`, `arm64`.
-    pub architecture: String,
-    /// Architecture variant, e.g. `v7`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
-}
+    use super::Platform;
 
-impl Platform {
-    /// The platform kiln itself runs on.
-    pub fn host() -> Self {
-        let arch = normalize_arch(std::env::consts::ARCH, None);
-        Platform {
-            os: "linux".to_string(),
-            architecture: arch.0,
-            variant: arch.1,
-        }
+    #[derive(Serialize)]
+    struct KeyRef<'a> {
+        os: &'a str,
+        architecture: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        variant: Option<&'a str>,
     }
 
-    /// Parses `os/arch[/variant]`, or a bare `arch` (meaning linux), normalising aliases
-    /// (`x86_64` → `amd64`, `aarch64` → `arm64`, `armhf` → `arm/v7`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(
-                "the platform is empty; expected os/arch[/variant], e.g. linux/amd64".into(),
-            );
+    #[derive(Deserialize)]
+    struct KeyOwned {
+        os: String,
+        architecture: String,
+        #[serde(default)]
+        variant: Option<String>,
+    }
+
+    pub(crate) fn serialize<S: Serializer>(p: &Platform, s: S) -> Result<S::Ok, S::Error> {
+        KeyRef {
+            os: &p.os,
+            architecture: &p.architecture,
+            variant: p.variant.as_deref(),
         }
-        if s == "local" {
-            return Ok(Self::host());
-        }
-        let parts: Vec<&str> = s.split('/').collect();
-        let (os, arch, variant) = match parts.as_slice() {
-            [arch] => ("linux", *arch, None),
-            [os, arch] => (*os, *arch, None),
-            [os, arch, variant] => (*os, *arch, Some(*variant)),
-            _ => {
-                return Err(format!(
-                    "`{s}`: expected os/arch[/variant], e.g. linux/amd64"
-                ))
-            }
-        };
-        let valid = |p: &str| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
-        };
-        if !valid(os) || !valid(arch) || variant.is_some_and(|v| !valid(v)) {
-            return Err(format!(
-                "`{s}`: expected os/arch[/variant], e.g. linux/amd64"
-            ));
-        }
-        let os = os.to_ascii_lowercase();
-        if os != "linux" && os != "windows" && os != "darwin" && os != "freebsd" {
-            return Err(format!("unknown operating system `{os}`"));
-        }
-        let (architecture, variant) = normalize_arch(
-            &arch.to_ascii_lowercase(),
-            variant.map(str::to_ascii_lowercase),
-        );
+        .serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Platform, D::Error> {
+        let k = KeyOwned::deserialize(d)?;
         Ok(Platform {
-            os,
-            architecture,
-            variant,
+            architecture: k.architecture,
+            os: k.os,
+            os_version: None,
+            os_features: Vec::new(),
+            variant: k.variant,
+            features: Vec::new(),
         })
-    }
-}
-
-fn normalize_arch(arch: &str, variant: Option<String>) -> (String, Option<String>) {
-    match arch {
-        "x86_64" | "x86-64" | "amd64" => ("amd64".into(), variant.filter(|v| v != "v1")),
-        "aarch64" | "arm64" => ("arm64".into(), variant.filter(|v| v != "v8")),
-        "armhf" => ("arm".into(), Some("v7".into())),
-        "armel" => ("arm".into(), Some("v6".into())),
-        "arm" => ("arm".into(), Some(variant.unwrap_or_else(|| "v7".into()))),
-        "i386" | "i686" | "x86" => ("386".into(), variant),
-        other => (other.to_string(), variant),
-    }
-}
-
-impl fmt::Display for Platform {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.os, self.architecture)?;
-        if let Some(v) = &self.variant {
-            write!(f, "/{v}")?;
-        }
-        Ok(())
     }
 }
 
@@ -124,12 +77,30 @@ mod tests {
     #[test]
     fn image_source_key_bytes_are_pinned() {
         let cases = [
-            ("linux/amd64", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"amd64"},"digest":null}"#),
-            ("linux/arm64", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm64"},"digest":null}"#),
-            ("linux/arm64/v8", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm64"},"digest":null}"#),
-            ("linux/arm", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm","variant":"v7"},"digest":null}"#),
-            ("armhf", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm","variant":"v7"},"digest":null}"#),
-            ("linux/i386/v2", r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"386","variant":"v2"},"digest":null}"#),
+            (
+                "linux/amd64",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"amd64"},"digest":null}"#,
+            ),
+            (
+                "linux/arm64",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm64"},"digest":null}"#,
+            ),
+            (
+                "linux/arm64/v8",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm64"},"digest":null}"#,
+            ),
+            (
+                "linux/arm",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm","variant":"v7"},"digest":null}"#,
+            ),
+            (
+                "armhf",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"arm","variant":"v7"},"digest":null}"#,
+            ),
+            (
+                "linux/i386/v2",
+                r#"{"op":"image","reference":"docker.io/library/busybox:latest","platform":{"os":"linux","architecture":"386","variant":"v2"},"digest":null}"#,
+            ),
         ];
         for (platform, want) in cases {
             let v = image_vertex(platform);
