@@ -658,17 +658,8 @@ fn parse_named_context_value(
     })
 }
 
-/// Layer compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    /// gzip (the default).
-    Gzip,
-    /// zstd.
-    Zstd,
-    /// No compression.
-    Uncompressed,
-}
+/// Layer compression (`compression=` of an image output): kiln-oci's, the one the store uses.
+pub use kiln_oci::compression::Compression;
 
 fn parse_compression(flag: &str, whole: &str, v: &str) -> Result<Compression, OptionError> {
     match v {

@@ -83,7 +83,7 @@ impl ImageConfigResolver for ResolvedImages {
             }),
             Err(e) => Err(ResolveError {
                 reference: reference.to_owned(),
-                platform: platform.clone(),
+                platform: Box::new(platform.clone()),
                 reason: e.to_string(),
             }),
         }

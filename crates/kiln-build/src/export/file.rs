@@ -99,7 +99,15 @@ impl Write for ExportFile {
 /// Writes `bytes` to `path` atomically (a temporary file beside it, synced, then renamed), for
 /// `--metadata-file` and other small result files a script may read while kiln runs.
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
-    let mut f = ExportFile::create(path)?;
-    f.write_all(bytes).map_err(io_at("writing", path))?;
-    f.finish()
+    if path.as_os_str() == "-" {
+        let mut out = io::stdout().lock();
+        return out
+            .write_all(bytes)
+            .and_then(|()| out.flush())
+            .map_err(io_at("writing", path));
+    }
+    // Creates the directory if missing, as `ExportFile::create` does.
+    temp_beside(path)?;
+    kiln_fs::write_atomic(path, bytes, kiln_fs::Durability::Fsync)
+        .map_err(|e| io_at(e.step.action(), path)(e.source))
 }
