@@ -450,6 +450,12 @@ pub(crate) fn open(
         StorageDriver::Filesystem => {
             let fs = FsStorage::open(&config.root, config.fsync)
                 .map_err(|e| crate::RegistryError::io("creating storage under", &config.root, e))?;
+            // Every hash state belongs to an open upload, so the upload bound bounds the
+            // states too.
+            let fs = match config.max_open_uploads {
+                0 => fs,
+                n => fs.with_upload_hash_cap(n),
+            };
             Ok(std::sync::Arc::new(fs))
         }
     }
