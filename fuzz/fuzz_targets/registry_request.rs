@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use kiln_oci::Digest;
-use kiln_registry::{issue_token, parse_scope, Config, ByteRegistry};
+use kiln_registry::{issue_token, parse_scope, ByteRegistry, Config};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
