@@ -92,7 +92,7 @@ impl Harness {
 
     /// A state dir holding only the base image (the same bytes in every state dir).
     fn fresh_state(&self, name: &str) -> Arc<Store> {
-        let store = Arc::new(Store::open(&self.path(name)).unwrap());
+        let store = Arc::new(Store::open(self.path(name)).unwrap());
         kiln_worker::images::import_rootfs(
             &store,
             &self.path("busybox"),
