@@ -1350,11 +1350,8 @@ impl Engine for Worker {
                     layers.extend(top.iter().cloned());
                     let name = source.name();
                     let below_source = base.as_ref().and_then(|f| f.source().cloned());
-                    let blobs: Arc<dyn BlobSource> = Arc::new(crate::remote::RebasedSource::new(
-                        source,
-                        &top,
-                        below_source,
-                    ));
+                    let blobs: Arc<dyn BlobSource> =
+                        Arc::new(RebasedSource::new(source, &top, below_source));
                     let fs = Rootfs::new(layers, None, Some(blobs));
                     return Ok(Some(inner.hit(&key, fs, CacheSource::Remote(name))));
                 }
@@ -1457,6 +1454,65 @@ impl Engine for Worker {
 
     fn describe(&self, step: &Step) -> String {
         step.vertex.meta.description.clone()
+    }
+}
+
+/// The blobs of a chain rebuilt from a record's own top layers (from an imported cache) on
+/// the layers a step's input actually has (from wherever that input got them).
+pub(crate) struct RebasedSource {
+    top: Arc<dyn BlobSource>,
+    top_blobs: std::collections::HashSet<Digest>,
+    below: Option<Arc<dyn BlobSource>>,
+}
+
+impl RebasedSource {
+    /// `top` serves the blobs of `top_layers`; `below` (if any) every other blob.
+    pub(crate) fn new(
+        top: Arc<dyn BlobSource>,
+        top_layers: &[Layer],
+        below: Option<Arc<dyn BlobSource>>,
+    ) -> Self {
+        RebasedSource {
+            top,
+            top_blobs: top_layers.iter().map(|l| l.blob.digest.clone()).collect(),
+            below,
+        }
+    }
+
+    fn source_of(&self, blob: &Descriptor) -> Option<&Arc<dyn BlobSource>> {
+        if self.top_blobs.contains(&blob.digest) {
+            Some(&self.top)
+        } else {
+            self.below.as_ref()
+        }
+    }
+}
+
+impl BlobSource for RebasedSource {
+    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError> {
+        match self.source_of(blob) {
+            Some(s) => s.fetch(blob, store),
+            None => Err(WorkerError::Internal(format!(
+                "layer blob {} is not in the local store and has no source",
+                blob.digest
+            ))),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.top.name()
+    }
+
+    fn has(&self, blob: &Descriptor) -> bool {
+        match self.source_of(blob) {
+            Some(s) => s.has(blob),
+            // No remote source: the step that made it ran here, so the blob is local.
+            None => true,
+        }
+    }
+
+    fn repository(&self) -> Option<kiln_oci::Reference> {
+        self.top.repository()
     }
 }
 

@@ -18,7 +18,7 @@ use kiln_worker::images::StoredImage;
 use kiln_worker::registry::RegistryImages;
 use serde_json::json;
 
-use super::build_cache::{export_caches, import_caches, mount_seeds};
+use super::build_cache::{cache_context, export_caches, import_caches, mount_seeds, Caches};
 use crate::progress::Progress;
 use crate::Globals;
 use kiln_history::{HistoryStore, Recorder, SpanKind, StepInfo};
@@ -70,7 +70,7 @@ pub fn execute(
     IgnoreMatcher::from_patterns(dockerignore)
         .map_err(|e| anyhow::anyhow!(".dockerignore: {e}"))?;
     let sde = source_date_epoch(opts)?;
-    super::build_cache::check_cache_exports(opts)?;
+    let caches = Caches::from_options(opts)?;
     let store = Arc::new(
         Store::open(&globals.root)
             .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))?,
@@ -88,6 +88,8 @@ pub fn execute(
     // download of a step the failed build left running) is cancelled and waited for, so that
     // nothing polls the runtime's timers while it shuts down.
     let _client_shutdown = ClientShutdown(client.clone());
+    let makes_image = exporters.iter().any(|e| e.makes_image());
+    let cache_cx = cache_context(opts, makes_image, &client, &store, runtime.handle());
     // Until the steps run (which have their own handler below), Ctrl-C or SIGTERM stops
     // kiln at once: resolving base images and reading cache imports leave nothing behind
     // that a killed process would not.
@@ -108,8 +110,7 @@ pub fn execute(
     // Cache imports are read while the Dockerfile is lowered, base images resolved and the
     // contexts hashed; the first step is looked up only once both are done.
     let (planned, imported) = std::thread::scope(|scope| {
-        let import =
-            scope.spawn(|| runtime.block_on(import_caches(opts, &client, runtime.handle())));
+        let import = scope.spawn(|| runtime.block_on(import_caches(&caches, &cache_cx)));
         let planned = plan_build(store.clone(), opts, inputs);
         // With nothing to wait for, the solve hashes each context when a step needs it.
         if let Some(p) = planned
@@ -136,7 +137,7 @@ pub fn execute(
     planned.worker().add_imports(
         imported
             .iter()
-            .map(|(_, c)| c.clone() as Arc<dyn RemoteCache>)
+            .map(|c| c.cache.clone() as Arc<dyn RemoteCache>)
             .collect(),
         mount_seeds(&imported),
     );
@@ -252,19 +253,19 @@ pub fn execute(
     record_step_inputs(&solved, &recorder);
     let image = {
         let _span = recorder.span(SpanKind::Export, "image export and push");
-        export(opts, exporters, &solved, &store, sde, &runtime, &client)
+        export(
+            exporters,
+            &solved,
+            &store,
+            sde,
+            &runtime,
+            &client,
+            (&caches, &cache_cx),
+        )
     }?;
     {
         let _span = recorder.span(SpanKind::CacheExport, "cache export");
-        let image_output = exporters.iter().any(|e| e.makes_image());
-        runtime.block_on(export_caches(
-            opts,
-            image_output,
-            &solved,
-            &store,
-            &client,
-            &imported,
-        ))?;
+        runtime.block_on(export_caches(&caches, &cache_cx, &solved, &imported))?;
     }
     let stats = client.stats();
     let moved = Moved {
@@ -303,13 +304,13 @@ pub fn execute(
 /// Runs every exporter, in flag order, on the result; returns the image made, if any. The
 /// image (with the inline cache's config fields) is made once when an exporter needs it.
 fn export(
-    opts: &BuildOptions,
     exporters: &[Box<dyn Exporter>],
     solved: &SolvedBuild,
     store: &Store,
     sde: Option<i64>,
     runtime: &tokio::runtime::Runtime,
     client: &RegistryClient,
+    (caches, cache_cx): (&Caches, &kiln_build::cache::CacheContext),
 ) -> anyhow::Result<Option<StoredImage>> {
     let rootfs = solved.rootfs.as_deref();
     let result = if exporters.iter().any(|e| e.makes_image()) {
@@ -317,8 +318,13 @@ fn export(
         let recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
         // `--export-cache type=inline`: the cache goes into the config, before the image is
         // stored or pushed.
-        let fields =
-            super::build_cache::inline_cache_fields(opts, solved, &recipe.layers, runtime)?;
+        let fields = super::build_cache::inline_cache_fields(
+            caches,
+            cache_cx,
+            solved,
+            &recipe.layers,
+            runtime,
+        )?;
         BuildResult::with_image(rootfs, recipe.with_config_fields(fields))
     } else {
         BuildResult::new(rootfs)
