@@ -58,8 +58,11 @@ pub struct FlagError {
 pub enum FlagErrorKind {
     /// The instruction does not accept this flag.
     Unknown,
-    /// A flag that may be given once is given again.
-    Duplicate,
+    /// A flag that may be given once is given again ([`FlagError::span`] is the repeat).
+    Duplicate {
+        /// Where it is first given.
+        first: Span,
+    },
     /// A flag that takes a value has none.
     MissingValue,
     /// A boolean flag with a value other than `true`/`false`.
@@ -76,6 +79,8 @@ pub enum FlagErrorKind {
     Mount(String),
     /// A HEALTHCHECK duration or count that does not parse or is out of range.
     Healthcheck,
+    /// A flag on `HEALTHCHECK NONE`, which takes none.
+    HealthcheckNone,
 }
 
 impl ParseError {

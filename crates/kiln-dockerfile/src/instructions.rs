@@ -414,10 +414,11 @@ impl<'a> Flags<'a> {
                     format!("unknown flag: {}", f.name),
                 ));
             };
-            if kind != FlagKind::List && given.iter().any(|(g, _)| g.name == f.name) {
+            let earlier = given.iter().find(|(g, _)| g.name == f.name);
+            if let (Some((first, _)), true) = (earlier, kind != FlagKind::List) {
                 return Err(flag_err(
                     f,
-                    FlagErrorKind::Duplicate,
+                    FlagErrorKind::Duplicate { first: first.span },
                     format!("Duplicate flag specified: {}", f.name),
                 ));
             }
@@ -836,7 +837,7 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
             if let Some((f, _)) = flags.given.first() {
                 return Err(flag_err(
                     f,
-                    FlagErrorKind::Unknown,
+                    FlagErrorKind::HealthcheckNone,
                     "HEALTHCHECK NONE takes no flags".into(),
                 ));
             }
@@ -1252,6 +1253,46 @@ mod tests {
     fn bad_mount_value_is_an_error() {
         let e = one("RUN --mount=type=cache,sharing=sometimes,target=/x a\n").unwrap_err();
         assert!(e.message.contains("sharing"), "{}", e.message);
+    }
+
+    #[test]
+    fn flag_mistakes_are_described_as_data() {
+        let e = one("RUN --network=bridge true\n").unwrap_err();
+        let f = e.flag.expect("a flag error");
+        assert_eq!(f.kind, FlagErrorKind::NetworkMode);
+        assert_eq!((f.flag.as_str(), f.value.as_str()), ("network", "bridge"));
+        assert_eq!(f.span, e.span);
+        let e = one("COPY --chown=1 --chown=2 a b\n").unwrap_err();
+        let f = e.flag.expect("a flag error");
+        let FlagErrorKind::Duplicate { first } = f.kind else {
+            panic!("not a duplicate: {f:?}")
+        };
+        assert_eq!((first.start.column, f.span.start.column), (6, 16));
+        let e = one("RUN --mount=type=volume,target=/x true\n").unwrap_err();
+        assert_eq!(
+            e.flag.map(|f| f.kind),
+            Some(FlagErrorKind::Mount(e.message.clone()))
+        );
+        assert_eq!(one("FROM scratch\n").unwrap().flags, vec![]);
+    }
+
+    #[test]
+    fn typed_instructions_keep_flags_and_values_as_written() {
+        let t = one("ADD --unpack --chown=$U --link=true a /b\n").unwrap();
+        let Command::Add(a) = &t.command else {
+            panic!("not ADD")
+        };
+        assert!(a.unpack && a.link);
+        assert_eq!(a.chown.as_deref(), Some("$U"));
+        let shown: Vec<&str> = t.flags.iter().map(|f| f.text.as_str()).collect();
+        assert_eq!(shown, ["--unpack", "--chown=$U", "--link=true"]);
+        assert_eq!(t.flag("link").map(|f| f.span.start.column), Some(25));
+        let t = one("RUN --mount=type=cache,target=$DIR,id=x true\n").unwrap();
+        let Command::Run(r) = &t.command else {
+            panic!("not RUN")
+        };
+        assert_eq!(r.mounts[0].written, "type=cache,target=$DIR,id=x");
+        assert_eq!(r.mounts[0].target, None);
     }
 
     #[test]
