@@ -77,8 +77,10 @@ pub enum FlagErrorKind {
     FromVariable,
     /// A `--mount` value that does not parse; the text is the mount parser's reason.
     Mount(String),
-    /// A HEALTHCHECK duration or count that does not parse or is out of range.
+    /// A HEALTHCHECK duration or count that does not parse (or a negative count).
     Healthcheck,
+    /// A HEALTHCHECK duration above zero but under the 1ms minimum.
+    HealthcheckTooShort,
     /// A flag on `HEALTHCHECK NONE`, which takes none.
     HealthcheckNone,
 }

@@ -346,9 +346,9 @@ const fn flag(name: &'static str, kind: FlagKind, expansion: FlagExpansion) -> F
     }
 }
 
-/// The flags each instruction accepts: kiln's one allow-list. The parser's [`lower`] and
-/// the frontend's lowering both check flags against it, and the frontend expands each value
-/// as its [`FlagExpansion`] says.
+/// The flags each instruction accepts: kiln's one allow-list. [`lower`] checks flags
+/// against it (a mistake becomes a [`FlagError`]), and the frontend, which lowers only
+/// [`TypedInstruction`]s, expands each value as its [`FlagExpansion`] says.
 pub fn accepted_flags(kind: Keyword) -> &'static [FlagSpec] {
     use FlagExpansion::*;
     use FlagKind::*;
@@ -859,7 +859,7 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
                 if !d.is_zero() && d < Duration::from_millis(1) {
                     return Err(flag_err(
                         f,
-                        FlagErrorKind::Healthcheck,
+                        FlagErrorKind::HealthcheckTooShort,
                         format!("Interval \"{name}\" cannot be less than 1ms"),
                     ));
                 }

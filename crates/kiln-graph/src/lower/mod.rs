@@ -667,6 +667,12 @@ pub(crate) fn flag_error_message(f: &FlagError, inst: &Instruction) -> String {
         FlagErrorKind::Healthcheck => {
             format!("--{}: {v:?} is not a duration like 30s or 1m30s", f.flag)
         }
+        FlagErrorKind::HealthcheckTooShort => {
+            format!(
+                "--{}: {v:?} is shorter than 1ms: give 0 for the default or at least 1ms",
+                f.flag
+            )
+        }
         FlagErrorKind::HealthcheckNone => {
             format!("HEALTHCHECK NONE takes no flags (--{} is given)", f.flag)
         }
@@ -759,7 +765,12 @@ mod tests {
 
     fn lower_src(src: &str) -> Result<BuildGraph, FrontendError> {
         let df = kiln_dockerfile::parse(src).expect("parses");
-        lower(&df, &BuildOptions::for_context("ctx"), &[], &OfflineResolver)
+        lower(
+            &df,
+            &BuildOptions::for_context("ctx"),
+            &[],
+            &OfflineResolver,
+        )
     }
 
     #[test]
@@ -804,6 +815,11 @@ mod tests {
             .clone()
             .expect("a health check");
         assert_eq!((hc.interval, hc.retries), (90_000_000_000, 2));
+        let e = lower_src("FROM scratch\nHEALTHCHECK --timeout=10us CMD true\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2:13: --timeout: \"10us\" is shorter than 1ms: give 0 for the default or at least 1ms"
+        );
         let e = lower_src("FROM scratch\nHEALTHCHECK --retries=-1 CMD true\n").unwrap_err();
         assert_eq!(
             e.to_string(),
