@@ -35,7 +35,7 @@ pub struct ParseError {
     /// For an error about one flag: what is wrong with it, as data, so that a caller (the
     /// frontend) can word the same mistake its own way. `None` for every other error.
     #[serde(skip)]
-    pub flag: Option<FlagError>,
+    pub flag: Option<Box<FlagError>>,
 }
 
 /// What is wrong with one instruction flag, found once by the parser crate's typed layer
@@ -102,7 +102,7 @@ impl ParseError {
             kind: ErrorKind::Flag,
             message: message.into(),
             span: flag.span,
-            flag: Some(flag),
+            flag: Some(Box::new(flag)),
         }
     }
 

@@ -82,10 +82,10 @@ impl<'a> Lowerer<'a> {
         let (link, parents, keep_git_dir) = (c.link, c.parents, c.keep_git_dir);
         let checksum = self.expand_flag(t, "checksum", c.checksum.as_ref(), &lookup)?;
         let exclude = c.exclude.clone();
-        let from = match self.expand_flag(t, "from", c.from.as_ref(), &lookup)? {
-            Some(v) => Some((v, t.flag("from").map_or(inst.span, |f| f.span))),
-            None => None,
-        };
+        let from_span = t.flag("from").map_or(inst.span, |f| f.span);
+        let from = self
+            .expand_flag(t, "from", c.from.as_ref(), &lookup)?
+            .map(|v| (v, from_span));
 
         // Heredoc sources become inline files; URL sources (ADD) become downloads.
         let mut heredocs = inst.heredocs.iter();
