@@ -4,7 +4,7 @@
 //! The input is a short sequence of requests (a request may follow the `Location` of the
 //! previous response, as an upload's chunks do) against an open registry or one with token
 //! auth, whose storage holds a pushed image. Besides no panic (a handler's panic is resumed
-//! by `InMemoryRegistry::exchange`) and no hang: the server never answers 500 (every error a
+//! by `ByteRegistry::exchange`) and no hang: the server never answers 500 (every error a
 //! client can cause has a 4xx; storage is on tmpfs, so there are no real I/O errors).
 #![no_main]
 
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use kiln_oci::Digest;
-use kiln_registry::{issue_token, parse_scope, Config, InMemoryRegistry};
+use kiln_registry::{issue_token, parse_scope, ByteRegistry, Config};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
@@ -127,7 +127,7 @@ struct Input {
 
 /// A registry under test and what was pushed to it.
 struct Target {
-    registry: InMemoryRegistry,
+    registry: ByteRegistry,
     _dir: tempfile::TempDir,
     digests: Vec<String>,
     manifest: Vec<u8>,
@@ -173,7 +173,7 @@ impl Target {
             config.token_service = Some(SERVICE.into());
             config.token_key = Some(key);
         }
-        let registry = InMemoryRegistry::open(&config).expect("registry opens");
+        let registry = ByteRegistry::open(&config).expect("registry opens");
         let access = [
             "repository:app:pull,push,delete",
             "repository:app/nested:*",

@@ -1,9 +1,9 @@
 //! `RUN --mount=type=cache` directories: persistent, keyed by id, shared between runs and
 //! between kiln processes on one state dir, with BuildKit's `sharing` modes.
 
+use kiln_fs::{FileLock, LockMode};
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -72,7 +72,7 @@ pub struct CacheMounts {
 #[derive(Debug)]
 pub struct CacheMount {
     path: PathBuf,
-    _lock: File,
+    _lock: FileLock,
 }
 
 impl CacheMount {
@@ -95,19 +95,6 @@ fn encode_id(id: &str) -> String {
     out
 }
 
-fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
-    loop {
-        // SAFETY: flock on our own open file.
-        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
 impl CacheMounts {
     /// Cache mounts kept under `dir` (created if missing).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -128,26 +115,22 @@ impl CacheMounts {
         let mut instance = 0u32;
         loop {
             let lock_path = base.join(format!("{instance}.lock"));
-            let lock = File::options()
+            let file = File::options()
                 .create(true)
                 .truncate(false)
                 .write(true)
                 .open(&lock_path)
                 .map_err(|e| err("opening lock", &lock_path, e))?;
-            let taken = match req.sharing {
-                CacheSharing::Shared => flock(&lock, libc::LOCK_SH).map(|()| true),
-                CacheSharing::Locked => flock(&lock, libc::LOCK_EX).map(|()| true),
-                CacheSharing::Private => match flock(&lock, libc::LOCK_EX | libc::LOCK_NB) {
-                    Ok(()) => Ok(true),
-                    Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
-                    Err(e) => Err(e),
-                },
+            let lock = match req.sharing {
+                CacheSharing::Shared => FileLock::lock(file, LockMode::Shared).map(Some),
+                CacheSharing::Locked => FileLock::lock(file, LockMode::Exclusive).map(Some),
+                CacheSharing::Private => FileLock::try_lock(file, LockMode::Exclusive),
             }
             .map_err(|e| err("locking", &lock_path, e))?;
-            if !taken {
+            let Some(lock) = lock else {
                 instance += 1;
                 continue;
-            }
+            };
             let path = base.join(instance.to_string());
             self.create_instance(&path, req)
                 .map_err(|e| err("creating", &path, e))?;

@@ -114,6 +114,7 @@ pub struct ImageSource {
     /// Normalised reference, e.g. `docker.io/library/busybox:latest`.
     pub reference: String,
     /// Platform to pull.
+    #[serde(with = "crate::platform::key_form")]
     pub platform: Platform,
     /// Manifest digest when the resolver knew it.
     pub digest: Option<String>,
@@ -149,6 +150,7 @@ pub struct OciLayoutSource {
     /// Tag or digest inside it.
     pub reference: String,
     /// Platform to select.
+    #[serde(with = "crate::platform::key_form")]
     pub platform: Platform,
 }
 
@@ -432,6 +434,7 @@ pub struct StageResult {
     /// The image config at the end of the stage.
     pub config: ImageConfig,
     /// The platform the stage builds for.
+    #[serde(with = "crate::platform::key_form")]
     pub platform: Platform,
 }
 

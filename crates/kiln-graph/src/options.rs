@@ -51,8 +51,6 @@ pub struct BuildOptions {
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// Extra local directories by name (`--local NAME=DIR` other than context/dockerfile).
     pub locals: BTreeMap<String, PathBuf>,
-    /// Where the result goes. Empty: build only (cache is still filled).
-    pub outputs: Vec<OutputSpec>,
     /// Caches to export to.
     pub cache_exports: Vec<CacheExportSpec>,
     /// Caches to import from.
@@ -109,7 +107,6 @@ impl BuildOptions {
             platforms: Vec::new(),
             named_contexts: BTreeMap::new(),
             locals: BTreeMap::new(),
-            outputs: Vec::new(),
             cache_exports: Vec::new(),
             cache_imports: Vec::new(),
             no_cache: NoCache::None,
@@ -148,12 +145,6 @@ pub struct RawBuildFlags {
     pub target: Option<String>,
     /// buildx `--build-arg K=V`.
     pub build_args: Vec<String>,
-    /// buildx `-t/--tag`.
-    pub tags: Vec<String>,
-    /// buildx `--push`.
-    pub push: bool,
-    /// `--output` / `-o`.
-    pub outputs: Vec<String>,
     /// buildctl `--export-cache`, buildx `--cache-to`.
     pub cache_to: Vec<(String, String)>,
     /// buildctl `--import-cache`, buildx `--cache-from`.
@@ -375,11 +366,6 @@ impl BuildOptions {
                 parse_named_context_value("--build-context", bc, value, &opts.locals, &stores)?;
             opts.named_contexts.insert(name.to_string(), ctx);
         }
-
-        for o in &raw.outputs {
-            opts.outputs.push(OutputSpec::parse("--output", o)?);
-        }
-        apply_tags_and_push(&mut opts.outputs, &raw.tags, raw.push)?;
 
         for (flag, c) in &raw.cache_to {
             opts.cache_exports.push(CacheExportSpec::parse(flag, c)?);
@@ -672,89 +658,8 @@ fn parse_named_context_value(
     })
 }
 
-/// Exporter kinds for `--output type=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum OutputKind {
-    /// Image in kiln's store, optionally pushed.
-    Image,
-    /// Image pushed to a registry (`image` with `push=true`).
-    Registry,
-    /// OCI image-layout tarball.
-    Oci,
-    /// Docker image tarball (`docker load` format).
-    Docker,
-    /// The root filesystem copied to a local directory.
-    Local,
-    /// The root filesystem as a tarball.
-    Tar,
-    /// Nothing exported; the cache is still filled.
-    Cacheonly,
-}
-
-impl OutputKind {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "image" => Self::Image,
-            "registry" => Self::Registry,
-            "oci" => Self::Oci,
-            "docker" => Self::Docker,
-            "local" => Self::Local,
-            "tar" => Self::Tar,
-            "cacheonly" => Self::Cacheonly,
-            _ => return None,
-        })
-    }
-
-    fn allowed_keys(self) -> &'static [&'static str] {
-        const IMAGE: &[&str] = &[
-            "name",
-            "push",
-            "push-by-digest",
-            "insecure",
-            "registry.insecure",
-            "oci-mediatypes",
-            "compression",
-            "compression-level",
-            "force-compression",
-            "unpack",
-            "store",
-            "dangling-name-prefix",
-            "name-canonical",
-            "rewrite-timestamp",
-            "oci-artifact",
-        ];
-        const TARBALL: &[&str] = &[
-            "dest",
-            "tar",
-            "name",
-            "oci-mediatypes",
-            "compression",
-            "compression-level",
-            "force-compression",
-            "rewrite-timestamp",
-            "dangling-name-prefix",
-        ];
-        match self {
-            Self::Image | Self::Registry => IMAGE,
-            Self::Oci | Self::Docker => TARBALL,
-            Self::Local | Self::Tar => &["dest", "platform-split"],
-            Self::Cacheonly => &[],
-        }
-    }
-}
-
-/// Layer compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Compression {
-    /// gzip (the default).
-    Gzip,
-    /// zstd.
-    Zstd,
-    /// No compression.
-    Uncompressed,
-}
+/// Layer compression (`compression=` of an image output): kiln-oci's, the one the store uses.
+pub use kiln_oci::compression::Compression;
 
 fn parse_compression(flag: &str, whole: &str, v: &str) -> Result<Compression, OptionError> {
     match v {
@@ -789,199 +694,6 @@ fn parse_bool(flag: &str, whole: &str, key: &str, v: &str) -> Result<bool, Optio
             format!("{key}=`{v}`: expected true or false"),
         )),
     }
-}
-
-/// One `--output` destination.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutputSpec {
-    /// Exporter kind.
-    pub kind: OutputKind,
-    /// Image names (`name=a,b` or `-t` tags).
-    pub names: Vec<String>,
-    /// Push the image to its registry.
-    pub push: bool,
-    /// Destination path (`dest=`); `-` means standard output.
-    pub dest: Option<PathBuf>,
-    /// Use OCI media types (default true for image/oci, false for docker).
-    pub oci_mediatypes: Option<bool>,
-    /// Layer compression.
-    pub compression: Option<Compression>,
-    /// Compression level.
-    pub compression_level: Option<u32>,
-    /// Recompress layers that exist with another compression.
-    pub force_compression: bool,
-    /// Talk plain HTTP / skip TLS verification to the registry.
-    pub registry_insecure: bool,
-    /// Every key=value as given, for exporter options not modelled above.
-    pub attrs: BTreeMap<String, String>,
-}
-
-impl OutputSpec {
-    /// Parses a `--output` value: `type=KIND,k=v,...`, or buildx's shorthands `DIR` (local)
-    /// and `-` (tar to stdout).
-    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
-        if value.is_empty() {
-            return Err(OptionError::new(
-                flag,
-                value,
-                "expected type=KIND,key=value,...",
-            ));
-        }
-        let fields = split_csv(flag, value)?;
-        let has_kv = fields.iter().any(|f| f.contains('='));
-        let attrs: BTreeMap<String, String> = if !has_kv {
-            if value == "-" {
-                BTreeMap::from([("type".into(), "tar".into()), ("dest".into(), "-".into())])
-            } else {
-                BTreeMap::from([
-                    ("type".into(), "local".into()),
-                    ("dest".into(), value.into()),
-                ])
-            }
-        } else {
-            let mut m = BTreeMap::new();
-            for f in &fields {
-                let (k, v) = f.split_once('=').ok_or_else(|| {
-                    OptionError::new(flag, value, format!("`{f}` is not key=value"))
-                })?;
-                m.insert(k.trim().to_string(), v.to_string());
-            }
-            m
-        };
-        let kind_s = attrs.get("type").map(String::as_str).unwrap_or("local");
-        let kind = OutputKind::parse(kind_s).ok_or_else(|| {
-            OptionError::new(flag, value, format!("unknown output type `{kind_s}`; expected image, registry, oci, docker, local, tar or cacheonly"))
-        })?;
-        let mut spec = OutputSpec {
-            kind,
-            names: Vec::new(),
-            push: kind == OutputKind::Registry,
-            dest: None,
-            oci_mediatypes: None,
-            compression: None,
-            compression_level: None,
-            force_compression: false,
-            registry_insecure: false,
-            attrs: BTreeMap::new(),
-        };
-        for (k, v) in &attrs {
-            if k == "type" {
-                continue;
-            }
-            let allowed = kind.allowed_keys().contains(&k.as_str())
-                || (k.starts_with("annotation")
-                    && kind != OutputKind::Local
-                    && kind != OutputKind::Tar);
-            if !allowed {
-                return Err(OptionError::new(
-                    flag,
-                    value,
-                    format!(
-                        "unknown key `{k}` for type={kind_s}; known: {}",
-                        kind.allowed_keys().join(", ")
-                    ),
-                ));
-            }
-            match k.as_str() {
-                "name" => spec.names = split_list(v),
-                "push" => spec.push = parse_bool(flag, value, k, v)?,
-                "dest" => {
-                    if v.is_empty() {
-                        return Err(OptionError::new(flag, value, "dest= is empty"));
-                    }
-                    spec.dest = Some(PathBuf::from(v))
-                }
-                "oci-mediatypes" => spec.oci_mediatypes = Some(parse_bool(flag, value, k, v)?),
-                "compression" => spec.compression = Some(parse_compression(flag, value, v)?),
-                "compression-level" => spec.compression_level = Some(parse_level(flag, value, v)?),
-                "force-compression" => spec.force_compression = parse_bool(flag, value, k, v)?,
-                "registry.insecure" | "insecure" => {
-                    spec.registry_insecure = parse_bool(flag, value, k, v)?
-                }
-                "push-by-digest" | "unpack" | "store" | "name-canonical" | "rewrite-timestamp"
-                | "oci-artifact" | "tar" | "platform-split" => {
-                    parse_bool(flag, value, k, v)?;
-                }
-                _ => {}
-            }
-            spec.attrs.insert(k.clone(), v.clone());
-        }
-        if matches!(
-            kind,
-            OutputKind::Oci | OutputKind::Docker | OutputKind::Local | OutputKind::Tar
-        ) && spec.dest.is_none()
-        {
-            return Err(OptionError::new(
-                flag,
-                value,
-                format!("type={kind_s} needs dest=PATH"),
-            ));
-        }
-        if spec.push
-            && spec.names.is_empty()
-            && kind != OutputKind::Image
-            && kind != OutputKind::Registry
-        {
-            return Err(OptionError::new(
-                flag,
-                value,
-                "push=true needs an image name",
-            ));
-        }
-        Ok(spec)
-    }
-}
-
-fn apply_tags_and_push(
-    outputs: &mut Vec<OutputSpec>,
-    tags: &[String],
-    push: bool,
-) -> Result<(), OptionError> {
-    for t in tags {
-        if t.is_empty() || t.contains(char::is_whitespace) || t.contains(',') {
-            return Err(OptionError::new(
-                "--tag",
-                t,
-                "expected an image reference like reg.example/app:tag",
-            ));
-        }
-    }
-    if outputs.is_empty() && (!tags.is_empty() || push) {
-        outputs.push(OutputSpec {
-            kind: if push {
-                OutputKind::Registry
-            } else {
-                OutputKind::Image
-            },
-            names: Vec::new(),
-            push,
-            dest: None,
-            oci_mediatypes: None,
-            compression: None,
-            compression_level: None,
-            force_compression: false,
-            registry_insecure: false,
-            attrs: BTreeMap::new(),
-        });
-    }
-    for o in outputs.iter_mut() {
-        if matches!(o.kind, OutputKind::Image | OutputKind::Registry) {
-            if o.names.is_empty() {
-                o.names = tags.to_vec();
-            }
-            if push {
-                o.push = true;
-            }
-        }
-    }
-    if push && outputs.iter().any(|o| o.push && o.names.is_empty()) {
-        return Err(OptionError::new(
-            "--push",
-            "",
-            "nothing to push: give an image name with -t/--tag",
-        ));
-    }
-    Ok(())
 }
 
 /// Remote cache backends.

@@ -19,8 +19,8 @@ pub struct ResolvedImage {
 pub struct ResolveError {
     /// The normalised image reference.
     pub reference: String,
-    /// The requested platform.
-    pub platform: Platform,
+    /// The requested platform (boxed: it is large, and this error travels in `Result`s).
+    pub platform: Box<Platform>,
     /// What went wrong.
     pub reason: String,
 }

@@ -60,7 +60,7 @@ impl ImageConfigResolver for FixedImages {
             }),
             None => Err(ResolveError {
                 reference: reference.into(),
-                platform: platform.clone(),
+                platform: Box::new(platform.clone()),
                 reason: "not in the test registry".into(),
             }),
         }

@@ -2,7 +2,6 @@
 //! (temp file + rename), bounded by count and size, oldest pruned first.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::record::{BuildRecord, RECORD_VERSION};
@@ -209,34 +208,17 @@ impl HistoryStore {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file in the same directory and a rename.
+/// Writes `bytes` to `path` atomically and durably (kiln-fs's fsync rule: a record that
+/// `history ls` lists must survive a crash).
 pub(crate) fn write_atomic(
     path: &Path,
     bytes: &[u8],
     action: &'static str,
 ) -> Result<(), HistoryError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    write().map_err(|source| {
-        let _ = fs::remove_file(&tmp);
-        HistoryError::Io {
-            action,
-            path: path.to_path_buf(),
-            source,
-        }
+    kiln_fs::write_atomic(path, bytes, kiln_fs::Durability::Fsync).map_err(|e| HistoryError::Io {
+        action,
+        path: path.to_path_buf(),
+        source: e.source,
     })
 }
 

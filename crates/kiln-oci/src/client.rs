@@ -1432,9 +1432,12 @@ impl RegistryClient {
         // reclaim in another process (`ContentStore::stale_ingests`) takes only files it can
         // lock, so it never deletes a download still in flight. `held` shares the open file
         // description, so the lock lasts until it is dropped after the rename.
-        lock_exclusive(&file).map_err(|e| io("locking a temporary file beside", e))?;
         let held = file
             .try_clone()
+            .and_then(|dup| {
+                kiln_fs::FileLock::try_lock(dup, kiln_fs::LockMode::Exclusive)?
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::WouldBlock))
+            })
             .map_err(|e| io("locking a temporary file beside", e))?;
         let mut f = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
         let result = self.pull_blob(reference, desc, &mut f).await;
@@ -2002,18 +2005,6 @@ mod url {
             }
         }
         u.query().unwrap_or("").to_owned()
-    }
-}
-
-/// Takes an exclusive `flock` on `file` (never blocks: the file was just created by us).
-fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a valid, open descriptor borrowed for the duration of the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

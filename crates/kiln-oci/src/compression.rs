@@ -15,8 +15,12 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// How a layer blob is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// How a layer blob is compressed. Serialized as its [`Compression::name`] (the build
+/// options of an `--output` carry it).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Compression {
     /// A plain tar stream.
     Uncompressed,
@@ -369,6 +373,19 @@ pub fn decompressing_reader<'a, R: BufRead + 'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_serializes_as_its_flag_name() {
+        for c in [
+            Compression::Gzip,
+            Compression::Zstd,
+            Compression::Uncompressed,
+        ] {
+            let json = serde_json::to_string(&c).unwrap();
+            assert_eq!(json, format!("\"{}\"", c.name()));
+            assert_eq!(serde_json::from_str::<Compression>(&json).unwrap(), c);
+        }
+    }
 
     fn sample(n: usize) -> Vec<u8> {
         // Compressible but not trivial: a counter rendered as text.

@@ -473,20 +473,16 @@ pub fn write_docker_archive(
     Ok(())
 }
 
+/// Writes a layout file (blob, `index.json`, `oci-layout`) in a directory created if missing:
+/// atomic for readers, not fsynced (a layout is an output kiln writes again on the next run).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LayoutError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .map_err(io_err("creating a file in", dir))?;
-    tmp.write_all(bytes).map_err(io_err("writing", path))?;
-    tmp.persist(path).map_err(|e| LayoutError::Io {
-        action: "renaming",
-        path: path.to_owned(),
-        source: e.error,
-    })?;
-    Ok(())
+    kiln_fs::write_atomic(path, bytes, kiln_fs::Durability::NoSync).map_err(|e| match e.step {
+        kiln_fs::WriteStep::Create => io_err("creating a file in", dir)(e.source),
+        kiln_fs::WriteStep::Rename => io_err("renaming", path)(e.source),
+        kiln_fs::WriteStep::Write | kiln_fs::WriteStep::Sync => io_err("writing", path)(e.source),
+    })
 }
 
 #[cfg(test)]

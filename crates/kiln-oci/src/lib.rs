@@ -25,6 +25,6 @@ pub use digest::{Algorithm, Digest, DigestError, DigestWriter, Hasher};
 pub use error::RegistryError;
 pub use layout::{write_docker_archive, LayoutError, OciLayout};
 pub use manifest::{Descriptor, ImageIndex, ImageManifest, Manifest, ManifestError, RawManifest};
-pub use platform::{Platform, PlatformError};
+pub use platform::{Platform, PlatformError, PlatformFlagError};
 pub use reference::{Reference, ReferenceError};
 pub use transport::{Stall, Timeouts, TIMEOUT_ENV};

@@ -1,5 +1,11 @@
 //! Platforms (`linux/amd64`, `linux/arm/v7`): parsing, normalisation, matching, and the
 //! platform of the machine kiln runs on.
+//!
+//! Two spellings meet here. A *target* platform is what a user asks for (`--platform`,
+//! `FROM --platform`): [`Platform::parse`] keeps it as written once aliases are resolved
+//! (`linux/arm64` stays without a variant), because build cache keys hash it. An *index*
+//! platform is compared with image index entries: [`Platform::new`], `FromStr` and
+//! [`Platform::matches`] normalise fully (`arm64` ≡ `arm64/v8`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -38,7 +44,88 @@ pub struct Platform {
 )]
 pub struct PlatformError(pub String);
 
+/// Why a target platform (`--platform`, `FROM --platform`) is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlatformFlagError {
+    /// Nothing was given.
+    #[error("the platform is empty; expected os/arch[/variant], e.g. linux/amd64")]
+    Empty,
+    /// Not `os/arch[/variant]` (or a bare `arch`) with non-empty, plain parts.
+    #[error("`{0}`: expected os/arch[/variant], e.g. linux/amd64")]
+    Malformed(String),
+    /// An operating system kiln does not build for.
+    #[error("unknown operating system `{0}`")]
+    UnknownOs(String),
+}
+
+impl From<PlatformFlagError> for String {
+    fn from(e: PlatformFlagError) -> String {
+        e.to_string()
+    }
+}
+
 impl Platform {
+    /// Parses a target platform as a user writes it: `os/arch[/variant]`, a bare `arch`
+    /// (meaning linux) or `local` (the host), resolving aliases (`x86_64` → `amd64`,
+    /// `aarch64` → `arm64`, `armhf` → `arm/v7`) but keeping a variant the user left out
+    /// of `arm64` out. Cache keys hash the result, so these rules must not change.
+    pub fn parse(s: &str) -> Result<Self, PlatformFlagError> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(PlatformFlagError::Empty);
+        }
+        if s == "local" {
+            return Ok(Self::host());
+        }
+        let malformed = || PlatformFlagError::Malformed(s.to_owned());
+        let parts: Vec<&str> = s.split('/').collect();
+        let (os, arch, variant) = match parts.as_slice() {
+            [arch] => ("linux", *arch, None),
+            [os, arch] => (*os, *arch, None),
+            [os, arch, variant] => (*os, *arch, Some(*variant)),
+            _ => return Err(malformed()),
+        };
+        let valid = |p: &str| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        };
+        if !valid(os) || !valid(arch) || variant.is_some_and(|v| !valid(v)) {
+            return Err(malformed());
+        }
+        let os = os.to_ascii_lowercase();
+        if !matches!(os.as_str(), "linux" | "windows" | "darwin" | "freebsd") {
+            return Err(PlatformFlagError::UnknownOs(os));
+        }
+        Ok(Self::target(
+            os,
+            &arch.to_ascii_lowercase(),
+            variant.map(str::to_ascii_lowercase),
+        ))
+    }
+
+    /// A target platform from lower-cased parts, with aliases resolved as [`Platform::parse`]
+    /// does.
+    fn target(os: String, arch: &str, variant: Option<String>) -> Self {
+        let (architecture, variant) = match arch {
+            "x86_64" | "x86-64" | "amd64" => ("amd64".into(), variant.filter(|v| v != "v1")),
+            "aarch64" | "arm64" => ("arm64".into(), variant.filter(|v| v != "v8")),
+            "armhf" => ("arm".into(), Some("v7".into())),
+            "armel" => ("arm".into(), Some("v6".into())),
+            "arm" => ("arm".into(), Some(variant.unwrap_or_else(|| "v7".into()))),
+            "i386" | "i686" | "x86" => ("386".into(), variant),
+            other => (other.to_string(), variant),
+        };
+        Platform {
+            architecture,
+            os,
+            os_version: None,
+            os_features: Vec::new(),
+            variant,
+            features: Vec::new(),
+        }
+    }
+
     /// A platform from its parts, normalised.
     pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Self {
         let (architecture, variant) = normalize_arch(architecture, variant);
@@ -52,7 +139,8 @@ impl Platform {
         }
     }
 
-    /// The platform of the machine kiln runs on (always `linux/<arch>`).
+    /// The platform of the machine kiln runs on (always `linux/<arch>`), as a target
+    /// platform: `linux/arm64` on a 64-bit ARM host, no variant added.
     pub fn host() -> Self {
         let arch = match std::env::consts::ARCH {
             "x86_64" => "amd64",
@@ -64,7 +152,7 @@ impl Platform {
             "loongarch64" => "loong64",
             other => other,
         };
-        Platform::new("linux", arch, None)
+        Platform::target("linux".into(), arch, None)
     }
 
     /// Whether an image of platform `candidate` runs where `self` is wanted: same OS and

@@ -1,46 +1,33 @@
 //! The HTTP API of the OCI distribution spec v1.1: routing and one handler per endpoint.
+//! Handlers speak to storage only through [`Storage`], whatever the driver.
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Seek, Write};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Body as _, Frame, Incoming};
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, Response, StatusCode};
-use kiln_oci::{Algorithm, Digest, Hasher};
+use kiln_oci::Digest;
 
 use crate::auth::{Auth, Scope};
 use crate::error::{ApiError, Code};
 use crate::manifest;
 use crate::metrics::Metrics;
 use crate::names::{is_valid_repository, is_valid_tag};
-use crate::storage::Storage;
+use crate::storage::{self, BlobContent, ByteStream, LockMode, Storage, StorageError};
 use crate::Config;
 
-/// Response body: small buffers or a streamed file.
+/// Response body: small buffers or a stream.
 pub(crate) type Body = BoxBody<Bytes, io::Error>;
 type Resp = Result<Response<Body>, ApiError>;
 
-/// Writes are batched to this size before a blocking write + hash.
-const WRITE_BATCH: usize = 256 << 10;
-
-/// Batches in flight between the receiving task and the blocking writer (or reader).
-const PIPELINE_DEPTH: usize = 4;
-
-/// Blobs up to this size are read in one blocking call and sent from memory.
-const SMALL_BLOB: u64 = 64 << 10;
-
-/// Streaming sha256 state of one upload: `(bytes hashed, hasher)`, behind a per-upload lock
-/// that also serialises its chunks.
-type UploadHash = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
-
 /// Shared state of one running registry.
 pub(crate) struct App {
-    pub(crate) store: Storage,
+    pub(crate) store: Arc<dyn Storage>,
     pub(crate) read_only: bool,
     pub(crate) max_manifest_bytes: usize,
     pub(crate) auth: Auth,
@@ -48,9 +35,6 @@ pub(crate) struct App {
     /// A request body that sends nothing for this long fails the request, so a stalled
     /// upload cannot hold its connection and staged file forever.
     body_timeout: Option<Duration>,
-    /// Streaming sha256 state of open uploads, so resumable chunks are hashed once. Lost on
-    /// restart; the staged file is then re-hashed.
-    sessions: Mutex<HashStates>,
     /// Manifest bodies are buffered whole (up to the size limit); this caps how many are in
     /// memory at once so many concurrent pushes cannot exhaust memory.
     manifest_buffers: tokio::sync::Semaphore,
@@ -63,67 +47,8 @@ pub(crate) struct App {
     upload_starts: tokio::sync::Mutex<()>,
 }
 
-/// Hash state of open uploads keyed by `(repository, upload id)`. Entries are made only
-/// for uploads that exist in storage, and past `cap` the least recently used idle entry is
-/// dropped: requests naming made-up uploads cannot add entries, and no client can flush
-/// another's state wholesale (a dropped entry only costs that upload one re-hash).
-#[derive(Default)]
-struct HashStates {
-    entries: HashMap<(String, String), (u64, UploadHash)>,
-    /// Use counter: the entry with the smallest stamp is the least recently used.
-    clock: u64,
-    cap: usize,
-}
-
-impl HashStates {
-    fn get(&mut self, key: &(String, String)) -> Option<UploadHash> {
-        self.clock += 1;
-        let now = self.clock;
-        self.entries.get_mut(key).map(|(used, h)| {
-            *used = now;
-            h.clone()
-        })
-    }
-
-    /// File names of uploads a request is working on right now (it holds their entry).
-    fn busy(&self) -> std::collections::HashSet<String> {
-        self.entries
-            .iter()
-            .filter(|(_, (_, h))| Arc::strong_count(h) > 1)
-            .map(|((name, id), _)| crate::storage::upload_file_name(name, id))
-            .collect()
-    }
-
-    fn insert(&mut self, key: (String, String)) -> UploadHash {
-        if let Some(h) = self.get(&key) {
-            return h;
-        }
-        if self.entries.len() >= self.cap {
-            // Only idle entries may go: a request holding one is writing a chunk, and a
-            // second lock for the same upload would let two chunks interleave.
-            let oldest = self
-                .entries
-                .iter()
-                .filter(|(_, (_, h))| Arc::strong_count(h) == 1)
-                .min_by_key(|(_, (used, _))| *used)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.entries.remove(&k);
-            }
-        }
-        let h = UploadHash::default();
-        self.entries.insert(key, (self.clock, h.clone()));
-        h
-    }
-}
-
 impl App {
-    pub(crate) fn new(store: Storage, cfg: &Config, auth: Auth) -> App {
-        // Every entry belongs to an open upload, so the upload bound bounds the map too.
-        let cap = match cfg.max_open_uploads {
-            0 => 10_000,
-            n => n,
-        };
+    pub(crate) fn new(store: Arc<dyn Storage>, cfg: &Config, auth: Auth) -> App {
         App {
             store,
             read_only: cfg.read_only,
@@ -131,43 +56,11 @@ impl App {
             auth,
             body_timeout: crate::secs_or_off(cfg.idle_timeout_secs),
             metrics: Metrics::default(),
-            sessions: Mutex::new(HashStates {
-                cap,
-                ..HashStates::default()
-            }),
             manifest_buffers: tokio::sync::Semaphore::new(64),
             max_uploads: (cfg.max_open_uploads, cfg.max_open_uploads_per_repository),
             empty_upload_max_age: Duration::from_secs(cfg.empty_upload_max_age_secs),
             upload_starts: tokio::sync::Mutex::new(()),
         }
-    }
-
-    fn hash_states(&self) -> std::sync::MutexGuard<'_, HashStates> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The hash state of upload `id` in `name`; `BLOB_UPLOAD_UNKNOWN` (and no entry) when
-    /// storage holds no such upload.
-    async fn session(&self, name: &str, id: &str) -> Result<UploadHash, ApiError> {
-        let key = (name.to_owned(), id.to_owned());
-        if let Some(h) = self.hash_states().get(&key) {
-            return Ok(h);
-        }
-        let store = self.store.clone();
-        let (n2, i2) = key.clone();
-        let exists = blocking("reading upload", move || store.upload_size(&n2, &i2))
-            .await?
-            .is_some();
-        if !exists {
-            return Err(upload_unknown(id));
-        }
-        Ok(self.hash_states().insert(key))
-    }
-
-    fn forget_session(&self, name: &str, id: &str) {
-        self.hash_states()
-            .entries
-            .remove(&(name.to_owned(), id.to_owned()));
     }
 
     /// Whether another upload session may start in `name`; at a bound, first removes
@@ -180,24 +73,27 @@ impl App {
         let within = |(total, here): (usize, usize)| {
             (max_total == 0 || total < max_total) && (max_here == 0 || here < max_here)
         };
-        let (store, n2) = (self.store.clone(), name.to_owned());
-        if within(blocking("counting uploads", move || store.count_uploads(&n2)).await?) {
+        let counts = self
+            .store
+            .count_uploads(name)
+            .await
+            .map_err(internal("counting uploads"))?;
+        if within(counts) {
             return Ok(true);
         }
-        let busy = self.hash_states().busy();
-        let (store, n2, age) = (
-            self.store.clone(),
-            name.to_owned(),
-            self.empty_upload_max_age,
-        );
-        let counts = blocking("reclaiming abandoned uploads", move || {
-            let n = store.reclaim_empty_uploads(age, &busy)?;
-            if n > 0 {
-                tracing::info!("removed {n} abandoned empty uploads");
-            }
-            store.count_uploads(&n2)
-        })
-        .await?;
+        let n = self
+            .store
+            .reclaim_empty_uploads(self.empty_upload_max_age)
+            .await
+            .map_err(internal("reclaiming abandoned uploads"))?;
+        if n > 0 {
+            tracing::info!("removed {n} abandoned empty uploads");
+        }
+        let counts = self
+            .store
+            .count_uploads(name)
+            .await
+            .map_err(internal("reclaiming abandoned uploads"))?;
         Ok(within(counts))
     }
 }
@@ -233,15 +129,9 @@ pub(crate) fn error_response(e: &ApiError, head: bool) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(empty()))
 }
 
-async fn blocking<T: Send + 'static>(
-    what: &'static str,
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(ApiError::internal(what, e)),
-        Err(e) => Err(ApiError::internal(what, e)),
-    }
+/// Maps a storage failure to a 500 naming what the server was doing.
+fn internal(what: &'static str) -> impl Fn(StorageError) -> ApiError {
+    move |e| ApiError::internal(what, e)
 }
 
 // ------------------------------------------------------------------------------- routing
@@ -485,22 +375,22 @@ fn parse_range(v: &str, size: u64) -> Option<(u64, u64)> {
     (start <= end && start < size).then_some((start, end))
 }
 
+fn blob_unknown(d: &Digest) -> ApiError {
+    ApiError::new(Code::BlobUnknown, "blob unknown to registry")
+        .with_detail(serde_json::json!({ "digest": d.to_string() }))
+}
+
 async fn get_blob(app: &Arc<App>, name: String, d: String, h: &HeaderMap, head: bool) -> Resp {
     let d = parse_digest(&d)?;
-    let store = app.store.clone();
-    let (dd, n2) = (d.clone(), name.clone());
-    let size = blocking("reading blob", move || {
-        let s = store.blob_size(&n2, &dd)?;
-        if head && s.is_some() {
-            store.touch_blob(&dd);
-        }
-        Ok(s)
-    })
-    .await?
-    .ok_or_else(|| {
-        ApiError::new(Code::BlobUnknown, "blob unknown to registry")
-            .with_detail(serde_json::json!({ "digest": d.to_string() }))
-    })?;
+    let store = &app.store;
+    let size = store
+        .repository_blob_size(&name, &d)
+        .await
+        .map_err(internal("reading blob"))?;
+    if head && size.is_some() {
+        store.touch_blob(&d).await;
+    }
+    let size = size.ok_or_else(|| blob_unknown(&d))?;
     let range = match h.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(r) => match parse_range(r, size) {
             Some(x) => Some(x),
@@ -531,76 +421,49 @@ async fn get_blob(app: &Arc<App>, name: String, d: String, h: &HeaderMap, head: 
     if head || len == 0 {
         return finish(b, empty());
     }
-    let path = app.store.blob_path(&d);
-    let opened = blocking("reading blob", move || {
-        use std::io::Read;
-        let mut file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        if start > 0 {
-            file.seek(io::SeekFrom::Start(start))?;
+    match store
+        .read_blob(&d, start, len)
+        .await
+        .map_err(internal("reading blob"))?
+    {
+        // Deleted (GC) between the existence check and the read.
+        None => Err(blob_unknown(&d)),
+        Some(BlobContent::Bytes(data)) => finish(b, full(data)),
+        Some(BlobContent::Stream(s)) => {
+            let frames = SyncStream(std::sync::Mutex::new(s)).map(|item| item.map(Frame::data));
+            finish(b, BodyExt::boxed(StreamBody::new(frames)))
         }
-        if len <= SMALL_BLOB {
-            let mut data = Vec::with_capacity(len as usize);
-            file.take(len).read_to_end(&mut data)?;
-            return Ok(Some((None, Some(Bytes::from(data)))));
-        }
-        Ok(Some((Some(file), None)))
-    })
-    .await?;
-    match opened {
-        // Deleted (GC) between the existence check and the open.
-        None => Err(ApiError::new(Code::BlobUnknown, "blob unknown to registry")
-            .with_detail(serde_json::json!({ "digest": d.to_string() }))),
-        Some((_, Some(data))) => finish(b, full(data)),
-        Some((Some(file), None)) => finish(b, file_body(file, len)),
-        Some((None, None)) => Err(ApiError::internal("reading blob", "nothing opened")),
     }
 }
 
-/// Streams `len` bytes of `file` from its current position: a blocking reader fills
-/// `WRITE_BATCH`-sized buffers ahead of the network (at most `PIPELINE_DEPTH` in flight).
-fn file_body(file: File, len: u64) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(PIPELINE_DEPTH);
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut file = file.take(len);
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(WRITE_BATCH as u64);
-            let mut buf = Vec::with_capacity(n as usize);
-            let item = match (&mut file).take(n).read_to_end(&mut buf) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "blob shorter than its size",
-                )),
-                Ok(got) => {
-                    left -= got as u64;
-                    Ok(Bytes::from(buf))
-                }
-                Err(e) => Err(e),
-            };
-            let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
-                break; // client gone, or error already reported
-            }
-        }
-    });
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item.map(Frame::data), rx))
-    });
-    BodyExt::boxed(StreamBody::new(stream))
+/// A stream made `Sync` for the response body type. It is only ever polled through
+/// `&mut`, so the mutex is never locked (nothing can poison it either).
+struct SyncStream(std::sync::Mutex<ByteStream>);
+
+impl futures::Stream for SyncStream {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let inner = self.get_mut().0.get_mut();
+        inner
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .poll_next(cx)
+    }
 }
 
 async fn delete_blob(app: &Arc<App>, name: String, d: String) -> Resp {
     let d = parse_digest(&d)?;
-    let store = app.store.clone();
-    let dd = d.clone();
-    if !blocking("deleting blob", move || store.unlink_blob(&name, &dd)).await? {
-        return Err(ApiError::new(Code::BlobUnknown, "blob unknown to registry")
-            .with_detail(serde_json::json!({ "digest": d.to_string() })));
+    let found = app
+        .store
+        .unlink_blob(&name, &d)
+        .await
+        .map_err(internal("deleting blob"))?;
+    if !found {
+        return Err(blob_unknown(&d));
     }
     finish(
         builder(StatusCode::ACCEPTED).header(header::CONTENT_LENGTH, 0),
@@ -628,108 +491,31 @@ async fn next_frame(
     frame.map(|f| f.map_err(|e| e.to_string()))
 }
 
-/// A staged file being appended to, with the running hash and byte count.
-struct Sink {
-    file: File,
-    hasher: Hasher,
-    written: u64,
-}
-
-/// Appends the request body to `sink`, hashing as it goes. A body that fits one batch is
-/// written with a single blocking call; a larger one streams through a bounded channel to a
-/// blocking writer, so receiving, hashing and writing overlap while memory per upload stays
-/// under `WRITE_BATCH * (PIPELINE_DEPTH + 2)`. On a body error (truncated upload, client
-/// gone) the sink holds what was written so far.
-async fn append_body(sink: Sink, mut body: Incoming, app: &App) -> (Sink, Result<(), String>) {
-    let mut buf = bytes::BytesMut::new();
-    let mut result = Ok(());
-    let mut writer: Option<(tokio::sync::mpsc::Sender<Bytes>, WriterTask)> = None;
-    let mut sink = Some(sink);
-    loop {
-        match next_frame(&mut body, app.body_timeout).await {
-            None => break,
-            Some(Err(e)) => {
-                result = Err(format!("reading request body: {e}"));
-                break;
-            }
-            Some(Ok(f)) => {
-                let Ok(data) = f.into_data() else { continue };
-                app.metrics.add_bytes_in(data.len() as u64);
-                buf.extend_from_slice(&data);
-                if buf.len() < WRITE_BATCH {
-                    continue;
-                }
-                let chunk = buf.split().freeze();
-                let (tx, _) = writer.get_or_insert_with(|| {
-                    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(PIPELINE_DEPTH);
-                    let sink = sink.take().expect("sink moves to the writer once");
-                    (
-                        tx,
-                        tokio::task::spawn_blocking(move || write_stream(sink, rx)),
-                    )
-                });
-                if tx.send(chunk).await.is_err() {
-                    break; // the writer failed; its result says why
+/// A request body as the data stream storage appends: counted in the metrics as it
+/// arrives, failing when it stalls past the idle timeout or the client goes away.
+fn body_stream(app: &Arc<App>, body: Incoming) -> ByteStream {
+    let app = app.clone();
+    Box::pin(futures::stream::unfold(Some(body), move |body| {
+        let app = app.clone();
+        async move {
+            let mut body = body?;
+            loop {
+                match next_frame(&mut body, app.body_timeout).await {
+                    None => return None,
+                    Some(Err(e)) => {
+                        let e = io::Error::other(format!("reading request body: {e}"));
+                        return Some((Err(e), None));
+                    }
+                    Some(Ok(f)) => {
+                        if let Ok(data) = f.into_data() {
+                            app.metrics.add_bytes_in(data.len() as u64);
+                            return Some((Ok(data), Some(body)));
+                        }
+                    }
                 }
             }
         }
-    }
-    match writer {
-        None => {
-            let sink = sink.expect("sink still here without a writer");
-            if result.is_ok() && !buf.is_empty() {
-                return write_chunk(sink, buf.freeze()).await;
-            }
-            (sink, result)
-        }
-        Some((tx, handle)) => {
-            if result.is_ok() && !buf.is_empty() {
-                let _ = tx.send(buf.freeze()).await;
-            }
-            drop(tx);
-            let (sink, wr) = match handle.await {
-                Ok(x) => x,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            (sink, wr.and(result))
-        }
-    }
-}
-
-/// The blocking writer of an upload pipeline; gives the sink back when done.
-type WriterTask = tokio::task::JoinHandle<(Sink, Result<(), String>)>;
-
-/// The blocking half of the upload pipeline: write and hash chunks until the channel closes.
-fn write_stream(
-    mut sink: Sink,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> (Sink, Result<(), String>) {
-    while let Some(chunk) = rx.blocking_recv() {
-        if let Err(e) = sink.file.write_all(&chunk) {
-            return (sink, Err(format!("writing upload: {e}")));
-        }
-        sink.hasher.update(&chunk);
-        sink.written += chunk.len() as u64;
-    }
-    (sink, Ok(()))
-}
-
-async fn write_chunk(sink: Sink, chunk: Bytes) -> (Sink, Result<(), String>) {
-    // The sink moves into the blocking task and back; if the task is lost the file is only
-    // staged data, never visible.
-    let h = tokio::task::spawn_blocking(move || {
-        let mut sink = sink;
-        let r = sink.file.write_all(&chunk);
-        if r.is_ok() {
-            sink.hasher.update(&chunk);
-            sink.written += chunk.len() as u64;
-        }
-        (sink, r.map_err(|e| format!("writing upload: {e}")))
-    });
-    match h.await {
-        Ok(x) => x,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    }
+    }))
 }
 
 fn upload_location(name: &str, id: &str) -> String {
@@ -755,6 +541,26 @@ fn blob_created(name: &str, d: &Digest) -> Resp {
     )
 }
 
+/// Links blob `d` into `to` when the store holds it (visible in `from`, when given).
+/// Returns false when it does not, and the client uploads instead.
+async fn mount_blob(app: &App, from: Option<&str>, to: &str, d: &Digest) -> Result<bool, ApiError> {
+    let store = &app.store;
+    let err = internal("mounting blob");
+    let _lock = store.lock(LockMode::Shared).await.map_err(&err)?;
+    let present = match from {
+        Some(from) => store.repository_blob_size(from, d).await,
+        None => store.blob_size(d).await,
+    }
+    .map_err(&err)?
+    .is_some();
+    if !present {
+        return Ok(false);
+    }
+    store.touch_blob(d).await;
+    store.link_blob(to, d).await.map_err(&err)?;
+    Ok(true)
+}
+
 async fn start_upload(
     app: &Arc<App>,
     name: String,
@@ -776,19 +582,14 @@ async fn start_upload(
                 )
                 .await
                 .is_ok();
-        if from_ok {
-            let (store, from, to, dd) =
-                (app.store.clone(), from.to_owned(), name.clone(), d.clone());
-            if blocking("mounting blob", move || store.mount_blob(&from, &to, &dd)).await? {
-                return blob_created(&name, &d);
-            }
+        if from_ok && mount_blob(app, Some(from), &name, &d).await? {
+            return blob_created(&name, &d);
         }
     } else if let (Some(mount), true) = (query(q, "mount"), app.auth.is_open()) {
         // Mount without `from` (spec v1.1): only on an open registry, where every
         // repository is readable anyway; with auth, a digest must not grant access.
         let d = parse_digest(mount)?;
-        let (store, to, dd) = (app.store.clone(), name.clone(), d.clone());
-        if blocking("mounting blob", move || store.mount_any(&to, &dd)).await? {
+        if mount_blob(app, None, &name, &d).await? {
             return blob_created(&name, &d);
         }
     } else if let Some(digest) = query(q, "digest") {
@@ -806,9 +607,11 @@ async fn start_upload(
             "max_open_uploads_per_repository": app.max_uploads.1,
         })));
     }
-    let store = app.store.clone();
-    let n2 = name.clone();
-    let id = blocking("creating upload", move || store.create_upload(&n2)).await?;
+    let id = app
+        .store
+        .start_upload(&name)
+        .await
+        .map_err(internal("creating upload"))?;
     drop(slots);
     finish(
         builder(StatusCode::ACCEPTED)
@@ -820,51 +623,46 @@ async fn start_upload(
     )
 }
 
+/// A whole blob in one POST: staged as an upload no client ever sees, committed on a
+/// digest match, discarded otherwise.
 async fn monolithic_upload(app: &Arc<App>, name: String, d: Digest, body: Incoming) -> Resp {
-    let store = app.store.clone();
-    let n2 = name.clone();
-    let (id, file) = blocking("creating upload", move || store.create_temp_upload(&n2)).await?;
-    let sink = Sink {
-        file,
-        hasher: Hasher::new(d.algorithm()),
-        written: 0,
+    let store = &app.store;
+    let id = store
+        .start_upload(&name)
+        .await
+        .map_err(internal("creating upload"))?;
+    let appended = store
+        .append_upload(&name, &id, Some(0), body_stream(app, body))
+        .await;
+    let committed = match appended {
+        Ok(_) => store.finish_upload(&name, &id, &d).await,
+        Err(e) => Err(e),
     };
-    let (sink, r) = append_body(sink, body, app).await;
-    let store = app.store.clone();
-    let remove = {
-        let (store, name, id) = (store.clone(), name.clone(), id.clone());
-        move || {
-            store.delete_upload(&name, &id)?;
-            Ok(())
-        }
-    };
-    if let Err(e) = r {
-        blocking("discarding upload", remove).await?;
-        return Err(ApiError::new(Code::BlobUploadInvalid, e));
-    }
-    let got = sink.hasher.finish();
-    if got != d {
-        blocking("discarding upload", remove).await?;
-        return Err(ApiError::new(
+    let failure = match committed {
+        Ok(()) => return blob_created(&name, &d),
+        Err(StorageError::UploadData(e)) => ApiError::new(Code::BlobUploadInvalid, e),
+        Err(StorageError::DigestMismatch { actual, .. }) => ApiError::new(
             Code::DigestInvalid,
             "provided digest did not match uploaded content",
         )
-        .with_detail(serde_json::json!({ "expected": d.to_string(), "actual": got.to_string() })));
-    }
-    let (n2, dd) = (name.clone(), d.clone());
-    let file = sink.file;
-    blocking("committing blob", move || {
-        store.commit_upload(&n2, &id, file, &dd)
-    })
-    .await?;
-    blob_created(&name, &d)
+        .with_detail(
+            serde_json::json!({ "expected": d.to_string(), "actual": actual.to_string() }),
+        ),
+        Err(e) => return Err(ApiError::internal("committing blob", e)),
+    };
+    store
+        .cancel_upload(&name, &id)
+        .await
+        .map_err(internal("discarding upload"))?;
+    Err(failure)
 }
 
 async fn upload_status(app: &Arc<App>, name: String, id: String) -> Resp {
-    let store = app.store.clone();
-    let (n2, i2) = (name.clone(), id.clone());
-    let size = blocking("reading upload", move || store.upload_size(&n2, &i2))
-        .await?
+    let size = app
+        .store
+        .upload_size(&name, &id)
+        .await
+        .map_err(internal("reading upload"))?
         .ok_or_else(|| upload_unknown(&id))?;
     finish(
         builder(StatusCode::NO_CONTENT)
@@ -889,94 +687,67 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     (a <= b).then_some((a, b))
 }
 
-/// Opens an upload, checks a chunk's `Content-Range` against its size, and returns a sink
-/// positioned at the end with the sha256 state (re-hashed if the server lost it).
-async fn open_sink(
+fn chunk_out_of_order(size: u64) -> ApiError {
+    ApiError::new(
+        Code::BlobUploadInvalid,
+        format!("chunk out of order: the upload has {size} bytes; the next chunk must start there"),
+    )
+    .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+    .with_detail(serde_json::json!({ "size": size }))
+}
+
+/// Where a chunk must start according to its `Content-Range` (`None`: no header, append
+/// at the end). A malformed header, or one whose length disagrees with `Content-Length`,
+/// is answered as out of order.
+async fn chunk_offset(
+    app: &App,
+    name: &str,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Option<u64>, ApiError> {
+    let Some(cr) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let cr = cr.to_str().ok().and_then(parse_content_range);
+    let len: Option<u64> = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    match cr {
+        Some((s, e)) if len.is_none_or(|l| l == e - s + 1) => Ok(Some(s)),
+        _ => {
+            let size = app
+                .store
+                .upload_size(name, id)
+                .await
+                .map_err(internal("opening upload"))?
+                .ok_or_else(|| upload_unknown(id))?;
+            Err(chunk_out_of_order(size))
+        }
+    }
+}
+
+/// Appends a request body to upload `id`; returns the upload's new size.
+async fn append_chunk(
     app: &Arc<App>,
     name: &str,
     id: &str,
-    state: &mut Option<(u64, Hasher)>,
-    headers: &HeaderMap,
-) -> Result<Sink, ApiError> {
-    let store = app.store.clone();
-    let (n2, i2) = (name.to_owned(), id.to_owned());
-    let (mut file, size) = blocking("opening upload", move || store.open_upload(&n2, &i2))
-        .await?
-        .ok_or_else(|| upload_unknown(id))?;
-    if let Some(cr) = headers.get(header::CONTENT_RANGE) {
-        let cr = cr.to_str().ok().and_then(parse_content_range);
-        let len: Option<u64> = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok());
-        let ok = match cr {
-            Some((s, e)) => s == size && len.is_none_or(|l| l == e - s + 1),
-            None => false,
-        };
-        if !ok {
-            return Err(ApiError::new(
-                Code::BlobUploadInvalid,
-                format!("chunk out of order: the upload has {size} bytes; the next chunk must start there"),
-            )
-            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
-            .with_detail(serde_json::json!({ "size": size })));
-        }
-    }
-    let hasher = match state.take() {
-        Some((off, h)) if off == size => h,
-        _ => {
-            if size > 0 {
-                app.metrics.add_upload_rehash();
-            }
-            let (f, h) = blocking("hashing upload", move || {
-                let mut h = Hasher::new(Algorithm::Sha256);
-                file.seek(io::SeekFrom::Start(0))?;
-                let mut buf = vec![0u8; 1 << 20];
-                loop {
-                    let n = io::Read::read(&mut file, &mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-                Ok((file, h))
-            })
-            .await?;
-            file = f;
-            h
-        }
-    };
-    Ok(Sink {
-        file,
-        hasher,
-        written: size,
-    })
-}
-
-/// Appends the body; on failure cuts the staged file back to where the chunk started so a
-/// truncated chunk leaves the upload resumable from its last good size.
-async fn append_or_rollback(app: &Arc<App>, sink: Sink, body: Incoming) -> Result<Sink, ApiError> {
-    let start = sink.written;
-    let (mut sink, r) = append_body(sink, body, app).await;
-    if let Err(e) = r {
-        let file = sink.file;
-        let _ = blocking("rolling back chunk", move || file.set_len(start)).await;
-        return Err(ApiError::new(Code::BlobUploadInvalid, e));
-    }
-    sink.written = sink
-        .file
-        .metadata()
-        .map(|m| m.len())
-        .unwrap_or(sink.written);
-    Ok(sink)
+    req: Request<Incoming>,
+) -> Result<u64, ApiError> {
+    let offset = chunk_offset(app, name, id, req.headers()).await?;
+    let data = body_stream(app, req.into_body());
+    app.store
+        .append_upload(name, id, offset, data)
+        .await
+        .map_err(|e| match e {
+            StorageError::UploadUnknown => upload_unknown(id),
+            StorageError::UploadOutOfOrder { size } => chunk_out_of_order(size),
+            StorageError::UploadData(e) => ApiError::new(Code::BlobUploadInvalid, e),
+            e => ApiError::internal("writing upload", e),
+        })
 }
 
 async fn patch_upload(app: &Arc<App>, name: String, id: String, req: Request<Incoming>) -> Resp {
-    let session = app.session(&name, &id).await?;
-    let mut state = session.lock().await;
-    let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
-    let sink = append_or_rollback(app, sink, req.into_body()).await?;
-    let size = sink.written;
-    *state = Some((size, sink.hasher));
+    let size = append_chunk(app, &name, &id, req).await?;
     finish(
         builder(StatusCode::ACCEPTED)
             .header(header::LOCATION, upload_location(&name, &id))
@@ -995,56 +766,28 @@ async fn put_upload(
     req: Request<Incoming>,
 ) -> Resp {
     let d = parse_digest(query(q, "digest").unwrap_or(""))?;
-    let session = app.session(&name, &id).await?;
-    let mut state = session.lock().await;
-    let sink = open_sink(app, &name, &id, &mut state, req.headers()).await?;
-    let sink = append_or_rollback(app, sink, req.into_body()).await?;
-    let Sink {
-        mut file,
-        hasher,
-        written,
-    } = sink;
-    let got = if d.algorithm() == Algorithm::Sha256 {
-        hasher.finish()
-    } else {
-        let alg = d.algorithm();
-        let (f, got) = blocking("hashing upload", move || {
-            let got = Storage::hash_file(&mut file, alg)?;
-            Ok((file, got))
-        })
-        .await?;
-        file = f;
-        got
-    };
-    let store = app.store.clone();
-    if got != d {
+    append_chunk(app, &name, &id, req).await?;
+    match app.store.finish_upload(&name, &id, &d).await {
+        Ok(()) => blob_created(&name, &d),
+        Err(StorageError::UploadUnknown) => Err(upload_unknown(&id)),
         // The upload stays open at its current size so the client may retry the PUT.
-        *state = None;
-        return Err(ApiError::new(
+        Err(StorageError::DigestMismatch { actual, size }) => Err(ApiError::new(
             Code::DigestInvalid,
             "provided digest did not match uploaded content",
         )
         .with_detail(serde_json::json!({
-            "expected": d.to_string(), "actual": got.to_string(), "size": written
-        })));
+            "expected": d.to_string(), "actual": actual.to_string(), "size": size
+        }))),
+        Err(e) => Err(ApiError::internal("committing blob", e)),
     }
-    let (n2, i2, dd) = (name.clone(), id.clone(), d.clone());
-    blocking("committing blob", move || {
-        store.commit_upload(&n2, &i2, file, &dd)
-    })
-    .await?;
-    drop(state);
-    app.forget_session(&name, &id);
-    blob_created(&name, &d)
 }
 
 async fn cancel_upload(app: &Arc<App>, name: String, id: String) -> Resp {
-    let session = app.session(&name, &id).await?;
-    let _state = session.lock().await;
-    let store = app.store.clone();
-    let (n2, i2) = (name.clone(), id.clone());
-    let found = blocking("cancelling upload", move || store.delete_upload(&n2, &i2)).await?;
-    app.forget_session(&name, &id);
+    let found = app
+        .store
+        .cancel_upload(&name, &id)
+        .await
+        .map_err(internal("cancelling upload"))?;
     if !found {
         return Err(upload_unknown(&id));
     }
@@ -1107,32 +850,24 @@ async fn get_manifest(
             e
         }
     })?;
-    let store = app.store.clone();
-    let r2 = reference.clone();
-    let m = if head {
-        blocking("reading manifest", move || {
-            let Some(d) = store.resolve(&name, &r2)? else {
-                return Ok(None);
-            };
-            let Some(mt) = store.manifest_media_type(&name, &d)? else {
-                return Ok(None);
-            };
-            match std::fs::metadata(store.blob_path(&d)) {
-                Ok(md) => Ok(Some((d, mt, md.len(), None))),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-        .await?
-    } else {
-        blocking("reading manifest", move || {
-            Ok(store
-                .read_manifest(&name, &r2)?
-                .map(|m| (m.digest, m.media_type, m.bytes.len() as u64, Some(m.bytes))))
-        })
-        .await?
+    let store = &*app.store;
+    let err = internal("reading manifest");
+    let found = match storage::resolve(store, &name, &reference)
+        .await
+        .map_err(&err)?
+    {
+        None => None,
+        Some(d) if head => store
+            .manifest_info(&name, &d)
+            .await
+            .map_err(&err)?
+            .map(|(mt, len)| (d, mt, len, None)),
+        Some(d) => store.get_manifest(&name, &d).await.map_err(&err)?.map(|m| {
+            let len = m.bytes.len() as u64;
+            (d, m.media_type, len, Some(m.bytes))
+        }),
     };
-    let (d, mt, len, bytes) = m.ok_or_else(|| manifest_unknown(&reference))?;
+    let (d, mt, len, bytes) = found.ok_or_else(|| manifest_unknown(&reference))?;
     if !accepts(headers, &mt) {
         return Err(ApiError::new(
             Code::ManifestUnknown,
@@ -1260,26 +995,50 @@ async fn put_manifest(
         }
         (s.clone(), serde_json::to_vec(&desc).unwrap_or_default())
     });
-    let store = app.store.clone();
-    let (n2, d2, mt2) = (name.clone(), digest.clone(), media_type.clone());
     let subject = refs.subject.clone();
-    let missing = blocking("storing manifest", move || {
-        let _lock = store.gc_lock(false)?;
+    let store = &*app.store;
+    let err = internal("storing manifest");
+    let missing = {
+        let _lock = store.lock(LockMode::Shared).await.map_err(&err)?;
+        let mut missing = None;
         for b in &refs.blobs {
-            if store.blob_size(&n2, b)?.is_none() {
-                return Ok(Some(b.clone()));
+            if store
+                .repository_blob_size(&name, b)
+                .await
+                .map_err(&err)?
+                .is_none()
+            {
+                missing = Some(b.clone());
+                break;
             }
         }
-        for m in &refs.manifests {
-            if !store.has_manifest(&n2, m)? {
-                return Ok(Some(m.clone()));
+        if missing.is_none() {
+            for m in &refs.manifests {
+                if store.manifest_info(&name, m).await.map_err(&err)?.is_none() {
+                    missing = Some(m.clone());
+                    break;
+                }
             }
         }
-        let r = referrer.as_ref().map(|(s, d)| (s, d.as_slice()));
-        store.put_manifest(&n2, &d2, &mt2, &bytes, &tags, r)?;
-        Ok(None)
-    })
-    .await?;
+        if missing.is_none() {
+            // Content and revision, referrer entry, then the tags: every visible name
+            // points at complete data.
+            store
+                .put_manifest(&name, &digest, &media_type, Bytes::from(bytes))
+                .await
+                .map_err(&err)?;
+            if let Some((s, desc)) = referrer {
+                store
+                    .add_referrer(&name, &s, &digest, Bytes::from(desc))
+                    .await
+                    .map_err(&err)?;
+            }
+            for tag in &tags {
+                store.put_tag(&name, tag, &digest).await.map_err(&err)?;
+            }
+        }
+        missing
+    };
     if let Some(m) = missing {
         return Err(ApiError::new(
             Code::ManifestBlobUnknown,
@@ -1304,17 +1063,14 @@ async fn put_manifest(
 
 async fn delete_manifest(app: &Arc<App>, name: String, reference: String) -> Resp {
     check_reference(&reference)?;
-    let store = app.store.clone();
-    let r2 = reference.clone();
-    let found = blocking("deleting manifest", move || {
-        if r2.contains(':') {
-            let d: Digest = r2.parse().map_err(io::Error::other)?;
-            store.delete_manifest(&name, &d)
-        } else {
-            store.delete_tag(&name, &r2)
-        }
-    })
-    .await?;
+    let store = &*app.store;
+    let found = if reference.contains(':') {
+        let d = parse_digest(&reference)?;
+        storage::delete_manifest_and_tags(store, &name, &d).await
+    } else {
+        store.delete_tag(&name, &reference).await
+    }
+    .map_err(internal("deleting manifest"))?;
     if !found {
         return Err(manifest_unknown(&reference));
     }
@@ -1326,11 +1082,8 @@ async fn delete_manifest(app: &Arc<App>, name: String, reference: String) -> Res
 
 // ------------------------------------------------------------------------------- discovery
 
-/// Applies `n`/`last` to a sorted list; returns the page and whether more follow.
-fn paginate(
-    all: Vec<String>,
-    q: &[(String, String)],
-) -> Result<(Vec<String>, Option<usize>, bool), ApiError> {
+/// The `n` and `last` query parameters of a paginated list.
+fn page_request(q: &[(String, String)]) -> Result<(Option<usize>, Option<&str>), ApiError> {
     let n = match query(q, "n") {
         None | Some("") => None,
         Some(v) => Some(v.parse::<usize>().map_err(|_| {
@@ -1338,15 +1091,16 @@ fn paginate(
                 .with_status(StatusCode::BAD_REQUEST)
         })?),
     };
-    let mut items: Vec<String> = match query(q, "last").filter(|l| !l.is_empty()) {
-        Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),
-        None => all,
-    };
+    Ok((n, query(q, "last").filter(|l| !l.is_empty())))
+}
+
+/// Cuts a list fetched with one item beyond `n` to `n`; returns whether more follow.
+fn cut_page(mut items: Vec<String>, n: Option<usize>) -> (Vec<String>, bool) {
     let more = n.is_some_and(|n| items.len() > n);
     if let Some(n) = n {
         items.truncate(n);
     }
-    Ok((items, n, more))
+    (items, more)
 }
 
 fn link_header(path: &str, n: Option<usize>, last: Option<&String>) -> Option<String> {
@@ -1355,15 +1109,17 @@ fn link_header(path: &str, n: Option<usize>, last: Option<&String>) -> Option<St
 }
 
 async fn tags_list(app: &Arc<App>, name: String, q: &[(String, String)]) -> Resp {
-    let store = app.store.clone();
-    let n2 = name.clone();
-    let tags = blocking("listing tags", move || store.tags(&n2))
-        .await?
+    let (n, last) = page_request(q)?;
+    let tags = app
+        .store
+        .list_tags(&name, last, n.map(|n| n.saturating_add(1)))
+        .await
+        .map_err(internal("listing tags"))?
         .ok_or_else(|| {
             ApiError::new(Code::NameUnknown, "repository name not known to registry")
                 .with_detail(serde_json::json!({ "name": name }))
         })?;
-    let (page, n, more) = paginate(tags, q)?;
+    let (page, more) = cut_page(tags, n);
     let body = serde_json::to_vec(&serde_json::json!({ "name": name, "tags": page }))
         .map_err(|e| ApiError::internal("encoding tags", e))?;
     let mut b = builder(StatusCode::OK)
@@ -1378,9 +1134,16 @@ async fn tags_list(app: &Arc<App>, name: String, q: &[(String, String)]) -> Resp
 }
 
 async fn catalog(app: &Arc<App>, q: &[(String, String)]) -> Resp {
-    let store = app.store.clone();
-    let repos = blocking("listing repositories", move || store.repositories()).await?;
-    let (page, n, more) = paginate(repos, q)?;
+    let (n, last) = page_request(q)?;
+    let repos = app
+        .store
+        .repositories()
+        .await
+        .map_err(internal("listing repositories"))?;
+    let (page, more) = cut_page(
+        storage::page(repos, last, n.map(|n| n.saturating_add(1))),
+        n,
+    );
     let body = serde_json::to_vec(&serde_json::json!({ "repositories": page }))
         .map_err(|e| ApiError::internal("encoding catalog", e))?;
     let mut b = builder(StatusCode::OK)
@@ -1399,10 +1162,20 @@ async fn referrers(app: &Arc<App>, name: String, d: String, q: &[(String, String
     let filter = query(q, "artifactType")
         .filter(|s| !s.is_empty())
         .map(str::to_owned);
-    let store = app.store.clone();
-    let entries = blocking("listing referrers", move || store.referrers(&name, &d)).await?;
+    let err = internal("listing referrers");
+    let entries = app.store.referrers(&name, &d).await.map_err(&err)?;
     let mut manifests = Vec::new();
-    for e in entries {
+    for (referrer, e) in entries {
+        // An entry is only valid while its manifest revision exists.
+        if app
+            .store
+            .manifest_info(&name, &referrer)
+            .await
+            .map_err(&err)?
+            .is_none()
+        {
+            continue;
+        }
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&e) else {
             continue;
         };
@@ -1429,10 +1202,12 @@ async fn referrers(app: &Arc<App>, name: String, d: String, q: &[(String, String
 // ------------------------------------------------------------------------------- extras
 
 async fn metrics(app: &Arc<App>) -> Resp {
-    let store = app.store.clone();
-    let size = blocking("measuring storage", move || Ok(store.blob_store_size())).await?;
-    let states = app.hash_states().entries.len();
-    let text = app.metrics.render(size, states);
+    let size = app
+        .store
+        .stored_bytes()
+        .await
+        .map_err(internal("measuring storage"))?;
+    let text = app.metrics.render(size, app.store.upload_stats());
     finish(
         builder(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
@@ -1464,44 +1239,6 @@ async fn token(app: &Arc<App>, req: &Request<Incoming>) -> Resp {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(id: &str) -> (String, String) {
-        ("repo".to_owned(), id.to_owned())
-    }
-
-    #[test]
-    fn hash_states_evict_the_least_recently_used_idle_entry() {
-        let mut m = HashStates {
-            cap: 2,
-            ..HashStates::default()
-        };
-        m.insert(key("a"));
-        m.insert(key("b"));
-        // `a` used again: `b` is now the least recently used.
-        assert!(m.get(&key("a")).is_some());
-        m.insert(key("c"));
-        assert_eq!(m.entries.len(), 2);
-        assert!(m.entries.contains_key(&key("a")));
-        assert!(m.entries.contains_key(&key("c")));
-        assert!(!m.entries.contains_key(&key("b")));
-    }
-
-    #[test]
-    fn hash_states_never_evict_an_entry_in_use() {
-        let mut m = HashStates {
-            cap: 1,
-            ..HashStates::default()
-        };
-        let held = m.insert(key("a"));
-        let again = m.insert(key("b"));
-        // `a` is being written by a request: it stays, and the map grows past its cap
-        // rather than handing a second lock for `a` to the next request.
-        assert!(Arc::ptr_eq(&held, &m.get(&key("a")).expect("a kept")));
-        assert_eq!(m.entries.len(), 2);
-        drop((held, again));
-        m.insert(key("c"));
-        assert_eq!(m.entries.len(), 2, "one idle entry evicted at the cap");
-    }
 
     #[test]
     fn ranges_follow_rfc9110() {

@@ -148,6 +148,15 @@ pub enum RegistryError {
         #[source]
         source: std::io::Error,
     },
+    /// A storage operation failed (GC, or opening a driver); `location` is where the
+    /// storage lives (a directory, a bucket).
+    #[error("{what} {location}: {source}")]
+    Storage {
+        what: &'static str,
+        location: String,
+        #[source]
+        source: crate::storage::StorageError,
+    },
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source} (is another server using the port?)")]
     Bind {

@@ -1,23 +1,25 @@
-//! Mark-and-sweep garbage collection of the blob store.
+//! Mark-and-sweep garbage collection of the blob store, through the [`Storage`] trait.
 //!
 //! Roots are every tag (and, without `delete_untagged`, every manifest revision). Marking
 //! follows index children, config and layers, and referrers of every kept manifest. The
 //! sweep runs under the exclusive `gc.lock`, which every commit (upload finish, mount,
 //! manifest put) takes shared, so no commit interleaves with a sweep; content younger than
 //! the grace period is kept, so a blob uploaded (or found by HEAD) but not yet referenced by
-//! its manifest survives. Temporary files of writers killed before their rename (blobs,
-//! manifests, tags, referrer entries) are removed once older than the grace period.
+//! its manifest survives. Leftovers of writers killed before they completed (the filesystem
+//! driver's temporary files of blobs, manifests, tags, referrer entries) are removed once
+//! older than the grace period.
 
 use std::collections::HashSet;
-use std::fs;
 use std::path::Path;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use kiln_oci::Digest;
 
 use crate::error::RegistryError;
 use crate::manifest;
-use crate::storage::Storage;
+use crate::storage::{
+    delete_manifest_and_tags, is_recent, read_whole_blob, FsStorage, LockMode, Storage,
+};
 
 /// What a garbage collection should do.
 #[derive(Debug, Clone)]
@@ -53,69 +55,74 @@ pub struct GcReport {
     pub blobs_kept: usize,
 }
 
-fn young(path: &Path, grace: Duration) -> bool {
-    match fs::metadata(path).and_then(|m| m.modified()) {
-        Ok(t) => SystemTime::now()
-            .duration_since(t)
-            .map(|age| age < grace)
-            .unwrap_or(true),
-        Err(_) => false,
-    }
-}
-
-fn list_digests(dir: &Path) -> Vec<Digest> {
-    let mut out = Vec::new();
-    for alg in ["sha256", "sha512"] {
-        let Ok(rd) = fs::read_dir(dir.join(alg)) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if let Ok(d) = format!("{alg}:{n}").parse::<Digest>() {
-                out.push(d);
-            }
-        }
-    }
-    out
-}
-
-/// Runs one garbage collection over the registry at `root`.
+/// Runs one garbage collection over the filesystem registry at `root`. Usable from any
+/// thread, inside an async runtime or not: the collection runs on a runtime of its own.
 pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, RegistryError> {
-    let store = Storage::open(root, true)
+    let store = FsStorage::open(root, true)
         .map_err(|e| RegistryError::io("opening registry root", root, e))?;
-    let io = |what: &'static str| move |e| RegistryError::io(what, root, e);
-    let _lock = store.gc_lock(true).map_err(io("locking gc.lock in"))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| RegistryError::io("starting the async runtime for", root, e))?;
+            rt.block_on(collect_garbage_in(&store, opts))
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Runs one garbage collection over `store`, whatever its driver, under its exclusive lock.
+pub async fn collect_garbage_in(
+    store: &dyn Storage,
+    opts: &GcOptions,
+) -> Result<GcReport, RegistryError> {
+    let fail = |what: &'static str| {
+        move |source| RegistryError::Storage {
+            what,
+            location: store.location(),
+            source,
+        }
+    };
+    let _lock = store
+        .lock(LockMode::Exclusive)
+        .await
+        .map_err(fail("locking gc.lock in"))?;
     let mut report = GcReport::default();
     let mut marked: HashSet<Digest> = HashSet::new();
 
     for repo in store
         .repositories()
-        .map_err(io("listing repositories in"))?
+        .await
+        .map_err(fail("listing repositories in"))?
     {
-        let rev_dir = store.repo_dir(&repo).join("_manifests/revisions");
-        let revisions = list_digests(&rev_dir);
+        let revisions = store
+            .manifests(&repo)
+            .await
+            .map_err(fail("reading manifests in"))?;
         let mut kept: HashSet<Digest> = HashSet::new();
         let mut queue: Vec<Digest> = Vec::new();
         for (_, target) in store
-            .tags_with_targets(&repo)
-            .map_err(io("reading tags in"))?
+            .tag_targets(&repo)
+            .await
+            .map_err(fail("reading tags in"))?
         {
             if let Ok(d) = target.parse::<Digest>() {
                 queue.push(d);
             }
         }
-        for d in &revisions {
-            let link = rev_dir.join(d.algorithm().name()).join(d.hex());
-            if !opts.delete_untagged || young(&link, opts.grace) {
-                queue.push(d.clone());
+        for r in &revisions {
+            if !opts.delete_untagged || is_recent(r.modified, opts.grace) {
+                queue.push(r.digest.clone());
             }
         }
         // Referrers of a kept manifest are kept too: index them by subject first.
         let mut by_subject: std::collections::HashMap<Digest, Vec<Digest>> = Default::default();
-        for d in &revisions {
-            if let Ok(b) = fs::read(store.blob_path(d)) {
+        for r in &revisions {
+            if let Ok(Some(b)) = read_whole_blob(store, &r.digest).await {
                 if let Some(s) = manifest::subject_of(&b) {
-                    by_subject.entry(s).or_default().push(d.clone());
+                    by_subject.entry(s).or_default().push(r.digest.clone());
                 }
             }
         }
@@ -124,7 +131,7 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
                 continue;
             }
             marked.insert(d.clone());
-            if let Ok(bytes) = fs::read(store.blob_path(&d)) {
+            if let Ok(Some(bytes)) = read_whole_blob(store, &d).await {
                 let refs = manifest::references_of(&bytes);
                 marked.extend(refs.blobs);
                 queue.extend(refs.manifests);
@@ -133,107 +140,54 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
                 queue.extend(rs.iter().cloned());
             }
         }
-        for d in revisions {
-            if !kept.contains(&d) {
-                report.manifests_deleted.push((repo.clone(), d.clone()));
+        for r in revisions {
+            if !kept.contains(&r.digest) {
+                report
+                    .manifests_deleted
+                    .push((repo.clone(), r.digest.clone()));
                 if !opts.dry_run {
-                    store
-                        .delete_manifest(&repo, &d)
-                        .map_err(io("deleting manifest in"))?;
+                    delete_manifest_and_tags(store, &repo, &r.digest)
+                        .await
+                        .map_err(fail("deleting manifest in"))?;
                 }
             }
         }
     }
 
-    let blob_root = root.join("blobs");
-    for alg in ["sha256", "sha512"] {
-        let Ok(prefixes) = fs::read_dir(blob_root.join(alg)) else {
+    for blob in store.blobs().await.map_err(fail("listing blobs in"))? {
+        if marked.contains(&blob.digest) || is_recent(blob.modified, opts.grace) {
+            report.blobs_kept += 1;
             continue;
-        };
-        for p in prefixes.flatten() {
-            let Ok(files) = fs::read_dir(p.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let name = f.file_name().to_string_lossy().into_owned();
-                let path = f.path();
-                let Ok(d) = format!("{alg}:{name}").parse::<Digest>() else {
-                    // Leftover temporary files of an interrupted write.
-                    if name.starts_with(".tmp-") && !young(&path, opts.grace) && !opts.dry_run {
-                        let _ = fs::remove_file(&path);
-                    }
-                    continue;
-                };
-                if marked.contains(&d) || young(&path, opts.grace) {
-                    report.blobs_kept += 1;
-                    continue;
-                }
-                report.bytes_freed += f.metadata().map(|m| m.len()).unwrap_or(0);
-                if !opts.dry_run {
-                    fs::remove_file(&path)
-                        .map_err(|e| RegistryError::io("deleting blob", &path, e))?;
-                }
-                report.blobs_deleted.push(d);
-            }
         }
+        report.bytes_freed += blob.size;
+        if !opts.dry_run {
+            store
+                .delete_blob(&blob.digest)
+                .await
+                .map_err(fail("deleting blob in"))?;
+        }
+        report.blobs_deleted.push(blob.digest);
     }
-    // Links to deleted blobs would otherwise make stale existence answers cheap to check
-    // but wrong; storage reads already require the blob, this keeps the tree tidy.
     if !opts.dry_run {
+        // Links to deleted blobs would otherwise make stale existence answers cheap to
+        // check but wrong; storage reads already require the blob, this keeps it tidy.
         let deleted: HashSet<&Digest> = report.blobs_deleted.iter().collect();
         for repo in store
             .repositories()
-            .map_err(io("listing repositories in"))?
+            .await
+            .map_err(fail("listing repositories in"))?
         {
-            let layers = store.repo_dir(&repo).join("_layers");
-            for d in list_digests(&layers) {
+            for d in store.linked_blobs(&repo).await.unwrap_or_default() {
                 if deleted.contains(&d) {
-                    let _ = fs::remove_file(layers.join(d.algorithm().name()).join(d.hex()));
+                    let _ = store.unlink_blob(&repo, &d).await;
                 }
             }
         }
-        // Temporary files of manifest, tag and referrer writes killed before their rename
-        // (the blob store's own are swept above).
-        for repo in store
-            .repositories()
-            .map_err(io("listing repositories in"))?
-        {
-            remove_stale_temporaries(&store.repo_dir(&repo), opts.grace);
-        }
-        // Abandoned uploads.
-        if let Ok(rd) = fs::read_dir(root.join("uploads")) {
-            for e in rd.flatten() {
-                if !young(&e.path(), opts.grace.max(Duration::from_secs(24 * 3600))) {
-                    let _ = fs::remove_file(e.path());
-                }
-            }
-        }
+        // Leftovers of writes killed before they completed, then abandoned uploads.
+        let _ = store.sweep_interrupted_writes(opts.grace).await;
+        let _ = store
+            .sweep_uploads(opts.grace.max(Duration::from_secs(24 * 3600)))
+            .await;
     }
     Ok(report)
-}
-
-/// Removes `.tmp-*` files older than `grace` under a repository's `_manifests` and
-/// `_referrers` trees. A writer renames its temporary file within one request, so one older
-/// than the grace period belongs to a process that died before the rename; nothing reads
-/// these names (every listing skips them), so removing one never loses data.
-fn remove_stale_temporaries(repo_dir: &Path, grace: Duration) {
-    let mut stack = vec![repo_dir.join("_manifests"), repo_dir.join("_referrers")];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let path = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(path),
-                Ok(_)
-                    if e.file_name().to_string_lossy().starts_with(".tmp-")
-                        && !young(&path, grace) =>
-                {
-                    let _ = fs::remove_file(&path);
-                }
-                _ => {}
-            }
-        }
-    }
 }

@@ -1,5 +1,6 @@
-//! `kiln registry serve`: an OCI distribution v1.1 registry with filesystem storage,
-//! garbage collection, TLS, basic/token auth and metrics.
+//! `kiln registry serve`: an OCI distribution v1.1 registry with pluggable storage
+//! ([`Storage`]; the filesystem driver [`FsStorage`] by default), garbage collection, TLS,
+//! basic/token auth and metrics.
 //!
 //! In-process use (tests, other crates):
 //!
@@ -13,28 +14,30 @@
 
 mod api;
 mod auth;
+#[cfg(feature = "byte-registry")]
+mod byte_registry;
 mod connections;
 mod error;
 mod gc;
-#[cfg(feature = "in-memory")]
-mod in_memory;
 mod manifest;
 mod metrics;
 mod names;
 mod server;
-mod storage;
+pub mod storage;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 pub use auth::{issue_token, parse_scope, TokenAccess};
+#[cfg(feature = "byte-registry")]
+pub use byte_registry::ByteRegistry;
 pub use error::RegistryError;
-pub use gc::{collect_garbage, GcOptions, GcReport};
-#[cfg(feature = "in-memory")]
-pub use in_memory::InMemoryRegistry;
+pub use gc::{collect_garbage, collect_garbage_in, GcOptions, GcReport};
+pub use storage::{FsStorage, Storage, StorageDriver};
 
 /// Largest manifest accepted by default (distribution's limit too).
 pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -46,7 +49,9 @@ pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
 pub struct Config {
     /// Listen address, e.g. `127.0.0.1:5000` (port 0 picks a free port).
     pub addr: String,
-    /// Storage root.
+    /// Storage driver (`filesystem`, the default: everything under `root`).
+    pub storage: StorageDriver,
+    /// Storage root of the filesystem driver.
     pub root: PathBuf,
     /// Refuse every write with 405.
     pub read_only: bool,
@@ -97,6 +102,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             addr: "127.0.0.1:5000".into(),
+            storage: StorageDriver::Filesystem,
             root: PathBuf::from("registry"),
             read_only: false,
             tls_cert: None,
@@ -144,6 +150,7 @@ impl Registry {
     pub fn builder() -> RegistryBuilder {
         RegistryBuilder {
             config: Config::default(),
+            storage: None,
         }
     }
 }
@@ -151,6 +158,8 @@ impl Registry {
 /// Configures and starts a registry.
 pub struct RegistryBuilder {
     config: Config,
+    /// Storage handed in by the caller, used instead of the driver the config names.
+    storage: Option<Arc<dyn Storage>>,
 }
 
 impl RegistryBuilder {
@@ -159,7 +168,13 @@ impl RegistryBuilder {
         self.config = config;
         self
     }
-    /// Storage root directory (created if missing).
+    /// Serves from `storage` (any driver) instead of the one the configuration names; the
+    /// configuration's `root` and `fsync` are then unused.
+    pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = Some(storage);
+        self
+    }
+    /// Storage root directory of the filesystem driver (created if missing).
     pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
         self.config.root = root.into();
         self
@@ -205,7 +220,7 @@ impl RegistryBuilder {
     }
     /// Binds, opens storage and starts serving on the current tokio runtime.
     pub async fn start(self) -> Result<RunningRegistry, RegistryError> {
-        server::start(self.config).await
+        server::start(self.config, self.storage).await
     }
 }
 

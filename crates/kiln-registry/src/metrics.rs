@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::storage::UploadStats;
+
 /// Histogram bucket upper bounds, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
@@ -35,9 +37,6 @@ pub(crate) struct Metrics {
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
-    /// Chunks whose upload had to be re-hashed from disk because its streaming hash state
-    /// was gone (restart, eviction): shows whether hash state is being lost.
-    upload_rehashes: AtomicU64,
 }
 
 impl Metrics {
@@ -63,13 +62,9 @@ impl Metrics {
         self.bytes_in.fetch_add(n, Relaxed);
     }
 
-    /// Counts one re-hash of a staged upload from disk.
-    pub(crate) fn add_upload_rehash(&self) {
-        self.upload_rehashes.fetch_add(1, Relaxed);
-    }
-
-    /// The exposition text; `hash_states` is how many uploads have streaming hash state.
-    pub(crate) fn render(&self, storage_bytes: u64, hash_states: usize) -> String {
+    /// The exposition text, with the storage's size and its upload counters.
+    pub(crate) fn render(&self, storage_bytes: u64, uploads: UploadStats) -> String {
+        let hash_states = uploads.hash_states;
         let mut s = String::new();
         s.push_str("# HELP kiln_registry_requests_total HTTP requests by method and status.\n");
         s.push_str("# TYPE kiln_registry_requests_total counter\n");
@@ -147,7 +142,7 @@ impl Metrics {
         let _ = writeln!(
             s,
             "kiln_registry_upload_rehashes_total {}",
-            self.upload_rehashes.load(Relaxed)
+            uploads.rehashes
         );
         s
     }
@@ -164,7 +159,7 @@ mod tests {
             m.observe(&format!("X{i}"), 405, 0, 0, Duration::ZERO);
         }
         m.observe("GET", 200, 0, 0, Duration::ZERO);
-        let text = m.render(0, 0);
+        let text = m.render(0, UploadStats::default());
         let series: Vec<&str> = text
             .lines()
             .filter(|l| l.starts_with("kiln_registry_requests_total{"))

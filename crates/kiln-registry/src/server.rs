@@ -17,7 +17,7 @@ use crate::connections::{
     derived_connection_limit, is_resource_exhaustion, Connection, ConnectionTable, TrackedStream,
 };
 use crate::error::RegistryError;
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 use crate::{gc, Config, RunningRegistry};
 
 fn tls_acceptor(cfg: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, RegistryError> {
@@ -84,9 +84,15 @@ pub(crate) fn build_auth(cfg: &Config) -> Result<Auth, RegistryError> {
     Ok(Auth::new(users, token))
 }
 
-pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError> {
-    let store = Storage::open(&cfg.root, cfg.fsync)
-        .map_err(|e| RegistryError::io("creating storage under", &cfg.root, e))?;
+/// Starts serving `cfg` on `store`, or on the storage `cfg` names when `store` is `None`.
+pub(crate) async fn start(
+    cfg: Config,
+    store: Option<Arc<dyn Storage>>,
+) -> Result<RunningRegistry, RegistryError> {
+    let store = match store {
+        Some(s) => s,
+        None => storage::open(&cfg)?,
+    };
     let tls = tls_acceptor(&cfg)?;
     let auth = build_auth(&cfg)?;
     let listener = TcpListener::bind(&cfg.addr)
@@ -99,7 +105,7 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
         addr: cfg.addr.clone(),
         source: e,
     })?;
-    let app = Arc::new(App::new(store, &cfg, auth));
+    let app = Arc::new(App::new(store.clone(), &cfg, auth));
     let limits = ConnectionLimits {
         table: ConnectionTable::new(match cfg.max_connections {
             0 => derived_connection_limit(),
@@ -112,7 +118,7 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
     let is_tls = tls.is_some();
     tracing::info!(
         "kiln registry serving {} on {}://{addr} (at most {} connections)",
-        cfg.root.display(),
+        store.location(),
         if is_tls { "https" } else { "http" },
         limits.table.limit()
     );
@@ -122,7 +128,7 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
             dry_run: false,
             grace: Duration::from_secs(cfg.gc_grace_secs),
         };
-        tokio::spawn(periodic_gc(cfg.root.clone(), every, opts, rx.clone()));
+        tokio::spawn(periodic_gc(store, every, opts, rx.clone()));
     }
     let task = tokio::spawn(accept_loop(listener, tls, app, limits, rx));
     Ok(RunningRegistry {
@@ -134,7 +140,7 @@ pub(crate) async fn start(cfg: Config) -> Result<RunningRegistry, RegistryError>
 }
 
 async fn periodic_gc(
-    root: std::path::PathBuf,
+    store: Arc<dyn Storage>,
     every: Duration,
     opts: gc::GcOptions,
     mut stop: watch::Receiver<bool>,
@@ -144,17 +150,15 @@ async fn periodic_gc(
             _ = tokio::time::sleep(every) => {}
             _ = stop.changed() => return,
         }
-        let (root, opts) = (root.clone(), opts.clone());
-        match tokio::task::spawn_blocking(move || gc::collect_garbage(&root, &opts)).await {
-            Ok(Ok(r)) => tracing::info!(
+        match gc::collect_garbage_in(&*store, &opts).await {
+            Ok(r) => tracing::info!(
                 "gc: deleted {} blobs ({} bytes), {} manifests; kept {} blobs",
                 r.blobs_deleted.len(),
                 r.bytes_freed,
                 r.manifests_deleted.len(),
                 r.blobs_kept
             ),
-            Ok(Err(e)) => tracing::error!("gc failed: {e}"),
-            Err(e) => tracing::error!("gc task failed: {e}"),
+            Err(e) => tracing::error!("gc failed: {e}"),
         }
     }
 }

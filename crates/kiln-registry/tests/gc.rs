@@ -350,3 +350,35 @@ async fn gc_removes_temporary_files_of_killed_manifest_and_tag_writers() {
     assert_eq!(tags["tags"], json!(["v1"]));
     assert_eq!(r.get("/v2/app/manifests/v1").await.status(), StatusCode::OK);
 }
+
+#[path = "drivers/memory.rs"]
+mod memory_storage;
+
+#[tokio::test]
+async fn gc_through_the_storage_trait_works_on_another_driver() {
+    let store = std::sync::Arc::new(memory_storage::MemoryStorage::default());
+    let r = start_with(|b| b.storage(store.clone())).await;
+    let (_, kept) = push_cache(&r, 1).await;
+    let loose = r.push_blob("app", b"pushed, never referenced").await;
+    let report = kiln_registry::collect_garbage_in(
+        &*store,
+        &GcOptions {
+            delete_untagged: true,
+            dry_run: false,
+            grace: Duration::ZERO,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.blobs_deleted, vec![loose.clone()]);
+    assert_eq!(report.blobs_kept, kept.len());
+    let manifest = &kept[0];
+    let path = format!("/v2/app/manifests/{manifest}");
+    assert_eq!(r.get(&path).await.status(), StatusCode::OK, "manifest kept");
+    for d in &kept[1..] {
+        let path = format!("/v2/app/blobs/{d}");
+        assert_eq!(r.get(&path).await.status(), StatusCode::OK, "{d} kept");
+    }
+    let gone = r.get(&format!("/v2/app/blobs/{loose}")).await;
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+}

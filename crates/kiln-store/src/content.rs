@@ -16,6 +16,7 @@ use kiln_oci::{Algorithm, Digest, Hasher};
 
 use crate::error::{Result, StoreError};
 use crate::sys;
+use kiln_fs::{FileLock, LockMode};
 
 static INGEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -105,11 +106,18 @@ impl ContentStore {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| StoreError::io("creating ingest file", &path, e))?;
-        sys::flock(&file, libc::LOCK_EX | libc::LOCK_NB)
+        // The lock is on the open file description, which `file` (a duplicate) shares.
+        let lock = FileLock::try_lock(file, LockMode::Exclusive)
+            .and_then(|l| l.ok_or_else(|| io::Error::from(io::ErrorKind::WouldBlock)))
+            .map_err(|e| StoreError::io("locking ingest file", &path, e))?;
+        let file = lock
+            .file()
+            .try_clone()
             .map_err(|e| StoreError::io("locking ingest file", &path, e))?;
         Ok(BlobWriter {
             store: self.clone(),
             file: Some(io::BufWriter::with_capacity(1 << 20, file)),
+            _lock: lock,
             path,
             hasher: Hasher::new(algorithm),
             written: 0,
@@ -188,7 +196,7 @@ impl ContentStore {
                 continue;
             }
             let Ok(f) = File::open(&p) else { continue };
-            if sys::flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
+            if matches!(FileLock::try_lock(f, LockMode::Exclusive), Ok(Some(_))) {
                 out.push(p);
             }
         }
@@ -202,6 +210,9 @@ impl ContentStore {
 pub struct BlobWriter {
     store: ContentStore,
     file: Option<io::BufWriter<File>>,
+    /// Held for the writer's whole life (declared after `file`, so dropped after it), so
+    /// `stale_ingests` in another process never takes a file still being written.
+    _lock: FileLock,
     path: PathBuf,
     hasher: Hasher,
     written: u64,

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::error::{Result, StoreError};
-use crate::sys;
+use kiln_fs::{FileLock, LockMode};
 
 /// Counters (next snapshot id).
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -85,7 +85,7 @@ pub(crate) struct Db {
 /// The open DB and the cross-process lock, while this process holds them.
 struct Held {
     db: Database,
-    _lock: File,
+    _lock: FileLock,
     /// Our own handle on `db/queue`, to try for an exclusive lock (fails while a waiter
     /// holds its shared one).
     queue: File,
@@ -98,14 +98,15 @@ struct Held {
 impl Held {
     /// Whether another process (or another `Db` on this dir) waits for the DB.
     fn others_waiting(&self) -> bool {
-        match sys::flock(&self.queue, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => {
-                let _ = sys::flock(&self.queue, libc::LOCK_UN);
-                false
-            }
-            // EWOULDBLOCK: a waiter holds its shared lock. Any other error: give the DB
-            // back, the safe side.
-            Err(_) => true,
+        let probe = self
+            .queue
+            .try_clone()
+            .and_then(|q| FileLock::try_lock(q, LockMode::Exclusive));
+        match probe {
+            // Taken and, on drop, released at once: nobody waits.
+            Ok(Some(_)) => false,
+            // A waiter holds its shared lock. Any error: give the DB back, the safe side.
+            Ok(None) | Err(_) => true,
         }
     }
 
@@ -243,11 +244,9 @@ impl Db {
 
     fn open_held(&self) -> Result<Held> {
         // Announce ourselves as waiting (shared lock on the queue) until we hold the DB.
-        let waiting = self.open_file(&self.queue_path)?;
-        sys::flock(&waiting, libc::LOCK_SH)
+        let waiting = FileLock::lock(self.open_file(&self.queue_path)?, LockMode::Shared)
             .map_err(|e| StoreError::io("queueing for DB", &self.queue_path, e))?;
-        let lock = self.open_file(&self.lock_path)?;
-        sys::flock(&lock, libc::LOCK_EX)
+        let lock = FileLock::lock(self.open_file(&self.lock_path)?, LockMode::Exclusive)
             .map_err(|e| StoreError::io("locking DB", &self.lock_path, e))?;
         drop(waiting);
         let queue = self.open_file(&self.queue_path)?;
@@ -376,9 +375,9 @@ mod tests {
             let mut g = db.held.lock().unwrap();
             let h = g.get_or_insert_with(|| db.open_held().unwrap());
             assert!(!h.others_waiting());
-            sys::flock(&waiter, libc::LOCK_SH).unwrap();
+            let queued = FileLock::lock(waiter.try_clone().unwrap(), LockMode::Shared).unwrap();
             assert!(h.others_waiting());
-            sys::flock(&waiter, libc::LOCK_UN).unwrap();
+            drop(queued);
             assert!(!h.others_waiting());
         }
     }

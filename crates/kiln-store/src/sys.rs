@@ -24,12 +24,6 @@ pub(crate) fn cpath(p: &Path) -> io::Result<CString> {
     cstr(p.as_os_str().as_bytes())
 }
 
-/// `flock(2)` on a file.
-pub(crate) fn flock(f: &File, op: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd.
-    cvt(unsafe { libc::flock(f.as_raw_fd(), op) }).map(|_| ())
-}
-
 /// fsyncs a directory so a rename inside it is durable.
 pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -223,7 +223,7 @@ impl ContextIndex {
         if let Some(p) = stat_cache {
             // Best effort: a lost stat cache only costs re-hashing next time.
             if hashed_files > 0 || cache.files.len() != new_cache.files.len() {
-                let _ = write_atomic(p, &serde_json::to_vec(&new_cache).unwrap_or_default());
+                let _ = write_rebuildable(p, &serde_json::to_vec(&new_cache).unwrap_or_default());
             }
         }
         Ok(ContextIndex {
@@ -332,14 +332,17 @@ fn hash_file(path: &Path) -> io::Result<Digest> {
     }
 }
 
-/// Writes `data` to `path` through a temp file and a rename, so readers see old or new.
-pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
+/// Writes a file kiln can rebuild (a stat cache, a download record) in a directory created
+/// if missing: atomic for readers, not fsynced (a crash only costs redoing the work).
+pub(crate) fn write_rebuildable(path: &Path, data: &[u8]) -> io::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
+    Ok(kiln_fs::write_atomic(
+        path,
+        data,
+        kiln_fs::Durability::NoSync,
+    )?)
 }
 
 #[cfg(test)]

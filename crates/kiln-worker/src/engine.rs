@@ -4,9 +4,9 @@
 //! when a step must run on top of it, and its layer blobs are fetched only then too, so a
 //! cached step costs one record lookup and nothing else.
 
+use kiln_fs::{FileLock, LockMode};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -1386,16 +1386,13 @@ impl Engine for Worker {
             // Polled, not a blocking flock on a thread: a cancelled build drops this future
             // and exits at once, instead of waiting (unkillable) for the other process's step.
             loop {
-                // SAFETY: flock on a file we own; the lock dies with the file or the process.
-                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                    return Ok(Box::new(f) as Box<dyn Send + Sync>);
-                }
-                let e = std::io::Error::last_os_error();
-                if !matches!(
-                    e.raw_os_error(),
-                    Some(libc::EWOULDBLOCK) | Some(libc::EINTR)
-                ) {
-                    return Err(boxed(io_err("locking", &path)(e)));
+                let probe = f
+                    .try_clone()
+                    .and_then(|dup| FileLock::try_lock(dup, LockMode::Exclusive));
+                match probe {
+                    Ok(Some(lock)) => return Ok(Box::new(lock) as Box<dyn Send + Sync>),
+                    Ok(None) => {}
+                    Err(e) => return Err(boxed(io_err("locking", &path)(e))),
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }

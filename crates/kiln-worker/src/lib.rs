@@ -1,11 +1,10 @@
 //! kiln's build engine: the [`kiln_solver::Engine`] that runs build-graph vertices — image
 //! sources, local contexts, `RUN` in containers, `COPY`/`ADD`, `WORKDIR` — on the content
-//! store, snapshotter and executor, and the exporters that turn a result into an image.
+//! store, snapshotter and executor, and the base-image providers it resolves `FROM` with.
 
 pub mod build;
 pub mod context;
 pub mod engine;
-pub mod export;
 pub mod fileop;
 pub mod image;
 pub mod images;

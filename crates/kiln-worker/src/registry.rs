@@ -1,17 +1,16 @@
-//! Registries as image sources and push targets, through kiln-oci's client. Blocking
-//! wrappers: the worker calls them from blocking threads, with a handle on the runtime, through
+//! Registries as image sources, through kiln-oci's client. Blocking wrappers: the worker calls them from blocking threads, with a handle on the runtime, through
 //! [`RegistryClient::block_on`], so that a cancelled client ends them at once and the runtime
 //! is dropped only after they have returned (see [`RegistryClient::shutdown`]).
 
 use std::fs;
 use std::sync::Arc;
 
-use kiln_oci::{BlobSource as PushSource, Descriptor, Reference, RegistryClient};
+use kiln_oci::{Descriptor, Reference, RegistryClient};
 use kiln_store::Store;
 use tokio::runtime::Handle;
 
 use crate::engine::{BaseImage, BlobSource, ImageProvider, WorkerError};
-use crate::images::{LocalImages, StoredImage};
+use crate::images::LocalImages;
 
 fn image_err(reference: &str, message: impl ToString) -> WorkerError {
     WorkerError::Image {
@@ -170,37 +169,4 @@ impl ImageProvider for RegistryImages {
             source: Some(source),
         })
     }
-}
-
-/// Pushes `image` (its blobs from the local content store) under every name in `names`.
-pub async fn push_image(
-    client: &RegistryClient,
-    store: &Store,
-    image: &StoredImage,
-    names: &[String],
-    mount_from: Option<&Reference>,
-) -> Result<(), WorkerError> {
-    let targets = names
-        .iter()
-        .map(|n| parse_ref(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut blobs: Vec<(Descriptor, PushSource)> = vec![(
-        image.config.clone(),
-        PushSource::File(store.content().blob_path(&image.config.digest)),
-    )];
-    for l in &image.layers {
-        // A layer listed twice (two steps that made the same bytes) is uploaded once.
-        if blobs.iter().any(|(d, _)| d.digest == l.blob.digest) {
-            continue;
-        }
-        blobs.push((
-            l.blob.clone(),
-            PushSource::File(store.content().blob_path(&l.blob.digest)),
-        ));
-    }
-    client
-        .push_image(&targets, &image.manifest, &blobs, mount_from)
-        .await
-        .map_err(|e| image_err(&names.join(","), e))?;
-    Ok(())
 }

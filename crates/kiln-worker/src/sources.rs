@@ -258,7 +258,7 @@ fn download_bounded(
         last_modified: fresh.last_modified,
     };
     let bytes = serde_json::to_vec(&record).unwrap_or_default();
-    crate::context::write_atomic(&meta_path, &bytes)
+    crate::context::write_rebuildable(&meta_path, &bytes)
         .map_err(|e| io_fail("cannot write", &meta_path, e))?;
     remove_stale(&url_dir, &record.dir);
     log(format!(

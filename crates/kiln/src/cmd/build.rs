@@ -4,6 +4,7 @@
 
 use std::process::ExitCode;
 
+use kiln_build::export::Exporter;
 use kiln_dockerfile::dockerignore::IgnoreMatcher;
 use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
 use kiln_graph::options::{CallKind, OutputFormat, ProgressMode};
@@ -157,9 +158,6 @@ impl BuildArgs {
             file: self.file.clone(),
             target: self.target.clone(),
             build_args,
-            tags: self.tags.clone(),
-            push: self.push,
-            outputs: self.outputs.clone(),
             cache_to: tagged("--export-cache", &self.export_cache)
                 .chain(tagged("--cache-to", &self.cache_to))
                 .collect(),
@@ -184,6 +182,11 @@ impl BuildArgs {
         };
         BuildOptions::from_flags(&raw)
     }
+
+    /// The exporters `--output`/`-o`, `-t/--tag` and `--push` select, validated.
+    pub fn exporters(&self) -> Result<Vec<Box<dyn Exporter>>, kiln_build::spec::SpecError> {
+        kiln_build::export::exporters_from_flags(&self.outputs, &self.tags, self.push)
+    }
 }
 
 fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (String, String)> + 'a {
@@ -193,6 +196,7 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 /// Runs `kiln build`.
 pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let opts = args.to_options()?;
+    let exporters = args.exporters()?;
     let file_label = opts.dockerfile.display().to_string();
     let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
         anyhow::anyhow!("cannot read the Dockerfile {file_label}: {e} (use -f/--file or --local dockerfile=DIR)")
@@ -302,9 +306,15 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         report: args.report.clone(),
         trace: args.trace.clone(),
     };
-    super::build_exec::execute(&opts, &df, &dockerignore, globals, &outputs, &|e| {
-        e.render(&file_label, &source)
-    })
+    super::build_exec::execute(
+        &opts,
+        &exporters,
+        &df,
+        &dockerignore,
+        globals,
+        &outputs,
+        &|e| e.render(&file_label, &source),
+    )
 }
 
 fn unreachable_build() -> anyhow::Result<ExitCode> {

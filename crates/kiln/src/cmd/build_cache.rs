@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use kiln_graph::options::{CacheKind, CacheMode, OutputKind};
+use kiln_graph::options::{CacheKind, CacheMode};
 use kiln_graph::BuildOptions;
 use kiln_oci::RegistryClient;
 use kiln_store::Store;
@@ -181,16 +181,10 @@ pub(crate) fn inline_cache_fields(
 /// What `--export-cache type=inline` did: the records went into the image config when the
 /// image was made (see [`inline_cache_fields`]); this only reports them.
 async fn report_inline(
-    opts: &BuildOptions,
+    image_output: bool,
     solved: &SolvedBuild,
     spec: &kiln_graph::options::CacheExportSpec,
 ) -> anyhow::Result<String> {
-    let image_output = opts.outputs.iter().any(|o| {
-        matches!(
-            o.kind,
-            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
-        )
-    });
     if !image_output {
         eprintln!("kiln: warning: --export-cache type=inline needs an image output (--output type=image,...); no cache exported");
         return Ok("nothing exported inline".to_owned());
@@ -215,8 +209,10 @@ async fn report_inline(
 }
 
 /// Writes every `--export-cache`. With `ignore-error=true` a failure is a warning.
+/// `image_output`: whether an output made an image (an inline cache needs one).
 pub(crate) async fn export_caches(
     opts: &BuildOptions,
+    image_output: bool,
     solved: &SolvedBuild,
     store: &Store,
     client: &RegistryClient,
@@ -226,7 +222,7 @@ pub(crate) async fn export_caches(
         let started = std::time::Instant::now();
         let result: anyhow::Result<String> = async {
             if spec.kind == CacheKind::Inline {
-                return report_inline(opts, solved, spec).await;
+                return report_inline(image_output, solved, spec).await;
             }
             let max = spec.mode == CacheMode::Max;
             let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
@@ -302,7 +298,7 @@ pub(crate) async fn export_caches(
                         dir.display()
                     ))
                 }
-                CacheKind::Inline => report_inline(opts, solved, spec).await,
+                CacheKind::Inline => report_inline(image_output, solved, spec).await,
             }
         }
         .await;

@@ -6,15 +6,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
+use kiln_build::export::{BuildResult, ExportContext, Exporter, ImageRecipe};
 use kiln_dockerfile::dockerignore::IgnoreMatcher;
 use kiln_dockerfile::Dockerfile;
-use kiln_graph::options::{OutputKind, OutputSpec};
 use kiln_graph::BuildOptions;
 use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
 use kiln_store::Store;
 use kiln_worker::build::{plan_build, BuildError, BuildInputs, SolvedBuild};
-use kiln_worker::engine::{ContextFilter, ImageProvider, RemoteCache, Rootfs};
-use kiln_worker::images::{self, StoredImage};
+use kiln_worker::engine::{ContextFilter, ImageProvider, RemoteCache};
+use kiln_worker::images::StoredImage;
 use kiln_worker::registry::RegistryImages;
 use serde_json::json;
 
@@ -60,6 +60,7 @@ pub struct Reports {
 /// Runs a real build for `opts`. `render` prints a frontend error with file:line:col.
 pub fn execute(
     opts: &BuildOptions,
+    exporters: &[Box<dyn Exporter>],
     dockerfile: &Dockerfile,
     dockerignore: &[String],
     globals: &Globals,
@@ -82,7 +83,7 @@ pub fn execute(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let client = registry_client(opts)?;
+    let client = registry_client(opts, exporters)?;
     // Dropped before the runtime: registry work still under way on other threads (a layer
     // download of a step the failed build left running) is cancelled and waited for, so that
     // nothing polls the runtime's timers while it shuts down.
@@ -102,6 +103,7 @@ pub fn execute(
         images,
         context_filter: Arc::new(context_filter),
         source_date_epoch: sde,
+        compression: exporters.iter().find_map(|e| e.layer_compression()),
     };
     // Cache imports are read while the Dockerfile is lowered, base images resolved and the
     // contexts hashed; the first step is looked up only once both are done.
@@ -250,11 +252,19 @@ pub fn execute(
     record_step_inputs(&solved, &recorder);
     let image = {
         let _span = recorder.span(SpanKind::Export, "image export and push");
-        export(opts, &solved, &store, sde, &runtime, &client)
+        export(opts, exporters, &solved, &store, sde, &runtime, &client)
     }?;
     {
         let _span = recorder.span(SpanKind::CacheExport, "cache export");
-        runtime.block_on(export_caches(opts, &solved, &store, &client, &imported))?;
+        let image_output = exporters.iter().any(|e| e.makes_image());
+        runtime.block_on(export_caches(
+            opts,
+            image_output,
+            &solved,
+            &store,
+            &client,
+            &imported,
+        ))?;
     }
     let stats = client.stats();
     let moved = Moved {
@@ -290,115 +300,41 @@ pub fn execute(
     Ok(ExitCode::SUCCESS)
 }
 
-fn oci_types(o: &OutputSpec) -> bool {
-    o.oci_mediatypes
-        .unwrap_or(!matches!(o.kind, OutputKind::Docker))
-}
-
-/// Runs every `--output`; returns the image made, if any.
+/// Runs every exporter, in flag order, on the result; returns the image made, if any. The
+/// image (with the inline cache's config fields) is made once when an exporter needs it.
 fn export(
     opts: &BuildOptions,
+    exporters: &[Box<dyn Exporter>],
     solved: &SolvedBuild,
     store: &Store,
     sde: Option<i64>,
     runtime: &tokio::runtime::Runtime,
     client: &RegistryClient,
 ) -> anyhow::Result<Option<StoredImage>> {
-    let stage = solved.graph.target_stage();
-    // With SOURCE_DATE_EPOCH, layers a cache hit brought are clamped to it as a fresh run's
-    // would be, so the image does not depend on the cache's history.
-    let layers = match (solved.rootfs.as_deref(), sde) {
-        (Some(fs), Some(epoch)) => solved.worker.layers_for_epoch(fs, epoch)?,
-        (Some(fs), None) => fs.layers.clone(),
-        (None, _) => Vec::new(),
-    };
-    let base_created = solved
-        .rootfs
-        .as_ref()
-        .and_then(|r| r.image.as_ref())
-        .and_then(|c| c.created.clone());
-    let fallback = base_created
-        .unwrap_or_else(|| kiln_worker::image::created_timestamp(sde.map(|s| s.max(0) as u64)));
-    let created = kiln_worker::image::image_created(&layers, fallback);
-    // `--export-cache type=inline`: the cache goes into the config, before the image is
-    // stored or pushed.
-    let makes_image = opts.outputs.iter().any(|o| {
-        matches!(
-            o.kind,
-            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
-        )
-    });
-    let config_fields = if makes_image {
-        super::build_cache::inline_cache_fields(opts, solved, &layers, runtime)?
+    let rootfs = solved.rootfs.as_deref();
+    let result = if exporters.iter().any(|e| e.makes_image()) {
+        let config = &solved.graph.target_stage().config;
+        let recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
+        // `--export-cache type=inline`: the cache goes into the config, before the image is
+        // stored or pushed.
+        let fields =
+            super::build_cache::inline_cache_fields(opts, solved, &recipe.layers, runtime)?;
+        BuildResult::with_image(rootfs, recipe.with_config_fields(fields))
     } else {
-        Default::default()
+        BuildResult::new(rootfs)
     };
-    let mut made: Option<StoredImage> = None;
-    for o in &opts.outputs {
-        let fs = solved.rootfs.as_deref();
-        match o.kind {
-            OutputKind::Cacheonly => {}
-            OutputKind::Local | OutputKind::Tar => {
-                let dest = o
-                    .dest
-                    .as_deref()
-                    .ok_or_else(|| anyhow::anyhow!("--output type={:?} needs dest=PATH", o.kind))?;
-                if o.kind == OutputKind::Local {
-                    kiln_worker::export::local_dir(&solved.worker, fs, dest)?;
-                } else {
-                    kiln_worker::export::rootfs_tar(&solved.worker, fs, dest)?;
-                }
-            }
-            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker => {
-                let image = images::store_image_with_fields(
-                    store,
-                    &stage.config,
-                    &layers,
-                    &created,
-                    oci_types(o),
-                    &config_fields,
-                )?;
-                images::tag_image(store, &image, &o.names)?;
-                match o.kind {
-                    OutputKind::Oci | OutputKind::Docker => {
-                        let dest = o.dest.as_deref().ok_or_else(|| {
-                            anyhow::anyhow!("--output type={:?} needs dest=FILE", o.kind)
-                        })?;
-                        if o.kind == OutputKind::Oci {
-                            kiln_worker::export::oci_archive(
-                                &solved.worker,
-                                fs,
-                                &image,
-                                &o.names,
-                                dest,
-                            )?;
-                        } else {
-                            kiln_worker::export::docker_archive(
-                                &solved.worker,
-                                fs,
-                                &image,
-                                &o.names,
-                                dest,
-                            )?;
-                        }
-                    }
-                    _ if o.push || o.kind == OutputKind::Registry => {
-                        let mount_from = mount_source(fs, &o.names);
-                        if let Some(f) = fs.filter(|_| mount_from.is_none()) {
-                            solved.worker.fetch_blobs(f)?;
-                        }
-                        runtime.block_on(kiln_worker::registry::push_image(
-                            client,
-                            store,
-                            &image,
-                            &o.names,
-                            mount_from.as_ref(),
-                        ))?;
-                    }
-                    _ => {}
-                }
-                made = Some(image);
-            }
+    let cx = ExportContext {
+        store,
+        worker: &solved.worker,
+        client,
+        runtime: runtime.handle(),
+        source_date_epoch: sde,
+    };
+    let mut made = None;
+    for e in exporters {
+        let report = e.export(&cx, &result)?;
+        if report.image.is_some() {
+            made = report.image;
         }
     }
     Ok(made)
@@ -436,7 +372,7 @@ fn write_metadata(
         v["containerimage.descriptor"] = serde_json::to_value(img.manifest.descriptor())?;
     }
     let text = serde_json::to_vec_pretty(&v)?;
-    kiln_worker::export::write_file_atomic(path, &text)
+    kiln_build::export::write_file_atomic(path, &text)
         .with_context(|| format!("writing --metadata-file {}", path.display()))
 }
 
@@ -472,14 +408,13 @@ async fn exit_on_signal(client: RegistryClient) {
 }
 
 /// A registry client; hosts of outputs with `registry.insecure=true` speak plain HTTP.
-fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
+fn registry_client(
+    opts: &BuildOptions,
+    exporters: &[Box<dyn Exporter>],
+) -> anyhow::Result<RegistryClient> {
     // Image names of outputs with `registry.insecure=true`, and cache refs marked
     // `registry.insecure=true` (or `insecure=true`).
-    let outputs = opts
-        .outputs
-        .iter()
-        .filter(|o| o.registry_insecure)
-        .flat_map(|o| o.names.iter());
+    let outputs = exporters.iter().flat_map(|e| e.insecure_names().iter());
     let caches = opts
         .cache_exports
         .iter()
@@ -502,14 +437,6 @@ fn registry_client(opts: &BuildOptions) -> anyhow::Result<RegistryClient> {
         }
     }
     RegistryClient::new(config).context("setting up the registry client")
-}
-
-/// The repository to mount `fs`'s blobs from when pushing to `names`: its source, when that
-/// is a repository of the same registry (blobs then never travel through this machine).
-fn mount_source(fs: Option<&Rootfs>, names: &[String]) -> Option<kiln_oci::Reference> {
-    let repo = fs?.source()?.repository()?;
-    let target: kiln_oci::Reference = names.first()?.parse().ok()?;
-    (repo.registry() == target.registry()).then_some(repo)
 }
 
 /// Records the build in the state dir's history and writes `--report` / `--trace`. A history

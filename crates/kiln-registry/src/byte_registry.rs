@@ -1,7 +1,7 @@
 //! A registry without a listener, for fuzzing: raw HTTP bytes in, raw response bytes out,
 //! through hyper's connection handling and the same request handlers as `serve`.
 //!
-//! Only built with the `in-memory` feature (the fuzz targets in `fuzz/` enable it).
+//! Only built with the `byte-registry` feature (the fuzz targets in `fuzz/` enable it).
 
 use std::sync::Arc;
 
@@ -12,26 +12,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::{self, App};
 use crate::error::RegistryError;
-use crate::storage::Storage;
 use crate::Config;
 
-/// A registry on `config.root` that answers requests handed to it as bytes.
-pub struct InMemoryRegistry {
+/// A registry on the storage of `config` that answers requests handed to it as bytes.
+pub struct ByteRegistry {
     app: Arc<App>,
     runtime: tokio::runtime::Runtime,
 }
 
-impl InMemoryRegistry {
+impl ByteRegistry {
     /// Opens the storage and auth of `config` (its address, TLS and timeouts are unused).
-    pub fn open(config: &Config) -> Result<InMemoryRegistry, RegistryError> {
-        let store = Storage::open(&config.root, config.fsync)
-            .map_err(|e| RegistryError::io("creating storage under", &config.root, e))?;
+    pub fn open(config: &Config) -> Result<ByteRegistry, RegistryError> {
+        let store = crate::storage::open(config)?;
         let auth = crate::server::build_auth(config)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| RegistryError::io("starting the async runtime for", &config.root, e))?;
-        Ok(InMemoryRegistry {
+        Ok(ByteRegistry {
             app: Arc::new(App::new(store, config, auth)),
             runtime,
         })

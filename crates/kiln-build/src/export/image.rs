@@ -1,0 +1,177 @@
+//! `--output type=image` (kiln's store, pushed with `push=true`) and `type=registry` (always
+//! pushed); buildx's `-t` and `--push` make one of these.
+
+use kiln_oci::compression::Compression;
+use kiln_oci::{BlobSource, Descriptor, Reference};
+use kiln_worker::engine::Rootfs;
+use kiln_worker::images::StoredImage;
+
+use super::{parse_names, Attrs, BuildResult, ExportContext, ExportError, ExportReport};
+use super::{split_list, Exporter};
+use crate::spec::SpecError;
+
+/// The keys `type=image` and `type=registry` accept.
+const IMAGE_KEYS: &[&str] = &[
+    "name",
+    "push",
+    "push-by-digest",
+    "insecure",
+    "registry.insecure",
+    "oci-mediatypes",
+    "compression",
+    "compression-level",
+    "force-compression",
+    "unpack",
+    "store",
+    "dangling-name-prefix",
+    "name-canonical",
+    "rewrite-timestamp",
+    "oci-artifact",
+];
+
+/// Stores the image in kiln's store under its names and, when asked, pushes it to their
+/// registry (blobs the registry has are not sent; blobs of a base image in the same registry
+/// are mounted across repositories).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageExporter {
+    /// `registry` (always pushes) or `image`.
+    pub registry: bool,
+    /// Image names (`name=a,b`, or the `-t` tags).
+    pub names: Vec<String>,
+    /// Push to the names' registry.
+    pub push: bool,
+    /// `oci-mediatypes=`: OCI media types (the default) or Docker's.
+    pub oci_mediatypes: Option<bool>,
+    /// `compression=`: the compression layers are made with.
+    pub compression: Option<Compression>,
+    /// `compression-level=`.
+    pub compression_level: Option<u32>,
+    /// `force-compression=`: recompress layers that exist with another compression.
+    pub force_compression: bool,
+    /// `registry.insecure=` (or `insecure=`): the registry speaks plain HTTP.
+    pub registry_insecure: bool,
+}
+
+impl ImageExporter {
+    /// Reads `type=image` or `type=registry` attributes.
+    pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
+        let registry = a.kind() == "registry";
+        let mut e = ImageExporter {
+            registry,
+            names: Vec::new(),
+            push: registry,
+            oci_mediatypes: None,
+            compression: None,
+            compression_level: None,
+            force_compression: false,
+            registry_insecure: false,
+        };
+        a.read(IMAGE_KEYS, true, |k, v| {
+            match k {
+                "name" => e.names = split_list(v),
+                "push" => e.push = a.bool(k, v)?,
+                "oci-mediatypes" => e.oci_mediatypes = Some(a.bool(k, v)?),
+                "compression" => e.compression = Some(a.compression(v)?),
+                "compression-level" => e.compression_level = Some(a.compression_level(v)?),
+                "force-compression" => e.force_compression = a.bool(k, v)?,
+                "registry.insecure" | "insecure" => e.registry_insecure = a.bool(k, v)?,
+                "push-by-digest" | "unpack" | "store" | "name-canonical" | "rewrite-timestamp"
+                | "oci-artifact" => {
+                    a.bool(k, v)?;
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+        Ok(e)
+    }
+
+    /// Pushes `image` under every name, its blobs read from the store.
+    fn push(
+        &self,
+        cx: &ExportContext<'_>,
+        image: &StoredImage,
+        rootfs: Option<&Rootfs>,
+    ) -> Result<(), ExportError> {
+        let mount_from = mount_source(rootfs, &self.names);
+        if let Some(f) = rootfs.filter(|_| mount_from.is_none()) {
+            cx.worker.fetch_blobs(f)?;
+        }
+        let targets = parse_names(&self.names)?;
+        let content = cx.store.content();
+        let mut blobs: Vec<(Descriptor, BlobSource)> = vec![(
+            image.config.clone(),
+            BlobSource::File(content.blob_path(&image.config.digest)),
+        )];
+        for l in &image.layers {
+            // A layer listed twice (two steps that made the same bytes) is uploaded once.
+            if blobs.iter().any(|(d, _)| d.digest == l.blob.digest) {
+                continue;
+            }
+            blobs.push((
+                l.blob.clone(),
+                BlobSource::File(content.blob_path(&l.blob.digest)),
+            ));
+        }
+        cx.runtime
+            .block_on(
+                cx.client
+                    .push_image(&targets, &image.manifest, &blobs, mount_from.as_ref()),
+            )
+            .map_err(|e| ExportError::Image {
+                reference: self.names.join(","),
+                message: e.to_string(),
+            })?;
+        Ok(())
+    }
+}
+
+impl Exporter for ImageExporter {
+    fn kind(&self) -> &str {
+        if self.registry {
+            "registry"
+        } else {
+            "image"
+        }
+    }
+
+    fn makes_image(&self) -> bool {
+        true
+    }
+
+    fn layer_compression(&self) -> Option<Compression> {
+        self.compression
+    }
+
+    fn insecure_names(&self) -> &[String] {
+        if self.registry_insecure {
+            &self.names
+        } else {
+            &[]
+        }
+    }
+
+    fn export(
+        &self,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<ExportReport, ExportError> {
+        let image = result.image(cx.store, self.oci_mediatypes.unwrap_or(true))?;
+        kiln_worker::images::tag_image(cx.store, &image, &self.names)?;
+        if self.push || self.registry {
+            self.push(cx, &image, result.rootfs)?;
+        }
+        Ok(ExportReport {
+            kind: self.kind().to_owned(),
+            image: Some(image),
+        })
+    }
+}
+
+/// The repository to mount `rootfs`'s blobs from when pushing to `names`: its source, when
+/// that is a repository of the same registry (blobs then never travel through this machine).
+fn mount_source(rootfs: Option<&Rootfs>, names: &[String]) -> Option<Reference> {
+    let repo = rootfs?.source()?.repository()?;
+    let target: Reference = names.first()?.parse().ok()?;
+    (repo.registry() == target.registry()).then_some(repo)
+}

@@ -1,0 +1,535 @@
+//! Exporters: where a build's result goes (`--output`, `-o`, `-t`, `--push`). One module per
+//! exporter type, each parsing its own attributes once in `from_attrs`; the table of types is
+//! [`exporter_from_attrs`], the only place a new type is added.
+//!
+//! The session makes the image (config + layers, inline-cache config fields) once, when any
+//! exporter [`Exporter::makes_image`], and hands it to every exporter in a [`BuildResult`].
+
+mod archive;
+mod cacheonly;
+mod docker;
+mod file;
+mod image;
+mod local;
+mod oci;
+mod tar;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use kiln_oci::compression::Compression;
+use kiln_oci::RegistryClient;
+use kiln_store::Store;
+use kiln_worker::engine::{Rootfs, Worker, WorkerError};
+use kiln_worker::image::Layer;
+use kiln_worker::images::{self, StoredImage};
+
+use crate::spec::SpecError;
+
+pub use cacheonly::CacheonlyExporter;
+pub use docker::DockerExporter;
+pub use file::{write_file_atomic, ExportFile};
+pub use image::ImageExporter;
+pub use local::LocalExporter;
+pub use oci::OciExporter;
+pub use tar::TarExporter;
+
+/// One destination of a build's result. Implementations are built from their flag attributes
+/// by [`exporter_from_attrs`] and run by the session after the build succeeded, in flag order.
+pub trait Exporter: Send + Sync {
+    /// The exporter type as `--output type=` names it (`image`, `oci`, `local`, ...).
+    fn kind(&self) -> &str;
+
+    /// Whether this exporter needs the image (config + layers) made from the result: the
+    /// session then makes it once, with the inline-cache fields, before any exporter runs.
+    fn makes_image(&self) -> bool {
+        false
+    }
+
+    /// The compression its layers should be made with, when it says (`compression=`): the
+    /// first exporter that says decides for the whole build.
+    fn layer_compression(&self) -> Option<Compression> {
+        None
+    }
+
+    /// Image names whose registry this exporter reaches over plain HTTP
+    /// (`registry.insecure=true`); the registry client is set up with them before the build.
+    fn insecure_names(&self) -> &[String] {
+        &[]
+    }
+
+    /// Writes `result` to this exporter's destination.
+    fn export(
+        &self,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<ExportReport, ExportError>;
+}
+
+/// What an exporter may use besides the result: the state dir's store, the worker that built
+/// the result (for snapshots and blobs), the registry client and the runtime to block on.
+pub struct ExportContext<'a> {
+    /// The content store and metadata of the state dir.
+    pub store: &'a Store,
+    /// The worker that solved the build: materializes snapshots, fetches lazily pulled blobs.
+    pub worker: &'a Worker,
+    /// The registry client (pushes), already configured for insecure registries.
+    pub client: &'a RegistryClient,
+    /// The runtime network work blocks on; exporters run on a thread outside it.
+    pub runtime: &'a tokio::runtime::Handle,
+    /// `SOURCE_DATE_EPOCH`, when set.
+    pub source_date_epoch: Option<i64>,
+}
+
+/// How the image of a result is made: the target's config and layers, its `created` time and
+/// extra config fields (an inline cache). Made by the session when an exporter makes images.
+#[derive(Debug, Clone)]
+pub struct ImageRecipe {
+    /// The target stage's image config.
+    pub config: kiln_graph::ImageConfig,
+    /// The layers, bottom first (clamped to `SOURCE_DATE_EPOCH` when it is set).
+    pub layers: Vec<Layer>,
+    /// The image's `created` timestamp.
+    pub created: String,
+    /// Extra top-level config fields (the inline cache), never replacing a standard one.
+    pub config_fields: BTreeMap<String, serde_json::Value>,
+}
+
+impl ImageRecipe {
+    /// The recipe for `rootfs` with `config`: its layers clamped to `source_date_epoch` (so a
+    /// cache hit's layers match a fresh run's) and its created time. `config_fields` are
+    /// added with [`ImageRecipe::with_config_fields`] once the layers are known.
+    pub fn for_result(
+        worker: &Worker,
+        rootfs: Option<&Rootfs>,
+        config: &kiln_graph::ImageConfig,
+        source_date_epoch: Option<i64>,
+    ) -> Result<Self, ExportError> {
+        let layers = match (rootfs, source_date_epoch) {
+            (Some(fs), Some(epoch)) => worker.layers_for_epoch(fs, epoch)?,
+            (Some(fs), None) => fs.layers.clone(),
+            (None, _) => Vec::new(),
+        };
+        let base_created = rootfs
+            .and_then(|r| r.image.as_ref())
+            .and_then(|c| c.created.clone());
+        let fallback = base_created.unwrap_or_else(|| {
+            kiln_worker::image::created_timestamp(source_date_epoch.map(|s| s.max(0) as u64))
+        });
+        let created = kiln_worker::image::image_created(&layers, fallback);
+        Ok(ImageRecipe {
+            config: config.clone(),
+            layers,
+            created,
+            config_fields: BTreeMap::new(),
+        })
+    }
+
+    /// The same recipe with extra config fields (the inline cache).
+    pub fn with_config_fields(mut self, fields: BTreeMap<String, serde_json::Value>) -> Self {
+        self.config_fields = fields;
+        self
+    }
+}
+
+/// The result of a build as exporters see it: the target's root filesystem and, when any
+/// exporter makes an image, the image (stored once per media-type choice, on first use).
+pub struct BuildResult<'a> {
+    /// The target stage's root filesystem (`None` for an empty `FROM scratch` stage).
+    pub rootfs: Option<&'a Rootfs>,
+    recipe: Option<ImageRecipe>,
+    stored: Mutex<Vec<(bool, StoredImage)>>,
+}
+
+impl<'a> BuildResult<'a> {
+    /// A result with no image: for exporters that only write the filesystem.
+    pub fn new(rootfs: Option<&'a Rootfs>) -> Self {
+        BuildResult {
+            rootfs,
+            recipe: None,
+            stored: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A result whose image is made from `recipe`.
+    pub fn with_image(rootfs: Option<&'a Rootfs>, recipe: ImageRecipe) -> Self {
+        BuildResult {
+            rootfs,
+            recipe: Some(recipe),
+            stored: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The image, with OCI media types or Docker's, stored in `store` the first time it is
+    /// asked for. Fails when the session made no recipe (no exporter said it makes images).
+    pub fn image(&self, store: &Store, oci_media_types: bool) -> Result<StoredImage, ExportError> {
+        let recipe = self.recipe.as_ref().ok_or(ExportError::NoImage)?;
+        let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, img)) = stored.iter().find(|(oci, _)| *oci == oci_media_types) {
+            return Ok(img.clone());
+        }
+        let img = images::store_image_with_fields(
+            store,
+            &recipe.config,
+            &recipe.layers,
+            &recipe.created,
+            oci_media_types,
+            &recipe.config_fields,
+        )?;
+        stored.push((oci_media_types, img.clone()));
+        Ok(img)
+    }
+}
+
+/// What one exporter did.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    /// The exporter's type.
+    pub kind: String,
+    /// The image it stored, tagged, wrote or pushed, if it made one.
+    pub image: Option<StoredImage>,
+}
+
+/// An export that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The worker or the store failed (materializing a snapshot, fetching a blob, storing).
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] kiln_store::StoreError),
+    /// A file or directory of the export could not be written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// An image name was invalid or its push failed.
+    #[error("image {reference}: {message}")]
+    Image {
+        /// The name(s) concerned.
+        reference: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The OCI layout or Docker archive could not be written.
+    #[error("internal: {0}")]
+    Layout(#[from] kiln_oci::LayoutError),
+    /// An exporter asked for the image but the session made none.
+    #[error("internal: an exporter needs the image but none was made")]
+    NoImage,
+}
+
+pub(crate) fn io_at(
+    what: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> ExportError {
+    let path = path.to_owned();
+    move |source| ExportError::Io { what, path, source }
+}
+
+/// The exporter of type `kind` with attributes `attrs` (without `type`), as `flag` gave
+/// them. The table of exporter types: the only place a new type is added.
+pub fn exporter_from_attrs(
+    kind: &str,
+    attrs: &BTreeMap<String, String>,
+    flag: &str,
+) -> Result<Box<dyn Exporter>, SpecError> {
+    let a = Attrs { kind, attrs, flag };
+    Ok(match kind {
+        "image" | "registry" => Box::new(ImageExporter::from_attrs(&a)?),
+        "oci" => Box::new(OciExporter::from_attrs(&a)?),
+        "docker" => Box::new(DockerExporter::from_attrs(&a)?),
+        "local" => Box::new(LocalExporter::from_attrs(&a)?),
+        "tar" => Box::new(TarExporter::from_attrs(&a)?),
+        "cacheonly" => Box::new(CacheonlyExporter::from_attrs(&a)?),
+        _ => {
+            return Err(a.error(format!(
+                "unknown output type `{kind}`; expected image, registry, oci, docker, local, tar or cacheonly"
+            )))
+        }
+    })
+}
+
+/// Splits one `--output` value into its type and attributes: `type=KIND,k=v,...` (type
+/// `local` when absent), or buildx's shorthands `DIR` (a local directory) and `-` (a tar on
+/// standard output).
+pub fn output_attrs(
+    flag: &str,
+    value: &str,
+) -> Result<(String, BTreeMap<String, String>), SpecError> {
+    let (kind, attrs) = crate::spec::parse_attrs(flag, value)?;
+    let kind = if kind.is_empty() {
+        "local".to_owned()
+    } else {
+        kind
+    };
+    Ok((kind, attrs))
+}
+
+/// Parses one `--output` value into its exporter; errors name the whole value.
+pub fn parse_output(flag: &str, value: &str) -> Result<Box<dyn Exporter>, SpecError> {
+    OutputRequest::from_flag(flag, value, &[], false)?.exporter()
+}
+
+/// One `--output` as the flags gave it, with buildx's shorthands, `-t` and `--push` applied
+/// to its attributes: what [`exporter_from_attrs`] is called with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRequest {
+    /// The flag as spelled (`--output`, `-o`, or `--tag` for the output `-t` makes).
+    pub flag: String,
+    /// The value as the user gave it (errors name it whole).
+    pub value: String,
+    /// The exporter type.
+    pub kind: String,
+    /// Its attributes, without `type`.
+    pub attrs: BTreeMap<String, String>,
+}
+
+impl OutputRequest {
+    /// Parses one `--output` value and applies buildx's `-t` tags (the name of an image
+    /// output that gives none) and `--push` (image outputs push) to it.
+    pub fn from_flag(
+        flag: &str,
+        value: &str,
+        tags: &[String],
+        push: bool,
+    ) -> Result<Self, SpecError> {
+        let (kind, mut attrs) = output_attrs(flag, value)?;
+        if kind == "image" || kind == "registry" {
+            if split_list(attrs.get("name").map_or("", String::as_str)).is_empty() {
+                attrs.remove("name");
+                if !tags.is_empty() {
+                    attrs.insert("name".into(), tags.join(","));
+                }
+            }
+            // A `push=` value that does not parse keeps its own error.
+            if push && attrs.get("push").is_none_or(|v| bool_value(v).is_some()) {
+                attrs.insert("push".into(), "true".into());
+            }
+        }
+        Ok(OutputRequest {
+            flag: flag.to_owned(),
+            value: value.to_owned(),
+            kind,
+            attrs,
+        })
+    }
+
+    /// The output buildx's `-t` or `--push` make when no `--output` is given: `type=registry`
+    /// when pushing, `type=image` otherwise; `None` with neither.
+    pub fn from_tags(tags: &[String], push: bool) -> Option<Self> {
+        if tags.is_empty() && !push {
+            return None;
+        }
+        let kind = if push { "registry" } else { "image" };
+        let mut attrs = BTreeMap::new();
+        if !tags.is_empty() {
+            attrs.insert("name".to_owned(), tags.join(","));
+        }
+        Some(OutputRequest {
+            flag: "--tag".to_owned(),
+            value: tags.join(","),
+            kind: kind.to_owned(),
+            attrs,
+        })
+    }
+
+    /// Whether this is an image output that pushes but names no image.
+    fn pushes_unnamed(&self) -> bool {
+        let image = self.kind == "image" || self.kind == "registry";
+        let pushes = self.kind == "registry"
+            || self.attrs.get("push").and_then(|v| bool_value(v)) == Some(true);
+        image && pushes && !self.attrs.contains_key("name")
+    }
+
+    /// The exporter this output selects; errors name the whole value.
+    pub fn exporter(&self) -> Result<Box<dyn Exporter>, SpecError> {
+        exporter_from_attrs(&self.kind, &self.attrs, &self.flag)
+            .map_err(|e| SpecError::new(&self.flag, &self.value, e.reason))
+    }
+}
+
+/// The exporters of a build from its flags: every `--output`/`-o` value, then buildx's
+/// `-t/--tag` names and `--push` (see [`OutputRequest::from_flag`] and
+/// [`OutputRequest::from_tags`]). Errors name the flag (`--output`, `--tag`, `--push`).
+pub fn exporters_from_flags(
+    outputs: &[String],
+    tags: &[String],
+    push: bool,
+) -> Result<Vec<Box<dyn Exporter>>, SpecError> {
+    let mut requests = Vec::new();
+    let mut exporters = Vec::new();
+    for value in outputs {
+        let r = OutputRequest::from_flag("--output", value, tags, push)?;
+        exporters.push(r.exporter()?);
+        requests.push(r);
+    }
+    for t in tags {
+        if t.is_empty() || t.contains(char::is_whitespace) || t.contains(',') {
+            return Err(SpecError::new(
+                "--tag",
+                t,
+                "expected an image reference like reg.example/app:tag",
+            ));
+        }
+    }
+    if requests.is_empty() {
+        if let Some(r) = OutputRequest::from_tags(tags, push) {
+            exporters.push(r.exporter()?);
+            requests.push(r);
+        }
+    }
+    if push && requests.iter().any(OutputRequest::pushes_unnamed) {
+        return Err(SpecError::new(
+            "--push",
+            "",
+            "nothing to push: give an image name with -t/--tag",
+        ));
+    }
+    Ok(exporters)
+}
+
+/// One exporter's attributes while its `from_attrs` reads them.
+pub struct Attrs<'a> {
+    kind: &'a str,
+    attrs: &'a BTreeMap<String, String>,
+    flag: &'a str,
+}
+
+impl<'a> Attrs<'a> {
+    /// Attributes `attrs` of an exporter of type `kind`, given with `flag`.
+    pub fn new(kind: &'a str, attrs: &'a BTreeMap<String, String>, flag: &'a str) -> Self {
+        Attrs { kind, attrs, flag }
+    }
+
+    /// The exporter type these attributes were given for.
+    pub fn kind(&self) -> &str {
+        self.kind
+    }
+
+    /// An error about these attributes (its value is the attributes written back as a flag
+    /// value; [`parse_output`] replaces it with the user's own text).
+    pub fn error(&self, reason: impl Into<String>) -> SpecError {
+        let mut value = format!("type={}", self.kind);
+        for (k, v) in self.attrs {
+            value.push_str(&format!(",{k}={v}"));
+        }
+        SpecError::new(self.flag, &value, reason)
+    }
+
+    /// Visits every attribute in key order after checking it is one of `known` (or an
+    /// `annotation...` key, when `annotations`): the first bad key or value is the error.
+    pub fn read(
+        &self,
+        known: &[&str],
+        annotations: bool,
+        mut each: impl FnMut(&str, &str) -> Result<(), SpecError>,
+    ) -> Result<(), SpecError> {
+        for (k, v) in self.attrs {
+            if !(known.contains(&k.as_str()) || (annotations && k.starts_with("annotation"))) {
+                return Err(self.error(format!(
+                    "unknown key `{k}` for type={}; known: {}",
+                    self.kind,
+                    known.join(", ")
+                )));
+            }
+            each(k, v)?;
+        }
+        Ok(())
+    }
+
+    /// `key=v` as a boolean (`true`/`1`/empty or `false`/`0`).
+    pub fn bool(&self, key: &str, v: &str) -> Result<bool, SpecError> {
+        bool_value(v).ok_or_else(|| self.error(format!("{key}=`{v}`: expected true or false")))
+    }
+
+    /// `compression=v`.
+    pub fn compression(&self, v: &str) -> Result<Compression, SpecError> {
+        match v {
+            "gzip" => Ok(Compression::Gzip),
+            "zstd" => Ok(Compression::Zstd),
+            "uncompressed" => Ok(Compression::Uncompressed),
+            _ => Err(self.error(format!(
+                "compression `{v}`: expected gzip, zstd or uncompressed"
+            ))),
+        }
+    }
+
+    /// `compression-level=v` (0 to 22).
+    pub fn compression_level(&self, v: &str) -> Result<u32, SpecError> {
+        v.parse::<u32>()
+            .ok()
+            .filter(|l| *l <= 22)
+            .ok_or_else(|| self.error(format!("compression-level `{v}`: expected 0..=22")))
+    }
+
+    /// `dest=v`, which must not be empty.
+    pub fn dest(&self, v: &str) -> Result<PathBuf, SpecError> {
+        if v.is_empty() {
+            return Err(self.error("dest= is empty"));
+        }
+        Ok(PathBuf::from(v))
+    }
+
+    /// The error of an exporter that writes a file or directory but was given no `dest=`.
+    pub fn missing_dest(&self) -> SpecError {
+        self.error(format!("type={} needs dest=PATH", self.kind))
+    }
+}
+
+fn bool_value(v: &str) -> Option<bool> {
+    match v {
+        "" | "true" | "1" => Some(true),
+        "false" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// A comma-separated list, trimmed, without empty items (`name=a,b`).
+pub(crate) fn split_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+pub(crate) fn parse_names(names: &[String]) -> Result<Vec<kiln_oci::Reference>, ExportError> {
+    names
+        .iter()
+        .map(|n| {
+            n.parse::<kiln_oci::Reference>()
+                .map_err(|e| ExportError::Image {
+                    reference: n.clone(),
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Runs `f` on a read-only view of `rootfs` (an empty directory for an empty one).
+pub(crate) fn with_rootfs_view<T>(
+    worker: &Worker,
+    rootfs: Option<&Rootfs>,
+    f: impl FnOnce(&std::path::Path) -> Result<T, ExportError>,
+) -> Result<T, ExportError> {
+    let store = worker.store();
+    let snap = match rootfs {
+        Some(r) => worker.materialize(r)?,
+        None => None,
+    };
+    let view = match snap {
+        Some(s) => store.view(s, None)?,
+        None => store.prepare(None, None)?,
+    };
+    let r = f(&view.rootfs);
+    let _ = store.remove(view.id);
+    r
+}

@@ -1,0 +1,503 @@
+//! One suite every exporter runs: a real build (a Dockerfile solved by the worker on a real
+//! store) is exported through each exporter as the session does it — the image made once when
+//! an exporter needs it, then `export` — and what was written is read back with real tools:
+//! `tar` for tarballs, `skopeo` for OCI and Docker archives and for pushes to a kiln registry
+//! started by the test. A test-only exporter defined below runs through the same suite,
+//! plugged in with no change anywhere else.
+//!
+//! Needs root (overlayfs snapshots), `tar` and `skopeo` (`.ci/install`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use kiln_build::export::{
+    parse_output, BuildResult, ExportContext, ExportError, ExportReport, Exporter, ImageRecipe,
+};
+use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
+use kiln_store::Store;
+use kiln_worker::build::{plan_build, BuildInputs, SolvedBuild};
+use kiln_worker::engine::{ContextFilter, ImageProvider};
+use kiln_worker::images::LocalImages;
+
+const EPOCH: i64 = 1_700_000_000;
+
+const DOCKERFILE: &str = "\
+FROM scratch
+COPY hello.txt /hello.txt
+COPY data/ /srv/data/
+ENV GREETING=hello
+LABEL suite=exporters
+";
+
+/// A solved build of [`DOCKERFILE`] on a fresh state dir, and what exporting needs.
+struct Built {
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    solved: SolvedBuild,
+    runtime: tokio::runtime::Runtime,
+    client: RegistryClient,
+    registry: Option<kiln_registry::RunningRegistry>,
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the exporter suite builds on overlayfs snapshots and must run as root"
+    );
+}
+
+fn build() -> Built {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("data/nested")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
+    std::fs::write(ctx.join("hello.txt"), "hello from kiln\n").unwrap();
+    std::fs::write(ctx.join("data/a.txt"), "a\n").unwrap();
+    std::fs::write(ctx.join("data/nested/b.txt"), "b\n").unwrap();
+    let store = Arc::new(Store::open(dir.path().join("state")).unwrap());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let registry = runtime
+        .block_on(
+            kiln_registry::Registry::builder()
+                .root(dir.path().join("registry"))
+                .bind("127.0.0.1:0")
+                .fsync(false)
+                .start(),
+        )
+        .expect("the kiln registry starts");
+    let host = registry
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut config = ClientConfig::default();
+    config.hosts.insert(
+        host,
+        HostConfig {
+            insecure: true,
+            ..HostConfig::default()
+        },
+    );
+    let client = RegistryClient::new(config).unwrap();
+    let dockerfile = kiln_dockerfile::parse(DOCKERFILE).unwrap();
+    let opts = kiln_graph::BuildOptions::for_context(&ctx);
+    let images: Arc<dyn ImageProvider> = Arc::new(LocalImages::new(store.clone()));
+    let inputs = BuildInputs {
+        dockerfile: &dockerfile,
+        dockerignore: &[],
+        images,
+        context_filter: Arc::new(|_: &[String]| ContextFilter {
+            excluded: Box::new(|_: &str, _: bool| false),
+            may_reinclude: Box::new(|_: &str| false),
+        }),
+        source_date_epoch: Some(EPOCH),
+        compression: None,
+    };
+    let planned = plan_build(store.clone(), &opts, inputs).unwrap();
+    let solved = runtime
+        .block_on(planned.solve(Arc::new(|_e: kiln_solver::Event| {}), |_| {}))
+        .unwrap();
+    Built {
+        dir,
+        store,
+        solved,
+        runtime,
+        client,
+        registry: Some(registry),
+    }
+}
+
+impl Built {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `host:port` of the registry the test started.
+    fn registry_host(&self) -> String {
+        self.registry
+            .as_ref()
+            .unwrap()
+            .url()
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Runs `exporters` on the build as the session does: the image made once (when one of
+    /// them makes images), then each exporter in order.
+    fn export(&self, exporters: &[Box<dyn Exporter>]) -> Result<Vec<ExportReport>, ExportError> {
+        let rootfs = self.solved.rootfs.as_deref();
+        let result = if exporters.iter().any(|e| e.makes_image()) {
+            let config = &self.solved.graph.target_stage().config;
+            let recipe = ImageRecipe::for_result(&self.solved.worker, rootfs, config, Some(EPOCH))?;
+            BuildResult::with_image(rootfs, recipe)
+        } else {
+            BuildResult::new(rootfs)
+        };
+        let cx = ExportContext {
+            store: &self.store,
+            worker: &self.solved.worker,
+            client: &self.client,
+            runtime: self.runtime.handle(),
+            source_date_epoch: Some(EPOCH),
+        };
+        exporters.iter().map(|e| e.export(&cx, &result)).collect()
+    }
+}
+
+impl Drop for Built {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.take() {
+            self.runtime.block_on(r.shutdown());
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn skopeo_inspect(transport: &str) -> serde_json::Value {
+    let text = run(Command::new("skopeo").args(["inspect", "--tls-verify=false", transport]));
+    serde_json::from_str(&text).unwrap()
+}
+
+fn skopeo_raw(transport: &str) -> serde_json::Value {
+    let text =
+        run(Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", transport]));
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The files of a tarball, without a leading `./`, directories ending in `/`.
+fn tar_entries(file: &Path) -> Vec<String> {
+    run(Command::new("tar").arg("-tf").arg(file))
+        .lines()
+        .map(|l| l.trim_start_matches("./").to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// What the image an exporter wrote must hold: the Dockerfile's config and its two layers.
+fn assert_is_the_built_image(inspect: &serde_json::Value) {
+    assert_eq!(inspect["Labels"]["suite"], "exporters", "{inspect:#}");
+    let env = inspect["Env"].as_array().unwrap();
+    assert!(env.iter().any(|e| e == "GREETING=hello"), "{inspect:#}");
+    assert_eq!(
+        inspect["Layers"].as_array().unwrap().len(),
+        2,
+        "{inspect:#}"
+    );
+}
+
+/// The root filesystem an exporter wrote, unpacked or copied to `root`.
+fn assert_is_the_built_rootfs(root: &Path) {
+    assert_eq!(
+        std::fs::read_to_string(root.join("hello.txt")).unwrap(),
+        "hello from kiln\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("srv/data/nested/b.txt")).unwrap(),
+        "b\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("srv/data/a.txt")).unwrap(),
+        "a\n"
+    );
+}
+
+fn exporter(value: &str) -> Box<dyn Exporter> {
+    parse_output("--output", value).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One exporter type's case: its `--output` value and how to check what it wrote.
+struct Case {
+    value: String,
+    check: Check,
+}
+
+/// Checks what an exporter wrote, given the files that were there before it ran.
+type Check = Box<dyn Fn(&Built, &ExportReport, &Files)>;
+
+/// Every path under a directory, with its size: what an export changed.
+type Files = BTreeMap<PathBuf, u64>;
+
+fn files_under(dir: &Path) -> Files {
+    let mut out = Files::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                todo.push(e.path());
+            }
+            out.insert(e.path(), if meta.is_dir() { 0 } else { meta.len() });
+        }
+    }
+    out
+}
+
+/// Every exporter type kiln has, with the check of what it writes.
+fn cases(b: &Built) -> Vec<Case> {
+    let host = b.registry_host();
+    let oci = b.path("out/image-oci.tar");
+    let docker = b.path("out/image-docker.tar");
+    let local = b.path("out/rootfs-dir");
+    let tar = b.path("out/rootfs.tar");
+    vec![
+        Case {
+            value: "type=image,name=suite/app:stored".into(),
+            check: Box::new(|b, report, _| {
+                let image = report
+                    .image
+                    .as_ref()
+                    .expect("image exporter reports its image");
+                let name = kiln_worker::images::normalize("suite/app:stored").unwrap();
+                assert_eq!(
+                    b.store.get_ref(&name).unwrap(),
+                    Some(image.manifest.digest.clone())
+                );
+            }),
+        },
+        Case {
+            value: format!("type=image,name={host}/suite/app:pushed,push=true"),
+            check: Box::new(move |b, report, _| {
+                let image = report.image.as_ref().unwrap();
+                let remote = format!("docker://{}/suite/app:pushed", b.registry_host());
+                assert_is_the_built_image(&skopeo_inspect(&remote));
+                let raw = skopeo_raw(&remote);
+                assert_eq!(raw["config"]["digest"], image.config.digest.to_string());
+            }),
+        },
+        Case {
+            value: format!("type=registry,name={host}/suite/reg:1"),
+            check: Box::new(|b, _, _| {
+                let remote = format!("docker://{}/suite/reg:1", b.registry_host());
+                assert_is_the_built_image(&skopeo_inspect(&remote));
+            }),
+        },
+        Case {
+            value: format!("type=oci,dest={},name=suite/app:oci", oci.display()),
+            check: Box::new(move |_, report, _| {
+                let entries = tar_entries(&oci);
+                for f in ["oci-layout", "index.json"] {
+                    assert!(entries.iter().any(|e| e == f), "{f} in {entries:?}");
+                }
+                let transport = format!("oci-archive:{}", oci.display());
+                assert_is_the_built_image(&skopeo_inspect(&transport));
+                let raw = skopeo_raw(&transport);
+                assert_eq!(
+                    raw["mediaType"],
+                    "application/vnd.oci.image.manifest.v1+json"
+                );
+                let image = report.image.as_ref().unwrap();
+                assert_eq!(raw["config"]["digest"], image.config.digest.to_string());
+            }),
+        },
+        Case {
+            value: format!(
+                "type=docker,dest={},name=suite/app:docker",
+                docker.display()
+            ),
+            check: Box::new(move |_, _, _| {
+                let entries = tar_entries(&docker);
+                assert!(entries.iter().any(|e| e == "manifest.json"), "{entries:?}");
+                let transport = format!("docker-archive:{}", docker.display());
+                assert_is_the_built_image(&skopeo_inspect(&transport));
+                let raw = skopeo_raw(&transport);
+                assert_eq!(
+                    raw["mediaType"],
+                    "application/vnd.docker.distribution.manifest.v2+json"
+                );
+            }),
+        },
+        Case {
+            value: format!("type=local,dest={}", local.display()),
+            check: Box::new(move |_, report, _| {
+                assert!(report.image.is_none());
+                assert_is_the_built_rootfs(&local);
+            }),
+        },
+        Case {
+            value: format!("type=tar,dest={}", tar.display()),
+            check: Box::new(move |b, _, _| {
+                let entries = tar_entries(&tar);
+                assert!(entries.iter().any(|e| e == "hello.txt"), "{entries:?}");
+                let unpacked = b.path("out/rootfs-unpacked");
+                std::fs::create_dir_all(&unpacked).unwrap();
+                run(Command::new("tar")
+                    .arg("-xf")
+                    .arg(&tar)
+                    .arg("-C")
+                    .arg(&unpacked));
+                assert_is_the_built_rootfs(&unpacked);
+            }),
+        },
+        Case {
+            value: "type=cacheonly".into(),
+            check: Box::new(|b, report, before| {
+                assert!(report.image.is_none());
+                // Nothing is written: neither in the state dir nor anywhere else.
+                assert_eq!(&files_under(b.dir.path()), before);
+            }),
+        },
+    ]
+}
+
+#[test]
+fn every_exporter_writes_what_reads_back_as_the_built_result() {
+    let b = build();
+    let cases = cases(&b);
+    for case in &cases {
+        let e = exporter(&case.value);
+        let before = files_under(b.dir.path());
+        let reports = b
+            .export(std::slice::from_ref(&e))
+            .unwrap_or_else(|err| panic!("{}: {err}", case.value));
+        assert_eq!(reports[0].kind, e.kind(), "{}", case.value);
+        assert_eq!(
+            reports[0].image.is_some(),
+            e.makes_image(),
+            "{}: an exporter reports an image exactly when it makes one",
+            case.value
+        );
+        (case.check)(&b, &reports[0], &before);
+    }
+}
+
+#[test]
+fn exporters_of_one_build_share_the_image_made_once() {
+    let b = build();
+    let host = b.registry_host();
+    let exporters = vec![
+        exporter("type=image,name=suite/app:one"),
+        exporter(&format!(
+            "type=oci,dest={},name=suite/app:oci",
+            b.path("one.tar").display()
+        )),
+        exporter(&format!("type=registry,name={host}/suite/one:1")),
+        exporter(&format!(
+            "type=docker,dest={},name=suite/app:docker",
+            b.path("docker.tar").display()
+        )),
+    ];
+    let reports = b.export(&exporters).unwrap();
+    let digest = |i: usize| reports[i].image.as_ref().unwrap().manifest.digest.clone();
+    // OCI media types: one image for the first three; Docker's make a second one.
+    assert_eq!(digest(0), digest(1));
+    assert_eq!(digest(0), digest(2));
+    assert_ne!(digest(0), digest(3));
+    let raw = skopeo_raw(&format!("docker://{host}/suite/one:1"));
+    assert_eq!(
+        raw["config"]["digest"],
+        reports[0].image.as_ref().unwrap().config.digest.to_string()
+    );
+}
+
+#[test]
+fn a_local_export_into_a_directory_with_files_keeps_them() {
+    let b = build();
+    let dest = b.path("keep");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::write(dest.join("mine.txt"), "mine\n").unwrap();
+    b.export(&[exporter(&format!("type=local,dest={}", dest.display()))])
+        .unwrap();
+    assert_is_the_built_rootfs(&dest);
+    assert_eq!(
+        std::fs::read_to_string(dest.join("mine.txt")).unwrap(),
+        "mine\n"
+    );
+}
+
+#[test]
+fn a_failed_push_names_the_image_and_leaves_the_stored_image() {
+    let b = build();
+    // Nothing listens on port 9 of the loopback.
+    let e = exporter("type=image,name=127.0.0.1:9/suite/app:1,push=true,registry.insecure=true");
+    let err = match b.export(&[e]) {
+        Ok(_) => panic!("a push to a closed port fails"),
+        Err(err) => err,
+    };
+    assert!(
+        err.to_string()
+            .starts_with("image 127.0.0.1:9/suite/app:1: "),
+        "{err}"
+    );
+    let name = kiln_worker::images::normalize("127.0.0.1:9/suite/app:1").unwrap();
+    assert!(b.store.get_ref(&name).unwrap().is_some());
+}
+
+/// A test-only exporter: writes the image's manifest digest and the rootfs's file list to a
+/// file. It reaches the session through the trait alone.
+struct DigestFileExporter {
+    dest: PathBuf,
+}
+
+impl DigestFileExporter {
+    fn from_attrs(attrs: &BTreeMap<String, String>) -> Self {
+        DigestFileExporter {
+            dest: PathBuf::from(&attrs["dest"]),
+        }
+    }
+}
+
+impl Exporter for DigestFileExporter {
+    fn kind(&self) -> &str {
+        "digest-file"
+    }
+
+    fn makes_image(&self) -> bool {
+        true
+    }
+
+    fn export(
+        &self,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<ExportReport, ExportError> {
+        let image = result.image(cx.store, true)?;
+        kiln_build::export::write_file_atomic(
+            &self.dest,
+            format!("{}\n", image.manifest.digest).as_bytes(),
+        )?;
+        Ok(ExportReport {
+            kind: self.kind().to_owned(),
+            image: Some(image),
+        })
+    }
+}
+
+#[test]
+fn a_test_only_exporter_plugs_in_and_sees_the_same_image() {
+    let b = build();
+    let dest = b.path("digest.txt");
+    let attrs = BTreeMap::from([("dest".to_owned(), dest.display().to_string())]);
+    let exporters: Vec<Box<dyn Exporter>> = vec![
+        Box::new(DigestFileExporter::from_attrs(&attrs)),
+        exporter("type=image,name=suite/app:plugged"),
+    ];
+    let reports = b.export(&exporters).unwrap();
+    let made = reports[1]
+        .image
+        .as_ref()
+        .unwrap()
+        .manifest
+        .digest
+        .to_string();
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), format!("{made}\n"));
+    assert_eq!(reports[0].kind, "digest-file");
+}

@@ -1,0 +1,166 @@
+//! `--output`/`-o`, `-t` and `--push` select exporters; bad values name the flag and the value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use kiln_build::export::{
+    exporters_from_flags, output_attrs, parse_output, Attrs, DockerExporter, ImageExporter,
+    LocalExporter, OciExporter, OutputRequest,
+};
+use kiln_build::spec::SpecError;
+use kiln_oci::compression::Compression;
+
+/// The value of one `--output` parsed as `kind`'s own attributes.
+fn image(flag: &str, value: &str) -> ImageExporter {
+    let (kind, attrs) = output_attrs(flag, value).unwrap();
+    ImageExporter::from_attrs(&Attrs::new(&kind, &attrs, flag)).unwrap()
+}
+
+fn kind(flag: &str, value: &str) -> String {
+    parse_output(flag, value).unwrap().kind().to_owned()
+}
+
+fn err(outputs: &[&str], tags: &[&str], push: bool) -> SpecError {
+    let outputs: Vec<String> = outputs.iter().map(|o| o.to_string()).collect();
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    match exporters_from_flags(&outputs, &tags, push) {
+        Ok(_) => panic!("should fail"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn output_types_parse_with_their_keys() {
+    let o = image("--output", "type=image,name=reg.local:5000/app:1,push=true,oci-mediatypes=false,compression=zstd,compression-level=3,force-compression=true,registry.insecure=true");
+    assert_eq!(kind("--output", "type=image,name=reg.local:5000/app:1,push=true,oci-mediatypes=false,compression=zstd,compression-level=3,force-compression=true,registry.insecure=true"), "image");
+    assert_eq!(o.names, ["reg.local:5000/app:1"]);
+    assert!(o.push && o.force_compression && o.registry_insecure);
+    assert_eq!(
+        (o.oci_mediatypes, o.compression, o.compression_level),
+        (Some(false), Some(Compression::Zstd), Some(3))
+    );
+    let r = image("--output", "type=registry,\"name=a/b:1,a/b:2\"");
+    assert_eq!(
+        (
+            kind("--output", "type=registry,\"name=a/b:1,a/b:2\""),
+            r.push,
+            r.names.len()
+        ),
+        ("registry".to_owned(), true, 2)
+    );
+    let (k, attrs) = output_attrs("-o", "type=oci,dest=out.tar").unwrap();
+    assert_eq!(
+        OciExporter::from_attrs(&Attrs::new(&k, &attrs, "-o"))
+            .unwrap()
+            .settings
+            .dest,
+        PathBuf::from("out.tar")
+    );
+    let (k, attrs) = output_attrs("-o", "type=docker,dest=d.tar,name=x").unwrap();
+    assert!(DockerExporter::from_attrs(&Attrs::new(&k, &attrs, "-o")).is_ok());
+    assert_eq!(kind("-o", "type=docker,dest=d.tar,name=x"), "docker");
+    assert_eq!(kind("-o", "type=local,dest=out"), "local");
+    assert_eq!(kind("-o", "type=tar,dest=-"), "tar");
+    assert_eq!(kind("-o", "type=cacheonly"), "cacheonly");
+    // buildx shorthands.
+    let (k, attrs) = output_attrs("-o", "./out").unwrap();
+    let d = LocalExporter::from_attrs(&Attrs::new(&k, &attrs, "-o")).unwrap();
+    assert_eq!((k.as_str(), d.dest), ("local", PathBuf::from("./out")));
+    assert_eq!(kind("-o", "-"), "tar");
+}
+
+#[test]
+fn output_errors_name_the_problem() {
+    for (v, needle) in [
+        ("type=zip", "unknown output type `zip`"),
+        ("type=local", "needs dest=PATH"),
+        ("type=image,dest=x", "unknown key `dest` for type=image"),
+        ("type=image,compression=lz4", "compression `lz4`"),
+        ("type=image,compression-level=99", "compression-level `99`"),
+        ("type=image,push=maybe", "push=`maybe`"),
+        ("type=image,\"name=x", "unterminated double quote"),
+        ("", "expected type=KIND"),
+    ] {
+        let e = match parse_output("--output", v) {
+            Ok(_) => panic!("{v}: should fail"),
+            Err(e) => e,
+        };
+        assert_eq!(e.flag, "--output");
+        assert_eq!(e.value, v);
+        assert!(e.reason.contains(needle), "{v}: {}", e.reason);
+    }
+}
+
+#[test]
+fn tags_and_push_become_a_registry_output() {
+    let tags = vec!["r/app:1".to_owned(), "r/app:latest".to_owned()];
+    let e = exporters_from_flags(&[], &tags, true).unwrap();
+    assert_eq!(e.len(), 1);
+    let r = OutputRequest::from_tags(&tags, true).unwrap();
+    let o = ImageExporter::from_attrs(&Attrs::new(&r.kind, &r.attrs, &r.flag)).unwrap();
+    assert_eq!((e[0].kind(), o.push), ("registry", true));
+    assert_eq!(o.names, ["r/app:1", "r/app:latest"]);
+    let tags = vec!["r/app:1".to_owned()];
+    let r = OutputRequest::from_flag("--output", "type=image", &tags, false).unwrap();
+    let o = ImageExporter::from_attrs(&Attrs::new(&r.kind, &r.attrs, &r.flag)).unwrap();
+    assert_eq!((o.names.len(), o.push), (1, false));
+    assert_eq!(err(&[], &[], true).flag, "--push");
+    assert_eq!(err(&[], &["bad tag"], false).flag, "--tag");
+}
+
+#[test]
+fn push_flag_pushes_image_outputs_and_keeps_their_names() {
+    let tags = vec!["r/app:1".to_owned()];
+    let r = OutputRequest::from_flag("-o", "type=image,name=r/own:2", &tags, true).unwrap();
+    let o = ImageExporter::from_attrs(&Attrs::new(&r.kind, &r.attrs, &r.flag)).unwrap();
+    assert_eq!(
+        (o.names.as_slice(), o.push),
+        (&["r/own:2".to_owned()][..], true)
+    );
+    // --push only concerns image outputs: beside a local output it asks nothing more.
+    let outputs = ["type=local,dest=out".to_owned()];
+    assert_eq!(exporters_from_flags(&outputs, &[], true).unwrap().len(), 1);
+    // A bad push= value is reported as such even with --push.
+    let e = err(&["type=image,name=r/a:1,push=maybe"], &[], true);
+    assert!(e.reason.contains("push=`maybe`"), "{}", e.reason);
+}
+
+#[test]
+fn exporter_table_knows_every_type_and_only_those() {
+    let dest = BTreeMap::from([("dest".to_owned(), "out".to_owned())]);
+    for (k, attrs, image) in [
+        ("image", BTreeMap::new(), true),
+        ("registry", BTreeMap::new(), true),
+        ("oci", dest.clone(), true),
+        ("docker", dest.clone(), true),
+        ("local", dest.clone(), false),
+        ("tar", dest.clone(), false),
+        ("cacheonly", BTreeMap::new(), false),
+    ] {
+        let e = kiln_build::export::exporter_from_attrs(k, &attrs, "--output").unwrap();
+        assert_eq!((e.kind(), e.makes_image()), (k, image));
+    }
+    let e = match kiln_build::export::exporter_from_attrs("zip", &dest, "--output") {
+        Ok(_) => panic!("zip is no exporter"),
+        Err(e) => e,
+    };
+    assert!(
+        e.reason.contains("unknown output type `zip`"),
+        "{}",
+        e.reason
+    );
+}
+
+#[test]
+fn compression_and_insecure_names_reach_the_build() {
+    let e = parse_output(
+        "-o",
+        "type=image,name=r.local/a:1,compression=zstd,registry.insecure=true",
+    )
+    .unwrap();
+    assert_eq!(e.layer_compression(), Some(Compression::Zstd));
+    assert_eq!(e.insecure_names(), ["r.local/a:1"]);
+    let e = parse_output("-o", "type=image,name=r.local/a:1").unwrap();
+    assert!(e.insecure_names().is_empty());
+    assert_eq!(parse_output("-o", "out").unwrap().layer_compression(), None);
+}
