@@ -32,6 +32,57 @@ pub struct ParseError {
     pub message: String,
     /// Where in the source.
     pub span: Span,
+    /// For an error about one flag: what is wrong with it, as data, so that a caller (the
+    /// frontend) can word the same mistake its own way. `None` for every other error.
+    #[serde(skip)]
+    pub flag: Option<Box<FlagError>>,
+}
+
+/// What is wrong with one instruction flag, found once by the parser crate's typed layer
+/// ([`crate::instructions::lower`]); each layer words it itself (the parser's wording is
+/// BuildKit's, in [`ParseError::message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagError {
+    /// The kind of mistake.
+    pub kind: FlagErrorKind,
+    /// The flag's name without `--`.
+    pub flag: String,
+    /// Its value as written (empty when it has none).
+    pub value: String,
+    /// Where the flag is written.
+    pub span: Span,
+}
+
+/// The mistakes a flag can hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlagErrorKind {
+    /// The instruction does not accept this flag.
+    Unknown,
+    /// A flag that may be given once is given again ([`FlagError::span`] is the repeat).
+    Duplicate {
+        /// Where it is first given.
+        first: Span,
+    },
+    /// A flag that takes a value has none.
+    MissingValue,
+    /// A boolean flag with a value other than `true`/`false`.
+    NotBoolean,
+    /// `RUN --network` names no network mode.
+    NetworkMode,
+    /// `RUN --security` names no security mode.
+    SecurityMode,
+    /// `--chmod` is neither an octal nor a symbolic mode.
+    Chmod,
+    /// `COPY --from` holds a variable.
+    FromVariable,
+    /// A `--mount` value that does not parse; the text is the mount parser's reason.
+    Mount(String),
+    /// A HEALTHCHECK duration or count that does not parse (or a negative count).
+    Healthcheck,
+    /// A HEALTHCHECK duration above zero but under the 1ms minimum.
+    HealthcheckTooShort,
+    /// A flag on `HEALTHCHECK NONE`, which takes none.
+    HealthcheckNone,
 }
 
 impl ParseError {
@@ -41,6 +92,17 @@ impl ParseError {
             kind,
             message: message.into(),
             span,
+            flag: None,
+        }
+    }
+
+    /// An [`ErrorKind::Flag`] error worded `message`, carrying what is wrong as `flag`.
+    pub fn flag(flag: FlagError, message: impl Into<String>) -> Self {
+        ParseError {
+            kind: ErrorKind::Flag,
+            message: message.into(),
+            span: flag.span,
+            flag: Some(Box::new(flag)),
         }
     }
 

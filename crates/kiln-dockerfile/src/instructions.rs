@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ast::{Args, Dockerfile, Flag, Heredoc, Instruction, Keyword, Span, Word};
-use crate::error::{ErrorKind, ParseError};
+use crate::error::{ErrorKind, FlagError, FlagErrorKind, ParseError};
 
 /// A validated instruction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,27 @@ pub struct TypedInstruction {
     /// The keyword as written.
     pub keyword: String,
     /// Where it is.
+    pub span: Span,
+    /// The flags it was given, accepted and checked, in the order written.
+    pub flags: Vec<GivenFlag>,
+}
+
+impl TypedInstruction {
+    /// The first flag named `name` (without `--`), if given.
+    pub fn flag(&self, name: &str) -> Option<&GivenFlag> {
+        self.flags.iter().find(|f| f.name == name)
+    }
+}
+
+/// One flag of a [`TypedInstruction`] as written: for error positions and for the text
+/// BuildKit shows in history (`COPY --link ...`); its meaning is in the [`Command`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenFlag {
+    /// Name without the leading `--`, as in [`accepted_flags`].
+    pub name: &'static str,
+    /// `--name` or `--name=value`, as written.
+    pub text: String,
+    /// Where it is written.
     pub span: Span,
 }
 
@@ -193,6 +214,10 @@ pub struct Mount {
     pub required: bool,
     /// `env`: expose the secret as this environment variable.
     pub env: Option<String>,
+    /// The `--mount` value as written, unexpanded: the frontend parses it again with
+    /// [`parse_mount_expanding`] once it knows the stage's variables (fields that hold one
+    /// are left out of this typed form).
+    pub written: String,
     /// Where the flag is written.
     pub span: Span,
 }
@@ -222,6 +247,8 @@ pub struct AddCopy {
     pub keep_git_dir: bool,
     /// `--checksum` (ADD).
     pub checksum: Option<String>,
+    /// `--unpack` (ADD): checked as a boolean; archives are extracted as without it.
+    pub unpack: bool,
     /// True when the arguments were in JSON form.
     pub json: bool,
 }
@@ -319,9 +346,9 @@ const fn flag(name: &'static str, kind: FlagKind, expansion: FlagExpansion) -> F
     }
 }
 
-/// The flags each instruction accepts: kiln's one allow-list. The parser's [`lower`] and
-/// the frontend's lowering both check flags against it, and the frontend expands each value
-/// as its [`FlagExpansion`] says.
+/// The flags each instruction accepts: kiln's one allow-list. [`lower`] checks flags
+/// against it (a mistake becomes a [`FlagError`]), and the frontend, which lowers only
+/// [`TypedInstruction`]s, expands each value as its [`FlagExpansion`] says.
 pub fn accepted_flags(kind: Keyword) -> &'static [FlagSpec] {
     use FlagExpansion::*;
     use FlagKind::*;
@@ -381,10 +408,19 @@ impl<'a> Flags<'a> {
         let mut given: Vec<(&Flag, FlagKind)> = Vec::new();
         for f in &inst.flags {
             let Some(kind) = flag_spec(keyword, &f.name).map(|s| s.kind) else {
-                return Err(flag_err(f, format!("unknown flag: {}", f.name)));
+                return Err(flag_err(
+                    f,
+                    FlagErrorKind::Unknown,
+                    format!("unknown flag: {}", f.name),
+                ));
             };
-            if kind != FlagKind::List && given.iter().any(|(g, _)| g.name == f.name) {
-                return Err(flag_err(f, format!("Duplicate flag specified: {}", f.name)));
+            let earlier = given.iter().find(|(g, _)| g.name == f.name);
+            if let (Some((first, _)), true) = (earlier, kind != FlagKind::List) {
+                return Err(flag_err(
+                    f,
+                    FlagErrorKind::Duplicate { first: first.span },
+                    format!("Duplicate flag specified: {}", f.name),
+                ));
             }
             match kind {
                 FlagKind::Bool => {
@@ -392,6 +428,7 @@ impl<'a> Flags<'a> {
                         if !matches!(v.to_ascii_lowercase().as_str(), "true" | "false" | "") {
                             return Err(flag_err(
                                 f,
+                                FlagErrorKind::NotBoolean,
                                 format!("expecting boolean value for flag {}, not: {v}", f.name),
                             ));
                         }
@@ -399,7 +436,11 @@ impl<'a> Flags<'a> {
                 }
                 _ => {
                     if f.value.is_none() {
-                        return Err(flag_err(f, format!("Missing a value on flag: {}", f.name)));
+                        return Err(flag_err(
+                            f,
+                            FlagErrorKind::MissingValue,
+                            format!("Missing a value on flag: {}", f.name),
+                        ));
                     }
                 }
             }
@@ -434,8 +475,16 @@ impl<'a> Flags<'a> {
     }
 }
 
-fn flag_err(f: &Flag, msg: String) -> ParseError {
-    ParseError::new(ErrorKind::Flag, msg, f.span)
+fn flag_err(f: &Flag, kind: FlagErrorKind, msg: String) -> ParseError {
+    ParseError::flag(
+        FlagError {
+            kind,
+            flag: f.name.clone(),
+            value: f.value.clone().unwrap_or_default(),
+            span: f.span,
+        },
+        msg,
+    )
 }
 
 fn arg_err(inst: &Instruction, msg: String) -> ParseError {
@@ -532,7 +581,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 let mut m = parse_mount_expanding(&v, &mut |x| {
                     Ok((!x.contains('$')).then(|| x.to_string()))
                 })
-                .map_err(|e| flag_err(f, e))?;
+                .map_err(|e| flag_err(f, FlagErrorKind::Mount(e.clone()), e))?;
                 m.span = f.span;
                 mounts.push(m);
             }
@@ -542,6 +591,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 Some((v, f)) => Some(NetworkMode::from_flag_value(&v).ok_or_else(|| {
                     flag_err(
                         f,
+                        FlagErrorKind::NetworkMode,
                         format!("invalid network mode {}", crate::shell::go_quote(&v)),
                     )
                 })?),
@@ -551,6 +601,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 Some((v, f)) => Some(SecurityMode::from_flag_value(&v).ok_or_else(|| {
                     flag_err(
                         f,
+                        FlagErrorKind::SecurityMode,
                         format!("security mode {} not supported", crate::shell::go_quote(&v)),
                     )
                 })?),
@@ -710,12 +761,20 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 .collect();
             if let Some((v, f)) = flags.string("from") {
                 if from_has_variable(&v) {
-                    return Err(flag_err(f, COPY_FROM_VARIABLE.to_string()));
+                    return Err(flag_err(
+                        f,
+                        FlagErrorKind::FromVariable,
+                        COPY_FROM_VARIABLE.to_string(),
+                    ));
                 }
             }
             if let Some((v, f)) = flags.string("chmod") {
                 if !v.contains('$') && !valid_chmod(&v) {
-                    return Err(flag_err(f, format!("invalid chmod parameter: {v}")));
+                    return Err(flag_err(
+                        f,
+                        FlagErrorKind::Chmod,
+                        format!("invalid chmod parameter: {v}"),
+                    ));
                 }
             }
             Command::from_add_copy(
@@ -732,6 +791,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                     exclude: flags.list("exclude").into_iter().map(|(v, _)| v).collect(),
                     keep_git_dir: flags.boolean("keep-git-dir"),
                     checksum: flags.string("checksum").map(|(v, _)| v),
+                    unpack: flags.boolean("unpack"),
                     json: inst.is_json(),
                 },
             )
@@ -741,6 +801,17 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
         command,
         keyword: inst.keyword.clone(),
         span: inst.span,
+        flags: flags
+            .given
+            .iter()
+            .filter_map(|(f, _)| {
+                flag_spec(kind, &f.name).map(|spec| GivenFlag {
+                    name: spec.name,
+                    text: f.text(),
+                    span: f.span,
+                })
+            })
+            .collect(),
     })
 }
 
@@ -764,7 +835,11 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
                 return Err(arg_err(inst, "HEALTHCHECK NONE takes no arguments".into()));
             }
             if let Some((f, _)) = flags.given.first() {
-                return Err(flag_err(f, "HEALTHCHECK NONE takes no flags".into()));
+                return Err(flag_err(
+                    f,
+                    FlagErrorKind::HealthcheckNone,
+                    "HEALTHCHECK NONE takes no flags".into(),
+                ));
             }
             Ok(Command::Healthcheck(Healthcheck::None))
         }
@@ -777,12 +852,14 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
                 let d = parse_go_duration(&v).ok_or_else(|| {
                     flag_err(
                         f,
+                        FlagErrorKind::Healthcheck,
                         format!("time: invalid duration {}", crate::shell::go_quote(&v)),
                     )
                 })?;
                 if !d.is_zero() && d < Duration::from_millis(1) {
                     return Err(flag_err(
                         f,
+                        FlagErrorKind::HealthcheckTooShort,
                         format!("Interval \"{name}\" cannot be less than 1ms"),
                     ));
                 }
@@ -794,6 +871,7 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
                     let n: i64 = v.parse().map_err(|_| {
                         flag_err(
                             f,
+                            FlagErrorKind::Healthcheck,
                             format!(
                                 "strconv.ParseInt: parsing {}: invalid syntax",
                                 crate::shell::go_quote(&v)
@@ -801,7 +879,11 @@ fn lower_healthcheck(inst: &Instruction, flags: &Flags) -> Result<Command, Parse
                         )
                     })?;
                     if n < 0 {
-                        return Err(flag_err(f, "--retries cannot be negative".into()));
+                        return Err(flag_err(
+                            f,
+                            FlagErrorKind::Healthcheck,
+                            "--retries cannot be negative".into(),
+                        ));
                     }
                     Some(n)
                 }
@@ -1011,6 +1093,7 @@ pub fn parse_mount_expanding(
         size: None,
         required: false,
         env: None,
+        written: value.to_string(),
         span: Span::default(),
     };
     // The type decides defaults, so find it first.
@@ -1170,6 +1253,46 @@ mod tests {
     fn bad_mount_value_is_an_error() {
         let e = one("RUN --mount=type=cache,sharing=sometimes,target=/x a\n").unwrap_err();
         assert!(e.message.contains("sharing"), "{}", e.message);
+    }
+
+    #[test]
+    fn flag_mistakes_are_described_as_data() {
+        let e = one("RUN --network=bridge true\n").unwrap_err();
+        let f = e.flag.expect("a flag error");
+        assert_eq!(f.kind, FlagErrorKind::NetworkMode);
+        assert_eq!((f.flag.as_str(), f.value.as_str()), ("network", "bridge"));
+        assert_eq!(f.span, e.span);
+        let e = one("COPY --chown=1 --chown=2 a b\n").unwrap_err();
+        let f = e.flag.expect("a flag error");
+        let FlagErrorKind::Duplicate { first } = f.kind else {
+            panic!("not a duplicate: {f:?}")
+        };
+        assert_eq!((first.start.column, f.span.start.column), (6, 16));
+        let e = one("RUN --mount=type=volume,target=/x true\n").unwrap_err();
+        assert_eq!(
+            e.flag.map(|f| f.kind),
+            Some(FlagErrorKind::Mount(e.message.clone()))
+        );
+        assert_eq!(one("FROM scratch\n").unwrap().flags, vec![]);
+    }
+
+    #[test]
+    fn typed_instructions_keep_flags_and_values_as_written() {
+        let t = one("ADD --unpack --chown=$U --link=true a /b\n").unwrap();
+        let Command::Add(a) = &t.command else {
+            panic!("not ADD")
+        };
+        assert!(a.unpack && a.link);
+        assert_eq!(a.chown.as_deref(), Some("$U"));
+        let shown: Vec<&str> = t.flags.iter().map(|f| f.text.as_str()).collect();
+        assert_eq!(shown, ["--unpack", "--chown=$U", "--link=true"]);
+        assert_eq!(t.flag("link").map(|f| f.span.start.column), Some(25));
+        let t = one("RUN --mount=type=cache,target=$DIR,id=x true\n").unwrap();
+        let Command::Run(r) = &t.command else {
+            panic!("not RUN")
+        };
+        assert_eq!(r.mounts[0].written, "type=cache,target=$DIR,id=x");
+        assert_eq!(r.mounts[0].target, None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Splitting a Dockerfile into its global ARGs and stages, and the `--call targets` view.
 
-use kiln_dockerfile::instructions::flag_spec;
-use kiln_dockerfile::{Args, Dockerfile, Instruction, Keyword, Span};
+use kiln_dockerfile::error::FlagErrorKind;
+use kiln_dockerfile::instructions::{self as typed, Command, TypedInstruction};
+use kiln_dockerfile::{Args, Dockerfile, Instruction, Keyword, ParseError, Span};
 use serde::Serialize;
 
 use crate::error::FrontendError;
@@ -18,7 +19,13 @@ pub(crate) struct StageDecl<'a> {
     pub platform: Option<String>,
     pub from: &'a Instruction,
     pub instructions: Vec<&'a Instruction>,
+    /// What the parser crate's typed layer made of each of `instructions` (same order).
+    pub typed: Vec<Typed>,
 }
+
+/// An instruction as the parser crate types it, or the mistake that stops it (kept to be
+/// reported, in the frontend's words, when the instruction is checked or lowered).
+pub(crate) type Typed = Result<TypedInstruction, ParseError>;
 
 impl StageDecl<'_> {
     /// `name` or `stage-N`, as BuildKit labels steps.
@@ -50,7 +57,10 @@ pub(crate) fn split_stages(df: &Dockerfile) -> Result<Split<'_>, FrontendError> 
             continue;
         }
         match stages.last_mut() {
-            Some(s) => s.instructions.push(inst),
+            Some(s) => {
+                s.instructions.push(inst);
+                s.typed.push(typed::lower(inst));
+            }
             None if kind == Keyword::Arg => globals.push(inst),
             None => {
                 return Err(FrontendError::new(
@@ -79,17 +89,29 @@ pub(crate) fn keyword_span(inst: &Instruction) -> Span {
 }
 
 fn parse_from(inst: &Instruction, index: usize) -> Result<StageDecl<'_>, FrontendError> {
-    let mut platform = None;
-    for f in &inst.flags {
-        // `--platform` is FROM's one flag; it is expanded with the global ARGs when lowered.
-        if flag_spec(Keyword::From, &f.name).is_none() {
+    // `--platform` is FROM's one flag; it is expanded with the global ARGs when lowered.
+    // A FROM whose arguments the typed layer refuses is worded by the checks below.
+    let mut refused = None;
+    let platform = match typed::lower(inst) {
+        Ok(TypedInstruction {
+            command: Command::From(from),
+            ..
+        }) => from.platform,
+        Err(ParseError { flag: Some(f), .. }) if f.kind == FlagErrorKind::Unknown => {
             return Err(FrontendError::new(
-                format!("unknown flag: --{} (FROM accepts --platform)", f.name),
+                format!("unknown flag: --{} (FROM accepts --platform)", f.flag),
                 f.span,
-            ));
+            ))
         }
-        platform = Some(f.value.clone().unwrap_or_default());
-    }
+        Err(e @ ParseError { flag: Some(_), .. }) => {
+            return Err(crate::lower::word_parse_error(&e, inst))
+        }
+        Err(e) => {
+            refused = Some(e);
+            None
+        }
+        Ok(_) => None,
+    };
     let words: Vec<&str> = match &inst.args {
         Args::Words(w) => w.iter().map(|w| w.text.as_str()).collect(),
         Args::Text(w) => w.text.split_whitespace().collect(),
@@ -124,6 +146,9 @@ fn parse_from(inst: &Instruction, index: usize) -> Result<StageDecl<'_>, Fronten
         }
         None => None,
     };
+    if let Some(e) = refused {
+        return Err(FrontendError::new(e.message, e.span));
+    }
     Ok(StageDecl {
         index,
         name,
@@ -131,6 +156,7 @@ fn parse_from(inst: &Instruction, index: usize) -> Result<StageDecl<'_>, Fronten
         platform,
         from: inst,
         instructions: Vec::new(),
+        typed: Vec::new(),
     })
 }
 

@@ -1,6 +1,8 @@
 //! Instructions that edit the image config (ENV, LABEL, USER, STOPSIGNAL, EXPOSE, VOLUME,
 //! CMD, ENTRYPOINT, SHELL, ONBUILD, MAINTAINER, HEALTHCHECK) and WORKDIR.
 
+use kiln_dockerfile::instructions as ins;
+
 use super::*;
 
 impl<'a> Lowerer<'a> {
@@ -10,6 +12,7 @@ impl<'a> Lowerer<'a> {
         &mut self,
         st: &mut StageState,
         inst: &Instruction,
+        typed: &Typed,
         kind: Keyword,
         at: Option<Span>,
     ) -> Result<(), FrontendError> {
@@ -188,7 +191,7 @@ impl<'a> Lowerer<'a> {
                     span,
                 )),
             },
-            Keyword::Healthcheck => self.lower_healthcheck(st, inst, span),
+            Keyword::Healthcheck => self.lower_healthcheck(st, inst, typed, span),
             Keyword::Onbuild => {
                 let Args::Onbuild(child) = &inst.args else {
                     return Err(FrontendError::new("ONBUILD requires an instruction", span));
@@ -237,6 +240,7 @@ impl<'a> Lowerer<'a> {
         &mut self,
         st: &mut StageState,
         inst: &Instruction,
+        typed: &Typed,
         span: Span,
     ) -> Result<(), FrontendError> {
         let Args::Healthcheck { kind, command } = &inst.args else {
@@ -250,6 +254,12 @@ impl<'a> Lowerer<'a> {
                         "HEALTHCHECK NONE takes no arguments",
                         span,
                     ));
+                }
+                // A flag here is a mistake the typed layer reports.
+                if let Err(e) = typed {
+                    if e.flag.is_some() {
+                        return Err(word_parse_error(e, inst));
+                    }
                 }
                 hc.test = vec!["NONE".into()];
             }
@@ -266,30 +276,33 @@ impl<'a> Lowerer<'a> {
                         ))
                     }
                 };
-                for f in &inst.flags {
-                    // HEALTHCHECK durations and retries are read as written.
-                    let v = self.flag_value(Keyword::Healthcheck, f, &|_: &str| None)?;
-                    if f.name == "retries" {
-                        hc.retries = v.parse().map_err(|_| {
-                            FrontendError::new(
-                                format!("--retries: {v:?} is not a whole number"),
-                                f.span,
-                            )
-                        })?;
-                    } else {
-                        let d = parse_duration(&v).ok_or_else(|| {
-                            FrontendError::new(
-                                format!("--{}: {v:?} is not a duration like 30s or 1m30s", f.name),
-                                f.span,
-                            )
-                        })?;
-                        match f.name.as_str() {
-                            "interval" => hc.interval = d,
-                            "timeout" => hc.timeout = d,
-                            "start-period" => hc.start_period = d,
-                            _ => hc.start_interval = d,
-                        }
-                    }
+                // Durations and retries are read as written; the typed layer parsed them.
+                let t = typed.as_ref().map_err(|e| word_parse_error(e, inst))?;
+                let Command::Healthcheck(ins::Healthcheck::Cmd {
+                    interval,
+                    timeout,
+                    start_period,
+                    start_interval,
+                    retries,
+                    ..
+                }) = &t.command
+                else {
+                    return Err(typed_mismatch(inst));
+                };
+                let nanos = |d: Option<std::time::Duration>| {
+                    d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                };
+                hc.interval = nanos(*interval);
+                hc.timeout = nanos(*timeout);
+                hc.start_period = nanos(*start_period);
+                hc.start_interval = nanos(*start_interval);
+                if let Some(n) = retries {
+                    hc.retries = u32::try_from(*n).map_err(|_| {
+                        FrontendError::new(
+                            format!("--retries: \"{n}\" is not a whole number"),
+                            t.flag("retries").map_or(span, |f| f.span),
+                        )
+                    })?;
                 }
             }
             other => {
@@ -383,38 +396,4 @@ pub(super) fn expose_ports(p: &str) -> Result<Vec<String>, String> {
         return Err(format!("invalid port range: {port}"));
     }
     Ok((lo..=hi).map(|n| format!("{n}/{proto}")).collect())
-}
-
-/// Go duration (`1m30s`, `500ms`, `2h`) in nanoseconds.
-pub(super) fn parse_duration(s: &str) -> Option<u64> {
-    if s == "0" {
-        return Some(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let n = rest
-            .find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(rest.len());
-        let num: f64 = rest[..n].parse().ok()?;
-        rest = &rest[n..];
-        let u = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..u] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += num * mult;
-        rest = &rest[u..];
-    }
-    Some(total as u64)
 }

@@ -1,46 +1,25 @@
 //! COPY and ADD: sources from the context, a stage, an image, heredocs or URLs, with
 //! `--chown`, `--chmod`, `--link`, `--parents`, `--exclude`, `--checksum`.
 
+use kiln_dockerfile::instructions::AddCopy;
+
 use super::config::parse_chown;
 use super::*;
 
 impl<'a> Lowerer<'a> {
+    /// Lowers COPY or ADD from its typed form `c` (the flags of `t`); the sources and the
+    /// destination are read from `inst`, each expanded where it is written.
     pub(super) fn lower_copy(
         &mut self,
         st: &mut StageState,
         inst: &Instruction,
+        t: &TypedInstruction,
+        c: &AddCopy,
         at: Option<Span>,
         is_add: bool,
     ) -> Result<(), FrontendError> {
         let name = inst.name();
         let lookup = |n: &str| st.lookup(n);
-        let flag = |n: &str| inst.flags.iter().find(|f| f.name == n);
-        let kind = if is_add { Keyword::Add } else { Keyword::Copy };
-        // Each flag's value is expanded or kept as written as the allow-list says.
-        let flag_val = |s: &Self, n: &str| -> Result<Option<String>, FrontendError> {
-            flag(n).map(|f| s.flag_value(kind, f, &lookup)).transpose()
-        };
-        let bool_flag = |n: &str| -> Result<bool, FrontendError> {
-            match flag(n) {
-                None => Ok(false),
-                Some(f) => match f.value.as_deref() {
-                    None | Some("true") | Some("") => Ok(true),
-                    Some("false") => Ok(false),
-                    Some(x) => Err(FrontendError::new(
-                        format!(
-                            "--{}={x}: expected true or false{}",
-                            f.name,
-                            if Self::flag_is_literal(kind, f) && x.contains('$') {
-                                " (variables are not expanded in this flag)"
-                            } else {
-                                ""
-                            }
-                        ),
-                        f.span,
-                    )),
-                },
-            }
-        };
         let raw: Vec<String> = match &inst.args {
             Args::Json(j) => j
                 .values
@@ -77,15 +56,21 @@ impl<'a> Lowerer<'a> {
             || dest_raw.ends_with("/.")
             || dest_raw == "."
             || dest_raw.is_empty();
-        let chown = flag_val(self, "chown")?
+        // `--chown`, `--chmod`, `--checksum` and what remains of `--from` (the typed layer
+        // refuses a variable in it) are expanded; the booleans and `--exclude` patterns are
+        // taken as written (BuildKit does not expand `--exclude`, see moby/buildkit#6072).
+        let chown = self
+            .expand_flag(t, "chown", c.chown.as_ref(), &lookup)?
             .filter(|s| !s.is_empty())
             .map(|s| parse_chown(&s));
-        let chmod = flag_val(self, "chmod")?.filter(|s| !s.is_empty());
+        let chmod = self
+            .expand_flag(t, "chmod", c.chmod.as_ref(), &lookup)?
+            .filter(|s| !s.is_empty());
         if let Some(m) = &chmod {
             let octal = m.len() <= 4 && m.chars().all(|c| ('0'..='7').contains(&c));
             let symbolic = m.chars().all(|c| "ugoa+-=rwxXst,".contains(c));
             if !octal && !symbolic {
-                let f = flag("chmod").map(|f| f.span).unwrap_or(inst.span);
+                let f = t.flag("chmod").map_or(inst.span, |f| f.span);
                 return Err(FrontendError::new(
                     format!(
                         "invalid chmod value {m:?}: expected octal like 0755 or symbolic like u+x"
@@ -94,23 +79,13 @@ impl<'a> Lowerer<'a> {
                 ));
             }
         }
-        let link = bool_flag("link")?;
-        let parents = bool_flag("parents")?;
-        let keep_git_dir = bool_flag("keep-git-dir")?;
-        let checksum = flag_val(self, "checksum")?;
-        // BuildKit takes `--exclude` patterns as written (it does not expand them; see
-        // moby/buildkit#6072), so `$` in a pattern is a literal character.
-        let exclude: Vec<String> = inst
-            .flags
-            .iter()
-            .filter(|f| f.name == "exclude")
-            .map(|f| self.flag_value(kind, f, &lookup))
-            .collect::<Result<_, _>>()?;
-        // `--from` refuses a variable and expands what remains.
-        let from = match flag("from") {
-            Some(f) => Some((self.flag_value(kind, f, &lookup)?, f.span)),
-            None => None,
-        };
+        let (link, parents, keep_git_dir) = (c.link, c.parents, c.keep_git_dir);
+        let checksum = self.expand_flag(t, "checksum", c.checksum.as_ref(), &lookup)?;
+        let exclude = c.exclude.clone();
+        let from_span = t.flag("from").map_or(inst.span, |f| f.span);
+        let from = self
+            .expand_flag(t, "from", c.from.as_ref(), &lookup)?
+            .map(|v| (v, from_span));
 
         // Heredoc sources become inline files; URL sources (ADD) become downloads.
         let mut heredocs = inst.heredocs.iter();
@@ -276,18 +251,15 @@ impl<'a> Lowerer<'a> {
         }
         st.root = current;
         let shown = raw.join(" ");
-        let flags_shown: Vec<String> = inst
+        // History shows these flags as written, as BuildKit does.
+        let mut created = name.clone();
+        for f in t
             .flags
             .iter()
-            .filter(|f| {
-                f.name == "from" || f.name == "chown" || f.name == "chmod" || f.name == "link"
-            })
-            .map(|f| f.text())
-            .collect();
-        let mut created = name.clone();
-        for f in flags_shown {
+            .filter(|f| matches!(f.name, "from" | "chown" | "chmod" | "link"))
+        {
             created.push(' ');
-            created.push_str(&f);
+            created.push_str(&f.text);
         }
         Self::history(st, format!("{created} {shown} # buildkit"), false);
         Ok(())

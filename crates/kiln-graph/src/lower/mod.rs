@@ -7,8 +7,12 @@
 //! The driver lives here; each instruction family has its own module, as BuildKit splits
 //! its conversion: [`stage`] (FROM, named contexts, `--from` sources), [`arg`] (global and
 //! stage ARGs), [`config`] (ENV, LABEL, WORKDIR, USER, CMD, HEALTHCHECK, ...), [`run`] (RUN
-//! and its mounts) and [`copy`] (COPY and ADD). Flags are accepted and expanded as the
-//! parser crate's one allow-list says ([`kiln_dockerfile::instructions::accepted_flags`]).
+//! and its mounts) and [`copy`] (COPY and ADD). Flags reach lowering only through the parser
+//! crate's typed instructions ([`kiln_dockerfile::instructions::lower`], which checks them
+//! against its one allow-list, [`kiln_dockerfile::instructions::accepted_flags`]): values
+//! come unexpanded, and lowering expands those the allow-list marks as expanded, with the
+//! stage's ARG/ENV scope. A flag mistake arrives as a structured
+//! [`FlagError`](kiln_dockerfile::error::FlagError) that [`flag_error_message`] words.
 
 mod arg;
 mod config;
@@ -18,13 +22,14 @@ mod stage;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use kiln_dockerfile::error::{FlagError, FlagErrorKind};
 #[cfg(doc)]
 use kiln_dockerfile::instructions::accepted_flags;
 use kiln_dockerfile::instructions::{
-    flag_spec, from_has_variable, parse_mount, FlagExpansion, FlagKind, COPY_FROM_VARIABLE,
+    flag_spec, Command, FlagExpansion, TypedInstruction, COPY_FROM_VARIABLE,
 };
 use kiln_dockerfile::shell::Lexer;
-use kiln_dockerfile::{Args, Dockerfile, Flag, Instruction, Keyword, Span};
+use kiln_dockerfile::{Args, Dockerfile, Instruction, Keyword, ParseError, Span};
 use serde::Serialize;
 
 use crate::error::FrontendError;
@@ -33,7 +38,7 @@ use crate::options::{BuildOptions, NamedContext, NoCache};
 use crate::platform::Platform;
 use crate::reference::normalize_reference;
 use crate::resolver::ImageConfigResolver;
-use crate::stages::{description_of, keyword_span, split_stages, StageDecl};
+use crate::stages::{description_of, keyword_span, split_stages, StageDecl, Typed};
 
 /// Most characters all expanded values of one lowering may add up to (ARG, ENV, LABEL, COPY
 /// arguments, flag values and the environment of every RUN). Each word is also capped by the
@@ -147,8 +152,8 @@ pub fn lower_with_outline(
         }
     }
     for st in &low.stages {
-        for inst in &st.instructions {
-            check_instruction_shape(inst)?;
+        for (inst, typed) in st.instructions.iter().zip(&st.typed) {
+            check_instruction_shape(inst, typed)?;
         }
     }
     low.eval_globals(&split.globals)?;
@@ -390,33 +395,19 @@ impl<'a> Lowerer<'a> {
         Ok(words)
     }
 
-    /// The value of flag `f` of a `kind` instruction as lowering uses it: expanded with
-    /// `lookup` or kept as written, as the parser crate's allow-list decides for that flag
-    /// ([`FlagExpansion`]). `--mount` values come back as written: the mount parser expands
-    /// them field by field.
-    fn flag_value(
+    /// The value of flag `name` of `t` expanded with `lookup`, or `None` without the flag.
+    /// The typed layer has already refused what the flag's [`FlagExpansion`] forbids
+    /// (`COPY --from` with a variable); only flags marked for expansion come here.
+    fn expand_flag(
         &self,
-        kind: Keyword,
-        f: &Flag,
+        t: &TypedInstruction,
+        name: &str,
+        value: Option<&String>,
         lookup: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<String, FrontendError> {
-        let raw = f.value.as_deref().unwrap_or("");
-        match flag_spec(kind, &f.name).map(|spec| spec.expansion) {
-            Some(FlagExpansion::Expanded) => self.expand(raw, f.span, lookup),
-            Some(FlagExpansion::NoVariables) => {
-                if from_has_variable(raw) {
-                    return Err(FrontendError::new(COPY_FROM_VARIABLE, f.span));
-                }
-                self.expand(raw, f.span, lookup)
-            }
-            Some(FlagExpansion::PerField | FlagExpansion::AsWritten) | None => Ok(raw.to_string()),
-        }
-    }
-
-    /// Whether flag `f` of a `kind` instruction is read as written, so a `$` in it is a
-    /// literal character (error messages say so).
-    fn flag_is_literal(kind: Keyword, f: &Flag) -> bool {
-        flag_spec(kind, &f.name).is_some_and(|spec| spec.expansion == FlagExpansion::AsWritten)
+    ) -> Result<Option<String>, FrontendError> {
+        let Some(value) = value else { return Ok(None) };
+        let span = t.flag(name).map_or(t.span, |f| f.span);
+        self.expand(value, span, lookup).map(Some)
     }
 
     fn global_lookup(&self) -> impl Fn(&str) -> Option<String> + '_ {
@@ -502,18 +493,21 @@ impl<'a> Lowerer<'a> {
                 deps.push(b);
             }
         }
-        for inst in &decl.instructions {
-            for f in &inst.flags {
-                let Some(v) = f.value.as_deref().filter(|v| !v.contains('$')) else {
-                    continue;
-                };
-                // A mount that does not parse is reported when the stage is lowered.
-                let from = match f.name.as_str() {
-                    "from" => Some(v.to_string()),
-                    "mount" => parse_mount(v).ok().and_then(|m| m.from),
-                    _ => None,
-                };
-                if let Some(d) = from.as_deref().and_then(by_name).filter(|&d| d != idx) {
+        // An instruction that does not type is reported when the stage is lowered.
+        for t in decl.typed.iter().flatten() {
+            // Values without variables only, in the order the flags are written.
+            let froms: Vec<&str> = match &t.command {
+                Command::Copy(c) => c.from.iter().map(String::as_str).collect(),
+                Command::Run(r) => r
+                    .mounts
+                    .iter()
+                    .filter(|m| !m.written.contains('$'))
+                    .filter_map(|m| m.from.as_deref())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for from in froms.into_iter().filter(|v| !v.contains('$')) {
+                if let Some(d) = by_name(from).filter(|&d| d != idx) {
                     deps.push(d);
                 }
             }
@@ -567,20 +561,36 @@ impl<'a> Lowerer<'a> {
         });
     }
 
+    /// Lowers one instruction; `typed` is what the parser crate's typed layer made of it.
     fn lower_instruction(
         &mut self,
         st: &mut StageState,
         inst: &Instruction,
+        typed: &Typed,
         at: Option<Span>,
     ) -> Result<(), FrontendError> {
         let span = at.unwrap_or(inst.span);
-        let kind = check_instruction_shape(inst)?;
+        let kind = check_instruction_shape(inst, typed)?;
+        // RUN, COPY and ADD are lowered from their typed form only; other instructions read
+        // their arguments (HEALTHCHECK its flags from `typed`, in `config`).
+        let command = || match typed {
+            Ok(t) => Ok(t),
+            Err(e) => Err(word_parse_error(e, inst)),
+        };
         match kind {
             Keyword::From => unreachable_from(span),
             Keyword::Arg => self.lower_arg(st, inst, span),
-            Keyword::Run => self.lower_run(st, inst, at),
-            Keyword::Copy | Keyword::Add => self.lower_copy(st, inst, at, kind == Keyword::Add),
-            _ => self.lower_config(st, inst, kind, at),
+            Keyword::Run => match &command()?.command {
+                Command::Run(run) => self.lower_run(st, inst, command()?, run, at),
+                _ => Err(typed_mismatch(inst)),
+            },
+            Keyword::Copy | Keyword::Add => match &command()?.command {
+                Command::Copy(c) | Command::Add(c) => {
+                    self.lower_copy(st, inst, command()?, c, at, kind == Keyword::Add)
+                }
+                _ => Err(typed_mismatch(inst)),
+            },
+            _ => self.lower_config(st, inst, typed, kind, at),
         }
     }
 }
@@ -592,6 +602,92 @@ fn unreachable_from(span: Span) -> Result<(), FrontendError> {
     ))
 }
 
+fn typed_mismatch(inst: &Instruction) -> FrontendError {
+    FrontendError::new(
+        format!(
+            "{} was typed as another instruction (internal error)",
+            inst.name()
+        ),
+        inst.span,
+    )
+}
+
+/// A typed-layer error in the frontend's words: a flag mistake through
+/// [`flag_error_message`], anything else as the parser words it.
+pub(crate) fn word_parse_error(e: &ParseError, inst: &Instruction) -> FrontendError {
+    match &e.flag {
+        // A repeated flag is reported where it is first given.
+        Some(f) => match f.kind {
+            FlagErrorKind::Duplicate { first } => {
+                FrontendError::new(flag_error_message(f, inst), first)
+            }
+            _ => FrontendError::new(flag_error_message(f, inst), f.span),
+        },
+        None => FrontendError::new(e.message.clone(), e.span),
+    }
+}
+
+/// How the frontend words a flag mistake the parser crate found (the parser words the same
+/// [`FlagError`] as BuildKit does, in [`ParseError::message`]).
+pub(crate) fn flag_error_message(f: &FlagError, inst: &Instruction) -> String {
+    let v = &f.value;
+    // Flags read as written say so when a `$` in them was meant as a variable.
+    let literal = inst
+        .kind()
+        .and_then(|k| flag_spec(k, &f.flag))
+        .is_some_and(|spec| spec.expansion == FlagExpansion::AsWritten);
+    let as_written = if literal && v.contains('$') {
+        " (variables are not expanded in this flag)"
+    } else {
+        ""
+    };
+    match &f.kind {
+        FlagErrorKind::Unknown => format!("unknown flag: --{} for {}", f.flag, inst.name()),
+        FlagErrorKind::Duplicate { .. } => format!("flag --{} is given more than once", f.flag),
+        FlagErrorKind::MissingValue => {
+            format!("flag --{} needs a value: --{}=<value>", f.flag, f.flag)
+        }
+        FlagErrorKind::NotBoolean => {
+            format!("--{}={v}: expected true or false{as_written}", f.flag)
+        }
+        FlagErrorKind::NetworkMode => {
+            format!("unsupported network mode {v:?}: expected default, none or host{as_written}")
+        }
+        FlagErrorKind::SecurityMode => {
+            format!("unsupported security mode {v:?}: expected sandbox or insecure{as_written}")
+        }
+        FlagErrorKind::Chmod => {
+            format!("invalid chmod value {v:?}: expected octal like 0755 or symbolic like u+x")
+        }
+        FlagErrorKind::FromVariable => COPY_FROM_VARIABLE.to_string(),
+        FlagErrorKind::Mount(reason) => mount_error_message(v, reason),
+        FlagErrorKind::Healthcheck if f.flag == "retries" => {
+            format!("--retries: {v:?} is not a whole number")
+        }
+        FlagErrorKind::Healthcheck => {
+            format!("--{}: {v:?} is not a duration like 30s or 1m30s", f.flag)
+        }
+        FlagErrorKind::HealthcheckTooShort => {
+            format!(
+                "--{}: {v:?} is shorter than 1ms: give 0 for the default or at least 1ms",
+                f.flag
+            )
+        }
+        FlagErrorKind::HealthcheckNone => {
+            format!("HEALTHCHECK NONE takes no flags (--{} is given)", f.flag)
+        }
+    }
+}
+
+/// How the frontend words a `--mount` value the mount parser refuses.
+pub(super) fn mount_error_message(written: &str, reason: &str) -> String {
+    if reason.starts_with("unsupported mount type") {
+        format!("--mount={written}: {reason}: expected bind, cache, tmpfs, secret or ssh")
+    } else {
+        format!("--mount={written}: {reason}")
+    }
+}
+
 fn input_of(v: Option<VertexId>) -> (Option<InputIndex>, Vec<VertexId>) {
     match v {
         Some(id) => (Some(0), vec![id]),
@@ -601,26 +697,22 @@ fn input_of(v: Option<VertexId>) -> (Option<InputIndex>, Vec<VertexId>) {
 
 /// Checks what BuildKit checks when it parses an instruction, before anything is built: a
 /// known keyword, flags it accepts ([`accepted_flags`]: each once, but lists such as
-/// `--mount`/`--exclude`), and COPY/ADD
-/// with a destination. BuildKit does this for every stage, so an error in a stage the
-/// target does not need still fails the build.
-fn check_instruction_shape(inst: &Instruction) -> Result<Keyword, FrontendError> {
+/// `--mount`/`--exclude`), and COPY/ADD with a destination. BuildKit does this for every
+/// stage, so an error in a stage the target does not need still fails the build. `typed` is
+/// the typed layer's verdict on `inst`; its other mistakes (a bad value) are reported when
+/// the instruction is lowered.
+fn check_instruction_shape(inst: &Instruction, typed: &Typed) -> Result<Keyword, FrontendError> {
     let kind = inst.kind().ok_or_else(|| {
         FrontendError::new(Keyword::unknown_message(&inst.keyword), keyword_span(inst))
     })?;
-    for f in &inst.flags {
-        let Some(spec) = flag_spec(kind, &f.name) else {
-            return Err(FrontendError::new(
-                format!("unknown flag: --{} for {}", f.name, inst.name()),
-                f.span,
-            ));
-        };
-        let repeatable = spec.kind == FlagKind::List;
-        if !repeatable && inst.flags.iter().filter(|g| g.name == f.name).count() > 1 {
-            return Err(FrontendError::new(
-                format!("flag --{} is given more than once", f.name),
-                f.span,
-            ));
+    if let Err(ParseError { flag: Some(f), .. }) = typed {
+        if matches!(
+            f.kind,
+            FlagErrorKind::Unknown | FlagErrorKind::Duplicate { .. }
+        ) {
+            if let Err(e) = typed {
+                return Err(word_parse_error(e, inst));
+            }
         }
     }
     if matches!(kind, Keyword::Copy | Keyword::Add) {
@@ -664,4 +756,74 @@ pub(crate) fn resolve_path(cwd: &str, p: &str) -> String {
         out.push('/');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resolver::OfflineResolver;
+
+    fn lower_src(src: &str) -> Result<BuildGraph, FrontendError> {
+        let df = kiln_dockerfile::parse(src).expect("parses");
+        lower(
+            &df,
+            &BuildOptions::for_context("ctx"),
+            &[],
+            &OfflineResolver,
+        )
+    }
+
+    #[test]
+    fn one_flag_mistake_is_worded_by_each_layer_at_the_same_place() {
+        let src = "FROM scratch\nRUN --network=bridge true\n";
+        let df = kiln_dockerfile::parse(src).expect("parses");
+        let parsed = kiln_dockerfile::instructions::lower(&df.instructions[1]).unwrap_err();
+        let f = parsed.flag.clone().expect("a flag error");
+        assert_eq!(f.kind, FlagErrorKind::NetworkMode);
+        assert_eq!((f.flag.as_str(), f.value.as_str()), ("network", "bridge"));
+        assert_eq!(parsed.message, "invalid network mode \"bridge\"");
+        let e = lower_src(src).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2:5: unsupported network mode \"bridge\": expected default, none or host"
+        );
+        assert_eq!(e.span, Some(parsed.span));
+    }
+
+    #[test]
+    fn a_repeated_flag_is_reported_where_it_is_first_given() {
+        let e = lower_src("FROM scratch\nCOPY --chown=1 --chown=2 a /b\n").unwrap_err();
+        assert_eq!(e.to_string(), "2:6: flag --chown is given more than once");
+    }
+
+    #[test]
+    fn a_flag_mistake_in_a_stage_the_target_does_not_need_waits_until_it_is_lowered() {
+        // The value is wrong, not the shape: only the stage that uses it fails.
+        let src = "FROM scratch AS unused\nRUN --network=bridge true\nFROM scratch\nENV A=1\n";
+        assert!(lower_src(src).is_ok());
+        let e = lower_src("FROM scratch AS unused\nRUN --bogus true\nFROM scratch\n").unwrap_err();
+        assert_eq!(e.to_string(), "2:5: unknown flag: --bogus for RUN");
+    }
+
+    #[test]
+    fn healthcheck_durations_and_retries_come_from_the_typed_instruction() {
+        let g = lower_src("FROM scratch\nHEALTHCHECK --interval=1m30s --retries=2 CMD true\n")
+            .expect("lowers");
+        let hc = g.stages[g.target]
+            .config
+            .healthcheck
+            .clone()
+            .expect("a health check");
+        assert_eq!((hc.interval, hc.retries), (90_000_000_000, 2));
+        let e = lower_src("FROM scratch\nHEALTHCHECK --timeout=10us CMD true\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2:13: --timeout: \"10us\" is shorter than 1ms: give 0 for the default or at least 1ms"
+        );
+        let e = lower_src("FROM scratch\nHEALTHCHECK --retries=-1 CMD true\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2:13: --retries: \"-1\" is not a whole number"
+        );
+    }
 }

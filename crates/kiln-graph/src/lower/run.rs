@@ -1,6 +1,9 @@
 //! RUN: the command (shell or exec form, heredocs), its environment, network and security
 //! modes, and each `--mount` lowered to a graph mount.
 
+use kiln_dockerfile::instructions::{self as typed, CommandLine};
+use kiln_dockerfile::Heredoc;
+
 use super::*;
 
 /// Build args that are visible to RUN without an ARG declaration and kept out of history.
@@ -18,10 +21,14 @@ const PROXY_ARGS: [&str; 10] = [
 ];
 
 impl<'a> Lowerer<'a> {
+    /// Lowers RUN from its typed form `run` (the flags of `t`); `inst` gives the text shown
+    /// in progress and history.
     pub(super) fn lower_run(
         &mut self,
         st: &mut StageState,
         inst: &Instruction,
+        t: &TypedInstruction,
+        run: &typed::Run,
         at: Option<Span>,
     ) -> Result<(), FrontendError> {
         // `--network`/`--opt force-network-mode` sets the mode of steps that name none.
@@ -31,78 +38,52 @@ impl<'a> Lowerer<'a> {
         let mut inputs: Vec<VertexId> = Vec::new();
         let (rootfs, root_inputs) = input_of(st.root);
         inputs.extend(root_inputs);
-        for f in &inst.flags {
-            // BuildKit expands the values inside `--mount` (field by field, by the mount
-            // parser) but reads `--network` and `--security` as written.
-            let value = {
-                let lookup = |n: &str| st.lookup(n);
-                self.flag_value(Keyword::Run, f, &lookup)?
-            };
-            let v = value.as_str();
-            let as_written = if Self::flag_is_literal(Keyword::Run, f) && v.contains('$') {
-                " (variables are not expanded in this flag)"
-            } else {
-                ""
-            };
-            match f.name.as_str() {
+        // The flags are taken in the order they are written, so the first mistake is the
+        // one reported. BuildKit reads `--network` and `--security` as written (the typed
+        // layer has checked them); `--mount` values are expanded field by field.
+        let mut typed_mounts = run.mounts.iter();
+        for f in &t.flags {
+            match f.name {
                 "network" => {
-                    network = match NetworkMode::from_flag_value(v) {
-                        Some(NetworkMode::Host) if !self.opts.entitlements.network_host => {
+                    if let Some(mode) = run.network {
+                        if mode == NetworkMode::Host && !self.opts.entitlements.network_host {
                             return Err(FrontendError::new(
                                 "RUN --network=host needs the network.host entitlement: the \
                                  host's network exposes every service on the runner's loopback \
                                  to this step; build with --allow network.host",
                                 f.span,
-                            ))
+                            ));
                         }
-                        Some(mode) => mode,
-                        None => {
-                            return Err(FrontendError::new(
-                                format!(
-                                    "unsupported network mode {v:?}: expected default, none \
-                                     or host{as_written}"
-                                ),
-                                f.span,
-                            ))
-                        }
+                        network = mode;
                     }
                 }
                 "security" => {
-                    security = SecurityMode::from_flag_value(v).ok_or_else(|| {
-                        FrontendError::new(
-                            format!(
-                                "unsupported security mode {v:?}: expected sandbox or \
-                                 insecure{as_written}"
-                            ),
-                            f.span,
-                        )
-                    })?
+                    if let Some(mode) = run.security {
+                        security = mode;
+                    }
                 }
                 _ => {
-                    let m = self.lower_mount(st, v, f, &mut inputs)?;
-                    mounts.push(m);
+                    if let Some(m) = typed_mounts.next() {
+                        let m = self.lower_mount(st, &m.written, m.span, &mut inputs)?;
+                        mounts.push(m);
+                    }
                 }
             }
         }
-        let (args, shell_form) = match &inst.args {
-            Args::Json(j) if j.values.is_empty() => {
+        let (args, shell_form) = match &run.command {
+            CommandLine::Exec(argv) if argv.is_empty() => {
                 return Err(FrontendError::new(
                     "RUN [] has no command: the exec form needs at least the program to run",
                     inst.span,
                 ))
             }
-            Args::Json(j) => (j.values.clone(), false),
-            Args::Text(w) => {
-                let cmd = run_script(&w.text, inst);
-                let mut a = st.shell();
-                a.push(cmd);
-                (a, true)
-            }
+            CommandLine::Exec(argv) => (argv.clone(), false),
             // A bare `RUN` (or one with only flags) runs an empty script with the stage's
             // shell, as BuildKit's parser and lowering make it.
-            _ => {
+            CommandLine::Shell(text) => {
+                let cmd = run_script(text, &run.heredocs);
                 let mut a = st.shell();
-                a.push(String::new());
+                a.push(cmd);
                 (a, true)
             }
         };
@@ -164,15 +145,15 @@ impl<'a> Lowerer<'a> {
         &mut self,
         st: &StageState,
         v: &str,
-        f: &Flag,
+        span: Span,
         inputs: &mut Vec<VertexId>,
     ) -> Result<Mount, FrontendError> {
         use kiln_dockerfile::instructions::{self as ins, MountType};
-        let err = |m: String| FrontendError::new(format!("--mount={v}: {m}"), f.span);
+        let err = |m: String| FrontendError::new(mount_error_message(v, &m), span);
         let mut expand_failure = None;
         let parsed = {
             let lookup = |n: &str| st.lookup(n);
-            ins::parse_mount_expanding(v, &mut |word| match self.expand(word, f.span, &lookup) {
+            ins::parse_mount_expanding(v, &mut |word| match self.expand(word, span, &lookup) {
                 Ok(x) => Ok(Some(x)),
                 Err(e) => {
                     let msg = e.message.clone();
@@ -185,11 +166,6 @@ impl<'a> Lowerer<'a> {
             // An expansion error (e.g. a value past the size limit) is reported as it is.
             (_, Some(e)) => return Err(e),
             (Ok(m), None) => m,
-            (Err(e), None) if e.starts_with("unsupported mount type") => {
-                return Err(err(format!(
-                    "{e}: expected bind, cache, tmpfs, secret or ssh"
-                )))
-            }
             (Err(e), None) => return Err(err(e)),
         };
         // `from=` that expands to nothing means the build context, as in BuildKit.
@@ -199,7 +175,7 @@ impl<'a> Lowerer<'a> {
         let mut from_input =
             |s: &mut Self, from: Option<&str>| -> Result<Option<InputIndex>, FrontendError> {
                 let Some(from) = from else { return Ok(None) };
-                match s.stage_or_image_source(st, from, f.span)? {
+                match s.stage_or_image_source(st, from, span)? {
                     Some(id) => {
                         inputs.push(id);
                         Ok(Some((inputs.len() - 1) as InputIndex))
@@ -293,7 +269,7 @@ impl<'a> Lowerer<'a> {
                     self.secrets.push(SecretInfo {
                         id: id.clone(),
                         required: m.required,
-                        line: f.span.start.line,
+                        line: span.start.line,
                     });
                 }
                 let target = match (target, &m.env) {
@@ -320,7 +296,7 @@ impl<'a> Lowerer<'a> {
                     self.ssh.push(SecretInfo {
                         id: id.clone(),
                         required: m.required,
-                        line: f.span.start.line,
+                        line: span.start.line,
                     });
                 }
                 let target = target.unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
@@ -340,16 +316,16 @@ impl<'a> Lowerer<'a> {
 
 /// The script a shell-form RUN hands to the shell: a lone heredoc runs as the script itself;
 /// otherwise heredoc bodies follow the command line as the shell expects them.
-pub(super) fn run_script(cmd: &str, inst: &Instruction) -> String {
-    if inst.heredocs.is_empty() {
+pub(super) fn run_script(cmd: &str, heredocs: &[Heredoc]) -> String {
+    if heredocs.is_empty() {
         return cmd.to_string();
     }
     let t = cmd.trim();
-    if inst.heredocs.len() == 1 && t.starts_with("<<") && !t.contains(char::is_whitespace) {
-        return inst.heredocs[0].body();
+    if heredocs.len() == 1 && t.starts_with("<<") && !t.contains(char::is_whitespace) {
+        return heredocs[0].body();
     }
     let mut s = cmd.to_string();
-    for h in &inst.heredocs {
+    for h in heredocs {
         s.push('\n');
         s.push_str(&h.content);
         s.push_str(&h.name);

@@ -196,10 +196,11 @@ impl<'a> Lowerer<'a> {
         };
         for inst in &parsed_triggers {
             // Triggers are reported at the FROM line that pulled them in.
-            self.lower_instruction(&mut st, inst, Some(from_span))?;
+            let typed = kiln_dockerfile::instructions::lower(inst);
+            self.lower_instruction(&mut st, inst, &typed, Some(from_span))?;
         }
-        for inst in &decl.instructions {
-            self.lower_instruction(&mut st, inst, None)?;
+        for (inst, typed) in decl.instructions.iter().zip(&decl.typed) {
+            self.lower_instruction(&mut st, inst, typed, None)?;
         }
         Ok(StageResult {
             index: idx,
