@@ -83,19 +83,25 @@ fn write_podman_conf(dir: &Path) -> PathBuf {
     conf
 }
 
-/// The text of podman's settings: [`PODMAN_SETTINGS`] and, for each of `nofile` and `nproc`
-/// with a finite hard limit, a default ulimit of that hard limit.
+/// The text of podman's settings: [`PODMAN_SETTINGS`] and default ulimits of this process's
+/// finite hard limits of `nofile` and `nproc`, `nproc` no higher than the kernel's `pid_max`:
+/// podman (4.3) runs the container runtime with that cap (32768 here, where the hard limit
+/// is 96367), and runc cannot raise a limit above its own.
 pub fn podman_conf_text() -> String {
     let mut text = PODMAN_SETTINGS.to_owned();
+    let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let nproc = match (hard_limit(libc::RLIMIT_NPROC), pid_max) {
+        (Some(hard), Some(max)) => Some(hard.min(max)),
+        (hard, max) => hard.or(max),
+    };
     let limits: Vec<String> = [
-        ("nofile", libc::RLIMIT_NOFILE),
-        ("nproc", libc::RLIMIT_NPROC),
+        ("nofile", hard_limit(libc::RLIMIT_NOFILE)),
+        ("nproc", nproc),
     ]
     .into_iter()
-    .filter_map(|(name, resource)| {
-        let hard = hard_limit(resource)?;
-        Some(format!("\"{name}={hard}:{hard}\""))
-    })
+    .filter_map(|(name, limit)| Some(format!("\"{name}={0}:{0}\"", limit?)))
     .collect();
     if !limits.is_empty() {
         let _ = write!(
@@ -144,6 +150,14 @@ mod tests {
             Some(n) => assert!(text.contains(&format!("\"nofile={n}:{n}\"")), "{text}"),
             None => assert!(!text.contains("nofile="), "{text}"),
         }
+        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let nproc = text.split("\"nproc=").nth(1).expect("an nproc ulimit");
+        let nproc: u64 = nproc.split(':').next().unwrap().parse().unwrap();
+        assert!(nproc <= pid_max, "{text}");
         let conf = write_podman_conf(&dir);
         assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
         std::fs::remove_dir_all(&dir).unwrap();
