@@ -64,9 +64,7 @@ fn parser_matches_buildkit_and_e2b_on_corpus_and_10000_generated_files() {
     let mut files: Vec<String> = corpus().into_iter().map(|(_, s)| s).collect();
     let n_corpus = files.len();
     files.extend(generated(10_000));
-    let Some(answer) = run_oracle(&json!({ "files": files })) else {
-        return;
-    };
+    let answer = run_oracle(&json!({ "files": files }));
     let answers = answer["files"].as_array().expect("files");
     assert_eq!(answers.len(), files.len());
     let mut go_diffs = Vec::new();
@@ -192,9 +190,7 @@ fn expansion_matches_e2b_shell_lexer() {
         .iter()
         .map(|(w, e)| json!({"word": w, "escape": e, "env": env_map}))
         .collect();
-    let Some(answer) = run_oracle(&json!({ "words": body })) else {
-        return;
-    };
+    let answer = run_oracle(&json!({ "words": body }));
     let lookup = |n: &str| {
         env.iter()
             .find(|(k, _)| *k == n)
@@ -310,9 +306,7 @@ fn dockerignore_matches_e2b_matcher() {
         .iter()
         .map(|p| json!({"patterns": p, "paths": IGNORE_PATHS}))
         .collect();
-    let Some(answer) = run_oracle(&json!({ "ignores": body })) else {
-        return;
-    };
+    let answer = run_oracle(&json!({ "ignores": body }));
     let mut diffs = Vec::new();
     for (pats, a) in cases
         .iter()

@@ -40,8 +40,7 @@ fn realworld_dockerfiles_parse_as_buildkit_parses_them() {
         .iter()
         .map(|p| String::from_utf8_lossy(&std::fs::read(p).expect("read Dockerfile")).into_owned())
         .collect();
-    let answer = common::run_oracle(&json!({ "files": sources }))
-        .expect("the oracle must run (pip install dockerfile e2b-dockerfile-utils)");
+    let answer = common::run_oracle(&json!({ "files": sources }));
     let answers = answer["files"].as_array().expect("oracle answers files");
     assert_eq!(answers.len(), sources.len());
     let mut report = String::new();

@@ -653,11 +653,19 @@ fn errno() -> i32 {
     unsafe { *libc::__errno_location() }
 }
 
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 unsafe fn report(kind: u32, index: u32, err: i32, value: i32) {
     let msg: [i32; 4] = [kind as i32, index as i32, err, value];
     libc::write(3, msg.as_ptr().cast(), std::mem::size_of_val(&msg));
 }
 
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 unsafe fn fail_step(step: u32) -> ! {
     report(REPORT_STEP, step, errno(), 0);
     libc::_exit(1)
@@ -667,6 +675,10 @@ fn opt_ptr(c: &Option<CString>) -> *const libc::c_char {
     c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
 }
 
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 unsafe fn run_op(op: &Op) -> Result<(), i32> {
     let check = |r: libc::c_int| if r == 0 { Ok(()) } else { Err(errno()) };
     match op {
@@ -849,6 +861,10 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
 
 /// Sets `lo` up in the calling thread's network namespace; returns the errno on failure.
 /// Async-signal-safe (plain syscalls), so a cloned child may call it.
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 pub(crate) unsafe fn bring_up_lo() -> Result<(), i32> {
     let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
     if s < 0 {
@@ -873,6 +889,10 @@ pub(crate) unsafe fn bring_up_lo() -> Result<(), i32> {
 }
 
 /// The container's pid 1. Never returns.
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! {
     // Die with the thread that started us (the run() call blocks it until we are gone).
     libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
@@ -1004,6 +1024,10 @@ unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! 
 }
 
 /// The step's process, forked by init: confine it, then exec.
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
 unsafe fn step_process(plan: &Plan) -> ! {
     // Rust ignores SIGPIPE in its programs; the step must get default dispositions.
     for sig in 1..libc::SIGRTMIN() {
@@ -1167,6 +1191,7 @@ fn run_plan(
         )
     };
     if pid == 0 {
+        // SAFETY: this is the cloned child, which container_init is written for (see above).
         unsafe { container_init(plan, stdio, rep_fd) };
     }
     if pid < 0 {
@@ -1372,6 +1397,7 @@ mod tests {
             rlim_cur: 0,
             rlim_max: 0,
         };
+        // SAFETY: getrlimit writes into the struct we pass and nothing else.
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) };
         assert_eq!(plan.rlimits[0].1.rlim_max, cur.rlim_max);
         assert!(plan.rlimits[0].1.rlim_cur <= cur.rlim_max);

@@ -149,6 +149,7 @@ pub(crate) struct Supervised {
 fn pidfd_open(pid: libc::pid_t) -> Option<OwnedFd> {
     // SAFETY: plain syscall; returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative fd is the new pidfd, owned by nothing else.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 

@@ -336,6 +336,7 @@ impl CancelToken {
         use std::os::fd::FromRawFd;
         // SAFETY: eventfd returns a fresh fd or -1.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        // SAFETY: a non-negative fd is the new eventfd, owned by nothing else.
         let eventfd = (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
         CancelToken {
             inner: Arc::new(CancelInner {

@@ -118,19 +118,15 @@ fn assert_isolated_and_online(backend: &str, exec: &dyn Executor) {
 
 #[test]
 fn root_isolated_network_refuses_host_loopback_and_fetches_from_package_registries() {
-    if !is_root("root_isolated_network_refuses_host_loopback_and_fetches_from_package_registries") {
-        panic!("needs root");
-    }
+    require_root("root_isolated_network_refuses_host_loopback_and_fetches_from_package_registries");
     assert_isolated_and_online("kiln", &NamespaceExecutor::new());
 }
 
 #[test]
 fn root_runc_isolated_network_refuses_host_loopback_and_fetches_from_package_registries() {
-    if !is_root(
+    require_root(
         "root_runc_isolated_network_refuses_host_loopback_and_fetches_from_package_registries",
-    ) {
-        panic!("needs root");
-    }
+    );
     assert_isolated_and_online("runc", &RuncExecutor::default());
 }
 

@@ -1,5 +1,5 @@
 //! kiln's own executor on a real busybox overlay rootfs. Every test needs root (namespaces,
-//! mounts) and skips with a message otherwise; CI runs as root.
+//! mounts) and fails otherwise; CI runs as root.
 
 mod common;
 
@@ -39,9 +39,7 @@ fn map(entries: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 #[test]
 fn root_run_leaves_exactly_its_writes_deletes_and_chmods_in_the_upper_dir() {
-    if !is_root("root_run_leaves_exactly_its_writes_deletes_and_chmods_in_the_upper_dir") {
-        return;
-    }
+    require_root("root_run_leaves_exactly_its_writes_deletes_and_chmods_in_the_upper_dir");
     let fs = OverlayRootfs::new();
     let state = tempfile::tempdir().unwrap();
     let cache = CacheMounts::new(state.path())
@@ -98,9 +96,7 @@ fn root_run_leaves_exactly_its_writes_deletes_and_chmods_in_the_upper_dir() {
 
 #[test]
 fn root_existing_mount_points_in_lower_stay_untouched() {
-    if !is_root("root_existing_mount_points_in_lower_stay_untouched") {
-        return;
-    }
+    require_root("root_existing_mount_points_in_lower_stay_untouched");
     let dir = tempfile::tempdir().unwrap();
     let lower = dir.path().join("lower");
     busybox_rootfs(&lower);
@@ -122,9 +118,7 @@ fn root_existing_mount_points_in_lower_stay_untouched() {
 
 #[test]
 fn root_host_resolv_conf_and_hosts_are_private_copies() {
-    if !is_root("root_host_resolv_conf_and_hosts_are_private_copies") {
-        return;
-    }
+    require_root("root_host_resolv_conf_and_hosts_are_private_copies");
     let fs = OverlayRootfs::new();
     let host_hosts = std::fs::read_to_string("/etc/hosts").unwrap();
     let (st, out) = run(
@@ -146,9 +140,7 @@ fn root_host_resolv_conf_and_hosts_are_private_copies() {
 
 #[test]
 fn root_cache_mount_persists_across_runs_and_never_reaches_the_layer() {
-    if !is_root("root_cache_mount_persists_across_runs_and_never_reaches_the_layer") {
-        return;
-    }
+    require_root("root_cache_mount_persists_across_runs_and_never_reaches_the_layer");
     let state = tempfile::tempdir().unwrap();
     let caches = CacheMounts::new(state.path().join("cache-mounts"));
     let mut req = CacheMountRequest::new("/root/.cache");
@@ -181,9 +173,7 @@ fn root_cache_mount_persists_across_runs_and_never_reaches_the_layer() {
 
 #[test]
 fn root_locked_cache_sharing_serializes_two_concurrent_runs() {
-    if !is_root("root_locked_cache_sharing_serializes_two_concurrent_runs") {
-        return;
-    }
+    require_root("root_locked_cache_sharing_serializes_two_concurrent_runs");
     let state = tempfile::tempdir().unwrap();
     let caches = Arc::new(CacheMounts::new(state.path()));
     let threads: Vec<_> = (0..2)
@@ -225,9 +215,7 @@ fn root_locked_cache_sharing_serializes_two_concurrent_runs() {
 
 #[test]
 fn root_secret_is_readable_in_the_step_but_not_in_the_layer_output_or_debug() {
-    if !is_root("root_secret_is_readable_in_the_step_but_not_in_the_layer_output_or_debug") {
-        return;
-    }
+    require_root("root_secret_is_readable_in_the_step_but_not_in_the_layer_output_or_debug");
     let value = "tok-3f9a7c1e-very-secret";
     let fs = OverlayRootfs::new();
     let spec_script =
@@ -277,9 +265,7 @@ fn listener() -> (TcpListener, u16) {
 
 #[test]
 fn root_network_none_has_only_loopback_and_cannot_reach_the_host() {
-    if !is_root("root_network_none_has_only_loopback_and_cannot_reach_the_host") {
-        return;
-    }
+    require_root("root_network_none_has_only_loopback_and_cannot_reach_the_host");
     let (l, port) = listener();
     let fs = OverlayRootfs::new();
     let mut spec = sh(
@@ -295,9 +281,7 @@ fn root_network_none_has_only_loopback_and_cannot_reach_the_host() {
 
 #[test]
 fn root_host_network_reaches_a_listener_on_host_loopback() {
-    if !is_root("root_host_network_reaches_a_listener_on_host_loopback") {
-        return;
-    }
+    require_root("root_host_network_reaches_a_listener_on_host_loopback");
     let (l, port) = listener();
     let server = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
@@ -318,9 +302,7 @@ fn root_host_network_reaches_a_listener_on_host_loopback() {
 
 #[test]
 fn root_process_sees_only_its_own_processes_and_no_host_mounts() {
-    if !is_root("root_process_sees_only_its_own_processes_and_no_host_mounts") {
-        return;
-    }
+    require_root("root_process_sees_only_its_own_processes_and_no_host_mounts");
     let fs = OverlayRootfs::new();
     let script = "ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo
                   ps -o pid,comm | tail -n +2 | wc -l
@@ -414,9 +396,7 @@ fn status_field(out: &CollectedOutput, name: &str) -> String {
 
 #[test]
 fn root_capabilities_no_new_privs_and_seccomp_match_docker_defaults() {
-    if !is_root("root_capabilities_no_new_privs_and_seccomp_match_docker_defaults") {
-        return;
-    }
+    require_root("root_capabilities_no_new_privs_and_seccomp_match_docker_defaults");
     let fs = OverlayRootfs::new();
     let (st, out) = run(&exec(), &sh(&fs.merged, "cat /proc/self/status"));
     expect_ok(st, &out);
@@ -442,9 +422,7 @@ fn root_capabilities_no_new_privs_and_seccomp_match_docker_defaults() {
 
 #[test]
 fn root_insecure_security_grants_all_caps_and_no_seccomp() {
-    if !is_root("root_insecure_security_grants_all_caps_and_no_seccomp") {
-        return;
-    }
+    require_root("root_insecure_security_grants_all_caps_and_no_seccomp");
     let fs = OverlayRootfs::new();
     let mut spec = sh(
         &fs.merged,
@@ -461,9 +439,7 @@ fn root_insecure_security_grants_all_caps_and_no_seccomp() {
 
 #[test]
 fn root_seccomp_blocks_unshare_and_setns_from_busybox() {
-    if !is_root("root_seccomp_blocks_unshare_and_setns_from_busybox") {
-        return;
-    }
+    require_root("root_seccomp_blocks_unshare_and_setns_from_busybox");
     let fs = OverlayRootfs::new();
     let (st, out) = run(
         &exec(),
@@ -555,9 +531,7 @@ fn syscall_probe_inside_container() {
 
 #[test]
 fn root_seccomp_blocks_keyctl_ptrace_bpf_and_namespace_clones() {
-    if !is_root("root_seccomp_blocks_keyctl_ptrace_bpf_and_namespace_clones") {
-        return;
-    }
+    require_root("root_seccomp_blocks_keyctl_ptrace_bpf_and_namespace_clones");
     let dir = tempfile::tempdir().unwrap();
     let lower = dir.path().join("lower");
     busybox_rootfs(&lower);
@@ -630,9 +604,7 @@ fn root_seccomp_blocks_keyctl_ptrace_bpf_and_namespace_clones() {
 
 #[test]
 fn root_user_resolves_by_name_and_uid_gid_with_supplementary_groups() {
-    if !is_root("root_user_resolves_by_name_and_uid_gid_with_supplementary_groups") {
-        return;
-    }
+    require_root("root_user_resolves_by_name_and_uid_gid_with_supplementary_groups");
     let fs = OverlayRootfs::new();
     let cases = [
         (None, "uid=0(root) gid=0(root) groups=0(root)"),
@@ -675,9 +647,7 @@ fn root_user_resolves_by_name_and_uid_gid_with_supplementary_groups() {
 
 #[test]
 fn root_working_dir_is_created_and_owned_by_the_user() {
-    if !is_root("root_working_dir_is_created_and_owned_by_the_user") {
-        return;
-    }
+    require_root("root_working_dir_is_created_and_owned_by_the_user");
     let fs = OverlayRootfs::new();
     let mut spec = sh(&fs.merged, "pwd; stat -c '%u:%g' . ..; touch mine");
     spec.user = Some("alice".into());
@@ -698,9 +668,7 @@ fn root_working_dir_is_created_and_owned_by_the_user() {
 
 #[test]
 fn root_exit_codes_signal_deaths_and_missing_commands_are_reported() {
-    if !is_root("root_exit_codes_signal_deaths_and_missing_commands_are_reported") {
-        return;
-    }
+    require_root("root_exit_codes_signal_deaths_and_missing_commands_are_reported");
     let step = |script: &str| run(&exec(), &sh(&OverlayRootfs::new().merged, script));
     assert_eq!(step("exit 42").0, ExitStatus::Code(42));
     assert_eq!(step("kill -SEGV $$").0, ExitStatus::Signal(libc::SIGSEGV));
@@ -774,9 +742,7 @@ fn zombie_children() -> Vec<String> {
 
 #[test]
 fn root_cancellation_kills_the_whole_process_tree_and_leaves_no_zombies() {
-    if !is_root("root_cancellation_kills_the_whole_process_tree_and_leaves_no_zombies") {
-        return;
-    }
+    require_root("root_cancellation_kills_the_whole_process_tree_and_leaves_no_zombies");
     let fs = OverlayRootfs::new();
     let token = CancelToken::new();
     let mut sink = CancelWhenStarted {
@@ -805,9 +771,7 @@ fn root_cancellation_kills_the_whole_process_tree_and_leaves_no_zombies() {
 
 #[test]
 fn root_runs_from_many_threads_at_once_keep_their_output_apart() {
-    if !is_root("root_runs_from_many_threads_at_once_keep_their_output_apart") {
-        return;
-    }
+    require_root("root_runs_from_many_threads_at_once_keep_their_output_apart");
     let results = Arc::new(Mutex::new(Vec::new()));
     let threads: Vec<_> = (0..8)
         .map(|i| {
@@ -837,9 +801,7 @@ fn root_runs_from_many_threads_at_once_keep_their_output_apart() {
 
 #[test]
 fn root_masked_and_read_only_paths_follow_docker() {
-    if !is_root("root_masked_and_read_only_paths_follow_docker") {
-        return;
-    }
+    require_root("root_masked_and_read_only_paths_follow_docker");
     let fs = OverlayRootfs::new();
     let script =
         "for p in /proc/kcore /proc/keys /proc/timer_list /proc/sched_debug /proc/latency_stats; do
@@ -875,9 +837,7 @@ fn root_masked_and_read_only_paths_follow_docker() {
 
 #[test]
 fn root_bind_mounts_are_read_only_or_copy_on_write_never_writing_through() {
-    if !is_root("root_bind_mounts_are_read_only_or_copy_on_write_never_writing_through") {
-        return;
-    }
+    require_root("root_bind_mounts_are_read_only_or_copy_on_write_never_writing_through");
     let fs = OverlayRootfs::new();
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a.txt"), "original\n").unwrap();
@@ -930,9 +890,7 @@ fn root_bind_mounts_are_read_only_or_copy_on_write_never_writing_through() {
 
 #[test]
 fn root_rlimits_are_clamped_to_the_hard_limit_never_raised() {
-    if !is_root("root_rlimits_are_clamped_to_the_hard_limit_never_raised") {
-        return;
-    }
+    require_root("root_rlimits_are_clamped_to_the_hard_limit_never_raised");
     let fs = OverlayRootfs::new();
     let mut hard = libc::rlimit {
         rlim_cur: 0,
@@ -958,9 +916,7 @@ fn root_rlimits_are_clamped_to_the_hard_limit_never_raised() {
 
 #[test]
 fn root_large_output_streams_in_order_with_long_lines_split() {
-    if !is_root("root_large_output_streams_in_order_with_long_lines_split") {
-        return;
-    }
+    require_root("root_large_output_streams_in_order_with_long_lines_split");
     let fs = OverlayRootfs::new();
     let (st, out) = run(
         &exec(),

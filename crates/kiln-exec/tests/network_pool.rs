@@ -46,9 +46,7 @@ fn slirp_children() -> Vec<u32> {
 
 #[test]
 fn root_networks_are_pooled_and_released_and_the_pids_limit_contains_forks() {
-    if !is_root("root_networks_are_pooled_and_released_and_the_pids_limit_contains_forks") {
-        panic!("needs root");
-    }
+    require_root("root_networks_are_pooled_and_released_and_the_pids_limit_contains_forks");
     let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
     let exec = NamespaceExecutor::new();
     let first = netns_of(&exec, false);

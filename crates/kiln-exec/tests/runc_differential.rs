@@ -1,6 +1,6 @@
 //! Differential tests: the same steps under kiln's own executor and under Debian's `runc`
 //! (driven with kiln's generated OCI runtime spec) must leave the same changes in the overlay
-//! upper dir and print the same output. Root only; skips when `runc` is missing.
+//! upper dir and print the same output. Root only; fails when `runc` is missing.
 
 mod common;
 
@@ -12,18 +12,10 @@ use kiln_exec::{
     ExitStatus, MountKind, MountSpec, NamespaceExecutor, Network, RuncExecutor, Secret,
 };
 
-fn runc_available(test: &str) -> bool {
-    if !is_root(test) {
-        return false;
-    }
-    let ok = std::process::Command::new("runc")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipping {test}: runc is not installed");
-    }
-    ok
+/// Fails the calling test unless it runs as root with `runc` installed.
+fn require_runc(test: &str) {
+    require_root(test);
+    require_program("runc");
 }
 
 #[derive(Debug, PartialEq)]
@@ -66,9 +58,7 @@ fn script(s: &'static str) -> impl Fn(&std::path::Path) -> ExecSpec {
 
 #[test]
 fn root_same_filesystem_changes_and_output_under_kiln_and_runc() {
-    if !runc_available("root_same_filesystem_changes_and_output_under_kiln_and_runc") {
-        return;
-    }
+    require_runc("root_same_filesystem_changes_and_output_under_kiln_and_runc");
     let o = compare(
         "write/delete/chmod/links",
         &script(
@@ -95,9 +85,7 @@ fn root_same_filesystem_changes_and_output_under_kiln_and_runc() {
 
 #[test]
 fn root_same_user_workdir_and_network_handling_under_kiln_and_runc() {
-    if !runc_available("root_same_user_workdir_and_network_handling_under_kiln_and_runc") {
-        return;
-    }
+    require_runc("root_same_user_workdir_and_network_handling_under_kiln_and_runc");
     let as_alice = |root: &std::path::Path| {
         let mut s = sh(
             root,
@@ -136,9 +124,7 @@ fn root_same_user_workdir_and_network_handling_under_kiln_and_runc() {
 
 #[test]
 fn root_same_mount_behaviour_under_kiln_and_runc() {
-    if !runc_available("root_same_mount_behaviour_under_kiln_and_runc") {
-        return;
-    }
+    require_runc("root_same_mount_behaviour_under_kiln_and_runc");
     let src = tempfile::tempdir().unwrap();
     std::fs::write(src.path().join("a.txt"), "original\n").unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -208,9 +194,7 @@ fn root_same_mount_behaviour_under_kiln_and_runc() {
 
 #[test]
 fn root_runc_backend_reports_cancellation_and_unsupported_mounts() {
-    if !runc_available("root_runc_backend_reports_cancellation_and_unsupported_mounts") {
-        return;
-    }
+    require_runc("root_runc_backend_reports_cancellation_and_unsupported_mounts");
     let fs = OverlayRootfs::new();
     let token = CancelToken::new();
     let t = token.clone();

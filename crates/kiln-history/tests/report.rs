@@ -57,16 +57,12 @@ fn hostile_step_descriptions_stay_text() {
     );
 }
 
-fn find_chromium() -> Option<PathBuf> {
+/// Chromium (or Chrome) on `PATH`; fails the test, saying how to install it, when absent.
+fn find_chromium() -> PathBuf {
     ["chromium", "chromium-browser", "google-chrome"]
-        .iter()
-        .find_map(|name| {
-            std::env::var_os("PATH")?
-                .to_str()?
-                .split(':')
-                .map(|d| Path::new(d).join(name))
-                .find(|p| p.is_file())
-        })
+        .into_iter()
+        .find_map(kiln_test_env::find_program)
+        .unwrap_or_else(|| panic!("chromium is not installed: {}", kiln_test_env::INSTALL_HINT))
 }
 
 /// Runs headless Chromium on `page` with `extra` flags; returns (stdout, stderr).
@@ -216,12 +212,7 @@ fn kiln_history_critical_len(record: &BuildRecord) -> usize {
 
 #[test]
 fn report_renders_in_headless_chromium_for_small_and_large_builds() {
-    let Some(bin) = find_chromium() else {
-        eprintln!(
-            "SKIPPED: chromium not installed (apt-get install chromium; .ci/install does it)"
-        );
-        return;
-    };
+    let bin = find_chromium();
     let dir = tempfile::tempdir().expect("tempdir");
     let small = common::example_rebuild("0199aa0000000002", "sha256:bbb222controller", "1.0.0");
     let small5 = BuildRecord {
@@ -263,12 +254,7 @@ fn report_renders_in_headless_chromium_for_small_and_large_builds() {
 
 #[test]
 fn a_broken_report_script_is_detected() {
-    let Some(bin) = find_chromium() else {
-        eprintln!(
-            "SKIPPED: chromium not installed (apt-get install chromium; .ci/install does it)"
-        );
-        return;
-    };
+    let bin = find_chromium();
     let dir = tempfile::tempdir().expect("tempdir");
     let html = render_report(&common::example_cold()).replace("\"lanes\":", "\"lanes\":{},\"x\":");
     let r = render_in_chromium(&bin, dir.path(), "broken", &html);

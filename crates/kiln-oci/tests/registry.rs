@@ -11,6 +11,7 @@ use kiln_oci::{
     ImageIndex, OciLayout, Platform, RawManifest, Reference, RegistryClient, RegistryError,
     RetryPolicy,
 };
+use kiln_test_env::require_program;
 use support::*;
 
 fn client_with(tweak: impl FnOnce(&mut ClientConfig)) -> RegistryClient {
@@ -38,7 +39,7 @@ fn reference(s: &str) -> Reference {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pushed_busybox_resolves_and_pulls_with_verified_layers() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let img = busybox_image(0);
     skopeo_push(
@@ -102,7 +103,7 @@ async fn skopeo_pushed_busybox_resolves_and_pulls_with_verified_layers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_pushed_image_is_read_by_skopeo_and_runs_under_podman() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let img = busybox_image(0);
     let c = client();
@@ -140,15 +141,7 @@ async fn client_pushed_image_is_read_by_skopeo_and_runs_under_podman() {
     );
 
     // podman pulls and runs it.
-    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/podman/containers.conf");
-    if !conf.exists() || !std::path::Path::new("/usr/bin/podman").exists() {
-        eprintln!(
-            "skipping the podman part: {} or podman is missing",
-            conf.display()
-        );
-        return;
-    }
+    let conf = podman_conf();
     let podman = |args: &[&str]| {
         let mut cmd = Command::new("podman");
         cmd.env("CONTAINERS_CONF", &conf).args(args);
@@ -175,7 +168,7 @@ async fn client_pushed_image_is_read_by_skopeo_and_runs_under_podman() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_registry_accepts_right_and_refuses_wrong_credentials() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::Htpasswd {
         user: "alice".into(),
         password: "wonderland".into(),
@@ -230,7 +223,7 @@ async fn basic_auth_registry_accepts_right_and_refuses_wrong_credentials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_auth_fetches_scoped_tokens_reuses_them_and_refuses_wrong_passwords() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let tokens = TokenServer::start("bob", "builder").await;
     let reg = Registry::start(RegistryAuth::Token {
         realm: tokens.realm(),
@@ -294,7 +287,7 @@ async fn token_auth_fetches_scoped_tokens_reuses_them_and_refuses_wrong_password
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_retries_after_500s_and_succeeds() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let proxy = FaultProxy::start(reg.addr, &["HEAD", "POST", "PUT", "PATCH"]).await;
     let img = busybox_image(0);
@@ -318,7 +311,7 @@ async fn push_retries_after_500s_and_succeeds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_fails_cleanly_when_the_registry_keeps_failing() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let proxy = FaultProxy::start(reg.addr, &["GET", "HEAD", "POST", "PUT", "PATCH"]).await;
     proxy
@@ -347,7 +340,7 @@ async fn push_fails_cleanly_when_the_registry_keeps_failing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monolithic_upload_restarts_after_the_connection_drops_mid_body() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let proxy = FaultProxy::start(reg.addr, &[]).await;
     let img = busybox_image(3 << 20);
@@ -369,7 +362,7 @@ async fn monolithic_upload_restarts_after_the_connection_drops_mid_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_upload_recovers_after_the_connection_drops_mid_chunk() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let proxy = FaultProxy::start(reg.addr, &[]).await;
     let img = busybox_image(3 << 20);
@@ -413,7 +406,7 @@ async fn check_pull_matches(reg: &Registry, name: &str, img: &TestImage) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupted_blob_is_refused_on_pull_and_nothing_is_kept() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let img = busybox_image(0);
     let c = client();
@@ -463,7 +456,7 @@ async fn corrupted_blob_is_refused_on_pull_and_nothing_is_kept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushing_to_a_second_repository_mounts_and_uploads_no_layer_bytes() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let proxy = FaultProxy::start(reg.addr, &[]).await;
     let img = busybox_image(2 << 20);
@@ -527,7 +520,7 @@ async fn pushing_to_a_second_repository_mounts_and_uploads_no_layer_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_media_types_and_small_in_memory_blobs_push_and_pull() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let c = client();
     let target = reference(&format!("{}/docker/types:1", reg.host()));
@@ -570,7 +563,7 @@ async fn docker_media_types_and_small_in_memory_blobs_push_and_pull() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blob_pull_resumes_with_a_range_request_after_the_connection_drops() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let reg = Registry::start(RegistryAuth::None);
     let img = busybox_image(4 << 20);
     let target = reference(&format!("{}/resume/app:1", reg.host()));
@@ -613,7 +606,7 @@ async fn blob_pull_resumes_with_a_range_request_after_the_connection_drops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulls_go_to_a_configured_mirror_first_and_fall_back_to_the_registry() {
-    require!(REGISTRY_BIN);
+    require_program(REGISTRY_BIN);
     let upstream = Registry::start(RegistryAuth::None);
     let mirror = Registry::start(RegistryAuth::None);
     let img = busybox_image(0);
@@ -704,15 +697,7 @@ fn docker_and_oci_archives_are_read_by_podman_and_skopeo() {
     .unwrap();
     assert_eq!(v["Layers"].as_array().map(|a| a.len()), Some(1), "{v}");
 
-    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/podman/containers.conf");
-    if !conf.exists() || !std::path::Path::new("/usr/bin/podman").exists() {
-        eprintln!(
-            "skipping the podman part: {} or podman is missing",
-            conf.display()
-        );
-        return;
-    }
+    let conf = podman_conf();
     let podman = |args: &[&str]| {
         let mut cmd = Command::new("podman");
         cmd.env("CONTAINERS_CONF", &conf).args(args);

@@ -188,9 +188,10 @@ async fn token_auth_challenges_issues_scoped_tokens_and_enforces_them() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
-fn self_signed_cert(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+/// A self-signed server certificate for 127.0.0.1 and its key, made with the openssl CLI.
+fn self_signed_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let ok = Command::new("openssl")
+    let out = Command::new(kiln_test_env::require_program("openssl"))
         .args([
             "req",
             "-x509",
@@ -220,8 +221,13 @@ fn self_signed_cert(dir: &Path) -> Option<(std::path::PathBuf, std::path::PathBu
         .arg("-out")
         .arg(&cert)
         .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some((cert, key))
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
 }
 
 /// An OCI layout with one small image tagged `latest`; returns its path and manifest digest.
@@ -256,10 +262,7 @@ fn tiny_layout(dir: &Path) -> (std::path::PathBuf, Digest) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pushes_through_token_auth_with_the_builtin_token_endpoint() {
-    if Command::new("skopeo").arg("--version").output().is_err() {
-        eprintln!("skipping: skopeo is not installed");
-        return;
-    }
+    kiln_test_env::require_program("skopeo");
     let dir = tempfile::tempdir().unwrap();
     let ht = write_htpasswd(dir.path());
     let key = dir.path().join("token.key");
@@ -336,10 +339,7 @@ async fn skopeo_pushes_through_token_auth_with_the_builtin_token_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_basic_auth_serves_https_to_reqwest_and_skopeo() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((cert, key)) = self_signed_cert(dir.path()) else {
-        eprintln!("skipping: openssl CLI not available to make a test certificate");
-        return;
-    };
+    let (cert, key) = self_signed_cert(dir.path());
     let ht = write_htpasswd(dir.path());
     let r = start_with(|b| b.tls(&cert, &key).htpasswd(ht)).await;
     assert!(r.url.starts_with("https://"));

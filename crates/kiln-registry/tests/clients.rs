@@ -8,15 +8,9 @@ use std::process::Command;
 
 use common::*;
 use kiln_oci::Digest;
+use kiln_test_env::{require_program, require_root};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd
@@ -127,10 +121,7 @@ fn layout_top_digest(layout: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_copies_an_image_in_and_out_with_identical_digests() {
-    if !have("skopeo") {
-        eprintln!("skipping: skopeo is not installed");
-        return;
-    }
+    require_program("skopeo");
     let r = start().await;
     let work = tempfile::tempdir().unwrap();
     let (layout, digest) = busybox_layout(work.path(), &["amd64"]);
@@ -164,10 +155,7 @@ async fn skopeo_copies_an_image_in_and_out_with_identical_digests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_copies_a_multi_arch_index_in_and_out_with_identical_digests() {
-    if !have("skopeo") {
-        eprintln!("skipping: skopeo is not installed");
-        return;
-    }
+    require_program("skopeo");
     let r = start().await;
     let work = tempfile::tempdir().unwrap();
     let (layout, digest) = busybox_layout(work.path(), &["amd64", "arm64"]);
@@ -195,9 +183,10 @@ async fn skopeo_copies_a_multi_arch_index_in_and_out_with_identical_digests() {
     assert_eq!(layout_top_digest(&out), digest.to_string());
 }
 
-fn podman_conf() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/podman/containers.conf");
-    p.exists().then_some(p)
+/// podman's settings for this machine (for `CONTAINERS_CONF`), written into the tests' temp
+/// dir; fails the calling test when podman is not installed.
+fn podman_conf() -> PathBuf {
+    kiln_test_env::podman_conf(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 /// Podman with private storage (vfs: no mounts left behind) under `dir`.
@@ -215,15 +204,9 @@ fn podman(conf: &Path, dir: &Path) -> Command {
 /// Needs root (podman's rootful mode, as in CI).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn podman_pushes_pulls_and_runs_an_image_as_root() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !have("podman") || !have("skopeo") {
-        eprintln!("skipping: needs root, podman and skopeo");
-        return;
-    }
-    let Some(conf) = podman_conf() else {
-        eprintln!("skipping: shared/podman/containers.conf not found beside the workspace");
-        return;
-    };
+    require_root("podman's rootful mode");
+    require_program("skopeo");
+    let conf = podman_conf();
     let r = start().await;
     let host = r.reg.as_ref().unwrap().host();
     let work = tempfile::tempdir().unwrap();

@@ -82,10 +82,7 @@ fn listing(store: &Store, digest: &kiln_oci::Digest) -> Vec<kiln_store::TarHeade
 
 #[test]
 fn overlay_step_layer_has_exact_entries_whiteouts_and_opaque_dir_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs and chroot");
-        return;
-    }
+    require_root("overlayfs and chroot");
     let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let b = base(&store);
@@ -152,10 +149,7 @@ fn overlay_step_layer_has_exact_entries_whiteouts_and_opaque_dir_as_root() {
 
 #[test]
 fn base_plus_layer_unpacks_to_the_same_tree_in_overlay_and_copy_stores_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs and chroot");
-        return;
-    }
+    require_root("overlayfs and chroot");
     let tmp = TestDir::new();
     let src = store_at(&tmp.path().join("src"), SnapshotterKind::Overlay);
     let b = base(&src);
@@ -200,10 +194,7 @@ fn base_plus_layer_unpacks_to_the_same_tree_in_overlay_and_copy_stores_as_root()
 
 #[test]
 fn copy_snapshotter_diff_by_tree_compare_lists_changes_and_deletions_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for chroot");
-        return;
-    }
+    require_root("chroot");
     let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Copy);
     let b = base(&store);
@@ -258,10 +249,7 @@ fn copy_snapshotter_diff_by_tree_compare_lists_changes_and_deletions_as_root() {
 
 #[test]
 fn source_date_epoch_clamps_mtimes_and_makes_layers_reproducible_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs");
-        return;
-    }
+    require_root("overlayfs");
     let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let mut digests = Vec::new();
@@ -286,10 +274,7 @@ fn source_date_epoch_clamps_mtimes_and_makes_layers_reproducible_as_root() {
 
 #[test]
 fn chain_of_200_layers_mounts_and_shows_every_layer_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs");
-        return;
-    }
+    require_root("overlayfs");
     let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let mut parent = None;
@@ -341,10 +326,7 @@ fn chain_of_200_layers_mounts_and_shows_every_layer_as_root() {
 
 #[test]
 fn chains_deeper_than_overlay_can_stack_are_flattened_not_refused_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs");
-        return;
-    }
+    require_root("overlayfs");
     let tmp = TestDir::new();
     let store = Store::open_with(
         tmp.path(),
@@ -396,10 +378,7 @@ fn chains_deeper_than_overlay_can_stack_are_flattened_not_refused_as_root() {
 
 #[test]
 fn several_layers_export_at_once_in_order_and_are_remembered_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root for overlayfs");
-        return;
-    }
+    require_root("overlayfs");
     let tmp = TestDir::new();
     let store = store_at(tmp.path(), SnapshotterKind::Overlay);
     let mut ids = Vec::new();

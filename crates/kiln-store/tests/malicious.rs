@@ -274,12 +274,7 @@ fn apply_all(
 
 #[test]
 fn crafted_layers_are_refused_and_write_nothing_outside_as_root() {
-    if !is_root() {
-        eprintln!(
-            "skipped: needs root (overlay upper dirs use trusted.* xattrs and whiteout devices)"
-        );
-        return;
-    }
+    require_root("overlay upper dirs (trusted.* xattrs, whiteout devices)");
     let tmp = TestDir::new();
     let canary = tmp.path().join("canary");
     fs::create_dir(&canary).unwrap();
@@ -346,10 +341,7 @@ fn crafted_layers_are_refused_and_write_nothing_outside_as_root() {
 
 #[test]
 fn device_nodes_are_skipped_by_default_and_reported_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("device nodes");
     let tmp = TestDir::new();
     let store = Store::open_with(
         tmp.path(),
@@ -375,10 +367,7 @@ fn device_nodes_are_skipped_by_default_and_reported_as_root() {
 
 #[test]
 fn a_file_replacing_an_escaping_symlink_is_written_inside_as_root() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    require_root("overlayfs");
     let tmp = TestDir::new();
     let canary = tmp.path().join("canary");
     fs::create_dir(&canary).unwrap();

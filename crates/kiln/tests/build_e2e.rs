@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-use common::{skip_unless_root, Fixture};
+use common::{require_root, Fixture};
 
 fn stage_of(step: &str) -> &str {
     step.trim_start_matches('[').split(' ').next().unwrap_or("")
@@ -14,9 +14,7 @@ fn stage_of(step: &str) -> &str {
 
 #[test]
 fn test_target_builds_and_an_unchanged_rebuild_is_all_cached_with_the_same_digest() {
-    if skip_unless_root("test_target_builds...") {
-        return;
-    }
+    require_root("test_target_builds...");
     let f = Fixture::new();
     let first = f.build("test", &["--output", "type=image,name=app:test"]);
     assert!(
@@ -51,9 +49,7 @@ fn test_target_builds_and_an_unchanged_rebuild_is_all_cached_with_the_same_diges
 
 #[test]
 fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
-    if skip_unless_root("editing_one_source_file...") {
-        return;
-    }
+    require_root("editing_one_source_file...");
     let f = Fixture::new();
     f.build("test", &[]);
     let php = f.path("app/src/lib/Greeting.php");
@@ -108,9 +104,7 @@ fn editing_one_source_file_reruns_only_the_steps_after_its_copy() {
 
 #[test]
 fn release_target_never_runs_dev_or_test_steps() {
-    if skip_unless_root("release_target...") {
-        return;
-    }
+    require_root("release_target...");
     let f = Fixture::new();
     let b = f.build("release", &[]);
     for step in b.ran() {
@@ -124,9 +118,7 @@ fn release_target_never_runs_dev_or_test_steps() {
 
 #[test]
 fn the_three_dependency_stages_run_at_the_same_time() {
-    if skip_unless_root("the_three_dependency_stages...") {
-        return;
-    }
+    require_root("the_three_dependency_stages...");
     let f = Fixture::new();
     let b = f.build("app", &[]);
     // Each dependency stage's install step, as [started, completed] in ms since build start.
@@ -162,9 +154,7 @@ fn the_three_dependency_stages_run_at_the_same_time() {
 
 #[test]
 fn oci_tarball_passes_skopeo_and_runs_under_podman() {
-    if skip_unless_root("oci_tarball...") {
-        return;
-    }
+    require_root("oci_tarball...");
     let f = Fixture::new();
     let tar = f.path("app-test.tar");
     let out = format!("type=oci,dest={},name=kiln-e2e/app:test", tar.display());
@@ -183,11 +173,7 @@ fn oci_tarball_passes_skopeo_and_runs_under_podman() {
     assert_eq!(v["Digest"].as_str().unwrap(), b.digest());
     assert!(v["Layers"].as_array().unwrap().len() > 5);
 
-    let conf = common::workspace().join("../shared/podman/containers.conf");
-    if !conf.exists() {
-        eprintln!("skipping the podman half: {} is absent", conf.display());
-        return;
-    }
+    let conf = common::podman_conf();
     let podman = |args: &[&str]| {
         Command::new("podman")
             .args(args)
@@ -223,9 +209,7 @@ fn oci_tarball_passes_skopeo_and_runs_under_podman() {
 
 #[test]
 fn cold_builds_with_source_date_epoch_give_identical_digests() {
-    if skip_unless_root("cold_builds_with_source_date_epoch...") {
-        return;
-    }
+    require_root("cold_builds_with_source_date_epoch...");
     // Each build in a fresh fixture (its own state dir, busybox tree and copy of the app).
     let build = || {
         let f = Fixture::new();
@@ -280,9 +264,7 @@ fn cold_builds_with_source_date_epoch_give_identical_digests() {
 
 #[test]
 fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
-    if skip_unless_root("two_builds_at_once...") {
-        return;
-    }
+    require_root("two_builds_at_once...");
     let f = Fixture::new();
     let spawn = |meta: &str| {
         Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -350,9 +332,7 @@ fn two_builds_at_once_on_one_state_dir_agree_and_a_killed_one_harms_nothing() {
 
 #[test]
 fn copy_link_layer_is_reused_as_is_when_the_stage_below_changes() {
-    if skip_unless_root("copy_link_layer_is_reused...") {
-        return;
-    }
+    require_root("copy_link_layer_is_reused...");
     let f = Fixture::new();
     let dir = f.path("link");
     std::fs::create_dir_all(&dir).unwrap();

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use common::{
-    get_json, image_layers, local_blobs, podman_runs_tests, skip_unless_root, strs, Fixture,
+    get_json, image_layers, local_blobs, podman_runs_tests, require_root, strs, Fixture,
     TestRegistry,
 };
 
@@ -122,25 +122,19 @@ fn a_new_runner_starts_warm(reg: TestRegistry) {
 
 #[test]
 fn a_new_runner_starts_warm_from_kilns_registry() {
-    if skip_unless_root("a_new_runner_starts_warm_from_kilns_registry") {
-        return;
-    }
+    require_root("a_new_runner_starts_warm_from_kilns_registry");
     a_new_runner_starts_warm(TestRegistry::kiln());
 }
 
 #[test]
 fn a_new_runner_starts_warm_from_distribution() {
-    if skip_unless_root("a_new_runner_starts_warm_from_distribution") {
-        return;
-    }
+    require_root("a_new_runner_starts_warm_from_distribution");
     a_new_runner_starts_warm(TestRegistry::distribution());
 }
 
 #[test]
 fn mode_min_keeps_only_the_image_chain_and_mode_max_every_stage() {
-    if skip_unless_root("mode_min_keeps...") {
-        return;
-    }
+    require_root("mode_min_keeps...");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     let base = f.push_base(&reg);
@@ -196,9 +190,7 @@ fn mode_min_keeps_only_the_image_chain_and_mode_max_every_stage() {
 
 #[test]
 fn exports_of_two_targets_to_one_ref_keep_both() {
-    if skip_unless_root("exports_of_two_targets...") {
-        return;
-    }
+    require_root("exports_of_two_targets...");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     let base = f.push_base(&reg);
@@ -231,9 +223,7 @@ fn exports_of_two_targets_to_one_ref_keep_both() {
 
 #[test]
 fn a_blob_deleted_from_the_registry_costs_a_rerun_of_its_step_only() {
-    if skip_unless_root("a_blob_deleted...") {
-        return;
-    }
+    require_root("a_blob_deleted...");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     let base = f.push_base(&reg);
@@ -290,9 +280,7 @@ fn a_blob_deleted_from_the_registry_costs_a_rerun_of_its_step_only() {
 
 #[test]
 fn ignore_error_turns_an_unreachable_cache_registry_into_a_warning() {
-    if skip_unless_root("ignore_error...") {
-        return;
-    }
+    require_root("ignore_error...");
     let f = Fixture::new();
     // Nothing listens on port 1.
     let b = f.build(
@@ -315,9 +303,7 @@ fn ignore_error_turns_an_unreachable_cache_registry_into_a_warning() {
 
 #[test]
 fn cache_mounts_travel_with_the_cache_so_a_rerun_install_starts_warm() {
-    if skip_unless_root("cache_mounts_travel...") {
-        return;
-    }
+    require_root("cache_mounts_travel...");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     let base = f.push_base(&reg);

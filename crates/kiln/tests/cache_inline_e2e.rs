@@ -8,18 +8,13 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use common::{
-    image_layers, local_blobs, podman_runs_tests, put_manifest, skip_unless_root, skopeo_inspect,
-    strs, upload_blob, Fixture, TestRegistry,
+    image_layers, local_blobs, podman_runs_tests, put_manifest, require_root, skopeo_inspect, strs,
+    upload_blob, Fixture, TestRegistry,
 };
 
-/// Pushes an OCI index holding `image`'s manifest as `index`, with podman; false (with a
-/// note) when podman's config is absent.
-fn push_index_of(image: &str, index: &str) -> bool {
-    let conf = common::workspace().join("../shared/podman/containers.conf");
-    if !conf.exists() {
-        eprintln!("skipping the index import: {} is absent", conf.display());
-        return false;
-    }
+/// Pushes an OCI index holding `image`'s manifest as `index`, with podman.
+fn push_index_of(image: &str, index: &str) {
+    let conf = common::podman_conf();
     let podman = |args: &[&str]| {
         let out = Command::new("podman")
             .args(args)
@@ -56,7 +51,6 @@ fn push_index_of(image: &str, index: &str) -> bool {
     podman(&["manifest", "rm", index]);
     let raw = skopeo_inspect(index, &["--raw"]);
     assert!(raw["manifests"].is_array(), "not an index: {raw}");
-    true
 }
 
 /// Pushes under `target` a copy of `image` whose config is changed by `edit` (same layers).
@@ -79,18 +73,13 @@ fn push_with_edited_config(
 
 #[test]
 fn an_image_pushed_with_inline_cache_warms_a_new_runner_from_kilns_registry() {
-    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_kilns_registry")
-    {
-        return;
-    }
+    require_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_kilns_registry");
     an_image_pushed_with_inline_cache_warms_a_new_runner(TestRegistry::kiln());
 }
 
 #[test]
 fn an_image_pushed_with_inline_cache_warms_a_new_runner_from_distribution() {
-    if skip_unless_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_distribution") {
-        return;
-    }
+    require_root("an_image_pushed_with_inline_cache_warms_a_new_runner_from_distribution");
     an_image_pushed_with_inline_cache_warms_a_new_runner(TestRegistry::distribution());
 }
 
@@ -182,29 +171,28 @@ fn an_image_pushed_with_inline_cache_warms_a_new_runner(reg: TestRegistry) {
     // carries the cache. Pushed to another repository of the registry, the layers are mounted,
     // never downloaded.
     let index = format!("{}/app:index", reg.addr);
-    if push_index_of(&image, &index) {
-        let other = format!("{}/other/app:test", reg.addr);
-        let via_index = f.ci_build(
-            "runner-index",
-            "test",
-            &base,
-            &[
-                "--output",
-                &format!("type=image,name={other},push=true"),
-                "--export-cache",
-                "type=inline",
-                "--import-cache",
-                &format!("type=registry,ref={index}"),
-            ],
-        );
-        assert!(via_index.ran().is_empty(), "ran {:?}", via_index.ran());
-        assert_eq!(via_index.digest(), cold.digest());
-        assert!(
-            local_blobs(&f, "runner-index").is_disjoint(&layers),
-            "layers were downloaded to push them to another repository"
-        );
-        assert_eq!(image_layers(&other), layers);
-    }
+    push_index_of(&image, &index);
+    let other = format!("{}/other/app:test", reg.addr);
+    let via_index = f.ci_build(
+        "runner-index",
+        "test",
+        &base,
+        &[
+            "--output",
+            &format!("type=image,name={other},push=true"),
+            "--export-cache",
+            "type=inline",
+            "--import-cache",
+            &format!("type=registry,ref={index}"),
+        ],
+    );
+    assert!(via_index.ran().is_empty(), "ran {:?}", via_index.ran());
+    assert_eq!(via_index.digest(), cold.digest());
+    assert!(
+        local_blobs(&f, "runner-index").is_disjoint(&layers),
+        "layers were downloaded to push them to another repository"
+    );
+    assert_eq!(image_layers(&other), layers);
 
     // An image whose inline cache is of a format this kiln does not know: a clear warning,
     // never a misread, and the build runs without it.
@@ -283,9 +271,7 @@ fn an_image_pushed_with_inline_cache_warms_a_new_runner(reg: TestRegistry) {
 
 #[test]
 fn importing_an_image_without_inline_cache_warns_and_builds() {
-    if skip_unless_root("importing_an_image_without_inline_cache_warns_and_builds") {
-        return;
-    }
+    require_root("importing_an_image_without_inline_cache_warns_and_builds");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     // The base was pushed without any cache export.
@@ -307,9 +293,7 @@ fn importing_an_image_without_inline_cache_warns_and_builds() {
 
 #[test]
 fn inline_cache_without_an_image_output_warns_and_exports_nothing() {
-    if skip_unless_root("inline_cache_without_an_image_output_warns_and_exports_nothing") {
-        return;
-    }
+    require_root("inline_cache_without_an_image_output_warns_and_exports_nothing");
     let f = Fixture::new();
     let b = f.build("php-ext", &["--export-cache", "type=inline,mode=max"]);
     let err = b.stderr();
@@ -319,9 +303,7 @@ fn inline_cache_without_an_image_output_warns_and_exports_nothing() {
 
 #[test]
 fn buildkit_inline_cache_build_arg_embeds_the_cache_too() {
-    if skip_unless_root("buildkit_inline_cache_build_arg_embeds_the_cache_too") {
-        return;
-    }
+    require_root("buildkit_inline_cache_build_arg_embeds_the_cache_too");
     let reg = TestRegistry::kiln();
     let f = Fixture::new();
     let base = f.push_base(&reg);

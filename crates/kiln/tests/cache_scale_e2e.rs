@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use common::{get, get_json, put_manifest, skip_unless_root, upload_blob, TestRegistry};
+use common::{get, get_json, put_manifest, require_root, upload_blob, TestRegistry};
 
 /// One `kiln build` of a generated Dockerfile, in a state dir of its own (a new CI runner).
 struct Run {
@@ -133,9 +133,7 @@ fn scale_dockerfile(depth: usize, branches: usize, length: usize) -> String {
 
 #[test]
 fn a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root() {
-    if skip_unless_root("a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root") {
-        return;
-    }
+    require_root("a_cache_graph_over_four_mib_imports_on_a_fresh_runner_as_root");
     let reg = TestRegistry::kiln();
     let (depth, branches, length) = (440, 40, 50);
     let p = Project::new(&scale_dockerfile(depth, branches, length));
@@ -228,10 +226,7 @@ fn record_count(config: &[u8]) -> usize {
 
 #[test]
 fn merged_records_older_than_max_age_are_dropped_on_the_next_export_as_root() {
-    if skip_unless_root("merged_records_older_than_max_age_are_dropped_on_the_next_export_as_root")
-    {
-        return;
-    }
+    require_root("merged_records_older_than_max_age_are_dropped_on_the_next_export_as_root");
     let reg = TestRegistry::kiln();
     let p = Project::new(
         "FROM scratch AS old\nWORKDIR /old/1\nWORKDIR /old/2\n\
@@ -367,9 +362,7 @@ fn merged_records_older_than_max_age_are_dropped_on_the_next_export_as_root() {
 
 #[test]
 fn a_blob_lost_mid_chain_costs_a_rerun_of_its_step_only_as_root() {
-    if skip_unless_root("a_blob_lost_mid_chain_costs_a_rerun_of_its_step_only_as_root") {
-        return;
-    }
+    require_root("a_blob_lost_mid_chain_costs_a_rerun_of_its_step_only_as_root");
     let reg = TestRegistry::kiln();
     let p = Project::new(
         "FROM scratch AS app\n\

@@ -693,6 +693,7 @@ fn kiln_into_closed_pipe(args: &[&str]) -> Output {
     // SAFETY: pipe(2) fills both descriptors on success; each is owned exactly once below.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     let (read_end, write_end) =
+        // SAFETY: both descriptors are open and owned by nothing else.
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(read_end);
     let o = Command::new(env!("CARGO_BIN_EXE_kiln"))

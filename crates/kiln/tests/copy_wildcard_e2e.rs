@@ -24,11 +24,7 @@ fn kiln_build(root: &Path, ctx: &Path, out: &Path) -> Output {
 
 /// Builds `dockerfile` over a context holding `files` (name, content); returns the output dir.
 fn build_scratch(tmp: &Path, files: &[(&str, &str)], dockerfile: &str) -> std::path::PathBuf {
-    // SAFETY: geteuid cannot fail.
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "a kiln build needs root (CI runs as root)"
-    );
+    kiln_test_env::require_root("a kiln build");
     let ctx = tmp.join("ctx");
     std::fs::create_dir_all(&ctx).expect("mkdir");
     for (name, content) in files {

@@ -8,15 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{is_root, Fixture};
-
-/// Fails (never skips) when the test cannot run containers.
-fn require_root(test: &str) {
-    assert!(
-        is_root(),
-        "{test} runs real containers and needs root (CI runs as root)"
-    );
-}
+use common::{require_root, Fixture};
 
 /// Address space given to `kiln` in the expansion tests: far above what a bounded
 /// expansion needs, far below the gigabytes an unbounded one asks for, so a regression fails

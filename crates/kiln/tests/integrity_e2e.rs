@@ -8,15 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{
-    get_json, longest_cache_record, put_manifest, skip_unless_root, skopeo_inspect, upload_blob,
-    Build, Fixture, TestRegistry,
+    get_json, longest_cache_record, put_manifest, require_root, skopeo_inspect, upload_blob, Build,
+    Fixture, TestRegistry,
 };
 use kiln_oci::Digest;
 
-/// podman with this machine's settings. A missing config is a failure, never a skip.
+/// podman with this machine's settings.
 fn podman(args: &[&str]) -> Output {
-    let conf = common::workspace().join("../shared/podman/containers.conf");
-    assert!(conf.exists(), "podman config {} is absent", conf.display());
+    let conf = common::podman_conf();
     Command::new("podman")
         .args(args)
         .env("CONTAINERS_CONF", &conf)
@@ -196,17 +195,13 @@ fn identical_layers_stay_whole(dockerfile: &str) {
 
 #[test]
 fn steps_that_make_identical_layers_keep_store_archives_and_pushes_whole() {
-    if skip_unless_root("steps_that_make_identical_layers...") {
-        return;
-    }
+    require_root("steps_that_make_identical_layers...");
     identical_layers_stay_whole(TWICE);
 }
 
 #[test]
 fn copy_link_steps_that_make_identical_layers_keep_everything_whole() {
-    if skip_unless_root("copy_link_steps...") {
-        return;
-    }
+    require_root("copy_link_steps...");
     identical_layers_stay_whole(&TWICE.replace("COPY ", "COPY --link "));
 }
 
@@ -261,9 +256,7 @@ fn exported_cache(f: &Fixture) -> (TestRegistry, PathBuf) {
 
 #[test]
 fn an_imported_record_whose_chain_repeats_a_layer_leaves_the_importers_blobs_whole() {
-    if skip_unless_root("an_imported_record...") {
-        return;
-    }
+    require_root("an_imported_record...");
     let f = Fixture::new();
     let (reg, ctx) = exported_cache(&f);
     let (manifest, mut cfg) = cache_of(&reg, "app", "cache");
@@ -299,9 +292,7 @@ fn an_imported_record_whose_chain_repeats_a_layer_leaves_the_importers_blobs_who
 
 #[test]
 fn imported_layers_with_a_made_up_media_type_are_dropped_with_a_warning() {
-    if skip_unless_root("imported_layers_with_a_made_up...") {
-        return;
-    }
+    require_root("imported_layers_with_a_made_up...");
     let f = Fixture::new();
     let (reg, ctx) = exported_cache(&f);
     let (mut manifest, cfg) = cache_of(&reg, "app", "cache");
@@ -341,9 +332,7 @@ fn imported_layers_with_a_made_up_media_type_are_dropped_with_a_warning() {
 
 #[test]
 fn an_imported_layer_whose_diff_id_is_wrong_never_reaches_an_image() {
-    if skip_unless_root("an_imported_layer_whose_diff_id...") {
-        return;
-    }
+    require_root("an_imported_layer_whose_diff_id...");
     let f = Fixture::new();
     let (reg, ctx) = exported_cache(&f);
     let (manifest, mut cfg) = cache_of(&reg, "app", "cache");
@@ -498,9 +487,7 @@ fn killed_export_keeps_the_old_file(f: &Fixture, ctx: &Path, output: &str, dest:
 
 #[test]
 fn a_killed_export_leaves_the_previous_file_whole() {
-    if skip_unless_root("a_killed_export...") {
-        return;
-    }
+    require_root("a_killed_export...");
     let f = Fixture::new();
     let ctx = context(
         &f,
@@ -520,9 +507,7 @@ fn a_killed_export_leaves_the_previous_file_whole() {
 
 #[test]
 fn a_killed_local_export_leaves_no_half_written_directory() {
-    if skip_unless_root("a_killed_local_export...") {
-        return;
-    }
+    require_root("a_killed_local_export...");
     let f = Fixture::new();
     let ctx = context(
         &f,
@@ -585,9 +570,7 @@ fn a_killed_local_export_leaves_no_half_written_directory() {
 
 #[test]
 fn source_date_epoch_applies_to_layers_cached_without_it() {
-    if skip_unless_root("source_date_epoch_applies...") {
-        return;
-    }
+    require_root("source_date_epoch_applies...");
     let sde = [("SOURCE_DATE_EPOCH", "1700000000")];
     let files = [("a.txt", "epoch\n"), ("Dockerfile", THREE)];
     // This state dir cached the steps in a build without the variable.
@@ -661,9 +644,7 @@ fn gen_steps() -> impl proptest::strategy::Strategy<Value = Vec<GenStep>> {
 
 #[test]
 fn generated_builds_with_repeated_content_pass_fsck_export_push_and_run() {
-    if skip_unless_root("generated_builds...") {
-        return;
-    }
+    require_root("generated_builds...");
     use proptest::test_runner::{Config, TestRunner};
     let f = Fixture::new();
     let reg = TestRegistry::kiln();

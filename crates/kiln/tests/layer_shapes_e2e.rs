@@ -350,7 +350,7 @@ fn a_base_image_of_tar_and_python_layers_builds_and_its_files_are_right() {
 
 /// `buildah` with storage of its own under `work`, with podman's machine config.
 fn buildah(work: &Path, args: &[&str]) -> String {
-    let conf = workspace().join("../shared/podman/containers.conf");
+    require_program("buildah");
     let mut cmd = Command::new("buildah");
     cmd.arg("--root")
         .arg(work.join("storage"))
@@ -358,9 +358,7 @@ fn buildah(work: &Path, args: &[&str]) -> String {
         .arg(work.join("run"))
         .args(["--storage-driver", "vfs"])
         .args(args);
-    if conf.exists() {
-        cmd.env("CONTAINERS_CONF", conf);
-    }
+    cmd.env("CONTAINERS_CONF", podman_conf());
     run_ok(&mut cmd).trim().to_owned()
 }
 

@@ -14,13 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn require_root(test: &str) {
-    assert!(
-        is_root(),
-        "{test} needs root (containers, overlayfs); CI runs as root"
-    );
-}
-
 /// Imports `netbox:latest`: busybox plus the host's `curl`, its libraries and the CA bundle
 /// (busybox-static's `wget` crashes in its resolver here).
 fn import_netbox(f: &Fixture) {

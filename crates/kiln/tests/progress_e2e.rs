@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{skip_unless_root, Fixture};
+use common::{require_root, Fixture};
 
 fn kiln() -> &'static str {
     env!("CARGO_BIN_EXE_kiln")
@@ -88,9 +88,7 @@ fn under_pty_sized(root: &Path, dir: &Path, args: &str, cols: u16, rows: u16) ->
 
 #[test]
 fn tty_progress_redraws_parallel_stages_with_their_output_and_a_rebuild_shows_cached() {
-    if skip_unless_root("tty_progress_redraws...") {
-        return;
-    }
+    require_root("tty_progress_redraws...");
     let f = Fixture::new();
     let dir = f.path("tty-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -182,9 +180,7 @@ fn cursor_ups(out: &str) -> Vec<usize> {
 
 #[test]
 fn tty_view_on_a_terminal_shorter_than_the_build_never_redraws_above_the_screen() {
-    if skip_unless_root("tty_view_on_a_terminal_shorter...") {
-        return;
-    }
+    require_root("tty_view_on_a_terminal_shorter...");
     let f = Fixture::new();
     let dir = f.path("short-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -228,9 +224,7 @@ fn tty_view_on_a_terminal_shorter_than_the_build_never_redraws_above_the_screen(
 
 #[test]
 fn auto_progress_without_a_terminal_prints_plain_lines() {
-    if skip_unless_root("auto_progress_without_a_terminal...") {
-        return;
-    }
+    require_root("auto_progress_without_a_terminal...");
     let f = Fixture::new();
     let dir = f.path("plain-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -425,9 +419,7 @@ fn wait_for_sleepers(needle: &str, count: usize) {
 
 #[test]
 fn ctrl_c_cancels_a_build_cleanly_and_the_next_build_reruns_the_cancelled_steps() {
-    if skip_unless_root("ctrl_c_cancels_a_build_cleanly...") {
-        return;
-    }
+    require_root("ctrl_c_cancels_a_build_cleanly...");
     let f = Fixture::new();
     let dir = f.path("cancel-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -528,9 +520,7 @@ fn ctrl_c_cancels_a_build_cleanly_and_the_next_build_reruns_the_cancelled_steps(
 
 #[test]
 fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound() {
-    if skip_unless_root("a_failing_step_stops...") {
-        return;
-    }
+    require_root("a_failing_step_stops...");
     let f = Fixture::new();
     let dir = f.path("fail-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -562,9 +552,7 @@ fn a_failing_step_stops_the_steps_running_beside_it_and_leaves_the_store_sound()
 
 #[test]
 fn ctrl_c_typed_in_a_terminal_cancels_and_the_view_says_so_on_whole_lines() {
-    if skip_unless_root("ctrl_c_typed_in_a_terminal...") {
-        return;
-    }
+    require_root("ctrl_c_typed_in_a_terminal...");
     use std::io::{Read, Write};
     let f = Fixture::new();
     let dir = f.path("tty-cancel-ctx");
@@ -657,9 +645,7 @@ fn ctrl_c_typed_in_a_terminal_cancels_and_the_view_says_so_on_whole_lines() {
 
 #[test]
 fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() {
-    if skip_unless_root("ctrl_c_while_another_build...") {
-        return;
-    }
+    require_root("ctrl_c_while_another_build...");
     let f = Fixture::new();
     let dir = f.path("shared-ctx");
     std::fs::create_dir_all(&dir).unwrap();
@@ -701,9 +687,7 @@ fn ctrl_c_while_another_build_runs_the_same_step_exits_without_waiting_for_it() 
 
 #[test]
 fn ctrl_c_while_pushing_the_image_stops_kiln_at_once() {
-    if skip_unless_root("ctrl_c_while_pushing...") {
-        return;
-    }
+    require_root("ctrl_c_while_pushing...");
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let f = Fixture::new();

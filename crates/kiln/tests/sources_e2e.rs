@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use common::{skip_unless_root, Build, Fixture};
+use common::{require_root, Build, Fixture};
 
 /// `Last-Modified` of every file the server sends (1445412480 seconds after the epoch).
 const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
@@ -199,9 +199,7 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn add_url_with_checksum_saves_the_file_0600_unextracted_and_a_rebuild_makes_no_request() {
-    if skip_unless_root("add_url_with_checksum...") {
-        return;
-    }
+    require_root("add_url_with_checksum...");
     let f = Fixture::new();
     let server = FileServer::start();
     let hello = b"hello from the server\n".to_vec();
@@ -306,9 +304,7 @@ fn add_url_with_checksum_saves_the_file_0600_unextracted_and_a_rebuild_makes_no_
 
 #[test]
 fn add_url_with_a_wrong_checksum_fails_naming_the_url_and_both_digests() {
-    if skip_unless_root("add_url_with_a_wrong_checksum...") {
-        return;
-    }
+    require_root("add_url_with_a_wrong_checksum...");
     let f = Fixture::new();
     let server = FileServer::start();
     let body = b"the real bytes\n";
@@ -356,9 +352,7 @@ fn add_url_with_a_wrong_checksum_fails_naming_the_url_and_both_digests() {
 
 #[test]
 fn add_url_without_checksum_is_requested_again_and_reruns_dependents_only_when_it_changed() {
-    if skip_unless_root("add_url_without_checksum...") {
-        return;
-    }
+    require_root("add_url_without_checksum...");
     let f = Fixture::new();
     let server = FileServer::start();
     server.set("/v.txt", b"one\n");
@@ -425,9 +419,7 @@ fn export_layout(f: &Fixture) -> (std::path::PathBuf, String) {
 
 #[test]
 fn from_an_oci_layout_build_context_inherits_its_files_and_config() {
-    if skip_unless_root("from_an_oci_layout...") {
-        return;
-    }
+    require_root("from_an_oci_layout...");
     let producer = Fixture::new();
     let (layout, _) = export_layout(&producer);
     // A fresh state dir: every layer must come from the layout.
@@ -477,9 +469,7 @@ fn from_an_oci_layout_build_context_inherits_its_files_and_config() {
 
 #[test]
 fn buildctl_oci_layout_store_is_used_by_digest_for_from_and_copy_from() {
-    if skip_unless_root("buildctl_oci_layout_store...") {
-        return;
-    }
+    require_root("buildctl_oci_layout_store...");
     let f = Fixture::new();
     let (layout, digest) = export_layout(&f);
     assert!(digest.starts_with("sha256:"), "{digest}");
@@ -521,9 +511,7 @@ fn buildctl_oci_layout_store_is_used_by_digest_for_from_and_copy_from() {
 
 #[test]
 fn unknown_tag_or_missing_layout_is_an_error_naming_the_context_and_path() {
-    if skip_unless_root("unknown_tag_or_missing_layout...") {
-        return;
-    }
+    require_root("unknown_tag_or_missing_layout...");
     let f = Fixture::new();
     let (layout, _) = export_layout(&f);
     let dir = project(&f, "consumer", "FROM base\nRUN true\n");

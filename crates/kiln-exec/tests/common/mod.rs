@@ -1,5 +1,6 @@
 //! Test fixtures: a busybox-static rootfs and an overlay mounted on it, as kiln-store prepares.
-#![allow(dead_code)]
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -14,15 +15,7 @@ pub const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000:Alice
 pub const GROUP: &str =
     "root:x:0:\nalice:x:1000:\nwheel:x:10:alice\nstaff:x:50:bob,alice\nnogroup:x:65534:\n";
 
-/// True when running as root; otherwise prints why the test is skipped.
-pub fn is_root(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("skipping {test}: needs root (namespaces, mounts)");
-    }
-    root
-}
+pub use kiln_test_env::{require_program, require_root};
 
 /// Writes a busybox-static rootfs into `dir`: /bin/busybox plus applet symlinks, /etc/passwd
 /// and /etc/group, /tmp, /root. No /proc, /dev, /sys, /run, /etc/hosts or /etc/resolv.conf:

@@ -19,15 +19,11 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const REGISTRY_BIN: &str = "/usr/bin/docker-registry";
 
-/// Skips the test (returns from it) when a required program is missing.
-#[macro_export]
-macro_rules! require {
-    ($path:expr) => {
-        if !std::path::Path::new($path).exists() {
-            eprintln!("skipping: {} is not installed", $path);
-            return;
-        }
-    };
+/// podman's settings for this machine (for `CONTAINERS_CONF`), written into the tests' temp
+/// dir; fails the calling test when podman is not installed.
+#[track_caller]
+pub fn podman_conf() -> PathBuf {
+    kiln_test_env::podman_conf(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 fn free_port() -> u16 {

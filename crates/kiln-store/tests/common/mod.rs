@@ -1,6 +1,7 @@
 //! Helpers shared by the store's integration tests: a busybox rootfs, a tree comparison,
 //! and a raw tar header builder for crafted archives.
-#![allow(dead_code)]
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 use std::collections::HashMap;
 use std::fs;
@@ -8,10 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
-pub fn is_root() -> bool {
-    // SAFETY: no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use kiln_test_env::{is_root, require_root};
 
 /// Writes a busybox-static rootfs into `dir`: /bin/busybox plus one symlink per applet.
 pub fn write_busybox_rootfs(dir: &Path) {

@@ -325,8 +325,9 @@ fn two_sided(left: &str, right: &str, width: usize) -> String {
 
 /// Rows and columns of the terminal behind `fd` (80x24 when it is not one).
 fn terminal_size(fd: RawFd) -> (usize, usize) {
-    // SAFETY: TIOCGWINSZ fills a winsize we own.
+    // SAFETY: winsize is plain integers; all zeroes is a valid value.
     let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills a winsize we own.
     let ok = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0;
     if ok && ws.ws_col > 0 && ws.ws_row > 0 {
         (ws.ws_col as usize, ws.ws_row as usize)

@@ -1,22 +1,17 @@
 //! Shared helpers for end-to-end tests that drive the `kiln` binary.
-#![allow(dead_code)]
+// Each test binary uses a part of this module.
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Whether the tests can use namespaces and overlayfs (CI runs as root).
-pub fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
+pub use kiln_test_env::{is_root, require_program, require_root};
 
-/// Skips the calling test (returns true) when not root.
-pub fn skip_unless_root(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("skipping {test}: needs root (containers, overlayfs); CI runs as root");
-        return true;
-    }
-    false
+/// podman's settings for this machine (for `CONTAINERS_CONF`), written into the tests' temp
+/// dir; fails the calling test when podman is not installed.
+#[track_caller]
+pub fn podman_conf() -> PathBuf {
+    kiln_test_env::podman_conf(Path::new(env!("CARGO_TARGET_TMPDIR")))
 }
 
 /// The workspace root.
@@ -453,14 +448,9 @@ pub fn local_blobs(f: &Fixture, runner: &str) -> std::collections::BTreeSet<Stri
         .unwrap_or_default()
 }
 
-/// Pulls and runs `image` with podman and checks that the example's tests passed; false
-/// (with a note) when podman's config is absent.
-pub fn podman_runs_tests(image: &str) -> bool {
-    let conf = workspace().join("../shared/podman/containers.conf");
-    if !conf.exists() {
-        eprintln!("skipping podman run: {} is absent", conf.display());
-        return false;
-    }
+/// Pulls and runs `image` with podman and checks that the example's tests passed.
+pub fn podman_runs_tests(image: &str) {
+    let conf = podman_conf();
     // One podman at a time: tests of one binary run side by side, and one test's `rmi`
     // should never meet another's pull and run of an image sharing its layers.
     static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -486,7 +476,6 @@ pub fn podman_runs_tests(image: &str) -> bool {
         "{}",
         String::from_utf8_lossy(&run.stdout)
     );
-    true
 }
 
 /// GET `url` from a test registry (plain HTTP on loopback): the body.
