@@ -102,6 +102,8 @@ pub struct BuildInputs<'a> {
     pub context_filter: ContextFilterFactory,
     /// `SOURCE_DATE_EPOCH`, for reproducible layers and timestamps.
     pub source_date_epoch: Option<i64>,
+    /// The compression new layers get (the outputs' `compression=`); `None` for the default.
+    pub compression: Option<kiln_oci::compression::Compression>,
 }
 
 /// A lowered build, ready to solve.
@@ -165,22 +167,11 @@ pub fn plan_build(
         };
         secrets.insert(s.id.clone(), value);
     }
-    let compression = opts
-        .outputs
-        .iter()
-        .find_map(|o| o.compression)
-        .map(|c| match c {
-            kiln_graph::options::Compression::Gzip => kiln_oci::compression::Compression::Gzip,
-            kiln_graph::options::Compression::Zstd => kiln_oci::compression::Compression::Zstd,
-            kiln_graph::options::Compression::Uncompressed => {
-                kiln_oci::compression::Compression::Uncompressed
-            }
-        });
     let config = WorkerConfig {
         locals,
         secrets,
         source_date_epoch: inputs.source_date_epoch,
-        compression,
+        compression: inputs.compression,
     };
     let executor = kiln_exec::NamespaceExecutor::new()
         .with_pids_limit(opts.pids_limit)

@@ -1,8 +1,12 @@
 //! `kiln build`: both buildctl's and docker-buildx's flags parse into one
-//! [`kiln_graph::BuildOptions`]; subrequests (`--call`, `--check`) and `--dry-run` are answered
-//! by the frontend without running anything.
+//! [`kiln_graph::BuildOptions`] and then a [`BuildRequest`], which [`kiln_build::run`] runs
+//! while [`Progress`] renders its events. Subrequests (`--call`, `--check`) and `--dry-run`
+//! are answered by the frontend without running anything.
 
 use std::process::ExitCode;
+
+use anyhow::Context;
+use kiln_build::{BuildFailure, BuildRequest, CancelHandle, CancelOutcome, Interruption};
 
 use kiln_dockerfile::dockerignore::IgnoreMatcher;
 use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
@@ -10,6 +14,7 @@ use kiln_graph::options::{CallKind, OutputFormat, ProgressMode};
 use kiln_graph::{BuildOptions, OfflineResolver, RawBuildFlags};
 
 use super::print_stdout;
+use crate::progress::Progress;
 use crate::Globals;
 
 /// Arguments of `kiln build`.
@@ -298,13 +303,88 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outputs = super::build_exec::Reports {
-        report: args.report.clone(),
-        trace: args.trace.clone(),
+    let progress = Progress::new(opts.progress);
+    let mut request = BuildRequest::new(
+        opts,
+        df,
+        source.clone(),
+        file_label.clone(),
+        dockerignore,
+        globals.root.clone(),
+    );
+    request.report = args.report.clone();
+    request.trace = args.trace.clone();
+    request.command_line = std::env::args().collect();
+    watch_signals(request.cancel.clone())?;
+    match kiln_build::run(request, &progress) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(BuildFailure::Frontend(e)) => {
+            eprintln!("{}", e.render(&file_label, &source));
+            Ok(ExitCode::from(1))
+        }
+        // Reported as it happened: the error, the summary, the history record.
+        Err(BuildFailure::Steps { interrupted, .. }) => Ok(ExitCode::from(
+            interrupted.map(|i| signal_name_and_code(i).1).unwrap_or(1),
+        )),
+        Err(BuildFailure::Session(e)) => Err((*e).into()),
+    }
+}
+
+/// How a shell names an interruption, and the exit code it reports for it (128 + signal).
+fn signal_name_and_code(why: Interruption) -> (&'static str, u8) {
+    match why {
+        Interruption::Interrupt => ("Ctrl-C", 130),
+        Interruption::Terminate => ("SIGTERM", 143),
+    }
+}
+
+/// Turns Ctrl-C and SIGTERM (as CI runners send when a job is cancelled) into cancelling the
+/// build. Before the steps run, and once they are over (exporting, pushing), kiln stops at
+/// once: blobs and records are written aside and renamed in, so a stop leaves only what a
+/// killed process does (its lease, maybe a temp file), which `kiln debug fsck --repair`
+/// clears. While they run, their containers are killed, their snapshots removed and the lease
+/// released before kiln exits; later signals only say that this is under way.
+fn watch_signals(cancel: CancelHandle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal handler")?;
+    // Listening starts here, before the build: no signal falls in between and is lost.
+    let (mut int, mut term) = {
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
+            signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        )
     };
-    super::build_exec::execute(&opts, &df, &dockerignore, globals, &outputs, &|e| {
-        e.render(&file_label, &source)
-    })
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            loop {
+                let why = tokio::select! {
+                    Some(()) = int.recv() => Interruption::Interrupt,
+                    Some(()) = term.recv() => Interruption::Terminate,
+                    else => return,
+                };
+                let (name, code) = signal_name_and_code(why);
+                match cancel.cancel(why) {
+                    CancelOutcome::StopNow => {
+                        eprintln!("kiln: cancelled ({name})");
+                        std::process::exit(code.into());
+                    }
+                    CancelOutcome::StopWhileExporting => {
+                        eprintln!("kiln: interrupted while exporting ({name})");
+                        std::process::exit(code.into());
+                    }
+                    CancelOutcome::Cancelling => eprintln!("kiln: cancelling the build ({name})"),
+                    CancelOutcome::StillCancelling => eprintln!(
+                        "kiln: still cancelling: stopping containers and removing their snapshots"
+                    ),
+                }
+            }
+        })
+    });
+    Ok(())
 }
 
 fn unreachable_build() -> anyhow::Result<ExitCode> {

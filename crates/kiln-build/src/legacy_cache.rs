@@ -1,12 +1,13 @@
 //! The build cache in registries and directories: reading every `--import-cache` before a
-//! build and writing every `--export-cache` after it.
+//! build and writing every `--export-cache` after it. The session calls only
+//! [`import_caches`], [`inline_cache_fields`], [`export_caches`], [`check_cache_exports`] and
+//! [`mount_seeds`]; cache backends behind one trait replace this module.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::Context;
 use kiln_graph::options::{CacheKind, CacheMode, OutputKind};
-use kiln_graph::BuildOptions;
 use kiln_oci::RegistryClient;
 use kiln_store::Store;
 use kiln_worker::build::SolvedBuild;
@@ -14,14 +15,18 @@ use kiln_worker::engine::BlobSource;
 use kiln_worker::registry::RepositoryBlobs;
 use kiln_worker::remote::{ImportedCache, LayoutBlobs};
 
+use crate::events::{BuildEvent, EventSink};
+use crate::request::BuildRequest;
+
 /// Reads every `--import-cache`, all at once. A missing ref is a warning (a first run); an
 /// unreadable one is an error unless `ignore-error` (the default for imports).
 pub(crate) async fn import_caches(
-    opts: &BuildOptions,
+    req: &BuildRequest,
+    sink: &dyn EventSink,
     client: &RegistryClient,
     handle: &tokio::runtime::Handle,
 ) -> anyhow::Result<Vec<(String, Arc<ImportedCache>)>> {
-    let jobs = opts.cache_imports.iter().map(|spec| async move {
+    let jobs = req.cache_imports.iter().map(|spec| async move {
         let loaded: anyhow::Result<Option<(String, Arc<ImportedCache>)>> = match spec.kind {
             CacheKind::Registry => {
                 let name = spec
@@ -38,16 +43,16 @@ pub(crate) async fn import_caches(
                         Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
                     }
                     Ok(None) => {
-                        eprintln!(
-                            "kiln: warning: cache {name} does not exist yet; building without it"
-                        );
+                        sink.event(BuildEvent::Warning(format!(
+                            "cache {name} does not exist yet; building without it"
+                        )));
                         Ok(None)
                     }
                     // An ordinary image (or index): its config may carry an inline cache.
                     Err(kiln_cache::TransferError::Format {
                         source: kiln_cache::CacheFormatError::NotACache(_),
                         ..
-                    }) => import_image_cache(opts, client, handle, name, r).await,
+                    }) => import_image_cache(req, sink, client, handle, name, r).await,
                     Err(e) => Err(e.into()),
                 }
             }
@@ -68,10 +73,10 @@ pub(crate) async fn import_caches(
                         Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
                     }
                     None => {
-                        eprintln!(
-                            "kiln: warning: no cache in {}; building without it",
+                        sink.event(BuildEvent::Warning(format!(
+                            "no cache in {}; building without it",
                             dir.display()
-                        );
+                        )));
                         Ok(None)
                     }
                 }
@@ -80,7 +85,9 @@ pub(crate) async fn import_caches(
         };
         match loaded {
             Err(e) if spec.ignore_error => {
-                eprintln!("kiln: warning: cache import failed, building without it: {e:#}");
+                sink.event(BuildEvent::Warning(format!(
+                    "cache import failed, building without it: {e:#}"
+                )));
                 Ok(None)
             }
             other => other,
@@ -99,13 +106,15 @@ pub(crate) async fn import_caches(
 /// and config are read, its layers stay in its repository until a step needs them. An image
 /// without one is a warning.
 async fn import_image_cache(
-    opts: &BuildOptions,
+    req: &BuildRequest,
+    sink: &dyn EventSink,
     client: &RegistryClient,
     handle: &tokio::runtime::Handle,
     name: String,
     r: kiln_oci::Reference,
 ) -> anyhow::Result<Option<(String, Arc<ImportedCache>)>> {
-    let platform = opts
+    let platform = req
+        .options
         .platforms
         .first()
         .cloned()
@@ -121,9 +130,8 @@ async fn import_image_cache(
             Ok(Some((name, Arc::new(ImportedCache::new(graph, source)))))
         }
         None => {
-            eprintln!(
-                "kiln: warning: image {name} carries no inline cache (push it with --export-cache type=inline); building without it"
-            );
+            sink.event(BuildEvent::Warning(format!("image {name} carries no inline cache (push it with --export-cache type=inline); building without it"
+            )));
             Ok(None)
         }
     }
@@ -131,11 +139,12 @@ async fn import_image_cache(
 
 /// Whether the build asks for an inline cache: `--export-cache type=inline`, or BuildKit's
 /// `BUILDKIT_INLINE_CACHE=1` build arg.
-fn wants_inline_cache(opts: &BuildOptions) -> bool {
-    opts.cache_exports
+fn wants_inline_cache(req: &BuildRequest) -> bool {
+    req.cache_exports
         .iter()
         .any(|s| s.kind == CacheKind::Inline)
-        || opts
+        || req
+            .options
             .build_args
             .get("BUILDKIT_INLINE_CACHE")
             .is_some_and(|v| v == "1" || v == "true")
@@ -156,22 +165,25 @@ async fn inline_cache(
 /// The image-config fields that carry the inline cache for an image of `layers`, when the
 /// build asks for one (empty otherwise). Called before the image is stored or pushed.
 pub(crate) fn inline_cache_fields(
-    opts: &BuildOptions,
+    req: &BuildRequest,
+    sink: &dyn EventSink,
     solved: &SolvedBuild,
     layers: &[kiln_worker::image::Layer],
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
-    if !wants_inline_cache(opts) {
+    if !wants_inline_cache(req) {
         return Ok(BTreeMap::new());
     }
-    let ignore_error = opts
+    let ignore_error = req
         .cache_exports
         .iter()
         .any(|s| s.kind == CacheKind::Inline && s.ignore_error);
     match runtime.block_on(inline_cache(solved, layers)) {
         Ok(inline) => Ok(inline.config_fields()),
         Err(e) if ignore_error => {
-            eprintln!("kiln: warning: cache export failed (ignore-error=true): {e:#}");
+            sink.event(BuildEvent::Warning(format!(
+                "cache export failed (ignore-error=true): {e:#}"
+            )));
             Ok(BTreeMap::new())
         }
         Err(e) => Err(e),
@@ -181,25 +193,33 @@ pub(crate) fn inline_cache_fields(
 /// What `--export-cache type=inline` did: the records went into the image config when the
 /// image was made (see [`inline_cache_fields`]); this only reports them.
 async fn report_inline(
-    opts: &BuildOptions,
+    req: &BuildRequest,
+    sink: &dyn EventSink,
     solved: &SolvedBuild,
     spec: &kiln_graph::options::CacheExportSpec,
 ) -> anyhow::Result<String> {
-    let image_output = opts.outputs.iter().any(|o| {
+    let image_output = req.outputs.iter().any(|o| {
         matches!(
             o.kind,
             OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
         )
     });
     if !image_output {
-        eprintln!("kiln: warning: --export-cache type=inline needs an image output (--output type=image,...); no cache exported");
+        sink.event(BuildEvent::Warning(
+            "--export-cache type=inline needs an image output (--output type=image,...); no cache exported".to_owned(),
+        ));
         return Ok("nothing exported inline".to_owned());
     }
     if spec.mode == CacheMode::Max {
-        eprintln!("kiln: warning: an inline cache holds mode=min records only (the image's own layers); use type=registry for mode=max");
+        sink.event(BuildEvent::Warning(
+            "an inline cache holds mode=min records only (the image's own layers); use type=registry for mode=max".to_owned(),
+        ));
     }
     if spec.cache_mounts {
-        eprintln!("kiln: warning: an inline cache does not carry cache mounts; use type=registry,cache-mounts=true");
+        sink.event(BuildEvent::Warning(
+            "an inline cache does not carry cache mounts; use type=registry,cache-mounts=true"
+                .to_owned(),
+        ));
     }
     let layers = solved
         .rootfs
@@ -216,17 +236,18 @@ async fn report_inline(
 
 /// Writes every `--export-cache`. With `ignore-error=true` a failure is a warning.
 pub(crate) async fn export_caches(
-    opts: &BuildOptions,
+    req: &BuildRequest,
+    sink: &dyn EventSink,
     solved: &SolvedBuild,
     store: &Store,
     client: &RegistryClient,
     imported: &[(String, Arc<ImportedCache>)],
 ) -> anyhow::Result<()> {
-    for spec in &opts.cache_exports {
+    for spec in &req.cache_exports {
         let started = std::time::Instant::now();
         let result: anyhow::Result<String> = async {
             if spec.kind == CacheKind::Inline {
-                return report_inline(opts, solved, spec).await;
+                return report_inline(req, sink, solved, spec).await;
             }
             let max = spec.mode == CacheMode::Max;
             let mut graph = kiln_worker::remote::export_graph(solved, max).await?;
@@ -302,18 +323,18 @@ pub(crate) async fn export_caches(
                         dir.display()
                     ))
                 }
-                CacheKind::Inline => report_inline(opts, solved, spec).await,
+                CacheKind::Inline => report_inline(req, sink, solved, spec).await,
             }
         }
         .await;
         match result {
-            Ok(what) => eprintln!(
-                "cache exported in {:.1}s: {what}",
-                started.elapsed().as_secs_f64()
-            ),
-            Err(e) if spec.ignore_error => {
-                eprintln!("kiln: warning: cache export failed (ignore-error=true): {e:#}")
-            }
+            Ok(summary) => sink.event(BuildEvent::CacheExported {
+                summary,
+                elapsed: started.elapsed(),
+            }),
+            Err(e) if spec.ignore_error => sink.event(BuildEvent::Warning(format!(
+                "cache export failed (ignore-error=true): {e:#}"
+            ))),
             Err(e) => return Err(e.context("exporting the build cache")),
         }
     }
@@ -322,8 +343,8 @@ pub(crate) async fn export_caches(
 
 /// Checks the attributes of every `--export-cache` before the build runs, so a typo fails
 /// at once instead of after the steps.
-pub(crate) fn check_cache_exports(opts: &BuildOptions) -> anyhow::Result<()> {
-    for spec in &opts.cache_exports {
+pub(crate) fn check_cache_exports(req: &BuildRequest) -> anyhow::Result<()> {
+    for spec in &req.cache_exports {
         retention_policy(&spec.attrs)?;
         connections(&spec.attrs)?;
         cache_mounts_max_size(&spec.attrs)?;

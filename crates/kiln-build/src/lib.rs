@@ -1,0 +1,23 @@
+//! One kiln build as a library call. A caller (the `kiln` binary) fills a [`BuildRequest`]
+//! and hands it to [`run`] with an [`EventSink`]; the session plans the build, reads the
+//! imported caches, solves the steps, exports the outputs and caches, and records the build
+//! in history, reporting every step and every warning as a [`BuildEvent`]. The session never
+//! prints: rendering events is the caller's job.
+//!
+//! [`spec::parse_attrs`] is the one parse of the `type=KIND,key=value,...` values of
+//! `--output`, `--export-cache` and `--import-cache`.
+
+#![warn(missing_docs)]
+
+pub mod events;
+mod legacy_cache;
+pub mod request;
+pub mod session;
+pub mod spec;
+
+pub use events::{BuildEvent, EventSink, StepName, StepOutcome};
+pub use request::BuildRequest;
+pub use session::{
+    run, BuildFailure, BuildOutcome, CancelHandle, CancelOutcome, Interruption, SessionError,
+};
+pub use spec::{parse_attrs, SpecError};

@@ -1,0 +1,908 @@
+//! The session that runs one [`BuildRequest`]: opens the state dir, plans the build while the
+//! cache imports are read, solves it (cancellable through a [`CancelHandle`]), exports the
+//! outputs and the caches, writes the metadata file and the history record. It reports
+//! through an [`EventSink`] and never prints.
+//!
+//! The three calls a backend trait takes over are [`import_caches`], [`export_outputs`] and
+//! [`export_caches`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kiln_dockerfile::dockerignore::IgnoreMatcher;
+use kiln_graph::options::{OutputKind, OutputSpec};
+use kiln_graph::BuildOptions;
+use kiln_history::{HistoryStore, Recorder, SpanKind, StepInfo};
+use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
+use kiln_solver::{CacheSource, Event};
+use kiln_store::Store;
+use kiln_worker::build::{plan_build, BuildError, BuildInputs, SolvedBuild};
+use kiln_worker::engine::{ContextFilter, ImageProvider, RemoteCache, Rootfs};
+use kiln_worker::images::{self, StoredImage};
+use kiln_worker::registry::RegistryImages;
+use kiln_worker::remote::ImportedCache;
+use serde_json::json;
+
+use crate::events::{BuildEvent, EventSink, StepName, StepOutcome};
+use crate::legacy_cache;
+use crate::request::BuildRequest;
+
+/// The signal (or the user's wish) that cancels a build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// Ctrl-C (SIGINT).
+    Interrupt,
+    /// SIGTERM, as CI runners send when a job is cancelled.
+    Terminate,
+}
+
+/// What a [`CancelHandle::cancel`] did, so the caller can tell the user and decide whether
+/// to stop the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The steps have not begun: registry requests were cancelled, and nothing a killed
+    /// process would not leave is left behind. The caller may stop the process now.
+    StopNow,
+    /// The running steps were told to stop (containers killed, snapshots removed, the lease
+    /// released); [`run`] returns [`BuildFailure::Steps`] once they have.
+    Cancelling,
+    /// A cancellation is already under way.
+    StillCancelling,
+    /// The steps are over and outputs are being written: blobs and records are written
+    /// aside and renamed in, so the caller may stop the process now.
+    StopWhileExporting,
+}
+
+/// Cancels a running build from another thread (a signal handler). Clones share one build.
+#[derive(Clone, Default)]
+pub struct CancelHandle {
+    state: Arc<Mutex<CancelState>>,
+}
+
+#[derive(Default)]
+struct CancelState {
+    phase: Phase,
+    /// The first interruption while the steps ran.
+    interrupted: Option<Interruption>,
+    asked: bool,
+}
+
+#[derive(Default)]
+enum Phase {
+    /// Setting up, planning, reading cache imports.
+    #[default]
+    Preparing,
+    /// Same, with the registry client made.
+    PreparingWith(RegistryClient),
+    /// The steps run.
+    Solving {
+        stop_steps: Box<dyn Fn() + Send + Sync>,
+        client: RegistryClient,
+    },
+    /// The steps are over.
+    Exporting,
+}
+
+impl CancelHandle {
+    /// A handle for a build not yet started.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels the build, as far as its phase allows; see [`CancelOutcome`].
+    pub fn cancel(&self, why: Interruption) -> CancelOutcome {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *st;
+        match &st.phase {
+            Phase::Preparing => CancelOutcome::StopNow,
+            Phase::PreparingWith(client) => {
+                client.cancel();
+                CancelOutcome::StopNow
+            }
+            Phase::Exporting => CancelOutcome::StopWhileExporting,
+            Phase::Solving { stop_steps, client } => {
+                st.interrupted.get_or_insert(why);
+                if st.asked {
+                    return CancelOutcome::StillCancelling;
+                }
+                st.asked = true;
+                stop_steps();
+                // Steps waiting on a registry (a stalled layer download) end now.
+                client.cancel();
+                CancelOutcome::Cancelling
+            }
+        }
+    }
+
+    /// The interruption that cancelled the steps, if one did.
+    pub fn interruption(&self) -> Option<Interruption> {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .interrupted
+    }
+
+    fn enter(&self, phase: Phase) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).phase = phase;
+    }
+}
+
+/// What a successful build made.
+pub struct BuildOutcome {
+    /// The image made, when an output makes one (the last such output's).
+    pub image: Option<StoredImage>,
+    /// The target stage's name (`stage-N` for an unnamed one).
+    pub target: String,
+    /// Every step's outcome, by step number.
+    pub steps: Vec<StepOutcome>,
+    /// Registry bytes downloaded by this build.
+    pub bytes_downloaded: u64,
+    /// Registry bytes uploaded by this build.
+    pub bytes_uploaded: u64,
+}
+
+/// Why a build failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildFailure {
+    /// The Dockerfile could not be lowered; render it with the Dockerfile's label and source.
+    #[error(transparent)]
+    Frontend(kiln_graph::FrontendError),
+    /// A step failed or the build was cancelled. Already reported ([`BuildEvent::Failed`])
+    /// and recorded in history.
+    #[error("{error}")]
+    Steps {
+        /// The solver's error.
+        error: BuildError,
+        /// The interruption that cancelled the build, if one did.
+        interrupted: Option<Interruption>,
+    },
+    /// Setting the build up, exporting, or writing its results failed.
+    #[error(transparent)]
+    Session(Box<SessionError>),
+}
+
+impl From<SessionError> for BuildFailure {
+    fn from(e: SessionError) -> Self {
+        BuildFailure::Session(Box::new(e))
+    }
+}
+
+/// A failure of the session's own work (not of a step).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The `.dockerignore` patterns are invalid.
+    #[error(".dockerignore: {0}")]
+    Dockerignore(String),
+    /// `SOURCE_DATE_EPOCH` is not a number.
+    #[error("SOURCE_DATE_EPOCH={0:?} is not a number of seconds")]
+    SourceDateEpoch(String),
+    /// The state dir could not be opened.
+    #[error("opening kiln's state dir {path}")]
+    OpenStore {
+        /// The state dir.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kiln_store::StoreError,
+    },
+    /// The async runtime could not start.
+    #[error("starting the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The registry client could not be set up.
+    #[error("setting up the registry client")]
+    RegistryClient(#[source] Box<kiln_oci::RegistryError>),
+    /// Planning the build failed (not in the Dockerfile itself).
+    #[error(transparent)]
+    Plan(BuildError),
+    /// Reading or writing a build cache failed.
+    #[error(transparent)]
+    Cache(anyhow::Error),
+    /// Writing an output failed.
+    #[error(transparent)]
+    Export(anyhow::Error),
+    /// The metadata file could not be written.
+    #[error("writing --metadata-file {}", path.display())]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Runs `request`, reporting to `events`. Blocking; starts its own async runtime.
+pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome, BuildFailure> {
+    let req = &request;
+    IgnoreMatcher::from_patterns(&req.dockerignore)
+        .map_err(|e| SessionError::Dockerignore(e.to_string()))?;
+    let sde = source_date_epoch(&req.options)?;
+    legacy_cache::check_cache_exports(req).map_err(SessionError::Cache)?;
+    let store =
+        Arc::new(
+            Store::open(&req.state_root).map_err(|source| SessionError::OpenStore {
+                path: req.state_root.clone(),
+                source,
+            })?,
+        );
+    // What killed builds left behind (leases, active snapshots, partial ingests) goes first.
+    if let Err(e) = store.reclaim_leftovers() {
+        events.event(BuildEvent::Warning(format!(
+            "could not reclaim leftovers of killed builds: {e}"
+        )));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(SessionError::Runtime)?;
+    let client = registry_client(req)?;
+    // Dropped before the runtime: registry work still under way on other threads (a layer
+    // download of a step the failed build left running) is cancelled and waited for, so that
+    // nothing polls the runtime's timers while it shuts down.
+    let _client_shutdown = ClientShutdown {
+        client: client.clone(),
+        events,
+    };
+    // Until the steps run, a cancel stops the registry requests and the caller may exit:
+    // resolving base images and reading cache imports leave nothing behind that a killed
+    // process would not.
+    req.cancel.enter(Phase::PreparingWith(client.clone()));
+    let images: Arc<dyn ImageProvider> = Arc::new(
+        RegistryImages::new(client.clone(), runtime.handle().clone(), store.clone())
+            .always_pull(req.options.pull),
+    );
+    let stats_before = client.stats();
+    let inputs = BuildInputs {
+        dockerfile: &req.dockerfile,
+        dockerignore: &req.dockerignore,
+        images,
+        context_filter: Arc::new(context_filter),
+        source_date_epoch: sde,
+        compression: layer_compression(&req.outputs),
+    };
+    // Cache imports are read while the Dockerfile is lowered, base images resolved and the
+    // contexts hashed; the first step is looked up only once both are done.
+    let (planned, imported) = std::thread::scope(|scope| {
+        let import = scope.spawn(|| import_caches(req, events, &client, &runtime));
+        let planned = plan_build(store.clone(), &req.options, inputs);
+        // With nothing to wait for, the solve hashes each context when a step needs it.
+        if let Some(p) = planned
+            .as_ref()
+            .ok()
+            .filter(|_| !req.cache_imports.is_empty())
+        {
+            p.worker().prewarm_contexts(&p.graph);
+        }
+        let imported = import
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("reading the cache imports panicked")));
+        (planned, imported)
+    });
+    let planned = match planned {
+        Ok(p) => p,
+        Err(BuildError::Frontend(e)) => return Err(BuildFailure::Frontend(e)),
+        Err(e) => return Err(SessionError::Plan(e).into()),
+    };
+    let imported = imported.map_err(SessionError::Cache)?;
+    planned.worker().add_imports(
+        imported
+            .iter()
+            .map(|(_, c)| c.clone() as Arc<dyn RemoteCache>)
+            .collect(),
+        legacy_cache::mount_seeds(&imported),
+    );
+    let target_name = {
+        let t = planned.graph.target_stage();
+        t.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", t.index))
+    };
+    let recorder = Arc::new(Recorder::new(&target_name, req.command_line.clone()));
+    for (i, v) in planned.graph.vertices.iter().enumerate() {
+        recorder.declare_step(
+            i,
+            StepInfo {
+                description: v.meta.description.clone(),
+                stage: v.meta.stage.clone().unwrap_or_default(),
+                depends_on: v.inputs.iter().map(|x| x.index()).collect(),
+                inputs: Default::default(),
+            },
+        );
+    }
+    let names: Vec<StepName> = planned
+        .graph
+        .vertices
+        .iter()
+        .map(|v| StepName {
+            description: v.meta.description.clone(),
+            stage: v.meta.stage.clone(),
+        })
+        .collect();
+    events.event(BuildEvent::Planned {
+        steps: names.clone(),
+    });
+    let (forward, mut forwarded) = tokio::sync::mpsc::unbounded_channel();
+    let tracker = Arc::new(StepTracker::new(names, recorder.clone(), forward));
+    let solver_events = tracker.clone();
+    // The solver's events reach `events` on this thread, in order, while the steps run.
+    let solved = runtime.block_on(async {
+        let solve = planned.solve(solver_events, |solver| {
+            let s = solver.clone();
+            req.cancel.enter(Phase::Solving {
+                stop_steps: Box::new(move || s.cancel()),
+                client: client.clone(),
+            });
+        });
+        tokio::pin!(solve);
+        loop {
+            tokio::select! {
+                biased;
+                Some(e) = forwarded.recv() => events.event(e),
+                r = &mut solve => break r,
+            }
+        }
+    });
+    tracker.close();
+    while let Ok(e) = forwarded.try_recv() {
+        events.event(e);
+    }
+    req.cancel.enter(Phase::Exporting);
+    events.event(BuildEvent::StepsFinished);
+    let solved = match solved {
+        Ok(s) => s,
+        Err(error) => {
+            events.event(BuildEvent::Failed {
+                error: error.to_string(),
+                steps: tracker.outcomes(),
+            });
+            // After a signal, a step may end with the error of its cancelled download before
+            // the solver reports the cancellation: the build was cancelled all the same.
+            let interrupted = req.cancel.interruption();
+            let cancelled = interrupted.is_some()
+                || matches!(error, BuildError::Solve(kiln_solver::SolveError::Cancelled));
+            save_history(req, events, &recorder, Err(error.to_string()), cancelled);
+            return Err(BuildFailure::Steps { error, interrupted });
+        }
+    };
+    record_step_inputs(&solved, &recorder);
+    let image = {
+        let _span = recorder.span(SpanKind::Export, "image export and push");
+        export_outputs(req, events, &solved, &store, sde, &runtime, &client)
+    }
+    .map_err(SessionError::Export)?;
+    {
+        let _span = recorder.span(SpanKind::CacheExport, "cache export");
+        export_caches(req, events, &solved, &store, &client, &imported, &runtime)
+    }
+    .map_err(SessionError::Cache)?;
+    let stats = client.stats();
+    let bytes_downloaded = stats.bytes_received - stats_before.bytes_received;
+    let bytes_uploaded = stats.bytes_sent - stats_before.bytes_sent;
+    let steps = tracker.outcomes();
+    if let Some(path) = &req.metadata_file {
+        write_metadata(
+            path,
+            image.as_ref(),
+            &steps,
+            bytes_downloaded,
+            bytes_uploaded,
+        )
+        .map_err(|source| SessionError::Metadata {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    recorder.add_bytes_downloaded(bytes_downloaded);
+    recorder.add_bytes_uploaded(bytes_uploaded);
+    if let Some(img) = &image {
+        recorder.set_image_digest(&img.manifest.digest.to_string());
+    }
+    save_history(req, events, &recorder, Ok(()), false);
+    let target = {
+        let t = solved.graph.target_stage();
+        t.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", t.index))
+    };
+    events.event(BuildEvent::Finished {
+        target: target.clone(),
+        steps: steps.clone(),
+        bytes_downloaded,
+        bytes_uploaded,
+        image_digest: image.as_ref().map(|i| i.manifest.digest.to_string()),
+    });
+    Ok(BuildOutcome {
+        image,
+        target,
+        steps,
+        bytes_downloaded,
+        bytes_uploaded,
+    })
+}
+
+/// Reads every cache import (blocking on `runtime`); the caches found, by name.
+fn import_caches(
+    req: &BuildRequest,
+    events: &dyn EventSink,
+    client: &RegistryClient,
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<Vec<(String, Arc<ImportedCache>)>> {
+    let imported = runtime.block_on(legacy_cache::import_caches(
+        req,
+        events,
+        client,
+        runtime.handle(),
+    ))?;
+    for (name, _) in &imported {
+        events.event(BuildEvent::CacheImported { name: name.clone() });
+    }
+    Ok(imported)
+}
+
+/// Writes every cache export (blocking on `runtime`).
+fn export_caches(
+    req: &BuildRequest,
+    events: &dyn EventSink,
+    solved: &SolvedBuild,
+    store: &Store,
+    client: &RegistryClient,
+    imported: &[(String, Arc<ImportedCache>)],
+    runtime: &tokio::runtime::Runtime,
+) -> anyhow::Result<()> {
+    runtime.block_on(legacy_cache::export_caches(
+        req, events, solved, store, client, imported,
+    ))
+}
+
+/// `.dockerignore` patterns as a context filter.
+fn context_filter(patterns: &[String]) -> ContextFilter {
+    let m = Arc::new(IgnoreMatcher::from_patterns(patterns).unwrap_or_default());
+    let m2 = m.clone();
+    ContextFilter {
+        excluded: Box::new(move |p: &str, _dir: bool| m.matches(p)),
+        may_reinclude: Box::new(move |d: &str| m2.may_match_under(d)),
+    }
+}
+
+/// The layer compression the first output that names one asks for (the worker compresses
+/// each layer once, as it is made).
+fn layer_compression(outputs: &[OutputSpec]) -> Option<kiln_oci::compression::Compression> {
+    outputs.iter().find_map(|o| o.compression).map(|c| match c {
+        kiln_graph::options::Compression::Gzip => kiln_oci::compression::Compression::Gzip,
+        kiln_graph::options::Compression::Zstd => kiln_oci::compression::Compression::Zstd,
+        kiln_graph::options::Compression::Uncompressed => {
+            kiln_oci::compression::Compression::Uncompressed
+        }
+    })
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment or a build arg, as BuildKit reads it.
+fn source_date_epoch(opts: &BuildOptions) -> Result<Option<i64>, SessionError> {
+    let raw = opts
+        .build_args
+        .get("SOURCE_DATE_EPOCH")
+        .cloned()
+        .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok());
+    match raw.filter(|s| !s.is_empty()) {
+        None => Ok(None),
+        Some(s) => s
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| SessionError::SourceDateEpoch(s)),
+    }
+}
+
+/// Feeds the solver's events to the history recorder and the step outcomes, and forwards
+/// them to the session's thread.
+struct StepTracker {
+    names: Vec<StepName>,
+    recorder: Arc<Recorder>,
+    begun: Instant,
+    outcomes: Mutex<BTreeMap<usize, StepOutcome>>,
+    forward: Mutex<Option<tokio::sync::mpsc::UnboundedSender<BuildEvent>>>,
+}
+
+impl StepTracker {
+    fn new(
+        names: Vec<StepName>,
+        recorder: Arc<Recorder>,
+        forward: tokio::sync::mpsc::UnboundedSender<BuildEvent>,
+    ) -> Self {
+        StepTracker {
+            names,
+            recorder,
+            begun: Instant::now(),
+            outcomes: Mutex::new(BTreeMap::new()),
+            forward: Mutex::new(Some(forward)),
+        }
+    }
+
+    /// Stops forwarding: events after the solve are recorded, not shown.
+    fn close(&self) {
+        self.forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn outcomes(&self) -> Vec<StepOutcome> {
+        self.outcomes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn name(&self, node: usize) -> (String, Option<String>) {
+        self.names
+            .get(node)
+            .map(|n| (n.description.clone(), n.stage.clone()))
+            .unwrap_or_else(|| (format!("step {node}"), None))
+    }
+}
+
+impl kiln_solver::EventSink for StepTracker {
+    fn event(&self, event: Event) {
+        match &event {
+            Event::Cached { node, key, source } => {
+                let remote = match source {
+                    CacheSource::Local => None,
+                    CacheSource::Remote(r) => Some(r.as_str()),
+                };
+                self.recorder.step_cached(*node, &key.to_string(), remote);
+            }
+            Event::Started { node, key } => self.recorder.step_started(*node, &key.to_string()),
+            Event::Completed {
+                node,
+                key,
+                duration,
+            } => self
+                .recorder
+                .step_completed(*node, &key.to_string(), *duration),
+            Event::Failed { node, message } => self.recorder.step_failed(*node, message),
+            Event::Log { .. } => {}
+        }
+        {
+            let mut outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            match &event {
+                Event::Cached { node, source, .. } => {
+                    let (name, stage) = self.name(*node);
+                    let src = match source {
+                        CacheSource::Local => "local".to_owned(),
+                        CacheSource::Remote(r) => r.clone(),
+                    };
+                    outcomes.insert(
+                        *node,
+                        StepOutcome {
+                            step: node + 1,
+                            name,
+                            stage,
+                            status: "cached",
+                            cache_source: Some(src),
+                            started_ms: None,
+                            duration_ms: None,
+                        },
+                    );
+                }
+                Event::Started { node, .. } => {
+                    let (name, stage) = self.name(*node);
+                    outcomes.insert(
+                        *node,
+                        StepOutcome {
+                            step: node + 1,
+                            name,
+                            stage,
+                            status: "running",
+                            cache_source: None,
+                            started_ms: Some(self.begun.elapsed().as_millis() as u64),
+                            duration_ms: None,
+                        },
+                    );
+                }
+                Event::Completed { node, duration, .. } => {
+                    if let Some(o) = outcomes.get_mut(node) {
+                        o.status = "run";
+                        o.duration_ms = Some(duration.as_millis() as u64);
+                    }
+                }
+                Event::Failed { node, .. } => {
+                    if let Some(o) = outcomes.get_mut(node) {
+                        o.status = "failed";
+                    }
+                }
+                Event::Log { .. } => {}
+            }
+        }
+        if let Some(f) = self
+            .forward
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = f.send(BuildEvent::Step(event));
+        }
+    }
+}
+
+fn oci_types(o: &OutputSpec) -> bool {
+    o.oci_mediatypes
+        .unwrap_or(!matches!(o.kind, OutputKind::Docker))
+}
+
+/// Runs every output; returns the image made, if any.
+fn export_outputs(
+    req: &BuildRequest,
+    events: &dyn EventSink,
+    solved: &SolvedBuild,
+    store: &Store,
+    sde: Option<i64>,
+    runtime: &tokio::runtime::Runtime,
+    client: &RegistryClient,
+) -> anyhow::Result<Option<StoredImage>> {
+    let stage = solved.graph.target_stage();
+    // With SOURCE_DATE_EPOCH, layers a cache hit brought are clamped to it as a fresh run's
+    // would be, so the image does not depend on the cache's history.
+    let layers = match (solved.rootfs.as_deref(), sde) {
+        (Some(fs), Some(epoch)) => solved.worker.layers_for_epoch(fs, epoch)?,
+        (Some(fs), None) => fs.layers.clone(),
+        (None, _) => Vec::new(),
+    };
+    let base_created = solved
+        .rootfs
+        .as_ref()
+        .and_then(|r| r.image.as_ref())
+        .and_then(|c| c.created.clone());
+    let fallback = base_created
+        .unwrap_or_else(|| kiln_worker::image::created_timestamp(sde.map(|s| s.max(0) as u64)));
+    let created = kiln_worker::image::image_created(&layers, fallback);
+    // `--export-cache type=inline`: the cache goes into the config, before the image is
+    // stored or pushed.
+    let makes_image = req.outputs.iter().any(|o| {
+        matches!(
+            o.kind,
+            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker
+        )
+    });
+    let config_fields = if makes_image {
+        legacy_cache::inline_cache_fields(req, events, solved, &layers, runtime)?
+    } else {
+        Default::default()
+    };
+    let mut made: Option<StoredImage> = None;
+    for o in &req.outputs {
+        let fs = solved.rootfs.as_deref();
+        match o.kind {
+            OutputKind::Cacheonly => {}
+            OutputKind::Local | OutputKind::Tar => {
+                let dest = o
+                    .dest
+                    .as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("--output type={:?} needs dest=PATH", o.kind))?;
+                if o.kind == OutputKind::Local {
+                    kiln_worker::export::local_dir(&solved.worker, fs, dest)?;
+                } else {
+                    kiln_worker::export::rootfs_tar(&solved.worker, fs, dest)?;
+                }
+            }
+            OutputKind::Image | OutputKind::Registry | OutputKind::Oci | OutputKind::Docker => {
+                let image = images::store_image_with_fields(
+                    store,
+                    &stage.config,
+                    &layers,
+                    &created,
+                    oci_types(o),
+                    &config_fields,
+                )?;
+                images::tag_image(store, &image, &o.names)?;
+                match o.kind {
+                    OutputKind::Oci | OutputKind::Docker => {
+                        let dest = o.dest.as_deref().ok_or_else(|| {
+                            anyhow::anyhow!("--output type={:?} needs dest=FILE", o.kind)
+                        })?;
+                        if o.kind == OutputKind::Oci {
+                            kiln_worker::export::oci_archive(
+                                &solved.worker,
+                                fs,
+                                &image,
+                                &o.names,
+                                dest,
+                            )?;
+                        } else {
+                            kiln_worker::export::docker_archive(
+                                &solved.worker,
+                                fs,
+                                &image,
+                                &o.names,
+                                dest,
+                            )?;
+                        }
+                    }
+                    _ if o.push || o.kind == OutputKind::Registry => {
+                        let mount_from = mount_source(fs, &o.names);
+                        if let Some(f) = fs.filter(|_| mount_from.is_none()) {
+                            solved.worker.fetch_blobs(f)?;
+                        }
+                        runtime.block_on(kiln_worker::registry::push_image(
+                            client,
+                            store,
+                            &image,
+                            &o.names,
+                            mount_from.as_ref(),
+                        ))?;
+                    }
+                    _ => {}
+                }
+                made = Some(image);
+            }
+        }
+        events.event(BuildEvent::OutputExported {
+            kind: format!("{:?}", o.kind).to_ascii_lowercase(),
+        });
+    }
+    Ok(made)
+}
+
+fn write_metadata(
+    path: &Path,
+    image: Option<&StoredImage>,
+    steps: &[StepOutcome],
+    bytes_downloaded: u64,
+    bytes_uploaded: u64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let mut v = json!({
+        "kiln.steps": steps,
+        "kiln.bytes_downloaded": bytes_downloaded,
+        "kiln.bytes_uploaded": bytes_uploaded,
+    });
+    if let Some(img) = image {
+        v["containerimage.digest"] = json!(img.manifest.digest.to_string());
+        v["containerimage.config.digest"] = json!(img.config.digest.to_string());
+        v["containerimage.descriptor"] = serde_json::to_value(img.manifest.descriptor())?;
+    }
+    let text = serde_json::to_vec_pretty(&v)?;
+    kiln_worker::export::write_file_atomic(path, &text)?;
+    Ok(())
+}
+
+/// Cancels a registry client and waits (briefly) for its blocking calls when dropped.
+struct ClientShutdown<'a> {
+    client: RegistryClient,
+    events: &'a dyn EventSink,
+}
+
+impl Drop for ClientShutdown<'_> {
+    fn drop(&mut self) {
+        if !self.client.shutdown(std::time::Duration::from_secs(10)) {
+            self.events.event(BuildEvent::Warning(
+                "registry requests were still under way at exit".to_owned(),
+            ));
+        }
+    }
+}
+
+/// A registry client; hosts of outputs with `registry.insecure=true` speak plain HTTP.
+fn registry_client(req: &BuildRequest) -> Result<RegistryClient, SessionError> {
+    // Image names of outputs with `registry.insecure=true`, and cache refs marked
+    // `registry.insecure=true` (or `insecure=true`).
+    let outputs = req
+        .outputs
+        .iter()
+        .filter(|o| o.registry_insecure)
+        .flat_map(|o| o.names.iter());
+    let caches = req
+        .cache_exports
+        .iter()
+        .map(|c| (&c.reference, &c.attrs))
+        .chain(req.cache_imports.iter().map(|c| (&c.reference, &c.attrs)))
+        .filter(|(_, attrs)| {
+            ["registry.insecure", "insecure"]
+                .iter()
+                .any(|k| attrs.get(*k).is_some_and(|v| v == "true"))
+        })
+        .filter_map(|(reference, _)| reference.as_ref());
+    let mut config = ClientConfig::default();
+    for name in outputs.chain(caches) {
+        if let Ok(r) = name.parse::<kiln_oci::Reference>() {
+            let insecure = HostConfig {
+                insecure: true,
+                ..HostConfig::default()
+            };
+            config.hosts.insert(r.registry().to_owned(), insecure);
+        }
+    }
+    RegistryClient::new(config).map_err(|e| SessionError::RegistryClient(Box::new(e)))
+}
+
+/// The repository to mount `fs`'s blobs from when pushing to `names`: its source, when that
+/// is a repository of the same registry (blobs then never travel through this machine).
+fn mount_source(fs: Option<&Rootfs>, names: &[String]) -> Option<kiln_oci::Reference> {
+    let repo = fs?.source()?.repository()?;
+    let target: kiln_oci::Reference = names.first()?.parse().ok()?;
+    (repo.registry() == target.registry()).then_some(repo)
+}
+
+/// Records the build in the state dir's history and writes the report and trace. A history
+/// that cannot be written is a warning: it must never fail a build that succeeded.
+fn save_history(
+    req: &BuildRequest,
+    events: &dyn EventSink,
+    recorder: &Recorder,
+    result: Result<(), String>,
+    cancelled: bool,
+) {
+    let warn = |m: String| events.event(BuildEvent::Warning(m));
+    let record = recorder.finish(result, cancelled);
+    if kiln_history::otlp_configured() {
+        if let Err(e) = kiln_history::export_otlp(&record, None) {
+            warn(format!("could not export the build trace over OTLP: {e}"));
+        }
+    }
+    if let Err(e) = HistoryStore::new(&req.state_root).save(&record) {
+        warn(format!("could not record the build in history: {e}"));
+    }
+    if let Some(p) = &req.report {
+        match kiln_history::write_report(&record, p) {
+            Ok(()) => events.event(BuildEvent::ReportWritten { path: p.clone() }),
+            Err(e) => warn(format!("could not write the report {}: {e}", p.display())),
+        }
+    }
+    if let Some(p) = &req.trace {
+        if let Err(e) = kiln_history::write_trace(&record, p) {
+            warn(format!("could not write the trace {}: {e}", p.display()));
+        }
+    }
+}
+
+/// What each step's cache key was computed from, for `kiln history compare` to name the
+/// input that changed: files a copy took from a local context (by digest), the environment a
+/// `RUN` saw (build args included), the base image's digest.
+fn record_step_inputs(solved: &SolvedBuild, recorder: &Recorder) {
+    use kiln_graph::graph::{CopySource, Op};
+    let g = &solved.graph;
+    for (i, v) in g.vertices.iter().enumerate() {
+        let mut inputs = std::collections::BTreeMap::new();
+        match &v.op {
+            Op::Copy(c) => {
+                if let CopySource::Input { input } = c.source {
+                    let src = v.inputs.get(input as usize).map(|id| &g.vertex(*id).op);
+                    if let Some(Op::Local(l)) = src {
+                        if let Some(idx) = solved.worker.context_index(&l.name, &l.exclude) {
+                            let reads = idx.copy_reads(&c.srcs, &c.exclude);
+                            for (path, e) in idx.entries() {
+                                let picked = reads(path);
+                                if let (
+                                    true,
+                                    kiln_worker::context::EntryKind::File { digest, .. },
+                                ) = (picked, &e.kind)
+                                {
+                                    inputs.insert(format!("file:{path}"), digest.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Op::Exec(e) => {
+                for kv in &e.env {
+                    if let Some((k, val)) = kv.split_once('=') {
+                        inputs.insert(format!("env:{k}"), val.to_owned());
+                    }
+                }
+                inputs.insert("command".into(), e.args.join(" "));
+            }
+            Op::Image(src) => {
+                inputs.insert(
+                    "base".into(),
+                    src.digest.clone().unwrap_or_else(|| src.reference.clone()),
+                );
+            }
+            _ => {}
+        }
+        if !inputs.is_empty() {
+            recorder.set_step_inputs(i, inputs);
+        }
+    }
+}
