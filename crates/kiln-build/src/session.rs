@@ -48,7 +48,7 @@ pub enum CancelOutcome {
     /// The running steps were told to stop (containers killed, snapshots removed, the lease
     /// released); [`run`] returns [`BuildFailure::Steps`] once they have.
     Cancelling,
-    /// A cancellation is already under way.
+    /// A cancellation is already under way (until the session ends).
     StillCancelling,
     /// The steps are over and outputs are being written: blobs and records are written
     /// aside and renamed in, so the caller may stop the process now.
@@ -95,6 +95,11 @@ impl CancelHandle {
     pub fn cancel(&self, why: Interruption) -> CancelOutcome {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let st = &mut *st;
+        // Once the steps are being cancelled, later signals never cut the clean-up short,
+        // even after the solve has ended (the lease is released when the session ends).
+        if st.asked {
+            return CancelOutcome::StillCancelling;
+        }
         match &st.phase {
             Phase::Preparing => CancelOutcome::StopNow,
             Phase::PreparingWith(client) => {
@@ -104,9 +109,6 @@ impl CancelHandle {
             Phase::Exporting => CancelOutcome::StopWhileExporting,
             Phase::Solving { stop_steps, client } => {
                 st.interrupted.get_or_insert(why);
-                if st.asked {
-                    return CancelOutcome::StillCancelling;
-                }
                 st.asked = true;
                 stop_steps();
                 // Steps waiting on a registry (a stalled layer download) end now.
