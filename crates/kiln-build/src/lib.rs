@@ -16,7 +16,7 @@ pub mod session;
 pub mod spec;
 
 pub use events::{BuildEvent, EventSink, StepName, StepOutcome};
-pub use request::BuildRequest;
+pub use request::{BuildRequest, ExportFlags, Exports};
 pub use session::{
     run, BuildFailure, BuildOutcome, CancelHandle, CancelOutcome, Interruption, SessionError,
 };

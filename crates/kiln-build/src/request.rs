@@ -1,10 +1,11 @@
-//! Everything one build needs, gathered before it starts: [`BuildRequest`].
+//! Everything one build needs, gathered before it starts: [`BuildRequest`], and the parse of
+//! the flags that say where its results and caches go ([`ExportFlags`]).
 
 use std::path::PathBuf;
 
 use kiln_dockerfile::Dockerfile;
-use kiln_graph::options::{CacheExportSpec, CacheImportSpec, OutputSpec};
-use kiln_graph::BuildOptions;
+use kiln_graph::options::{apply_tags_and_push, CacheExportSpec, CacheImportSpec, OutputSpec};
+use kiln_graph::{BuildOptions, OptionError};
 
 use crate::session::CancelHandle;
 
@@ -43,12 +44,68 @@ pub struct BuildRequest {
     pub cancel: CancelHandle,
 }
 
+/// The flags that say where a build's results and caches go, in both spellings, as the
+/// command line gave them (repeatable flags in command-line order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExportFlags {
+    /// buildx `-t/--tag`.
+    pub tags: Vec<String>,
+    /// buildx `--push`.
+    pub push: bool,
+    /// `--output` / `-o`.
+    pub outputs: Vec<String>,
+    /// buildctl `--export-cache`, buildx `--cache-to`: (flag as spelled, value).
+    pub cache_to: Vec<(String, String)>,
+    /// buildctl `--import-cache`, buildx `--cache-from`: (flag as spelled, value).
+    pub cache_from: Vec<(String, String)>,
+}
+
+/// Where a build's results and caches go, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exports {
+    /// Every output, in order; `-t`/`--push` folded in. Empty: build only (the cache is
+    /// still filled).
+    pub outputs: Vec<OutputSpec>,
+    /// Caches to export to.
+    pub cache_exports: Vec<CacheExportSpec>,
+    /// Caches to import from.
+    pub cache_imports: Vec<CacheImportSpec>,
+}
+
+impl ExportFlags {
+    /// Validates the flags. Every error names the flag as spelled and the bad value.
+    pub fn parse(&self) -> Result<Exports, OptionError> {
+        let mut outputs = self
+            .outputs
+            .iter()
+            .map(|o| OutputSpec::parse("--output", o))
+            .collect::<Result<Vec<_>, _>>()?;
+        apply_tags_and_push(&mut outputs, &self.tags, self.push)?;
+        let cache_exports = self
+            .cache_to
+            .iter()
+            .map(|(flag, c)| CacheExportSpec::parse(flag, c))
+            .collect::<Result<_, _>>()?;
+        let cache_imports = self
+            .cache_from
+            .iter()
+            .map(|(flag, c)| CacheImportSpec::parse(flag, c))
+            .collect::<Result<_, _>>()?;
+        Ok(Exports {
+            outputs,
+            cache_exports,
+            cache_imports,
+        })
+    }
+}
+
 impl BuildRequest {
-    /// A request for `options`, taking its outputs, cache specs and metadata file out of
-    /// them; the Dockerfile, its source and label, and the state root are given. Reports,
-    /// trace and command line start empty.
+    /// A request for `options` (its metadata file taken out of them) and `exports`; the
+    /// Dockerfile, its source and label, and the state root are given. Reports, trace and
+    /// command line start empty.
     pub fn new(
         mut options: BuildOptions,
+        exports: Exports,
         dockerfile: Dockerfile,
         dockerfile_source: String,
         dockerfile_label: String,
@@ -56,9 +113,9 @@ impl BuildRequest {
         state_root: PathBuf,
     ) -> Self {
         BuildRequest {
-            outputs: std::mem::take(&mut options.outputs),
-            cache_imports: std::mem::take(&mut options.cache_imports),
-            cache_exports: std::mem::take(&mut options.cache_exports),
+            outputs: exports.outputs,
+            cache_imports: exports.cache_imports,
+            cache_exports: exports.cache_exports,
             metadata_file: options.metadata_file.take(),
             options,
             dockerfile,

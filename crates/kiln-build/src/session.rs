@@ -908,3 +908,70 @@ fn record_step_inputs(solved: &SolvedBuild, recorder: &Recorder) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn client() -> RegistryClient {
+        RegistryClient::new(ClientConfig::default()).expect("a client without hosts")
+    }
+
+    #[test]
+    fn a_cancel_before_the_steps_lets_the_caller_stop_at_once() {
+        let handle = CancelHandle::new();
+        assert_eq!(
+            handle.cancel(Interruption::Interrupt),
+            CancelOutcome::StopNow
+        );
+        handle.enter(Phase::PreparingWith(client()));
+        assert_eq!(
+            handle.cancel(Interruption::Terminate),
+            CancelOutcome::StopNow
+        );
+        assert_eq!(handle.interruption(), None);
+    }
+
+    #[test]
+    fn a_cancel_while_the_steps_run_stops_them_once_and_later_ones_wait_for_the_clean_up() {
+        let handle = CancelHandle::new();
+        let stops = Arc::new(AtomicUsize::new(0));
+        let counted = stops.clone();
+        handle.enter(Phase::Solving {
+            stop_steps: Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }),
+            client: client(),
+        });
+        let other = handle.clone();
+        assert_eq!(
+            other.cancel(Interruption::Terminate),
+            CancelOutcome::Cancelling
+        );
+        assert_eq!(
+            handle.cancel(Interruption::Interrupt),
+            CancelOutcome::StillCancelling
+        );
+        assert_eq!(stops.load(Ordering::SeqCst), 1);
+        // The first interruption names the build's end; the solve ending does not let a
+        // later signal cut the clean-up short.
+        assert_eq!(handle.interruption(), Some(Interruption::Terminate));
+        handle.enter(Phase::Exporting);
+        assert_eq!(
+            handle.cancel(Interruption::Interrupt),
+            CancelOutcome::StillCancelling
+        );
+    }
+
+    #[test]
+    fn a_cancel_after_the_steps_lets_the_caller_stop_while_exporting() {
+        let handle = CancelHandle::new();
+        handle.enter(Phase::Exporting);
+        assert_eq!(
+            handle.cancel(Interruption::Interrupt),
+            CancelOutcome::StopWhileExporting
+        );
+        assert_eq!(handle.interruption(), None);
+    }
+}

@@ -321,43 +321,6 @@ fn output_errors_name_the_problem() {
 }
 
 #[test]
-fn tags_and_push_become_a_registry_output() {
-    let o = ok(RawBuildFlags {
-        tags: vec!["r/app:1".into(), "r/app:latest".into()],
-        push: true,
-        ..base()
-    });
-    assert_eq!(o.outputs.len(), 1);
-    assert_eq!(
-        (o.outputs[0].kind, o.outputs[0].push),
-        (OutputKind::Registry, true)
-    );
-    assert_eq!(o.outputs[0].names, ["r/app:1", "r/app:latest"]);
-    let o = ok(RawBuildFlags {
-        tags: vec!["r/app:1".into()],
-        outputs: vec!["type=image".into()],
-        ..base()
-    });
-    assert_eq!((o.outputs[0].names.len(), o.outputs[0].push), (1, false));
-    assert_eq!(
-        err(RawBuildFlags {
-            push: true,
-            ..base()
-        })
-        .flag,
-        "--push"
-    );
-    assert_eq!(
-        err(RawBuildFlags {
-            tags: vec!["bad tag".into()],
-            ..base()
-        })
-        .flag,
-        "--tag"
-    );
-}
-
-#[test]
 fn cache_export_and_import_specs_parse() {
     let e = CacheExportSpec::parse("--export-cache", "type=registry,ref=reg/app:cache,mode=max,compression=zstd,compression-level=5,force-compression=true,ignore-error=true,oci-mediatypes=true,image-manifest=true,cache-mounts=true").unwrap();
     assert_eq!(
@@ -416,20 +379,6 @@ fn cache_spec_errors_name_the_flag() {
     assert!(e.reason.contains("export-only"));
     let e = CacheImportSpec::parse("--cache-from", "type=local").unwrap_err();
     assert!(e.reason.contains("needs src=DIR"));
-}
-
-#[test]
-fn cache_flags_keep_their_own_names_in_errors() {
-    let e = err(RawBuildFlags {
-        cache_to: vec![("--cache-to".into(), "type=gha".into())],
-        ..base()
-    });
-    assert_eq!(e.flag, "--cache-to");
-    let e = err(RawBuildFlags {
-        cache_from: vec![("--import-cache".into(), "type=gha".into())],
-        ..base()
-    });
-    assert_eq!(e.flag, "--import-cache");
 }
 
 #[test]
