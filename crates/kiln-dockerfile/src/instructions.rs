@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::ast::{Args, Dockerfile, Flag, Heredoc, Instruction, Keyword, Span, Word};
 use crate::error::{ErrorKind, ParseError};
 
@@ -74,26 +76,56 @@ pub struct Run {
     /// `--network`.
     pub network: Option<NetworkMode>,
     /// `--security`.
-    pub security: Option<Security>,
+    pub security: Option<SecurityMode>,
     /// Heredoc bodies of the line.
     pub heredocs: Vec<Heredoc>,
 }
 
-/// `RUN --network=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
+/// `RUN --network=`: the one definition of a step's network mode. The parser reads it, the
+/// build graph stores it in its RUN op (its serde spelling is part of every RUN's cache key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum NetworkMode {
+    /// The worker default (host).
     Default,
+    /// No network.
     None,
+    /// The host's network.
     Host,
 }
 
-/// `RUN --security=`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Security {
-    Insecure,
+impl NetworkMode {
+    /// The mode a `--network` value names, exactly as written (`default`, `none`, `host`).
+    pub fn from_flag_value(value: &str) -> Option<Self> {
+        match value {
+            "default" => Some(NetworkMode::Default),
+            "none" => Some(NetworkMode::None),
+            "host" => Some(NetworkMode::Host),
+            _ => None,
+        }
+    }
+}
+
+/// `RUN --security=`: the one definition of a step's security mode (its serde spelling is
+/// part of every RUN's cache key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecurityMode {
+    /// Default capabilities.
     Sandbox,
+    /// All capabilities.
+    Insecure,
+}
+
+impl SecurityMode {
+    /// The mode a `--security` value names, exactly as written (`sandbox`, `insecure`).
+    pub fn from_flag_value(value: &str) -> Option<Self> {
+        match value {
+            "sandbox" => Some(SecurityMode::Sandbox),
+            "insecure" => Some(SecurityMode::Insecure),
+            _ => None,
+        }
+    }
 }
 
 /// `--mount` type.
@@ -107,13 +139,29 @@ pub enum MountType {
     Ssh,
 }
 
-/// Cache mount sharing mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Sharing {
+/// `sharing=` of a cache mount: the one definition (its serde spelling is part of the cache
+/// key of every RUN with a cache mount).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CacheSharing {
+    /// Concurrent writers share one directory.
     Shared,
+    /// Concurrent writers get separate copies.
     Private,
+    /// Writers wait for each other.
     Locked,
+}
+
+impl CacheSharing {
+    /// The mode a `sharing=` value names, in any case (`shared`, `private`, `locked`).
+    pub fn from_flag_value(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "shared" => Some(CacheSharing::Shared),
+            "private" => Some(CacheSharing::Private),
+            "locked" => Some(CacheSharing::Locked),
+            _ => None,
+        }
+    }
 }
 
 /// One `RUN --mount=...`.
@@ -132,7 +180,7 @@ pub struct Mount {
     /// `id` (cache, secret, ssh).
     pub id: Option<String>,
     /// `sharing` (cache).
-    pub sharing: Option<Sharing>,
+    pub sharing: Option<CacheSharing>,
     /// `mode` (octal file mode).
     pub mode: Option<u32>,
     /// `uid`.
@@ -225,11 +273,102 @@ pub fn lower_all(df: &Dockerfile) -> Result<Vec<TypedInstruction>, ParseError> {
     df.instructions.iter().map(lower).collect()
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum FlagKind {
+/// How a flag takes its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagKind {
+    /// `--name=value`, at most once.
     Str,
+    /// `--name` or `--name=true|false`, at most once.
     Bool,
+    /// `--name=value`, any number of times (`--mount`, `--exclude`).
     List,
+}
+
+/// How a flag's value meets the stage's ARG/ENV scope, as BuildKit decides it per flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlagExpansion {
+    /// The whole value is expanded (`--chown`, `--chmod`, `--checksum`, `FROM --platform`).
+    Expanded,
+    /// The value is split into `key=value` fields first and each value is expanded on its
+    /// own (`--mount`; see [`parse_mount_expanding`]).
+    PerField,
+    /// A value holding a variable is refused (the stage graph is known before any variable
+    /// has a value, see [`from_has_variable`]); what remains is expanded (`COPY --from`).
+    NoVariables,
+    /// Read as written: a `$` is a literal character (`--network`, `--security`, booleans,
+    /// `--exclude`, HEALTHCHECK durations).
+    AsWritten,
+}
+
+/// One flag an instruction accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlagSpec {
+    /// Name without the leading `--`.
+    pub name: &'static str,
+    /// How it takes its value.
+    pub kind: FlagKind,
+    /// Whether and how its value is expanded.
+    pub expansion: FlagExpansion,
+}
+
+const fn flag(name: &'static str, kind: FlagKind, expansion: FlagExpansion) -> FlagSpec {
+    FlagSpec {
+        name,
+        kind,
+        expansion,
+    }
+}
+
+/// The flags each instruction accepts: kiln's one allow-list. The parser's [`lower`] and
+/// the frontend's lowering both check flags against it, and the frontend expands each value
+/// as its [`FlagExpansion`] says.
+pub fn accepted_flags(kind: Keyword) -> &'static [FlagSpec] {
+    use FlagExpansion::*;
+    use FlagKind::*;
+    const FROM: &[FlagSpec] = &[flag("platform", Str, Expanded)];
+    const RUN: &[FlagSpec] = &[
+        flag("mount", List, PerField),
+        flag("network", Str, AsWritten),
+        flag("security", Str, AsWritten),
+    ];
+    const COPY: &[FlagSpec] = &[
+        flag("from", Str, NoVariables),
+        flag("chown", Str, Expanded),
+        flag("chmod", Str, Expanded),
+        flag("link", Bool, AsWritten),
+        flag("parents", Bool, AsWritten),
+        flag("exclude", List, AsWritten),
+    ];
+    const ADD: &[FlagSpec] = &[
+        flag("chown", Str, Expanded),
+        flag("chmod", Str, Expanded),
+        flag("link", Bool, AsWritten),
+        flag("keep-git-dir", Bool, AsWritten),
+        flag("checksum", Str, Expanded),
+        flag("exclude", List, AsWritten),
+        // Accepted and checked as a boolean; archives are extracted as without it.
+        flag("unpack", Bool, AsWritten),
+    ];
+    const HEALTHCHECK: &[FlagSpec] = &[
+        flag("interval", Str, AsWritten),
+        flag("timeout", Str, AsWritten),
+        flag("start-period", Str, AsWritten),
+        flag("start-interval", Str, AsWritten),
+        flag("retries", Str, AsWritten),
+    ];
+    match kind {
+        Keyword::From => FROM,
+        Keyword::Run => RUN,
+        Keyword::Copy => COPY,
+        Keyword::Add => ADD,
+        Keyword::Healthcheck => HEALTHCHECK,
+        _ => &[],
+    }
+}
+
+/// The spec of flag `name` of instruction `kind`, or `None` when `kind` does not accept it.
+pub fn flag_spec(kind: Keyword, name: &str) -> Option<&'static FlagSpec> {
+    accepted_flags(kind).iter().find(|f| f.name == name)
 }
 
 /// Parsed flags of one instruction (BuildKit's `BFlags`).
@@ -238,10 +377,10 @@ struct Flags<'a> {
 }
 
 impl<'a> Flags<'a> {
-    fn parse(inst: &'a Instruction, allowed: &[(&str, FlagKind)]) -> Result<Self, ParseError> {
+    fn parse(inst: &'a Instruction, keyword: Keyword) -> Result<Self, ParseError> {
         let mut given: Vec<(&Flag, FlagKind)> = Vec::new();
         for f in &inst.flags {
-            let Some(&(_, kind)) = allowed.iter().find(|(n, _)| *n == f.name) else {
+            let Some(kind) = flag_spec(keyword, &f.name).map(|s| s.kind) else {
                 return Err(flag_err(f, format!("unknown flag: {}", f.name)));
             };
             if kind != FlagKind::List && given.iter().any(|(g, _)| g.name == f.name) {
@@ -350,36 +489,7 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
             inst.span,
         ));
     };
-    use FlagKind::*;
-    let allowed: &[(&str, FlagKind)] = match kind {
-        Keyword::From => &[("platform", Str)],
-        Keyword::Run => &[("mount", List), ("network", Str), ("security", Str)],
-        Keyword::Copy => &[
-            ("from", Str),
-            ("chown", Str),
-            ("chmod", Str),
-            ("link", Bool),
-            ("parents", Bool),
-            ("exclude", List),
-        ],
-        Keyword::Add => &[
-            ("chown", Str),
-            ("chmod", Str),
-            ("link", Bool),
-            ("keep-git-dir", Bool),
-            ("checksum", Str),
-            ("exclude", List),
-        ],
-        Keyword::Healthcheck => &[
-            ("interval", Str),
-            ("timeout", Str),
-            ("start-period", Str),
-            ("start-interval", Str),
-            ("retries", Str),
-        ],
-        _ => &[],
-    };
-    let flags = Flags::parse(inst, allowed)?;
+    let flags = Flags::parse(inst, kind)?;
     let command = match kind {
         Keyword::From => {
             let w = words(&inst.args);
@@ -426,33 +536,24 @@ pub fn lower(inst: &Instruction) -> Result<TypedInstruction, ParseError> {
                 m.span = f.span;
                 mounts.push(m);
             }
+            // BuildKit reads both modes as written: `--network=$MODE` is refused too.
             let network = match flags.string("network") {
                 None => None,
-                Some((v, f)) => Some(match v.as_str() {
-                    "default" => NetworkMode::Default,
-                    "none" => NetworkMode::None,
-                    "host" => NetworkMode::Host,
-                    // BuildKit reads the mode as written: `--network=$MODE` is refused too.
-                    _ => {
-                        return Err(flag_err(
-                            f,
-                            format!("invalid network mode {}", crate::shell::go_quote(&v)),
-                        ))
-                    }
-                }),
+                Some((v, f)) => Some(NetworkMode::from_flag_value(&v).ok_or_else(|| {
+                    flag_err(
+                        f,
+                        format!("invalid network mode {}", crate::shell::go_quote(&v)),
+                    )
+                })?),
             };
             let security = match flags.string("security") {
                 None => None,
-                Some((v, f)) => Some(match v.as_str() {
-                    "insecure" => Security::Insecure,
-                    "sandbox" => Security::Sandbox,
-                    _ => {
-                        return Err(flag_err(
-                            f,
-                            format!("security mode {} not supported", crate::shell::go_quote(&v)),
-                        ))
-                    }
-                }),
+                Some((v, f)) => Some(SecurityMode::from_flag_value(&v).ok_or_else(|| {
+                    flag_err(
+                        f,
+                        format!("security mode {} not supported", crate::shell::go_quote(&v)),
+                    )
+                })?),
             };
             Command::Run(Run {
                 command,
@@ -970,17 +1071,9 @@ pub fn parse_mount_expanding(
             "id" => m.id = Some(need(val)?),
             "sharing" => {
                 let v = need(val)?;
-                m.sharing = Some(match v.to_ascii_lowercase().as_str() {
-                    "shared" => Sharing::Shared,
-                    "private" => Sharing::Private,
-                    "locked" => Sharing::Locked,
-                    _ => {
-                        return Err(format!(
-                            "unsupported sharing value {}",
-                            crate::shell::go_quote(&v)
-                        ))
-                    }
-                });
+                m.sharing = Some(CacheSharing::from_flag_value(&v).ok_or_else(|| {
+                    format!("unsupported sharing value {}", crate::shell::go_quote(&v))
+                })?);
             }
             "mode" => m.mode = Some(num(val, 8)?),
             "uid" => m.uid = Some(num(val, 10)?),
@@ -1060,7 +1153,7 @@ mod tests {
             panic!("not RUN")
         };
         assert_eq!(r.mounts[0].kind, MountType::Cache);
-        assert_eq!(r.mounts[0].sharing, Some(Sharing::Locked));
+        assert_eq!(r.mounts[0].sharing, Some(CacheSharing::Locked));
         assert_eq!(r.mounts[0].mode, Some(0o755));
         assert!(!r.mounts[0].read_only);
         assert_eq!(r.network, Some(NetworkMode::None));

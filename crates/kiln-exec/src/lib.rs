@@ -49,6 +49,5 @@ pub use namespace::NamespaceExecutor;
 pub use runc::RuncExecutor;
 pub use spec::{
     CancelToken, CollectedOutput, ExecError, ExecSpec, Executor, ExitStatus, MountKind, MountSpec,
-    Network, OutputLine, OutputSink, OutputStream, Rlimit, RlimitResource, Secret, Security,
-    DEFAULT_PATH,
+    Network, OutputLine, OutputSink, OutputStream, Rlimit, RlimitResource, Secret, DEFAULT_PATH,
 };

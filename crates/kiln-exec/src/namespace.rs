@@ -25,7 +25,6 @@ use crate::security::{
 };
 use crate::spec::{
     wipe, CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
-    Security,
 };
 
 /// Docker's default masked paths: hidden behind `/dev/null` (files) or an empty read-only
@@ -270,7 +269,7 @@ fn build_plan(
     scratch: &Path,
     netns_fd: RawFd,
 ) -> Result<Plan, ExecError> {
-    let sandbox = spec.security == Security::Sandbox;
+    let sandbox = !spec.privileged;
     let root = &prep.root;
     let mut ops = Vec::new();
     let p = |path: &Path| cpath(path);
@@ -1124,8 +1123,7 @@ impl Executor for NamespaceExecutor {
             let result = run_plan(&mut plan, prep, sink, cancel, cgroup.as_ref());
             if let Some(net) = network {
                 // A step with every capability may have reconfigured the namespace.
-                self.networks
-                    .release(net, spec.security == Security::Sandbox);
+                self.networks.release(net, !spec.privileged);
             }
             result
         })
@@ -1336,7 +1334,7 @@ mod tests {
     fn insecure_plan_has_no_masks_seccomp_or_read_only_sys() {
         let r = rootfs();
         let mut spec = ExecSpec::new(r.path(), vec!["/bin/sh".into()]);
-        spec.security = Security::Insecure;
+        spec.privileged = true;
         let mut prep = prepare(&spec).unwrap();
         let scratch = tempfile::tempdir().unwrap();
         let plan = build_plan(&spec, &prep, scratch.path(), -1).unwrap();

@@ -24,7 +24,6 @@ use crate::security::{
 };
 use crate::spec::{
     CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
-    Security,
 };
 
 /// Runs steps with `runc run` (exit codes above 128 are runc's `128 + signal`, so signal deaths
@@ -168,7 +167,7 @@ fn runtime_spec(
     netns: Option<&Path>,
     pids_limit: Option<u64>,
 ) -> Result<Value, ExecError> {
-    let sandbox = spec.security == Security::Sandbox;
+    let sandbox = !spec.privileged;
     let caps: Vec<&str> = if sandbox {
         DEFAULT_CAPS.iter().map(|(n, _)| *n).collect()
     } else {
@@ -375,8 +374,7 @@ impl Executor for RuncExecutor {
             });
             let result = self.run_in_bundle(spec, prep, sink, cancel, netns.as_deref());
             if let Some(net) = network {
-                self.networks
-                    .release(net, spec.security == Security::Sandbox);
+                self.networks.release(net, !spec.privileged);
             }
             result
         })

@@ -35,8 +35,9 @@ pub struct ExecSpec {
     pub mounts: Vec<MountSpec>,
     /// Secrets exposed as environment variables (`--mount=type=secret,env=NAME`).
     pub secret_env: Vec<(String, Secret)>,
-    /// Sandboxed (Docker's defaults) or `--security=insecure`.
-    pub security: Security,
+    /// All capabilities, no seccomp filter, no masked or read-only kernel paths
+    /// (`RUN --security=insecure`); `false` (the default) keeps Docker's sandbox.
+    pub privileged: bool,
     /// Resource limits; each is clamped to the executor's own hard limit, never raised above it.
     pub rlimits: Vec<Rlimit>,
 }
@@ -55,7 +56,7 @@ impl ExecSpec {
             network: Network::Isolated,
             mounts: Vec::new(),
             secret_env: Vec::new(),
-            security: Security::Sandbox,
+            privileged: false,
             rlimits: vec![Rlimit {
                 resource: RlimitResource::Nofile,
                 soft: 1024,
@@ -77,15 +78,6 @@ pub enum Network {
     Host,
     /// A fresh network namespace with only the loopback interface, brought up.
     None,
-}
-
-/// Security mode of a step (`RUN --security=`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Security {
-    /// Docker's default capability set, seccomp profile, masked and read-only paths.
-    Sandbox,
-    /// All capabilities, no seccomp, no masked paths (`--security=insecure`).
-    Insecure,
 }
 
 /// A resource limit applied to the process.

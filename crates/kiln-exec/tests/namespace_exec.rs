@@ -13,7 +13,7 @@ use common::*;
 use kiln_exec::{
     CacheMountRequest, CacheMounts, CacheSharing, CancelToken, CollectedOutput, ExecError,
     ExecSpec, Executor, ExitStatus, MountKind, MountSpec, NamespaceExecutor, Network, OutputLine,
-    OutputSink, Secret, Security,
+    OutputSink, Secret,
 };
 
 fn exec() -> NamespaceExecutor {
@@ -450,7 +450,7 @@ fn root_insecure_security_grants_all_caps_and_no_seccomp() {
         &fs.merged,
         "cat /proc/self/status; unshare -m true && echo unshared",
     );
-    spec.security = Security::Insecure;
+    spec.privileged = true;
     let (st, out) = run(&exec(), &spec);
     expect_ok(st, &out);
     assert_eq!(status_field(&out, "Seccomp"), "0");

@@ -5,9 +5,7 @@
 mod common;
 
 use common::*;
-use kiln_exec::{
-    CollectedOutput, Executor, ExitStatus, NamespaceExecutor, Network, RuncExecutor, Security,
-};
+use kiln_exec::{CollectedOutput, Executor, ExitStatus, NamespaceExecutor, Network, RuncExecutor};
 
 fn expect_ok(status: ExitStatus, out: &CollectedOutput) {
     assert_eq!(
@@ -19,10 +17,10 @@ fn expect_ok(status: ExitStatus, out: &CollectedOutput) {
     );
 }
 
-fn netns_of(exec: &dyn Executor, security: Security) -> String {
+fn netns_of(exec: &dyn Executor, privileged: bool) -> String {
     let fs = OverlayRootfs::new();
     let mut spec = sh(&fs.merged, "readlink /proc/self/ns/net");
-    spec.security = security;
+    spec.privileged = privileged;
     let (st, out) = run(exec, &spec);
     expect_ok(st, &out);
     out.stdout_text()
@@ -53,18 +51,18 @@ fn root_networks_are_pooled_and_released_and_the_pids_limit_contains_forks() {
     }
     let host_ns = std::fs::read_link("/proc/self/ns/net").unwrap();
     let exec = NamespaceExecutor::new();
-    let first = netns_of(&exec, Security::Sandbox);
-    let second = netns_of(&exec, Security::Sandbox);
+    let first = netns_of(&exec, false);
+    let second = netns_of(&exec, false);
     assert_eq!(first, second, "the second step reuses the pooled namespace");
     assert_ne!(first, host_ns.to_string_lossy(), "not the host's namespace");
     assert_eq!(slirp_children().len(), 1, "one pooled slirp4netns");
     // An insecure step could have reconfigured its namespace: it is not handed on.
-    let insecure = netns_of(&exec, Security::Insecure);
+    let insecure = netns_of(&exec, true);
     assert_eq!(insecure, first, "taken from the pool");
     assert_eq!(slirp_children().len(), 0, "closed after the insecure step");
     // (Namespace inode numbers are reused, so a fresh one may show the same number.)
     let children_before = slirp_children();
-    netns_of(&exec, Security::Sandbox);
+    netns_of(&exec, false);
     assert_eq!(children_before, Vec::<u32>::new());
     assert_eq!(slirp_children().len(), 1, "a fresh namespace, pooled again");
     drop(exec);

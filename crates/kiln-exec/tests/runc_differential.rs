@@ -124,7 +124,7 @@ fn root_same_user_workdir_and_network_handling_under_kiln_and_runc() {
             root,
             "grep -E '^(Cap[A-Za-z]+|NoNewPrivs|Seccomp):' /proc/self/status; unshare -m true && echo unshared",
         );
-        s.security = kiln_exec::Security::Insecure;
+        s.privileged = true;
         s
     });
     compare("env", &|root: &std::path::Path| {

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::platform::Platform;
 
+/// The step modes are defined once, by the parser's typed instructions, and stored in the
+/// ops as they are: their serde spelling is part of the cache key.
+pub use kiln_dockerfile::instructions::{CacheSharing, NetworkMode, SecurityMode};
+
 /// Index of a vertex in [`BuildGraph::vertices`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -169,28 +173,6 @@ pub struct ExecOp {
     pub mounts: Vec<Mount>,
 }
 
-/// `RUN --network`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NetworkMode {
-    /// The worker default (host).
-    Default,
-    /// No network.
-    None,
-    /// The host's network.
-    Host,
-}
-
-/// `RUN --security`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SecurityMode {
-    /// Default capabilities.
-    Sandbox,
-    /// All capabilities.
-    Insecure,
-}
-
 /// One `RUN --mount`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Mount {
@@ -198,18 +180,6 @@ pub struct Mount {
     pub target: String,
     /// Kind and its options.
     pub kind: MountKind,
-}
-
-/// Cache mount sharing mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CacheSharing {
-    /// Concurrent writers share one directory.
-    Shared,
-    /// Concurrent writers get separate copies.
-    Private,
-    /// Writers wait for each other.
-    Locked,
 }
 
 /// Kind-specific mount options.

@@ -8,8 +8,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
-pub mod frontend;
 pub mod graph;
+mod lower;
 pub mod options;
 pub mod plan;
 pub mod platform;
@@ -18,8 +18,8 @@ pub mod resolver;
 mod stages;
 
 pub use error::FrontendError;
-pub use frontend::{lower, lower_with_outline, ArgInfo, Outline, SecretInfo};
 pub use graph::{BuildGraph, ImageConfig, Op, Vertex, VertexId};
+pub use lower::{lower, lower_with_outline, ArgInfo, Outline, SecretInfo};
 pub use options::{BuildOptions, OptionError, RawBuildFlags};
 pub use plan::{plan, Plan};
 pub use platform::Platform;

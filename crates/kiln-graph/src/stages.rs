@@ -1,5 +1,6 @@
 //! Splitting a Dockerfile into its global ARGs and stages, and the `--call targets` view.
 
+use kiln_dockerfile::instructions::flag_spec;
 use kiln_dockerfile::{Args, Dockerfile, Instruction, Keyword, Span};
 use serde::Serialize;
 
@@ -80,15 +81,14 @@ pub(crate) fn keyword_span(inst: &Instruction) -> Span {
 fn parse_from(inst: &Instruction, index: usize) -> Result<StageDecl<'_>, FrontendError> {
     let mut platform = None;
     for f in &inst.flags {
-        match f.name.as_str() {
-            "platform" => platform = Some(f.value.clone().unwrap_or_default()),
-            _ => {
-                return Err(FrontendError::new(
-                    format!("unknown flag: --{} (FROM accepts --platform)", f.name),
-                    f.span,
-                ))
-            }
+        // `--platform` is FROM's one flag; it is expanded with the global ARGs when lowered.
+        if flag_spec(Keyword::From, &f.name).is_none() {
+            return Err(FrontendError::new(
+                format!("unknown flag: --{} (FROM accepts --platform)", f.name),
+                f.span,
+            ));
         }
+        platform = Some(f.value.clone().unwrap_or_default());
     }
     let words: Vec<&str> = match &inst.args {
         Args::Words(w) => w.iter().map(|w| w.text.as_str()).collect(),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_exec::{
     CacheMountRequest, CacheMounts, CancelToken, ExecSpec, Executor, MountKind, MountSpec, Network,
-    OutputLine, OutputSink, OutputStream, Secret, Security,
+    OutputLine, OutputSink, OutputStream, Secret,
 };
 use kiln_graph::graph::{self as g, CopyOp, CopySource, ExecOp, MkdirOp, Op, Vertex, VertexId};
 use kiln_oci::compression::Compression;
@@ -731,10 +731,7 @@ impl Inner {
                 g::NetworkMode::Default => Network::Isolated,
                 g::NetworkMode::Host => Network::Host,
             };
-            spec.security = match op.security {
-                g::SecurityMode::Sandbox => Security::Sandbox,
-                g::SecurityMode::Insecure => Security::Insecure,
-            };
+            spec.privileged = op.security == g::SecurityMode::Insecure;
             let mut cache_guards = Vec::new();
             for m in &op.mounts {
                 let kind = match &m.kind {

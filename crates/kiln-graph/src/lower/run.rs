@@ -1,0 +1,358 @@
+//! RUN: the command (shell or exec form, heredocs), its environment, network and security
+//! modes, and each `--mount` lowered to a graph mount.
+
+use super::*;
+
+/// Build args that are visible to RUN without an ARG declaration and kept out of history.
+const PROXY_ARGS: [&str; 10] = [
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "FTP_PROXY",
+    "ftp_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+impl<'a> Lowerer<'a> {
+    pub(super) fn lower_run(
+        &mut self,
+        st: &mut StageState,
+        inst: &Instruction,
+        at: Option<Span>,
+    ) -> Result<(), FrontendError> {
+        // `--network`/`--opt force-network-mode` sets the mode of steps that name none.
+        let mut network = self.opts.network;
+        let mut security = SecurityMode::Sandbox;
+        let mut mounts = Vec::new();
+        let mut inputs: Vec<VertexId> = Vec::new();
+        let (rootfs, root_inputs) = input_of(st.root);
+        inputs.extend(root_inputs);
+        for f in &inst.flags {
+            // BuildKit expands the values inside `--mount` (field by field, by the mount
+            // parser) but reads `--network` and `--security` as written.
+            let value = {
+                let lookup = |n: &str| st.lookup(n);
+                self.flag_value(Keyword::Run, f, &lookup)?
+            };
+            let v = value.as_str();
+            let as_written = if Self::flag_is_literal(Keyword::Run, f) && v.contains('$') {
+                " (variables are not expanded in this flag)"
+            } else {
+                ""
+            };
+            match f.name.as_str() {
+                "network" => {
+                    network = match NetworkMode::from_flag_value(v) {
+                        Some(NetworkMode::Host) if !self.opts.entitlements.network_host => {
+                            return Err(FrontendError::new(
+                                "RUN --network=host needs the network.host entitlement: the \
+                                 host's network exposes every service on the runner's loopback \
+                                 to this step; build with --allow network.host",
+                                f.span,
+                            ))
+                        }
+                        Some(mode) => mode,
+                        None => {
+                            return Err(FrontendError::new(
+                                format!(
+                                    "unsupported network mode {v:?}: expected default, none \
+                                     or host{as_written}"
+                                ),
+                                f.span,
+                            ))
+                        }
+                    }
+                }
+                "security" => {
+                    security = SecurityMode::from_flag_value(v).ok_or_else(|| {
+                        FrontendError::new(
+                            format!(
+                                "unsupported security mode {v:?}: expected sandbox or \
+                                 insecure{as_written}"
+                            ),
+                            f.span,
+                        )
+                    })?
+                }
+                _ => {
+                    let m = self.lower_mount(st, v, f, &mut inputs)?;
+                    mounts.push(m);
+                }
+            }
+        }
+        let (args, shell_form) = match &inst.args {
+            Args::Json(j) if j.values.is_empty() => {
+                return Err(FrontendError::new(
+                    "RUN [] has no command: the exec form needs at least the program to run",
+                    inst.span,
+                ))
+            }
+            Args::Json(j) => (j.values.clone(), false),
+            Args::Text(w) => {
+                let cmd = run_script(&w.text, inst);
+                let mut a = st.shell();
+                a.push(cmd);
+                (a, true)
+            }
+            // A bare `RUN` (or one with only flags) runs an empty script with the stage's
+            // shell, as BuildKit's parser and lowering make it.
+            _ => {
+                let mut a = st.shell();
+                a.push(String::new());
+                (a, true)
+            }
+        };
+        let proxies: Vec<(String, String)> = PROXY_ARGS
+            .iter()
+            .filter_map(|p| {
+                self.opts
+                    .build_args
+                    .get(*p)
+                    .map(|v| (p.to_string(), v.clone()))
+            })
+            .collect();
+        let env = st.run_env(&proxies);
+        // Every RUN holds its own copy of the environment: count it, so that many steps
+        // under one huge ARG cannot add up to gigabytes either.
+        self.count_expanded(env.iter().map(String::len).sum(), inst.span)?;
+        let cwd = if st.config.working_dir.is_empty() {
+            "/".to_string()
+        } else {
+            st.config.working_dir.clone()
+        };
+        let meta = self.step_meta(st, inst, at);
+        let op = ExecOp {
+            rootfs,
+            args: args.clone(),
+            env,
+            cwd,
+            user: st.config.user.clone(),
+            network,
+            security,
+            mounts,
+        };
+        st.root = Some(self.push(Op::Exec(op), inputs, meta));
+        let arg_list: Vec<String> = st
+            .args
+            .iter()
+            .filter(|(k, _)| !PROXY_ARGS.contains(&k.as_str()))
+            .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+            .collect();
+        let prefix = if arg_list.is_empty() {
+            String::new()
+        } else {
+            format!("|{} {} ", arg_list.len(), arg_list.join(" "))
+        };
+        let shown = if shell_form {
+            args.join(" ")
+        } else {
+            format!("{args:?}")
+        };
+        Self::history(st, format!("RUN {prefix}{shown} # buildkit"), false);
+        Ok(())
+    }
+
+    /// Lowers one `RUN --mount` value as written to a graph mount: the parser crate's
+    /// [`kiln_dockerfile::instructions::parse_mount_expanding`] (kiln's one mount parser)
+    /// reads it, expanding each field's value on its own; this adds BuildKit's defaults per
+    /// type, resolves the target against the WORKDIR and `from=` to a vertex.
+    pub(super) fn lower_mount(
+        &mut self,
+        st: &StageState,
+        v: &str,
+        f: &Flag,
+        inputs: &mut Vec<VertexId>,
+    ) -> Result<Mount, FrontendError> {
+        use kiln_dockerfile::instructions::{self as ins, MountType};
+        let err = |m: String| FrontendError::new(format!("--mount={v}: {m}"), f.span);
+        let mut expand_failure = None;
+        let parsed = {
+            let lookup = |n: &str| st.lookup(n);
+            ins::parse_mount_expanding(v, &mut |word| match self.expand(word, f.span, &lookup) {
+                Ok(x) => Ok(Some(x)),
+                Err(e) => {
+                    let msg = e.message.clone();
+                    expand_failure = Some(e);
+                    Err(msg)
+                }
+            })
+        };
+        let mut m = match (parsed, expand_failure) {
+            // An expansion error (e.g. a value past the size limit) is reported as it is.
+            (_, Some(e)) => return Err(e),
+            (Ok(m), None) => m,
+            (Err(e), None) if e.starts_with("unsupported mount type") => {
+                return Err(err(format!(
+                    "{e}: expected bind, cache, tmpfs, secret or ssh"
+                )))
+            }
+            (Err(e), None) => return Err(err(e)),
+        };
+        // `from=` that expands to nothing means the build context, as in BuildKit.
+        if m.from.as_deref() == Some("") {
+            m.from = None;
+        }
+        let mut from_input =
+            |s: &mut Self, from: Option<&str>| -> Result<Option<InputIndex>, FrontendError> {
+                let Some(from) = from else { return Ok(None) };
+                match s.stage_or_image_source(st, from, f.span)? {
+                    Some(id) => {
+                        inputs.push(id);
+                        Ok(Some((inputs.len() - 1) as InputIndex))
+                    }
+                    None => Ok(None),
+                }
+            };
+        let abs = |t: &str| resolve_path(&st.config.working_dir, t);
+        // Bind, cache and tmpfs mounts without `target=` go to the WORKDIR and a relative
+        // target is joined to it (BuildKit's rule); only a mount over `/` itself is refused.
+        // Secret and SSH mounts keep their own default paths.
+        if matches!(
+            m.kind,
+            MountType::Bind | MountType::Cache | MountType::Tmpfs
+        ) {
+            let resolved = abs(m.target.as_deref().unwrap_or(""));
+            if resolved.trim_end_matches('/').is_empty() {
+                let workdir = match st.config.working_dir.as_str() {
+                    "" => "/",
+                    w => w,
+                };
+                let why = match m.target.as_deref() {
+                    None | Some("") => {
+                        format!("without target= the mount goes to the WORKDIR, which is {workdir}")
+                    }
+                    Some(t) => format!("target={t} resolves to / (WORKDIR {workdir})"),
+                };
+                return Err(err(format!(
+                    "invalid mount target \"/\": {why}; a mount cannot cover the root \
+                     filesystem, so give target= a directory"
+                )));
+            }
+            m.target = Some(resolved);
+        }
+        let target = m.target.as_deref().map(abs);
+        let source = m.source.clone().unwrap_or_default();
+        let (uid, gid) = (m.uid.unwrap_or(0), m.gid.unwrap_or(0));
+        let (target, kind) = match m.kind {
+            MountType::Bind => {
+                let input = match m.from.as_deref() {
+                    Some(fr) => from_input(self, Some(fr))?,
+                    None => {
+                        let c = self.context();
+                        inputs.push(c);
+                        Some((inputs.len() - 1) as InputIndex)
+                    }
+                };
+                let kind = match input {
+                    Some(input) => MountKind::Bind {
+                        input,
+                        source,
+                        readonly: m.read_only,
+                    },
+                    // `from=scratch`: an empty directory.
+                    None => MountKind::Tmpfs { size: 0 },
+                };
+                (target.unwrap_or_default(), kind)
+            }
+            MountType::Cache => {
+                let target = target.unwrap_or_default();
+                let kind = MountKind::Cache {
+                    id: m
+                        .id
+                        .clone()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| target.clone()),
+                    sharing: m.sharing.unwrap_or(CacheSharing::Shared),
+                    input: from_input(self, m.from.as_deref())?,
+                    source,
+                    readonly: m.read_only,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o755),
+                };
+                (target, kind)
+            }
+            MountType::Tmpfs => (
+                target.unwrap_or_default(),
+                MountKind::Tmpfs {
+                    size: m.size.unwrap_or(0),
+                },
+            ),
+            MountType::Secret => {
+                let id = m.id.clone().filter(|s| !s.is_empty()).or_else(|| {
+                    m.target
+                        .as_deref()
+                        .map(|t| t.rsplit('/').next().unwrap_or(t).to_string())
+                });
+                let id = id.ok_or_else(|| err("a secret mount needs id= or target=".into()))?;
+                if !self.secrets.iter().any(|s| s.id == id) {
+                    self.secrets.push(SecretInfo {
+                        id: id.clone(),
+                        required: m.required,
+                        line: f.span.start.line,
+                    });
+                }
+                let target = match (target, &m.env) {
+                    (Some(t), _) => t,
+                    (None, Some(_)) => String::new(),
+                    (None, None) => format!("/run/secrets/{id}"),
+                };
+                let kind = MountKind::Secret {
+                    id,
+                    env: m.env.clone(),
+                    required: m.required,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o400),
+                };
+                (target, kind)
+            }
+            MountType::Ssh => {
+                let id =
+                    m.id.clone()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| "default".into());
+                if !self.ssh.iter().any(|s| s.id == id) {
+                    self.ssh.push(SecretInfo {
+                        id: id.clone(),
+                        required: m.required,
+                        line: f.span.start.line,
+                    });
+                }
+                let target = target.unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
+                let kind = MountKind::Ssh {
+                    id,
+                    required: m.required,
+                    uid,
+                    gid,
+                    mode: m.mode.unwrap_or(0o600),
+                };
+                (target, kind)
+            }
+        };
+        Ok(Mount { target, kind })
+    }
+}
+
+/// The script a shell-form RUN hands to the shell: a lone heredoc runs as the script itself;
+/// otherwise heredoc bodies follow the command line as the shell expects them.
+pub(super) fn run_script(cmd: &str, inst: &Instruction) -> String {
+    if inst.heredocs.is_empty() {
+        return cmd.to_string();
+    }
+    let t = cmd.trim();
+    if inst.heredocs.len() == 1 && t.starts_with("<<") && !t.contains(char::is_whitespace) {
+        return inst.heredocs[0].body();
+    }
+    let mut s = cmd.to_string();
+    for h in &inst.heredocs {
+        s.push('\n');
+        s.push_str(&h.content);
+        s.push_str(&h.name);
+    }
+    s
+}
