@@ -45,9 +45,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        // SAFETY: geteuid cannot fail.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            euid == 0,
             "the cache backend suite runs real containers: run it as root (CI does)"
         );
         let tmp = tempfile::tempdir().unwrap();
