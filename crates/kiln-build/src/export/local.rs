@@ -25,18 +25,8 @@ pub struct LocalExporter {
 impl LocalExporter {
     /// Reads `type=local` attributes; `dest=` is required.
     pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
-        let mut dest = None;
-        a.read(&["dest", "platform-split"], false, |k, v| {
-            match k {
-                "dest" => dest = Some(a.dest(v)?),
-                _ => {
-                    a.bool(k, v)?;
-                }
-            }
-            Ok(())
-        })?;
         Ok(LocalExporter {
-            dest: dest.ok_or_else(|| a.missing_dest())?,
+            dest: a.rootfs_dest()?,
         })
     }
 }

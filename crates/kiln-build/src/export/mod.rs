@@ -482,6 +482,22 @@ impl<'a> Attrs<'a> {
     pub fn missing_dest(&self) -> SpecError {
         self.error(format!("type={} needs dest=PATH", self.kind))
     }
+
+    /// The attributes of an exporter that writes the target's files (`local`, `tar`): a
+    /// required `dest=`, and `platform-split=` (a boolean, accepted for buildx's sake).
+    pub fn rootfs_dest(&self) -> Result<PathBuf, SpecError> {
+        let mut dest = None;
+        self.read(&["dest", "platform-split"], false, |k, v| {
+            match k {
+                "dest" => dest = Some(self.dest(v)?),
+                _ => {
+                    self.bool(k, v)?;
+                }
+            }
+            Ok(())
+        })?;
+        dest.ok_or_else(|| self.missing_dest())
+    }
 }
 
 fn bool_value(v: &str) -> Option<bool> {

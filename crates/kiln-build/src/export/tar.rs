@@ -16,18 +16,8 @@ pub struct TarExporter {
 impl TarExporter {
     /// Reads `type=tar` attributes; `dest=` is required.
     pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
-        let mut dest = None;
-        a.read(&["dest", "platform-split"], false, |k, v| {
-            match k {
-                "dest" => dest = Some(a.dest(v)?),
-                _ => {
-                    a.bool(k, v)?;
-                }
-            }
-            Ok(())
-        })?;
         Ok(TarExporter {
-            dest: dest.ok_or_else(|| a.missing_dest())?,
+            dest: a.rootfs_dest()?,
         })
     }
 }
