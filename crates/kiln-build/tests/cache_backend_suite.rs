@@ -1,8 +1,9 @@
 //! One suite every cache backend runs: a real build's cache is exported, imported into a
 //! fresh state dir, and the same build there is all cache hits whose blobs arrive; a cache
 //! that is not there yet is a warning, not an error; a cache whose records were altered at
-//! rest is refused. The registry, local and inline backends run it, and so does a directory
-//! backend defined here, which plugs in through the `CacheBackend` trait alone.
+//! rest is refused. The registry, local and inline backends run it; a directory backend
+//! defined here runs the same checks through a `BuildRequest` and `kiln_build::run`, which
+//! shows that a backend plugs into a build through the `CacheBackend` trait alone.
 //!
 //! Builds run real containers: the suite needs root (as CI runs it). The registry is
 //! kiln's own server (`kiln_registry`, what `kiln registry serve` runs), started in-process.
@@ -14,9 +15,10 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kiln_build::cache::{
-    cache_backend_from_attrs, export_graph, CacheBackend, CacheContext, CacheError,
-    CacheExportSummary, ImportedCache, ImportedCacheRef,
+    cache_backend_from_attrs, export_graph, CacheBackend, CacheContext, CacheError, CacheExport,
+    CacheExportSummary, CacheImport, ImportedCache, ImportedCacheRef,
 };
+use kiln_build::{BuildEvent, BuildFailure, BuildRequest};
 use kiln_graph::graph::Op;
 use kiln_graph::BuildOptions;
 use kiln_oci::RegistryClient;
@@ -45,9 +47,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        // SAFETY: geteuid cannot fail.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            euid == 0,
             "the cache backend suite runs real containers: run it as root (CI does)"
         );
         let tmp = tempfile::tempdir().unwrap();
@@ -460,21 +463,186 @@ fn inline_backend_passes_the_suite() {
 }
 
 #[test]
-fn a_backend_defined_outside_kiln_build_passes_the_suite() {
+fn a_backend_defined_outside_kiln_build_plugs_into_a_build_request() {
     let h = Harness::new();
     let dir = h.path("dir-cache");
-    run_suite(
-        &h,
-        Case {
-            export: Box::new(DirCache { dir: dir.clone() }),
-            import: Box::new(DirCache { dir: dir.clone() }),
-            missing: Box::new(DirCache {
-                dir: h.path("no-dir-cache"),
-            }),
-            at_rest: dir,
-            image_ref: None,
-        },
+    let dir_cache = || Box::new(DirCache { dir: dir.clone() });
+
+    // A first runner builds everything and its session exports the cache.
+    h.fresh_state("state-first");
+    let first = h.run(
+        "state-first",
+        vec![],
+        vec![CacheExport {
+            backend: dir_cache(),
+            ignore_error: false,
+        }],
     );
+    let first = first.expect("the first build succeeds");
+    assert_eq!(first.ran().len(), 3, "a first build runs RUN, COPY, RUN");
+    assert!(
+        first
+            .exported
+            .iter()
+            .any(|s| s.starts_with("3 records to ")),
+        "the session exported the cache: {:?}",
+        first.exported
+    );
+
+    // A second runner's session imports it: no step runs again, the target is a hit of
+    // the imported cache.
+    h.fresh_state("state-second");
+    let second = h
+        .run(
+            "state-second",
+            vec![CacheImport {
+                backend: dir_cache(),
+                ignore_error: false,
+            }],
+            vec![],
+        )
+        .expect("the second build succeeds");
+    assert_eq!(second.imported, [dir.display().to_string()]);
+    assert_eq!(second.ran(), Vec::<usize>::new(), "no step runs again");
+    assert!(
+        !second.remote_hits.is_empty(),
+        "a step is a hit of the imported cache"
+    );
+
+    // A cache that is not there yet: the session warns and builds without it.
+    h.fresh_state("state-third");
+    let nowhere = h.path("no-dir-cache");
+    let third = h
+        .run(
+            "state-third",
+            vec![CacheImport {
+                backend: Box::new(DirCache {
+                    dir: nowhere.clone(),
+                }),
+                ignore_error: false,
+            }],
+            vec![],
+        )
+        .expect("a missing cache does not fail the build");
+    let warned = third.warnings.join("\n");
+    assert!(
+        warned.contains(&nowhere.display().to_string()),
+        "warned about {}: {warned}",
+        nowhere.display()
+    );
+    assert_eq!(third.ran().len(), 3, "built without the cache");
+
+    // The records altered at rest: the session refuses the import and fails the build.
+    assert!(
+        alter_records(&dir) > 0,
+        "found the records under {}",
+        dir.display()
+    );
+    h.fresh_state("state-fourth");
+    let refused = h.run(
+        "state-fourth",
+        vec![CacheImport {
+            backend: dir_cache(),
+            ignore_error: false,
+        }],
+        vec![],
+    );
+    assert!(
+        matches!(&refused, Err(f) if matches!(**f, BuildFailure::Session(_))),
+        "an altered cache is refused"
+    );
+}
+
+/// What one session run reported.
+struct SessionRun {
+    /// Steps started (vertex indices), sources included.
+    started: Vec<usize>,
+    /// Steps that were hits of an imported cache.
+    remote_hits: Vec<usize>,
+    /// Source vertices (read in every build).
+    sources: Vec<usize>,
+    /// Names of the caches imported.
+    imported: Vec<String>,
+    /// Summaries of the caches exported.
+    exported: Vec<String>,
+    /// Warnings.
+    warnings: Vec<String>,
+}
+
+impl SessionRun {
+    /// The steps that ran, sources left out, in vertex order.
+    fn ran(&self) -> Vec<usize> {
+        let mut ran: Vec<usize> = self
+            .started
+            .iter()
+            .copied()
+            .filter(|n| !self.sources.contains(n))
+            .collect();
+        ran.sort();
+        ran
+    }
+}
+
+impl Harness {
+    /// Runs the suite's Dockerfile as a [`BuildRequest`] through [`kiln_build::run`] on the
+    /// state dir `state` with these caches and no output; what the session reported.
+    fn run(
+        &self,
+        state: &str,
+        cache_imports: Vec<CacheImport>,
+        cache_exports: Vec<CacheExport>,
+    ) -> Result<SessionRun, Box<BuildFailure>> {
+        let options = BuildOptions::for_context(self.path("context"));
+        let dockerfile = kiln_dockerfile::parse(DOCKERFILE).unwrap();
+        let request = BuildRequest::new(
+            options,
+            Vec::new(),
+            (cache_imports, cache_exports),
+            dockerfile,
+            DOCKERFILE.to_owned(),
+            "Dockerfile".to_owned(),
+            Vec::new(),
+            self.path(state),
+        );
+        let events: Mutex<Vec<BuildEvent>> = Mutex::default();
+        let sink = |e: BuildEvent| events.lock().unwrap().push(e);
+        let outcome = kiln_build::run(request, &sink);
+        let events = events.into_inner().unwrap();
+        outcome.map_err(Box::new)?;
+        let mut run = SessionRun {
+            started: Vec::new(),
+            remote_hits: Vec::new(),
+            sources: Vec::new(),
+            imported: Vec::new(),
+            exported: Vec::new(),
+            warnings: Vec::new(),
+        };
+        for e in events {
+            match e {
+                BuildEvent::Planned { steps } => {
+                    run.sources = steps
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| {
+                            !s.description.contains("RUN") && !s.description.contains("COPY")
+                        })
+                        .map(|(i, _)| i)
+                        .collect()
+                }
+                BuildEvent::Step(Event::Started { node, .. }) => run.started.push(node),
+                BuildEvent::Step(Event::Cached {
+                    node,
+                    source: CacheSource::Remote(_),
+                    ..
+                }) => run.remote_hits.push(node),
+                BuildEvent::CacheImported { name } => run.imported.push(name),
+                BuildEvent::CacheExported { summary, .. } => run.exported.push(summary),
+                BuildEvent::Warning(w) => run.warnings.push(w),
+                _ => {}
+            }
+        }
+        Ok(run)
+    }
 }
 
 /// A cache in a plain directory: `manifest.json` beside `blobs/<alg>/<hex>`. Defined only

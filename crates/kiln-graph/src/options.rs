@@ -1,5 +1,7 @@
-//! Build options: the one struct both command-line spellings (buildctl's and docker-buildx's)
-//! parse into, plus the parsers for each flag value. Pure data: no filesystem access.
+//! Build options: the frontend and run settings both command-line spellings (buildctl's and
+//! docker-buildx's) parse into, plus the parsers for each flag value. Where results and caches
+//! go (`--output`, `-t`/`--push`, the cache flags) is parsed by `kiln_build::request`. Pure
+//! data: no filesystem access.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,10 +53,6 @@ pub struct BuildOptions {
     pub named_contexts: BTreeMap<String, NamedContext>,
     /// Extra local directories by name (`--local NAME=DIR` other than context/dockerfile).
     pub locals: BTreeMap<String, PathBuf>,
-    /// Caches to export to.
-    pub cache_exports: Vec<CacheExportSpec>,
-    /// Caches to import from.
-    pub cache_imports: Vec<CacheImportSpec>,
     /// Which steps must ignore the cache.
     pub no_cache: NoCache,
     /// Secrets the build may mount.
@@ -107,8 +105,6 @@ impl BuildOptions {
             platforms: Vec::new(),
             named_contexts: BTreeMap::new(),
             locals: BTreeMap::new(),
-            cache_exports: Vec::new(),
-            cache_imports: Vec::new(),
             no_cache: NoCache::None,
             secrets: Vec::new(),
             call: None,
@@ -145,10 +141,6 @@ pub struct RawBuildFlags {
     pub target: Option<String>,
     /// buildx `--build-arg K=V`.
     pub build_args: Vec<String>,
-    /// buildctl `--export-cache`, buildx `--cache-to`.
-    pub cache_to: Vec<(String, String)>,
-    /// buildctl `--import-cache`, buildx `--cache-from`.
-    pub cache_from: Vec<(String, String)>,
     /// `--no-cache`.
     pub no_cache: bool,
     /// buildx `--no-cache-filter STAGE` (repeatable, comma lists allowed).
@@ -365,13 +357,6 @@ impl BuildOptions {
             let ctx =
                 parse_named_context_value("--build-context", bc, value, &opts.locals, &stores)?;
             opts.named_contexts.insert(name.to_string(), ctx);
-        }
-
-        for (flag, c) in &raw.cache_to {
-            opts.cache_exports.push(CacheExportSpec::parse(flag, c)?);
-        }
-        for (flag, c) in &raw.cache_from {
-            opts.cache_imports.push(CacheImportSpec::parse(flag, c)?);
         }
 
         if raw.no_cache {

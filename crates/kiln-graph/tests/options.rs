@@ -315,20 +315,6 @@ fn cache_spec_errors_name_the_flag() {
 }
 
 #[test]
-fn cache_flags_keep_their_own_names_in_errors() {
-    let e = err(RawBuildFlags {
-        cache_to: vec![("--cache-to".into(), "type=gha".into())],
-        ..base()
-    });
-    assert_eq!(e.flag, "--cache-to");
-    let e = err(RawBuildFlags {
-        cache_from: vec![("--import-cache".into(), "type=gha".into())],
-        ..base()
-    });
-    assert_eq!(e.flag, "--import-cache");
-}
-
-#[test]
 fn named_contexts_parse_every_source_kind() {
     let o = ok(RawBuildFlags {
         build_contexts: vec![

@@ -35,6 +35,12 @@ pub trait CacheBackend: Send + Sync {
     /// What the cache is called in warnings and reports: its ref or its directory.
     fn name(&self) -> String;
 
+    /// Image names whose registry this cache reaches over plain HTTP
+    /// (`registry.insecure=true`); the registry client is set up with them before the build.
+    fn insecure_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Reads the cache. `Ok(None)`: there is nothing there yet (a first run), already
     /// reported as a warning through `cx`.
     async fn import(&self, cx: &CacheContext) -> Result<Option<Arc<ImportedCache>>, CacheError>;

@@ -27,6 +27,8 @@ pub struct RegistryCache {
     scope: ExportScope,
     retention: kiln_cache::RetentionPolicy,
     connections: Option<usize>,
+    /// `registry.insecure=true` (or `insecure=true`): the registry speaks plain HTTP.
+    insecure: bool,
 }
 
 impl RegistryCache {
@@ -61,6 +63,9 @@ impl RegistryCache {
                         .map_err(CacheError::Spec)
                 })
                 .transpose()?,
+            insecure: ["registry.insecure", "insecure"]
+                .iter()
+                .any(|k| attrs.get(*k).is_some_and(|v| v == "true")),
             name,
         })
     }
@@ -103,6 +108,14 @@ impl RegistryCache {
 impl CacheBackend for RegistryCache {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn insecure_names(&self) -> Vec<String> {
+        if self.insecure {
+            vec![self.name.clone()]
+        } else {
+            Vec::new()
+        }
     }
 
     async fn import(&self, cx: &CacheContext) -> Result<Option<Arc<ImportedCache>>, CacheError> {

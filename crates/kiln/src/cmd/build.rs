@@ -1,16 +1,21 @@
 //! `kiln build`: both buildctl's and docker-buildx's flags parse into one
-//! [`kiln_graph::BuildOptions`]; subrequests (`--call`, `--check`) and `--dry-run` are answered
-//! by the frontend without running anything.
+//! [`kiln_graph::BuildOptions`] and then a [`BuildRequest`], which [`kiln_build::run`] runs
+//! while [`Progress`] renders its events. Subrequests (`--call`, `--check`) and `--dry-run`
+//! are answered by the frontend without running anything.
 
 use std::process::ExitCode;
 
-use kiln_build::export::Exporter;
-use kiln_dockerfile::dockerignore::IgnoreMatcher;
-use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
-use kiln_graph::options::{CallKind, OutputFormat, ProgressMode};
+use anyhow::Context;
+use kiln_build::{
+    BuildEvent, BuildFailure, BuildRequest, CancelHandle, CancelOutcome, EventSink, ExportFlags,
+    Exports, Interruption,
+};
+
+use kiln_graph::options::OutputFormat;
 use kiln_graph::{BuildOptions, OfflineResolver, RawBuildFlags};
 
 use super::print_stdout;
+use crate::progress::Progress;
 use crate::Globals;
 
 /// Arguments of `kiln build`.
@@ -136,8 +141,9 @@ pub struct BuildArgs {
 }
 
 impl BuildArgs {
-    /// Validates the flags into the one options struct.
-    pub fn to_options(&self) -> Result<BuildOptions, kiln_graph::OptionError> {
+    /// Validates the flags, both spellings: the frontend and run settings, then where the
+    /// results and caches go.
+    pub fn to_options(&self) -> anyhow::Result<(BuildOptions, Exports)> {
         let build_args = self
             .build_args
             .iter()
@@ -158,12 +164,6 @@ impl BuildArgs {
             file: self.file.clone(),
             target: self.target.clone(),
             build_args,
-            cache_to: tagged("--export-cache", &self.export_cache)
-                .chain(tagged("--cache-to", &self.cache_to))
-                .collect(),
-            cache_from: tagged("--import-cache", &self.import_cache)
-                .chain(tagged("--cache-from", &self.cache_from))
-                .collect(),
             no_cache: self.no_cache,
             no_cache_filter: self.no_cache_filter.clone(),
             build_contexts: self.build_contexts.clone(),
@@ -180,12 +180,20 @@ impl BuildArgs {
             allow: self.allow.clone(),
             pids_limit: self.pids_limit.clone(),
         };
-        BuildOptions::from_flags(&raw)
-    }
-
-    /// The exporters `--output`/`-o`, `-t/--tag` and `--push` select, validated.
-    pub fn exporters(&self) -> Result<Vec<Box<dyn Exporter>>, kiln_build::spec::SpecError> {
-        kiln_build::export::exporters_from_flags(&self.outputs, &self.tags, self.push)
+        let options = BuildOptions::from_flags(&raw)?;
+        let exports = ExportFlags {
+            tags: self.tags.clone(),
+            push: self.push,
+            outputs: self.outputs.clone(),
+            cache_to: tagged("--export-cache", &self.export_cache)
+                .chain(tagged("--cache-to", &self.cache_to))
+                .collect(),
+            cache_from: tagged("--import-cache", &self.import_cache)
+                .chain(tagged("--cache-from", &self.cache_from))
+                .collect(),
+        }
+        .parse()?;
+        Ok((options, exports))
     }
 }
 
@@ -195,8 +203,7 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 
 /// Runs `kiln build`.
 pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
-    let opts = args.to_options()?;
-    let exporters = args.exporters()?;
+    let (opts, exports) = args.to_options()?;
     let file_label = opts.dockerfile.display().to_string();
     let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
         anyhow::anyhow!("cannot read the Dockerfile {file_label}: {e} (use -f/--file or --local dockerfile=DIR)")
@@ -209,88 +216,23 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
     };
     let dockerignore = read_dockerignore(&opts)?;
-    let frontend_err = |e: kiln_graph::FrontendError| -> anyhow::Result<ExitCode> {
-        eprintln!("{}", e.render(&file_label, &source));
-        Ok(ExitCode::from(1))
-    };
 
     if let Some(call) = opts.call {
-        let json = call.format == OutputFormat::Json;
-        return match call.kind {
-            CallKind::Targets => match kiln_graph::targets(&df) {
-                Ok(t) => {
-                    print_stdout(&super::build_call::targets_text(&t, &source, json)?)?;
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => frontend_err(e),
-            },
-            CallKind::Outline => {
-                match kiln_graph::lower_with_outline(&df, &opts, &dockerignore, &OfflineResolver) {
-                    Ok((_, outline)) => {
-                        // The target's own stage name: `None` for an unnamed stage, which
-                        // buildx shows without a TARGET line.
-                        let stages = kiln_graph::targets(&df).unwrap_or_default();
-                        let name = match opts.target.as_deref() {
-                            Some(t) => Some(t.to_ascii_lowercase()),
-                            None => stages.last().and_then(|s| s.name.clone()),
-                        };
-                        print_stdout(&super::build_call::outline_text(
-                            &outline,
-                            name.as_deref(),
-                            &source,
-                            json,
-                        )?)?;
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Err(e) => frontend_err(e),
-                }
-            }
-            CallKind::Check => run_check(&df, &source, &file_label, &opts, &dockerignore, json),
-            CallKind::Build => unreachable_build(),
-        };
+        return super::build_call::answer(call, &df, &source, &file_label, &opts, &dockerignore);
     }
-
     let graph = match kiln_graph::lower(&df, &opts, &dockerignore, &OfflineResolver) {
         Ok(g) => g,
-        Err(e) => return frontend_err(e),
+        Err(e) => {
+            eprintln!("{}", e.render(&file_label, &source));
+            return Ok(ExitCode::from(1));
+        }
     };
     // BuildKit lints while it converts the Dockerfile: a build reports the warnings of the
     // stages it builds, and `# check=error=true` stops it before any step runs
     // (a dry run shows what the build would do, so it stops there too).
-    match lint_for_build(&df, &opts, &dockerignore) {
-        Ok(report) => {
-            match opts.progress {
-                ProgressMode::Quiet => {}
-                // Machine-read progress gets one JSON event per warning, like its other events.
-                ProgressMode::Rawjson => {
-                    for w in &report.warnings {
-                        eprintln!(
-                            "{}",
-                            serde_json::json!({
-                                "event": "warning",
-                                "rule": w.rule.name,
-                                "message": w.message,
-                                "url": w.rule.url(),
-                                "file": file_label,
-                                "line": w.span.start.line,
-                            })
-                        );
-                    }
-                }
-                _ => eprint!("{}", build_warnings_text(&report, &file_label)),
-            }
-            if report.fails() {
-                eprintln!(
-                    "error: {file_label}: {} (`# check=error=true` turns warnings into errors)",
-                    report.violation_message()
-                );
-                return Ok(ExitCode::from(1));
-            }
-        }
-        Err(e) => {
-            eprintln!("error: {file_label}: {e}");
-            return Ok(ExitCode::from(1));
-        }
+    if let Some(code) = super::build_call::lint_before_build(&df, &opts, &dockerignore, &file_label)
+    {
+        return Ok(code);
     }
     if let Some(format) = opts.dry_run {
         let plan = kiln_graph::plan(&graph);
@@ -302,23 +244,91 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outputs = super::build_exec::Reports {
-        report: args.report.clone(),
-        trace: args.trace.clone(),
-    };
-    super::build_exec::execute(
-        &opts,
-        &exporters,
-        &df,
-        &dockerignore,
-        globals,
-        &outputs,
-        &|e| e.render(&file_label, &source),
-    )
+    let progress = Progress::new(opts.progress);
+    let caches = exports.cache_backends(&|m| progress.event(BuildEvent::Warning(m)))?;
+    let mut request = BuildRequest::new(
+        opts,
+        exports.exporters,
+        caches,
+        df,
+        source.clone(),
+        file_label.clone(),
+        dockerignore,
+        globals.root.clone(),
+    );
+    request.report = args.report.clone();
+    request.trace = args.trace.clone();
+    request.command_line = std::env::args().collect();
+    watch_signals(request.cancel.clone())?;
+    match kiln_build::run(request, &progress) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        Err(BuildFailure::Frontend(e)) => {
+            eprintln!("{}", e.render(&file_label, &source));
+            Ok(ExitCode::from(1))
+        }
+        // Reported as it happened: the error, the summary, the history record.
+        Err(BuildFailure::Steps { interrupted, .. }) => Ok(ExitCode::from(
+            interrupted.map(|i| signal_name_and_code(i).1).unwrap_or(1),
+        )),
+        Err(BuildFailure::Session(e)) => Err((*e).into()),
+    }
 }
 
-fn unreachable_build() -> anyhow::Result<ExitCode> {
-    anyhow::bail!("--call build is a normal build; run without --call")
+/// How a shell names an interruption, and the exit code it reports for it (128 + signal).
+fn signal_name_and_code(why: Interruption) -> (&'static str, u8) {
+    match why {
+        Interruption::Interrupt => ("Ctrl-C", 130),
+        Interruption::Terminate => ("SIGTERM", 143),
+    }
+}
+
+/// Turns Ctrl-C and SIGTERM (as CI runners send when a job is cancelled) into cancelling the
+/// build. Before the steps run, and once they are over (exporting, pushing), kiln stops at
+/// once: blobs and records are written aside and renamed in, so a stop leaves only what a
+/// killed process does (its lease, maybe a temp file), which `kiln debug fsck --repair`
+/// clears. While they run, their containers are killed, their snapshots removed and the lease
+/// released before kiln exits; later signals only say that this is under way.
+fn watch_signals(cancel: CancelHandle) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal handler")?;
+    // Listening starts here, before the build: no signal falls in between and is lost.
+    let (mut int, mut term) = {
+        let _entered = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("listening for Ctrl-C")?,
+            signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        )
+    };
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            loop {
+                let why = tokio::select! {
+                    Some(()) = int.recv() => Interruption::Interrupt,
+                    Some(()) = term.recv() => Interruption::Terminate,
+                    else => return,
+                };
+                let (name, code) = signal_name_and_code(why);
+                match cancel.cancel(why) {
+                    CancelOutcome::StopNow => {
+                        eprintln!("kiln: cancelled ({name})");
+                        std::process::exit(code.into());
+                    }
+                    CancelOutcome::StopWhileExporting => {
+                        eprintln!("kiln: interrupted while exporting ({name})");
+                        std::process::exit(code.into());
+                    }
+                    CancelOutcome::Cancelling => eprintln!("kiln: cancelling the build ({name})"),
+                    CancelOutcome::StillCancelling => eprintln!(
+                        "kiln: still cancelling: stopping containers and removing their snapshots"
+                    ),
+                }
+            }
+        })
+    });
+    Ok(())
 }
 
 /// `.dockerignore` patterns: `<Dockerfile>.dockerignore` beside the Dockerfile wins over the
@@ -344,135 +354,4 @@ fn read_dockerignore(opts: &BuildOptions) -> anyhow::Result<Vec<String>> {
         }
     }
     Ok(Vec::new())
-}
-
-/// The lint report of a build: the stages its target needs, `BUILDKIT_DOCKERFILE_CHECK`
-/// replacing the `# check=` directive as in BuildKit.
-fn lint_for_build(
-    df: &kiln_dockerfile::Dockerfile,
-    opts: &BuildOptions,
-    dockerignore: &[String],
-) -> anyhow::Result<LintReport> {
-    let matcher = IgnoreMatcher::from_patterns(dockerignore)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
-    let ctx = LintContext {
-        dockerignore: Some(&matcher),
-        base_env: None,
-        check_override: opts
-            .build_args
-            .get("BUILDKIT_DOCKERFILE_CHECK")
-            .map(String::as_str),
-        stages: LintStages::NeededBy(opts.target.as_deref()),
-    };
-    Ok(check(df, &ctx)?)
-}
-
-/// Warnings as a build reports them, BuildKit's short form:
-/// ` - Rule: message (line N)` under a count line; empty without warnings.
-fn build_warnings_text(report: &LintReport, file: &str) -> String {
-    let n = report.warnings.len();
-    if n == 0 {
-        return String::new();
-    }
-    let mut out = format!(
-        "{n} warning{} found in {file} (`kiln build --call check` shows each with its source):\n",
-        if n == 1 { "" } else { "s" }
-    );
-    for w in &report.warnings {
-        out.push_str(&format!(
-            " - {}: {} (line {})\n",
-            w.rule.name, w.message, w.span.start.line
-        ));
-    }
-    out
-}
-
-fn run_check(
-    df: &kiln_dockerfile::Dockerfile,
-    source: &str,
-    file: &str,
-    opts: &BuildOptions,
-    dockerignore: &[String],
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    // Like BuildKit's lint subrequest, the warnings found before a build error (an invalid
-    // base name, a missing stage, a cycle) are reported with it.
-    let lowered = kiln_graph::lower(df, opts, dockerignore, &OfflineResolver);
-    let matcher = IgnoreMatcher::from_patterns(dockerignore)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
-    let ctx = LintContext {
-        dockerignore: Some(&matcher),
-        base_env: None,
-        check_override: opts
-            .build_args
-            .get("BUILDKIT_DOCKERFILE_CHECK")
-            .map(String::as_str),
-        // Without a target BuildKit's check converts every stage; with one, what it needs.
-        stages: match opts.target.as_deref() {
-            None => LintStages::All,
-            t => LintStages::NeededBy(t),
-        },
-    };
-    let report = match check(df, &ctx) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {file}: {e}");
-            return Ok(ExitCode::from(1));
-        }
-    };
-    let lines: Vec<&str> = source.lines().collect();
-    if json {
-        let warnings: Vec<serde_json::Value> = report
-            .warnings
-            .iter()
-            .map(|w| {
-                serde_json::json!({
-                    "ruleName": w.rule.name,
-                    "description": w.rule.description,
-                    "url": w.rule.url(),
-                    "detail": w.message,
-                    "location": {
-                        "file": file,
-                        "ranges": [{
-                            "start": {"line": w.span.start.line, "character": w.span.start.column},
-                            "end": {"line": w.span.end.line, "character": w.span.end.column},
-                        }],
-                    },
-                })
-            })
-            .collect();
-        let v = serde_json::json!({ "warnings": warnings, "error": report.fails() });
-        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
-    } else {
-        let mut text = String::new();
-        for w in &report.warnings {
-            text += &format!("WARNING: {} - {}\n", w.rule.name, w.rule.url());
-            text += &format!("{}\n", w.message);
-            text += &format!("{file}:{}\n", w.span.start.line);
-            text += "--------------------\n";
-            let last = w.span.end.line.max(w.span.start.line);
-            for n in w.span.start.line..=last.min(w.span.start.line + 4) {
-                if let Some(l) = lines.get(n.wrapping_sub(1)) {
-                    text += &format!("{n:>4} | {l}\n");
-                }
-            }
-            text += "--------------------\n";
-            text.push('\n');
-        }
-        match report.warnings.len() {
-            0 => text += "Check complete, no warnings found.\n",
-            1 => text += "Check complete, 1 warning has been found!\n",
-            n => text += &format!("Check complete, {n} warnings have been found!\n"),
-        }
-        print_stdout(&text)?;
-    }
-    if let Err(e) = lowered {
-        eprintln!("{}", e.render(file, source));
-        return Ok(ExitCode::from(1));
-    }
-    Ok(if report.fails() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
 }

@@ -1,11 +1,244 @@
-//! `kiln build --call targets|outline`: the answers printed in buildx's shape. The text form is
-//! the table BuildKit's frontend renders (Go's tabwriter: each cell but a line's last padded
+//! `kiln build --call targets|outline|check` (and `--check`), answered without running
+//! anything, and the lint a build runs before its first step. The answers are printed in
+//! buildx's shape: the text form is the table BuildKit's frontend renders (Go's tabwriter: each cell but a line's last padded
 //! to its column's widest cell plus a gap), the JSON form is the frontend's `result.json`
 //! (same keys, same order, line-only `location`s, the Dockerfile in `sources`).
 
+use std::process::ExitCode;
+
+use kiln_dockerfile::dockerignore::IgnoreMatcher;
+use kiln_dockerfile::lint::{check, LintContext, LintReport, LintStages};
+use kiln_graph::options::{CallKind, CallRequest, OutputFormat, ProgressMode};
+use kiln_graph::{BuildOptions, OfflineResolver, Outline, TargetInfo};
 use serde::Serialize;
 
-use kiln_graph::{Outline, TargetInfo};
+use super::print_stdout;
+
+/// Answers a subrequest: prints its answer on stdout (errors on stderr, rendered with their
+/// source line) and returns the exit code.
+pub fn answer(
+    call: CallRequest,
+    df: &kiln_dockerfile::Dockerfile,
+    source: &str,
+    file_label: &str,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+) -> anyhow::Result<ExitCode> {
+    let frontend_err = |e: kiln_graph::FrontendError| -> anyhow::Result<ExitCode> {
+        eprintln!("{}", e.render(file_label, source));
+        Ok(ExitCode::from(1))
+    };
+    let json = call.format == OutputFormat::Json;
+    match call.kind {
+        CallKind::Targets => match kiln_graph::targets(df) {
+            Ok(t) => {
+                print_stdout(&targets_text(&t, source, json)?)?;
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => frontend_err(e),
+        },
+        CallKind::Outline => {
+            match kiln_graph::lower_with_outline(df, opts, dockerignore, &OfflineResolver) {
+                Ok((_, outline)) => {
+                    // The target's own stage name: `None` for an unnamed stage, which
+                    // buildx shows without a TARGET line.
+                    let stages = kiln_graph::targets(df).unwrap_or_default();
+                    let name = match opts.target.as_deref() {
+                        Some(t) => Some(t.to_ascii_lowercase()),
+                        None => stages.last().and_then(|s| s.name.clone()),
+                    };
+                    print_stdout(&outline_text(&outline, name.as_deref(), source, json)?)?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => frontend_err(e),
+            }
+        }
+        CallKind::Check => run_check(df, source, file_label, opts, dockerignore, json),
+        CallKind::Build => unreachable_build(),
+    }
+}
+
+/// Lints the stages a build needs and reports the warnings in the build's progress format.
+/// Returns the exit code when the lint stops the build (`# check=error=true`, a bad
+/// directive).
+pub fn lint_before_build(
+    df: &kiln_dockerfile::Dockerfile,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+    file_label: &str,
+) -> Option<ExitCode> {
+    match lint_for_build(df, opts, dockerignore) {
+        Ok(report) => {
+            match opts.progress {
+                ProgressMode::Quiet => {}
+                // Machine-read progress gets one JSON event per warning, like its other events.
+                ProgressMode::Rawjson => {
+                    for w in &report.warnings {
+                        eprintln!(
+                            "{}",
+                            serde_json::json!({
+                                "event": "warning",
+                                "rule": w.rule.name,
+                                "message": w.message,
+                                "url": w.rule.url(),
+                                "file": file_label,
+                                "line": w.span.start.line,
+                            })
+                        );
+                    }
+                }
+                _ => eprint!("{}", build_warnings_text(&report, file_label)),
+            }
+            if report.fails() {
+                eprintln!(
+                    "error: {file_label}: {} (`# check=error=true` turns warnings into errors)",
+                    report.violation_message()
+                );
+                return Some(ExitCode::from(1));
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {file_label}: {e}");
+            return Some(ExitCode::from(1));
+        }
+    }
+    None
+}
+
+fn unreachable_build() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("--call build is a normal build; run without --call")
+}
+
+/// The lint report of a build: the stages its target needs, `BUILDKIT_DOCKERFILE_CHECK`
+/// replacing the `# check=` directive as in BuildKit.
+fn lint_for_build(
+    df: &kiln_dockerfile::Dockerfile,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+) -> anyhow::Result<LintReport> {
+    let matcher = IgnoreMatcher::from_patterns(dockerignore)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
+    let ctx = LintContext {
+        dockerignore: Some(&matcher),
+        base_env: None,
+        check_override: opts
+            .build_args
+            .get("BUILDKIT_DOCKERFILE_CHECK")
+            .map(String::as_str),
+        stages: LintStages::NeededBy(opts.target.as_deref()),
+    };
+    Ok(check(df, &ctx)?)
+}
+
+/// Warnings as a build reports them, BuildKit's short form:
+/// ` - Rule: message (line N)` under a count line; empty without warnings.
+fn build_warnings_text(report: &LintReport, file: &str) -> String {
+    let n = report.warnings.len();
+    if n == 0 {
+        return String::new();
+    }
+    let mut out = format!(
+        "{n} warning{} found in {file} (`kiln build --call check` shows each with its source):\n",
+        if n == 1 { "" } else { "s" }
+    );
+    for w in &report.warnings {
+        out.push_str(&format!(
+            " - {}: {} (line {})\n",
+            w.rule.name, w.message, w.span.start.line
+        ));
+    }
+    out
+}
+
+fn run_check(
+    df: &kiln_dockerfile::Dockerfile,
+    source: &str,
+    file: &str,
+    opts: &BuildOptions,
+    dockerignore: &[String],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    // Like BuildKit's lint subrequest, the warnings found before a build error (an invalid
+    // base name, a missing stage, a cycle) are reported with it.
+    let lowered = kiln_graph::lower(df, opts, dockerignore, &OfflineResolver);
+    let matcher = IgnoreMatcher::from_patterns(dockerignore)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", opts.context.join(".dockerignore").display()))?;
+    let ctx = LintContext {
+        dockerignore: Some(&matcher),
+        base_env: None,
+        check_override: opts
+            .build_args
+            .get("BUILDKIT_DOCKERFILE_CHECK")
+            .map(String::as_str),
+        // Without a target BuildKit's check converts every stage; with one, what it needs.
+        stages: match opts.target.as_deref() {
+            None => LintStages::All,
+            t => LintStages::NeededBy(t),
+        },
+    };
+    let report = match check(df, &ctx) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {file}: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let lines: Vec<&str> = source.lines().collect();
+    if json {
+        let warnings: Vec<serde_json::Value> = report
+            .warnings
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "ruleName": w.rule.name,
+                    "description": w.rule.description,
+                    "url": w.rule.url(),
+                    "detail": w.message,
+                    "location": {
+                        "file": file,
+                        "ranges": [{
+                            "start": {"line": w.span.start.line, "character": w.span.start.column},
+                            "end": {"line": w.span.end.line, "character": w.span.end.column},
+                        }],
+                    },
+                })
+            })
+            .collect();
+        let v = serde_json::json!({ "warnings": warnings, "error": report.fails() });
+        print_stdout(&format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+    } else {
+        let mut text = String::new();
+        for w in &report.warnings {
+            text += &format!("WARNING: {} - {}\n", w.rule.name, w.rule.url());
+            text += &format!("{}\n", w.message);
+            text += &format!("{file}:{}\n", w.span.start.line);
+            text += "--------------------\n";
+            let last = w.span.end.line.max(w.span.start.line);
+            for n in w.span.start.line..=last.min(w.span.start.line + 4) {
+                if let Some(l) = lines.get(n.wrapping_sub(1)) {
+                    text += &format!("{n:>4} | {l}\n");
+                }
+            }
+            text += "--------------------\n";
+            text.push('\n');
+        }
+        match report.warnings.len() {
+            0 => text += "Check complete, no warnings found.\n",
+            1 => text += "Check complete, 1 warning has been found!\n",
+            n => text += &format!("Check complete, {n} warnings have been found!\n"),
+        }
+        print_stdout(&text)?;
+    }
+    if let Err(e) = lowered {
+        eprintln!("{}", e.render(file, source));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(if report.fails() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
 
 /// Where something is in the Dockerfile, as BuildKit's `pb.Location` serializes: line ranges
 /// only (BuildKit does not track columns), source index 0 omitted.

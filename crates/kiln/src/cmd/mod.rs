@@ -10,9 +10,7 @@ macro_rules! outln {
 }
 
 pub mod build;
-pub mod build_cache;
 pub mod build_call;
-pub mod build_exec;
 pub mod debug;
 pub mod history;
 pub mod import;
