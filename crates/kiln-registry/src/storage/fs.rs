@@ -18,7 +18,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -68,11 +67,6 @@ struct Layout {
     sync: bool,
 }
 
-/// A shared or exclusive hold on `gc.lock`; released on drop (closing the descriptor).
-struct GcLock {
-    _file: File,
-}
-
 /// The repository part of a staged upload's file name: uploads of all repositories share
 /// one directory, and a fixed-length key keeps names short whatever the repository name.
 fn upload_key(name: &str) -> String {
@@ -112,28 +106,13 @@ impl Layout {
     // ---------------------------------------------------------------- locking
 
     /// Takes `gc.lock` shared (every commit) or exclusive (GC). Blocks.
-    fn gc_lock(&self, exclusive: bool) -> io::Result<GcLock> {
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.root.join("gc.lock"))?;
-        let op = if exclusive {
-            libc::LOCK_EX
+    fn gc_lock(&self, exclusive: bool) -> io::Result<kiln_fs::FileLock> {
+        let mode = if exclusive {
+            kiln_fs::LockMode::Exclusive
         } else {
-            libc::LOCK_SH
+            kiln_fs::LockMode::Shared
         };
-        loop {
-            // SAFETY: flock on a descriptor we own; no memory is passed.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-            if rc == 0 {
-                return Ok(GcLock { _file: file });
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
+        kiln_fs::FileLock::open(&self.root.join("gc.lock"), mode)
     }
 
     // ---------------------------------------------------------------- paths
