@@ -4,13 +4,12 @@
 use std::path::PathBuf;
 
 use kiln_dockerfile::Dockerfile;
-use kiln_graph::options::{CacheExportSpec, CacheImportSpec, CacheKind};
-use kiln_graph::{BuildOptions, OptionError};
+use kiln_graph::BuildOptions;
 
 use crate::cache::{CacheError, CacheExport, CacheImport};
 use crate::export::{exporters_from_flags, Exporter};
 use crate::session::CancelHandle;
-use crate::spec::SpecError;
+use crate::spec::{parse_attrs, SpecError};
 
 /// One build: the frontend options, the Dockerfile, where results and caches go, and where
 /// kiln keeps its state. Built by the caller (the `kiln` binary from its flags), run by
@@ -66,9 +65,18 @@ pub struct ExportFlags {
 /// A bad value of one of the [`ExportFlags`]; the text names the flag as spelled.
 #[derive(Debug, thiserror::Error)]
 pub enum ExportFlagError {
-    /// A bad cache flag value.
+    /// A cache flag value no backend accepts (its type, a key, a value, a missing one).
     #[error(transparent)]
-    Cache(#[from] OptionError),
+    Cache(SpecError),
+    /// A cache backend that could not be made from a well-formed value (e.g. a ref that does
+    /// not parse, a bad `max-age`); the text is the backend's own.
+    #[error("{error}")]
+    CacheBackend {
+        /// The flag as the user spelled it.
+        flag: String,
+        /// Why the backend could not be made.
+        error: CacheError,
+    },
     /// A bad `--output`, `-t/--tag` or `--push`.
     #[error(transparent)]
     Output(#[from] SpecError),
@@ -78,8 +86,19 @@ impl ExportFlagError {
     /// The flag as the user spelled it.
     pub fn flag(&self) -> &str {
         match self {
-            ExportFlagError::Cache(e) => &e.flag,
-            ExportFlagError::Output(e) => &e.flag,
+            ExportFlagError::Cache(e) | ExportFlagError::Output(e) => &e.flag,
+            ExportFlagError::CacheBackend { flag, .. } => flag,
+        }
+    }
+
+    /// `error` of `value` of `flag`: a bad attribute is reported with the whole value.
+    fn of_cache(flag: &str, value: &str, error: CacheError) -> Self {
+        match error {
+            CacheError::Flag(e) => ExportFlagError::Cache(SpecError::new(flag, value, e.reason)),
+            error => ExportFlagError::CacheBackend {
+                flag: flag.to_owned(),
+                error,
+            },
         }
     }
 }
@@ -89,67 +108,50 @@ pub struct Exports {
     /// Every output, in order; `-t`/`--push` folded in. Empty: build only (the cache is
     /// still filled).
     pub exporters: Vec<Box<dyn Exporter>>,
-    /// Caches to export to, as parsed from their flags.
-    pub cache_exports: Vec<CacheExportSpec>,
-    /// Caches to import from, as parsed from their flags.
-    pub cache_imports: Vec<CacheImportSpec>,
+    /// Caches to export to, in flag order.
+    pub cache_exports: Vec<CacheExport>,
+    /// Caches to import from, in flag order.
+    pub cache_imports: Vec<CacheImport>,
+    /// One warning per import left out because its backend could not be made and it
+    /// ignores errors (the default for imports); for the caller to report.
+    pub warnings: Vec<String>,
 }
 
 impl ExportFlags {
-    /// Validates the flags: the cache flags, then the outputs. Every error names the flag
-    /// as spelled and the bad value.
+    /// Validates the flags: the cache flags, then the outputs, and makes every cache backend,
+    /// so that a typo in a cache's attributes fails before the build starts. Every error
+    /// names the flag as spelled and the bad value. An import whose backend cannot be made
+    /// from a well-formed value is left out with a warning unless `ignore-error=false`.
     pub fn parse(&self) -> Result<Exports, ExportFlagError> {
-        let cache_exports = self
-            .cache_to
-            .iter()
-            .map(|(flag, c)| CacheExportSpec::parse(flag, c))
-            .collect::<Result<_, _>>()?;
-        let cache_imports = self
-            .cache_from
-            .iter()
-            .map(|(flag, c)| CacheImportSpec::parse(flag, c))
-            .collect::<Result<_, _>>()?;
+        let mut cache_exports = Vec::new();
+        for (flag, value) in &self.cache_to {
+            let (kind, attrs) = parse_attrs(flag, value).map_err(ExportFlagError::Cache)?;
+            let export = CacheExport::from_attrs(&kind, &attrs, flag)
+                .map_err(|e| ExportFlagError::of_cache(flag, value, e))?;
+            cache_exports.push(export);
+        }
+        let mut cache_imports = Vec::new();
+        let mut warnings = Vec::new();
+        for (flag, value) in &self.cache_from {
+            let (kind, attrs) = parse_attrs(flag, value).map_err(ExportFlagError::Cache)?;
+            match CacheImport::from_attrs(&kind, &attrs, flag) {
+                Ok(i) => cache_imports.push(i),
+                Err(CacheError::Flag(e)) => {
+                    return Err(ExportFlagError::of_cache(flag, value, CacheError::Flag(e)))
+                }
+                Err(e) if attrs.get("ignore-error").map(String::as_str) != Some("false") => {
+                    warnings.push(import_failed(e))
+                }
+                Err(e) => return Err(ExportFlagError::of_cache(flag, value, e)),
+            }
+        }
         let exporters = exporters_from_flags(&self.outputs, &self.tags, self.push)?;
         Ok(Exports {
             exporters,
             cache_exports,
             cache_imports,
+            warnings,
         })
-    }
-}
-
-fn kind_name(kind: CacheKind) -> &'static str {
-    match kind {
-        CacheKind::Registry => "registry",
-        CacheKind::Local => "local",
-        CacheKind::Inline => "inline",
-    }
-}
-
-impl Exports {
-    /// Makes the backend of every cache flag, so that a typo in an export's attributes fails
-    /// before the build starts. An import that cannot be made is left out, with a warning
-    /// passed to `warn`, unless `ignore-error=false`.
-    pub fn cache_backends(
-        &self,
-        warn: &dyn Fn(String),
-    ) -> Result<(Vec<CacheImport>, Vec<CacheExport>), CacheError> {
-        let mut imports = Vec::new();
-        for spec in &self.cache_imports {
-            match CacheImport::from_attrs(kind_name(spec.kind), &spec.attrs, "--import-cache") {
-                Ok(i) => imports.push(i),
-                Err(e) if spec.ignore_error => warn(import_failed(e)),
-                Err(e) => return Err(e),
-            }
-        }
-        let exports = self
-            .cache_exports
-            .iter()
-            .map(|spec| {
-                CacheExport::from_attrs(kind_name(spec.kind), &spec.attrs, "--export-cache")
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((imports, exports))
     }
 }
 

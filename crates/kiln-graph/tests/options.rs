@@ -254,67 +254,6 @@ fn no_cache_all_and_filters() {
 }
 
 #[test]
-fn cache_export_and_import_specs_parse() {
-    let e = CacheExportSpec::parse("--export-cache", "type=registry,ref=reg/app:cache,mode=max,compression=zstd,compression-level=5,force-compression=true,ignore-error=true,oci-mediatypes=true,image-manifest=true,cache-mounts=true").unwrap();
-    assert_eq!(
-        (e.kind, e.mode, e.reference.as_deref()),
-        (CacheKind::Registry, CacheMode::Max, Some("reg/app:cache"))
-    );
-    assert!(e.ignore_error && e.force_compression && e.image_manifest && e.cache_mounts);
-    let l = CacheExportSpec::parse("--cache-to", "type=local,dest=/tmp/c").unwrap();
-    assert_eq!((l.kind, l.mode), (CacheKind::Local, CacheMode::Min));
-    assert_eq!(
-        CacheExportSpec::parse("--cache-to", "type=inline")
-            .unwrap()
-            .kind,
-        CacheKind::Inline
-    );
-    let bare = CacheExportSpec::parse("--cache-to", "reg/app:cache").unwrap();
-    assert_eq!(bare.reference.as_deref(), Some("reg/app:cache"));
-    let i = CacheImportSpec::parse("--import-cache", "type=registry,ref=reg/app:cache").unwrap();
-    assert!(i.ignore_error);
-    assert_eq!(
-        CacheImportSpec::parse("--cache-from", "type=local,src=/c")
-            .unwrap()
-            .src,
-        Some(PathBuf::from("/c"))
-    );
-    assert_eq!(
-        CacheImportSpec::parse("--cache-from", "reg/app:cache")
-            .unwrap()
-            .kind,
-        CacheKind::Registry
-    );
-}
-
-#[test]
-fn cache_spec_errors_name_the_flag() {
-    for (flag, v, needle) in [
-        ("--export-cache", "type=registry", "needs ref=REF"),
-        (
-            "--export-cache",
-            "type=registry,ref=x,mode=all",
-            "mode=`all`",
-        ),
-        (
-            "--cache-to",
-            "type=s3,bucket=b",
-            "unsupported cache type `s3`",
-        ),
-        ("--cache-to", "type=local,src=/x", "unknown key `src`"),
-        ("--cache-to", "type=local", "needs dest=DIR"),
-    ] {
-        let e = CacheExportSpec::parse(flag, v).unwrap_err();
-        assert_eq!((e.flag.as_str(), e.value.as_str()), (flag, v));
-        assert!(e.reason.contains(needle), "{v}: {}", e.reason);
-    }
-    let e = CacheImportSpec::parse("--import-cache", "type=inline").unwrap_err();
-    assert!(e.reason.contains("export-only"));
-    let e = CacheImportSpec::parse("--cache-from", "type=local").unwrap_err();
-    assert!(e.reason.contains("needs src=DIR"));
-}
-
-#[test]
 fn named_contexts_parse_every_source_kind() {
     let o = ok(RawBuildFlags {
         build_contexts: vec![

@@ -10,8 +10,8 @@ use kiln_worker::build::SolvedBuild;
 use kiln_worker::image::Layer;
 
 use super::{
-    check_keys, export_graph, CacheBackend, CacheContext, CacheError, CacheExportSummary,
-    Direction, ExportScope, ImportedCache, ImportedCacheRef,
+    check_keys, export_graph, flag_error, CacheBackend, CacheContext, CacheError,
+    CacheExportSummary, Direction, ExportScope, ImportedCache, ImportedCacheRef,
 };
 
 /// The cache inline in the exported image's config (`--export-cache type=inline`, or the
@@ -35,14 +35,21 @@ impl Default for InlineCache {
 }
 
 impl InlineCache {
+    /// What an export through this backend writes (`mode`, cache mounts).
+    pub fn scope(&self) -> ExportScope {
+        self.scope
+    }
+
     /// Parses the attributes of `--export-cache type=inline`. An import of this type is
     /// refused: the image's ref is imported as `type=registry`.
     pub fn from_attrs(attrs: &BTreeMap<String, String>, flag: &str) -> Result<Self, CacheError> {
         let direction = Direction::of_flag(flag);
         if direction == Direction::Import {
-            return Err(CacheError::Spec(format!(
-                "{flag}: type=inline is export-only; import the image ref as type=registry"
-            )));
+            return Err(flag_error(
+                flag,
+                "type=inline",
+                "type=inline is export-only; import the image ref as type=registry",
+            ));
         }
         check_keys(attrs, "inline", flag, direction, &[])?;
         Ok(InlineCache {

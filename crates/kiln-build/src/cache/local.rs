@@ -11,8 +11,8 @@ use kiln_worker::engine::BlobSource;
 use kiln_worker::remote::LayoutBlobs;
 
 use super::{
-    check_keys, local_blob, CacheBackend, CacheContext, CacheError, CacheExportSummary, Direction,
-    ExportScope, ImportedCache, ImportedCacheRef,
+    check_keys, flag_error, local_blob, CacheBackend, CacheContext, CacheError, CacheExportSummary,
+    Direction, ExportScope, ImportedCache, ImportedCacheRef,
 };
 
 /// A cache in a local OCI layout directory (`type=local`).
@@ -24,20 +24,26 @@ pub struct LocalCache {
 }
 
 impl LocalCache {
+    /// What an export through this backend writes (`mode`, cache mounts).
+    pub fn scope(&self) -> ExportScope {
+        self.scope
+    }
+
     /// Parses the attributes of a `type=local` cache flag: `src=DIR` for an import,
-    /// `dest=DIR` for an export, `tag` (default `latest`).
+    /// `dest=DIR` for an export; an import may name the `tag` (default `latest`) it reads.
     pub fn from_attrs(attrs: &BTreeMap<String, String>, flag: &str) -> Result<Self, CacheError> {
         let direction = Direction::of_flag(flag);
         let (dir_key, allowed): (&str, &[&str]) = match direction {
             Direction::Import => ("src", &["src", "tag", "digest"]),
-            Direction::Export => ("dest", &["dest", "tag"]),
+            Direction::Export => ("dest", &["dest"]),
         };
         check_keys(attrs, "local", flag, direction, allowed)?;
         let dir = attrs.get(dir_key).ok_or_else(|| {
-            CacheError::Spec(format!(
-                "{} type=local needs {dir_key}=DIR",
-                direction.flag()
-            ))
+            flag_error(
+                flag,
+                "type=local",
+                format!("type=local needs {dir_key}=DIR"),
+            )
         })?;
         Ok(LocalCache {
             dir: PathBuf::from(dir),

@@ -22,6 +22,8 @@ use kiln_worker::build::SolvedBuild;
 use kiln_worker::engine::{BlobSource, WorkerError};
 use kiln_worker::image::Layer;
 
+use crate::spec::SpecError;
+
 pub use imported::ImportedCache;
 pub use inline::InlineCache;
 pub use local::LocalCache;
@@ -122,9 +124,11 @@ pub fn cache_backend_from_attrs(
         "local" => Box::new(LocalCache::from_attrs(attrs, flag)?),
         "inline" => Box::new(InlineCache::from_attrs(attrs, flag)?),
         _ => {
-            return Err(CacheError::Spec(format!(
-                "{flag}: unsupported cache type `{kind}`; expected registry, local or inline"
-            )))
+            return Err(flag_error(
+                flag,
+                &format!("type={kind}"),
+                format!("unsupported cache type `{kind}`; expected registry, local or inline"),
+            ))
         }
     })
 }
@@ -200,6 +204,10 @@ pub enum CacheError {
     /// A bad attribute of a cache flag; the text names the flag, key and value.
     #[error("{0}")]
     Spec(String),
+    /// A cache flag value no backend accepts (unknown type or key, a bad mode, boolean or
+    /// compression, a missing ref/dest/src): names the flag, the value and the reason.
+    #[error(transparent)]
+    Flag(#[from] SpecError),
     /// Moving the cache to or from its registry or directory failed.
     #[error(transparent)]
     Transfer(#[from] kiln_cache::TransferError),
@@ -253,6 +261,12 @@ impl Direction {
     }
 }
 
+/// A bad cache flag value: `part` is the offending part of the value (the caller that holds
+/// the whole value puts it in its place), `reason` what is wrong and what is accepted.
+pub(crate) fn flag_error(flag: &str, part: &str, reason: impl Into<String>) -> CacheError {
+    CacheError::Flag(SpecError::new(flag, part, reason))
+}
+
 /// `key=true|false` of a cache flag, if given.
 pub(crate) fn bool_attr(
     attrs: &BTreeMap<String, String>,
@@ -264,9 +278,11 @@ pub(crate) fn bool_attr(
         .map(|v| match v.as_str() {
             "true" => Ok(true),
             "false" => Ok(false),
-            _ => Err(CacheError::Spec(format!(
-                "{flag} {key}={v}: expected true or false"
-            ))),
+            _ => Err(flag_error(
+                flag,
+                &format!("{key}={v}"),
+                format!("{key}=`{v}`: expected true or false"),
+            )),
         })
         .transpose()
 }
@@ -295,10 +311,11 @@ pub(crate) fn check_keys(
             || allowed.contains(&k.as_str())
             || (direction == Direction::Export && EXPORT.contains(&k.as_str()));
         if !known {
-            return Err(CacheError::Spec(format!(
-                "{flag}: unknown key `{k}` for a {kind} cache {}",
-                direction.noun()
-            )));
+            return Err(flag_error(
+                flag,
+                k,
+                format!("unknown key `{k}` for a {kind} cache {}", direction.noun()),
+            ));
         }
     }
     for k in ["registry.insecure", "insecure", "force-compression"] {
@@ -309,7 +326,7 @@ pub(crate) fn check_keys(
 
 /// What every exporting backend reads: which records, and whether cache mounts go along.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ExportScope {
+pub struct ExportScope {
     /// `mode=max`: every step of the build; `min` (default): the image's own layers.
     pub max: bool,
     /// `cache-mounts=true`: `RUN --mount=type=cache` contents too.
@@ -327,11 +344,31 @@ impl ExportScope {
             None | Some("min") => false,
             Some("max") => true,
             Some(v) => {
-                return Err(CacheError::Spec(format!(
-                    "{flag} mode={v}: expected min or max"
-                )))
+                return Err(flag_error(
+                    flag,
+                    &format!("mode={v}"),
+                    format!("mode=`{v}`: expected min or max"),
+                ))
             }
         };
+        if let Some(v) = attrs.get("compression") {
+            if !matches!(v.as_str(), "gzip" | "zstd" | "uncompressed") {
+                return Err(flag_error(
+                    flag,
+                    &format!("compression={v}"),
+                    format!("compression `{v}`: expected gzip, zstd or uncompressed"),
+                ));
+            }
+        }
+        if let Some(v) = attrs.get("compression-level") {
+            if v.parse::<u32>().ok().filter(|l| *l <= 22).is_none() {
+                return Err(flag_error(
+                    flag,
+                    &format!("compression-level={v}"),
+                    format!("compression-level `{v}`: expected 0..=22"),
+                ));
+            }
+        }
         let cache_mounts_max_size = match attrs.get("cache-mounts-max-size") {
             Some(v) => v.parse::<u64>().map_err(|_| {
                 CacheError::Spec(format!(

@@ -13,8 +13,8 @@ use kiln_worker::engine::BlobSource;
 use kiln_worker::registry::RepositoryBlobs;
 
 use super::{
-    check_keys, local_blob, CacheBackend, CacheContext, CacheError, CacheExportSummary, Direction,
-    ExportScope, ImportedCache, ImportedCacheRef,
+    check_keys, flag_error, local_blob, CacheBackend, CacheContext, CacheError, CacheExportSummary,
+    Direction, ExportScope, ImportedCache, ImportedCacheRef,
 };
 
 /// A cache under a registry ref (`type=registry,ref=REF`).
@@ -32,6 +32,11 @@ pub struct RegistryCache {
 }
 
 impl RegistryCache {
+    /// What an export through this backend writes (`mode`, cache mounts).
+    pub fn scope(&self) -> ExportScope {
+        self.scope
+    }
+
     /// Parses the attributes of a `type=registry` cache flag: `ref` (required), and for an
     /// export `mode`, `cache-mounts*`, `max-age`, `max-records`, `connections`.
     pub fn from_attrs(attrs: &BTreeMap<String, String>, flag: &str) -> Result<Self, CacheError> {
@@ -45,9 +50,7 @@ impl RegistryCache {
             .get("ref")
             .filter(|r| !r.is_empty())
             .cloned()
-            .ok_or_else(|| {
-                CacheError::Spec(format!("{} type=registry needs ref=REF", direction.flag()))
-            })?;
+            .ok_or_else(|| flag_error(flag, "type=registry", "type=registry needs ref=REF"))?;
         let reference = name
             .parse()
             .map_err(|e| CacheError::Spec(format!("{} ref={name}: {e}", direction.flag())))?;

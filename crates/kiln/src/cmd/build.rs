@@ -245,7 +245,10 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let progress = Progress::new(opts.progress);
-    let caches = exports.cache_backends(&|m| progress.event(BuildEvent::Warning(m)))?;
+    for warning in exports.warnings {
+        progress.event(BuildEvent::Warning(warning));
+    }
+    let caches = (exports.cache_imports, exports.cache_exports);
     let mut request = BuildRequest::new(
         opts,
         exports.exporters,
