@@ -75,7 +75,7 @@ pub enum ExportFlagError {
         /// The flag as the user spelled it.
         flag: String,
         /// Why the backend could not be made.
-        error: CacheError,
+        error: Box<CacheError>,
     },
     /// A bad `--output`, `-t/--tag` or `--push`.
     #[error(transparent)]
@@ -97,7 +97,7 @@ impl ExportFlagError {
             CacheError::Flag(e) => ExportFlagError::Cache(SpecError::new(flag, value, e.reason)),
             error => ExportFlagError::CacheBackend {
                 flag: flag.to_owned(),
-                error,
+                error: Box::new(error),
             },
         }
     }
