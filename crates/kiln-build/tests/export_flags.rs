@@ -130,3 +130,22 @@ fn cache_spec_errors_name_the_flag() {
         .reason
         .contains("needs src=DIR"));
 }
+
+#[test]
+fn cache_booleans_take_one_and_zero_and_a_bare_key() {
+    for (value, want) in [("1", true), ("", true), ("true", true), ("0", false)] {
+        let e = cache_to(
+            "--cache-to",
+            &format!("type=registry,ref=reg/app:cache,ignore-error={value}"),
+        );
+        assert_eq!(e.ignore_error, want, "ignore-error={value}");
+    }
+    let bad = err(ExportFlags {
+        cache_to: vec![(
+            "--cache-to".into(),
+            "type=registry,ref=reg/app:cache,ignore-error=maybe".into(),
+        )],
+        ..Default::default()
+    });
+    assert!(bad.to_string().contains("expected true or false"), "{bad}");
+}

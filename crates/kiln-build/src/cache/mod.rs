@@ -276,8 +276,9 @@ pub(crate) fn bool_attr(
     attrs
         .get(key)
         .map(|v| match v.as_str() {
-            "true" => Ok(true),
-            "false" => Ok(false),
+            // As every other boolean attribute of kiln's flags: a bare key, `1`, `0`.
+            "" | "true" | "1" => Ok(true),
+            "false" | "0" => Ok(false),
             _ => Err(flag_error(
                 flag,
                 &format!("{key}={v}"),
