@@ -221,27 +221,61 @@ pub(crate) struct ScratchDir {
     pub path: PathBuf,
 }
 
+/// Numbers the scratch dirs of this process.
+static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl ScratchDir {
     pub(crate) fn new(base: &Path) -> Result<Self, ExecError> {
         use std::os::unix::fs::DirBuilderExt;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = base.join(format!("kiln-exec-{}-{n}", std::process::id()));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| ExecError::Prepare {
-                what: "creating scratch dir",
-                path: path.clone(),
-                source: e,
-            })?;
-        Ok(ScratchDir { path })
+        use std::sync::atomic::Ordering;
+        // A process killed before its `Drop` ran leaves its dirs behind, and a later process
+        // may get the same pid: a name that is taken is skipped, never reused.
+        let mut attempts = 0;
+        loop {
+            let n = NEXT_SCRATCH.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!("kiln-exec-{}-{n}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(ScratchDir { path }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 1000 => {
+                    attempts += 1;
+                }
+                Err(e) => {
+                    return Err(ExecError::Prepare {
+                        what: "creating scratch dir",
+                        path,
+                        source: e,
+                    })
+                }
+            }
+        }
     }
 }
 
 impl Drop for ScratchDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod scratch_tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn scratch_dir_skips_names_a_killed_process_left_behind() {
+        let base = tempfile::tempdir().unwrap();
+        let next = NEXT_SCRATCH.load(Ordering::Relaxed);
+        // What a killed earlier process with this pid would have left.
+        for n in next..next + 20 {
+            std::fs::create_dir(
+                base.path()
+                    .join(format!("kiln-exec-{}-{n}", std::process::id())),
+            )
+            .unwrap();
+        }
+        let dir = ScratchDir::new(base.path()).unwrap();
+        assert!(dir.path.is_dir());
+        assert_eq!(std::fs::read_dir(base.path()).unwrap().count(), 21);
     }
 }
