@@ -114,19 +114,28 @@ fn parent_dir(path: &Path) -> &Path {
 /// of it (see the crate docs for what `durability` adds). The directory must exist; a new
 /// file gets the usual `0666 & !umask` mode.
 pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), WriteError> {
-    let tmp = temp_beside(path);
+    // A process killed mid-write leaves its temporary behind, and a later process may get the
+    // same pid (and so the same names): a name that is taken is skipped, never written into.
+    let mut attempts = 0;
+    let (tmp, mut f) = loop {
+        let tmp = temp_beside(path);
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 1000 => {
+                attempts += 1;
+            }
+            Err(source) => {
+                return Err(WriteError {
+                    step: WriteStep::Create,
+                    source,
+                })
+            }
+        }
+    };
     let fail = |step, source| {
         let _ = fs::remove_file(&tmp);
         WriteError { step, source }
     };
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|source| WriteError {
-            step: WriteStep::Create,
-            source,
-        })?;
     f.write_all(bytes).map_err(|e| fail(WriteStep::Write, e))?;
     if durability == Durability::Fsync {
         f.sync_all().map_err(|e| fail(WriteStep::Sync, e))?;
@@ -257,6 +266,20 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![OsString::from("record.json")]);
+    }
+
+    #[test]
+    fn write_atomic_skips_temporaries_a_killed_process_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        // What a killed earlier process with this pid would have left.
+        let next = TEMP_SEQ.load(Ordering::Relaxed);
+        for n in next..next + 20 {
+            let stale = format!(".state.json.tmp-{}-{n}", std::process::id());
+            fs::write(d.path().join(stale), b"partial").unwrap();
+        }
+        write_atomic(&p, b"whole", Durability::Fsync).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"whole");
     }
 
     #[test]
