@@ -42,6 +42,7 @@ mod rootfs;
 mod runc;
 mod security;
 mod spec;
+mod ssh;
 mod user;
 
 pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};

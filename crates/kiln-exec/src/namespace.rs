@@ -563,7 +563,24 @@ fn build_plan(
                         | libc::MS_NOEXEC,
                 });
             }
-            MountKind::Ssh => return Err(ExecError::Unsupported("RUN --mount=type=ssh")),
+            MountKind::Ssh { .. } => {
+                ops.push(mount(
+                    Some(p(prep.ssh_socket(i)?)?),
+                    t.clone(),
+                    None,
+                    libc::MS_BIND,
+                    None,
+                    "ssh agent socket mount",
+                )?);
+                ops.push(Op::Remount {
+                    target: t,
+                    flags: libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                });
+            }
         }
     }
 

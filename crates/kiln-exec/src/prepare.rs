@@ -8,6 +8,7 @@ use crate::rootfs::{create_workdir, find_command, MountStubs, StubKind};
 use crate::spec::{
     wipe, CancelToken, ExecError, ExecSpec, ExitStatus, MountKind, Network, DEFAULT_PATH,
 };
+use crate::ssh::AgentProxy;
 use crate::user::{resolve_user, ResolvedUser};
 
 /// Host files bind-mounted (as private copies) into every container.
@@ -35,6 +36,20 @@ pub(crate) struct Prepared {
     pub mount_targets: Vec<PathBuf>,
     /// Secret values to keep out of the output.
     pub secret_values: Vec<Vec<u8>>,
+    /// The forwarding socket of each `type=ssh` mount, by index in `spec.mounts`; they stop
+    /// forwarding when the run's `Prepared` is dropped.
+    pub ssh_proxies: Vec<(usize, AgentProxy)>,
+}
+
+impl Prepared {
+    /// The host socket to bind onto `spec.mounts[i]`, a `type=ssh` mount.
+    pub(crate) fn ssh_socket(&self, i: usize) -> Result<&Path, ExecError> {
+        self.ssh_proxies
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map(|(_, p)| p.socket())
+            .ok_or_else(|| ExecError::InvalidSpec(format!("ssh mount {i} has no forwarder")))
+    }
 }
 
 fn validate(spec: &ExecSpec) -> Result<(), ExecError> {
@@ -73,9 +88,6 @@ fn validate(spec: &ExecSpec) -> Result<(), ExecError> {
             .all(|c| c.is_empty() || c == "." || c == "..")
         {
             return bad(format!("cannot mount over the root: {:?}", m.target));
-        }
-        if let MountKind::Ssh = m.kind {
-            return Err(ExecError::Unsupported("RUN --mount=type=ssh"));
         }
     }
     Ok(())
@@ -145,7 +157,8 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
         }
     }
     let mut mount_targets = Vec::new();
-    for m in &spec.mounts {
+    let mut ssh_proxies = Vec::new();
+    for (i, m) in spec.mounts.iter().enumerate() {
         let kind = match &m.kind {
             MountKind::Bind { source, .. } if !source.is_dir() => {
                 if !source.exists() {
@@ -159,6 +172,15 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
             }
             MountKind::Secret { data, .. } => {
                 secret_values.push(data.expose().to_vec());
+                StubKind::File
+            }
+            MountKind::Ssh {
+                socket,
+                uid,
+                gid,
+                mode,
+            } => {
+                ssh_proxies.push((i, AgentProxy::start(socket, *uid, *gid, *mode)?));
                 StubKind::File
             }
             _ => StubKind::Dir,
@@ -178,6 +200,7 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
         host_files,
         mount_targets,
         secret_values,
+        ssh_proxies,
     })
 }
 

@@ -277,7 +277,10 @@ fn runtime_spec(
                 write_private(&file, data.expose(), *mode, *uid, *gid)?;
                 json!({"destination": dest, "type": "bind", "source": file, "options": ["bind", "ro", "nosuid", "nodev", "noexec"]})
             }
-            MountKind::Ssh => return Err(ExecError::Unsupported("RUN --mount=type=ssh")),
+            MountKind::Ssh { .. } => {
+                let socket = prep.ssh_socket(i)?;
+                json!({"destination": dest, "type": "bind", "source": socket, "options": ["bind", "nosuid", "nodev", "noexec"]})
+            }
         };
         mounts.push(mount);
     }

@@ -180,8 +180,19 @@ pub enum MountKind {
         /// File group.
         gid: u32,
     },
-    /// `type=ssh`: not supported; running a spec with it fails with [`ExecError::Unsupported`].
-    Ssh,
+    /// `type=ssh`: a socket forwarding to an SSH agent. The step gets a socket of the run's
+    /// own at the target (owner `uid:gid`, permissions `mode`), never the agent's socket or
+    /// its keys; the mount point is taken out of the rootfs after the run.
+    Ssh {
+        /// The agent's socket on the host.
+        socket: PathBuf,
+        /// Owner of the socket the step sees.
+        uid: u32,
+        /// Group of the socket the step sees.
+        gid: u32,
+        /// Permission bits of the socket the step sees (BuildKit's default 0600).
+        mode: u32,
+    },
 }
 
 /// Secret bytes. `Debug` never shows them; they are zeroed on drop.

@@ -684,14 +684,67 @@ fn root_exit_codes_signal_deaths_and_missing_commands_are_reported() {
     assert!(matches!(err, ExecError::CommandNotFound { .. }), "{err}");
     let mut spec = ExecSpec::new(&fs.merged, vec!["true".into()]);
     spec.mounts = vec![MountSpec {
-        target: "/root/.ssh".into(),
-        kind: MountKind::Ssh,
+        target: "/root/.ssh/agent".into(),
+        kind: MountKind::Ssh {
+            socket: fs.merged.join("etc/passwd"),
+            uid: 0,
+            gid: 0,
+            mode: 0o600,
+        },
     }];
     let err = exec()
         .run(&spec, &mut CollectedOutput::default(), &CancelToken::new())
         .unwrap_err();
-    assert!(matches!(err, ExecError::Unsupported(_)), "{err}");
-    assert!(err.to_string().contains("not supported"), "{err}");
+    assert!(err.to_string().contains("is not a socket"), "{err}");
+}
+
+#[test]
+fn root_ssh_mount_is_a_forwarding_socket_with_its_owner_and_mode_and_leaves_no_mount_point() {
+    require_root(
+        "root_ssh_mount_is_a_forwarding_socket_with_its_owner_and_mode_and_leaves_no_mount_point",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let agent_path = dir.path().join("agent.sock");
+    let agent = std::os::unix::net::UnixListener::bind(&agent_path).unwrap();
+    let fs = OverlayRootfs::new();
+    let mut spec = sh(
+        &fs.merged,
+        "stat -c '%F %a %u:%g' /run/buildkit/ssh_agent.0 /home/app/agent",
+    );
+    spec.mounts = vec![
+        MountSpec {
+            target: "/run/buildkit/ssh_agent.0".into(),
+            kind: MountKind::Ssh {
+                socket: agent_path.clone(),
+                uid: 0,
+                gid: 0,
+                mode: 0o600,
+            },
+        },
+        MountSpec {
+            target: "/home/app/agent".into(),
+            kind: MountKind::Ssh {
+                socket: agent_path.clone(),
+                uid: 33,
+                gid: 33,
+                mode: 0o660,
+            },
+        },
+    ];
+    let (st, out) = run(&exec(), &spec);
+    expect_ok(st, &out);
+    assert_eq!(
+        out.stdout_text(),
+        "socket 600 0:0\nsocket 660 33:33",
+        "{}",
+        out.stderr_text()
+    );
+    assert_eq!(
+        fs.upper_tree(),
+        BTreeMap::new(),
+        "the ssh mount points (and /run/buildkit, /home/app) left the layer"
+    );
+    drop(agent);
 }
 
 /// Cancels its token when the step says it has started its tree.

@@ -193,8 +193,8 @@ fn root_same_mount_behaviour_under_kiln_and_runc() {
 }
 
 #[test]
-fn root_runc_backend_reports_cancellation_and_unsupported_mounts() {
-    require_runc("root_runc_backend_reports_cancellation_and_unsupported_mounts");
+fn root_runc_backend_reports_cancellation_and_forwards_ssh_mounts() {
+    require_runc("root_runc_backend_reports_cancellation_and_forwards_ssh_mounts");
     let fs = OverlayRootfs::new();
     let token = CancelToken::new();
     let t = token.clone();
@@ -212,13 +212,28 @@ fn root_runc_backend_reports_cancellation_and_unsupported_mounts() {
     canceller.join().unwrap();
     assert!(matches!(err, ExecError::Cancelled), "{err}");
     let fs = OverlayRootfs::new();
-    let mut spec = sh(&fs.merged, "true");
+    let dir = tempfile::tempdir().unwrap();
+    let agent_path = dir.path().join("agent.sock");
+    let _agent = std::os::unix::net::UnixListener::bind(&agent_path).unwrap();
+    let mut spec = sh(&fs.merged, "stat -c '%F %a %u:%g' /x/agent");
     spec.mounts = vec![MountSpec {
-        target: "/x".into(),
-        kind: MountKind::Ssh,
+        target: "/x/agent".into(),
+        kind: MountKind::Ssh {
+            socket: agent_path,
+            uid: 33,
+            gid: 33,
+            mode: 0o600,
+        },
     }];
-    let err = RuncExecutor::default()
-        .run(&spec, &mut CollectedOutput::default(), &CancelToken::new())
-        .unwrap_err();
-    assert!(matches!(err, ExecError::Unsupported(_)));
+    let mut out = CollectedOutput::default();
+    let st = RuncExecutor::default()
+        .run(&spec, &mut out, &CancelToken::new())
+        .unwrap();
+    assert_eq!(st, ExitStatus::Code(0), "{}", out.stderr_text());
+    assert_eq!(out.stdout_text(), "socket 600 33:33");
+    assert_eq!(
+        fs.upper_tree(),
+        BTreeMap::new(),
+        "the ssh mount point left the layer"
+    );
 }

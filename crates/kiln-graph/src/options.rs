@@ -57,6 +57,8 @@ pub struct BuildOptions {
     pub no_cache: NoCache,
     /// Secrets the build may mount.
     pub secrets: Vec<SecretSpec>,
+    /// `--ssh`: SSH agents (or key files) `RUN --mount=type=ssh` may reach, by id.
+    pub ssh: Vec<SshSpec>,
     /// A subrequest (`--call`, `--check`) instead of a build.
     pub call: Option<CallRequest>,
     /// `--dry-run`: print the planned steps instead of running them.
@@ -87,8 +89,8 @@ pub struct Entitlements {
     /// `network.host`: `RUN --network=host` and `--network host` may use the host's network,
     /// where every service on the runner's loopback is reachable.
     pub network_host: bool,
-    /// `security.insecure`: accepted for buildx compatibility; kiln does not gate
-    /// `RUN --security=insecure` on it yet.
+    /// `security.insecure`: `RUN --security=insecure` may run with every capability, no
+    /// seccomp filter and writable kernel paths; without it such a step is refused.
     pub security_insecure: bool,
 }
 
@@ -107,6 +109,7 @@ impl BuildOptions {
             locals: BTreeMap::new(),
             no_cache: NoCache::None,
             secrets: Vec::new(),
+            ssh: Vec::new(),
             call: None,
             dry_run: None,
             progress: ProgressMode::Auto,
@@ -149,6 +152,8 @@ pub struct RawBuildFlags {
     pub build_contexts: Vec<String>,
     /// buildx `--secret`.
     pub secrets: Vec<String>,
+    /// `--ssh default|ID[=SOCKET|KEY[,KEY...]]` (both spellings).
+    pub ssh: Vec<String>,
     /// buildx `--call`.
     pub call: Option<String>,
     /// buildx `--check`.
@@ -380,7 +385,21 @@ impl BuildOptions {
         }
 
         for s in &raw.secrets {
-            opts.secrets.push(SecretSpec::parse("--secret", s)?);
+            // As buildx: a later --secret with the same id wins.
+            let spec = SecretSpec::parse("--secret", s)?;
+            opts.secrets.retain(|o| o.id != spec.id);
+            opts.secrets.push(spec);
+        }
+        for s in &raw.ssh {
+            let spec = SshSpec::parse("--ssh", s)?;
+            if opts.ssh.iter().any(|o| o.id == spec.id) {
+                return Err(OptionError::new(
+                    "--ssh",
+                    s,
+                    format!("ssh id `{}` is given twice", spec.id),
+                ));
+            }
+            opts.ssh.push(spec);
         }
 
         opts.call = match (&raw.call, raw.check) {
@@ -663,10 +682,17 @@ pub struct SecretSpec {
     pub id: String,
     /// Where its value comes from.
     pub source: SecretSource,
+    /// A bare `id=ID` (no `src=`, `env=` or `type=`): buildx reads the environment variable
+    /// `ID` when it is set, else the file `ID`; this is that file. `None` for every other form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub or_file: Option<PathBuf>,
 }
 
 impl SecretSpec {
-    /// Parses `id=ID[,type=file|env][,src=PATH|,env=VAR]`.
+    /// Parses buildx's forms: `id=ID,src=PATH` (`source=` too), `id=ID,env=VAR`,
+    /// `type=file,id=ID[,src=PATH]`, `type=env,id=ID[,env=VAR|,src=VAR]` and a bare `id=ID`
+    /// (the variable `ID` when set, else the file `ID`). Keys are case-insensitive; fields
+    /// may be double-quoted.
     pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
         let mut id = None;
         let mut typ = None;
@@ -676,7 +702,7 @@ impl SecretSpec {
             let (k, v) = f
                 .split_once('=')
                 .ok_or_else(|| OptionError::new(flag, value, format!("`{f}` is not key=value")))?;
-            match k {
+            match k.trim().to_ascii_lowercase().as_str() {
                 "id" => id = Some(v.to_string()),
                 "type" => typ = Some(v.to_string()),
                 "src" | "source" => src = Some(v.to_string()),
@@ -685,7 +711,7 @@ impl SecretSpec {
                     return Err(OptionError::new(
                         flag,
                         value,
-                        format!("unknown key `{k}`; expected id, type, src, env"),
+                        format!("unknown key `{k}`; expected id, type, src (source), env"),
                     ))
                 }
             }
@@ -693,6 +719,7 @@ impl SecretSpec {
         let id = id
             .filter(|i| !i.is_empty())
             .ok_or_else(|| OptionError::new(flag, value, "missing id="))?;
+        let mut or_file = None;
         let source = match (typ.as_deref(), src, env) {
             (_, Some(_), Some(_)) => {
                 return Err(OptionError::new(
@@ -701,11 +728,28 @@ impl SecretSpec {
                     "give either src= or env=, not both",
                 ))
             }
+            (Some("file"), None, Some(_)) => {
+                return Err(OptionError::new(
+                    flag,
+                    value,
+                    "type=file reads a file: give src=PATH, or use type=env with env=",
+                ))
+            }
+            (_, Some(s), None) if s.is_empty() => {
+                return Err(OptionError::new(flag, value, "src= is empty"))
+            }
+            (_, None, Some(e)) if e.is_empty() => {
+                return Err(OptionError::new(flag, value, "env= is empty"))
+            }
             (None | Some("file"), Some(s), None) => SecretSource::File(PathBuf::from(s)),
             (None | Some("env"), None, Some(e)) => SecretSource::Env(e),
             (Some("env"), Some(s), None) => SecretSource::Env(s),
             (Some("file"), None, None) => SecretSource::File(PathBuf::from(&id)),
-            (None | Some("env"), None, None) => SecretSource::Env(id.clone()),
+            (Some("env"), None, None) => SecretSource::Env(id.clone()),
+            (None, None, None) => {
+                or_file = Some(PathBuf::from(&id));
+                SecretSource::Env(id.clone())
+            }
             (Some(t), _, _) => {
                 return Err(OptionError::new(
                     flag,
@@ -714,7 +758,68 @@ impl SecretSpec {
                 ))
             }
         };
-        Ok(SecretSpec { id, source })
+        Ok(SecretSpec {
+            id,
+            source,
+            or_file,
+        })
+    }
+}
+
+/// The id a `RUN --mount=type=ssh` without `id=` asks for.
+pub const DEFAULT_SSH_ID: &str = "default";
+
+/// One `--ssh`: which agent `RUN --mount=type=ssh,id=ID` reaches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SshSpec {
+    /// The id (`default` when the value names none).
+    pub id: String,
+    /// An agent socket, or private key files kiln loads into an agent of the build's own;
+    /// empty means the agent of `$SSH_AUTH_SOCK`.
+    pub paths: Vec<PathBuf>,
+}
+
+impl SshSpec {
+    /// Parses buildx's `default|ID[=SOCKET|KEY[,KEY...]]`.
+    pub fn parse(flag: &str, value: &str) -> Result<Self, OptionError> {
+        let (id, paths) = match value.split_once('=') {
+            Some((id, p)) => (id.trim(), Some(p)),
+            None => (value.trim(), None),
+        };
+        if id.is_empty() {
+            return Err(OptionError::new(
+                flag,
+                value,
+                "missing id: expected default, ID, or ID=SOCKET|KEY[,KEY...]",
+            ));
+        }
+        if id.contains('/') || id.contains(',') || id.contains(char::is_whitespace) {
+            return Err(OptionError::new(
+                flag,
+                value,
+                format!(
+                    "`{id}` is not an id; to use a socket or key file, name the id it serves: \
+                     {flag} {DEFAULT_SSH_ID}={id}"
+                ),
+            ));
+        }
+        let mut out = Vec::new();
+        if let Some(p) = paths {
+            for part in p.split(',') {
+                if part.is_empty() {
+                    return Err(OptionError::new(
+                        flag,
+                        value,
+                        "an empty path: expected ID=SOCKET or ID=KEY[,KEY...]",
+                    ));
+                }
+                out.push(PathBuf::from(part));
+            }
+        }
+        Ok(SshSpec {
+            id: id.to_string(),
+            paths: out,
+        })
     }
 }
 

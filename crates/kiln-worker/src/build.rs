@@ -34,6 +34,9 @@ pub enum BuildError {
     /// A secret's source could not be read.
     #[error("--secret id={id}: {message}")]
     Secret { id: String, message: String },
+    /// An `--ssh` agent could not be reached or started.
+    #[error(transparent)]
+    Ssh(#[from] crate::ssh::SshError),
 }
 
 /// Resolves each base image once per build and serves both the frontend (configs) and the
@@ -159,18 +162,30 @@ pub fn plan_build(
                 id: s.id.clone(),
                 message: format!("reading {}: {e}", p.display()),
             })?,
-            SecretSource::Env(var) => std::env::var_os(var)
-                .map(|v| v.into_encoded_bytes())
-                .ok_or_else(|| BuildError::Secret {
+            SecretSource::Env(var) => match (std::env::var_os(var), &s.or_file) {
+                (Some(v), _) => v.into_encoded_bytes(),
+                // A bare `id=ID`: the file `ID` when no such variable is set (buildx's rule).
+                (None, Some(p)) => std::fs::read(p).map_err(|e| BuildError::Secret {
                     id: s.id.clone(),
-                    message: format!("environment variable {var} is not set"),
+                    message: format!(
+                        "no environment variable {var} is set, and reading the file {}: {e}",
+                        p.display()
+                    ),
                 })?,
+                (None, None) => {
+                    return Err(BuildError::Secret {
+                        id: s.id.clone(),
+                        message: format!("environment variable {var} is not set"),
+                    })
+                }
+            },
         };
         secrets.insert(s.id.clone(), value);
     }
     let config = WorkerConfig {
         locals,
         secrets,
+        ssh: crate::ssh::start_agents(&opts.ssh)?,
         source_date_epoch: inputs.source_date_epoch,
         compression: inputs.compression,
     };

@@ -49,6 +49,8 @@ pub enum WorkerError {
     },
     #[error("secret {0:?} is required but was not provided (pass --secret id={0},src=FILE)")]
     MissingSecret(String),
+    #[error("ssh agent {0:?} is required but was not given (pass --ssh {0} or --ssh {0}=KEYFILE)")]
+    MissingSsh(String),
     #[error("no local directory named {0:?} was given (pass --local {0}=DIR or --build-context {0}=DIR)")]
     MissingLocal(String),
     #[error("image {reference}: {message}")]
@@ -222,6 +224,8 @@ pub struct WorkerConfig {
     pub locals: BTreeMap<String, PathBuf>,
     /// Secrets by id.
     pub secrets: BTreeMap<String, Vec<u8>>,
+    /// SSH agents by `--ssh` id (`RUN --mount=type=ssh,id=`); kept alive for the build.
+    pub ssh: BTreeMap<String, Arc<crate::ssh::SshAgent>>,
     /// Clamp layer mtimes and image timestamps (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<i64>,
     /// Layer compression.
@@ -824,7 +828,32 @@ impl Inner {
                             gid: *gid,
                         }
                     }
-                    g::MountKind::Ssh { .. } => MountKind::Ssh,
+                    g::MountKind::Ssh {
+                        id,
+                        required,
+                        uid,
+                        gid,
+                        mode,
+                    } => {
+                        let Some(agent) = self.config.ssh.get(id) else {
+                            if *required {
+                                return Err(WorkerError::MissingSsh(id.clone()));
+                            }
+                            // BuildKit skips an optional agent nobody gave.
+                            continue;
+                        };
+                        // As BuildKit: the first agent is the step's SSH_AUTH_SOCK unless
+                        // the step sets its own.
+                        if !spec.env.iter().any(|(k, _)| k == "SSH_AUTH_SOCK") {
+                            spec.env.push(("SSH_AUTH_SOCK".into(), m.target.clone()));
+                        }
+                        MountKind::Ssh {
+                            socket: agent.socket().to_owned(),
+                            uid: *uid,
+                            gid: *gid,
+                            mode: *mode,
+                        }
+                    }
                 };
                 spec.mounts.push(MountSpec {
                     target: m.target.clone(),

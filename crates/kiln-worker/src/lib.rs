@@ -11,3 +11,4 @@ pub mod images;
 pub mod registry;
 pub mod remote;
 pub mod sources;
+pub mod ssh;

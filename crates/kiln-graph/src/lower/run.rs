@@ -42,6 +42,7 @@ impl<'a> Lowerer<'a> {
         // one reported. BuildKit reads `--network` and `--security` as written (the typed
         // layer has checked them); `--mount` values are expanded field by field.
         let mut typed_mounts = run.mounts.iter();
+        let mut ssh_index = 0usize;
         for f in &t.flags {
             match f.name {
                 "network" => {
@@ -59,12 +60,24 @@ impl<'a> Lowerer<'a> {
                 }
                 "security" => {
                     if let Some(mode) = run.security {
+                        if mode == SecurityMode::Insecure
+                            && !self.opts.entitlements.security_insecure
+                        {
+                            return Err(FrontendError::new(
+                                "RUN --security=insecure needs the security.insecure \
+                                 entitlement (entitlement security.insecure is not allowed): \
+                                 the step would run with every capability, no seccomp filter \
+                                 and writable kernel paths; build with --allow security.insecure",
+                                f.span,
+                            ));
+                        }
                         security = mode;
                     }
                 }
                 _ => {
                     if let Some(m) = typed_mounts.next() {
-                        let m = self.lower_mount(st, &m.written, m.span, &mut inputs)?;
+                        let m =
+                            self.lower_mount(st, &m.written, m.span, &mut inputs, &mut ssh_index)?;
                         mounts.push(m);
                     }
                 }
@@ -147,6 +160,7 @@ impl<'a> Lowerer<'a> {
         v: &str,
         span: Span,
         inputs: &mut Vec<VertexId>,
+        ssh_index: &mut usize,
     ) -> Result<Mount, FrontendError> {
         use kiln_dockerfile::instructions::{self as ins, MountType};
         let err = |m: String| FrontendError::new(mount_error_message(v, &m), span);
@@ -299,7 +313,20 @@ impl<'a> Lowerer<'a> {
                         line: span.start.line,
                     });
                 }
-                let target = target.unwrap_or_else(|| "/run/buildkit/ssh_agent.0".into());
+                if m.required && !self.ssh_given(&id) {
+                    return Err(FrontendError::new(
+                        format!(
+                            "ssh agent `{id}` is required but was not given: pass --ssh {id} \
+                         (the agent of $SSH_AUTH_SOCK), --ssh {id}=SOCKET or \
+                         --ssh {id}=KEYFILE"
+                        ),
+                        span,
+                    ));
+                }
+                // BuildKit numbers the default targets of a step's agents in order.
+                let n = *ssh_index;
+                *ssh_index += 1;
+                let target = target.unwrap_or_else(|| format!("/run/buildkit/ssh_agent.{n}"));
                 let kind = MountKind::Ssh {
                     id,
                     required: m.required,
@@ -311,6 +338,14 @@ impl<'a> Lowerer<'a> {
             }
         };
         Ok(Mount { target, kind })
+    }
+}
+
+impl Lowerer<'_> {
+    /// Was an agent given for ssh id `id`? A subrequest (`--call`) runs nothing, so there
+    /// every id counts as given.
+    fn ssh_given(&self, id: &str) -> bool {
+        self.opts.call.is_some() || self.opts.ssh.iter().any(|s| s.id == id)
     }
 }
 

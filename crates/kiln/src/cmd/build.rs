@@ -90,9 +90,15 @@ pub struct BuildArgs {
     /// Extra named context: NAME=DIR, NAME=docker-image://REF, NAME=oci-layout://PATH[:TAG|@DIGEST]
     #[arg(long = "build-context", value_name = "NAME=VALUE")]
     build_contexts: Vec<String>,
-    /// Secret for RUN --mount=type=secret: id=ID,src=PATH or id=ID,env=VAR
+    /// Secret for RUN --mount=type=secret: id=ID,src=PATH, id=ID,env=VAR,
+    /// type=file|env,id=ID,..., or id=ID (the variable ID when set, else the file ID)
     #[arg(long = "secret", value_name = "SPEC")]
     secrets: Vec<String>,
+    // --ssh (RUN --mount=type=ssh)
+    /// SSH agent for RUN --mount=type=ssh: default (the agent of $SSH_AUTH_SOCK),
+    /// ID=SOCKET, or ID=KEYFILE[,KEYFILE...] (kiln runs an agent holding them)
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEY[,KEY...]]")]
+    ssh: Vec<String>,
     /// Answer a subrequest instead of building: targets, outline, check (add ,format=json)
     #[arg(long, value_name = "REQUEST")]
     call: Option<String>,
@@ -125,7 +131,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "MODE")]
     network: Option<String>,
     /// Grant an entitlement: network.host (RUN --network=host, --network host),
-    /// security.insecure
+    /// security.insecure (RUN --security=insecure)
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
     allow: Vec<String>,
     /// At most N processes and threads per RUN step (cgroup pids controller; default: no
@@ -168,6 +174,7 @@ impl BuildArgs {
             no_cache_filter: self.no_cache_filter.clone(),
             build_contexts: self.build_contexts.clone(),
             secrets: self.secrets.clone(),
+            ssh: self.ssh.clone(),
             call: self.call.clone(),
             check: self.check,
             platforms: self.platforms.clone(),

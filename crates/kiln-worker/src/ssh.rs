@@ -1,0 +1,327 @@
+//! The SSH agents a build's `RUN --mount=type=ssh` steps reach (`--ssh`).
+//!
+//! `--ssh ID` forwards the agent of `$SSH_AUTH_SOCK`, `--ssh ID=SOCKET` that agent, and
+//! `--ssh ID=KEY[,KEY...]` an agent of the build's own: kiln starts OpenSSH's `ssh-agent` on a
+//! private socket, loads the keys with `ssh-add`, and stops it when the build ends. kiln never
+//! reads the key files itself; the agent holds them, and a step only ever talks to the agent
+//! through the forwarding socket kiln-exec binds into it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_graph::options::SshSpec;
+
+/// Why an `--ssh` agent could not be set up; names the id and says what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("--ssh {id}: {message}")]
+pub struct SshError {
+    /// The `--ssh` id.
+    pub id: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// An agent one `--ssh` id reaches; an agent kiln started stops when the last handle drops.
+#[derive(Debug)]
+pub struct SshAgent {
+    socket: PathBuf,
+    own: Option<OwnAgent>,
+}
+
+#[derive(Debug)]
+struct OwnAgent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl SshAgent {
+    /// The agent's socket on the host.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// True when kiln started this agent to hold key files.
+    pub fn is_own(&self) -> bool {
+        self.own.is_some()
+    }
+}
+
+impl Drop for SshAgent {
+    fn drop(&mut self) {
+        if let Some(own) = &mut self.own {
+            let _ = own.child.kill();
+            let _ = own.child.wait();
+            let _ = std::fs::remove_dir_all(&own.dir);
+        }
+    }
+}
+
+/// Sets up the agent of every `--ssh`, by id. Blocking (starts `ssh-agent` for key files).
+pub fn start_agents(
+    specs: &[SshSpec],
+) -> Result<std::collections::BTreeMap<String, Arc<SshAgent>>, SshError> {
+    let mut out = std::collections::BTreeMap::new();
+    for s in specs {
+        out.insert(s.id.clone(), Arc::new(start_agent(s)?));
+    }
+    Ok(out)
+}
+
+fn is_socket(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+fn start_agent(spec: &SshSpec) -> Result<SshAgent, SshError> {
+    let fail = |message: String| SshError {
+        id: spec.id.clone(),
+        message,
+    };
+    if spec.paths.is_empty() {
+        let Some(sock) = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty()) else {
+            return Err(fail(
+                "SSH_AUTH_SOCK is not set: start an agent (eval $(ssh-agent); ssh-add KEY), \
+                 or give the key file: --ssh ID=KEYFILE"
+                    .into(),
+            ));
+        };
+        let sock = PathBuf::from(sock);
+        if !is_socket(&sock) {
+            return Err(fail(format!(
+                "SSH_AUTH_SOCK={} is not a socket: is the agent running?",
+                sock.display()
+            )));
+        }
+        return Ok(SshAgent {
+            socket: sock,
+            own: None,
+        });
+    }
+    if spec.paths.iter().any(|p| is_socket(p)) {
+        if spec.paths.len() > 1 {
+            return Err(fail(
+                "an agent socket must be the only path: give either one SOCKET or key files".into(),
+            ));
+        }
+        return Ok(SshAgent {
+            socket: spec.paths[0].clone(),
+            own: None,
+        });
+    }
+    for p in &spec.paths {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_file() => {}
+            Ok(_) => {
+                return Err(fail(format!(
+                    "{} is neither an agent socket nor a key file",
+                    p.display()
+                )))
+            }
+            Err(e) => return Err(fail(format!("{}: {e}", p.display()))),
+        }
+        check_key(p).map_err(&fail)?;
+    }
+    start_own_agent(&spec.paths).map_err(fail)
+}
+
+/// Refuses a key `ssh-add` could not load without a prompt: passphrase-protected, not a
+/// private key, or readable by others. Only `ssh-keygen`'s verdict is read, never the key.
+fn check_key(key: &Path) -> Result<(), String> {
+    let out = Command::new("ssh-keygen")
+        .args(["-y", "-P", "", "-f"])
+        .arg(key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_remove("DISPLAY")
+        .env("SSH_ASKPASS_REQUIRE", "never")
+        .output()
+        .map_err(|e| format!("running ssh-keygen (install openssh-client): {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if why.contains("passphrase") {
+        return Err(format!(
+            "{} is protected by a passphrase; kiln cannot prompt for it during a build: \
+             load it into your agent (ssh-add {}) and pass --ssh ID (the agent of \
+             $SSH_AUTH_SOCK) instead",
+            key.display(),
+            key.display()
+        ));
+    }
+    Err(format!(
+        "{} cannot be loaded as a private key: {why}",
+        key.display()
+    ))
+}
+
+static NEXT_AGENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn start_own_agent(keys: &[PathBuf]) -> Result<SshAgent, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = loop {
+        let n = NEXT_AGENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("kiln-ssh-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            // Left by a killed process that had this pid: never reused.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("creating {}: {e}", d.display())),
+        }
+    };
+    let socket = dir.join("agent.sock");
+    let child = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(format!(
+                "starting ssh-agent for the key files (install openssh-client): {e}"
+            ));
+        }
+    };
+    // From here the agent is stopped and its directory removed on every error path.
+    let mut agent = SshAgent {
+        socket,
+        own: Some(OwnAgent { child, dir }),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_socket(&agent.socket) {
+        if let Some(own) = &mut agent.own {
+            if let Ok(Some(st)) = own.child.try_wait() {
+                return Err(format!("ssh-agent exited at start ({st})"));
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("ssh-agent did not create its socket within 10s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new("ssh-add")
+        .arg("-q")
+        .args(keys)
+        .env("SSH_AUTH_SOCK", &agent.socket)
+        .env("SSH_ASKPASS_REQUIRE", "never")
+        .env_remove("DISPLAY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("running ssh-add (install openssh-client): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ssh-add could not load the key files: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(agent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has(tool: &str) -> bool {
+        Command::new(tool)
+            .arg("-?")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    }
+
+    fn keygen(path: &Path, passphrase: &str) {
+        let st = Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-C",
+                "kiln-test",
+                "-N",
+                passphrase,
+                "-f",
+            ])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    #[test]
+    fn key_files_get_an_agent_of_the_build_that_stops_with_it() {
+        assert!(has("ssh-agent"), "install openssh-client (.ci/install)");
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id");
+        keygen(&key, "");
+        let spec = SshSpec::parse("--ssh", &format!("default={}", key.display())).unwrap();
+        let agents = start_agents(&[spec]).unwrap();
+        let agent = agents["default"].clone();
+        assert!(agent.is_own());
+        let list = Command::new("ssh-add")
+            .arg("-L")
+            .env("SSH_AUTH_SOCK", agent.socket())
+            .output()
+            .unwrap();
+        let public = std::fs::read_to_string(dir.path().join("id.pub")).unwrap();
+        let listed = String::from_utf8_lossy(&list.stdout);
+        assert!(
+            listed.contains(public.split_whitespace().nth(1).unwrap()),
+            "{listed}"
+        );
+        let socket = agent.socket().to_owned();
+        drop(agents);
+        drop(agent);
+        assert!(!socket.exists(), "the agent's socket outlived the build");
+    }
+
+    #[test]
+    fn a_passphrase_protected_key_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id");
+        keygen(&key, "correct horse");
+        let spec = SshSpec::parse("--ssh", &format!("deploy={}", key.display())).unwrap();
+        let e = start_agents(&[spec]).unwrap_err();
+        let m = e.to_string();
+        assert!(m.starts_with("--ssh deploy: "), "{m}");
+        assert!(m.contains("protected by a passphrase"), "{m}");
+        assert!(m.contains("ssh-add"), "{m}");
+    }
+
+    #[test]
+    fn missing_and_wrong_paths_name_the_id_and_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let e = start_agents(&[SshSpec {
+            id: "a".into(),
+            paths: vec![missing.clone()],
+        }])
+        .unwrap_err();
+        assert!(e.to_string().starts_with("--ssh a: "), "{e}");
+        assert!(e.to_string().contains("nope"), "{e}");
+        let not_key = dir.path().join("notes.txt");
+        std::fs::write(&not_key, "hello").unwrap();
+        let e = start_agents(&[SshSpec {
+            id: "b".into(),
+            paths: vec![not_key],
+        }])
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot be loaded"), "{e}");
+        let e = start_agents(&[SshSpec {
+            id: "c".into(),
+            paths: vec![dir.path().to_owned()],
+        }])
+        .unwrap_err();
+        assert!(e.to_string().contains("neither"), "{e}");
+    }
+}
