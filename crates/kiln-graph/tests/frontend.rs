@@ -419,13 +419,17 @@ fn onbuild_in_a_stage_triggers_in_a_child_stage() {
 
 #[test]
 fn run_mounts_carry_all_their_options() {
-    let g = graph(concat!(
+    let mut o = opts();
+    // `--security=insecure` needs the entitlement.
+    o.entitlements.security_insecure = true;
+    let g = lower_src(concat!(
         "FROM busybox AS src\nFROM busybox\nWORKDIR /w\n",
         "RUN --mount=type=cache,target=/root/.cache,id=c1,sharing=locked,uid=1000,gid=1000,mode=0700 ",
         "--mount=type=tmpfs,target=/tmp,size=64m --mount=type=secret,id=tok,env=TOKEN,required=true ",
         "--mount=type=ssh --mount=type=bind,from=src,source=/etc,target=etc,rw ",
         "--network=none --security=insecure make\n",
-    ));
+    ), &o)
+    .unwrap_or_else(|e| panic!("{e}"));
     let e = execs(&g)[0];
     assert_eq!(e.network, NetworkMode::None);
     assert_eq!(e.security, SecurityMode::Insecure);

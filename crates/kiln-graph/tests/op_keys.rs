@@ -24,6 +24,8 @@ fn ops() -> Vec<String> {
     let df = kiln_dockerfile::parse(DOCKERFILE).expect("the pinned Dockerfile parses");
     let mut opts = BuildOptions::for_context("ctx");
     opts.platforms = vec![Platform::parse("linux/amd64").expect("valid platform")];
+    // `RUN --security=insecure` needs the entitlement; granting it leaves the op as it was.
+    opts.entitlements.security_insecure = true;
     let graph = lower(&df, &opts, &["*.log".to_string()], &OfflineResolver)
         .expect("the pinned Dockerfile lowers");
     graph
