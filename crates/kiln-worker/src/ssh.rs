@@ -2,9 +2,10 @@
 //!
 //! `--ssh ID` forwards the agent of `$SSH_AUTH_SOCK`, `--ssh ID=SOCKET` that agent, and
 //! `--ssh ID=KEY[,KEY...]` an agent of the build's own: kiln starts OpenSSH's `ssh-agent` on a
-//! private socket, loads the keys with `ssh-add`, and stops it when the build ends. kiln never
-//! reads the key files itself; the agent holds them, and a step only ever talks to the agent
-//! through the forwarding socket kiln-exec binds into it.
+//! private socket, hands it the keys through `ssh-add`'s stdin, and stops it when the build
+//! ends. kiln holds a key's bytes only while checking it has no passphrase and passing it on
+//! (then wipes them); the agent holds the keys, and a step only ever talks to the agent through
+//! the forwarding socket kiln-exec binds into it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -121,29 +122,55 @@ fn start_agent(spec: &SshSpec) -> Result<SshAgent, SshError> {
             }
             Err(e) => return Err(fail(format!("{}: {e}", p.display()))),
         }
-        check_key(p).map_err(&fail)?;
     }
-    start_own_agent(&spec.paths).map_err(fail)
+    let keys = spec
+        .paths
+        .iter()
+        .map(|p| read_key(p).map(|k| (p.as_path(), k)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(&fail)?;
+    start_own_agent(&keys).map_err(fail)
 }
 
-/// Refuses a key `ssh-add` could not load without a prompt: passphrase-protected, not a
-/// private key, or readable by others. Only `ssh-keygen`'s verdict is read, never the key.
-fn check_key(key: &Path) -> Result<(), String> {
-    let out = Command::new("ssh-keygen")
-        .args(["-y", "-P", "", "-f"])
-        .arg(key)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .env_remove("DISPLAY")
-        .env("SSH_ASKPASS_REQUIRE", "never")
-        .output()
-        .map_err(|e| format!("running ssh-keygen (install openssh-client): {e}"))?;
-    if out.status.success() {
-        return Ok(());
+/// A private key file's bytes, wiped from memory when dropped.
+struct KeyBytes(Vec<u8>);
+
+impl Drop for KeyBytes {
+    fn drop(&mut self) {
+        for b in self.0.iter_mut() {
+            // SAFETY: a valid, exclusive reference; volatile so the write is not optimised away.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
     }
-    let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    if why.contains("passphrase") {
+}
+
+/// Reads a private key and refuses one `ssh-add` could not load without a prompt: not a
+/// private key, or protected by a passphrase (kiln has no terminal to ask on mid-build).
+fn read_key(key: &Path) -> Result<KeyBytes, String> {
+    let bytes = KeyBytes(std::fs::read(key).map_err(|e| format!("{}: {e}", key.display()))?);
+    let text = String::from_utf8_lossy(&bytes.0);
+    let encrypted = if text.contains("-----BEGIN OPENSSH PRIVATE KEY-----") {
+        let body: String = text
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .flat_map(|l| l.trim().chars())
+            .collect();
+        let raw = KeyBytes(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body.as_bytes())
+                .map_err(|_| format!("{} is not a valid OpenSSH private key", key.display()))?,
+        );
+        openssh_cipher(&raw.0)
+            .ok_or_else(|| format!("{} is not a valid OpenSSH private key", key.display()))?
+            != b"none"
+    } else if text.contains("PRIVATE KEY-----") {
+        text.contains("ENCRYPTED")
+    } else {
+        return Err(format!(
+            "{} is not a private key file (expected an OpenSSH or PEM private key)",
+            key.display()
+        ));
+    };
+    if encrypted {
         return Err(format!(
             "{} is protected by a passphrase; kiln cannot prompt for it during a build: \
              load it into your agent (ssh-add {}) and pass --ssh ID (the agent of \
@@ -152,15 +179,19 @@ fn check_key(key: &Path) -> Result<(), String> {
             key.display()
         ));
     }
-    Err(format!(
-        "{} cannot be loaded as a private key: {why}",
-        key.display()
-    ))
+    Ok(bytes)
+}
+
+/// The cipher name of an `openssh-key-v1` key (`none` when it has no passphrase).
+fn openssh_cipher(raw: &[u8]) -> Option<&[u8]> {
+    let rest = raw.strip_prefix(b"openssh-key-v1\0")?;
+    let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+    rest.get(4..4 + len)
 }
 
 static NEXT_AGENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn start_own_agent(keys: &[PathBuf]) -> Result<SshAgent, String> {
+fn start_own_agent(keys: &[(&Path, KeyBytes)]) -> Result<SshAgent, String> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = loop {
         let n = NEXT_AGENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -207,22 +238,36 @@ fn start_own_agent(keys: &[PathBuf]) -> Result<SshAgent, String> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = Command::new("ssh-add")
-        .arg("-q")
-        .args(keys)
-        .env("SSH_AUTH_SOCK", &agent.socket)
-        .env("SSH_ASKPASS_REQUIRE", "never")
-        .env_remove("DISPLAY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("running ssh-add (install openssh-client): {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ssh-add could not load the key files: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    for (path, key) in keys {
+        // The key goes in on stdin: ssh-add then skips OpenSSH's check that the file is
+        // private to its owner (BuildKit reads key files whatever their mode, and CI often
+        // writes them with the default umask).
+        let mut add = Command::new("ssh-add")
+            .args(["-q", "-"])
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .env("SSH_ASKPASS_REQUIRE", "never")
+            .env_remove("DISPLAY")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running ssh-add (install openssh-client): {e}"))?;
+        if let Some(mut stdin) = add.stdin.take() {
+            use std::io::Write;
+            // A failed write shows as ssh-add's own error below.
+            let _ = stdin.write_all(&key.0);
+        }
+        let out = add
+            .wait_with_output()
+            .map_err(|e| format!("running ssh-add: {e}"))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            return Err(format!(
+                "ssh-add could not load {}: {}",
+                path.display(),
+                why.lines().last().unwrap_or_default().trim()
+            ));
+        }
     }
     Ok(agent)
 }
@@ -286,6 +331,29 @@ mod tests {
     }
 
     #[test]
+    fn a_key_readable_by_others_is_loaded_as_buildkit_loads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id");
+        keygen(&key, "");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let agents = start_agents(&[SshSpec {
+            id: "ci".into(),
+            paths: vec![key],
+        }])
+        .unwrap();
+        let list = Command::new("ssh-add")
+            .arg("-l")
+            .env("SSH_AUTH_SOCK", agents["ci"].socket())
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&list.stdout).contains("kiln-test"),
+            "{list:?}"
+        );
+    }
+
+    #[test]
     fn a_passphrase_protected_key_is_refused_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("id");
@@ -316,7 +384,7 @@ mod tests {
             paths: vec![not_key],
         }])
         .unwrap_err();
-        assert!(e.to_string().contains("cannot be loaded"), "{e}");
+        assert!(e.to_string().contains("is not a private key file"), "{e}");
         let e = start_agents(&[SshSpec {
             id: "c".into(),
             paths: vec![dir.path().to_owned()],
