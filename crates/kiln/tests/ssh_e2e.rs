@@ -743,7 +743,7 @@ fn run_security_insecure_is_refused_without_allow_and_privileged_with_it() {
     let line = |prefix: &str| {
         log.lines()
             .find(|l| l.contains(prefix))
-            .and_then(|l| cap_eff(l))
+            .and_then(cap_eff)
             .unwrap_or_else(|| panic!("no {prefix} line:\n{log}"))
     };
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
