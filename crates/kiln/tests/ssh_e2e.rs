@@ -393,6 +393,34 @@ fn ssh_key_files_are_served_by_an_agent_of_the_build_and_no_key_bytes_leave_it()
 }
 
 #[test]
+fn ssh_steps_hit_the_cache_whichever_agent_serves_the_id() {
+    require_root("ssh_steps_hit_the_cache_whichever_agent_serves_the_id");
+    let f = Fixture::new();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keygen(keys.path(), "id_cache", "");
+    let agent = Agent::start();
+    agent.add(&key.path);
+    let dir = project(
+        &f,
+        "ctx",
+        "FROM busybox\nCOPY sshroot/ /\nRUN --mount=type=ssh ssh-add -l > /keys.txt\n",
+    );
+    let is_ssh_step = |n: &String| n.contains("ssh-add");
+    let forwarded = format!("default={}", agent.socket.display());
+    let first = f.build_dir(&dir, &["--ssh", &forwarded]);
+    assert!(first.ran().iter().any(is_ssh_step), "{:?}", first.ran());
+    // Another agent for the same id: the key holds the id, never where the agent lives.
+    let from_file = format!("default={}", key.path.display());
+    let second = f.build_dir(&dir, &["--ssh", &from_file]);
+    assert!(
+        second.cached().iter().any(is_ssh_step) && !second.ran().iter().any(is_ssh_step),
+        "ran {:?}, cached {:?}",
+        second.ran(),
+        second.cached()
+    );
+}
+
+#[test]
 fn ssh_problems_are_clear_errors_before_anything_runs() {
     require_root("ssh_problems_are_clear_errors_before_anything_runs");
     let f = Fixture::new();
