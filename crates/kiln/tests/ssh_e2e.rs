@@ -74,6 +74,9 @@ struct Key {
 }
 
 fn keygen(dir: &Path, name: &str, passphrase: &str) -> Key {
+    for tool in ["ssh-keygen", "ssh-agent", "ssh-add", "ldd", "base64", "gzip"] {
+        require_program(tool);
+    }
     let path = dir.join(name);
     let st = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", passphrase, "-C"])
