@@ -33,7 +33,12 @@ pub struct SshAgent {
 
 #[derive(Debug)]
 struct OwnAgent {
+    /// ssh-agent's command: `cat` on a pipe only kiln holds (see [`start_own_agent`]).
     child: Child,
+    /// The write end of that pipe.
+    lifeline: Option<std::process::ChildStdin>,
+    /// The agent process itself.
+    agent_pid: libc::pid_t,
     dir: PathBuf,
 }
 
@@ -52,6 +57,11 @@ impl SshAgent {
 impl Drop for SshAgent {
     fn drop(&mut self) {
         if let Some(own) = &mut self.own {
+            if own.agent_pid > 0 {
+                // SAFETY: signals the agent this build started; it removes its socket and exits.
+                unsafe { libc::kill(own.agent_pid, libc::SIGTERM) };
+            }
+            drop(own.lifeline.take());
             let _ = own.child.kill();
             let _ = own.child.wait();
             let _ = std::fs::remove_dir_all(&own.dir);
@@ -204,15 +214,19 @@ fn start_own_agent(keys: &[(&Path, KeyBytes)]) -> Result<SshAgent, String> {
         }
     };
     let socket = dir.join("agent.sock");
+    // ssh-agent's command mode: the agent forks and watches the process that runs the
+    // command, here `cat` on a pipe only kiln writes to. When kiln ends without stopping the
+    // agent (killed), the pipe closes, `cat` exits, and the agent exits at its next check
+    // (every 10 s) instead of holding the keys for ever. The command prints the agent's pid.
     let child = Command::new("ssh-agent")
-        .arg("-D")
         .arg("-a")
         .arg(&socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .args(["sh", "-c", "echo \"$SSH_AGENT_PID\"; exec cat >/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -221,11 +235,30 @@ fn start_own_agent(keys: &[(&Path, KeyBytes)]) -> Result<SshAgent, String> {
             ));
         }
     };
+    let lifeline = child.stdin.take();
+    let stdout = child.stdout.take();
     // From here the agent is stopped and its directory removed on every error path.
     let mut agent = SshAgent {
         socket,
-        own: Some(OwnAgent { child, dir }),
+        own: Some(OwnAgent {
+            child,
+            lifeline,
+            agent_pid: 0,
+            dir,
+        }),
     };
+    let mut line = String::new();
+    if let Some(out) = stdout {
+        use std::io::BufRead;
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    let pid: libc::pid_t = line
+        .trim()
+        .parse()
+        .map_err(|_| "ssh-agent did not start (no agent pid)".to_string())?;
+    if let Some(own) = &mut agent.own {
+        own.agent_pid = pid;
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     while !is_socket(&agent.socket) {
         if let Some(own) = &mut agent.own {
@@ -325,9 +358,50 @@ mod tests {
             "{listed}"
         );
         let socket = agent.socket().to_owned();
+        let pid = agent.own.as_ref().unwrap().agent_pid;
+        assert!(alive(pid));
         drop(agents);
         drop(agent);
         assert!(!socket.exists(), "the agent's socket outlived the build");
+        wait_gone(pid);
+    }
+
+    fn alive(pid: libc::pid_t) -> bool {
+        // The agent is not the test's child: once it exits, something else reaps it.
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|s| !s.contains("State:\tZ"))
+    }
+
+    fn wait_gone(pid: libc::pid_t) {
+        // Generous: ssh-agent checks for its watched process every 10 s.
+        for _ in 0..600 {
+            if !alive(pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("ssh-agent {pid} is still running");
+    }
+
+    #[test]
+    fn the_agent_exits_by_itself_when_kiln_goes_without_stopping_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("id");
+        keygen(&key, "");
+        let agents = start_agents(&[SshSpec {
+            id: "default".into(),
+            paths: vec![key],
+        }])
+        .unwrap();
+        let agent = agents["default"].clone();
+        drop(agents);
+        let mut agent = Arc::try_unwrap(agent).unwrap();
+        let mut own = agent.own.take().unwrap();
+        // What a killed kiln leaves: the pipe closes, nobody signals the agent.
+        drop(own.lifeline.take());
+        let _ = own.child.wait();
+        wait_gone(own.agent_pid);
+        let _ = std::fs::remove_dir_all(&own.dir);
     }
 
     #[test]

@@ -74,7 +74,14 @@ struct Key {
 }
 
 fn keygen(dir: &Path, name: &str, passphrase: &str) -> Key {
-    for tool in ["ssh-keygen", "ssh-agent", "ssh-add", "ldd", "base64", "gzip"] {
+    for tool in [
+        "ssh-keygen",
+        "ssh-agent",
+        "ssh-add",
+        "ldd",
+        "base64",
+        "gzip",
+    ] {
         require_program(tool);
     }
     let path = dir.join(name);
@@ -382,13 +389,22 @@ fn ssh_key_files_are_served_by_an_agent_of_the_build_and_no_key_bytes_leave_it()
     let app = format!("app={}", key.path.display());
     // No agent of the caller's: kiln starts one holding the key.
     ssh_build_and_check("keyfile", &key, &[&spec, &app], &[], &["SSH_AUTH_SOCK"]);
-    // kiln's agent is gone with the build.
-    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
-    let left: Vec<String> = String::from_utf8_lossy(&ps.stdout)
-        .lines()
-        .filter(|l| l.starts_with("ssh-agent") && l.contains("kiln-ssh-"))
-        .map(String::from)
-        .collect();
+    // kiln's agent is gone with the build (it was told to stop; allow it to finish exiting).
+    let agents_left = || -> Vec<String> {
+        let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+        String::from_utf8_lossy(&ps.stdout)
+            .lines()
+            .filter(|l| l.starts_with("ssh-agent") && l.contains("kiln-ssh-"))
+            .map(String::from)
+            .collect()
+    };
+    for _ in 0..300 {
+        if agents_left().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left = agents_left();
     assert!(
         left.is_empty(),
         "kiln's ssh-agent outlived the build: {left:?}"
