@@ -137,6 +137,10 @@ fn run_security_insecure_needs_allow_security_insecure_naming_its_line() {
         })
         .collect();
     assert_eq!(modes, [SecurityMode::Sandbox, SecurityMode::Insecure]);
+    // A subrequest runs no step, so it needs no entitlement (network.host neither).
+    let outline = flags(|r| r.call = Some("outline".into())).unwrap();
+    lower(src, &outline).unwrap();
+    lower("FROM scratch\nRUN --network=host true\n", &outline).unwrap();
     // --security=sandbox needs nothing.
     lower(
         "FROM scratch\nRUN --security=sandbox true\n",

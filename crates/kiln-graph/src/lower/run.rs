@@ -47,7 +47,10 @@ impl<'a> Lowerer<'a> {
             match f.name {
                 "network" => {
                     if let Some(mode) = run.network {
-                        if mode == NetworkMode::Host && !self.opts.entitlements.network_host {
+                        if mode == NetworkMode::Host
+                            && !self.opts.entitlements.network_host
+                            && self.runs_steps()
+                        {
                             return Err(FrontendError::new(
                                 "RUN --network=host needs the network.host entitlement: the \
                                  host's network exposes every service on the runner's loopback \
@@ -62,6 +65,7 @@ impl<'a> Lowerer<'a> {
                     if let Some(mode) = run.security {
                         if mode == SecurityMode::Insecure
                             && !self.opts.entitlements.security_insecure
+                            && self.runs_steps()
                         {
                             return Err(FrontendError::new(
                                 "RUN --security=insecure needs the security.insecure \
@@ -342,10 +346,15 @@ impl<'a> Lowerer<'a> {
 }
 
 impl Lowerer<'_> {
-    /// Was an agent given for ssh id `id`? A subrequest (`--call`) runs nothing, so there
-    /// every id counts as given.
+    /// False for a subrequest (`--call outline|targets|check`): it runs no step, so, as in
+    /// BuildKit, it needs no entitlement and no ssh agent.
+    fn runs_steps(&self) -> bool {
+        self.opts.call.is_none()
+    }
+
+    /// Was an agent given for ssh id `id` (or will no step run)?
     fn ssh_given(&self, id: &str) -> bool {
-        self.opts.call.is_some() || self.opts.ssh.iter().any(|s| s.id == id)
+        !self.runs_steps() || self.opts.ssh.iter().any(|s| s.id == id)
     }
 }
 
