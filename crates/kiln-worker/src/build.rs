@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use kiln_dockerfile::Dockerfile;
 use kiln_graph::options::{NamedContext, SecretSource};
 use kiln_graph::{
-    BuildGraph, BuildOptions, ImageConfigResolver, Platform, ResolveError, ResolvedImage,
+    BuildGraph, BuildOptions, ImageConfigResolver, Platform, ResolveError, ResolvedConfig,
 };
 use kiln_solver::{EventSink, Solver, SolverOptions};
 use kiln_store::Store;
@@ -17,7 +17,6 @@ use crate::engine::{
     solver_graph, BaseImage, ContextFilterFactory, ImageProvider, Rootfs, Value, Worker,
     WorkerConfig, WorkerError,
 };
-use crate::image::frontend_config;
 
 /// Why a build failed before or while solving.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +74,11 @@ impl ImageConfigResolver for ResolvedImages {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError> {
+    ) -> Result<ResolvedConfig, ResolveError> {
         match ImageProvider::resolve(self, reference, platform) {
-            Ok(b) => Ok(ResolvedImage {
+            Ok(b) => Ok(ResolvedConfig {
                 digest: Some(b.manifest_digest.to_string()),
-                config: frontend_config(&b.config),
+                config: b.config,
             }),
             Err(e) => Err(ResolveError {
                 reference: reference.to_owned(),

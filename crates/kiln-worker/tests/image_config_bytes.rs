@@ -16,11 +16,11 @@ impl ImageConfigResolver for Base {
         &self,
         _reference: &str,
         _platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError> {
+    ) -> Result<ResolvedConfig, ResolveError> {
         let oci: kiln_oci::ImageConfig = serde_json::from_str(BASE).expect("base config parses");
-        Ok(ResolvedImage {
+        Ok(ResolvedConfig {
             digest: Some(format!("sha256:{}", "1".repeat(64))),
-            config: kiln_worker::image::frontend_config(&oci),
+            config: oci,
         })
     }
 }
