@@ -13,10 +13,9 @@ use kiln_graph::{
 use kiln_solver::{EventSink, Solver, SolverOptions};
 use kiln_store::Store;
 
-use crate::engine::{
-    solver_graph, BaseImage, ContextFilterFactory, ImageProvider, Rootfs, Value, Worker,
-    WorkerConfig, WorkerError,
-};
+use crate::engine::{solver_graph, ContextFilterFactory, Rootfs, Value, Worker, WorkerConfig};
+use crate::error::WorkerError;
+use crate::provider::{BaseImage, ImageProvider};
 
 /// Why a build failed before or while solving.
 #[derive(Debug, thiserror::Error)]

@@ -9,8 +9,9 @@ use kiln_oci::compression::Compression;
 use kiln_oci::{media_type, Descriptor, Digest, ImageManifest, Manifest, RawManifest, Reference};
 use kiln_store::{ExportOptions, Store};
 
-use crate::engine::{BaseImage, ImageProvider, WorkerError};
+use crate::error::WorkerError;
 use crate::image::{self, Layer};
+use crate::provider::{BaseImage, ImageProvider};
 
 /// The canonical name an image is stored under (`busybox` → `docker.io/library/busybox:latest`).
 pub fn normalize(name: &str) -> Result<String, WorkerError> {
