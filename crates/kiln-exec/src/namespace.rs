@@ -696,13 +696,7 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
             *flags,
             opt_ptr(data).cast(),
         )),
-        Op::Remount { target, flags } => check(libc::mount(
-            std::ptr::null(),
-            target.as_ptr(),
-            std::ptr::null(),
-            *flags,
-            std::ptr::null(),
-        )),
+        Op::Remount { target, flags } => remount_keeping_locked(target, *flags),
         Op::Mkdir { path, mode } => {
             if libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST {
                 Ok(())
@@ -790,18 +784,15 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))?;
-            check(libc::mount(
-                std::ptr::null(),
-                path.as_ptr(),
-                std::ptr::null(),
+            remount_keeping_locked(
+                path,
                 libc::MS_BIND
                     | libc::MS_REMOUNT
                     | libc::MS_RDONLY
                     | libc::MS_NOSUID
                     | libc::MS_NODEV
                     | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ))
+            )
         }
         Op::BindDevice { src, target } => {
             let mut st: libc::stat = std::mem::zeroed();
@@ -846,17 +837,62 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 std::ptr::null(),
             ))?;
             if *flags & libc::MS_RDONLY != 0 {
-                check(libc::mount(
-                    std::ptr::null(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ))?;
+                remount_keeping_locked(target, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY)?;
             }
             Ok(())
         }
     }
+}
+
+/// A bind remount with `flags`. In a user namespace the flags a mount had when it came from
+/// a more privileged namespace (nosuid, nodev, noexec, ro, atime) are locked: a remount that
+/// would clear one fails with EPERM, so it is retried with those flags kept.
+/// Async-signal-safe (plain syscalls).
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
+unsafe fn remount_keeping_locked(target: &CString, flags: libc::c_ulong) -> Result<(), i32> {
+    let remount = |f: libc::c_ulong| {
+        if libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            f,
+            std::ptr::null(),
+        ) == 0
+        {
+            Ok(())
+        } else {
+            Err(errno())
+        }
+    };
+    match remount(flags) {
+        Err(libc::EPERM) => {}
+        other => return other,
+    }
+    // glibc's statvfs is one statfs(2) here: kernels since 2.6.36 report the mount flags
+    // (ST_VALID), so it never falls back to reading /proc/mounts.
+    let mut st: libc::statvfs = std::mem::zeroed();
+    if libc::statvfs(target.as_ptr(), &mut st) != 0 {
+        return Err(libc::EPERM);
+    }
+    let has = |f: libc::c_ulong| st.f_flag & f != 0;
+    let mut keep = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if has(st_flag) {
+            keep |= ms_flag;
+        }
+    }
+    remount(flags | keep)
 }
 
 /// Sets `lo` up in the calling thread's network namespace; returns the errno on failure.

@@ -73,6 +73,9 @@ fn data_string(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Vec<u8> {
     for (k, v) in EXTRA {
         d.extend_from_slice(format!(",{k}={v}").as_bytes());
     }
+    if sys::overlay_userxattr() {
+        d.extend_from_slice(b",userxattr");
+    }
     d
 }
 
@@ -103,8 +106,18 @@ fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Pat
         }
     }
     let refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-    match sys::mount_overlay_fsconfig(&refs, upper.map(|u| u.0), upper.map(|u| u.1), EXTRA, target)
-    {
+    // A flag option is passed with an empty value (see mount_overlay_fsconfig).
+    let mut extra = EXTRA.to_vec();
+    if sys::overlay_userxattr() {
+        extra.push(("userxattr", ""));
+    }
+    match sys::mount_overlay_fsconfig(
+        &refs,
+        upper.map(|u| u.0),
+        upper.map(|u| u.1),
+        &extra,
+        target,
+    ) {
         Ok(()) => Ok(()),
         Err(e) => Err(StoreError::Mount {
             target: target.to_owned(),
