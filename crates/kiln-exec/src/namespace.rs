@@ -219,6 +219,8 @@ struct Plan {
     uid: u32,
     gid: u32,
     groups: Vec<libc::gid_t>,
+    /// setgroups(2) is denied in this user namespace (rootless single-uid mode): skip it.
+    setgroups_denied: bool,
     sandbox: bool,
     cap_keep: u64,
     last_cap: u32,
@@ -622,6 +624,8 @@ fn build_plan(
         uid: prep.user.uid,
         gid: prep.user.gid,
         groups: prep.user.groups.clone(),
+        setgroups_denied: std::fs::read_to_string("/proc/self/setgroups")
+            .is_ok_and(|s| s.trim() == "deny"),
         sandbox,
         cap_keep: default_cap_mask() & current_permitted(),
         last_cap: last_cap(),
@@ -1132,7 +1136,9 @@ unsafe fn step_process(plan: &Plan) -> ! {
     // User and groups last, with raw syscalls (glibc's wrappers would try to sync threads that
     // only existed in the process we were cloned from). Leaving uid 0 without KEEPCAPS clears
     // the permitted and effective sets, as Docker does for non-root users.
-    if libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0 {
+    if !plan.setgroups_denied
+        && libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0
+    {
         fail_step(13);
     }
     if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {
