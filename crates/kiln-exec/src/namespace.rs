@@ -152,6 +152,11 @@ enum Op {
         target: CString,
         flags: libc::c_ulong,
     },
+    /// A fresh procfs; where the runtime masks /proc (an unprivileged container: the kernel
+    /// refuses a new procfs in a user namespace then) the container's /proc is bound instead.
+    Proc {
+        target: CString,
+    },
 }
 
 impl Op {
@@ -168,6 +173,7 @@ impl Op {
             Op::ReadonlyPath { path } => ("making read-only", s(path)),
             Op::BindDevice { target, .. } => ("binding device", s(target)),
             Op::Sysfs { target, .. } => ("mounting sysfs", s(target)),
+            Op::Proc { target } => ("mounting /proc", s(target)),
         }
     }
 }
@@ -221,6 +227,10 @@ struct Plan {
     groups: Vec<libc::gid_t>,
     /// setgroups(2) is denied in this user namespace (rootless single-uid mode): skip it.
     setgroups_denied: bool,
+    /// kiln runs in a user namespace of its own (rootless, or root in an unprivileged
+    /// container): a runtime's seccomp profile may refuse sethostname (podman's does without
+    /// CAP_SYS_ADMIN), and the step then keeps the container's hostname.
+    hostname_optional: bool,
     sandbox: bool,
     cap_keep: u64,
     last_cap: u32,
@@ -317,14 +327,9 @@ fn build_plan(
         flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV,
     });
 
-    ops.push(mount(
-        Some(cstr("proc")?),
-        p(&prep.proc_dir)?,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-        "mounting /proc",
-    )?);
+    ops.push(Op::Proc {
+        target: p(&prep.proc_dir)?,
+    });
 
     let dev = &prep.dev_dir;
     ops.push(mount(
@@ -626,6 +631,7 @@ fn build_plan(
         groups: prep.user.groups.clone(),
         setgroups_denied: std::fs::read_to_string("/proc/self/setgroups")
             .is_ok_and(|s| s.trim() == "deny"),
+        hostname_optional: crate::userns::in_nested_user_namespace(),
         sandbox,
         cap_keep: default_cap_mask() & current_permitted(),
         last_cap: last_cap(),
@@ -818,6 +824,31 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND,
+                std::ptr::null(),
+            ))
+        }
+        Op::Proc { target } => {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            if libc::mount(
+                c"proc".as_ptr(),
+                target.as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) == 0
+            {
+                return Ok(());
+            }
+            if errno() != libc::EPERM {
+                return Err(errno());
+            }
+            // The step then sees the processes of kiln's container (its own pid namespace
+            // still limits what it can signal); the runtime's masks come along (MS_REC).
+            check(libc::mount(
+                c"/proc".as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))
         }
@@ -1019,7 +1050,9 @@ unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! 
         fail_step(3);
     }
     libc::chdir(c"/".as_ptr());
-    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
+    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0
+        && !(plan.hostname_optional && errno() == libc::EPERM)
+    {
         fail_step(4);
     }
     if plan.lo_up {

@@ -76,6 +76,8 @@ pub struct ModeVerdict {
     pub summary: &'static str,
     /// Empty when usable; else what is missing and what to change, one item each.
     pub missing: Vec<String>,
+    /// What is weaker here than the mode's best, and how to get it back.
+    pub notes: Vec<String>,
 }
 
 impl ModeVerdict {
@@ -466,8 +468,7 @@ impl EnvironmentProbe {
         } else {
             if let Err(e) = &self.namespaces {
                 m.push(format!("new namespaces: {e} (needs CAP_SYS_ADMIN: podman/docker run --cap-add SYS_ADMIN, or a rootless mode)"));
-            }
-            if let Err(e) = &self.proc_mount {
+            } else if let Err(e) = &self.proc_mount {
                 m.push(format!("a fresh /proc: {e} (the runtime masks /proc: podman run --security-opt unmask=ALL; Kubernetes: procMount: Unmasked)"));
             }
         }
@@ -475,39 +476,40 @@ impl EnvironmentProbe {
             name: "root",
             summary: "RUN in new mount/pid/uts/ipc namespaces, every uid and gid, overlayfs",
             missing: m,
+            notes: Vec::new(),
         });
 
         let userns_missing = |m: &mut Vec<String>| {
             if let Err(e) = &self.userns {
                 m.push(format!("user namespace: {e}; {}", self.userns_fix()));
-            } else if let Err(e) = &self.proc_in_userns {
-                m.push(format!("a fresh /proc in a user namespace: {e} (the runtime masks /proc: podman run --security-opt unmask=ALL; Kubernetes: procMount: Unmasked)"));
             }
         };
         let mut m = Vec::new();
         userns_missing(&mut m);
-        if self.subuid.is_none() {
+        // Root (in a container without CAP_SYS_ADMIN) maps its own ids: no subids needed.
+        if self.euid != 0 && self.subuid.is_none() {
             m.push(format!(
                 "no range for {} in /etc/subuid: add `{}:100000:65536` (usermod --add-subuids 100000-165535 {})",
                 self.user, self.user, self.user
             ));
         }
-        if self.subgid.is_none() {
+        if self.euid != 0 && self.subgid.is_none() {
             m.push(format!(
                 "no range for {} in /etc/subgid: add `{}:100000:65536` (usermod --add-subgids 100000-165535 {})",
                 self.user, self.user, self.user
             ));
         }
         for h in [&self.newuidmap, &self.newgidmap] {
-            if let Err(e) = h {
+            if let (Err(e), true) = (h, self.euid != 0) {
                 m.push(e.clone());
             }
         }
         out.push(ModeVerdict {
             name: "rootless-userns",
             summary:
-                "a user namespace mapped from /etc/subuid and /etc/subgid: same layers as root",
+                "a user namespace mapped from /etc/subuid and /etc/subgid (root: its own ids): same layers as root",
             missing: m,
+            notes: self.userns_notes(),
         });
 
         let mut m = Vec::new();
@@ -517,9 +519,14 @@ impl EnvironmentProbe {
             summary:
                 "a user namespace mapping only the user: files of other uids/gids cannot be made",
             missing: m,
+            notes: self.userns_notes(),
         });
 
-        let mut m = Vec::new();
+        // Planned (docs/rootless.md): where no namespace can be made at all.
+        let mut m = vec![
+            "kiln cannot build in this mode yet: make a user namespace possible (see above)"
+                .to_owned(),
+        ];
         if let Err(e) = &self.chroot {
             m.push(format!(
                 "chroot: {e} (needs CAP_SYS_CHROOT, in podman's and docker's default set)"
@@ -529,8 +536,20 @@ impl EnvironmentProbe {
             name: "chroot",
             summary: "RUN in a chroot, sharing the container's namespaces and privileges",
             missing: m,
+            notes: Vec::new(),
         });
         out
+    }
+
+    /// Notes for the user-namespace modes: what is weaker in this environment.
+    fn userns_notes(&self) -> Vec<String> {
+        match &self.proc_in_userns {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!(
+                "no fresh /proc ({e}): RUN steps get the container's /proc and see its processes; \
+                 for a private /proc: podman run --security-opt unmask=/proc/*, Kubernetes: procMount: Unmasked"
+            )],
+        }
     }
 
     /// The strongest usable mode, if any.
@@ -540,7 +559,7 @@ impl EnvironmentProbe {
 
     /// The snapshotter kiln would use, and why.
     pub fn snapshotter(&self) -> String {
-        let rootless = self.euid != 0 || self.rootless_child.is_some();
+        let rootless = self.euid != 0 || self.rootless_child.is_some() || self.namespaces.is_err();
         let overlay = if rootless && self.rootless_child.is_none() {
             &self.overlay_in_userns
         } else {

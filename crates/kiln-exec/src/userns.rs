@@ -49,12 +49,15 @@ pub struct IdMapping {
     pub subuid: Option<IdRange>,
     /// The subordinate gids (1.. inside), `None` in single-uid mode.
     pub subgid: Option<IdRange>,
+    /// Root without CAP_SYS_ADMIN (an unprivileged container): ids 0..n are mapped onto
+    /// themselves, written by kiln itself (it holds CAP_SETUID/CAP_SETGID), no subids needed.
+    pub own_ids: Option<u32>,
 }
 
 impl IdMapping {
     /// True when only the user itself is mapped.
     pub fn single_uid(&self) -> bool {
-        self.subuid.is_none() || self.subgid.is_none()
+        self.own_ids.is_none() && (self.subuid.is_none() || self.subgid.is_none())
     }
 
     /// The mode name for this mapping, as `kiln debug env` prints it.
@@ -149,12 +152,54 @@ pub fn mapping_for_current_user() -> IdMapping {
     let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
     let subuid = parse_subid(&read("/etc/subuid"), &name, uid);
     let subgid = parse_subid(&read("/etc/subgid"), &name, uid);
+    let own_ids = (uid == 0 && gid == 0)
+        .then(|| own_id_count("/proc/self/uid_map").min(own_id_count("/proc/self/gid_map")))
+        .filter(|n| *n > 0);
     IdMapping {
         uid,
         gid,
         subuid,
         subgid,
+        own_ids,
     }
+}
+
+/// How many ids from 0 up this namespace maps without a gap (a rootless container's map is
+/// often `0 1000 1` then `1 100000 65536`). At most 2^32-2: the identity map of every id
+/// would look like the initial namespace's, and id 2^32-1 is invalid anyway.
+fn own_id_count(map: &str) -> u32 {
+    let text = std::fs::read_to_string(map).unwrap_or_default();
+    let mut extents: Vec<(u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            (f.len() == 3).then(|| (f[0], f[2]))
+        })
+        .collect();
+    extents.sort_unstable();
+    let mut next = 0u64;
+    for (start, count) in extents {
+        if start != next {
+            break;
+        }
+        next += count;
+    }
+    next.min(u64::from(u32::MAX) - 1) as u32
+}
+
+/// True when this process holds CAP_SYS_ADMIN (effective): root on a host does; root in an
+/// unprivileged container does not, and builds in a user namespace instead.
+pub fn has_cap_sys_admin() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        // CAP_SYS_ADMIN is capability 21 (linux/capability.h).
+        .is_some_and(|caps| caps & (1 << 21) != 0)
 }
 
 /// Finds a program in `PATH` (then `/usr/bin`, `/usr/sbin`).
@@ -249,6 +294,15 @@ pub fn run_in_user_namespace(mapping: &IdMapping) -> Result<i32, UsernsError> {
 
 fn write_maps(pid: u32, m: &IdMapping) -> Result<(), UsernsError> {
     let user = user_name(m.uid);
+    if let Some(n) = m.own_ids {
+        for file in ["uid_map", "gid_map"] {
+            let path = format!("/proc/{pid}/{file}");
+            std::fs::write(&path, format!("0 0 {n}\n")).map_err(io_err(format!(
+                "writing {path} (needs CAP_SETUID and CAP_SETGID)"
+            )))?;
+        }
+        return Ok(());
+    }
     match (m.subuid, m.subgid) {
         (Some(su), Some(sg)) => {
             id_map_tool("newuidmap", "/etc/subuid", pid, m.uid, su, &user)?;
@@ -425,6 +479,7 @@ mod tests {
             gid: 1000,
             subuid: Some(r),
             subgid: Some(r),
+            own_ids: None,
         };
         assert_eq!(m.mode_name(), "rootless-userns");
         m.subgid = None;

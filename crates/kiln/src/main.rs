@@ -64,18 +64,27 @@ pub struct Globals {
     pub root: PathBuf,
 }
 
-fn default_root(rootless: bool) -> PathBuf {
-    // kiln's rootless child is uid 0 in its user namespace, but its state is the user's.
-    if nix_is_root() && !rootless {
+fn default_root() -> PathBuf {
+    if nix_is_root() {
         return PathBuf::from("/var/lib/kiln");
     }
     kiln_exec::userns::rootless_state_dir().unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
 }
 
-/// An ordinary user's kiln: runs this same command again in a user namespace (uid 0 inside
-/// is the user, 1.. its /etc/subuid range) and returns its exit code.
-fn run_rootless() -> ExitCode {
+/// An ordinary user's kiln (or root's without CAP_SYS_ADMIN, as in an unprivileged
+/// container): runs this same command again in a user namespace (uid 0 inside is the user,
+/// 1.. its /etc/subuid range; root maps its own ids) and returns its exit code.
+fn run_rootless(root: Option<PathBuf>) -> ExitCode {
+    // The child is uid 0 inside, so it cannot tell the user's state dir: decide it here.
+    // SAFETY (edition 2021: safe): kiln has one thread until it starts the child.
+    std::env::set_var("KILN_ROOT", root.unwrap_or_else(default_root));
     let mapping = kiln_exec::userns::mapping_for_current_user();
+    if let Some(n) = mapping.own_ids {
+        eprintln!(
+            "kiln: root without CAP_SYS_ADMIN (an unprivileged container?): building in a user \
+             namespace that maps ids 0..{n} onto themselves"
+        );
+    }
     if mapping.single_uid() {
         let user = kiln_exec::userns::user_name(mapping.uid);
         eprintln!(
@@ -110,11 +119,14 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse();
-    if !rootless && !nix_is_root() && cli.command.needs_user_namespace() {
-        return run_rootless();
+    if !rootless
+        && cli.command.needs_user_namespace()
+        && (!nix_is_root() || !kiln_exec::userns::has_cap_sys_admin())
+    {
+        return run_rootless(cli.root);
     }
     let globals = Globals {
-        root: cli.root.unwrap_or_else(|| default_root(rootless)),
+        root: cli.root.unwrap_or_else(default_root),
     };
     let result = match cli.command {
         Command::Build(args) => cmd::build::run(*args, &globals),

@@ -138,6 +138,11 @@ fn env(globals: &Globals) -> anyhow::Result<ExitCode> {
         for fix in &m.missing {
             outln!("{:<20}  {:<6}  - {fix}", "", "");
         }
+        if m.usable() {
+            for note in &m.notes {
+                outln!("{:<20}  {:<6}  note: {note}", "", "");
+            }
+        }
     }
     outln!("");
     outln!("snapshotter: {}", p.snapshotter());
