@@ -453,3 +453,158 @@ fn without_subordinate_ids_kiln_builds_single_uid_and_says_what_it_cannot_repres
         "{err}"
     );
 }
+
+/// What runs inside the container: `kiln debug env`, a registry of kiln's own on the
+/// container's loopback for the cache, the busybox base imported, then the example built
+/// twice (cold with cache export; fresh state with cache import) to OCI archives in /out.
+/// RUN steps use the container's network (`--network host`): the container is the boundary,
+/// and it has neither /dev/net/tun nor setns for an isolated one.
+const IN_CONTAINER: &str = r#"#!/bin/sh
+set -e
+export SOURCE_DATE_EPOCH=1700000000
+kiln debug env > /out/env.txt 2>&1 || true
+kiln registry serve --addr 127.0.0.1:5000 --no-fsync --root /tmp/reg > /out/registry.log 2>&1 &
+i=0; while ! grep -q "listening on" /out/registry.log && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+cd /app
+for run in 1 2; do
+  rm -rf /var/lib/kiln
+  kiln import /busybox -t busybox:latest > /dev/null
+  if [ $run = 1 ]; then cache="--export-cache type=registry,ref=127.0.0.1:5000/app/cache,mode=max";
+  else cache="--import-cache type=registry,ref=127.0.0.1:5000/app/cache"; fi
+  kiln build --frontend dockerfile.v0 --local context=. --local dockerfile=. --opt target=test \
+    --network host --allow network.host --progress plain --metadata-file /out/meta-$run.json \
+    --output type=oci,dest=/out/app-$run.tar $cache > /out/build-$run.log 2>&1
+done
+"#;
+
+/// A root filesystem for `podman run --rootfs`: busybox, kiln with the libraries it links,
+/// a busybox tree to import as the base (`/busybox`), the example, and the script above.
+fn kiln_rootfs(dir: &Path) {
+    common::busybox_rootfs(dir);
+    std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    for d in ["usr/local/bin", "root", "out", "var/tmp"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    std::fs::copy(kiln, dir.join("usr/local/bin/kiln")).unwrap();
+    let ldd = Command::new("ldd").arg(kiln).output().unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+    {
+        let to = dir.join(lib.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(lib, &to).unwrap();
+    }
+    // Named as the fixture's, since the base's history records the imported dir's name.
+    common::busybox_rootfs(&dir.join("busybox"));
+    common::copy_dir(&common::workspace().join("examples"), &dir.join("app"));
+    std::fs::write(dir.join("run-example.sh"), IN_CONTAINER).unwrap();
+    std::fs::set_permissions(
+        dir.join("run-example.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+}
+
+/// The example built on the host as root with SOURCE_DATE_EPOCH: its image digest.
+fn root_build_digest(f: &Fixture) -> String {
+    let m = f.path("root-meta.json");
+    let dest = format!("type=oci,dest={}", f.path("root.tar").display());
+    let out = f.kiln_env(
+        &[
+            "build",
+            "--frontend",
+            "dockerfile.v0",
+            "--local",
+            "context=.",
+            "--local",
+            "dockerfile=.",
+            "--opt",
+            "target=test",
+            "--progress",
+            "plain",
+            "--metadata-file",
+            m.to_str().unwrap(),
+            "--output",
+            &dest,
+        ],
+        &[("SOURCE_DATE_EPOCH", EPOCH)],
+    );
+    assert!(out.status.success(), "root build: {}", stderr(&out));
+    meta(&m)["containerimage.digest"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Runs the example inside `podman run` with `opts` (no --privileged, no added capability),
+/// checks both builds made the root build's image, the warm one all from the cache, and
+/// that the image runs under podman. Returns `kiln debug env`'s table from inside.
+fn build_inside_podman(opts: &[&str]) -> String {
+    require_root("building inside podman (root podman)");
+    let conf = common::podman_conf();
+    let f = Fixture::new();
+    let want = root_build_digest(&f);
+    let dir = shared_dir();
+    let rootfs = dir.path().join("rootfs");
+    kiln_rootfs(&rootfs);
+    let run = Command::new("podman")
+        .args(["run", "--rm", "--network=none"])
+        .args(opts)
+        .arg("--rootfs")
+        .arg(&rootfs)
+        .arg("/run-example.sh")
+        .env("CONTAINERS_CONF", &conf)
+        .output()
+        .unwrap();
+    let out = rootfs.join("out");
+    let log = |n: &str| std::fs::read_to_string(out.join(n)).unwrap_or_default();
+    assert!(
+        run.status.success(),
+        "podman run {opts:?}: {}\nbuild 1:\n{}\nbuild 2:\n{}\nenv:\n{}",
+        stderr(&run),
+        log("build-1.log"),
+        log("build-2.log"),
+        log("env.txt")
+    );
+    let m1 = meta(&out.join("meta-1.json"));
+    let m2 = meta(&out.join("meta-2.json"));
+    assert_eq!(m1["containerimage.digest"].as_str().unwrap(), want);
+    assert_eq!(m2["containerimage.digest"].as_str().unwrap(), want);
+    assert!(
+        steps_with(&m2, "run").is_empty(),
+        "the imported cache covers every step: ran {:?}",
+        steps_with(&m2, "run")
+    );
+    let image = format!("oci-archive:{}", out.join("app-1.tar").display());
+    let ran = Command::new("podman")
+        .args(["run", "--rm", "--network=none", &image])
+        .env("CONTAINERS_CONF", &conf)
+        .output()
+        .unwrap();
+    assert!(
+        ran.status.success() && String::from_utf8_lossy(&ran.stdout).contains("tests passed"),
+        "podman run {image}: {}{}",
+        String::from_utf8_lossy(&ran.stdout),
+        stderr(&ran)
+    );
+    log("env.txt")
+}
+
+#[test]
+fn inside_podman_with_proc_unmasked_builds_the_root_image_with_a_private_proc() {
+    let env = build_inside_podman(&["--security-opt", "unmask=/proc/*"]);
+    assert!(env.contains("kiln builds in mode rootless-userns"), "{env}");
+    assert!(!env.contains("no fresh /proc"), "{env}");
+}
+
+#[test]
+fn inside_podman_with_no_options_builds_the_root_image_and_says_proc_is_shared() {
+    let env = build_inside_podman(&[]);
+    assert!(env.contains("kiln builds in mode rootless-userns"), "{env}");
+    assert!(
+        env.contains("no fresh /proc") && env.contains("unmask=/proc/*"),
+        "{env}"
+    );
+}
