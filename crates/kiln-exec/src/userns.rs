@@ -83,16 +83,12 @@ pub enum UsernsError {
         source: std::io::Error,
     },
     /// `newuidmap` or `newgidmap` refused the map.
-    #[error("{tool} {args} failed ({status}): {stderr}; check the user's line in {file} (e.g. `{user}:100000:65536`) and that {tool} is setuid root (Debian package uidmap)")]
+    #[error("{tool} failed: {detail}; check the user's line in {file} (e.g. `{user}:100000:65536`) and that {tool} is setuid root (Debian package uidmap)")]
     IdMap {
         /// `newuidmap` or `newgidmap`.
         tool: &'static str,
-        /// Its arguments.
-        args: String,
-        /// Its exit status.
-        status: String,
-        /// What it printed.
-        stderr: String,
+        /// Its arguments, exit status and what it printed.
+        detail: String,
         /// `/etc/subuid` or `/etc/subgid`.
         file: &'static str,
         /// The user's name.
@@ -350,9 +346,12 @@ fn id_map_tool(
     }
     Err(UsernsError::IdMap {
         tool,
-        args: args.join(" "),
-        status: out.status.to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        detail: format!(
+            "{tool} {} ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
         file,
         user: user.to_owned(),
     })
