@@ -38,12 +38,14 @@ mod namespace;
 mod network;
 mod output;
 mod prepare;
+pub mod probe;
 mod rootfs;
 mod runc;
 mod security;
 mod spec;
 mod ssh;
 mod user;
+pub mod userns;
 
 pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};
 pub use namespace::NamespaceExecutor;
