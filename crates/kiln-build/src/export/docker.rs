@@ -29,6 +29,10 @@ impl Exporter for DockerExporter {
         "docker"
     }
 
+    fn image_names(&self) -> &[String] {
+        &self.settings.names
+    }
+
     fn makes_image(&self) -> bool {
         true
     }

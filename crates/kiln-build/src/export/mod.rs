@@ -59,6 +59,11 @@ pub trait Exporter: Send + Sync {
         &[]
     }
 
+    /// The names the image is given (`name=`, `-t`), for the metadata file's `image.name`.
+    fn image_names(&self) -> &[String] {
+        &[]
+    }
+
     /// Writes `result` to this exporter's destination.
     fn export(
         &self,

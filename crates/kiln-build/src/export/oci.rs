@@ -33,6 +33,10 @@ impl Exporter for OciExporter {
         "oci"
     }
 
+    fn image_names(&self) -> &[String] {
+        &self.settings.names
+    }
+
     fn makes_image(&self) -> bool {
         true
     }
