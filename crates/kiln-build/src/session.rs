@@ -821,7 +821,20 @@ fn export_outputs(
     let rootfs = solved.rootfs.as_deref();
     let result = if req.exporters.iter().any(|e| e.makes_image()) {
         let config = &solved.graph.target_stage().config;
-        let recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
+        let mut recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
+        // `force-compression=true`: the base image's layers too, before anything is stored.
+        if let (Some(fs), Some(e)) = (
+            rootfs,
+            req.exporters.iter().find(|e| e.forces_compression()),
+        ) {
+            let compression = e
+                .layer_compression()
+                .unwrap_or(kiln_oci::compression::Compression::Gzip);
+            recipe.layers = solved
+                .worker
+                .recompress_layers(fs, &recipe.layers, compression)
+                .map_err(crate::export::ExportError::from)?;
+        }
         // `--export-cache type=inline`: the cache goes into the config, before the image is
         // stored or pushed.
         let fields = inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?;

@@ -441,6 +441,34 @@ impl Worker {
         Ok(layers)
     }
 
+    /// `layers` (of `fs`) with every blob in `compression`, for `force-compression=true`:
+    /// the blobs are fetched, then each one stored with another compression is recompressed
+    /// (once per layer and compression; the build's lease keeps the new blob).
+    pub fn recompress_layers(
+        &self,
+        fs: &Rootfs,
+        layers: &[Layer],
+        compression: Compression,
+    ) -> Result<Vec<Layer>, WorkerError> {
+        self.fetch_blobs(fs)?;
+        layers
+            .iter()
+            .map(|l| {
+                let rec = kiln_store::LayerRecord {
+                    diff_id: l.diff_id.clone(),
+                    digest: l.blob.digest.clone(),
+                    size: l.blob.size,
+                    media_type: l.blob.media_type.clone(),
+                };
+                let new = self.inner.store.recompress_layer(&rec, compression)?;
+                self.inner.lease.protect_blob(&new.digest)?;
+                let mut l = l.clone();
+                l.blob = Descriptor::new(new.media_type, new.digest, new.size);
+                Ok(l)
+            })
+            .collect()
+    }
+
     /// Makes sure every blob of `fs` is in the local content store and is the layer its diff
     /// id names (an image written from them pairs the two in its config), so a cache record
     /// with a wrong diff id fails the export instead of making an image no runtime can pull.

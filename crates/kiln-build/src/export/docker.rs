@@ -41,6 +41,10 @@ impl Exporter for DockerExporter {
         self.settings.compression
     }
 
+    fn forces_compression(&self) -> bool {
+        self.settings.force_compression
+    }
+
     fn export(
         &self,
         cx: &ExportContext<'_>,

@@ -105,8 +105,19 @@ impl ImageExporter {
             // The manifest goes up under its digest alone: no tag is created or moved.
             targets = targets
                 .into_iter()
-                .map(|t| t.with_digest(image.manifest.digest.clone()))
-                .collect();
+                .map(|t| {
+                    kiln_oci::Reference::new(
+                        t.registry(),
+                        t.repository(),
+                        None,
+                        Some(image.manifest.digest.clone()),
+                    )
+                    .map_err(|e| ExportError::Image {
+                        reference: t.to_string(),
+                        message: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
         }
         let content = cx.store.content();
         let mut blobs: Vec<(Descriptor, BlobSource)> = vec![(
@@ -151,6 +162,10 @@ impl Exporter for ImageExporter {
 
     fn layer_compression(&self) -> Option<Compression> {
         self.compression
+    }
+
+    fn forces_compression(&self) -> bool {
+        self.force_compression
     }
 
     fn image_names(&self) -> &[String] {

@@ -45,6 +45,10 @@ impl Exporter for OciExporter {
         self.settings.compression
     }
 
+    fn forces_compression(&self) -> bool {
+        self.settings.force_compression
+    }
+
     fn export(
         &self,
         cx: &ExportContext<'_>,
