@@ -1545,6 +1545,45 @@ impl BlobSource for RebasedSource {
     }
 }
 
+/// `--add-host`, `--shm-size` and `--ulimit` of the op, onto its container.
+///
+/// `host-gateway` is the address the step reaches the host on in its network: `127.0.0.1`
+/// on the host's network; in kiln's own network namespace, slirp4netns's gateway
+/// `10.0.2.2` (kiln fences the host's services off from that network, so connections there
+/// are refused unless the build runs with `--network host --allow network.host`); with no
+/// network, nothing is reachable and it is `127.0.0.1`.
+fn apply_run_settings(spec: &mut ExecSpec, op: &ExecOp) -> Result<(), WorkerError> {
+    use std::net::{IpAddr, Ipv4Addr};
+    let gateway = match spec.network {
+        Network::Isolated => IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2)),
+        Network::Host | Network::None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    spec.extra_hosts = op
+        .extra_hosts
+        .iter()
+        .map(|h| {
+            let addr = match h.addr {
+                kiln_graph::options::HostAddr::Ip(ip) => ip,
+                kiln_graph::options::HostAddr::HostGateway => gateway,
+            };
+            (h.name.clone(), addr)
+        })
+        .collect();
+    spec.shm_size = op.shm_size;
+    for u in &op.ulimits {
+        let resource = kiln_exec::RlimitResource::from_docker_name(&u.name).ok_or_else(|| {
+            WorkerError::Unsupported(format!("--ulimit {}: unknown limit", u.name))
+        })?;
+        spec.rlimits.retain(|r| r.resource != resource);
+        spec.rlimits.push(kiln_exec::Rlimit {
+            resource,
+            soft: u.soft,
+            hard: u.hard,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1611,43 +1650,4 @@ mod tests {
         // A digest that was never asked for does not block.
         p.wait(&Digest::sha256_of(b"other"));
     }
-}
-
-/// `--add-host`, `--shm-size` and `--ulimit` of the op, onto its container.
-///
-/// `host-gateway` is the address the step reaches the host on in its network: `127.0.0.1`
-/// on the host's network; in kiln's own network namespace, slirp4netns's gateway
-/// `10.0.2.2` (kiln fences the host's services off from that network, so connections there
-/// are refused unless the build runs with `--network host --allow network.host`); with no
-/// network, nothing is reachable and it is `127.0.0.1`.
-fn apply_run_settings(spec: &mut ExecSpec, op: &ExecOp) -> Result<(), WorkerError> {
-    use std::net::{IpAddr, Ipv4Addr};
-    let gateway = match spec.network {
-        Network::Isolated => IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2)),
-        Network::Host | Network::None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-    };
-    spec.extra_hosts = op
-        .extra_hosts
-        .iter()
-        .map(|h| {
-            let addr = match h.addr {
-                kiln_graph::options::HostAddr::Ip(ip) => ip,
-                kiln_graph::options::HostAddr::HostGateway => gateway,
-            };
-            (h.name.clone(), addr)
-        })
-        .collect();
-    spec.shm_size = op.shm_size;
-    for u in &op.ulimits {
-        let resource = kiln_exec::RlimitResource::from_docker_name(&u.name).ok_or_else(|| {
-            WorkerError::Unsupported(format!("--ulimit {}: unknown limit", u.name))
-        })?;
-        spec.rlimits.retain(|r| r.resource != resource);
-        spec.rlimits.push(kiln_exec::Rlimit {
-            resource,
-            soft: u.soft,
-            hard: u.hard,
-        });
-    }
-    Ok(())
 }

@@ -485,6 +485,10 @@ fn bad_values_and_unknown_flags_are_refused_naming_the_flag() {
         ),
         (&["--progress", "fancy"], &["--progress"]),
         (&["--call", "nothing"], &["--call"]),
+        (
+            &["--platform", "linux/amd64,linux/arm64"],
+            &["--platform", "one platform per build"],
+        ),
     ];
     for (args, want) in cases {
         let mut all = vec!["build", d];
