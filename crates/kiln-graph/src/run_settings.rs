@@ -240,6 +240,78 @@ mod tests {
         }
     }
 
+    fn flags(
+        f: impl FnOnce(&mut crate::RawBuildFlags),
+    ) -> Result<crate::BuildOptions, OptionError> {
+        let mut raw = crate::RawBuildFlags {
+            context: Some(".".into()),
+            ..Default::default()
+        };
+        f(&mut raw);
+        crate::BuildOptions::from_flags(&raw)
+    }
+
+    #[test]
+    fn buildx_run_settings_parse_into_the_options() {
+        let o = flags(|r| {
+            r.labels = vec!["a=1".into(), "b".into()];
+            r.add_hosts = vec!["x:1.2.3.4,y=host-gateway".into()];
+            r.shm_size = Some("64m".into());
+            r.ulimits = vec!["nofile=10:20".into(), "nofile=30".into()];
+            r.cgroup_parent = Some("/ci/builds/".into());
+        })
+        .unwrap();
+        assert_eq!(o.labels.get("a").map(String::as_str), Some("1"));
+        assert_eq!(o.labels.get("b").map(String::as_str), Some(""));
+        assert_eq!(o.extra_hosts.len(), 2);
+        assert_eq!(o.extra_hosts[1].addr, HostAddr::HostGateway);
+        assert_eq!(o.shm_size, Some(64 << 20));
+        // The last --ulimit of a name wins.
+        assert_eq!(o.ulimits.len(), 1);
+        assert_eq!((o.ulimits[0].soft, o.ulimits[0].hard), (30, 30));
+        assert_eq!(o.cgroup_parent.as_deref(), Some("ci/builds"));
+        let e = flags(|r| r.cgroup_parent = Some("a/../b".into())).unwrap_err();
+        assert_eq!(e.flag, "--cgroup-parent");
+    }
+
+    #[test]
+    fn a_remote_context_is_refused_naming_it() {
+        for url in [
+            "https://github.com/a/b.git#main:dir",
+            "git@github.com:a/b.git",
+            "git://h/r",
+        ] {
+            let e = flags(|r| r.context = Some(url.into())).unwrap_err();
+            assert_eq!((e.flag.as_str(), e.value.as_str()), ("CONTEXT", url));
+        }
+    }
+
+    #[test]
+    fn run_ops_without_the_settings_keep_their_bytes() {
+        let op = crate::graph::ExecOp {
+            rootfs: None,
+            args: vec!["true".into()],
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: String::new(),
+            network: crate::graph::NetworkMode::Default,
+            security: crate::graph::SecurityMode::Sandbox,
+            mounts: Vec::new(),
+            extra_hosts: Vec::new(),
+            shm_size: None,
+            ulimits: Vec::new(),
+        };
+        let bytes = serde_json::to_string(&op).unwrap();
+        for key in ["extra_hosts", "shm_size", "ulimits"] {
+            assert!(!bytes.contains(key), "{bytes}");
+        }
+        let with = crate::graph::ExecOp {
+            shm_size: Some(1),
+            ..op
+        };
+        assert!(serde_json::to_string(&with).unwrap().contains("shm_size"));
+    }
+
     #[test]
     fn shm_size_reads_docker_units() {
         let p = |v| parse_shm_size("--shm-size", v);
