@@ -556,21 +556,20 @@ impl BuildOptions {
     }
 }
 
-/// A git or HTTP URL as `CONTEXT` (`https://host/repo.git#ref:dir`, `git@host:repo`,
-/// `git://`, `ssh://`): kiln builds from local directories only, and fetching a repository
-/// behind the user's back is a network surprise; the error says how to get there.
+/// A URL as `CONTEXT` (`https://host/repo.git#ref:dir`, `git@host:repo`, `git://`,
+/// `ssh://`, an HTTP tarball): the options take directories only. `kiln build` fetches git
+/// repositories into one before it gets here; anything else is refused with what to do.
 fn refuse_remote_context(context: &str) -> Result<(), OptionError> {
     let remote = ["http://", "https://", "git://", "ssh://", "git@"]
         .iter()
-        .any(|p| context.starts_with(p))
-        || context.starts_with("github.com/");
+        .any(|p| context.starts_with(p));
     if remote {
         return Err(OptionError::new(
             "CONTEXT",
             context,
-            "remote build contexts (git and HTTP URLs) are not supported: kiln builds from a \
-             local directory; clone it first (git clone --depth 1 --branch REF URL DIR) and \
-             pass DIR (with the `:SUBDIR` part appended to it)",
+            "a URL context must be a git repository (URL.git#REF:DIR, git@HOST:REPO.git, \
+             git://, ssh://), which kiln build fetches; download anything else (a tarball, a \
+             Dockerfile) and pass its directory",
         ));
     }
     Ok(())

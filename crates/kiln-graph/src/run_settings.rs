@@ -277,6 +277,7 @@ mod tests {
     #[test]
     fn a_remote_context_is_refused_naming_it() {
         for url in [
+            "https://example.com/context.tar.gz",
             "https://github.com/a/b.git#main:dir",
             "git@github.com:a/b.git",
             "git://h/r",

@@ -500,19 +500,29 @@ fn bad_values_and_unknown_flags_are_refused_naming_the_flag() {
             assert!(err.contains(w), "{args:?}: want {w:?} in:\n{err}");
         }
     }
-    // Remote contexts: a clear error naming the argument, nothing fetched.
-    for url in [
-        "https://github.com/example/app.git#main:docker",
-        "git@github.com:example/app.git",
-    ] {
-        let out = f.kiln(&["build", url]);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
-        assert!(
-            err.contains("CONTEXT") && err.contains(url) && err.contains("git clone"),
-            "{url}: {err}"
-        );
-    }
+    // A URL that is no git repository: a clear error naming the argument, nothing fetched.
+    let url = "https://example.com/context.tar.gz";
+    let out = f.kiln(&["build", url]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+    assert!(
+        err.contains("CONTEXT") && err.contains(url) && err.contains("download"),
+        "{url}: {err}"
+    );
+    // A git repository that cannot be fetched: git's reason, naming the argument.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("git://127.0.0.1:{port}/nothing.git#main");
+    let out = f.kiln(&["build", &url]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+    assert!(
+        err.contains("for CONTEXT") && err.contains(&url) && err.contains("git fetch"),
+        "{url}: {err}"
+    );
     // An unknown flag: clap's usage error (exit 2) names it.
     let out = f.kiln(&["build", d, "--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));
@@ -535,4 +545,103 @@ fn bad_values_and_unknown_flags_are_refused_naming_the_flag() {
         "--dry-run",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// `git daemon` serving `root` on a loopback port, stopped when dropped.
+struct GitDaemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for GitDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl GitDaemon {
+    fn serve(root: &Path) -> Self {
+        require_program("git");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("git")
+            .arg("daemon")
+            .arg("--reuseaddr")
+            .arg("--export-all")
+            .arg(format!("--base-path={}", root.display()))
+            .arg("--listen=127.0.0.1")
+            .arg(format!("--port={port}"))
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git is installed (.ci/install)");
+        let daemon = GitDaemon { child, port };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return daemon;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("git daemon did not listen on 127.0.0.1:{port}");
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "-c",
+            "user.name=kiln",
+            "-c",
+            "user.email=kiln@example.invalid",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
+}
+
+#[test]
+fn a_git_url_context_builds_the_commit_and_directory_it_names() {
+    require_root("a_git_url_context_builds_the_commit_and_directory_it_names");
+    let f = Fixture::new();
+    let repos = f.path("repos");
+    let repo = repos.join("app.git");
+    std::fs::create_dir_all(repo.join("sub")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo.join("sub/Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+    std::fs::write(repo.join("sub/msg"), "from main\n").unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "main"]);
+    git(&repo, &["checkout", "-q", "-b", "other"]);
+    std::fs::write(repo.join("sub/msg"), "from other\n").unwrap();
+    git(&repo, &["commit", "-q", "-am", "other"]);
+    git(&repo, &["checkout", "-q", "main"]);
+    let daemon = GitDaemon::serve(&repos);
+
+    for (fragment, want) in [("main:sub", "from main\n"), ("other:sub", "from other\n")] {
+        let url = format!("git://127.0.0.1:{}/app.git#{fragment}", daemon.port);
+        let dest = f.path(&format!("git-out-{}", fragment.replace(':', "-")));
+        let out = f.kiln(&["build", &url, "-o", dest.to_str().unwrap()]);
+        assert!(out.status.success(), "{url}: {}", stderr(&out));
+        assert_eq!(read(&dest.join("msg")), want, "{url}");
+        assert!(dest.join("Dockerfile").is_file(), "{url}");
+        assert!(!dest.join(".git").exists(), "{url}: .git is in the context");
+    }
+
+    // A directory the commit does not have: named in the error.
+    let url = format!("git://127.0.0.1:{}/app.git#main:nowhere", daemon.port);
+    let out = f.kiln(&["build", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("for CONTEXT") && stderr(&out).contains("\"nowhere\""),
+        "{}",
+        stderr(&out)
+    );
 }

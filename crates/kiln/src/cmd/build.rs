@@ -331,6 +331,39 @@ impl BuildArgs {
     }
 }
 
+impl BuildArgs {
+    /// A git URL as CONTEXT: the commit it names fetched into a private directory that lives
+    /// as long as the returned guard, and the flags pointed there (a relative `-f` is inside
+    /// the repository's context directory, as with buildx).
+    fn take_git_context(&mut self) -> anyhow::Result<Option<tempfile::TempDir>> {
+        let Some(arg) = self.context.clone() else {
+            return Ok(None);
+        };
+        let Some(git) = super::git_context::GitContext::parse(&arg) else {
+            return Ok(None);
+        };
+        let token = super::git_context::auth_token(&self.secrets)?;
+        let keep_git_dir = self.build_args.iter().any(|b| {
+            matches!(
+                b.split_once('='),
+                Some(("BUILDKIT_CONTEXT_KEEP_GIT_DIR", "1" | "true"))
+            )
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-git-context-")
+            .tempdir()
+            .context("making a directory for the git context")?;
+        let context = git.fetch(&arg, dir.path(), token.as_deref(), keep_git_dir)?;
+        if let Some(f) = &self.file {
+            if std::path::Path::new(f).is_relative() {
+                self.file = Some(context.join(f).display().to_string());
+            }
+        }
+        self.context = Some(context.display().to_string());
+        Ok(Some(dir))
+    }
+}
+
 fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (String, String)> + 'a {
     v.iter().map(move |s| (flag.to_string(), s.clone()))
 }
@@ -338,6 +371,7 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 /// Runs `kiln build`.
 pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let stdin_dir = args.take_stdin()?;
+    let git_dir = args.take_git_context()?;
     let (opts, exports) = args.to_options()?;
     let file_label = if stdin_dir.is_some() && args.file.is_some() {
         // The Dockerfile came from stdin: name it as the user gave it.
@@ -406,7 +440,7 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.command_line = std::env::args().collect();
     watch_signals(request.cancel.clone())?;
     let outcome = kiln_build::run(request, &progress);
-    drop(stdin_dir);
+    drop((stdin_dir, git_dir));
     match outcome {
         Ok(outcome) => {
             if args.quiet {
