@@ -155,8 +155,9 @@ impl BuildOutcome {
     }
 }
 
-/// buildx's image ID of `image`: its config digest (the manifest's when there is no config,
-/// as buildx falls back to `containerimage.digest`).
+/// buildx's image ID of `image`: its config digest (`containerimage.config.digest`, which
+/// buildx prefers to the manifest's whenever the exporter gives it, as for every
+/// single-platform image).
 fn image_id(image: &StoredImage) -> String {
     image.config.digest.to_string()
 }

@@ -106,11 +106,6 @@ impl PidsHierarchy {
         Ok(())
     }
 
-    /// The directory runs' cgroups are made in.
-    pub(crate) fn runs_parent(&self) -> &Path {
-        &self.parent
-    }
-
     /// Removes the (empty) cgroups of kiln processes that are gone.
     fn reclaim_leftovers(&self) {
         let Ok(entries) = std::fs::read_dir(&self.parent) else {

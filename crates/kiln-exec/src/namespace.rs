@@ -111,11 +111,6 @@ impl NamespaceExecutor {
         Ok(self)
     }
 
-    /// The directory runs' cgroups are made in, when runs get cgroups of their own.
-    pub fn run_cgroups_dir(&self) -> Option<&std::path::Path> {
-        self.pids.as_ref().map(|(_, h)| h.runs_parent())
-    }
-
     /// Starts preparing an isolated network in the background, so the build's first `RUN`
     /// finds one ready. Errors are left for that `RUN` to report.
     pub fn prewarm_network(&self) {
