@@ -895,7 +895,8 @@ pub enum ProgressMode {
 }
 
 impl ProgressMode {
-    fn parse(s: &str) -> Option<Self> {
+    /// The mode `s` names (`auto`, `tty`, `plain`, `rawjson`, `quiet`), if any.
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "auto" => Self::Auto,
             "tty" => Self::Tty,

@@ -523,6 +523,26 @@ fn bad_values_and_unknown_flags_are_refused_naming_the_flag() {
         err.contains("for CONTEXT") && err.contains(&url) && err.contains("git fetch"),
         "{url}: {err}"
     );
+    // BUILDKIT_PROGRESS gives the progress mode, as in buildx; a bad one is named.
+    let out = f.kiln_env(
+        &["build", d, "--dry-run"],
+        &[("BUILDKIT_PROGRESS", "fancy")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("BUILDKIT_PROGRESS"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.kiln_env(
+        &["build", d, "--dry-run", "-q"],
+        &[("BUILDKIT_PROGRESS", "plain")],
+    );
+    assert!(
+        out.status.success(),
+        "-q wins over BUILDKIT_PROGRESS: {}",
+        stderr(&out)
+    );
     // An unknown flag: clap's usage error (exit 2) names it.
     let out = f.kiln(&["build", d, "--frobnicate"]);
     assert_eq!(out.status.code(), Some(2));

@@ -271,7 +271,23 @@ impl BuildArgs {
 
 impl BuildArgs {
     /// `-q/--quiet`: no progress (buildx refuses it with a progress mode that shows some).
+    /// Without `--progress`, the mode comes from `BUILDKIT_PROGRESS`, as in buildx (`-q`
+    /// wins over it).
     fn quiet_progress(&self, mut raw: RawBuildFlags) -> anyhow::Result<RawBuildFlags> {
+        if raw.progress.is_none() && !self.quiet {
+            if let Some(mode) = std::env::var("BUILDKIT_PROGRESS")
+                .ok()
+                .filter(|m| !m.is_empty())
+            {
+                if kiln_graph::options::ProgressMode::parse(&mode).is_none() {
+                    anyhow::bail!(
+                        "invalid value {mode:?} for BUILDKIT_PROGRESS: expected auto, tty, plain, \
+                         rawjson or quiet"
+                    );
+                }
+                raw.progress = Some(mode);
+            }
+        }
         if self.quiet {
             match raw.progress.as_deref() {
                 None | Some("auto") | Some("quiet") => raw.progress = Some("quiet".into()),
