@@ -295,6 +295,23 @@ impl BuildOptions {
                     "force-network-mode" => {
                         opts.network = parse_network_mode("--opt", o, value)?;
                     }
+                    // BuildKit's Dockerfile frontend spelling of buildx's RUN settings.
+                    "add-hosts" => {
+                        for h in split_list(value) {
+                            opts.extra_hosts.push(ExtraHost::parse("--opt", &h)?);
+                        }
+                    }
+                    "shm-size" => {
+                        opts.shm_size = Some(crate::run_settings::parse_shm_size("--opt", value)?);
+                    }
+                    "ulimit" => {
+                        for u in split_list(value) {
+                            opts.add_ulimit(Ulimit::parse("--opt", &u)?);
+                        }
+                    }
+                    "cgroup-parent" => {
+                        opts.cgroup_parent = Some(parse_cgroup_parent("--opt", value)?);
+                    }
                     "image-resolve-mode" => match value {
                         "pull" => opts.pull = true,
                         "default" | "local" => opts.pull = false,
@@ -322,7 +339,8 @@ impl BuildOptions {
                             o,
                             format!(
                             "unknown frontend option `{key}`; known: target, filename, platform, \
-                                 no-cache, image-resolve-mode, build-arg:NAME, label:NAME, \
+                                 no-cache, image-resolve-mode, force-network-mode, add-hosts, \
+                                 shm-size, ulimit, cgroup-parent, build-arg:NAME, label:NAME, \
                                  context:NAME"
                         ),
                         ))
@@ -532,28 +550,37 @@ impl BuildOptions {
             self.shm_size = Some(crate::run_settings::parse_shm_size("--shm-size", s)?);
         }
         for u in &raw.ulimits {
-            let u = Ulimit::parse("--ulimit", u)?;
-            // The last one of a name wins, as in Docker.
-            self.ulimits.retain(|o| o.name != u.name);
-            self.ulimits.push(u);
+            self.add_ulimit(Ulimit::parse("--ulimit", u)?);
         }
         if let Some(c) = &raw.cgroup_parent {
-            let trimmed = c.trim_matches('/');
-            if trimmed.is_empty()
-                || trimmed
-                    .split('/')
-                    .any(|p| p.is_empty() || p == "." || p == "..")
-            {
-                return Err(OptionError::new(
-                    "--cgroup-parent",
-                    c,
-                    "expected a cgroup path such as `ci/builds`, without `.`, `..` or empty parts",
-                ));
-            }
-            self.cgroup_parent = Some(trimmed.to_string());
+            self.cgroup_parent = Some(parse_cgroup_parent("--cgroup-parent", c)?);
         }
         Ok(())
     }
+
+    /// Adds a limit; the last one of a name wins, as in Docker.
+    fn add_ulimit(&mut self, u: Ulimit) {
+        self.ulimits.retain(|o| o.name != u.name);
+        self.ulimits.push(u);
+    }
+}
+
+/// A cgroup path relative to the hierarchy's root, without `.`, `..` or empty parts (leading
+/// and trailing `/` dropped).
+fn parse_cgroup_parent(flag: &str, value: &str) -> Result<String, OptionError> {
+    let trimmed = value.trim_matches('/');
+    if trimmed.is_empty()
+        || trimmed
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(OptionError::new(
+            flag,
+            value,
+            "expected a cgroup path such as `ci/builds`, without `.`, `..` or empty parts",
+        ));
+    }
+    Ok(trimmed.to_string())
 }
 
 /// A URL as `CONTEXT` (`https://host/repo.git#ref:dir`, `git@host:repo`, `git://`,

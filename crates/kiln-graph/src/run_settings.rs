@@ -275,6 +275,25 @@ mod tests {
     }
 
     #[test]
+    fn buildctl_spells_them_as_frontend_options() {
+        let o = flags(|r| {
+            r.opts = vec![
+                "add-hosts=a=1.1.1.1,b=host-gateway".into(),
+                "shm-size=1048576".into(),
+                "ulimit=nofile=1:2,nproc=3".into(),
+                "cgroup-parent=ci".into(),
+            ]
+        })
+        .unwrap();
+        assert_eq!(o.extra_hosts.len(), 2);
+        assert_eq!(o.shm_size, Some(1 << 20));
+        assert_eq!(o.ulimits.len(), 2);
+        assert_eq!(o.cgroup_parent.as_deref(), Some("ci"));
+        let e = flags(|r| r.opts = vec!["ulimit=nofile=x".into()]).unwrap_err();
+        assert_eq!(e.flag, "--opt");
+    }
+
+    #[test]
     fn a_remote_context_is_refused_naming_it() {
         for url in [
             "https://example.com/context.tar.gz",
