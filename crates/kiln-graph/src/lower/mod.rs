@@ -39,6 +39,7 @@ use crate::platform::Platform;
 use crate::reference::normalize_reference;
 use crate::resolver::ImageConfigResolver;
 use crate::stages::{description_of, keyword_span, split_stages, StageDecl, Typed};
+use kiln_oci::{ContainerConfig, History};
 
 /// Most characters all expanded values of one lowering may add up to (ARG, ENV, LABEL, COPY
 /// arguments, flag values and the environment of every RUN). Each word is also capped by the
@@ -195,9 +196,13 @@ pub fn lower_with_outline(
     // keep it simple for consumers: move it to the end.
     let mut t = low.results.remove(target);
     // `--label` / `--opt label:K=V`: the built image's labels, over the Dockerfile's LABELs.
-    t.config
-        .labels
-        .extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if !opts.labels.is_empty() {
+        t.config
+            .runtime_mut()
+            .labels
+            .get_or_insert_default()
+            .extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     low.results.push(t);
     let target = low.results.len() - 1;
     let decl = &low.stages[target_idx];
@@ -272,8 +277,8 @@ struct StageState {
     root: Option<VertexId>,
     config: ImageConfig,
     /// The build state's env (expansion and RUN): starts as the image env, then ENV and ARG
-    /// values in order. Only `env` is used; an `ImageConfig` gives its set/get helpers.
-    env: ImageConfig,
+    /// values in order. Only `env` is used; a `ContainerConfig` gives its set/get helpers.
+    env: ContainerConfig,
     /// Declared ARGs in scope, with their values.
     args: Vec<(String, Option<String>)>,
     cmd_set: bool,
@@ -291,6 +296,7 @@ impl StageState {
 
     fn shell(&self) -> Vec<String> {
         self.config
+            .runtime()
             .shell
             .clone()
             .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
@@ -306,7 +312,7 @@ impl StageState {
                 env.env_set(k, v);
             }
         }
-        env.env
+        env.env.unwrap_or_default()
     }
 }
 
@@ -558,10 +564,10 @@ impl<'a> Lowerer<'a> {
     }
 
     fn history(st: &mut StageState, created_by: String, empty_layer: bool) {
-        st.config.history.push(HistoryEntry {
-            created_by,
+        st.config.history.push(History {
+            created_by: Some(created_by),
             empty_layer,
-            comment: None,
+            ..History::default()
         });
     }
 
@@ -815,10 +821,11 @@ mod tests {
             .expect("lowers");
         let hc = g.stages[g.target]
             .config
+            .runtime()
             .healthcheck
             .clone()
             .expect("a health check");
-        assert_eq!((hc.interval, hc.retries), (90_000_000_000, 2));
+        assert_eq!((hc.interval, hc.retries), (Some(90_000_000_000), Some(2)));
         let e = lower_src("FROM scratch\nHEALTHCHECK --timeout=10us CMD true\n").unwrap_err();
         assert_eq!(
             e.to_string(),
