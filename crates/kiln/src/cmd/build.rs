@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use kiln_build::attest::{Annotation, AttestFlags, AttestRequest};
 use kiln_build::{
     BuildEvent, BuildFailure, BuildRequest, CancelHandle, CancelOutcome, EventSink, ExportFlags,
     Exports, Interruption,
@@ -138,6 +139,23 @@ pub struct BuildArgs {
     /// Write the build's spans as Chrome trace-event JSON (Perfetto, chrome://tracing) to FILE
     #[arg(long, value_name = "FILE.json")]
     trace: Option<std::path::PathBuf>,
+
+    // Attestations and annotations (docs/attestations.md).
+    /// Add an annotation to the image (repeatable): [TYPE,...][[PLATFORM]]:KEY=VALUE, TYPE one
+    /// of manifest (the default), manifest-descriptor, index, index-descriptor
+    #[arg(long = "annotation", value_name = "[TYPE:]KEY=VALUE")]
+    annotations: Vec<String>,
+    /// Attach an attestation to pushed images and OCI layouts: type=provenance[,mode=min|max]
+    /// or type=sbom (kiln's own scanner)
+    #[arg(long = "attest", value_name = "SPEC")]
+    attest: Vec<String>,
+    /// Provenance attestation: true, false, or mode=min|max (default: mode=min when pushing;
+    /// BUILDX_NO_DEFAULT_ATTESTATIONS=1 turns the default off)
+    #[arg(long, value_name = "VALUE")]
+    provenance: Option<String>,
+    /// SBOM attestation: true or false (shorthand for --attest type=sbom)
+    #[arg(long, value_name = "VALUE")]
+    sbom: Option<String>,
 }
 
 impl BuildArgs {
@@ -160,7 +178,13 @@ impl BuildArgs {
             frontend: self.frontend.clone(),
             locals: self.locals.clone(),
             oci_layouts: self.oci_layouts.clone(),
-            opts: self.opts.clone(),
+            // `attest:KIND=` options are attestations, read by `attachments`.
+            opts: self
+                .opts
+                .iter()
+                .filter(|o| !o.starts_with("attest:"))
+                .cloned()
+                .collect(),
             file: self.file.clone(),
             target: self.target.clone(),
             build_args,
@@ -197,6 +221,37 @@ impl BuildArgs {
     }
 }
 
+impl BuildArgs {
+    /// The annotations (`--annotation`) and attestations (`--attest`, `--provenance`,
+    /// `--sbom`, `--opt attest:KIND=`) of the build. buildx's default, a `mode=min`
+    /// provenance, applies when the build pushes with buildx's spelling (`--push`, `--output
+    /// type=registry`); buildctl's `type=image,push=true` gets none, as with buildctl.
+    pub fn attachments(&self) -> anyhow::Result<(Vec<Annotation>, AttestRequest)> {
+        let mut annotations = Vec::new();
+        for a in &self.annotations {
+            annotations.extend(kiln_build::attest::parse_annotation_flag(a)?);
+        }
+        let registry_output = self.outputs.iter().any(|o| {
+            kiln_build::export::output_attrs("--output", o)
+                .is_ok_and(|(kind, _)| kind == "registry")
+        });
+        let attestations = AttestFlags {
+            attest: self.attest.clone(),
+            provenance: self.provenance.clone(),
+            sbom: self.sbom.clone(),
+            opts: self
+                .opts
+                .iter()
+                .filter(|o| o.starts_with("attest:"))
+                .cloned()
+                .collect(),
+            default_provenance: self.push || registry_output,
+        }
+        .parse()?;
+        Ok((annotations, attestations))
+    }
+}
+
 fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (String, String)> + 'a {
     v.iter().map(move |s| (flag.to_string(), s.clone()))
 }
@@ -204,6 +259,7 @@ fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (Stri
 /// Runs `kiln build`.
 pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let (opts, exports) = args.to_options()?;
+    let (annotations, attestations) = args.attachments()?;
     let file_label = opts.dockerfile.display().to_string();
     let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
         anyhow::anyhow!("cannot read the Dockerfile {file_label}: {e} (use -f/--file or --local dockerfile=DIR)")
@@ -262,6 +318,8 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.report = args.report.clone();
     request.trace = args.trace.clone();
     request.command_line = std::env::args().collect();
+    request.annotations = annotations;
+    request.attestations = attestations;
     watch_signals(request.cancel.clone())?;
     match kiln_build::run(request, &progress) {
         Ok(_) => Ok(ExitCode::SUCCESS),
