@@ -114,9 +114,20 @@ fn metadata(path: &Path) -> Value {
 }
 
 #[test]
-fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest() {
+fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest_in_kilns_registry() {
     require_root("a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest");
-    let reg = TestRegistry::kiln();
+    a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest(TestRegistry::kiln());
+}
+
+#[test]
+fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest_in_distribution() {
+    require_root("a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest");
+    a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest(
+        TestRegistry::distribution(),
+    );
+}
+
+fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest(reg: TestRegistry) {
     let image = format!("{}/att/app:1", reg.addr);
     let push = |f: &Fixture, meta: &str| {
         let ctx = context(f);
@@ -143,6 +154,7 @@ fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest() {
     };
     let f = Fixture::new();
     let meta = push(&f, "meta.json");
+    f.assert_store_clean("after an attested push");
 
     // The name points at an OCI index: the image, then its attestation manifest.
     let (raw, index_digest) = raw_manifest(&image);
