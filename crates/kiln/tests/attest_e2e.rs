@@ -245,6 +245,20 @@ fn a_push_with_provenance_and_sbom_is_an_index_with_an_attestation_manifest(reg:
         "{steps:?}"
     );
     assert_eq!(p["metadata"]["buildStartedOn"], "2023-11-14T22:13:20Z");
+    // The base image is a material, by digest; the subject is named after the image.
+    assert!(
+        p["materials"].as_array().unwrap().iter().any(|m| m["uri"]
+            .as_str()
+            .unwrap()
+            .starts_with("pkg:docker/busybox@latest?")
+            && m["digest"]["sha256"].is_string()),
+        "{}",
+        p["materials"]
+    );
+    assert_eq!(
+        provenance["subject"][0]["name"],
+        format!("pkg:docker/{}/att/app@1?platform=linux%2Famd64", reg.addr)
+    );
     // The SBOM lists the image's dpkg and npm packages (and no removed package).
     let purls: Vec<String> = sbom["predicate"]["packages"]
         .as_array()

@@ -426,7 +426,7 @@ impl Predicates {
 }
 
 /// The in-toto statement of `predicate` (of `predicate_type`) about the manifest `subject`,
-/// named after every image name (`pkg:docker/NAME?platform=...`, `_` without names).
+/// named after every image name ([`docker_purl`]; `_` without names).
 pub fn statement(
     predicate_type: &str,
     predicate: &Value,
@@ -436,15 +436,9 @@ pub fn statement(
 ) -> Value {
     let hex = subject.digest.to_string();
     let hex = hex.strip_prefix("sha256:").unwrap_or(&hex).to_owned();
-    let platform_q = platform_string(platform).replace('/', "%2F");
     let mut subjects: Vec<Value> = names
         .iter()
-        .map(|n| {
-            json!({
-                "name": format!("pkg:docker/{n}?platform={platform_q}"),
-                "digest": {"sha256": hex},
-            })
-        })
+        .map(|n| json!({"name": docker_purl(n, platform), "digest": {"sha256": hex}}))
         .collect();
     if subjects.is_empty() {
         subjects.push(json!({"name": "_", "digest": {"sha256": hex}}));
@@ -455,6 +449,24 @@ pub fn statement(
         "subject": subjects,
         "predicate": predicate,
     })
+}
+
+/// The package URL BuildKit writes for an image reference: the familiar name (its last
+/// path part as the name, the rest as namespace), the tag (else the digest) as the version,
+/// the platform as a qualifier (`pkg:docker/busybox@latest?platform=linux%2Famd64`).
+pub fn docker_purl(reference: &str, platform: &Platform) -> String {
+    let platform_q = platform_string(platform).replace('/', "%2F");
+    let Ok(r) = reference.parse::<kiln_oci::Reference>() else {
+        return format!("pkg:docker/{reference}?platform={platform_q}");
+    };
+    let name = r.with_tag("x").map(|t| t.familiar()).unwrap_or_default();
+    let name = name.strip_suffix(":x").unwrap_or(&name).to_owned();
+    let version = match (r.tag(), r.digest()) {
+        (Some(t), _) => t.to_owned(),
+        (None, Some(d)) => d.to_string().replace(':', "%3A"),
+        (None, None) => "latest".to_owned(),
+    };
+    format!("pkg:docker/{name}@{version}?platform={platform_q}")
 }
 
 /// `os/arch[/variant]`.
@@ -699,7 +711,15 @@ mod tests {
         assert_eq!(layer["predicateType"], provenance::PREDICATE_TYPE);
         assert_eq!(
             layer["subject"][0]["name"],
-            "pkg:docker/reg/app:1?platform=linux%2Famd64"
+            "pkg:docker/reg/app@1?platform=linux%2Famd64"
+        );
+        assert_eq!(
+            docker_purl("docker.io/library/busybox:latest", &amd),
+            "pkg:docker/busybox@latest?platform=linux%2Famd64"
+        );
+        assert_eq!(
+            docker_purl("127.0.0.1:5000/att/app:1", &amd),
+            "pkg:docker/127.0.0.1:5000/att/app@1?platform=linux%2Famd64"
         );
         let idx = image_index(
             &image,

@@ -44,7 +44,7 @@ pub struct ProvenanceInputs<'a> {
     pub invocation_id: Option<String>,
 }
 
-/// The base images a graph reads, as SLSA materials (`pkg:docker/REF?platform=`, by digest),
+/// The base images a graph reads, as SLSA materials (`pkg:docker/NAME@TAG?platform=`, by digest),
 /// sorted and without duplicates.
 pub fn materials(graph: &BuildGraph) -> Vec<Value> {
     let mut out = BTreeMap::new();
@@ -52,16 +52,7 @@ pub fn materials(graph: &BuildGraph) -> Vec<Value> {
         if let Op::Image(src) = &v.op {
             let Some(digest) = &src.digest else { continue };
             let (algo, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
-            let platform = format!("{}/{}", src.platform.os, src.platform.architecture);
-            let platform = match &src.platform.variant {
-                Some(var) => format!("{platform}/{var}"),
-                None => platform,
-            };
-            let uri = format!(
-                "pkg:docker/{}?platform={}",
-                src.reference,
-                platform.replace('/', "%2F")
-            );
+            let uri = super::docker_purl(&src.reference, &src.platform);
             out.insert(uri.clone(), json!({"uri": uri, "digest": {algo: hex}}));
         }
     }

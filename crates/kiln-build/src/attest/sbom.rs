@@ -700,31 +700,21 @@ License: MIT\nRequires-Dist: Flask>=1.0.4\n\nLong description: Name: other\n";
         assert_eq!(p.license.as_deref(), Some("MIT"));
     }
 
-    // Written by `npm install is-number@7.0.0` (npm 9, lockfile v3).
-    const NPM_LOCK: &str = r#"{
-  "name": "app",
-  "version": "1.0.0",
-  "lockfileVersion": 3,
-  "requires": true,
-  "packages": {
-    "": { "name": "app", "version": "1.0.0", "dependencies": { "is-number": "^7.0.0" } },
-    "node_modules/is-number": {
-      "version": "7.0.0",
-      "resolved": "https://registry.npmjs.org/is-number/-/is-number-7.0.0.tgz",
-      "integrity": "sha512-41Cifkg6e8TylSpdtTpeLVMqvSBEVzTttHvERD741+pnZ8ANv0004MRL43QKPDlK9cGvNp6NZWZUBlbGXYxxng==",
-      "engines": { "node": ">=0.12.0" }
-    },
-    "node_modules/@types/node": { "version": "20.1.0", "license": "MIT" }
-  }
-}"#;
+    // Written by `npm install is-number@7.0.0` (lockfile v3), and the package's own file.
+    const NPM_LOCK: &str = include_str!("testdata/package-lock.json");
+    const IS_NUMBER: &str = include_str!("testdata/is-number.package.json");
 
     #[test]
     fn npm_lockfile_v3_and_v1() {
         let p = npm_lock(NPM_LOCK, "/app/package-lock.json");
         let purls: Vec<&str> = p.iter().map(|x| x.purl.as_str()).collect();
+        assert_eq!(purls, ["pkg:npm/is-number@7.0.0"]);
+        assert_eq!(p[0].license.as_deref(), Some("MIT"));
+        let scoped =
+            r#"{"lockfileVersion":3,"packages":{"node_modules/@types/node":{"version":"20.1.0"}}}"#;
         assert_eq!(
-            purls,
-            ["pkg:npm/is-number@7.0.0", "pkg:npm/%40types/node@20.1.0"]
+            npm_lock(scoped, "/x")[0].purl,
+            "pkg:npm/%40types/node@20.1.0"
         );
         let v1 = r#"{"lockfileVersion":1,"dependencies":{"a":{"version":"1.0.0","dependencies":{"b":{"version":"2.0.0"}}}}}"#;
         assert_eq!(npm_lock(v1, "/x").len(), 2);
@@ -732,11 +722,7 @@ License: MIT\nRequires-Dist: Flask>=1.0.4\n\nLong description: Name: other\n";
 
     #[test]
     fn npm_node_modules_package_json() {
-        let p = npm_package_json(
-            r#"{"name":"is-number","version":"7.0.0","license":"MIT"}"#,
-            "/app/node_modules/is-number/package.json",
-        )
-        .unwrap();
+        let p = npm_package_json(IS_NUMBER, "/app/node_modules/is-number/package.json").unwrap();
         assert_eq!(p.purl, "pkg:npm/is-number@7.0.0");
         assert!(in_node_modules(Path::new(
             "/app/node_modules/is-number/package.json"
@@ -835,11 +821,7 @@ build\t-compiler=gc\n";
         std::fs::write(r.join("var/lib/dpkg/status"), DPKG).unwrap();
         std::fs::create_dir_all(r.join("app/node_modules/is-number")).unwrap();
         std::fs::write(r.join("app/package-lock.json"), NPM_LOCK).unwrap();
-        std::fs::write(
-            r.join("app/node_modules/is-number/package.json"),
-            r#"{"name":"is-number","version":"7.0.0"}"#,
-        )
-        .unwrap();
+        std::fs::write(r.join("app/node_modules/is-number/package.json"), IS_NUMBER).unwrap();
         std::fs::write(r.join("usr-bin-app"), {
             let mut elf = b"\x7fELF".to_vec();
             elf.extend(vec![0u8; 60]);
