@@ -775,7 +775,7 @@ fn export_outputs(
         // `--export-cache type=inline`: the cache goes into the config, before the image is
         // stored or pushed.
         let fields = inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?;
-        let predicates = attestation_predicates(req, solved, sde, started)?;
+        let predicates = attestation_predicates(req, events, solved, sde, started)?;
         BuildResult::with_image(rootfs, recipe.with_config_fields(fields))
             .with_attachments(req.annotations.clone(), predicates)
     } else {
@@ -815,6 +815,7 @@ fn unix_now() -> i64 {
 /// is written, so two builds of the same inputs attach the same statements.
 fn attestation_predicates(
     req: &BuildRequest,
+    events: &dyn EventSink,
     solved: &SolvedBuild,
     sde: Option<i64>,
     started: i64,
@@ -824,7 +825,15 @@ fn attestation_predicates(
         .exporters
         .iter()
         .any(|e| matches!(e.kind(), "image" | "registry" | "oci"));
-    if req.attestations.is_empty() || !attaches {
+    if req.attestations.is_empty() {
+        return Ok(Predicates::default());
+    }
+    if !attaches {
+        events.event(BuildEvent::Warning(
+            "attestations are attached to image, registry and oci outputs only; \
+             this build's outputs get none"
+                .to_owned(),
+        ));
         return Ok(Predicates::default());
     }
     let stamp = |secs: i64| kiln_worker::image::created_timestamp(Some(secs.max(0) as u64));

@@ -423,6 +423,25 @@ fn buildx_default_provenance_on_push_and_its_opt_outs() {
         &[],
     ));
     assert_eq!(top("opt")["manifests"].as_array().unwrap().len(), 2);
+    // A Docker archive has no room for attestations: the build says so and goes on.
+    let tar = f.path("docker.tar");
+    let out = build(
+        &f,
+        &ctx,
+        &[
+            "-o",
+            &format!("type=docker,dest={}", tar.display()),
+            "--sbom=true",
+        ],
+        &[],
+    );
+    ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("attached to image, registry and oci outputs only"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Reads a blob of an extracted OCI layout as JSON.
