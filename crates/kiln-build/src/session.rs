@@ -881,6 +881,7 @@ fn attestation_predicates(
             started: started_on.clone(),
             finished: finished_on,
             invocation_id,
+            dockerfile_source: &req.dockerfile_source,
         }));
     }
     if req.attestations.sbom.is_some() {

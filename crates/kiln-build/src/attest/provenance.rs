@@ -1,7 +1,8 @@
 //! The SLSA provenance v0.2 predicate of a build, with BuildKit's fields: the builder id, the
 //! build type, the invocation (frontend, target, build args, the Dockerfile as entry point,
 //! the platform), the materials (base images by digest; a local context is not a material, as
-//! in BuildKit), the times, and with `mode=max` every step of the build (`buildConfig`).
+//! in BuildKit), the times, and with `mode=max` every step of the build (`buildConfig`) and the
+//! Dockerfile's text (BuildKit's source info).
 //! Secret values never appear: a step lists the ids of the secrets it mounts, nothing more.
 
 use std::collections::BTreeMap;
@@ -42,6 +43,8 @@ pub struct ProvenanceInputs<'a> {
     pub finished: String,
     /// An id of this build; `None` when the build is to be reproducible.
     pub invocation_id: Option<String>,
+    /// The Dockerfile's text (written with `mode=max` only, as BuildKit's source info).
+    pub dockerfile_source: &'a str,
 }
 
 /// The base images a graph reads, as SLSA materials (`pkg:docker/NAME@TAG?platform=`, by digest),
@@ -113,6 +116,18 @@ pub fn predicate(inp: &ProvenanceInputs<'_>) -> Value {
         json!({"parameters": params_complete, "environment": true, "materials": false}),
     );
     metadata.insert("reproducible".into(), json!(false));
+    if max {
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.encode(inp.dockerfile_source);
+        metadata.insert(
+            format!("{BUILD_TYPE}#metadata"),
+            json!({"source": {"infos": [{
+                "filename": inp.entry_point,
+                "language": "Dockerfile",
+                "data": data,
+            }]}}),
+        );
+    }
     let mut p = Map::new();
     p.insert(
         "builder".into(),
@@ -171,6 +186,7 @@ mod tests {
             started: "2023-11-14T22:13:20Z".into(),
             finished: "2023-11-14T22:13:20Z".into(),
             invocation_id: None,
+            dockerfile_source: DF,
         }
     }
 
@@ -190,6 +206,9 @@ mod tests {
         assert_eq!(p["invocation"]["parameters"]["args"]["target"], "app");
         assert_eq!(p["invocation"]["environment"]["platform"], "linux/amd64");
         assert!(p.get("buildConfig").is_none());
+        assert!(p["metadata"]
+            .get(format!("{BUILD_TYPE}#metadata"))
+            .is_none());
         assert!(!p.to_string().contains("hello-there"), "{p}");
         assert_eq!(p["metadata"]["completeness"]["parameters"], false);
     }
@@ -213,5 +232,12 @@ mod tests {
             "{steps:?}"
         );
         assert_eq!(p["metadata"]["buildStartedOn"], "2023-11-14T22:13:20Z");
+        let source = &p["metadata"][format!("{BUILD_TYPE}#metadata")]["source"]["infos"][0];
+        assert_eq!(source["filename"], "Dockerfile");
+        use base64::Engine as _;
+        let text = base64::engine::general_purpose::STANDARD
+            .decode(source["data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(text, DF.as_bytes());
     }
 }
