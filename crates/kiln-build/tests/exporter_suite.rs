@@ -508,7 +508,7 @@ fn image_outputs_publish_annotations_and_attestations_in_one_index() {
     let b = build();
     let host = b.registry_host();
     let oci = b.path("attested-oci.tar");
-    let exporters = vec![
+    let exporters = [
         exporter(&format!("type=registry,name={host}/suite/attested:1")),
         exporter(&format!(
             "type=oci,dest={},name=suite/app:oci",
