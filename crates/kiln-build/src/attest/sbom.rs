@@ -407,7 +407,9 @@ fn binary_packages(path: &Path, shown: &str) -> Vec<Package> {
     let Ok(data) = std::fs::read(path) else {
         return Vec::new();
     };
-    let mut out = go_buildinfo(&data, shown);
+    // The linker's own section when there is one: a binary that embeds Go's build info
+    // reader also holds the magic as a string elsewhere.
+    let mut out = go_buildinfo(elf_section(&data, ".go.buildinfo").unwrap_or(&data), shown);
     if let Some(section) = elf_section(&data, ".dep-v0") {
         out.extend(cargo_auditable(section, shown));
     }
