@@ -378,6 +378,22 @@ fn buildx_default_provenance_on_push_and_its_opt_outs() {
     assert!(!statement.contains("not-in-min-provenance"), "{statement}");
     assert!(!statement.contains("buildConfig"), "{statement}");
 
+    // `type=registry` is buildx's push too; attestations turn OCI media types on, as
+    // BuildKit does.
+    ok(&build(
+        &f,
+        &ctx,
+        &[
+            "-o",
+            &format!("type=registry,name={},oci-mediatypes=false", name("reg")),
+        ],
+        &[],
+    ));
+    let index = top("reg");
+    assert_eq!(
+        index["manifests"][0]["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+        "{index}"
+    );
     // Turned off: a plain image manifest, as before attestations existed.
     ok(&build(
         &f,

@@ -222,7 +222,8 @@ impl<'a> BuildResult<'a> {
     /// The image as an output publishes it: [`BuildResult::image`] with the manifest
     /// annotations of `--annotation` and of the output (`extra`), and, when `attach` and
     /// attestations were asked for (or index-level annotations were given), an image index
-    /// holding the image and its attestation manifest. Statements name the image `names`.
+    /// holding the image (then with OCI media types) and its attestation manifest.
+    /// Statements name the image `names`.
     pub fn publish(
         &self,
         store: &Store,
@@ -231,10 +232,22 @@ impl<'a> BuildResult<'a> {
         extra: &[Annotation],
         attach: bool,
     ) -> Result<PublishedImage, ExportError> {
-        let mut image = self.image(store, oci_media_types)?;
-        let platform = image_platform(store, &image);
+        let first = self.image(store, oci_media_types)?;
+        let platform = image_platform(store, &first);
         let all: Vec<Annotation> = self.annotations.iter().chain(extra).cloned().collect();
         let pick = |level| attest::annotations_for(&all, level, &platform);
+        let index_annotations = pick(AnnotationLevel::Index);
+        let descriptor_annotations = pick(AnnotationLevel::ManifestDescriptor);
+        let attaches = attach && !self.predicates.is_empty();
+        let wants_index =
+            attaches || !index_annotations.is_empty() || !descriptor_annotations.is_empty();
+        // As BuildKit: attestations and index annotations turn OCI media types on (a Docker
+        // manifest list has no place for them).
+        let mut image = if wants_index && !oci_media_types {
+            self.image(store, true)?
+        } else {
+            first
+        };
         let manifest_annotations = pick(AnnotationLevel::Manifest);
         if !manifest_annotations.is_empty() {
             let annotated = attest::annotate_manifest(&image.manifest, &manifest_annotations)
@@ -245,9 +258,7 @@ impl<'a> BuildResult<'a> {
             store.content().put_bytes(&annotated.bytes)?;
             image.manifest = annotated;
         }
-        let index_annotations = pick(AnnotationLevel::Index);
-        let descriptor_annotations = pick(AnnotationLevel::ManifestDescriptor);
-        let attestation = (attach && !self.predicates.is_empty()).then(|| {
+        let attestation = attaches.then(|| {
             attest::attestation_manifest(
                 &self.predicates,
                 &image.manifest.descriptor(),
@@ -255,9 +266,6 @@ impl<'a> BuildResult<'a> {
                 &platform,
             )
         });
-        let wants_index = attestation.is_some()
-            || !index_annotations.is_empty()
-            || !descriptor_annotations.is_empty();
         let index = if wants_index {
             if let Some(a) = &attestation {
                 for (_, bytes) in &a.blobs {
