@@ -461,8 +461,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
             .collect();
         write_metadata(
             path,
-            image.as_ref(),
-            image_index.as_ref(),
+            (image.as_ref(), image_index.as_ref()),
             &names,
             &build_ref,
             &steps,
@@ -972,11 +971,11 @@ fn attestation_predicates(
 
 /// The metadata file: buildx's keys (`buildx.build.ref`, and for an image
 /// `containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`,
-/// `image.name` as the names joined with commas) and kiln's own (`kiln.*`).
+/// `image.name` as the names joined with commas) and kiln's own (`kiln.*`). When an output
+/// made an index (attestations), `containerimage.digest`/`descriptor` are the index's.
 fn write_metadata(
     path: &Path,
-    image: Option<&StoredImage>,
-    index: Option<&kiln_oci::Descriptor>,
+    (image, index): (Option<&StoredImage>, Option<&kiln_oci::Descriptor>),
     names: &[&str],
     build_ref: &str,
     steps: &[StepOutcome],
