@@ -42,6 +42,11 @@ enum Command {
     Login(cmd::login::LoginArgs),
     /// Log out of a registry
     Logout(cmd::login::LogoutArgs),
+    /// docker-buildx's commands (what the docker CLI plugin serves): build, version, ls,
+    /// inspect, create, use, rm, du, prune, imagetools, install
+    Buildx(cmd::buildx::BuildxArgs),
+    /// Install kiln as the docker CLI plugin `docker-buildx` (a symlink)
+    InstallPlugin(cmd::install_plugin::InstallPluginArgs),
 }
 
 /// Options every subcommand sees.
@@ -69,6 +74,10 @@ fn nix_is_root() -> bool {
 }
 
 fn main() -> ExitCode {
+    // Installed as `docker-buildx`, kiln is the docker CLI's buildx plugin.
+    if let Some(code) = cmd::buildx::run_as_plugin() {
+        return code;
+    }
     let cli = Cli::parse();
     let globals = Globals {
         root: cli.root.unwrap_or_else(default_root),
@@ -83,7 +92,14 @@ fn main() -> ExitCode {
         Command::Prune(args) => cmd::state::run_prune(args, &globals),
         Command::Login(args) => cmd::login::run_login(args, &globals),
         Command::Logout(args) => cmd::login::run_logout(args, &globals),
+        Command::Buildx(args) => cmd::buildx::run(args, &globals),
+        Command::InstallPlugin(args) => cmd::install_plugin::run(args, &globals),
     };
+    finish(result)
+}
+
+/// The exit code of a command's result; an error is printed first.
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {

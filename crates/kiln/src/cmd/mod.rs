@@ -11,9 +11,11 @@ macro_rules! outln {
 
 pub mod build;
 pub mod build_call;
+pub mod buildx;
 pub mod debug;
 pub mod history;
 pub mod import;
+pub mod install_plugin;
 pub mod login;
 pub mod registry;
 pub mod state;
