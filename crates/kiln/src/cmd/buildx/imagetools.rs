@@ -142,9 +142,10 @@ async fn inspect(client: &RegistryClient, args: InspectArgs) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// Rows `key:` / value with the values in one column, as Go's tabwriter aligns them.
-fn aligned(prefix: &str, rows: &[(&str, String)]) -> String {
-    let w = rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0) + 1;
+/// Rows `key:` / value with the values in one column, as Go's tabwriter aligns them
+/// (`width`: the widest key's, or `None` for these rows' own).
+fn aligned(prefix: &str, rows: &[(&str, String)], width: Option<usize>) -> String {
+    let w = width.unwrap_or_else(|| key_width(rows));
     rows.iter()
         .map(|(k, v)| {
             format!("{prefix}{:<w$}{v}", format!("{k}:"))
@@ -153,6 +154,11 @@ fn aligned(prefix: &str, rows: &[(&str, String)]) -> String {
                 + "\n"
         })
         .collect()
+}
+
+/// The column of values after `rows`' keys: the widest `key:` and one space.
+fn key_width(rows: &[(&str, String)]) -> usize {
+    rows.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0) + 1
 }
 
 /// buildx's default view of a manifest or index.
@@ -164,32 +170,42 @@ fn text_view(reference: &Reference, raw: &RawManifest, parsed: &Manifest) -> Str
             ("MediaType", raw.media_type.clone()),
             ("Digest", raw.digest.to_string()),
         ],
+        None,
     );
     let Manifest::Index(index) = parsed else {
         return out;
     };
     out += "\nManifests:\n";
-    for (i, m) in index.manifests.iter().enumerate() {
+    // One column for every manifest's rows, as buildx's one tabwriter gives them.
+    let blocks: Vec<Vec<(&str, String)>> = index
+        .manifests
+        .iter()
+        .map(|m| {
+            let mut rows = vec![
+                ("Name", reference.with_digest(m.digest.clone()).to_string()),
+                ("MediaType", m.media_type.clone()),
+            ];
+            if let Some(p) = &m.platform {
+                rows.push(("Platform", p.to_string()));
+            }
+            if !m.annotations.is_empty() {
+                rows.push(("Annotations", String::new()));
+            }
+            rows
+        })
+        .collect();
+    let width = blocks.iter().map(|b| key_width(b)).max();
+    for (i, (m, rows)) in index.manifests.iter().zip(&blocks).enumerate() {
         if i > 0 {
             out += "\n";
         }
-        let mut rows = vec![
-            ("Name", reference.with_digest(m.digest.clone()).to_string()),
-            ("MediaType", m.media_type.clone()),
-        ];
-        if let Some(p) = &m.platform {
-            rows.push(("Platform", p.to_string()));
-        }
-        if !m.annotations.is_empty() {
-            rows.push(("Annotations", String::new()));
-        }
-        out += &aligned("  ", &rows);
+        out += &aligned("  ", rows, width);
         let ann: Vec<(&str, String)> = m
             .annotations
             .iter()
             .map(|(k, v)| (k.as_str(), v.clone()))
             .collect();
-        out += &aligned("    ", &ann);
+        out += &aligned("    ", &ann, None);
     }
     out
 }
@@ -587,6 +603,7 @@ mod tests {
         let text = text_view(&r, &raw, &raw.parse().unwrap());
         assert!(text.starts_with("Name:      127.0.0.1:5000/app:1\nMediaType: application/vnd.oci.image.index.v1+json\n"), "{text}");
         assert!(text.contains("  Platform:    linux/amd64\n"), "{text}");
+        assert!(text.contains("  Platform:    unknown/unknown\n"), "{text}");
         assert!(
             text.contains("    vnd.docker.reference.type: attestation-manifest\n"),
             "{text}"
