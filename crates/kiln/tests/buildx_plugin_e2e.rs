@@ -189,6 +189,12 @@ fn setup_buildx_action_steps_work_through_the_docker_cli() {
         "{current}"
     );
     docker.ok(&["buildx", "inspect", "default"], &cwd);
+    // build-push-action inspects the builder its `builder` input names, empty when unset.
+    let unnamed = docker.ok(&["buildx", "inspect", ""], &cwd);
+    assert!(
+        unnamed.starts_with(&format!("Name:   {name}\n")),
+        "{unnamed}"
+    );
     let ls = docker.ok(&["buildx", "ls"], &cwd);
     assert!(ls.contains(&format!("{name}*")), "{ls}");
     assert!(ls.lines().any(|l| l.starts_with("kiln ")), "{ls}");

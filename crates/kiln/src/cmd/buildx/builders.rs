@@ -111,9 +111,11 @@ impl BuilderStore {
     }
 
     /// The name of the builder a command uses: `--builder`, else `BUILDX_BUILDER`, else the
-    /// current one.
+    /// current one. An empty name is no name, as in buildx (docker/actions-toolkit runs
+    /// `docker buildx inspect ''` when a workflow names no builder).
     pub fn selected(&self, flag: Option<&str>) -> String {
-        flag.map(str::to_owned)
+        flag.filter(|f| !f.is_empty())
+            .map(str::to_owned)
             .or_else(|| {
                 std::env::var("BUILDX_BUILDER")
                     .ok()
