@@ -168,7 +168,7 @@ impl BuilderView {
                 }
                 let mut platforms: Vec<String> =
                     b.platforms.iter().map(|p| format!("{p}*")).collect();
-                if !b.platforms.iter().any(|p| *p == host) {
+                if !b.platforms.contains(&host) {
                     platforms.push(host);
                 }
                 BuilderView {
