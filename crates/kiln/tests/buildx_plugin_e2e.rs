@@ -123,6 +123,29 @@ fn setup_buildx_action_steps_work_through_the_docker_cli() {
     assert_eq!(meta["SchemaVersion"], "0.1.0");
     assert_eq!(meta["Vendor"], "kiln");
     let help = docker.ok(&["--help"], &cwd);
+    // A `docker-buildx` that is not kiln (Docker's own) stays unless --force is given.
+    let foreign = f.path("foreign/cli-plugins");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(
+        foreign.join("docker-buildx"),
+        "#!/bin/sh\necho docker buildx\n",
+    )
+    .unwrap();
+    let install_in = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["install-plugin", "--dir", foreign.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = install_in(&[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert!(install_in(&["--force"]).status.success());
+    assert_eq!(
+        std::fs::canonicalize(foreign.join("docker-buildx")).unwrap(),
+        std::fs::canonicalize(env!("CARGO_BIN_EXE_kiln")).unwrap()
+    );
     assert!(
         help.contains("buildx*"),
         "docker --help lists the plugin:\n{help}"

@@ -538,6 +538,7 @@ async fn copy_into(
     };
     let mount_from = (source.reference.registry() == target.registry())
         .then(|| source.reference.repository().to_owned());
+    let staging = StagingDir::new()?;
     for (r, raw) in children {
         if let Ok(Manifest::Image(m)) = raw.parse() {
             for d in std::iter::once(&m.config).chain(&m.layers) {
@@ -547,16 +548,23 @@ async fn copy_into(
                 if client.blob_exists(target, &d.digest).await? {
                     continue;
                 }
-                let blob = fetch_blob(client, &r, d).await?;
+                // Layers can be large: through a file, never all in memory.
+                let file = staging.path.join(d.digest.to_string().replace(':', "-"));
                 client
+                    .pull_blob_to_file(&r, d, &file)
+                    .await
+                    .with_context(|| format!("fetching blob {} of {r}", d.digest))?;
+                let pushed = client
                     .push_blob(
                         target,
                         d,
-                        &BlobSource::Bytes(blob.into()),
+                        &BlobSource::File(file.clone()),
                         mount_from.as_deref(),
                     )
                     .await
-                    .with_context(|| format!("copying blob {} to {target}", d.digest))?;
+                    .with_context(|| format!("copying blob {} to {target}", d.digest));
+                let _ = std::fs::remove_file(&file);
+                pushed?;
             }
         }
         client
@@ -565,6 +573,32 @@ async fn copy_into(
             .with_context(|| format!("copying manifest {} to {target}", raw.digest))?;
     }
     Ok(())
+}
+
+/// A private directory for blobs on their way from one repository to another, removed with
+/// what is left in it when dropped.
+struct StagingDir {
+    path: std::path::PathBuf,
+}
+
+impl StagingDir {
+    fn new() -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path =
+            std::env::temp_dir().join(format!("kiln-imagetools-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path)
+            .with_context(|| format!("creating the staging directory {}", path.display()))?;
+        Ok(StagingDir { path })
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 #[cfg(test)]
