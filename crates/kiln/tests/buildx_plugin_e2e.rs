@@ -151,6 +151,11 @@ fn setup_buildx_action_steps_work_through_the_docker_cli() {
         "docker --help lists the plugin:\n{help}"
     );
 
+    // A bare `docker buildx` succeeds: actions-toolkit's `isAvailable` (else the action
+    // downloads Docker's buildx over the plugin).
+    let bare = docker.ok(&["buildx"], &cwd);
+    assert!(bare.contains("imagetools"), "{bare}");
+
     // `docker buildx version`: actions-toolkit takes the first ` vX.Y.Z` of the line.
     let version = docker.ok(&["buildx", "version"], &cwd);
     let v = version

@@ -46,8 +46,10 @@ pub struct BuildxArgs {
     /// Debug logging (accepted; kiln's progress modes say what a build does)
     #[arg(short = 'D', long)]
     debug: bool,
+    /// Without one, the help is printed and the exit code is 0, as buildx's (tools such as
+    /// docker/setup-buildx-action run a bare `docker buildx` to learn whether buildx is there)
     #[command(subcommand)]
-    command: BuildxCommand,
+    command: Option<BuildxCommand>,
 }
 
 /// The docker CLI's view: `docker buildx ...` parsed on its own, with buildx's name in help
@@ -162,7 +164,12 @@ pub fn run(args: BuildxArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let _ = args.debug;
     let root_builder = args.builder;
     let pick = |own: Option<String>| own.or_else(|| root_builder.clone());
-    match args.command {
+    let Some(command) = args.command else {
+        let help = <PluginCli as clap::CommandFactory>::command().render_help();
+        outln!("{help}");
+        return Ok(ExitCode::SUCCESS);
+    };
+    match command {
         BuildxCommand::Build(build) => {
             // buildx refuses a builder it does not know; kiln builds the same either way.
             let store = BuilderStore::load()?;
