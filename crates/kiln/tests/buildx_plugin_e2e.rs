@@ -171,6 +171,10 @@ fn setup_buildx_action_steps_work_through_the_docker_cli() {
         "a buildx release new enough for build-push-action's flags: {version}"
     );
 
+    // The same commands without the docker CLI: `kiln buildx ...`.
+    let direct = f.kiln(&["buildx", "version"]);
+    assert_eq!(String::from_utf8_lossy(&direct.stdout), version);
+
     // setup-buildx-action: create, boot, inspect by name.
     let name = "builder-5c1f0a5e-0d4e-4a4e-9a57-2f4d1a8e7c11";
     let created = docker.ok(
@@ -245,6 +249,11 @@ fn setup_buildx_action_steps_work_through_the_docker_cli() {
     assert!(docker.ok(&["buildx", "ls"], &cwd).contains("kiln*"));
     let du = docker.ok(&["buildx", "du"], &cwd);
     assert!(du.contains("cache records"), "{du}");
+    // Without -f, prune asks; no answer (stdin closed) is "no".
+    let asked = docker.run(&["buildx", "prune"], &cwd);
+    assert!(asked.status.success());
+    assert!(String::from_utf8_lossy(&asked.stderr).contains("[y/N]"));
+    assert!(asked.stdout.is_empty(), "nothing pruned without an answer");
     let pruned = docker.ok(&["buildx", "prune", "-f", "--all"], &cwd);
     assert!(pruned.starts_with("removed "), "{pruned}");
     docker.ok(&["buildx", "rm", name], &cwd);
