@@ -124,9 +124,18 @@ pub fn plugin_metadata() -> serde_json::Value {
     })
 }
 
-/// When kiln runs under the plugin's name (`argv[0]` is `docker-buildx`), serves the docker
-/// CLI and returns the exit code; `None` when kiln runs as `kiln`.
-pub fn run_as_plugin() -> Option<ExitCode> {
+/// What the docker CLI asked of kiln as its plugin.
+pub enum PluginCall {
+    /// `docker-cli-plugin-metadata`: what the plugin is.
+    Metadata,
+    /// `docker buildx ARGS...`.
+    Command(Box<BuildxArgs>),
+}
+
+/// When kiln runs under the plugin's name (`argv[0]` is `docker-buildx`), what it is asked
+/// (bad arguments end the process with clap's error, as any command's); `None` when kiln
+/// runs as `kiln`.
+pub fn plugin_call() -> Option<PluginCall> {
     let mut argv: Vec<OsString> = std::env::args_os().collect();
     let name = argv
         .first()
@@ -137,11 +146,7 @@ pub fn run_as_plugin() -> Option<ExitCode> {
     }
     argv.remove(0);
     if argv.first().and_then(|a| a.to_str()) == Some("docker-cli-plugin-metadata") {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&plugin_metadata()).unwrap_or_default()
-        );
-        return Some(ExitCode::SUCCESS);
+        return Some(PluginCall::Metadata);
     }
     // The docker CLI passes the plugin's command name first; run by hand, it is absent.
     if argv.first().and_then(|a| a.to_str()) == Some("buildx") {
@@ -150,13 +155,35 @@ pub fn run_as_plugin() -> Option<ExitCode> {
     let cli = <PluginCli as clap::Parser>::parse_from(
         std::iter::once(OsString::from("docker buildx")).chain(argv),
     );
-    let globals = Globals {
-        root: std::env::var_os("KILN_ROOT")
-            .filter(|v| !v.is_empty())
-            .map(Into::into)
-            .unwrap_or_else(crate::default_root),
-    };
-    Some(crate::finish(run(cli.args, &globals)))
+    Some(PluginCall::Command(Box::new(cli.args)))
+}
+
+/// Prints the plugin's metadata for the docker CLI.
+pub fn print_plugin_metadata() -> ExitCode {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&plugin_metadata()).unwrap_or_default()
+    );
+    ExitCode::SUCCESS
+}
+
+/// The state dir the plugin was given: `KILN_ROOT` (the docker CLI passes its environment
+/// on), else `None` for kiln's default.
+pub fn plugin_root() -> Option<std::path::PathBuf> {
+    std::env::var_os("KILN_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(Into::into)
+}
+
+impl BuildxArgs {
+    /// True for the commands that use the store as `kiln build`, `du` and `prune` do: an
+    /// ordinary user's kiln runs them in a user namespace (`docs/rootless.md`).
+    pub fn needs_user_namespace(&self) -> bool {
+        matches!(
+            self.command,
+            Some(BuildxCommand::Build(_) | BuildxCommand::Du(_) | BuildxCommand::Prune(_))
+        )
+    }
 }
 
 /// Runs `kiln buildx ...` (and the plugin's commands).
