@@ -13,6 +13,7 @@ pub mod build;
 pub mod build_call;
 pub mod buildx;
 pub mod debug;
+pub mod git_context;
 pub mod history;
 pub mod import;
 pub mod install_plugin;
