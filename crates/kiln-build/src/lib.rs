@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attest;
 pub mod cache;
 pub mod events;
 pub mod export;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use kiln_dockerfile::Dockerfile;
 use kiln_graph::BuildOptions;
 
+use crate::attest::{Annotation, AttestRequest};
 use crate::cache::{CacheError, CacheExport, CacheImport};
 use crate::export::{exporters_from_flags, Exporter};
 use crate::session::CancelHandle;
@@ -44,6 +45,11 @@ pub struct BuildRequest {
     pub state_root: PathBuf,
     /// The command line, as recorded in the build's history.
     pub command_line: Vec<String>,
+    /// `--annotation` values, applied to every image output (with the outputs' own).
+    pub annotations: Vec<Annotation>,
+    /// The attestations attached to pushed images and OCI layouts (`--attest`,
+    /// `--provenance`, `--sbom`); none by default (the caller applies buildx's defaults).
+    pub attestations: AttestRequest,
     /// Cancels the build; keep a clone (from [`CancelHandle::clone`]) to cancel it from
     /// another thread (a signal handler).
     pub cancel: CancelHandle,
@@ -187,6 +193,8 @@ impl BuildRequest {
             trace: None,
             state_root,
             command_line: Vec::new(),
+            annotations: Vec::new(),
+            attestations: AttestRequest::default(),
             cancel: CancelHandle::default(),
         }
     }

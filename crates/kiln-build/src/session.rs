@@ -142,6 +142,9 @@ pub struct BuildOutcome {
     pub bytes_downloaded: u64,
     /// Registry bytes uploaded by this build.
     pub bytes_uploaded: u64,
+    /// The image index an output made (attestations, index annotations): what was pushed or
+    /// written under the image's names, in place of the image manifest.
+    pub image_index: Option<kiln_oci::Descriptor>,
     /// The build's reference as buildx names it (`kiln/kiln0/<build id>`), also written to
     /// the metadata file as `buildx.build.ref`.
     pub build_ref: String,
@@ -264,6 +267,10 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     IgnoreMatcher::from_patterns(&req.dockerignore)
         .map_err(|e| SessionError::Dockerignore(e.to_string()))?;
     let sde = source_date_epoch(&req.options)?;
+    let started = unix_now();
+    for w in &req.attestations.warnings {
+        events.event(BuildEvent::Warning(w.clone()));
+    }
     let store =
         Arc::new(
             Store::open(&req.state_root).map_err(|source| SessionError::OpenStore {
@@ -417,12 +424,13 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     let image = {
         let _span = recorder.span(SpanKind::Export, "image export and push");
         let image = export_outputs(
-            req, events, &cache_cx, &solved, &store, sde, &runtime, &client,
+            req, events, &cache_cx, &solved, &store, sde, &runtime, &client, started,
         );
         report_warnings(&warnings, events);
         image
     }
     .map_err(SessionError::Export)?;
+    let (image, image_index) = image;
     {
         let _span = recorder.span(SpanKind::CacheExport, "cache export");
         let exported = export_caches(req, events, &cache_cx, &solved, &imported, &runtime);
@@ -453,7 +461,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
             .collect();
         write_metadata(
             path,
-            image.as_ref(),
+            (image.as_ref(), image_index.as_ref()),
             &names,
             &build_ref,
             &steps,
@@ -490,6 +498,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         steps,
         bytes_downloaded,
         bytes_uploaded,
+        image_index,
         build_ref,
     })
 }
@@ -809,8 +818,9 @@ impl kiln_solver::EventSink for StepTracker {
     }
 }
 
-/// Runs every exporter, in flag order, on the result; returns the image made, if any. The
-/// image (with the inline cache's config fields) is made once when an exporter needs it.
+/// Runs every exporter, in flag order, on the result; returns the image made, if any, and
+/// the image index made, if any. The image (with the inline cache's config fields) is made
+/// once when an exporter needs it, and so are the attestations' predicates.
 #[allow(clippy::too_many_arguments)]
 fn export_outputs(
     req: &BuildRequest,
@@ -821,7 +831,8 @@ fn export_outputs(
     sde: Option<i64>,
     runtime: &tokio::runtime::Runtime,
     client: &RegistryClient,
-) -> anyhow::Result<Option<StoredImage>> {
+    started: i64,
+) -> anyhow::Result<(Option<StoredImage>, Option<kiln_oci::Descriptor>)> {
     let rootfs = solved.rootfs.as_deref();
     let result = if req.exporters.iter().any(|e| e.makes_image()) {
         let config = &solved.graph.target_stage().config;
@@ -842,7 +853,9 @@ fn export_outputs(
         // `--export-cache type=inline`: the cache goes into the config, before the image is
         // stored or pushed.
         let fields = inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?;
+        let predicates = attestation_predicates(req, events, solved, sde, started)?;
         BuildResult::with_image(rootfs, recipe.with_config_fields(fields))
+            .with_attachments(req.annotations.clone(), predicates)
     } else {
         BuildResult::new(rootfs)
     };
@@ -863,15 +876,106 @@ fn export_outputs(
             kind: e.kind().to_owned(),
         });
     }
-    Ok(made)
+    Ok((made, result.index()))
+}
+
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The predicates of the attestations `req` asks for, when an output attaches them (an
+/// image, registry or OCI output): the provenance of the build and the SBOM of the target's
+/// root filesystem. With `SOURCE_DATE_EPOCH` the times are that epoch and no invocation id
+/// is written, so two builds of the same inputs attach the same statements.
+fn attestation_predicates(
+    req: &BuildRequest,
+    events: &dyn EventSink,
+    solved: &SolvedBuild,
+    sde: Option<i64>,
+    started: i64,
+) -> anyhow::Result<crate::attest::Predicates> {
+    use crate::attest::{provenance, sbom, Predicates};
+    let attaches = req
+        .exporters
+        .iter()
+        .any(|e| matches!(e.kind(), "image" | "registry" | "oci"));
+    if req.attestations.is_empty() {
+        return Ok(Predicates::default());
+    }
+    if !attaches {
+        events.event(BuildEvent::Warning(
+            "attestations are attached to image, registry and oci outputs only; \
+             this build's outputs get none"
+                .to_owned(),
+        ));
+        return Ok(Predicates::default());
+    }
+    let stamp = |secs: i64| kiln_worker::image::created_timestamp(Some(secs.max(0) as u64));
+    let (started_on, finished_on) = match sde {
+        Some(epoch) => (stamp(epoch), stamp(epoch)),
+        None => (stamp(started), stamp(unix_now())),
+    };
+    let target = {
+        let t = solved.graph.target_stage();
+        t.name
+            .clone()
+            .unwrap_or_else(|| format!("stage-{}", t.index))
+    };
+    let platform = req
+        .options
+        .platforms
+        .first()
+        .cloned()
+        .unwrap_or_else(kiln_oci::Platform::host);
+    let mut out = Predicates::default();
+    if let Some(p) = &req.attestations.provenance {
+        let locals = ["context", "dockerfile"]
+            .into_iter()
+            .map(str::to_owned)
+            .chain(req.options.locals.keys().cloned())
+            .collect();
+        let entry_point = req
+            .options
+            .dockerfile
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "Dockerfile".to_owned());
+        let invocation_id = sde
+            .is_none()
+            .then(|| format!("kiln-{}-{started}", std::process::id()));
+        out.provenance = Some(provenance::predicate(&provenance::ProvenanceInputs {
+            request: p,
+            entry_point,
+            target: req.options.target.as_deref(),
+            build_args: &req.options.build_args,
+            labels: &req.options.labels,
+            locals,
+            platform: platform.clone(),
+            graph: &solved.graph,
+            started: started_on.clone(),
+            finished: finished_on,
+            invocation_id,
+            dockerfile_source: &req.dockerfile_source,
+        }));
+    }
+    if req.attestations.sbom.is_some() {
+        let packages = crate::export::scan_rootfs(&solved.worker, solved.rootfs.as_deref())?;
+        out.sbom = Some(sbom::document(&packages, &target, &started_on));
+    }
+    Ok(out)
 }
 
 /// The metadata file: buildx's keys (`buildx.build.ref`, and for an image
 /// `containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`,
-/// `image.name` as the names joined with commas) and kiln's own (`kiln.*`).
+/// `image.name` as the names joined with commas) and kiln's own (`kiln.*`). When an output
+/// made an index (attestations), `containerimage.digest`/`descriptor` are the index's.
 fn write_metadata(
     path: &Path,
-    image: Option<&StoredImage>,
+    (image, index): (Option<&StoredImage>, Option<&kiln_oci::Descriptor>),
     names: &[&str],
     build_ref: &str,
     steps: &[StepOutcome],
@@ -891,6 +995,11 @@ fn write_metadata(
         v["containerimage.digest"] = json!(img.manifest.digest.to_string());
         v["containerimage.config.digest"] = json!(img.config.digest.to_string());
         v["containerimage.descriptor"] = serde_json::to_value(img.manifest.descriptor())?;
+    }
+    // What the names point at when an index was made (attestations): the index, as buildx.
+    if let Some(index) = index {
+        v["containerimage.digest"] = json!(index.digest.to_string());
+        v["containerimage.descriptor"] = serde_json::to_value(index)?;
     }
     let text = serde_json::to_vec_pretty(&v)?;
     crate::export::write_file_atomic(path, &text)?;

@@ -501,3 +501,66 @@ fn a_test_only_exporter_plugs_in_and_sees_the_same_image() {
     assert_eq!(std::fs::read_to_string(&dest).unwrap(), format!("{made}\n"));
     assert_eq!(reports[0].kind, "digest-file");
 }
+
+#[test]
+fn image_outputs_publish_annotations_and_attestations_in_one_index() {
+    use kiln_build::attest::{parse_annotation_flag, Predicates};
+    let b = build();
+    let host = b.registry_host();
+    let oci = b.path("attested-oci.tar");
+    let exporters = [
+        exporter(&format!("type=registry,name={host}/suite/attested:1")),
+        exporter(&format!(
+            "type=oci,dest={},name=suite/app:oci",
+            oci.display()
+        )),
+        exporter(&format!(
+            "type=docker,dest={},name=suite/app:docker",
+            b.path("plain-docker.tar").display()
+        )),
+    ];
+    let rootfs = b.solved.rootfs.as_deref();
+    let config = &b.solved.graph.target_stage().config;
+    let recipe = ImageRecipe::for_result(&b.solved.worker, rootfs, config, Some(EPOCH)).unwrap();
+    let predicates = Predicates {
+        provenance: Some(serde_json::json!({"buildType": "https://mobyproject.org/buildkit@v1"})),
+        sbom: None,
+    };
+    let annotations = parse_annotation_flag("org.example.suite=yes").unwrap();
+    let result = BuildResult::with_image(rootfs, recipe).with_attachments(annotations, predicates);
+    let cx = ExportContext {
+        store: &b.store,
+        worker: &b.solved.worker,
+        client: &b.client,
+        runtime: b.runtime.handle(),
+        source_date_epoch: Some(EPOCH),
+    };
+    let reports: Vec<ExportReport> = exporters
+        .iter()
+        .map(|e| e.export(&cx, &result).unwrap())
+        .collect();
+    // The registry holds an index: the annotated image, then its attestation manifest.
+    let index = skopeo_raw(&format!("docker://{host}/suite/attested:1"));
+    let image = reports[0].image.as_ref().unwrap();
+    assert_eq!(
+        index["manifests"][0]["digest"],
+        image.manifest.digest.to_string()
+    );
+    assert_eq!(
+        index["manifests"][1]["annotations"]["vnd.docker.reference.type"],
+        "attestation-manifest"
+    );
+    let manifest = skopeo_raw(&format!(
+        "docker://{host}/suite/attested@{}",
+        image.manifest.digest
+    ));
+    assert_eq!(manifest["annotations"]["org.example.suite"], "yes");
+    assert!(result.index().is_some());
+    // The OCI layout names an index too, and skopeo still reads the image through it.
+    assert_is_the_built_image(&skopeo_inspect(&format!("oci-archive:{}", oci.display())));
+    // A Docker archive holds the image alone.
+    assert_is_the_built_image(&skopeo_inspect(&format!(
+        "docker-archive:{}",
+        b.path("plain-docker.tar").display()
+    )));
+}

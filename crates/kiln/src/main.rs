@@ -42,6 +42,11 @@ enum Command {
     Login(cmd::login::LoginArgs),
     /// Log out of a registry
     Logout(cmd::login::LogoutArgs),
+    /// docker-buildx's commands (what the docker CLI plugin serves): build, version, ls,
+    /// inspect, create, use, rm, du, prune, imagetools, install
+    Buildx(cmd::buildx::BuildxArgs),
+    /// Install kiln as the docker CLI plugin `docker-buildx` (a symlink)
+    InstallPlugin(cmd::install_plugin::InstallPluginArgs),
 }
 
 impl Command {
@@ -51,9 +56,12 @@ impl Command {
         match self {
             Command::Build(_) | Command::Import(_) | Command::Du(_) | Command::Prune(_) => true,
             Command::Debug(a) => a.needs_user_namespace(),
-            Command::Registry(_) | Command::History(_) | Command::Login(_) | Command::Logout(_) => {
-                false
-            }
+            Command::Buildx(a) => a.needs_user_namespace(),
+            Command::Registry(_)
+            | Command::History(_)
+            | Command::Login(_)
+            | Command::Logout(_)
+            | Command::InstallPlugin(_) => false,
         }
     }
 }
@@ -118,6 +126,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Installed as `docker-buildx`, kiln is the docker CLI's buildx plugin.
+    if let Some(call) = cmd::buildx::plugin_call() {
+        let args = match call {
+            cmd::buildx::PluginCall::Metadata => return cmd::buildx::print_plugin_metadata(),
+            cmd::buildx::PluginCall::Command(args) => args,
+        };
+        let root = cmd::buildx::plugin_root();
+        if !rootless
+            && args.needs_user_namespace()
+            && (!nix_is_root() || !kiln_exec::userns::has_cap_sys_admin())
+        {
+            return run_rootless(root);
+        }
+        let globals = Globals {
+            root: root.unwrap_or_else(default_root),
+        };
+        return finish(cmd::buildx::run(*args, &globals));
+    }
     let cli = Cli::parse();
     if !rootless
         && cli.command.needs_user_namespace()
@@ -138,7 +164,14 @@ fn main() -> ExitCode {
         Command::Prune(args) => cmd::state::run_prune(args, &globals),
         Command::Login(args) => cmd::login::run_login(args, &globals),
         Command::Logout(args) => cmd::login::run_logout(args, &globals),
+        Command::Buildx(args) => cmd::buildx::run(args, &globals),
+        Command::InstallPlugin(args) => cmd::install_plugin::run(args, &globals),
     };
+    finish(result)
+}
+
+/// The exit code of a command's result; an error is printed first.
+fn finish(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use kiln_oci::compression::Compression;
 
 use super::{Attrs, BuildResult, ExportContext, ExportError};
+use crate::attest::Annotation;
 use crate::spec::SpecError;
 use kiln_worker::images::StoredImage;
 
@@ -37,6 +38,8 @@ pub struct TarballSettings {
     pub compression_level: Option<u32>,
     /// `force-compression=`: recompress layers that exist with another compression.
     pub force_compression: bool,
+    /// `annotation[-TYPE][[PLATFORM]].KEY=V` attributes (OCI layouts apply them).
+    pub annotations: Vec<Annotation>,
 }
 
 impl TarballSettings {
@@ -50,6 +53,7 @@ impl TarballSettings {
             compression: None,
             compression_level: None,
             force_compression: false,
+            annotations: super::annotation_attrs(a)?,
         };
         a.read(TARBALL_KEYS, true, |k, v| {
             match k {

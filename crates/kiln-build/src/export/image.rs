@@ -4,10 +4,10 @@
 use kiln_oci::compression::Compression;
 use kiln_oci::{BlobSource, Descriptor, Reference};
 use kiln_worker::engine::Rootfs;
-use kiln_worker::images::StoredImage;
 
-use super::{parse_names, Attrs, BuildResult, ExportContext, ExportError, ExportReport};
-use super::{split_list, Exporter};
+use super::{annotation_attrs, parse_names, Attrs, BuildResult, ExportContext, ExportError};
+use super::{split_list, ExportReport, Exporter, PublishedImage};
+use crate::attest::Annotation;
 use crate::spec::SpecError;
 
 /// The keys `type=image` and `type=registry` accept.
@@ -50,6 +50,8 @@ pub struct ImageExporter {
     pub force_compression: bool,
     /// `registry.insecure=` (or `insecure=`): the registry speaks plain HTTP.
     pub registry_insecure: bool,
+    /// `annotation[-TYPE][[PLATFORM]].KEY=V` attributes.
+    pub annotations: Vec<Annotation>,
     /// `push-by-digest=`: push the manifest by its digest only, without a tag.
     pub push_by_digest: bool,
 }
@@ -67,6 +69,7 @@ impl ImageExporter {
             compression_level: None,
             force_compression: false,
             registry_insecure: false,
+            annotations: annotation_attrs(a)?,
             push_by_digest: false,
         };
         a.read(IMAGE_KEYS, true, |k, v| {
@@ -89,13 +92,16 @@ impl ImageExporter {
         Ok(e)
     }
 
-    /// Pushes `image` under every name, its blobs read from the store.
+    /// Pushes `published` under every name, its blobs read from the store: the image alone,
+    /// or, with an index, the image and its attestation manifest by digest, then the index
+    /// under the names.
     fn push(
         &self,
         cx: &ExportContext<'_>,
-        image: &StoredImage,
+        published: &PublishedImage,
         rootfs: Option<&Rootfs>,
     ) -> Result<(), ExportError> {
+        let image = &published.image;
         let mount_from = mount_source(rootfs, &self.names);
         if let Some(f) = rootfs.filter(|_| mount_from.is_none()) {
             cx.worker.fetch_blobs(f)?;
@@ -134,15 +140,61 @@ impl ImageExporter {
                 BlobSource::File(content.blob_path(&l.blob.digest)),
             ));
         }
+        let failed = |e: kiln_oci::RegistryError| ExportError::Image {
+            reference: self.names.join(","),
+            message: e.to_string(),
+        };
+        let Some(index) = &published.index else {
+            cx.runtime
+                .block_on(cx.client.push_image(
+                    &targets,
+                    &image.manifest,
+                    &blobs,
+                    mount_from.as_ref(),
+                ))
+                .map_err(failed)?;
+            return Ok(());
+        };
+        // The manifests an index lists go first, by digest (a reference with a digest and no
+        // tag is pushed under that digest).
+        let pinned = |d: &kiln_oci::Digest| -> Result<Vec<Reference>, ExportError> {
+            targets
+                .iter()
+                .map(|t| Reference::new(t.registry(), t.repository(), None, Some(d.clone())))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ExportError::Image {
+                    reference: self.names.join(","),
+                    message: e.to_string(),
+                })
+        };
+        let by_digest = pinned(&image.manifest.digest)?;
         cx.runtime
-            .block_on(
-                cx.client
-                    .push_image(&targets, &image.manifest, &blobs, mount_from.as_ref()),
-            )
-            .map_err(|e| ExportError::Image {
-                reference: self.names.join(","),
-                message: e.to_string(),
-            })?;
+            .block_on(cx.client.push_image(
+                &by_digest,
+                &image.manifest,
+                &blobs,
+                mount_from.as_ref(),
+            ))
+            .map_err(failed)?;
+        if let Some(att) = &published.attestation {
+            let att_blobs: Vec<(Descriptor, BlobSource)> = att
+                .blobs
+                .iter()
+                .map(|(d, _)| (d.clone(), BlobSource::File(content.blob_path(&d.digest))))
+                .collect();
+            let att_targets = pinned(&att.manifest.digest)?;
+            cx.runtime
+                .block_on(
+                    cx.client
+                        .push_image(&att_targets, &att.manifest, &att_blobs, None),
+                )
+                .map_err(failed)?;
+        }
+        for t in &targets {
+            cx.runtime
+                .block_on(cx.client.push_manifest(t, index))
+                .map_err(failed)?;
+        }
         Ok(())
     }
 }
@@ -185,14 +237,21 @@ impl Exporter for ImageExporter {
         cx: &ExportContext<'_>,
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
-        let image = result.image(cx.store, self.oci_mediatypes.unwrap_or(true))?;
-        kiln_worker::images::tag_image(cx.store, &image, &self.names)?;
+        let published = result.publish(
+            cx.store,
+            self.oci_mediatypes.unwrap_or(true),
+            &self.names,
+            &self.annotations,
+            true,
+        )?;
+        // kiln's store names the image manifest: `FROM` a local name reads one image.
+        kiln_worker::images::tag_image(cx.store, &published.image, &self.names)?;
         if self.push || self.registry {
-            self.push(cx, &image, result.rootfs)?;
+            self.push(cx, &published, result.rootfs)?;
         }
         Ok(ExportReport {
             kind: self.kind().to_owned(),
-            image: Some(image),
+            image: Some(published.image),
         })
     }
 }

@@ -19,12 +19,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use kiln_oci::compression::Compression;
-use kiln_oci::RegistryClient;
+use kiln_oci::{Descriptor, Platform, RawManifest, RegistryClient};
 use kiln_store::Store;
 use kiln_worker::engine::{Rootfs, Worker, WorkerError};
 use kiln_worker::image::Layer;
 use kiln_worker::images::{self, StoredImage};
 
+use crate::attest::{self, Annotation, AnnotationLevel, AttestationManifest, Predicates};
 use crate::spec::SpecError;
 
 pub use cacheonly::CacheonlyExporter;
@@ -151,6 +152,40 @@ pub struct BuildResult<'a> {
     pub rootfs: Option<&'a Rootfs>,
     recipe: Option<ImageRecipe>,
     stored: Mutex<Vec<(bool, StoredImage)>>,
+    /// `--annotation` values, for every image output.
+    annotations: Vec<Annotation>,
+    /// The attestations' predicates, for the outputs that attach them.
+    predicates: Predicates,
+    /// The last image index an exporter made (with attestations or index annotations).
+    index: Mutex<Option<Descriptor>>,
+}
+
+/// An image as an output publishes it: the image (its manifest annotated as asked) and, when
+/// attestations or index annotations ask for one, the image index holding it and its
+/// attestation manifest. Every blob named here is in the content store.
+#[derive(Debug, Clone)]
+pub struct PublishedImage {
+    /// The image; its manifest carries the manifest annotations.
+    pub image: StoredImage,
+    /// The platform of the image (from its config).
+    pub platform: Platform,
+    /// The attestation manifest and its blobs, when attestations are attached.
+    pub attestation: Option<AttestationManifest>,
+    /// The index, when one is made.
+    pub index: Option<RawManifest>,
+    /// The annotations of the index's descriptor in an OCI layout (`index-descriptor`).
+    pub index_descriptor_annotations: BTreeMap<String, String>,
+}
+
+impl PublishedImage {
+    /// The descriptor of what the output names: the index when there is one, else the image
+    /// manifest.
+    pub fn top(&self) -> Descriptor {
+        self.index
+            .as_ref()
+            .unwrap_or(&self.image.manifest)
+            .descriptor()
+    }
 }
 
 impl<'a> BuildResult<'a> {
@@ -160,6 +195,9 @@ impl<'a> BuildResult<'a> {
             rootfs,
             recipe: None,
             stored: Mutex::new(Vec::new()),
+            annotations: Vec::new(),
+            predicates: Predicates::default(),
+            index: Mutex::new(None),
         }
     }
 
@@ -169,7 +207,104 @@ impl<'a> BuildResult<'a> {
             rootfs,
             recipe: Some(recipe),
             stored: Mutex::new(Vec::new()),
+            annotations: Vec::new(),
+            predicates: Predicates::default(),
+            index: Mutex::new(None),
         }
+    }
+
+    /// The same result with `--annotation` values and attestation predicates, which image
+    /// outputs apply with [`BuildResult::publish`].
+    pub fn with_attachments(
+        mut self,
+        annotations: Vec<Annotation>,
+        predicates: Predicates,
+    ) -> Self {
+        self.annotations = annotations;
+        self.predicates = predicates;
+        self
+    }
+
+    /// The last image index an output made, if any (for the metadata file).
+    pub fn index(&self) -> Option<Descriptor> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The image as an output publishes it: [`BuildResult::image`] with the manifest
+    /// annotations of `--annotation` and of the output (`extra`), and, when `attach` and
+    /// attestations were asked for (or index-level annotations were given), an image index
+    /// holding the image (then with OCI media types) and its attestation manifest.
+    /// Statements name the image `names`.
+    pub fn publish(
+        &self,
+        store: &Store,
+        oci_media_types: bool,
+        names: &[String],
+        extra: &[Annotation],
+        attach: bool,
+    ) -> Result<PublishedImage, ExportError> {
+        let first = self.image(store, oci_media_types)?;
+        let platform = image_platform(store, &first);
+        let all: Vec<Annotation> = self.annotations.iter().chain(extra).cloned().collect();
+        let pick = |level| attest::annotations_for(&all, level, &platform);
+        let index_annotations = pick(AnnotationLevel::Index);
+        let descriptor_annotations = pick(AnnotationLevel::ManifestDescriptor);
+        let attaches = attach && !self.predicates.is_empty();
+        let wants_index =
+            attaches || !index_annotations.is_empty() || !descriptor_annotations.is_empty();
+        // As BuildKit: attestations and index annotations turn OCI media types on (a Docker
+        // manifest list has no place for them).
+        let mut image = if wants_index && !oci_media_types {
+            self.image(store, true)?
+        } else {
+            first
+        };
+        let manifest_annotations = pick(AnnotationLevel::Manifest);
+        if !manifest_annotations.is_empty() {
+            let annotated = attest::annotate_manifest(&image.manifest, &manifest_annotations)
+                .map_err(|e| ExportError::Image {
+                    reference: names.join(","),
+                    message: format!("annotating the manifest: {e}"),
+                })?;
+            store.content().put_bytes(&annotated.bytes)?;
+            image.manifest = annotated;
+        }
+        let attestation = attaches.then(|| {
+            attest::attestation_manifest(
+                &self.predicates,
+                &image.manifest.descriptor(),
+                names,
+                &platform,
+            )
+        });
+        let index = if wants_index {
+            if let Some(a) = &attestation {
+                for (_, bytes) in &a.blobs {
+                    store.content().put_bytes(bytes)?;
+                }
+                store.content().put_bytes(&a.manifest.bytes)?;
+            }
+            let index = attest::image_index(
+                &image.manifest.descriptor(),
+                &platform,
+                descriptor_annotations,
+                attestation.as_ref().map(|a| &a.manifest),
+                index_annotations,
+            );
+            store.content().put_bytes(&index.bytes)?;
+            *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(index.descriptor());
+            Some(index)
+        } else {
+            None
+        };
+        let index_descriptor_annotations = pick(AnnotationLevel::IndexDescriptor);
+        Ok(PublishedImage {
+            image,
+            platform,
+            attestation,
+            index,
+            index_descriptor_annotations,
+        })
     }
 
     /// The image, with OCI media types or Docker's, stored in `store` the first time it is
@@ -191,6 +326,37 @@ impl<'a> BuildResult<'a> {
         stored.push((oci_media_types, img.clone()));
         Ok(img)
     }
+}
+
+/// The platform in `image`'s config (`os`, `architecture`, `variant`); the host's when the
+/// config cannot be read.
+fn image_platform(store: &Store, image: &StoredImage) -> Platform {
+    let path = store.content().blob_path(&image.config.digest);
+    let config: Option<serde_json::Value> = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let field = |k: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get(k))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    match (field("os"), field("architecture")) {
+        (Some(os), Some(arch)) => Platform::new(&os, &arch, field("variant").as_deref()),
+        _ => Platform::host(),
+    }
+}
+
+/// The annotations among an output's attributes (`annotation[-TYPE][[PLATFORM]].KEY=V`).
+pub(crate) fn annotation_attrs(a: &Attrs<'_>) -> Result<Vec<Annotation>, SpecError> {
+    let mut out = Vec::new();
+    for (k, v) in a.attrs {
+        if let Some(ann) = attest::parse_annotation_attr(a.flag, k, v)? {
+            out.push(ann);
+        }
+    }
+    Ok(out)
 }
 
 /// What one exporter did.
@@ -539,6 +705,17 @@ pub(crate) fn parse_names(names: &[String]) -> Result<Vec<kiln_oci::Reference>, 
                 })
         })
         .collect()
+}
+
+/// The packages kiln's SBOM scanners find in `rootfs` (see [`crate::attest::sbom`]).
+pub(crate) fn scan_rootfs(
+    worker: &Worker,
+    rootfs: Option<&Rootfs>,
+) -> Result<Vec<crate::attest::sbom::Package>, ExportError> {
+    if let Some(r) = rootfs {
+        worker.fetch_blobs(r)?;
+    }
+    with_rootfs_view(worker, rootfs, |root| Ok(crate::attest::sbom::scan(root)))
 }
 
 /// Runs `f` on a read-only view of `rootfs` (an empty directory for an empty one).

@@ -9,7 +9,7 @@ use kiln_oci::OciLayout;
 
 use super::archive::TarballSettings;
 use super::{io_at, Attrs, BuildResult, ExportContext, ExportError, ExportFile, ExportReport};
-use super::{parse_names, Exporter};
+use super::{parse_names, Exporter, PublishedImage};
 use crate::spec::SpecError;
 
 /// Writes the image as an OCI layout tarball (OCI media types unless `oci-mediatypes=false`).
@@ -54,30 +54,41 @@ impl Exporter for OciExporter {
         cx: &ExportContext<'_>,
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
-        let image = self.settings.image(cx, result, true)?;
+        let s = &self.settings;
+        let oci = s.oci_mediatypes.unwrap_or(true);
+        // Stored and lazily pulled blobs fetched, then annotated and attested.
+        self.settings.image(cx, result, true)?;
+        let published = result.publish(cx.store, oci, &s.names, &s.annotations, true)?;
         let tmp = scratch_dir(cx.store.root())?;
-        let written = write_layout(cx, &image, &self.settings.names, &tmp, &self.settings.dest);
+        let written = write_layout(cx, &published, &s.names, &tmp, &s.dest);
         let _ = fs::remove_dir_all(&tmp);
         written?;
         Ok(ExportReport {
             kind: self.kind().to_owned(),
-            image: Some(image),
+            image: Some(published.image),
         })
     }
 }
 
-/// Lays the image out in `tmp` (blobs hard-linked from the store) and writes it as a tarball.
+/// Lays the image (with its index and attestations, when made) out in `tmp` (blobs
+/// hard-linked from the store) and writes it as a tarball.
 fn write_layout(
     cx: &ExportContext<'_>,
-    image: &kiln_worker::images::StoredImage,
+    published: &PublishedImage,
     names: &[String],
     tmp: &Path,
     dest: &Path,
 ) -> Result<(), ExportError> {
+    let image = &published.image;
     let layout = OciLayout::create(tmp.join("layout"))?;
+    let attestation = published.attestation.iter().flat_map(|a| {
+        std::iter::once(&a.manifest.digest).chain(a.blobs.iter().map(|(d, _)| &d.digest))
+    });
     let digests = std::iter::once(&image.manifest.digest)
         .chain(std::iter::once(&image.config.digest))
-        .chain(image.layers.iter().map(|l| &l.blob.digest));
+        .chain(image.layers.iter().map(|l| &l.blob.digest))
+        .chain(attestation)
+        .chain(published.index.iter().map(|i| &i.digest));
     for d in digests {
         let to = layout.blob_path(d);
         // An image may list one layer twice (two steps that made the same bytes): the blob is
@@ -105,7 +116,10 @@ fn write_layout(
         .first()
         .map(|r| r.familiar())
         .unwrap_or_else(|| "latest".into());
-    layout.add_manifest(image.manifest.descriptor(), &ref_name)?;
+    let mut top = published.top();
+    top.annotations
+        .extend(published.index_descriptor_annotations.clone());
+    layout.add_manifest(top, &ref_name)?;
     let mut out = ExportFile::create(dest)?;
     layout.write_archive(&mut out)?;
     out.finish()

@@ -6,6 +6,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
+use kiln_build::attest::{Annotation, AttestFlags, AttestRequest};
 use kiln_build::{
     BuildEvent, BuildFailure, BuildRequest, CancelHandle, CancelOutcome, EventSink, ExportFlags,
     Exports, Interruption,
@@ -145,6 +146,23 @@ pub struct BuildArgs {
     #[arg(long, value_name = "FILE.json")]
     trace: Option<std::path::PathBuf>,
 
+    // Attestations and annotations (docs/attestations.md).
+    /// Add an annotation to the image (repeatable): [TYPE,...][[PLATFORM]]:KEY=VALUE, TYPE one
+    /// of manifest (the default), manifest-descriptor, index, index-descriptor
+    #[arg(long = "annotation", value_name = "[TYPE:]KEY=VALUE")]
+    annotations: Vec<String>,
+    /// Attach an attestation to pushed images and OCI layouts: type=provenance[,mode=min|max]
+    /// or type=sbom (kiln's own scanner)
+    #[arg(long = "attest", value_name = "SPEC")]
+    attest: Vec<String>,
+    /// Provenance attestation: true, false, or mode=min|max (default: mode=min when pushing;
+    /// BUILDX_NO_DEFAULT_ATTESTATIONS=1 turns the default off)
+    #[arg(long, value_name = "VALUE")]
+    provenance: Option<String>,
+    /// SBOM attestation: true or false (shorthand for --attest type=sbom)
+    #[arg(long, value_name = "VALUE")]
+    sbom: Option<String>,
+
     // ---- docker buildx build: image metadata, RUN settings, the image ID (bxflags) ----
     /// Set a label of the image: KEY=VALUE in its config (repeatable)
     #[arg(long = "label", value_name = "KEY=VALUE")]
@@ -232,7 +250,13 @@ impl BuildArgs {
             frontend: self.frontend.clone(),
             locals: self.locals.clone(),
             oci_layouts: self.oci_layouts.clone(),
-            opts: self.opts.clone(),
+            // `attest:KIND=` options are attestations, read by `attachments`.
+            opts: self
+                .opts
+                .iter()
+                .filter(|o| !o.starts_with("attest:"))
+                .cloned()
+                .collect(),
             file: self.file.clone(),
             target: self.target.clone(),
             build_args,
@@ -273,6 +297,37 @@ impl BuildArgs {
         }
         .parse()?;
         Ok((options, exports))
+    }
+}
+
+impl BuildArgs {
+    /// The annotations (`--annotation`) and attestations (`--attest`, `--provenance`,
+    /// `--sbom`, `--opt attest:KIND=`) of the build. buildx's default, a `mode=min`
+    /// provenance, applies when the build pushes with buildx's spelling (`--push`, `--output
+    /// type=registry`); buildctl's `type=image,push=true` gets none, as with buildctl.
+    pub fn attachments(&self) -> anyhow::Result<(Vec<Annotation>, AttestRequest)> {
+        let mut annotations = Vec::new();
+        for a in &self.annotations {
+            annotations.extend(kiln_build::attest::parse_annotation_flag(a)?);
+        }
+        let registry_output = self.outputs.iter().any(|o| {
+            kiln_build::export::output_attrs("--output", o)
+                .is_ok_and(|(kind, _)| kind == "registry")
+        });
+        let attestations = AttestFlags {
+            attest: self.attest.clone(),
+            provenance: self.provenance.clone(),
+            sbom: self.sbom.clone(),
+            opts: self
+                .opts
+                .iter()
+                .filter(|o| o.starts_with("attest:"))
+                .cloned()
+                .collect(),
+            default_provenance: self.push || registry_output,
+        }
+        .parse()?;
+        Ok((annotations, attestations))
     }
 }
 
@@ -396,6 +451,7 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let stdin_dir = args.take_stdin()?;
     let git_dir = args.take_git_context()?;
     let (opts, exports) = args.to_options()?;
+    let (annotations, attestations) = args.attachments()?;
     let file_label = if stdin_dir.is_some() && args.file.is_some() {
         // The Dockerfile came from stdin: name it as the user gave it.
         "-".to_string()
@@ -457,6 +513,8 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.report = args.report.clone();
     request.trace = args.trace.clone();
     request.command_line = std::env::args().collect();
+    request.annotations = annotations;
+    request.attestations = attestations;
     watch_signals(request.cancel.clone())?;
     let outcome = kiln_build::run(request, &progress);
     drop((stdin_dir, git_dir));

@@ -11,10 +11,12 @@ macro_rules! outln {
 
 pub mod build;
 pub mod build_call;
+pub mod buildx;
 pub mod debug;
 pub mod git_context;
 pub mod history;
 pub mod import;
+pub mod install_plugin;
 pub mod login;
 pub mod registry;
 pub mod state;

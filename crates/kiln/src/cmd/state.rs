@@ -27,6 +27,17 @@ pub struct PruneArgs {
     all: bool,
 }
 
+impl PruneArgs {
+    /// Prune settings from another spelling of the command (`docker buildx prune`).
+    pub(crate) fn new(keep_storage: Option<String>, filter: Vec<String>, all: bool) -> Self {
+        PruneArgs {
+            keep_storage,
+            filter,
+            all,
+        }
+    }
+}
+
 fn open(globals: &Globals) -> anyhow::Result<Store> {
     Store::open(&globals.root)
         .with_context(|| format!("opening kiln's state dir {}", globals.root.display()))
