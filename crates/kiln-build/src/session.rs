@@ -219,6 +219,8 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     let req = &request;
     IgnoreMatcher::from_patterns(&req.dockerignore)
         .map_err(|e| SessionError::Dockerignore(e.to_string()))?;
+    crate::export::refuse_manifest_list(&req.exporters, req.options.platforms.len())
+        .map_err(|e| SessionError::Export(e.into()))?;
     let sde = source_date_epoch(&req.options)?;
     let store =
         Arc::new(

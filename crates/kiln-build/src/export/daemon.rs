@@ -1,0 +1,678 @@
+//! The local image stores `--load` puts an image into, and the two ways of talking to them:
+//! the Docker Engine API on a unix socket (dockerd, or podman's Docker-compatible service),
+//! and `podman load` reading the archive on its standard input.
+//!
+//! [`ImageStore::find`] picks the store: `DOCKER_HOST`, then podman's `CONTAINER_HOST`
+//! (each, when set, is the user's choice: unreachable is an error, never a fallback), then
+//! Docker's default socket, podman's default API socket, and `podman` on `PATH`. Every
+//! attempt is kept, so that finding none says what was tried.
+
+use std::convert::Infallible;
+use std::ffi::OsString;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::TokioIo;
+
+/// Docker's default socket, used when `DOCKER_HOST` is unset.
+pub const DOCKER_DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+
+/// podman's API socket when it runs as root (`podman system service`).
+pub const PODMAN_ROOT_SOCKET: &str = "/run/podman/podman.sock";
+
+/// How long a store has to answer `GET /_ping` before it counts as unreachable.
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How much of the archive is sent at once to an Engine API.
+const CHUNK: usize = 1 << 20;
+
+/// What [`ImageStore::find`] reads from the environment, gathered once so that the choice
+/// can be followed (and tested) without touching the process's variables.
+#[derive(Debug, Clone, Default)]
+pub struct StoreEnv {
+    /// `DOCKER_HOST`.
+    pub docker_host: Option<String>,
+    /// `CONTAINER_HOST`: podman's remote service, as podman reads it.
+    pub container_host: Option<String>,
+    /// Docker's default socket ([`DOCKER_DEFAULT_SOCKET`]).
+    pub docker_socket: PathBuf,
+    /// podman's default API socket: [`PODMAN_ROOT_SOCKET`] for root, else under
+    /// `XDG_RUNTIME_DIR` (none when that is unset).
+    pub podman_socket: Option<PathBuf>,
+    /// `PATH`, where `podman` is looked for.
+    pub path: Option<OsString>,
+}
+
+impl StoreEnv {
+    /// The variables of this process (empty ones count as unset, as the docker CLI reads them).
+    pub fn from_process() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let podman_socket = if root {
+            Some(PathBuf::from(PODMAN_ROOT_SOCKET))
+        } else {
+            var("XDG_RUNTIME_DIR").map(|d| Path::new(&d).join("podman/podman.sock"))
+        };
+        StoreEnv {
+            docker_host: var("DOCKER_HOST"),
+            container_host: var("CONTAINER_HOST"),
+            docker_socket: PathBuf::from(DOCKER_DEFAULT_SOCKET),
+            podman_socket,
+            path: std::env::var_os("PATH"),
+        }
+    }
+}
+
+/// Which engine serves an Engine API socket, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// dockerd.
+    Docker,
+    /// podman's Docker-compatible API service.
+    Podman,
+}
+
+/// A local image store `--load` can write to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageStore {
+    /// A Docker Engine API on a unix socket (`POST /images/load` with a Docker archive).
+    EngineApi {
+        /// dockerd or podman.
+        engine: Engine,
+        /// The socket.
+        socket: PathBuf,
+        /// Where the socket came from (`DOCKER_HOST`, `the default socket`, ...).
+        origin: &'static str,
+    },
+    /// The `podman` program: `podman load` reads the archive on its standard input.
+    PodmanCli {
+        /// The program found on `PATH`.
+        program: PathBuf,
+    },
+}
+
+impl fmt::Display for ImageStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageStore::EngineApi {
+                engine,
+                socket,
+                origin,
+            } => {
+                let who = match engine {
+                    Engine::Docker => "the Docker daemon",
+                    Engine::Podman => "podman's API service",
+                };
+                write!(f, "{who} at unix://{} ({origin})", socket.display())
+            }
+            ImageStore::PodmanCli { program } => {
+                write!(f, "podman's store (`{} load`)", program.display())
+            }
+        }
+    }
+}
+
+/// A failure to find an image store or to load an image into it. Every message starts with
+/// `--load`: the flag (or `--output type=docker` without `dest`) the user gave.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No store answered; `tried` lists every place looked at, and why it did not serve.
+    #[error(
+        "--load: no local image store to load the image into; tried: {}. Start dockerd \
+         (or set DOCKER_HOST=unix:///PATH/docker.sock), start `podman system service` or \
+         install podman, or write the image to a file with --output type=docker,dest=FILE",
+        tried.join("; ")
+    )]
+    NoStore {
+        /// What was tried, in order, each with why it did not serve.
+        tried: Vec<String>,
+    },
+    /// `DOCKER_HOST` or `CONTAINER_HOST` names a host kiln cannot reach this way.
+    #[error(
+        "--load: {var}={value}: only unix:// sockets are supported; use \
+         {var}=unix:///PATH/TO/SOCKET, or --output type=docker,dest=FILE and load the file there"
+    )]
+    UnsupportedHost {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The store the user chose (`DOCKER_HOST`, `CONTAINER_HOST`) did not answer.
+    #[error("--load: {var}={value} does not answer: {reason}")]
+    Unreachable {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// Why (connecting, or its answer to `GET /_ping`).
+        reason: String,
+    },
+    /// The store refused the image or failed while loading it.
+    #[error("--load: {store} did not load the image: {message}")]
+    Rejected {
+        /// The store.
+        store: String,
+        /// What it said.
+        message: String,
+    },
+    /// Talking to the store failed (connection, HTTP, starting podman).
+    #[error("--load: talking to {store}: {reason}")]
+    Transport {
+        /// The store.
+        store: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The Docker archive could not be written (a blob missing from kiln's store, ...).
+    #[error("--load: writing the image archive: {0}")]
+    Archive(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A multi-platform result: a Docker archive holds one image (buildx's message).
+    #[error(
+        "--load: docker exporter does not currently support exporting manifest lists \
+         ({platforms} platforms requested); build one --platform per --load, or push the \
+         multi-platform image with --push"
+    )]
+    ManifestList {
+        /// How many platforms the build was asked for.
+        platforms: usize,
+    },
+}
+
+/// What a store said it loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// The names (or, for an unnamed image, the image id) of each `Loaded image` line.
+    pub images: Vec<String>,
+}
+
+impl ImageStore {
+    /// The store `--load` writes to, looked up in this order: `DOCKER_HOST` (when set: the
+    /// daemon the user chose, an error when it does not answer), `CONTAINER_HOST` (likewise,
+    /// podman), Docker's default socket, podman's default API socket, `podman` on `PATH`.
+    /// Sockets are asked `GET /_ping` on `runtime`.
+    pub fn find(env: &StoreEnv, runtime: &tokio::runtime::Handle) -> Result<Self, LoadError> {
+        let chosen = [
+            ("DOCKER_HOST", &env.docker_host, Engine::Docker),
+            ("CONTAINER_HOST", &env.container_host, Engine::Podman),
+        ];
+        for (var, value, engine) in chosen {
+            let Some(value) = value else { continue };
+            let socket = unix_socket(var, value)?;
+            return match runtime.block_on(ping(&socket)) {
+                Ok(()) => Ok(ImageStore::EngineApi {
+                    engine,
+                    socket,
+                    origin: var,
+                }),
+                Err(reason) => Err(LoadError::Unreachable {
+                    var,
+                    value: value.clone(),
+                    reason,
+                }),
+            };
+        }
+        let mut tried = vec!["DOCKER_HOST and CONTAINER_HOST (unset)".to_owned()];
+        let mut sockets = vec![(
+            env.docker_socket.clone(),
+            Engine::Docker,
+            "Docker's default socket",
+        )];
+        if let Some(socket) = &env.podman_socket {
+            sockets.push((socket.clone(), Engine::Podman, "podman's default socket"));
+        }
+        for (socket, engine, origin) in sockets {
+            if !socket.exists() {
+                tried.push(format!("{origin} unix://{} (absent)", socket.display()));
+                continue;
+            }
+            match runtime.block_on(ping(&socket)) {
+                Ok(()) => {
+                    return Ok(ImageStore::EngineApi {
+                        engine,
+                        socket,
+                        origin,
+                    })
+                }
+                Err(reason) => {
+                    tried.push(format!("{origin} unix://{} ({reason})", socket.display()))
+                }
+            }
+        }
+        match find_on_path("podman", env.path.as_deref()) {
+            Some(program) => Ok(ImageStore::PodmanCli { program }),
+            None => {
+                tried.push("`podman` on PATH (not found)".to_owned());
+                Err(LoadError::NoStore { tried })
+            }
+        }
+    }
+
+    /// Streams the Docker archive `write_archive` writes into this store and returns what it
+    /// said it loaded. The archive is never held whole in memory or on disk by kiln.
+    pub fn load<E>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        write_archive: impl FnOnce(&mut dyn Write) -> Result<(), E> + Send,
+    ) -> Result<Loaded, LoadError>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match self {
+            ImageStore::EngineApi { socket, .. } => {
+                load_over_api(self, socket, runtime, write_archive)
+            }
+            ImageStore::PodmanCli { program } => load_with_podman(self, program, write_archive),
+        }
+    }
+}
+
+/// The socket path of a `unix://` host value; any other scheme is refused.
+fn unix_socket(var: &'static str, value: &str) -> Result<PathBuf, LoadError> {
+    match value.strip_prefix("unix://") {
+        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
+        _ => Err(LoadError::UnsupportedHost {
+            var,
+            value: value.to_owned(),
+        }),
+    }
+}
+
+/// The first executable `name` in the directories of `path`.
+fn find_on_path(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(path?)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// An HTTP/1.1 connection to the Engine API on `socket`.
+async fn connect<B>(socket: &Path) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        // Its errors reach the request that was under way; nothing else is waiting for it.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// `GET /_ping`: `Ok` when the engine answers `200 OK`, else why not.
+async fn ping(socket: &Path) -> Result<(), String> {
+    let asked = async {
+        let mut sender = connect::<Empty<Bytes>>(socket).await?;
+        let request = hyper::Request::get("/_ping")
+            .header(hyper::header::HOST, "localhost")
+            .body(Empty::new())
+            .map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("GET /_ping: {e}"))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("GET /_ping answered {status}"))
+        }
+    };
+    match tokio::time::timeout(PING_TIMEOUT, asked).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "GET /_ping: no answer in {}s",
+            PING_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Writes into a channel the HTTP request body reads from, in [`CHUNK`]-sized pieces.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx.blocking_send(chunk).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the image store stopped reading the archive",
+            )
+        })
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// Whether an archive error is only the store hanging up (its own answer says why).
+fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            if io.kind() == io::ErrorKind::BrokenPipe {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `POST /images/load` with the archive streamed as the request body (chunked): the archive
+/// is written on a thread of its own while this one drives the request on `runtime`.
+fn load_over_api<E>(
+    store: &ImageStore,
+    socket: &Path,
+    runtime: &tokio::runtime::Handle,
+    write_archive: impl FnOnce(&mut dyn Write) -> Result<(), E> + Send,
+) -> Result<Loaded, LoadError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (written, answered) = std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<(), LoadError> {
+            let mut w = ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            };
+            write_archive(&mut w).map_err(|e| LoadError::Archive(Box::new(e)))?;
+            w.flush().map_err(|e| LoadError::Archive(Box::new(e)))
+        });
+        let answered = runtime.block_on(async {
+            let body = StreamBody::new(futures::stream::poll_fn(move |cx| {
+                rx.poll_recv(cx)
+                    .map(|chunk| chunk.map(|c| Ok::<_, Infallible>(Frame::data(c))))
+            }));
+            let mut sender = connect(socket).await?;
+            let request = hyper::Request::post("/images/load?quiet=1")
+                .header(hyper::header::HOST, "localhost")
+                .header(hyper::header::CONTENT_TYPE, "application/x-tar")
+                .body(body)
+                .map_err(|e| e.to_string())?;
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("POST /images/load: {e}"))?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer to POST /images/load: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, body))
+        });
+        let written = writer.join().unwrap_or_else(|_| {
+            Err(LoadError::Archive(
+                "writing the archive panicked".to_owned().into(),
+            ))
+        });
+        (written, answered)
+    });
+    // A failed archive is the cause unless the store only stopped reading it.
+    if let Err(LoadError::Archive(e)) = &written {
+        if !is_broken_pipe(e.as_ref()) {
+            return written.map(|()| Loaded::default());
+        }
+    }
+    let (status, body) = answered.map_err(|reason| LoadError::Transport {
+        store: store.to_string(),
+        reason,
+    })?;
+    if !status.is_success() {
+        return Err(LoadError::Rejected {
+            store: store.to_string(),
+            message: format!("{status}: {}", api_error_message(&body)),
+        });
+    }
+    let loaded = read_load_stream(&body).map_err(|message| LoadError::Rejected {
+        store: store.to_string(),
+        message,
+    })?;
+    written?;
+    Ok(loaded)
+}
+
+/// The `message` of an Engine API error body (`{"message": "..."}`), else the body as text.
+fn api_error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).trim().to_owned())
+}
+
+/// Reads the JSON messages of `POST /images/load`'s answer: the first `error` is the
+/// failure; `stream` lines saying `Loaded image: NAME` (or `Loaded image ID: ID`) are what
+/// was loaded.
+pub fn read_load_stream(body: &[u8]) -> Result<Loaded, String> {
+    let mut loaded = Loaded::default();
+    for message in serde_json::Deserializer::from_slice(body).into_iter::<serde_json::Value>() {
+        let message = message.map_err(|e| {
+            format!(
+                "unreadable answer ({e}): {}",
+                String::from_utf8_lossy(body).trim()
+            )
+        })?;
+        if let Some(error) = message.get("error").and_then(|e| e.as_str()) {
+            return Err(error.to_owned());
+        }
+        if let Some(text) = message.get("stream").and_then(|s| s.as_str()) {
+            loaded.images.extend(loaded_names(text));
+        }
+    }
+    Ok(loaded)
+}
+
+/// The names in `Loaded image: A` / `Loaded image(s): A,B` / `Loaded image ID: ID` lines.
+fn loaded_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            ["Loaded image ID:", "Loaded image(s):", "Loaded image:"]
+                .iter()
+                .find_map(|p| line.strip_prefix(p))
+        })
+        .flat_map(|names| names.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `podman load`, the archive written to its standard input while another thread collects
+/// its output.
+fn load_with_podman<E>(
+    store: &ImageStore,
+    program: &Path,
+    write_archive: impl FnOnce(&mut dyn Write) -> Result<(), E> + Send,
+) -> Result<Loaded, LoadError>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let transport = |reason: String| LoadError::Transport {
+        store: store.to_string(),
+        reason,
+    };
+    let mut child = Command::new(program)
+        .arg("load")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| transport(format!("starting {}: {e}", program.display())))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| transport("no standard input to write to".to_owned()))?;
+    let (written, output) = std::thread::scope(|scope| {
+        let output = scope.spawn(move || {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let mut stdout = child.stdout.take();
+            let mut stderr = child.stderr.take();
+            std::thread::scope(|inner| {
+                inner.spawn(|| {
+                    if let Some(s) = stderr.as_mut() {
+                        let _ = s.read_to_end(&mut err);
+                    }
+                });
+                if let Some(s) = stdout.as_mut() {
+                    let _ = s.read_to_end(&mut out);
+                }
+            });
+            child.wait().map(|status| (status, out, err))
+        });
+        let mut buffered = io::BufWriter::with_capacity(CHUNK, &mut stdin);
+        let written = write_archive(&mut buffered)
+            .map_err(|e| LoadError::Archive(Box::new(e)))
+            .and_then(|()| {
+                buffered
+                    .flush()
+                    .map_err(|e| LoadError::Archive(Box::new(e)))
+            });
+        drop(buffered);
+        drop(stdin);
+        let output = output
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("reading podman's output panicked")));
+        (written, output)
+    });
+    let (status, out, err) =
+        output.map_err(|e| transport(format!("waiting for {}: {e}", program.display())))?;
+    if let Err(LoadError::Archive(e)) = &written {
+        if !is_broken_pipe(e.as_ref()) || status.success() {
+            return written.map(|()| Loaded::default());
+        }
+    }
+    if !status.success() {
+        let said = String::from_utf8_lossy(&err);
+        return Err(LoadError::Rejected {
+            store: store.to_string(),
+            message: format!("`podman load` {status}: {}", said.trim()),
+        });
+    }
+    written?;
+    Ok(Loaded {
+        images: loaded_names(&String::from_utf8_lossy(&out)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_stream_reads_loaded_names_and_ids() {
+        let body = br#"{"stream":"Loaded image: localhost/app:1\n"}
+{"stream":"Loaded image ID: sha256:abc\n"}"#;
+        let loaded = read_load_stream(body).unwrap();
+        assert_eq!(loaded.images, ["localhost/app:1", "sha256:abc"]);
+    }
+
+    #[test]
+    fn load_stream_error_is_the_failure() {
+        let body = br#"{"errorDetail":{"message":"unexpected EOF"},"error":"unexpected EOF"}"#;
+        assert_eq!(read_load_stream(body).unwrap_err(), "unexpected EOF");
+    }
+
+    #[test]
+    fn podman_output_names_every_image() {
+        assert_eq!(
+            loaded_names("Loaded image(s): localhost/a:1,localhost/b:2\n"),
+            ["localhost/a:1", "localhost/b:2"]
+        );
+    }
+
+    #[test]
+    fn docker_host_over_tcp_is_refused_naming_the_variable() {
+        let e = unix_socket("DOCKER_HOST", "tcp://127.0.0.1:2375").unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("--load: DOCKER_HOST=tcp://127.0.0.1:2375"),
+            "{text}"
+        );
+        assert_eq!(
+            unix_socket("DOCKER_HOST", "unix:///run/d.sock").unwrap(),
+            PathBuf::from("/run/d.sock")
+        );
+    }
+
+    #[test]
+    fn no_store_lists_what_was_tried() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let env = StoreEnv {
+            docker_socket: empty.path().join("docker.sock"),
+            podman_socket: Some(empty.path().join("podman/podman.sock")),
+            path: Some(empty.path().as_os_str().to_owned()),
+            ..StoreEnv::default()
+        };
+        let text = ImageStore::find(&env, runtime.handle())
+            .unwrap_err()
+            .to_string();
+        assert!(text.starts_with("--load: no local image store"), "{text}");
+        let docker = format!("unix://{}/docker.sock (absent)", empty.path().display());
+        assert!(text.contains(&docker), "{text}");
+        assert!(text.contains("`podman` on PATH (not found)"), "{text}");
+    }
+
+    #[test]
+    fn a_chosen_docker_host_that_does_not_answer_is_an_error_not_a_fallback() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let value = format!("unix://{}/docker.sock", dir.path().display());
+        let env = StoreEnv {
+            docker_host: Some(value.clone()),
+            ..StoreEnv::default()
+        };
+        let text = ImageStore::find(&env, runtime.handle())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with(&format!("--load: DOCKER_HOST={value} does not answer")),
+            "{text}"
+        );
+    }
+}

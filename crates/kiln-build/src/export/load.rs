@@ -1,0 +1,87 @@
+//! `--load` (buildx's shorthand for `--output type=docker`) and `type=docker` without
+//! `dest=`: the image goes into the local image store a user runs containers from — the
+//! Docker daemon, else podman's store (see [`ImageStore::find`]) — streamed as the same
+//! Docker archive `type=docker,dest=FILE` writes.
+
+use kiln_oci::compression::Compression;
+
+use super::archive::TarballSettings;
+use super::daemon::{ImageStore, LoadError, Loaded, StoreEnv};
+use super::{parse_names, Attrs, BuildResult, ExportContext, ExportError};
+use super::{ExportReport, Exporter};
+use crate::spec::SpecError;
+
+/// Loads the image into the local Docker daemon or podman store (Docker media types unless
+/// `oci-mediatypes=true`), tagged with its `name=` (`-t`) names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadExporter {
+    /// The archive's settings (names, media types, compression); `dest` is empty.
+    pub settings: TarballSettings,
+}
+
+impl LoadExporter {
+    /// Reads `type=docker` attributes given without `dest=`.
+    pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
+        let (settings, dest) = TarballSettings::read(a)?;
+        if dest.is_some() {
+            return Err(a.error("type=docker with dest= writes a file; --load takes no dest"));
+        }
+        Ok(LoadExporter { settings })
+    }
+
+    /// Loads `result`'s image into `store`: what the store said it loaded, and the image.
+    pub fn load_into(
+        &self,
+        store: &ImageStore,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<(Loaded, kiln_worker::images::StoredImage), ExportError> {
+        let image = self.settings.image(cx, result, false)?;
+        let refs = parse_names(&self.settings.names)?;
+        let content = cx.store.content();
+        let manifest = &image.manifest;
+        let loaded = store.load(cx.runtime, |out| {
+            kiln_oci::write_docker_archive(out, manifest, &refs, &|d| content.blob_path(d))
+        })?;
+        Ok((loaded, image))
+    }
+}
+
+/// Refuses a multi-platform build that loads or writes a Docker archive: a Docker archive,
+/// and the daemon's store behind it, hold one image per name. The one place this is checked.
+pub fn refuse_manifest_list(
+    exporters: &[Box<dyn Exporter>],
+    platforms: usize,
+) -> Result<(), LoadError> {
+    if platforms > 1 && exporters.iter().any(|e| e.kind() == "docker") {
+        return Err(LoadError::ManifestList { platforms });
+    }
+    Ok(())
+}
+
+impl Exporter for LoadExporter {
+    fn kind(&self) -> &str {
+        "docker"
+    }
+
+    fn makes_image(&self) -> bool {
+        true
+    }
+
+    fn layer_compression(&self) -> Option<Compression> {
+        self.settings.compression
+    }
+
+    fn export(
+        &self,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<ExportReport, ExportError> {
+        let store = ImageStore::find(&StoreEnv::from_process(), cx.runtime)?;
+        let (_loaded, image) = self.load_into(&store, cx, result)?;
+        Ok(ExportReport {
+            kind: self.kind().to_owned(),
+            image: Some(image),
+        })
+    }
+}
