@@ -1,0 +1,160 @@
+//! A private Docker daemon for a test: Debian's `dockerd` (package `docker.io`) with its data,
+//! exec root, pid file and API socket in a temp dir, no bridge network and no iptables rules
+//! (nothing on the host changes), overlay2 storage. It starts its own containerd
+//! (`/usr/bin/containerd`) under the exec root, and runs containers with `runc`. Killed (and
+//! waited for) when dropped.
+//!
+//! Containers it runs need `--network none` (there is no bridge).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long dockerd may take to answer `/_ping` (it starts containerd first; the machine is
+/// shared, so be generous: this bounds a hang, it is no timing check).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running private dockerd.
+pub struct Dockerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Dockerd {
+    /// Starts dockerd in a fresh temp dir and waits until its API answers `GET /_ping`.
+    /// Fails the calling test, with dockerd's log, when it does not come up.
+    #[track_caller]
+    pub fn start() -> Self {
+        super::require_root("a private dockerd");
+        let dockerd = super::require_program("dockerd");
+        super::require_program("containerd");
+        // Short paths: the socket path must fit in a sockaddr_un (108 bytes).
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-dockerd.")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
+        let p = |rel: &str| dir.path().join(rel);
+        let child = Command::new(dockerd)
+            .arg("--bridge=none")
+            .arg("--iptables=false")
+            .arg("--ip6tables=false")
+            .arg("--ip-masq=false")
+            .arg("--storage-driver=overlay2")
+            .arg("--data-root")
+            .arg(p("data"))
+            .arg("--exec-root")
+            .arg(p("exec"))
+            .arg("--pidfile")
+            .arg(p("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", p("docker.sock").display()))
+            // No registry mirror, no userland proxy, no swarm: nothing listens outside.
+            .arg("--userland-proxy=false")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting dockerd");
+        let mut d = Dockerd { child, dir };
+        d.wait_ready();
+        d
+    }
+
+    #[track_caller]
+    fn wait_ready(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "dockerd exited ({status}) before answering:\n{}",
+                    self.log()
+                );
+            }
+            let ping = Command::new("curl")
+                .args(["-sf", "--max-time", "5", "--unix-socket"])
+                .arg(self.socket())
+                .arg("http://localhost/_ping")
+                .output();
+            if ping.is_ok_and(|o| o.status.success() && o.stdout == b"OK") {
+                return;
+            }
+            assert!(
+                started.elapsed() < START_TIMEOUT,
+                "dockerd did not answer /_ping in {}s:\n{}",
+                START_TIMEOUT.as_secs(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
+
+    /// `DOCKER_HOST` for this daemon: `unix://SOCKET`.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// What dockerd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Runs Debian's docker CLI (`/usr/bin/docker`) against this daemon, with its own
+    /// config dir (no user settings, no credential helpers).
+    pub fn docker(&self, args: &[&str]) -> Output {
+        let config = self.dir.path().join("cli");
+        std::fs::create_dir_all(&config).unwrap();
+        Command::new(docker_cli())
+            .args(args)
+            .env("DOCKER_HOST", self.host())
+            .env("DOCKER_CONFIG", &config)
+            .env_remove("DOCKER_CONTEXT")
+            .output()
+            .expect("running the docker CLI")
+    }
+
+    /// Its temp dir (data root, exec root, socket, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Debian's docker CLI, `/usr/bin/docker` from `docker.io` (a `docker` earlier on `PATH` may
+/// be another build).
+#[track_caller]
+pub fn docker_cli() -> PathBuf {
+    super::require_program("/usr/bin/docker")
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        // SIGTERM: dockerd stops its containers and its containerd, then unmounts.
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Mounts dockerd left (overlay2 layers, the exec root) would keep the temp dir.
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.path().join("data"))
+            .output();
+        let _ = Command::new("umount")
+            .args(["-R", "-l"])
+            .arg(self.dir.path().join("exec"))
+            .output();
+    }
+}

@@ -1,0 +1,355 @@
+//! `--load` end to end: the built image goes into the local image store a user runs
+//! containers from, and a container started from it there prints what the build put in.
+//! Real stores only: a private dockerd (Debian's `docker.io`, see `common/dockerd.rs`) with
+//! `docker run`, and podman both through its API service and through `podman load`.
+//!
+//! Needs root, `dockerd`, `containerd`, `/usr/bin/docker`, `podman` (`.ci/install`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::dockerd::Dockerd;
+use common::{podman_conf, require_program, require_root, Fixture};
+
+/// The Dockerfile every test loads: its RUN writes what the container prints.
+const DOCKERFILE: &str = "\
+FROM busybox
+ARG WHO
+RUN echo \"built by kiln for $WHO\" > /greeting
+CMD [\"cat\", \"/greeting\"]
+";
+
+/// One podman at a time: the tests share the machine's podman store.
+static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn project(f: &Fixture, name: &str) -> PathBuf {
+    let dir = f.path(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Dockerfile"), DOCKERFILE).unwrap();
+    dir
+}
+
+/// `kiln build` in buildx's spelling with `args`, the environment cleared of every variable
+/// that picks an image store and then given `env`.
+fn kiln_build(f: &Fixture, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    c.arg("--root")
+        .arg(f.root())
+        .arg("build")
+        .arg(dir)
+        .args(["--progress", "plain"])
+        .args(args)
+        .env_remove("DOCKER_HOST")
+        .env_remove("CONTAINER_HOST")
+        .env_remove("DOCKER_CONTEXT");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn metadata(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// Fails unless nothing answers on the default sockets: the podman tests rely on kiln not
+/// finding a Docker daemon there first.
+#[track_caller]
+fn require_no_default_daemon() {
+    for socket in ["/var/run/docker.sock", "/run/podman/podman.sock"] {
+        assert!(
+            !Path::new(socket).exists(),
+            "{socket} exists: a daemon of this machine would take the image before the \
+             store under test; stop it to run these tests"
+        );
+    }
+}
+
+#[test]
+fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
+    require_root("--load into dockerd");
+    let dockerd = Dockerd::start();
+    let f = Fixture::new();
+    let dir = project(&f, "docker-ctx");
+    let meta = f.path("docker-meta.json");
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:dockerd",
+            "--build-arg",
+            "WHO=dockerd",
+            "--load",
+            "--metadata-file",
+            meta.to_str().unwrap(),
+        ],
+        &[("DOCKER_HOST", &dockerd.host())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    let run = dockerd.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "localhost/kiln-load:dockerd",
+    ]);
+    assert!(run.status.success(), "docker run: {}", text(&run));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "built by kiln for dockerd\n"
+    );
+    // The daemon's image id is the config digest kiln reports.
+    let id = dockerd.docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "localhost/kiln-load:dockerd",
+    ]);
+    assert!(id.status.success(), "{}", text(&id));
+    assert_eq!(
+        String::from_utf8_lossy(&id.stdout).trim(),
+        metadata(&meta)["containerimage.config.digest"]
+    );
+
+    // buildx's other spelling: `--output type=docker` without dest, its own name.
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "--build-arg",
+            "WHO=output",
+            "--output",
+            "type=docker,name=localhost/kiln-load:output",
+        ],
+        &[("DOCKER_HOST", &dockerd.host())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let run = dockerd.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "localhost/kiln-load:output",
+    ]);
+    assert!(run.status.success(), "docker run: {}", text(&run));
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout),
+        "built by kiln for output\n"
+    );
+}
+
+/// `podman system service` on a socket of the test's own, stopped when dropped.
+struct PodmanService {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl PodmanService {
+    #[track_caller]
+    fn start(conf: &Path) -> Self {
+        let podman = require_program("podman");
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-podman.")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let socket = dir.path().join("podman.sock");
+        let log = std::fs::File::create(dir.path().join("service.log")).unwrap();
+        let child = Command::new(podman)
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", socket.display()))
+            .env("CONTAINERS_CONF", conf)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut s = PodmanService { child, dir };
+        // Bounds a hang on a loaded machine; no timing is checked.
+        let started = Instant::now();
+        loop {
+            let ping = Command::new("curl")
+                .args(["-sf", "--max-time", "5", "--unix-socket"])
+                .arg(&socket)
+                .arg("http://localhost/_ping")
+                .output()
+                .unwrap();
+            if ping.status.success() {
+                break;
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("podman system service exited ({status}): {}", s.log());
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "podman's API service did not answer: {}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.dir.path().join("podman.sock").display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("service.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PodmanService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `podman run` of `image` (then removed): what it printed.
+#[track_caller]
+fn podman_run(conf: &Path, image: &str) -> String {
+    let run = Command::new("podman")
+        .args(["run", "--rm", "--network=none", image])
+        .env("CONTAINERS_CONF", conf)
+        .output()
+        .unwrap();
+    let _ = Command::new("podman")
+        .args(["rmi", "-f", image])
+        .env("CONTAINERS_CONF", conf)
+        .output();
+    assert!(run.status.success(), "podman run {image}: {}", text(&run));
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+#[test]
+fn load_into_podman_through_its_api_service() {
+    require_root("--load into podman");
+    let _one = PODMAN.lock().unwrap_or_else(|p| p.into_inner());
+    let conf = podman_conf();
+    let service = PodmanService::start(&conf);
+    let f = Fixture::new();
+    let dir = project(&f, "podman-api-ctx");
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:podman-api",
+            "--build-arg",
+            "WHO=podman-api",
+            "--load",
+        ],
+        &[("CONTAINER_HOST", &service.host())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        podman_run(&conf, "localhost/kiln-load:podman-api"),
+        "built by kiln for podman-api\n"
+    );
+}
+
+#[test]
+fn load_into_podman_with_podman_load_when_no_daemon_answers() {
+    require_root("--load into podman");
+    require_no_default_daemon();
+    let _one = PODMAN.lock().unwrap_or_else(|p| p.into_inner());
+    let conf = podman_conf();
+    let f = Fixture::new();
+    let dir = project(&f, "podman-cli-ctx");
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:podman-cli",
+            "--build-arg",
+            "WHO=podman-load",
+            "--load",
+        ],
+        &[("CONTAINERS_CONF", conf.to_str().unwrap())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        podman_run(&conf, "localhost/kiln-load:podman-cli"),
+        "built by kiln for podman-load\n"
+    );
+}
+
+#[test]
+fn load_with_no_image_store_fails_naming_load_and_what_was_tried() {
+    require_root("kiln build");
+    require_no_default_daemon();
+    let f = Fixture::new();
+    let dir = f.path("no-store-ctx");
+    std::fs::create_dir_all(&dir).unwrap();
+    // No RUN: the build itself needs no program, so PATH can hold none (no podman).
+    std::fs::write(dir.join("Dockerfile"), "FROM busybox\nCOPY Dockerfile /\n").unwrap();
+    let empty = f.path("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = kiln_build(
+        &f,
+        &dir,
+        &["--load"],
+        &[("PATH", empty.to_str().unwrap()), ("XDG_RUNTIME_DIR", "")],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    for said in [
+        "--load: no local image store",
+        "Docker's default socket unix:///var/run/docker.sock (absent)",
+        "`podman` on PATH (not found)",
+        "--output type=docker,dest=FILE",
+    ] {
+        assert!(all.contains(said), "missing {said:?} in:\n{all}");
+    }
+
+    // A DOCKER_HOST that does not answer is the user's choice: an error, not a fallback.
+    let gone = format!("unix://{}/docker.sock", f.path("nowhere").display());
+    let out = kiln_build(&f, &dir, &["--load"], &[("DOCKER_HOST", &gone)]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains(&format!("--load: DOCKER_HOST={gone} does not answer")),
+        "{all}"
+    );
+    let out = kiln_build(
+        &f,
+        &dir,
+        &["--load"],
+        &[("DOCKER_HOST", "tcp://127.0.0.1:2375")],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("DOCKER_HOST=tcp://127.0.0.1:2375: only unix:// sockets"),
+        "{all}"
+    );
+
+    // Several platforms cannot go into one Docker archive: buildx's refusal, before building.
+    let out = kiln_build(
+        &f,
+        &dir,
+        &["--load", "--platform", "linux/amd64,linux/arm64"],
+        &[],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("docker exporter does not currently support exporting manifest lists"),
+        "{all}"
+    );
+}
