@@ -33,8 +33,11 @@ fn project(f: &Fixture, name: &str) -> PathBuf {
 }
 
 /// `kiln build` in buildx's spelling with `args`, the environment cleared of every variable
-/// that picks an image store and then given `env`.
+/// that picks an image store (the docker CLI's config dir an empty one of the fixture's) and
+/// then given `env`.
 fn kiln_build(f: &Fixture, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let config = f.path("docker-config");
+    std::fs::create_dir_all(&config).unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
     c.arg("--root")
         .arg(f.root())
@@ -44,7 +47,8 @@ fn kiln_build(f: &Fixture, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> O
         .args(args)
         .env_remove("DOCKER_HOST")
         .env_remove("CONTAINER_HOST")
-        .env_remove("DOCKER_CONTEXT");
+        .env_remove("DOCKER_CONTEXT")
+        .env("DOCKER_CONFIG", config);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -100,16 +104,8 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     );
     assert!(out.status.success(), "{}", text(&out));
 
-    let run = dockerd.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "localhost/kiln-load:dockerd",
-    ]);
-    assert!(run.status.success(), "docker run: {}", text(&run));
     assert_eq!(
-        String::from_utf8_lossy(&run.stdout),
+        docker_run(&dockerd, "localhost/kiln-load:dockerd"),
         "built by kiln for dockerd\n"
     );
     // The daemon's image id is the config digest kiln reports.
@@ -139,18 +135,88 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
         &[("DOCKER_HOST", &dockerd.host())],
     );
     assert!(out.status.success(), "{}", text(&out));
-    let run = dockerd.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "localhost/kiln-load:output",
-    ]);
-    assert!(run.status.success(), "docker run: {}", text(&run));
     assert_eq!(
-        String::from_utf8_lossy(&run.stdout),
+        docker_run(&dockerd, "localhost/kiln-load:output"),
         "built by kiln for output\n"
     );
+
+    // No DOCKER_HOST: the docker CLI's current context (made and chosen with the CLI itself)
+    // names the daemon, as it does for `docker run`.
+    let config = f.path("context-config");
+    std::fs::create_dir_all(&config).unwrap();
+    let config_env = config.to_str().unwrap();
+    for args in [
+        vec![
+            "context",
+            "create",
+            "kiln-private",
+            "--docker",
+            &format!("host={}", dockerd.host()),
+        ],
+        vec!["context", "use", "kiln-private"],
+    ] {
+        let o = Command::new(common::dockerd::docker_cli())
+            .args(&args)
+            .env_remove("DOCKER_HOST")
+            .env("DOCKER_CONFIG", config_env)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "docker {args:?}: {}", text(&o));
+    }
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:context",
+            "--build-arg",
+            "WHO=context",
+            "--load",
+        ],
+        &[("DOCKER_CONFIG", config_env)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        docker_run(&dockerd, "localhost/kiln-load:context"),
+        "built by kiln for context\n"
+    );
+}
+
+/// `docker run --rm --network none IMAGE` on `dockerd`: what it printed. A failure says
+/// what the image holds (its `/bin`, its history) beside docker's error.
+#[track_caller]
+fn docker_run(dockerd: &Dockerd, image: &str) -> String {
+    let run = dockerd.docker(&["run", "--rm", "--network", "none", image]);
+    if !run.status.success() {
+        let ls = dockerd.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--entrypoint",
+            "/bin/busybox",
+            image,
+            "ls",
+            "-la",
+            "/",
+            "/bin/cat",
+        ]);
+        let history = dockerd.docker(&["history", "--no-trunc", image]);
+        panic!(
+            "docker run {image}: {}\nits files: {}\nits history: {}\ndockerd's log:\n{}",
+            text(&run),
+            text(&ls),
+            text(&history),
+            tail(&dockerd.log(), 40)
+        );
+    }
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// The last `n` lines of `s`.
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `podman system service` on a socket of the test's own, stopped when dropped.

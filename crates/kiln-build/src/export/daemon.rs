@@ -2,10 +2,11 @@
 //! the Docker Engine API on a unix socket (dockerd, or podman's Docker-compatible service),
 //! and `podman load` reading the archive on its standard input.
 //!
-//! [`ImageStore::find`] picks the store: `DOCKER_HOST`, then podman's `CONTAINER_HOST`
-//! (each, when set, is the user's choice: unreachable is an error, never a fallback), then
-//! Docker's default socket, podman's default API socket, and `podman` on `PATH`. Every
-//! attempt is kept, so that finding none says what was tried.
+//! [`ImageStore::find`] picks the store: `DOCKER_HOST`, the docker CLI's current context
+//! (`DOCKER_CONTEXT`, else `currentContext` of its `config.json`), then podman's
+//! `CONTAINER_HOST` (each, when set, is the user's choice: unreachable is an error, never a
+//! fallback), then Docker's default socket, podman's default API socket, and `podman` on
+//! `PATH`. Every attempt is kept, so that finding none says what was tried.
 
 use std::convert::Infallible;
 use std::ffi::OsString;
@@ -38,6 +39,9 @@ const CHUNK: usize = 1 << 20;
 pub struct StoreEnv {
     /// `DOCKER_HOST`.
     pub docker_host: Option<String>,
+    /// The docker CLI's current context other than `default`, and the Docker host its
+    /// endpoint names (`None` when that context has no stored endpoint).
+    pub docker_context: Option<(String, Option<String>)>,
     /// `CONTAINER_HOST`: podman's remote service, as podman reads it.
     pub container_host: Option<String>,
     /// Docker's default socket ([`DOCKER_DEFAULT_SOCKET`]).
@@ -60,14 +64,53 @@ impl StoreEnv {
         } else {
             var("XDG_RUNTIME_DIR").map(|d| Path::new(&d).join("podman/podman.sock"))
         };
+        let docker_config = var("DOCKER_CONFIG")
+            .map(PathBuf::from)
+            .or_else(|| var("HOME").map(|h| Path::new(&h).join(".docker")));
+        let docker_context = docker_config
+            .as_deref()
+            .and_then(|dir| docker_context(dir, var("DOCKER_CONTEXT")));
         StoreEnv {
             docker_host: var("DOCKER_HOST"),
+            docker_context,
             container_host: var("CONTAINER_HOST"),
             docker_socket: PathBuf::from(DOCKER_DEFAULT_SOCKET),
             podman_socket,
             path: std::env::var_os("PATH"),
         }
     }
+}
+
+/// The docker CLI's current context as it resolves it when `DOCKER_HOST` is unset:
+/// `DOCKER_CONTEXT`, else `currentContext` of `DIR/config.json`; `default` (or none) is
+/// `None`. With it, the host of its `docker` endpoint, read from
+/// `DIR/contexts/meta/<sha256 of the name>/meta.json`.
+pub fn docker_context(
+    config_dir: &Path,
+    env_context: Option<String>,
+) -> Option<(String, Option<String>)> {
+    let name = env_context.or_else(|| {
+        let config = std::fs::read(config_dir.join("config.json")).ok()?;
+        let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
+        Some(config.get("currentContext")?.as_str()?.to_owned())
+    })?;
+    if name.is_empty() || name == "default" {
+        return None;
+    }
+    let id = kiln_oci::Digest::sha256_of(name.as_bytes());
+    let meta = config_dir
+        .join("contexts/meta")
+        .join(id.hex())
+        .join("meta.json");
+    let host = std::fs::read(meta)
+        .ok()
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
+        .and_then(|m| {
+            m.pointer("/Endpoints/docker/Host")?
+                .as_str()
+                .map(str::to_owned)
+        });
+    Some((name, host))
 }
 
 /// Which engine serves an Engine API socket, for messages.
@@ -88,8 +131,8 @@ pub enum ImageStore {
         engine: Engine,
         /// The socket.
         socket: PathBuf,
-        /// Where the socket came from (`DOCKER_HOST`, `the default socket`, ...).
-        origin: &'static str,
+        /// Where the socket came from (`DOCKER_HOST`, `Docker's default socket`, ...).
+        origin: String,
     },
     /// The `podman` program: `podman load` reads the archive on its standard input.
     PodmanCli {
@@ -134,22 +177,30 @@ pub enum LoadError {
         /// What was tried, in order, each with why it did not serve.
         tried: Vec<String>,
     },
-    /// `DOCKER_HOST` or `CONTAINER_HOST` names a host kiln cannot reach this way.
+    /// `DOCKER_HOST`, a docker context or `CONTAINER_HOST` names a host kiln cannot reach
+    /// this way.
     #[error(
-        "--load: {var}={value}: only unix:// sockets are supported; use \
-         {var}=unix:///PATH/TO/SOCKET, or --output type=docker,dest=FILE and load the file there"
+        "--load: {var}={value}: only unix:// sockets are supported; use a \
+         unix:///PATH/TO/SOCKET host, or --output type=docker,dest=FILE and load the file there"
     )]
     UnsupportedHost {
-        /// The variable.
-        var: &'static str,
+        /// The variable (or `docker context NAME`).
+        var: String,
         /// Its value.
         value: String,
     },
+    /// The docker CLI's current context has no Docker endpoint kiln can read.
+    #[error(
+        "--load: the docker CLI's current context `{0}` (DOCKER_CONTEXT or currentContext \
+         in config.json) has no stored Docker endpoint; run `docker context use default` \
+         or set DOCKER_HOST=unix:///PATH/TO/SOCKET"
+    )]
+    UnknownContext(String),
     /// The store the user chose (`DOCKER_HOST`, `CONTAINER_HOST`) did not answer.
     #[error("--load: {var}={value} does not answer: {reason}")]
     Unreachable {
-        /// The variable.
-        var: &'static str,
+        /// The variable (or `docker context NAME`).
+        var: String,
         /// Its value.
         value: String,
         /// Why (connecting, or its answer to `GET /_ping`).
@@ -199,13 +250,22 @@ impl ImageStore {
     /// podman), Docker's default socket, podman's default API socket, `podman` on `PATH`.
     /// Sockets are asked `GET /_ping` on `runtime`.
     pub fn find(env: &StoreEnv, runtime: &tokio::runtime::Handle) -> Result<Self, LoadError> {
+        let context = match (&env.docker_host, &env.docker_context) {
+            (None, Some((name, None))) => return Err(LoadError::UnknownContext(name.clone())),
+            (None, Some((name, Some(host)))) => Some((format!("docker context {name}"), host)),
+            _ => None,
+        };
         let chosen = [
-            ("DOCKER_HOST", &env.docker_host, Engine::Docker),
-            ("CONTAINER_HOST", &env.container_host, Engine::Podman),
+            env.docker_host
+                .as_ref()
+                .map(|h| ("DOCKER_HOST".to_owned(), h, Engine::Docker)),
+            context.map(|(var, host)| (var, host, Engine::Docker)),
+            env.container_host
+                .as_ref()
+                .map(|h| ("CONTAINER_HOST".to_owned(), h, Engine::Podman)),
         ];
-        for (var, value, engine) in chosen {
-            let Some(value) = value else { continue };
-            let socket = unix_socket(var, value)?;
+        if let Some((var, value, engine)) = chosen.into_iter().flatten().next() {
+            let socket = unix_socket(&var, value)?;
             return match runtime.block_on(ping(&socket)) {
                 Ok(()) => Ok(ImageStore::EngineApi {
                     engine,
@@ -219,7 +279,8 @@ impl ImageStore {
                 }),
             };
         }
-        let mut tried = vec!["DOCKER_HOST and CONTAINER_HOST (unset)".to_owned()];
+        let mut tried =
+            vec!["DOCKER_HOST, a docker context and CONTAINER_HOST (none set)".to_owned()];
         let mut sockets = vec![(
             env.docker_socket.clone(),
             Engine::Docker,
@@ -238,7 +299,7 @@ impl ImageStore {
                     return Ok(ImageStore::EngineApi {
                         engine,
                         socket,
-                        origin,
+                        origin: origin.to_owned(),
                     })
                 }
                 Err(reason) => {
@@ -275,11 +336,11 @@ impl ImageStore {
 }
 
 /// The socket path of a `unix://` host value; any other scheme is refused.
-fn unix_socket(var: &'static str, value: &str) -> Result<PathBuf, LoadError> {
+fn unix_socket(var: &str, value: &str) -> Result<PathBuf, LoadError> {
     match value.strip_prefix("unix://") {
         Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
         _ => Err(LoadError::UnsupportedHost {
-            var,
+            var: var.to_owned(),
             value: value.to_owned(),
         }),
     }
@@ -653,6 +714,66 @@ mod tests {
         let docker = format!("unix://{}/docker.sock (absent)", empty.path().display());
         assert!(text.contains(&docker), "{text}");
         assert!(text.contains("`podman` on PATH (not found)"), "{text}");
+    }
+
+    #[test]
+    fn the_docker_cli_context_names_the_daemon_unless_docker_host_is_set() {
+        let config = tempfile::tempdir().unwrap();
+        assert_eq!(docker_context(config.path(), None), None);
+        std::fs::write(
+            config.path().join("config.json"),
+            r#"{"currentContext": "rootless"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            docker_context(config.path(), None),
+            Some(("rootless".to_owned(), None))
+        );
+        // The name's sha256 is the directory, as the docker CLI stores it.
+        let id = kiln_oci::Digest::sha256_of(b"rootless");
+        let meta = config.path().join("contexts/meta").join(id.hex());
+        std::fs::create_dir_all(&meta).unwrap();
+        std::fs::write(
+            meta.join("meta.json"),
+            r#"{"Name":"rootless","Endpoints":{"docker":{"Host":"unix:///run/user/1000/docker.sock"}}}"#,
+        )
+        .unwrap();
+        let rootless = docker_context(config.path(), None);
+        assert_eq!(
+            rootless,
+            Some((
+                "rootless".to_owned(),
+                Some("unix:///run/user/1000/docker.sock".to_owned())
+            ))
+        );
+        // DOCKER_CONTEXT wins over the config file; `default` is no context.
+        assert_eq!(docker_context(config.path(), Some("default".into())), None);
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let env = StoreEnv {
+            docker_context: rootless,
+            ..StoreEnv::default()
+        };
+        let text = ImageStore::find(&env, runtime.handle())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with(
+                "--load: docker context rootless=unix:///run/user/1000/docker.sock does not answer"
+            ),
+            "{text}"
+        );
+        let env = StoreEnv {
+            docker_context: Some(("gone".into(), None)),
+            ..StoreEnv::default()
+        };
+        let text = ImageStore::find(&env, runtime.handle())
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("current context `gone`"), "{text}");
     }
 
     #[test]
