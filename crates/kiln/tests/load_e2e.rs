@@ -145,24 +145,36 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     let config = f.path("context-config");
     std::fs::create_dir_all(&config).unwrap();
     let config_env = config.to_str().unwrap();
-    for args in [
-        vec![
-            "context",
-            "create",
-            "kiln-private",
-            "--docker",
-            &format!("host={}", dockerd.host()),
-        ],
-        vec!["context", "use", "kiln-private"],
-    ] {
+    let docker_cli = |args: &[&str]| {
         let o = Command::new(common::dockerd::docker_cli())
-            .args(&args)
+            .args(args)
             .env_remove("DOCKER_HOST")
             .env("DOCKER_CONFIG", config_env)
             .output()
             .unwrap();
         assert!(o.status.success(), "docker {args:?}: {}", text(&o));
-    }
+    };
+    let host = format!("host={}", dockerd.host());
+    docker_cli(&["context", "create", "kiln-private", "--docker", &host]);
+    // buildx's `context=` names it, whatever DOCKER_HOST says.
+    let nowhere = format!("unix://{}/docker.sock", f.path("nowhere").display());
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "--build-arg",
+            "WHO=context-attr",
+            "--output",
+            "type=docker,context=kiln-private,name=localhost/kiln-load:context-attr",
+        ],
+        &[("DOCKER_CONFIG", config_env), ("DOCKER_HOST", &nowhere)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        docker_run(&dockerd, "localhost/kiln-load:context-attr"),
+        "built by kiln for context-attr\n"
+    );
+    docker_cli(&["context", "use", "kiln-private"]);
     let out = kiln_build(
         &f,
         &dir,

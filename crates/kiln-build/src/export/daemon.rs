@@ -39,6 +39,8 @@ const CHUNK: usize = 1 << 20;
 pub struct StoreEnv {
     /// `DOCKER_HOST`.
     pub docker_host: Option<String>,
+    /// The docker CLI's config dir: `DOCKER_CONFIG`, else `~/.docker`.
+    pub docker_config: Option<PathBuf>,
     /// The docker CLI's current context other than `default`, and the Docker host its
     /// endpoint names (`None` when that context has no stored endpoint).
     pub docker_context: Option<(String, Option<String>)>,
@@ -72,12 +74,32 @@ impl StoreEnv {
             .and_then(|dir| docker_context(dir, var("DOCKER_CONTEXT")));
         StoreEnv {
             docker_host: var("DOCKER_HOST"),
+            docker_config,
             docker_context,
             container_host: var("CONTAINER_HOST"),
             docker_socket: PathBuf::from(DOCKER_DEFAULT_SOCKET),
             podman_socket,
             path: std::env::var_os("PATH"),
         }
+    }
+}
+
+impl StoreEnv {
+    /// This environment with the docker context `name` chosen (the `context=` attribute):
+    /// `default` is `DOCKER_HOST` or Docker's default socket, any other name the endpoint
+    /// stored for it, whatever `DOCKER_HOST` says.
+    pub fn with_docker_context(mut self, name: &str) -> Self {
+        if name == "default" {
+            self.docker_context = None;
+        } else {
+            self.docker_host = None;
+            self.docker_context = self
+                .docker_config
+                .as_deref()
+                .and_then(|dir| docker_context(dir, Some(name.to_owned())))
+                .or_else(|| Some((name.to_owned(), None)));
+        }
+        self
     }
 }
 

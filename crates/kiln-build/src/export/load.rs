@@ -17,16 +17,38 @@ use crate::spec::SpecError;
 pub struct LoadExporter {
     /// The archive's settings (names, media types, compression); `dest` is empty.
     pub settings: TarballSettings,
+    /// `context=`: the docker CLI context to load into, instead of the current one.
+    pub context: Option<String>,
 }
 
 impl LoadExporter {
     /// Reads `type=docker` attributes given without `dest=`.
     pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
-        let (settings, dest) = TarballSettings::read(a)?;
+        // `context=` is this exporter's own; the rest are the archive's.
+        let mut rest = a.attrs.clone();
+        let context = rest.remove("context");
+        if context.as_deref() == Some("") {
+            return Err(a.error("context= is empty; name a docker context"));
+        }
+        let archive = Attrs::new(a.kind, &rest, a.flag);
+        let (settings, dest) = TarballSettings::read(&archive)?;
         if dest.is_some() {
             return Err(a.error("type=docker with dest= writes a file; --load takes no dest"));
         }
-        Ok(LoadExporter { settings })
+        Ok(LoadExporter { settings, context })
+    }
+
+    /// The store this exporter loads into, found from `env` (and its `context=`).
+    pub fn find_store(
+        &self,
+        env: StoreEnv,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<ImageStore, LoadError> {
+        let env = match &self.context {
+            Some(name) => env.with_docker_context(name),
+            None => env,
+        };
+        ImageStore::find(&env, runtime)
     }
 
     /// Loads `result`'s image into `store`: what the store said it loaded, and the image.
@@ -77,7 +99,7 @@ impl Exporter for LoadExporter {
         cx: &ExportContext<'_>,
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
-        let store = ImageStore::find(&StoreEnv::from_process(), cx.runtime)?;
+        let store = self.find_store(StoreEnv::from_process(), cx.runtime)?;
         let (_loaded, image) = self.load_into(&store, cx, result)?;
         Ok(ExportReport {
             kind: self.kind().to_owned(),
