@@ -239,6 +239,12 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         .enable_all()
         .build()
         .map_err(SessionError::Runtime)?;
+    // A destination that cannot take the result (no image store for --load) fails the build
+    // before any step runs.
+    for e in &req.exporters {
+        e.check_destination(runtime.handle())
+            .map_err(|e| SessionError::Export(e.into()))?;
+    }
     let client = registry_client(req)?;
     // Dropped before the runtime: registry work still under way on other threads (a layer
     // download of a step the failed build left running) is cancelled and waited for, so that

@@ -386,6 +386,10 @@ fn load_with_no_image_store_fails_naming_load_and_what_was_tried() {
     );
     let all = text(&out);
     assert!(!out.status.success(), "{all}");
+    assert!(
+        !all.contains("COPY Dockerfile"),
+        "the store is looked up before any step runs:\n{all}"
+    );
     for said in [
         "--load: no local image store",
         "Docker's default socket unix:///var/run/docker.sock (absent)",

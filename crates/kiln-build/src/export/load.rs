@@ -3,6 +3,8 @@
 //! Docker daemon, else podman's store (see [`ImageStore::find`]) — streamed as the same
 //! Docker archive `type=docker,dest=FILE` writes.
 
+use std::sync::OnceLock;
+
 use kiln_oci::compression::Compression;
 
 use super::archive::TarballSettings;
@@ -19,6 +21,8 @@ pub struct LoadExporter {
     pub settings: TarballSettings,
     /// `context=`: the docker CLI context to load into, instead of the current one.
     pub context: Option<String>,
+    /// The store found before the build ([`Exporter::check_destination`]).
+    store: OnceLock<ImageStore>,
 }
 
 impl LoadExporter {
@@ -35,7 +39,11 @@ impl LoadExporter {
         if dest.is_some() {
             return Err(a.error("type=docker with dest= writes a file; --load takes no dest"));
         }
-        Ok(LoadExporter { settings, context })
+        Ok(LoadExporter {
+            settings,
+            context,
+            store: OnceLock::new(),
+        })
     }
 
     /// The store this exporter loads into, found from `env` (and its `context=`).
@@ -49,6 +57,16 @@ impl LoadExporter {
             None => env,
         };
         ImageStore::find(&env, runtime)
+    }
+
+    /// The store of this process's environment, found once (before the build, when the
+    /// session checks destinations).
+    fn store(&self, runtime: &tokio::runtime::Handle) -> Result<&ImageStore, LoadError> {
+        if let Some(found) = self.store.get() {
+            return Ok(found);
+        }
+        let found = self.find_store(StoreEnv::from_process(), runtime)?;
+        Ok(self.store.get_or_init(|| found))
     }
 
     /// Loads `result`'s image into `store`: what the store said it loaded, and the image.
@@ -94,13 +112,18 @@ impl Exporter for LoadExporter {
         self.settings.compression
     }
 
+    fn check_destination(&self, runtime: &tokio::runtime::Handle) -> Result<(), ExportError> {
+        self.store(runtime)?;
+        Ok(())
+    }
+
     fn export(
         &self,
         cx: &ExportContext<'_>,
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
-        let store = self.find_store(StoreEnv::from_process(), cx.runtime)?;
-        let (_loaded, image) = self.load_into(&store, cx, result)?;
+        let store = self.store(cx.runtime)?;
+        let (_loaded, image) = self.load_into(store, cx, result)?;
         Ok(ExportReport {
             kind: self.kind().to_owned(),
             image: Some(image),

@@ -62,6 +62,13 @@ pub trait Exporter: Send + Sync {
         &[]
     }
 
+    /// Checks, before any step runs, that the destination can take the result (`--load`: an
+    /// image store answers), so that a build that could not be exported fails at once. Most
+    /// exporters have nothing to check.
+    fn check_destination(&self, _runtime: &tokio::runtime::Handle) -> Result<(), ExportError> {
+        Ok(())
+    }
+
     /// Writes `result` to this exporter's destination.
     fn export(
         &self,
