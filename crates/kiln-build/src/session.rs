@@ -790,6 +790,7 @@ fn export_outputs(
         }
         events.event(BuildEvent::OutputExported {
             kind: e.kind().to_owned(),
+            destination: e.destination(),
         });
     }
     Ok(made)

@@ -103,6 +103,11 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
         &[("DOCKER_HOST", &dockerd.host())],
     );
     assert!(out.status.success(), "{}", text(&out));
+    let said = format!(
+        "image loaded into the Docker daemon at {} (DOCKER_HOST) as localhost/kiln-load:dockerd",
+        dockerd.host()
+    );
+    assert!(text(&out).contains(&said), "{}", text(&out));
 
     assert_eq!(
         docker_run(&dockerd, "localhost/kiln-load:dockerd"),
@@ -334,6 +339,11 @@ fn load_into_podman_through_its_api_service() {
         &[("CONTAINER_HOST", &service.host())],
     );
     assert!(out.status.success(), "{}", text(&out));
+    let said = format!(
+        "image loaded into podman's API service at {} (CONTAINER_HOST)",
+        service.host()
+    );
+    assert!(text(&out).contains(&said), "{}", text(&out));
     assert_eq!(
         podman_run(&conf, "localhost/kiln-load:podman-api"),
         "built by kiln for podman-api\n"
@@ -361,6 +371,11 @@ fn load_into_podman_with_podman_load_when_no_daemon_answers() {
         &[("CONTAINERS_CONF", conf.to_str().unwrap())],
     );
     assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("image loaded into podman's store (`"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         podman_run(&conf, "localhost/kiln-load:podman-cli"),
         "built by kiln for podman-load\n"

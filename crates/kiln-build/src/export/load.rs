@@ -117,6 +117,14 @@ impl Exporter for LoadExporter {
         Ok(())
     }
 
+    fn destination(&self) -> Option<String> {
+        let store = self.store.get()?;
+        Some(match self.settings.names.as_slice() {
+            [] => format!("image loaded into {store}"),
+            names => format!("image loaded into {store} as {}", names.join(", ")),
+        })
+    }
+
     fn export(
         &self,
         cx: &ExportContext<'_>,

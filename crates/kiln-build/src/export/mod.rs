@@ -69,6 +69,12 @@ pub trait Exporter: Send + Sync {
         Ok(())
     }
 
+    /// Where the last export put the result, in words, when that is worth telling the user
+    /// (`--load`: which image store took it); shown by the build's progress.
+    fn destination(&self) -> Option<String> {
+        None
+    }
+
     /// Writes `result` to this exporter's destination.
     fn export(
         &self,
