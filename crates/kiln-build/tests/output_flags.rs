@@ -192,3 +192,28 @@ fn load_is_a_docker_output_without_dest_named_by_the_tags() {
     let e = err(&["type=docker,colour=blue"], &[], false);
     assert!(e.reason.contains("unknown key `colour`"), "{}", e.reason);
 }
+
+#[test]
+fn load_adds_one_docker_output_and_keeps_the_push() {
+    use kiln_build::export::outputs_with_load;
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(outputs_with_load(&[], false), strs(&["type=docker"]));
+    // --push --load -t r/app:1: pushed and loaded.
+    let outputs = outputs_with_load(&[], true);
+    assert_eq!(outputs, strs(&["type=registry", "type=docker"]));
+    let tags = strs(&["r/app:1"]);
+    let kinds: Vec<String> = exporters_from_flags(&outputs, &tags, true)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind().to_owned())
+        .collect();
+    assert_eq!(kinds, ["registry", "docker"]);
+    // An output that already loads is not doubled; a docker file is no load.
+    let given = strs(&["type=docker,name=a:1"]);
+    assert_eq!(outputs_with_load(&given, false), given);
+    let file = strs(&["type=docker,dest=a.tar"]);
+    assert_eq!(
+        outputs_with_load(&file, false),
+        strs(&["type=docker,dest=a.tar", "type=docker"])
+    );
+}

@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::dockerd::Dockerd;
-use common::{podman_conf, require_program, require_root, Fixture};
+use common::{podman_conf, require_program, require_root, skopeo_inspect, Fixture, TestRegistry};
 
 /// The Dockerfile every test loads: its RUN writes what the container prints.
 const DOCKERFILE: &str = "\
@@ -143,6 +143,34 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     assert_eq!(
         docker_run(&dockerd, "localhost/kiln-load:output"),
         "built by kiln for output\n"
+    );
+
+    // `--push --load`: pushed and loaded by one build, as buildx does.
+    let registry = TestRegistry::kiln();
+    let pushed = format!("{}/load/app:both", registry.addr);
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            &pushed,
+            "--build-arg",
+            "WHO=push-and-load",
+            "--push",
+            "--load",
+        ],
+        &[("DOCKER_HOST", &dockerd.host())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        docker_run(&dockerd, &pushed),
+        "built by kiln for push-and-load\n"
+    );
+    let remote = skopeo_inspect(&pushed, &[]);
+    assert_eq!(
+        remote["Layers"].as_array().map(Vec::len),
+        Some(2),
+        "{remote:#}"
     );
 
     // No DOCKER_HOST: the docker CLI's current context (made and chosen with the CLI itself)

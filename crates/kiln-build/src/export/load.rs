@@ -87,6 +87,25 @@ impl LoadExporter {
     }
 }
 
+/// The `--output` values of a build given buildx's `--load`: `type=docker` added unless an
+/// output already loads (`type=docker` without `dest`). With `--push` and no output of its
+/// own, the push keeps its output (`type=registry`, named by `-t`) beside the load, as
+/// buildx pushes and loads in one build.
+pub fn outputs_with_load(outputs: &[String], push: bool) -> Vec<String> {
+    let loads = |v: &String| {
+        super::output_attrs("--output", v)
+            .is_ok_and(|(kind, attrs)| kind == "docker" && !attrs.contains_key("dest"))
+    };
+    let mut all = outputs.to_vec();
+    if push && outputs.is_empty() {
+        all.push("type=registry".to_owned());
+    }
+    if !outputs.iter().any(loads) {
+        all.push("type=docker".to_owned());
+    }
+    all
+}
+
 /// Refuses a multi-platform build that loads or writes a Docker archive: a Docker archive,
 /// and the daemon's store behind it, hold one image per name. The one place this is checked.
 pub fn refuse_manifest_list(

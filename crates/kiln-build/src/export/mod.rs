@@ -33,7 +33,7 @@ pub use cacheonly::CacheonlyExporter;
 pub use docker::DockerExporter;
 pub use file::{write_file_atomic, ExportFile};
 pub use image::ImageExporter;
-pub use load::{refuse_manifest_list, LoadExporter};
+pub use load::{outputs_with_load, refuse_manifest_list, LoadExporter};
 pub use local::LocalExporter;
 pub use oci::OciExporter;
 pub use tar::TarExporter;

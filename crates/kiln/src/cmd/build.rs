@@ -189,12 +189,11 @@ impl BuildArgs {
         let exports = ExportFlags {
             tags: self.tags.clone(),
             push: self.push,
-            outputs: self
-                .outputs
-                .iter()
-                .cloned()
-                .chain(self.load.then(|| "type=docker".to_owned()))
-                .collect(),
+            outputs: if self.load {
+                kiln_build::export::outputs_with_load(&self.outputs, self.push)
+            } else {
+                self.outputs.clone()
+            },
             cache_to: tagged("--export-cache", &self.export_cache)
                 .chain(tagged("--cache-to", &self.cache_to))
                 .collect(),
