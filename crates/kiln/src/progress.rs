@@ -274,7 +274,7 @@ impl EventSink for Progress {
             BuildEvent::OutputExported {
                 destination: Some(destination),
                 ..
-            } => eprintln!("{destination}"),
+            } if self.requested != ProgressMode::Quiet => eprintln!("{destination}"),
             BuildEvent::CacheImported { .. } | BuildEvent::OutputExported { .. } => {}
             BuildEvent::CacheExported { summary, elapsed } => {
                 eprintln!("cache exported in {:.1}s: {summary}", elapsed.as_secs_f64())

@@ -185,7 +185,8 @@ impl fmt::Display for ImageStore {
 }
 
 /// A failure to find an image store or to load an image into it. Every message starts with
-/// `--load`: the flag (or `--output type=docker` without `dest`) the user gave.
+/// `--load`: the flag (or `--output type=docker` without `dest`) the user gave; the refusal
+/// of several platforms names the docker exporter, as buildx does.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     /// No store answered; `tried` lists every place looked at, and why it did not serve.
@@ -249,9 +250,9 @@ pub enum LoadError {
     Archive(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A multi-platform result: a Docker archive holds one image (buildx's message).
     #[error(
-        "--load: docker exporter does not currently support exporting manifest lists \
-         ({platforms} platforms requested); build one --platform per --load, or push the \
-         multi-platform image with --push"
+        "docker exporter does not currently support exporting manifest lists \
+         ({platforms} platforms requested): --load and --output type=docker hold one image; \
+         build one --platform at a time, or push the multi-platform image with --push"
     )]
     ManifestList {
         /// How many platforms the build was asked for.
