@@ -379,8 +379,17 @@ fn find_on_path(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
         })
 }
 
-/// An HTTP/1.1 connection to the Engine API on `socket`.
-async fn connect<B>(socket: &Path) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+/// An HTTP/1.1 connection to the Engine API on `socket`: the request sender, and the task
+/// driving the connection (which owns a request's body while it is sent).
+async fn connect<B>(
+    socket: &Path,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::task::JoinHandle<()>,
+    ),
+    String,
+>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -392,17 +401,17 @@ where
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         // Its errors reach the request that was under way; nothing else is waiting for it.
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok((sender, driver))
 }
 
 /// `GET /_ping`: `Ok` when the engine answers `200 OK`, else why not.
 async fn ping(socket: &Path) -> Result<(), String> {
     let asked = async {
-        let mut sender = connect::<Empty<Bytes>>(socket).await?;
+        let (mut sender, _driver) = connect::<Empty<Bytes>>(socket).await?;
         let request = hyper::Request::get("/_ping")
             .header(hyper::header::HOST, "localhost")
             .body(Empty::new())
@@ -503,7 +512,7 @@ where
                 rx.poll_recv(cx)
                     .map(|chunk| chunk.map(|c| Ok::<_, Infallible>(Frame::data(c))))
             }));
-            let mut sender = connect(socket).await?;
+            let (mut sender, driver) = connect(socket).await?;
             let request = hyper::Request::post("/images/load?quiet=1")
                 .header(hyper::header::HOST, "localhost")
                 .header(hyper::header::CONTENT_TYPE, "application/x-tar")
@@ -520,6 +529,10 @@ where
                 .await
                 .map_err(|e| format!("reading the answer to POST /images/load: {e}"))?
                 .to_bytes();
+            // The store has answered: whatever of the archive it did not read is dropped, so
+            // the writer stops (a store that answers early and keeps the connection open
+            // would otherwise leave it blocked on a full channel).
+            driver.abort();
             Ok::<_, String>((status, body))
         });
         let written = writer.join().unwrap_or_else(|_| {
