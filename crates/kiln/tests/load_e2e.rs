@@ -145,6 +145,23 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
         "built by kiln for output\n"
     );
 
+    // No name: loaded by id, which the progress line gives and `docker run` takes.
+    let out = kiln_build(
+        &f,
+        &dir,
+        &["--build-arg", "WHO=unnamed", "--load"],
+        &[("DOCKER_HOST", &dockerd.host())],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let all = text(&out);
+    let id = all
+        .split(" (DOCKER_HOST) as ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no loaded id in:\n{all}"));
+    assert!(id.starts_with("sha256:"), "{all}");
+    assert_eq!(docker_run(&dockerd, id), "built by kiln for unnamed\n");
+
     // `--push --load`: pushed and loaded by one build, as buildx does.
     let registry = TestRegistry::kiln();
     let pushed = format!("{}/load/app:both", registry.addr);

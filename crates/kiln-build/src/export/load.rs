@@ -23,6 +23,8 @@ pub struct LoadExporter {
     pub context: Option<String>,
     /// The store found before the build ([`Exporter::check_destination`]).
     store: OnceLock<ImageStore>,
+    /// What the store said it loaded, once the export ran.
+    loaded: OnceLock<Loaded>,
 }
 
 impl LoadExporter {
@@ -43,6 +45,7 @@ impl LoadExporter {
             settings,
             context,
             store: OnceLock::new(),
+            loaded: OnceLock::new(),
         })
     }
 
@@ -138,7 +141,12 @@ impl Exporter for LoadExporter {
 
     fn destination(&self) -> Option<String> {
         let store = self.store.get()?;
-        Some(match self.settings.names.as_slice() {
+        // The store's own words (`Loaded image: NAME`, or the id of an unnamed image).
+        let names = match self.loaded.get() {
+            Some(l) if !l.images.is_empty() => &l.images,
+            _ => &self.settings.names,
+        };
+        Some(match names.as_slice() {
             [] => format!("image loaded into {store}"),
             names => format!("image loaded into {store} as {}", names.join(", ")),
         })
@@ -150,7 +158,8 @@ impl Exporter for LoadExporter {
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
         let store = self.store(cx.runtime)?;
-        let (_loaded, image) = self.load_into(store, cx, result)?;
+        let (loaded, image) = self.load_into(store, cx, result)?;
+        let _ = self.loaded.set(loaded);
         Ok(ExportReport {
             kind: self.kind().to_owned(),
             image: Some(image),
