@@ -48,6 +48,7 @@ fn kiln_build(f: &Fixture, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> O
         .env_remove("DOCKER_HOST")
         .env_remove("CONTAINER_HOST")
         .env_remove("DOCKER_CONTEXT")
+        .env_remove("DOCKER_TLS_VERIFY")
         .env("DOCKER_CONFIG", config);
     for (k, v) in env {
         c.env(k, v);
@@ -84,7 +85,7 @@ fn require_no_default_daemon() {
 #[test]
 fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     require_root("--load into dockerd");
-    let dockerd = Dockerd::start();
+    let dockerd = Dockerd::start_with_tcp();
     let f = Fixture::new();
     let dir = project(&f, "docker-ctx");
     let meta = f.path("docker-meta.json");
@@ -143,6 +144,31 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     assert_eq!(
         docker_run(&dockerd, "localhost/kiln-load:output"),
         "built by kiln for output\n"
+    );
+
+    // A TLS-less tcp:// DOCKER_HOST, as CI jobs reach a `docker:dind` service.
+    let tcp = dockerd.tcp_host().unwrap();
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:tcp",
+            "--build-arg",
+            "WHO=tcp",
+            "--load",
+        ],
+        &[("DOCKER_HOST", tcp)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("the Docker daemon at {tcp} (DOCKER_HOST)")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        docker_run(&dockerd, "localhost/kiln-load:tcp"),
+        "built by kiln for tcp\n"
     );
 
     // No name: loaded by id, which the progress line gives and `docker run` takes.
@@ -472,12 +498,29 @@ fn load_with_no_image_store_fails_naming_load_and_what_was_tried() {
         &f,
         &dir,
         &["--load"],
-        &[("DOCKER_HOST", "tcp://127.0.0.1:2375")],
+        &[("DOCKER_HOST", "ssh://me@build-host")],
     );
     let all = text(&out);
     assert!(!out.status.success(), "{all}");
     assert!(
-        all.contains("DOCKER_HOST=tcp://127.0.0.1:2375: only unix:// sockets"),
+        all.contains(
+            "DOCKER_HOST=ssh://me@build-host: kiln reaches a daemon over unix:// or tcp:// only"
+        ),
+        "{all}"
+    );
+    let out = kiln_build(
+        &f,
+        &dir,
+        &["--load"],
+        &[
+            ("DOCKER_HOST", "tcp://127.0.0.1:2376"),
+            ("DOCKER_TLS_VERIFY", "1"),
+        ],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(
+        all.contains("DOCKER_TLS_VERIFY is set and kiln does not speak TLS to a daemon"),
         "{all}"
     );
 

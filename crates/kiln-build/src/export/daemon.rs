@@ -1,6 +1,6 @@
 //! The local image stores `--load` puts an image into, and the two ways of talking to them:
-//! the Docker Engine API on a unix socket (dockerd, or podman's Docker-compatible service),
-//! and `podman load` reading the archive on its standard input.
+//! the Docker Engine API on a unix socket or plain TCP (dockerd, or podman's
+//! Docker-compatible service), and `podman load` reading the archive on its standard input.
 //!
 //! [`ImageStore::find`] picks the store: `DOCKER_HOST`, the docker CLI's current context
 //! (`DOCKER_CONTEXT`, else `currentContext` of its `config.json`), then podman's
@@ -39,6 +39,9 @@ const CHUNK: usize = 1 << 20;
 pub struct StoreEnv {
     /// `DOCKER_HOST`.
     pub docker_host: Option<String>,
+    /// `DOCKER_TLS_VERIFY` is set: a `tcp://` `DOCKER_HOST` wants TLS, which kiln does not
+    /// speak to a daemon.
+    pub docker_tls_verify: bool,
     /// The docker CLI's config dir: `DOCKER_CONFIG`, else `~/.docker`.
     pub docker_config: Option<PathBuf>,
     /// The docker CLI's current context other than `default`, and the Docker host its
@@ -74,6 +77,7 @@ impl StoreEnv {
             .and_then(|dir| docker_context(dir, var("DOCKER_CONTEXT")));
         StoreEnv {
             docker_host: var("DOCKER_HOST"),
+            docker_tls_verify: var("DOCKER_TLS_VERIFY").is_some(),
             docker_config,
             docker_context,
             container_host: var("CONTAINER_HOST"),
@@ -135,6 +139,24 @@ pub fn docker_context(
     Some((name, host))
 }
 
+/// Where an Engine API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A unix socket (`unix:///run/docker.sock`).
+    Unix(PathBuf),
+    /// Plain HTTP over TCP (`tcp://HOST:PORT`), as a TLS-less `docker:dind` service listens.
+    Tcp(String),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(path) => write!(f, "unix://{}", path.display()),
+            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
+    }
+}
+
 /// Which engine serves an Engine API socket, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -147,12 +169,12 @@ pub enum Engine {
 /// A local image store `--load` can write to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageStore {
-    /// A Docker Engine API on a unix socket (`POST /images/load` with a Docker archive).
+    /// A Docker Engine API (`POST /images/load` with a Docker archive).
     EngineApi {
         /// dockerd or podman.
         engine: Engine,
-        /// The socket.
-        socket: PathBuf,
+        /// Where it listens.
+        endpoint: Endpoint,
         /// Where the socket came from (`DOCKER_HOST`, `Docker's default socket`, ...).
         origin: String,
     },
@@ -168,14 +190,14 @@ impl fmt::Display for ImageStore {
         match self {
             ImageStore::EngineApi {
                 engine,
-                socket,
+                endpoint,
                 origin,
             } => {
                 let who = match engine {
                     Engine::Docker => "the Docker daemon",
                     Engine::Podman => "podman's API service",
                 };
-                write!(f, "{who} at unix://{} ({origin})", socket.display())
+                write!(f, "{who} at {endpoint} ({origin})")
             }
             ImageStore::PodmanCli { program } => {
                 write!(f, "podman's store (`{} load`)", program.display())
@@ -203,14 +225,16 @@ pub enum LoadError {
     /// `DOCKER_HOST`, a docker context or `CONTAINER_HOST` names a host kiln cannot reach
     /// this way.
     #[error(
-        "--load: {var}={value}: only unix:// sockets are supported; use a \
-         unix:///PATH/TO/SOCKET host, or --output type=docker,dest=FILE and load the file there"
+        "--load: {var}={value}: {why}; use a unix:///PATH/TO/SOCKET or plain tcp://HOST:PORT \
+         host, or --output type=docker,dest=FILE and load the file there"
     )]
     UnsupportedHost {
         /// The variable (or `docker context NAME`).
         var: String,
         /// Its value.
         value: String,
+        /// Why kiln cannot reach it.
+        why: &'static str,
     },
     /// The docker CLI's current context has no Docker endpoint kiln can read.
     #[error(
@@ -288,11 +312,12 @@ impl ImageStore {
                 .map(|h| ("CONTAINER_HOST".to_owned(), h, Engine::Podman)),
         ];
         if let Some((var, value, engine)) = chosen.into_iter().flatten().next() {
-            let socket = unix_socket(&var, value)?;
-            return match runtime.block_on(ping(&socket)) {
+            let tls = var == "DOCKER_HOST" && env.docker_tls_verify;
+            let endpoint = endpoint(&var, value, tls)?;
+            return match runtime.block_on(ping(&endpoint)) {
                 Ok(()) => Ok(ImageStore::EngineApi {
                     engine,
-                    socket,
+                    endpoint,
                     origin: var,
                 }),
                 Err(reason) => Err(LoadError::Unreachable {
@@ -317,11 +342,12 @@ impl ImageStore {
                 tried.push(format!("{origin} unix://{} (absent)", socket.display()));
                 continue;
             }
-            match runtime.block_on(ping(&socket)) {
+            let endpoint = Endpoint::Unix(socket.clone());
+            match runtime.block_on(ping(&endpoint)) {
                 Ok(()) => {
                     return Ok(ImageStore::EngineApi {
                         engine,
-                        socket,
+                        endpoint,
                         origin: origin.to_owned(),
                     })
                 }
@@ -350,23 +376,43 @@ impl ImageStore {
         E: std::error::Error + Send + Sync + 'static,
     {
         match self {
-            ImageStore::EngineApi { socket, .. } => {
-                load_over_api(self, socket, runtime, write_archive)
+            ImageStore::EngineApi { endpoint, .. } => {
+                load_over_api(self, endpoint, runtime, write_archive)
             }
             ImageStore::PodmanCli { program } => load_with_podman(self, program, write_archive),
         }
     }
 }
 
-/// The socket path of a `unix://` host value; any other scheme is refused.
-fn unix_socket(var: &str, value: &str) -> Result<PathBuf, LoadError> {
-    match value.strip_prefix("unix://") {
-        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(LoadError::UnsupportedHost {
-            var: var.to_owned(),
-            value: value.to_owned(),
-        }),
+/// The endpoint of a `unix://PATH` or `tcp://HOST:PORT` host value (`tls`: the user asked
+/// for TLS, which kiln does not speak to a daemon); any other scheme is refused.
+fn endpoint(var: &str, value: &str, tls: bool) -> Result<Endpoint, LoadError> {
+    let refused = |why| LoadError::UnsupportedHost {
+        var: var.to_owned(),
+        value: value.to_owned(),
+        why,
+    };
+    if let Some(path) = value.strip_prefix("unix://") {
+        if !path.starts_with('/') {
+            return Err(refused("a unix socket needs an absolute path"));
+        }
+        return Ok(Endpoint::Unix(PathBuf::from(path)));
     }
+    if let Some(addr) = value.strip_prefix("tcp://") {
+        if tls {
+            return Err(refused(
+                "DOCKER_TLS_VERIFY is set and kiln does not speak TLS to a daemon",
+            ));
+        }
+        let addr = addr.trim_end_matches('/');
+        return match addr.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Endpoint::Tcp(addr.to_owned()))
+            }
+            _ => Err(refused("a tcp host needs HOST:PORT")),
+        };
+    }
+    Err(refused("kiln reaches a daemon over unix:// or tcp:// only"))
 }
 
 /// The first executable `name` in the directories of `path`.
@@ -379,25 +425,44 @@ fn find_on_path(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
         })
 }
 
-/// An HTTP/1.1 connection to the Engine API on `socket`: the request sender, and the task
+/// A request sender and the task driving its connection.
+type Connection<B> = (
+    hyper::client::conn::http1::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+);
+
+/// An HTTP/1.1 connection to the Engine API at `endpoint`: the request sender, and the task
 /// driving the connection (which owns a request's body while it is sent).
-async fn connect<B>(
-    socket: &Path,
-) -> Result<
-    (
-        hyper::client::conn::http1::SendRequest<B>,
-        tokio::task::JoinHandle<()>,
-    ),
-    String,
->
+async fn connect<B>(endpoint: &Endpoint) -> Result<Connection<B>, String>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
+    match endpoint {
+        Endpoint::Unix(path) => {
+            let stream = tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(|e| format!("connecting: {e}"))?;
+            handshake(stream).await
+        }
+        Endpoint::Tcp(addr) => {
+            let stream = tokio::net::TcpStream::connect(addr.as_str())
+                .await
+                .map_err(|e| format!("connecting: {e}"))?;
+            handshake(stream).await
+        }
+    }
+}
+
+/// HTTP/1.1 over `stream`, its connection driven by a task of its own.
+async fn handshake<S, B>(stream: S) -> Result<Connection<B>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
@@ -409,9 +474,9 @@ where
 }
 
 /// `GET /_ping`: `Ok` when the engine answers `200 OK`, else why not.
-async fn ping(socket: &Path) -> Result<(), String> {
+async fn ping(endpoint: &Endpoint) -> Result<(), String> {
     let asked = async {
-        let (mut sender, _driver) = connect::<Empty<Bytes>>(socket).await?;
+        let (mut sender, _driver) = connect::<Empty<Bytes>>(endpoint).await?;
         let request = hyper::Request::get("/_ping")
             .header(hyper::header::HOST, "localhost")
             .body(Empty::new())
@@ -490,7 +555,7 @@ fn is_broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
 /// is written on a thread of its own while this one drives the request on `runtime`.
 fn load_over_api<E>(
     store: &ImageStore,
-    socket: &Path,
+    endpoint: &Endpoint,
     runtime: &tokio::runtime::Handle,
     write_archive: impl FnOnce(&mut dyn Write) -> Result<(), E> + Send,
 ) -> Result<Loaded, LoadError>
@@ -512,7 +577,7 @@ where
                 rx.poll_recv(cx)
                     .map(|chunk| chunk.map(|c| Ok::<_, Infallible>(Frame::data(c))))
             }));
-            let (mut sender, driver) = connect(socket).await?;
+            let (mut sender, driver) = connect(endpoint).await?;
             let request = hyper::Request::post("/images/load?quiet=1")
                 .header(hyper::header::HOST, "localhost")
                 .header(hyper::header::CONTENT_TYPE, "application/x-tar")
@@ -717,17 +782,27 @@ mod tests {
     }
 
     #[test]
-    fn docker_host_over_tcp_is_refused_naming_the_variable() {
-        let e = unix_socket("DOCKER_HOST", "tcp://127.0.0.1:2375").unwrap_err();
-        let text = e.to_string();
-        assert!(
-            text.starts_with("--load: DOCKER_HOST=tcp://127.0.0.1:2375"),
-            "{text}"
+    fn hosts_are_unix_sockets_or_plain_tcp_and_others_are_refused_naming_the_variable() {
+        assert_eq!(
+            endpoint("DOCKER_HOST", "unix:///run/d.sock", false).unwrap(),
+            Endpoint::Unix(PathBuf::from("/run/d.sock"))
         );
         assert_eq!(
-            unix_socket("DOCKER_HOST", "unix:///run/d.sock").unwrap(),
-            PathBuf::from("/run/d.sock")
+            endpoint("DOCKER_HOST", "tcp://docker:2375/", false).unwrap(),
+            Endpoint::Tcp("docker:2375".into())
         );
+        for (value, tls, why) in [
+            ("tcp://docker:2376", true, "DOCKER_TLS_VERIFY is set"),
+            ("tcp://docker", false, "needs HOST:PORT"),
+            ("ssh://me@host", false, "over unix:// or tcp:// only"),
+            ("unix://run/d.sock", false, "absolute path"),
+        ] {
+            let text = endpoint("DOCKER_HOST", value, tls).unwrap_err().to_string();
+            assert!(
+                text.starts_with(&format!("--load: DOCKER_HOST={value}: ")) && text.contains(why),
+                "{text}"
+            );
+        }
     }
 
     #[test]

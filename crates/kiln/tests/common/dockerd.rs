@@ -22,6 +22,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct Dockerd {
     child: Child,
     dir: tempfile::TempDir,
+    tcp: Option<String>,
 }
 
 impl Dockerd {
@@ -29,6 +30,18 @@ impl Dockerd {
     /// Fails the calling test, with dockerd's log, when it does not come up.
     #[track_caller]
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// [`Dockerd::start`], its API also served over plain TCP on a loopback port
+    /// ([`Dockerd::tcp_host`]), as a TLS-less `docker:dind` service serves it.
+    #[track_caller]
+    pub fn start_with_tcp() -> Self {
+        Self::start_with(true)
+    }
+
+    #[track_caller]
+    fn start_with(tcp: bool) -> Self {
         super::require_root("a private dockerd");
         let dockerd = super::require_program("dockerd");
         super::require_program("containerd");
@@ -39,7 +52,18 @@ impl Dockerd {
             .unwrap();
         let log = std::fs::File::create(dir.path().join("dockerd.log")).unwrap();
         let p = |rel: &str| dir.path().join(rel);
-        let child = Command::new(dockerd)
+        let tcp = tcp.then(|| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            format!("tcp://127.0.0.1:{port}")
+        });
+        let mut command = Command::new(dockerd);
+        if let Some(host) = &tcp {
+            command.arg("-H").arg(host);
+        }
+        let child = command
             .arg("--bridge=none")
             .arg("--iptables=false")
             .arg("--ip6tables=false")
@@ -60,7 +84,7 @@ impl Dockerd {
             .stderr(log)
             .spawn()
             .expect("starting dockerd");
-        let mut d = Dockerd { child, dir };
+        let mut d = Dockerd { child, dir, tcp };
         d.wait_ready();
         d
     }
@@ -101,6 +125,12 @@ impl Dockerd {
     /// `DOCKER_HOST` for this daemon: `unix://SOCKET`.
     pub fn host(&self) -> String {
         format!("unix://{}", self.socket().display())
+    }
+
+    /// `DOCKER_HOST` for this daemon's TCP listener (`tcp://127.0.0.1:PORT`), when it was
+    /// started with one.
+    pub fn tcp_host(&self) -> Option<&str> {
+        self.tcp.as_deref()
     }
 
     /// What dockerd logged so far.
