@@ -520,7 +520,7 @@ fn load_with_no_image_store_fails_naming_load_and_what_was_tried() {
     let all = text(&out);
     assert!(!out.status.success(), "{all}");
     assert!(
-        all.contains("DOCKER_TLS_VERIFY is set and kiln does not speak TLS to a daemon"),
+        all.contains("it wants TLS (DOCKER_TLS_VERIFY, or the context's TLS files) and kiln does not speak TLS to a daemon"),
         "{all}"
     );
 

@@ -44,9 +44,8 @@ pub struct StoreEnv {
     pub docker_tls_verify: bool,
     /// The docker CLI's config dir: `DOCKER_CONFIG`, else `~/.docker`.
     pub docker_config: Option<PathBuf>,
-    /// The docker CLI's current context other than `default`, and the Docker host its
-    /// endpoint names (`None` when that context has no stored endpoint).
-    pub docker_context: Option<(String, Option<String>)>,
+    /// The docker CLI's current context, other than `default`.
+    pub docker_context: Option<DockerContext>,
     /// `CONTAINER_HOST`: podman's remote service, as podman reads it.
     pub container_host: Option<String>,
     /// Docker's default socket ([`DOCKER_DEFAULT_SOCKET`]).
@@ -86,9 +85,7 @@ impl StoreEnv {
             path: std::env::var_os("PATH"),
         }
     }
-}
 
-impl StoreEnv {
     /// This environment with the docker context `name` chosen (the `context=` attribute):
     /// `default` is `DOCKER_HOST` or Docker's default socket, any other name the endpoint
     /// stored for it, whatever `DOCKER_HOST` says.
@@ -101,20 +98,33 @@ impl StoreEnv {
                 .docker_config
                 .as_deref()
                 .and_then(|dir| docker_context(dir, Some(name.to_owned())))
-                .or_else(|| Some((name.to_owned(), None)));
+                .or_else(|| {
+                    Some(DockerContext {
+                        name: name.to_owned(),
+                        host: None,
+                        tls: false,
+                    })
+                });
         }
         self
     }
 }
 
+/// A docker CLI context, as its store under the CLI's config dir describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DockerContext {
+    /// Its name.
+    pub name: String,
+    /// The host of its `docker` endpoint (`None`: no such context stored).
+    pub host: Option<String>,
+    /// It keeps TLS material for that endpoint (`contexts/tls/<id>/docker`).
+    pub tls: bool,
+}
+
 /// The docker CLI's current context as it resolves it when `DOCKER_HOST` is unset:
 /// `DOCKER_CONTEXT`, else `currentContext` of `DIR/config.json`; `default` (or none) is
-/// `None`. With it, the host of its `docker` endpoint, read from
-/// `DIR/contexts/meta/<sha256 of the name>/meta.json`.
-pub fn docker_context(
-    config_dir: &Path,
-    env_context: Option<String>,
-) -> Option<(String, Option<String>)> {
+/// `None`. Its endpoint is read from `DIR/contexts/meta/<sha256 of the name>/meta.json`.
+pub fn docker_context(config_dir: &Path, env_context: Option<String>) -> Option<DockerContext> {
     let name = env_context.or_else(|| {
         let config = std::fs::read(config_dir.join("config.json")).ok()?;
         let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
@@ -128,6 +138,11 @@ pub fn docker_context(
         .join("contexts/meta")
         .join(id.hex())
         .join("meta.json");
+    let tls = config_dir
+        .join("contexts/tls")
+        .join(id.hex())
+        .join("docker")
+        .is_dir();
     let host = std::fs::read(meta)
         .ok()
         .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
@@ -136,7 +151,7 @@ pub fn docker_context(
                 .as_str()
                 .map(str::to_owned)
         });
-    Some((name, host))
+    Some(DockerContext { name, host, tls })
 }
 
 /// Where an Engine API listens.
@@ -298,21 +313,24 @@ impl ImageStore {
     /// Sockets are asked `GET /_ping` on `runtime`.
     pub fn find(env: &StoreEnv, runtime: &tokio::runtime::Handle) -> Result<Self, LoadError> {
         let context = match (&env.docker_host, &env.docker_context) {
-            (None, Some((name, None))) => return Err(LoadError::UnknownContext(name.clone())),
-            (None, Some((name, Some(host)))) => Some((format!("docker context {name}"), host)),
+            (None, Some(c)) => match &c.host {
+                None => return Err(LoadError::UnknownContext(c.name.clone())),
+                Some(host) => Some((format!("docker context {}", c.name), host, c.tls)),
+            },
             _ => None,
         };
+        // (where the host came from, the host, whether it wants TLS, the engine)
         let chosen = [
-            env.docker_host
-                .as_ref()
-                .map(|h| ("DOCKER_HOST".to_owned(), h, Engine::Docker)),
-            context.map(|(var, host)| (var, host, Engine::Docker)),
+            env.docker_host.as_ref().map(|h| {
+                let var = "DOCKER_HOST".to_owned();
+                (var, h, env.docker_tls_verify, Engine::Docker)
+            }),
+            context.map(|(var, host, tls)| (var, host, tls, Engine::Docker)),
             env.container_host
                 .as_ref()
-                .map(|h| ("CONTAINER_HOST".to_owned(), h, Engine::Podman)),
+                .map(|h| ("CONTAINER_HOST".to_owned(), h, false, Engine::Podman)),
         ];
-        if let Some((var, value, engine)) = chosen.into_iter().flatten().next() {
-            let tls = var == "DOCKER_HOST" && env.docker_tls_verify;
+        if let Some((var, value, tls, engine)) = chosen.into_iter().flatten().next() {
             let endpoint = endpoint(&var, value, tls)?;
             return match runtime.block_on(ping(&endpoint)) {
                 Ok(()) => Ok(ImageStore::EngineApi {
@@ -401,7 +419,8 @@ fn endpoint(var: &str, value: &str, tls: bool) -> Result<Endpoint, LoadError> {
     if let Some(addr) = value.strip_prefix("tcp://") {
         if tls {
             return Err(refused(
-                "DOCKER_TLS_VERIFY is set and kiln does not speak TLS to a daemon",
+                "it wants TLS (DOCKER_TLS_VERIFY, or the context's TLS files) and kiln does not \
+                 speak TLS to a daemon",
             ));
         }
         let addr = addr.trim_end_matches('/');
@@ -792,7 +811,7 @@ mod tests {
             Endpoint::Tcp("docker:2375".into())
         );
         for (value, tls, why) in [
-            ("tcp://docker:2376", true, "DOCKER_TLS_VERIFY is set"),
+            ("tcp://docker:2376", true, "it wants TLS"),
             ("tcp://docker", false, "needs HOST:PORT"),
             ("ssh://me@host", false, "over unix:// or tcp:// only"),
             ("unix://run/d.sock", false, "absolute path"),
@@ -836,10 +855,12 @@ mod tests {
             r#"{"currentContext": "rootless"}"#,
         )
         .unwrap();
-        assert_eq!(
-            docker_context(config.path(), None),
-            Some(("rootless".to_owned(), None))
-        );
+        let context = |host: Option<&str>| DockerContext {
+            name: "rootless".to_owned(),
+            host: host.map(str::to_owned),
+            tls: false,
+        };
+        assert_eq!(docker_context(config.path(), None), Some(context(None)));
         // The name's sha256 is the directory, as the docker CLI stores it.
         let id = kiln_oci::Digest::sha256_of(b"rootless");
         let meta = config.path().join("contexts/meta").join(id.hex());
@@ -852,10 +873,7 @@ mod tests {
         let rootless = docker_context(config.path(), None);
         assert_eq!(
             rootless,
-            Some((
-                "rootless".to_owned(),
-                Some("unix:///run/user/1000/docker.sock".to_owned())
-            ))
+            Some(context(Some("unix:///run/user/1000/docker.sock")))
         );
         // DOCKER_CONTEXT wins over the config file; `default` is no context.
         assert_eq!(docker_context(config.path(), Some("default".into())), None);
@@ -878,7 +896,11 @@ mod tests {
             "{text}"
         );
         let env = StoreEnv {
-            docker_context: Some(("gone".into(), None)),
+            docker_context: Some(DockerContext {
+                name: "gone".into(),
+                host: None,
+                tls: false,
+            }),
             ..StoreEnv::default()
         };
         let text = ImageStore::find(&env, runtime.handle())
