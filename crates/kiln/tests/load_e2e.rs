@@ -49,6 +49,8 @@ fn kiln_build(f: &Fixture, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> O
         .env_remove("CONTAINER_HOST")
         .env_remove("DOCKER_CONTEXT")
         .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_TLS")
+        .env_remove("DOCKER_CERT_PATH")
         .env("DOCKER_CONFIG", config);
     for (k, v) in env {
         c.env(k, v);
@@ -307,6 +309,52 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+#[test]
+fn load_into_dockerd_over_tcp_with_tls_as_docker_tls_verify_asks() {
+    require_root("--load into dockerd");
+    let dockerd = Dockerd::start_with_tls();
+    let f = Fixture::new();
+    let dir = project(&f, "tls-ctx");
+    let certs = dockerd.client_certs();
+    let tcp = dockerd.tcp_host().unwrap();
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:tls",
+            "--build-arg",
+            "WHO=tls",
+            "--load",
+        ],
+        &[
+            ("DOCKER_HOST", tcp),
+            ("DOCKER_TLS_VERIFY", "1"),
+            ("DOCKER_CERT_PATH", certs.to_str().unwrap()),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "the Docker daemon at {tcp} over TLS (DOCKER_HOST)"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        docker_run(&dockerd, "localhost/kiln-load:tls"),
+        "built by kiln for tls\n"
+    );
+    // Without TLS the daemon does not answer kiln's plain HTTP.
+    let out = kiln_build(&f, &dir, &["--load"], &[("DOCKER_HOST", tcp)]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("--load: DOCKER_HOST={tcp} does not answer")),
+        "{}",
+        text(&out)
+    );
+}
+
 /// `podman system service` on a socket of the test's own, stopped when dropped.
 struct PodmanService {
     child: std::process::Child,
@@ -512,15 +560,12 @@ fn load_with_no_image_store_fails_naming_load_and_what_was_tried() {
         &f,
         &dir,
         &["--load"],
-        &[
-            ("DOCKER_HOST", "tcp://127.0.0.1:2376"),
-            ("DOCKER_TLS_VERIFY", "1"),
-        ],
+        &[("DOCKER_HOST", "tcp://127.0.0.1:2376"), ("DOCKER_TLS", "1")],
     );
     let all = text(&out);
     assert!(!out.status.success(), "{all}");
     assert!(
-        all.contains("it wants TLS (DOCKER_TLS_VERIFY, or the context's TLS files) and kiln does not speak TLS to a daemon"),
+        all.contains("TLS without verifying the daemon (DOCKER_TLS, or the context's SkipTLSVerify) is not supported"),
         "{all}"
     );
 

@@ -1,6 +1,7 @@
 //! The local image stores `--load` puts an image into, and the two ways of talking to them:
-//! the Docker Engine API on a unix socket or plain TCP (dockerd, or podman's
-//! Docker-compatible service), and `podman load` reading the archive on its standard input.
+//! the Docker Engine API on a unix socket or TCP (plain, or TLS with the docker CLI's client
+//! certificates) — dockerd, or podman's Docker-compatible service — and `podman load`
+//! reading the archive on its standard input.
 //!
 //! [`ImageStore::find`] picks the store: `DOCKER_HOST`, the docker CLI's current context
 //! (`DOCKER_CONTEXT`, else `currentContext` of its `config.json`), then podman's
@@ -39,9 +40,9 @@ const CHUNK: usize = 1 << 20;
 pub struct StoreEnv {
     /// `DOCKER_HOST`.
     pub docker_host: Option<String>,
-    /// `DOCKER_TLS_VERIFY` is set: a `tcp://` `DOCKER_HOST` wants TLS, which kiln does not
-    /// speak to a daemon.
-    pub docker_tls_verify: bool,
+    /// How a `tcp://` `DOCKER_HOST` is reached: `DOCKER_TLS_VERIFY` (TLS with the
+    /// certificates of `DOCKER_CERT_PATH`, else the config dir), `DOCKER_TLS`, or neither.
+    pub docker_tls: Tls,
     /// The docker CLI's config dir: `DOCKER_CONFIG`, else `~/.docker`.
     pub docker_config: Option<PathBuf>,
     /// The docker CLI's current context, other than `default`.
@@ -74,9 +75,17 @@ impl StoreEnv {
         let docker_context = docker_config
             .as_deref()
             .and_then(|dir| docker_context(dir, var("DOCKER_CONTEXT")));
+        let docker_tls = match (var("DOCKER_TLS_VERIFY"), var("DOCKER_TLS")) {
+            (Some(_), _) => var("DOCKER_CERT_PATH")
+                .map(PathBuf::from)
+                .or_else(|| docker_config.clone())
+                .map_or(Tls::Unverified, Tls::Verify),
+            (None, Some(_)) => Tls::Unverified,
+            (None, None) => Tls::Off,
+        };
         StoreEnv {
             docker_host: var("DOCKER_HOST"),
-            docker_tls_verify: var("DOCKER_TLS_VERIFY").is_some(),
+            docker_tls,
             docker_config,
             docker_context,
             container_host: var("CONTAINER_HOST"),
@@ -102,7 +111,7 @@ impl StoreEnv {
                     Some(DockerContext {
                         name: name.to_owned(),
                         host: None,
-                        tls: false,
+                        tls: Tls::Off,
                     })
                 });
         }
@@ -117,8 +126,22 @@ pub struct DockerContext {
     pub name: String,
     /// The host of its `docker` endpoint (`None`: no such context stored).
     pub host: Option<String>,
-    /// It keeps TLS material for that endpoint (`contexts/tls/<id>/docker`).
-    pub tls: bool,
+    /// How its endpoint is reached: TLS with the files it keeps for it
+    /// (`contexts/tls/<id>/docker`), unless its `SkipTLSVerify` says not to verify.
+    pub tls: Tls,
+}
+
+/// How a `tcp://` host is reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Tls {
+    /// Plain HTTP.
+    #[default]
+    Off,
+    /// TLS, verifying the daemon with `DIR/ca.pem` and presenting `DIR/cert.pem` and
+    /// `DIR/key.pem`, as the docker CLI does.
+    Verify(PathBuf),
+    /// TLS without verifying the daemon (`DOCKER_TLS`, `SkipTLSVerify`): refused.
+    Unverified,
 }
 
 /// The docker CLI's current context as it resolves it when `DOCKER_HOST` is unset:
@@ -138,19 +161,25 @@ pub fn docker_context(config_dir: &Path, env_context: Option<String>) -> Option<
         .join("contexts/meta")
         .join(id.hex())
         .join("meta.json");
-    let tls = config_dir
+    let meta = std::fs::read(meta)
+        .ok()
+        .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok());
+    let endpoint = meta.as_ref().and_then(|m| m.pointer("/Endpoints/docker"));
+    let host = endpoint
+        .and_then(|e| e.get("Host")?.as_str())
+        .map(str::to_owned);
+    let skip_verify = endpoint
+        .and_then(|e| e.get("SkipTLSVerify")?.as_bool())
+        .unwrap_or(false);
+    let tls_dir = config_dir
         .join("contexts/tls")
         .join(id.hex())
-        .join("docker")
-        .is_dir();
-    let host = std::fs::read(meta)
-        .ok()
-        .and_then(|m| serde_json::from_slice::<serde_json::Value>(&m).ok())
-        .and_then(|m| {
-            m.pointer("/Endpoints/docker/Host")?
-                .as_str()
-                .map(str::to_owned)
-        });
+        .join("docker");
+    let tls = match (tls_dir.is_dir(), skip_verify) {
+        (_, true) => Tls::Unverified,
+        (true, false) => Tls::Verify(tls_dir),
+        (false, false) => Tls::Off,
+    };
     Some(DockerContext { name, host, tls })
 }
 
@@ -159,15 +188,22 @@ pub fn docker_context(config_dir: &Path, env_context: Option<String>) -> Option<
 pub enum Endpoint {
     /// A unix socket (`unix:///run/docker.sock`).
     Unix(PathBuf),
-    /// Plain HTTP over TCP (`tcp://HOST:PORT`), as a TLS-less `docker:dind` service listens.
-    Tcp(String),
+    /// HTTP over TCP (`tcp://HOST:PORT`), as a `docker:dind` service listens: plain, or TLS
+    /// with the client certificates in this directory.
+    Tcp {
+        /// `HOST:PORT`.
+        addr: String,
+        /// The directory of `ca.pem`, `cert.pem` and `key.pem`, for TLS.
+        tls: Option<PathBuf>,
+    },
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Endpoint::Unix(path) => write!(f, "unix://{}", path.display()),
-            Endpoint::Tcp(addr) => write!(f, "tcp://{addr}"),
+            Endpoint::Tcp { addr, tls: None } => write!(f, "tcp://{addr}"),
+            Endpoint::Tcp { addr, tls: Some(_) } => write!(f, "tcp://{addr} over TLS"),
         }
     }
 }
@@ -315,7 +351,7 @@ impl ImageStore {
         let context = match (&env.docker_host, &env.docker_context) {
             (None, Some(c)) => match &c.host {
                 None => return Err(LoadError::UnknownContext(c.name.clone())),
-                Some(host) => Some((format!("docker context {}", c.name), host, c.tls)),
+                Some(host) => Some((format!("docker context {}", c.name), host, &c.tls)),
             },
             _ => None,
         };
@@ -323,12 +359,12 @@ impl ImageStore {
         let chosen = [
             env.docker_host.as_ref().map(|h| {
                 let var = "DOCKER_HOST".to_owned();
-                (var, h, env.docker_tls_verify, Engine::Docker)
+                (var, h, &env.docker_tls, Engine::Docker)
             }),
             context.map(|(var, host, tls)| (var, host, tls, Engine::Docker)),
             env.container_host
                 .as_ref()
-                .map(|h| ("CONTAINER_HOST".to_owned(), h, false, Engine::Podman)),
+                .map(|h| ("CONTAINER_HOST".to_owned(), h, &Tls::Off, Engine::Podman)),
         ];
         if let Some((var, value, tls, engine)) = chosen.into_iter().flatten().next() {
             let endpoint = endpoint(&var, value, tls)?;
@@ -402,9 +438,9 @@ impl ImageStore {
     }
 }
 
-/// The endpoint of a `unix://PATH` or `tcp://HOST:PORT` host value (`tls`: the user asked
-/// for TLS, which kiln does not speak to a daemon); any other scheme is refused.
-fn endpoint(var: &str, value: &str, tls: bool) -> Result<Endpoint, LoadError> {
+/// The endpoint of a `unix://PATH` or `tcp://HOST:PORT` host value, reached over TCP as
+/// `tls` says; any other scheme, and TLS without verification, are refused.
+fn endpoint(var: &str, value: &str, tls: &Tls) -> Result<Endpoint, LoadError> {
     let refused = |why| LoadError::UnsupportedHost {
         var: var.to_owned(),
         value: value.to_owned(),
@@ -417,16 +453,23 @@ fn endpoint(var: &str, value: &str, tls: bool) -> Result<Endpoint, LoadError> {
         return Ok(Endpoint::Unix(PathBuf::from(path)));
     }
     if let Some(addr) = value.strip_prefix("tcp://") {
-        if tls {
-            return Err(refused(
-                "it wants TLS (DOCKER_TLS_VERIFY, or the context's TLS files) and kiln does not \
-                 speak TLS to a daemon",
-            ));
-        }
+        let tls = match tls {
+            Tls::Off => None,
+            Tls::Verify(dir) => Some(dir.clone()),
+            Tls::Unverified => {
+                return Err(refused(
+                    "TLS without verifying the daemon (DOCKER_TLS, or the context's \
+                     SkipTLSVerify) is not supported; set DOCKER_TLS_VERIFY=1 and DOCKER_CERT_PATH",
+                ))
+            }
+        };
         let addr = addr.trim_end_matches('/');
         return match addr.rsplit_once(':') {
             Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(Endpoint::Tcp(addr.to_owned()))
+                Ok(Endpoint::Tcp {
+                    addr: addr.to_owned(),
+                    tls,
+                })
             }
             _ => Err(refused("a tcp host needs HOST:PORT")),
         };
@@ -465,13 +508,68 @@ where
                 .map_err(|e| format!("connecting: {e}"))?;
             handshake(stream).await
         }
-        Endpoint::Tcp(addr) => {
+        Endpoint::Tcp { addr, tls } => {
             let stream = tokio::net::TcpStream::connect(addr.as_str())
                 .await
                 .map_err(|e| format!("connecting: {e}"))?;
+            let Some(dir) = tls else {
+                return handshake(stream).await;
+            };
+            let (connector, name) = tls_connector(dir, addr)?;
+            let stream = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
             handshake(stream).await
         }
     }
+}
+
+/// A TLS client as the docker CLI's `DOCKER_TLS_VERIFY`: the daemon verified with
+/// `DIR/ca.pem`, `DIR/cert.pem` and `DIR/key.pem` presented; and the name to verify (the
+/// host of `addr`).
+fn tls_connector(
+    dir: &Path,
+    addr: &str,
+) -> Result<
+    (
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    ),
+    String,
+> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let file = |name: &str| dir.join(name);
+    let read_certs = |name: &str| -> Result<Vec<CertificateDer<'static>>, String> {
+        CertificateDer::pem_file_iter(file(name))
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("reading {}: {e}", file(name).display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in read_certs("ca.pem")? {
+        roots
+            .add(ca)
+            .map_err(|e| format!("{}: {e}", file("ca.pem").display()))?;
+    }
+    let certs = read_certs("cert.pem")?;
+    let key = PrivateKeyDer::from_pem_file(file("key.pem"))
+        .map_err(|e| format!("reading {}: {e}", file("key.pem").display()))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|e| format!("{}: {e}", file("cert.pem").display()))?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("{host} as a TLS server name: {e}"))?;
+    Ok((
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)),
+        name,
+    ))
 }
 
 /// HTTP/1.1 over `stream`, its connection driven by a task of its own.
@@ -803,20 +901,33 @@ mod tests {
     #[test]
     fn hosts_are_unix_sockets_or_plain_tcp_and_others_are_refused_naming_the_variable() {
         assert_eq!(
-            endpoint("DOCKER_HOST", "unix:///run/d.sock", false).unwrap(),
+            endpoint("DOCKER_HOST", "unix:///run/d.sock", &Tls::Off).unwrap(),
             Endpoint::Unix(PathBuf::from("/run/d.sock"))
         );
         assert_eq!(
-            endpoint("DOCKER_HOST", "tcp://docker:2375/", false).unwrap(),
-            Endpoint::Tcp("docker:2375".into())
+            endpoint("DOCKER_HOST", "tcp://docker:2375/", &Tls::Off).unwrap(),
+            Endpoint::Tcp {
+                addr: "docker:2375".into(),
+                tls: None
+            }
+        );
+        let certs = Tls::Verify(PathBuf::from("/certs/client"));
+        assert_eq!(
+            endpoint("DOCKER_HOST", "tcp://docker:2376", &certs).unwrap(),
+            Endpoint::Tcp {
+                addr: "docker:2376".into(),
+                tls: Some(PathBuf::from("/certs/client"))
+            }
         );
         for (value, tls, why) in [
-            ("tcp://docker:2376", true, "it wants TLS"),
-            ("tcp://docker", false, "needs HOST:PORT"),
-            ("ssh://me@host", false, "over unix:// or tcp:// only"),
-            ("unix://run/d.sock", false, "absolute path"),
+            ("tcp://docker:2376", Tls::Unverified, "without verifying"),
+            ("tcp://docker", Tls::Off, "needs HOST:PORT"),
+            ("ssh://me@host", Tls::Off, "over unix:// or tcp:// only"),
+            ("unix://run/d.sock", Tls::Off, "absolute path"),
         ] {
-            let text = endpoint("DOCKER_HOST", value, tls).unwrap_err().to_string();
+            let text = endpoint("DOCKER_HOST", value, &tls)
+                .unwrap_err()
+                .to_string();
             assert!(
                 text.starts_with(&format!("--load: DOCKER_HOST={value}: ")) && text.contains(why),
                 "{text}"
@@ -858,7 +969,7 @@ mod tests {
         let context = |host: Option<&str>| DockerContext {
             name: "rootless".to_owned(),
             host: host.map(str::to_owned),
-            tls: false,
+            tls: Tls::Off,
         };
         assert_eq!(docker_context(config.path(), None), Some(context(None)));
         // The name's sha256 is the directory, as the docker CLI stores it.
@@ -899,7 +1010,7 @@ mod tests {
             docker_context: Some(DockerContext {
                 name: "gone".into(),
                 host: None,
-                tls: false,
+                tls: Tls::Off,
             }),
             ..StoreEnv::default()
         };

@@ -30,18 +30,27 @@ impl Dockerd {
     /// Fails the calling test, with dockerd's log, when it does not come up.
     #[track_caller]
     pub fn start() -> Self {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// [`Dockerd::start`], its API also served over plain TCP on a loopback port
     /// ([`Dockerd::tcp_host`]), as a TLS-less `docker:dind` service serves it.
     #[track_caller]
     pub fn start_with_tcp() -> Self {
-        Self::start_with(true)
+        Self::start_with(true, false)
+    }
+
+    /// [`Dockerd::start`], its API also served over TCP with TLS on a loopback port
+    /// (`--tlsverify`: clients present a certificate of its CA), as `docker:dind` serves it
+    /// by default. The client's `ca.pem`, `cert.pem` and `key.pem` are in
+    /// [`Dockerd::client_certs`] (`DOCKER_CERT_PATH`); made with openssl for this daemon.
+    #[track_caller]
+    pub fn start_with_tls() -> Self {
+        Self::start_with(true, true)
     }
 
     #[track_caller]
-    fn start_with(tcp: bool) -> Self {
+    fn start_with(tcp: bool, tls: bool) -> Self {
         super::require_root("a private dockerd");
         let dockerd = super::require_program("dockerd");
         super::require_program("containerd");
@@ -62,6 +71,17 @@ impl Dockerd {
         let mut command = Command::new(dockerd);
         if let Some(host) = &tcp {
             command.arg("-H").arg(host);
+        }
+        if tls {
+            let certs = make_certs(dir.path());
+            command
+                .arg("--tlsverify")
+                .arg("--tlscacert")
+                .arg(certs.join("ca.pem"))
+                .arg("--tlscert")
+                .arg(certs.join("server-cert.pem"))
+                .arg("--tlskey")
+                .arg(certs.join("server-key.pem"));
         }
         let child = command
             .arg("--bridge=none")
@@ -133,6 +153,11 @@ impl Dockerd {
         self.tcp.as_deref()
     }
 
+    /// The client certificates of a daemon started with TLS: `ca.pem`, `cert.pem`, `key.pem`.
+    pub fn client_certs(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
     /// What dockerd logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
@@ -156,6 +181,80 @@ impl Dockerd {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl in
+/// `dir/certs` (EC keys: quick to make).
+#[track_caller]
+fn make_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new(super::require_program("openssl"))
+            .args(args)
+            .current_dir(&certs)
+            .output()
+            .expect("running openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca-key.pem", "-out", "ca.pem"],
+            &["-days", "2", "-subj", "/CN=kiln test CA"],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        certs.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    std::fs::write(certs.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, key, ext) in [
+        ("server-cert.pem", "server-key.pem", "server.ext"),
+        ("cert.pem", "key.pem", "client.ext"),
+    ] {
+        let csr = format!("{name}.csr");
+        openssl(
+            &[
+                &["req"][..],
+                &ec,
+                &["-keyout", key, "-out", &csr, "-subj", "/CN=kiln test"],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+            "-out",
+            name,
+        ]);
+    }
+    certs
 }
 
 /// Debian's docker CLI, `/usr/bin/docker` from `docker.io` (a `docker` earlier on `PATH` may
