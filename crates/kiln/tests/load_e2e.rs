@@ -87,7 +87,7 @@ fn require_no_default_daemon() {
 #[test]
 fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
     require_root("--load into dockerd");
-    let dockerd = Dockerd::start_with_tcp();
+    let dockerd = Dockerd::start();
     let f = Fixture::new();
     let dir = project(&f, "docker-ctx");
     let meta = f.path("docker-meta.json");
@@ -148,31 +148,6 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
         "built by kiln for output\n"
     );
 
-    // A TLS-less tcp:// DOCKER_HOST, as CI jobs reach a `docker:dind` service.
-    let tcp = dockerd.tcp_host().unwrap();
-    let out = kiln_build(
-        &f,
-        &dir,
-        &[
-            "-t",
-            "localhost/kiln-load:tcp",
-            "--build-arg",
-            "WHO=tcp",
-            "--load",
-        ],
-        &[("DOCKER_HOST", tcp)],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        text(&out).contains(&format!("the Docker daemon at {tcp} (DOCKER_HOST)")),
-        "{}",
-        text(&out)
-    );
-    assert_eq!(
-        docker_run(&dockerd, "localhost/kiln-load:tcp"),
-        "built by kiln for tcp\n"
-    );
-
     // No name: loaded by id, which the progress line gives and `docker run` takes.
     let out = kiln_build(
         &f,
@@ -216,6 +191,39 @@ fn load_into_a_running_dockerd_then_docker_run_prints_the_stage_output() {
         remote["Layers"].as_array().map(Vec::len),
         Some(2),
         "{remote:#}"
+    );
+}
+
+#[test]
+fn load_follows_the_docker_cli_context_and_reaches_a_daemon_over_plain_tcp() {
+    require_root("--load into dockerd");
+    let dockerd = Dockerd::start_with_tcp();
+    let f = Fixture::new();
+    let dir = project(&f, "docker-context-ctx");
+
+    // A TLS-less tcp:// DOCKER_HOST, as CI jobs reach a `docker:dind` service.
+    let tcp = dockerd.tcp_host().unwrap();
+    let out = kiln_build(
+        &f,
+        &dir,
+        &[
+            "-t",
+            "localhost/kiln-load:tcp",
+            "--build-arg",
+            "WHO=tcp",
+            "--load",
+        ],
+        &[("DOCKER_HOST", tcp)],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("the Docker daemon at {tcp} (DOCKER_HOST)")),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        docker_run(&dockerd, "localhost/kiln-load:tcp"),
+        "built by kiln for tcp\n"
     );
 
     // No DOCKER_HOST: the docker CLI's current context (made and chosen with the CLI itself)
