@@ -1,9 +1,11 @@
 //! `--load` end to end: the built image goes into the local image store a user runs
 //! containers from, and a container started from it there prints what the build put in.
-//! Real stores only: a private dockerd (Debian's `docker.io`, see `common/dockerd.rs`) with
-//! `docker run`, and podman both through its API service and through `podman load`.
+//! Real stores only: a private dockerd (Debian's `docker.io`, see `common/dockerd.rs`) reached
+//! over its socket, a docker context, plain TCP and TLS, checked with `docker run`; and podman
+//! both through its API service and through `podman load`, checked with `podman run`.
 //!
-//! Needs root, `dockerd`, `containerd`, `/usr/bin/docker`, `podman` (`.ci/install`).
+//! Needs root, `dockerd`, `containerd`, `/usr/bin/docker`, `podman`, `openssl`, `skopeo`
+//! (`.ci/install`); nothing may answer on Docker's or podman's default socket.
 
 mod common;
 
