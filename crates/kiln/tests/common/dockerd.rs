@@ -97,7 +97,7 @@ impl Dockerd {
             .arg(p("docker.pid"))
             .arg("-H")
             .arg(format!("unix://{}", p("docker.sock").display()))
-            // No registry mirror, no userland proxy, no swarm: nothing listens outside.
+            // No docker-proxy processes (there are no published ports anyway).
             .arg("--userland-proxy=false")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -173,6 +173,8 @@ impl Dockerd {
             .env("DOCKER_HOST", self.host())
             .env("DOCKER_CONFIG", &config)
             .env_remove("DOCKER_CONTEXT")
+            .env_remove("DOCKER_TLS_VERIFY")
+            .env_remove("DOCKER_CERT_PATH")
             .output()
             .expect("running the docker CLI")
     }
