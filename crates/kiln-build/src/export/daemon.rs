@@ -9,7 +9,6 @@
 //! fallback), then Docker's default socket, podman's default API socket, and `podman` on
 //! `PATH`. Every attempt is kept, so that finding none says what was tried.
 
-use std::convert::Infallible;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -618,9 +617,10 @@ async fn ping(endpoint: &Endpoint) -> Result<(), String> {
     }
 }
 
-/// Writes into a channel the HTTP request body reads from, in [`CHUNK`]-sized pieces.
+/// Writes into a channel the HTTP request body reads from, in [`CHUNK`]-sized pieces; an
+/// `Err` sent down the channel aborts the request.
 struct ChannelWriter {
-    tx: tokio::sync::mpsc::Sender<Bytes>,
+    tx: tokio::sync::mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
 }
 
@@ -630,7 +630,7 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
-        self.tx.blocking_send(chunk).map_err(|_| {
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the image store stopped reading the archive",
@@ -679,20 +679,27 @@ fn load_over_api<E>(
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(4);
     let (written, answered) = std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<(), LoadError> {
             let mut w = ChannelWriter {
                 tx,
                 buf: Vec::with_capacity(CHUNK),
             };
-            write_archive(&mut w).map_err(|e| LoadError::Archive(Box::new(e)))?;
-            w.flush().map_err(|e| LoadError::Archive(Box::new(e)))
+            let written = write_archive(&mut w)
+                .map_err(|e| LoadError::Archive(Box::new(e)))
+                .and_then(|()| w.flush().map_err(|e| LoadError::Archive(Box::new(e))));
+            if written.is_err() {
+                // A half-written archive must not end like a whole one: abort the request.
+                let broken = io::Error::other("the image archive could not be written");
+                let _ = w.tx.blocking_send(Err(broken));
+            }
+            written
         });
         let answered = runtime.block_on(async {
             let body = StreamBody::new(futures::stream::poll_fn(move |cx| {
                 rx.poll_recv(cx)
-                    .map(|chunk| chunk.map(|c| Ok::<_, Infallible>(Frame::data(c))))
+                    .map(|chunk| chunk.map(|c| c.map(Frame::data)))
             }));
             let (mut sender, driver) = connect(endpoint).await?;
             let request = hyper::Request::post("/images/load?quiet=1")
@@ -846,6 +853,8 @@ where
                     .map_err(|e| LoadError::Archive(Box::new(e)))
             });
         drop(buffered);
+        // A half-written archive lacks manifest.json (the writer puts it last after the
+        // blobs), so podman refuses it rather than loading part of an image.
         drop(stdin);
         let output = output
             .join()
