@@ -164,30 +164,21 @@ pub(crate) fn import_failed(e: CacheError) -> String {
 }
 
 impl BuildRequest {
-    /// A request for `options` (its metadata file taken out of them), `exporters` and the
-    /// caches; the Dockerfile, its source and label, and the state root are given. Reports,
-    /// trace and command line start empty.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        mut options: BuildOptions,
-        exporters: Vec<Box<dyn Exporter>>,
-        (cache_imports, cache_exports): (Vec<CacheImport>, Vec<CacheExport>),
-        dockerfile: Dockerfile,
-        dockerfile_source: String,
-        dockerfile_label: String,
-        dockerignore: Vec<String>,
-        state_root: PathBuf,
-    ) -> Self {
+    /// A request to build `dockerfile` with `options` (its metadata file taken out of them),
+    /// keeping state under `state_root`. Everything else starts empty, to be set as fields:
+    /// no outputs, no caches, no `.dockerignore` patterns, no reports or trace, the
+    /// Dockerfile's source empty and its label `Dockerfile`.
+    pub fn new(mut options: BuildOptions, dockerfile: Dockerfile, state_root: PathBuf) -> Self {
         BuildRequest {
-            exporters,
-            cache_imports,
-            cache_exports,
+            exporters: Vec::new(),
+            cache_imports: Vec::new(),
+            cache_exports: Vec::new(),
             metadata_file: options.metadata_file.take(),
             options,
             dockerfile,
-            dockerfile_source,
-            dockerfile_label,
-            dockerignore,
+            dockerfile_source: String::new(),
+            dockerfile_label: "Dockerfile".to_owned(),
+            dockerignore: Vec::new(),
             report: None,
             trace: None,
             state_root,

@@ -23,7 +23,7 @@ use kiln_worker::images::StoredImage;
 use kiln_worker::registry::RegistryImages;
 use serde_json::json;
 
-use crate::cache::{CacheBackend, CacheContext, ImportedCacheRef, InlineCache};
+use crate::cache::{CacheBackend, CacheContext, CacheError, ImportedCacheRef, InlineCache};
 use crate::events::{BuildEvent, EventSink, StepName, StepOutcome};
 use crate::export::{BuildResult, ExportContext, ImageRecipe};
 use crate::request::BuildRequest;
@@ -538,10 +538,7 @@ fn inline_cache_fields(
             Ok(None) => continue,
             Ok(Some(fields)) => return Ok(fields),
             Err(e) if ignore_error => {
-                events.event(BuildEvent::Warning(format!(
-                    "cache export failed (ignore-error=true): {:#}",
-                    anyhow::Error::new(e)
-                )));
+                events.event(ignored_export_failure(e));
                 return Ok(BTreeMap::new());
             }
             Err(e) => return Err(e.into()),
@@ -567,14 +564,20 @@ fn export_caches(
                 summary: summary.to_string(),
                 elapsed: started.elapsed(),
             }),
-            Err(e) if export.ignore_error => events.event(BuildEvent::Warning(format!(
-                "cache export failed (ignore-error=true): {:#}",
-                anyhow::Error::new(e)
-            ))),
+            Err(e) if export.ignore_error => events.event(ignored_export_failure(e)),
             Err(e) => return Err(anyhow::Error::new(e).context("exporting the build cache")),
         }
     }
     Ok(())
+}
+
+/// The warning a cache export that failed under `ignore-error=true` gives instead of failing
+/// the build (the inline cache and every other backend word it the same).
+fn ignored_export_failure(e: CacheError) -> BuildEvent {
+    BuildEvent::Warning(format!(
+        "cache export failed (ignore-error=true): {:#}",
+        anyhow::Error::new(e)
+    ))
 }
 
 /// Cache-mount contents carried by imported caches, by id (the first import wins).

@@ -75,23 +75,9 @@ pub fn parse_attrs(
     Ok((kind, attrs))
 }
 
-/// Splits on commas outside double quotes; quotes are dropped and empty fields skipped.
+/// Splits on commas outside double quotes (buildx's CSV reading, kiln-graph's one split).
 fn split_fields(flag: &str, s: &str) -> Result<Vec<String>, SpecError> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for c in s.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ',' if !quoted => out.push(std::mem::take(&mut cur)),
-            _ => cur.push(c),
-        }
-    }
-    if quoted {
-        return Err(SpecError::new(flag, s, "unterminated double quote"));
-    }
-    out.push(cur);
-    Ok(out.into_iter().filter(|f| !f.is_empty()).collect())
+    kiln_graph::options::split_csv(flag, s).map_err(|e| SpecError::new(&e.flag, &e.value, e.reason))
 }
 
 #[cfg(test)]

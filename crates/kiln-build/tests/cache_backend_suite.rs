@@ -594,16 +594,10 @@ impl Harness {
     ) -> Result<SessionRun, Box<BuildFailure>> {
         let options = BuildOptions::for_context(self.path("context"));
         let dockerfile = kiln_dockerfile::parse(DOCKERFILE).unwrap();
-        let request = BuildRequest::new(
-            options,
-            Vec::new(),
-            (cache_imports, cache_exports),
-            dockerfile,
-            DOCKERFILE.to_owned(),
-            "Dockerfile".to_owned(),
-            Vec::new(),
-            self.path(state),
-        );
+        let mut request = BuildRequest::new(options, dockerfile, self.path(state));
+        request.cache_imports = cache_imports;
+        request.cache_exports = cache_exports;
+        request.dockerfile_source = DOCKERFILE.to_owned();
         let events: Mutex<Vec<BuildEvent>> = Mutex::default();
         let sink = |e: BuildEvent| events.lock().unwrap().push(e);
         let outcome = kiln_build::run(request, &sink);

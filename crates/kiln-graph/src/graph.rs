@@ -3,8 +3,6 @@
 //! [`Vertex::inputs`], so [`Vertex::canonical_op`] does not depend on where a vertex sits in
 //! the graph: a cache key is `sha256(canonical_op ‖ input keys)`.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use serde::{Deserialize, Serialize};
 
 use crate::platform::Platform;
@@ -12,6 +10,10 @@ use crate::platform::Platform;
 /// The step modes are defined once, by the parser's typed instructions, and stored in the
 /// ops as they are: their serde spelling is part of the cache key.
 pub use kiln_dockerfile::instructions::{CacheSharing, NetworkMode, SecurityMode};
+
+/// A stage's image config is the OCI image config itself: the frontend starts from the base
+/// image's (or an empty one) and edits its runtime part and history.
+pub use kiln_oci::ImageConfig;
 
 /// Index of a vertex in [`BuildGraph::vertices`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -331,95 +333,6 @@ pub struct MkdirOp {
     pub mode: u32,
     /// Owner (the stage's USER at that point, as BuildKit does).
     pub owner: Option<Chown>,
-}
-
-/// `HEALTHCHECK`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Healthcheck {
-    /// `["NONE"]`, `["CMD", ...]` or `["CMD-SHELL", cmd]`.
-    pub test: Vec<String>,
-    /// Nanoseconds, 0 = default.
-    pub interval: u64,
-    /// Nanoseconds.
-    pub timeout: u64,
-    /// Nanoseconds.
-    pub start_period: u64,
-    /// Nanoseconds.
-    pub start_interval: u64,
-    /// Consecutive failures to be unhealthy, 0 = default.
-    pub retries: u32,
-}
-
-/// One image history entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HistoryEntry {
-    /// The instruction, as Docker prints it (`RUN /bin/sh -c make`).
-    pub created_by: String,
-    /// The step added no layer.
-    pub empty_layer: bool,
-    /// Optional comment.
-    pub comment: Option<String>,
-}
-
-/// The runtime config of an image, as the Dockerfile leaves it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct ImageConfig {
-    /// `K=V` in order; a later ENV of the same key replaces in place.
-    pub env: Vec<String>,
-    /// CMD.
-    pub cmd: Option<Vec<String>>,
-    /// ENTRYPOINT.
-    pub entrypoint: Option<Vec<String>>,
-    /// WORKDIR.
-    pub working_dir: String,
-    /// USER.
-    pub user: String,
-    /// LABEL.
-    pub labels: BTreeMap<String, String>,
-    /// EXPOSE, as `80/tcp`.
-    pub exposed_ports: BTreeSet<String>,
-    /// VOLUME.
-    pub volumes: BTreeSet<String>,
-    /// STOPSIGNAL.
-    pub stop_signal: Option<String>,
-    /// HEALTHCHECK.
-    pub healthcheck: Option<Healthcheck>,
-    /// SHELL (`None` = `/bin/sh -c`).
-    pub shell: Option<Vec<String>>,
-    /// ONBUILD triggers for images built FROM this one.
-    pub on_build: Vec<String>,
-    /// History, one entry per instruction after the base image's own.
-    pub history: Vec<HistoryEntry>,
-    /// Platform.
-    pub os: String,
-    /// Architecture.
-    pub architecture: String,
-    /// Variant.
-    pub variant: Option<String>,
-}
-
-impl ImageConfig {
-    /// Looks up an env var.
-    pub fn env_get(&self, key: &str) -> Option<&str> {
-        self.env.iter().find_map(|kv| {
-            kv.split_once('=')
-                .filter(|(k, _)| *k == key)
-                .map(|(_, v)| v)
-        })
-    }
-
-    /// Sets an env var, replacing it in place if present.
-    pub fn env_set(&mut self, key: &str, value: &str) {
-        let new = format!("{key}={value}");
-        match self
-            .env
-            .iter_mut()
-            .find(|kv| kv.split_once('=').is_some_and(|(k, _)| k == key))
-        {
-            Some(slot) => *slot = new,
-            None => self.env.push(new),
-        }
-    }
 }
 
 /// One stage of the build as lowered.

@@ -23,5 +23,5 @@ pub use lower::{lower, lower_with_outline, ArgInfo, Outline, SecretInfo};
 pub use options::{BuildOptions, OptionError, RawBuildFlags};
 pub use plan::{plan, Plan};
 pub use platform::Platform;
-pub use resolver::{ImageConfigResolver, OfflineResolver, ResolveError, ResolvedImage};
+pub use resolver::{ImageConfigResolver, OfflineResolver, ResolveError, ResolvedConfig};
 pub use stages::{targets, TargetInfo};

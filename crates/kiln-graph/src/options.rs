@@ -857,8 +857,10 @@ fn split_list(s: &str) -> Vec<String> {
         .collect()
 }
 
-/// Splits a CSV field list as buildx does: commas separate fields, double quotes protect them.
-fn split_csv(flag: &str, s: &str) -> Result<Vec<String>, OptionError> {
+/// Splits a CSV field list as buildx does: commas separate fields, double quotes protect
+/// them (and are dropped), empty fields are skipped. The one such split for every
+/// `k=v,...` flag value (kiln-build's `--output`/cache flags use it too).
+pub fn split_csv(flag: &str, s: &str) -> Result<Vec<String>, OptionError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;

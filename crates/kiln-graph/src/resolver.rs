@@ -4,12 +4,13 @@
 use crate::graph::ImageConfig;
 use crate::platform::Platform;
 
-/// A base image's config and the digest it resolved to.
+/// A base image's config and the digest it resolved to: what the frontend needs of an image
+/// (the registry client's [`kiln_oci::ResolvedImage`] also carries the manifest bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ResolvedImage {
+pub struct ResolvedConfig {
     /// Manifest digest (`sha256:...`), if known; part of the image source's cache key.
     pub digest: Option<String>,
-    /// The image's config (ENV, WORKDIR, USER, ONBUILD, SHELL, history...).
+    /// The image's config as stored (ENV, WORKDIR, USER, ONBUILD, SHELL, history...).
     pub config: ImageConfig,
 }
 
@@ -33,7 +34,7 @@ pub trait ImageConfigResolver {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError>;
+    ) -> Result<ResolvedConfig, ResolveError>;
 }
 
 /// A resolver that knows nothing: every image has an empty config and no digest. Enough for
@@ -46,8 +47,8 @@ impl ImageConfigResolver for OfflineResolver {
         &self,
         _: &str,
         platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError> {
-        Ok(ResolvedImage {
+    ) -> Result<ResolvedConfig, ResolveError> {
+        Ok(ResolvedConfig {
             digest: None,
             config: ImageConfig {
                 os: platform.os.clone(),

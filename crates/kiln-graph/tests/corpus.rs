@@ -35,12 +35,32 @@ fn options_for(text: &str) -> (BuildOptions, Option<String>) {
     (o, target)
 }
 
-fn config_json(c: &ImageConfig) -> Value {
+/// The stage config in the corpus's own JSON shape (empty fields written as empty, health
+/// check durations as nanoseconds with 0 for the default).
+fn config_json(config: &ImageConfig) -> Value {
+    let c = config.runtime();
+    let keys = |m: &Option<BTreeMap<String, kiln_oci::config::EmptyObject>>| {
+        m.iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+    };
+    let healthcheck = c.healthcheck.as_ref().map(|h| {
+        json!({
+            "test": h.test.clone().unwrap_or_default(),
+            "interval": h.interval.unwrap_or(0),
+            "timeout": h.timeout.unwrap_or(0),
+            "start_period": h.start_period.unwrap_or(0),
+            "start_interval": h.start_interval.unwrap_or(0),
+            "retries": h.retries.unwrap_or(0),
+        })
+    });
     json!({
-        "env": c.env, "working_dir": c.working_dir, "user": c.user, "cmd": c.cmd,
-        "entrypoint": c.entrypoint, "labels": c.labels, "exposed_ports": c.exposed_ports,
-        "volumes": c.volumes, "healthcheck": c.healthcheck, "stop_signal": c.stop_signal,
-        "shell": c.shell, "on_build": c.on_build,
+        "env": c.env(), "working_dir": c.working_dir(), "user": c.user(), "cmd": c.cmd,
+        "entrypoint": c.entrypoint, "labels": c.labels.clone().unwrap_or_default(),
+        "exposed_ports": keys(&c.exposed_ports), "volumes": keys(&c.volumes),
+        "healthcheck": healthcheck, "stop_signal": c.stop_signal,
+        "shell": c.shell, "on_build": c.on_build(),
     })
 }
 

@@ -85,7 +85,7 @@ fn dependency_stages_do_not_depend_on_each_other() {
     println!("{}", p.to_text());
     let t = g.target_stage();
     assert_eq!(
-        t.config.cmd.as_deref(),
+        t.config.runtime().cmd.as_deref(),
         Some(&["sh".to_string(), "tests/run.sh".to_string()][..])
     );
     assert_eq!(t.config.env_get("APP_ENV"), Some("development"));

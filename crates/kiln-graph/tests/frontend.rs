@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use kiln_graph::graph::*;
 use kiln_graph::options::NamedContext;
 use kiln_graph::*;
+use kiln_oci::{ContainerConfig, History};
 
 /// Base images with fixed configs; anything else fails to resolve.
 struct FixedImages(BTreeMap<String, ImageConfig>);
@@ -15,35 +16,44 @@ impl FixedImages {
         let mut m = BTreeMap::new();
         m.insert(
             "docker.io/library/busybox:latest".to_string(),
-            ImageConfig {
-                env: vec!["PATH=/bin".into(), "HOME=/root".into()],
+            runtime(ContainerConfig {
+                env: Some(vec!["PATH=/bin".into(), "HOME=/root".into()]),
                 ..Default::default()
-            },
+            }),
         );
         m.insert(
             "oci-layout:///l:v1".to_string(),
-            ImageConfig {
-                env: vec!["FROM_LAYOUT=1".into()],
+            runtime(ContainerConfig {
+                env: Some(vec!["FROM_LAYOUT=1".into()]),
                 ..Default::default()
-            },
+            }),
         );
         m.insert(
             "docker.io/library/onbuild:latest".to_string(),
             ImageConfig {
-                env: vec!["PATH=/bin".into()],
-                working_dir: "/base".into(),
-                user: "app".into(),
-                shell: Some(vec!["/bin/bash".into(), "-ec".into()]),
-                on_build: vec!["COPY . /src".into(), "RUN make -C /src".into()],
-                history: vec![HistoryEntry {
-                    created_by: "base layer".into(),
-                    empty_layer: false,
-                    comment: None,
+                history: vec![History {
+                    created_by: Some("base layer".into()),
+                    ..Default::default()
                 }],
-                ..Default::default()
+                ..runtime(ContainerConfig {
+                    env: Some(vec!["PATH=/bin".into()]),
+                    working_dir: Some("/base".into()),
+                    user: Some("app".into()),
+                    shell: Some(vec!["/bin/bash".into(), "-ec".into()]),
+                    on_build: Some(vec!["COPY . /src".into(), "RUN make -C /src".into()]),
+                    ..Default::default()
+                })
             },
         );
         Self(m)
+    }
+}
+
+/// An image config with only its runtime part set.
+fn runtime(c: ContainerConfig) -> ImageConfig {
+    ImageConfig {
+        config: Some(c),
+        ..Default::default()
     }
 }
 
@@ -52,9 +62,9 @@ impl ImageConfigResolver for FixedImages {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError> {
+    ) -> Result<ResolvedConfig, ResolveError> {
         match self.0.get(reference) {
-            Some(c) => Ok(ResolvedImage {
+            Some(c) => Ok(ResolvedConfig {
                 digest: Some(format!("sha256:{}", "1".repeat(64))),
                 config: c.clone(),
             }),
@@ -206,7 +216,10 @@ fn proxy_build_args_reach_run_without_declaration_and_stay_out_of_history() {
     );
     assert_eq!(env_of(e, "OTHER"), None);
     let h = g.target_stage().config.history.last().unwrap();
-    assert_eq!(h.created_by, "RUN |1 V=1 /bin/sh -c make # buildkit");
+    assert_eq!(
+        h.created_by.as_deref(),
+        Some("RUN |1 V=1 /bin/sh -c make # buildkit")
+    );
     assert!(!h.empty_layer);
 }
 
@@ -393,9 +406,12 @@ fn named_context_in_copy_from_and_oci_layout() {
 fn base_image_config_and_onbuild_triggers_are_applied() {
     let g = graph("FROM onbuild\nRUN ls\n");
     let cfg = &g.target_stage().config;
-    assert!(cfg.on_build.is_empty(), "triggers are not inherited");
-    assert_eq!(cfg.working_dir, "/base");
-    assert_eq!(cfg.history[0].created_by, "base layer");
+    assert!(
+        cfg.runtime().on_build().is_empty(),
+        "triggers are not inherited"
+    );
+    assert_eq!(cfg.runtime().working_dir(), "/base");
+    assert_eq!(cfg.history[0].created_by.as_deref(), Some("base layer"));
     let descs: Vec<&str> = g
         .vertices
         .iter()
@@ -414,7 +430,7 @@ fn onbuild_in_a_stage_triggers_in_a_child_stage() {
     let g = graph("FROM busybox AS base\nONBUILD RUN echo child\nFROM base\nRUN echo self\n");
     let args: Vec<String> = execs(&g).iter().map(|e| e.args.join(" ")).collect();
     assert_eq!(args, ["/bin/sh -c echo child", "/bin/sh -c echo self"]);
-    assert_eq!(g.stages[0].config.on_build, ["RUN echo child"]);
+    assert_eq!(g.stages[0].config.runtime().on_build(), ["RUN echo child"]);
 }
 
 #[test]
@@ -612,22 +628,27 @@ fn image_config_is_computed_statically() {
         "USER 1000:1000\nSTOPSIGNAL SIGTERM\nHEALTHCHECK --interval=30s --retries=3 CMD curl -f localhost\n",
         "SHELL [\"/bin/ash\", \"-c\"]\nCMD run\nENTRYPOINT [\"/init\"]\nONBUILD RUN echo hi\nWORKDIR rel\n",
     ));
-    let c = &g.target_stage().config;
-    assert_eq!(c.labels["b c"], "2");
+    let config = &g.target_stage().config;
+    let c = config.runtime();
+    assert_eq!(c.labels.as_ref().unwrap()["b c"], "2");
     assert_eq!(
-        c.exposed_ports.iter().cloned().collect::<Vec<_>>(),
+        c.exposed_ports
+            .iter()
+            .flatten()
+            .map(|(p, _)| p.clone())
+            .collect::<Vec<_>>(),
         ["53/udp", "80/tcp", "8000/tcp", "8001/tcp"]
     );
-    assert!(c.volumes.contains("/data"));
-    assert_eq!(c.user, "1000:1000");
+    assert!(c.volumes.as_ref().unwrap().contains_key("/data"));
+    assert_eq!(c.user(), "1000:1000");
     assert_eq!(c.stop_signal.as_deref(), Some("SIGTERM"));
     let hc = c.healthcheck.as_ref().unwrap();
     assert_eq!(
         (hc.test.clone(), hc.interval, hc.retries),
         (
-            vec!["CMD-SHELL".to_string(), "curl -f localhost".into()],
-            30_000_000_000,
-            3
+            Some(vec!["CMD-SHELL".to_string(), "curl -f localhost".into()]),
+            Some(30_000_000_000),
+            Some(3)
         )
     );
     assert_eq!(
@@ -636,22 +657,23 @@ fn image_config_is_computed_statically() {
         "CMD set in this stage survives ENTRYPOINT"
     );
     assert_eq!(c.entrypoint.as_deref(), Some(&["/init".to_string()][..]));
-    assert_eq!(c.on_build, ["RUN echo hi"]);
-    assert_eq!(c.working_dir, "/rel");
-    assert!(c
+    assert_eq!(c.on_build(), ["RUN echo hi"]);
+    assert_eq!(c.working_dir(), "/rel");
+    let created_by = |h: &History| h.created_by.clone().unwrap_or_default();
+    assert!(config
         .history
         .iter()
-        .any(|h| h.created_by == "USER 1000:1000" && h.empty_layer));
-    assert!(c
+        .any(|h| created_by(h) == "USER 1000:1000" && h.empty_layer));
+    assert!(config
         .history
         .iter()
-        .any(|h| h.created_by == "WORKDIR /rel" && !h.empty_layer));
+        .any(|h| created_by(h) == "WORKDIR /rel" && !h.empty_layer));
 }
 
 #[test]
 fn entrypoint_resets_inherited_cmd() {
     let g = graph("FROM busybox AS a\nCMD [\"x\"]\nFROM a\nENTRYPOINT [\"/e\"]\n");
-    assert_eq!(g.target_stage().config.cmd, None);
+    assert_eq!(g.target_stage().config.runtime().cmd, None);
 }
 
 #[test]

@@ -169,6 +169,91 @@ impl ImageConfig {
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// The runtime configuration, empty when the config has none.
+    pub fn runtime(&self) -> &ContainerConfig {
+        self.config.as_ref().unwrap_or(&EMPTY_RUNTIME)
+    }
+
+    /// The runtime configuration to edit, created empty when the config has none.
+    pub fn runtime_mut(&mut self) -> &mut ContainerConfig {
+        self.config.get_or_insert_with(ContainerConfig::default)
+    }
+
+    /// Looks up an environment variable of the runtime configuration.
+    pub fn env_get(&self, key: &str) -> Option<&str> {
+        self.runtime().env_get(key)
+    }
+
+    /// Sets an environment variable of the runtime configuration, in place if present.
+    pub fn env_set(&mut self, key: &str, value: &str) {
+        self.runtime_mut().env_set(key, value);
+    }
+}
+
+/// What [`ImageConfig::runtime`] lends when a config has no runtime part.
+static EMPTY_RUNTIME: ContainerConfig = ContainerConfig::EMPTY;
+
+impl ContainerConfig {
+    /// A runtime configuration with nothing set.
+    pub const EMPTY: ContainerConfig = ContainerConfig {
+        user: None,
+        exposed_ports: None,
+        env: None,
+        entrypoint: None,
+        cmd: None,
+        volumes: None,
+        working_dir: None,
+        labels: None,
+        stop_signal: None,
+        args_escaped: None,
+        healthcheck: None,
+        on_build: None,
+        shell: None,
+        extra: BTreeMap::new(),
+    };
+
+    /// The user, `""` when none is set.
+    pub fn user(&self) -> &str {
+        self.user.as_deref().unwrap_or_default()
+    }
+
+    /// The working directory, `""` when none is set.
+    pub fn working_dir(&self) -> &str {
+        self.working_dir.as_deref().unwrap_or_default()
+    }
+
+    /// The environment, `KEY=value`, in order (empty when none is set).
+    pub fn env(&self) -> &[String] {
+        self.env.as_deref().unwrap_or_default()
+    }
+
+    /// The `ONBUILD` triggers (empty when none are set).
+    pub fn on_build(&self) -> &[String] {
+        self.on_build.as_deref().unwrap_or_default()
+    }
+
+    /// Looks up an environment variable.
+    pub fn env_get(&self, key: &str) -> Option<&str> {
+        self.env().iter().find_map(|kv| {
+            kv.split_once('=')
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| v)
+        })
+    }
+
+    /// Sets an environment variable, replacing it in place if present, else appending it.
+    pub fn env_set(&mut self, key: &str, value: &str) {
+        let new = format!("{key}={value}");
+        let env = self.env.get_or_insert_with(Vec::new);
+        match env
+            .iter_mut()
+            .find(|kv| kv.split_once('=').is_some_and(|(k, _)| k == key))
+        {
+            Some(slot) => *slot = new,
+            None => env.push(new),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,29 @@ pub struct ReferenceError {
     pub input: String,
     /// What is wrong with it.
     pub reason: String,
+    /// Which rule it breaks (callers with their own wording match on it).
+    pub kind: ReferenceErrorKind,
+}
+
+/// The rule of the reference grammar a rejected reference breaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceErrorKind {
+    /// The reference is empty.
+    Empty,
+    /// The text after `@` (given) is not a digest.
+    Digest(String),
+    /// The tag (given) is not 1-128 of `[A-Za-z0-9_.-]` starting with a letter, digit or `_`.
+    Tag(String),
+    /// The registry host is not a valid `host[:port]`.
+    Registry,
+    /// The repository path has upper-case letters.
+    Uppercase,
+    /// A path component is empty or uses separators the grammar does not allow.
+    PathComponent,
+    /// The name is longer than 255 characters.
+    TooLong,
+    /// The reference is a bare 64-hex image id, which Docker refuses as a name.
+    ImageId,
 }
 
 impl Reference {
@@ -163,11 +186,19 @@ pub fn normalize_registry(host: &str) -> String {
     }
 }
 
-fn err(input: &str, reason: impl Into<String>) -> ReferenceError {
+fn err(input: &str, kind: ReferenceErrorKind, reason: impl Into<String>) -> ReferenceError {
     ReferenceError {
         input: input.to_owned(),
         reason: reason.into(),
+        kind,
     }
+}
+
+/// A bare 64-hex string, the form of an image id.
+fn is_image_id(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn valid_component(c: &str) -> bool {
@@ -246,14 +277,22 @@ impl FromStr for Reference {
     type Err = ReferenceError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        use ReferenceErrorKind as K;
         if input.is_empty() {
-            return Err(err(input, "it is empty"));
+            return Err(err(input, K::Empty, "it is empty"));
+        }
+        if is_image_id(input) {
+            return Err(err(
+                input,
+                K::ImageId,
+                "a 64-byte hexadecimal string is an image id, not a name",
+            ));
         }
         let (rest, digest) = match input.split_once('@') {
             Some((r, d)) => {
                 let d: Digest = d
                     .parse()
-                    .map_err(|e| err(input, format!("bad digest: {e}")))?;
+                    .map_err(|e| err(input, K::Digest(d.to_owned()), format!("bad digest: {e}")))?;
                 (r, Some(d))
             }
             None => (input, None),
@@ -268,6 +307,7 @@ impl FromStr for Reference {
             if !valid_tag(t) {
                 return Err(err(
                     input,
+                    K::Tag(t.to_owned()),
                     format!(
                         "tag {t:?} must be 1-128 of [A-Za-z0-9_.-], not starting with '.' or '-'"
                     ),
@@ -284,6 +324,7 @@ impl FromStr for Reference {
                 if !valid_domain(first) {
                     return Err(err(
                         input,
+                        K::Registry,
                         format!("registry host {first:?} is not a valid host[:port]"),
                     ));
                 }
@@ -297,11 +338,16 @@ impl FromStr for Reference {
             repository
         };
         if repository.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(err(input, "repository name must be lowercase"));
+            return Err(err(
+                input,
+                K::Uppercase,
+                "repository name must be lowercase",
+            ));
         }
         if let Some(bad) = repository.split('/').find(|c| !valid_component(c)) {
             return Err(err(
                 input,
+                K::PathComponent,
                 format!(
                     "path component {bad:?} must be lowercase letters and digits separated by '.', '_', '__' or '-'"
                 ),
@@ -310,6 +356,7 @@ impl FromStr for Reference {
         if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
             return Err(err(
                 input,
+                K::TooLong,
                 format!("name is longer than {MAX_NAME_LEN} characters"),
             ));
         }
@@ -410,6 +457,18 @@ mod tests {
         let e = "ns/App".parse::<Reference>().unwrap_err();
         assert!(e.reason.contains("lowercase"), "{e}");
         let long = format!("reg.example/{}", "a".repeat(300));
-        assert!(long.parse::<Reference>().is_err());
+        assert_eq!(
+            long.parse::<Reference>().unwrap_err().kind,
+            ReferenceErrorKind::TooLong
+        );
+        let id = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            id.parse::<Reference>().unwrap_err().kind,
+            ReferenceErrorKind::ImageId
+        );
+        assert_eq!(
+            "app:-x".parse::<Reference>().unwrap_err().kind,
+            ReferenceErrorKind::Tag("-x".into())
+        );
     }
 }

@@ -8,16 +8,14 @@ use std::sync::{Arc, Mutex};
 use kiln_dockerfile::Dockerfile;
 use kiln_graph::options::{NamedContext, SecretSource};
 use kiln_graph::{
-    BuildGraph, BuildOptions, ImageConfigResolver, Platform, ResolveError, ResolvedImage,
+    BuildGraph, BuildOptions, ImageConfigResolver, Platform, ResolveError, ResolvedConfig,
 };
 use kiln_solver::{EventSink, Solver, SolverOptions};
 use kiln_store::Store;
 
-use crate::engine::{
-    solver_graph, BaseImage, ContextFilterFactory, ImageProvider, Rootfs, Value, Worker,
-    WorkerConfig, WorkerError,
-};
-use crate::image::frontend_config;
+use crate::engine::{solver_graph, ContextFilterFactory, Rootfs, Value, Worker, WorkerConfig};
+use crate::error::WorkerError;
+use crate::provider::{BaseImage, ImageProvider};
 
 /// Why a build failed before or while solving.
 #[derive(Debug, thiserror::Error)]
@@ -75,11 +73,11 @@ impl ImageConfigResolver for ResolvedImages {
         &self,
         reference: &str,
         platform: &Platform,
-    ) -> Result<ResolvedImage, ResolveError> {
+    ) -> Result<ResolvedConfig, ResolveError> {
         match ImageProvider::resolve(self, reference, platform) {
-            Ok(b) => Ok(ResolvedImage {
+            Ok(b) => Ok(ResolvedConfig {
                 digest: Some(b.manifest_digest.to_string()),
-                config: frontend_config(&b.config),
+                config: b.config,
             }),
             Err(e) => Err(ResolveError {
                 reference: reference.to_owned(),

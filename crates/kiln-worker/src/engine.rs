@@ -26,85 +26,10 @@ use kiln_store::{
 use serde::{Deserialize, Serialize};
 
 use crate::context::ContextIndex;
+pub use crate::error::WorkerError;
 use crate::fileop::{self, CopyOptions, Owner};
 use crate::image::Layer;
-
-/// Why a step could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Store(#[from] kiln_store::StoreError),
-    #[error(transparent)]
-    Exec(#[from] kiln_exec::ExecError),
-    #[error(transparent)]
-    FileOp(#[from] fileop::FileOpError),
-    #[error(transparent)]
-    Context(#[from] crate::context::ContextError),
-    #[error(transparent)]
-    Source(#[from] crate::sources::SourceError),
-    #[error("process \"{command}\" did not complete successfully: {status}")]
-    ProcessFailed {
-        command: String,
-        status: kiln_exec::ExitStatus,
-    },
-    #[error("secret {0:?} is required but was not provided (pass --secret id={0},src=FILE)")]
-    MissingSecret(String),
-    #[error("no local directory named {0:?} was given (pass --local {0}=DIR or --build-context {0}=DIR)")]
-    MissingLocal(String),
-    #[error("image {reference}: {message}")]
-    Image { reference: String, message: String },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("internal: {0}")]
-    Internal(String),
-}
-
-/// Where the blobs of a layer chain can be fetched from when they are not in the local
-/// content store (a registry repository, an imported cache).
-pub trait BlobSource: Send + Sync {
-    /// Downloads `blob` into the store's content store, verifying its digest.
-    fn fetch(&self, blob: &Descriptor, store: &Store) -> Result<(), WorkerError>;
-    /// A short name for progress and errors (e.g. `127.0.0.1:5000/app:cache`).
-    fn name(&self) -> String;
-    /// Whether the source still has `blob` (a registry may have garbage-collected it).
-    fn has(&self, _blob: &Descriptor) -> bool {
-        true
-    }
-    /// The registry repository holding the blobs, when there is one: a push to the same
-    /// registry mounts them from there instead of downloading and re-uploading.
-    fn repository(&self) -> Option<kiln_oci::Reference> {
-        None
-    }
-}
-
-/// A base image, resolved: what `FROM` needs.
-#[derive(Clone)]
-pub struct BaseImage {
-    /// The manifest digest the reference resolved to.
-    pub manifest_digest: Digest,
-    /// The image config.
-    pub config: kiln_oci::ImageConfig,
-    /// Layers, bottom first, with their diff ids.
-    pub layers: Vec<Layer>,
-    /// Where to fetch layer blobs that are not local.
-    pub source: Option<Arc<dyn BlobSource>>,
-}
-
-/// Resolves image references (a registry, the local store, an OCI layout).
-pub trait ImageProvider: Send + Sync {
-    /// Resolves `reference` for `platform`.
-    fn resolve(
-        &self,
-        reference: &str,
-        platform: &kiln_graph::Platform,
-    ) -> Result<BaseImage, WorkerError>;
-}
+pub use crate::provider::{BaseImage, BlobSource, ImageProvider};
 
 /// A filesystem result: a chain of layers, and the local snapshot holding it once made.
 pub struct Rootfs {

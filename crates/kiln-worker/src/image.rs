@@ -1,12 +1,11 @@
 //! Image assembly: a stage's config as the frontend left it, plus its layers, becomes an OCI
-//! (or Docker) image config and manifest; and a pulled image's config becomes what the
-//! frontend needs to lower `FROM` (ENV, WORKDIR, USER, ONBUILD, SHELL, history).
+//! (or Docker) image config and manifest. The frontend works on the base image's config
+//! itself (`kiln_oci::ImageConfig`); [`image_config`] writes what kiln keeps of it.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use kiln_graph::graph::{Healthcheck, HistoryEntry};
-use kiln_oci::config::{EmptyObject, RootFs};
+use kiln_oci::config::RootFs;
 use kiln_oci::{
     media_type, ContainerConfig, Descriptor, Digest, HealthConfig, History, ImageManifest,
 };
@@ -51,18 +50,26 @@ pub fn created_timestamp(source_date_epoch: Option<u64>) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
-    (!v.is_empty()).then_some(v)
+fn non_empty<T: Clone>(v: &Option<Vec<T>>) -> Option<Vec<T>> {
+    v.clone().filter(|v| !v.is_empty())
 }
 
-fn set_of(items: &std::collections::BTreeSet<String>) -> Option<BTreeMap<String, EmptyObject>> {
-    (!items.is_empty()).then(|| items.iter().map(|k| (k.clone(), EmptyObject {})).collect())
+fn non_empty_map<V: Clone>(m: &Option<BTreeMap<String, V>>) -> Option<BTreeMap<String, V>> {
+    m.clone().filter(|m| !m.is_empty())
 }
 
-/// Builds the image config of a finished stage. `history` entries with a layer must match
-/// `diff_ids` one to one; entries of the base image come first.
+fn non_empty_text(s: &Option<String>) -> Option<String> {
+    s.clone().filter(|s| !s.is_empty())
+}
+
+/// Builds the image config of a finished stage from the config the frontend left (a base
+/// image's config, edited). `history` entries with a layer must match `diff_ids` one to one;
+/// entries of the base image come first. Only what kiln models is written: empty fields,
+/// zero health-check durations and the base's unmodelled fields (Docker's
+/// `container_config`, `os.version`, `Hostname`, ...) are left out, and every history entry
+/// gets the image's `created`.
 pub fn image_config(
-    cfg: &kiln_graph::ImageConfig,
+    cfg: &kiln_oci::ImageConfig,
     diff_ids: Vec<Digest>,
     created: &str,
 ) -> kiln_oci::ImageConfig {
@@ -72,32 +79,34 @@ pub fn image_config(
         .map(|h| History {
             created: Some(created.to_owned()),
             author: None,
-            created_by: Some(h.created_by.clone()),
+            created_by: Some(h.created_by.clone().unwrap_or_default()),
             comment: h.comment.clone(),
             empty_layer: h.empty_layer,
         })
         .collect();
+    let positive = |n: Option<i64>| n.filter(|n| *n > 0);
+    let rt = cfg.runtime();
     let container = ContainerConfig {
-        user: (!cfg.user.is_empty()).then(|| cfg.user.clone()),
-        exposed_ports: set_of(&cfg.exposed_ports),
-        env: non_empty(cfg.env.clone()),
-        entrypoint: cfg.entrypoint.clone(),
-        cmd: cfg.cmd.clone(),
-        volumes: set_of(&cfg.volumes),
-        working_dir: (!cfg.working_dir.is_empty()).then(|| cfg.working_dir.clone()),
-        labels: (!cfg.labels.is_empty()).then(|| cfg.labels.clone()),
-        stop_signal: cfg.stop_signal.clone(),
+        user: non_empty_text(&rt.user),
+        exposed_ports: non_empty_map(&rt.exposed_ports),
+        env: non_empty(&rt.env),
+        entrypoint: rt.entrypoint.clone(),
+        cmd: rt.cmd.clone(),
+        volumes: non_empty_map(&rt.volumes),
+        working_dir: non_empty_text(&rt.working_dir),
+        labels: non_empty_map(&rt.labels),
+        stop_signal: rt.stop_signal.clone(),
         args_escaped: None,
-        healthcheck: cfg.healthcheck.as_ref().map(|h| HealthConfig {
-            test: Some(h.test.clone()),
-            interval: (h.interval > 0).then_some(h.interval as i64),
-            timeout: (h.timeout > 0).then_some(h.timeout as i64),
-            start_period: (h.start_period > 0).then_some(h.start_period as i64),
-            start_interval: (h.start_interval > 0).then_some(h.start_interval as i64),
-            retries: (h.retries > 0).then_some(h.retries as i64),
+        healthcheck: rt.healthcheck.as_ref().map(|h| HealthConfig {
+            test: Some(h.test.clone().unwrap_or_default()),
+            interval: positive(h.interval),
+            timeout: positive(h.timeout),
+            start_period: positive(h.start_period),
+            start_interval: positive(h.start_interval),
+            retries: positive(h.retries),
         }),
-        on_build: non_empty(cfg.on_build.clone()),
-        shell: cfg.shell.clone(),
+        on_build: non_empty(&rt.on_build),
+        shell: rt.shell.clone(),
         extra: BTreeMap::new(),
     };
     kiln_oci::ImageConfig {
@@ -115,44 +124,6 @@ pub fn image_config(
         },
         history,
         extra: BTreeMap::new(),
-    }
-}
-
-/// What the frontend needs from a base image's config.
-pub fn frontend_config(c: &kiln_oci::ImageConfig) -> kiln_graph::ImageConfig {
-    let cc = c.config.clone().unwrap_or_default();
-    kiln_graph::ImageConfig {
-        env: cc.env.unwrap_or_default(),
-        cmd: cc.cmd,
-        entrypoint: cc.entrypoint,
-        working_dir: cc.working_dir.unwrap_or_default(),
-        user: cc.user.unwrap_or_default(),
-        labels: cc.labels.unwrap_or_default(),
-        exposed_ports: cc.exposed_ports.unwrap_or_default().into_keys().collect(),
-        volumes: cc.volumes.unwrap_or_default().into_keys().collect(),
-        stop_signal: cc.stop_signal,
-        healthcheck: cc.healthcheck.map(|h| Healthcheck {
-            test: h.test.unwrap_or_default(),
-            interval: h.interval.unwrap_or(0).max(0) as u64,
-            timeout: h.timeout.unwrap_or(0).max(0) as u64,
-            start_period: h.start_period.unwrap_or(0).max(0) as u64,
-            start_interval: h.start_interval.unwrap_or(0).max(0) as u64,
-            retries: h.retries.unwrap_or(0).max(0) as u32,
-        }),
-        shell: cc.shell,
-        on_build: cc.on_build.unwrap_or_default(),
-        history: c
-            .history
-            .iter()
-            .map(|h| HistoryEntry {
-                created_by: h.created_by.clone().unwrap_or_default(),
-                empty_layer: h.empty_layer,
-                comment: h.comment.clone(),
-            })
-            .collect(),
-        os: c.os.clone(),
-        architecture: c.architecture.clone(),
-        variant: c.variant.clone(),
     }
 }
 
@@ -186,6 +157,8 @@ pub fn image_manifest(config: &[u8], layers: &[Layer], oci_media_types: bool) ->
 
 #[cfg(test)]
 mod tests {
+    use kiln_oci::config::EmptyObject;
+
     use super::*;
 
     #[test]
@@ -198,33 +171,32 @@ mod tests {
     }
 
     #[test]
-    fn config_round_trips_through_the_frontend_form() {
-        let mut cfg = kiln_graph::ImageConfig {
+    fn writing_a_written_config_again_gives_the_same_bytes() {
+        let mut cfg = kiln_oci::ImageConfig {
             os: "linux".into(),
             architecture: "amd64".into(),
-            working_dir: "/app".into(),
-            cmd: Some(vec!["php".into(), "-S".into(), "0.0.0.0:80".into()]),
             ..Default::default()
         };
+        cfg.runtime_mut().working_dir = Some("/app".into());
+        cfg.runtime_mut().cmd = Some(vec!["php".into(), "-S".into(), "0.0.0.0:80".into()]);
         cfg.env_set("PATH", "/usr/bin:/bin");
-        cfg.exposed_ports.insert("80/tcp".into());
-        cfg.history.push(HistoryEntry {
-            created_by: "RUN make".into(),
-            empty_layer: false,
-            comment: None,
+        cfg.runtime_mut().exposed_ports = Some(BTreeMap::from([("80/tcp".into(), EmptyObject {})]));
+        cfg.history.push(History {
+            created_by: Some("RUN make".into()),
+            ..History::default()
         });
         let oci = image_config(
             &cfg,
             vec![Digest::sha256_of(b"layer")],
             "1970-01-01T00:00:00Z",
         );
-        let back = frontend_config(&oci);
-        assert_eq!(back, cfg);
         let again = image_config(
-            &back,
+            &oci,
             vec![Digest::sha256_of(b"layer")],
             "1970-01-01T00:00:00Z",
         );
         assert_eq!(again.to_bytes(), oci.to_bytes());
+        assert_eq!(oci.env_get("PATH"), Some("/usr/bin:/bin"));
+        assert_eq!(oci.runtime().working_dir(), "/app");
     }
 }

@@ -9,8 +9,9 @@ use kiln_oci::compression::Compression;
 use kiln_oci::{media_type, Descriptor, Digest, ImageManifest, Manifest, RawManifest, Reference};
 use kiln_store::{ExportOptions, Store};
 
-use crate::engine::{BaseImage, ImageProvider, WorkerError};
+use crate::error::WorkerError;
 use crate::image::{self, Layer};
+use crate::provider::{BaseImage, ImageProvider};
 
 /// The canonical name an image is stored under (`busybox` → `docker.io/library/busybox:latest`).
 pub fn normalize(name: &str) -> Result<String, WorkerError> {
@@ -120,7 +121,7 @@ pub struct StoredImage {
 /// Writes config and manifest blobs for an image of `layers` with config `cfg`.
 pub fn store_image(
     store: &Store,
-    cfg: &kiln_graph::ImageConfig,
+    cfg: &kiln_oci::ImageConfig,
     layers: &[Layer],
     created: &str,
     oci_media_types: bool,
@@ -140,7 +141,7 @@ pub fn store_image(
 /// serialized sorted, so the same fields give the same config digest.
 pub fn store_image_with_fields(
     store: &Store,
-    cfg: &kiln_graph::ImageConfig,
+    cfg: &kiln_oci::ImageConfig,
     layers: &[Layer],
     created: &str,
     oci_media_types: bool,
@@ -234,23 +235,27 @@ pub fn import_rootfs(
         blob: Descriptor::new(rec.media_type, rec.digest, rec.size),
         created: Some(created.to_owned()),
     }];
-    let cfg = kiln_graph::ImageConfig {
+    let cfg = kiln_oci::ImageConfig {
         os: platform.os.clone(),
         architecture: platform.architecture.clone(),
         variant: platform.variant.clone(),
-        env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
-        history: vec![kiln_graph::graph::HistoryEntry {
+        config: Some(kiln_oci::ContainerConfig {
+            env: Some(vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ]),
+            ..Default::default()
+        }),
+        history: vec![kiln_oci::History {
             // Only the last path component, so importing the same tree from another
             // folder makes the same image.
-            created_by: format!(
+            created_by: Some(format!(
                 "kiln import {}",
                 source
                     .file_name()
                     .map(|n| n.to_string_lossy())
                     .unwrap_or_default()
-            ),
-            empty_layer: false,
-            comment: None,
+            )),
+            ..Default::default()
         }],
         ..Default::default()
     };
@@ -267,7 +272,7 @@ mod tests {
     fn extra_config_fields_are_added_but_never_replace_standard_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let cfg = kiln_graph::ImageConfig {
+        let cfg = kiln_oci::ImageConfig {
             os: "linux".into(),
             architecture: "amd64".into(),
             ..Default::default()

@@ -5,9 +5,11 @@
 pub mod build;
 pub mod context;
 pub mod engine;
+pub mod error;
 pub mod fileop;
 pub mod image;
 pub mod images;
+pub mod provider;
 pub mod registry;
 pub mod remote;
 pub mod sources;

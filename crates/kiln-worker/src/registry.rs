@@ -9,8 +9,9 @@ use kiln_oci::{Descriptor, Reference, RegistryClient};
 use kiln_store::Store;
 use tokio::runtime::Handle;
 
-use crate::engine::{BaseImage, BlobSource, ImageProvider, WorkerError};
+use crate::error::WorkerError;
 use crate::images::LocalImages;
+use crate::provider::{BaseImage, BlobSource, ImageProvider};
 
 fn image_err(reference: &str, message: impl ToString) -> WorkerError {
     WorkerError::Image {

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use kiln_oci::Descriptor;
 use kiln_store::Store;
 
-use crate::engine::{BlobSource, WorkerError};
+use crate::error::WorkerError;
+use crate::provider::BlobSource;
 
 /// Blobs of a local OCI layout (`--import-cache type=local,src=DIR`).
 pub struct LayoutBlobs {

@@ -23,7 +23,8 @@ use kiln_oci::{media_type, Algorithm, Descriptor, Digest, DigestWriter, Hasher, 
 use kiln_oci::{Manifest, RawManifest, Timeouts, TIMEOUT_ENV};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{BaseImage, BlobSource};
+pub use crate::error::SourceError;
+use crate::provider::{BaseImage, BlobSource};
 use crate::remote::LayoutBlobs;
 
 /// The prefix of the image references that name an image in an OCI layout directory.
@@ -34,39 +35,6 @@ const DEFAULT_MAX_DOWNLOAD: u64 = 8 << 30;
 
 /// Manifests, indexes and configs read from a layout larger than this are refused.
 const MAX_SMALL_BLOB: u64 = 16 << 20;
-
-/// Why a download or an OCI layout could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// `ADD <url>` failed: the server refused, the connection broke, the file is too big...
-    #[error("ADD {url}: {message}")]
-    Download {
-        /// The URL as written in the Dockerfile.
-        url: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-    /// The downloaded bytes are not the ones `--checksum` names.
-    #[error(
-        "ADD {url}: checksum mismatch: --checksum={expected} but the downloaded file is {actual}"
-    )]
-    ChecksumMismatch {
-        /// The URL as written in the Dockerfile.
-        url: String,
-        /// The digest given with `--checksum`.
-        expected: String,
-        /// The digest of what the server sent.
-        actual: Digest,
-    },
-    /// An OCI layout is missing, invalid, or lacks the image asked for.
-    #[error("oci-layout://{path}: {message}")]
-    Layout {
-        /// The layout directory as given.
-        path: String,
-        /// What went wrong and what to do.
-        message: String,
-    },
-}
 
 fn download_err(url: &str, message: impl Into<String>) -> SourceError {
     SourceError::Download {

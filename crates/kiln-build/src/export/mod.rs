@@ -103,7 +103,7 @@ pub struct ExportContext<'a> {
 #[derive(Debug, Clone)]
 pub struct ImageRecipe {
     /// The target stage's image config.
-    pub config: kiln_graph::ImageConfig,
+    pub config: kiln_oci::ImageConfig,
     /// The layers, bottom first (clamped to `SOURCE_DATE_EPOCH` when it is set).
     pub layers: Vec<Layer>,
     /// The image's `created` timestamp.
@@ -119,7 +119,7 @@ impl ImageRecipe {
     pub fn for_result(
         worker: &Worker,
         rootfs: Option<&Rootfs>,
-        config: &kiln_graph::ImageConfig,
+        config: &kiln_oci::ImageConfig,
         source_date_epoch: Option<i64>,
     ) -> Result<Self, ExportError> {
         let layers = match (rootfs, source_date_epoch) {

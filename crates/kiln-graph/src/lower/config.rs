@@ -3,6 +3,9 @@
 
 use kiln_dockerfile::instructions as ins;
 
+use kiln_oci::config::EmptyObject;
+use kiln_oci::HealthConfig;
+
 use super::*;
 
 impl<'a> Lowerer<'a> {
@@ -55,7 +58,11 @@ impl<'a> Lowerer<'a> {
                     .collect::<Vec<_>>()
                     .join(" ");
                 for (k, v) in set {
-                    st.config.labels.insert(k, v);
+                    st.config
+                        .runtime_mut()
+                        .labels
+                        .get_or_insert_default()
+                        .insert(k, v);
                 }
                 Self::history(st, format!("LABEL {text}"), true);
                 Ok(())
@@ -65,10 +72,11 @@ impl<'a> Lowerer<'a> {
                     FrontendError::new("WORKDIR requires exactly one argument", span)
                 })?;
                 let v = self.expand(&raw, span, &|n| st.lookup(n))?;
-                let path = resolve_path(&st.config.working_dir, &v);
-                st.config.working_dir = path.clone();
+                let path = resolve_path(st.config.runtime().working_dir(), &v);
+                st.config.runtime_mut().working_dir = Some(path.clone());
                 let meta = self.step_meta(st, inst, at);
-                let owner = (!st.config.user.is_empty()).then(|| parse_chown(&st.config.user));
+                let user = st.config.runtime().user();
+                let owner = (!user.is_empty()).then(|| parse_chown(user));
                 let (rootfs, inputs) = input_of(st.root);
                 st.root = Some(self.push(
                     Op::Mkdir(MkdirOp {
@@ -87,8 +95,9 @@ impl<'a> Lowerer<'a> {
                 let raw = text_arg(inst).ok_or_else(|| {
                     FrontendError::new("USER requires exactly one argument", span)
                 })?;
-                st.config.user = self.expand(&raw, span, &|n| st.lookup(n))?;
-                Self::history(st, format!("USER {}", st.config.user), true);
+                let user = self.expand(&raw, span, &|n| st.lookup(n))?;
+                Self::history(st, format!("USER {user}"), true);
+                st.config.runtime_mut().user = Some(user);
                 Ok(())
             }
             Keyword::Stopsignal => {
@@ -97,7 +106,7 @@ impl<'a> Lowerer<'a> {
                 })?;
                 let v = self.expand(&raw, span, &|n| st.lookup(n))?;
                 Self::history(st, format!("STOPSIGNAL {v}"), true);
-                st.config.stop_signal = Some(v);
+                st.config.runtime_mut().stop_signal = Some(v);
                 Ok(())
             }
             Keyword::Expose => {
@@ -119,7 +128,11 @@ impl<'a> Lowerer<'a> {
                     ),
                     true,
                 );
-                st.config.exposed_ports.extend(ports);
+                st.config
+                    .runtime_mut()
+                    .exposed_ports
+                    .get_or_insert_default()
+                    .extend(ports.into_iter().map(|p| (p, EmptyObject {})));
                 Ok(())
             }
             Keyword::Volume => {
@@ -144,7 +157,11 @@ impl<'a> Lowerer<'a> {
                     ));
                 }
                 Self::history(st, format!("VOLUME [{}]", vols.join(" ")), true);
-                st.config.volumes.extend(vols);
+                st.config
+                    .runtime_mut()
+                    .volumes
+                    .get_or_insert_default()
+                    .extend(vols.into_iter().map(|v| (v, EmptyObject {})));
                 Ok(())
             }
             Keyword::Cmd | Keyword::Entrypoint => {
@@ -169,20 +186,21 @@ impl<'a> Lowerer<'a> {
                 };
                 if kind == Keyword::Cmd {
                     Self::history(st, format!("CMD {shown}"), true);
-                    st.config.cmd = Some(v);
+                    st.config.runtime_mut().cmd = Some(v);
                     st.cmd_set = true;
                 } else {
                     Self::history(st, format!("ENTRYPOINT {shown}"), true);
-                    st.config.entrypoint = Some(v);
+                    let runtime = st.config.runtime_mut();
+                    runtime.entrypoint = Some(v);
                     if !st.cmd_set {
-                        st.config.cmd = None;
+                        runtime.cmd = None;
                     }
                 }
                 Ok(())
             }
             Keyword::Shell => match &inst.args {
                 Args::Json(j) if !j.values.is_empty() => {
-                    st.config.shell = Some(j.values.clone());
+                    st.config.runtime_mut().shell = Some(j.values.clone());
                     Self::history(st, format!("SHELL {:?}", j.values), true);
                     Ok(())
                 }
@@ -218,7 +236,11 @@ impl<'a> Lowerer<'a> {
                     .map(|(_, rest)| rest.trim().to_string())
                     .unwrap_or_default();
                 Self::history(st, format!("ONBUILD {trigger}"), true);
-                st.config.on_build.push(trigger);
+                st.config
+                    .runtime_mut()
+                    .on_build
+                    .get_or_insert_default()
+                    .push(trigger);
                 Ok(())
             }
             Keyword::Maintainer => {
@@ -246,7 +268,7 @@ impl<'a> Lowerer<'a> {
         let Args::Healthcheck { kind, command } = &inst.args else {
             return Err(FrontendError::new("HEALTHCHECK requires an argument", span));
         };
-        let mut hc = Healthcheck::default();
+        let mut hc = HealthConfig::default();
         match kind.text.to_ascii_uppercase().as_str() {
             "NONE" => {
                 if !matches!(**command, Args::Empty) {
@@ -261,10 +283,10 @@ impl<'a> Lowerer<'a> {
                         return Err(word_parse_error(e, inst));
                     }
                 }
-                hc.test = vec!["NONE".into()];
+                hc.test = Some(vec!["NONE".into()]);
             }
             "CMD" => {
-                hc.test = match &**command {
+                hc.test = Some(match &**command {
                     Args::Json(j) => std::iter::once("CMD".to_string())
                         .chain(j.values.iter().cloned())
                         .collect(),
@@ -275,7 +297,7 @@ impl<'a> Lowerer<'a> {
                             span,
                         ))
                     }
-                };
+                });
                 // Durations and retries are read as written; the typed layer parsed them.
                 let t = typed.as_ref().map_err(|e| word_parse_error(e, inst))?;
                 let Command::Healthcheck(ins::Healthcheck::Cmd {
@@ -289,20 +311,23 @@ impl<'a> Lowerer<'a> {
                 else {
                     return Err(typed_mismatch(inst));
                 };
+                // 0 (or no flag) means the default, which the config leaves out.
                 let nanos = |d: Option<std::time::Duration>| {
-                    d.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                    d.map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+                        .filter(|n| *n > 0)
                 };
                 hc.interval = nanos(*interval);
                 hc.timeout = nanos(*timeout);
                 hc.start_period = nanos(*start_period);
                 hc.start_interval = nanos(*start_interval);
                 if let Some(n) = retries {
-                    hc.retries = u32::try_from(*n).map_err(|_| {
+                    let retries = u32::try_from(*n).map_err(|_| {
                         FrontendError::new(
                             format!("--retries: \"{n}\" is not a whole number"),
                             t.flag("retries").map_or(span, |f| f.span),
                         )
                     })?;
+                    hc.retries = (retries > 0).then_some(i64::from(retries));
                 }
             }
             other => {
@@ -312,8 +337,12 @@ impl<'a> Lowerer<'a> {
                 ))
             }
         }
-        Self::history(st, format!("HEALTHCHECK {:?}", hc.test), true);
-        st.config.healthcheck = Some(hc);
+        Self::history(
+            st,
+            format!("HEALTHCHECK {:?}", hc.test.as_deref().unwrap_or_default()),
+            true,
+        );
+        st.config.runtime_mut().healthcheck = Some(hc);
         Ok(())
     }
 }

@@ -49,7 +49,7 @@ impl<'a> Lowerer<'a> {
             .split_last()
             .map(|(d, s)| (d.clone(), s.to_vec()))
             .unwrap_or_default();
-        let dest = resolve_path(&st.config.working_dir, &dest_raw);
+        let dest = resolve_path(st.config.runtime().working_dir(), &dest_raw);
         // An empty destination (`COPY a $UNSET`) is the WORKDIR, a directory. Several
         // sources do not make one: BuildKit copies each onto a path without `/`.
         let dest_is_dir = dest_raw.ends_with('/')

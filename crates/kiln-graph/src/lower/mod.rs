@@ -39,6 +39,7 @@ use crate::platform::Platform;
 use crate::reference::normalize_reference;
 use crate::resolver::ImageConfigResolver;
 use crate::stages::{description_of, keyword_span, split_stages, StageDecl, Typed};
+use kiln_oci::{ContainerConfig, History};
 
 /// Most characters all expanded values of one lowering may add up to (ARG, ENV, LABEL, COPY
 /// arguments, flag values and the environment of every RUN). Each word is also capped by the
@@ -268,8 +269,8 @@ struct StageState {
     root: Option<VertexId>,
     config: ImageConfig,
     /// The build state's env (expansion and RUN): starts as the image env, then ENV and ARG
-    /// values in order. Only `env` is used; an `ImageConfig` gives its set/get helpers.
-    env: ImageConfig,
+    /// values in order. Only `env` is used; a `ContainerConfig` gives its set/get helpers.
+    env: ContainerConfig,
     /// Declared ARGs in scope, with their values.
     args: Vec<(String, Option<String>)>,
     cmd_set: bool,
@@ -287,6 +288,7 @@ impl StageState {
 
     fn shell(&self) -> Vec<String> {
         self.config
+            .runtime()
             .shell
             .clone()
             .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into()])
@@ -302,7 +304,7 @@ impl StageState {
                 env.env_set(k, v);
             }
         }
-        env.env
+        env.env.unwrap_or_default()
     }
 }
 
@@ -554,10 +556,10 @@ impl<'a> Lowerer<'a> {
     }
 
     fn history(st: &mut StageState, created_by: String, empty_layer: bool) {
-        st.config.history.push(HistoryEntry {
-            created_by,
+        st.config.history.push(History {
+            created_by: Some(created_by),
             empty_layer,
-            comment: None,
+            ..History::default()
         });
     }
 
@@ -811,10 +813,11 @@ mod tests {
             .expect("lowers");
         let hc = g.stages[g.target]
             .config
+            .runtime()
             .healthcheck
             .clone()
             .expect("a health check");
-        assert_eq!((hc.interval, hc.retries), (90_000_000_000, 2));
+        assert_eq!((hc.interval, hc.retries), (Some(90_000_000_000), Some(2)));
         let e = lower_src("FROM scratch\nHEALTHCHECK --timeout=10us CMD true\n").unwrap_err();
         assert_eq!(
             e.to_string(),

@@ -100,10 +100,9 @@ impl<'a> Lowerer<'a> {
         // Every RUN holds its own copy of the environment: count it, so that many steps
         // under one huge ARG cannot add up to gigabytes either.
         self.count_expanded(env.iter().map(String::len).sum(), inst.span)?;
-        let cwd = if st.config.working_dir.is_empty() {
-            "/".to_string()
-        } else {
-            st.config.working_dir.clone()
+        let cwd = match st.config.runtime().working_dir() {
+            "" => "/".to_string(),
+            w => w.to_string(),
         };
         let meta = self.step_meta(st, inst, at);
         let op = ExecOp {
@@ -111,7 +110,7 @@ impl<'a> Lowerer<'a> {
             args: args.clone(),
             env,
             cwd,
-            user: st.config.user.clone(),
+            user: st.config.runtime().user().to_string(),
             network,
             security,
             mounts,
@@ -183,7 +182,7 @@ impl<'a> Lowerer<'a> {
                     None => Ok(None),
                 }
             };
-        let abs = |t: &str| resolve_path(&st.config.working_dir, t);
+        let abs = |t: &str| resolve_path(st.config.runtime().working_dir(), t);
         // Bind, cache and tmpfs mounts without `target=` go to the WORKDIR and a relative
         // target is joined to it (BuildKit's rule); only a mount over `/` itself is refused.
         // Secret and SSH mounts keep their own default paths.
@@ -193,7 +192,7 @@ impl<'a> Lowerer<'a> {
         ) {
             let resolved = abs(m.target.as_deref().unwrap_or(""));
             if resolved.trim_end_matches('/').is_empty() {
-                let workdir = match st.config.working_dir.as_str() {
+                let workdir = match st.config.runtime().working_dir() {
                     "" => "/",
                     w => w,
                 };

@@ -146,7 +146,11 @@ impl<'a> Lowerer<'a> {
         }
 
         // ONBUILD triggers of the base run first, as BuildKit injects them.
-        let triggers = std::mem::take(&mut config.on_build);
+        let triggers = config
+            .config
+            .as_mut()
+            .and_then(|c| c.on_build.take())
+            .unwrap_or_default();
         let mut parsed_triggers = Vec::new();
         for t in &triggers {
             let df = kiln_dockerfile::parse(t).map_err(|e| {
@@ -182,9 +186,9 @@ impl<'a> Lowerer<'a> {
             display: display.clone(),
             index: idx,
             root,
-            env: ImageConfig {
-                env: config.env.clone(),
-                ..ImageConfig::default()
+            env: ContainerConfig {
+                env: Some(config.runtime().env().to_vec()),
+                ..ContainerConfig::default()
             },
             config,
             args: Vec::new(),

@@ -257,17 +257,13 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     for warning in exports.warnings {
         progress.event(BuildEvent::Warning(warning));
     }
-    let caches = (exports.cache_imports, exports.cache_exports);
-    let mut request = BuildRequest::new(
-        opts,
-        exports.exporters,
-        caches,
-        df,
-        source.clone(),
-        file_label.clone(),
-        dockerignore,
-        globals.root.clone(),
-    );
+    let mut request = BuildRequest::new(opts, df, globals.root.clone());
+    request.exporters = exports.exporters;
+    request.cache_imports = exports.cache_imports;
+    request.cache_exports = exports.cache_exports;
+    request.dockerfile_source = source.clone();
+    request.dockerfile_label = file_label.clone();
+    request.dockerignore = dockerignore;
     request.report = args.report.clone();
     request.trace = args.trace.clone();
     request.command_line = std::env::args().collect();
