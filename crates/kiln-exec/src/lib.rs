@@ -38,11 +38,13 @@ mod namespace;
 mod network;
 mod output;
 mod prepare;
+pub mod probe;
 mod rootfs;
 mod runc;
 mod security;
 mod spec;
 mod user;
+pub mod userns;
 
 pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};
 pub use namespace::NamespaceExecutor;

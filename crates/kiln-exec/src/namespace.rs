@@ -152,6 +152,11 @@ enum Op {
         target: CString,
         flags: libc::c_ulong,
     },
+    /// A fresh procfs; where the runtime masks /proc (an unprivileged container: the kernel
+    /// refuses a new procfs in a user namespace then) the container's /proc is bound instead.
+    Proc {
+        target: CString,
+    },
 }
 
 impl Op {
@@ -168,6 +173,7 @@ impl Op {
             Op::ReadonlyPath { path } => ("making read-only", s(path)),
             Op::BindDevice { target, .. } => ("binding device", s(target)),
             Op::Sysfs { target, .. } => ("mounting sysfs", s(target)),
+            Op::Proc { target } => ("mounting /proc", s(target)),
         }
     }
 }
@@ -219,6 +225,12 @@ struct Plan {
     uid: u32,
     gid: u32,
     groups: Vec<libc::gid_t>,
+    /// setgroups(2) is denied in this user namespace (rootless single-uid mode): skip it.
+    setgroups_denied: bool,
+    /// kiln runs in a user namespace of its own (rootless, or root in an unprivileged
+    /// container): a runtime's seccomp profile may refuse sethostname (podman's does without
+    /// CAP_SYS_ADMIN), and the step then keeps the container's hostname.
+    hostname_optional: bool,
     sandbox: bool,
     cap_keep: u64,
     last_cap: u32,
@@ -315,14 +327,9 @@ fn build_plan(
         flags: libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV,
     });
 
-    ops.push(mount(
-        Some(cstr("proc")?),
-        p(&prep.proc_dir)?,
-        Some("proc"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        None,
-        "mounting /proc",
-    )?);
+    ops.push(Op::Proc {
+        target: p(&prep.proc_dir)?,
+    });
 
     let dev = &prep.dev_dir;
     ops.push(mount(
@@ -622,6 +629,9 @@ fn build_plan(
         uid: prep.user.uid,
         gid: prep.user.gid,
         groups: prep.user.groups.clone(),
+        setgroups_denied: std::fs::read_to_string("/proc/self/setgroups")
+            .is_ok_and(|s| s.trim() == "deny"),
+        hostname_optional: crate::userns::in_nested_user_namespace(),
         sandbox,
         cap_keep: default_cap_mask() & current_permitted(),
         last_cap: last_cap(),
@@ -696,13 +706,7 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
             *flags,
             opt_ptr(data).cast(),
         )),
-        Op::Remount { target, flags } => check(libc::mount(
-            std::ptr::null(),
-            target.as_ptr(),
-            std::ptr::null(),
-            *flags,
-            std::ptr::null(),
-        )),
+        Op::Remount { target, flags } => remount_keeping_locked(target, *flags),
         Op::Mkdir { path, mode } => {
             if libc::mkdir(path.as_ptr(), *mode) == 0 || errno() == libc::EEXIST {
                 Ok(())
@@ -790,18 +794,15 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))?;
-            check(libc::mount(
-                std::ptr::null(),
-                path.as_ptr(),
-                std::ptr::null(),
+            remount_keeping_locked(
+                path,
                 libc::MS_BIND
                     | libc::MS_REMOUNT
                     | libc::MS_RDONLY
                     | libc::MS_NOSUID
                     | libc::MS_NODEV
                     | libc::MS_NOEXEC,
-                std::ptr::null(),
-            ))
+            )
         }
         Op::BindDevice { src, target } => {
             let mut st: libc::stat = std::mem::zeroed();
@@ -826,6 +827,31 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 std::ptr::null(),
             ))
         }
+        Op::Proc { target } => {
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            if libc::mount(
+                c"proc".as_ptr(),
+                target.as_ptr(),
+                c"proc".as_ptr(),
+                flags,
+                std::ptr::null(),
+            ) == 0
+            {
+                return Ok(());
+            }
+            if errno() != libc::EPERM {
+                return Err(errno());
+            }
+            // The step then sees the processes of kiln's container (its own pid namespace
+            // still limits what it can signal); the runtime's masks come along (MS_REC).
+            check(libc::mount(
+                c"/proc".as_ptr(),
+                target.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))
+        }
         Op::Sysfs { target, flags } => {
             if libc::mount(
                 c"sysfs".as_ptr(),
@@ -846,17 +872,62 @@ unsafe fn run_op(op: &Op) -> Result<(), i32> {
                 std::ptr::null(),
             ))?;
             if *flags & libc::MS_RDONLY != 0 {
-                check(libc::mount(
-                    std::ptr::null(),
-                    target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                    std::ptr::null(),
-                ))?;
+                remount_keeping_locked(target, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY)?;
             }
             Ok(())
         }
     }
+}
+
+/// A bind remount with `flags`. In a user namespace the flags a mount had when it came from
+/// a more privileged namespace (nosuid, nodev, noexec, ro, atime) are locked: a remount that
+/// would clear one fails with EPERM, so it is retried with those flags kept.
+/// Async-signal-safe (plain syscalls).
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "cloned-child code: every statement is a raw syscall on memory prepared before the clone"
+)]
+unsafe fn remount_keeping_locked(target: &CString, flags: libc::c_ulong) -> Result<(), i32> {
+    let remount = |f: libc::c_ulong| {
+        if libc::mount(
+            std::ptr::null(),
+            target.as_ptr(),
+            std::ptr::null(),
+            f,
+            std::ptr::null(),
+        ) == 0
+        {
+            Ok(())
+        } else {
+            Err(errno())
+        }
+    };
+    match remount(flags) {
+        Err(libc::EPERM) => {}
+        other => return other,
+    }
+    // glibc's statvfs is one statfs(2) here: kernels since 2.6.36 report the mount flags
+    // (ST_VALID), so it never falls back to reading /proc/mounts.
+    let mut st: libc::statvfs = std::mem::zeroed();
+    if libc::statvfs(target.as_ptr(), &mut st) != 0 {
+        return Err(libc::EPERM);
+    }
+    let has = |f: libc::c_ulong| st.f_flag & f != 0;
+    let mut keep = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if has(st_flag) {
+            keep |= ms_flag;
+        }
+    }
+    remount(flags | keep)
 }
 
 /// Sets `lo` up in the calling thread's network namespace; returns the errno on failure.
@@ -979,7 +1050,9 @@ unsafe fn container_init(plan: &Plan, stdio: [RawFd; 3], report_fd: RawFd) -> ! 
         fail_step(3);
     }
     libc::chdir(c"/".as_ptr());
-    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0 {
+    if libc::sethostname(plan.hostname.as_ptr(), plan.hostname.as_bytes().len()) != 0
+        && !(plan.hostname_optional && errno() == libc::EPERM)
+    {
         fail_step(4);
     }
     if plan.lo_up {
@@ -1096,7 +1169,9 @@ unsafe fn step_process(plan: &Plan) -> ! {
     // User and groups last, with raw syscalls (glibc's wrappers would try to sync threads that
     // only existed in the process we were cloned from). Leaving uid 0 without KEEPCAPS clears
     // the permitted and effective sets, as Docker does for non-root users.
-    if libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0 {
+    if !plan.setgroups_denied
+        && libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0
+    {
         fail_step(13);
     }
     if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {

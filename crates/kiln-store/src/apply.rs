@@ -557,7 +557,7 @@ impl Extractor<'_> {
             };
             let parent = self.parent(raw, parents)?;
             if is_overlay {
-                sys::fsetxattr(parent, b"trusted.overlay.opaque", b"y")
+                sys::fsetxattr(parent, sys::overlay_opaque_xattr(), b"y")
                     .map_err(|e| io_err(&layer, raw, "marking opaque", e))?;
             } else {
                 // Keep what this layer already put there; drop what lower layers had.
@@ -762,13 +762,13 @@ fn set_fd_metadata(fd: BorrowedFd<'_>, h: &TarHeader, root_user: bool) -> io::Re
     sys::futimens(fd, h.mtime, 0)
 }
 
-/// The xattrs of an entry that are applied: all but `trusted.overlay.*`, which only
-/// overlayfs may write (a layer carrying them could make lower content vanish or redirect
+/// The xattrs of an entry that are applied: all but overlayfs's own (`trusted.overlay.*`,
+/// and `user.overlay.*` which it reads in a user namespace), which only overlayfs may write (a layer carrying them could make lower content vanish or redirect
 /// lookups).
 fn layer_xattrs(h: &TarHeader) -> impl Iterator<Item = (&[u8], &[u8])> {
     h.xattrs
         .iter()
-        .filter(|(k, _)| !k.starts_with(b"trusted.overlay."))
+        .filter(|(k, _)| !sys::is_overlay_xattr(k))
         .map(|(k, v)| (k.as_slice(), v.as_slice()))
 }
 

@@ -78,7 +78,7 @@ fn walk_upper(dir: &Path, rel: &[u8], out: &mut Vec<Change>) -> io::Result<()> {
         if md.is_dir() {
             let abs = dir.join(std::ffi::OsStr::from_bytes(&name));
             let c = sys::cpath(&abs)?;
-            if sys::lgetxattr(&c, b"trusted.overlay.opaque")?.as_deref() == Some(b"y") {
+            if sys::lgetxattr(&c, sys::overlay_opaque_xattr())?.as_deref() == Some(b"y") {
                 out.push(Change::Opaque(p.clone()));
             }
             walk_upper(&abs, &p, out)?;
@@ -109,7 +109,7 @@ fn xattrs_of(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = sys::cpath(path)?;
     let mut v = Vec::new();
     for name in sys::llistxattr(&c)? {
-        if name.starts_with(b"trusted.overlay.") {
+        if sys::is_overlay_xattr(&name) {
             continue;
         }
         if let Some(val) = sys::lgetxattr(&c, &name)? {

@@ -39,7 +39,7 @@ fn overlay_onto(src: &Path, dst: &Path) -> io::Result<()> {
             continue;
         }
         if md.is_dir() {
-            let opaque = sys::lgetxattr(&sys::cpath(&s)?, b"trusted.overlay.opaque")?.as_deref()
+            let opaque = sys::lgetxattr(&sys::cpath(&s)?, sys::overlay_opaque_xattr())?.as_deref()
                 == Some(b"y");
             let is_dir = fs::symlink_metadata(&d)
                 .map(|m| m.is_dir())

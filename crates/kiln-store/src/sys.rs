@@ -216,6 +216,17 @@ pub(crate) fn lchown_at(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) ->
         )
     })
     .map(|_| ())
+    .or_else(unmapped_id_ok)
+}
+
+/// In a user namespace that maps only kiln's own user (rootless single-uid mode) a chown to
+/// any other id fails with EINVAL: the file keeps uid/gid 0, the limit that mode documents.
+fn unmapped_id_ok(e: io::Error) -> io::Result<()> {
+    if e.raw_os_error() == Some(libc::EINVAL) && overlay_userxattr() {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 /// `fchmodat` (follows nothing: callers use it only on entries they just created).
@@ -239,7 +250,9 @@ pub(crate) fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
 
 pub(crate) fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     // SAFETY: plain syscall.
-    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) }).map(|_| ())
+    cvt(unsafe { libc::fchown(fd.as_raw_fd(), uid, gid) })
+        .map(|_| ())
+        .or_else(unmapped_id_ok)
 }
 
 /// Sets atime and mtime (seconds + nanoseconds) of `name` in `dir`, not following symlinks.
@@ -405,8 +418,8 @@ pub(crate) fn unmount(target: &Path) -> io::Result<bool> {
 }
 
 /// Mounts an overlay with the new mount API, one `lowerdir+` parameter per layer, which
-/// lifts the one-page limit on mount options (kernel 6.8+). Returns the error of the first
-/// step that failed.
+/// lifts the one-page limit on mount options (kernel 6.8+). An `extra` option with an empty
+/// value is a flag (`userxattr`). Returns the error of the first step that failed.
 pub(crate) fn mount_overlay_fsconfig(
     lowers: &[&Path],
     upper: Option<&Path>,
@@ -414,6 +427,7 @@ pub(crate) fn mount_overlay_fsconfig(
     extra: &[(&str, &str)],
     target: &Path,
 ) -> io::Result<()> {
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
@@ -458,6 +472,25 @@ pub(crate) fn mount_overlay_fsconfig(
         set("workdir", w.as_os_str().as_bytes())?;
     }
     for (k, v) in extra {
+        if v.is_empty() {
+            let key = cstr(k.as_bytes())?;
+            // SAFETY: a valid C string key, no value (FSCONFIG_SET_FLAG).
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fsfd.as_raw_fd(),
+                    FSCONFIG_SET_FLAG,
+                    key.as_ptr(),
+                    std::ptr::null::<libc::c_char>(),
+                    0,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                return Err(io::Error::new(e.kind(), format!("fsconfig {k}: {e}")));
+            }
+            continue;
+        }
         set(k, v.as_bytes())?;
     }
     // SAFETY: plain syscalls on our fds.
@@ -501,6 +534,31 @@ pub(crate) fn mount_overlay_fsconfig(
         return Err(io::Error::new(e.kind(), format!("move_mount: {e}")));
     }
     Ok(())
+}
+
+/// True when this process runs in a user namespace other than the initial one (rootless
+/// kiln). overlayfs mounted there needs `userxattr` and keeps its markers in `user.overlay.*`
+/// instead of `trusted.overlay.*` (kernel 5.11+); checked once per process.
+pub(crate) fn overlay_userxattr() -> bool {
+    static NESTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NESTED.get_or_init(|| match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(m) => m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"],
+        Err(_) => false,
+    })
+}
+
+/// The xattr overlayfs marks an opaque directory with in this process's namespace.
+pub(crate) fn overlay_opaque_xattr() -> &'static [u8] {
+    if overlay_userxattr() {
+        b"user.overlay.opaque"
+    } else {
+        b"trusted.overlay.opaque"
+    }
+}
+
+/// True for overlayfs's own xattrs (either namespace): never part of a layer's content.
+pub(crate) fn is_overlay_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay.")
 }
 
 /// Whether the calling process is root.

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "kiln", version, propagate_version = true, max_term_width = 100)]
 struct Cli {
     /// State directory (content store, snapshots, cache DB). Default: /var/lib/kiln as root,
-    /// $XDG_DATA_HOME/kiln otherwise.
+    /// $XDG_DATA_HOME/kiln (else ~/.local/share/kiln) otherwise, rootless.
     #[arg(long, global = true, env = "KILN_ROOT", value_name = "DIR")]
     root: Option<PathBuf>,
 
@@ -44,6 +44,20 @@ enum Command {
     Logout(cmd::login::LogoutArgs),
 }
 
+impl Command {
+    /// True for the commands that mount, unpack layers or delete snapshots: an ordinary user's
+    /// kiln runs them in a user namespace (rootless mode, `docs/rootless.md`).
+    fn needs_user_namespace(&self) -> bool {
+        match self {
+            Command::Build(_) | Command::Import(_) | Command::Du(_) | Command::Prune(_) => true,
+            Command::Debug(a) => a.needs_user_namespace(),
+            Command::Registry(_) | Command::History(_) | Command::Login(_) | Command::Logout(_) => {
+                false
+            }
+        }
+    }
+}
+
 /// Options every subcommand sees.
 pub struct Globals {
     /// The state directory, resolved.
@@ -54,12 +68,39 @@ fn default_root() -> PathBuf {
     if nix_is_root() {
         return PathBuf::from("/var/lib/kiln");
     }
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
-        return PathBuf::from(x).join("kiln");
+    kiln_exec::userns::rootless_state_dir().unwrap_or_else(|| PathBuf::from("/var/lib/kiln"))
+}
+
+/// An ordinary user's kiln (or root's without CAP_SYS_ADMIN, as in an unprivileged
+/// container): runs this same command again in a user namespace (uid 0 inside is the user,
+/// 1.. its /etc/subuid range; root maps its own ids) and returns its exit code.
+fn run_rootless(root: Option<PathBuf>) -> ExitCode {
+    // The child is uid 0 inside, so it cannot tell the user's state dir: decide it here.
+    // SAFETY (edition 2021: safe): kiln has one thread until it starts the child.
+    std::env::set_var("KILN_ROOT", root.unwrap_or_else(default_root));
+    let mapping = kiln_exec::userns::mapping_for_current_user();
+    if let Some(n) = mapping.own_ids {
+        eprintln!(
+            "kiln: root without CAP_SYS_ADMIN (an unprivileged container?): building in a user \
+             namespace that maps ids 0..{n} onto themselves"
+        );
     }
-    match std::env::var_os("HOME") {
-        Some(h) => PathBuf::from(h).join(".local/share/kiln"),
-        None => PathBuf::from("/var/lib/kiln"),
+    if mapping.single_uid() {
+        let user = kiln_exec::userns::user_name(mapping.uid);
+        eprintln!(
+            "kiln: WARNING: rootless single-uid mode: {user} has no range in /etc/subuid and /etc/subgid, \
+             so builds see only uid 0 and gid 0. Files of other users (COPY --chown, USER steps, \
+             base image files not owned by root) become root-owned, and image digests differ from a \
+             root build. Add `{user}:100000:65536` to /etc/subuid and /etc/subgid (`kiln debug env` \
+             shows what this machine allows)."
+        );
+    }
+    match kiln_exec::userns::run_in_user_namespace(&mapping) {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(err) => {
+            eprintln!("kiln: error: rootless mode: {err}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -69,7 +110,21 @@ fn nix_is_root() -> bool {
 }
 
 fn main() -> ExitCode {
+    // First, while kiln has one thread: kiln's rootless child enters its user namespace.
+    let rootless = match kiln_exec::userns::enter_as_child() {
+        Ok(child) => child,
+        Err(err) => {
+            eprintln!("kiln: error: rootless mode: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
+    if !rootless
+        && cli.command.needs_user_namespace()
+        && (!nix_is_root() || !kiln_exec::userns::has_cap_sys_admin())
+    {
+        return run_rootless(cli.root);
+    }
     let globals = Globals {
         root: cli.root.unwrap_or_else(default_root),
     };

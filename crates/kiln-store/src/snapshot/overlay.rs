@@ -70,10 +70,35 @@ fn data_string(lowers: &[PathBuf], upper: Option<(&Path, &Path)>) -> Vec<u8> {
         d.extend_from_slice(b",workdir=");
         d.extend_from_slice(w.as_os_str().as_bytes());
     }
-    for (k, v) in EXTRA {
-        d.extend_from_slice(format!(",{k}={v}").as_bytes());
+    for (k, v) in extra_options() {
+        if v.is_empty() {
+            d.extend_from_slice(format!(",{k}").as_bytes());
+        } else {
+            d.extend_from_slice(format!(",{k}={v}").as_bytes());
+        }
     }
     d
+}
+
+/// [`EXTRA`], adjusted in a user namespace: there overlayfs needs `userxattr`, which refuses
+/// to follow redirects (`redirect_dir=off` would still follow them): `nofollow` instead.
+/// A flag option has an empty value.
+fn extra_options() -> Vec<(&'static str, &'static str)> {
+    if !sys::overlay_userxattr() {
+        return EXTRA.to_vec();
+    }
+    let mut v: Vec<_> = EXTRA
+        .iter()
+        .map(|&(k, v)| {
+            if k == "redirect_dir" {
+                (k, "nofollow")
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    v.push(("userxattr", ""));
+    v
 }
 
 fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Path) -> Result<()> {
@@ -103,8 +128,14 @@ fn mount_overlay(lowers: &[PathBuf], upper: Option<(&Path, &Path)>, target: &Pat
         }
     }
     let refs: Vec<&Path> = lowers.iter().map(PathBuf::as_path).collect();
-    match sys::mount_overlay_fsconfig(&refs, upper.map(|u| u.0), upper.map(|u| u.1), EXTRA, target)
-    {
+    let extra = extra_options();
+    match sys::mount_overlay_fsconfig(
+        &refs,
+        upper.map(|u| u.0),
+        upper.map(|u| u.1),
+        &extra,
+        target,
+    ) {
         Ok(()) => Ok(()),
         Err(e) => Err(StoreError::Mount {
             target: target.to_owned(),
@@ -199,7 +230,13 @@ impl Snapshotter for OverlaySnapshotter {
         } else {
             options.push("ro".into());
         }
-        options.extend(EXTRA.iter().map(|(k, v)| format!("{k}={v}")));
+        options.extend(extra_options().iter().map(|(k, v)| {
+            if v.is_empty() {
+                (*k).to_owned()
+            } else {
+                format!("{k}={v}")
+            }
+        }));
         vec![Mount {
             fstype: "overlay".into(),
             source: PathBuf::from("overlay"),

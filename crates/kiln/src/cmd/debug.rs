@@ -19,6 +19,18 @@ enum DebugCommand {
     /// dirs, leftovers of killed processes. Exits 1 when damage remains (leftovers of killed
     /// processes alone are reported and reclaimed by the next build).
     Fsck(FsckArgs),
+    /// Probe what this environment allows (user namespaces, subordinate ids, overlay, proc,
+    /// chroot, fuse, cgroups) and print the modes kiln can build in, strongest first; each
+    /// mode that cannot be used says what to change. Exits 1 when no mode is usable.
+    Env,
+}
+
+impl DebugArgs {
+    /// True when the subcommand touches the state dir's snapshots (rootless: run in the user
+    /// namespace); `kiln debug env` probes the environment as it is.
+    pub fn needs_user_namespace(&self) -> bool {
+        matches!(self.command, DebugCommand::Fsck(_))
+    }
 }
 
 #[derive(clap::Args)]
@@ -32,7 +44,119 @@ struct FsckArgs {
 pub fn run(args: DebugArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     match args.command {
         DebugCommand::Fsck(a) => fsck(a, globals),
+        DebugCommand::Env => env(globals),
     }
+}
+
+fn check(c: &Result<(), String>) -> String {
+    match c {
+        Ok(()) => "yes".into(),
+        Err(e) => format!("no: {e}"),
+    }
+}
+
+fn env(globals: &Globals) -> anyhow::Result<ExitCode> {
+    use kiln_exec::probe::EnvironmentProbe;
+    let p = EnvironmentProbe::run();
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let range = |r: Option<kiln_exec::userns::IdRange>| {
+        r.map_or_else(|| "none".to_owned(), |r| r.to_string())
+    };
+    let helper = |h: &Result<std::path::PathBuf, String>| match h {
+        Ok(p) => format!("{} (usable)", p.display()),
+        Err(e) => format!("no: {e}"),
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("user", format!("{} (euid {})", p.user, p.euid)),
+        (
+            "kernel",
+            format!(
+                "{}{}",
+                p.kernel,
+                if p.kernel_overlay_userns {
+                    ""
+                } else {
+                    " (older than 5.11: no overlayfs in a user namespace)"
+                }
+            ),
+        ),
+        (
+            "in a user namespace",
+            match (&p.rootless_child, p.nested_userns) {
+                (Some(m), _) => format!("yes (kiln's own, {m})"),
+                (None, true) => "yes (a rootless container?)".into(),
+                (None, false) => "no (the host's)".into(),
+            },
+        ),
+        ("user.max_user_namespaces", opt(p.max_user_namespaces)),
+        (
+            "kernel.unprivileged_userns_clone",
+            opt(p.unprivileged_userns_clone),
+        ),
+        (
+            "kernel.apparmor_restrict_unprivileged_userns",
+            opt(p.apparmor_restrict_userns),
+        ),
+        (
+            "new namespaces (mount, pid, uts, ipc)",
+            check(&p.namespaces),
+        ),
+        ("fresh /proc in a new pid namespace", check(&p.proc_mount)),
+        ("overlayfs", check(&p.overlay)),
+        ("new user namespace", check(&p.userns)),
+        ("fresh /proc in a user namespace", check(&p.proc_in_userns)),
+        ("overlayfs in a user namespace", check(&p.overlay_in_userns)),
+        ("chroot", check(&p.chroot)),
+        ("/etc/subuid range", range(p.subuid)),
+        ("/etc/subgid range", range(p.subgid)),
+        ("newuidmap", helper(&p.newuidmap)),
+        ("newgidmap", helper(&p.newgidmap)),
+        ("fuse-overlayfs and /dev/fuse", check(&p.fuse_overlayfs)),
+        ("own cgroup writable", check(&p.cgroup)),
+    ];
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    outln!("{:<w$}  RESULT", "CHECK");
+    for (k, v) in &rows {
+        outln!("{k:<w$}  {v}");
+    }
+    outln!("");
+    let best = p.best_mode();
+    outln!(
+        "{:<20}  {:<6}  WHAT IT MEANS / WHAT TO CHANGE",
+        "MODE",
+        "USABLE"
+    );
+    for m in p.modes() {
+        let mark = if best.as_ref().is_some_and(|b| b.name == m.name) {
+            "yes *"
+        } else if m.usable() {
+            "yes"
+        } else {
+            "no"
+        };
+        outln!("{:<20}  {:<6}  {}", m.name, mark, m.summary);
+        for fix in &m.missing {
+            outln!("{:<20}  {:<6}  - {fix}", "", "");
+        }
+        if m.usable() {
+            for note in &m.notes {
+                outln!("{:<20}  {:<6}  note: {note}", "", "");
+            }
+        }
+    }
+    outln!("");
+    outln!("snapshotter: {}", p.snapshotter());
+    outln!("state dir: {}", globals.root.display());
+    Ok(match best {
+        Some(m) => {
+            outln!("kiln builds in mode {} (* above)", m.name);
+            ExitCode::SUCCESS
+        }
+        None => {
+            outln!("no mode is usable here: change one of the items above");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn fsck(args: FsckArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
