@@ -33,6 +33,9 @@ pub struct BuildRequest {
     pub cache_exports: Vec<CacheExport>,
     /// Where to write the build's metadata JSON (`--metadata-file`).
     pub metadata_file: Option<PathBuf>,
+    /// Where to write the image ID (`--iidfile`): the config digest of the image made, as
+    /// buildx writes it; removed first, so a failed build leaves none.
+    pub iidfile: Option<PathBuf>,
     /// Where to write the timeline report page (`--report`).
     pub report: Option<PathBuf>,
     /// Where to write the Chrome trace-event JSON (`--trace`).
@@ -179,6 +182,7 @@ impl BuildRequest {
             dockerfile_source: String::new(),
             dockerfile_label: "Dockerfile".to_owned(),
             dockerignore: Vec::new(),
+            iidfile: None,
             report: None,
             trace: None,
             state_root,

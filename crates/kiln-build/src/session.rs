@@ -142,7 +142,28 @@ pub struct BuildOutcome {
     pub bytes_downloaded: u64,
     /// Registry bytes uploaded by this build.
     pub bytes_uploaded: u64,
+    /// The build's reference as buildx names it (`kiln/kiln0/<build id>`), also written to
+    /// the metadata file as `buildx.build.ref`.
+    pub build_ref: String,
 }
+
+impl BuildOutcome {
+    /// The image ID as buildx's `-q` and `--iidfile` give it: the config digest of the image
+    /// made, `None` when no output made one.
+    pub fn image_id(&self) -> Option<String> {
+        self.image.as_ref().map(image_id)
+    }
+}
+
+/// buildx's image ID of `image`: its config digest (`containerimage.config.digest`, which
+/// buildx prefers to the manifest's whenever the exporter gives it, as for every
+/// single-platform image).
+fn image_id(image: &StoredImage) -> String {
+    image.config.digest.to_string()
+}
+
+/// The builder and node names in `buildx.build.ref` (kiln has one builder, one node).
+pub const BUILD_REF_PREFIX: &str = "kiln/kiln0";
 
 /// Why a build failed.
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +224,15 @@ pub enum SessionError {
     /// Writing an output failed.
     #[error(transparent)]
     Export(anyhow::Error),
+    /// The `--iidfile` could not be written (or its stale copy removed).
+    #[error("writing --iidfile {}: {source}", path.display())]
+    Iidfile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The metadata file could not be written.
     #[error("writing --metadata-file {}", path.display())]
     Metadata {
@@ -217,6 +247,20 @@ pub enum SessionError {
 /// Runs `request`, reporting to `events`. Blocking; starts its own async runtime.
 pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome, BuildFailure> {
     let req = &request;
+    // As buildx: a stale image ID file must not outlive a build that fails.
+    if let Some(path) = &req.iidfile {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(SessionError::Iidfile {
+                    path: path.clone(),
+                    source,
+                }
+                .into())
+            }
+        }
+    }
     IgnoreMatcher::from_patterns(&req.dockerignore)
         .map_err(|e| SessionError::Dockerignore(e.to_string()))?;
     crate::export::refuse_manifest_list(&req.exporters, req.options.platforms.len())
@@ -398,10 +442,28 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     let bytes_downloaded = stats.bytes_received - stats_before.bytes_received;
     let bytes_uploaded = stats.bytes_sent - stats_before.bytes_sent;
     let steps = tracker.outcomes();
+    let build_ref = format!("{BUILD_REF_PREFIX}/{}", recorder.id());
+    if let Some(path) = &req.iidfile {
+        let id = image.as_ref().map(image_id).unwrap_or_default();
+        crate::export::write_file_atomic(path, id.as_bytes()).map_err(|e| {
+            SessionError::Iidfile {
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            }
+        })?;
+    }
     if let Some(path) = &req.metadata_file {
+        let names: Vec<&str> = req
+            .exporters
+            .iter()
+            .flat_map(|e| e.image_names())
+            .map(String::as_str)
+            .collect();
         write_metadata(
             path,
             image.as_ref(),
+            &names,
+            &build_ref,
             &steps,
             bytes_downloaded,
             bytes_uploaded,
@@ -436,6 +498,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         steps,
         bytes_downloaded,
         bytes_uploaded,
+        build_ref,
     })
 }
 
@@ -770,7 +833,20 @@ fn export_outputs(
     let rootfs = solved.rootfs.as_deref();
     let result = if req.exporters.iter().any(|e| e.makes_image()) {
         let config = &solved.graph.target_stage().config;
-        let recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
+        let mut recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
+        // `force-compression=true`: the base image's layers too, before anything is stored.
+        if let (Some(fs), Some(e)) = (
+            rootfs,
+            req.exporters.iter().find(|e| e.forces_compression()),
+        ) {
+            let compression = e
+                .layer_compression()
+                .unwrap_or(kiln_oci::compression::Compression::Gzip);
+            recipe.layers = solved
+                .worker
+                .recompress_layers(fs, &recipe.layers, compression)
+                .map_err(crate::export::ExportError::from)?;
+        }
         // `--export-cache type=inline`: the cache goes into the config, before the image is
         // stored or pushed.
         let fields = inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?;
@@ -799,18 +875,27 @@ fn export_outputs(
     Ok(made)
 }
 
+/// The metadata file: buildx's keys (`buildx.build.ref`, and for an image
+/// `containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`,
+/// `image.name` as the names joined with commas) and kiln's own (`kiln.*`).
 fn write_metadata(
     path: &Path,
     image: Option<&StoredImage>,
+    names: &[&str],
+    build_ref: &str,
     steps: &[StepOutcome],
     bytes_downloaded: u64,
     bytes_uploaded: u64,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut v = json!({
+        "buildx.build.ref": build_ref,
         "kiln.steps": steps,
         "kiln.bytes_downloaded": bytes_downloaded,
         "kiln.bytes_uploaded": bytes_uploaded,
     });
+    if !names.is_empty() {
+        v["image.name"] = json!(names.join(","));
+    }
     if let Some(img) = image {
         v["containerimage.digest"] = json!(img.manifest.digest.to_string());
         v["containerimage.config.digest"] = json!(img.config.digest.to_string());

@@ -217,3 +217,17 @@ fn load_adds_one_docker_output_and_keeps_the_push() {
         strs(&["type=docker,dest=a.tar", "type=docker"])
     );
 }
+
+#[test]
+fn several_platforms_are_refused_for_docker_outputs_with_buildx_message() {
+    use kiln_build::export::refuse_manifest_list;
+    let load = exporters_from_flags(&["type=docker".to_owned()], &[], false).unwrap();
+    let text = refuse_manifest_list(&load, 2).unwrap_err().to_string();
+    assert!(
+        text.starts_with("docker exporter does not currently support exporting manifest lists"),
+        "{text}"
+    );
+    assert!(refuse_manifest_list(&load, 1).is_ok());
+    let oci = exporters_from_flags(&["type=oci,dest=o.tar".to_owned()], &[], false).unwrap();
+    assert!(refuse_manifest_list(&oci, 2).is_ok());
+}

@@ -31,8 +31,10 @@ fn cg_err(what: &'static str, path: &Path, source: std::io::Error) -> ExecError 
 }
 
 impl PidsHierarchy {
-    /// Finds a hierarchy with the pids controller in `/proc/self/mountinfo`.
-    pub(crate) fn detect() -> Result<Self, ExecError> {
+    /// Finds a hierarchy with the pids controller in `/proc/self/mountinfo`; runs' cgroups
+    /// go under `<mount>/<under>/kiln` (`--cgroup-parent`), else `<mount>/kiln`. `under` is
+    /// a relative path without `.` or `..` parts (checked by the caller's flag parser).
+    pub(crate) fn detect(under: Option<&str>) -> Result<Self, ExecError> {
         let info = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| cg_err("reading", Path::new("/proc/self/mountinfo"), e))?;
         let (mut v1, mut v2) = (None, None);
@@ -66,8 +68,14 @@ impl PidsHierarchy {
                 ))
             }
         };
+        if under.is_some_and(|u| u.split('/').any(|p| p.is_empty() || p == "." || p == "..")) {
+            return Err(ExecError::InvalidSpec(format!(
+                "the cgroup parent {under:?} must be a relative path without `.` or `..` parts"
+            )));
+        }
+        let base = under.map_or_else(|| mount.clone(), |u| mount.join(u));
         let h = PidsHierarchy {
-            parent: mount.join("kiln"),
+            parent: base.join("kiln"),
             v2,
         };
         h.ensure_parent(&mount)?;
@@ -75,18 +83,25 @@ impl PidsHierarchy {
         Ok(h)
     }
 
+    /// Creates every level from `mount` down to the parent of runs' cgroups; on v2 each level
+    /// hands the pids controller down to the next.
     fn ensure_parent(&self, mount: &Path) -> Result<(), ExecError> {
         if self.v2 {
             // v2 hands a controller to children only when each level enables it.
             write_file(&mount.join("cgroup.subtree_control"), "+pids")?;
         }
-        match std::fs::create_dir(&self.parent) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(cg_err("creating cgroup", &self.parent, e)),
-        }
-        if self.v2 {
-            write_file(&self.parent.join("cgroup.subtree_control"), "+pids")?;
+        let rel = self.parent.strip_prefix(mount).unwrap_or(Path::new("kiln"));
+        let mut level = mount.to_path_buf();
+        for part in rel.components() {
+            level.push(part);
+            match std::fs::create_dir(&level) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(cg_err("creating cgroup", &level, e)),
+            }
+            if self.v2 {
+                write_file(&level.join("cgroup.subtree_control"), "+pids")?;
+            }
         }
         Ok(())
     }
@@ -117,7 +132,13 @@ impl PidsHierarchy {
         let path = self.parent.join(format!("{}-{n}", std::process::id()));
         std::fs::create_dir(&path).map_err(|e| cg_err("creating cgroup", &path, e))?;
         let cg = RunCgroup { path };
-        write_file(&cg.path.join("pids.max"), &limit.to_string())?;
+        // `u64::MAX`: a cgroup only for placement (`--cgroup-parent` without a pids limit).
+        let max = if limit == u64::MAX {
+            "max".to_string()
+        } else {
+            limit.to_string()
+        };
+        write_file(&cg.path.join("pids.max"), &max)?;
         Ok(cg)
     }
 }

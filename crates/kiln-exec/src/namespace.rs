@@ -85,15 +85,28 @@ impl NamespaceExecutor {
     /// Limits every run to `limit` processes and threads (cgroup `pids.max`; `None`: no
     /// limit, the default, as in BuildKit). Fails when no cgroup hierarchy here offers the
     /// pids controller.
-    pub fn with_pids_limit(mut self, limit: Option<u64>) -> Result<Self, ExecError> {
-        self.pids = match limit {
-            Some(0) => {
+    pub fn with_pids_limit(self, limit: Option<u64>) -> Result<Self, ExecError> {
+        self.with_run_cgroups(limit, None)
+    }
+
+    /// Gives every run a cgroup of its own under `parent` (`--cgroup-parent`, relative to
+    /// the root of the hierarchy with the pids controller; `None`: kiln's own `kiln`
+    /// cgroup there) with `limit` processes and threads at most. With neither a limit nor a
+    /// parent, runs stay in kiln's cgroup, as before.
+    pub fn with_run_cgroups(
+        mut self,
+        limit: Option<u64>,
+        parent: Option<&str>,
+    ) -> Result<Self, ExecError> {
+        self.pids = match (limit, parent) {
+            (Some(0), _) => {
                 return Err(ExecError::InvalidSpec(
                     "the pids limit must be at least 1".into(),
                 ))
             }
-            Some(n) => Some((n, PidsHierarchy::detect()?)),
-            None => None,
+            (Some(n), _) => Some((n, PidsHierarchy::detect(parent)?)),
+            (None, Some(_)) => Some((u64::MAX, PidsHierarchy::detect(parent)?)),
+            (None, None) => None,
         };
         Ok(self)
     }
@@ -365,7 +378,7 @@ fn build_plan(
         sub(dev, "shm")?,
         Some("tmpfs"),
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some("mode=1777,size=65536k".into()),
+        Some(format!("mode=1777,size={}", shm_size_option(spec.shm_size))),
         "mounting /dev/shm",
     )?);
     ops.push(mount(
@@ -643,6 +656,11 @@ fn build_plan(
         rlimits,
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
+}
+
+/// The `size=` of `/dev/shm`: the spec's bytes, or Docker's 64 MiB.
+pub(crate) fn shm_size_option(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "65536k".to_string(), |b| b.to_string())
 }
 
 fn container_to_host(prep: &Prepared, path: &str) -> std::path::PathBuf {

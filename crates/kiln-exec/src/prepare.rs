@@ -61,6 +61,16 @@ fn validate(spec: &ExecSpec) -> Result<(), ExecError> {
     if spec.hostname.len() > 64 || spec.hostname.contains('\0') {
         return bad(format!("invalid hostname {:?}", spec.hostname));
     }
+    for (name, _) in &spec.extra_hosts {
+        if name.is_empty()
+            || name.contains(|c: char| c.is_whitespace() || c.is_control() || c == '#')
+        {
+            return bad(format!("invalid extra host name {name:?}"));
+        }
+    }
+    if spec.shm_size == Some(0) {
+        return bad("the /dev/shm size must be at least one byte".into());
+    }
     for m in &spec.mounts {
         if !m.target.starts_with('/') || m.target.contains('\0') {
             return bad(format!(
@@ -131,10 +141,20 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
     let sys_dir = stubs.ensure("/sys", StubKind::Dir)?;
     let mut host_files = Vec::new();
     for (path, name) in HOST_FILES {
-        if let Ok(mut content) = std::fs::read(path) {
+        let read = std::fs::read(path).ok();
+        let read = match read {
+            None if *name == "hosts" && !spec.extra_hosts.is_empty() => {
+                Some(b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec())
+            }
+            r => r,
+        };
+        if let Some(mut content) = read {
             if *name == "resolv.conf" && spec.network == Network::Isolated {
                 // The host's nameservers may be on its loopback, out of the step's reach.
                 content = isolated_resolv_conf(&content);
+            }
+            if *name == "hosts" {
+                add_extra_hosts(&mut content, &spec.extra_hosts);
             }
             let target = stubs.ensure(path, StubKind::File)?;
             host_files.push(HostFile {
@@ -179,6 +199,19 @@ pub(crate) fn prepare(spec: &ExecSpec) -> Result<Prepared, ExecError> {
         mount_targets,
         secret_values,
     })
+}
+
+/// Appends `--add-host` entries to a hosts file's content, one `ADDR\tNAME` line each.
+fn add_extra_hosts(content: &mut Vec<u8>, hosts: &[(String, std::net::IpAddr)]) {
+    if hosts.is_empty() {
+        return;
+    }
+    if !content.is_empty() && !content.ends_with(b"\n") {
+        content.push(b'\n');
+    }
+    for (name, addr) in hosts {
+        content.extend_from_slice(format!("{addr}\t{name}\n").as_bytes());
+    }
 }
 
 /// The frame of every backend's run: refuse a cancelled token, prepare the rootfs, run

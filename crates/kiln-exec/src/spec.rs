@@ -1,6 +1,7 @@
 //! The public description of one container run and its outcome.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +41,10 @@ pub struct ExecSpec {
     pub privileged: bool,
     /// Resource limits; each is clamped to the executor's own hard limit, never raised above it.
     pub rlimits: Vec<Rlimit>,
+    /// Lines added to the step's `/etc/hosts` (`--add-host`): name and address, in order.
+    pub extra_hosts: Vec<(String, IpAddr)>,
+    /// Size of the step's `/dev/shm` tmpfs in bytes; `None` is Docker's 64 MiB.
+    pub shm_size: Option<u64>,
 }
 
 impl ExecSpec {
@@ -62,6 +67,8 @@ impl ExecSpec {
                 soft: 1024,
                 hard: 1_048_576,
             }],
+            extra_hosts: Vec::new(),
+            shm_size: None,
         }
     }
 }
@@ -91,36 +98,103 @@ pub struct Rlimit {
     pub hard: u64,
 }
 
-/// The limits kiln lets a step set.
+/// The limits kiln lets a step set: Docker's `--ulimit` names, each one `RLIMIT_<NAME>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RlimitResource {
+    /// Core file size (`RLIMIT_CORE`).
+    Core,
+    /// CPU time in seconds (`RLIMIT_CPU`).
+    Cpu,
+    /// Data segment size (`RLIMIT_DATA`).
+    Data,
+    /// File size (`RLIMIT_FSIZE`).
+    Fsize,
+    /// File locks (`RLIMIT_LOCKS`).
+    Locks,
+    /// Locked memory (`RLIMIT_MEMLOCK`).
+    Memlock,
+    /// POSIX message queue bytes (`RLIMIT_MSGQUEUE`).
+    Msgqueue,
+    /// Nice ceiling (`RLIMIT_NICE`).
+    Nice,
     /// Open files (`RLIMIT_NOFILE`).
     Nofile,
     /// Processes (`RLIMIT_NPROC`).
     Nproc,
-    /// Core file size (`RLIMIT_CORE`).
-    Core,
+    /// Resident set size (`RLIMIT_RSS`).
+    Rss,
+    /// Real-time priority ceiling (`RLIMIT_RTPRIO`).
+    Rtprio,
+    /// Real-time CPU time in microseconds (`RLIMIT_RTTIME`).
+    Rttime,
+    /// Queued signals (`RLIMIT_SIGPENDING`).
+    Sigpending,
     /// Stack size (`RLIMIT_STACK`).
     Stack,
 }
 
 impl RlimitResource {
+    /// Every limit with Docker's name for it (`--ulimit nofile=...`).
+    pub const ALL: [(&'static str, RlimitResource); 15] = [
+        ("core", RlimitResource::Core),
+        ("cpu", RlimitResource::Cpu),
+        ("data", RlimitResource::Data),
+        ("fsize", RlimitResource::Fsize),
+        ("locks", RlimitResource::Locks),
+        ("memlock", RlimitResource::Memlock),
+        ("msgqueue", RlimitResource::Msgqueue),
+        ("nice", RlimitResource::Nice),
+        ("nofile", RlimitResource::Nofile),
+        ("nproc", RlimitResource::Nproc),
+        ("rss", RlimitResource::Rss),
+        ("rtprio", RlimitResource::Rtprio),
+        ("rttime", RlimitResource::Rttime),
+        ("sigpending", RlimitResource::Sigpending),
+        ("stack", RlimitResource::Stack),
+    ];
+
+    /// The limit Docker calls `name` (`nofile`, `nproc`, ...).
+    pub fn from_docker_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, r)| *r)
+    }
+
+    /// The current hard limit of this process for the resource (what a step can get at
+    /// most); `None` when the kernel does not say.
+    pub fn current_hard_limit(self) -> Option<u64> {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid out-pointer.
+        (unsafe { libc::getrlimit(self.raw(), &mut cur) } == 0).then_some(cur.rlim_max)
+    }
+
     pub(crate) fn raw(self) -> libc::__rlimit_resource_t {
         match self {
+            RlimitResource::Core => libc::RLIMIT_CORE,
+            RlimitResource::Cpu => libc::RLIMIT_CPU,
+            RlimitResource::Data => libc::RLIMIT_DATA,
+            RlimitResource::Fsize => libc::RLIMIT_FSIZE,
+            RlimitResource::Locks => libc::RLIMIT_LOCKS,
+            RlimitResource::Memlock => libc::RLIMIT_MEMLOCK,
+            RlimitResource::Msgqueue => libc::RLIMIT_MSGQUEUE,
+            RlimitResource::Nice => libc::RLIMIT_NICE,
             RlimitResource::Nofile => libc::RLIMIT_NOFILE,
             RlimitResource::Nproc => libc::RLIMIT_NPROC,
-            RlimitResource::Core => libc::RLIMIT_CORE,
+            RlimitResource::Rss => libc::RLIMIT_RSS,
+            RlimitResource::Rtprio => libc::RLIMIT_RTPRIO,
+            RlimitResource::Rttime => libc::RLIMIT_RTTIME,
+            RlimitResource::Sigpending => libc::RLIMIT_SIGPENDING,
             RlimitResource::Stack => libc::RLIMIT_STACK,
         }
     }
 
-    pub(crate) fn oci_name(self) -> &'static str {
-        match self {
-            RlimitResource::Nofile => "RLIMIT_NOFILE",
-            RlimitResource::Nproc => "RLIMIT_NPROC",
-            RlimitResource::Core => "RLIMIT_CORE",
-            RlimitResource::Stack => "RLIMIT_STACK",
-        }
+    pub(crate) fn oci_name(self) -> String {
+        let name = Self::ALL
+            .iter()
+            .find(|(_, r)| *r == self)
+            .map_or("", |(n, _)| n);
+        format!("RLIMIT_{}", name.to_ascii_uppercase())
     }
 }
 

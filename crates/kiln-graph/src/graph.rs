@@ -175,6 +175,16 @@ pub struct ExecOp {
     pub security: SecurityMode,
     /// Extra mounts, in the order given.
     pub mounts: Vec<Mount>,
+    /// `--add-host` entries for the step's `/etc/hosts`. Left out of the op's bytes when
+    /// empty, so keys of builds without them stay as they were.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<crate::run_settings::ExtraHost>,
+    /// `--shm-size`: the size of the step's `/dev/shm` in bytes; `None` is the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shm_size: Option<u64>,
+    /// `--ulimit` limits of the step's processes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<crate::run_settings::Ulimit>,
 }
 
 /// One `RUN --mount`.

@@ -15,6 +15,7 @@ pub mod plan;
 pub mod platform;
 pub mod reference;
 pub mod resolver;
+pub mod run_settings;
 mod stages;
 
 pub use error::FrontendError;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::graph::NetworkMode;
 use crate::platform::Platform;
+pub use crate::run_settings::{ExtraHost, HostAddr, Ulimit};
 
 /// A flag value that could not be parsed; names the flag and the bad value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,7 +26,7 @@ pub struct OptionError {
 }
 
 impl OptionError {
-    fn new(flag: &str, value: &str, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(flag: &str, value: &str, reason: impl Into<String>) -> Self {
         Self {
             flag: flag.to_string(),
             value: value.to_string(),
@@ -79,6 +80,16 @@ pub struct BuildOptions {
     /// `--pids-limit` / `KILN_PIDS_LIMIT`: at most this many processes and threads per `RUN`
     /// step (cgroup pids controller); `None`, the default, sets no limit, as BuildKit.
     pub pids_limit: Option<u64>,
+    /// buildx `--add-host`: entries added to every `RUN` step's `/etc/hosts`, in order.
+    pub extra_hosts: Vec<ExtraHost>,
+    /// buildx `--shm-size`: the size of `/dev/shm` in `RUN` steps, in bytes (`None`: 64 MiB,
+    /// as Docker).
+    pub shm_size: Option<u64>,
+    /// buildx `--ulimit`: resource limits of `RUN` steps' processes.
+    pub ulimits: Vec<Ulimit>,
+    /// buildx `--cgroup-parent`: the cgroup (relative to the hierarchy's root) under which
+    /// `RUN` steps' cgroups are made, when kiln makes them (`--pids-limit`).
+    pub cgroup_parent: Option<String>,
 }
 
 /// Entitlements granted with `--allow` (BuildKit's names).
@@ -116,6 +127,10 @@ impl BuildOptions {
             network: NetworkMode::Default,
             entitlements: Entitlements::default(),
             pids_limit: None,
+            extra_hosts: Vec::new(),
+            shm_size: None,
+            ulimits: Vec::new(),
+            cgroup_parent: None,
         }
     }
 }
@@ -171,6 +186,16 @@ pub struct RawBuildFlags {
     pub allow: Vec<String>,
     /// `--pids-limit N` / `KILN_PIDS_LIMIT`.
     pub pids_limit: Option<String>,
+    /// buildx `--label K=V` (repeatable), into the image config's labels.
+    pub labels: Vec<String>,
+    /// buildx `--add-host NAME:IP` (repeatable, comma lists allowed).
+    pub add_hosts: Vec<String>,
+    /// buildx `--shm-size SIZE`.
+    pub shm_size: Option<String>,
+    /// buildx `--ulimit NAME=SOFT[:HARD]` (repeatable).
+    pub ulimits: Vec<String>,
+    /// buildx `--cgroup-parent PATH`.
+    pub cgroup_parent: Option<String>,
 }
 
 impl BuildOptions {
@@ -184,6 +209,9 @@ impl BuildOptions {
                     "only the Dockerfile frontend is supported; use `dockerfile.v0`",
                 ));
             }
+        }
+        if let Some(c) = &raw.context {
+            refuse_remote_context(c)?;
         }
         let mut context: Option<PathBuf> = raw.context.as_deref().map(PathBuf::from);
         let mut dockerfile_dir: Option<PathBuf> = None;
@@ -267,6 +295,23 @@ impl BuildOptions {
                     "force-network-mode" => {
                         opts.network = parse_network_mode("--opt", o, value)?;
                     }
+                    // BuildKit's Dockerfile frontend spelling of buildx's RUN settings.
+                    "add-hosts" => {
+                        for h in split_list(value) {
+                            opts.extra_hosts.push(ExtraHost::parse("--opt", &h)?);
+                        }
+                    }
+                    "shm-size" => {
+                        opts.shm_size = Some(crate::run_settings::parse_shm_size("--opt", value)?);
+                    }
+                    "ulimit" => {
+                        for u in split_list(value) {
+                            opts.add_ulimit(Ulimit::parse("--opt", &u)?);
+                        }
+                    }
+                    "cgroup-parent" => {
+                        opts.cgroup_parent = Some(parse_cgroup_parent("--opt", value)?);
+                    }
                     "image-resolve-mode" => match value {
                         "pull" => opts.pull = true,
                         "default" | "local" => opts.pull = false,
@@ -294,7 +339,8 @@ impl BuildOptions {
                             o,
                             format!(
                             "unknown frontend option `{key}`; known: target, filename, platform, \
-                                 no-cache, image-resolve-mode, build-arg:NAME, label:NAME, \
+                                 no-cache, image-resolve-mode, force-network-mode, add-hosts, \
+                                 shm-size, ulimit, cgroup-parent, build-arg:NAME, label:NAME, \
                                  context:NAME"
                         ),
                         ))
@@ -483,8 +529,77 @@ impl BuildOptions {
             })?;
             opts.pids_limit = Some(v);
         }
+        opts.apply_run_settings(raw)?;
         Ok(opts)
     }
+}
+
+impl BuildOptions {
+    /// buildx's `--label`, `--add-host`, `--shm-size`, `--ulimit` and `--cgroup-parent`.
+    fn apply_run_settings(&mut self, raw: &RawBuildFlags) -> Result<(), OptionError> {
+        for l in &raw.labels {
+            // buildx: `--label K` without a value sets an empty one.
+            let (k, v) = l.split_once('=').unwrap_or((l.as_str(), ""));
+            check_name("--label", l, k)?;
+            self.labels.insert(k.to_string(), v.to_string());
+        }
+        for h in raw.add_hosts.iter().flat_map(|h| split_list(h)) {
+            self.extra_hosts.push(ExtraHost::parse("--add-host", &h)?);
+        }
+        if let Some(s) = &raw.shm_size {
+            self.shm_size = Some(crate::run_settings::parse_shm_size("--shm-size", s)?);
+        }
+        for u in &raw.ulimits {
+            self.add_ulimit(Ulimit::parse("--ulimit", u)?);
+        }
+        if let Some(c) = &raw.cgroup_parent {
+            self.cgroup_parent = Some(parse_cgroup_parent("--cgroup-parent", c)?);
+        }
+        Ok(())
+    }
+
+    /// Adds a limit; the last one of a name wins, as in Docker.
+    fn add_ulimit(&mut self, u: Ulimit) {
+        self.ulimits.retain(|o| o.name != u.name);
+        self.ulimits.push(u);
+    }
+}
+
+/// A cgroup path relative to the hierarchy's root, without `.`, `..` or empty parts (leading
+/// and trailing `/` dropped).
+fn parse_cgroup_parent(flag: &str, value: &str) -> Result<String, OptionError> {
+    let trimmed = value.trim_matches('/');
+    if trimmed.is_empty()
+        || trimmed
+            .split('/')
+            .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err(OptionError::new(
+            flag,
+            value,
+            "expected a cgroup path such as `ci/builds`, without `.`, `..` or empty parts",
+        ));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// A URL as `CONTEXT` (`https://host/repo.git#ref:dir`, `git@host:repo`, `git://`,
+/// `ssh://`, an HTTP tarball): the options take directories only. `kiln build` fetches git
+/// repositories into one before it gets here; anything else is refused with what to do.
+fn refuse_remote_context(context: &str) -> Result<(), OptionError> {
+    let remote = ["http://", "https://", "git://", "ssh://", "git@"]
+        .iter()
+        .any(|p| context.starts_with(p));
+    if remote {
+        return Err(OptionError::new(
+            "CONTEXT",
+            context,
+            "a URL context must be a git repository (URL.git#REF:DIR, git@HOST:REPO.git, \
+             git://, ssh://), which kiln build fetches; download anything else (a tarball, a \
+             Dockerfile) and pass its directory",
+        ));
+    }
+    Ok(())
 }
 
 /// `default` (`sandbox` in buildctl's spelling), `none` or `host`.
@@ -807,7 +922,8 @@ pub enum ProgressMode {
 }
 
 impl ProgressMode {
-    fn parse(s: &str) -> Option<Self> {
+    /// The mode `s` names (`auto`, `tty`, `plain`, `rawjson`, `quiet`), if any.
+    pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "auto" => Self::Auto,
             "tty" => Self::Tty,

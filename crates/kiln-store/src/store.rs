@@ -717,6 +717,58 @@ impl Store {
         Ok(l.blobs.get(compression.name()).cloned())
     }
 
+    /// Layer `layer` (whose blob is in the content store) as a blob with `compression`: the
+    /// one recorded for that compression if there is one, else its bytes decompressed and
+    /// compressed again (`force-compression=true`). The new blob is checked to be the same
+    /// layer (its diff id) before it is recorded.
+    pub fn recompress_layer(
+        &self,
+        layer: &LayerRecord,
+        compression: Compression,
+    ) -> Result<LayerRecord> {
+        if media_type_compression(&layer.media_type) == compression {
+            return Ok(layer.clone());
+        }
+        if let Some(rec) = self.layer_blob(&layer.diff_id, compression)? {
+            if self.content().has(&rec.digest) {
+                return Ok(rec);
+            }
+        }
+        let src_path = self.content().blob_path(&layer.digest);
+        let src = self.content().open_blob(&layer.digest)?;
+        let (_, mut plain) = decompressing_reader(BufReader::with_capacity(1 << 20, src))
+            .map_err(|e| StoreError::io("reading layer", &src_path, e))?;
+        let blob = self.content().writer()?;
+        let comp = Compressor::new(blob, compression, &self.inner.compress)
+            .map_err(|e| StoreError::io("starting compression", &src_path, e))?;
+        let mut hashed = DigestWriter::new(comp, Algorithm::Sha256);
+        io::copy(&mut plain, &mut hashed)
+            .map_err(|e| StoreError::io("recompressing layer", &src_path, e))?;
+        let (comp, diff_id, _) = hashed.finish();
+        if diff_id != layer.diff_id {
+            return Err(StoreError::DiffIdMismatch {
+                blob: layer.digest.clone(),
+                claimed: layer.diff_id.clone(),
+                actual: diff_id,
+            });
+        }
+        let blob = comp
+            .finish()
+            .map_err(|e| StoreError::io("compressing layer", &src_path, e))?;
+        let info = blob.commit_computed()?;
+        let rec = LayerRecord {
+            diff_id: diff_id.clone(),
+            digest: info.digest,
+            size: info.size,
+            media_type: compression.oci_layer_media_type().to_owned(),
+        };
+        self.db().write(|tx| {
+            let rec = remember_layer(tx, &rec, compression)?;
+            record_verified(tx, &rec.digest, &diff_id)?;
+            Ok(rec)
+        })
+    }
+
     /// Records that blob `layer.digest` is layer `layer.diff_id` (e.g. from an image config),
     /// so unpacking it can be skipped when the chain is already present.
     pub fn register_layer(&self, layer: &LayerRecord) -> Result<()> {

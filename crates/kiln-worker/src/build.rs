@@ -172,9 +172,17 @@ pub fn plan_build(
         source_date_epoch: inputs.source_date_epoch,
         compression: inputs.compression,
     };
+    check_ulimits(opts)?;
     let executor = kiln_exec::NamespaceExecutor::new()
-        .with_pids_limit(opts.pids_limit)
-        .map_err(|e| WorkerError::Unsupported(format!("--pids-limit: {e}")))?;
+        .with_run_cgroups(opts.pids_limit, opts.cgroup_parent.as_deref())
+        .map_err(|e| {
+            let flag = match (opts.pids_limit, &opts.cgroup_parent) {
+                (Some(_), Some(_)) => "--pids-limit/--cgroup-parent",
+                (None, Some(_)) => "--cgroup-parent",
+                _ => "--pids-limit",
+            };
+            WorkerError::Unsupported(format!("{flag}: {e}"))
+        })?;
     let isolated_runs = graph.vertices.iter().any(|v| {
         matches!(&v.op, kiln_graph::Op::Exec(e) if e.network == kiln_graph::graph::NetworkMode::Default)
     });
@@ -208,6 +216,39 @@ pub fn plan_build(
         images,
         options,
     })
+}
+
+/// Refuses a `--ulimit` whose hard limit is above kiln's own: a step cannot get more than
+/// the process that starts it has.
+fn check_ulimits(opts: &BuildOptions) -> Result<(), WorkerError> {
+    for u in &opts.ulimits {
+        let resource = kiln_exec::RlimitResource::from_docker_name(&u.name).ok_or_else(|| {
+            WorkerError::Unsupported(format!("--ulimit {}: unknown limit", u.name))
+        })?;
+        if let Some(max) = resource.current_hard_limit() {
+            if u.hard > max {
+                let shown = |v: u64| {
+                    if v == u64::MAX {
+                        "unlimited".to_string()
+                    } else {
+                        v.to_string()
+                    }
+                };
+                return Err(WorkerError::Unsupported(format!(
+                    "--ulimit {}={}:{}: the hard limit {} is above kiln's own hard limit {} for \
+                     {}; ask for at most {} (or raise kiln's limit before the build)",
+                    u.name,
+                    shown(u.soft),
+                    shown(u.hard),
+                    shown(u.hard),
+                    shown(max),
+                    u.name,
+                    shown(max),
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl PlannedBuild {

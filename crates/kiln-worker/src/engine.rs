@@ -366,6 +366,34 @@ impl Worker {
         Ok(layers)
     }
 
+    /// `layers` (of `fs`) with every blob in `compression`, for `force-compression=true`:
+    /// the blobs are fetched, then each one stored with another compression is recompressed
+    /// (once per layer and compression; the build's lease keeps the new blob).
+    pub fn recompress_layers(
+        &self,
+        fs: &Rootfs,
+        layers: &[Layer],
+        compression: Compression,
+    ) -> Result<Vec<Layer>, WorkerError> {
+        self.fetch_blobs(fs)?;
+        layers
+            .iter()
+            .map(|l| {
+                let rec = kiln_store::LayerRecord {
+                    diff_id: l.diff_id.clone(),
+                    digest: l.blob.digest.clone(),
+                    size: l.blob.size,
+                    media_type: l.blob.media_type.clone(),
+                };
+                let new = self.inner.store.recompress_layer(&rec, compression)?;
+                self.inner.lease.protect_blob(&new.digest)?;
+                let mut l = l.clone();
+                l.blob = Descriptor::new(new.media_type, new.digest, new.size);
+                Ok(l)
+            })
+            .collect()
+    }
+
     /// Makes sure every blob of `fs` is in the local content store and is the layer its diff
     /// id names (an image written from them pairs the two in its config), so a cache record
     /// with a wrong diff id fails the export instead of making an image no runtime can pull.
@@ -657,6 +685,7 @@ impl Inner {
                 g::NetworkMode::Host => Network::Host,
             };
             spec.privileged = op.security == g::SecurityMode::Insecure;
+            apply_run_settings(&mut spec, op)?;
             let mut cache_guards = Vec::new();
             for m in &op.mounts {
                 let kind = match &m.kind {
@@ -1439,6 +1468,45 @@ impl BlobSource for RebasedSource {
     fn repository(&self) -> Option<kiln_oci::Reference> {
         self.top.repository()
     }
+}
+
+/// `--add-host`, `--shm-size` and `--ulimit` of the op, onto its container.
+///
+/// `host-gateway` is the address the step reaches the host on in its network: `127.0.0.1`
+/// on the host's network; in kiln's own network namespace, slirp4netns's gateway
+/// `10.0.2.2` (kiln fences the host's services off from that network, so connections there
+/// are refused unless the build runs with `--network host --allow network.host`); with no
+/// network, nothing is reachable and it is `127.0.0.1`.
+fn apply_run_settings(spec: &mut ExecSpec, op: &ExecOp) -> Result<(), WorkerError> {
+    use std::net::{IpAddr, Ipv4Addr};
+    let gateway = match spec.network {
+        Network::Isolated => IpAddr::V4(Ipv4Addr::new(10, 0, 2, 2)),
+        Network::Host | Network::None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    spec.extra_hosts = op
+        .extra_hosts
+        .iter()
+        .map(|h| {
+            let addr = match h.addr {
+                kiln_graph::options::HostAddr::Ip(ip) => ip,
+                kiln_graph::options::HostAddr::HostGateway => gateway,
+            };
+            (h.name.clone(), addr)
+        })
+        .collect();
+    spec.shm_size = op.shm_size;
+    for u in &op.ulimits {
+        let resource = kiln_exec::RlimitResource::from_docker_name(&u.name).ok_or_else(|| {
+            WorkerError::Unsupported(format!("--ulimit {}: unknown limit", u.name))
+        })?;
+        spec.rlimits.retain(|r| r.resource != resource);
+        spec.rlimits.push(kiln_exec::Rlimit {
+            resource,
+            soft: u.soft,
+            hard: u.hard,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

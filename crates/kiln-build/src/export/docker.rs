@@ -29,12 +29,20 @@ impl Exporter for DockerExporter {
         "docker"
     }
 
+    fn image_names(&self) -> &[String] {
+        &self.settings.names
+    }
+
     fn makes_image(&self) -> bool {
         true
     }
 
     fn layer_compression(&self) -> Option<Compression> {
         self.settings.compression
+    }
+
+    fn forces_compression(&self) -> bool {
+        self.settings.force_compression
     }
 
     fn export(

@@ -50,6 +50,8 @@ pub struct ImageExporter {
     pub force_compression: bool,
     /// `registry.insecure=` (or `insecure=`): the registry speaks plain HTTP.
     pub registry_insecure: bool,
+    /// `push-by-digest=`: push the manifest by its digest only, without a tag.
+    pub push_by_digest: bool,
 }
 
 impl ImageExporter {
@@ -65,6 +67,7 @@ impl ImageExporter {
             compression_level: None,
             force_compression: false,
             registry_insecure: false,
+            push_by_digest: false,
         };
         a.read(IMAGE_KEYS, true, |k, v| {
             match k {
@@ -75,8 +78,8 @@ impl ImageExporter {
                 "compression-level" => e.compression_level = Some(a.compression_level(v)?),
                 "force-compression" => e.force_compression = a.bool(k, v)?,
                 "registry.insecure" | "insecure" => e.registry_insecure = a.bool(k, v)?,
-                "push-by-digest" | "unpack" | "store" | "name-canonical" | "rewrite-timestamp"
-                | "oci-artifact" => {
+                "push-by-digest" => e.push_by_digest = a.bool(k, v)?,
+                "unpack" | "store" | "name-canonical" | "rewrite-timestamp" | "oci-artifact" => {
                     a.bool(k, v)?;
                 }
                 _ => {}
@@ -97,7 +100,25 @@ impl ImageExporter {
         if let Some(f) = rootfs.filter(|_| mount_from.is_none()) {
             cx.worker.fetch_blobs(f)?;
         }
-        let targets = parse_names(&self.names)?;
+        let mut targets = parse_names(&self.names)?;
+        if self.push_by_digest {
+            // The manifest goes up under its digest alone: no tag is created or moved.
+            targets = targets
+                .into_iter()
+                .map(|t| {
+                    kiln_oci::Reference::new(
+                        t.registry(),
+                        t.repository(),
+                        None,
+                        Some(image.manifest.digest.clone()),
+                    )
+                    .map_err(|e| ExportError::Image {
+                        reference: t.to_string(),
+                        message: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?;
+        }
         let content = cx.store.content();
         let mut blobs: Vec<(Descriptor, BlobSource)> = vec![(
             image.config.clone(),
@@ -141,6 +162,14 @@ impl Exporter for ImageExporter {
 
     fn layer_compression(&self) -> Option<Compression> {
         self.compression
+    }
+
+    fn forces_compression(&self) -> bool {
+        self.force_compression
+    }
+
+    fn image_names(&self) -> &[String] {
+        &self.names
     }
 
     fn insecure_names(&self) -> &[String] {

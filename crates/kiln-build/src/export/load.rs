@@ -126,6 +126,14 @@ impl Exporter for LoadExporter {
         "docker"
     }
 
+    fn image_names(&self) -> &[String] {
+        &self.settings.names
+    }
+
+    fn forces_compression(&self) -> bool {
+        self.settings.force_compression
+    }
+
     fn makes_image(&self) -> bool {
         true
     }

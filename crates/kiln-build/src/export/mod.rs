@@ -75,6 +75,17 @@ pub trait Exporter: Send + Sync {
         None
     }
 
+    /// `force-compression=true`: every layer of the image, the base image's too, must be in
+    /// [`Exporter::layer_compression`] (gzip when it says none), recompressed if need be.
+    fn forces_compression(&self) -> bool {
+        false
+    }
+
+    /// The names the image is given (`name=`, `-t`), for the metadata file's `image.name`.
+    fn image_names(&self) -> &[String] {
+        &[]
+    }
+
     /// Writes `result` to this exporter's destination.
     fn export(
         &self,

@@ -194,7 +194,15 @@ pub fn lower_with_outline(
         .unwrap_or(0);
     // The target is last in the Dockerfile-ordered list only if no later stage is needed;
     // keep it simple for consumers: move it to the end.
-    let t = low.results.remove(target);
+    let mut t = low.results.remove(target);
+    // `--label` / `--opt label:K=V`: the built image's labels, over the Dockerfile's LABELs.
+    if !opts.labels.is_empty() {
+        t.config
+            .runtime_mut()
+            .labels
+            .get_or_insert_default()
+            .extend(opts.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
     low.results.push(t);
     let target = low.results.len() - 1;
     let decl = &low.stages[target_idx];

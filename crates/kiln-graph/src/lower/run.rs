@@ -114,6 +114,9 @@ impl<'a> Lowerer<'a> {
             network,
             security,
             mounts,
+            extra_hosts: self.opts.extra_hosts.clone(),
+            shm_size: self.opts.shm_size,
+            ulimits: self.opts.ulimits.clone(),
         };
         st.root = Some(self.push(Op::Exec(op), inputs, meta));
         let arg_list: Vec<String> = st

@@ -143,6 +143,72 @@ pub struct BuildArgs {
     /// Write the build's spans as Chrome trace-event JSON (Perfetto, chrome://tracing) to FILE
     #[arg(long, value_name = "FILE.json")]
     trace: Option<std::path::PathBuf>,
+
+    // ---- docker buildx build: image metadata, RUN settings, the image ID (bxflags) ----
+    /// Set a label of the image: KEY=VALUE in its config (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// Write the image ID (the config digest of the image made) to FILE
+    #[arg(long, value_name = "FILE")]
+    iidfile: Option<std::path::PathBuf>,
+    /// Print no progress; print the image ID (config digest) on success
+    #[arg(short = 'q', long)]
+    quiet: bool,
+    /// Add NAME:IP (or NAME=IP, NAME=host-gateway) to RUN steps' /etc/hosts (repeatable)
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_hosts: Vec<String>,
+    /// Size of /dev/shm in RUN steps: bytes or with a unit (64m, 1g); default 64m
+    #[arg(long = "shm-size", value_name = "SIZE")]
+    shm_size: Option<String>,
+    /// Resource limit of RUN steps: NAME=SOFT[:HARD], e.g. nofile=1024:2048 (repeatable)
+    #[arg(long = "ulimit", value_name = "NAME=SOFT[:HARD]")]
+    ulimits: Vec<String>,
+    /// Put RUN steps' cgroups under this cgroup (relative to the hierarchy's root)
+    #[arg(long = "cgroup-parent", value_name = "CGROUP")]
+    cgroup_parent: Option<String>,
+    /// Builder to use; kiln has one builder and accepts any name
+    #[arg(long, value_name = "NAME", env = "BUILDX_BUILDER")]
+    builder: Option<String>,
+    /// Debug logging (accepted for buildx compatibility)
+    #[arg(short = 'D', long)]
+    debug: bool,
+    /// docker build's flags that buildx accepts and ignores (hidden there too)
+    #[command(flatten)]
+    ignored: IgnoredDockerBuildFlags,
+}
+
+/// `docker build` flags of the legacy builder that buildx takes and ignores, so command lines
+/// written for `docker build` keep working; kiln ignores them as well.
+#[derive(clap::Args, Debug, Default)]
+pub struct IgnoredDockerBuildFlags {
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    compress: Option<String>,
+    #[arg(long = "force-rm", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    force_rm: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    rm: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    squash: Option<String>,
+    #[arg(long = "disable-content-trust", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    disable_content_trust: Option<String>,
+    #[arg(long, hide = true)]
+    isolation: Option<String>,
+    #[arg(long = "security-opt", hide = true)]
+    security_opt: Vec<String>,
+    #[arg(short = 'm', long, hide = true)]
+    memory: Option<String>,
+    #[arg(long = "memory-swap", hide = true)]
+    memory_swap: Option<String>,
+    #[arg(short = 'c', long = "cpu-shares", hide = true)]
+    cpu_shares: Option<String>,
+    #[arg(long = "cpu-period", hide = true)]
+    cpu_period: Option<String>,
+    #[arg(long = "cpu-quota", hide = true)]
+    cpu_quota: Option<String>,
+    #[arg(long = "cpuset-cpus", hide = true)]
+    cpuset_cpus: Option<String>,
+    #[arg(long = "cpuset-mems", hide = true)]
+    cpuset_mems: Option<String>,
 }
 
 impl BuildArgs {
@@ -184,7 +250,13 @@ impl BuildArgs {
             network: self.network.clone(),
             allow: self.allow.clone(),
             pids_limit: self.pids_limit.clone(),
+            labels: self.labels.clone(),
+            add_hosts: self.add_hosts.clone(),
+            shm_size: self.shm_size.clone(),
+            ulimits: self.ulimits.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
         };
+        let raw = self.quiet_progress(raw)?;
         let options = BuildOptions::from_flags(&raw)?;
         let exports = ExportFlags {
             tags: self.tags.clone(),
@@ -206,14 +278,132 @@ impl BuildArgs {
     }
 }
 
+impl BuildArgs {
+    /// `-q/--quiet`: no progress (buildx refuses it with a progress mode that shows some).
+    /// Without `--progress`, the mode comes from `BUILDKIT_PROGRESS`, as in buildx (`-q`
+    /// wins over it).
+    fn quiet_progress(&self, mut raw: RawBuildFlags) -> anyhow::Result<RawBuildFlags> {
+        if raw.progress.is_none() && !self.quiet {
+            if let Some(mode) = std::env::var("BUILDKIT_PROGRESS")
+                .ok()
+                .filter(|m| !m.is_empty())
+            {
+                if kiln_graph::options::ProgressMode::parse(&mode).is_none() {
+                    anyhow::bail!(
+                        "invalid value {mode:?} for BUILDKIT_PROGRESS: expected auto, tty, plain, \
+                         rawjson or quiet"
+                    );
+                }
+                raw.progress = Some(mode);
+            }
+        }
+        if self.quiet {
+            match raw.progress.as_deref() {
+                None | Some("auto") | Some("quiet") => raw.progress = Some("quiet".into()),
+                Some(other) => anyhow::bail!(
+                    "invalid value for -q/--quiet: --progress={other} and --quiet cannot be used \
+                     together (--quiet prints only the image ID)"
+                ),
+            }
+        }
+        Ok(raw)
+    }
+
+    /// `-` as CONTEXT (a Dockerfile on stdin, no context files) or `-f -` (the Dockerfile on
+    /// stdin, the context a directory), as buildx: stdin is written to a private directory
+    /// that lives as long as the returned guard, and the flags point there.
+    fn take_stdin(&mut self) -> anyhow::Result<Option<tempfile::TempDir>> {
+        let context_stdin = self.context.as_deref() == Some("-");
+        let file_stdin = self.file.as_deref() == Some("-");
+        if !context_stdin && !file_stdin {
+            return Ok(None);
+        }
+        if context_stdin && file_stdin {
+            anyhow::bail!(
+                "invalid value \"-\" for -f/--file: the context is already read from stdin \
+                 (CONTEXT `-`); give the Dockerfile on stdin once"
+            );
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut bytes)
+            .context("reading the Dockerfile from stdin")?;
+        // A tar archive has `ustar` at offset 257; gzip starts with 1f 8b.
+        if context_stdin
+            && (bytes.get(257..262) == Some(b"ustar".as_slice())
+                || bytes.starts_with(&[0x1f, 0x8b]))
+        {
+            anyhow::bail!(
+                "invalid value \"-\" for CONTEXT: stdin holds an archive; kiln reads only a \
+                 Dockerfile from stdin: extract the archive and pass its directory as CONTEXT"
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-stdin-")
+            .tempdir()
+            .context("making a directory for the Dockerfile from stdin")?;
+        let dockerfile = dir.path().join("Dockerfile");
+        std::fs::write(&dockerfile, &bytes)
+            .with_context(|| format!("writing {}", dockerfile.display()))?;
+        self.file = Some(dockerfile.display().to_string());
+        if context_stdin {
+            // No context files: an empty directory of its own.
+            let context = dir.path().join("context");
+            std::fs::create_dir(&context)
+                .with_context(|| format!("creating {}", context.display()))?;
+            self.context = Some(context.display().to_string());
+        }
+        Ok(Some(dir))
+    }
+}
+
+impl BuildArgs {
+    /// A git URL as CONTEXT: the commit it names fetched into a private directory that lives
+    /// as long as the returned guard, and the flags pointed there (a relative `-f` is inside
+    /// the repository's context directory, as with buildx).
+    fn take_git_context(&mut self) -> anyhow::Result<Option<tempfile::TempDir>> {
+        let Some(arg) = self.context.clone() else {
+            return Ok(None);
+        };
+        let Some(git) = super::git_context::GitContext::parse(&arg) else {
+            return Ok(None);
+        };
+        let token = super::git_context::auth_token(&self.secrets)?;
+        let keep_git_dir = self.build_args.iter().any(|b| {
+            matches!(
+                b.split_once('='),
+                Some(("BUILDKIT_CONTEXT_KEEP_GIT_DIR", "1" | "true"))
+            )
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("kiln-git-context-")
+            .tempdir()
+            .context("making a directory for the git context")?;
+        let context = git.fetch(&arg, dir.path(), token.as_deref(), keep_git_dir)?;
+        if let Some(f) = &self.file {
+            if std::path::Path::new(f).is_relative() {
+                self.file = Some(context.join(f).display().to_string());
+            }
+        }
+        self.context = Some(context.display().to_string());
+        Ok(Some(dir))
+    }
+}
+
 fn tagged<'a>(flag: &'static str, v: &'a [String]) -> impl Iterator<Item = (String, String)> + 'a {
     v.iter().map(move |s| (flag.to_string(), s.clone()))
 }
 
 /// Runs `kiln build`.
-pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
+pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
+    let stdin_dir = args.take_stdin()?;
+    let git_dir = args.take_git_context()?;
     let (opts, exports) = args.to_options()?;
-    let file_label = opts.dockerfile.display().to_string();
+    let file_label = if stdin_dir.is_some() && args.file.is_some() {
+        // The Dockerfile came from stdin: name it as the user gave it.
+        "-".to_string()
+    } else {
+        opts.dockerfile.display().to_string()
+    };
     let source = std::fs::read_to_string(&opts.dockerfile).map_err(|e| {
         anyhow::anyhow!("cannot read the Dockerfile {file_label}: {e} (use -f/--file or --local dockerfile=DIR)")
     })?;
@@ -253,6 +443,7 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    refuse_several_platforms(&opts)?;
     let progress = Progress::new(opts.progress);
     for warning in exports.warnings {
         progress.event(BuildEvent::Warning(warning));
@@ -264,12 +455,21 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.dockerfile_source = source.clone();
     request.dockerfile_label = file_label.clone();
     request.dockerignore = dockerignore;
+    request.iidfile = args.iidfile.clone();
     request.report = args.report.clone();
     request.trace = args.trace.clone();
     request.command_line = std::env::args().collect();
     watch_signals(request.cancel.clone())?;
-    match kiln_build::run(request, &progress) {
-        Ok(_) => Ok(ExitCode::SUCCESS),
+    let outcome = kiln_build::run(request, &progress);
+    drop((stdin_dir, git_dir));
+    match outcome {
+        Ok(outcome) => {
+            if args.quiet {
+                // buildx prints the image ID, or an empty line when no output made an image.
+                print_stdout(&format!("{}\n", outcome.image_id().unwrap_or_default()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Err(BuildFailure::Frontend(e)) => {
             eprintln!("{}", e.render(&file_label, &source));
             Ok(ExitCode::from(1))
@@ -280,6 +480,21 @@ pub fn run(args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         )),
         Err(BuildFailure::Session(e)) => Err((*e).into()),
     }
+}
+
+/// A build makes one image for one platform: several `--platform`s would silently push
+/// only the first, so they are refused (subrequests and dry runs answer for the first).
+fn refuse_several_platforms(opts: &BuildOptions) -> anyhow::Result<()> {
+    if opts.platforms.len() > 1 {
+        let list: Vec<String> = opts.platforms.iter().map(|p| p.to_string()).collect();
+        anyhow::bail!(
+            "invalid value {:?} for --platform: kiln builds one platform per build; run one \
+             build per platform (e.g. push each by digest) and join them into one index with \
+             `docker buildx imagetools create`",
+            list.join(",")
+        );
+    }
+    Ok(())
 }
 
 /// How a shell names an interruption, and the exit code it reports for it (128 + signal).

@@ -12,6 +12,7 @@ macro_rules! outln {
 pub mod build;
 pub mod build_call;
 pub mod debug;
+pub mod git_context;
 pub mod history;
 pub mod import;
 pub mod login;
