@@ -73,6 +73,8 @@ pub enum BuildEvent {
     OutputExported {
         /// The output's type (`image`, `registry`, `oci`, `docker`, `local`, `tar`, ...).
         kind: String,
+        /// Where it went, when the exporter says ([`crate::export::Exporter::destination`]).
+        destination: Option<String>,
     },
     /// A cache was exported (`--export-cache`).
     CacheExported {

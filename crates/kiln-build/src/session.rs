@@ -266,6 +266,8 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     }
     IgnoreMatcher::from_patterns(&req.dockerignore)
         .map_err(|e| SessionError::Dockerignore(e.to_string()))?;
+    crate::export::refuse_manifest_list(&req.exporters, req.options.platforms.len())
+        .map_err(|e| SessionError::Export(e.into()))?;
     let sde = source_date_epoch(&req.options)?;
     let started = unix_now();
     for w in &req.attestations.warnings {
@@ -288,6 +290,12 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         .enable_all()
         .build()
         .map_err(SessionError::Runtime)?;
+    // A destination that cannot take the result (no image store for --load) fails the build
+    // before any step runs.
+    for e in &req.exporters {
+        e.check_destination(runtime.handle())
+            .map_err(|e| SessionError::Export(e.into()))?;
+    }
     let client = registry_client(req)?;
     // Dropped before the runtime: registry work still under way on other threads (a layer
     // download of a step the failed build left running) is cancelled and waited for, so that
@@ -874,6 +882,7 @@ fn export_outputs(
         }
         events.event(BuildEvent::OutputExported {
             kind: e.kind().to_owned(),
+            destination: e.destination(),
         });
     }
     Ok((made, result.index()))

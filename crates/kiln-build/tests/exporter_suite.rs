@@ -1,11 +1,12 @@
 //! One suite every exporter runs: a real build (a Dockerfile solved by the worker on a real
 //! store) is exported through each exporter as the session does it — the image made once when
 //! an exporter needs it, then `export` — and what was written is read back with real tools:
-//! `tar` for tarballs, `skopeo` for OCI and Docker archives and for pushes to a kiln registry
-//! started by the test. A test-only exporter defined below runs through the same suite,
-//! plugged in with no change anywhere else.
+//! `tar` for tarballs, `skopeo` for OCI and Docker archives, for pushes to a kiln registry
+//! started by the test and for the image `--load` put into podman's store. A test-only
+//! exporter defined below runs through the same suite, plugged in with no change anywhere
+//! else.
 //!
-//! Needs root (overlayfs snapshots), `tar` and `skopeo` (`.ci/install`).
+//! Needs root (overlayfs snapshots), `tar`, `skopeo` and `podman` (`.ci/install`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -323,6 +324,19 @@ fn cases(b: &Built) -> Vec<Case> {
                     raw["mediaType"],
                     "application/vnd.docker.distribution.manifest.v2+json"
                 );
+            }),
+        },
+        Case {
+            // `--load`: the local image store. Where the suite runs (no DOCKER_HOST, nothing
+            // on Docker's default socket) that is podman's, through `podman load`.
+            value: "type=docker,name=localhost/suite/app:loaded".into(),
+            check: Box::new(|_, report, _| {
+                let transport = "containers-storage:localhost/suite/app:loaded";
+                assert_is_the_built_image(&skopeo_inspect(transport));
+                let raw = skopeo_raw(transport);
+                let image = report.image.as_ref().unwrap();
+                assert_eq!(raw["config"]["digest"], image.config.digest.to_string());
+                run(Command::new("podman").args(["rmi", "localhost/suite/app:loaded"]));
             }),
         },
         Case {

@@ -133,6 +133,8 @@ fn exporter_table_knows_every_type_and_only_those() {
         ("registry", BTreeMap::new(), true),
         ("oci", dest.clone(), true),
         ("docker", dest.clone(), true),
+        // `--load`: the docker archive into the local image store.
+        ("docker", BTreeMap::new(), true),
         ("local", dest.clone(), false),
         ("tar", dest.clone(), false),
         ("cacheonly", BTreeMap::new(), false),
@@ -163,4 +165,69 @@ fn compression_and_insecure_names_reach_the_build() {
     let e = parse_output("-o", "type=image,name=r.local/a:1").unwrap();
     assert!(e.insecure_names().is_empty());
     assert_eq!(parse_output("-o", "out").unwrap().layer_compression(), None);
+}
+
+#[test]
+fn load_is_a_docker_output_without_dest_named_by_the_tags() {
+    let tags = vec!["r/app:1".to_owned(), "r/app:latest".to_owned()];
+    let r = OutputRequest::from_flag("--output", "type=docker", &tags, false).unwrap();
+    assert_eq!(
+        r.attrs.get("name").map(String::as_str),
+        Some("r/app:1,r/app:latest")
+    );
+    let e = kiln_build::export::LoadExporter::from_attrs(&Attrs::new(&r.kind, &r.attrs, &r.flag))
+        .unwrap();
+    assert_eq!(e.settings.names, tags);
+    assert_eq!(e.context, None);
+    // An output's own name is kept; `context=` is the load's own attribute.
+    let r =
+        OutputRequest::from_flag("-o", "type=docker,name=own:2,context=ci", &tags, false).unwrap();
+    let e = kiln_build::export::LoadExporter::from_attrs(&Attrs::new(&r.kind, &r.attrs, &r.flag))
+        .unwrap();
+    assert_eq!(
+        (e.settings.names.as_slice(), e.context.as_deref()),
+        (&["own:2".to_owned()][..], Some("ci"))
+    );
+    // An unknown key is still an error naming the flag.
+    let e = err(&["type=docker,colour=blue"], &[], false);
+    assert!(e.reason.contains("unknown key `colour`"), "{}", e.reason);
+}
+
+#[test]
+fn load_adds_one_docker_output_and_keeps_the_push() {
+    use kiln_build::export::outputs_with_load;
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(outputs_with_load(&[], false), strs(&["type=docker"]));
+    // --push --load -t r/app:1: pushed and loaded.
+    let outputs = outputs_with_load(&[], true);
+    assert_eq!(outputs, strs(&["type=registry", "type=docker"]));
+    let tags = strs(&["r/app:1"]);
+    let kinds: Vec<String> = exporters_from_flags(&outputs, &tags, true)
+        .unwrap()
+        .iter()
+        .map(|e| e.kind().to_owned())
+        .collect();
+    assert_eq!(kinds, ["registry", "docker"]);
+    // An output that already loads is not doubled; a docker file is no load.
+    let given = strs(&["type=docker,name=a:1"]);
+    assert_eq!(outputs_with_load(&given, false), given);
+    let file = strs(&["type=docker,dest=a.tar"]);
+    assert_eq!(
+        outputs_with_load(&file, false),
+        strs(&["type=docker,dest=a.tar", "type=docker"])
+    );
+}
+
+#[test]
+fn several_platforms_are_refused_for_docker_outputs_with_buildx_message() {
+    use kiln_build::export::refuse_manifest_list;
+    let load = exporters_from_flags(&["type=docker".to_owned()], &[], false).unwrap();
+    let text = refuse_manifest_list(&load, 2).unwrap_err().to_string();
+    assert!(
+        text.starts_with("docker exporter does not currently support exporting manifest lists"),
+        "{text}"
+    );
+    assert!(refuse_manifest_list(&load, 1).is_ok());
+    let oci = exporters_from_flags(&["type=oci,dest=o.tar".to_owned()], &[], false).unwrap();
+    assert!(refuse_manifest_list(&oci, 2).is_ok());
 }

@@ -271,6 +271,10 @@ impl EventSink for Progress {
             BuildEvent::Planned { steps } => self.planned(steps),
             BuildEvent::Step(e) => self.step(e),
             BuildEvent::StepsFinished => self.finish(),
+            BuildEvent::OutputExported {
+                destination: Some(destination),
+                ..
+            } if self.requested != ProgressMode::Quiet => eprintln!("{destination}"),
             BuildEvent::CacheImported { .. } | BuildEvent::OutputExported { .. } => {}
             BuildEvent::CacheExported { summary, elapsed } => {
                 eprintln!("cache exported in {:.1}s: {summary}", elapsed.as_secs_f64())

@@ -45,6 +45,14 @@ pub struct TarballSettings {
 impl TarballSettings {
     /// Reads the tarball attributes; `dest=` is required.
     pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
+        let (mut s, dest) = Self::read(a)?;
+        s.dest = dest.ok_or_else(|| a.missing_dest())?;
+        Ok(s)
+    }
+
+    /// Reads the tarball attributes and gives `dest=` apart, when set: the settings' own
+    /// `dest` stays empty (an image streamed to a store, `--load`, has none).
+    pub(crate) fn read(a: &Attrs<'_>) -> Result<(Self, Option<PathBuf>), SpecError> {
         let mut dest = None;
         let mut s = TarballSettings {
             dest: PathBuf::new(),
@@ -70,8 +78,7 @@ impl TarballSettings {
             }
             Ok(())
         })?;
-        s.dest = dest.ok_or_else(|| a.missing_dest())?;
-        Ok(s)
+        Ok((s, dest))
     }
 
     /// The image to write, with blobs a lazy pull left in the registry fetched first.

@@ -7,9 +7,11 @@
 
 mod archive;
 mod cacheonly;
+pub mod daemon;
 mod docker;
 mod file;
 mod image;
+mod load;
 mod local;
 mod oci;
 mod tar;
@@ -32,6 +34,7 @@ pub use cacheonly::CacheonlyExporter;
 pub use docker::DockerExporter;
 pub use file::{write_file_atomic, ExportFile};
 pub use image::ImageExporter;
+pub use load::{outputs_with_load, refuse_manifest_list, LoadExporter};
 pub use local::LocalExporter;
 pub use oci::OciExporter;
 pub use tar::TarExporter;
@@ -58,6 +61,19 @@ pub trait Exporter: Send + Sync {
     /// (`registry.insecure=true`); the registry client is set up with them before the build.
     fn insecure_names(&self) -> &[String] {
         &[]
+    }
+
+    /// Checks, before any step runs, that the destination can take the result (`--load`: an
+    /// image store answers), so that a build that could not be exported fails at once. Most
+    /// exporters have nothing to check.
+    fn check_destination(&self, _runtime: &tokio::runtime::Handle) -> Result<(), ExportError> {
+        Ok(())
+    }
+
+    /// Where the last export put the result, in words, when that is worth telling the user
+    /// (`--load`: which image store took it); shown by the build's progress.
+    fn destination(&self) -> Option<String> {
+        None
     }
 
     /// `force-compression=true`: every layer of the image, the base image's too, must be in
@@ -398,6 +414,9 @@ pub enum ExportError {
     /// The OCI layout or Docker archive could not be written.
     #[error("internal: {0}")]
     Layout(#[from] kiln_oci::LayoutError),
+    /// `--load` found no image store, or the store did not take the image.
+    #[error(transparent)]
+    Load(#[from] daemon::LoadError),
     /// An exporter asked for the image but the session made none.
     #[error("internal: an exporter needs the image but none was made")]
     NoImage,
@@ -422,6 +441,8 @@ pub fn exporter_from_attrs(
     Ok(match kind {
         "image" | "registry" => Box::new(ImageExporter::from_attrs(&a)?),
         "oci" => Box::new(OciExporter::from_attrs(&a)?),
+        // buildx's `--load` is `type=docker` without a file: into the local image store.
+        "docker" if !attrs.contains_key("dest") => Box::new(LoadExporter::from_attrs(&a)?),
         "docker" => Box::new(DockerExporter::from_attrs(&a)?),
         "local" => Box::new(LocalExporter::from_attrs(&a)?),
         "tar" => Box::new(TarExporter::from_attrs(&a)?),
@@ -470,8 +491,8 @@ pub struct OutputRequest {
 }
 
 impl OutputRequest {
-    /// Parses one `--output` value and applies buildx's `-t` tags (the name of an image
-    /// output that gives none) and `--push` (image outputs push) to it.
+    /// Parses one `--output` value and applies buildx's `-t` tags (the name of an image,
+    /// oci or docker output that gives none) and `--push` (image outputs push) to it.
     pub fn from_flag(
         flag: &str,
         value: &str,
@@ -479,17 +500,21 @@ impl OutputRequest {
         push: bool,
     ) -> Result<Self, SpecError> {
         let (kind, mut attrs) = output_attrs(flag, value)?;
-        if kind == "image" || kind == "registry" {
-            if split_list(attrs.get("name").map_or("", String::as_str)).is_empty() {
-                attrs.remove("name");
-                if !tags.is_empty() {
-                    attrs.insert("name".into(), tags.join(","));
-                }
+        // As buildx, `-t` names the image of the image, oci and docker outputs (`--load`).
+        if matches!(kind.as_str(), "image" | "registry" | "oci" | "docker")
+            && split_list(attrs.get("name").map_or("", String::as_str)).is_empty()
+        {
+            attrs.remove("name");
+            if !tags.is_empty() {
+                attrs.insert("name".into(), tags.join(","));
             }
-            // A `push=` value that does not parse keeps its own error.
-            if push && attrs.get("push").is_none_or(|v| bool_value(v).is_some()) {
-                attrs.insert("push".into(), "true".into());
-            }
+        }
+        // A `push=` value that does not parse keeps its own error.
+        if (kind == "image" || kind == "registry")
+            && push
+            && attrs.get("push").is_none_or(|v| bool_value(v).is_some())
+        {
+            attrs.insert("push".into(), "true".into());
         }
         Ok(OutputRequest {
             flag: flag.to_owned(),

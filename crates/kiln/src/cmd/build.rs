@@ -76,6 +76,11 @@ pub struct BuildArgs {
     /// Output: type=image|registry|oci|docker|local|tar,k=v,... or a directory, or `-`
     #[arg(short = 'o', long = "output", value_name = "SPEC")]
     outputs: Vec<String>,
+    // --load (buildx): the image into the local Docker daemon or podman store.
+    /// Load the image into the local Docker daemon, else podman's store (shorthand for
+    /// --output type=docker)
+    #[arg(long)]
+    load: bool,
     /// Import a build cache (same as --import-cache)
     #[arg(long = "cache-from", value_name = "SPEC")]
     cache_from: Vec<String>,
@@ -287,7 +292,11 @@ impl BuildArgs {
         let exports = ExportFlags {
             tags: self.tags.clone(),
             push: self.push,
-            outputs: self.outputs.clone(),
+            outputs: if self.load {
+                kiln_build::export::outputs_with_load(&self.outputs, self.push)
+            } else {
+                self.outputs.clone()
+            },
             cache_to: tagged("--export-cache", &self.export_cache)
                 .chain(tagged("--cache-to", &self.cache_to))
                 .collect(),

@@ -7,6 +7,9 @@ use std::process::{Command, Output};
 
 pub use kiln_test_env::{is_root, require_program, require_root};
 
+/// A private Docker daemon (`dockerd` of Debian's `docker.io`) for `--load` and the CLI plugin.
+pub mod dockerd;
+
 /// podman's settings for this machine (for `CONTAINERS_CONF`), written into the tests' temp
 /// dir; fails the calling test when podman is not installed.
 #[track_caller]
