@@ -37,6 +37,7 @@ mod cgroup;
 mod namespace;
 mod network;
 mod output;
+pub mod platforms;
 mod prepare;
 pub mod probe;
 mod rootfs;
