@@ -23,6 +23,17 @@ enum DebugCommand {
     /// chroot, fuse, cgroups) and print the modes kiln can build in, strongest first; each
     /// mode that cannot be used says what to change. Exits 1 when no mode is usable.
     Env,
+    /// List the platforms this machine can run RUN steps for: the native one (from the
+    /// kernel's machine name) and those emulated through binfmt_misc (QEMU); for each common
+    /// platform that cannot run, print the exact fix.
+    Platforms(PlatformsArgs),
+}
+
+#[derive(clap::Args)]
+struct PlatformsArgs {
+    /// Output format: `text` or `json`
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
 }
 
 impl DebugArgs {
@@ -45,7 +56,78 @@ pub fn run(args: DebugArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     match args.command {
         DebugCommand::Fsck(a) => fsck(a, globals),
         DebugCommand::Env => env(globals),
+        DebugCommand::Platforms(a) => platforms(&a),
     }
+}
+
+fn platforms(args: &PlatformsArgs) -> anyhow::Result<ExitCode> {
+    use kiln_exec::platforms::{platform_support, COMMON_PLATFORMS};
+    let s = platform_support();
+    if args.format == "json" {
+        println!("{}", serde_json::to_string_pretty(&s.to_json())?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let list = |v: Vec<String>| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "native:      {} (machine {})",
+        list(s.native.iter().map(ToString::to_string).collect()),
+        s.machine
+    );
+    let dir = s.binfmt_dir.display();
+    let state = match (s.binfmt_mounted, s.binfmt_enabled) {
+        (false, _) => "not mounted",
+        (true, false) => "mounted, disabled",
+        (true, true) => "mounted, enabled",
+    };
+    println!("binfmt_misc: {dir} ({state})");
+    println!(
+        "emulated:    {}",
+        list(
+            s.emulated()
+                .iter()
+                .map(|(p, h)| format!("{p} ({})", h.name))
+                .collect()
+        )
+    );
+    if !s.handlers.is_empty() {
+        println!("handlers:");
+        for h in &s.handlers {
+            println!(
+                "  {:<16} {:<14} {:<8} flags {:<4} {}",
+                h.name,
+                h.platform()
+                    .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                if h.enabled { "enabled" } else { "disabled" },
+                if h.flags.is_empty() { "-" } else { &h.flags },
+                h.interpreter.as_deref().unwrap_or("-"),
+            );
+        }
+    }
+    for e in &s.errors {
+        println!("warning: {e}");
+    }
+    println!("platforms:");
+    for name in COMMON_PLATFORMS {
+        let Ok(p) = kiln_oci::Platform::parse(name) else {
+            continue;
+        };
+        let line = match s.can_run(&p) {
+            Ok(()) if s.is_native(&p) => "yes (native)".to_owned(),
+            Ok(()) => format!(
+                "yes (emulated: {})",
+                s.handler_for(&p).map_or("?", |h| h.name.as_str())
+            ),
+            Err(fix) => format!("no: {fix}"),
+        };
+        println!("  {name:<14} {line}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(c: &Result<(), String>) -> String {
