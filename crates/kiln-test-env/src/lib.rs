@@ -62,8 +62,8 @@ fn is_executable(path: &Path) -> bool {
 
 /// Writes podman's settings for this machine to `dir/containers.conf` and returns that path,
 /// for `CONTAINERS_CONF`. Fails the calling test when podman is not installed. Concurrent
-/// callers are safe: each writes a file of its own and renames it into place, and all write
-/// the same bytes.
+/// callers are safe: each call writes a file of its own and renames it into place, and all
+/// write the same bytes.
 #[track_caller]
 pub fn podman_conf(dir: &Path) -> PathBuf {
     require_program("podman");
@@ -73,7 +73,10 @@ pub fn podman_conf(dir: &Path) -> PathBuf {
 #[track_caller]
 fn write_podman_conf(dir: &Path) -> PathBuf {
     let conf = dir.join("containers.conf");
-    let temp = dir.join(format!(".containers.conf.{}", std::process::id()));
+    // Unique per call, not only per process: tests of one binary run on several threads.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let temp = dir.join(format!(".containers.conf.{}.{call}", std::process::id()));
     let written = std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&temp, podman_conf_text()))
         .and_then(|()| std::fs::rename(&temp, &conf));

@@ -137,13 +137,13 @@ fn out_dir(dir: &Path, user: &TestUser) -> PathBuf {
     out
 }
 
-/// A directory the test user can reach: the temp dirs of `tempfile` are private to root.
+/// A directory the test user can reach: the temp dirs of `tempfile` are private to root, and
+/// the repository's own directory may sit under one only root can enter (a CI checkout in a
+/// private temp dir), so it goes under the system's temp dir (sticky, open to every user).
 fn shared_dir() -> tempfile::TempDir {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    std::fs::create_dir_all(base).unwrap();
     let d = tempfile::Builder::new()
-        .prefix("rootless-")
-        .tempdir_in(base)
+        .prefix("kiln-rootless-")
+        .tempdir_in(std::env::temp_dir())
         .unwrap();
     std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
