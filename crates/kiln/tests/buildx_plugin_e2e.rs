@@ -292,26 +292,6 @@ RUN mkdir -p /var/lib/dpkg && printf 'Package: kiln-test-pkg\nStatus: install ok
 CMD ["sh", "-c", "cat /greeting /secret-check; test -e /run/secrets/GIT_AUTH_TOKEN || echo no-secret-file"]
 "#;
 
-/// podman runs `image` (pulled from the test registry) and prints what it printed.
-fn podman_run(image: &str) -> String {
-    let conf = podman_conf();
-    let run = Command::new("podman")
-        .args(["run", "--rm", "--network=none", "--tls-verify=false", image])
-        .env("CONTAINERS_CONF", &conf)
-        .output()
-        .unwrap();
-    let _ = Command::new("podman")
-        .args(["rmi", "-f", image])
-        .env("CONTAINERS_CONF", &conf)
-        .output();
-    assert!(
-        run.status.success(),
-        "podman run {image}: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    String::from_utf8_lossy(&run.stdout).into_owned()
-}
-
 #[test]
 fn build_push_action_push_with_cache_provenance_and_sbom() {
     require_root("builds run RUN steps in containers");

@@ -451,8 +451,9 @@ pub fn local_blobs(f: &Fixture, runner: &str) -> std::collections::BTreeSet<Stri
         .unwrap_or_default()
 }
 
-/// Pulls and runs `image` with podman and checks that the example's tests passed.
-pub fn podman_runs_tests(image: &str) {
+/// Pulls and runs `image` with podman (no network; the image removed after) and returns what
+/// it printed; fails the test when the run fails.
+pub fn podman_run(image: &str) -> String {
     let conf = podman_conf();
     // One podman at a time: tests of one binary run side by side, and one test's `rmi`
     // should never meet another's pull and run of an image sharing its layers.
@@ -474,11 +475,13 @@ pub fn podman_runs_tests(image: &str) {
         "podman run {image}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&run.stdout).contains("tests passed"),
-        "{}",
-        String::from_utf8_lossy(&run.stdout)
-    );
+    String::from_utf8_lossy(&run.stdout).into_owned()
+}
+
+/// Pulls and runs `image` with podman and checks that the example's tests passed.
+pub fn podman_runs_tests(image: &str) {
+    let printed = podman_run(image);
+    assert!(printed.contains("tests passed"), "{printed}");
 }
 
 /// GET `url` from a test registry (plain HTTP on loopback): the body.
