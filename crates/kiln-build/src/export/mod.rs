@@ -502,7 +502,21 @@ fn recipe_platform(recipe: &ImageRecipe) -> Platform {
     if c.os.is_empty() || c.architecture.is_empty() {
         return Platform::host();
     }
-    Platform::new(&c.os, &c.architecture, c.variant.as_deref())
+    config_platform(&c.os, &c.architecture, c.variant.as_deref())
+}
+
+/// The platform an image config names, exactly as it names it: an index entry's `platform`
+/// is the config's own fields, never normalised (an `arm64` config without a variant stays
+/// `linux/arm64`, not `linux/arm64/v8`).
+fn config_platform(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
+    Platform {
+        architecture: architecture.to_owned(),
+        os: os.to_owned(),
+        os_version: None,
+        os_features: Vec::new(),
+        variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
+        features: Vec::new(),
+    }
 }
 
 /// The platform in `image`'s config (`os`, `architecture`, `variant`), when it can be read.
@@ -510,7 +524,7 @@ fn image_platform(store: &Store, image: &StoredImage) -> Option<Platform> {
     let path = store.content().blob_path(&image.config.digest);
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     let field = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    Some(Platform::new(
+    Some(config_platform(
         &field("os")?,
         &field("architecture")?,
         field("variant").as_deref(),
