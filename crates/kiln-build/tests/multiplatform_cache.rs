@@ -31,8 +31,9 @@ struct Dirs {
 impl Dirs {
     fn new() -> Self {
         // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            euid == 0,
             "these builds run real containers: run them as root (CI does)"
         );
         let tmp = tempfile::tempdir().unwrap();
