@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use kiln_build::export::{
     parse_output, BuildResult, ExportContext, ExportError, ExportReport, Exporter, ImageRecipe,
+    PlatformPart,
 };
 use kiln_oci::{ClientConfig, HostConfig, RegistryClient};
 use kiln_store::Store;
@@ -37,6 +38,10 @@ struct Built {
     dir: tempfile::TempDir,
     store: Arc<Store>,
     solved: SolvedBuild,
+    /// The same build for more target platforms, on the same store ([`build_with`]).
+    others: Vec<SolvedBuild>,
+    /// The target platform of each solve, as requested (the host's when none was).
+    platforms: Vec<kiln_oci::Platform>,
     runtime: tokio::runtime::Runtime,
     client: RegistryClient,
     registry: Option<kiln_registry::RunningRegistry>,
@@ -52,14 +57,22 @@ fn require_root() {
 }
 
 fn build() -> Built {
+    build_with(DOCKERFILE, &[])
+}
+
+/// A build of [`DOCKERFILE`] for the host's platform.
+fn build_with(dockerfile: &str, platforms: &[&str]) -> Built {
     require_root();
     let dir = tempfile::tempdir().unwrap();
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(ctx.join("data/nested")).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     std::fs::write(ctx.join("hello.txt"), "hello from kiln\n").unwrap();
     std::fs::write(ctx.join("data/a.txt"), "a\n").unwrap();
     std::fs::write(ctx.join("data/nested/b.txt"), "b\n").unwrap();
+    for arch in ["amd64", "arm64"] {
+        std::fs::write(ctx.join(format!("arch-{arch}.txt")), format!("{arch}\n")).unwrap();
+    }
     let store = Arc::new(Store::open(dir.path().join("state")).unwrap());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -88,28 +101,50 @@ fn build() -> Built {
         },
     );
     let client = RegistryClient::new(config).unwrap();
-    let dockerfile = kiln_dockerfile::parse(DOCKERFILE).unwrap();
-    let opts = kiln_graph::BuildOptions::for_context(&ctx);
-    let images: Arc<dyn ImageProvider> = Arc::new(LocalImages::new(store.clone()));
-    let inputs = BuildInputs {
-        dockerfile: &dockerfile,
-        dockerignore: &[],
-        images,
-        context_filter: Arc::new(|_: &[String]| ContextFilter {
-            excluded: Box::new(|_: &str, _: bool| false),
-            may_reinclude: Box::new(|_: &str| false),
-        }),
-        source_date_epoch: Some(EPOCH),
-        compression: None,
+    let dockerfile = kiln_dockerfile::parse(dockerfile).unwrap();
+    // One solve per platform (the host's when none is given), all on the one store.
+    let targets: Vec<Option<kiln_oci::Platform>> = if platforms.is_empty() {
+        vec![None]
+    } else {
+        platforms
+            .iter()
+            .map(|p| Some(kiln_oci::Platform::parse(p).unwrap()))
+            .collect()
     };
-    let planned = plan_build(store.clone(), &opts, inputs).unwrap();
-    let solved = runtime
-        .block_on(planned.solve(Arc::new(|_e: kiln_solver::Event| {}), |_| {}))
-        .unwrap();
+    let mut solves = Vec::new();
+    let requested: Vec<kiln_oci::Platform> = targets
+        .iter()
+        .map(|t| t.clone().unwrap_or_else(kiln_oci::Platform::host))
+        .collect();
+    for platform in targets {
+        let mut opts = kiln_graph::BuildOptions::for_context(&ctx);
+        opts.platforms = platform.into_iter().collect();
+        let images: Arc<dyn ImageProvider> = Arc::new(LocalImages::new(store.clone()));
+        let inputs = BuildInputs {
+            dockerfile: &dockerfile,
+            dockerignore: &[],
+            images,
+            context_filter: Arc::new(|_: &[String]| ContextFilter {
+                excluded: Box::new(|_: &str, _: bool| false),
+                may_reinclude: Box::new(|_: &str| false),
+            }),
+            source_date_epoch: Some(EPOCH),
+            compression: None,
+        };
+        let planned = plan_build(store.clone(), &opts, inputs).unwrap();
+        solves.push(
+            runtime
+                .block_on(planned.solve(Arc::new(|_e: kiln_solver::Event| {}), |_| {}))
+                .unwrap(),
+        );
+    }
+    let solved = solves.remove(0);
     Built {
         dir,
         store,
         solved,
+        others: solves,
+        platforms: requested,
         runtime,
         client,
         registry: Some(registry),
@@ -151,6 +186,37 @@ impl Built {
             source_date_epoch: Some(EPOCH),
         };
         exporters.iter().map(|e| e.export(&cx, &result)).collect()
+    }
+
+    /// The result of every platform's solve as the session hands it to exporters: one part
+    /// per platform, in the order built, each with its image recipe.
+    fn multi_result(&self) -> BuildResult<'_> {
+        let parts = std::iter::once(&self.solved)
+            .chain(&self.others)
+            .zip(&self.platforms)
+            .map(|(s, platform)| {
+                let rootfs = s.rootfs.as_deref();
+                let config = &s.graph.target_stage().config;
+                let recipe =
+                    ImageRecipe::for_result(&s.worker, rootfs, config, Some(EPOCH)).unwrap();
+                PlatformPart {
+                    platform: platform.clone(),
+                    rootfs,
+                    recipe: Some(recipe),
+                }
+            })
+            .collect();
+        BuildResult::for_platforms(parts)
+    }
+
+    fn cx(&self) -> ExportContext<'_> {
+        ExportContext {
+            store: &self.store,
+            worker: &self.solved.worker,
+            client: &self.client,
+            runtime: self.runtime.handle(),
+            source_date_epoch: Some(EPOCH),
+        }
     }
 }
 
@@ -577,4 +643,400 @@ fn image_outputs_publish_annotations_and_attestations_in_one_index() {
         "docker-archive:{}",
         b.path("plain-docker.tar").display()
     )));
+}
+
+/// A Dockerfile whose two platforms share their first layer and differ in the second.
+const MULTI_DOCKERFILE: &str = "\
+FROM scratch
+ARG TARGETARCH
+COPY hello.txt /hello.txt
+COPY arch-${TARGETARCH}.txt /arch.txt
+LABEL suite=multi
+";
+
+fn build_multi() -> Built {
+    build_with(MULTI_DOCKERFILE, &["linux/amd64", "linux/arm64"])
+}
+
+/// The platforms of an index's image entries (attestation manifests left out), in order.
+fn index_platforms(index: &serde_json::Value) -> Vec<String> {
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["annotations"]["vnd.docker.reference.type"].is_null())
+        .map(|m| {
+            format!(
+                "{}/{}",
+                m["platform"]["os"].as_str().unwrap(),
+                m["platform"]["architecture"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_multi_platform_push_is_one_index_of_every_platform_with_shared_layers_once() {
+    let b = build_multi();
+    let host = b.registry_host();
+    let result = b.multi_result();
+    assert!(result.is_multi_platform());
+    assert_eq!(result.parts().len(), 2);
+    let cx = b.cx();
+    let report = exporter(&format!("type=registry,name={host}/suite/multi:1"))
+        .export(&cx, &result)
+        .unwrap();
+    // Several platforms: the index stands for them, no single image is reported.
+    assert!(report.image.is_none());
+    let remote = format!("docker://{host}/suite/multi:1");
+    let index = skopeo_raw(&remote);
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(index_platforms(&index), ["linux/amd64", "linux/arm64"]);
+    // The metadata file's `containerimage.digest`: the index the tag names.
+    let index_digest = result.index().unwrap().digest;
+    assert_eq!(
+        skopeo_raw(&format!("docker://{host}/suite/multi@{index_digest}")),
+        index,
+        "the result's index is the one pushed"
+    );
+    // Each platform's image, pulled by digest, has its own config and the shared layer.
+    let mut first_layers = Vec::new();
+    for (i, arch) in ["amd64", "arm64"].iter().enumerate() {
+        let digest = index["manifests"][i]["digest"].as_str().unwrap();
+        let by_digest = format!("docker://{host}/suite/multi@{digest}");
+        let inspect = skopeo_inspect(&by_digest);
+        assert_eq!(inspect["Architecture"], *arch, "{inspect:#}");
+        assert_eq!(inspect["Labels"]["suite"], "multi");
+        let layers = inspect["Layers"].as_array().unwrap().clone();
+        assert_eq!(layers.len(), 2);
+        first_layers.push(layers[0].clone());
+        assert_eq!(
+            index["manifests"][i]["platform"]["architecture"], *arch,
+            "the entry's platform is its config's"
+        );
+    }
+    assert_eq!(
+        first_layers[0], first_layers[1],
+        "the COPY of hello.txt is one blob"
+    );
+    // skopeo copies the whole index (every platform) out of the registry.
+    let layout = b.path("copied");
+    run(Command::new("skopeo").args([
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &remote,
+        &format!("oci:{}:multi", layout.display()),
+    ]));
+    let arm = skopeo_inspect(&format!("oci:{}:multi", layout.display()));
+    assert!(arm["Architecture"].is_string());
+}
+
+#[test]
+fn oci_mediatypes_false_makes_a_docker_manifest_list_and_push_by_digest_tags_nothing() {
+    let b = build_multi();
+    let host = b.registry_host();
+    let cx = b.cx();
+    let result = b.multi_result();
+    exporter(&format!(
+        "type=image,name={host}/suite/list:1,push=true,oci-mediatypes=false"
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    let list = skopeo_raw(&format!("docker://{host}/suite/list:1"));
+    assert_eq!(
+        list["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    assert_eq!(index_platforms(&list), ["linux/amd64", "linux/arm64"]);
+    for m in list["manifests"].as_array().unwrap() {
+        assert_eq!(
+            m["mediaType"],
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+    }
+
+    // push-by-digest: the index goes up under its digest; the name's tag is not created.
+    let result = b.multi_result();
+    exporter(&format!(
+        "type=image,name={host}/suite/bydigest:1,push=true,push-by-digest=true"
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    let digest = result.index().expect("an index was made").digest;
+    let index = skopeo_raw(&format!("docker://{host}/suite/bydigest@{digest}"));
+    assert_eq!(index_platforms(&index), ["linux/amd64", "linux/arm64"]);
+    let tagged = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!("docker://{host}/suite/bydigest:1"))
+        .output()
+        .unwrap();
+    assert!(!tagged.status.success(), "push-by-digest made no tag");
+}
+
+/// A file of a tarball, read with `tar -xOf`.
+fn tar_file(tarball: &Path, name: &str) -> serde_json::Value {
+    let text = run(Command::new("tar").arg("-xOf").arg(tarball).arg(name));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn oci_and_docker_tarballs_of_several_platforms_hold_the_index() {
+    let b = build_multi();
+    let cx = b.cx();
+    let result = b.multi_result();
+    let oci = b.path("multi-oci.tar");
+    let docker = b.path("multi-docker.tar");
+    exporter(&format!(
+        "type=oci,dest={},name=suite/multi:oci",
+        oci.display()
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    exporter(&format!(
+        "type=docker,dest={},name=suite/multi:docker",
+        docker.display()
+    ))
+    .export(&cx, &result)
+    .unwrap();
+
+    // OCI: index.json names the OCI index; skopeo reads each platform through it.
+    let top = tar_file(&oci, "index.json");
+    assert_eq!(top["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        top["manifests"][0]["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let transport = format!("oci-archive:{}", oci.display());
+    let index = skopeo_raw(&transport);
+    assert_eq!(index_platforms(&index), ["linux/amd64", "linux/arm64"]);
+    for arch in ["amd64", "arm64"] {
+        let text = run(Command::new("skopeo")
+            .args(["--override-arch", arch, "inspect"])
+            .arg(&transport));
+        let inspect: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(inspect["Architecture"], arch, "{inspect:#}");
+        assert_eq!(inspect["Labels"]["suite"], "multi");
+    }
+
+    // Docker: index.json names a Docker manifest list; manifest.json lists both images,
+    // the names on one of them; every blob is in the tarball once.
+    let top = tar_file(&docker, "index.json");
+    assert_eq!(
+        top["manifests"][0]["mediaType"],
+        "application/vnd.docker.distribution.manifest.list.v2+json"
+    );
+    let listed = tar_file(&docker, "manifest.json");
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let tagged: Vec<_> = listed
+        .iter()
+        .filter(|e| !e["RepoTags"].as_array().unwrap().is_empty())
+        .collect();
+    assert_eq!(tagged.len(), 1, "{listed:?}");
+    assert_eq!(tagged[0]["RepoTags"][0], "suite/multi:docker");
+    let entries = tar_entries(&docker);
+    let mut unique = entries.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), entries.len(), "no file twice: {entries:?}");
+    for e in listed {
+        for l in e["Layers"].as_array().unwrap() {
+            assert!(entries.iter().any(|x| x == l.as_str().unwrap()), "{l}");
+        }
+    }
+    let list = skopeo_raw(&format!("oci-archive:{}", docker.display()));
+    assert_eq!(index_platforms(&list), ["linux/amd64", "linux/arm64"]);
+}
+
+#[test]
+fn local_and_tar_outputs_write_one_directory_per_platform() {
+    let b = build_multi();
+    let cx = b.cx();
+    let result = b.multi_result();
+    let local = b.path("split");
+    let tarball = b.path("split.tar");
+    exporter(&format!("type=local,dest={}", local.display()))
+        .export(&cx, &result)
+        .unwrap();
+    exporter(&format!("type=tar,dest={}", tarball.display()))
+        .export(&cx, &result)
+        .unwrap();
+    for arch in ["amd64", "arm64"] {
+        let dir = local.join(format!("linux_{arch}"));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("arch.txt")).unwrap(),
+            format!("{arch}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("hello.txt")).unwrap(),
+            "hello from kiln\n"
+        );
+    }
+    let mut top: Vec<_> = std::fs::read_dir(&local)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["linux_amd64", "linux_arm64"]);
+    let entries = tar_entries(&tarball);
+    for want in [
+        "linux_amd64/arch.txt",
+        "linux_arm64/arch.txt",
+        "linux_arm64/hello.txt",
+    ] {
+        assert!(entries.iter().any(|e| e == want), "{want} in {entries:?}");
+    }
+
+    // platform-split=false: both platforms have /hello.txt, which BuildKit's rule refuses
+    // to overwrite; nothing is left at the destination.
+    for kind in ["local", "tar"] {
+        let dest = b.path(&format!("merged-{kind}"));
+        let err = exporter(&format!(
+            "type={kind},dest={},platform-split=false",
+            dest.display()
+        ))
+        .export(&cx, &result)
+        .err()
+        .unwrap_or_else(|| panic!("type={kind} merging clashing platforms fails"));
+        let text = err.to_string();
+        assert!(
+            text.contains("cannot overwrite")
+                && text.contains("linux/amd64")
+                && text.contains("linux/arm64")
+                && text.contains("platform-split=false"),
+            "{text}"
+        );
+        assert!(!dest.exists(), "{kind}: nothing written");
+    }
+}
+
+#[test]
+fn platform_split_false_merges_platforms_whose_files_differ() {
+    let b = build_with(
+        "FROM scratch\nARG TARGETARCH\nCOPY arch-${TARGETARCH}.txt /${TARGETARCH}/arch.txt\n",
+        &["linux/amd64", "linux/arm64"],
+    );
+    let cx = b.cx();
+    let result = b.multi_result();
+    let dest = b.path("merged");
+    exporter(&format!(
+        "type=local,dest={},platform-split=false",
+        dest.display()
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    for arch in ["amd64", "arm64"] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join(arch).join("arch.txt")).unwrap(),
+            format!("{arch}\n")
+        );
+    }
+    let tarball = b.path("merged.tar");
+    exporter(&format!(
+        "type=tar,dest={},platform-split=false",
+        tarball.display()
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    let entries = tar_entries(&tarball);
+    for want in ["amd64/arch.txt", "arm64/arch.txt"] {
+        assert!(entries.iter().any(|e| e == want), "{want} in {entries:?}");
+    }
+}
+
+#[test]
+fn each_platform_gets_its_attestation_manifest_and_its_own_annotations() {
+    use kiln_build::attest::{parse_annotation_flag, Predicates};
+    let b = build_multi();
+    let host = b.registry_host();
+    let cx = b.cx();
+    let predicates = Predicates {
+        provenance: Some(serde_json::json!({"buildType": "https://mobyproject.org/buildkit@v1"})),
+        sbom: None,
+    };
+    let annotations = parse_annotation_flag("manifest[linux/arm64]:org.example.arch=arm").unwrap();
+    let result = b.multi_result().with_attachments(annotations, predicates);
+    exporter(&format!(
+        "type=registry,name={host}/suite/attested-multi:1,oci-mediatypes=false"
+    ))
+    .export(&cx, &result)
+    .unwrap();
+    // Attestations need an OCI index even when Docker media types were asked for.
+    let index = skopeo_raw(&format!("docker://{host}/suite/attested-multi:1"));
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let m = index["manifests"].as_array().unwrap();
+    assert_eq!(m.len(), 4, "{index:#}");
+    // The images first, then their attestation manifests in the same order.
+    for i in 0..2 {
+        assert!(m[i]["annotations"]["vnd.docker.reference.type"].is_null());
+        assert_eq!(
+            m[i + 2]["annotations"]["vnd.docker.reference.type"],
+            "attestation-manifest"
+        );
+        assert_eq!(
+            m[i + 2]["annotations"]["vnd.docker.reference.digest"],
+            m[i]["digest"]
+        );
+        assert_eq!(m[i + 2]["platform"]["architecture"], "unknown");
+    }
+    let image = |i: usize| {
+        skopeo_raw(&format!(
+            "docker://{host}/suite/attested-multi@{}",
+            m[i]["digest"].as_str().unwrap()
+        ))
+    };
+    assert!(image(0)["annotations"]["org.example.arch"].is_null());
+    assert_eq!(image(1)["annotations"]["org.example.arch"], "arm");
+    // The arm64 statement names the arm64 image.
+    let att = image(3);
+    let statement_digest = att["layers"][0]["digest"].as_str().unwrap();
+    let blob = b
+        .store
+        .content()
+        .blob_path(&statement_digest.parse().unwrap());
+    let statement: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(blob).unwrap()).unwrap();
+    let subject = &statement["subject"][0];
+    assert!(
+        subject["name"]
+            .as_str()
+            .unwrap()
+            .ends_with("?platform=linux%2Farm64"),
+        "{statement:#}"
+    );
+    let arm_digest = m[1]["digest"].as_str().unwrap();
+    assert_eq!(
+        format!("sha256:{}", subject["digest"]["sha256"].as_str().unwrap()),
+        arm_digest
+    );
+}
+
+#[test]
+fn a_multi_platform_result_has_no_single_image_and_load_refuses_it() {
+    use kiln_build::export::{exporters_from_flags, refuse_manifest_list};
+    let b = build_multi();
+    let result = b.multi_result();
+    let err = result.image(&b.store, true).unwrap_err();
+    assert!(matches!(err, ExportError::MultiPlatform { .. }), "{err}");
+    assert!(
+        err.to_string().contains("linux/amd64, linux/arm64"),
+        "{err}"
+    );
+    // `--load` (type=docker without dest) keeps buildx's refusal, before any step runs; a
+    // Docker archive file holds the index.
+    let load = exporters_from_flags(&["type=docker".to_owned()], &[], false).unwrap();
+    let text = refuse_manifest_list(&load, 2).unwrap_err().to_string();
+    assert!(
+        text.starts_with("docker exporter does not currently support exporting manifest lists"),
+        "{text}"
+    );
+    let file = exporters_from_flags(&["type=docker,dest=x.tar".to_owned()], &[], false).unwrap();
+    assert!(refuse_manifest_list(&file, 2).is_ok());
 }

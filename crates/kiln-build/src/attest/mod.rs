@@ -545,17 +545,55 @@ pub fn image_index(
     attestation: Option<&RawManifest>,
     index_annotations: BTreeMap<String, String>,
 ) -> RawManifest {
+    let entry = IndexEntry {
+        image: image.clone(),
+        platform: platform.clone(),
+        annotations: descriptor_annotations,
+        attestation,
+    };
+    index_of(&[entry], false, index_annotations)
+}
+
+/// One platform's image as an index lists it.
+#[derive(Debug, Clone)]
+pub struct IndexEntry<'a> {
+    /// The image manifest's descriptor.
+    pub image: Descriptor,
+    /// Its platform (the index entry's `platform` field).
+    pub platform: Platform,
+    /// The annotations of its descriptor in the index (`manifest-descriptor`).
+    pub annotations: BTreeMap<String, String>,
+    /// Its attestation manifest, when attestations are attached.
+    pub attestation: Option<&'a RawManifest>,
+}
+
+/// The image index of `entries`: every image with its platform, in the order given, then the
+/// attestation manifests of those that have one (platform `unknown/unknown`, pointing at
+/// their image by [`REFERENCE_DIGEST_ANNOTATION`]), as BuildKit orders them. With
+/// `docker_list` it is a Docker manifest list (`oci-mediatypes=false`): the caller gives
+/// Docker manifests and no attestations or annotations, which a manifest list cannot hold.
+pub fn index_of(
+    entries: &[IndexEntry<'_>],
+    docker_list: bool,
+    index_annotations: BTreeMap<String, String>,
+) -> RawManifest {
     let mut index = ImageIndex::new();
-    let mut entry = image.clone();
-    entry.platform = Some(platform.clone());
-    entry.annotations = descriptor_annotations;
-    index.manifests.push(entry);
-    if let Some(a) = attestation {
+    if docker_list {
+        index.media_type = Some(kiln_oci::media_type::DOCKER_MANIFEST_LIST.to_owned());
+    }
+    for e in entries {
+        let mut d = e.image.clone();
+        d.platform = Some(e.platform.clone());
+        d.annotations = e.annotations.clone();
+        index.manifests.push(d);
+    }
+    for e in entries {
+        let Some(a) = e.attestation else { continue };
         let mut d = a.descriptor();
         d.platform = Some(Platform::new("unknown", "unknown", None));
         d.annotations.insert(
             REFERENCE_DIGEST_ANNOTATION.to_owned(),
-            image.digest.to_string(),
+            e.image.digest.to_string(),
         );
         d.annotations.insert(
             REFERENCE_TYPE_ANNOTATION.to_owned(),

@@ -90,9 +90,19 @@ impl TarballSettings {
     ) -> Result<StoredImage, ExportError> {
         let image = result.image(cx.store, self.oci_mediatypes.unwrap_or(oci_default))?;
         kiln_worker::images::tag_image(cx.store, &image, &self.names)?;
-        if let Some(f) = result.rootfs {
+        self.fetch_blobs(cx, result)?;
+        Ok(image)
+    }
+
+    /// Fetches the blobs a lazy pull left in the registry, of every platform's result.
+    pub fn fetch_blobs(
+        &self,
+        cx: &ExportContext<'_>,
+        result: &BuildResult<'_>,
+    ) -> Result<(), ExportError> {
+        for f in result.parts().iter().filter_map(|p| p.rootfs) {
             cx.worker.fetch_blobs(f)?;
         }
-        Ok(image)
+        Ok(())
     }
 }

@@ -322,11 +322,13 @@ pub enum LoadError {
     /// The Docker archive could not be written (a blob missing from kiln's store, ...).
     #[error("--load: writing the image archive: {0}")]
     Archive(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// A multi-platform result: a Docker archive holds one image (buildx's message).
+    /// A multi-platform result for `--load`: the image store takes one image per name
+    /// (buildx's message).
     #[error(
         "docker exporter does not currently support exporting manifest lists \
-         ({platforms} platforms requested): --load and --output type=docker hold one image; \
-         build one --platform at a time, or push the multi-platform image with --push"
+         ({platforms} platforms requested): --load loads one image into the image store; \
+         build one --platform at a time, push the multi-platform image with --push, or write \
+         it with --output type=oci,dest=FILE"
     )]
     ManifestList {
         /// How many platforms the build was asked for.

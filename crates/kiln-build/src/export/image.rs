@@ -92,73 +92,21 @@ impl ImageExporter {
         Ok(e)
     }
 
-    /// Pushes `published` under every name, its blobs read from the store: the image alone,
-    /// or, with an index, the image and its attestation manifest by digest, then the index
-    /// under the names.
+    /// Pushes `published` under every name, its blobs read from the store: a single image
+    /// alone, or, with an index, every platform's image and attestation manifest by digest
+    /// (blobs the registry already has, a layer two platforms share among them, are not sent
+    /// again), then the index under the names. With `push-by-digest=true` nothing is tagged:
+    /// what the names would point at goes up under its digest alone.
     fn push(
         &self,
         cx: &ExportContext<'_>,
         published: &PublishedImage,
-        rootfs: Option<&Rootfs>,
+        result: &BuildResult<'_>,
     ) -> Result<(), ExportError> {
-        let image = &published.image;
-        let mount_from = mount_source(rootfs, &self.names);
-        if let Some(f) = rootfs.filter(|_| mount_from.is_none()) {
-            cx.worker.fetch_blobs(f)?;
-        }
-        let mut targets = parse_names(&self.names)?;
-        if self.push_by_digest {
-            // The manifest goes up under its digest alone: no tag is created or moved.
-            targets = targets
-                .into_iter()
-                .map(|t| {
-                    kiln_oci::Reference::new(
-                        t.registry(),
-                        t.repository(),
-                        None,
-                        Some(image.manifest.digest.clone()),
-                    )
-                    .map_err(|e| ExportError::Image {
-                        reference: t.to_string(),
-                        message: e.to_string(),
-                    })
-                })
-                .collect::<Result<_, _>>()?;
-        }
-        let content = cx.store.content();
-        let mut blobs: Vec<(Descriptor, BlobSource)> = vec![(
-            image.config.clone(),
-            BlobSource::File(content.blob_path(&image.config.digest)),
-        )];
-        for l in &image.layers {
-            // A layer listed twice (two steps that made the same bytes) is uploaded once.
-            if blobs.iter().any(|(d, _)| d.digest == l.blob.digest) {
-                continue;
-            }
-            blobs.push((
-                l.blob.clone(),
-                BlobSource::File(content.blob_path(&l.blob.digest)),
-            ));
-        }
-        let failed = |e: kiln_oci::RegistryError| ExportError::Image {
-            reference: self.names.join(","),
-            message: e.to_string(),
-        };
-        let Some(index) = &published.index else {
-            cx.runtime
-                .block_on(cx.client.push_image(
-                    &targets,
-                    &image.manifest,
-                    &blobs,
-                    mount_from.as_ref(),
-                ))
-                .map_err(failed)?;
-            return Ok(());
-        };
-        // The manifests an index lists go first, by digest (a reference with a digest and no
-        // tag is pushed under that digest).
+        let names = parse_names(&self.names)?;
+        let top = published.top().digest;
         let pinned = |d: &kiln_oci::Digest| -> Result<Vec<Reference>, ExportError> {
-            targets
+            names
                 .iter()
                 .map(|t| Reference::new(t.registry(), t.repository(), None, Some(d.clone())))
                 .collect::<Result<Vec<_>, _>>()
@@ -167,16 +115,57 @@ impl ImageExporter {
                     message: e.to_string(),
                 })
         };
-        let by_digest = pinned(&image.manifest.digest)?;
-        cx.runtime
-            .block_on(cx.client.push_image(
-                &by_digest,
-                &image.manifest,
-                &blobs,
-                mount_from.as_ref(),
-            ))
-            .map_err(failed)?;
-        if let Some(att) = &published.attestation {
+        // The manifest goes up under its digest alone: no tag is created or moved.
+        let targets = if self.push_by_digest {
+            pinned(&top)?
+        } else {
+            names.clone()
+        };
+        let content = cx.store.content();
+        let failed = |e: kiln_oci::RegistryError| ExportError::Image {
+            reference: self.names.join(","),
+            message: e.to_string(),
+        };
+        for (i, part) in published.parts.iter().enumerate() {
+            let image = &part.image;
+            let rootfs = result.parts().get(i).and_then(|p| p.rootfs);
+            let mount_from = mount_source(rootfs, &self.names);
+            if let Some(f) = rootfs.filter(|_| mount_from.is_none()) {
+                cx.worker.fetch_blobs(f)?;
+            }
+            let mut blobs: Vec<(Descriptor, BlobSource)> = vec![(
+                image.config.clone(),
+                BlobSource::File(content.blob_path(&image.config.digest)),
+            )];
+            for l in &image.layers {
+                // A layer listed twice (two steps that made the same bytes) is uploaded once.
+                if blobs.iter().any(|(d, _)| d.digest == l.blob.digest) {
+                    continue;
+                }
+                blobs.push((
+                    l.blob.clone(),
+                    BlobSource::File(content.blob_path(&l.blob.digest)),
+                ));
+            }
+            // The manifests an index lists go first, by digest (a reference with a digest
+            // and no tag is pushed under that digest).
+            let to = if published.index.is_some() {
+                pinned(&image.manifest.digest)?
+            } else {
+                targets.clone()
+            };
+            cx.runtime
+                .block_on(
+                    cx.client
+                        .push_image(&to, &image.manifest, &blobs, mount_from.as_ref()),
+                )
+                .map_err(failed)?;
+        }
+        for att in published
+            .parts
+            .iter()
+            .filter_map(|p| p.attestation.as_ref())
+        {
             let att_blobs: Vec<(Descriptor, BlobSource)> = att
                 .blobs
                 .iter()
@@ -190,10 +179,12 @@ impl ImageExporter {
                 )
                 .map_err(failed)?;
         }
-        for t in &targets {
-            cx.runtime
-                .block_on(cx.client.push_manifest(t, index))
-                .map_err(failed)?;
+        if let Some(index) = &published.index {
+            for t in &targets {
+                cx.runtime
+                    .block_on(cx.client.push_manifest(t, index))
+                    .map_err(failed)?;
+            }
         }
         Ok(())
     }
@@ -244,14 +235,15 @@ impl Exporter for ImageExporter {
             &self.annotations,
             true,
         )?;
-        // kiln's store names the image manifest: `FROM` a local name reads one image.
-        kiln_worker::images::tag_image(cx.store, &published.image, &self.names)?;
+        // kiln's store names the image manifest: `FROM` a local name reads one image. Of a
+        // multi-platform result it names the first platform's.
+        kiln_worker::images::tag_image(cx.store, published.image(), &self.names)?;
         if self.push || self.registry {
-            self.push(cx, &published, result.rootfs)?;
+            self.push(cx, &published, result)?;
         }
         Ok(ExportReport {
             kind: self.kind().to_owned(),
-            image: Some(published.image),
+            image: published.single_image(),
         })
     }
 }

@@ -109,13 +109,15 @@ pub fn outputs_with_load(outputs: &[String], push: bool) -> Vec<String> {
     all
 }
 
-/// Refuses a multi-platform build that loads or writes a Docker archive: a Docker archive,
-/// and the daemon's store behind it, hold one image per name. The one place this is checked.
+/// Refuses a multi-platform build with an output that takes one image (`--load`, with
+/// buildx's message): the image store behind it holds one image per name. A Docker archive
+/// file (`type=docker,dest=`) holds the index, as an OCI layout does. The one place this is
+/// checked.
 pub fn refuse_manifest_list(
     exporters: &[Box<dyn Exporter>],
     platforms: usize,
 ) -> Result<(), LoadError> {
-    if platforms > 1 && exporters.iter().any(|e| e.kind() == "docker") {
+    if platforms > 1 && exporters.iter().any(|e| !e.takes_several_platforms()) {
         return Err(LoadError::ManifestList { platforms });
     }
     Ok(())
@@ -140,6 +142,10 @@ impl Exporter for LoadExporter {
 
     fn layer_compression(&self) -> Option<Compression> {
         self.settings.compression
+    }
+
+    fn takes_several_platforms(&self) -> bool {
+        false
     }
 
     fn check_destination(&self, runtime: &tokio::runtime::Handle) -> Result<(), ExportError> {

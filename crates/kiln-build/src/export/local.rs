@@ -7,11 +7,14 @@ use std::path::PathBuf;
 use kiln_worker::fileop::{self, CopyOptions, Owner};
 
 use super::file::temp_beside;
+use super::{check_no_clash, part_dirs};
 use super::{io_at, with_rootfs_view, Attrs, BuildResult, ExportContext, ExportError};
 use super::{ExportReport, Exporter};
 use crate::spec::SpecError;
 
-/// Copies the final filesystem into a directory.
+/// Copies the final filesystem into a directory; a multi-platform result's into one
+/// directory per platform (`linux_amd64/`, `linux_arm64/`), or all into `dest` with
+/// `platform-split=false` (a file two platforms both have is an error).
 ///
 /// A `dest` that is absent or empty gets the files in a temporary directory beside it,
 /// renamed into place at the end, so a killed export leaves no half-written tree. A `dest`
@@ -20,13 +23,17 @@ use crate::spec::SpecError;
 pub struct LocalExporter {
     /// The directory.
     pub dest: PathBuf,
+    /// `platform-split=`: one directory per platform (unset: when there are several).
+    pub platform_split: Option<bool>,
 }
 
 impl LocalExporter {
     /// Reads `type=local` attributes; `dest=` is required.
     pub fn from_attrs(a: &Attrs<'_>) -> Result<Self, SpecError> {
+        let (dest, platform_split) = a.rootfs_dest()?;
         Ok(LocalExporter {
-            dest: a.rootfs_dest()?,
+            dest,
+            platform_split,
         })
     }
 }
@@ -42,6 +49,10 @@ impl Exporter for LocalExporter {
         result: &BuildResult<'_>,
     ) -> Result<ExportReport, ExportError> {
         let dest = self.dest.as_path();
+        let dirs = part_dirs(result, self.platform_split);
+        if result.is_multi_platform() && dirs.iter().all(Option::is_none) {
+            check_no_clash(cx.worker, result)?;
+        }
         let empty = match fs::read_dir(dest) {
             Ok(mut d) => d.next().is_none(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => true,
@@ -59,20 +70,27 @@ impl Exporter for LocalExporter {
             None
         };
         let target = staging.as_ref().map_or(dest, |t| t.path());
-        with_rootfs_view(cx.worker, result.rootfs, |root| {
-            let opts = CopyOptions {
-                dest_is_dir: true,
-                parents: false,
-                exclude: vec![],
-                owner: Owner::Preserve,
-                chmod: None,
-                source_name: "build result".into(),
-                extract_archives: false,
+        for (part, dir) in result.parts().iter().zip(&dirs) {
+            let into = match dir {
+                Some(d) => target.join(d),
+                None => target.to_owned(),
             };
-            fileop::copy(root, &[".".into()], target, "/", &opts)
-                .map_err(kiln_worker::engine::WorkerError::from)?;
-            Ok(())
-        })?;
+            fs::create_dir_all(&into).map_err(io_at("creating", &into))?;
+            with_rootfs_view(cx.worker, part.rootfs, |root| {
+                let opts = CopyOptions {
+                    dest_is_dir: true,
+                    parents: false,
+                    exclude: vec![],
+                    owner: Owner::Preserve,
+                    chmod: None,
+                    source_name: "build result".into(),
+                    extract_archives: false,
+                };
+                fileop::copy(root, &[".".into()], &into, "/", &opts)
+                    .map_err(kiln_worker::engine::WorkerError::from)?;
+                Ok(())
+            })?;
+        }
         if let Some(t) = staging {
             let tmp = t.keep();
             // rename(2) replaces an empty directory; the copy is complete, so sync it first.

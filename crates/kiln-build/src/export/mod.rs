@@ -82,6 +82,13 @@ pub trait Exporter: Send + Sync {
         false
     }
 
+    /// Whether this output can take a result of several platforms (an image index, or one
+    /// directory per platform). `--load` cannot: the image store behind it takes one image
+    /// per name, and the build is refused before any step runs.
+    fn takes_several_platforms(&self) -> bool {
+        true
+    }
+
     /// The names the image is given (`name=`, `-t`), for the metadata file's `image.name`.
     fn image_names(&self) -> &[String] {
         &[]
@@ -161,32 +168,54 @@ impl ImageRecipe {
     }
 }
 
-/// The result of a build as exporters see it: the target's root filesystem and, when any
-/// exporter makes an image, the image (stored once per media-type choice, on first use).
-pub struct BuildResult<'a> {
+/// One platform's result of a build: its root filesystem and, when an exporter makes images,
+/// how its image is made. A multi-platform build has one part per target platform, in the
+/// order `--platform` gave them.
+pub struct PlatformPart<'a> {
+    /// The target platform this part was built for.
+    pub platform: Platform,
     /// The target stage's root filesystem (`None` for an empty `FROM scratch` stage).
     pub rootfs: Option<&'a Rootfs>,
-    recipe: Option<ImageRecipe>,
-    stored: Mutex<Vec<(bool, StoredImage)>>,
+    /// How the image is made; `None` when no exporter makes images.
+    pub recipe: Option<ImageRecipe>,
+}
+
+/// The result of a build as exporters see it: one [`PlatformPart`] per target platform and,
+/// when any exporter makes an image, each part's image (stored once per media-type choice,
+/// on first use).
+pub struct BuildResult<'a> {
+    /// The parts, in request order; never empty.
+    parts: Vec<PlatformPart<'a>>,
+    /// Images stored so far: (part, OCI media types, image).
+    stored: Mutex<Vec<(usize, bool, StoredImage)>>,
     /// `--annotation` values, for every image output.
     annotations: Vec<Annotation>,
-    /// The attestations' predicates, for the outputs that attach them.
-    predicates: Predicates,
-    /// The last image index an exporter made (with attestations or index annotations).
+    /// The attestations' predicates of each part (one entry for all when they are shared).
+    predicates: Vec<Predicates>,
+    /// The last image index an exporter made (several platforms, attestations or index
+    /// annotations).
     index: Mutex<Option<Descriptor>>,
 }
 
-/// An image as an output publishes it: the image (its manifest annotated as asked) and, when
-/// attestations or index annotations ask for one, the image index holding it and its
-/// attestation manifest. Every blob named here is in the content store.
+/// One platform's image as an output publishes it: the image (its manifest annotated as
+/// asked), its platform and its attestation manifest, when attestations are attached.
 #[derive(Debug, Clone)]
-pub struct PublishedImage {
+pub struct PublishedPart {
     /// The image; its manifest carries the manifest annotations.
     pub image: StoredImage,
     /// The platform of the image (from its config).
     pub platform: Platform,
     /// The attestation manifest and its blobs, when attestations are attached.
     pub attestation: Option<AttestationManifest>,
+}
+
+/// A result as an output publishes it: every platform's image and, when there are several
+/// platforms or attestations or index annotations ask for one, the image index holding them
+/// (with each one's attestation manifest). Every blob named here is in the content store.
+#[derive(Debug, Clone)]
+pub struct PublishedImage {
+    /// The images, one per platform, in request order.
+    pub parts: Vec<PublishedPart>,
     /// The index, when one is made.
     pub index: Option<RawManifest>,
     /// The annotations of the index's descriptor in an OCI layout (`index-descriptor`).
@@ -197,48 +226,107 @@ impl PublishedImage {
     /// The descriptor of what the output names: the index when there is one, else the image
     /// manifest.
     pub fn top(&self) -> Descriptor {
-        self.index
-            .as_ref()
-            .unwrap_or(&self.image.manifest)
-            .descriptor()
+        match &self.index {
+            Some(i) => i.descriptor(),
+            None => self.parts[0].image.manifest.descriptor(),
+        }
+    }
+
+    /// The first platform's image (the only one of a single-platform result).
+    pub fn image(&self) -> &StoredImage {
+        &self.parts[0].image
+    }
+
+    /// The image an output reports as what it made: the only one, or `None` when the result
+    /// has several platforms (the index then stands for them).
+    pub fn single_image(&self) -> Option<StoredImage> {
+        (self.parts.len() == 1).then(|| self.parts[0].image.clone())
     }
 }
 
 impl<'a> BuildResult<'a> {
-    /// A result with no image: for exporters that only write the filesystem.
+    /// A result with no image: for exporters that only write the filesystem. One part, of
+    /// the host's platform.
     pub fn new(rootfs: Option<&'a Rootfs>) -> Self {
-        BuildResult {
+        Self::for_platforms(vec![PlatformPart {
+            platform: Platform::host(),
             rootfs,
             recipe: None,
+        }])
+    }
+
+    /// A result whose image is made from `recipe`. One part, of the platform in the recipe's
+    /// config.
+    pub fn with_image(rootfs: Option<&'a Rootfs>, recipe: ImageRecipe) -> Self {
+        let platform = recipe_platform(&recipe);
+        Self::for_platforms(vec![PlatformPart {
+            platform,
+            rootfs,
+            recipe: Some(recipe),
+        }])
+    }
+
+    /// A result of one part per target platform, in request order (1..n parts; an empty
+    /// list is taken as one empty part of the host's platform).
+    pub fn for_platforms(mut parts: Vec<PlatformPart<'a>>) -> Self {
+        if parts.is_empty() {
+            parts.push(PlatformPart {
+                platform: Platform::host(),
+                rootfs: None,
+                recipe: None,
+            });
+        }
+        BuildResult {
+            parts,
             stored: Mutex::new(Vec::new()),
             annotations: Vec::new(),
-            predicates: Predicates::default(),
+            predicates: vec![Predicates::default()],
             index: Mutex::new(None),
         }
     }
 
-    /// A result whose image is made from `recipe`.
-    pub fn with_image(rootfs: Option<&'a Rootfs>, recipe: ImageRecipe) -> Self {
-        BuildResult {
-            rootfs,
-            recipe: Some(recipe),
-            stored: Mutex::new(Vec::new()),
-            annotations: Vec::new(),
-            predicates: Predicates::default(),
-            index: Mutex::new(None),
-        }
+    /// The parts, one per platform, in request order: what the local and tar exporters walk.
+    pub fn parts(&self) -> &[PlatformPart<'a>] {
+        &self.parts
+    }
+
+    /// Whether the result has several platforms (`parts().len() > 1`).
+    pub fn is_multi_platform(&self) -> bool {
+        self.parts.len() > 1
+    }
+
+    /// The first platform's root filesystem (the only one of a single-platform result).
+    pub fn rootfs(&self) -> Option<&'a Rootfs> {
+        self.parts[0].rootfs
     }
 
     /// The same result with `--annotation` values and attestation predicates, which image
-    /// outputs apply with [`BuildResult::publish`].
+    /// outputs apply with [`BuildResult::publish`]; the predicates are every platform's.
     pub fn with_attachments(
         mut self,
         annotations: Vec<Annotation>,
         predicates: Predicates,
     ) -> Self {
         self.annotations = annotations;
-        self.predicates = predicates;
+        self.predicates = vec![predicates];
         self
+    }
+
+    /// The same result with each platform's own attestation predicates (one per part, in
+    /// part order: the SBOM of each platform's root filesystem, the provenance naming each
+    /// platform), replacing the shared ones of [`BuildResult::with_attachments`].
+    pub fn with_platform_predicates(mut self, predicates: Vec<Predicates>) -> Self {
+        if !predicates.is_empty() {
+            self.predicates = predicates;
+        }
+        self
+    }
+
+    /// The predicates of part `i`.
+    fn predicates_of(&self, i: usize) -> &Predicates {
+        self.predicates
+            .get(i)
+            .unwrap_or_else(|| &self.predicates[0])
     }
 
     /// The last image index an output made, if any (for the metadata file).
@@ -246,11 +334,14 @@ impl<'a> BuildResult<'a> {
         self.index.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The image as an output publishes it: [`BuildResult::image`] with the manifest
-    /// annotations of `--annotation` and of the output (`extra`), and, when `attach` and
-    /// attestations were asked for (or index-level annotations were given), an image index
-    /// holding the image (then with OCI media types) and its attestation manifest.
-    /// Statements name the image `names`.
+    /// The result as an output publishes it: every platform's image with the manifest
+    /// annotations of `--annotation` and of the output (`extra`) that apply to its platform,
+    /// and an image index holding them when there are several platforms, or when `attach`
+    /// and attestations were asked for, or index-level annotations were given. With
+    /// attestations each image gets its attestation manifest in the index (after all the
+    /// images, as BuildKit orders them). Several platforms without attestations or index
+    /// annotations and `oci_media_types` false make a Docker manifest list of Docker
+    /// manifests; otherwise an OCI index. Statements name the image `names`.
     pub fn publish(
         &self,
         store: &Store,
@@ -259,76 +350,136 @@ impl<'a> BuildResult<'a> {
         extra: &[Annotation],
         attach: bool,
     ) -> Result<PublishedImage, ExportError> {
-        let first = self.image(store, oci_media_types)?;
-        let platform = image_platform(store, &first);
         let all: Vec<Annotation> = self.annotations.iter().chain(extra).cloned().collect();
-        let pick = |level| attest::annotations_for(&all, level, &platform);
-        let index_annotations = pick(AnnotationLevel::Index);
-        let descriptor_annotations = pick(AnnotationLevel::ManifestDescriptor);
-        let attaches = attach && !self.predicates.is_empty();
-        let wants_index =
-            attaches || !index_annotations.is_empty() || !descriptor_annotations.is_empty();
+        let n = self.parts.len();
+        let mut firsts = Vec::with_capacity(n);
+        for i in 0..n {
+            let image = self.part_image(store, i, oci_media_types)?;
+            let platform =
+                image_platform(store, &image).unwrap_or_else(|| self.parts[i].platform.clone());
+            firsts.push((image, platform));
+        }
+        let pick = |level, platform: &Platform| attest::annotations_for(&all, level, platform);
+        // Index-level annotations: those for any platform of the result.
+        let pick_index = |level| {
+            let mut m = BTreeMap::new();
+            for (_, p) in &firsts {
+                m.extend(pick(level, p));
+            }
+            m
+        };
+        let index_annotations = pick_index(AnnotationLevel::Index);
+        let index_descriptor_annotations = pick_index(AnnotationLevel::IndexDescriptor);
+        let descriptor_annotations: Vec<_> = firsts
+            .iter()
+            .map(|(_, p)| pick(AnnotationLevel::ManifestDescriptor, p))
+            .collect();
+        let attaches = attach && (0..n).any(|i| !self.predicates_of(i).is_empty());
         // As BuildKit: attestations and index annotations turn OCI media types on (a Docker
         // manifest list has no place for them).
-        let mut image = if wants_index && !oci_media_types {
-            self.image(store, true)?
-        } else {
-            first
-        };
-        let manifest_annotations = pick(AnnotationLevel::Manifest);
-        if !manifest_annotations.is_empty() {
-            let annotated = attest::annotate_manifest(&image.manifest, &manifest_annotations)
-                .map_err(|e| ExportError::Image {
+        let needs_oci = attaches
+            || !index_annotations.is_empty()
+            || descriptor_annotations.iter().any(|d| !d.is_empty());
+        let wants_index = needs_oci || n > 1;
+        let oci = oci_media_types || needs_oci;
+        let mut parts = Vec::with_capacity(n);
+        for (i, (first, platform)) in firsts.into_iter().enumerate() {
+            let mut image = if oci != oci_media_types {
+                self.part_image(store, i, oci)?
+            } else {
+                first
+            };
+            let manifest_annotations = pick(AnnotationLevel::Manifest, &platform);
+            if !manifest_annotations.is_empty() {
+                let annotated = attest::annotate_manifest(&image.manifest, &manifest_annotations)
+                    .map_err(|e| ExportError::Image {
                     reference: names.join(","),
                     message: format!("annotating the manifest: {e}"),
                 })?;
-            store.content().put_bytes(&annotated.bytes)?;
-            image.manifest = annotated;
-        }
-        let attestation = attaches.then(|| {
-            attest::attestation_manifest(
-                &self.predicates,
-                &image.manifest.descriptor(),
-                names,
-                &platform,
-            )
-        });
-        let index = if wants_index {
+                store.content().put_bytes(&annotated.bytes)?;
+                image.manifest = annotated;
+            }
+            let predicates = self.predicates_of(i);
+            let attestation = (attaches && !predicates.is_empty()).then(|| {
+                attest::attestation_manifest(
+                    predicates,
+                    &image.manifest.descriptor(),
+                    names,
+                    &platform,
+                )
+            });
             if let Some(a) = &attestation {
                 for (_, bytes) in &a.blobs {
                     store.content().put_bytes(bytes)?;
                 }
                 store.content().put_bytes(&a.manifest.bytes)?;
             }
-            let index = attest::image_index(
-                &image.manifest.descriptor(),
-                &platform,
-                descriptor_annotations,
-                attestation.as_ref().map(|a| &a.manifest),
-                index_annotations,
-            );
+            parts.push(PublishedPart {
+                image,
+                platform,
+                attestation,
+            });
+        }
+        let index = if wants_index {
+            let entries: Vec<attest::IndexEntry<'_>> = parts
+                .iter()
+                .zip(descriptor_annotations)
+                .map(|(p, annotations)| attest::IndexEntry {
+                    image: p.image.manifest.descriptor(),
+                    platform: p.platform.clone(),
+                    annotations,
+                    attestation: p.attestation.as_ref().map(|a| &a.manifest),
+                })
+                .collect();
+            let index = attest::index_of(&entries, !oci, index_annotations);
             store.content().put_bytes(&index.bytes)?;
             *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(index.descriptor());
             Some(index)
         } else {
             None
         };
-        let index_descriptor_annotations = pick(AnnotationLevel::IndexDescriptor);
         Ok(PublishedImage {
-            image,
-            platform,
-            attestation,
+            parts,
             index,
             index_descriptor_annotations,
         })
     }
 
-    /// The image, with OCI media types or Docker's, stored in `store` the first time it is
-    /// asked for. Fails when the session made no recipe (no exporter said it makes images).
+    /// The image of a single-platform result, with OCI media types or Docker's, stored in
+    /// `store` the first time it is asked for. Fails with [`ExportError::MultiPlatform`] when
+    /// the result has several platforms, and when the session made no recipe (no exporter
+    /// said it makes images).
     pub fn image(&self, store: &Store, oci_media_types: bool) -> Result<StoredImage, ExportError> {
-        let recipe = self.recipe.as_ref().ok_or(ExportError::NoImage)?;
+        if self.is_multi_platform() {
+            return Err(ExportError::MultiPlatform {
+                platforms: self
+                    .parts
+                    .iter()
+                    .map(|p| attest::platform_string(&p.platform))
+                    .collect(),
+            });
+        }
+        self.part_image(store, 0, oci_media_types)
+    }
+
+    /// The image of part `i`, with OCI media types or Docker's, stored in `store` the first
+    /// time it is asked for. Fails when that part has no recipe.
+    pub fn part_image(
+        &self,
+        store: &Store,
+        i: usize,
+        oci_media_types: bool,
+    ) -> Result<StoredImage, ExportError> {
+        let recipe = self
+            .parts
+            .get(i)
+            .and_then(|p| p.recipe.as_ref())
+            .ok_or(ExportError::NoImage)?;
         let mut stored = self.stored.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, img)) = stored.iter().find(|(oci, _)| *oci == oci_media_types) {
+        if let Some((_, _, img)) = stored
+            .iter()
+            .find(|(part, oci, _)| *part == i && *oci == oci_media_types)
+        {
             return Ok(img.clone());
         }
         let img = images::store_image_with_fields(
@@ -339,29 +490,45 @@ impl<'a> BuildResult<'a> {
             oci_media_types,
             &recipe.config_fields,
         )?;
-        stored.push((oci_media_types, img.clone()));
+        stored.push((i, oci_media_types, img.clone()));
         Ok(img)
     }
 }
 
-/// The platform in `image`'s config (`os`, `architecture`, `variant`); the host's when the
-/// config cannot be read.
-fn image_platform(store: &Store, image: &StoredImage) -> Platform {
-    let path = store.content().blob_path(&image.config.digest);
-    let config: Option<serde_json::Value> = std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    let field = |k: &str| {
-        config
-            .as_ref()
-            .and_then(|c| c.get(k))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    match (field("os"), field("architecture")) {
-        (Some(os), Some(arch)) => Platform::new(&os, &arch, field("variant").as_deref()),
-        _ => Platform::host(),
+/// The platform a recipe's config names (`os`, `architecture`, `variant`); the host's when
+/// it names none.
+fn recipe_platform(recipe: &ImageRecipe) -> Platform {
+    let c = &recipe.config;
+    if c.os.is_empty() || c.architecture.is_empty() {
+        return Platform::host();
     }
+    config_platform(&c.os, &c.architecture, c.variant.as_deref())
+}
+
+/// The platform an image config names, exactly as it names it: an index entry's `platform`
+/// is the config's own fields, never normalised (an `arm64` config without a variant stays
+/// `linux/arm64`, not `linux/arm64/v8`).
+fn config_platform(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
+    Platform {
+        architecture: architecture.to_owned(),
+        os: os.to_owned(),
+        os_version: None,
+        os_features: Vec::new(),
+        variant: variant.filter(|v| !v.is_empty()).map(str::to_owned),
+        features: Vec::new(),
+    }
+}
+
+/// The platform in `image`'s config (`os`, `architecture`, `variant`), when it can be read.
+fn image_platform(store: &Store, image: &StoredImage) -> Option<Platform> {
+    let path = store.content().blob_path(&image.config.digest);
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let field = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    Some(config_platform(
+        &field("os")?,
+        &field("architecture")?,
+        field("variant").as_deref(),
+    ))
 }
 
 /// The annotations among an output's attributes (`annotation[-TYPE][[PLATFORM]].KEY=V`).
@@ -417,6 +584,31 @@ pub enum ExportError {
     /// `--load` found no image store, or the store did not take the image.
     #[error(transparent)]
     Load(#[from] daemon::LoadError),
+    /// An output that takes one image was given a result of several platforms.
+    #[error(
+        "this output takes one image but the build made {} platforms ({}); \
+         use an output that holds an image index (type=image, registry or oci)",
+        platforms.len(),
+        platforms.join(", ")
+    )]
+    MultiPlatform {
+        /// The result's platforms (`linux/amd64`, ...).
+        platforms: Vec<String>,
+    },
+    /// `platform-split=false`: two platforms' trees have a file at the same path.
+    #[error(
+        "cannot overwrite {} from {first} with {second} when platform-split=false; \
+         drop platform-split=false to write one directory per platform",
+        path.display()
+    )]
+    PlatformClash {
+        /// The path, relative to the output's root.
+        path: PathBuf,
+        /// The platform whose file is there first.
+        first: String,
+        /// The platform that has a file there too.
+        second: String,
+    },
     /// An exporter asked for the image but the session made none.
     #[error("internal: an exporter needs the image but none was made")]
     NoImage,
@@ -686,20 +878,75 @@ impl<'a> Attrs<'a> {
     }
 
     /// The attributes of an exporter that writes the target's files (`local`, `tar`): a
-    /// required `dest=`, and `platform-split=` (a boolean, accepted for buildx's sake).
-    pub fn rootfs_dest(&self) -> Result<PathBuf, SpecError> {
+    /// required `dest=`, and `platform-split=` (a boolean; unset, a multi-platform result is
+    /// split into one directory per platform).
+    pub fn rootfs_dest(&self) -> Result<(PathBuf, Option<bool>), SpecError> {
         let mut dest = None;
+        let mut split = None;
         self.read(&["dest", "platform-split"], false, |k, v| {
             match k {
                 "dest" => dest = Some(self.dest(v)?),
-                _ => {
-                    self.bool(k, v)?;
-                }
+                _ => split = Some(self.bool(k, v)?),
             }
             Ok(())
         })?;
-        dest.ok_or_else(|| self.missing_dest())
+        Ok((dest.ok_or_else(|| self.missing_dest())?, split))
     }
+}
+
+/// The directory a platform's files go to in a split multi-platform `local` or `tar`
+/// output, as BuildKit names it: the platform with `/` replaced by `_` (`linux_amd64`,
+/// `linux_arm_v7`).
+pub fn platform_dir_name(platform: &Platform) -> String {
+    attest::platform_string(platform).replace('/', "_")
+}
+
+/// Where each part's files go in a `local` or `tar` output: its own directory
+/// ([`platform_dir_name`]) when the result has several platforms and `split` (given, or
+/// unset) says so, else the output's root (`None`).
+pub(crate) fn part_dirs(result: &BuildResult<'_>, split: Option<bool>) -> Vec<Option<String>> {
+    let split = split.unwrap_or(true) && result.is_multi_platform();
+    result
+        .parts()
+        .iter()
+        .map(|p| split.then(|| platform_dir_name(&p.platform)))
+        .collect()
+}
+
+/// Checks that the parts' files can be merged into one tree (`platform-split=false`):
+/// a path that is not a directory in two platforms' trees fails, as BuildKit refuses to
+/// overwrite one platform's file with another's.
+pub(crate) fn check_no_clash(worker: &Worker, result: &BuildResult<'_>) -> Result<(), ExportError> {
+    let mut seen: BTreeMap<PathBuf, String> = BTreeMap::new();
+    for part in result.parts() {
+        let name = attest::platform_string(&part.platform);
+        let paths = with_rootfs_view(worker, part.rootfs, |root| {
+            let mut out = Vec::new();
+            for entry in walkdir::WalkDir::new(root).min_depth(1) {
+                let entry = entry.map_err(|e| {
+                    let path = e.path().unwrap_or(root).to_owned();
+                    io_at("reading", &path)(e.into())
+                })?;
+                if !entry.file_type().is_dir() {
+                    if let Ok(rel) = entry.path().strip_prefix(root) {
+                        out.push(rel.to_owned());
+                    }
+                }
+            }
+            Ok(out)
+        })?;
+        for path in paths {
+            if let Some(first) = seen.get(&path) {
+                return Err(ExportError::PlatformClash {
+                    path,
+                    first: first.clone(),
+                    second: name,
+                });
+            }
+            seen.insert(path, name.clone());
+        }
+    }
+    Ok(())
 }
 
 fn bool_value(v: &str) -> Option<bool> {

@@ -56,22 +56,24 @@ impl Exporter for OciExporter {
     ) -> Result<ExportReport, ExportError> {
         let s = &self.settings;
         let oci = s.oci_mediatypes.unwrap_or(true);
-        // Stored and lazily pulled blobs fetched, then annotated and attested.
-        self.settings.image(cx, result, true)?;
+        // Lazily pulled blobs fetched, then every platform's image annotated and attested.
+        self.settings.fetch_blobs(cx, result)?;
         let published = result.publish(cx.store, oci, &s.names, &s.annotations, true)?;
+        kiln_worker::images::tag_image(cx.store, published.image(), &s.names)?;
         let tmp = scratch_dir(cx.store.root())?;
         let written = write_layout(cx, &published, &s.names, &tmp, &s.dest);
         let _ = fs::remove_dir_all(&tmp);
         written?;
         Ok(ExportReport {
             kind: self.kind().to_owned(),
-            image: Some(published.image),
+            image: published.single_image(),
         })
     }
 }
 
-/// Lays the image (with its index and attestations, when made) out in `tmp` (blobs
-/// hard-linked from the store) and writes it as a tarball.
+/// Lays the image out in `tmp` (blobs hard-linked from the store) and writes it as a
+/// tarball: every platform's image, its attestation manifest, and the index when made, which
+/// `index.json` then names.
 fn write_layout(
     cx: &ExportContext<'_>,
     published: &PublishedImage,
@@ -79,20 +81,27 @@ fn write_layout(
     tmp: &Path,
     dest: &Path,
 ) -> Result<(), ExportError> {
-    let image = &published.image;
     let layout = OciLayout::create(tmp.join("layout"))?;
-    let attestation = published.attestation.iter().flat_map(|a| {
-        std::iter::once(&a.manifest.digest).chain(a.blobs.iter().map(|(d, _)| &d.digest))
+    let images = published.parts.iter().flat_map(|p| {
+        let image = &p.image;
+        std::iter::once(&image.manifest.digest)
+            .chain(std::iter::once(&image.config.digest))
+            .chain(image.layers.iter().map(|l| &l.blob.digest))
     });
-    let digests = std::iter::once(&image.manifest.digest)
-        .chain(std::iter::once(&image.config.digest))
-        .chain(image.layers.iter().map(|l| &l.blob.digest))
+    let attestation = published
+        .parts
+        .iter()
+        .filter_map(|p| p.attestation.as_ref())
+        .flat_map(|a| {
+            std::iter::once(&a.manifest.digest).chain(a.blobs.iter().map(|(d, _)| &d.digest))
+        });
+    let digests = images
         .chain(attestation)
         .chain(published.index.iter().map(|i| &i.digest));
     for d in digests {
         let to = layout.blob_path(d);
-        // An image may list one layer twice (two steps that made the same bytes): the blob is
-        // in the layout once. Copying onto the existing name would truncate the store's own
+        // An image may list one layer twice (two steps that made the same bytes), and two
+        // platforms may share a layer: the blob is in the layout once. Copying onto the existing name would truncate the store's own
         // blob, which that name is a hard link to.
         if to.exists() {
             continue;

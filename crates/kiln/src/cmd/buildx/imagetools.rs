@@ -24,18 +24,14 @@ use serde_json::{json, Value};
 
 use crate::Globals;
 
-/// The annotation that marks an attestation manifest in an index.
-const REFERENCE_TYPE: &str = "vnd.docker.reference.type";
-/// The annotation naming the image manifest an attestation manifest is about.
-const REFERENCE_DIGEST: &str = "vnd.docker.reference.digest";
-/// [`REFERENCE_TYPE`]'s value for attestation manifests.
-const ATTESTATION_MANIFEST: &str = "attestation-manifest";
-/// The layer annotation with an in-toto statement's predicate type.
-const PREDICATE_TYPE: &str = "in-toto.io/predicate-type";
-/// Predicate types of SLSA provenance start with this.
+use kiln_build::attest::sbom::PREDICATE_TYPE as SPDX_TYPE;
+use kiln_build::attest::{
+    ATTESTATION_MANIFEST, PREDICATE_TYPE_ANNOTATION as PREDICATE_TYPE,
+    REFERENCE_DIGEST_ANNOTATION as REFERENCE_DIGEST, REFERENCE_TYPE_ANNOTATION as REFERENCE_TYPE,
+};
+
+/// Predicate types of SLSA provenance start with this (any version kiln or BuildKit writes).
 const SLSA_PREFIX: &str = "https://slsa.dev/provenance/";
-/// The predicate type of an SPDX SBOM.
-const SPDX_TYPE: &str = "https://spdx.dev/Document";
 
 /// Arguments of `docker buildx imagetools`.
 #[derive(clap::Args, Debug)]
