@@ -92,6 +92,10 @@ impl Setup {
 /// image removed after); what it printed.
 fn podman_run_arch(image: &str, arch: &str) -> String {
     let conf = common::podman_conf();
+    // One podman at a time: one test's `rmi` must not meet another's pull of an image
+    // sharing its layers.
+    static PODMAN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = PODMAN.lock().unwrap_or_else(|p| p.into_inner());
     let run = Command::new("podman")
         .args(["run", "--rm", "--network=none", "--tls-verify=false"])
         .args(["--arch", arch, image])
@@ -336,48 +340,103 @@ fn one_foreign_platform_runs_its_steps_under_emulation() {
     );
 }
 
-#[test]
-fn missing_emulator_fails_before_any_step_with_the_fix() {
-    let s = setup();
-    let ctx = s.context("missing", &cross_dockerfile(&s.base));
-    // An empty directory where binfmt_misc should be: nothing mounted, no handler.
-    let binfmt = s.path("no-binfmt");
-    std::fs::create_dir_all(&binfmt).unwrap();
-    let (out, _) = s.build_raw(
-        "runner",
-        &ctx,
-        &["--platform", "linux/amd64,linux/arm64"],
-        &[("KILN_BINFMT_DIR", &binfmt)],
-    );
+/// A directory laid out like a mounted binfmt_misc (`status`, `register`), holding the
+/// qemu-aarch64 handler with `flags` when given.
+fn fake_binfmt(dir: &Path, aarch64_flags: Option<&str>) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("status"), "enabled\n").unwrap();
+    std::fs::write(dir.join("register"), "").unwrap();
+    if let Some(flags) = aarch64_flags {
+        let text = "enabled\ninterpreter /usr/libexec/qemu-binfmt/aarch64-binfmt-P\n".to_owned()
+            + &format!("flags: {flags}\noffset 0\n")
+            + "magic 7f454c460201010000000000000000000200b700\n"
+            + "mask ffffffffffffff00fffffffffffffffffeffffff\n";
+        std::fs::write(dir.join("qemu-aarch64"), text).unwrap();
+    }
+    dir.to_path_buf()
+}
+
+/// Asserts a build failed before any step was cached or started, naming linux/arm64 and
+/// printing every one of `fixes`.
+#[track_caller]
+fn assert_refused_before_steps(out: &Output, fixes: &[&str]) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the build passed:\n{stderr}");
     assert!(stderr.contains("linux/arm64"), "{stderr}");
-    assert!(
-        stderr.contains(&format!(
-            "mount -t binfmt_misc binfmt_misc {}",
-            binfmt.display()
-        )),
-        "no fix in:\n{stderr}"
-    );
-    assert!(
-        stderr.contains("apt-get install qemu-user-static"),
-        "{stderr}"
-    );
+    for fix in fixes {
+        assert!(stderr.contains(fix), "no `{fix}` in:\n{stderr}");
+    }
     let stepped: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains("\"event\":\"started\"") || l.contains("\"event\":\"cached\""))
         .collect();
     assert!(stepped.is_empty(), "steps ran: {stepped:?}\n{stderr}");
+}
 
+#[test]
+fn missing_emulator_fails_before_any_step_with_the_fix() {
+    let s = setup();
+    let ctx = s.context("missing", &cross_dockerfile(&s.base));
+    let two = ["--platform", "linux/amd64,linux/arm64"];
+
+    // The arm64 handler unregistered (binfmt_misc mounted, no qemu-aarch64).
+    let no_handler = fake_binfmt(&s.path("no-handler"), None);
+    let (out, _) = s.build_raw("runner", &ctx, &two, &[("KILN_BINFMT_DIR", &no_handler)]);
+    assert_refused_before_steps(
+        &out,
+        &[
+            "apt-get install qemu-user-static",
+            "/usr/lib/binfmt.d/qemu-aarch64.conf",
+        ],
+    );
+
+    // No binfmt_misc at all (an empty directory where it should be mounted).
+    let unmounted = s.path("unmounted");
+    std::fs::create_dir_all(&unmounted).unwrap();
+    let mount = format!("mount -t binfmt_misc binfmt_misc {}", unmounted.display());
+    let (out, _) = s.build_raw("runner", &ctx, &two, &[("KILN_BINFMT_DIR", &unmounted)]);
+    assert_refused_before_steps(&out, &[&mount, "apt-get install qemu-user-static"]);
     // The same for one foreign platform alone.
     let (out, _) = s.build_raw(
         "runner",
         &ctx,
         &["--platform", "linux/arm64"],
-        &[("KILN_BINFMT_DIR", &binfmt)],
+        &[("KILN_BINFMT_DIR", &unmounted)],
     );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the build passed:\n{stderr}");
-    assert!(stderr.contains("mount -t binfmt_misc"), "{stderr}");
-    assert!(!stderr.contains("\"event\":\"started\""), "{stderr}");
+    assert_refused_before_steps(&out, &[&mount]);
+
+    // Registered without F: the emulator would have to be inside each step's root.
+    let no_f = fake_binfmt(&s.path("no-f"), Some("PO"));
+    let (out, _) = s.build_raw("runner", &ctx, &two, &[("KILN_BINFMT_DIR", &no_f)]);
+    assert_refused_before_steps(&out, &["F (fix-binary)", "echo -1 >"]);
+
+    // A target stage without RUN (only the native stage runs anything) needs no emulator.
+    let thin = s.context(
+        "thin",
+        &format!(
+            "FROM --platform=$BUILDPLATFORM {0} AS builder\n\
+             RUN mkdir /out && for a in amd64 arm64; do echo $a > /out/$a; done\n\
+             FROM {0}\nARG TARGETARCH\nCOPY --from=builder /out/$TARGETARCH /arch\n",
+            s.base
+        ),
+    );
+    let (out, meta) = s.build_raw(
+        "runner-thin",
+        &thin,
+        &[
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "-o",
+            &format!("type=image,name={}/app/thin:1,push=true", s.reg.addr),
+        ],
+        &[("KILN_BINFMT_DIR", &unmounted)],
+    );
+    Build::from(out, &meta);
+    assert_eq!(
+        index_platforms(&skopeo_inspect(
+            &format!("{}/app/thin:1", s.reg.addr),
+            &["--raw"]
+        )),
+        [linux("amd64"), linux("arm64")]
+    );
 }
