@@ -25,8 +25,12 @@ impl<F: Fn(BuildEvent) + Send + Sync> EventSink for F {
 pub struct StepName {
     /// `[stage n/m] INSTRUCTION`.
     pub description: String,
-    /// The stage the step belongs to, if any.
+    /// The stage the step belongs to, if any; in a build of several platforms, with the
+    /// platform it builds for (`linux/arm64 builder`), so each stage and platform is a lane.
     pub stage: Option<String>,
+    /// The platform the step builds for (`linux/arm64`); `Some` only when the build has
+    /// several target platforms (the description then starts `[linux/arm64 builder 3/5]`).
+    pub platform: Option<String>,
 }
 
 /// How one step ended, for summaries and the metadata file (`kiln.steps`).

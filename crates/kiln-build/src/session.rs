@@ -362,26 +362,18 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
             .unwrap_or_else(|| format!("stage-{}", t.index))
     };
     let recorder = Arc::new(Recorder::new(&target_name, req.command_line.clone()));
-    for (i, v) in planned.graph.vertices.iter().enumerate() {
+    let names = step_names(&planned);
+    for (i, (v, name)) in planned.graph.vertices.iter().zip(&names).enumerate() {
         recorder.declare_step(
             i,
             StepInfo {
                 description: v.meta.description.clone(),
-                stage: v.meta.stage.clone().unwrap_or_default(),
+                stage: name.stage.clone().unwrap_or_default(),
                 depends_on: v.inputs.iter().map(|x| x.index()).collect(),
                 inputs: Default::default(),
             },
         );
     }
-    let names: Vec<StepName> = planned
-        .graph
-        .vertices
-        .iter()
-        .map(|v| StepName {
-            description: v.meta.description.clone(),
-            stage: v.meta.stage.clone(),
-        })
-        .collect();
     events.event(BuildEvent::Planned {
         steps: names.clone(),
     });
@@ -509,6 +501,31 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         image_index,
         build_ref,
     })
+}
+
+/// Every step's name, by step index. With several target platforms each step names the
+/// platform it builds for, and its stage lane is `PLATFORM STAGE` (a shared source keeps
+/// its plain name).
+fn step_names(planned: &kiln_worker::build::PlannedBuild) -> Vec<StepName> {
+    let several = planned.platforms.len() > 1;
+    planned
+        .graph
+        .vertices
+        .iter()
+        .zip(&planned.step_platforms)
+        .map(|(v, p)| {
+            let platform = p.as_ref().filter(|_| several).map(|p| p.to_string());
+            let stage = match (&platform, &v.meta.stage) {
+                (Some(p), Some(s)) => Some(format!("{p} {s}")),
+                (_, s) => s.clone(),
+            };
+            StepName {
+                description: v.meta.description.clone(),
+                stage,
+                platform,
+            }
+        })
+        .collect()
 }
 
 /// What the cache backends of `req` work with; their warnings go to `warnings`.

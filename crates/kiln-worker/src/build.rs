@@ -15,6 +15,7 @@ use kiln_store::Store;
 
 use crate::engine::{solver_graph, ContextFilterFactory, Rootfs, Value, Worker, WorkerConfig};
 use crate::error::WorkerError;
+use crate::platform_graph::{join_platform_graphs, JoinedGraph, PlatformView};
 use crate::provider::{BaseImage, ImageProvider};
 
 /// Why a build failed before or while solving.
@@ -35,6 +36,17 @@ pub enum BuildError {
     /// An `--ssh` agent could not be reached or started.
     #[error(transparent)]
     Ssh(#[from] crate::ssh::SshError),
+    /// RUN steps of a platform this machine can neither run natively nor emulate; checked
+    /// before any step runs. `fix` is the exact command that makes it runnable.
+    #[error("cannot run RUN steps for {platform} ({step}): {fix}")]
+    Emulation {
+        /// The platform, e.g. `linux/arm64`.
+        platform: String,
+        /// The first step that needs it, e.g. `[linux/arm64 stage-1 2/3] RUN uname -m`.
+        step: String,
+        /// What to run to make the platform runnable (from `kiln debug platforms`' probe).
+        fix: String,
+    },
 }
 
 /// Resolves each base image once per build and serves both the frontend (configs) and the
@@ -110,19 +122,41 @@ pub struct BuildInputs<'a> {
 
 /// A lowered build, ready to solve.
 pub struct PlannedBuild {
-    /// The build graph.
+    /// The build graph: every target platform's steps joined (shared steps once), with the
+    /// first platform's stages and target.
     pub graph: Arc<BuildGraph>,
+    /// Each target platform's view of `graph`, in request order (one for a single-platform
+    /// build; the host's when no platform was asked for).
+    pub platforms: Vec<PlatformView>,
+    /// By vertex index: the platform a step builds for (`None` for shared sources).
+    pub step_platforms: Vec<Option<Platform>>,
     worker: Worker,
     images: Arc<ResolvedImages>,
     options: SolverOptions,
 }
 
+/// One target platform's result.
+pub struct SolvedPlatform {
+    /// The target platform.
+    pub platform: Platform,
+    /// The joined build graph with this platform's stages and target.
+    pub graph: Arc<BuildGraph>,
+    /// This platform's target stage root filesystem (`None` for an empty `FROM scratch`).
+    pub rootfs: Option<Arc<Rootfs>>,
+}
+
 /// The result of a solved build.
 pub struct SolvedBuild {
-    /// The build graph.
+    /// The build graph (the first platform's view: every platform's steps, the first
+    /// platform's stages and target).
     pub graph: Arc<BuildGraph>,
-    /// The target stage's root filesystem (`None` for an empty `FROM scratch` stage).
+    /// The first platform's target stage root filesystem (`None` for an empty `FROM scratch`
+    /// stage).
     pub rootfs: Option<Arc<Rootfs>>,
+    /// Every target platform's result, in request order (`platforms[0]` is `graph`/`rootfs`).
+    pub platforms: Vec<SolvedPlatform>,
+    /// By vertex index: the platform a step builds for (`None` for shared sources).
+    pub step_platforms: Vec<Option<Platform>>,
     /// The worker, for exporters that need snapshots or blobs.
     pub worker: Worker,
     /// The solver, for cache keys of steps a hit made unnecessary (cache export).
@@ -136,12 +170,29 @@ pub fn plan_build(
     inputs: BuildInputs<'_>,
 ) -> Result<PlannedBuild, BuildError> {
     let images = Arc::new(ResolvedImages::new(inputs.images));
-    let graph = kiln_graph::lower(
-        inputs.dockerfile,
-        opts,
-        inputs.dockerignore,
-        images.as_ref(),
-    )?;
+    let targets = if opts.platforms.is_empty() {
+        vec![Platform::host()]
+    } else {
+        opts.platforms.clone()
+    };
+    // Lowered once per target platform (each with its own TARGET* args), then joined.
+    let mut lowered = Vec::with_capacity(targets.len());
+    for platform in targets {
+        let mut one = opts.clone();
+        one.platforms = vec![platform.clone()];
+        let graph = kiln_graph::lower(
+            inputs.dockerfile,
+            &one,
+            inputs.dockerignore,
+            images.as_ref(),
+        )?;
+        lowered.push((platform, graph));
+    }
+    let joined = join_platform_graphs(lowered);
+    check_emulation(&joined, &kiln_exec::platforms::platform_support())?;
+    let step_platforms = joined.step_platforms;
+    let platforms = joined.platforms;
+    let graph = platforms[0].graph.clone();
 
     let mut locals: BTreeMap<String, PathBuf> = opts.locals.clone();
     locals.insert("context".into(), opts.context.clone());
@@ -226,11 +277,38 @@ pub fn plan_build(
         no_cache,
     };
     Ok(PlannedBuild {
-        graph: Arc::new(graph),
+        graph,
+        platforms,
+        step_platforms,
         worker,
         images,
         options,
     })
+}
+
+/// Refuses a build with RUN steps for a platform `support` says cannot run here (neither
+/// native nor emulated by a registered binfmt_misc handler), before any step runs.
+pub fn check_emulation(
+    joined: &JoinedGraph,
+    support: &kiln_exec::platforms::PlatformSupport,
+) -> Result<(), BuildError> {
+    let mut checked: HashSet<String> = HashSet::new();
+    for (v, platform) in joined.vertices().iter().zip(&joined.step_platforms) {
+        let (kiln_graph::Op::Exec(_), Some(platform)) = (&v.op, platform) else {
+            continue;
+        };
+        if !checked.insert(platform.to_string()) {
+            continue;
+        }
+        if let Err(fix) = support.can_run(platform) {
+            return Err(BuildError::Emulation {
+                platform: platform.to_string(),
+                step: v.meta.description.clone(),
+                fix,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a `--ulimit` whose hard limit is above kiln's own: a step cannot get more than
@@ -282,21 +360,39 @@ impl PlannedBuild {
         let graph = solver_graph(&self.graph)?;
         let solver = Solver::new(Arc::new(self.worker.clone()), graph, self.options, events);
         on_solver(&solver);
-        let rootfs = match self.graph.target_stage().root {
-            Some(root) => match solver.solve(root.index()).await? {
-                Value::Fs(fs) => Some(fs),
-                Value::Context(_) => {
-                    return Err(
-                        WorkerError::Internal("target stage is a local context".into()).into(),
-                    )
+        // Every platform's target at once: steps they share run once, the rest in parallel.
+        let targets = self.platforms.iter().map(|view| {
+            let solver = solver.clone();
+            let root = view.graph.target_stage().root;
+            async move {
+                let Some(root) = root else {
+                    return Ok(None);
+                };
+                match solver.solve(root.index()).await? {
+                    Value::Fs(fs) => Ok(Some(fs)),
+                    Value::Context(_) => Err(BuildError::from(WorkerError::Internal(
+                        "target stage is a local context".into(),
+                    ))),
                 }
-            },
-            None => None,
-        };
+            }
+        });
+        let roots: Vec<Option<Arc<Rootfs>>> = futures::future::try_join_all(targets).await?;
         drop(self.images);
+        let platforms: Vec<SolvedPlatform> = self
+            .platforms
+            .into_iter()
+            .zip(roots)
+            .map(|(view, rootfs)| SolvedPlatform {
+                platform: view.platform,
+                graph: view.graph,
+                rootfs,
+            })
+            .collect();
         Ok(SolvedBuild {
             graph: self.graph,
-            rootfs,
+            rootfs: platforms.first().and_then(|p| p.rootfs.clone()),
+            platforms,
+            step_platforms: self.step_platforms,
             worker: self.worker,
             solver,
         })

@@ -9,6 +9,7 @@ pub mod error;
 pub mod fileop;
 pub mod image;
 pub mod images;
+pub mod platform_graph;
 pub mod provider;
 pub mod registry;
 pub mod remote;

@@ -8,8 +8,8 @@ use kiln_worker::build::SolvedBuild;
 use kiln_worker::engine::WorkerError;
 use kiln_worker::image::Layer;
 
-/// Which steps a cache export covers: `max` every step of the build, `min` only those whose
-/// layers make up the exported image.
+/// Which steps a cache export covers: `max` every step of the build (of every target
+/// platform), `min` only those whose layers make up the exported image (each platform's).
 pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph, WorkerError> {
     let graph = &solved.graph;
     let mut nodes: Vec<usize> = Vec::new();
@@ -28,26 +28,17 @@ pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph,
                 .map(|(i, _)| i),
         );
     } else {
-        // Follow the target's root filesystem down its chain of steps.
-        let mut cur = graph.target_stage().root.map(|r| r.index());
-        while let Some(n) = cur {
-            let v = &graph.vertices[n];
-            let base = match (&v.op, v.op.layer_base()) {
-                (_, Some(base)) => base,
-                // `COPY --link`: the stage below, and the copy's own record, which is what
-                // a runner with a changed base hits.
-                (Op::Merge(_), None) => {
-                    nodes.extend(v.inputs.iter().skip(1).map(|id| id.index()));
-                    Some(0)
-                }
-                _ => break,
-            };
-            nodes.push(n);
-            cur = base
-                .and_then(|i| v.inputs.get(i as usize))
-                .map(|id| id.index());
+        // Follow each target platform's root filesystem down its chain of steps.
+        let roots = solved
+            .platforms
+            .iter()
+            .filter_map(|p| p.graph.target_stage().root.map(|r| r.index()));
+        for root in roots {
+            image_chain(graph, root, &mut nodes);
         }
     }
+    let mut seen = std::collections::HashSet::new();
+    nodes.retain(|n| seen.insert(*n));
     let mut out = CacheGraph::new();
     for n in nodes {
         let key = solved
@@ -60,6 +51,28 @@ pub async fn export_graph(solved: &SolvedBuild, max: bool) -> Result<CacheGraph,
         }
     }
     Ok(out)
+}
+
+/// Adds the steps whose layers make up the image whose root filesystem is vertex `root`.
+fn image_chain(graph: &kiln_graph::BuildGraph, root: usize, nodes: &mut Vec<usize>) {
+    let mut cur = Some(root);
+    while let Some(n) = cur {
+        let v = &graph.vertices[n];
+        let base = match (&v.op, v.op.layer_base()) {
+            (_, Some(base)) => base,
+            // `COPY --link`: the stage below, and the copy's own record, which is what a
+            // runner with a changed base hits.
+            (Op::Merge(_), None) => {
+                nodes.extend(v.inputs.iter().skip(1).map(|id| id.index()));
+                Some(0)
+            }
+            _ => break,
+        };
+        nodes.push(n);
+        cur = base
+            .and_then(|i| v.inputs.get(i as usize))
+            .map(|id| id.index());
+    }
 }
 
 /// Adds the contents of the build's cache mounts (`RUN --mount=type=cache`) to `out`, each as

@@ -506,7 +506,6 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    refuse_several_platforms(&opts)?;
     let progress = Progress::new(opts.progress);
     for warning in exports.warnings {
         progress.event(BuildEvent::Warning(warning));
@@ -545,21 +544,6 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
         )),
         Err(BuildFailure::Session(e)) => Err((*e).into()),
     }
-}
-
-/// A build makes one image for one platform: several `--platform`s would silently push
-/// only the first, so they are refused (subrequests and dry runs answer for the first).
-fn refuse_several_platforms(opts: &BuildOptions) -> anyhow::Result<()> {
-    if opts.platforms.len() > 1 {
-        let list: Vec<String> = opts.platforms.iter().map(|p| p.to_string()).collect();
-        anyhow::bail!(
-            "invalid value {:?} for --platform: kiln builds one platform per build; run one \
-             build per platform (e.g. push each by digest) and join them into one index with \
-             `docker buildx imagetools create`",
-            list.join(",")
-        );
-    }
-    Ok(())
 }
 
 /// How a shell names an interruption, and the exit code it reports for it (128 + signal).
