@@ -139,8 +139,9 @@ fn linux(arch: &str) -> (String, String) {
 }
 
 /// The cross-compilation pattern: a native builder stage writes an output per target
-/// architecture (and a nonce, and the machine it ran on); the target stage copies its
-/// architecture's output and runs `uname -m` (emulated for arm64).
+/// architecture (and a nonce, and the machine it ran on); the target stage (its first RUN
+/// changed by the build arg `VERSION`) copies its architecture's output and runs `uname -m`
+/// (emulated for arm64).
 fn cross_dockerfile(base: &str) -> String {
     format!(
         "FROM --platform=$BUILDPLATFORM {base} AS builder\n\
@@ -149,6 +150,8 @@ fn cross_dockerfile(base: &str) -> String {
          \n\
          FROM {base}\n\
          ARG TARGETARCH\n\
+         ARG VERSION=1\n\
+         RUN echo \"$VERSION\" > /version\n\
          COPY --from=builder /out/nonce /out/built-on /\n\
          COPY --from=builder /out/hello-$TARGETARCH /hello\n\
          RUN uname -m > /run-arch\n\
@@ -266,21 +269,33 @@ fn two_platforms_push_one_index_and_the_cache_serves_every_platform() {
         second.meta["kiln.steps"]
     );
 
-    // Later, one platform on another fresh runner: the shared native stage and the arm64
-    // stage are hits from the same cache ref.
+    // Later, arm64 alone on another fresh runner, its target stage changed (a new
+    // VERSION): the target stage runs again, the shared native stage is a hit from the
+    // same cache ref.
     let third = s.build(
         "runner-3",
         &ctx,
         &[
             "--platform",
             "linux/arm64",
+            "--opt",
+            "build-arg:VERSION=2",
             "-o",
             &format!("type=image,name={}/app/cross:arm64,push=true", s.reg.addr),
             "--import-cache",
             &import,
         ],
     );
-    assert_eq!(third.ran(), Vec::<String>::new(), "{}", third.stderr());
+    assert!(
+        !steps_with(&third, "run", "RUN echo \"$VERSION\"").is_empty(),
+        "the changed step did not run: {}",
+        third.meta["kiln.steps"]
+    );
+    assert!(
+        steps_with(&third, "run", "RUN mkdir /out").is_empty(),
+        "the shared stage ran again: {}",
+        third.meta["kiln.steps"]
+    );
     assert_eq!(
         steps_with(&third, "cached", "RUN mkdir /out").len(),
         1,
