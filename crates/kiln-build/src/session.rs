@@ -23,9 +23,10 @@ use kiln_worker::images::StoredImage;
 use kiln_worker::registry::RegistryImages;
 use serde_json::json;
 
+use crate::attest::Predicates;
 use crate::cache::{CacheBackend, CacheContext, CacheError, ImportedCacheRef, InlineCache};
 use crate::events::{BuildEvent, EventSink, StepName, StepOutcome};
-use crate::export::{BuildResult, ExportContext, ImageRecipe};
+use crate::export::{BuildResult, ExportContext, ImageRecipe, PlatformPart};
 use crate::request::BuildRequest;
 
 /// The signal (or the user's wish) that cancels a build.
@@ -132,7 +133,8 @@ impl CancelHandle {
 
 /// What a successful build made.
 pub struct BuildOutcome {
-    /// The image made, when an output makes one (the last such output's).
+    /// The image made, when an output makes one (the last such output's); `None` for a
+    /// build of several platforms, whose outputs make an index (`image_index`).
     pub image: Option<StoredImage>,
     /// The target stage's name (`stage-N` for an unnamed one).
     pub target: String,
@@ -142,8 +144,8 @@ pub struct BuildOutcome {
     pub bytes_downloaded: u64,
     /// Registry bytes uploaded by this build.
     pub bytes_uploaded: u64,
-    /// The image index an output made (attestations, index annotations): what was pushed or
-    /// written under the image's names, in place of the image manifest.
+    /// The image index an output made (several platforms, attestations, index annotations):
+    /// what was pushed or written under the image's names, in place of the image manifest.
     pub image_index: Option<kiln_oci::Descriptor>,
     /// The build's reference as buildx names it (`kiln/kiln0/<build id>`), also written to
     /// the metadata file as `buildx.build.ref`.
@@ -152,9 +154,10 @@ pub struct BuildOutcome {
 
 impl BuildOutcome {
     /// The image ID as buildx's `-q` and `--iidfile` give it: the config digest of the image
-    /// made, `None` when no output made one.
+    /// made; for a build of several platforms, which has no one config, the index digest (as
+    /// buildx falls back to `containerimage.digest`); `None` when no output made an image.
     pub fn image_id(&self) -> Option<String> {
-        self.image.as_ref().map(image_id)
+        outcome_image_id(self.image.as_ref(), self.image_index.as_ref())
     }
 }
 
@@ -163,6 +166,18 @@ impl BuildOutcome {
 /// single-platform image).
 fn image_id(image: &StoredImage) -> String {
     image.config.digest.to_string()
+}
+
+/// [`BuildOutcome::image_id`] of what the outputs made.
+fn outcome_image_id(
+    image: Option<&StoredImage>,
+    index: Option<&kiln_oci::Descriptor>,
+) -> Option<String> {
+    match (image, index) {
+        (Some(img), _) => Some(image_id(img)),
+        (None, Some(index)) => Some(index.digest.to_string()),
+        (None, None) => None,
+    }
 }
 
 /// The builder and node names in `buildx.build.ref` (kiln has one builder, one node).
@@ -444,7 +459,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     let steps = tracker.outcomes();
     let build_ref = format!("{BUILD_REF_PREFIX}/{}", recorder.id());
     if let Some(path) = &req.iidfile {
-        let id = image.as_ref().map(image_id).unwrap_or_default();
+        let id = outcome_image_id(image.as_ref(), image_index.as_ref()).unwrap_or_default();
         crate::export::write_file_atomic(path, id.as_bytes()).map_err(|e| {
             SessionError::Iidfile {
                 path: path.clone(),
@@ -475,8 +490,13 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
     }
     recorder.add_bytes_downloaded(bytes_downloaded);
     recorder.add_bytes_uploaded(bytes_uploaded);
-    if let Some(img) = &image {
-        recorder.set_image_digest(&img.manifest.digest.to_string());
+    let made_digest = match (&image_index, &image) {
+        (Some(index), None) => Some(index.digest.to_string()),
+        (_, Some(img)) => Some(img.manifest.digest.to_string()),
+        (None, None) => None,
+    };
+    if let Some(d) = &made_digest {
+        recorder.set_image_digest(d);
     }
     save_history(req, events, &recorder, Ok(()), false);
     let target = {
@@ -490,7 +510,7 @@ pub fn run(request: BuildRequest, events: &dyn EventSink) -> Result<BuildOutcome
         steps: steps.clone(),
         bytes_downloaded,
         bytes_uploaded,
-        image_digest: image.as_ref().map(|i| i.manifest.digest.to_string()),
+        image_digest: made_digest,
     });
     Ok(BuildOutcome {
         image,
@@ -612,11 +632,7 @@ fn inline_cache_fields(
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
     let implied = InlineCache::default();
-    let inline_build_arg = req
-        .options
-        .build_args
-        .get("BUILDKIT_INLINE_CACHE")
-        .is_some_and(|v| v == "1" || v == "true");
+    let inline_build_arg = inline_build_arg(req);
     let carriers = req
         .cache_exports
         .iter()
@@ -634,6 +650,23 @@ fn inline_cache_fields(
         }
     }
     Ok(BTreeMap::new())
+}
+
+/// Whether `BUILDKIT_INLINE_CACHE=1` (or `true`) asks for the inline cache.
+fn inline_build_arg(req: &BuildRequest) -> bool {
+    req.options
+        .build_args
+        .get("BUILDKIT_INLINE_CACHE")
+        .is_some_and(|v| v == "1" || v == "true")
+}
+
+/// Whether the build asks for an inline cache (`--export-cache type=inline` or the build arg).
+fn wants_inline_cache(req: &BuildRequest) -> bool {
+    inline_build_arg(req)
+        || req
+            .cache_exports
+            .iter()
+            .any(|e| e.backend.name() == "inline")
 }
 
 /// Writes every cache export (blocking on `runtime`). With `ignore-error=true` a failure is
@@ -858,9 +891,21 @@ fn export_outputs(
     client: &RegistryClient,
     started: i64,
 ) -> anyhow::Result<(Option<StoredImage>, Option<kiln_oci::Descriptor>)> {
-    let rootfs = solved.rootfs.as_deref();
-    let result = if req.exporters.iter().any(|e| e.makes_image()) {
-        let config = &solved.graph.target_stage().config;
+    let several = solved.platforms.len() > 1;
+    let makes_image = req.exporters.iter().any(|e| e.makes_image());
+    let mut parts = Vec::with_capacity(solved.platforms.len());
+    let mut platform_predicates = Vec::new();
+    for part in &solved.platforms {
+        let rootfs = part.rootfs.as_deref();
+        if !makes_image {
+            parts.push(PlatformPart {
+                platform: part.platform.clone(),
+                rootfs,
+                recipe: None,
+            });
+            continue;
+        }
+        let config = &part.graph.target_stage().config;
         let mut recipe = ImageRecipe::for_result(&solved.worker, rootfs, config, sde)?;
         // `force-compression=true`: the base image's layers too, before anything is stored.
         if let (Some(fs), Some(e)) = (
@@ -876,13 +921,35 @@ fn export_outputs(
                 .map_err(crate::export::ExportError::from)?;
         }
         // `--export-cache type=inline`: the cache goes into the config, before the image is
-        // stored or pushed.
-        let fields = inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?;
-        let predicates = attestation_predicates(req, events, solved, sde, started)?;
-        BuildResult::with_image(rootfs, recipe.with_config_fields(fields))
-            .with_attachments(req.annotations.clone(), predicates)
+        // stored or pushed. It describes one image: a build of several platforms has none.
+        let fields = if several {
+            BTreeMap::new()
+        } else {
+            inline_cache_fields(req, events, cache_cx, solved, &recipe.layers, runtime)?
+        };
+        platform_predicates.push(attestation_predicates(
+            req, events, solved, part, sde, started,
+        )?);
+        parts.push(PlatformPart {
+            platform: part.platform.clone(),
+            rootfs,
+            recipe: Some(recipe.with_config_fields(fields)),
+        });
+    }
+    if several && makes_image && wants_inline_cache(req) {
+        events.event(BuildEvent::Warning(
+            "the inline cache describes one image: a build of several platforms writes none; \
+             export a registry cache (--export-cache type=registry,ref=...) instead"
+                .to_owned(),
+        ));
+    }
+    let result = BuildResult::for_platforms(parts);
+    let result = if makes_image {
+        result
+            .with_attachments(req.annotations.clone(), Predicates::default())
+            .with_platform_predicates(platform_predicates)
     } else {
-        BuildResult::new(rootfs)
+        result
     };
     let cx = ExportContext {
         store,
@@ -921,6 +988,7 @@ fn attestation_predicates(
     req: &BuildRequest,
     events: &dyn EventSink,
     solved: &SolvedBuild,
+    part: &kiln_worker::build::SolvedPlatform,
     sde: Option<i64>,
     started: i64,
 ) -> anyhow::Result<crate::attest::Predicates> {
@@ -946,17 +1014,18 @@ fn attestation_predicates(
         None => (stamp(started), stamp(unix_now())),
     };
     let target = {
-        let t = solved.graph.target_stage();
+        let t = part.graph.target_stage();
         t.name
             .clone()
             .unwrap_or_else(|| format!("stage-{}", t.index))
     };
-    let platform = req
-        .options
-        .platforms
-        .first()
-        .cloned()
-        .unwrap_or_else(kiln_oci::Platform::host);
+    let platform = part.platform.clone();
+    // The platform's own steps, as if it had been built alone.
+    let graph = if solved.platforms.len() > 1 {
+        Arc::new(kiln_worker::platform_graph::own_steps(&part.graph))
+    } else {
+        part.graph.clone()
+    };
     let mut out = Predicates::default();
     if let Some(p) = &req.attestations.provenance {
         let locals = ["context", "dockerfile"]
@@ -981,7 +1050,7 @@ fn attestation_predicates(
             labels: &req.options.labels,
             locals,
             platform: platform.clone(),
-            graph: &solved.graph,
+            graph: &graph,
             started: started_on.clone(),
             finished: finished_on,
             invocation_id,
@@ -989,7 +1058,7 @@ fn attestation_predicates(
         }));
     }
     if req.attestations.sbom.is_some() {
-        let packages = crate::export::scan_rootfs(&solved.worker, solved.rootfs.as_deref())?;
+        let packages = crate::export::scan_rootfs(&solved.worker, part.rootfs.as_deref())?;
         out.sbom = Some(sbom::document(&packages, &target, &started_on));
     }
     Ok(out)
