@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Multi-platform build benchmark: `--platform linux/amd64,linux/arm64` on an amd64 machine,
 # the index pushed to a registry, kiln beside BuildKit (buildctl + buildkitd, when on PATH)
-# in the same run, cold (a fresh state dir / a fresh buildkitd root for every build).
+# in the same run. Every build is on a fresh runner (a fresh state dir / buildkitd root):
+# cold, exporting a registry cache (mode=max), then fresh, another runner importing it.
 #
 #   bench/multiplatform/run.sh [REPS]      (default 3; medians are reported)
 #
@@ -127,38 +128,43 @@ TOML
 }
 bk_stop() { [ -n "$BK_PID" ] && kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null; BK_PID=""; }
 
-# ---- one measured build: sets SECS, or fails
+# ---- one measured build: sets SECS, or fails. PHASE cold: a fresh state, exporting the
+# registry cache (mode=max); fresh: another fresh state (a new runner) importing it.
 now() { date +%s.%N; }
 SECS=""
-build() { # TOOL WORKLOAD REP
-  local tool=$1 wl=$2 rep=$3 ctx=$WORK/ctx/$2 image=$REG/bench/mp-$1-$2:$3 t0 t1 rc=0
+build() { # TOOL WORKLOAD REP PHASE
+  local tool=$1 wl=$2 rep=$3 phase=$4 ctx=$WORK/ctx/$2 t0 t1 rc=0
+  local image=$REG/bench/mp-$tool-$wl:$rep-$phase cache=$REG/bench/mp-$tool-$wl-cache:$rep
+  local name=$tool-$wl-$rep-$phase insecure=""
+  [ "$tool" = buildctl ] && insecure=,registry.insecure=true
+  local cachearg=(--export-cache "type=registry,ref=$cache,mode=max$insecure")
+  [ "$phase" = fresh ] && cachearg=(--import-cache "type=registry,ref=$cache$insecure")
   local common=(build --frontend dockerfile.v0 --local "context=$ctx" --local "dockerfile=$ctx"
-    --opt platform=linux/amd64,linux/arm64 --opt "build-arg:BASE=$BASE" --progress plain)
+    --opt platform=linux/amd64,linux/arm64 --opt "build-arg:BASE=$BASE" --progress plain
+    --output "type=image,name=$image,push=true$insecure" "${cachearg[@]}")
   case $tool in
     kiln)
       t0=$(now)
-      "$KILN_BIN" --root "$WORK/kiln-$wl-$rep" "${common[@]}" \
-        --output "type=image,name=$image,push=true" >"$WORK/$tool-$wl-$rep.log" 2>&1 || rc=$?
+      "$KILN_BIN" --root "$WORK/$name" "${common[@]}" >"$WORK/$name.log" 2>&1 || rc=$?
       t1=$(now)
-      rm -rf "$WORK/kiln-$wl-$rep" ;;
+      rm -rf "${WORK:?}/$name" ;;
     buildctl)
-      bk_start "$WORK/bk-$wl-$rep" || { bk_stop; return 1; }
+      bk_start "$WORK/$name" || { bk_stop; return 1; }
       t0=$(now)
-      buildctl "${common[@]}" \
-        --output "type=image,name=$image,push=true,registry.insecure=true" >"$WORK/$tool-$wl-$rep.log" 2>&1 || rc=$?
+      buildctl "${common[@]}" >"$WORK/$name.log" 2>&1 || rc=$?
       t1=$(now)
       bk_stop
-      rm -rf "$WORK/bk-$wl-$rep" ;;
+      rm -rf "${WORK:?}/$name" ;;
   esac
   if [ $rc -ne 0 ]; then
-    echo "$tool $wl #$rep failed: $(tail -n 3 "$WORK/$tool-$wl-$rep.log")" >&2; return 1
+    echo "$name failed: $(tail -n 3 "$WORK/$name.log")" >&2; return 1
   fi
   # The result counts only when it is an index of both platforms.
   local got
   got=$(skopeo inspect --tls-verify=false --raw "docker://$image" |
     jq -r '[.manifests[]? | select(.platform.os != "unknown") | .platform.os + "/" + .platform.architecture] | join(",")')
   if [ "$got" != "linux/amd64,linux/arm64" ]; then
-    echo "$tool $wl #$rep pushed platforms [$got], not linux/amd64,linux/arm64" >&2; return 1
+    echo "$name pushed platforms [$got], not linux/amd64,linux/arm64" >&2; return 1
   fi
   SECS=$(echo "$t1 - $t0" | bc -l)
 }
@@ -168,40 +174,46 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR) print (NR%2) ? a[(NR+1)/2] : (
 TOOLS=(); [ -z "${SKIP_KILN:-}" ] && TOOLS+=(kiln); [ $HAVE_BK = 1 ] && TOOLS+=(buildctl)
 [ ${#TOOLS[@]} -gt 0 ] || { echo "bench/multiplatform: nothing to measure" >&2; exit 1; }
 declare -A TIMES
+SCENARIOS=(emulated/cold emulated/fresh cross/cold cross/fresh)
 for rep in $(seq "$REPS"); do
   for wl in emulated cross; do
     for tool in "${TOOLS[@]}"; do   # interleaved: load on the machine hits both alike
-      if build "$tool" "$wl" "$rep"; then
-        log "$tool $wl #$rep: $SECS s"
-        TIMES[$tool/$wl]+="$SECS "
-      else
-        TIMES[$tool/$wl]+=""
-      fi
+      for phase in cold fresh; do
+        if build "$tool" "$wl" "$rep" "$phase"; then
+          log "$tool $wl $phase #$rep: $SECS s"
+          TIMES[$tool/$wl/$phase]+="$SECS "
+        else
+          TIMES[$tool/$wl/$phase]+=""
+          [ "$phase" = cold ] && break   # nothing to import
+        fi
+      done
     done
   done
 done
+med() { printf '%s\n' ${TIMES[$1]:-} | median; }
 
 : >"$OUT/results.jsonl"
 {
-  printf '%-9s %-9s %10s  %s\n' workload tool median_s runs
-  for wl in emulated cross; do
+  printf '%-15s %-9s %10s  %s\n' scenario tool median_s runs
+  for sc in "${SCENARIOS[@]}"; do
     for tool in "${TOOLS[@]}"; do
-      runs=${TIMES[$tool/$wl]:-}
-      m=$(printf '%s\n' $runs | median)
-      printf '%-9s %-9s %10s  %s\n' "$wl" "$tool" "$([ -n "$m" ] && printf '%.2f' "$m" || echo failed)" "$runs"
-      jq -nc --arg wl "$wl" --arg tool "$tool" --arg m "${m:-}" --arg runs "$runs" --arg reps "$REPS" \
-        '{bench:"multiplatform", workload:$wl, tool:$tool, median_s:($m|tonumber? // null),
-          runs:($runs|split(" ")|map(select(.!="")|tonumber)), reps:($reps|tonumber)}' >>"$OUT/results.jsonl"
+      runs=${TIMES[$tool/$sc]:-}
+      m=$(med "$tool/$sc")
+      printf '%-15s %-9s %10s  %s\n' "$sc" "$tool" "$([ -n "$m" ] && printf '%.2f' "$m" || echo failed)" "$runs"
+      jq -nc --arg sc "$sc" --arg tool "$tool" --arg m "${m:-}" --arg runs "$runs" --arg reps "$REPS" \
+        '{bench:"multiplatform", workload:($sc|split("/")[0]), phase:($sc|split("/")[1]), tool:$tool,
+          median_s:($m|tonumber? // null), runs:($runs|split(" ")|map(select(.!="")|tonumber)),
+          reps:($reps|tonumber)}' >>"$OUT/results.jsonl"
     done
   done
-  if [ $HAVE_BK = 1 ]; then
-    for wl in emulated cross; do
-      k=$(printf '%s\n' ${TIMES[kiln/$wl]:-} | median); b=$(printf '%s\n' ${TIMES[buildctl/$wl]:-} | median)
-      [ -n "$k" ] && [ -n "$b" ] && printf '%-9s kiln/buildctl %.2f\n' "$wl" "$(echo "$k / $b" | bc -l)"
+  if [ $HAVE_BK = 1 ] && [ -z "${SKIP_KILN:-}" ]; then
+    for sc in "${SCENARIOS[@]}"; do
+      k=$(med "kiln/$sc"); b=$(med "buildctl/$sc")
+      [ -n "$k" ] && [ -n "$b" ] && printf '%-15s kiln/buildctl %.2f\n' "$sc" "$(echo "$k / $b" | bc -l)"
     done
   fi
   for tool in "${TOOLS[@]}"; do
-    e=$(printf '%s\n' ${TIMES[$tool/emulated]:-} | median); c=$(printf '%s\n' ${TIMES[$tool/cross]:-} | median)
-    [ -n "$e" ] && [ -n "$c" ] && printf '%-9s cross/emulated %.2f\n' "$tool" "$(echo "$c / $e" | bc -l)"
+    e=$(med "$tool/emulated/cold"); c=$(med "$tool/cross/cold")
+    [ -n "$e" ] && [ -n "$c" ] && printf '%-9s cold cross/emulated %.2f\n' "$tool" "$(echo "$c / $e" | bc -l)"
   done
 } | tee "$OUT/table.txt"
