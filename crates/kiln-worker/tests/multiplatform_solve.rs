@@ -87,8 +87,9 @@ EOF
 #[test]
 fn a_native_stage_runs_once_for_two_target_platforms() {
     // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "this test runs a real container: run it as root (CI does)"
     );
     let tmp = tempfile::tempdir().unwrap();
