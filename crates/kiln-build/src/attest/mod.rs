@@ -736,6 +736,66 @@ mod tests {
     }
 
     #[test]
+    fn a_multi_platform_index_lists_the_images_then_their_attestations_in_order() {
+        let amd_img = Descriptor::of_bytes(kiln_oci::media_type::OCI_MANIFEST, b"amd");
+        let arm_img = Descriptor::of_bytes(kiln_oci::media_type::OCI_MANIFEST, b"arm");
+        let amd = Platform::new("linux", "amd64", None);
+        let arm = Platform::parse("linux/arm64").unwrap();
+        let preds = Predicates {
+            provenance: Some(json!({"builder": {"id": ""}})),
+            sbom: None,
+        };
+        let amd_att = attestation_manifest(&preds, &amd_img, &[], &amd);
+        let arm_att = attestation_manifest(&preds, &arm_img, &[], &arm);
+        let entries = [
+            IndexEntry {
+                image: amd_img.clone(),
+                platform: amd.clone(),
+                annotations: BTreeMap::new(),
+                attestation: Some(&amd_att.manifest),
+            },
+            IndexEntry {
+                image: arm_img.clone(),
+                platform: arm.clone(),
+                annotations: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+                attestation: Some(&arm_att.manifest),
+            },
+        ];
+        let idx = index_of(&entries, false, BTreeMap::new());
+        assert_eq!(idx.media_type, kiln_oci::media_type::OCI_INDEX);
+        let v: Value = serde_json::from_slice(&idx.bytes).unwrap();
+        let m = v["manifests"].as_array().unwrap();
+        assert_eq!(m.len(), 4);
+        assert_eq!(m[0]["digest"], amd_img.digest.to_string());
+        assert_eq!(m[1]["digest"], arm_img.digest.to_string());
+        // The requested platform as it is: no variant is added to arm64.
+        assert_eq!(
+            m[1]["platform"],
+            json!({"architecture": "arm64", "os": "linux"})
+        );
+        assert_eq!(m[1]["annotations"]["k"], "v");
+        assert_eq!(m[2]["digest"], amd_att.manifest.digest.to_string());
+        assert_eq!(
+            m[3]["annotations"][REFERENCE_DIGEST_ANNOTATION],
+            arm_img.digest.to_string()
+        );
+        // A Docker manifest list of the two images, without attestations.
+        let plain: Vec<IndexEntry<'_>> = entries
+            .iter()
+            .map(|e| IndexEntry {
+                attestation: None,
+                annotations: BTreeMap::new(),
+                ..e.clone()
+            })
+            .collect();
+        let list = index_of(&plain, true, BTreeMap::new());
+        assert_eq!(list.media_type, kiln_oci::media_type::DOCKER_MANIFEST_LIST);
+        let v: Value = serde_json::from_slice(&list.bytes).unwrap();
+        assert_eq!(v["mediaType"], kiln_oci::media_type::DOCKER_MANIFEST_LIST);
+        assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
+    }
+
+    #[test]
     fn the_index_lists_the_image_then_its_attestation_manifest() {
         let image = Descriptor::of_bytes(kiln_oci::media_type::OCI_MANIFEST, b"{}");
         let amd = Platform::new("linux", "amd64", None);
