@@ -232,7 +232,8 @@ impl std::str::FromStr for Isolation {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "auto" => Ok(Isolation::Auto),
+            // docker build's `--isolation default` (the daemon's choice) is kiln's auto.
+            "auto" | "default" => Ok(Isolation::Auto),
             "namespaces" => Ok(Isolation::Namespaces),
             "chroot" => Ok(Isolation::Chroot),
             other => Err(format!(

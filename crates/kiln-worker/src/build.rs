@@ -201,11 +201,22 @@ pub fn plan_build(
     let isolated_runs = graph.vertices.iter().any(|v| {
         matches!(&v.op, kiln_graph::Op::Exec(e) if e.network == kiln_graph::graph::NetworkMode::Default)
     });
-    if isolated_runs {
+    if isolated_runs && !chroot_isolation() {
         // The first RUN then finds its network ready instead of waiting for slirp4netns.
         executor.prewarm_network();
     }
-    let executor: Arc<dyn kiln_exec::Executor> = Arc::new(executor);
+    let executor: Arc<dyn kiln_exec::Executor> = if chroot_isolation() {
+        if opts.pids_limit.is_some() || opts.cgroup_parent.is_some() {
+            return Err(WorkerError::Unsupported(
+                "--pids-limit/--cgroup-parent with chroot isolation (its steps get no cgroup)"
+                    .into(),
+            )
+            .into());
+        }
+        Arc::new(kiln_exec::ChrootExecutor::new())
+    } else {
+        Arc::new(executor)
+    };
     let worker = Worker::new(
         store,
         executor,
@@ -231,6 +242,12 @@ pub fn plan_build(
         images,
         options,
     })
+}
+
+/// True when `kiln` chose chroot isolation for this run (`kiln_exec::probe::choose_isolation`
+/// records it in `KILN_ISOLATION`): RUN steps then use [`kiln_exec::ChrootExecutor`].
+fn chroot_isolation() -> bool {
+    kiln_exec::probe::Isolation::from_env() == Ok(kiln_exec::probe::Isolation::Chroot)
 }
 
 /// Refuses a `--ulimit` whose hard limit is above kiln's own: a step cannot get more than
