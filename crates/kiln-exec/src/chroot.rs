@@ -97,12 +97,21 @@ struct Placed {
     content: Content,
 }
 
+/// A directory whose entries a placement changed, and the times to give it back.
+struct TouchedParent {
+    path: PathBuf,
+    atime: (i64, i64),
+    mtime: (i64, i64),
+    /// Its mtime once every placement was made: a different one later is the step's change.
+    after: (i64, i64),
+}
+
 /// The mount points of one run, filled; [`Placements::undo`] restores the tree.
 struct Placements {
     aside_dir: PathBuf,
     placed: Vec<Placed>,
     /// Each touched parent directory: its times before, and its mtime once filled.
-    parents: Vec<(PathBuf, (i64, i64), (i64, i64), (i64, i64))>,
+    parents: Vec<TouchedParent>,
     next: u64,
 }
 
@@ -228,10 +237,14 @@ impl Placements {
     /// Moves whatever is at `target` aside; returns where it went.
     fn clear(&mut self, target: &Path) -> Result<Option<PathBuf>, ExecError> {
         if let Some(parent) = target.parent() {
-            if !self.parents.iter().any(|(p, ..)| p == parent) {
+            if !self.parents.iter().any(|p| p.path == parent) {
                 let m = fs::symlink_metadata(parent).map_err(io_prep("reading", parent))?;
-                let t = ((m.atime(), m.atime_nsec()), mtime_of(&m));
-                self.parents.push((parent.to_path_buf(), t.0, t.1, (0, 0)));
+                self.parents.push(TouchedParent {
+                    path: parent.to_path_buf(),
+                    atime: (m.atime(), m.atime_nsec()),
+                    mtime: mtime_of(&m),
+                    after: (0, 0),
+                });
             }
         }
         match fs::symlink_metadata(target) {
@@ -368,8 +381,8 @@ impl Placements {
 
     /// Remembers the parents' mtimes as the filling left them.
     fn seal(&mut self) {
-        for (p, _, _, after) in &mut self.parents {
-            *after = fs::symlink_metadata(&*p).map_or((0, 0), |m| mtime_of(&m));
+        for p in &mut self.parents {
+            p.after = fs::symlink_metadata(&p.path).map_or((0, 0), |m| mtime_of(&m));
         }
     }
 
@@ -379,7 +392,7 @@ impl Placements {
         let untouched: Vec<bool> = self
             .parents
             .iter()
-            .map(|(p, _, _, after)| fs::symlink_metadata(p).is_ok_and(|m| mtime_of(&m) == *after))
+            .map(|p| fs::symlink_metadata(&p.path).is_ok_and(|m| mtime_of(&m) == p.after))
             .collect();
         for p in self.placed.drain(..).rev() {
             let res = match &p.content {
@@ -404,9 +417,9 @@ impl Placements {
                 first.get_or_insert(e);
             }
         }
-        for ((p, atime, mtime, _), untouched) in self.parents.iter().zip(untouched) {
+        for (p, untouched) in self.parents.iter().zip(untouched) {
             if untouched {
-                if let Err(e) = set_times(p, *atime, *mtime) {
+                if let Err(e) = set_times(&p.path, p.atime, p.mtime) {
                     first.get_or_insert(e);
                 }
             }
