@@ -29,8 +29,23 @@ USER_NAME=kilnbench
 cleanup() { userdel "$USER_NAME" >/dev/null 2>&1 || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
+# podman's settings for this machine kind (as bench/run writes them): runc, cgroupfs, and
+# default ulimits no higher than this process's hard limits (runc cannot raise them).
+limits=()
+pid_max=$(cat /proc/sys/kernel/pid_max)
+for lim in nofile:n nproc:u; do
+  hard=$(ulimit -H"${lim#*:}")
+  [ "${lim%:*}" = nproc ] && { [ "$hard" = unlimited ] || ((hard > pid_max)); } && hard=$pid_max
+  [ "$hard" = unlimited ] || limits+=("\"${lim%:*}=$hard:$hard\"")
+done
+export CONTAINERS_CONF=$WORK/containers.conf
+{ cat "$REPO/crates/kiln-test-env/containers.conf"
+  if ((${#limits[@]})); then
+    printf '\n[containers]\ndefault_ulimits = [%s]\n' "$(IFS=,; echo "${limits[*]}")"
+  fi
+} >"$CONTAINERS_CONF"
+
 now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc | awk '{printf "%.2f", $1}'; }
 
 busybox_tree() {  # DIR
   mkdir -p "$1/bin" "$1/etc" "$1/tmp"
@@ -55,7 +70,7 @@ $KILN --root "$STATE" import "$BASE" -t busybox:latest > /dev/null 2>&1
 a=$(t); build; b=$(t); build; c=$(t)
 echo "// changed $(date +%s%N)" >> "$APP/src/lib/Greeting.php"
 build; d=$(t)
-echo "cold=$(echo "$b - $a" | bc) no-change=$(echo "$c - $b" | bc) one-file=$(echo "$d - $c" | bc)"
+echo "$a $b $c $d" | awk '{printf "cold %.2f s   no-change %.2f s   one-file %.2f s\n", $2-$1, $3-$2, $4-$3}'
 SH
 chmod 755 "$WORK/scenarios.sh"
 
@@ -118,7 +133,7 @@ b() { buildah bud --layers -q --build-arg BASE_IMAGE=localhost/busybox:latest --
 a=$(t); b; x=$(t); b; c=$(t)
 echo "// changed $(date +%s%N)" >> "$APP/src/lib/Greeting.php"
 b; d=$(t)
-echo "cold=$(echo "$x - $a" | bc) no-change=$(echo "$c - $x" | bc) one-file=$(echo "$d - $c" | bc)"
+echo "$a $x $c $d" | awk '{printf "cold %.2f s   no-change %.2f s   one-file %.2f s\n", $2-$1, $3-$2, $4-$3}'
 SH
     chmod 755 "$WORK/buildah.sh"
     row buildah-rootless "$(setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups -- \
