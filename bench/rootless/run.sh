@@ -11,6 +11,7 @@
 #
 #   bench/rootless/run.sh            KILN_BIN=path/to/kiln (default: target/release/kiln,
 #                                    else target/debug/kiln)   RUNS=N (default 1)
+#                                    SKIP_BUILDAH=1 (leave buildah out)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 KILN=${KILN_BIN:-}
@@ -55,17 +56,19 @@ busybox_tree() {  # DIR
   printf 'root:x:0:\nwww-data:x:33:\n' > "$1/etc/group"
 }
 
-# The scenarios, as one shell script any mode runs: KILN, STATE, APP, BASE and BUILD_FLAGS set.
+# The scenarios, as one shell script any mode runs: KILN, STATE (a new dir each run: a
+# rootless state holds files of subordinate ids its user cannot delete), APP, BASE and
+# BUILD_FLAGS set.
 cat > "$WORK/scenarios.sh" <<'SH'
 #!/bin/sh
 set -e
 export SOURCE_DATE_EPOCH=1700000000
-t() { date +%s.%N; }
+# /proc/uptime: 0.01 s, also where date has no %N (busybox in the podman rootfs).
+t() { cut -d' ' -f1 /proc/uptime; }
 build() {
   $KILN --root "$STATE" build --frontend dockerfile.v0 --local context="$APP" --local dockerfile="$APP" \
     --opt target=test --progress plain --output type=oci,dest="$STATE.tar" $BUILD_FLAGS > "$STATE.log" 2>&1
 }
-rm -rf "$STATE"
 $KILN --root "$STATE" import "$BASE" -t busybox:latest > /dev/null 2>&1
 a=$(t); build; b=$(t); build; c=$(t)
 echo "// changed $(date +%s%N)" >> "$APP/src/lib/Greeting.php"
@@ -99,25 +102,25 @@ row() {  # MODE RESULT
 
 for run in $(seq "$RUNS"); do
   fresh_app "$WORK/app-root"
-  row root "$(KILN=$KILN STATE=$WORK/state-root APP=$WORK/app-root BASE=$WORK/busybox \
+  row root "$(KILN=$KILN STATE=$WORK/state-root-$run APP=$WORK/app-root BASE=$WORK/busybox \
     BUILD_FLAGS='' "$WORK/scenarios.sh" || echo failed)"
 
   fresh_app "$WORK/app-user"; chown -R "$USER_NAME:" "$WORK/app-user"
   cp "$KILN" "$WORK/kiln"; chmod 755 "$WORK/kiln"
   row rootless-userns "$(setpriv --reuid="$USER_NAME" --regid="$USER_NAME" --init-groups -- \
-    env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME="$WORK/home" KILN=$WORK/kiln STATE=$WORK/home/state \
+    env -i PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME="$WORK/home" KILN=$WORK/kiln STATE=$WORK/home/state-$run \
     APP=$WORK/app-user BASE=$WORK/busybox BUILD_FLAGS='' "$WORK/scenarios.sh" || echo failed)"
 
   for iso in auto chroot; do
     fresh_app "$ROOTFS/app"
     name=podman-userns; [ $iso = chroot ] && name=podman-chroot
     row "$name" "$(podman run --rm --network=none -e KILN_ISOLATION=$iso -e KILN=kiln \
-      -e STATE=/var/lib/kiln-bench -e APP=/app -e BASE=/busybox \
+      -e STATE=/var/lib/kiln-bench-$run -e APP=/app -e BASE=/busybox \
       -e 'BUILD_FLAGS=--network host --allow network.host' \
       --rootfs "$ROOTFS" /scenarios.sh 2>&1 | tail -1 || echo failed)"
   done
 
-  if command -v buildah >/dev/null; then
+  if [ -z "${SKIP_BUILDAH:-}" ] && command -v buildah >/dev/null; then
     fresh_app "$WORK/app-buildah"; chown -R "$USER_NAME:" "$WORK/app-buildah"
     cat > "$WORK/buildah.sh" <<'SH'
 #!/bin/sh
