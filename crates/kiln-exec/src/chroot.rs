@@ -113,6 +113,8 @@ struct Placements {
     /// Each touched parent directory: its times before, and its mtime once filled.
     parents: Vec<TouchedParent>,
     next: u64,
+    /// Set once [`Placements::undo`] ran.
+    undone: bool,
 }
 
 static NEXT_ASIDE: AtomicU64 = AtomicU64::new(0);
@@ -231,6 +233,7 @@ impl Placements {
             placed: Vec::new(),
             parents: Vec::new(),
             next: 0,
+            undone: false,
         })
     }
 
@@ -388,6 +391,7 @@ impl Placements {
 
     /// Takes every placed thing out and puts back what was there; best effort, first error.
     fn undo(&mut self) -> io::Result<()> {
+        self.undone = true;
         let mut first: Option<io::Error> = None;
         let untouched: Vec<bool> = self
             .parents
@@ -439,7 +443,7 @@ impl Placements {
 
 impl Drop for Placements {
     fn drop(&mut self) {
-        if !self.placed.is_empty() {
+        if !self.undone {
             let _ = self.undo();
         }
     }

@@ -115,10 +115,12 @@ fn run_rootless(root: Option<PathBuf>) -> ExitCode {
 
 /// Decides how this run isolates RUN steps (once, while kiln has one thread) and records
 /// the decision in `KILN_ISOLATION` for the worker (and a rootless child). Returns the exit
-/// code when this process is done: an error, or the rootless child's status.
+/// code when this process is done: an error, or the rootless child's status. `announce`:
+/// print the chroot warning (the commands that run RUN steps).
 fn enter_isolation(
     requested: Result<Isolation, String>,
     root: Option<PathBuf>,
+    announce: bool,
 ) -> Option<ExitCode> {
     let choice = match requested.and_then(kiln_exec::probe::choose_isolation) {
         Ok(c) => c,
@@ -129,7 +131,7 @@ fn enter_isolation(
     };
     // SAFETY (edition 2021: safe): kiln has one thread until it starts the child.
     std::env::set_var(Isolation::ENV, choice.isolation.as_str());
-    if choice.isolation == Isolation::Chroot {
+    if announce && choice.isolation == Isolation::Chroot {
         eprintln!(
             "kiln: WARNING: chroot isolation ({}): RUN steps run in a chroot and share this \
              container's network, processes, IPC, hostname and root privileges (minus \
@@ -163,7 +165,7 @@ fn main() -> ExitCode {
         let root = cmd::buildx::plugin_root();
         if !rootless && args.needs_user_namespace() {
             let requested = Isolation::from_env();
-            if let Some(code) = enter_isolation(requested, root.clone()) {
+            if let Some(code) = enter_isolation(requested, root.clone(), true) {
                 return code;
             }
         }
@@ -181,7 +183,8 @@ fn main() -> ExitCode {
             },
             _ => Isolation::from_env(),
         };
-        if let Some(code) = enter_isolation(requested, cli.root.clone()) {
+        let announce = matches!(cli.command, Command::Build(_));
+        if let Some(code) = enter_isolation(requested, cli.root.clone(), announce) {
             return code;
         }
     }

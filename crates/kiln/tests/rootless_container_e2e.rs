@@ -24,18 +24,18 @@ const EPOCH: &str = "1700000000";
 const IN_CONTAINER: &str = r#"#!/bin/sh
 set -e
 export SOURCE_DATE_EPOCH=1700000000
-kiln debug env > /work/out/env.txt 2>&1 || true
-kiln registry serve --addr 127.0.0.1:5000 --no-fsync --root /tmp/reg > /work/out/registry.log 2>&1 &
-i=0; while ! grep -q "listening on" /work/out/registry.log && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-cd /work/app
+kiln debug env > /job/out/env.txt 2>&1 || true
+kiln registry serve --addr 127.0.0.1:5000 --no-fsync --root /tmp/reg > /job/out/registry.log 2>&1 &
+i=0; while ! grep -q "listening on" /job/out/registry.log && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+cd /job/app
 for run in 1 2; do
   rm -rf /var/lib/kiln
-  kiln import /work/busybox -t busybox:latest > /dev/null
+  kiln import /job/busybox -t busybox:latest > /dev/null
   if [ $run = 1 ]; then cache="--export-cache type=registry,ref=127.0.0.1:5000/app/cache,mode=max";
   else cache="--import-cache type=registry,ref=127.0.0.1:5000/app/cache"; fi
   kiln build --frontend dockerfile.v0 --local context=. --local dockerfile=. --opt target=test \
-    --network host --allow network.host --progress plain --metadata-file /work/out/meta-$run.json \
-    --output type=oci,dest=/work/out/app-$run.tar $cache > /work/out/build-$run.log 2>&1
+    --network host --allow network.host --progress plain --metadata-file /job/out/meta-$run.json \
+    --output type=oci,dest=/job/out/app-$run.tar $cache > /job/out/build-$run.log 2>&1
 done
 "#;
 
@@ -191,7 +191,7 @@ fn kiln_image() -> &'static KilnImage {
     })
 }
 
-/// A directory every container here can mount at `/work`: the example, a busybox tree to
+/// A directory every container here can mount at `/job`: the example, a busybox tree to
 /// import as the base (named as the fixture's: the base's history records the dir's name),
 /// the script, and `out/` for what the builds write.
 fn work_dir() -> tempfile::TempDir {
@@ -303,11 +303,11 @@ fn build_in_podman(opts: &[&str]) -> (String, String) {
             "--rm",
             "--network=none",
             "--entrypoint",
-            "/work/run-example.sh",
+            "/job/run-example.sh",
         ])
         .args(opts)
         .arg("-v")
-        .arg(format!("{}:/work", work.path().display()))
+        .arg(format!("{}:/job", work.path().display()))
         .arg(&image.name)
         .env("CONTAINERS_CONF", common::podman_conf())
         .output()
@@ -379,9 +379,9 @@ fn under_dockerd_default_seccomp_kiln_falls_back_to_chroot_by_itself() {
         "--network",
         "none",
         "--entrypoint",
-        "/work/run-example.sh",
+        "/job/run-example.sh",
         "-v",
-        &format!("{}:/work", work.path().display()),
+        &format!("{}:/job", work.path().display()),
         &image.name,
     ]);
     let (env, log) = check_container_builds("docker run (no options)", &run, work.path());
