@@ -115,7 +115,7 @@ for run in $(seq "$RUNS"); do
     fresh_app "$ROOTFS/app"
     name=podman-userns; [ $iso = chroot ] && name=podman-chroot
     row "$name" "$(podman run --rm --network=none -e KILN_ISOLATION=$iso -e KILN=kiln \
-      -e STATE=/var/lib/kiln-bench-$run -e APP=/app -e BASE=/busybox \
+      -e STATE=/var/lib/kiln-bench-$iso-$run -e APP=/app -e BASE=/busybox \
       -e 'BUILD_FLAGS=--network host --allow network.host' \
       --rootfs "$ROOTFS" /scenarios.sh 2>&1 | tail -1 || echo failed)"
   done

@@ -213,6 +213,16 @@ pub fn plan_build(
             )
             .into());
         }
+        if store.snapshotter_kind() == kiln_store::SnapshotterKind::Copy
+            && holds_overlay_snapshots(store.root())
+        {
+            return Err(WorkerError::Unsupported(format!(
+                "chroot isolation: the state dir {} holds overlayfs snapshots, which cannot be \
+                 mounted here; use a separate --root (KILN_ROOT) for chroot builds",
+                store.root().display()
+            ))
+            .into());
+        }
         Arc::new(kiln_exec::ChrootExecutor::new())
     } else {
         Arc::new(executor)
@@ -242,6 +252,14 @@ pub fn plan_build(
         images,
         options,
     })
+}
+
+/// True when a state dir holds snapshots the overlayfs snapshotter made (each keeps its
+/// mount point `rootfs/`): the copying snapshotter would take their upper dirs for full trees.
+fn holds_overlay_snapshots(root: &std::path::Path) -> bool {
+    std::fs::read_dir(root.join("snapshots"))
+        .map(|entries| entries.flatten().any(|e| e.path().join("rootfs").is_dir()))
+        .unwrap_or(false)
 }
 
 /// True when `kiln` chose chroot isolation for this run (`kiln_exec::probe::choose_isolation`
