@@ -1,8 +1,9 @@
 //! Runs one process in a container on a prepared rootfs: namespaces, mounts, capabilities,
 //! seccomp, users, `RUN --mount` types; a runc backend for differential testing.
 //!
-//! Two [`Executor`]s share one [`ExecSpec`]: [`NamespaceExecutor`] (kiln's own, the default)
-//! and [`RuncExecutor`] (drives `runc` with a generated OCI runtime spec). Cache mounts come
+//! Three [`Executor`]s share one [`ExecSpec`]: [`NamespaceExecutor`] (kiln's own, the default),
+//! [`RuncExecutor`] (drives `runc` with a generated OCI runtime spec) and [`ChrootExecutor`]
+//! (a chroot without namespaces, where none can be created: `docs/rootless.md`). Cache mounts come
 //! from [`CacheMounts`]. The design and setup order are in `docs/exec.md`.
 //!
 //! ```no_run
@@ -34,6 +35,7 @@
 
 mod cache;
 mod cgroup;
+mod chroot;
 mod namespace;
 mod network;
 mod output;
@@ -49,6 +51,7 @@ mod user;
 pub mod userns;
 
 pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};
+pub use chroot::ChrootExecutor;
 pub use namespace::NamespaceExecutor;
 pub use runc::RuncExecutor;
 pub use spec::{

@@ -171,6 +171,151 @@ fn fuse_overlayfs() -> Check {
     Ok(())
 }
 
+/// What to change so that user namespaces can be created, from the sysctls seen; `contained`
+/// is true for root in a container (its runtime's seccomp profile is then the likely cause).
+fn userns_fix(
+    max_user_namespaces: Option<u64>,
+    unprivileged_userns_clone: Option<u64>,
+    apparmor_restrict_userns: Option<u64>,
+    contained: bool,
+) -> String {
+    if max_user_namespaces == Some(0) {
+        "user namespaces are disabled: sysctl -w user.max_user_namespaces=28633".into()
+    } else if unprivileged_userns_clone == Some(0) {
+        "unprivileged user namespaces are off: sysctl -w kernel.unprivileged_userns_clone=1".into()
+    } else if apparmor_restrict_userns == Some(1) {
+        "AppArmor restricts unprivileged user namespaces: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give kiln an AppArmor profile with `userns,`".into()
+    } else if contained {
+        "the container's seccomp profile or runtime refuses unshare(CLONE_NEWUSER): podman/docker run --security-opt seccomp=unconfined (or a profile allowing unshare and clone with CLONE_NEWUSER); Kubernetes: securityContext.seccompProfile.type: Unconfined".into()
+    } else {
+        "the kernel refuses new user namespaces for this user".into()
+    }
+}
+
+/// How RUN steps are isolated: `kiln build --isolation`, or the `KILN_ISOLATION` variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// The strongest that works here: namespaces (as root, or in a user namespace), else a
+    /// chroot, announced with a warning.
+    Auto,
+    /// New mount, pid, uts and ipc namespaces per step (in a user namespace without
+    /// `CAP_SYS_ADMIN`); fails where none can be made.
+    Namespaces,
+    /// A chroot of the step's tree, sharing kiln's namespaces and privileges.
+    Chroot,
+}
+
+impl Isolation {
+    /// The environment variable that picks the isolation when the flag is not given.
+    pub const ENV: &'static str = "KILN_ISOLATION";
+
+    /// The flag value naming this isolation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Auto => "auto",
+            Isolation::Namespaces => "namespaces",
+            Isolation::Chroot => "chroot",
+        }
+    }
+
+    /// The isolation `KILN_ISOLATION` names (`Auto` when unset or empty).
+    pub fn from_env() -> Result<Isolation, String> {
+        match std::env::var(Self::ENV) {
+            Ok(v) if !v.is_empty() => v.parse().map_err(|e: String| format!("{}: {e}", Self::ENV)),
+            _ => Ok(Isolation::Auto),
+        }
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            // docker build's `--isolation default` (the daemon's choice) is kiln's auto.
+            "auto" | "default" => Ok(Isolation::Auto),
+            "namespaces" => Ok(Isolation::Namespaces),
+            "chroot" => Ok(Isolation::Chroot),
+            other => Err(format!(
+                "unknown isolation {other:?}: use auto, namespaces or chroot"
+            )),
+        }
+    }
+}
+
+/// The isolation one run of kiln uses, decided once before any thread starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IsolationChoice {
+    /// `Namespaces` or `Chroot`, never `Auto`.
+    pub isolation: Isolation,
+    /// True when kiln must first re-execute itself in a user namespace
+    /// ([`crate::userns::run_in_user_namespace`]).
+    pub user_namespace: bool,
+    /// Why, in a few words (for warnings and `kiln debug env`).
+    pub reason: String,
+}
+
+/// Picks the isolation for `requested`: with `CAP_SYS_ADMIN` namespaces directly; else a user
+/// namespace when one can be made; else (for `Auto` and `Chroot`) a chroot when kiln may
+/// chroot. The error says what is missing and what to change.
+pub fn choose_isolation(requested: Isolation) -> Result<IsolationChoice, String> {
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let privileged = euid == 0 && userns::has_cap_sys_admin();
+    let fix = || {
+        userns_fix(
+            sysctl("/proc/sys/user/max_user_namespaces"),
+            sysctl("/proc/sys/kernel/unprivileged_userns_clone"),
+            sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns"),
+            euid == 0 || userns::in_nested_user_namespace(),
+        )
+    };
+    let chroot_ok = || {
+        if euid != 0 {
+            return Err(format!("kiln runs as uid {euid}: chroot needs root"));
+        }
+        trial(false, Trial::Chroot)
+    };
+    let namespaces = |reason: &str, user_namespace: bool| IsolationChoice {
+        isolation: Isolation::Namespaces,
+        user_namespace,
+        reason: reason.to_owned(),
+    };
+    match requested {
+        Isolation::Chroot => match chroot_ok() {
+            Ok(()) => Ok(IsolationChoice {
+                isolation: Isolation::Chroot,
+                user_namespace: false,
+                reason: "asked for (--isolation chroot)".into(),
+            }),
+            Err(e) => Err(format!("--isolation chroot: {e}")),
+        },
+        _ if privileged => Ok(namespaces("root with CAP_SYS_ADMIN", false)),
+        Isolation::Namespaces => match trial(true, Trial::Namespaces) {
+            Ok(()) => Ok(namespaces("in a user namespace (no CAP_SYS_ADMIN)", true)),
+            Err(e) => Err(format!(
+                "--isolation namespaces: no user namespace can be made ({e}): {}",
+                fix()
+            )),
+        },
+        Isolation::Auto => match trial(true, Trial::Namespaces) {
+            Ok(()) => Ok(namespaces("in a user namespace (no CAP_SYS_ADMIN)", true)),
+            Err(userns_err) => match chroot_ok() {
+                Ok(()) => Ok(IsolationChoice {
+                    isolation: Isolation::Chroot,
+                    user_namespace: false,
+                    reason: format!("no namespace can be made here ({userns_err})"),
+                }),
+                Err(chroot_err) => Err(format!(
+                    "no isolation works here: no user namespace can be made ({userns_err}): {}; \
+                     and no chroot ({chroot_err})",
+                    fix()
+                )),
+            },
+        },
+    }
+}
+
 /// What the forked child tries, in order; the first failing step is reported.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Trial {
@@ -441,18 +586,12 @@ impl EnvironmentProbe {
 
     /// What to change so that user namespaces can be created, from the sysctls seen.
     fn userns_fix(&self) -> String {
-        if self.max_user_namespaces == Some(0) {
-            "user namespaces are disabled: sysctl -w user.max_user_namespaces=28633".into()
-        } else if self.unprivileged_userns_clone == Some(0) {
-            "unprivileged user namespaces are off: sysctl -w kernel.unprivileged_userns_clone=1"
-                .into()
-        } else if self.apparmor_restrict_userns == Some(1) {
-            "AppArmor restricts unprivileged user namespaces: sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give kiln an AppArmor profile with `userns,`".into()
-        } else if self.nested_userns || self.euid == 0 {
-            "the container's seccomp profile or runtime refuses unshare(CLONE_NEWUSER): podman/docker run --security-opt seccomp=unconfined (or a profile allowing unshare and clone with CLONE_NEWUSER); Kubernetes: securityContext.seccompProfile.type: Unconfined".into()
-        } else {
-            "the kernel refuses new user namespaces for this user".into()
-        }
+        userns_fix(
+            self.max_user_namespaces,
+            self.unprivileged_userns_clone,
+            self.apparmor_restrict_userns,
+            self.nested_userns || self.euid == 0,
+        )
     }
 
     /// The modes kiln can run builds in, strongest first.
@@ -522,12 +661,14 @@ impl EnvironmentProbe {
             notes: self.userns_notes(),
         });
 
-        // Planned (docs/rootless.md): where no namespace can be made at all.
-        let mut m = vec![
-            "kiln cannot build in this mode yet: make a user namespace possible (see above)"
-                .to_owned(),
-        ];
-        if let Err(e) = &self.chroot {
+        // Where no namespace can be made at all: RUN in a chroot (`ChrootExecutor`).
+        let mut m = Vec::new();
+        if self.euid != 0 {
+            m.push(format!(
+                "kiln runs as uid {}: chroot needs root (CAP_SYS_CHROOT)",
+                self.euid
+            ));
+        } else if let Err(e) = &self.chroot {
             m.push(format!(
                 "chroot: {e} (needs CAP_SYS_CHROOT, in podman's and docker's default set)"
             ));
@@ -536,7 +677,11 @@ impl EnvironmentProbe {
             name: "chroot",
             summary: "RUN in a chroot, sharing the container's namespaces and privileges",
             missing: m,
-            notes: Vec::new(),
+            notes: vec![
+                "chosen only with --isolation chroot or when no namespace can be made, and announced at every build".into(),
+                "RUN steps share the container's network, processes, IPC and hostname; build with --network host --allow network.host".into(),
+                "no /proc in steps; /dev nodes only with CAP_MKNOD; RUN --mount=type=ssh is refused".into(),
+            ],
         });
         out
     }

@@ -252,11 +252,32 @@ pub fn plan_build(
     let isolated_runs = graph.vertices.iter().any(|v| {
         matches!(&v.op, kiln_graph::Op::Exec(e) if e.network == kiln_graph::graph::NetworkMode::Default)
     });
-    if isolated_runs {
+    if isolated_runs && !chroot_isolation() {
         // The first RUN then finds its network ready instead of waiting for slirp4netns.
         executor.prewarm_network();
     }
-    let executor: Arc<dyn kiln_exec::Executor> = Arc::new(executor);
+    let executor: Arc<dyn kiln_exec::Executor> = if chroot_isolation() {
+        if opts.pids_limit.is_some() || opts.cgroup_parent.is_some() {
+            return Err(WorkerError::Unsupported(
+                "--pids-limit/--cgroup-parent with chroot isolation (its steps get no cgroup)"
+                    .into(),
+            )
+            .into());
+        }
+        if store.snapshotter_kind() == kiln_store::SnapshotterKind::Copy
+            && holds_overlay_snapshots(store.root())
+        {
+            return Err(WorkerError::Unsupported(format!(
+                "chroot isolation: the state dir {} holds overlayfs snapshots, which cannot be \
+                 mounted here; use a separate --root (KILN_ROOT) for chroot builds",
+                store.root().display()
+            ))
+            .into());
+        }
+        Arc::new(kiln_exec::ChrootExecutor::new())
+    } else {
+        Arc::new(executor)
+    };
     let worker = Worker::new(
         store,
         executor,
@@ -309,6 +330,20 @@ pub fn check_emulation(
         }
     }
     Ok(())
+}
+
+/// True when a state dir holds snapshots the overlayfs snapshotter made (each keeps its
+/// mount point `rootfs/`): the copying snapshotter would take their upper dirs for full trees.
+fn holds_overlay_snapshots(root: &std::path::Path) -> bool {
+    std::fs::read_dir(root.join("snapshots"))
+        .map(|entries| entries.flatten().any(|e| e.path().join("rootfs").is_dir()))
+        .unwrap_or(false)
+}
+
+/// True when `kiln` chose chroot isolation for this run (`kiln_exec::probe::choose_isolation`
+/// records it in `KILN_ISOLATION`): RUN steps then use [`kiln_exec::ChrootExecutor`].
+fn chroot_isolation() -> bool {
+    kiln_exec::probe::Isolation::from_env() == Ok(kiln_exec::probe::Isolation::Chroot)
 }
 
 /// Refuses a `--ulimit` whose hard limit is above kiln's own: a step cannot get more than

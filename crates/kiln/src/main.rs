@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use kiln_exec::probe::Isolation;
 
 /// kiln builds container images from Dockerfiles, fast, with its layer cache in any OCI
 /// registry, and ships an OCI registry of its own.
@@ -112,6 +113,35 @@ fn run_rootless(root: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Decides how this run isolates RUN steps (once, while kiln has one thread) and records
+/// the decision in `KILN_ISOLATION` for the worker (and a rootless child). Returns the exit
+/// code when this process is done: an error, or the rootless child's status. `announce`:
+/// print the chroot warning (the commands that run RUN steps).
+fn enter_isolation(
+    requested: Result<Isolation, String>,
+    root: Option<PathBuf>,
+    announce: bool,
+) -> Option<ExitCode> {
+    let choice = match requested.and_then(kiln_exec::probe::choose_isolation) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("kiln: error: {e} (`kiln debug env` shows what this environment allows)");
+            return Some(ExitCode::FAILURE);
+        }
+    };
+    // SAFETY (edition 2021: safe): kiln has one thread until it starts the child.
+    std::env::set_var(Isolation::ENV, choice.isolation.as_str());
+    if announce && choice.isolation == Isolation::Chroot {
+        eprintln!(
+            "kiln: WARNING: chroot isolation ({}): RUN steps run in a chroot and share this \
+             container's network, processes, IPC, hostname and root privileges (minus \
+             CAP_SYS_CHROOT); `kiln debug env` says what would allow namespaces",
+            choice.reason
+        );
+    }
+    choice.user_namespace.then(|| run_rootless(root))
+}
+
 fn nix_is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -133,11 +163,11 @@ fn main() -> ExitCode {
             cmd::buildx::PluginCall::Command(args) => args,
         };
         let root = cmd::buildx::plugin_root();
-        if !rootless
-            && args.needs_user_namespace()
-            && (!nix_is_root() || !kiln_exec::userns::has_cap_sys_admin())
-        {
-            return run_rootless(root);
+        if !rootless && args.needs_user_namespace() {
+            let requested = Isolation::from_env();
+            if let Some(code) = enter_isolation(requested, root.clone(), true) {
+                return code;
+            }
         }
         let globals = Globals {
             root: root.unwrap_or_else(default_root),
@@ -145,11 +175,18 @@ fn main() -> ExitCode {
         return finish(cmd::buildx::run(*args, &globals));
     }
     let cli = Cli::parse();
-    if !rootless
-        && cli.command.needs_user_namespace()
-        && (!nix_is_root() || !kiln_exec::userns::has_cap_sys_admin())
-    {
-        return run_rootless(cli.root);
+    if !rootless && cli.command.needs_user_namespace() {
+        let requested = match &cli.command {
+            Command::Build(args) => match args.isolation.as_deref() {
+                Some(v) => v.parse().map_err(|e: String| format!("--isolation: {e}")),
+                None => Isolation::from_env(),
+            },
+            _ => Isolation::from_env(),
+        };
+        let announce = matches!(cli.command, Command::Build(_));
+        if let Some(code) = enter_isolation(requested, cli.root.clone(), announce) {
+            return code;
+        }
     }
     let globals = Globals {
         root: cli.root.unwrap_or_else(default_root),

@@ -144,6 +144,11 @@ pub struct BuildArgs {
     /// limit, as BuildKit)
     #[arg(long = "pids-limit", value_name = "N", env = "KILN_PIDS_LIMIT")]
     pids_limit: Option<String>,
+    /// How RUN steps are isolated: auto (namespaces where they can be made, else a chroot,
+    /// announced; docker build's `default` means the same), namespaces, or chroot (steps share
+    /// kiln's namespaces; docs/rootless.md)
+    #[arg(long, value_name = "MODE", env = "KILN_ISOLATION")]
+    pub isolation: Option<String>,
     /// Write a timeline report of the build (one self-contained HTML page) to FILE
     #[arg(long, value_name = "FILE.html")]
     report: Option<std::path::PathBuf>,
@@ -215,8 +220,6 @@ pub struct IgnoredDockerBuildFlags {
     squash: Option<String>,
     #[arg(long = "disable-content-trust", hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     disable_content_trust: Option<String>,
-    #[arg(long, hide = true)]
-    isolation: Option<String>,
     #[arg(long = "security-opt", hide = true)]
     security_opt: Vec<String>,
     #[arg(short = 'm', long, hide = true)]

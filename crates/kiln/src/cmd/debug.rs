@@ -229,6 +229,21 @@ fn env(globals: &Globals) -> anyhow::Result<ExitCode> {
     outln!("");
     outln!("snapshotter: {}", p.snapshotter());
     outln!("state dir: {}", globals.root.display());
+    let requested = kiln_exec::probe::Isolation::from_env();
+    let isolation = match requested
+        .clone()
+        .and_then(kiln_exec::probe::choose_isolation)
+    {
+        Ok(c) => format!("{} ({})", c.isolation.as_str(), c.reason),
+        Err(e) => format!("none: {e}"),
+    };
+    outln!(
+        "isolation: {} -> {isolation}",
+        requested.map_or_else(
+            |e| e,
+            |r| format!("{}={}", kiln_exec::probe::Isolation::ENV, r.as_str())
+        )
+    );
     Ok(match best {
         Some(m) => {
             outln!("kiln builds in mode {} (* above)", m.name);
