@@ -304,6 +304,33 @@ impl CacheGraph {
         }
     }
 
+    /// Merges in the records `previous` (what the exported ref held before) has and this
+    /// graph (this build's records) lacks, bounded by `policy`; returns how many of
+    /// `previous`'s records were left out. With neither bound given (the default), at most as
+    /// many records are merged in as this build has of its own, the most recently used
+    /// first, so a ref holds at most twice one build's records instead of growing with every
+    /// build. This build's own records are always kept.
+    pub fn merge_previous(
+        &mut self,
+        previous: &CacheGraph,
+        policy: &RetentionPolicy,
+        now: u64,
+    ) -> usize {
+        if *policy != RetentionPolicy::default() {
+            self.merge_missing(previous);
+            return self.retain_recent(policy, now);
+        }
+        let mut older = previous.clone();
+        older.records.retain(|k, _| !self.records.contains_key(k));
+        let default_bound = RetentionPolicy {
+            max_age: None,
+            max_records: Some(self.records.len()),
+        };
+        let dropped = older.retain_recent(&default_bound, now);
+        self.merge_missing(&older);
+        dropped
+    }
+
     /// Drops records whose chain holds a blob for which `keep` is false (e.g. gone from the
     /// registry), and layers no record uses any more.
     pub fn retain_blobs(&mut self, keep: impl Fn(&Digest) -> bool) {
@@ -898,6 +925,62 @@ mod tests {
         let keys: Vec<&str> = g.keys().collect();
         assert_eq!(keys, ["k2", "k4"]);
         assert_eq!(g.layers().len(), 2);
+    }
+
+    #[test]
+    fn by_default_a_merge_keeps_at_most_as_many_older_records_as_the_build_has() {
+        // Five builds' worth of stale records (one per day) under the ref; this build has two
+        // records of its own and shares one with the ref.
+        let mut previous = CacheGraph::new();
+        for (i, age) in [(1u8, 5u64), (2, 4), (3, 3), (4, 2), (5, 1)] {
+            let key = format!("old{i}");
+            previous.add(&key, &[layer(i)]);
+            previous.records.get_mut(&key).unwrap().last_used = Some(day_of(NOW - age * DAY_SECS));
+        }
+        previous.add("shared", &[layer(9)]);
+        let mut g = CacheGraph::new();
+        g.add("shared", &[layer(9)]);
+        g.add("mine", &[layer(10)]);
+        g.mark_used(NOW);
+        let dropped = g.merge_previous(&previous, &RetentionPolicy::default(), NOW);
+        assert_eq!(dropped, 3);
+        let keys: Vec<&str> = g.keys().collect();
+        assert_eq!(
+            keys,
+            ["mine", "old4", "old5", "shared"],
+            "the two newest old ones"
+        );
+        assert_eq!(
+            g.layers().len(),
+            4,
+            "layers of dropped records are not kept"
+        );
+
+        // Built again with nothing new: the ref does not grow.
+        let mut again = CacheGraph::new();
+        again.add("shared", &[layer(9)]);
+        again.add("mine", &[layer(10)]);
+        again.mark_used(NOW);
+        again.merge_previous(&g, &RetentionPolicy::default(), NOW);
+        assert_eq!(again.len(), 4);
+    }
+
+    #[test]
+    fn a_merge_with_bounds_given_applies_them_instead_of_the_default() {
+        let mut previous = CacheGraph::new();
+        for i in 1..=5u8 {
+            previous.add(&format!("old{i}"), &[layer(i)]);
+        }
+        previous.mark_used(NOW - DAY_SECS);
+        let mut g = CacheGraph::new();
+        g.add("mine", &[layer(10)]);
+        g.mark_used(NOW);
+        let policy = RetentionPolicy {
+            max_age: Some(parse_duration("30d").unwrap()),
+            max_records: None,
+        };
+        assert_eq!(g.merge_previous(&previous, &policy, NOW), 0);
+        assert_eq!(g.len(), 6, "max-age alone does not bound the count");
     }
 
     #[test]
