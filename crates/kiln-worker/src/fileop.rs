@@ -330,6 +330,7 @@ pub fn copy_filtered(
     opts: &CopyOptions,
     include: &dyn Fn(&str) -> bool,
 ) -> Result<CopyStats, FileOpError> {
+    COPY_RANGE_REFUSED.set(false);
     let mut matched = Vec::new();
     for pattern in srcs {
         let found: Vec<String> = expand_source(src_root, pattern)?
@@ -567,22 +568,30 @@ fn copy_regular_file(
         .map_err(io_at(host))
 }
 
-/// Copies the `len` bytes `from` had when it was stat'ed to `to` with `copy_file_range`
-/// (in-kernel, and a reflink where the filesystem shares extents), falling back to reading
-/// and writing where the kernel or filesystem refuses it. A source snapshot does not change
-/// under a copy; the length saves the call that would only find the end.
+thread_local! {
+    /// Set once `copy_file_range` was refused between the two trees of the current copy
+    /// (two overlay mounts are two filesystems to it), so later files go straight to
+    /// `sendfile` instead of failing the same call first. Reset by [`copy_filtered`].
+    static COPY_RANGE_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Copies the `len` bytes `from` had when it was stat'ed to `to`: with `copy_file_range`
+/// (in-kernel, and a reflink where the filesystem shares extents), else with `sendfile`
+/// where the kernel or the filesystems refuse it. A source snapshot does not change under
+/// a copy; the length saves the call that would only find the end.
 fn copy_bytes(from: &fs::File, to: &fs::File, len: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
+    let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
     let mut left = len;
-    while left > 0 {
+    while left > 0 && !COPY_RANGE_REFUSED.get() {
         let chunk = left.min(1 << 30) as usize;
         // SAFETY: both descriptors are open for the life of the call; null offsets use and
         // advance the files' own positions.
         let n = unsafe {
             libc::copy_file_range(
-                from.as_raw_fd(),
+                src,
                 std::ptr::null_mut(),
-                to.as_raw_fd(),
+                dst,
                 std::ptr::null_mut(),
                 chunk,
                 0,
@@ -594,18 +603,30 @@ fn copy_bytes(from: &fs::File, to: &fs::File, len: u64) -> io::Result<()> {
                 Some(libc::EINTR) => continue,
                 Some(
                     libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM,
-                ) => {
-                    // Positions advanced only by what was copied; go on from there.
-                    let mut r = from;
-                    let mut w = to;
-                    io::copy(&mut r, &mut w)?;
-                    return Ok(());
-                }
+                ) => COPY_RANGE_REFUSED.set(true),
                 _ => return Err(e),
             }
+            continue;
         }
         if n == 0 {
             // The source is shorter than when it was stat'ed: it ends here.
+            return Ok(());
+        }
+        left -= n as u64;
+    }
+    // Positions advanced only by what was copied; go on from there.
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: as above; a null offset reads from and advances the source's position.
+        let n = unsafe { libc::sendfile(dst, src, std::ptr::null_mut(), chunk) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
             break;
         }
         left -= n as u64;
