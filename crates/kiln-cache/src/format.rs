@@ -64,6 +64,10 @@ pub(crate) fn day_of(t: u64) -> u64 {
     t - t % DAY_SECS
 }
 
+/// The fewest records the default bound of [`CacheGraph::merge_previous`] merges in from
+/// the ref's previous export (when it has that many).
+pub const MIN_MERGED_RECORDS: usize = 64;
+
 /// What an export keeps of the records it merges in from the ref it imported
 /// (`--export-cache ...,max-age=7d,max-records=N`). Records this build used or made are
 /// always kept.
@@ -302,6 +306,34 @@ impl CacheGraph {
                 self.mounts.insert(id.clone(), j);
             }
         }
+    }
+
+    /// Merges in the records `previous` (what the exported ref held before) has and this
+    /// graph (this build's records) lacks, bounded by `policy`; returns how many of
+    /// `previous`'s records were left out. With neither bound given (the default), at most
+    /// as many records are merged in as this build has of its own, and at least
+    /// [`MIN_MERGED_RECORDS`], the most recently used first: a ref stops growing with every
+    /// build, and a small target (a lint job) writing the same ref as a big one keeps the big
+    /// one's records. This build's own records are always kept.
+    pub fn merge_previous(
+        &mut self,
+        previous: &CacheGraph,
+        policy: &RetentionPolicy,
+        now: u64,
+    ) -> usize {
+        if *policy != RetentionPolicy::default() {
+            self.merge_missing(previous);
+            return self.retain_recent(policy, now);
+        }
+        let mut older = previous.clone();
+        older.records.retain(|k, _| !self.records.contains_key(k));
+        let default_bound = RetentionPolicy {
+            max_age: None,
+            max_records: Some(self.records.len().max(MIN_MERGED_RECORDS)),
+        };
+        let dropped = older.retain_recent(&default_bound, now);
+        self.merge_missing(&older);
+        dropped
     }
 
     /// Drops records whose chain holds a blob for which `keep` is false (e.g. gone from the
@@ -898,6 +930,74 @@ mod tests {
         let keys: Vec<&str> = g.keys().collect();
         assert_eq!(keys, ["k2", "k4"]);
         assert_eq!(g.layers().len(), 2);
+    }
+
+    #[test]
+    fn by_default_a_merge_keeps_as_many_older_records_as_the_build_has_at_least_64() {
+        // Stale records of earlier builds under the ref, one day apart, the newest last: 10
+        // more than the minimum. This build has two records and shares one with the ref.
+        let stale = MIN_MERGED_RECORDS + 10;
+        let mut previous = CacheGraph::new();
+        for i in 0..stale {
+            let key = format!("old{i:03}");
+            previous.add(&key, &[layer(i as u8)]);
+            previous.records.get_mut(&key).unwrap().last_used =
+                Some(day_of(NOW - (stale - i) as u64 * DAY_SECS));
+        }
+        previous.add("shared", &[layer(250)]);
+        let mut g = CacheGraph::new();
+        g.add("shared", &[layer(250)]);
+        g.add("mine", &[layer(251)]);
+        g.mark_used(NOW);
+        let dropped = g.merge_previous(&previous, &RetentionPolicy::default(), NOW);
+        assert_eq!(dropped, 10);
+        assert_eq!(g.len(), 2 + MIN_MERGED_RECORDS);
+        assert!(g.lookup("mine").is_some() && g.lookup("shared").is_some());
+        assert!(g.lookup("old009").is_none(), "the oldest went");
+        assert!(g.lookup("old010").is_some(), "the newest stayed");
+        assert_eq!(
+            g.layers().len(),
+            2 + MIN_MERGED_RECORDS,
+            "layers of dropped records are not kept"
+        );
+
+        // Built again with nothing new: the ref does not grow.
+        let mut again = CacheGraph::new();
+        again.add("shared", &[layer(250)]);
+        again.add("mine", &[layer(251)]);
+        again.mark_used(NOW);
+        again.merge_previous(&g, &RetentionPolicy::default(), NOW);
+        assert_eq!(again.len(), 2 + MIN_MERGED_RECORDS);
+
+        // A build with more records than the minimum merges in as many as it has.
+        let mut big = CacheGraph::new();
+        for i in 0..70u8 {
+            big.add(&format!("big{i}"), &[layer(100 + i)]);
+        }
+        big.mark_used(NOW);
+        assert_eq!(
+            big.merge_previous(&previous, &RetentionPolicy::default(), NOW),
+            5
+        );
+        assert_eq!(big.len(), 70 + 70);
+    }
+
+    #[test]
+    fn a_merge_with_bounds_given_applies_them_instead_of_the_default() {
+        let mut previous = CacheGraph::new();
+        for i in 1..=5u8 {
+            previous.add(&format!("old{i}"), &[layer(i)]);
+        }
+        previous.mark_used(NOW - DAY_SECS);
+        let mut g = CacheGraph::new();
+        g.add("mine", &[layer(10)]);
+        g.mark_used(NOW);
+        let policy = RetentionPolicy {
+            max_age: Some(parse_duration("30d").unwrap()),
+            max_records: None,
+        };
+        assert_eq!(g.merge_previous(&previous, &policy, NOW), 0);
+        assert_eq!(g.len(), 6, "max-age alone does not bound the count");
     }
 
     #[test]

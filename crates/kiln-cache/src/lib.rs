@@ -8,7 +8,7 @@ mod transfer;
 
 pub use format::{
     parse_duration, CacheFormatError, CacheGraph, CacheLayer, RetentionPolicy, ARTIFACT_TYPE,
-    CONFIG_MEDIA_TYPE, FORMAT_VERSION,
+    CONFIG_MEDIA_TYPE, FORMAT_VERSION, MIN_MERGED_RECORDS,
 };
 pub use inline::{
     graph_from_image, import_inline, InlineCache, InlineCacheError, INLINE_CONFIG_KEY,

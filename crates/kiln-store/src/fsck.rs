@@ -361,7 +361,9 @@ impl Store {
                 pid: s.pid,
             });
             if repair {
-                self.snapshotter().remove(&self.snapshot_dir(s.id))?;
+                // Moved aside, not deleted: deleting a big tree here would slow every file
+                // the build creates next (see `trash.rs`).
+                self.discard_snapshot_dir(&self.snapshot_dir(s.id))?;
                 self.db().write(|tx| {
                     tx.open_table(db::SNAPSHOTS)
                         .map_err(te)?
@@ -388,11 +390,8 @@ impl Store {
                     // A snapshot being created right now has its record first, so an
                     // unrecorded dir is always a leftover.
                     r.problems.push(FsckProblem::UnknownSnapshotDir(e.path()));
-                    if repair {
-                        let _ = crate::sys::unmount(&e.path().join("rootfs"));
-                        if fs::remove_dir_all(e.path()).is_ok() {
-                            fixed += 1;
-                        }
+                    if repair && self.discard_snapshot_dir(&e.path()).is_ok() {
+                        fixed += 1;
                     }
                 }
             }

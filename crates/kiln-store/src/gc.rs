@@ -50,6 +50,9 @@ pub struct PruneReport {
     pub blobs: Vec<Digest>,
     /// Bytes of blobs freed.
     pub blob_bytes: u64,
+    /// Trees of killed builds' leftovers deleted from the trash (reclaiming them at the
+    /// start of a build only moves them there).
+    pub trash: usize,
 }
 
 fn digests_in(v: &serde_json::Value, out: &mut Vec<Digest>) {
@@ -272,6 +275,7 @@ impl Store {
             })?;
         }
         report.blobs = gone;
+        report.trash = self.empty_trash()?;
         Ok(report)
     }
 }

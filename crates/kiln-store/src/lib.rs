@@ -18,6 +18,7 @@ pub mod snapshot;
 mod store;
 mod sys;
 mod tarfmt;
+mod trash;
 
 pub use apply::{unpack_archive, ApplyOptions, ApplyStats, DevicePolicy};
 pub use content::{BlobInfo, BlobWriter, ContentStore};

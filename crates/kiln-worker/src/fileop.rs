@@ -330,6 +330,7 @@ pub fn copy_filtered(
     opts: &CopyOptions,
     include: &dyn Fn(&str) -> bool,
 ) -> Result<CopyStats, FileOpError> {
+    COPY_RANGE_REFUSED.set(false);
     let mut matched = Vec::new();
     for pattern in srcs {
         let found: Vec<String> = expand_source(src_root, pattern)?
@@ -403,9 +404,7 @@ pub fn copy_filtered(
         if meta.is_dir() {
             let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
             apply_meta(&dir, &meta, opts)?;
-            copy_tree(
-                &src, dest_root, &target, &real_rel, opts, include, &mut stats,
-            )?;
+            copy_tree(&src, &dir, &real_rel, opts, include, &mut stats)?;
             keep_mtime(&dir, &meta)?;
         } else if opts.extract_archives && meta.is_file() && is_tar_archive(&src) {
             // Docker unpacks into the destination as a directory.
@@ -417,16 +416,23 @@ pub fn copy_filtered(
                 .map(|p| p.to_string_lossy().into_owned())
                 .unwrap_or_default();
             mkdir_all(dest_root, &parent, 0o755, Owner::Ids(0, 0))?;
-            copy_entry(&src, &meta, dest_root, &target, opts, &mut stats)?;
+            // The parent is resolved inside the root; the last component is replaced, never
+            // followed.
+            let host = resolve_in_root(dest_root, &target, false)?;
+            copy_entry(&src, &meta, &host, opts, &mut stats)?;
         }
     }
     Ok(stats)
 }
 
+/// Copies the entries of `src_dir` into `dest_dir`, a real directory on the host that the
+/// caller resolved inside the destination root (or created there). Each child is addressed
+/// as `dest_dir/name`: a single component that is replaced, never followed, so no path is
+/// resolved again per file; with tens of thousands of files, per-file resolution of every
+/// ancestor was most of a large `COPY --from`'s system calls.
 fn copy_tree(
     src_dir: &Path,
-    dest_root: &Path,
-    dest_dir: &str,
+    dest_dir: &Path,
     rel_dir: &str,
     opts: &CopyOptions,
     include: &dyn Fn(&str) -> bool,
@@ -439,72 +445,193 @@ fn copy_tree(
         .collect();
     names.sort();
     for name in names {
-        let name = name.to_string_lossy().into_owned();
+        let name_str = name.to_string_lossy();
         let rel = if rel_dir.is_empty() {
-            name.clone()
+            name_str.into_owned()
         } else {
-            format!("{rel_dir}/{name}")
+            format!("{rel_dir}/{name_str}")
         };
         if !include(&rel) || excluded(&rel, &opts.exclude) {
             continue;
         }
         let src = src_dir.join(&name);
         let meta = fs::symlink_metadata(&src).map_err(io_at(&src))?;
-        let target = format!("{dest_dir}/{name}");
+        let host = dest_dir.join(&name);
         if meta.is_dir() {
-            let host = resolve_in_root(dest_root, &target, false)?;
-            if fs::symlink_metadata(&host)
-                .map(|m| !m.is_dir())
-                .unwrap_or(false)
-            {
-                fs::remove_file(&host).map_err(io_at(&host))?;
+            match fs::symlink_metadata(&host) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    fs::remove_file(&host).map_err(io_at(&host))?;
+                    fs::create_dir(&host).map_err(io_at(&host))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::create_dir(&host).map_err(io_at(&host))?;
+                }
+                Err(e) => return Err(io_at(&host)(e)),
             }
-            let dir = mkdir_all(dest_root, &target, 0o755, Owner::Ids(0, 0))?;
-            apply_meta(&dir, &meta, opts)?;
+            apply_meta(&host, &meta, opts)?;
             stats.dirs += 1;
-            copy_tree(&src, dest_root, &target, &rel, opts, include, stats)?;
-            keep_mtime(&dir, &meta)?;
+            copy_tree(&src, &host, &rel, opts, include, stats)?;
+            keep_mtime(&host, &meta)?;
         } else {
-            copy_entry(&src, &meta, dest_root, &target, opts, stats)?;
+            copy_entry(&src, &meta, &host, opts, stats)?;
         }
     }
     Ok(())
 }
 
+/// Copies one non-directory entry `src` (described by `meta`) to `host`, replacing what is
+/// there.
 fn copy_entry(
     src: &Path,
     meta: &fs::Metadata,
-    dest_root: &Path,
-    target: &str,
+    host: &Path,
     opts: &CopyOptions,
     stats: &mut CopyStats,
 ) -> Result<(), FileOpError> {
-    // The parent is resolved inside the root; the last component is replaced, never followed.
-    let host = resolve_in_root(dest_root, target, false)?;
-    if let Ok(existing) = fs::symlink_metadata(&host) {
-        if existing.is_dir() && !meta.is_dir() {
-            fs::remove_dir_all(&host).map_err(io_at(&host))?;
-        } else if !existing.is_dir() {
-            fs::remove_file(&host).map_err(io_at(&host))?;
-        }
-    }
     let ft = meta.file_type();
-    if ft.is_symlink() {
-        let link = fs::read_link(src).map_err(io_at(src))?;
-        std::os::unix::fs::symlink(&link, &host).map_err(io_at(&host))?;
-        stats.symlinks += 1;
-    } else if ft.is_file() {
-        fs::copy(src, &host).map_err(io_at(&host))?;
+    if ft.is_file() {
+        copy_regular_file(src, meta, host, opts)?;
         stats.files += 1;
         stats.bytes += meta.len();
+        return Ok(());
+    }
+    clear_for(host, meta)?;
+    if ft.is_symlink() {
+        let link = fs::read_link(src).map_err(io_at(src))?;
+        std::os::unix::fs::symlink(&link, host).map_err(io_at(host))?;
+        stats.symlinks += 1;
     } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-        make_node(&host, meta).map_err(io_at(&host))?;
+        make_node(host, meta).map_err(io_at(host))?;
         stats.files += 1;
     } else {
         // Sockets cannot be copied (BuildKit leaves them out too).
         return Ok(());
     }
-    apply_meta(&host, meta, opts)
+    apply_meta(host, meta, opts)
+}
+
+/// Removes what is at `host` so that an entry like `meta`'s can be created there: a
+/// directory is replaced by a non-directory, any other entry by anything.
+fn clear_for(host: &Path, meta: &fs::Metadata) -> Result<(), FileOpError> {
+    if let Ok(existing) = fs::symlink_metadata(host) {
+        if existing.is_dir() && !meta.is_dir() {
+            fs::remove_dir_all(host).map_err(io_at(host))?;
+        } else if !existing.is_dir() {
+            fs::remove_file(host).map_err(io_at(host))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies a regular file's bytes and sets its owner, mode and mtime through the open
+/// descriptor: two path lookups per file (source and destination) instead of six, and no
+/// `stat` of either side. The destination is created exclusively, so an entry already there
+/// (a file, a symlink that could lead out of the root, a directory) is removed first and
+/// never written through.
+fn copy_regular_file(
+    src: &Path,
+    meta: &fs::Metadata,
+    host: &Path,
+    opts: &CopyOptions,
+) -> Result<(), FileOpError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let from = fs::File::open(src).map_err(io_at(src))?;
+    let create = || {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(host)
+    };
+    let to = match create() {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            clear_for(host, meta)?;
+            create().map_err(io_at(host))?
+        }
+        Err(e) => return Err(io_at(host)(e)),
+    };
+    copy_bytes(&from, &to, meta.len()).map_err(io_at(host))?;
+    let (uid, gid) = match opts.owner {
+        Owner::Preserve => (meta.uid(), meta.gid()),
+        Owner::Ids(u, g) => (u, g),
+    };
+    // chown before chmod: changing the owner clears set-id bits.
+    std::os::unix::fs::fchown(&to, Some(uid), Some(gid)).map_err(io_at(host))?;
+    let mode = opts.chmod.unwrap_or(meta.mode() & 0o7777);
+    to.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_at(host))?;
+    let mtime = meta.modified().map_err(io_at(src))?;
+    to.set_times(fs::FileTimes::new().set_modified(mtime))
+        .map_err(io_at(host))
+}
+
+thread_local! {
+    /// Set once `copy_file_range` was refused between the two trees of the current copy
+    /// (two overlay mounts are two filesystems to it), so later files go straight to
+    /// `sendfile` instead of failing the same call first. Reset by [`copy_filtered`].
+    static COPY_RANGE_REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Copies the `len` bytes `from` had when it was stat'ed to `to`: with `copy_file_range`
+/// (in-kernel, and a reflink where the filesystem shares extents), else with `sendfile`
+/// where the kernel or the filesystems refuse it. A source snapshot does not change under
+/// a copy; the length saves the call that would only find the end.
+fn copy_bytes(from: &fs::File, to: &fs::File, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (src, dst) = (from.as_raw_fd(), to.as_raw_fd());
+    let mut left = len;
+    while left > 0 && !COPY_RANGE_REFUSED.get() {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: both descriptors are open for the life of the call; null offsets use and
+        // advance the files' own positions.
+        let n = unsafe {
+            libc::copy_file_range(
+                src,
+                std::ptr::null_mut(),
+                dst,
+                std::ptr::null_mut(),
+                chunk,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(
+                    libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM,
+                ) => COPY_RANGE_REFUSED.set(true),
+                _ => return Err(e),
+            }
+            continue;
+        }
+        if n == 0 {
+            // The source is shorter than when it was stat'ed: it ends here.
+            return Ok(());
+        }
+        left -= n as u64;
+    }
+    // Positions advanced only by what was copied; go on from there.
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        // SAFETY: as above; a null offset reads from and advances the source's position.
+        let n = unsafe { libc::sendfile(dst, src, std::ptr::null_mut(), chunk) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        left -= n as u64;
+    }
+    Ok(())
 }
 
 /// Sets a copied directory's mtime back to its source's once its children are written

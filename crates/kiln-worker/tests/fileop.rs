@@ -583,3 +583,133 @@ fn a_source_symlinked_to_a_context_dir_copies_what_the_dir_holds() {
         ["util.php", "util_test.php"]
     );
 }
+
+/// A stage's tree as `COPY --from` sees it: nested dirs, modes (set-id bits included),
+/// owners, mtimes to the nanosecond, an empty file, one larger than a copy chunk, links.
+fn stage_tree() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    fs::create_dir_all(p.join("deps/a/b/c")).unwrap();
+    fs::write(p.join("deps/a/b/c/deep.js"), "module.exports = 1;\n").unwrap();
+    fs::write(p.join("deps/empty"), "").unwrap();
+    let big: Vec<u8> = (0..(5u32 << 20)).map(|i| (i % 251) as u8).collect();
+    fs::write(p.join("deps/big.bin"), &big).unwrap();
+    fs::write(p.join("deps/tool"), "#!/bin/sh\n").unwrap();
+    symlink("a/b/c/deep.js", p.join("deps/link")).unwrap();
+    if nix_root() {
+        std::os::unix::fs::lchown(p.join("deps/tool"), Some(1234), Some(5678)).unwrap();
+        std::os::unix::fs::lchown(p.join("deps/a/b"), Some(42), Some(43)).unwrap();
+        std::os::unix::fs::lchown(p.join("deps/link"), Some(7), Some(8)).unwrap();
+    }
+    // After the owners: a change of owner clears set-id bits.
+    fs::set_permissions(p.join("deps/tool"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(p.join("deps/empty"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::set_permissions(p.join("deps/a/b"), fs::Permissions::from_mode(0o2750)).unwrap();
+    let t = filetime::FileTime::from_unix_time(1_600_000_000, 123_456_789);
+    for f in [
+        "deps/a/b/c/deep.js",
+        "deps/empty",
+        "deps/big.bin",
+        "deps/tool",
+    ] {
+        filetime::set_file_mtime(p.join(f), t).unwrap();
+    }
+    filetime::set_symlink_file_times(p.join("deps/link"), t, t).unwrap();
+    for dir in ["deps/a/b/c", "deps/a/b", "deps/a", "deps"] {
+        filetime::set_file_mtime(p.join(dir), t).unwrap();
+    }
+    d
+}
+
+#[test]
+fn copy_from_a_stage_keeps_owner_mode_mtime_and_replaces_what_the_destination_had() {
+    let stage = stage_tree();
+    let dest = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let d = dest.path();
+    // What the destination image already has where the copy lands: a symlink to a host file
+    // where a file goes (must be replaced, never written through), a directory where a file
+    // goes, a file where a directory goes.
+    fs::create_dir_all(d.join("app/a")).unwrap();
+    fs::write(outside.path().join("victim"), "host file").unwrap();
+    symlink(outside.path().join("victim"), d.join("app/tool")).unwrap();
+    fs::create_dir_all(d.join("app/empty/sub")).unwrap();
+    fs::remove_dir_all(d.join("app/a")).unwrap();
+    fs::write(d.join("app/a"), "a file in the way").unwrap();
+    let o = CopyOptions {
+        dest_is_dir: true,
+        owner: Owner::Preserve,
+        source_name: "stage deps".into(),
+        ..opts()
+    };
+    let stats = fileop::copy(stage.path(), &["deps".into()], d, "/app/", &o).unwrap();
+    assert_eq!((stats.files, stats.symlinks), (4, 1));
+    assert_eq!(stats.bytes, (5 << 20) + 20 + 10);
+
+    assert_eq!(
+        fs::read_to_string(outside.path().join("victim")).unwrap(),
+        "host file"
+    );
+    for rel in [
+        "a/b/c/deep.js",
+        "empty",
+        "big.bin",
+        "tool",
+        "a/b/c",
+        "a/b",
+        "a",
+        "link",
+    ] {
+        let (src, dst) = (stage.path().join("deps").join(rel), d.join("app").join(rel));
+        let (s, t) = (
+            fs::symlink_metadata(&src).unwrap(),
+            fs::symlink_metadata(&dst).unwrap(),
+        );
+        assert_eq!(s.file_type(), t.file_type(), "{rel}: type");
+        assert_eq!(s.mode(), t.mode(), "{rel}: mode (set-id bits included)");
+        if rel == "tool" {
+            assert_eq!(t.mode() & 0o7777, 0o4755);
+        }
+        assert_eq!(
+            (s.mtime(), s.mtime_nsec()),
+            (t.mtime(), t.mtime_nsec()),
+            "{rel}: mtime"
+        );
+        if nix_root() {
+            assert_eq!((s.uid(), s.gid()), (t.uid(), t.gid()), "{rel}: owner");
+        }
+        if s.is_file() {
+            assert!(
+                fs::read(&src).unwrap() == fs::read(&dst).unwrap(),
+                "{rel}: content"
+            );
+            assert_eq!(
+                t.nlink(),
+                1,
+                "{rel}: a copy, not a link to the stage's file"
+            );
+        }
+    }
+    assert_eq!(
+        fs::read_link(d.join("app/link")).unwrap(),
+        Path::new("a/b/c/deep.js")
+    );
+
+    // The same copy again over its own result changes nothing (the layer stays the same).
+    let before: Vec<_> = list(d)
+        .into_iter()
+        .map(|rel| {
+            let m = fs::symlink_metadata(d.join(&rel)).unwrap();
+            (rel, m.mode(), m.mtime(), m.mtime_nsec(), m.size())
+        })
+        .collect();
+    fileop::copy(stage.path(), &["deps".into()], d, "/app/", &o).unwrap();
+    let after: Vec<_> = list(d)
+        .into_iter()
+        .map(|rel| {
+            let m = fs::symlink_metadata(d.join(&rel)).unwrap();
+            (rel, m.mode(), m.mtime(), m.mtime_nsec(), m.size())
+        })
+        .collect();
+    assert_eq!(before, after);
+}

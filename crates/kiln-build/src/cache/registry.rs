@@ -159,11 +159,11 @@ impl CacheBackend for RegistryCache {
             .unwrap_or(0);
         graph.mark_used(now);
         // Keep what other builds (branches, targets) recorded under the same ref, within the
-        // export's max-age / max-records.
-        if let Some(c) = imported.iter().find(|c| c.name == self.name) {
-            graph.merge_missing(c.cache.graph());
-        }
-        let expired = graph.retain_recent(&self.retention, now);
+        // export's max-age / max-records (by default: no more than this build's own count).
+        let expired = match imported.iter().find(|c| c.name == self.name) {
+            Some(c) => graph.merge_previous(c.cache.graph(), &self.retention, now),
+            None => graph.retain_recent(&self.retention, now),
+        };
         let mount_from = imported
             .iter()
             .filter_map(|c| c.cache.source().repository())
