@@ -29,7 +29,7 @@ INDEX_TYPES = MANIFEST_TYPES[:2]
 def request(method, url, data=None, headers=None):
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     with urllib.request.urlopen(req, timeout=120) as resp:
-        return resp.status, dict(resp.headers), resp.read()
+        return resp.status, resp.headers, resp.read()
 
 
 def get_manifest(reg, repo, ref):
@@ -94,7 +94,7 @@ def image_manifest(reg, repo, ref):
 def put_blob(reg, repo, data):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     _, headers, _ = request("POST", f"http://{reg}/v2/{repo}/blobs/uploads/")
-    loc = headers["Location"]
+    loc = headers.get("Location")
     if loc.startswith("/"):
         loc = f"http://{reg}{loc}"
     sep = "&" if "?" in loc else "?"

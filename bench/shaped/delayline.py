@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""A delay line between two TUN devices: one in the current network namespace, one in a
-named namespace. Every packet read from one side is written to the other DELAY_MS later, in
+"""A delay line between two TUN devices: one in the current network namespace, one in a new
+network namespace this process makes (it lives as long as the process: enter it with
+`nsenter --net=/proc/PID/ns/net`). Every packet read from one side is written to the other DELAY_MS later, in
 order (a fixed one-way delay, what netem's `delay` does; this machine's kernel has no netem).
 The rate limit is the kernel's: an htb qdisc on each TUN device (see link.sh).
 
-    delayline.py HOST_IF NETNS NS_IF DELAY_MS
+    delayline.py HOST_IF NS_IF DELAY_MS
 
 Prints "ready" once both devices exist; runs until killed.
 """
@@ -32,13 +33,12 @@ def open_tun(name):
 
 
 def main():
-    host_if, netns, ns_if, delay_ms = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+    host_if, ns_if, delay_ms = sys.argv[1], sys.argv[2], float(sys.argv[3])
     delay = delay_ms / 1000.0
     a = open_tun(host_if)
     libc = ctypes.CDLL(None, use_errno=True)
-    nsfd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-    if libc.setns(nsfd, CLONE_NEWNET) != 0:
-        sys.exit(f"delayline: setns {netns}: errno {ctypes.get_errno()}")
+    if libc.unshare(CLONE_NEWNET) != 0:
+        sys.exit(f"delayline: unshare(CLONE_NEWNET): errno {ctypes.get_errno()}")
     b = open_tun(ns_if)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print("ready", flush=True)
