@@ -6,6 +6,8 @@
 //! settings for this machine kind: [`podman_conf`] writes them from `containers.conf` (the
 //! file beside this crate's `Cargo.toml`) and the machine's hard rlimits.
 
+pub mod garage;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
