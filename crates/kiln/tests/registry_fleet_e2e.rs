@@ -463,3 +463,44 @@ fn three_registries_on_one_bucket_survive_concurrent_pushes_and_a_killed_process
     assert!(gc.contains("deleted"), "{gc}");
     check_all("after GC");
 }
+
+#[test]
+fn s3_flags_without_s3_storage_and_missing_credentials_are_clear_errors() {
+    let home = tempfile::tempdir().unwrap();
+    let serve = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--root")
+            .arg(home.path().join("state"))
+            .args(["registry", "serve", "--addr", "127.0.0.1:0"])
+            .args(args)
+            .env("HOME", home.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .output()
+            .unwrap()
+    };
+    let out = serve(&["--s3-endpoint", "http://127.0.0.1:1"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--s3-endpoint needs --storage s3://BUCKET/PREFIX"),
+        "{err}"
+    );
+
+    let out = serve(&["--storage", "s3://Bad_Bucket/x"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--storage") && err.contains("Bad_Bucket"),
+        "{err}"
+    );
+
+    let out = serve(&["--storage", "s3://kiln-bucket/reg"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s3://kiln-bucket/reg") && err.contains("AWS_ACCESS_KEY_ID"),
+        "{err}"
+    );
+}
