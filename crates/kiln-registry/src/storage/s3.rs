@@ -117,6 +117,35 @@ pub struct S3Storage {
     delete_grace: Duration,
 }
 
+/// Parts of one chunk being uploaded at once.
+const PARTS_IN_FLIGHT: usize = 3;
+
+/// Part uploads running as tasks, oldest first; dropping it aborts those still running
+/// (a chunk that failed records none of them, and the retry overwrites their numbers).
+#[derive(Default)]
+struct PartsInFlight(std::collections::VecDeque<tokio::task::JoinHandle<Result<Part, S3Error>>>);
+
+impl PartsInFlight {
+    /// Waits for the oldest part.
+    async fn next(&mut self) -> StorageResult<Part> {
+        let Some(h) = self.0.pop_front() else {
+            return Err(StorageError::Io(io::Error::other("no part in flight")));
+        };
+        match h.await {
+            Ok(r) => r.map_err(io_err),
+            Err(e) => Err(StorageError::Io(io::Error::other(e))),
+        }
+    }
+}
+
+impl Drop for PartsInFlight {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// One part of an upload's multipart upload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Part {
@@ -670,6 +699,9 @@ impl Storage for S3Storage {
         }
         let dir = upload_dir(repo, id);
         let mut new_parts: Vec<Part> = Vec::new();
+        // Parts being sent while the body is read on; aborted if the chunk fails.
+        let mut sending = PartsInFlight::default();
+        let mut next_part = st.parts.len() + 1;
         let mut added = 0u64;
         while let Some(chunk) = data.next().await {
             let chunk = chunk.map_err(|e| StorageError::UploadData(e.to_string()))?;
@@ -679,20 +711,23 @@ impl Storage for S3Storage {
             while buf.len() >= PART_SIZE {
                 let body = buf.split_to(PART_SIZE).freeze();
                 let mp = self.multipart(id, &mut st).await?;
-                let n = u16::try_from(st.parts.len() + new_parts.len() + 1).map_err(|_| {
+                let n = u16::try_from(next_part).map_err(|_| {
                     StorageError::UploadData("upload larger than 10 000 parts".into())
                 })?;
-                let etag = self
-                    .s3
-                    .upload_part(&format!("{dir}data"), &mp, n, body.clone())
-                    .await
-                    .map_err(io_err)?;
-                new_parts.push(Part {
-                    n,
-                    etag,
-                    size: body.len() as u64,
-                });
+                next_part += 1;
+                if sending.0.len() >= PARTS_IN_FLIGHT {
+                    new_parts.push(sending.next().await?);
+                }
+                let (s3, key) = (self.s3.clone(), format!("{dir}data"));
+                sending.0.push_back(tokio::spawn(async move {
+                    let size = body.len() as u64;
+                    let etag = s3.upload_part(&key, &mp, n, body).await?;
+                    Ok(Part { n, etag, size })
+                }));
             }
+        }
+        while !sending.0.is_empty() {
+            new_parts.push(sending.next().await?);
         }
         let old_tail = st.tail.take();
         st.seq += 1;

@@ -19,9 +19,9 @@ pub struct RegistryArgs {
 #[derive(clap::Subcommand)]
 enum RegistryCommand {
     /// Serve an OCI distribution v1.1 registry
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Delete blobs and manifests no tag reaches
-    Gc(GcArgs),
+    Gc(Box<GcArgs>),
     /// Print a bearer token signed with the registry's token key
     Token(TokenArgs),
 }
@@ -194,7 +194,7 @@ fn humantime_secs(s: &str) -> Result<u64, String> {
 pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let default_root = globals.root.join("registry");
     match args.command {
-        RegistryCommand::Serve(a) => serve(a, default_root),
+        RegistryCommand::Serve(a) => serve(*a, default_root),
         RegistryCommand::Gc(a) => {
             let mut cfg = Config {
                 root: default_root,
