@@ -391,6 +391,18 @@ async fn get_blob(app: &Arc<App>, name: String, d: String, h: &HeaderMap, head: 
         store.touch_blob(&d).await;
     }
     let size = size.ok_or_else(|| blob_unknown(&d))?;
+    if !head && !h.contains_key(header::RANGE) {
+        // Object storage may hand the bytes out itself (a presigned URL).
+        if let Some(url) = store.blob_redirect(&d) {
+            return finish(
+                builder(StatusCode::TEMPORARY_REDIRECT)
+                    .header(header::LOCATION, url)
+                    .header("Docker-Content-Digest", d.to_string())
+                    .header(header::CONTENT_LENGTH, 0),
+                empty(),
+            );
+        }
+    }
     let range = match h.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(r) => match parse_range(r, size) {
             Some(x) => Some(x),

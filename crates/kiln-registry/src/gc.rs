@@ -73,6 +73,31 @@ pub fn collect_garbage(root: &Path, opts: &GcOptions) -> Result<GcReport, Regist
     })
 }
 
+/// Runs one garbage collection over the storage `config` names (any driver), on a runtime
+/// of its own like [`collect_garbage`]. With the `s3` driver, registry processes serving the
+/// same bucket may keep running: see `docs/registry-fleet.md`.
+pub fn collect_garbage_with_config(
+    config: &crate::Config,
+    opts: &GcOptions,
+) -> Result<GcReport, RegistryError> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| {
+                    RegistryError::io("starting the async runtime for", &config.root, e)
+                })?;
+            rt.block_on(async {
+                let store = crate::storage::open(config)?;
+                collect_garbage_in(store.as_ref(), opts).await
+            })
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Runs one garbage collection over `store`, whatever its driver, under its exclusive lock.
 pub async fn collect_garbage_in(
     store: &dyn Storage,

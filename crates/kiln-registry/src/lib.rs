@@ -36,8 +36,10 @@ pub use auth::{issue_token, parse_scope, TokenAccess};
 #[cfg(feature = "byte-registry")]
 pub use byte_registry::ByteRegistry;
 pub use error::RegistryError;
-pub use gc::{collect_garbage, collect_garbage_in, GcOptions, GcReport};
-pub use storage::{FsStorage, Storage, StorageDriver};
+pub use gc::{
+    collect_garbage, collect_garbage_in, collect_garbage_with_config, GcOptions, GcReport,
+};
+pub use storage::{FsStorage, S3Settings, S3Storage, Storage, StorageDriver};
 
 /// Largest manifest accepted by default (distribution's limit too).
 pub const DEFAULT_MAX_MANIFEST_BYTES: usize = 4 << 20;
@@ -53,6 +55,8 @@ pub struct Config {
     pub storage: StorageDriver,
     /// Storage root of the filesystem driver.
     pub root: PathBuf,
+    /// Settings of the `s3` driver (bucket URL, endpoint, region, redirects).
+    pub s3: S3Settings,
     /// Refuse every write with 405.
     pub read_only: bool,
     /// PEM certificate chain; with `tls_key`, serve HTTPS.
@@ -104,6 +108,7 @@ impl Default for Config {
             addr: "127.0.0.1:5000".into(),
             storage: StorageDriver::Filesystem,
             root: PathBuf::from("registry"),
+            s3: S3Settings::default(),
             read_only: false,
             tls_cert: None,
             tls_key: None,

@@ -8,6 +8,8 @@
 
 /// Busybox base images for amd64 and arm64 made here, pushed as one index; QEMU emulation.
 pub mod multiarch;
+/// A 3-node Garage cluster (S3-compatible object store) for the s3 tests.
+pub mod garage;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! Where the registry keeps its data: the [`Storage`] trait the HTTP API and GC speak to,
-//! and its drivers ([`FsStorage`], the filesystem layout under `--root`).
+//! and its drivers ([`FsStorage`], the filesystem layout under `--root`; [`S3Storage`], one
+//! S3 bucket shared by several registry processes).
 //!
 //! The trait is shaped for drivers that are not a local filesystem too (an object store:
 //! multipart uploads, no rename, several registry processes sharing one bucket): it names
@@ -14,6 +15,8 @@
 //!   with a sweep.
 
 mod fs;
+mod resumable_sha256;
+mod s3;
 mod upload_hash;
 
 use std::pin::Pin;
@@ -25,6 +28,7 @@ use futures::{Stream, StreamExt};
 use kiln_oci::Digest;
 
 pub use fs::FsStorage;
+pub use s3::{S3Settings, S3Storage, PART_SIZE};
 
 /// A stream of bytes moving in or out of storage (an upload chunk, a blob being read). An
 /// item error ends the stream; its message is passed on to the client unchanged.
@@ -336,6 +340,13 @@ pub trait Storage: Send + Sync + 'static {
         let _ = grace;
         Ok(())
     }
+
+    /// A URL the client may fetch blob `d` from directly (a presigned object URL), answered
+    /// as a `307` to a blob GET; `None` (the default) serves the bytes through the registry.
+    fn blob_redirect(&self, d: &Digest) -> Option<String> {
+        let _ = d;
+        None
+    }
 }
 
 /// The digest a tag or digest `reference` names in `repo`, when `repo` holds that manifest.
@@ -440,6 +451,8 @@ pub enum StorageDriver {
     /// [`FsStorage`] under the configured `root`.
     #[default]
     Filesystem,
+    /// [`S3Storage`] in the bucket of the configured `s3` settings.
+    S3,
 }
 
 /// Opens the storage `config` names: the one place a configured driver is chosen.
@@ -458,5 +471,23 @@ pub(crate) fn open(
             };
             Ok(std::sync::Arc::new(fs))
         }
+        StorageDriver::S3 => {
+            let settings = &config.s3;
+            let client = settings
+                .client_config()
+                .and_then(kiln_s3::S3Client::new)
+                .map_err(|e| {
+                    crate::RegistryError::Config(format!("storage {}: {e}", settings.url))
+                })?;
+            let mut s3 = S3Storage::new(client)
+                .with_delete_grace(std::time::Duration::from_secs(config.gc_grace_secs));
+            if settings.redirect {
+                s3 = s3.with_redirects(REDIRECT_VALIDITY);
+            }
+            Ok(std::sync::Arc::new(s3))
+        }
     }
 }
+
+/// How long a presigned blob URL handed out in a redirect stays valid.
+pub const REDIRECT_VALIDITY: Duration = Duration::from_secs(20 * 60);

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kiln_registry::{Config, GcOptions};
+use kiln_registry::{Config, GcOptions, S3Settings, StorageDriver};
 
 use crate::Globals;
 
@@ -19,11 +19,78 @@ pub struct RegistryArgs {
 #[derive(clap::Subcommand)]
 enum RegistryCommand {
     /// Serve an OCI distribution v1.1 registry
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Delete blobs and manifests no tag reaches
-    Gc(GcArgs),
+    Gc(Box<GcArgs>),
     /// Print a bearer token signed with the registry's token key
     Token(TokenArgs),
+}
+
+/// Where the registry keeps its data (`serve` and `gc` alike).
+#[derive(clap::Args)]
+struct StorageArgs {
+    /// Storage: `s3://BUCKET/PREFIX` (an S3 bucket several registry processes may share;
+    /// credentials from AWS_* variables or ~/.aws files) or a directory (default
+    /// `<root>/registry`)
+    #[arg(long, value_name = "s3://BUCKET/PREFIX|DIR")]
+    storage: Option<String>,
+    /// S3 endpoint when not AWS's, e.g. `http://127.0.0.1:3900` (implies path style)
+    #[arg(long, value_name = "URL")]
+    s3_endpoint: Option<String>,
+    /// S3 signing region (default AWS_REGION, the AWS config file, or us-east-1)
+    #[arg(long, value_name = "REGION")]
+    s3_region: Option<String>,
+    /// Address the bucket in the URL path (`ENDPOINT/BUCKET/KEY`) rather than the host name
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    s3_path_style: Option<bool>,
+    /// Answer blob GETs with a 307 redirect to a presigned URL of the object
+    #[arg(long)]
+    s3_redirect: bool,
+}
+
+impl StorageArgs {
+    /// Applies the flags to `cfg`; S3 flags without an `s3://` storage are an error.
+    fn apply(self, cfg: &mut Config) -> anyhow::Result<()> {
+        if let Some(s) = self.storage {
+            if s.starts_with("s3://") {
+                kiln_s3::parse_s3_url(&s).map_err(|e| anyhow::anyhow!("--storage: {e}"))?;
+                cfg.storage = StorageDriver::S3;
+                cfg.s3 = S3Settings {
+                    url: s,
+                    ..S3Settings::default()
+                };
+            } else if s.contains("://") {
+                anyhow::bail!("--storage {s:?}: expected s3://BUCKET/PREFIX or a directory");
+            } else {
+                cfg.storage = StorageDriver::Filesystem;
+                cfg.root = PathBuf::from(s);
+            }
+        }
+        let s3_flag = [
+            ("--s3-endpoint", self.s3_endpoint.is_some()),
+            ("--s3-region", self.s3_region.is_some()),
+            ("--s3-path-style", self.s3_path_style.is_some()),
+            ("--s3-redirect", self.s3_redirect),
+        ]
+        .into_iter()
+        .find(|(_, given)| *given);
+        if let Some((flag, _)) = s3_flag {
+            if cfg.storage != StorageDriver::S3 {
+                anyhow::bail!("{flag} needs --storage s3://BUCKET/PREFIX");
+            }
+        }
+        if let Some(e) = self.s3_endpoint {
+            cfg.s3.endpoint = Some(e);
+        }
+        if let Some(r) = self.s3_region {
+            cfg.s3.region = Some(r);
+        }
+        if let Some(p) = self.s3_path_style {
+            cfg.s3.path_style = Some(p);
+        }
+        cfg.s3.redirect |= self.s3_redirect;
+        Ok(())
+    }
 }
 
 #[derive(clap::Args)]
@@ -31,6 +98,8 @@ struct ServeArgs {
     /// Listen address
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
+    #[command(flatten)]
+    storage: StorageArgs,
     /// JSON configuration file with the same settings as the flags (flags win)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -72,6 +141,8 @@ struct ServeArgs {
 
 #[derive(clap::Args)]
 struct GcArgs {
+    #[command(flatten)]
+    storage: StorageArgs,
     /// Also delete manifests that no tag reaches
     #[arg(long)]
     delete_untagged: bool,
@@ -123,16 +194,25 @@ fn humantime_secs(s: &str) -> Result<u64, String> {
 pub fn run(args: RegistryArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     let default_root = globals.root.join("registry");
     match args.command {
-        RegistryCommand::Serve(a) => serve(a, default_root),
+        RegistryCommand::Serve(a) => serve(*a, default_root),
         RegistryCommand::Gc(a) => {
-            let root = default_root;
+            let mut cfg = Config {
+                root: default_root,
+                gc_grace_secs: a.grace,
+                ..Config::default()
+            };
+            a.storage.apply(&mut cfg)?;
             let opts = GcOptions {
                 delete_untagged: a.delete_untagged,
                 dry_run: a.dry_run,
                 grace: Duration::from_secs(a.grace),
             };
-            let r = kiln_registry::collect_garbage(&root, &opts)
-                .with_context(|| format!("garbage collection of {}", root.display()))?;
+            let r = match cfg.storage {
+                StorageDriver::Filesystem => kiln_registry::collect_garbage(&cfg.root, &opts)
+                    .with_context(|| format!("garbage collection of {}", cfg.root.display()))?,
+                StorageDriver::S3 => kiln_registry::collect_garbage_with_config(&cfg, &opts)
+                    .with_context(|| format!("garbage collection of {}", cfg.s3.url))?,
+            };
             let verb = if a.dry_run { "would delete" } else { "deleted" };
             for (repo, d) in &r.manifests_deleted {
                 outln!("{verb} manifest {repo}@{d}");
@@ -178,6 +258,7 @@ fn serve(a: ServeArgs, default_root: PathBuf) -> anyhow::Result<ExitCode> {
     if let Some(x) = a.addr {
         cfg.addr = x;
     }
+    a.storage.apply(&mut cfg)?;
     if a.tls_cert.is_some() {
         cfg.tls_cert = a.tls_cert;
         cfg.tls_key = a.tls_key;

@@ -1,0 +1,439 @@
+//! A real S3-compatible object store for tests: a Garage cluster on 127.0.0.1 ports.
+//!
+//! [`GarageCluster::start`] writes one `garage.toml` per node (its own metadata and data
+//! dirs, RPC and S3 ports, one shared `rpc_secret`, `replication_factor = 3` when there are
+//! three nodes or more), starts `garage server` for each, connects the nodes to the first one
+//! (`garage node connect`), gives each a role in zone `dc1` (`garage layout assign`), applies
+//! layout version 1 and creates one access key (`garage key create`). Buckets come from
+//! [`GarageCluster::create_bucket`], which lets that key read, write and own them.
+//!
+//! The binary is `$KILN_GARAGE_BIN` when set, else `garage` on `PATH` (`.ci/install` builds
+//! it with `cargo install --locked garage`). Dropping the cluster kills every node and removes
+//! its directory.
+
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The S3 region every test cluster answers to (`s3_api.s3_region`).
+pub const GARAGE_REGION: &str = "garage";
+
+/// How long the cluster may take to come up (nodes answering, layout applied, quorum reached).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One node of a [`GarageCluster`]: its config file, ports and (while it runs) its process.
+#[derive(Debug)]
+struct Node {
+    config: PathBuf,
+    log: PathBuf,
+    rpc_port: u16,
+    s3_port: u16,
+    child: Option<Child>,
+}
+
+/// A running Garage cluster of real `garage server` processes on 127.0.0.1; [`Drop`] stops
+/// them all and removes their files.
+#[derive(Debug)]
+pub struct GarageCluster {
+    binary: PathBuf,
+    dir: PathBuf,
+    nodes: Vec<Node>,
+    key_id: String,
+    secret: String,
+}
+
+/// The garage binary: `$KILN_GARAGE_BIN` when set, else `garage` on `PATH`.
+pub fn garage_binary() -> Result<PathBuf, String> {
+    binary_from(std::env::var_os("KILN_GARAGE_BIN"))
+}
+
+fn binary_from(var: Option<std::ffi::OsString>) -> Result<PathBuf, String> {
+    if let Some(path) = var {
+        let path = PathBuf::from(path);
+        return match crate::find_program(&path.to_string_lossy()) {
+            Some(found) => Ok(found),
+            None => Err(format!(
+                "KILN_GARAGE_BIN={} is not an executable file",
+                path.display()
+            )),
+        };
+    }
+    crate::find_program("garage").ok_or_else(|| {
+        format!(
+            "garage (the S3-compatible object store the s3 tests run against) is not on PATH \
+             and KILN_GARAGE_BIN is not set: {}",
+            crate::INSTALL_HINT
+        )
+    })
+}
+
+impl GarageCluster {
+    /// Starts `nodes` Garage nodes (3 for replication factor 3; fewer nodes get a factor equal
+    /// to their count) on free 127.0.0.1 ports, joins them into one cluster with an applied
+    /// layout, and creates the access key [`GarageCluster::key`] returns. Fails with what went
+    /// wrong and the last lines of the failing node's log.
+    pub fn start(nodes: usize) -> Result<GarageCluster, String> {
+        if nodes == 0 {
+            return Err("a Garage cluster needs at least one node".into());
+        }
+        let binary = garage_binary()?;
+        let dir = unique_dir()?;
+        let mut cluster = GarageCluster {
+            binary,
+            dir,
+            nodes: Vec::with_capacity(nodes),
+            key_id: String::new(),
+            secret: String::new(),
+        };
+        // On any error below, dropping `cluster` stops what was started.
+        let rpc_secret = random_hex(32)?;
+        let replication = nodes.min(3);
+        for i in 0..nodes {
+            let node_dir = cluster.dir.join(format!("node{i}"));
+            for sub in ["meta", "data"] {
+                std::fs::create_dir_all(node_dir.join(sub))
+                    .map_err(|e| format!("creating {}: {e}", node_dir.join(sub).display()))?;
+            }
+            let rpc_port = free_port()?;
+            let s3_port = free_port()?;
+            let config = node_dir.join("garage.toml");
+            let text = node_config(&node_dir, replication, rpc_port, s3_port, &rpc_secret);
+            std::fs::write(&config, text)
+                .map_err(|e| format!("writing {}: {e}", config.display()))?;
+            cluster.nodes.push(Node {
+                config,
+                log: node_dir.join("garage.log"),
+                rpc_port,
+                s3_port,
+                child: None,
+            });
+        }
+        for i in 0..nodes {
+            cluster.spawn_node(i)?;
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut ids = Vec::with_capacity(nodes);
+        for i in 0..nodes {
+            let out = cluster.retry(i, &["node", "id", "-q"], deadline)?;
+            let full = out
+                .lines()
+                .map(str::trim)
+                .find(|l| l.contains('@'))
+                .ok_or_else(|| format!("`garage node id -q` on node {i} printed no id: {out}"))?
+                .to_string();
+            ids.push(full);
+        }
+        for full in ids.iter().skip(1) {
+            cluster.retry(0, &["node", "connect", full], deadline)?;
+        }
+        for full in &ids {
+            let id = full.split('@').next().unwrap_or(full);
+            cluster.retry(
+                0,
+                &["layout", "assign", "-z", "dc1", "-c", "1G", id],
+                deadline,
+            )?;
+        }
+        cluster.retry(0, &["layout", "apply", "--version", "1"], deadline)?;
+        // The key table needs a write quorum: retrying covers nodes still learning the layout.
+        let out = cluster.retry(0, &["key", "create", "kiln-test"], deadline)?;
+        let (key_id, secret) = parse_key(&out)
+            .ok_or_else(|| format!("`garage key create` printed no key id and secret: {out}"))?;
+        cluster.key_id = key_id;
+        cluster.secret = secret;
+        Ok(cluster)
+    }
+
+    /// The S3 endpoint of node 0, e.g. `http://127.0.0.1:39211` (path-style requests).
+    pub fn endpoint(&self) -> String {
+        self.endpoint_of(0)
+    }
+
+    /// The S3 endpoint of node `i`: every node serves the whole cluster's buckets.
+    pub fn endpoint_of(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.nodes[i].s3_port)
+    }
+
+    /// The S3 region the cluster answers to ([`GARAGE_REGION`]).
+    pub fn region(&self) -> &str {
+        GARAGE_REGION
+    }
+
+    /// The access key created at start: (key id, secret key). It owns every bucket made by
+    /// [`GarageCluster::create_bucket`].
+    pub fn key(&self) -> (String, String) {
+        (self.key_id.clone(), self.secret.clone())
+    }
+
+    /// How many nodes the cluster has (running or stopped).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Creates bucket `name` and lets the cluster's key read, write and own it.
+    pub fn create_bucket(&self, name: &str) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let admin = self.admin_node()?;
+        self.retry(admin, &["bucket", "create", name], deadline)?;
+        self.retry(
+            admin,
+            &[
+                "bucket",
+                "allow",
+                "--read",
+                "--write",
+                "--owner",
+                name,
+                "--key",
+                "kiln-test",
+            ],
+            deadline,
+        )?;
+        Ok(())
+    }
+
+    /// Stops node `i` (SIGKILL, as a crashed machine) and waits for its process to end; its
+    /// files stay, so [`GarageCluster::restart_node`] brings it back with its data. Stopping
+    /// a stopped node does nothing.
+    pub fn stop_node(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again after [`GarageCluster::stop_node`], on the same ports and files.
+    pub fn restart_node(&mut self, i: usize) -> Result<(), String> {
+        if self.nodes[i].child.is_none() {
+            self.spawn_node(i)?;
+            self.retry(i, &["node", "id", "-q"], Instant::now() + START_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Whether node `i`'s process is running.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The log file node `i` writes (stdout and stderr of `garage server`).
+    pub fn log_path(&self, i: usize) -> &Path {
+        &self.nodes[i].log
+    }
+
+    /// Runs the garage CLI against node `i` (`garage -c NODE_CONFIG ARGS...`) and returns its
+    /// stdout, or an error with its stderr.
+    pub fn cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.nodes[i].config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.binary.display()))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`garage {}` on node {i} failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            ))
+        }
+    }
+
+    fn admin_node(&self) -> Result<usize, String> {
+        self.nodes
+            .iter()
+            .position(|n| n.child.is_some())
+            .ok_or_else(|| "every Garage node is stopped".to_string())
+    }
+
+    fn spawn_node(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("opening {}: {e}", node.log.display()))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| format!("opening {}: {e}", node.log.display()))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&node.config)
+            .arg("server")
+            .env("RUST_LOG", "garage=info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {} server: {e}", self.binary.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Runs a CLI command on node `i` until it succeeds or `deadline` passes (nodes take a
+    /// moment to listen, to learn about each other and to reach quorum).
+    fn retry(&self, i: usize, args: &[&str], deadline: Instant) -> Result<String, String> {
+        loop {
+            let err = match self.cli(i, args) {
+                Ok(out) => return Ok(out),
+                Err(err) => err,
+            };
+            if let Some(child) = self.nodes[i].child.as_ref() {
+                // A node that exited will not answer: say so with its log, without waiting.
+                let pid = child.id() as libc::pid_t;
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                if unsafe { libc::kill(pid, 0) } != 0 {
+                    return Err(format!("{err}\nnode {i} exited; {}", self.log_tail(i)));
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{err}\n{}", self.log_tail(i)));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn log_tail(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        format!(
+            "last lines of {} (rpc port {}):\n{tail}",
+            self.nodes[i].log.display(),
+            self.nodes[i].rpc_port
+        )
+    }
+}
+
+impl Drop for GarageCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop_node(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node_config(
+    node_dir: &Path,
+    replication: usize,
+    rpc_port: u16,
+    s3_port: u16,
+    rpc_secret: &str,
+) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "metadata_dir = \"{}\"",
+        node_dir.join("meta").display()
+    );
+    let _ = writeln!(text, "data_dir = \"{}\"", node_dir.join("data").display());
+    let _ = writeln!(text, "db_engine = \"lmdb\"");
+    // The map is sparse, but keep it small: tests store little.
+    let _ = writeln!(text, "lmdb_map_size = \"1G\"");
+    let _ = writeln!(text, "replication_factor = {replication}");
+    let _ = writeln!(text, "consistency_mode = \"consistent\"");
+    let _ = writeln!(text, "rpc_bind_addr = \"127.0.0.1:{rpc_port}\"");
+    let _ = writeln!(text, "rpc_public_addr = \"127.0.0.1:{rpc_port}\"");
+    let _ = writeln!(text, "rpc_secret = \"{rpc_secret}\"");
+    let _ = writeln!(text);
+    let _ = writeln!(text, "[s3_api]");
+    let _ = writeln!(text, "s3_region = \"{GARAGE_REGION}\"");
+    let _ = writeln!(text, "api_bind_addr = \"127.0.0.1:{s3_port}\"");
+    let _ = writeln!(text, "root_domain = \".s3.garage.localhost\"");
+    text
+}
+
+/// The key id (`GK` + hex) and the 64-hex-digit secret in `garage key create`'s output.
+fn parse_key(out: &str) -> Option<(String, String)> {
+    let tokens: Vec<&str> = out
+        .split(|c: char| c.is_whitespace() || c == ':')
+        .filter(|t| !t.is_empty())
+        .collect();
+    let id = tokens.iter().find(|t| {
+        t.len() > 2 && t.starts_with("GK") && t[2..].chars().all(|c| c.is_ascii_hexdigit())
+    })?;
+    let secret = tokens
+        .iter()
+        .find(|t| t.len() == 64 && t.chars().all(|c| c.is_ascii_hexdigit()))?;
+    Some((id.to_string(), secret.to_string()))
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener =
+        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port: {e}"))
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(buf.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    }))
+}
+
+fn unique_dir() -> Result<PathBuf, String> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "kiln-garage-{}-{call}-{}",
+        std::process::id(),
+        random_hex(4)?
+    ));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_key_create_output() {
+        let out =
+            "==== ACCESS KEY INFORMATION ====\nKey ID:              GK3515373e4c851ebaad366558\n\
+                   Key name:            kiln-test\nSecret key:          \
+                   7d37d093435a41f2aab8f13c19ba067d9776c90215f56614adad6ece597dbb34\n";
+        let (id, secret) = parse_key(out).expect("parsed");
+        assert_eq!(id, "GK3515373e4c851ebaad366558");
+        assert_eq!(
+            secret,
+            "7d37d093435a41f2aab8f13c19ba067d9776c90215f56614adad6ece597dbb34"
+        );
+        assert!(parse_key("Key name: x\n").is_none());
+    }
+
+    #[test]
+    fn a_missing_binary_is_named() {
+        let err = binary_from(Some("/nonexistent/garage".into())).unwrap_err();
+        assert!(err.contains("KILN_GARAGE_BIN=/nonexistent/garage"), "{err}");
+    }
+
+    #[test]
+    fn config_names_ports_and_replication() {
+        let text = node_config(Path::new("/n"), 3, 4001, 4002, "ab");
+        assert!(text.contains("replication_factor = 3"));
+        assert!(text.contains("rpc_bind_addr = \"127.0.0.1:4001\""));
+        assert!(text.contains("api_bind_addr = \"127.0.0.1:4002\""));
+        assert!(text.contains("metadata_dir = \"/n/meta\""));
+    }
+}
