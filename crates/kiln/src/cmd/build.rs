@@ -521,7 +521,10 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.iidfile = args.iidfile.clone();
     request.report = args.report.clone();
     request.trace = args.trace.clone();
-    request.command_line = std::env::args().collect();
+    // The build's record keeps the command line; cache credentials stay out of it.
+    request.command_line = std::env::args()
+        .map(|a| kiln_build::cache::redact_cache_flag_value(&a))
+        .collect();
     request.annotations = annotations;
     request.attestations = attestations;
     watch_signals(request.cancel.clone())?;
