@@ -37,7 +37,13 @@ fn s3_flags(cluster: &GarageCluster, node: usize, name: &str, image: &str) -> Ve
 fn list_keys(cluster: &GarageCluster) -> Vec<String> {
     let (id, secret) = cluster.key();
     let out = Command::new(kiln_test_env::require_program("curl"))
-        .args(["-sS", "--fail", "--aws-sigv4"])
+        .args([
+            "-sS",
+            "--fail",
+            "-H",
+            "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+        ])
+        .arg("--aws-sigv4")
         .arg(format!("aws:amz:{}:s3", cluster.region()))
         .arg("--user")
         .arg(format!("{id}:{secret}"))
