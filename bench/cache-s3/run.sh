@@ -4,8 +4,8 @@
 #
 # A cold runner builds examples/ (target test) and exports a mode=max cache to both places;
 # then one source file changes and, N times per backend in alternation, a new runner (an
-# empty state dir holding only the base image) builds with --import-cache and --export-cache
-# of that backend. Each build's CPU time (user+sys of kiln, GNU time) and the bytes it moved
+# empty state dir holding only the base image) builds with --import-cache of the cold cache
+# and --export-cache to a name of its own in the same backend. Each build's CPU time (user+sys of kiln, GNU time) and the bytes it moved
 # are printed; wall time is a hint only (the machine is shared).
 #
 # Everything runs in a private network namespace (unshare -n): the loopback's byte counter
@@ -21,6 +21,7 @@ n="${2:-3}"
 garage="${KILN_GARAGE_BIN:-$(command -v garage || true)}"
 [[ -x $kiln ]] || { echo "no kiln binary at $kiln (cargo build --release -p kiln, or pass one)" >&2; exit 1; }
 [[ -x $garage ]] || { echo "garage is not installed (bash .ci/install) and KILN_GARAGE_BIN is not set" >&2; exit 1; }
+command -v jq >/dev/null || { echo "jq is not installed (bash .ci/install)" >&2; exit 1; }
 [[ -x /usr/bin/time ]] || { echo "GNU time is not installed (bash .ci/install)" >&2; exit 1; }
 
 if [[ "${KILN_BENCH_IN_NETNS:-}" != 1 ]]; then
@@ -73,14 +74,14 @@ key_secret=$(grep -oE '\b[0-9a-f]{64}\b' <<<"$keyout" | head -1)
 retry g bucket create kiln-cache
 retry g bucket allow --read --write --owner kiln-cache --key bench
 export AWS_ACCESS_KEY_ID="$key_id" AWS_SECRET_ACCESS_KEY="$key_secret"
-s3="type=s3,bucket=kiln-cache,region=garage,endpoint_url=http://127.0.0.1:3900,name=bench"
+s3="type=s3,bucket=kiln-cache,region=garage,endpoint_url=http://127.0.0.1:3900"
 
 # --- kiln's registry (local disk) -----------------------------------------------------------
 "$kiln" registry serve --addr 127.0.0.1:5111 --no-fsync --root "$work/registry" >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -sf http://127.0.0.1:5111/v2/ >/dev/null && break; sleep 0.1; done
 reg=127.0.0.1:5111
-regcache="type=registry,ref=$reg/app:buildcache"
+regcache="type=registry,ref=$reg/app"
 
 # --- the project, its base image ----------------------------------------------------------
 cp -a "$ws/examples" "$work/app"
@@ -96,35 +97,42 @@ fresh_state "$work/base-state"
 mkdir -p "$work/base-ctx"; echo 'FROM busybox:latest' > "$work/base-ctx/Dockerfile"
 "$kiln" --root "$work/base-state" build "$work/base-ctx" --progress quiet \
     -o "type=image,name=$reg/base/busybox:1,push=true" >/dev/null
-build() { # STATE CACHE_FLAG_VALUE IMAGE_TAG
-    (cd "$work/app" && "$kiln" --root "$1" build --frontend dockerfile.v0 \
+build() { # STATE IMPORT_FLAG_VALUE EXPORT_FLAG_VALUE IMAGE_TAG [COMMAND PREFIX...]
+    local state=$1 from=$2 to=$3 tag=$4; shift 4
+    (cd "$work/app" && "$@" "$kiln" --root "$state" build --frontend dockerfile.v0 \
         --local context=. --local dockerfile=. --opt target=test \
-        --opt "build-arg:BASE_IMAGE=$reg/base/busybox:1" --progress quiet \
-        -o "type=image,name=$reg/app:$3,push=true" \
-        --export-cache "$2,mode=max" --import-cache "$2")
+        --opt "build-arg:BASE_IMAGE=$reg/base/busybox:1" --progress plain \
+        --metadata-file "$state.json" \
+        -o "type=image,name=$reg/app:$tag,push=true" \
+        --export-cache "$to,mode=max" --import-cache "$from")
 }
 
 # Cold runners fill both caches.
-fresh_state "$work/cold-s3"; build "$work/cold-s3" "$s3" s3 >/dev/null 2>&1
-fresh_state "$work/cold-reg"; build "$work/cold-reg" "$regcache" reg >/dev/null 2>&1
+fresh_state "$work/cold-s3"; build "$work/cold-s3" "$s3,name=cold" "$s3,name=cold" s3 >"$work/cold-s3.log" 2>&1 || { cat "$work/cold-s3.log" >&2; exit 1; }
+fresh_state "$work/cold-reg"; build "$work/cold-reg" "$regcache:cold" "$regcache:cold" reg >"$work/cold-reg.log" 2>&1 || { cat "$work/cold-reg.log" >&2; exit 1; }
 
 # One source file changes.
 echo '// edited' >> "$work/app/src/lib/Greeting.php"
 
-lo_bytes() { cat /sys/class/net/lo/statistics/rx_bytes; }
-printf '%-9s %3s %9s %9s %9s %12s\n' backend run cpu_s user_s wall_s bytes
+# /proc/net/dev is the reader's namespace's (sysfs would show the host's).
+lo_bytes() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
+printf '%-9s %3s %9s %9s %9s %12s %6s %6s\n' backend run cpu_s user_s wall_s lo_bytes ran cached
 for run in $(seq "$n"); do
     for backend in s3 registry; do
         state="$work/run-$backend-$run"; fresh_state "$state"
-        flag=$regcache; [[ $backend == s3 ]] && flag=$s3
+        # Import the cold cache; export to a name of this run's own, so that every run
+        # starts from the same cache (as every new runner of one pipeline would).
+        if [[ $backend == s3 ]]; then from="$s3,name=cold"; to="$s3,name=run$run"
+        else from="$regcache:cold"; to="$regcache:run$run"; fi
         before=$(lo_bytes)
-        /usr/bin/time -o "$work/time" -f '%U %S %e' \
-            bash -c "$(declare -f build); work='$work' kiln='$kiln' reg='$reg' build '$state' '$flag' $backend" >/dev/null 2>"$work/err" \
-            || { cat "$work/err" >&2; exit 1; }
+        build "$state" "$from" "$to" "$backend" /usr/bin/time -o "$work/time" -f '%U %S %e' \
+            >"$work/err" 2>&1 || { cat "$work/err" >&2; exit 1; }
         after=$(lo_bytes)
         read -r u s e < "$work/time"
-        printf '%-9s %3s %9.2f %9.2f %9.2f %12d\n' "$backend" "$run" \
-            "$(echo "$u + $s" | bc)" "$u" "$e" "$((after - before))"
+        ran=$(jq '[."kiln.steps"[] | select(.status == "run" and .stage != null)] | length' "$state.json")
+        cached=$(jq '[."kiln.steps"[] | select(.status == "cached" and .stage != null)] | length' "$state.json")
+        printf '%-9s %3s %9.2f %9.2f %9.2f %12d %6s %6s\n' "$backend" "$run" \
+            "$(echo "$u + $s" | bc)" "$u" "$e" "$((after - before))" "$ran" "$cached"
         rm -rf "$state"
     done
 done
