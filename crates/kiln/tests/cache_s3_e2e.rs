@@ -141,9 +141,34 @@ fn a_fresh_runner_hits_every_step_from_s3() {
     assert!(keys.iter().all(|k| after.contains(k)), "{after:?}");
     assert!(after.len() <= keys.len() + 1, "{keys:?} then {after:?}");
 
-    // The secret given in the flags reached no file of either state dir (history included).
+    // touch_refresh=0s: every blob the bucket holds is older than that, so each gets a new
+    // date (a copy onto itself on Garage's side) and none is uploaded again.
+    let touch: Vec<String> = flags
+        .iter()
+        .map(|f| f.replace(",mode=max", ",mode=max,touch_refresh=0s"))
+        .collect();
+    let touched = f.ci_build("runner3", "test", &base, &strs(&touch));
+    assert!(touched.ran().is_empty(), "ran {:?}", touched.ran());
+    let line = touched
+        .stderr()
+        .lines()
+        .find(|l| l.starts_with("cache exported"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no export line: {}", touched.stderr()));
+    let refreshed: usize = line
+        .split(" refreshed")
+        .next()
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no refreshed count in {line}"));
+    assert!(refreshed >= 2, "{line}");
+    assert!(line.contains("(0 uploaded,"), "{line}");
+    // No layer again; at most a new config, as above.
+    assert!(list_keys(&cluster).len() <= after.len() + 1, "new objects");
+
+    // The secret given in the flags reached no file of any state dir (history included).
     let (_, secret) = cluster.key();
-    for runner in ["runner1", "runner2"] {
+    for runner in ["runner1", "runner2", "runner3"] {
         let leaks = files_containing(&f.path(runner), &secret);
         assert!(leaks.is_empty(), "{runner}: the secret is in {leaks:?}");
     }
