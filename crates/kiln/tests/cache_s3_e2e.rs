@@ -14,8 +14,14 @@ use kiln_test_env::garage::GarageCluster;
 const BUCKET: &str = "kiln-cache";
 
 /// The cache flags of one job against `cluster` (node `node`'s endpoint), credentials
-/// in the flag.
-fn s3_flags(cluster: &GarageCluster, node: usize, name: &str, image: &str) -> Vec<String> {
+/// in the flag: export under `name` and `also` (`name=a;b`), import `name`.
+fn s3_flags(
+    cluster: &GarageCluster,
+    node: usize,
+    name: &str,
+    also: &str,
+    image: &str,
+) -> Vec<String> {
     let (id, secret) = cluster.key();
     let common = format!(
         "type=s3,bucket={BUCKET},region={},endpoint_url={},use_path_style=true,\
@@ -27,7 +33,7 @@ fn s3_flags(cluster: &GarageCluster, node: usize, name: &str, image: &str) -> Ve
         "--output".into(),
         format!("type=image,name={image},push=true"),
         "--export-cache".into(),
-        format!("{common},mode=max"),
+        format!("{common};{also},mode=max"),
         "--import-cache".into(),
         common,
     ]
@@ -92,7 +98,7 @@ fn a_fresh_runner_hits_every_step_from_s3() {
     let f = Fixture::new();
     let base = f.push_base(&reg);
     let image = format!("{}/app:test", reg.addr);
-    let flags = s3_flags(&cluster, 0, "main", &image);
+    let flags = s3_flags(&cluster, 0, "main", "branch-x", &image);
 
     // Cold: nothing in the bucket; the missing manifest is only a warning.
     let cold = f.ci_build("runner1", "test", &base, &strs(&flags));
@@ -103,9 +109,11 @@ fn a_fresh_runner_hits_every_step_from_s3() {
         cold.stderr()
     );
 
-    // BuildKit's layout: the manifest under manifests/NAME, blobs under blobs/sha256:….
+    // BuildKit's layout: the manifest under manifests/NAME for each name, blobs under
+    // blobs/sha256:….
     let keys = list_keys(&cluster);
     assert!(keys.contains(&"manifests/main".to_owned()), "{keys:?}");
+    assert!(keys.contains(&"manifests/branch-x".to_owned()), "{keys:?}");
     let blobs = keys
         .iter()
         .filter(|k| k.starts_with("blobs/sha256:"))
@@ -113,8 +121,8 @@ fn a_fresh_runner_hits_every_step_from_s3() {
     assert!(blobs >= 2, "{keys:?}");
     assert_eq!(
         keys.len(),
-        blobs + 1,
-        "only blobs and the manifest: {keys:?}"
+        blobs + 2,
+        "only blobs and the two manifests: {keys:?}"
     );
 
     // A fresh runner: every step a hit from the bucket, the same image.
@@ -182,7 +190,7 @@ fn a_build_with_a_garage_node_stopped_still_succeeds() {
     let f = Fixture::new();
     let base = f.push_base(&reg);
     let image = format!("{}/app:test", reg.addr);
-    let flags = s3_flags(&cluster, 0, "main", &image);
+    let flags = s3_flags(&cluster, 0, "main", "branch-x", &image);
     let cold = f.ci_build("runner1", "test", &base, &strs(&flags));
     assert!(cold.cached().is_empty());
 
