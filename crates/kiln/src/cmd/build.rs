@@ -47,10 +47,10 @@ pub struct BuildArgs {
     /// Frontend option: target=, filename=, platform=, no-cache=, build-arg:K=V, label:K=V, context:NAME=V
     #[arg(long = "opt", value_name = "KEY=VALUE", help_heading = "buildctl")]
     opts: Vec<String>,
-    /// Export the build cache: type=registry|local|inline,ref=..,mode=min|max,...
+    /// Export the build cache: type=registry|local|inline|s3,ref=..,mode=min|max,...
     #[arg(long = "export-cache", value_name = "SPEC", help_heading = "buildctl")]
     export_cache: Vec<String>,
-    /// Import a build cache: type=registry|local,ref=..|src=..
+    /// Import a build cache: type=registry|local|s3,ref=..|src=..|bucket=..
     #[arg(long = "import-cache", value_name = "SPEC", help_heading = "buildctl")]
     import_cache: Vec<String>,
 
