@@ -103,7 +103,11 @@ impl ExportFlagError {
     /// `error` of `value` of `flag`: a bad attribute is reported with the whole value.
     fn of_cache(flag: &str, value: &str, error: CacheError) -> Self {
         match error {
-            CacheError::Flag(e) => ExportFlagError::Cache(SpecError::new(flag, value, e.reason)),
+            CacheError::Flag(e) => ExportFlagError::Cache(SpecError::new(
+                flag,
+                &crate::cache::redact_cache_flag_value(value),
+                e.reason,
+            )),
             error => ExportFlagError::CacheBackend {
                 flag: flag.to_owned(),
                 error: Box::new(error),
@@ -134,7 +138,7 @@ impl ExportFlags {
     pub fn parse(&self) -> Result<Exports, ExportFlagError> {
         let mut cache_exports = Vec::new();
         for (flag, value) in &self.cache_to {
-            let (kind, attrs) = parse_attrs(flag, value).map_err(ExportFlagError::Cache)?;
+            let (kind, attrs) = parse_attrs(flag, value).map_err(redacted)?;
             let export = CacheExport::from_attrs(&kind, &attrs, flag)
                 .map_err(|e| ExportFlagError::of_cache(flag, value, e))?;
             cache_exports.push(export);
@@ -142,7 +146,7 @@ impl ExportFlags {
         let mut cache_imports = Vec::new();
         let mut warnings = Vec::new();
         for (flag, value) in &self.cache_from {
-            let (kind, attrs) = parse_attrs(flag, value).map_err(ExportFlagError::Cache)?;
+            let (kind, attrs) = parse_attrs(flag, value).map_err(redacted)?;
             match CacheImport::from_attrs(&kind, &attrs, flag) {
                 Ok(i) => cache_imports.push(i),
                 Err(CacheError::Flag(e)) => {
@@ -162,6 +166,12 @@ impl ExportFlags {
             warnings,
         })
     }
+}
+
+/// A malformed cache flag value's error, without the values of secret attributes.
+fn redacted(mut e: SpecError) -> ExportFlagError {
+    e.value = crate::cache::redact_cache_flag_value(&e.value);
+    ExportFlagError::Cache(e)
 }
 
 /// The warning for a cache import that failed and is built without.

@@ -223,6 +223,9 @@ struct Case {
     missing: Box<dyn CacheBackend>,
     /// Where the exported records rest, to alter them.
     at_rest: PathBuf,
+    /// Alters the exported records where they rest when they are not files under `at_rest`
+    /// (objects in a bucket); how many it altered.
+    alter: Option<Box<dyn Fn() -> usize>>,
     /// The cache travels in this image: it is made with the backend's config fields and
     /// pushed here after the build.
     image_ref: Option<String>,
@@ -285,7 +288,10 @@ fn run_suite(h: &Harness, case: Case) {
     );
 
     // The records altered at rest: the import is refused, not trusted.
-    let altered = alter_records(&case.at_rest);
+    let altered = match &case.alter {
+        Some(alter) => alter(),
+        None => alter_records(&case.at_rest),
+    };
     assert!(
         altered > 0,
         "found the records under {}",
@@ -400,6 +406,7 @@ fn registry_backend_passes_the_suite() {
             )
             .unwrap(),
             at_rest: h.registry_root.clone(),
+            alter: None,
             image_ref: None,
         },
     );
@@ -429,6 +436,7 @@ fn local_backend_passes_the_suite() {
             )
             .unwrap(),
             at_rest: PathBuf::from(dir),
+            alter: None,
             image_ref: None,
         },
     );
@@ -457,7 +465,67 @@ fn inline_backend_passes_the_suite() {
             )
             .unwrap(),
             at_rest: h.registry_root.clone(),
+            alter: None,
             image_ref: Some(image),
+        },
+    );
+}
+
+#[test]
+fn s3_backend_passes_the_suite() {
+    let h = Harness::new();
+    // A real S3-compatible store: three Garage nodes, replication factor 3.
+    let cluster = kiln_test_env::garage::GarageCluster::start(3).unwrap_or_else(|e| panic!("{e}"));
+    let bucket = "suite-cache";
+    cluster
+        .create_bucket(bucket)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (id, secret) = cluster.key();
+    let endpoint = cluster.endpoint();
+    let with = |extra: &[(&str, &str)], flag: &str| {
+        let mut pairs = vec![
+            ("bucket", bucket),
+            ("region", cluster.region()),
+            ("endpoint_url", endpoint.as_str()),
+            ("access_key_id", id.as_str()),
+            ("secret_access_key", secret.as_str()),
+        ];
+        pairs.extend_from_slice(extra);
+        cache_backend_from_attrs("s3", &attrs(&pairs), flag).unwrap()
+    };
+    // Altering at rest: the config object the manifest names gets one more byte.
+    let client = {
+        let env = |name: &str| match name {
+            "AWS_ACCESS_KEY_ID" => Some(id.clone()),
+            "AWS_SECRET_ACCESS_KEY" => Some(secret.clone()),
+            "AWS_REGION" => Some(cluster.region().to_owned()),
+            "AWS_ENDPOINT_URL" => Some(endpoint.clone()),
+            _ => None,
+        };
+        let config = kiln_s3::S3Config::from_url_with(&format!("s3://{bucket}"), &env).unwrap();
+        kiln_s3::S3Client::new(config).unwrap()
+    };
+    let handle = h.runtime.handle().clone();
+    let alter = move || {
+        handle.block_on(async {
+            let manifest = client.get("manifests/suite").await.unwrap().unwrap();
+            let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+            let key = format!("blobs/{}", manifest["config"]["digest"].as_str().unwrap());
+            let mut config = client.get(&key).await.unwrap().unwrap().to_vec();
+            config.push(b' ');
+            client.put(&key, config.into()).await.unwrap();
+        });
+        1
+    };
+    run_suite(
+        &h,
+        Case {
+            export: with(&[("name", "suite"), ("mode", "max")], "--export-cache"),
+            import: with(&[("name", "suite")], "--import-cache"),
+            missing: with(&[("name", "never-exported")], "--import-cache"),
+            at_rest: PathBuf::new(),
+            alter: Some(Box::new(alter)),
+            image_ref: None,
         },
     );
 }

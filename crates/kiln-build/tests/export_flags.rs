@@ -104,8 +104,8 @@ fn cache_spec_errors_name_the_flag() {
         ),
         (
             "--cache-to",
-            "type=s3,bucket=b",
-            "unsupported cache type `s3`",
+            "type=azblob,name=b",
+            "unsupported cache type `azblob`",
         ),
         ("--cache-to", "type=local,src=/x", "unknown key `src`"),
         ("--cache-to", "type=local", "needs dest=DIR"),

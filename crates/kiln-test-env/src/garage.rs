@@ -137,6 +137,8 @@ impl GarageCluster {
             )?;
         }
         cluster.retry(0, &["layout", "apply", "--version", "1"], deadline)?;
+        // Every node must see every other before a request through it reaches its quorum.
+        cluster.wait_connected(deadline)?;
         // The key table needs a write quorum: retrying covers nodes still learning the layout.
         let out = cluster.retry(0, &["key", "create", "kiln-test"], deadline)?;
         let (key_id, secret) = parse_key(&out)
@@ -208,7 +210,36 @@ impl GarageCluster {
     pub fn restart_node(&mut self, i: usize) -> Result<(), String> {
         if self.nodes[i].child.is_none() {
             self.spawn_node(i)?;
-            self.retry(i, &["node", "id", "-q"], Instant::now() + START_TIMEOUT)?;
+            let deadline = Instant::now() + START_TIMEOUT;
+            self.retry(i, &["node", "id", "-q"], deadline)?;
+            self.wait_connected(deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every running node's `garage status` shows every running node connected
+    /// (a connected node's row ends in its version; one not yet reached, in `N/A` or `?`).
+    fn wait_connected(&self, deadline: Instant) -> Result<(), String> {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
+        for &i in &running {
+            loop {
+                let status = self.cli(i, &["status"]);
+                let connected = status.as_deref().map(connected_rows).unwrap_or(0);
+                if connected >= running.len() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "node {i} sees {connected} of {} nodes connected: {}\n{}",
+                        running.len(),
+                        status.unwrap_or_else(|e| e),
+                        self.log_tail(i)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
         }
         Ok(())
     }
@@ -355,6 +386,21 @@ fn node_config(
     text
 }
 
+/// How many rows of `garage status`'s healthy nodes show a connected node: an address on
+/// 127.0.0.1 and a version at the end (not `N/A` or `?`).
+fn connected_rows(status: &str) -> usize {
+    let healthy = status.split("==== FAILED NODES").next().unwrap_or_default();
+    healthy
+        .lines()
+        .filter(|l| l.contains("127.0.0.1:"))
+        .filter(|l| {
+            l.split_whitespace()
+                .last()
+                .is_some_and(|t| t != "N/A" && t != "?")
+        })
+        .count()
+}
+
 /// The key id (`GK` + hex) and the 64-hex-digit secret in `garage key create`'s output.
 fn parse_key(out: &str) -> Option<(String, String)> {
     let tokens: Vec<&str> = out
@@ -420,6 +466,17 @@ mod tests {
             "7d37d093435a41f2aab8f13c19ba067d9776c90215f56614adad6ece597dbb34"
         );
         assert!(parse_key("Key name: x\n").is_none());
+    }
+
+    #[test]
+    fn counts_connected_nodes_in_status() {
+        let status = "==== HEALTHY NODES ====\n\
+            ID                Hostname  Address         Tags  Zone  Capacity   DataAvail  ResyncQueue  Version\n\
+            92eaf32d74df8aee  vm        127.0.0.1:4911  []    dc1   953.7 MiB  20.6 GiB   0            cargo:2.5.0\n\
+            9e6080d6850d81f6  ?         127.0.0.1:4901  []    dc1   953.7 MiB  ?          N/A          \n";
+        assert_eq!(connected_rows(status), 1);
+        let failed = format!("{status}==== FAILED NODES ====\nx  127.0.0.1:1  cargo:2.5.0\n");
+        assert_eq!(connected_rows(&failed), 1);
     }
 
     #[test]

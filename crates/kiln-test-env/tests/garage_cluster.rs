@@ -11,6 +11,8 @@ fn curl(cluster: &GarageCluster, endpoint: &str, args: &[&str], url_path: &str) 
     let (id, secret) = cluster.key();
     let out = Command::new(kiln_test_env::require_program("curl"))
         .args(["-sS", "-o", "-", "-w", "\n%{http_code}"])
+        // Garage wants the payload hash header, which curl then signs.
+        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
         .arg("--aws-sigv4")
         .arg(format!("aws:amz:{}:s3", cluster.region()))
         .arg("--user")

@@ -1,5 +1,5 @@
 //! Where a build's cache comes from and goes to: the [`CacheBackend`] trait, one module per
-//! backend type (`registry`, `local`, `inline`), and [`cache_backend_from_attrs`], the table
+//! backend type (`registry`, `local`, `inline`, `s3`), and [`cache_backend_from_attrs`], the table
 //! of backend types — the only place a new type is added.
 //!
 //! A backend parses its `--export-cache` / `--import-cache` attributes once, when it is made,
@@ -11,6 +11,7 @@ mod inline;
 mod local;
 mod records;
 mod registry;
+mod s3;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub use inline::InlineCache;
 pub use local::LocalCache;
 pub use records::{export_cache_mounts, export_graph};
 pub use registry::RegistryCache;
+pub use s3::{redact_cache_flag_value, S3Cache, SECRET_ATTRIBUTES};
 
 /// A place a build's cache is read from (`--import-cache`) or written to (`--export-cache`).
 /// Made once per flag value by [`cache_backend_from_attrs`]; dyn-compatible.
@@ -123,11 +125,12 @@ pub fn cache_backend_from_attrs(
         "registry" => Box::new(RegistryCache::from_attrs(attrs, flag)?),
         "local" => Box::new(LocalCache::from_attrs(attrs, flag)?),
         "inline" => Box::new(InlineCache::from_attrs(attrs, flag)?),
+        "s3" => Box::new(S3Cache::from_attrs(attrs, flag)?),
         _ => {
             return Err(flag_error(
                 flag,
                 &format!("type={kind}"),
-                format!("unsupported cache type `{kind}`; expected registry, local or inline"),
+                format!("unsupported cache type `{kind}`; expected registry, local, inline or s3"),
             ))
         }
     })

@@ -206,7 +206,7 @@ type BlobFile = dyn Fn(&kiln_oci::Digest) -> Option<std::path::PathBuf> + Send +
 
 /// The `max-age=DURATION` and `max-records=N` attributes of a registry `--export-cache`: what
 /// an export keeps of the records it merges in from the same ref.
-fn retention_policy(
+pub(super) fn retention_policy(
     attrs: &BTreeMap<String, String>,
 ) -> Result<kiln_cache::RetentionPolicy, CacheError> {
     let max_age = attrs

@@ -47,10 +47,10 @@ pub struct BuildArgs {
     /// Frontend option: target=, filename=, platform=, no-cache=, build-arg:K=V, label:K=V, context:NAME=V
     #[arg(long = "opt", value_name = "KEY=VALUE", help_heading = "buildctl")]
     opts: Vec<String>,
-    /// Export the build cache: type=registry|local|inline,ref=..,mode=min|max,...
+    /// Export the build cache: type=registry|local|inline|s3,ref=..,mode=min|max,...
     #[arg(long = "export-cache", value_name = "SPEC", help_heading = "buildctl")]
     export_cache: Vec<String>,
-    /// Import a build cache: type=registry|local,ref=..|src=..
+    /// Import a build cache: type=registry|local|s3,ref=..|src=..|bucket=..
     #[arg(long = "import-cache", value_name = "SPEC", help_heading = "buildctl")]
     import_cache: Vec<String>,
 
@@ -523,7 +523,10 @@ pub fn run(mut args: BuildArgs, globals: &Globals) -> anyhow::Result<ExitCode> {
     request.iidfile = args.iidfile.clone();
     request.report = args.report.clone();
     request.trace = args.trace.clone();
-    request.command_line = std::env::args().collect();
+    // The build's record keeps the command line; cache credentials stay out of it.
+    request.command_line = std::env::args()
+        .map(|a| kiln_build::cache::redact_cache_flag_value(&a))
+        .collect();
     request.annotations = annotations;
     request.attestations = attestations;
     watch_signals(request.cancel.clone())?;
