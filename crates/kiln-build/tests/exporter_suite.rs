@@ -1016,6 +1016,23 @@ fn each_platform_gets_its_attestation_manifest_and_its_own_annotations() {
         format!("sha256:{}", subject["digest"]["sha256"].as_str().unwrap()),
         arm_digest
     );
+    // An unnamed OCI output after it makes another index (its statements name no image);
+    // the metadata file's digest stays the one the names point at.
+    let pushed = result.index().unwrap().digest;
+    let oci = b.path("unnamed.tar");
+    exporter(&format!("type=oci,dest={}", oci.display()))
+        .export(&cx, &result)
+        .unwrap();
+    let unnamed = tar_file(&oci, "index.json")["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(unnamed, pushed.to_string());
+    assert_eq!(result.index().unwrap().digest, pushed);
+    assert_eq!(
+        skopeo_raw(&format!("docker://{host}/suite/attested-multi@{pushed}")),
+        index
+    );
 }
 
 #[test]

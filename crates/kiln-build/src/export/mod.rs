@@ -192,9 +192,19 @@ pub struct BuildResult<'a> {
     annotations: Vec<Annotation>,
     /// The attestations' predicates of each part (one entry for all when they are shared).
     predicates: Vec<Predicates>,
-    /// The last image index an exporter made (several platforms, attestations or index
-    /// annotations).
-    index: Mutex<Option<Descriptor>>,
+    /// The image index the outputs made (several platforms, attestations or index
+    /// annotations): the last one, and the last one of an output that names its image.
+    index: Mutex<MadeIndex>,
+}
+
+/// The indexes outputs made, for [`BuildResult::index`].
+#[derive(Default)]
+struct MadeIndex {
+    /// The last one.
+    last: Option<Descriptor>,
+    /// The last one made for image names (its statements name them, so it differs from an
+    /// unnamed output's).
+    named: Option<Descriptor>,
 }
 
 /// One platform's image as an output publishes it: the image (its manifest annotated as
@@ -281,7 +291,7 @@ impl<'a> BuildResult<'a> {
             stored: Mutex::new(Vec::new()),
             annotations: Vec::new(),
             predicates: vec![Predicates::default()],
-            index: Mutex::new(None),
+            index: Mutex::new(MadeIndex::default()),
         }
     }
 
@@ -329,9 +339,11 @@ impl<'a> BuildResult<'a> {
             .unwrap_or_else(|| &self.predicates[0])
     }
 
-    /// The last image index an output made, if any (for the metadata file).
+    /// The image index the outputs made, if any, for the metadata file: the last one made
+    /// for image names (what `image.name` points at), else the last one.
     pub fn index(&self) -> Option<Descriptor> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        let made = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        made.named.clone().or_else(|| made.last.clone())
     }
 
     /// The result as an output publishes it: every platform's image with the manifest
@@ -433,7 +445,11 @@ impl<'a> BuildResult<'a> {
                 .collect();
             let index = attest::index_of(&entries, !oci, index_annotations);
             store.content().put_bytes(&index.bytes)?;
-            *self.index.lock().unwrap_or_else(|p| p.into_inner()) = Some(index.descriptor());
+            let mut made = self.index.lock().unwrap_or_else(|p| p.into_inner());
+            made.last = Some(index.descriptor());
+            if !names.is_empty() {
+                made.named = Some(index.descriptor());
+            }
             Some(index)
         } else {
             None
