@@ -12,8 +12,8 @@
 #   release/test   release: labels and user; test: COPY tests/ + RUN the tests
 # small (quick runs, FROM busybox): the same stages at about 1/20 of the size.
 #
-# Generated file contents are two thirds hex digits (as incompressible as real vendored code
-# is to gzip: about 2:1) and one third repeated source lines, from awk's rand() seeded per
+# Generated file contents are two thirds hex digits and one third repeated source lines (gzip
+# -6 takes them to about 40 %, as it does vendored code), from awk's rand() seeded per
 # stage, so every run makes the same bytes. The one-file edits of bench/run touch
 # src/Controller.php (edit 1) and src/Module0/Class0.php (edit 2, 3, ...).
 set -euo pipefail

@@ -62,6 +62,7 @@ case "$CMD" in
     ;;
   down)
     if [ -f "$PIDFILE" ]; then kill "$(cat "$PIDFILE")" 2>/dev/null || true; rm -f "$PIDFILE"; fi
+    rm -f "$LOGFILE"
     ;;
   check)
     I=${3:?index}; NS_IP=10.231.$I.2
