@@ -6,10 +6,10 @@
 //! settings for this machine kind: [`podman_conf`] writes them from `containers.conf` (the
 //! file beside this crate's `Cargo.toml`) and the machine's hard rlimits.
 
-/// Busybox base images for amd64 and arm64 made here, pushed as one index; QEMU emulation.
-pub mod multiarch;
 /// A 3-node Garage cluster (S3-compatible object store) for the s3 tests.
 pub mod garage;
+/// Busybox base images for amd64 and arm64 made here, pushed as one index; QEMU emulation.
+pub mod multiarch;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
