@@ -24,13 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use seccompiler::BpfProgram;
-
 use crate::output::{cloexec_pipe, supervise};
 use crate::prepare::{run_prepared, Prepared};
-use crate::security::{
-    current_permitted, default_cap_mask, default_seccomp_programs, last_cap, CapData, CapHeader,
-};
+use crate::security::{assume_step_credentials, StepCredentials};
 use crate::spec::{
     CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
 };
@@ -489,14 +485,8 @@ struct ChildPlan {
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
-    uid: u32,
-    gid: u32,
-    groups: Vec<u32>,
-    setgroups_denied: bool,
-    sandbox: bool,
-    cap_keep: u64,
-    last_cap: u32,
-    seccomp: Vec<BpfProgram>,
+    /// The step's user, groups, capabilities and seccomp programs.
+    creds: StepCredentials,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     max_fd: i32,
 }
@@ -567,19 +557,7 @@ fn plan_child(spec: &ExecSpec, prep: &Prepared) -> Result<ChildPlan, ExecError> 
         argv_ptrs,
         _envp: envp,
         envp_ptrs,
-        uid: prep.user.uid,
-        gid: prep.user.gid,
-        groups: prep.user.groups.clone(),
-        setgroups_denied: fs::read_to_string("/proc/self/setgroups")
-            .is_ok_and(|s| s.trim() == "deny"),
-        sandbox,
-        cap_keep: default_cap_mask() & current_permitted() & !(1u64 << CAP_SYS_CHROOT),
-        last_cap: last_cap(),
-        seccomp: if sandbox {
-            default_seccomp_programs()?
-        } else {
-            Vec::new()
-        },
+        creds: StepCredentials::new(&prep.user, sandbox, 1u64 << CAP_SYS_CHROOT)?,
         rlimits,
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
@@ -676,64 +654,8 @@ unsafe fn step(plan: &ChildPlan, rep: i32) -> ! {
             fail(2);
         }
     }
-    if plan.sandbox {
-        for cap in 0..=plan.last_cap {
-            if plan.cap_keep & (1u64 << cap) == 0
-                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
-                && *libc::__errno_location() != libc::EINVAL
-            {
-                fail(3);
-            }
-        }
-        let hdr = CapHeader {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let data = [
-            CapData {
-                effective: plan.cap_keep as u32,
-                permitted: plan.cap_keep as u32,
-                inheritable: 0,
-            },
-            CapData {
-                effective: (plan.cap_keep >> 32) as u32,
-                permitted: (plan.cap_keep >> 32) as u32,
-                inheritable: 0,
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
-            fail(4);
-        }
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail(5);
-        }
-        for prog in &plan.seccomp {
-            let fprog = libc::sock_fprog {
-                len: prog.len() as libc::c_ushort,
-                filter: prog.as_ptr() as *mut libc::sock_filter,
-            };
-            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog) != 0 {
-                fail(6);
-            }
-        }
-    }
-    if !plan.setgroups_denied
-        && libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0
-    {
-        fail(7);
-    }
-    if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {
-        fail(8);
-    }
-    if libc::syscall(libc::SYS_setuid, plan.uid) != 0 {
-        fail(9);
+    if let Err(call) = assume_step_credentials(&plan.creds) {
+        fail(3 + call as i32);
     }
     libc::execve(
         plan.exe.as_ptr(),

@@ -12,17 +12,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use seccompiler::BpfProgram;
-
 use crate::cgroup::{PidsHierarchy, RunCgroup};
 use crate::network::NetworkPool;
 use crate::output::{cloexec_pipe, supervise};
 #[cfg(test)]
 use crate::prepare::prepare;
 use crate::prepare::{run_prepared, Prepared, ScratchDir};
-use crate::security::{
-    current_permitted, default_cap_mask, default_seccomp_programs, last_cap, CapData, CapHeader,
-};
+use crate::security::{assume_step_credentials, StepCredentials};
 use crate::spec::{
     wipe, CancelToken, ExecError, ExecSpec, Executor, ExitStatus, MountKind, Network, OutputSink,
 };
@@ -235,19 +231,12 @@ struct Plan {
     argv_ptrs: Vec<*const libc::c_char>,
     _envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
-    uid: u32,
-    gid: u32,
-    groups: Vec<libc::gid_t>,
-    /// setgroups(2) is denied in this user namespace (rootless single-uid mode): skip it.
-    setgroups_denied: bool,
+    /// The step's user, groups, capabilities and seccomp programs.
+    creds: StepCredentials,
     /// kiln runs in a user namespace of its own (rootless, or root in an unprivileged
     /// container): a runtime's seccomp profile may refuse sethostname (podman's does without
     /// CAP_SYS_ADMIN), and the step then keeps the container's hostname.
     hostname_optional: bool,
-    sandbox: bool,
-    cap_keep: u64,
-    last_cap: u32,
-    seccomp: Vec<BpfProgram>,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
     /// Highest fd to close when `close_range` is missing.
     max_fd: i32,
@@ -656,20 +645,8 @@ fn build_plan(
         argv_ptrs,
         _envp: envp,
         envp_ptrs,
-        uid: prep.user.uid,
-        gid: prep.user.gid,
-        groups: prep.user.groups.clone(),
-        setgroups_denied: std::fs::read_to_string("/proc/self/setgroups")
-            .is_ok_and(|s| s.trim() == "deny"),
         hostname_optional: crate::userns::in_nested_user_namespace(),
-        sandbox,
-        cap_keep: default_cap_mask() & current_permitted(),
-        last_cap: last_cap(),
-        seccomp: if sandbox {
-            default_seccomp_programs()?
-        } else {
-            Vec::new()
-        },
+        creds: StepCredentials::new(&prep.user, sandbox, 0)?,
         rlimits,
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
@@ -1153,67 +1130,8 @@ unsafe fn step_process(plan: &Plan) -> ! {
             fail_step(8);
         }
     }
-    if plan.sandbox {
-        for cap in 0..=plan.last_cap {
-            if plan.cap_keep & (1u64 << cap) == 0
-                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
-                && errno() != libc::EINVAL
-            {
-                fail_step(9);
-            }
-        }
-        let hdr = CapHeader {
-            version: 0x2008_0522,
-            pid: 0,
-        };
-        let data = [
-            CapData {
-                effective: plan.cap_keep as u32,
-                permitted: plan.cap_keep as u32,
-                inheritable: 0,
-            },
-            CapData {
-                effective: (plan.cap_keep >> 32) as u32,
-                permitted: (plan.cap_keep >> 32) as u32,
-                inheritable: 0,
-            },
-        ];
-        if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
-            fail_step(10);
-        }
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        );
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-            fail_step(11);
-        }
-        for prog in &plan.seccomp {
-            let fprog = libc::sock_fprog {
-                len: prog.len() as libc::c_ushort,
-                filter: prog.as_ptr() as *mut libc::sock_filter,
-            };
-            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog) != 0 {
-                fail_step(12);
-            }
-        }
-    }
-    // User and groups last, with raw syscalls (glibc's wrappers would try to sync threads that
-    // only existed in the process we were cloned from). Leaving uid 0 without KEEPCAPS clears
-    // the permitted and effective sets, as Docker does for non-root users.
-    if !plan.setgroups_denied
-        && libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) != 0
-    {
-        fail_step(13);
-    }
-    if libc::syscall(libc::SYS_setgid, plan.gid) != 0 {
-        fail_step(14);
-    }
-    if libc::syscall(libc::SYS_setuid, plan.uid) != 0 {
-        fail_step(15);
+    if let Err(call) = assume_step_credentials(&plan.creds) {
+        fail_step(9 + call);
     }
     libc::execve(
         plan.exe.as_ptr(),
@@ -1457,8 +1375,8 @@ mod tests {
         assert!(pos("masking") < pos("making read-only"));
         assert!(pos("making read-only") < pos("secret mount"));
         assert_eq!(plan.exe.to_str().unwrap(), "/bin/sh");
-        assert!(plan.sandbox && plan.seccomp.len() == 2);
-        assert_eq!(plan.cap_keep & !0xa804_25fb, 0);
+        assert!(plan.creds.sandbox && plan.creds.seccomp.len() == 2);
+        assert_eq!(plan.creds.cap_keep & !0xa804_25fb, 0);
         // The secret's bytes are in the plan only as file content, never in a description.
         assert!(s.iter().all(|l| !l.contains("tok-value")));
         prep.stubs.remove().unwrap();
@@ -1477,7 +1395,7 @@ mod tests {
         assert!(s
             .iter()
             .all(|l| !l.starts_with("masking") && !l.starts_with("making read-only")));
-        assert!(plan.seccomp.is_empty() && !plan.sandbox);
+        assert!(plan.creds.seccomp.is_empty() && !plan.creds.sandbox);
         let sys_ro = plan
             .ops
             .iter()

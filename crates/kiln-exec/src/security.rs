@@ -516,6 +516,126 @@ pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
     Ok(vec![compile(allow)?, compile(clone3)?])
 }
 
+/// The credentials a RUN step's process ends with, made before the fork (the child must not
+/// allocate). Both executors confine their step with [`assume_step_credentials`].
+pub(crate) struct StepCredentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
+    /// setgroups(2) is denied in this user namespace (rootless single-uid mode): skip it.
+    pub setgroups_denied: bool,
+    /// Drop capabilities, set no_new_privs and load the seccomp programs (not `--privileged`).
+    pub sandbox: bool,
+    pub cap_keep: u64,
+    pub last_cap: u32,
+    pub seccomp: Vec<BpfProgram>,
+}
+
+impl StepCredentials {
+    /// The credentials of a step run as `user`: when `sandbox`, Docker's default capabilities
+    /// that kiln itself holds, less those in `cap_drop`, and Docker's default seccomp programs.
+    pub(crate) fn new(
+        user: &crate::user::ResolvedUser,
+        sandbox: bool,
+        cap_drop: u64,
+    ) -> Result<Self, ExecError> {
+        Ok(StepCredentials {
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups.clone(),
+            setgroups_denied: std::fs::read_to_string("/proc/self/setgroups")
+                .is_ok_and(|s| s.trim() == "deny"),
+            sandbox,
+            cap_keep: default_cap_mask() & current_permitted() & !cap_drop,
+            last_cap: last_cap(),
+            seccomp: if sandbox {
+                default_seccomp_programs()?
+            } else {
+                Vec::new()
+            },
+        })
+    }
+}
+
+/// In the forked child, last before exec: when sandboxed, drops every capability outside
+/// `cap_keep` from the bounding set, sets the permitted and effective sets to `cap_keep`,
+/// clears the ambient set, sets no_new_privs and loads the seccomp programs; then the groups,
+/// gid and uid. Raw syscalls only (glibc's wrappers would try to sync threads that only
+/// existed in the process the child was forked from), no allocation. Leaving uid 0 without
+/// KEEPCAPS clears the permitted and effective sets, as Docker does for non-root users.
+///
+/// On failure, returns which call failed (0 bounding set, 1 capset, 2 no_new_privs,
+/// 3 seccomp, 4 setgroups, 5 setgid, 6 setuid); errno says why.
+///
+/// # Safety
+/// Call only in a freshly forked or cloned child that execs or exits next.
+#[expect(
+    unsafe_op_in_unsafe_fn,
+    reason = "forked-child code: raw syscalls over memory prepared before the fork"
+)]
+pub(crate) unsafe fn assume_step_credentials(c: &StepCredentials) -> Result<(), u32> {
+    if c.sandbox {
+        for cap in 0..=c.last_cap {
+            if c.cap_keep & (1u64 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+                && *libc::__errno_location() != libc::EINVAL
+            {
+                return Err(0);
+            }
+        }
+        let hdr = CapHeader {
+            version: 0x2008_0522,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: c.cap_keep as u32,
+                permitted: c.cap_keep as u32,
+                inheritable: 0,
+            },
+            CapData {
+                effective: (c.cap_keep >> 32) as u32,
+                permitted: (c.cap_keep >> 32) as u32,
+                inheritable: 0,
+            },
+        ];
+        if libc::syscall(libc::SYS_capset, &hdr, data.as_ptr()) != 0 {
+            return Err(1);
+        }
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(2);
+        }
+        for prog in &c.seccomp {
+            let fprog = libc::sock_fprog {
+                len: prog.len() as libc::c_ushort,
+                filter: prog.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &fprog) != 0 {
+                return Err(3);
+            }
+        }
+    }
+    if !c.setgroups_denied
+        && libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0
+    {
+        return Err(4);
+    }
+    if libc::syscall(libc::SYS_setgid, c.gid) != 0 {
+        return Err(5);
+    }
+    if libc::syscall(libc::SYS_setuid, c.uid) != 0 {
+        return Err(6);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
