@@ -48,8 +48,8 @@ fi
 WORK=$(mktemp -d /var/tmp/kiln-bench-multiplatform.XXXXXX)
 REG_PID=""; BK_PID=""
 cleanup() {
-  [ -n "$BK_PID" ] && kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null
-  [ -n "$REG_PID" ] && kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null
+  [ -n "$BK_PID" ] && { kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null; } || true
+  [ -n "$REG_PID" ] && { kill "$REG_PID" 2>/dev/null && wait "$REG_PID" 2>/dev/null; } || true
   grep " $WORK/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
   rm -rf "$WORK"
 }
@@ -126,7 +126,7 @@ TOML
   for _ in $(seq 200); do buildctl debug workers >/dev/null 2>&1 && return 0; sleep 0.1; done
   echo "buildkitd did not start: $(tail -n 3 "$1.log")" >&2; return 1
 }
-bk_stop() { [ -n "$BK_PID" ] && kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null; BK_PID=""; }
+bk_stop() { [ -n "$BK_PID" ] && { kill "$BK_PID" 2>/dev/null && wait "$BK_PID" 2>/dev/null; } || true; BK_PID=""; }
 
 # ---- one measured build: sets SECS, or fails. PHASE cold: a fresh state, exporting the
 # registry cache (mode=max); fresh: another fresh state (a new runner) importing it.
