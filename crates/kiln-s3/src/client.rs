@@ -253,6 +253,28 @@ impl S3Client {
     }
 
     /// The whole body of a successful answer.
+    /// The answer of a call that may fail after its 200 has been sent (CopyObject,
+    /// CompleteMultipartUpload): the error is then in the body.
+    async fn success_in_body(
+        op: &'static str,
+        key: String,
+        resp: reqwest::Response,
+    ) -> Result<(), S3Error> {
+        let resp = Self::success(op, &key, resp).await?;
+        let body = Self::body(op, &key, resp).await?;
+        let text = String::from_utf8_lossy(&body);
+        if text.contains("<Error>") {
+            return Err(S3Error::Status {
+                op,
+                key,
+                status: 200,
+                code: xml_field(&text, "Code"),
+                message: xml_field(&text, "Message"),
+            });
+        }
+        Ok(())
+    }
+
     async fn body(op: &'static str, key: &str, resp: reqwest::Response) -> Result<Bytes, S3Error> {
         resp.bytes().await.map_err(|e| S3Error::Transport {
             op,
@@ -458,20 +480,7 @@ impl S3Client {
                 req
             })
             .await?;
-        let resp = Self::success("CopyObject", &dst, resp).await?;
-        // A copy may fail after its 200 has been sent: the error is then in the body.
-        let body = Self::body("CopyObject", &dst, resp).await?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(S3Error::Status {
-                op: "CopyObject",
-                key: dst,
-                status: 200,
-                code: xml_field(&text, "Code"),
-                message: xml_field(&text, "Message"),
-            });
-        }
-        Ok(())
+        Self::success_in_body("CopyObject", dst, resp).await
     }
 
     /// Removes object `key`; removing a missing object succeeds.
@@ -692,20 +701,7 @@ impl S3Client {
                 self.inner.http.post(url).body(body.clone())
             })
             .await?;
-        let resp = Self::success("CompleteMultipartUpload", &full, resp).await?;
-        // Completion may fail after its 200 has been sent: the error is then in the body.
-        let body = Self::body("CompleteMultipartUpload", &full, resp).await?;
-        let text = String::from_utf8_lossy(&body);
-        if text.contains("<Error>") {
-            return Err(S3Error::Status {
-                op: "CompleteMultipartUpload",
-                key: full,
-                status: 200,
-                code: xml_field(&text, "Code"),
-                message: xml_field(&text, "Message"),
-            });
-        }
-        Ok(())
+        Self::success_in_body("CompleteMultipartUpload", full, resp).await
     }
 
     /// Discards multipart upload `upload_id` and its parts; an unknown upload is no error.
