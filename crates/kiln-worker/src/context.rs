@@ -254,10 +254,11 @@ impl ContextIndex {
     /// resolved as [`fileop::copy_filtered`] resolves them, so a content key built on this
     /// changes when the files behind the link change, not only when the link does.
     pub fn copy_reads(&self, srcs: &[String], exclude: &[String]) -> impl Fn(&str) -> bool {
-        let srcs = srcs.to_vec();
-        let exclude = exclude.to_vec();
+        // Compiled once: the returned test runs for every entry of the context.
+        let named = fileop::PathSelector::new(srcs);
+        let exclude = fileop::PathSelector::new(exclude);
         let mut roots: Vec<String> = Vec::new();
-        for pattern in &srcs {
+        for pattern in srcs {
             // A pattern the copy cannot expand fails the copy itself; the named paths below
             // still key it.
             let Ok(found) = fileop::expand_source(&self.root, pattern) else {
@@ -266,8 +267,7 @@ impl ContextIndex {
             for rel in found {
                 // The copy's own filter: present in the context (after `.dockerignore`) and
                 // not excluded.
-                if !rel.is_empty() && (self.get(&rel).is_none() || fileop::selects(&exclude, &rel))
-                {
+                if !rel.is_empty() && (self.get(&rel).is_none() || exclude.selects(&rel)) {
                     continue;
                 }
                 let Ok(followed) = fileop::resolve_in_root(&self.root, &rel, true) else {
@@ -288,14 +288,14 @@ impl ContextIndex {
             }
         }
         move |p: &str| {
-            let named = fileop::selects(&srcs, p);
+            let named = named.selects(p);
             let below_real_source = roots.iter().any(|r| {
                 r.is_empty()
                     || p == r
                     || p.strip_prefix(r.as_str())
                         .is_some_and(|rest| rest.starts_with('/'))
             });
-            (named || below_real_source) && !fileop::selects(&exclude, p)
+            (named || below_real_source) && !exclude.selects(p)
         }
     }
 

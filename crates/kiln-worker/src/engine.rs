@@ -1159,9 +1159,9 @@ fn selection(op: &Op, index: usize) -> Box<dyn Fn(&str) -> bool + Send + Sync> {
     match op {
         Op::Copy(c) if matches!(c.source, CopySource::Input { input } if input as usize == index) =>
         {
-            let srcs = c.srcs.clone();
-            let exclude = c.exclude.clone();
-            Box::new(move |p: &str| fileop::selects(&srcs, p) && !fileop::selects(&exclude, p))
+            let srcs = fileop::PathSelector::new(&c.srcs);
+            let exclude = fileop::PathSelector::new(&c.exclude);
+            Box::new(move |p: &str| srcs.selects(p) && !exclude.selects(p))
         }
         Op::Exec(e) => {
             let roots: Vec<String> = e
@@ -1179,11 +1179,8 @@ fn selection(op: &Op, index: usize) -> Box<dyn Fn(&str) -> bool + Send + Sync> {
                     _ => None,
                 })
                 .collect();
-            Box::new(move |p: &str| {
-                roots
-                    .iter()
-                    .any(|r| fileop::selects(std::slice::from_ref(r), p))
-            })
+            let roots = fileop::PathSelector::new(&roots);
+            Box::new(move |p: &str| roots.selects(p))
         }
         _ => Box::new(|_: &str| true),
     }

@@ -273,29 +273,79 @@ fn glob_base_exists(src_root: &Path, pattern: &str) -> Result<bool, FileOpError>
 }
 
 /// Does any of `patterns` (COPY sources or `--exclude`s) name `rel` or a directory above it?
-/// `.` (or `/`) names everything.
+/// `.` (or `/`) names everything. To test many paths, compile the patterns once with
+/// [`PathSelector::new`].
 pub fn selects(patterns: &[String], rel: &str) -> bool {
-    patterns.iter().any(|p| {
-        let p = clean_components(p).join("/");
-        if p.is_empty() {
-            return true;
-        }
-        glob_match(&p, rel) || {
-            // A match on a parent directory selects everything below it.
-            let mut prefix = rel;
-            while let Some((parent, _)) = prefix.rsplit_once('/') {
-                if glob_match(&p, parent) {
-                    return true;
-                }
-                prefix = parent;
-            }
-            false
-        }
-    })
+    PathSelector::new(patterns).selects(rel)
 }
 
-fn excluded(rel: &str, exclude: &[String]) -> bool {
-    !exclude.is_empty() && selects(exclude, rel)
+/// Patterns (COPY sources, `--exclude`s, mount sources) compiled once: cleaned and split
+/// into path segments, so testing a path (a context of thousands of files is tested path by
+/// path for every COPY's cache key) allocates nothing and re-parses no pattern.
+#[derive(Debug, Clone, Default)]
+pub struct PathSelector {
+    patterns: Vec<Vec<PatternSegment>>,
+    /// A pattern cleaned to nothing (`.`, `/`) names everything.
+    everything: bool,
+}
+
+/// One segment of a compiled pattern: compared as bytes when it has no wildcard or escape.
+#[derive(Debug, Clone)]
+enum PatternSegment {
+    Literal(String),
+    Glob(String),
+}
+
+impl PatternSegment {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            PatternSegment::Literal(l) => l == name,
+            PatternSegment::Glob(g) => segment_match(g.as_bytes(), name.as_bytes()),
+        }
+    }
+}
+
+impl PathSelector {
+    /// Compiles `patterns` (relative, Go `filepath.Match` syntax per segment).
+    pub fn new(patterns: &[String]) -> Self {
+        let mut sel = PathSelector::default();
+        for p in patterns {
+            let parts = clean_components(p);
+            if parts.is_empty() {
+                sel.everything = true;
+                continue;
+            }
+            sel.patterns.push(
+                parts
+                    .into_iter()
+                    .map(|s| {
+                        if s.bytes().any(|b| matches!(b, b'*' | b'?' | b'[' | b'\\')) {
+                            PatternSegment::Glob(s)
+                        } else {
+                            PatternSegment::Literal(s)
+                        }
+                    })
+                    .collect(),
+            );
+        }
+        sel
+    }
+
+    /// Whether no pattern was given (an empty `--exclude` list selects nothing).
+    pub fn is_empty(&self) -> bool {
+        self.patterns.is_empty() && !self.everything
+    }
+
+    /// Does a pattern name `rel` or a directory above it? A pattern of `k` segments names
+    /// `rel` or one of its ancestors exactly when it matches `rel`'s first `k` segments.
+    pub fn selects(&self, rel: &str) -> bool {
+        self.everything
+            || self.patterns.iter().any(|p| {
+                let mut segs = rel.split('/').filter(|s| !s.is_empty());
+                p.iter()
+                    .all(|ps| segs.next().is_some_and(|s| ps.matches(s)))
+            })
+    }
 }
 
 /// Counts of what a copy wrote.
@@ -331,11 +381,15 @@ pub fn copy_filtered(
     include: &dyn Fn(&str) -> bool,
 ) -> Result<CopyStats, FileOpError> {
     COPY_RANGE_REFUSED.set(false);
+    // `--exclude` compiled once for every path of the copy.
+    let exclude = PathSelector::new(&opts.exclude);
+    let keep = |rel: &str| include(rel) && (exclude.is_empty() || !exclude.selects(rel));
+    let include: &dyn Fn(&str) -> bool = &keep;
     let mut matched = Vec::new();
     for pattern in srcs {
         let found: Vec<String> = expand_source(src_root, pattern)?
             .into_iter()
-            .filter(|rel| rel.is_empty() || (include(rel) && !excluded(rel, &opts.exclude)))
+            .filter(|rel| rel.is_empty() || include(rel))
             .collect();
         let globbed = clean_components(pattern).iter().any(|p| has_glob(p));
         // BuildKit copies nothing for a wildcard that matches nothing (`COPY package.json
@@ -451,7 +505,8 @@ fn copy_tree(
         } else {
             format!("{rel_dir}/{name_str}")
         };
-        if !include(&rel) || excluded(&rel, &opts.exclude) {
+        // `include` holds the copy's `--exclude`s too (compiled once in `copy_filtered`).
+        if !include(&rel) {
             continue;
         }
         let src = src_dir.join(&name);

@@ -333,6 +333,91 @@ fn glob_matching_follows_go_filepath_match() {
     assert!(fileop::glob_match("\\*", "*"));
 }
 
+/// What `selects` meant before patterns were compiled: each pattern cleaned, then matched
+/// against the path and against every directory above it.
+fn selects_by_ancestors(patterns: &[String], rel: &str) -> bool {
+    patterns.iter().any(|p| {
+        let p: Vec<&str> = p
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        let p = p.join("/");
+        if p.is_empty() {
+            return true;
+        }
+        let mut candidate = rel;
+        loop {
+            if fileop::glob_match(&p, candidate) {
+                return true;
+            }
+            match candidate.rsplit_once('/') {
+                Some((parent, _)) => candidate = parent,
+                None => return false,
+            }
+        }
+    })
+}
+
+#[test]
+fn compiled_selector_names_the_paths_and_ancestors_its_patterns_name() {
+    let patterns = [
+        "src",
+        "src/",
+        "./src/Module1",
+        "/bin",
+        "*.php",
+        "src/*/Class?.php",
+        "tests/[a-m]*",
+        "assets/\\*x",
+        "vendor/lib",
+        "package*.json",
+        "src/Module1/Class1.php",
+    ];
+    let paths = [
+        "src",
+        "src/Controller.php",
+        "src/Module1",
+        "src/Module1/Class1.php",
+        "src/Module12/Class1.php",
+        "src/Module1/deep/Class2.php",
+        "srcx/a.php",
+        "bin",
+        "bin/start",
+        "index.php",
+        "lib/index.php",
+        "tests/run.sh",
+        "tests/zz.sh",
+        "assets/*x",
+        "assets/ax",
+        "vendor",
+        "vendor/lib/a.js",
+        "vendor/libx",
+        "package.json",
+        "package-lock.json",
+        "",
+    ];
+    // One pattern at a time, and all of them at once.
+    let mut sets: Vec<Vec<String>> = patterns.iter().map(|p| vec![p.to_string()]).collect();
+    sets.push(patterns.iter().map(|p| p.to_string()).collect());
+    sets.push(Vec::new());
+    for set in &sets {
+        let compiled = fileop::PathSelector::new(set);
+        for rel in paths {
+            assert_eq!(
+                compiled.selects(rel),
+                selects_by_ancestors(set, rel),
+                "patterns {set:?} on {rel:?}"
+            );
+            assert_eq!(fileop::selects(set, rel), compiled.selects(rel));
+        }
+    }
+    let dot = fileop::PathSelector::new(&[".".to_string()]);
+    assert!(dot.selects("anything/at/all") && !dot.is_empty());
+    assert!(fileop::PathSelector::new(&[]).is_empty());
+    assert!(fileop::PathSelector::new(&["src".into()]).selects("src/Module1/Class1.php"));
+    assert!(!fileop::PathSelector::new(&["src".into()]).selects("srcx/a.php"));
+}
+
 fn nix_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }
