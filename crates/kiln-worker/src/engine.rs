@@ -816,18 +816,26 @@ impl Inner {
             let cancel = CancelToken::new();
             let watch = ctx.cancel.clone();
             let c2 = cancel.clone();
+            // Dropped when the step ends, which wakes the watcher at once: joining it adds
+            // no wait to the step (a plain sleep loop cost up to one poll period per RUN).
+            let (step_done, done_rx) = std::sync::mpsc::channel::<()>();
             let watcher = std::thread::spawn(move || {
                 // Polls the build's cancellation; exits when the step finishes.
-                while !c2.is_cancelled() {
-                    if watch.is_cancelled() {
-                        c2.cancel();
-                        break;
+                loop {
+                    match done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if watch.is_cancelled() {
+                                c2.cancel();
+                                break;
+                            }
+                        }
+                        _ => break,
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(50));
                 }
             });
             let status = self.executor.run(&spec, &mut sink, &cancel);
             cancel.cancel();
+            drop(step_done);
             let _ = watcher.join();
             drop(cache_guards);
             let status = status?;
