@@ -707,3 +707,69 @@ fn an_opaque_whiteout_from_a_real_tar_hides_only_lower_content_as_root() {
         store.remove(v.id).unwrap();
     }
 }
+
+/// The superblock options of the mount at `target`, from /proc/self/mountinfo.
+fn mount_options(target: &Path) -> String {
+    let target = target.canonicalize().unwrap();
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .find(|l| l.split(' ').nth(4) == Some(target.to_str().unwrap()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("{} is not a mount point", target.display()))
+}
+
+#[test]
+fn writable_overlays_are_volatile_and_commits_keep_small_and_large_uppers_as_root() {
+    let d = TestDir::new();
+    let store = store_at(d.path(), SnapshotterKind::Overlay);
+    let parent = base(&store);
+
+    // A step that writes a few files: its upper dir is fsynced entry by entry.
+    let small = store.prepare(Some(parent), None).unwrap();
+    let opts = mount_options(&small.rootfs);
+    // Every kernel this project supports has it (5.10+); without it kiln mounts plainly.
+    assert!(
+        opts.contains("volatile"),
+        "writable overlay options: {opts}"
+    );
+    fs::write(small.rootfs.join("etc/new"), "new\n").unwrap();
+    fs::create_dir_all(small.rootfs.join("srv/app")).unwrap();
+    fs::write(small.rootfs.join("srv/app/FILES"), "3\n").unwrap();
+    let small_id = store.commit(&small).unwrap();
+
+    // A step that writes more than the per-entry limit: one syncfs instead.
+    let large = store.prepare(Some(small_id), None).unwrap();
+    for i in 0..300 {
+        fs::write(large.rootfs.join(format!("data/f{i}")), format!("{i}\n")).unwrap();
+    }
+    let large_id = store.commit(&large).unwrap();
+
+    let v = store.view(large_id, None).unwrap();
+    assert_eq!(
+        fs::read_to_string(v.rootfs.join("etc/new")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        fs::read_to_string(v.rootfs.join("srv/app/FILES")).unwrap(),
+        "3\n"
+    );
+    assert_eq!(
+        fs::read_to_string(v.rootfs.join("data/f299")).unwrap(),
+        "299\n"
+    );
+    assert!(
+        !mount_options(&v.rootfs).contains("volatile"),
+        "a read-only view is a plain overlay"
+    );
+    // The layer of the large step holds exactly its 300 files (and their directory).
+    let rec = store
+        .export_layer(large_id, Compression::Gzip, &ExportOptions::default())
+        .unwrap();
+    let files = listing(&store, &rec.digest)
+        .iter()
+        .filter(|h| h.path.starts_with(b"data/f"))
+        .count();
+    assert_eq!(files, 300);
+    store.remove(v.id).unwrap();
+}
