@@ -821,15 +821,13 @@ impl Inner {
             let (step_done, done_rx) = std::sync::mpsc::channel::<()>();
             let watcher = std::thread::spawn(move || {
                 // Polls the build's cancellation; exits when the step finishes.
-                loop {
-                    match done_rx.recv_timeout(std::time::Duration::from_millis(50)) {
-                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            if watch.is_cancelled() {
-                                c2.cancel();
-                                break;
-                            }
-                        }
-                        _ => break,
+                let period = std::time::Duration::from_millis(50);
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    done_rx.recv_timeout(period)
+                {
+                    if watch.is_cancelled() {
+                        c2.cancel();
+                        break;
                     }
                 }
             });
