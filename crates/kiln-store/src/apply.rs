@@ -414,28 +414,39 @@ impl Extractor<'_> {
         let cname = sys::cstr(name).map_err(|e| self.entry_io(&raw, "naming", e))?;
         let root_user = self.root_user;
         let layer = self.layer.clone();
-        // Replace whatever is there (never following it), except dir-over-dir.
+        // Replace whatever is there (never following it), except dir-over-dir. Files, dirs
+        // and symlinks are created first, as tar does, and only a name already taken is
+        // inspected: in a fresh snapshot almost none is, which saves an lstat per entry.
         let parent = self.parent(&raw, parents)?;
-        let existing =
-            sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, &raw, "inspecting", e))?;
-        if let Some(st) = existing {
-            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            if !(is_dir && h.kind == EntryKind::Dir) {
-                remove_at(parent, &cname, is_dir)
-                    .map_err(|e| io_err(&layer, &raw, "replacing", e))?;
-            }
+        let replacing = |e: io::Error| io_err(&layer, &raw, "replacing", e);
+        if !matches!(
+            h.kind,
+            EntryKind::Dir | EntryKind::File | EntryKind::Symlink
+        ) {
+            clear_name(parent, &cname, false).map_err(replacing)?;
         }
         match h.kind {
             EntryKind::Dir => {
-                if existing.is_none() {
-                    sys::mkdir_at(parent, &cname, 0o700)
-                        .map_err(|e| io_err(&layer, &raw, "creating dir", e))?;
+                match sys::mkdir_at(parent, &cname, 0o700) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        if !clear_name(parent, &cname, true).map_err(replacing)? {
+                            sys::mkdir_at(parent, &cname, 0o700)
+                                .map_err(|e| io_err(&layer, &raw, "creating dir", e))?;
+                        }
+                    }
+                    r => r.map_err(|e| io_err(&layer, &raw, "creating dir", e))?,
                 }
                 self.dirs.push((key, h.clone()));
             }
             EntryKind::File => {
-                let mut f = sys::create_file_at(parent, &cname, 0o600)
-                    .map_err(|e| io_err(&layer, &raw, "creating file", e))?;
+                let mut f = match sys::create_file_at(parent, &cname, 0o600) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        clear_name(parent, &cname, false).map_err(replacing)?;
+                        sys::create_file_at(parent, &cname, 0o600)
+                    }
+                    r => r,
+                }
+                .map_err(|e| io_err(&layer, &raw, "creating file", e))?;
                 // One buffer for the whole layer: zeroing a fresh one per file costs more
                 // than the copy for small files.
                 let mut buf = std::mem::take(&mut self.buf);
@@ -471,8 +482,14 @@ impl Extractor<'_> {
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
             }
             EntryKind::Symlink => {
-                sys::symlink_at(&h.link, parent, &cname)
-                    .map_err(|e| io_err(&layer, &raw, "creating symlink", e))?;
+                match sys::symlink_at(&h.link, parent, &cname) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        clear_name(parent, &cname, false).map_err(replacing)?;
+                        sys::symlink_at(&h.link, parent, &cname)
+                    }
+                    r => r,
+                }
+                .map_err(|e| io_err(&layer, &raw, "creating symlink", e))?;
                 set_link_metadata(parent, &cname, h, root_user)
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
             }
@@ -800,6 +817,19 @@ fn set_link_metadata(
 }
 
 /// Removes `name` from `dir`, recursively for directories, never following symlinks.
+/// Removes whatever is at `name` in `dir` (never following it) so an entry can be made
+/// there; a dir is kept when `keep_dir`. Returns whether a dir was kept.
+fn clear_name(dir: BorrowedFd<'_>, name: &CStr, keep_dir: bool) -> io::Result<bool> {
+    if let Some(st) = sys::lstat_at(dir, name)? {
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && keep_dir {
+            return Ok(true);
+        }
+        remove_at(dir, name, is_dir)?;
+    }
+    Ok(false)
+}
+
 pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
     if !is_dir {
         return sys::unlink_at(dir, name, false);
