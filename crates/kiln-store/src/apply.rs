@@ -115,11 +115,15 @@ struct Extractor<'a> {
     seen: HashSet<Vec<u8>>,
     dirs: Vec<(Vec<u8>, TarHeader)>,
     cache: Option<(Vec<u8>, OwnedFd)>,
+    /// Whether the cached parent dir is set-gid (its new files take its group, not ours).
+    cache_setgid: bool,
     lower_roots: Vec<OwnedFd>,
     stats_entries: u64,
     stats_bytes: u64,
     skipped: Vec<String>,
     root_user: bool,
+    /// This process's effective group: the group a new file gets outside set-gid dirs.
+    egid: u32,
     buf: Vec<u8>,
 }
 
@@ -153,11 +157,14 @@ pub(crate) fn apply_tar<R: Read>(
         seen: HashSet::new(),
         dirs: Vec::new(),
         cache: None,
+        cache_setgid: true,
         lower_roots,
         stats_entries: 0,
         stats_bytes: 0,
         skipped: Vec::new(),
         root_user: sys::is_root(),
+        // SAFETY: getegid has no preconditions and cannot fail.
+        egid: unsafe { libc::getegid() },
         buf: Vec::new(),
     };
     {
@@ -271,6 +278,9 @@ impl Extractor<'_> {
         let hit = matches!(&self.cache, Some((k, _)) if *k == key);
         if !hit {
             let fd = self.resolve_dir(raw, comps, true)?;
+            self.cache_setgid = sys::fstat(fd.as_fd())
+                .map(|st| st.st_mode & libc::S_ISGID != 0)
+                .unwrap_or(true);
             self.cache = Some((key, fd));
         }
         match &self.cache {
@@ -478,7 +488,10 @@ impl Extractor<'_> {
                 }
                 self.buf = buf;
                 self.stats_bytes += h.size;
-                set_fd_metadata(f.as_fd(), h, root_user)
+                // A file root creates is root's, in root's group unless its dir is set-gid:
+                // the chown is skipped when that is already what the entry says.
+                let owned = h.uid == 0 && h.gid == self.egid && !self.cache_setgid;
+                set_fd_metadata(f.as_fd(), h, root_user && !owned)
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
             }
             EntryKind::Symlink => {

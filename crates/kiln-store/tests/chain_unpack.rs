@@ -242,3 +242,59 @@ fn a_process_killed_mid_chain_leaves_what_reclaim_removes_as_root() {
     }
     assert!(c.finish().unwrap().is_some());
 }
+
+/// `entry` (one header from [`raw_entry`]) with another mode and group.
+fn with_mode_gid(mut entry: Vec<u8>, mode: u32, gid: u32) -> Vec<u8> {
+    entry[100..107].copy_from_slice(format!("{mode:07o}").as_bytes());
+    entry[116..123].copy_from_slice(format!("{gid:07o}").as_bytes());
+    entry[148..156].copy_from_slice(b"        ");
+    let sum: u32 = entry[..512].iter().map(|&x| u32::from(x)).sum();
+    entry[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    entry
+}
+
+#[test]
+fn a_root_file_in_a_set_gid_dir_of_a_lower_layer_keeps_its_own_group_as_root() {
+    use std::os::unix::fs::MetadataExt;
+    require_root("chown to another group needs root");
+    let tmp = TestDir::new();
+    let l1 = tar_end(with_mode_gid(
+        raw_entry(b"shared/", b'5', b"", b""),
+        0o2775,
+        1234,
+    ));
+    let mut l2 = raw_entry(b"shared/root-file", b'0', b"", b"mine\n");
+    l2.extend(with_mode_gid(
+        raw_entry(b"shared/group-file", b'0', b"", b"theirs\n"),
+        0o644,
+        1234,
+    ));
+    l2.extend(raw_entry(b"plain", b'0', b"", b"plain\n"));
+    let l2 = tar_end(l2);
+    for kind in [SnapshotterKind::Overlay, SnapshotterKind::Copy] {
+        let store = store_at(&tmp.path().join(format!("{kind:?}")), kind);
+        let mut c = store
+            .unpack_chain(None, ApplyOptions::default(), None)
+            .unwrap();
+        for l in [&l1, &l2] {
+            let blob = store.content().put_bytes(&gzip(l)).unwrap().digest;
+            c.add(&blob, Some(&Digest::sha256_of(l))).unwrap();
+        }
+        let top = c.finish().unwrap().unwrap();
+        let v = store.view(top, None).unwrap();
+        let meta = |p: &str| std::fs::symlink_metadata(v.rootfs.join(p)).unwrap();
+        assert_eq!(meta("shared").gid(), 1234, "{kind:?}");
+        assert_eq!(meta("shared").mode() & 0o7777, 0o2775, "{kind:?}");
+        assert_eq!(
+            (
+                meta("shared/root-file").uid(),
+                meta("shared/root-file").gid()
+            ),
+            (0, 0),
+            "{kind:?}: the entry's group, not the set-gid dir's"
+        );
+        assert_eq!(meta("shared/group-file").gid(), 1234, "{kind:?}");
+        assert_eq!((meta("plain").uid(), meta("plain").gid()), (0, 0));
+        store.remove(v.id).unwrap();
+    }
+}
