@@ -115,11 +115,15 @@ struct Extractor<'a> {
     seen: HashSet<Vec<u8>>,
     dirs: Vec<(Vec<u8>, TarHeader)>,
     cache: Option<(Vec<u8>, OwnedFd)>,
+    /// Whether the cached parent dir is set-gid (its new files take its group, not ours).
+    cache_setgid: bool,
     lower_roots: Vec<OwnedFd>,
     stats_entries: u64,
     stats_bytes: u64,
     skipped: Vec<String>,
     root_user: bool,
+    /// This process's effective group: the group a new file gets outside set-gid dirs.
+    egid: u32,
     buf: Vec<u8>,
 }
 
@@ -153,11 +157,14 @@ pub(crate) fn apply_tar<R: Read>(
         seen: HashSet::new(),
         dirs: Vec::new(),
         cache: None,
+        cache_setgid: true,
         lower_roots,
         stats_entries: 0,
         stats_bytes: 0,
         skipped: Vec::new(),
         root_user: sys::is_root(),
+        // SAFETY: getegid has no preconditions and cannot fail.
+        egid: unsafe { libc::getegid() },
         buf: Vec::new(),
     };
     {
@@ -271,6 +278,9 @@ impl Extractor<'_> {
         let hit = matches!(&self.cache, Some((k, _)) if *k == key);
         if !hit {
             let fd = self.resolve_dir(raw, comps, true)?;
+            self.cache_setgid = sys::fstat(fd.as_fd())
+                .map(|st| st.st_mode & libc::S_ISGID != 0)
+                .unwrap_or(true);
             self.cache = Some((key, fd));
         }
         match &self.cache {
@@ -414,28 +424,39 @@ impl Extractor<'_> {
         let cname = sys::cstr(name).map_err(|e| self.entry_io(&raw, "naming", e))?;
         let root_user = self.root_user;
         let layer = self.layer.clone();
-        // Replace whatever is there (never following it), except dir-over-dir.
+        // Replace whatever is there (never following it), except dir-over-dir. Files, dirs
+        // and symlinks are created first, as tar does, and only a name already taken is
+        // inspected: in a fresh snapshot almost none is, which saves an lstat per entry.
         let parent = self.parent(&raw, parents)?;
-        let existing =
-            sys::lstat_at(parent, &cname).map_err(|e| io_err(&layer, &raw, "inspecting", e))?;
-        if let Some(st) = existing {
-            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
-            if !(is_dir && h.kind == EntryKind::Dir) {
-                remove_at(parent, &cname, is_dir)
-                    .map_err(|e| io_err(&layer, &raw, "replacing", e))?;
-            }
+        let replacing = |e: io::Error| io_err(&layer, &raw, "replacing", e);
+        if !matches!(
+            h.kind,
+            EntryKind::Dir | EntryKind::File | EntryKind::Symlink
+        ) {
+            clear_name(parent, &cname, false).map_err(replacing)?;
         }
         match h.kind {
             EntryKind::Dir => {
-                if existing.is_none() {
-                    sys::mkdir_at(parent, &cname, 0o700)
-                        .map_err(|e| io_err(&layer, &raw, "creating dir", e))?;
+                match sys::mkdir_at(parent, &cname, 0o700) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        if !clear_name(parent, &cname, true).map_err(replacing)? {
+                            sys::mkdir_at(parent, &cname, 0o700)
+                                .map_err(|e| io_err(&layer, &raw, "creating dir", e))?;
+                        }
+                    }
+                    r => r.map_err(|e| io_err(&layer, &raw, "creating dir", e))?,
                 }
                 self.dirs.push((key, h.clone()));
             }
             EntryKind::File => {
-                let mut f = sys::create_file_at(parent, &cname, 0o600)
-                    .map_err(|e| io_err(&layer, &raw, "creating file", e))?;
+                let mut f = match sys::create_file_at(parent, &cname, 0o600) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        clear_name(parent, &cname, false).map_err(replacing)?;
+                        sys::create_file_at(parent, &cname, 0o600)
+                    }
+                    r => r,
+                }
+                .map_err(|e| io_err(&layer, &raw, "creating file", e))?;
                 // One buffer for the whole layer: zeroing a fresh one per file costs more
                 // than the copy for small files.
                 let mut buf = std::mem::take(&mut self.buf);
@@ -467,12 +488,21 @@ impl Extractor<'_> {
                 }
                 self.buf = buf;
                 self.stats_bytes += h.size;
-                set_fd_metadata(f.as_fd(), h, root_user)
+                // A file root creates is root's, in root's group unless its dir is set-gid:
+                // the chown is skipped when that is already what the entry says.
+                let owned = h.uid == 0 && h.gid == self.egid && !self.cache_setgid;
+                set_fd_metadata(f.as_fd(), h, root_user && !owned)
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
             }
             EntryKind::Symlink => {
-                sys::symlink_at(&h.link, parent, &cname)
-                    .map_err(|e| io_err(&layer, &raw, "creating symlink", e))?;
+                match sys::symlink_at(&h.link, parent, &cname) {
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                        clear_name(parent, &cname, false).map_err(replacing)?;
+                        sys::symlink_at(&h.link, parent, &cname)
+                    }
+                    r => r,
+                }
+                .map_err(|e| io_err(&layer, &raw, "creating symlink", e))?;
                 set_link_metadata(parent, &cname, h, root_user)
                     .map_err(|e| io_err(&layer, &raw, "setting metadata of", e))?;
             }
@@ -800,6 +830,19 @@ fn set_link_metadata(
 }
 
 /// Removes `name` from `dir`, recursively for directories, never following symlinks.
+/// Removes whatever is at `name` in `dir` (never following it) so an entry can be made
+/// there; a dir is kept when `keep_dir`. Returns whether a dir was kept.
+fn clear_name(dir: BorrowedFd<'_>, name: &CStr, keep_dir: bool) -> io::Result<bool> {
+    if let Some(st) = sys::lstat_at(dir, name)? {
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if is_dir && keep_dir {
+            return Ok(true);
+        }
+        remove_at(dir, name, is_dir)?;
+    }
+    Ok(false)
+}
+
 pub(crate) fn remove_at(dir: BorrowedFd<'_>, name: &CStr, is_dir: bool) -> io::Result<()> {
     if !is_dir {
         return sys::unlink_at(dir, name, false);

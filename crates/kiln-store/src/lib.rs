@@ -28,8 +28,8 @@ pub use fsck::{FsckProblem, FsckReport};
 pub use gc::{PruneOptions, PruneReport};
 pub use snapshot::{Mount, SnapshotUsage, Snapshotter, SnapshotterKind};
 pub use store::{
-    chain_id, ActiveSnapshot, CacheRecord, ExportOptions, LayerRecord, Lease, SnapshotId,
-    SnapshotRecord, SnapshotState, Store, StoreOptions, Usage,
+    chain_id, ActiveSnapshot, CacheRecord, ChainUnpack, ExportOptions, LayerRecord, Lease,
+    SnapshotId, SnapshotRecord, SnapshotState, Store, StoreOptions, Usage,
 };
 pub use tarfmt::{EntryKind, TarHeader};
 

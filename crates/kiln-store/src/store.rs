@@ -386,11 +386,24 @@ impl Store {
     }
 
     fn allocate(&self, parent: Option<SnapshotId>, state: SnapshotState) -> Result<SnapshotRecord> {
+        self.allocate_on(parent, state, false)
+    }
+
+    /// [`Store::allocate`]; with `pending_parent` the parent may also be an active snapshot
+    /// (one this process unpacked into a [`ChainUnpack`] and commits with it).
+    fn allocate_on(
+        &self,
+        parent: Option<SnapshotId>,
+        state: SnapshotState,
+        pending_parent: bool,
+    ) -> Result<SnapshotRecord> {
         self.db().write(|tx| {
             let depth = match parent {
                 Some(p) => {
                     let pr = read_snapshot(tx, p)?;
-                    if pr.state != SnapshotState::Committed {
+                    let usable = pr.state == SnapshotState::Committed
+                        || (pending_parent && pr.state == SnapshotState::Active);
+                    if !usable {
                         return Err(StoreError::SnapshotState {
                             id: p.0,
                             message: "is not committed, so it cannot be a parent".into(),
@@ -849,28 +862,7 @@ impl Store {
             }
         }
         if let Some(pc) = &parent_chain {
-            let known = self.db().read(|tx| {
-                let bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
-                let Some(diff) = bl.get(blob.to_string().as_str()).map_err(te)? else {
-                    return Ok(None);
-                };
-                let diff: Digest = decode_digest(diff.value())?;
-                let cid = chain_id(pc.as_ref(), &diff);
-                let chains = tx.open_table(db::CHAINS).map_err(te)?;
-                let Some(sid) = chains
-                    .get(cid.to_string().as_str())
-                    .map_err(te)?
-                    .map(|g| g.value())
-                else {
-                    return Ok(None);
-                };
-                match read_snapshot(tx, SnapshotId(sid)) {
-                    Ok(r) if r.state == SnapshotState::Committed && r.parent == parent => {
-                        Ok(Some(r.id))
-                    }
-                    _ => Ok(None),
-                }
-            })?;
+            let known = self.known_chain(parent, pc.as_ref(), blob)?;
             if let Some(id) = known {
                 if let Some(l) = lease {
                     l.protect_snapshot(id)?;
@@ -882,29 +874,9 @@ impl Store {
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let rec = self.allocate(parent, SnapshotState::Active)?;
         let dir = self.snapshot_dir(rec.id);
-        let res = (|| {
-            let lowers = self.chain_dirs(parent)?;
-            let (root, target) = match self.snapshotter().apply_layout() {
-                ApplyLayout::OverlayUpper => {
-                    let fsd = dir.join("fs");
-                    fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?;
-                    (fsd, ApplyTarget::OverlayUpper { lowers })
-                }
-                ApplyLayout::Merged => (
-                    self.snapshotter().prepare(&dir, &lowers)?,
-                    ApplyTarget::Merged,
-                ),
-            };
-            let (kind, reader) =
-                decompress_in_thread(file).map_err(|e| StoreError::BadArchive {
-                    layer: blob.to_string(),
-                    reason: format!("reading compression header: {e}"),
-                })?;
-            let stats = apply_tar(&root, reader, &target, opts, Some(blob))?;
-            self.snapshotter().commit(&dir)?;
-            sync_fs(&dir)?;
-            Ok((kind, stats))
-        })();
+        let res = self
+            .apply_blob(&dir, parent, file, blob, opts)
+            .and_then(|v| sync_fs(&dir).map(|()| v));
         let (kind, stats) = match res {
             Ok(v) => v,
             Err(e) => {
@@ -972,6 +944,106 @@ impl Store {
             l.protect_snapshot(id)?;
         }
         Ok(id)
+    }
+
+    /// The committed snapshot of blob `blob`'s layer on `parent` (chain id `parent_chain`),
+    /// if the blob was unpacked before.
+    fn known_chain(
+        &self,
+        parent: Option<SnapshotId>,
+        parent_chain: Option<&Digest>,
+        blob: &Digest,
+    ) -> Result<Option<SnapshotId>> {
+        let pc = parent_chain;
+        self.db().read(|tx| {
+            let bl = tx.open_table(db::BLOB_LAYERS).map_err(te)?;
+            let Some(diff) = bl.get(blob.to_string().as_str()).map_err(te)? else {
+                return Ok(None);
+            };
+            let diff: Digest = decode_digest(diff.value())?;
+            let cid = chain_id(pc, &diff);
+            let chains = tx.open_table(db::CHAINS).map_err(te)?;
+            let Some(sid) = chains
+                .get(cid.to_string().as_str())
+                .map_err(te)?
+                .map(|g| g.value())
+            else {
+                return Ok(None);
+            };
+            match read_snapshot(tx, SnapshotId(sid)) {
+                Ok(r) if r.state == SnapshotState::Committed && r.parent == parent => {
+                    Ok(Some(r.id))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+
+    /// Unpacks blob `blob` (open as `file`) into the snapshot dir `dir` of a snapshot
+    /// allocated on `parent`, and readies it for commit; nothing is synced or recorded.
+    fn apply_blob(
+        &self,
+        dir: &Path,
+        parent: Option<SnapshotId>,
+        file: fs::File,
+        blob: &Digest,
+        opts: &ApplyOptions,
+    ) -> Result<(Compression, crate::apply::ApplyStats)> {
+        let lowers = self.chain_dirs(parent)?;
+        let (root, target) = match self.snapshotter().apply_layout() {
+            ApplyLayout::OverlayUpper => {
+                let fsd = dir.join("fs");
+                fs::create_dir_all(&fsd).map_err(|e| StoreError::io("creating", &fsd, e))?;
+                (fsd, ApplyTarget::OverlayUpper { lowers })
+            }
+            ApplyLayout::Merged => (
+                self.snapshotter().prepare(dir, &lowers)?,
+                ApplyTarget::Merged,
+            ),
+        };
+        let (kind, reader) = decompress_in_thread(file).map_err(|e| StoreError::BadArchive {
+            layer: blob.to_string(),
+            reason: format!("reading compression header: {e}"),
+        })?;
+        let stats = apply_tar(&root, reader, &target, opts, Some(blob))?;
+        self.snapshotter().commit(dir)?;
+        Ok((kind, stats))
+    }
+
+    /// Starts unpacking a chain of layers on `parent` (committed, or `None`): each
+    /// [`ChainUnpack::add`] unpacks one more layer into its own snapshot, and
+    /// [`ChainUnpack::finish`] makes them all durable with one `syncfs` and commits them in
+    /// one DB transaction, instead of a `syncfs` and two commits per layer. Dropped before
+    /// `finish` (an error, a cancelled build), the unpacked snapshots are removed; a
+    /// process killed meanwhile leaves active snapshots of a dead pid, which
+    /// [`Store::reclaim_leftovers`] removes.
+    pub fn unpack_chain<'s>(
+        &'s self,
+        parent: Option<SnapshotId>,
+        opts: ApplyOptions,
+        lease: Option<&'s Lease>,
+    ) -> Result<ChainUnpack<'s>> {
+        let base_chain = match parent {
+            Some(p) => {
+                let pr = self.snapshot(p)?;
+                if pr.state != SnapshotState::Committed {
+                    return Err(StoreError::SnapshotState {
+                        id: p.0,
+                        message: "is not committed".into(),
+                    });
+                }
+                pr.chain_id.map(Some)
+            }
+            None => Some(None),
+        };
+        Ok(ChainUnpack {
+            store: self,
+            base: parent,
+            base_chain,
+            pending: Vec::new(),
+            opts,
+            lease,
+        })
     }
 
     /// The diff id of blob `blob` as computed here from its bytes, if it ever was.
@@ -1490,6 +1562,197 @@ pub(crate) fn decode_digest(s: &str) -> Result<Digest> {
             key: s.to_owned(),
             message: e.to_string(),
         })
+}
+
+/// A chain of layers being unpacked by [`Store::unpack_chain`]: each layer in its own
+/// snapshot, all made durable and committed together by [`ChainUnpack::finish`].
+pub struct ChainUnpack<'s> {
+    store: &'s Store,
+    /// The committed snapshot the chain starts on (moves up while layers are found unpacked).
+    base: Option<SnapshotId>,
+    /// `base`'s chain id (`Some(None)`: the empty chain; `None`: `base` has none).
+    base_chain: Option<Option<Digest>>,
+    pending: Vec<PendingLayer>,
+    opts: ApplyOptions,
+    lease: Option<&'s Lease>,
+}
+
+/// A layer unpacked into an active snapshot, waiting for [`ChainUnpack::finish`].
+struct PendingLayer {
+    id: SnapshotId,
+    layer: LayerRecord,
+    kind: Compression,
+}
+
+impl ChainUnpack<'_> {
+    /// The snapshot the next layer goes on.
+    fn top(&self) -> Option<SnapshotId> {
+        self.pending.last().map(|p| p.id).or(self.base)
+    }
+
+    /// Unpacks the layer blob `blob` (said to be the layer `expected`, checked against the
+    /// unpacked bytes as [`Store::unpack_layer_expecting`] does) on top of the layers added
+    /// before. A layer this store unpacked before on the same committed chain is reused
+    /// without reading the blob. On an error nothing of this layer is left; the layers added
+    /// before stay pending, so the call may be retried (e.g. once the blob is downloaded).
+    pub fn add(&mut self, blob: &Digest, expected: Option<&Digest>) -> Result<()> {
+        let store = self.store;
+        if let Some(want) = expected {
+            if let Some(actual) = store.verified_diff_id(blob)?.filter(|a| a != want) {
+                return Err(StoreError::DiffIdMismatch {
+                    blob: blob.clone(),
+                    claimed: want.clone(),
+                    actual,
+                });
+            }
+        }
+        if self.pending.is_empty() {
+            if let Some(pc) = &self.base_chain {
+                if let Some(id) = store.known_chain(self.base, pc.as_ref(), blob)? {
+                    if let Some(l) = self.lease {
+                        l.protect_snapshot(id)?;
+                    }
+                    let chain = store.snapshot(id)?.chain_id;
+                    self.base = Some(id);
+                    self.base_chain = chain.map(Some);
+                    return Ok(());
+                }
+            }
+        }
+        let file = store.content().open_blob(blob)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let parent = self.top();
+        let rec = store.allocate_on(parent, SnapshotState::Active, true)?;
+        let dir = store.snapshot_dir(rec.id);
+        let (kind, stats) = match store.apply_blob(&dir, parent, file, blob, &self.opts) {
+            Ok(v) => v,
+            Err(e) => {
+                store.forget(rec.id);
+                return Err(e);
+            }
+        };
+        if let Some(want) = expected.filter(|w| **w != stats.diff_id) {
+            store.forget(rec.id);
+            let _ = store
+                .db()
+                .write(|tx| record_verified(tx, blob, &stats.diff_id));
+            return Err(StoreError::DiffIdMismatch {
+                blob: blob.clone(),
+                claimed: want.clone(),
+                actual: stats.diff_id,
+            });
+        }
+        self.pending.push(PendingLayer {
+            id: rec.id,
+            layer: LayerRecord {
+                diff_id: stats.diff_id,
+                digest: blob.clone(),
+                size,
+                media_type: kind.oci_layer_media_type().to_owned(),
+            },
+            kind,
+        });
+        Ok(())
+    }
+
+    /// Makes the unpacked layers durable (one `syncfs`) and commits them (one DB
+    /// transaction), registering each chain id; returns the top snapshot (`None` for an
+    /// empty chain on no parent). A chain another process committed first is used instead
+    /// of this one's copy, which is removed.
+    pub fn finish(mut self) -> Result<Option<SnapshotId>> {
+        let store = self.store;
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Ok(self.base);
+        }
+        let forget_all = |ps: &[PendingLayer]| {
+            for p in ps.iter().rev() {
+                store.forget(p.id);
+            }
+        };
+        // Invariant 4: the snapshots' files are on disk before any record says committed.
+        if let Err(e) = sync_fs(&store.snapshot_dir(pending[0].id)) {
+            forget_all(&pending);
+            return Err(e);
+        }
+        let base = self.base;
+        let base_chain = self.base_chain.clone();
+        let res = store.db().write(|tx| {
+            let mut parent = base;
+            let mut parent_chain = base_chain.clone();
+            let mut kept = Vec::with_capacity(pending.len());
+            for p in &pending {
+                remember_layer(tx, &p.layer, p.kind)?;
+                record_verified(tx, &p.layer.digest, &p.layer.diff_id)?;
+                let mut r = read_snapshot(tx, p.id)?;
+                // The layer below may have been replaced by another process's copy of it.
+                r.parent = parent;
+                r.state = SnapshotState::Committed;
+                let mut winner = None;
+                if let Some(pc) = &parent_chain {
+                    let cid = chain_id(pc.as_ref(), &p.layer.diff_id);
+                    let mut chains = tx.open_table(db::CHAINS).map_err(te)?;
+                    let existing = chains
+                        .get(cid.to_string().as_str())
+                        .map_err(te)?
+                        .map(|g| g.value());
+                    if let Some(other) = existing.filter(|o| *o != p.id.0) {
+                        if let Ok(o) = read_snapshot(tx, SnapshotId(other)) {
+                            if o.state == SnapshotState::Committed && o.parent == parent {
+                                winner = Some(o.id);
+                            }
+                        }
+                    }
+                    if winner.is_none() {
+                        chains
+                            .insert(cid.to_string().as_str(), p.id.0)
+                            .map_err(te)?;
+                        r.chain_id = Some(cid.clone());
+                    }
+                    parent_chain = Some(Some(cid));
+                }
+                match winner {
+                    Some(o) => parent = Some(o),
+                    None => {
+                        write_snapshot(tx, &r)?;
+                        parent = Some(p.id);
+                    }
+                }
+                kept.push((p.id, parent, winner.is_none()));
+            }
+            Ok(kept)
+        });
+        let kept = match res {
+            Ok(k) => k,
+            Err(e) => {
+                forget_all(&pending);
+                return Err(e);
+            }
+        };
+        // Another process's copies won: this one's are removed, children first.
+        for (id, _, ours) in kept.iter().rev() {
+            if !ours {
+                store.forget(*id);
+            }
+        }
+        let top = kept.last().and_then(|(_, used, _)| *used);
+        if let Some(l) = self.lease {
+            for (_, used, _) in &kept {
+                if let Some(id) = used {
+                    l.protect_snapshot(*id)?;
+                }
+            }
+        }
+        Ok(top)
+    }
+}
+
+impl Drop for ChainUnpack<'_> {
+    fn drop(&mut self) {
+        for p in self.pending.drain(..).rev() {
+            self.store.forget(p.id);
+        }
+    }
 }
 
 /// Flushes the filesystem holding `dir` so a snapshot is on disk before its record says so.

@@ -460,7 +460,11 @@ impl Inner {
         }
         // Blobs the unpack below will need download side by side while it unpacks, in order.
         let prefetch = self.prefetch(fs);
-        let mut parent = None;
+        // The layers unpack one after another (each into its own snapshot) and are made
+        // durable together at the end: one syncfs and one DB commit for the whole chain.
+        let mut chain =
+            self.store
+                .unpack_chain(None, ApplyOptions::default(), Some(&self.lease))?;
         for layer in &fs.layers {
             if let Some(p) = &prefetch {
                 p.wait(&layer.blob.digest);
@@ -474,27 +478,19 @@ impl Inner {
             })?;
             // The diff id comes from an image config or a cache record: the unpack checks
             // the blob's bytes against it.
-            let unpack = || {
-                self.store.unpack_layer_expecting(
-                    parent,
-                    &layer.blob.digest,
-                    Some(&layer.diff_id),
-                    &ApplyOptions::default(),
-                    Some(&self.lease),
-                )
-            };
-            parent = Some(match unpack() {
-                Ok(id) => id,
+            match chain.add(&layer.blob.digest, Some(&layer.diff_id)) {
+                Ok(()) => {}
                 Err(e @ kiln_store::StoreError::DiffIdMismatch { .. }) => return Err(e.into()),
                 Err(_) if !self.store.content().has(&layer.blob.digest) => {
                     self.ensure_blob(&layer.blob, fs.source.as_deref())?;
-                    unpack()?
+                    chain.add(&layer.blob.digest, Some(&layer.diff_id))?;
                 }
                 Err(e) => return Err(e.into()),
-            });
+            }
         }
-        *slot = parent;
-        Ok(parent)
+        let top = chain.finish()?;
+        *slot = top;
+        Ok(top)
     }
 
     /// Starts downloading, several at once, the blobs `fs`'s unpack will read: those of the
