@@ -488,6 +488,8 @@ struct ChildPlan {
     /// The step's user, groups, capabilities and seccomp programs.
     creds: StepCredentials,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// `personality(2)` of the step's process (`PER_LINUX32`), or `None` to keep kiln's.
+    persona: Option<libc::c_ulong>,
     max_fd: i32,
 }
 
@@ -506,6 +508,7 @@ const CHILD_STEPS: &[&str] = &[
     "exec",
     "starting a process group",
     "forking the step",
+    "setting the personality",
 ];
 
 /// The report the group's keeper writes when the step ended: this, then the wait status.
@@ -559,6 +562,7 @@ fn plan_child(spec: &ExecSpec, prep: &Prepared) -> Result<ChildPlan, ExecError> 
         envp_ptrs,
         creds: StepCredentials::new(&prep.user, sandbox, 1u64 << CAP_SYS_CHROOT)?,
         rlimits,
+        persona: spec.personality.persona(),
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
 }
@@ -649,6 +653,11 @@ unsafe fn step(plan: &ChildPlan, rep: i32) -> ! {
         libc::write(rep, msg.as_ptr().cast(), 8);
         libc::_exit(127)
     };
+    if let Some(persona) = plan.persona {
+        if libc::personality(persona) == -1 {
+            fail(13);
+        }
+    }
     for (res, lim) in &plan.rlimits {
         if libc::setrlimit(*res, lim) != 0 {
             fail(2);

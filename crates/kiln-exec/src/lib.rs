@@ -39,6 +39,7 @@ mod chroot;
 mod namespace;
 mod network;
 mod output;
+mod personality;
 pub mod platforms;
 mod prepare;
 pub mod probe;
@@ -53,6 +54,7 @@ pub mod userns;
 pub use cache::{CacheMount, CacheMountError, CacheMountRequest, CacheMounts, CacheSharing};
 pub use chroot::ChrootExecutor;
 pub use namespace::NamespaceExecutor;
+pub use personality::Personality;
 pub use runc::RuncExecutor;
 pub use spec::{
     CancelToken, CollectedOutput, ExecError, ExecSpec, Executor, ExitStatus, MountKind, MountSpec,

@@ -209,6 +209,7 @@ const STEPS: &[&str] = &[
     "chdir to the new root",                // 17
     "joining the step's network namespace", // 18
     "waiting to enter the pids cgroup",     // 19
+    "setting the personality",              // 20
 ];
 
 const REPORT_OP: u32 = 1;
@@ -238,6 +239,8 @@ struct Plan {
     /// CAP_SYS_ADMIN), and the step then keeps the container's hostname.
     hostname_optional: bool,
     rlimits: Vec<(libc::__rlimit_resource_t, libc::rlimit)>,
+    /// `personality(2)` of the step's process (`PER_LINUX32`), or `None` to keep kiln's.
+    persona: Option<libc::c_ulong>,
     /// Highest fd to close when `close_range` is missing.
     max_fd: i32,
 }
@@ -648,6 +651,7 @@ fn build_plan(
         hostname_optional: crate::userns::in_nested_user_namespace(),
         creds: StepCredentials::new(&prep.user, sandbox, 0)?,
         rlimits,
+        persona: spec.personality.persona(),
         max_fd: nofile.rlim_cur.min(1 << 20) as i32,
     })
 }
@@ -1125,6 +1129,11 @@ unsafe fn step_process(plan: &Plan) -> ! {
     libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
     libc::prctl(libc::PR_SET_PDEATHSIG, 0);
 
+    if let Some(persona) = plan.persona {
+        if libc::personality(persona) == -1 {
+            fail_step(20);
+        }
+    }
     for (res, lim) in &plan.rlimits {
         if libc::setrlimit(*res, lim) != 0 {
             fail_step(8);

@@ -324,6 +324,10 @@ fn runtime_spec(
     if let Some(limit) = pids_limit {
         linux["resources"]["pids"] = json!({ "limit": limit });
     }
+    // runc applies `linux.personality` from 1.2 on; older ones (Debian 12's 1.1) ignore it.
+    if let Some(domain) = spec.personality.oci_domain() {
+        linux["personality"] = json!({ "domain": domain });
+    }
     if sandbox {
         linux["maskedPaths"] = json!(MASKED_PATHS);
         linux["readonlyPaths"] = json!(READONLY_PATHS);
@@ -540,6 +544,12 @@ mod tests {
         let clone = &v["linux"]["seccomp"]["syscalls"][1];
         assert_eq!(clone["names"][0], "clone");
         assert_eq!(clone["args"][0]["value"], CLONE_NS_FLAGS);
+        // The host's own execution domain unless the step asks for another.
+        assert!(v["linux"].get("personality").is_none());
+        spec.personality = crate::Personality::Linux32;
+        let private = tempfile::tempdir().unwrap();
+        let v = runtime_spec(&spec, &prep, private.path(), None, Some(64)).unwrap();
+        assert_eq!(v["linux"]["personality"]["domain"], "LINUX32");
         prep.stubs.remove().unwrap();
     }
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::personality::Personality;
+
 /// `PATH` given to the process when the caller's env has none (BuildKit's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -45,6 +47,9 @@ pub struct ExecSpec {
     pub extra_hosts: Vec<(String, IpAddr)>,
     /// Size of the step's `/dev/shm` tmpfs in bytes; `None` is Docker's 64 MiB.
     pub shm_size: Option<u64>,
+    /// The process's execution domain: [`Personality::Linux32`] for a 32-bit target on a
+    /// 64-bit machine ([`Personality::for_platform`]); the default leaves kiln's own.
+    pub personality: Personality,
 }
 
 impl ExecSpec {
@@ -69,6 +74,7 @@ impl ExecSpec {
             }],
             extra_hosts: Vec::new(),
             shm_size: None,
+            personality: Personality::Default,
         }
     }
 }

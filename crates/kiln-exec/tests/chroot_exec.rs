@@ -188,3 +188,22 @@ fn chroot_refuses_the_isolated_network_and_ssh_with_the_fix() {
         .unwrap_err();
     assert!(err.to_string().contains("type=ssh"), "{err}");
 }
+
+#[test]
+fn a_linux32_step_sees_the_32_bit_machine_name() {
+    require_root("chroot");
+    let Some(machine) = linux32_machine() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("fs");
+    busybox_rootfs(&root);
+    let mut spec = host_net(sh(&root, "uname -m"));
+    let (status, out) = run(&ChrootExecutor::new(), &spec);
+    expect_ok(status, &out);
+    assert_eq!(out.stdout_text(), std::env::consts::ARCH);
+    spec.personality = kiln_exec::Personality::Linux32;
+    let (status, out) = run(&ChrootExecutor::new(), &spec);
+    expect_ok(status, &out);
+    assert_eq!(out.stdout_text(), machine);
+}

@@ -986,3 +986,31 @@ fn root_large_output_streams_in_order_with_long_lines_split() {
     let _ = std::io::stdout().flush();
     let _ = Path::new("/");
 }
+
+#[test]
+fn root_a_linux32_step_sees_the_32_bit_machine_name() {
+    require_root("root_a_linux32_step_sees_the_32_bit_machine_name");
+    let Some(machine) = linux32_machine() else {
+        return;
+    };
+    // A fresh overlay per run: a run's rootfs is committed after it, never run again.
+    let uname = |fs: &OverlayRootfs| {
+        let mut spec = sh(&fs.merged, "uname -m; sh -c 'uname -m'");
+        spec.network = Network::None;
+        spec
+    };
+    let fs = OverlayRootfs::new();
+    let (st, out) = run(&exec(), &uname(&fs));
+    expect_ok(st, &out);
+    assert_eq!(
+        out.stdout_text(),
+        format!("{0}\n{0}", std::env::consts::ARCH)
+    );
+    let fs = OverlayRootfs::new();
+    let mut spec = uname(&fs);
+    spec.personality = kiln_exec::Personality::Linux32;
+    let (st, out) = run(&exec(), &spec);
+    expect_ok(st, &out);
+    // Inherited by the step's children too.
+    assert_eq!(out.stdout_text(), format!("{machine}\n{machine}"));
+}

@@ -234,11 +234,11 @@ fn add_json_blob(layout: &Path, text: &str) -> (String, u64) {
     add_blob(layout, &file)
 }
 
-/// Adds the image of [`busybox_rootfs`]`(arch)` to the layout: one gzip layer, a config
-/// naming `linux`/`arch`; returns the manifest's `(digest, size)`.
+/// Adds the image of [`busybox_rootfs`]`(rootfs_arch)` to the layout: one gzip layer, a
+/// config naming `linux`/`arch`; returns the manifest's `(digest, size)`.
 #[track_caller]
-fn add_image(layout: &Path, arch: &str) -> (String, u64) {
-    let rootfs = busybox_rootfs(arch);
+fn add_image(layout: &Path, arch: &str, rootfs_arch: &str) -> (String, u64) {
+    let rootfs = busybox_rootfs(rootfs_arch);
     let tar = layout.join("layer.tar");
     run(
         Command::new("tar")
@@ -274,16 +274,25 @@ fn add_image(layout: &Path, arch: &str) -> (String, u64) {
 /// index's digest.
 #[track_caller]
 pub fn write_busybox_index_layout(layout: &Path) -> String {
+    let images: Vec<(&str, &str)> = INDEX_ARCHES.iter().map(|a| (*a, *a)).collect();
+    write_busybox_index_layout_of(layout, &images)
+}
+
+/// [`write_busybox_index_layout`] of the images `(arch, rootfs_arch)`: each labelled
+/// `linux`/`arch` and holding [`busybox_rootfs`]`(rootfs_arch)`, e.g. `("386", "amd64")`
+/// for a linux/386 image the x86_64 kernel runs natively from the host's busybox.
+#[track_caller]
+pub fn write_busybox_index_layout_of(layout: &Path, images: &[(&str, &str)]) -> String {
     std::fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
     std::fs::write(
         layout.join("oci-layout"),
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let entries: Vec<String> = INDEX_ARCHES
+    let entries: Vec<String> = images
         .iter()
-        .map(|arch| {
-            let (digest, size) = add_image(layout, arch);
+        .map(|(arch, rootfs_arch)| {
+            let (digest, size) = add_image(layout, arch, rootfs_arch);
             format!(
                 r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{digest}","size":{size},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#
             )
@@ -310,11 +319,19 @@ pub fn write_busybox_index_layout(layout: &Path) -> String {
 /// the calling test when skopeo or the push fails.
 #[track_caller]
 pub fn push_busybox_index(registry: &str, repo: &str) -> String {
+    let images: Vec<(&str, &str)> = INDEX_ARCHES.iter().map(|a| (*a, *a)).collect();
+    push_busybox_index_of(registry, repo, &images)
+}
+
+/// [`push_busybox_index`] of the images `(arch, rootfs_arch)`, as
+/// [`write_busybox_index_layout_of`] makes them.
+#[track_caller]
+pub fn push_busybox_index_of(registry: &str, repo: &str, images: &[(&str, &str)]) -> String {
     crate::require_program("skopeo");
     let parent = cache_dir().join("multiarch");
     std::fs::create_dir_all(&parent).unwrap();
     let layout = scratch(&parent, "layout");
-    write_busybox_index_layout(&layout);
+    write_busybox_index_layout_of(&layout, images);
     let reference = format!("{registry}/{repo}:{INDEX_TAG}");
     run(
         Command::new("skopeo")

@@ -392,7 +392,7 @@ impl PlannedBuild {
         events: Arc<dyn EventSink>,
         on_solver: impl FnOnce(&Solver<Worker>),
     ) -> Result<SolvedBuild, BuildError> {
-        let graph = solver_graph(&self.graph)?;
+        let graph = solver_graph(&self.graph, &self.step_platforms)?;
         let solver = Solver::new(Arc::new(self.worker.clone()), graph, self.options, events);
         on_solver(&solver);
         // Every platform's target at once: steps they share run once, the rest in parallel.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use kiln_exec::{
     CacheMountRequest, CacheMounts, CancelToken, ExecSpec, Executor, MountKind, MountSpec, Network,
-    OutputLine, OutputSink, OutputStream, Secret,
+    OutputLine, OutputSink, OutputStream, Personality, Secret,
 };
 use kiln_graph::graph::{self as g, CopyOp, CopySource, ExecOp, MkdirOp, Op, Vertex, VertexId};
 use kiln_oci::compression::Compression;
@@ -93,6 +93,9 @@ pub struct Step {
     pub id: VertexId,
     /// The vertex.
     pub vertex: Vertex,
+    /// The platform it builds for (its stage's; `None` for a shared source): a RUN step for
+    /// a 32-bit platform runs with a 32-bit personality.
+    pub platform: Option<kiln_oci::Platform>,
     /// For each input: is it keyed by the content the step reads from it?
     input_content: Vec<ContentInput>,
 }
@@ -109,10 +112,12 @@ enum ContentInput {
     Download,
 }
 
-/// Turns a build graph into solver steps; returns the graph and, per vertex, its node id
-/// (equal to the vertex index).
+/// Turns a build graph into solver steps, each with its platform from `step_platforms` (by
+/// vertex index, as [`crate::platform_graph::JoinedGraph::step_platforms`]); returns the
+/// graph and, per vertex, its node id (equal to the vertex index).
 pub fn solver_graph(
     bg: &g::BuildGraph,
+    step_platforms: &[Option<kiln_oci::Platform>],
 ) -> Result<kiln_solver::Graph<Step>, kiln_solver::SolveError> {
     let mut graph = kiln_solver::Graph::new();
     for (i, v) in bg.vertices.iter().enumerate() {
@@ -132,6 +137,7 @@ pub fn solver_graph(
             Step {
                 id: VertexId(i as u32),
                 vertex: v.clone(),
+                platform: step_platforms.get(i).cloned().flatten(),
                 input_content,
             },
             inputs,
@@ -617,7 +623,7 @@ impl Inner {
                 Ok(Value::Fs(Arc::new(fs)))
             }
             Op::Local(src) => Ok(Value::Context(self.context(&src.name, &src.exclude)?)),
-            Op::Exec(op) => self.exec(ctx, op, inputs),
+            Op::Exec(op) => self.exec(ctx, op, step.platform.as_ref(), inputs),
             Op::Copy(op) => self.copy(op, inputs),
             Op::Mkdir(op) => self.mkdir(op, inputs),
             Op::Merge(_) => merge(inputs),
@@ -657,7 +663,13 @@ impl Inner {
             .transpose()
     }
 
-    fn exec(&self, ctx: &ExecContext, op: &ExecOp, inputs: &[Value]) -> Result<Value, WorkerError> {
+    fn exec(
+        &self,
+        ctx: &ExecContext,
+        op: &ExecOp,
+        platform: Option<&kiln_oci::Platform>,
+        inputs: &[Value],
+    ) -> Result<Value, WorkerError> {
         let (active, base_layers) = self.prepare_on(self.input_fs(inputs, op.rootfs)?)?;
         let mut views = Vec::new();
         let result = (|| {
@@ -683,6 +695,8 @@ impl Inner {
                 g::NetworkMode::Host => Network::Host,
             };
             spec.privileged = op.security == g::SecurityMode::Insecure;
+            spec.personality =
+                platform.map_or(Personality::Default, Personality::for_platform_here);
             apply_run_settings(&mut spec, op)?;
             let mut cache_guards = Vec::new();
             for m in &op.mounts {
@@ -1390,6 +1404,7 @@ impl Engine for Worker {
             let step = Step {
                 id: VertexId(node as u32),
                 vertex,
+                platform: step.platform.clone(),
                 input_content: step.input_content.clone(),
             };
             tokio::task::spawn_blocking(move || inner.run_step(&ctx, &step, &inputs).map_err(boxed))

@@ -173,3 +173,13 @@ pub fn run(exec: &dyn Executor, spec: &ExecSpec) -> (ExitStatus, CollectedOutput
         .unwrap_or_else(|e| panic!("run failed: {e}"));
     (status, out)
 }
+
+/// What `uname -m` prints on this machine under `PER_LINUX32` (`None` where kiln has no
+/// 32-bit personality to give).
+pub fn linux32_machine() -> Option<&'static str> {
+    match std::env::consts::ARCH {
+        "x86_64" => Some("i686"),
+        "aarch64" => Some("armv8l"),
+        _ => None,
+    }
+}
