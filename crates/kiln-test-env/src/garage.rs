@@ -23,6 +23,15 @@ pub const GARAGE_REGION: &str = "garage";
 /// How long the cluster may take to come up (nodes answering, layout applied, quorum reached).
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// How many times [`GarageCluster::start`] builds a whole new cluster (new ports, new files)
+/// when one does not come up: a port taken between choosing and binding, or a peer connection
+/// that Garage's reconnect backoff leaves down, should not fail a test.
+const START_ATTEMPTS: usize = 3;
+
+/// How long one attempt waits for a node that is not connected before asking again with
+/// `garage node connect` (Garage's own reconnect backs off to tens of seconds).
+const RECONNECT_EVERY: Duration = Duration::from_secs(4);
+
 /// One node of a [`GarageCluster`]: its config file, ports and (while it runs) its process.
 #[derive(Debug)]
 struct Node {
@@ -40,6 +49,8 @@ pub struct GarageCluster {
     binary: PathBuf,
     dir: PathBuf,
     nodes: Vec<Node>,
+    /// Each node's full id (`<hex>@127.0.0.1:<rpc port>`), for reconnecting.
+    ids: Vec<String>,
     key_id: String,
     secret: String,
 }
@@ -74,30 +85,50 @@ impl GarageCluster {
     /// to their count) on free 127.0.0.1 ports, joins them into one cluster with an applied
     /// layout, and creates the access key [`GarageCluster::key`] returns. Fails with what went
     /// wrong and the last lines of the failing node's log.
+    ///
+    /// A cluster that does not come up within [`START_TIMEOUT`] is stopped and a new one
+    /// (fresh ports and files) is tried, up to [`START_ATTEMPTS`] times; the error then holds
+    /// every attempt's reason.
     pub fn start(nodes: usize) -> Result<GarageCluster, String> {
         if nodes == 0 {
             return Err("a Garage cluster needs at least one node".into());
         }
         let binary = garage_binary()?;
+        let mut failures = Vec::new();
+        for attempt in 1..=START_ATTEMPTS {
+            match Self::start_once(&binary, nodes) {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => {
+                    // Said at once: a later attempt that succeeds hides it from the test's error.
+                    eprintln!("Garage cluster: attempt {attempt} of {START_ATTEMPTS} failed: {e}");
+                    failures.push(format!("attempt {attempt} of {START_ATTEMPTS}: {e}"));
+                }
+            }
+        }
+        Err(failures.join("\n\n"))
+    }
+
+    fn start_once(binary: &Path, nodes: usize) -> Result<GarageCluster, String> {
         let dir = unique_dir()?;
         let mut cluster = GarageCluster {
-            binary,
+            binary: binary.to_path_buf(),
             dir,
             nodes: Vec::with_capacity(nodes),
+            ids: Vec::with_capacity(nodes),
             key_id: String::new(),
             secret: String::new(),
         };
         // On any error below, dropping `cluster` stops what was started.
         let rpc_secret = random_hex(32)?;
         let replication = nodes.min(3);
+        let ports = free_ports(2 * nodes)?;
         for i in 0..nodes {
             let node_dir = cluster.dir.join(format!("node{i}"));
             for sub in ["meta", "data"] {
                 std::fs::create_dir_all(node_dir.join(sub))
                     .map_err(|e| format!("creating {}: {e}", node_dir.join(sub).display()))?;
             }
-            let rpc_port = free_port()?;
-            let s3_port = free_port()?;
+            let (rpc_port, s3_port) = (ports[2 * i], ports[2 * i + 1]);
             let config = node_dir.join("garage.toml");
             let text = node_config(&node_dir, replication, rpc_port, s3_port, &rpc_secret);
             std::fs::write(&config, text)
@@ -128,6 +159,7 @@ impl GarageCluster {
         for full in ids.iter().skip(1) {
             cluster.retry(0, &["node", "connect", full], deadline)?;
         }
+        cluster.ids = ids.clone();
         for full in &ids {
             let id = full.split('@').next().unwrap_or(full);
             cluster.retry(
@@ -219,29 +251,64 @@ impl GarageCluster {
 
     /// Waits until every running node's `garage status` shows every running node connected
     /// (a connected node's row ends in its version; one not yet reached, in `N/A` or `?`).
+    /// While one is missing, every [`RECONNECT_EVERY`] the waiting node is told again to
+    /// connect to every other running node; a node whose process ended fails at once.
     fn wait_connected(&self, deadline: Instant) -> Result<(), String> {
         let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].child.is_some())
             .collect();
         for &i in &running {
+            let mut last_connect = Instant::now();
             loop {
                 let status = self.cli(i, &["status"]);
                 let connected = status.as_deref().map(connected_rows).unwrap_or(0);
                 if connected >= running.len() {
                     break;
                 }
-                if Instant::now() > deadline {
+                if let Some(dead) = running.iter().find(|&&n| !self.alive(n)) {
                     return Err(format!(
-                        "node {i} sees {connected} of {} nodes connected: {}\n{}",
+                        "node {dead} exited while the cluster was connecting; {}",
+                        self.log_tail(*dead)
+                    ));
+                }
+                if Instant::now() > deadline {
+                    let mut tails = String::new();
+                    for &n in &running {
+                        let _ = write!(tails, "\n{}", self.log_tail(n));
+                    }
+                    return Err(format!(
+                        "node {i} sees {connected} of {} nodes connected: {}{tails}",
                         running.len(),
                         status.unwrap_or_else(|e| e),
-                        self.log_tail(i)
                     ));
+                }
+                if last_connect.elapsed() >= RECONNECT_EVERY {
+                    eprintln!(
+                        "Garage cluster: node {i} sees {connected} of {} nodes; connecting again",
+                        running.len()
+                    );
+                    for &n in running.iter().filter(|&&n| n != i) {
+                        if let Some(full) = self.ids.get(n) {
+                            let _ = self.cli(i, &["node", "connect", full]);
+                        }
+                    }
+                    last_connect = Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
         }
         Ok(())
+    }
+
+    /// Whether node `i` has a process that has not exited.
+    fn alive(&self, i: usize) -> bool {
+        self.nodes[i].child.as_ref().is_some_and(|child| {
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: kill with signal 0 only checks that the process exists (a child that
+            // exited stays a zombie until waited for, so its state is checked too).
+            let exists = unsafe { libc::kill(pid, 0) == 0 };
+            exists && !is_zombie(pid)
+        })
     }
 
     /// Whether node `i`'s process is running.
@@ -320,13 +387,9 @@ impl GarageCluster {
                 Ok(out) => return Ok(out),
                 Err(err) => err,
             };
-            if let Some(child) = self.nodes[i].child.as_ref() {
+            if self.nodes[i].child.is_some() && !self.alive(i) {
                 // A node that exited will not answer: say so with its log, without waiting.
-                let pid = child.id() as libc::pid_t;
-                // SAFETY: kill with signal 0 only checks that the process exists.
-                if unsafe { libc::kill(pid, 0) } != 0 {
-                    return Err(format!("{err}\nnode {i} exited; {}", self.log_tail(i)));
-                }
+                return Err(format!("{err}\nnode {i} exited; {}", self.log_tail(i)));
             }
             if Instant::now() > deadline {
                 return Err(format!("{err}\n{}", self.log_tail(i)));
@@ -416,13 +479,39 @@ fn parse_key(out: &str) -> Option<(String, String)> {
     Some((id.to_string(), secret.to_string()))
 }
 
-fn free_port() -> Result<u16, String> {
-    let listener =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
+/// `n` distinct free ports on 127.0.0.1: every listener is held until all are chosen, so the
+/// kernel cannot hand out one port twice, and ports handed out earlier in this process are
+/// skipped (a node stopped by a test may still own its ports).
+fn free_ports(n: usize) -> Result<Vec<u16>, String> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a free port: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(|e| format!("finding a free port: {e}"))?;
+        if !given.contains(&port) {
+            ports.push(port);
+            given.push(port);
+        }
+        held.push(listener);
+    }
+    Ok(ports)
+}
+
+/// Whether process `pid` has exited and waits to be reaped (state `Z` in `/proc/PID/stat`).
+fn is_zombie(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(true)
 }
 
 fn random_hex(bytes: usize) -> Result<String, String> {
@@ -477,6 +566,32 @@ mod tests {
         assert_eq!(connected_rows(status), 1);
         let failed = format!("{status}==== FAILED NODES ====\nx  127.0.0.1:1  cargo:2.5.0\n");
         assert_eq!(connected_rows(&failed), 1);
+    }
+
+    #[test]
+    fn free_ports_are_distinct_within_and_across_calls() {
+        let mut all = free_ports(40).unwrap();
+        all.extend(free_ports(40).unwrap());
+        let mut unique = all.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), all.len(), "{all:?}");
+    }
+
+    #[test]
+    fn an_exited_child_is_a_zombie_until_reaped_and_a_running_one_is_not() {
+        let mut running = Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!is_zombie(running.id() as libc::pid_t));
+        let mut done = Command::new("true").spawn().unwrap();
+        let pid = done.id() as libc::pid_t;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_zombie(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(is_zombie(pid));
+        done.wait().unwrap();
+        running.kill().unwrap();
+        running.wait().unwrap();
     }
 
     #[test]
