@@ -530,20 +530,21 @@ const I386_ONLY_SYSCALLS: &[&str] = &[
     "waitpid",
 ];
 
-/// Names of the x86_64 list that Docker's profile allows on amd64 (and x32) only.
-#[cfg(target_arch = "x86_64")]
-const NOT_FOR_I386: &[&str] = &["arch_prctl"];
-
-/// The unconditionally allowed syscalls of a 32-bit x86 process: every name of
-/// [`allowed_syscalls`] the i386 ABI has (less [`NOT_FOR_I386`]), plus
-/// [`I386_ONLY_SYSCALLS`], with i386 numbers.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn allowed_syscalls_i386() -> impl Iterator<Item = (&'static str, i64)> {
     allowed_syscalls()
         .map(|(n, _)| n)
-        .filter(|n| !NOT_FOR_I386.contains(n))
         .chain(I386_ONLY_SYSCALLS.iter().copied())
         .filter_map(|n| crate::syscalls_i386::i386_nr(n).map(|nr| (n, nr)))
+}
+
+/// The allowed names that exist only in the 32-bit ABI the profile also covers on this host
+/// (i386 on x86_64; none elsewhere), for runtimes that resolve names themselves.
+pub(crate) fn compat_only_syscalls() -> &'static [&'static str] {
+    #[cfg(target_arch = "x86_64")]
+    return I386_ONLY_SYSCALLS;
+    #[cfg(not(target_arch = "x86_64"))]
+    return &[];
 }
 
 fn target_arch() -> Result<seccompiler::TargetArch, ExecError> {
@@ -929,15 +930,7 @@ mod tests {
         ] {
             assert_eq!(run_bpf(allow, I386, nr(name), 0), ALLOW, "{name}");
         }
-        for name in [
-            "mount",
-            "umount2",
-            "unshare",
-            "setns",
-            "ptrace",
-            "keyctl",
-            "arch_prctl",
-        ] {
+        for name in ["mount", "umount2", "unshare", "setns", "ptrace", "keyctl"] {
             assert_eq!(run_bpf(allow, I386, nr(name), 0), EPERM, "{name}");
         }
         // 140 is getpriority on x86_64, _llseek on i386: the arch picks the table.

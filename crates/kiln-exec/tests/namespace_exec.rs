@@ -1015,20 +1015,6 @@ fn root_a_linux32_step_sees_the_32_bit_machine_name() {
     assert_eq!(out.stdout_text(), format!("{machine}\n{machine}"));
 }
 
-/// An overlay rootfs whose `/bin/busybox` is Debian's i386 `busybox-static` (ELF32, 80386).
-#[cfg(target_arch = "x86_64")]
-fn i386_busybox_overlay() -> OverlayRootfs {
-    let dir = tempfile::tempdir().unwrap();
-    let lower = dir.path().join("lower");
-    busybox_rootfs(&lower);
-    let i386 = kiln_test_env::multiarch::busybox_rootfs("386").join("bin/busybox");
-    let elf = std::fs::read(&i386).unwrap();
-    assert_eq!(&elf[..5], b"\x7fELF\x01", "{} is not ELF32", i386.display());
-    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 3, "not EM_386");
-    std::fs::copy(&i386, lower.join("bin/busybox")).unwrap();
-    OverlayRootfs::with_lower(dir, lower)
-}
-
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn root_a_real_i386_binary_runs_under_the_default_seccomp_profile() {
