@@ -530,6 +530,11 @@ const I386_ONLY_SYSCALLS: &[&str] = &[
     "waitpid",
 ];
 
+/// The unconditionally allowed syscalls of a 32-bit x86 process: every name of
+/// [`allowed_syscalls`] the i386 ABI has, plus [`I386_ONLY_SYSCALLS`], with i386 numbers.
+/// As under Docker on an amd64 host, whose profile is chosen for the host's arch and then
+/// applied by name to every arch it lists, amd64-only entries such as `arch_prctl` apply to
+/// 32-bit processes too.
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn allowed_syscalls_i386() -> impl Iterator<Item = (&'static str, i64)> {
     allowed_syscalls()
