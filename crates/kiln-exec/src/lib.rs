@@ -48,6 +48,8 @@ mod runc;
 mod security;
 mod spec;
 mod ssh;
+#[cfg(target_arch = "x86_64")]
+mod syscalls_i386;
 mod user;
 pub mod userns;
 

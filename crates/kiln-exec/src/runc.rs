@@ -129,7 +129,11 @@ fn write_private(path: &Path, data: &[u8], mode: u32, uid: u32, gid: u32) -> Res
 }
 
 fn seccomp_json() -> Value {
-    let names: Vec<&str> = allowed_syscalls().map(|(n, _)| n).collect();
+    // libseccomp resolves each name per listed arch, skipping arches without the call.
+    let names: Vec<&str> = allowed_syscalls()
+        .map(|(n, _)| n)
+        .chain(crate::security::compat_only_syscalls().iter().copied())
+        .collect();
     let mut syscalls = vec![json!({ "names": names, "action": "SCMP_ACT_ALLOW" })];
     syscalls.push(json!({
         "names": ["clone"],
@@ -146,7 +150,9 @@ fn seccomp_json() -> Value {
     syscalls
         .push(json!({ "names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": libc::ENOSYS }));
     let arches: &[&str] = if cfg!(target_arch = "x86_64") {
-        &["SCMP_ARCH_X86_64"]
+        // 32-bit x86 processes (linux/386 steps) get the same profile, as in the namespace
+        // executor's arch dispatch.
+        &["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"]
     } else {
         &["SCMP_ARCH_AARCH64"]
     };
@@ -544,6 +550,16 @@ mod tests {
         let clone = &v["linux"]["seccomp"]["syscalls"][1];
         assert_eq!(clone["names"][0], "clone");
         assert_eq!(clone["args"][0]["value"], CLONE_NS_FLAGS);
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(
+                v["linux"]["seccomp"]["architectures"],
+                json!(["SCMP_ARCH_X86_64", "SCMP_ARCH_X86"])
+            );
+            let names = v["linux"]["seccomp"]["syscalls"][0]["names"]
+                .as_array()
+                .unwrap();
+            assert!(names.contains(&json!("_llseek")) && names.contains(&json!("uname")));
+        }
         // The host's own execution domain unless the step asks for another.
         assert!(v["linux"].get("personality").is_none());
         spec.personality = crate::Personality::Linux32;

@@ -460,24 +460,124 @@ pub(crate) fn personalities() -> &'static [u64] {
     PERSONALITIES
 }
 
+/// The 32-bit x86 system calls of Docker's default profile that x86_64 has no call of the same
+/// name for: large-file and 32-bit-uid variants, the multiplexed `socketcall`/`ipc`, the old
+/// signal calls, and the `*_time64` calls of 32-bit `time_t` ABIs.
+#[cfg(target_arch = "x86_64")]
+const I386_ONLY_SYSCALLS: &[&str] = &[
+    "_llseek",
+    "_newselect",
+    "chown32",
+    "clock_adjtime64",
+    "clock_getres_time64",
+    "clock_gettime64",
+    "clock_nanosleep_time64",
+    "fadvise64_64",
+    "fchown32",
+    "fcntl64",
+    "fstat64",
+    "fstatat64",
+    "fstatfs64",
+    "ftruncate64",
+    "futex_time64",
+    "getegid32",
+    "geteuid32",
+    "getgid32",
+    "getgroups32",
+    "getresgid32",
+    "getresuid32",
+    "getuid32",
+    "io_pgetevents_time64",
+    "ipc",
+    "lchown32",
+    "lstat64",
+    "mmap2",
+    "mq_timedreceive_time64",
+    "mq_timedsend_time64",
+    "ppoll_time64",
+    "pselect6_time64",
+    "readdir",
+    "recvmmsg_time64",
+    "rt_sigtimedwait_time64",
+    "sched_rr_get_interval_time64",
+    "semtimedop_time64",
+    "sendfile64",
+    "setfsgid32",
+    "setfsuid32",
+    "setgid32",
+    "setgroups32",
+    "setregid32",
+    "setresgid32",
+    "setresuid32",
+    "setreuid32",
+    "setuid32",
+    "sigaction",
+    "signal",
+    "sigpending",
+    "sigprocmask",
+    "sigreturn",
+    "sigsuspend",
+    "socketcall",
+    "stat64",
+    "statfs64",
+    "timer_gettime64",
+    "timer_settime64",
+    "timerfd_gettime64",
+    "timerfd_settime64",
+    "truncate64",
+    "ugetrlimit",
+    "utimensat_time64",
+    "waitpid",
+];
+
+/// The unconditionally allowed syscalls of a 32-bit x86 process: every name of
+/// [`allowed_syscalls`] the i386 ABI has, plus [`I386_ONLY_SYSCALLS`], with i386 numbers.
+/// As under Docker on an amd64 host, whose profile is chosen for the host's arch and then
+/// applied by name to every arch it lists, amd64-only entries such as `arch_prctl` apply to
+/// 32-bit processes too.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn allowed_syscalls_i386() -> impl Iterator<Item = (&'static str, i64)> {
+    allowed_syscalls()
+        .map(|(n, _)| n)
+        .chain(I386_ONLY_SYSCALLS.iter().copied())
+        .filter_map(|n| crate::syscalls_i386::i386_nr(n).map(|nr| (n, nr)))
+}
+
+/// The allowed names that exist only in the 32-bit ABI the profile also covers on this host
+/// (i386 on x86_64; none elsewhere), for runtimes that resolve names themselves.
+pub(crate) fn compat_only_syscalls() -> &'static [&'static str] {
+    #[cfg(target_arch = "x86_64")]
+    return I386_ONLY_SYSCALLS;
+    #[cfg(not(target_arch = "x86_64"))]
+    return &[];
+}
+
 fn target_arch() -> Result<seccompiler::TargetArch, ExecError> {
     seccompiler::TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| ExecError::Unsupported("seccomp on this CPU architecture"))
 }
 
-/// Docker's default seccomp profile as BPF, in install order: the allowlist (default
-/// `EPERM`), then a filter making `clone3` fail with `ENOSYS` so libc falls back to `clone`,
-/// whose flags the allowlist can inspect. The kernel runs every filter and keeps the
-/// strongest action, taking the most recently installed one's errno on a tie.
-pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
-    let arch = target_arch()?;
+/// The numbers the profile's argument rules need, in one ABI.
+struct AbiNumbers {
+    clone: i64,
+    personality: i64,
+    clone3: i64,
+}
+
+/// The profile's two programs for one ABI (`allowed` numbered in it), each starting with
+/// seccompiler's check that the audit arch is `arch`'s.
+fn profile_programs(
+    allowed: impl Iterator<Item = i64>,
+    nr: &AbiNumbers,
+    arch: seccompiler::TargetArch,
+) -> Result<[BpfProgram; 2], ExecError> {
     let bad =
         |e: seccompiler::BackendError| ExecError::InvalidSpec(format!("seccomp profile: {e}"));
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for (_, nr) in allowed_syscalls() {
-        rules.insert(nr, Vec::new());
+    for n in allowed {
+        rules.insert(n, Vec::new());
     }
-    // clone(flags, ...): flags is argument 0 on x86_64 and aarch64.
+    // clone(flags, ...): flags is argument 0 on x86_64, i386 and aarch64.
     let clone_rule = SeccompRule::new(vec![SeccompCondition::new(
         0,
         SeccompCmpArgLen::Qword,
@@ -486,14 +586,14 @@ pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
     )
     .map_err(bad)?])
     .map_err(bad)?;
-    rules.insert(libc::SYS_clone, vec![clone_rule]);
+    rules.insert(nr.clone, vec![clone_rule]);
     let mut pers = Vec::new();
     for p in PERSONALITIES {
         let cond =
             SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *p).map_err(bad)?;
         pers.push(SeccompRule::new(vec![cond]).map_err(bad)?);
     }
-    rules.insert(libc::SYS_personality, pers);
+    rules.insert(nr.personality, pers);
     let allow = SeccompFilter::new(
         rules,
         SeccompAction::Errno(libc::EPERM as u32),
@@ -502,7 +602,7 @@ pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
     )
     .map_err(bad)?;
     let mut clone3 = BTreeMap::new();
-    clone3.insert(libc::SYS_clone3, Vec::new());
+    clone3.insert(nr.clone3, Vec::new());
     let clone3 = SeccompFilter::new(
         clone3,
         SeccompAction::Allow,
@@ -513,7 +613,104 @@ pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
     let compile = |f: SeccompFilter| {
         BpfProgram::try_from(f).map_err(|e| ExecError::InvalidSpec(format!("seccomp profile: {e}")))
     };
-    Ok(vec![compile(allow)?, compile(clone3)?])
+    Ok([compile(allow)?, compile(clone3)?])
+}
+
+/// `AUDIT_ARCH_X86_64` and `AUDIT_ARCH_I386` (`linux/audit.h`).
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH_I386: u32 = 0x4000_0003;
+
+/// Classic BPF opcodes the arch dispatch uses (`linux/filter.h`).
+#[cfg(target_arch = "x86_64")]
+mod op {
+    pub const LD_W_ABS: u16 = 0x20;
+    pub const JA: u16 = 0x05;
+    pub const JEQ_K: u16 = 0x15;
+    pub const RET_K: u16 = 0x06;
+}
+
+/// The instructions of a seccompiler program after its three-instruction arch check
+/// (`ld arch; jeq ARCH, 1, 0; ret KILL`), which the dispatch replaces.
+#[cfg(target_arch = "x86_64")]
+fn body(prog: &BpfProgram) -> Result<&[seccompiler::sock_filter], ExecError> {
+    match prog.as_slice() {
+        [ld, jeq, ret, rest @ ..]
+            if ld.code == op::LD_W_ABS
+                && ld.k == 4
+                && jeq.code == op::JEQ_K
+                && ret.code == op::RET_K =>
+        {
+            Ok(rest)
+        }
+        _ => Err(ExecError::InvalidSpec(
+            "seccomp profile: unexpected program prologue".into(),
+        )),
+    }
+}
+
+/// One program that runs `x86_64`'s body for x86_64 system calls, `i386`'s for 32-bit x86
+/// ones, and kills the process on any other audit arch.
+#[cfg(target_arch = "x86_64")]
+fn dispatch(x86_64: &BpfProgram, i386: &BpfProgram) -> Result<BpfProgram, ExecError> {
+    let insn = |code, jt, jf, k| seccompiler::sock_filter { code, jt, jf, k };
+    let native = body(x86_64)?;
+    let compat = body(i386)?;
+    let skip = u32::try_from(native.len())
+        .map_err(|_| ExecError::InvalidSpec("seccomp profile: program too long".into()))?;
+    let mut out = Vec::with_capacity(5 + native.len() + compat.len());
+    out.push(insn(op::LD_W_ABS, 0, 0, 4));
+    out.push(insn(op::JEQ_K, 1, 0, AUDIT_ARCH_X86_64));
+    // Not x86_64: past the x86_64 body, with the arch still in the accumulator.
+    out.push(insn(op::JA, 0, 0, skip));
+    out.extend_from_slice(native);
+    out.push(insn(op::JEQ_K, 1, 0, AUDIT_ARCH_I386));
+    out.push(insn(op::RET_K, 0, 0, libc::SECCOMP_RET_KILL_PROCESS));
+    out.extend_from_slice(compat);
+    if out.len() > 4096 {
+        return Err(ExecError::InvalidSpec(
+            "seccomp profile: program longer than the kernel's 4096 instructions".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// Docker's default seccomp profile as BPF, in install order: the allowlist (default
+/// `EPERM`), then a filter making `clone3` fail with `ENOSYS` so libc falls back to `clone`,
+/// whose flags the allowlist can inspect. The kernel runs every filter and keeps the
+/// strongest action, taking the most recently installed one's errno on a tie.
+///
+/// On x86_64 each program dispatches on the audit arch, as Docker's profile lists
+/// `SCMP_ARCH_X86` beside `SCMP_ARCH_X86_64`: a 32-bit x86 process (a `linux/386` step) gets
+/// the same allowlist by name with i386 numbers; any other arch is killed. x32 calls
+/// (x86_64 arch, numbers with bit 30 set) match no rule and fail with `EPERM`.
+pub(crate) fn default_seccomp_programs() -> Result<Vec<BpfProgram>, ExecError> {
+    let arch = target_arch()?;
+    let native = AbiNumbers {
+        clone: libc::SYS_clone,
+        personality: libc::SYS_personality,
+        clone3: libc::SYS_clone3,
+    };
+    let [allow, clone3] = profile_programs(allowed_syscalls().map(|(_, n)| n), &native, arch)?;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::syscalls_i386::i386_nr;
+        let missing = || ExecError::InvalidSpec("seccomp profile: i386 table incomplete".into());
+        let compat = AbiNumbers {
+            clone: i386_nr("clone").ok_or_else(missing)?,
+            personality: i386_nr("personality").ok_or_else(missing)?,
+            clone3: i386_nr("clone3").ok_or_else(missing)?,
+        };
+        let [allow32, clone3_32] =
+            profile_programs(allowed_syscalls_i386().map(|(_, n)| n), &compat, arch)?;
+        Ok(vec![
+            dispatch(&allow, &allow32)?,
+            dispatch(&clone3, &clone3_32)?,
+        ])
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Ok(vec![allow, clone3])
 }
 
 /// The credentials a RUN step's process ends with, made before the fork (the child must not
@@ -667,6 +864,129 @@ mod tests {
             libc::SYS_clone3,
         ] {
             assert!(!allowed.contains(&nr), "syscall {nr} must not be allowed");
+        }
+    }
+
+    /// Runs a classic BPF seccomp program (the opcodes seccompiler and the dispatch emit) on
+    /// one system call, as the kernel would: the returned action.
+    #[cfg(target_arch = "x86_64")]
+    fn run_bpf(prog: &[seccompiler::sock_filter], arch: u32, nr: i64, arg0: u64) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&(nr as i32).to_ne_bytes());
+        data[4..8].copy_from_slice(&arch.to_ne_bytes());
+        data[16..24].copy_from_slice(&arg0.to_ne_bytes());
+        let (mut a, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &prog[pc];
+            pc += 1;
+            let cond = match i.code {
+                0x20 => {
+                    let k = i.k as usize;
+                    a = u32::from_ne_bytes(data[k..k + 4].try_into().unwrap());
+                    continue;
+                }
+                0x54 => {
+                    a &= i.k;
+                    continue;
+                }
+                0x06 => return i.k,
+                0x05 => {
+                    pc += i.k as usize;
+                    continue;
+                }
+                0x15 => a == i.k,
+                0x25 => a > i.k,
+                0x35 => a >= i.k,
+                0x45 => a & i.k != 0,
+                code => panic!("opcode {code:#x} not interpreted"),
+            };
+            pc += usize::from(if cond { i.jt } else { i.jf });
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_profile_dispatches_on_the_audit_arch() {
+        const ALLOW: u32 = 0x7fff_0000;
+        const EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+        const ENOSYS: u32 = 0x0005_0000 | libc::ENOSYS as u32;
+        const KILL: u32 = 0x8000_0000;
+        const I386: u32 = 0x4000_0003;
+        const X86_64: u32 = 0xc000_003e;
+        let progs = default_seccomp_programs().unwrap();
+        let (allow, clone3) = (&progs[0], &progs[1]);
+        let nr = |n: &str| crate::syscalls_i386::i386_nr(n).unwrap();
+        // x86_64 keeps its own allowlist.
+        assert_eq!(run_bpf(allow, X86_64, libc::SYS_uname, 0), ALLOW);
+        assert_eq!(run_bpf(allow, X86_64, libc::SYS_mount, 0), EPERM);
+        assert_eq!(
+            run_bpf(allow, X86_64, libc::SYS_getpid | 0x4000_0000, 0),
+            EPERM
+        );
+        // i386: the same names with i386 numbers, and the 32-bit-only calls.
+        for name in [
+            "uname",
+            "_llseek",
+            "mmap2",
+            "fstat64",
+            "socketcall",
+            "getuid32",
+            "set_thread_area",
+        ] {
+            assert_eq!(run_bpf(allow, I386, nr(name), 0), ALLOW, "{name}");
+        }
+        for name in ["mount", "umount2", "unshare", "setns", "ptrace", "keyctl"] {
+            assert_eq!(run_bpf(allow, I386, nr(name), 0), EPERM, "{name}");
+        }
+        // 140 is getpriority on x86_64, _llseek on i386: the arch picks the table.
+        assert_eq!(nr("_llseek"), 140);
+        assert_eq!(run_bpf(allow, I386, nr("clone"), 17), ALLOW);
+        assert_eq!(run_bpf(allow, I386, nr("clone"), 0x1000_0011), EPERM);
+        assert_eq!(run_bpf(allow, I386, nr("personality"), 8), ALLOW);
+        assert_eq!(run_bpf(allow, I386, nr("personality"), 0x0040_0000), EPERM);
+        // clone3 fails with ENOSYS in both ABIs; other calls pass the second program.
+        assert_eq!(run_bpf(clone3, I386, nr("clone3"), 0), ENOSYS);
+        assert_eq!(run_bpf(clone3, X86_64, libc::SYS_clone3, 0), ENOSYS);
+        assert_eq!(run_bpf(clone3, I386, nr("uname"), 0), ALLOW);
+        // Any other arch is killed by both.
+        for prog in [allow, clone3] {
+            assert_eq!(run_bpf(prog, 0xc000_00b7, libc::SYS_uname, 0), KILL);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dangerous_syscalls_are_not_allowed_for_i386() {
+        let allowed: Vec<&str> = allowed_syscalls_i386().map(|(n, _)| n).collect();
+        for name in [
+            "keyctl",
+            "add_key",
+            "request_key",
+            "ptrace",
+            "mount",
+            "umount",
+            "umount2",
+            "pivot_root",
+            "unshare",
+            "setns",
+            "kexec_load",
+            "bpf",
+            "perf_event_open",
+            "open_by_handle_at",
+            "init_module",
+            "finit_module",
+            "clone3",
+            "stime",
+            "ioperm",
+            "iopl",
+            "vm86",
+            "vm86old",
+        ] {
+            assert!(!allowed.contains(&name), "{name} must not be allowed");
+        }
+        // Every 32-bit-only name is a real i386 call.
+        for name in I386_ONLY_SYSCALLS {
+            assert!(crate::syscalls_i386::i386_nr(name).is_some(), "{name}");
         }
     }
 

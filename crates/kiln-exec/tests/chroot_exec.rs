@@ -207,3 +207,22 @@ fn a_linux32_step_sees_the_32_bit_machine_name() {
     expect_ok(status, &out);
     assert_eq!(out.stdout_text(), machine);
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_real_i386_binary_runs_under_the_default_seccomp_profile() {
+    require_root("chroot");
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("fs");
+    busybox_rootfs(&root);
+    let i386 = kiln_test_env::multiarch::busybox_rootfs("386").join("bin/busybox");
+    std::fs::copy(&i386, root.join("bin/busybox")).unwrap();
+    let mut spec = host_net(sh(
+        &root,
+        "uname -m; ls -l /bin/busybox | wc -l; cat /etc/motd",
+    ));
+    spec.personality = kiln_exec::Personality::Linux32;
+    let (status, out) = run(&ChrootExecutor::new(), &spec);
+    expect_ok(status, &out);
+    assert_eq!(out.stdout_text(), "i686\n1\nhello");
+}

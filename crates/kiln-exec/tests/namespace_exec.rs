@@ -1014,3 +1014,37 @@ fn root_a_linux32_step_sees_the_32_bit_machine_name() {
     // Inherited by the step's children too.
     assert_eq!(out.stdout_text(), format!("{machine}\n{machine}"));
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn root_a_real_i386_binary_runs_under_the_default_seccomp_profile() {
+    require_root("root_a_real_i386_binary_runs_under_the_default_seccomp_profile");
+    // 32-bit-only calls on the way: mmap2, fstat64/stat64, _llseek, getuid32, fcntl64.
+    let script = "uname -m; ls -l / >/dev/null && echo ls-ok; cat /etc/motd; \
+                  id -u; dd if=/etc/motd bs=1 skip=1 count=2 2>/dev/null; echo; \
+                  unshare -U true 2>&1; echo unshare-rc=$?";
+    let run32 = |privileged: bool| {
+        let fs = i386_busybox_overlay();
+        let mut spec = sh(&fs.merged, script);
+        spec.network = Network::None;
+        spec.personality = kiln_exec::Personality::Linux32;
+        spec.privileged = privileged;
+        run(&exec(), &spec)
+    };
+    let (st, out) = run32(false);
+    expect_ok(st, &out);
+    let text = out.stdout_text();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..5], ["i686", "ls-ok", "hello", "0", "el"], "{text}");
+    // A call the profile leaves out is refused for the 32-bit ABI too: a user namespace
+    // needs no capability, so only the filter stops it.
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(text.contains("unshare-rc=1"), "{text}");
+    let (st, out) = run32(true);
+    expect_ok(st, &out);
+    assert!(
+        out.stdout_text().contains("unshare-rc=0"),
+        "without the filter the call works: {}",
+        out.stdout_text()
+    );
+}

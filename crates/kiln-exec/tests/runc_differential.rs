@@ -237,3 +237,32 @@ fn root_runc_backend_reports_cancellation_and_forwards_ssh_mounts() {
         "the ssh mount point left the layer"
     );
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn root_same_seccomp_verdicts_for_an_i386_binary_under_kiln_and_runc() {
+    require_runc("root_same_seccomp_verdicts_for_an_i386_binary_under_kiln_and_runc");
+    // Debian's runc 1.1 does not apply linux.personality: no `uname -m` here.
+    let script = "ls -l / | wc -l; cat /etc/motd; id; dd if=/etc/motd bs=1 skip=1 count=2; echo; \
+                  unshare -U true 2>&1; echo unshare-rc=$?";
+    let outcome32 = |exec: &dyn Executor| {
+        let fs = i386_busybox_overlay();
+        let mut spec = sh(&fs.merged, script);
+        spec.network = Network::None;
+        let mut out = CollectedOutput::default();
+        let status = exec
+            .run(&spec, &mut out, &CancelToken::new())
+            .unwrap_or_else(|e| panic!("run failed: {e}"));
+        (status, out.stdout_text())
+    };
+    let ours = outcome32(&NamespaceExecutor::new());
+    let runc = outcome32(&RuncExecutor::default());
+    assert_eq!(ours, runc, "kiln (left) and runc (right) differ");
+    assert_eq!(ours.0, ExitStatus::Code(0), "{}", ours.1);
+    assert!(
+        ours.1.contains("hello\nuid=0(root)") && ours.1.contains("\nel\n"),
+        "{}",
+        ours.1
+    );
+    assert!(ours.1.contains("unshare-rc=1"), "{}", ours.1);
+}

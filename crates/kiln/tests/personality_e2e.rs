@@ -6,7 +6,10 @@
 //! - `--platform linux/amd64` prints `x86_64`,
 //! - both platforms in one build give each its own, and
 //! - `--isolation chroot` (with the host's network, which a chroot cannot leave) gives
-//!   linux/386 `i686` too.
+//!   linux/386 `i686` too, and
+//! - a base of Debian's real i386 busybox (32-bit x86 system calls) runs its RUN step under
+//!   the default seccomp profile: `i686`, files listed and read, and a call the profile
+//!   leaves out (`unshare`) refused.
 
 mod common;
 
@@ -26,25 +29,29 @@ struct Setup {
 /// `None` (the test passes without checking) where the machine is not x86_64: only there
 /// does the kernel run linux/386 binaries of the host's busybox natively.
 fn setup(test: &str) -> Option<Setup> {
+    setup_with(
+        test,
+        &[("amd64", "amd64"), ("386", "amd64")],
+        "RUN uname -m > /arch && echo \"$TARGETPLATFORM\" > /platform",
+    )
+}
+
+/// [`setup`] with a base index of `images` ((platform arch, busybox arch) pairs) and `run`
+/// as the Dockerfile's steps after `FROM` and `ARG TARGETPLATFORM`.
+fn setup_with(test: &str, images: &[(&str, &str)], run: &str) -> Option<Setup> {
     require_root(test);
     if std::env::consts::ARCH != "x86_64" {
         eprintln!("{test}: needs an x86_64 machine (linux/386 runs natively there)");
         return None;
     }
     let reg = TestRegistry::kiln();
-    let base = push_busybox_index_of(
-        &reg.addr,
-        "base/busybox32",
-        &[("amd64", "amd64"), ("386", "amd64")],
-    );
+    let base = push_busybox_index_of(&reg.addr, "base/busybox32", images);
     let tmp = tempfile::tempdir().unwrap();
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
         ctx.join("Dockerfile"),
-        format!(
-            "FROM {base}\nARG TARGETPLATFORM\nRUN uname -m > /arch && echo \"$TARGETPLATFORM\" > /platform\n"
-        ),
+        format!("FROM {base}\nARG TARGETPLATFORM\n{run}\n"),
     )
     .unwrap();
     Some(Setup {
@@ -131,4 +138,31 @@ fn chroot_isolation_gives_linux_386_steps_i686() {
     );
     assert_eq!(read(&out, "platform"), "linux/386");
     assert_eq!(read(&out, "arch"), "i686");
+}
+
+#[test]
+fn a_real_i386_base_runs_under_the_default_seccomp_profile() {
+    let Some(s) = setup_with(
+        "a_real_i386_base_runs_under_the_default_seccomp_profile",
+        &[("386", "386")],
+        "RUN uname -m > /arch && ls -l /bin/busybox > /ls && cat /etc/group > /group \\\n          && (unshare -U true 2> /unshare-err; echo $? > /unshare-rc)",
+    ) else {
+        return;
+    };
+    let out = s.build("runner", "real-i386", &["--platform", "linux/386"]);
+    let elf = std::fs::read(out.join("bin/busybox")).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x01", "the base's busybox is 32-bit");
+    assert_eq!(read(&out, "arch"), "i686");
+    assert!(
+        read(&out, "ls").contains("/bin/busybox"),
+        "{}",
+        read(&out, "ls")
+    );
+    assert!(read(&out, "group").starts_with("root:x:0:"));
+    assert_eq!(read(&out, "unshare-rc"), "1");
+    assert!(
+        read(&out, "unshare-err").contains("Operation not permitted"),
+        "{}",
+        read(&out, "unshare-err")
+    );
 }

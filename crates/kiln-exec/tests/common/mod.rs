@@ -113,6 +113,20 @@ impl Drop for OverlayRootfs {
     }
 }
 
+/// An overlay rootfs whose `/bin/busybox` is Debian's i386 `busybox-static` (ELF32, 80386).
+#[cfg(target_arch = "x86_64")]
+pub fn i386_busybox_overlay() -> OverlayRootfs {
+    let dir = tempfile::tempdir().unwrap();
+    let lower = dir.path().join("lower");
+    busybox_rootfs(&lower);
+    let i386 = kiln_test_env::multiarch::busybox_rootfs("386").join("bin/busybox");
+    let elf = fs::read(&i386).unwrap();
+    assert_eq!(&elf[..5], b"\x7fELF\x01", "{} is not ELF32", i386.display());
+    assert_eq!(u16::from_le_bytes([elf[18], elf[19]]), 3, "not EM_386");
+    fs::copy(&i386, lower.join("bin/busybox")).unwrap();
+    OverlayRootfs::with_lower(dir, lower)
+}
+
 /// A deterministic description of a tree: path → "type mode uid:gid size/target/xattr".
 pub fn tree(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
