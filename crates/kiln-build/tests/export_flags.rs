@@ -56,6 +56,7 @@ fn cache_export_and_import_specs_parse() {
     assert_eq!(kind, "registry");
     let r = kiln_build::cache::RegistryCache::from_attrs(&attrs, "--export-cache").expect("valid");
     assert!(r.scope().max && r.scope().cache_mounts);
+    assert_eq!(r.scope().unapplied_compression, Some("compression=zstd"));
     assert!(e.ignore_error);
 
     let (_, attrs) = kiln_build::parse_attrs("--cache-to", "type=local,dest=/tmp/c").expect("ok");
@@ -148,4 +149,35 @@ fn cache_booleans_take_one_and_zero_and_a_bare_key() {
         ..Default::default()
     });
     assert!(bad.to_string().contains("expected true or false"), "{bad}");
+}
+
+/// Cache layers are the build's own gzip blobs: a compression the export would not apply is
+/// kept to be said as a warning, and gzip (what is exported) is not.
+#[test]
+fn a_cache_compression_the_export_does_not_apply_is_kept_for_a_warning() {
+    let scope = |value: &str| {
+        let (_, attrs) = kiln_build::parse_attrs("--cache-to", value).expect("valid");
+        kiln_build::cache::RegistryCache::from_attrs(&attrs, "--cache-to")
+            .expect("valid")
+            .scope()
+            .unapplied_compression
+    };
+    assert_eq!(scope("type=registry,ref=r/a:c"), None);
+    assert_eq!(scope("type=registry,ref=r/a:c,compression=gzip"), None);
+    assert_eq!(
+        scope("type=registry,ref=r/a:c,compression=uncompressed"),
+        Some("compression=uncompressed")
+    );
+    assert_eq!(
+        scope("type=registry,ref=r/a:c,compression=gzip,compression-level=9"),
+        Some("compression-level")
+    );
+    assert_eq!(
+        scope("type=registry,ref=r/a:c,force-compression=true"),
+        Some("force-compression=true")
+    );
+    assert_eq!(
+        scope("type=registry,ref=r/a:c,force-compression=false"),
+        None
+    );
 }

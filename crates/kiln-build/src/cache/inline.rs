@@ -29,6 +29,7 @@ impl Default for InlineCache {
                 max: false,
                 cache_mounts: false,
                 cache_mounts_max_size: 1 << 30,
+                unapplied_compression: None,
             },
         }
     }

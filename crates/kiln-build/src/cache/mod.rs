@@ -337,6 +337,9 @@ pub struct ExportScope {
     pub cache_mounts: bool,
     /// `cache-mounts-max-size=BYTES` (default 1 GiB): a larger mount is left out.
     pub cache_mounts_max_size: u64,
+    /// A `compression=`/`compression-level=`/`force-compression=` attribute the export does
+    /// not apply (its layers are the build's own gzip blobs), said as a warning at export.
+    pub unapplied_compression: Option<&'static str>,
 }
 
 impl ExportScope {
@@ -384,10 +387,22 @@ impl ExportScope {
         for k in ["oci-mediatypes", "image-manifest"] {
             bool_attr(attrs, k, flag)?;
         }
+        // Cache layers are the blobs the build made (gzip, in parallel with the steps); an
+        // export never recompresses them, so any other choice is said, not silently dropped.
+        let unapplied_compression = match attrs.get("compression").map(String::as_str) {
+            Some("zstd") => Some("compression=zstd"),
+            Some("uncompressed") => Some("compression=uncompressed"),
+            _ if attrs.contains_key("compression-level") => Some("compression-level"),
+            _ if bool_attr(attrs, "force-compression", flag)? == Some(true) => {
+                Some("force-compression=true")
+            }
+            _ => None,
+        };
         Ok(ExportScope {
             max,
             cache_mounts: bool_attr(attrs, "cache-mounts", flag)?.unwrap_or(false),
             cache_mounts_max_size,
+            unapplied_compression,
         })
     }
 
@@ -397,6 +412,12 @@ impl ExportScope {
         cx: &CacheContext,
         build: &SolvedBuild,
     ) -> Result<kiln_cache::CacheGraph, CacheError> {
+        if let Some(attr) = self.unapplied_compression {
+            cx.warn(&format!(
+                "--export-cache {attr} is not applied: cache layers are exported as the \
+                 build's own gzip blobs"
+            ));
+        }
         let mut graph = export_graph(build, self.max).await?;
         if self.cache_mounts {
             export_cache_mounts(build, &mut graph, self.cache_mounts_max_size, &*cx.warn)?;
