@@ -850,17 +850,8 @@ impl Store {
             }
             None => Some(None),
         };
-        if let Some(want) = expected {
-            // A claim against what this store saw the blob's bytes to be: refused before the
-            // claim can pick a snapshot by chain id.
-            if let Some(actual) = self.verified_diff_id(blob)?.filter(|a| a != want) {
-                return Err(StoreError::DiffIdMismatch {
-                    blob: blob.clone(),
-                    claimed: want.clone(),
-                    actual,
-                });
-            }
-        }
+        // Refused before the claim can pick a snapshot by chain id.
+        self.check_claim(blob, expected)?;
         if let Some(pc) = &parent_chain {
             let known = self.known_chain(parent, pc.as_ref(), blob)?;
             if let Some(id) = known {
@@ -871,30 +862,12 @@ impl Store {
             }
         }
         let file = self.content().open_blob(blob)?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let rec = self.allocate(parent, SnapshotState::Active)?;
         let dir = self.snapshot_dir(rec.id);
-        let res = self
-            .apply_blob(&dir, parent, file, blob, opts)
-            .and_then(|v| sync_fs(&dir).map(|()| v));
-        let (kind, stats) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                self.forget(rec.id);
-                return Err(e);
-            }
-        };
-        if let Some(want) = expected.filter(|w| **w != stats.diff_id) {
+        let (kind, stats, size) = self.apply_checked(rec.id, parent, file, blob, expected, opts)?;
+        if let Err(e) = sync_fs(&dir) {
             self.forget(rec.id);
-            // What the bytes are is known now; the claim that named them is not kept.
-            let _ = self
-                .db()
-                .write(|tx| record_verified(tx, blob, &stats.diff_id));
-            return Err(StoreError::DiffIdMismatch {
-                blob: blob.clone(),
-                claimed: want.clone(),
-                actual: stats.diff_id,
-            });
+            return Err(e);
         }
         let layer = LayerRecord {
             diff_id: stats.diff_id.clone(),
@@ -981,6 +954,58 @@ impl Store {
 
     /// Unpacks blob `blob` (open as `file`) into the snapshot dir `dir` of a snapshot
     /// allocated on `parent`, and readies it for commit; nothing is synced or recorded.
+    /// Refuses a claim that `blob` is the layer `expected` when this store has seen the
+    /// blob's bytes be another layer.
+    fn check_claim(&self, blob: &Digest, expected: Option<&Digest>) -> Result<()> {
+        if let Some(want) = expected {
+            if let Some(actual) = self.verified_diff_id(blob)?.filter(|a| a != want) {
+                return Err(StoreError::DiffIdMismatch {
+                    blob: blob.clone(),
+                    claimed: want.clone(),
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Unpacks `blob` (open as `file`) into the new active snapshot `id` (on `parent`) and
+    /// checks the unpacked bytes against the claim `expected`; returns the blob's
+    /// compression, what was unpacked and the blob's size. On any error snapshot `id` is
+    /// forgotten; on a mismatch what the bytes are is recorded (the claim that named them is
+    /// not kept).
+    fn apply_checked(
+        &self,
+        id: SnapshotId,
+        parent: Option<SnapshotId>,
+        file: fs::File,
+        blob: &Digest,
+        expected: Option<&Digest>,
+        opts: &ApplyOptions,
+    ) -> Result<(Compression, crate::apply::ApplyStats, u64)> {
+        let dir = self.snapshot_dir(id);
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let (kind, stats) = match self.apply_blob(&dir, parent, file, blob, opts) {
+            Ok(v) => v,
+            Err(e) => {
+                self.forget(id);
+                return Err(e);
+            }
+        };
+        if let Some(want) = expected.filter(|w| **w != stats.diff_id) {
+            self.forget(id);
+            let _ = self
+                .db()
+                .write(|tx| record_verified(tx, blob, &stats.diff_id));
+            return Err(StoreError::DiffIdMismatch {
+                blob: blob.clone(),
+                claimed: want.clone(),
+                actual: stats.diff_id,
+            });
+        }
+        Ok((kind, stats, size))
+    }
+
     fn apply_blob(
         &self,
         dir: &Path,
@@ -1597,15 +1622,7 @@ impl ChainUnpack<'_> {
     /// before stay pending, so the call may be retried (e.g. once the blob is downloaded).
     pub fn add(&mut self, blob: &Digest, expected: Option<&Digest>) -> Result<()> {
         let store = self.store;
-        if let Some(want) = expected {
-            if let Some(actual) = store.verified_diff_id(blob)?.filter(|a| a != want) {
-                return Err(StoreError::DiffIdMismatch {
-                    blob: blob.clone(),
-                    claimed: want.clone(),
-                    actual,
-                });
-            }
-        }
+        store.check_claim(blob, expected)?;
         if self.pending.is_empty() {
             if let Some(pc) = &self.base_chain {
                 if let Some(id) = store.known_chain(self.base, pc.as_ref(), blob)? {
@@ -1620,28 +1637,10 @@ impl ChainUnpack<'_> {
             }
         }
         let file = store.content().open_blob(blob)?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         let parent = self.top();
         let rec = store.allocate_on(parent, SnapshotState::Active, true)?;
-        let dir = store.snapshot_dir(rec.id);
-        let (kind, stats) = match store.apply_blob(&dir, parent, file, blob, &self.opts) {
-            Ok(v) => v,
-            Err(e) => {
-                store.forget(rec.id);
-                return Err(e);
-            }
-        };
-        if let Some(want) = expected.filter(|w| **w != stats.diff_id) {
-            store.forget(rec.id);
-            let _ = store
-                .db()
-                .write(|tx| record_verified(tx, blob, &stats.diff_id));
-            return Err(StoreError::DiffIdMismatch {
-                blob: blob.clone(),
-                claimed: want.clone(),
-                actual: stats.diff_id,
-            });
-        }
+        let (kind, stats, size) =
+            store.apply_checked(rec.id, parent, file, blob, expected, &self.opts)?;
         self.pending.push(PendingLayer {
             id: rec.id,
             layer: LayerRecord {
