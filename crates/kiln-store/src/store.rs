@@ -837,19 +837,7 @@ impl Store {
         opts: &ApplyOptions,
         lease: Option<&Lease>,
     ) -> Result<SnapshotId> {
-        let parent_chain = match parent {
-            Some(p) => {
-                let pr = self.snapshot(p)?;
-                if pr.state != SnapshotState::Committed {
-                    return Err(StoreError::SnapshotState {
-                        id: p.0,
-                        message: "is not committed".into(),
-                    });
-                }
-                pr.chain_id.map(Some)
-            }
-            None => Some(None),
-        };
+        let parent_chain = self.committed_chain(parent)?;
         // Refused before the claim can pick a snapshot by chain id.
         self.check_claim(blob, expected)?;
         if let Some(pc) = &parent_chain {
@@ -954,6 +942,23 @@ impl Store {
 
     /// Unpacks blob `blob` (open as `file`) into the snapshot dir `dir` of a snapshot
     /// allocated on `parent`, and readies it for commit; nothing is synced or recorded.
+    /// The chain a layer unpacked on `parent` extends: `Some(None)` on no parent,
+    /// `Some(Some(id))` on a parent with a chain id, `None` on a parent without one (a build
+    /// snapshot). Fails when `parent` is not committed.
+    fn committed_chain(&self, parent: Option<SnapshotId>) -> Result<Option<Option<Digest>>> {
+        let Some(p) = parent else {
+            return Ok(Some(None));
+        };
+        let pr = self.snapshot(p)?;
+        if pr.state != SnapshotState::Committed {
+            return Err(StoreError::SnapshotState {
+                id: p.0,
+                message: "is not committed".into(),
+            });
+        }
+        Ok(pr.chain_id.map(Some))
+    }
+
     /// Refuses a claim that `blob` is the layer `expected` when this store has seen the
     /// blob's bytes be another layer.
     fn check_claim(&self, blob: &Digest, expected: Option<&Digest>) -> Result<()> {
@@ -1048,19 +1053,7 @@ impl Store {
         opts: ApplyOptions,
         lease: Option<&'s Lease>,
     ) -> Result<ChainUnpack<'s>> {
-        let base_chain = match parent {
-            Some(p) => {
-                let pr = self.snapshot(p)?;
-                if pr.state != SnapshotState::Committed {
-                    return Err(StoreError::SnapshotState {
-                        id: p.0,
-                        message: "is not committed".into(),
-                    });
-                }
-                pr.chain_id.map(Some)
-            }
-            None => Some(None),
-        };
+        let base_chain = self.committed_chain(parent)?;
         Ok(ChainUnpack {
             store: self,
             base: parent,
