@@ -10,18 +10,7 @@ use std::process::Command;
 
 use common::*;
 use kiln_oci::Digest;
-use kiln_store::{ApplyOptions, SnapshotState, SnapshotterKind, Store, StoreError, StoreOptions};
-
-fn store_at(dir: &Path, kind: SnapshotterKind) -> Store {
-    Store::open_with(
-        dir,
-        StoreOptions {
-            snapshotter: Some(kind),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
+use kiln_store::{ApplyOptions, SnapshotState, SnapshotterKind, Store, StoreError};
 
 /// Three gzip layers: a base tree, a layer that deletes and hard-links into the base, and a
 /// layer that replaces a file. Returns (tar, gzip blob) pairs.

@@ -15,17 +15,6 @@ use kiln_store::{
     SnapshotterKind, Store, StoreOptions,
 };
 
-fn store_at(dir: &Path, kind: SnapshotterKind) -> Store {
-    Store::open_with(
-        dir,
-        StoreOptions {
-            snapshotter: Some(kind),
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
 /// A committed base snapshot: busybox plus files the step will change.
 fn base(store: &Store) -> SnapshotId {
     let a = store.prepare(None, None).unwrap();

@@ -231,3 +231,15 @@ impl Drop for TestDir {
         }
     }
 }
+
+/// A store at `dir` with the snapshotter `kind`.
+pub fn store_at(dir: &Path, kind: kiln_store::SnapshotterKind) -> kiln_store::Store {
+    kiln_store::Store::open_with(
+        dir,
+        kiln_store::StoreOptions {
+            snapshotter: Some(kind),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
